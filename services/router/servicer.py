@@ -199,15 +199,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                             ended = "OK"
                             return chunk.end
             except RequestError as exc:
-                call.routers_deadline = isinstance(exc, DeadlineCut) and exc.routers
-                trailers = failed_call_trailers(
-                    call,
-                    exc,
-                    _made_id(request, own_id),
-                    context.time_remaining(),
-                    channel_retried(context.invocation_metadata()),
-                )
-                await abort(context, grpc_code(exc.code), exc.message, trailers)
+                await _abort_failed(context, call, exc, _made_id(request, own_id))
             except _Denied as exc:
                 await _refuse(context, tenant, exc.denial, _made_id(request, own_id))
             await abort(context, grpc.StatusCode.INTERNAL, "the request ended without an answer")
@@ -244,15 +236,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                         yield chunk
                 ended = "OK"
             except RequestError as exc:
-                call.routers_deadline = isinstance(exc, DeadlineCut) and exc.routers
-                trailers = failed_call_trailers(
-                    call,
-                    exc,
-                    _made_id(request, own_id),
-                    context.time_remaining(),
-                    channel_retried(context.invocation_metadata()),
-                )
-                await abort(context, grpc_code(exc.code), exc.message, trailers)
+                await _abort_failed(context, call, exc, _made_id(request, own_id))
             except _Denied as exc:
                 await _refuse(context, tenant, exc.denial, _made_id(request, own_id))
         except (asyncio.CancelledError, GeneratorExit):
@@ -763,6 +747,20 @@ async def _refuse(context: Context, tenant: str, denial: Denial, made_id: Metada
         )
         + made_id,
     )
+
+
+async def _abort_failed(context: Context, call: Call, exc: RequestError, made_id: Metadata) -> None:
+    """Ends a Gateway call whose request failed: its status, message and trailers (the
+    pushback, RetryInfo and ErrorInfo of ``failed_call_trailers``; ``made_id``: ``_made_id``'s)."""
+    call.routers_deadline = isinstance(exc, DeadlineCut) and exc.routers
+    trailers = failed_call_trailers(
+        call,
+        exc,
+        made_id,
+        context.time_remaining(),
+        channel_retried(context.invocation_metadata()),
+    )
+    await abort(context, grpc_code(exc.code), exc.message, trailers)
 
 
 def _made_id(request: pb.CompleteRequest, own_id: bool) -> Metadata:
