@@ -272,3 +272,40 @@ def test_an_embedder_version_mismatch_is_logged_once_a_minute_not_once_a_request
         asyncio.run(router._embedding("a question", lookup))
     lines = [r.getMessage() for r in caplog.records if "the router was fitted on" in r.getMessage()]
     assert len(lines) == 2 and "(999 more since the last such line" in lines[1]
+
+
+def test_a_prefill_is_scored_on_the_question_it_follows() -> None:
+    """A request ending in a prefill has no last user text: it was scored on "" (0.1509, over
+    the calibrated threshold), so every ``auto`` prefill went to the large tier whatever its
+    question. It is scored on the user message the prefill follows, with the router's own
+    embedding of it (L1 embeds no question of a prefill), as the question alone is."""
+    from services.router.routing.router import TierRouter
+
+    model = load_router_model()
+    scored: list[tuple[str, object]] = []
+
+    class Recording:
+        embedder = model.embedder
+
+        def score(self, text: str, embedding: object) -> float:
+            scored.append((text, embedding))
+            return model.score(text, None)
+
+    router = TierRouter(Recording(), 0.1, TABLE, None, None, LocalEmbedder(_Fixed))  # type: ignore[arg-type]
+
+    def turn(role: pb.Role.ValueType, text: str) -> pb.Message:
+        return pb.Message(role=role, content=[pb.ContentBlock(text=text)])
+
+    question = turn(pb.ROLE_USER, "What is 2+2?")
+    plain = pb.CompleteRequest(model="auto", max_tokens=16, messages=[question])
+    prefill = pb.CompleteRequest(
+        model="auto", max_tokens=16, messages=[question, turn(pb.ROLE_ASSISTANT, "Answer:")]
+    )
+    stale = sc.LookupResponse(
+        embedding=np.zeros(3, dtype="<f4").tobytes(), embedder_version=model.embedder
+    )
+    plain_tier = asyncio.run(router.route("tenant-a", plain, None)).decision
+    prefill_tier = asyncio.run(router.route("tenant-a", prefill, stale)).decision
+    assert [text for text, _ in scored] == ["What is 2+2?", "What is 2+2?"]
+    assert prefill_tier.tier == plain_tier.tier
+    assert prefill_tier.embedding_source == LOCAL  # not the lookup's, which is of no question
