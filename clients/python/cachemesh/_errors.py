@@ -87,7 +87,8 @@ class UnavailableError(CachemeshError):
     the client's channel does not retry (each retry would be as many provider calls again):
     retry after that wait at the earliest, if at all. ``reason`` ``UPSTREAM_RATE_LIMITED``:
     the providers' wait (a 429's retry-after) was longer than the call's deadline had left,
-    so the channel did not retry it (a shorter one it waits for, then retries)."""
+    over 60 s, or met on the channel's own retry already, so the channel did not retry it (a
+    shorter one, the first time, it waits for, then retries once)."""
 
     retry_after_s: float | None = None
     reason: str | None = None
