@@ -8,6 +8,7 @@ importing gRPC, so the cores stay free of the transport; each servicer maps a ``
 from __future__ import annotations
 
 import enum
+from typing import TypedDict
 
 SHOWN_CHARS = 64  # the most of a caller's value an error message repeats
 
@@ -41,7 +42,31 @@ class Code(enum.Enum):
     UNAUTHENTICATED = 16
 
 
-class RequestError(Exception):
+class RetryAdvice(TypedDict):
+    """What a refusal tells its callers of retrying it (``RequestError``'s and ``CallFailed``'s
+    ``retry_after_s``, ``retried`` and ``backoff_wait``), as keyword arguments: the one way a
+    refusal passes them on to another, not three fields copied by hand at each place."""
+
+    retry_after_s: int | None
+    retried: bool
+    backoff_wait: bool
+
+
+class RetryAdvised:
+    """A refusal carrying ``RetryAdvice`` (``RequestError``, the router's ``CallFailed``)."""
+
+    retry_after_s: int | None
+    retried: bool
+    backoff_wait: bool
+
+    def retry_advice(self) -> RetryAdvice:
+        """Its retry fields, to pass on to another refusal."""
+        return RetryAdvice(
+            retry_after_s=self.retry_after_s, retried=self.retried, backoff_wait=self.backoff_wait
+        )
+
+
+class RequestError(RetryAdvised, Exception):
     """A request refused with ``code``; ``message`` names the field and what to do.
 
     ``reason`` (optional) is a short account of the refusal fit to pass on to the caller's own

@@ -17,12 +17,12 @@ from typing import Protocol
 from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1 import semantic_cache_pb2 as sc
-from services.common.errors import Code, RequestError
+from services.common.errors import Code, RequestError, RetryAdvised
 
 log = logging.getLogger("cachemesh.router")
 
 
-class CallFailed(Exception):
+class CallFailed(RetryAdvised, Exception):
     """A dependency refused or could not serve a call; ``code`` says how. ``reason``: the
     callee's own short account, fit for the client (``RequestError.reason``; "" = none).
     ``retry_after_s``: the whole seconds the callee's upstream asked to be left alone (a model
@@ -55,14 +55,7 @@ class CallFailed(Exception):
         """A model replica's refusal as the router reads it over gRPC (its status and the
         trailers ``services.model.servicer`` sends: reason, retry-after, retried, where the wait
         came from), for a replica called in process (the offline estimator)."""
-        return cls(
-            exc.code,
-            exc.message,
-            exc.reason,
-            retry_after_s=exc.retry_after_s,
-            retried=exc.retried,
-            backoff_wait=exc.backoff_wait,
-        )
+        return cls(exc.code, exc.message, exc.reason, **exc.retry_advice())
 
 
 # ``cachemesh_router_degraded_total``'s reason for a call its request's own (the client's)
@@ -77,14 +70,7 @@ class CutByClient(CallFailed):
 
     @classmethod
     def of(cls, exc: CallFailed) -> CutByClient:
-        cut = cls(
-            exc.code,
-            exc.details,
-            exc.reason,
-            retry_after_s=exc.retry_after_s,
-            retried=exc.retried,
-            backoff_wait=exc.backoff_wait,
-        )
+        cut = cls(exc.code, exc.details, exc.reason, **exc.retry_advice())
         cut.__cause__ = exc
         return cut
 

@@ -709,14 +709,7 @@ def _own_copy(exc: _Denied | RequestError) -> _Denied | RequestError:
         return _Denied(exc.denial)
     if isinstance(exc, DeadlineCut):
         return DeadlineCut(exc.routers, exc.message)
-    return RequestError(
-        exc.code,
-        exc.message,
-        exc.reason,
-        retry_after_s=exc.retry_after_s,
-        retried=exc.retried,
-        backoff_wait=exc.backoff_wait,
-    )
+    return RequestError(exc.code, exc.message, exc.reason, **exc.retry_advice())
 
 
 class _FirstLeft(Exception):
