@@ -24,8 +24,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from typing import Any
 
 import grpc
+from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
@@ -106,11 +106,21 @@ def end_after(pending: Sequence[asyncio.Future[Any]]) -> None:
 class ServerTracing(grpc.aio.ServerInterceptor):
     """A SERVER span around each call, child of the caller's span when the call carries one."""
 
-    def __init__(self, tracer: trace.Tracer, grace_end: GraceEnd | None = None) -> None:
+    def __init__(
+        self,
+        tracer: trace.Tracer,
+        grace_end: GraceEnd | None = None,
+        callers_baggage: bool = True,
+    ) -> None:
         """``grace_end``: the server's, set when its drain's grace ends: a call cut then is
-        recorded UNAVAILABLE (an error, as its caller saw it), not as its caller's cancel."""
+        recorded UNAVAILABLE (an error, as its caller saw it), not as its caller's cancel.
+        ``callers_baggage``: False where the callers are tenants (the router's Gateway): their
+        trace context is taken (a caller's own trace goes on through the gateway), their W3C
+        baggage is not, so the entries a tenant writes (up to 8 KB) never ride on the internal
+        calls the request makes (no service reads baggage)."""
         self._tracer = tracer
         self._grace_end = grace_end
+        self._callers_baggage = callers_baggage
         self._traced = HandlerMemo(self._traced_handler)  # a method's, made once
 
     async def intercept_service(
@@ -127,6 +137,7 @@ class ServerTracing(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler[Any, Any]:
         attributes = method_attributes(method)
         tracer = self._tracer
+        callers_baggage = self._callers_baggage
 
         def start(
             context: grpc.aio.ServicerContext[Any, Any],
@@ -134,6 +145,8 @@ class ServerTracing(grpc.aio.ServerInterceptor):
             """The call's span, child of the caller's span its metadata carries."""
             carrier = {key: value for key, value in context.invocation_metadata() or ()}
             parent = propagate.extract(carrier)
+            if not callers_baggage:
+                parent = baggage.clear(parent)
             span = start_call_span(tracer, method, attributes, SpanKind.SERVER, parent)
             held: Held = []
             current = otel_context.set_value(_HELD, held, trace.set_span_in_context(span, parent))

@@ -251,12 +251,13 @@ def _resource_attribute(environ: Mapping[str, str], key: str) -> str | None:
 
 
 def server_interceptors(
-    provider: TracerProvider, grace_end: GraceEnd | None = None
+    provider: TracerProvider, grace_end: GraceEnd | None = None, callers_baggage: bool = True
 ) -> list[grpc.aio.ServerInterceptor]:
     """A SERVER span for each call received (the router's CLIENT spans: ``grpc_adapters``);
     ``grace_end``: the server's (``ServiceSpec.grace_end``), so that a call its shutdown cuts
-    is an UNAVAILABLE error, not a caller's cancel."""
-    return [ServerTracing(provider.get_tracer("cachemesh.grpc"), grace_end)]
+    is an UNAVAILABLE error, not a caller's cancel; ``callers_baggage``: False where tenants
+    call (``ServerTracing``)."""
+    return [ServerTracing(provider.get_tracer("cachemesh.grpc"), grace_end, callers_baggage)]
 
 
 def current_trace_id() -> str:

@@ -276,7 +276,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
             settings=settings.server,
             service_names=[GATEWAY, ADMIN],
             register=register,
-            interceptors=server_interceptors(provider, grace),
+            interceptors=server_interceptors(provider, grace, callers_baggage=False),
             grace_end=grace,
             warmup=warmup,
             on_stop=[close],
