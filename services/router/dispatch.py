@@ -291,10 +291,10 @@ class Dispatcher:
         counted: dict[str, int] = {}
         # an ``auto`` tier's replica refused the request as too large for it (its context
         # window by the provider's own count, its account's per-minute tokens): the tiers
-        # after it are tried, and this refusal is the request's if none answers and none
-        # failed for now (else the request's failure is theirs, transient, with its wait: a
-        # retry may be answered); with the number of ``failures`` then, its own among them
-        too_large: tuple[str, RequestError, int] | None = None
+        # after it are tried, and this refusal is the request's if none answers and no tier
+        # failed for now, before it or after it (else the request's failure is theirs,
+        # transient, with its wait: a retry may be answered); its own is among ``failures``
+        too_large: tuple[str, RequestError] | None = None
 
         async def takes_over(spec: ModelSpec, plan_it: bool) -> bool:
             """Whether ``spec``'s tier could take this ``auto`` request over: a replica not
@@ -440,7 +440,7 @@ class Dispatcher:
                     if request.model == AUTO and exc.code == Code.RESOURCE_EXHAUSTED:
                         if too_large is None:
                             failures.append(f"{spec.id}: {exc.code.name} ({exc})")
-                            too_large = (spec.id, exc, len(failures))
+                            too_large = (spec.id, exc)
                         break  # another tier, another window and account, may take it
                     raise
                 except CallFailed as exc:
@@ -541,8 +541,8 @@ class Dispatcher:
                     cut_before_first_token=start.cut_before_first_token,
                     routers_deadline=remaining_s is None or remaining_s > timeout_s,
                 )
-        if too_large is not None and len(failures) == too_large[2]:
-            raise too_large[1]  # no tier after it answered, nor failed for now
+        if too_large is not None and len(failures) == 1:
+            raise too_large[1]  # no tier answered, and none but it failed
         remaining_s = self._remaining_s(deadline)
         if remaining_s is not None and remaining_s <= 0 and failures:
             raise _deadline_passed("the model", failures)

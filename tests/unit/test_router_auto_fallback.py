@@ -167,3 +167,38 @@ async def test_a_later_tiers_outage_after_a_too_large_refusal_is_the_requests_fa
     message = str(caught.value)
     assert "sim-large: UNAVAILABLE (overloaded_error (529))" in message
     assert f"sim-small: RESOURCE_EXHAUSTED ({_TOO_LARGE})" in message
+
+
+@dataclass
+class _TooLargeAfterOutage(FakeModels):
+    """sim-small's replica is overloaded (a transient failure, with the provider's wait);
+    sim-large's refuse the request as too large for them."""
+
+    def generate(
+        self, replica: str, request: model_pb2.GenerateRequest, deadline_s: float
+    ) -> FakeStream:
+        self.calls.append((replica, request))
+        if replica.startswith("small"):
+            overloaded = CallFailed(
+                Code.UNAVAILABLE, "overloaded", reason="overloaded_error (529)", retry_after_s=7
+            )
+            return FakeStream([overloaded])
+        return FakeStream([CallFailed(Code.RESOURCE_EXHAUSTED, _TOO_LARGE)])
+
+
+async def test_an_earlier_tiers_outage_before_a_too_large_refusal_is_the_requests_failure() -> None:
+    """The small tier (which may hold the prompt) failed for now, then the large one refused
+    the request as too large: the caller was told the large tier's too-large refusal (a 400
+    the SDKs never retry, the small tier's outage and wait dropped), though a retry may be
+    answered by the small tier once it is back. Now the usual transient failure, with its wait,
+    naming both (as when the tiers fail the other way round)."""
+    rig = Rig(models=_TooLargeAfterOutage())
+    with pytest.raises(RequestError) as caught:
+        await rig.run(_auto(1.0))
+    assert rig.models.calls[0][0] == "small-1"
+    assert {replica for replica, _ in rig.models.calls} >= {"small-1", "large-1"}
+    assert caught.value.code == Code.UNAVAILABLE
+    assert caught.value.retry_after_s == 7
+    message = str(caught.value)
+    assert "sim-small: UNAVAILABLE (overloaded_error (529))" in message
+    assert f"sim-large: RESOURCE_EXHAUSTED ({_TOO_LARGE})" in message
