@@ -45,9 +45,10 @@ _ExcInfo: TypeAlias = (
 )
 
 
-# what the JSON encoder leaves as it is but a reader's terminal may act on: the C1 controls
-# (U+009B is an 8-bit CSI), the line and paragraph separators, the bidirectional overrides
-_UNSAFE_UNICODE = re.compile("[\u0080-\u009f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# what the JSON encoder leaves as it is but a reader's terminal may act on: DEL and the C1
+# controls (U+009B is an 8-bit CSI), the line and paragraph separators, the bidirectional
+# overrides
+_UNSAFE_UNICODE = re.compile("[\u007f-\u009f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def json_string(text: str) -> str:
@@ -55,7 +56,7 @@ def json_string(text: str) -> str:
     character below U+0020), and ``\\uXXXX`` for what else a terminal acts on (a caller's
     request_id held an 8-bit CSI and a right-to-left override, written as they were)."""
     encoded = _escape(text)
-    if encoded.isascii():
+    if encoded.isascii() and "\x7f" not in encoded:
         return encoded
     return _UNSAFE_UNICODE.sub(lambda found: f"\\u{ord(found.group()):04x}", encoded)
 

@@ -149,6 +149,17 @@ def test_json_lines_escape_what_a_terminal_acts_on_beyond_the_encoders_escapes()
     assert parsed["request_id"] == sent and parsed["msg"] == "msg \x9b"
 
 
+def test_json_lines_escape_del_in_an_ascii_text_too() -> None:
+    # DEL (U+007F), a control character the encoder leaves as it is: an all-ASCII text
+    # skipped the second pass, so a request_id "a\x7fb" was written raw (the text format
+    # shows it as \x7f)
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "msg", (), None)
+    record.fields = {"request_id": "a\x7fb"}
+    line = JsonFormatter().format(record)
+    assert "\x7f" not in line and "a\\u007fb" in line
+    assert json.loads(line)["request_id"] == "a\x7fb"
+
+
 def _failed(message: str) -> logging.LogRecord:
     try:
         try:
