@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from services.common.env import MAX_TOKENS, ConfigError, digits_at_most
 
-if TYPE_CHECKING:  # models.py applies the caps: no import back at run time
+if TYPE_CHECKING:  # model_overrides.py applies the caps: no import back at run time
     from services.common.models import ModelTable
 
 VARIABLE = "CACHEMESH_MAX_OUTPUT_TOKENS"

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from services.common.env import ConfigError, Env
 from services.common.metrics import MetricsSettings
-from services.common.models import AUTO, ModelTable, model_table_from_env
+from services.common.model_overrides import model_table_from_env
+from services.common.models import AUTO, ModelTable
 from services.common.server import REQUEST_SHARE, default_request_bytes, max_message_bytes
 from services.common.tls import ClientTls, ServerTls
 from services.http_front.connections import MAX_CONNECTIONS

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from services.common.auth import internal_token_from_env
 from services.common.env import ConfigError, Env
 from services.common.metrics import MetricsSettings
-from services.common.models import ModelSpec, ModelTable, model_table_from_env
+from services.common.model_overrides import model_table_from_env
+from services.common.models import ModelSpec, ModelTable
 from services.common.server import ServerSettings
 from services.common.tokens import CACHED_TOKENS, cache_tokens_from_env
 from services.model.providers.config import (

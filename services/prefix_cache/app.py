@@ -20,7 +20,7 @@ from services.common.metrics import (
     TokenizerCacheCollector,
     new_registry,
 )
-from services.common.models import model_table_from_env
+from services.common.model_overrides import model_table_from_env
 from services.common.redis_pool import bounded_redis, own_connection_redis
 from services.common.server import HealthSwitch, ServiceSpec, run_main, run_service
 from services.common.telemetry import build_tracer_provider, server_interceptors, stop_tracing

@@ -23,7 +23,7 @@ from services.common.metrics import (
     TokenizerCacheCollector,
     new_registry,
 )
-from services.common.models import model_table_from_env
+from services.common.model_overrides import model_table_from_env
 from services.common.server import ServiceSpec, run_every, run_main, run_service
 from services.common.telemetry import build_tracer_provider, server_interceptors, stop_tracing
 from services.common.tokens import load_tokenizers

@@ -32,7 +32,7 @@ from cachemesh.v1 import semantic_cache_pb2
 from services.common.env import Env
 from services.common.errors import Code
 from services.common.metrics import LoopMetrics, TenantLabels
-from services.common.models import model_table_from_env
+from services.common.model_overrides import model_table_from_env
 from services.http_front.metrics import HttpFrontMetrics
 from services.model.metrics import ModelMetrics
 from services.prefix_cache.metrics import PrefixCacheMetrics

@@ -14,7 +14,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from services.common.env import Env
 from services.common.metrics import NONE, TenantLabels
-from services.common.models import ModelTable, model_table_from_env
+from services.common.model_overrides import model_table_from_env
+from services.common.models import ModelTable
 from services.router.metrics import RouterMetrics
 from tests.unit.promql_eval import Series, counter, evaluate, fires
 

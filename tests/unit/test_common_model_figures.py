@@ -14,12 +14,8 @@ from collections.abc import Callable
 import pytest
 
 from services.common.env import ConfigError
-from services.common.models import (
-    ModelTable,
-    load_model_table,
-    with_context_windows,
-    with_prior_prefill,
-)
+from services.common.model_overrides import with_context_windows, with_prior_prefill
+from services.common.models import ModelTable, load_model_table
 
 TABLE = load_model_table()
 INPUTS = (

@@ -9,7 +9,7 @@ import pytest
 
 from cachemesh.envfile import read_env_file
 from services.common.env import ConfigError, Env
-from services.common.models import model_table_from_env
+from services.common.model_overrides import model_table_from_env
 from services.router.settings import RouterSettings
 from services.semantic_cache.operating_point import OperatingPoint
 from services.semantic_cache.settings import SemanticCacheSettings

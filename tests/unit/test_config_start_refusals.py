@@ -10,7 +10,7 @@ import pytest
 
 from cachemesh.envfile import read_env_file
 from services.common.env import MAX_DURATION_S, ConfigError, Env
-from services.common.models import model_table_from_env
+from services.common.model_overrides import model_table_from_env
 from services.http_front.settings import HttpFrontSettings
 from services.prefix_cache.settings import PrefixCacheSettings
 from services.router.settings import RouterSettings

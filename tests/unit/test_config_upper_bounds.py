@@ -12,7 +12,8 @@ import pytest
 
 from cachemesh.envfile import read_env_file
 from services.common.env import MAX_BYTES, MAX_COUNT, MAX_TOKENS, ConfigError, Env
-from services.common.models import MAX_PRICE_NANOS, model_table_from_env
+from services.common.model_overrides import model_table_from_env
+from services.common.models import MAX_PRICE_NANOS
 from services.common.redis_pool import bounded_redis
 from services.http_front.settings import HttpFrontSettings
 from services.model.settings import MAX_TIME_SCALE, ModelSettings

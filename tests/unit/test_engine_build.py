@@ -11,7 +11,7 @@ import pytest
 
 from cachemesh.envfile import read_env_file
 from services.common.env import Env
-from services.common.models import model_table_from_env
+from services.common.model_overrides import model_table_from_env
 from services.prefix_cache.settings import PrefixCacheSettings
 from services.router.settings import RouterSettings
 from services.tools.engine.build import CMAKE_OPTIONS, BuildError, verify

@@ -14,7 +14,8 @@ import pytest
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.env import ConfigError, Env, redacted_url
-from services.common.models import load_model_table, model_table_from_env
+from services.common.model_overrides import model_table_from_env
+from services.common.models import load_model_table
 from services.model.providers.config import ProviderSettings
 from services.model.providers.failures import (
     ESTIMATE_MARGIN,

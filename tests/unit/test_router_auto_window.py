@@ -13,7 +13,8 @@ from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1.prompt_pb2 import PromptFacts
 from services.common.env import ConfigError, Env
 from services.common.errors import Code, RequestError
-from services.common.models import ModelTable, load_model_table, model_table_from_env
+from services.common.model_overrides import model_table_from_env
+from services.common.models import ModelTable, load_model_table
 from services.common.prompt import prompt_tokens
 from services.common.tokens import load_cl100k
 from services.model.api import ModelApi

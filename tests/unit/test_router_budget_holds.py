@@ -20,7 +20,8 @@ from redis.asyncio import Redis
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import ManualClock
 from services.common.env import Env
-from services.common.models import load_model_table, model_table_from_env
+from services.common.model_overrides import model_table_from_env
+from services.common.models import load_model_table
 from services.common.tokens import load_tokenizers
 from services.router.limit_settings import LimitSettings
 from services.router.limit_wiring import limiter_on, most_billed

@@ -14,7 +14,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.env import Env
 from services.common.errors import Code, RequestError
-from services.common.models import model_table_from_env
+from services.common.model_overrides import model_table_from_env
 from services.router.calls import Calls
 from services.router.dependencies import CallFailed, Dependencies
 from services.router.pipeline import Pipeline

@@ -25,7 +25,8 @@ from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.env import ConfigError, Env
 from services.common.errors import Code, RequestError
-from services.common.models import ModelTable, with_context_windows
+from services.common.model_overrides import with_context_windows
+from services.common.models import ModelTable
 from services.common.tokens import Tokenizer
 from services.router import dispatch
 from services.router.billing import Bills

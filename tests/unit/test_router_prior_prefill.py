@@ -8,7 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from services.common.env import ConfigError, Env
-from services.common.models import ModelSpec, load_model_table, model_table_from_env
+from services.common.model_overrides import model_table_from_env
+from services.common.models import ModelSpec, load_model_table
 from services.router.replica_choice import ChoiceSettings, ReplicaChooser, Request, TtftPolicy
 from services.router.replica_state import ReplicaStates
 

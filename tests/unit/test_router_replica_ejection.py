@@ -24,7 +24,8 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.errors import Code, RequestError
-from services.common.models import ModelTable, with_context_windows
+from services.common.model_overrides import with_context_windows
+from services.common.models import ModelTable
 from services.router import replica_state
 from services.router.dependencies import CallFailed, Dependencies
 from services.router.pipeline import Pipeline

@@ -13,7 +13,8 @@ from cachemesh import build_request
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.env import ConfigError, Env
-from services.common.models import ModelSpec, ModelTable, load_model_table, model_table_from_env
+from services.common.model_overrides import model_table_from_env
+from services.common.models import ModelSpec, ModelTable, load_model_table
 from services.router.dispatch import fallback_tiers
 from services.router.metrics import decision_reason
 from services.router.routing.bands import Band, bands, decide_bands, price_position

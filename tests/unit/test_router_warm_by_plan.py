@@ -8,7 +8,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.env import Env
 from services.common.errors import Code
-from services.common.models import model_table_from_env
+from services.common.model_overrides import model_table_from_env
 from services.router.calls import Calls, warm_commit
 from services.router.dependencies import CallFailed, Dependencies
 from services.router.settings import RouterSettings

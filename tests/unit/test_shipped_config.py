@@ -46,7 +46,7 @@ def test_single_flight_and_the_stores_are_on() -> None:
 def test_the_router_models_the_replicas_kv_capacity_as_the_engines_have_it() -> None:
     """The ttft policy's eviction model is what make bench-prefix measured; at another
     capacity than the engines' it counts evicted prefixes as warm (or warm ones as gone)."""
-    from services.common.models import model_table_from_env
+    from services.common.model_overrides import model_table_from_env
     from services.router.settings import RouterSettings
 
     blocks = int(SHIPPED["MODEL_KV_CAPACITY_BLOCKS"])

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from cachemesh.envfile import read_env_file
 from services.common.env import MAX_TOKENS, ConfigError, Env
 from services.common.metrics import TokenizerCacheCollector
-from services.common.models import model_table_from_env
+from services.common.model_overrides import model_table_from_env
 from services.common.tokens import (
     CACHE_TOKENS_VAR,
     CACHED_TOKENS,

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TextIO
 
 from services.common.kv_blocks import BLOCK_SIZE
-from services.common.models import PRIOR_VARIABLE, WINDOW_VARIABLE
+from services.common.model_overrides import PRIOR_VARIABLE, WINDOW_VARIABLE
 from services.tools.engine.cache import EnginePaths
 from services.tools.stack import processes
 from services.tools.stack.environment import dial_address

@@ -45,7 +45,8 @@ from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import ManualClock
 from services.common.env import ConfigError, Env
 from services.common.errors import Code, RequestError
-from services.common.models import ModelTable, model_table_from_env
+from services.common.model_overrides import model_table_from_env
+from services.common.models import ModelTable
 from services.common.tokens import Tokenizer, Tokenizers, load_tokenizers
 from services.model.api import ModelApi
 from services.model.settings import ModelSettings

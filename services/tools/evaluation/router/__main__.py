@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from services.common.env import Env
-from services.common.models import model_table_from_env
+from services.common.model_overrides import model_table_from_env
 from services.router.routing.model import (
     CARD_PATH,
     FORMAT,
