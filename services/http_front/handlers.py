@@ -1,4 +1,6 @@
-"""The HTTP routes: parse, admit, call the Gateway, answer in the caller's API shape."""
+"""The HTTP routes: parse, admit, call the Gateway, answer in the caller's API shape. The
+caller is admitted by ``admission``, its body read by ``bodies``; ``stopping`` answers while
+the front stops, ``model_list`` lists the models; ``marks`` are what a request carries."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
 from aiohttp import web
 from opentelemetry import trace
@@ -19,95 +21,32 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.auth import KeyLookup
-from services.common.fair_walks import FairWalks
-from services.http_front import anthropic_api, facts, openai_api, sse
+from services.http_front import anthropic_api, facts, model_list, openai_api, sse
 from services.http_front.access_log import RefusalLog
-from services.http_front.errors import RATE_LIMIT_RETRY_AFTER_S, Api, ApiError, invalid
-from services.http_front.fields import parse_body
+from services.http_front.admission import admit
+from services.http_front.bodies import Bodies
+from services.http_front.errors import Api, ApiError
 from services.http_front.gateway import Gateway
-from services.http_front.limits import BodyBudget, BodyFull, InFlight, Reading
+from services.http_front.limits import BodyBudget, InFlight
+from services.http_front.marks import (
+    ANSWERED,
+    BODY_CUT,
+    CALLED,
+    CALLER_ID,
+    ENDED,
+    STALLED,
+    STREAM,
+    TENANT,
+)
 from services.http_front.metrics import HttpFrontMetrics
 from services.http_front.readiness import CachedVerdict
-from services.http_front.settings import ESCAPE_EXPANSION, HttpFrontSettings
+from services.http_front.settings import HttpFrontSettings
+from services.http_front.stopping import DRAIN_RETRY_AFTER_S, DRAINING, Waiting
 
 log = logging.getLogger("cachemesh.http_front")
-_T = TypeVar("_T")
 _PROPAGATOR = TraceContextTextMapPropagator()
-# on the request, once a stream's head is sent: the stream, and how it ended when that is not
-# its response's status (an error event at its end; the caller gone)
-_STREAM = web.RequestKey("cachemesh.stream", web.StreamResponse)
-_ENDED = web.RequestKey("cachemesh.ended", int)
-# on the request once a write to the caller outlasted HTTP_FRONT_WRITE_TIMEOUT_S: its connection
-# is closed when the handler has unwound (its Gateway call cancelled on the way)
-_STALLED = web.RequestKey("cachemesh.stalled", bool)
-# on the request once the Gateway has answered (its end, or a stream's start: the model call
-# is then billed, cut or not): a failure of the front after that says x-should-retry: false
-_ANSWERED = web.RequestKey("cachemesh.answered", bool)
-# on the request once its body outlasted HTTP_FRONT_BODY_TIMEOUT_S: its 408 goes out, then its
-# connection is closed (aiohttp would read what is left of the body for up to 10 s more)
-_BODY_CUT = web.RequestKey("cachemesh.body_cut", bool)
-# on the request once its key names a tenant: the tenant (its refusal's access line says it)
-_TENANT = web.RequestKey("cachemesh.tenant", str)
-# on the request once its Gateway call begins: the router writes its access line from then on;
-# a refusal before that is the front's own, and the front writes its line (``access_log``)
-_CALLED = web.RequestKey("cachemesh.called", bool)
-# on the request before its key is checked, when the caller chose its id (a valid
-# ``Idempotency-Key``): the id the Gateway knows it by, which a refusal's response names too
-_CALLER_ID = web.RequestKey("cachemesh.caller_id", str)
-# on the request once its body is read: its size in bytes (``_translated``)
-_BODY_BYTES = web.RequestKey("cachemesh.body_bytes", int)
-# A body larger than this is read from JSON and translated to the Gateway's request in a
-# worker thread: translating walks every message and block in Python, and a 2.2 MB body of
-# 60,000 one-letter messages held the front's event loop ~1 s (every request of every tenant
-# and /healthz with it); in a thread the loop runs between the interpreter's switches. One
-# smaller takes a few milliseconds at most, less than the hop to a thread would cost it.
-TRANSLATE_IN_THREAD_BYTES = 64 * 1024
 # the header each API names its request id in
 _ID_HEADER: dict[Api, str] = {"anthropic": "request-id", "openai": "x-request-id"}
-_NO_KEY = {
-    "anthropic": "no API key: send it in the x-api-key header",
-    "openai": "no API key: send 'Authorization: Bearer <key>'",
-}
-# the headers each API reads the caller's key from (``_key``)
-_KEY_HEADERS: dict[Api, tuple[str, ...]] = {
-    "anthropic": ("x-api-key", "authorization"),
-    "openai": ("authorization",),
-}
-_UNKNOWN_KEY = {
-    "anthropic": "invalid x-api-key: no tenant has this key",
-    "openai": "Incorrect API key provided: no tenant has this key",
-}
-
-
-# The answer of a non-streaming request still waiting on the Gateway at the end of the grace.
-# The front cannot tell whether its model call had started (it may still have been queued:
-# prefill queue, single-flight wait, ledger wait), so the cut stays retryable: a request that
-# never reached a model is not lost, and one that did may be billed twice (said here).
-CUT = (
-    "the HTTP front stopped (a restart or a deploy: its CACHEMESH_GRACE_S of {grace_s:g} s ran "
-    "out) before the Gateway answered; the Gateway call was cancelled. A model call of this "
-    "request may have been billed for what it produced (the front cannot tell whether one had "
-    "started); a retry may be billed again, and a retry with the same Idempotency-Key is "
-    "answered from the Gateway's ledger only if the first call's answer was kept"
-)
-# the cut's retry-after: a front restarting (or another behind the same address) takes this
-# long to listen again; both SDKs honour it (up to 60 s) before their retry
-CUT_RETRY_AFTER_S = 5
-
-# The answer of a model request (POST /v1/messages, /v1/chat/completions) that arrives once the
-# front drains: on a keep-alive connection it had open (its listener is closed), in the drain's
-# first second, when its answers still go out (``app.drain``). Started, its model call would be
-# cut at the end of the grace (a bill) and retried by the caller (a second one); refused before
-# the Gateway, it costs nothing and its retry, on a new connection, reaches another front.
-DRAINING = (
-    "the HTTP front is stopping (a restart or a deploy) and takes no new model request; this "
-    "one was not sent to the Gateway (no model call, nothing billed): retry it, a new "
-    "connection reaches a front still serving"
-)
-# the drain refusal's retry-after: the listener is closed, so a retry's new connection goes to
-# another front behind the same address at once (where none is, it is refused and the SDKs
-# retry a refused connection with their own backoff)
-DRAIN_RETRY_AFTER_S = 1
 
 
 class CallerStalled(ConnectionError):
@@ -166,17 +105,9 @@ class Front:
         if body_budget is None:
             gauge = metrics.body_bytes if metrics is not None else None
             body_budget = BodyBudget(settings.body_budget_bytes, settings.body_tenant_bytes, gauge)
-        self._body_budget = body_budget
-        # one thread of its own for the translation of large bodies (``_translated``), taken
-        # by tenant in turn: one tenant's flood of them queues there, not in the default
-        # executor, and delays another tenant's by one walk, not the whole flood
-        self._walks = FairWalks("front-translate")
+        self._bodies = Bodies(settings, body_budget, metrics)
         self.draining = False
-        # the handlers of the non-streaming requests waiting on the Gateway now, and those of
-        # them ``cut`` at the end of CACHEMESH_GRACE_S: each answers its final refusal
-        # (``CUT``) before its connection is closed
-        self._waiting: set[asyncio.Task[Any]] = set()
-        self._cut: set[asyncio.Task[Any]] = set()
+        self._waiting = Waiting(gateway, settings.grace_s)
         self._gateway_ready = CachedVerdict(gateway.serving, monotonic, settings.gateway_addr)
 
     # --- routes -------------------------------------------------------------------------------
@@ -206,35 +137,8 @@ class Front:
 
     def cut(self) -> int:
         """The grace is over: each non-streaming request still waiting on the Gateway cancels
-        its call (the router bills what the model produced) and answers ``CUT``; how many."""
-        for task in self._waiting - self._cut:
-            self._cut.add(task)
-            task.cancel()
-        return len(self._waiting)
-
-    async def _complete(
-        self, gw: pb.CompleteRequest, key: str, traceparent: str
-    ) -> pb.CompleteResponse:
-        """The Gateway's answer to a non-streaming request, or ``CUT`` once the grace is over
-        (``cut``): an answer, not a closed connection, and a retryable one (``retry-after``):
-        the request may never have reached a model, and a retry is then its only answer."""
-        task = asyncio.current_task()
-        assert task is not None
-        self._waiting.add(task)
-        try:
-            return await self._gateway.complete(gw, key, traceparent)  # a cancel cancels it
-        except asyncio.CancelledError:
-            # cut, and not also cancelled by aiohttp (the caller gone): answer, not unwind
-            if task in self._cut and task.uncancel() == 0:
-                raise ApiError(
-                    "overloaded",
-                    CUT.format(grace_s=self._settings.grace_s),
-                    retry_after_s=CUT_RETRY_AFTER_S,
-                ) from None
-            raise
-        finally:
-            self._waiting.discard(task)
-            self._cut.discard(task)
+        its call and answers ``CUT``; how many (``Waiting.cut``)."""
+        return self._waiting.cut()
 
     def _take_model_request(self) -> None:
         """Refuses a model request once the drain has begun (``DRAINING``): 529 / 503 with a
@@ -259,7 +163,7 @@ class Front:
         status = 499  # the caller went away (nginx's code: no response was sent)
         try:
             response = await self._traced(api, request, answer)
-            status = request.get(_ENDED, response.status)
+            status = request.get(ENDED, response.status)
             return response
         finally:
             metrics.in_flight.dec()
@@ -286,16 +190,16 @@ class Front:
             with contextlib.suppress(ApiError):
                 caller_id = facts.idempotency_key(request.headers)
                 if caller_id:
-                    request[_CALLER_ID] = caller_id
+                    request[CALLER_ID] = caller_id
             try:
-                tenant, key = await self._admit(api, request)
+                tenant, key = await admit(api, request, self._keys)
                 response = await answer(request, tenant, key, traceparent)
             except ApiError as error:
                 span.set_attribute("error.type", error.kind)
                 response = await self._failed(api, request, error, traceparent)
                 refused = error
             except ConnectionError as exc:
-                if _STREAM not in request:
+                if STREAM not in request:
                     raise
                 # the caller went away mid-stream (a write failed), or stopped reading (a write
                 # timed out): nothing to answer
@@ -303,8 +207,8 @@ class Front:
                 why = str(exc) if stalled else type(exc).__name__
                 log.info("%s: the caller went away mid-stream (%s)", name, why)
                 span.set_attribute("error.type", "client_stalled" if stalled else "client_gone")
-                request[_ENDED] = 499
-                response = request[_STREAM]
+                request[ENDED] = 499
+                response = request[STREAM]
             except asyncio.CancelledError:
                 # the caller disconnected while its answer was awaited: aiohttp cancels the
                 # handler (handler_cancellation), and the call with it. No response goes out;
@@ -316,29 +220,29 @@ class Front:
                 log.exception("http-front failed on %s", name)
                 span.record_exception(exc)
                 why = "the HTTP front failed on this request; see its log"
-                answered = bool(request.get(_ANSWERED))
+                answered = bool(request.get(ANSWERED))
                 if answered:  # not retried: a retry would be a model call and a bill again
                     why += " (the Gateway had answered it, and billed the answer)"
                 failed = ApiError("api", why, final=answered)
                 response = await self._failed(api, request, failed, traceparent)
                 refused = failed
-            if request.get(_STALLED) and request.transport is not None:
+            if request.get(STALLED) and request.transport is not None:
                 # the write still waiting on the caller is dropped with its connection (aiohttp
                 # would otherwise wait on it to end the response)
                 request.transport.abort()
-            if request.get(_BODY_CUT) and request.transport is not None:
+            if request.get(BODY_CUT) and request.transport is not None:
                 await _answer_and_close(request, response)
             span.set_attribute("http.response.status_code", response.status)  # as sent
-            # a stream whose head went out ends by its error event's status (``_ENDED``)
-            ended = request.get(_ENDED, response.status)
+            # a stream whose head went out ends by its error event's status (``ENDED``)
+            ended = request.get(ENDED, response.status)
             if ended >= 500:  # the server's failure (a 4xx is the caller's)
                 why = f"HTTP {ended}"
                 if ended != response.status:
                     why += f" after the {response.status}'s head: the stream ended in its error"
                 span.set_status(trace.Status(trace.StatusCode.ERROR, why))
-            if refused is not None and not request.get(_CALLED):  # the router never saw it
+            if refused is not None and not request.get(CALLED):  # the router never saw it
                 self._refusals.refused(
-                    request.get(_TENANT, ""),
+                    request.get(TENANT, ""),
                     response.headers.get("x-cachemesh-request-id", ""),
                     name,
                     refused.code,
@@ -360,7 +264,7 @@ class Front:
             async with asyncio.timeout(self._settings.write_timeout_s):
                 await write
         except TimeoutError:
-            request[_STALLED] = True
+            request[STALLED] = True
             raise CallerStalled(
                 f"the caller read nothing for {self._settings.write_timeout_s:g} s "
                 "(HTTP_FRONT_WRITE_TIMEOUT_S)"
@@ -372,12 +276,12 @@ class Front:
         """The error in the API's shape: a response of its own, or, once a stream's head went
         out, an error event at the end of that stream (a second response would write a
         second status line into the body)."""
-        stream: web.StreamResponse | None = request.get(_STREAM)
+        stream: web.StreamResponse | None = request.get(STREAM)
         if stream is None:
             return self._error(
-                api, error, traceparent, request.get(_CALLER_ID, "") or error.request_id
+                api, error, traceparent, request.get(CALLER_ID, "") or error.request_id
             )
-        request[_ENDED] = error.status_for(api)
+        request[ENDED] = error.status_for(api)
         # the head names the caller's id, or none yet (it went out before the Gateway's start,
         # with pings): then the id the Gateway made up for its refusal
         named = stream.headers.get(_ID_HEADER[api], "") or error.request_id
@@ -416,124 +320,14 @@ class Front:
         headers[_ID_HEADER[api]] = request_id
         return _json(error.body_for(api, request_id), error.status_for(api), headers)
 
-    async def _admit(self, api: Api, request: web.Request) -> tuple[str, str]:
-        """The caller's tenant and key; the Gateway checks the same key again."""
-        for header in _KEY_HEADERS[api]:  # the first was read: whatever added one chose
-            sent = len(request.headers.getall(header, ()))
-            if sent > 1:
-                raise ApiError(
-                    "authentication",
-                    f"the {header} header is sent {sent} times: send the API key once (a "
-                    "request carrying two is refused, whichever of them is right)",
-                )
-        key = _key(api, request)
-        if key is None:
-            raise ApiError("authentication", _NO_KEY[api])
-        tenant = await self._keys.checked_tenant_for(key)
-        if tenant is None:
-            raise ApiError("authentication", _UNKNOWN_KEY[api])
-        request[_TENANT] = tenant
-        if api == "anthropic" and request.method == "POST":
-            version = request.headers.get("anthropic-version")
-            if version is None:
-                raise invalid("anthropic-version: header is required (e.g. 2023-06-01)")
-            if not anthropic_api.VERSION.match(version):
-                raise invalid(
-                    f"anthropic-version: {version[:32]!r} is not a valid version (a date such "
-                    "as 2023-06-01)"
-                )
-        return tenant, key
-
-    async def _body(self, api: Api, request: web.Request, tenant: str) -> dict[str, Any]:
-        """The body's JSON, read up to ``max_json_bytes``: the size that counts is its
-        request's (``_sized``), which escapes do not swell. One over ``max_body_bytes`` is
-        parsed only when its request could be under it (``_least_request``) and it holds no
-        more JSON values than one under it could (parsing is the cost that grows with them).
-        Its declared length is reserved of ``tenant``'s share of the front's ``BodyBudget``
-        before it is read, and its bytes taken of the budget as they arrive, until it is
-        parsed: no room for them (or its share none for its declared length), a 529 / 503 the
-        SDKs retry (``_no_room``)."""
-        settings = self._settings
-        most = settings.max_json_bytes
-        if request.content_length is not None and request.content_length > most:
-            raise _json_too_large(request.content_length, settings.max_body_bytes)
-        with self._body_budget.reading(tenant) as held:
-            try:
-                held.reserve(request.content_length or 0)
-                raw = await self._read_in_time(request, held)
-            except BodyFull:
-                raise self._no_room(api, request) from None
-            if len(raw) > settings.max_body_bytes:
-                _least_request(raw, settings.max_body_bytes)
-                _few_values(raw, settings.max_body_bytes)
-            request[_BODY_BYTES] = len(raw)
-            return await _translated(self._walks, request, tenant, partial(parse_body, raw, api))
-
-    async def _read_in_time(self, request: web.Request, held: Reading) -> bytes:
-        settings = self._settings
-        wait_s = settings.body_timeout_s
-        try:
-            async with asyncio.timeout(wait_s):
-                raw = await _read(request, settings.max_json_bytes, held)
-        except TimeoutError:
-            # a body dripped a byte at a time held its buffer and its connection for ever
-            request[_BODY_CUT] = True
-            raise ApiError(
-                "request_timeout",
-                f"request body not received whole within {wait_s:g} s of its headers; send "
-                "it without pauses (the connection is closed)",
-            ) from None
-        if raw is None:
-            raise _json_too_large(None, settings.max_body_bytes)
-        return raw
-
-    def _no_room(self, api: Api, request: web.Request) -> ApiError:
-        """The refusal of a body the front's ``BodyBudget`` had no room for: the front's
-        overload (529 / 503, ``retry-after``), which both SDKs retry. The rest of its body is
-        read and dropped after the refusal (aiohttp's lingering read, up to 10 s): closed at
-        once, a connection whose caller is still sending is reset, and its SDK may see no
-        answer but the reset."""
-        if self._metrics is not None:
-            self._metrics.body_refused(api)
-        size = request.content_length
-        sized = f"its {size:,} bytes" if size is not None else "its bytes"
-        budget = self._body_budget
-        return ApiError(
-            "overloaded",
-            f"the HTTP front is busy reading other requests' bodies: no room for {sized} (it "
-            f"reads at most {budget.limit:,} bytes of bodies at once, its "
-            f"HTTP_FRONT_BODY_BUDGET_BYTES, at most {budget.tenant_limit:,} of them one "
-            "tenant's); retry shortly",
-            retry_after_s=RATE_LIMIT_RETRY_AFTER_S,
-        )
-
-    def _sized(self, gw: pb.CompleteRequest) -> pb.CompleteRequest:
-        """``gw`` when the Gateway takes its size: it is measured as the router measures
-        ROUTER_MAX_REQUEST_BYTES (serialized), against HTTP_FRONT_MAX_BODY_BYTES."""
-        size = gw.ByteSize()
-        limit = self._settings.max_body_bytes
-        if size > limit:
-            # as the router's span of a request over its limit says it
-            trace.get_current_span().set_attribute("cachemesh.request_bytes", size)
-            raise ApiError(
-                "request_too_large",
-                f"request too large: {size:,} bytes as the Gateway's request (serialized, as "
-                f"the router measures it; the text, not its JSON escapes), at most {limit:,} "
-                "bytes (the HTTP front's HTTP_FRONT_MAX_BODY_BYTES, the Gateway's "
-                "ROUTER_MAX_REQUEST_BYTES): send a shorter prompt (fewer or shorter messages, "
-                "tools or documents), or ask the operator to raise both",
-            )
-        return gw
-
     # --- Anthropic ----------------------------------------------------------------------------
     async def _messages(
         self, request: web.Request, tenant: str, key: str, traceparent: str
     ) -> web.StreamResponse:
         self._take_model_request()
         with self._in_flight.slot(tenant):  # before the body: one still coming holds its slot
-            body = await self._body("anthropic", request, tenant)
-            gw, stream = await _translated(
-                self._walks,
+            body = await self._bodies.read("anthropic", request, tenant)
+            gw, stream = await self._bodies.translated(
                 request,
                 tenant,
                 partial(
@@ -544,15 +338,15 @@ class Front:
             )
             del body  # not held through the call
             _cache_options(request, gw)
-            return await self._anthropic(request, self._sized(gw), stream, key, traceparent)
+            return await self._anthropic(request, self._bodies.sized(gw), stream, key, traceparent)
 
     async def _anthropic(
         self, request: web.Request, gw: pb.CompleteRequest, stream: bool, key: str, traceparent: str
     ) -> web.StreamResponse:
-        request[_CALLED] = True
+        request[CALLED] = True
         if not stream:
-            end = await self._complete(gw, key, traceparent)
-            request[_ANSWERED] = True
+            end = await self._waiting.complete(gw, key, traceparent)
+            request[ANSWERED] = True
             headers = facts.end_headers(end, traceparent)
             headers[_ID_HEADER["anthropic"]] = end.request_id
             return _json(anthropic_api.response(end), headers=headers)
@@ -603,13 +397,12 @@ class Front:
     ) -> tuple[pb.CompleteRequest, bool, bool]:
         """The Gateway request of a chat completion, its body's JSON dropped (not held through
         the call); ``origins``: where its parts came from in the caller's."""
-        body = await self._body("openai", request, tenant)
+        body = await self._bodies.read("openai", request, tenant)
         model = body.get("model")
         default = self._settings.default_max_tokens.get(
             model if isinstance(model, str) else "", 1024
         )
-        gw, stream, include_usage = await _translated(
-            self._walks,
+        gw, stream, include_usage = await self._bodies.translated(
             request,
             tenant,
             partial(
@@ -621,7 +414,7 @@ class Front:
             ),
         )
         _cache_options(request, gw)
-        return self._sized(gw), stream, include_usage
+        return self._bodies.sized(gw), stream, include_usage
 
     async def _openai(
         self,
@@ -633,10 +426,10 @@ class Front:
         traceparent: str,
     ) -> web.StreamResponse:
         created = int(self._clock())
-        request[_CALLED] = True
+        request[CALLED] = True
         if not stream:
-            end = await self._complete(gw, key, traceparent)
-            request[_ANSWERED] = True
+            end = await self._waiting.complete(gw, key, traceparent)
+            request[ANSWERED] = True
             headers = facts.end_headers(end, traceparent)
             headers[_ID_HEADER["openai"]] = end.request_id
             return _json(openai_api.response(end, created), headers=headers)
@@ -687,7 +480,7 @@ class Front:
             if chunk is not None:
                 if chunk.WhichOneof("part") != "start":
                     break
-                request[_ANSWERED] = True
+                request[ANSWERED] = True
                 return chunk, opened
             if opened is None:
                 trace_id = traceparent.split("-")[1] if traceparent else ""
@@ -708,7 +501,7 @@ class Front:
         response = web.StreamResponse(headers=headers)
         response.content_type = "text/event-stream"
         await response.prepare(request)
-        request[_STREAM] = response  # from here on, an error ends this stream
+        request[STREAM] = response  # from here on, an error ends this stream
         return response
 
     # --- models -------------------------------------------------------------------------------
@@ -717,34 +510,7 @@ class Front:
     ) -> web.StreamResponse:
         wanted = request.match_info.get("model")
         api: Api = "anthropic" if "anthropic-version" in request.headers else "openai"
-        models = self._settings.models
-        if wanted is not None:
-            if wanted not in models:
-                raise ApiError(
-                    "not_found", f"model: {wanted[:64]!r} not found; use one of {', '.join(models)}"
-                )
-            models = (wanted,)
-        if api == "anthropic":
-            rows = [
-                {"type": "model", "id": m, "display_name": m, "created_at": "1970-01-01T00:00:00Z"}
-                for m in models
-            ]
-            if wanted is not None:
-                return _json(rows[0])
-            return _json(
-                {
-                    "data": rows,
-                    "has_more": False,
-                    "first_id": rows[0]["id"],
-                    "last_id": rows[-1]["id"],
-                }
-            )
-        items = [
-            {"id": m, "object": "model", "created": 0, "owned_by": "cachemesh"} for m in models
-        ]
-        if wanted is not None:
-            return _json(items[0])
-        return _json({"object": "list", "data": items})
+        return _json(model_list.listing(api, self._settings.models, wanted))
 
 
 def _cache_options(request: web.Request, gw: pb.CompleteRequest) -> None:
@@ -752,19 +518,7 @@ def _cache_options(request: web.Request, gw: pb.CompleteRequest) -> None:
     on ``request`` for a refusal's response."""
     facts.cache_options(request.headers, gw)
     if gw.request_id:
-        request[_CALLER_ID] = gw.request_id
-
-
-def _key(api: Api, request: web.Request) -> str | None:
-    """The caller's key, or None (a 401): a key is ASCII, anything else is no key of ours."""
-    if api == "anthropic":
-        key = request.headers.get("x-api-key")
-        if key:
-            return key.strip() if key.isascii() else None
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip() if token.isascii() else None
-    return None
+        request[CALLER_ID] = gw.request_id
 
 
 async def _answer_and_close(request: web.Request, response: web.StreamResponse) -> None:
@@ -780,100 +534,8 @@ async def _answer_and_close(request: web.Request, response: web.StreamResponse) 
 def _ended_by(request: web.Request, api: Api, error: ApiError) -> None:
     """A stream whose head went out ends in ``error``'s event: its metrics count the error's
     status, not the 200 of its head, and the server span carries the error's kind."""
-    request[_ENDED] = error.status_for(api)
+    request[ENDED] = error.status_for(api)
     trace.get_current_span().set_attribute("error.type", error.kind)
-
-
-async def _read(request: web.Request, most: int, held: Reading) -> bytes | None:
-    """The body, or None once it is over ``most`` bytes (decompressed). Not kept on the request,
-    as aiohttp's ``read`` keeps it until the response: through a call of minutes. Each chunk
-    kept is covered by ``held`` (``BodyFull`` when it cannot be)."""
-    chunks: list[bytes] = []
-    size = 0
-    while chunk := await request.content.readany():
-        size += len(chunk)
-        if size > most:
-            return None
-        held.cover(size)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def _translated(
-    walks: FairWalks, request: web.Request, tenant: str, translate: Callable[[], _T]
-) -> _T:
-    """``translate()``, in ``walks``' thread in ``tenant``'s turn when the request's body is
-    over ``TRANSLATE_IN_THREAD_BYTES``: on a first-come thread, tenant b's 76 kB request
-    waited 1.03 s behind tenant a's 10 x 1 MB (0.015 s alone)."""
-    if request.get(_BODY_BYTES, 0) > TRANSLATE_IN_THREAD_BYTES:
-        return await walks.run(tenant, translate)
-    return translate()
-
-
-def _json_too_large(size: int | None, limit: int) -> ApiError:
-    got = f" ({size:,} bytes)" if size is not None else ""
-    return ApiError(
-        "request_too_large",
-        f"request body too large{got}: at most {limit * ESCAPE_EXPANSION:,} bytes of JSON "
-        f"({ESCAPE_EXPANSION} times the HTTP front's HTTP_FRONT_MAX_BODY_BYTES, a request of "
-        f"{limit:,} bytes, its text all written as \\uXXXX escapes): send a shorter prompt, or "
-        "ask the operator to raise it",
-    )
-
-
-# the bytes of JSON a request may hold beyond its text for each of its members and values (a
-# colon, comma or opening bracket): a member's name and its quotes, an enum's text (a role, a
-# block's type), a number, the field's tag in the Gateway's request not counted
-STRUCTURE_BYTES = 64
-# a body up to this many times HTTP_FRONT_MAX_BODY_BYTES is parsed before its size is known
-PARSED_OVER = 2
-
-
-def _least_request(raw: bytes, limit: int) -> None:
-    """A 413 unless ``raw``, a body over ``limit``, could be a request of at most ``limit``
-    bytes, before it is parsed (a plain-ASCII body of 12 MiB took 52 to 81 ms of the event
-    loop to parse and build before its 413; this, 17 ms). Only a body over ``PARSED_OVER``
-    times the limit: one under it costs at most that many times a body at the limit, and its
-    413 names the size the router measures (``_sized``). The least request a body makes: its
-    bytes, less 5 for each backslash (a ``\\uXXXX`` escape, 6 bytes, is 1 at least in UTF-8;
-    any other escape saves 1), 1 for each whitespace byte and ``STRUCTURE_BYTES`` for each
-    colon, comma and opening bracket (a member or value: its name, quotes, an enum). A request
-    refused here is one the router refuses too (but, as ``_few_values``, for one padded with
-    long values of fields the front drops, such as OpenAI's ``metadata``)."""
-    if len(raw) <= PARSED_OVER * limit:
-        return
-    structure = len(raw) - len(raw.translate(None, b":,{["))  # one pass each, in C
-    spaces = len(raw) - len(raw.translate(None, b" \n\r\t"))
-    least = len(raw) - 5 * raw.count(b"\\") - spaces - STRUCTURE_BYTES * structure
-    if least > limit:
-        raise ApiError(
-            "request_too_large",
-            f"request too large: its JSON of {len(raw):,} bytes holds at least {least:,} bytes "
-            f"of text, over {limit:,}, the HTTP front's HTTP_FRONT_MAX_BODY_BYTES (measured as "
-            "the Gateway's request, its text not its escapes): send a shorter prompt, or ask "
-            "the operator to raise it",
-        )
-
-
-def _few_values(raw: bytes, limit: int) -> None:
-    """A 413 unless ``raw``, a body over ``limit``, holds at most ``limit`` commas and opening
-    brackets and braces. Each JSON value or member but the first follows one (a member's
-    value, its name's colon), so their count bounds what parsing builds: at most 1.5 times
-    what a body at the limit can (``[{},{},...]``: ``limit / 3`` objects there, ``limit / 2``
-    here). Unchecked, a body of ``ESCAPE_EXPANSION`` times the limit built six times as much
-    (``{},`` in 12 MiB: 300 MiB, seconds of the event loop). Each one in a request the Gateway
-    takes stands for a byte of it at least (a comma of its text; the tag of a message, a block,
-    a tool), so a request refused here is one the router refuses too (but for one padded with
-    fields the front drops, such as OpenAI's ``metadata``)."""
-    values = raw.count(b",") + raw.count(b"{") + raw.count(b"[")
-    if values > limit:
-        raise ApiError(
-            "request_too_large",
-            f"request too large: its JSON holds {values:,} values (commas, brackets and "
-            f"braces) in {len(raw):,} bytes, over {limit:,}, the HTTP front's "
-            "HTTP_FRONT_MAX_BODY_BYTES (a request of that many bytes holds fewer): send a "
-            "shorter prompt (fewer messages, tools or items), or ask the operator to raise it",
-        )
 
 
 def _anthropic_events(

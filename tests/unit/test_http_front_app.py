@@ -26,7 +26,7 @@ from cachemesh.v1 import gateway_pb2_grpc
 from services.common.auth import hash_key
 from services.common.channels import server_options
 from services.common.env import ConfigError, Env
-from services.http_front import anthropic_api, facts, gateway, handlers, openai_api
+from services.http_front import anthropic_api, facts, gateway, handlers, openai_api, stopping
 from services.http_front.app import serve
 from services.http_front.settings import HttpFrontSettings
 
@@ -870,7 +870,7 @@ async def test_a_model_request_in_the_drains_open_window_is_refused_before_the_g
     for refused in (claude, gpt):
         head = refused.lower()
         assert b"connection: close" in head
-        assert f"retry-after: {handlers.DRAIN_RETRY_AFTER_S}\r\n".encode() in head
+        assert f"retry-after: {stopping.DRAIN_RETRY_AFTER_S}\r\n".encode() in head
         assert b"x-should-retry" not in head  # both SDKs retry it
         assert b"not sent to the Gateway" in refused
     assert json.loads(claude.partition(b"\r\n\r\n")[2])["error"]["type"] == "overloaded_error"
@@ -917,7 +917,7 @@ async def test_a_request_cut_at_the_end_of_the_grace_is_answered_and_retryable(
     assert claude_cut.value.status_code == 529 and gpt_cut.value.status_code == 503
     for error in (claude_cut.value, gpt_cut.value):
         assert "x-should-retry" not in error.response.headers  # both SDKs retry it
-        assert error.response.headers["retry-after"] == str(handlers.CUT_RETRY_AFTER_S)
+        assert error.response.headers["retry-after"] == str(stopping.CUT_RETRY_AFTER_S)
         assert "CACHEMESH_GRACE_S" in error.message
         assert "may have been billed" in error.message and "Idempotency-Key" in error.message
     assert fake.calls == 2

@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from cachemesh.v1 import gateway_pb2 as pb
-from services.http_front import anthropic_api, app, fields, handlers
+from services.http_front import anthropic_api, app, bodies, fields
 from services.http_front.errors import Api
 from tests.unit.test_http_front_app import (
     CLAUDE_HEADERS,
@@ -200,7 +200,7 @@ async def test_a_plain_body_whose_text_is_over_the_limit_is_refused_before_it_is
         parsed.append(raw)
         return real(raw, api)
 
-    monkeypatch.setattr("services.http_front.handlers.parse_body", counted)
+    monkeypatch.setattr("services.http_front.bodies.parse_body", counted)
     for path, headers in (("/v1/messages", CLAUDE_HEADERS), ("/v1/chat/completions", GPT_HEADERS)):
         body = json.dumps(_request(path, "a" * (3 * LIMIT))).encode()
         status, reply = await _raw(front, path, body, headers)
@@ -242,4 +242,4 @@ def test_many_short_messages_the_gateway_takes_are_never_refused_before_they_are
             break
         turns = turns[len(turns) // 10 :]
     assert len(body) > 2 * LIMIT  # checked
-    handlers._least_request(body, LIMIT)  # no 413
+    bodies._least_request(body, LIMIT)  # no 413

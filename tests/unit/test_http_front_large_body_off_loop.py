@@ -17,7 +17,7 @@ import pytest
 
 from services.common.auth import hash_key
 from services.common.fair_walks import FairWalks
-from services.http_front import anthropic_api, handlers, openai_api
+from services.http_front import anthropic_api, bodies, openai_api
 from tests.unit.test_fair_walks import Gate
 from tests.unit.test_http_front_app import KEY, FakeGateway, serving
 
@@ -50,7 +50,7 @@ async def test_a_large_body_is_translated_off_the_fronts_event_loop(
     )
     monkeypatch.setattr(openai_api, "parse_request", recorded("openai", openai_api.parse_request))
     large, small = _body(10_000), _body(2)
-    assert len(large) > handlers.TRANSLATE_IN_THREAD_BYTES >= len(small)
+    assert len(large) > bodies.TRANSLATE_IN_THREAD_BYTES >= len(small)
     headers = {
         "content-type": "application/json",
         "authorization": f"Bearer {KEY}",
@@ -103,7 +103,7 @@ async def test_tenants_large_bodies_are_translated_in_turn_not_first_come(
             super().__init__(name)
             made.append(self)
 
-    monkeypatch.setattr(handlers, "FairWalks", Recorded)
+    monkeypatch.setattr(bodies, "FairWalks", Recorded)
     gate = Gate()
     parse = anthropic_api.parse_request
 
