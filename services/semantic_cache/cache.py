@@ -29,13 +29,13 @@ from services.common.errors import shown
 from services.semantic_cache.batcher import MicroBatcher, QueueFull
 from services.semantic_cache.embedder import Embedder
 from services.semantic_cache.entries import PURGE_GUARD_MS, EntryStore
+from services.semantic_cache.folding import folding_refusal
 from services.semantic_cache.index import AnnSettings, ScopeIndex, folded_key
 from services.semantic_cache.inflight import StoresInFlight
 from services.semantic_cache.leases import LeaseKey, Leases, wait
 from services.semantic_cache.matching import Candidate, decide, shortlist
 from services.semantic_cache.policy import TTL_RANGE, NamespacePolicy, valid_ttl
 from services.semantic_cache.query import Query
-from services.semantic_cache.reading import folding_refusal
 from services.semantic_cache.recent import TenantRecent
 from services.semantic_cache.records import (
     END_TURN,
@@ -420,7 +420,7 @@ class SemanticCache(EntryStore):
     def _exact_match(self, index: ScopeIndex, text: str) -> int | None:
         """The entry stored with this text, else the last one stored with it up to letter
         case and spacing, if nothing the models cannot read tells them apart
-        (``reading.folding_refusal``: "ls -L" is not "ls -l", "How do I" is "how do I").
+        (``folding.folding_refusal``: "ls -L" is not "ls -l", "How do I" is "how do I").
         A text longer than any stored question is not read here, not even up to spacing: it
         goes on to the embedding, where the same check holds, off the event loop."""
         if len(text) > MAX_STORED_QUESTION_CHARS:

@@ -32,7 +32,8 @@ import numpy.typing as npt
 
 from services.semantic_cache.cross_encoder import PairScorer
 from services.semantic_cache.embedder import Embedder
-from services.semantic_cache.reading import Folding, Reader, Reading, shipped_reader
+from services.semantic_cache.folding import Folding
+from services.semantic_cache.reading import Reader, Reading, shipped_reader
 
 WEIGHTS_PATH = Path(__file__).with_name("verifier_weights.json")
 FEATURE_VERSION = "cachemesh.verifier.features.v4"

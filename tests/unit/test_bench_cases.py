@@ -95,7 +95,7 @@ def test_only_the_pairs_the_verifier_accepts_are_chosen(tmp_path: Path) -> None:
 def test_by_cosine_alone_the_refused_pairs_would_be_chosen(tmp_path: Path) -> None:
     """The check above has teeth: min probability 0 turns the verifier's score off, so the
     negation, refused by its score alone, is chosen; the swapped arguments are refused by the
-    reader (``reading.swapped``) whatever the probability."""
+    reader (``contrasts.swapped``) whatever the probability."""
     chosen = paraphrase_pairs(_data_dir(tmp_path), FakeEmbedder(), THRESHOLD, _verifier(0.0), 10)
     assert REFUSED[2] in chosen
     assert not set(REFUSED[:2]) & set(chosen)

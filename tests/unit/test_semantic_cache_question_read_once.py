@@ -1,5 +1,5 @@
 """One Lookup verifies its shortlist in one batch against one new question: the question's side
-of ``reading.folding_refusal`` (its composed form, folded key, quoted spans, indentation and
+of ``folding.folding_refusal`` (its composed form, folded key, quoted spans, indentation and
 accented words) is made once for the batch, not again for every candidate."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 import pytest
 
-from services.semantic_cache import reading
-from services.semantic_cache.reading import Forms
+from services.semantic_cache import folding
+from services.semantic_cache.folding import Forms
 from tests.unit.test_semantic_cache_reading import verifier
 
 ASKED = "How can I change the `--depth` of a git clone in my café's repo?"
@@ -22,13 +22,13 @@ SHORTLIST = (
 
 
 def _counted(monkeypatch: pytest.MonkeyPatch, name: str, made: Counter[tuple[str, str]]) -> None:
-    forms: Callable[[str], Forms] = getattr(reading, name)
+    forms: Callable[[str], Forms] = getattr(folding, name)
 
     def counted(text: str) -> Forms:
         made[(name, text)] += 1
         return forms(text)
 
-    monkeypatch.setattr(reading, name, counted)
+    monkeypatch.setattr(folding, name, counted)
 
 
 def test_the_new_questions_side_is_made_once_for_the_whole_shortlist(

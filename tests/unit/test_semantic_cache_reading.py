@@ -255,7 +255,7 @@ async def test_both_ways_of_writing_a_folded_question_keep_their_own_answers() -
 
 
 def test_the_folding_check_reads_case_and_spacing_word_by_word() -> None:
-    from services.semantic_cache.reading import folding_refusal
+    from services.semantic_cache.folding import folding_refusal
 
     for stored, asked in FOLDED_APART:
         assert folding_refusal(stored, asked), (stored, asked)
@@ -274,7 +274,7 @@ def test_quotes_left_open_are_read_in_one_pass() -> None:
     inside one regex call (which holds the GIL): a 16 kB question of "« « « ..." asked again
     with one space doubled held semantic-cache's event loop ~0.7 s, and a 150 kB
     near-duplicate ~13 s in the verifier's thread, every tenant's lookups waiting on them."""
-    from services.semantic_cache.reading import folding_refusal
+    from services.semantic_cache.folding import folding_refusal
 
     stored = "How do I reset my password? " + "« " * 300
     for opener in "«“`'\"":
@@ -298,7 +298,7 @@ async def test_a_lookup_longer_than_any_stored_question_skips_the_exact_path() -
 
 
 def test_a_quote_runs_from_its_opener_to_the_first_closer_on_its_line() -> None:
-    from services.semantic_cache.reading import _spans
+    from services.semantic_cache.folding import _spans
 
     text = "« a « b » c « d `e » f` « g\n“ e “ f ” g “ h ``` « i\n j ```\n`k` « l"
     assert [text[start:end] for start, end in _spans(text)] == [
@@ -371,7 +371,7 @@ async def test_paraphrases_with_the_same_signs_are_still_served(stored: str, ask
 
 
 def test_operators_are_the_signs_that_are_not_punctuation() -> None:
-    from services.semantic_cache.reading import operators
+    from services.semantic_cache.contrasts import operators
 
     assert operators("git reset --hard; rm -rf /") == ["-", "-", "-", "/"]
     signs = operators("x - 5, i++, a != b, !x, 2\u00d73, 5\u22122")
@@ -391,7 +391,7 @@ def test_operators_are_the_signs_that_are_not_punctuation() -> None:
 def test_operators_are_read_in_one_pass() -> None:
     """Each "-", "/" or "&" between words copied the text on both sides of it: a near-duplicate
     of 640 kB of "a-" held the verifier's thread 5 s in ``operators`` alone."""
-    from services.semantic_cache.reading import operators
+    from services.semantic_cache.contrasts import operators
 
     text = "a" * 4_000_000 + " a-b" * 100_000  # 4 MB, then signs joining words
     with within(5.0):  # minutes when quadratic
@@ -472,7 +472,7 @@ async def test_paraphrases_with_the_same_numbers_are_still_served(stored: str, a
 
 
 def test_numbers_are_compared_written_one_way() -> None:
-    from services.semantic_cache.reading import number_conflict, numbers
+    from services.semantic_cache.contrasts import number_conflict, numbers
 
     assert numbers("5.0 mg, 1,000 USD, .5 ml, 3.10, mp3, v2, 500,1000") == {
         "5", "1000", "0.5", "3.10", "500"
@@ -496,7 +496,7 @@ async def test_a_word_and_its_un_form_are_a_miss() -> None:
 
 
 def test_un_prefixed_needs_the_stem_on_the_other_side_only() -> None:
-    from services.semantic_cache.reading import un_prefixed
+    from services.semantic_cache.contrasts import un_prefixed
 
     assert un_prefixed("How do I mute a channel?", "How do I unmute a channel?") == "unmute"
     assert not un_prefixed("How do I undo a commit?", "How do I do it?")  # a stem of 2
@@ -548,7 +548,7 @@ async def test_a_synonym_is_not_an_opposite() -> None:
 
 
 def test_opposites_are_found_inflected_alike_and_on_one_side_only() -> None:
-    from services.semantic_cache.reading import opposites
+    from services.semantic_cache.contrasts import opposites
 
     assert opposites("Why is my bill increasing?", "Why is my bill decreasing?") == (
         "increasing", "decreasing"
@@ -599,7 +599,7 @@ async def test_words_reordered_on_the_same_sides_are_still_served() -> None:
 
 
 def test_swapped_needs_words_moved_both_ways_across_a_one_way_word() -> None:
-    from services.semantic_cache.reading import swapped
+    from services.semantic_cache.contrasts import swapped
 
     assert swapped("How to convert PDF to Word", "How to convert Word to PDF") == "to"
     assert swapped("Is C++ faster than C?", "Is C faster than C++?") == "than"
@@ -658,7 +658,7 @@ async def test_answers_of_the_same_shape_are_still_served(stored: str, asked: st
 
 
 def test_shapes_read_counts_brevity_detail_and_layout() -> None:
-    from services.semantic_cache.reading import shape_conflict, shapes
+    from services.semantic_cache.contrasts import shape_conflict, shapes
 
     assert shapes("Explain it in one sentence") == {"1 sentence"}
     assert shapes("Summarise it in 3 bullet points, briefly") == {"3 bullet", "brief"}

@@ -81,7 +81,7 @@ def test_words_keep_numbers_and_fold_negations() -> None:
 @pytest.mark.parametrize(
     ("first", "second", "veto"),
     [
-        # not "eur to usd" / "usd to eur": reading.swapped refuses it whatever the weights
+        # not "eur to usd" / "usd to eur": contrasts.swapped refuses it whatever the weights
         ("does the dog bite the man", "does the man bite the dog", "same_words_reordered"),
         ("flights to paris for 2 people", "flights to paris for 3 people", "number_conflict"),
         ("what is the best laptop", "what is the best laptop in 2024", "number_one_side"),
@@ -94,7 +94,7 @@ def test_each_listed_cross_check_vetoes_whatever_the_cosine(
     assert feature(first, second, veto) == 1.0
     assert lexical().probability(first, second, 0.999) == 0.0
     unlisted = lexical(vetoes=()).probability(first, second, 0.999)
-    if veto == "number_conflict":  # reading.number_conflict refuses it whatever the weights
+    if veto == "number_conflict":  # contrasts.number_conflict refuses it whatever the weights
         assert unlisted == 0.0
     else:
         assert unlisted > 0.99  # unlisted: no veto
@@ -259,7 +259,7 @@ def test_coverage_features_see_a_content_word_changed_on_one_side() -> None:
 @pytest.mark.parametrize(
     ("first", "second"),
     [
-        # not enable / disable: opposites are refused whatever the score (reading.opposites)
+        # not enable / disable: opposites are refused whatever the score (contrasts.opposites)
         ("how do i enable 2fa?", "how do i set up 2fa?"),
         ("hi, i pay by card. how do i enable 2fa?", "hello, i pay by card. how do i enable 2fa?"),
         ("i pay by card, how do i enable 2fa?", "i pay by card, how do i set up 2fa?"),
