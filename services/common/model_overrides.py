@@ -1,6 +1,7 @@
 """The operator's changes to the model table: ``CACHEMESH_MODELS_FILE`` names another table,
 and ``CACHEMESH_PRICES``, ``CACHEMESH_AUTO_*``, ``CACHEMESH_MAX_OUTPUT_TOKENS``,
-``CACHEMESH_PRIOR_PREFILL_TPS`` and ``CACHEMESH_CONTEXT_WINDOWS`` change its rows."""
+``CACHEMESH_PRIOR_PREFILL_TPS`` and ``CACHEMESH_CONTEXT_WINDOWS`` change its rows and
+``auto``'s tiers (``model_table_from_env``: every service reads its table so)."""
 
 from __future__ import annotations
 
