@@ -126,9 +126,9 @@ from services.router.outbox_journal import (
     Journal,
     JournalEntry,
     JournalError,
-    JournalThread,
     UnreadableEntry,
 )
+from services.router.outbox_journal_thread import JournalThread
 from services.router.spans import replay_billed
 
 log = logging.getLogger("cachemesh.router.outbox")

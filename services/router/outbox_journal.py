@@ -21,34 +21,34 @@ nothing is pending, and rewritten with only the pending lines once its settled l
 them (``COMPACT_BYTES``), so an entry that stays pending for days does not pin every line
 written after it.
 
-``Journal`` is confined to one thread (``JournalThread`` runs it): it writes without fsync and
-``sync`` makes a batch of writes durable with one fsync, so concurrent answers share it. The
-journal is the one record of what is pending: an entry written is billed, whatever became of
-the call that wrote it. One router at a time: a ``Journal`` holds an exclusive ``flock`` of
-``.billing-outbox.lock`` beside the file until it is closed (two writing one file at their own
-idea of its end would overwrite each other's entries), and one that finds it held is a
-``ConfigError`` naming ``ROUTER_DATA_DIR``, as is a directory it cannot create or write. A
-failed fsync is sticky: the kernel may have dropped the unwritten pages, so no later write is
-acknowledged until a fresh file holding every pending entry (or an empty one) has been fsynced.
-Meanwhile the file itself is not fsynced again (that would prove nothing, and a failing disk
-may take long over each), and the rewrite is tried at a write ``REWRITE_RETRY_S`` after a
-failed one, the delay doubling up to ``REWRITE_RETRY_MAX_S``; ``JournalThread`` says the
-failure once as it starts, then once every ``FAILING_LOG_S`` with how many syncs failed, and
-once when the writes are durable again. A write that fails (a full disk: ENOSPC) is a failure
-of the same kind, counted and said the same way (before, only fsyncs were: a full disk left the
-metric at 0). A journal file removed or replaced while the router runs (its descriptor writes
-to a file no longer at ``billing-outbox.jsonl``, lost at the next start) is found at the next
-sync (``fstat``'s link count 0, or another inode at the path), said at ERROR once, counted
-(``lost``), and rewritten from the pending entries the descriptor still holds (a rewrite, as
-after a failed fsync: until it succeeds no write is acknowledged as durable). The whole
-``ROUTER_DATA_DIR`` removed (an ``rm -rf``, a clean-up job) is made again (0700) by that
-rewrite, and its lock file taken again, so that another router started meanwhile cannot take
-the directory (one that already did makes the rewrite fail, said at ERROR, and tried again).
+``Journal`` is confined to one thread (``JournalThread`` runs it:
+``outbox_journal_thread.py``): it writes without fsync and ``sync`` makes a batch of writes
+durable with one fsync, so concurrent answers share it. The journal is the one record of what
+is pending: an entry written is billed, whatever became of the call that wrote it. One router
+at a time: a ``Journal`` holds an exclusive ``flock`` of ``.billing-outbox.lock`` beside the
+file until it is closed (two writing one file at their own idea of its end would overwrite each
+other's entries), and one that finds it held is a ``ConfigError`` naming ``ROUTER_DATA_DIR``,
+as is a directory it cannot create or write. A failed fsync is sticky: the kernel may have
+dropped the unwritten pages, so no later write is acknowledged until a fresh file holding every
+pending entry (or an empty one) has been fsynced. Meanwhile the file itself is not fsynced
+again (that would prove nothing, and a failing disk may take long over each), and the rewrite
+is tried at a write ``REWRITE_RETRY_S`` after a failed one, the delay doubling up to
+``REWRITE_RETRY_MAX_S``; ``JournalThread`` says the failure once as it starts, then once every
+``FAILING_LOG_S`` with how many syncs failed, and once when the writes are durable again. A
+write that fails (a full disk: ENOSPC) is a failure of the same kind, counted and said the same
+way (before, only fsyncs were: a full disk left the metric at 0). A journal file removed or
+replaced while the router runs (its descriptor writes to a file no longer at
+``billing-outbox.jsonl``, lost at the next start) is found at the next sync (``fstat``'s link
+count 0, or another inode at the path), said at ERROR once, counted (``lost``), and rewritten
+from the pending entries the descriptor still holds (a rewrite, as after a failed fsync: until
+it succeeds no write is acknowledged as durable). The whole ``ROUTER_DATA_DIR`` removed (an
+``rm -rf``, a clean-up job) is made again (0700) by that rewrite, and its lock file taken
+again, so that another router started meanwhile cannot take the directory (one that already did
+makes the rewrite fail, said at ERROR, and tried again).
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import errno
 import fcntl
@@ -60,7 +60,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar, cast
+from typing import NamedTuple
 
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.env import ConfigError
@@ -78,10 +78,7 @@ COMPACT_BYTES = 64 * 1024 * 1024
 # up to REWRITE_RETRY_MAX_S (a rewrite writes every pending line: not each second for hours)
 REWRITE_RETRY_S = 1.0
 REWRITE_RETRY_MAX_S = 30.0
-FAILING_LOG_S = 60.0  # a journal whose writes cannot be made durable is said again this often
 READ_BYTES = 16 * 1024 * 1024  # the journal is loaded this much at a time
-
-T = TypeVar("T")
 
 
 class JournalError(OSError):
@@ -528,231 +525,3 @@ def _read_all(fd: int, length: int, offset: int) -> bytes:
         parts.append(part)
         length, offset = length - len(part), offset + len(part)
     return b"".join(parts)
-
-
-@dataclass
-class _Call:
-    run: Callable[[], object]
-    durable: bool
-    done: asyncio.Future[Any]
-    written: bool = False  # ``done`` is set once it has run, before its batch's sync
-
-
-class JournalThread:
-    """Runs a journal's calls on one worker thread, in the order they were made; the calls
-    queued while a batch runs form the next batch, whose writes share one ``sync``.
-
-    ``sync_within_s``: how long a write no caller waits to be durable for (an open call's
-    line, a "done" line) may stay unfsynced. A batch of them is not fsynced; if no durable
-    batch comes within that time, one fsync is made then for all of them, so a host crash
-    loses at most that much of the running calls' lines (one fsync a delay at most, however
-    many calls). 0: every batch is fsynced; None: only with the next durable batch. The
-    delay runs from the oldest unfsynced write (``monotonic``): a batch that comes later than
-    that is fsynced itself, so a queue that never empties (the timer waits for it to) does not
-    put the fsync off.
-
-    A sync that fails (a failed fsync stays so until a rewrite succeeds: ``Journal.sync``), a
-    write that fails (a full disk), and a journal file found removed are each counted
-    (``sync_failed``: the metric) and said at ERROR as the failure starts, then at most once
-    every ``FAILING_LOG_S`` with how many failed since, and at INFO once a durable sync of a
-    batch none of whose writes failed succeeds again: not once a sync (the delayed one comes
-    each ``sync_within_s``). ``failing``: between the two."""
-
-    def __init__(
-        self,
-        journal: Journal,
-        sync_within_s: float | None = None,
-        monotonic: Callable[[], float] = time.monotonic,
-        sync_failed: Callable[[int], None] | None = None,
-    ) -> None:
-        if sync_within_s is not None and not sync_within_s >= 0:
-            raise ValueError(f"sync_within_s must be >= 0 or None, got {sync_within_s}")
-        self.journal = journal
-        self._sync_within_s = sync_within_s
-        self._monotonic = monotonic
-        self._unsynced_since: float | None = None  # the oldest write not fsynced (the thread's)
-        self._sync_due: asyncio.TimerHandle | None = None
-        self._queue: list[_Call] = []
-        self._runner: asyncio.Task[None] | None = None
-        self._sync_failed = sync_failed
-        # the thread's: since when syncs fail (None: they do not), when that was last said,
-        # and how many failed since
-        self._failing_since: float | None = None
-        self._failing_said_at = 0.0
-        self._failed_syncs = 0
-        self._lost_seen = 0  # the journal's ``lost`` count already reported
-
-    @property
-    def failing(self) -> bool:
-        """The journal's last writes or sync failed, and no durable batch succeeded since
-        (read from the loop: a flag the thread sets)."""
-        return self._failing_since is not None
-
-    def submit(
-        self, run: Callable[[], T], *, durable: bool = False, written: bool = False
-    ) -> asyncio.Future[T]:
-        """Queues ``run``; the future is its result. ``durable``: set only once its batch is
-        fsynced (else the sync's failure is raised); otherwise the durability of its writes is
-        not waited for (a settled entry's "done" line: a replay bills an entry once anyway).
-        ``written``: set as soon as it has run, before its batch's fsync: its line is in the
-        file (the kernel's cache), so it survives this process being killed, not a host crash
-        (an open call's line, which must be in before its call's WARM is sent)."""
-        done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Call(run, durable, done, written and not durable))
-        if self._runner is None or self._runner.done():
-            self._runner = asyncio.ensure_future(self._run())
-        return done
-
-    async def call(self, run: Callable[[], T], *, durable: bool = False) -> T:
-        """``submit``, awaited; a caller that leaves does not take back its write."""
-        return await asyncio.shield(self.submit(run, durable=durable))
-
-    async def _run(self) -> None:
-        while self._queue:
-            batch, self._queue = self._queue, []
-            try:
-                loop = asyncio.get_running_loop()
-                outcomes = await asyncio.to_thread(self._batch, batch, loop)
-            except asyncio.CancelledError:  # the loop is ending: nothing queued will run
-                for call in [*batch, *self._queue]:
-                    _fail(call, JournalError("the journal stopped (shutdown)", written=False))
-                self._queue.clear()
-                raise
-            except Exception as exc:  # no thread to run on: this batch fails, the next tries
-                log.error("billing outbox: journal batch not run: %r", exc)
-                outcomes = [
-                    (False, JournalError(f"journal call not run: {exc!r}", written=False))
-                ] * len(batch)
-            for call, (ok, value) in zip(batch, outcomes, strict=True):
-                _resolve(call.done, ok, value)
-        if self._sync_within_s and self._sync_due is None and self.journal.dirty:
-            loop = asyncio.get_running_loop()
-            self._sync_due = loop.call_later(self._sync_within_s, self._sync_now)
-
-    def _sync_now(self) -> None:
-        """The delayed fsync of the writes no caller waited for (a no-op batch, durable)."""
-        self._sync_due = None
-        synced = self.submit(_nothing, durable=True)
-        synced.add_done_callback(_retrieved)  # a failure is said by the thread (``_failing``)
-
-    def _batch(
-        self, batch: list[_Call], loop: asyncio.AbstractEventLoop
-    ) -> list[tuple[bool, object]]:
-        outcomes: list[tuple[bool, object]] = []
-        write_failed: OSError | None = None
-        for call in batch:
-            try:
-                outcomes.append((True, call.run()))
-            except OSError as exc:  # the disk's fault: nothing of this call was kept
-                outcomes.append((False, JournalError(str(exc), written=False)))
-                self._failing(exc)  # a write is the journal failing as a sync is
-                write_failed = exc
-            except Exception as exc:  # handed to its caller
-                outcomes.append((False, exc))
-            if call.written:
-                loop.call_soon_threadsafe(_resolve, call.done, *outcomes[-1])
-        try:
-            # a batch of open calls and "done" lines only (every model call writes them) costs
-            # no fsync: an fsync a batch made the journal a sixth of the router's CPU per miss
-            durable = any(call.durable for call in batch) or self._sync_overdue()
-            try:
-                self.journal.sync(fsync=durable)
-            finally:
-                self._count_lost()
-            if durable:
-                self._unsynced_since = None
-                if write_failed is None:
-                    self._durable_again()
-            elif self.journal.dirty and self._unsynced_since is None:
-                self._unsynced_since = self._monotonic()
-        except OSError as exc:
-            self._failing(exc)
-            # no write of this batch is known durable: the calls that needed it and ran fail
-            # with a JournalError (what they wrote stays in the journal's pending entries)
-            failure = exc if isinstance(exc, JournalError) else JournalError(str(exc), written=True)
-            return [
-                (False, failure) if call.durable and ok else (ok, value)
-                for call, (ok, value) in zip(batch, outcomes, strict=True)
-            ]
-        return outcomes
-
-    def _count_lost(self) -> None:
-        """The journal file found removed since the last batch: counted (it said it)."""
-        lost = self.journal.lost - self._lost_seen
-        if lost:
-            self._lost_seen = self.journal.lost
-            if self._sync_failed is not None:
-                self._sync_failed(lost)
-
-    def _failing(self, exc: OSError) -> None:
-        """A sync failed: counted, and said as the failure starts, then once a while."""
-        if self._sync_failed is not None:
-            self._sync_failed(1)
-        now = self._monotonic()
-        if self._failing_since is None:
-            self._failing_since = self._failing_said_at = now
-            self._failed_syncs = 0
-            log.error(
-                "billing outbox: the journal cannot write or make its writes durable (%s; "
-                "free space on ROUTER_DATA_DIR's volume, or fix its disk): a bill that must be "
-                "kept (prefix-cache down) is held in memory and its answer refused "
-                "(UNAVAILABLE), and while prefix-cache is also unreachable requests that need "
-                "a model call are refused before it; a failed fsync is put behind by rewriting "
-                "the journal into a fresh file (tried again %.0f s later, then up to every "
-                "%.0f s); said again every %.0f s while it lasts",
-                exc,
-                REWRITE_RETRY_S,
-                REWRITE_RETRY_MAX_S,
-                FAILING_LOG_S,
-            )
-            return
-        self._failed_syncs += 1
-        if now - self._failing_said_at >= FAILING_LOG_S:
-            log.error(
-                "billing outbox: the journal still cannot write or make its writes durable, "
-                "for %.0f s: %d writes or syncs failed in the last %.0f s (%s)",
-                now - self._failing_since,
-                self._failed_syncs,
-                now - self._failing_said_at,
-                exc,
-            )
-            self._failing_said_at, self._failed_syncs = now, 0
-
-    def _durable_again(self) -> None:
-        if self._failing_since is not None:
-            log.info(
-                "billing outbox: the journal's writes are durable again, after %.0f s",
-                self._monotonic() - self._failing_since,
-            )
-            self._failing_since = None
-
-    def _sync_overdue(self) -> bool:
-        """The oldest unfsynced write is ``sync_within_s`` old (0: at once; None: never)."""
-        within = self._sync_within_s
-        if within is None:
-            return False
-        since = self._unsynced_since
-        return within == 0 or (since is not None and self._monotonic() - since >= within)
-
-
-def _nothing() -> None:
-    return None
-
-
-def _retrieved(synced: asyncio.Future[None]) -> None:
-    if not synced.cancelled() and (exc := synced.exception()) is not None:
-        log.debug("billing outbox: the delayed fsync of the open calls' lines failed: %s", exc)
-
-
-def _resolve(done: asyncio.Future[Any], ok: bool, value: object) -> None:
-    if done.done():
-        return
-    if ok:
-        done.set_result(value)
-    else:
-        done.set_exception(cast(BaseException, value))
-
-
-def _fail(call: _Call, exc: BaseException) -> None:
-    if not call.done.done():
-        call.done.set_exception(exc)

@@ -28,8 +28,8 @@ from services.router.outbox_journal import (
     Counted,
     Journal,
     JournalError,
-    JournalThread,
 )
+from services.router.outbox_journal_thread import JournalThread
 from services.tools.stack.supervisor import Backoff
 
 

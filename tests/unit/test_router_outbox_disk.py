@@ -22,7 +22,8 @@ from services.common.clock import ManualClock
 from services.common.env import ConfigError
 from services.common.errors import Code, RequestError
 from services.router.outbox import BillingOutbox
-from services.router.outbox_journal import JOURNAL_NAME, Journal, JournalError, JournalThread
+from services.router.outbox_journal import JOURNAL_NAME, Journal, JournalError
+from services.router.outbox_journal_thread import JournalThread
 from services.router.pipeline import Pipeline
 from tests.unit.test_router_outbox import FakePrefix as OutboxPrefix
 from tests.unit.test_router_outbox import _commits, _kept

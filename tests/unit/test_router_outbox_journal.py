@@ -16,7 +16,8 @@ import pytest
 
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.env import ConfigError
-from services.router.outbox_journal import JOURNAL_NAME, Journal, JournalError, JournalThread
+from services.router.outbox_journal import JOURNAL_NAME, Journal, JournalError
+from services.router.outbox_journal_thread import JournalThread
 
 
 def _commit(key: str) -> list[pc.CommitRequest]:
