@@ -10,7 +10,7 @@ from cachemesh.v1 import admin_pb2 as adm
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.keyfile import KeyRecord
-from services.router.limits import LimitPolicy
+from services.router.limit_policy import LimitPolicy
 from services.router.tenant_limits import LIMITS, TenantOverride
 
 

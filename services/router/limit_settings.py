@@ -15,7 +15,8 @@ from pathlib import Path
 from cachemesh.dollars import PLAIN_DOLLARS, plain_dollars, whole_nanos
 from services.common.env import ConfigError, Env
 from services.common.redis_pool import DEFAULT_MAX_CONNECTIONS, max_connections
-from services.router.limits import DEFAULT_TIMEOUT_S, LimitPolicy
+from services.router.limit_policy import LimitPolicy
+from services.router.limits import DEFAULT_TIMEOUT_S
 
 REQUESTS_PER_MIN = "ROUTER_LIMIT_REQUESTS_PER_MIN"
 TOKENS_PER_MIN = "ROUTER_LIMIT_TOKENS_PER_MIN"

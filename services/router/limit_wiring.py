@@ -26,14 +26,11 @@ from services.common.tokens import Tokenizers
 from services.router.answer_ledger import LedgerOperation, RedisAnswerLedger
 from services.router.breaker import MEANWHILE, Breaker, RedisClient, redis_breaker
 from services.router.key_settings import KeyStoreSettings
+from services.router.limit_policy import Policies, UniformPolicies
 from services.router.limit_settings import REDIS_URL, TENANT_LIMITS_FILE, LimitSettings
-from services.router.limits import (
-    Limiter,
-    LimitStore,
-    MemoryLimitStore,
-    Policies,
-    UniformPolicies,
-)
+from services.router.limit_store import LimitStore
+from services.router.limits import Limiter
+from services.router.memory_limits import MemoryLimitStore
 from services.router.prompt_counts import count_prompt
 from services.router.redis_limits import RedisLimitStore
 from services.router.tenant_limits import LimitsFileError, PerTenantPolicies, TenantLimitStore
@@ -115,7 +112,7 @@ def limiter_on(
 
     def largest_bill(request: pb.CompleteRequest, prompt_tokens: int) -> int:
         """What a request can be billed at most, held of its tenant's budgets while it runs
-        (``limits.Hold``): ``most_billed`` of its row; ``auto``'s the largest of its tiers'
+        (``limit_store.Hold``): ``most_billed`` of its row; ``auto``'s the largest of its tiers'
         (any may answer it: a fallback, a band). Not the large tier's alone: two tiers need not
         be ordered by price (a Claude small tier writes a 1h cache at 2,000 nanos a token, GPT-5
         large reads its input at 1,250), and a tier may think outside ``max_tokens``. Each

@@ -47,680 +47,49 @@ is checked, and the wait is the longest), which the servicer turns into
   one). The last request admitted may still take the bill past the budget (by at most its
   own bill); the next one is refused until the period ends.
 
-The state lives in a ``LimitStore``: in this process (``MemoryLimitStore``), or in Redis
-(``services.router.redis_limits``) so that every router of a deployment shares it.
+The state lives in a ``LimitStore`` (``limit_store``): in this process (``MemoryLimitStore``,
+``memory_limits``), or in Redis (``redis_limits``) so that every router of a deployment shares
+it. A tenant's limits and the store's verdicts are ``limit_policy``'s; a refusal's message,
+``limit_denials``'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import calendar
-import itertools
 import logging
-import math
-import time
 import uuid
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from opentelemetry import trace
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.background import TASKS_END_S, cancel_within
-from services.common.clock import Clock, MonotonicClock, Throttle, Throttles, suppressed
+from services.common.clock import Clock, MonotonicClock, Throttles, suppressed
 from services.common.prompt import prompt_chars
 from services.common.span_events import record_event
 from services.router.breaker import Breaker
+from services.router.limit_denials import Denial, denial
+from services.router.limit_policy import Periods, Policies, Refusal
+from services.router.limit_settles import (
+    MAX_PENDING_SETTLES,
+    SETTLE_REPLAY_S,
+    PendingSettles,
+    Settle,
+)
+from services.router.limit_store import Hold, LimitStore, hold_ms
+from services.router.limit_tickets import ModelUse, Ticket, model_tokens, used_tokens
 
 log = logging.getLogger("cachemesh.router.limits")
-
-NANOS_PER_DOLLAR = 1_000_000_000
-MS_PER_MIN = 60_000
-
-
-@dataclass(frozen=True)
-class LimitPolicy:
-    """One tenant's limits; ``None`` = no such limit."""
-
-    requests_per_min: int | None = None
-    tokens_per_min: int | None = None
-    day_budget_nanos: int | None = None
-    month_budget_nanos: int | None = None
-
-    @property
-    def budgeted(self) -> bool:
-        """Whether a day's or a month's budget is set."""
-        return self.day_budget_nanos is not None or self.month_budget_nanos is not None
-
-    @property
-    def active(self) -> bool:
-        return any(
-            v is not None
-            for v in (
-                self.requests_per_min,
-                self.tokens_per_min,
-                self.day_budget_nanos,
-                self.month_budget_nanos,
-            )
-        )
-
-
-@dataclass(frozen=True)
-class Periods:
-    """The budget periods containing ``now``: their ids and when each ends (UTC)."""
-
-    day: str  # "2026-05-03"
-    month: str  # "2026-05"
-    day_end_ms: int
-    month_end_ms: int
-
-    @classmethod
-    def at(cls, now_ms: int) -> Periods:
-        t = time.gmtime(now_ms // 1000)
-        day_start = calendar.timegm((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0)) * 1000
-        year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
-        return cls(
-            day=f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}",
-            month=f"{t.tm_year:04d}-{t.tm_mon:02d}",
-            day_end_ms=day_start + 86_400_000,
-            month_end_ms=calendar.timegm((year, month, 1, 0, 0, 0)) * 1000,
-        )
-
-    def previous(self) -> tuple[str, str]:
-        """The ids of the day and the month before these."""
-        year, month = (int(part) for part in self.month.split("-"))
-        year, month = (year - 1, 12) if month == 1 else (year, month - 1)
-        return Periods.at(self.day_end_ms - 86_400_000 - 1).day, f"{year:04d}-{month:02d}"
-
-
-# What ``LimitStore.admit`` found over its limit (None: admitted).
-DAY_BUDGET = "day_budget"
-MONTH_BUDGET = "month_budget"
-REQUESTS = "requests"
-TOKENS = "tokens"
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """The store's verdict: which limit, and the wait in ms (a bucket's refill time); for the
-    token rate, the whole tokens the bucket holds now (0 when it is empty or below zero).
-    ``also``: the other limits the request is over, whose waits are no longer (longest
-    first)."""
-
-    limit: str
-    wait_ms: int
-    free_tokens: int = 0
-    also: tuple[str, ...] = ()
-    # a budget not spent but held by the tenant's requests in flight: what they hold, and how
-    # many they are (``Hold``)
-    held_nanos: int = 0
-    holding: int = 0
-    # when the soonest of those holds lapses unreleased (its router stopped without ending its
-    # request): the longest the refusal lasts if none of them ends sooner
-    lapse_ms: int = 0
-
-
-def longest(over: list[Refusal]) -> Refusal:
-    """One refusal for every limit a request is over (each checked): the longest wait, naming
-    that limit and the others. Waiting for the first limit checked (the day's end) left the
-    caller refused again when it came back (the month's budget still spent)."""
-    ranked = sorted(over, key=lambda r: -r.wait_ms)  # stable: the check order on a tie
-    first = ranked[0]
-    return Refusal(
-        first.limit,
-        first.wait_ms,
-        first.free_tokens,
-        tuple(r.limit for r in ranked[1:]),
-        first.held_nanos,
-        first.holding,
-        first.lapse_ms,
-    )
-
 
 DEFAULT_TIMEOUT_S = 0.5  # ROUTER_LIMITS_TIMEOUT_S
 # A prompt of at least this many characters has the request rate and the budgets read before
 # it is counted (module doc): tokenizing 16 KiB of new text takes ~0.8 ms (~50 ms a
 # megabyte), a few Redis round trips.
 READ_FIRST_CHARS = 16_384
-# Settles that failed (the store down or silent) wait in the router for it to answer again:
-# at most this many, for at most this long, tried again this often.
-MAX_PENDING_SETTLES = 10_000
-SETTLE_REPLAY_WINDOW_MS = 15 * 60_000
-SETTLE_REPLAY_S = 1.0
-# How long the store remembers a settle's id (Redis: a marker key a settle leaves, so the
-# store holds about the settle rate times this many; 500 answers/s: 60,000 keys, ~11 MB).
-# Only a settle whose try may have counted it (a timeout, a connection lost after sending:
-# ambiguous) needs it: such a settle is replayed only within AMBIGUOUS_REPLAY_MS of that try,
-# while its marker is surely there (the other half covers a script Redis runs late), and is
-# otherwise given up (counted lost). A settle the store surely never ran (``SettleNotSent``:
-# no connection, or refused: Redis's error reply) needs no marker and is replayed for the
-# whole SETTLE_REPLAY_WINDOW_MS.
-# A bucket whose time is ahead of the caller's by more than this follows the caller's clock
-# (it stepped back); by less, the bucket keeps its time (several routers' calls reach Redis
-# out of order: following each back refilled the same interval twice, 3,065 admitted in 3 s
-# against a limit of 1,800).
-CLOCK_STEP_BACK_MS = 2_000
-SETTLE_MARKER_MS = 2 * 60_000
-AMBIGUOUS_REPLAY_MS = SETTLE_MARKER_MS // 2
-# How long a request's hold on its tenant's budgets (``Hold``) lasts when its end is never told
-# (its router killed): its deadline and HOLD_SLACK_MS more (its end's settle), and without a
-# deadline the settles' replay window, the most it lasts.
-HOLD_MS = SETTLE_REPLAY_WINDOW_MS
-HOLD_SLACK_MS = 60_000
-# The wait a refusal for budgets held by requests in flight (not spent) tells the caller.
-HELD_RETRY_MS = 5_000
-
-
-@dataclass(frozen=True)
-class Hold:
-    """What an admitted request holds of its tenant's budgets while it runs: the largest bill
-    it can make, under an id of its own (its end releases it once)."""
-
-    id: str
-    nanos: int
-    ms: int = HOLD_MS  # how long it lasts unreleased (its router died)
-
-
-def hold_ms(time_remaining_s: float | None) -> int:
-    """How long a request's hold lasts unreleased: its deadline and ``HOLD_SLACK_MS`` (its
-    end's settle), at most ``HOLD_MS`` (also without a deadline)."""
-    if time_remaining_s is None:
-        return HOLD_MS
-    return min(HOLD_MS, math.ceil(max(time_remaining_s, 0.0) * 1000) + HOLD_SLACK_MS)
-
-
-def held_refusal(limit: str, held_nanos: int, holding: int, lapse_ms: int = 0) -> Refusal:
-    """A budget whose spend is below it, but not with what ``holding`` requests in flight
-    hold (the soonest lapsing in ``lapse_ms`` if never released): retried when they may have
-    ended, not at the period's end."""
-    return Refusal(limit, HELD_RETRY_MS, held_nanos=held_nanos, holding=holding, lapse_ms=lapse_ms)
-
-
-class SettleNotSent(Exception):
-    """A store's settle that surely did not reach it (no connection could be made) or that it
-    refused (Redis answered with an error: full, read-only): it counted nothing, so a replay
-    at any later time counts it once."""
-
-
-LOST_LOG_INTERVAL_MS = 60_000  # settles lost are logged at most once in this interval
 # a store failure (on admit, on settle) of one kind is logged at most once in this interval, the
 # first at once: a Redis down at 100 requests a second was 200 WARNING lines a second
 FAILED_LOG_INTERVAL_MS = 10_000
-
-
-class LimitStore(Protocol):
-    # its counts outlive this process (Redis): a correction of an estimate an earlier process
-    # counted lands on that count; in this process's memory it would have nothing to correct
-    outlives_process: bool
-
-    async def admit(
-        self,
-        tenant: str,
-        policy: LimitPolicy,
-        reserve_tokens: int,
-        now_ms: int,
-        periods: Periods,
-        hold: Hold | None = None,
-    ) -> Refusal | None:
-        """Atomically: refuses when a limit is reached (the token bucket holds less than
-        ``tokens_needed``; with ``hold``, a budget's spend plus the holds of the tenant's
-        requests in flight reaches it), else takes one request, reserves ``reserve_tokens``
-        and keeps ``hold`` for ``HOLD_MS`` or until a settle releases it."""
-        ...
-
-    async def refusal_before_count(
-        self, tenant: str, policy: LimitPolicy, now_ms: int, periods: Periods
-    ) -> Refusal | None:
-        """A read, taking nothing: None while the request bucket holds a request (or there is
-        no request rate) and no budget is spent, else the refusal ``admit`` would make now for
-        the request rate and the budgets (the token rate unread: it needs the prompt's count).
-        A request it passes may still be refused by ``admit`` (another router took the last
-        request meanwhile, or billed the budget away); one it refuses, ``admit`` would have
-        refused then (a request bucket only refills with time; a spent budget stays spent until
-        its period ends, but for an estimate's bill corrected down)."""
-        ...
-
-    async def settle(
-        self,
-        tenant: str,
-        policy: LimitPolicy,
-        refund_tokens: int,
-        cost_nanos: int,
-        now_ms: int,
-        periods: Periods,
-        settle_id: str | None = None,
-        age_ms: int = 0,
-        release: Hold | None = None,
-    ) -> None:
-        """Releases ``release`` (a hold ``admit`` kept; nothing when it is gone), gives back
-        ``refund_tokens`` (negative: takes more) and adds ``cost_nanos`` to the day's and the
-        month's bill (``age_ms``: of the periods that long before ``now_ms``,
-        when the cost was incurred: a killed router's open call, an estimate corrected); once
-        per ``settle_id`` (when given) within ``SETTLE_MARKER_MS``: a replay of a settle
-        counted already counts nothing. Raises ``SettleNotSent`` when the settle surely did
-        not reach the store or was refused by it."""
-        ...
-
-    async def close(self) -> None: ...
-
-
-def bucket_level(level: float, at_ms: int, capacity: int, now_ms: int) -> float:
-    """A bucket's level at ``now_ms``: refilled at ``capacity`` a minute, never above it; not
-    refilled when the clock is behind ``at_ms`` (it stepped back: the store rebases the
-    bucket's time to it)."""
-    refill = max(0, now_ms - at_ms) * capacity / MS_PER_MIN
-    return min(float(capacity), level + refill)
-
-
-def tokens_needed(reserve_tokens: int, capacity: int) -> int:
-    """What the token bucket must hold to admit a reservation: all of it, or a full bucket
-    when it is larger; at least one token."""
-    return max(1, min(reserve_tokens, capacity))
-
-
-def refill_wait_ms(level: float, need: float, capacity: int) -> int:
-    """The ms until a bucket at ``level`` holds ``need``."""
-    return max(1, math.ceil((need - level) * MS_PER_MIN / capacity))
-
-
-def budgets_spent(
-    policy: LimitPolicy, day_nanos: int, month_nanos: int, now_ms: int, periods: Periods
-) -> list[Refusal]:
-    """The budgets a tenant that spent ``day_nanos`` and ``month_nanos`` is over, in the
-    order ``admit`` checks them (the day's first: it is named on a tie)."""
-    over: list[Refusal] = []
-    if policy.day_budget_nanos is not None and day_nanos >= policy.day_budget_nanos:
-        over.append(Refusal(DAY_BUDGET, periods.day_end_ms - now_ms))
-    if policy.month_budget_nanos is not None and month_nanos >= policy.month_budget_nanos:
-        over.append(Refusal(MONTH_BUDGET, periods.month_end_ms - now_ms))
-    return over
-
-
-def budgets_held(
-    policy: LimitPolicy,
-    day_nanos: int,
-    month_nanos: int,
-    held_nanos: int,
-    holding: int,
-    spent: set[str],
-    lapse_ms: int = 0,
-) -> list[Refusal]:
-    """The budgets (not in ``spent``, those spent already) that a tenant's spend plus what its
-    requests in flight hold (``held_nanos``, ``holding`` of them, the soonest lapsing in
-    ``lapse_ms``) reaches."""
-    over: list[Refusal] = []
-    for limit, budget, nanos in (
-        (DAY_BUDGET, policy.day_budget_nanos, day_nanos),
-        (MONTH_BUDGET, policy.month_budget_nanos, month_nanos),
-    ):
-        if budget is not None and limit not in spent and nanos + held_nanos >= budget:
-            over.append(held_refusal(limit, held_nanos, holding, lapse_ms))
-    return over
-
-
-def requests_refusal(level: float, capacity: int) -> Refusal:
-    """The request rate's refusal of a request bucket at ``level`` (below one request)."""
-    return Refusal(REQUESTS, refill_wait_ms(level, 1, capacity))
-
-
-# Buckets a write of one looks at for ones to forget (``MemoryLimitStore._sweep``): more
-# than the one it writes, so the map shrinks back after a burst of tenants.
-SWEEP_BUCKETS = 4
-
-
-def refilled_at_any_rate(level: float, at_ms: int, now_ms: int) -> bool:
-    """Whether a bucket at ``level`` since ``at_ms`` is full at ``now_ms`` whatever its rate
-    (at least 1 a minute: a tenant's own rate may change), with a whole unit to spare (no
-    rounding of the refill leaves it short), and still is at a time up to
-    ``CLOCK_STEP_BACK_MS`` behind (calls out of order): it is then the same as a fresh
-    bucket. With m the minutes from ``at_ms`` to that earlier time: m >= 1 and level + m >= 2
-    (at a rate r >= 1, level + m * r >= r + 1). Not the same after a larger step back: the
-    bucket kept would be taken back to ``level`` (``_level``'s rebase), a fresh one is full."""
-    minutes = (now_ms - CLOCK_STEP_BACK_MS - at_ms) / MS_PER_MIN
-    return minutes >= 1 and level + minutes >= 2
-
-
-@dataclass
-class _Bucket:
-    level: float
-    at_ms: int
-
-
-class MemoryLimitStore:
-    """The limits' state in this process (one router; ``ROUTER_LIMITS_REDIS_URL`` unset)."""
-
-    outlives_process = False
-
-    def __init__(self) -> None:
-        # (tenant, kind) -> its bucket, those written longest ago first; a bucket refilled is
-        # forgotten (a fresh one is the same), on access and by the sweep of each write: every
-        # tenant ever seen was kept for the life of the process
-        self._buckets: dict[tuple[str, str], _Bucket] = {}
-        self._spent: dict[tuple[str, str], int] = {}  # (tenant, period id) -> nanos
-        # tenant -> its holds (id -> nanos, until when), oldest first, and their sum
-        self._holds: dict[str, dict[str, tuple[int, int]]] = {}
-        self._held: dict[str, int] = {}
-
-    def _holding(self, tenant: str, now_ms: int) -> tuple[int, int]:
-        """What ``tenant``'s requests in flight hold of its budgets, and how many they are,
-        once the lapsed holds are gone (the oldest first: every hold lasts ``HOLD_MS``)."""
-        holds = self._holds.get(tenant)
-        if holds is None:
-            return 0, 0
-        while holds:
-            hold_id = next(iter(holds))
-            nanos, until_ms = holds[hold_id]
-            if until_ms > now_ms:
-                break
-            del holds[hold_id]
-            self._held[tenant] -= nanos
-        if not holds:
-            del self._holds[tenant]
-            self._held.pop(tenant, None)
-            return 0, 0
-        return self._held[tenant], len(holds)
-
-    def _soonest_lapse_ms(self, tenant: str, now_ms: int) -> int:
-        """In how long the soonest of ``tenant``'s holds lapses unreleased (0: none)."""
-        holds = self._holds.get(tenant)
-        if not holds:
-            return 0
-        return max(min(until for _, until in holds.values()) - now_ms, 0)
-
-    def _release(self, tenant: str, hold: Hold) -> None:
-        holds = self._holds.get(tenant)
-        if holds is None or holds.pop(hold.id, None) is None:
-            return
-        self._held[tenant] -= hold.nanos
-        if not holds:
-            del self._holds[tenant]
-            self._held.pop(tenant, None)
-
-    def _level(self, tenant: str, kind: str, capacity: int, now_ms: int) -> float:
-        key = (tenant, kind)
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            return float(capacity)
-        # The clock stepped back (NTP, a VM resumed): the bucket's time follows it, with no
-        # refill for the step. Refilling only from the time ahead froze an emptied bucket for
-        # the whole step (a refusal keeps no time) while each refusal said "retry in 1 s". A
-        # time behind by less than CLOCK_STEP_BACK_MS is not a step (on Redis: routers' calls
-        # applied out of order) and refills nothing.
-        if now_ms < bucket.at_ms - CLOCK_STEP_BACK_MS:
-            bucket.at_ms = now_ms
-        if refilled_at_any_rate(bucket.level, bucket.at_ms, now_ms):
-            del self._buckets[key]
-            return float(capacity)
-        return bucket_level(bucket.level, bucket.at_ms, capacity, now_ms)
-
-    def _put(self, tenant: str, kind: str, bucket: _Bucket) -> None:
-        """Writes a bucket (last in the map) and sweeps."""
-        key = (tenant, kind)
-        self._buckets.pop(key, None)
-        self._buckets[key] = bucket
-        self._sweep(bucket.at_ms)
-
-    def _sweep(self, now_ms: int) -> None:
-        """Forgets the refilled among the ``SWEEP_BUCKETS`` first in the map; the others go
-        last (one whose time is ahead of a clock stepped back must not stop the sweep)."""
-        for key in list(itertools.islice(self._buckets, SWEEP_BUCKETS)):
-            bucket = self._buckets.pop(key)
-            if not refilled_at_any_rate(bucket.level, bucket.at_ms, now_ms):
-                self._buckets[key] = bucket
-
-    def _budgets_spent(
-        self, tenant: str, policy: LimitPolicy, now_ms: int, periods: Periods
-    ) -> list[Refusal]:
-        day = self._spent.get((tenant, periods.day), 0)
-        month = self._spent.get((tenant, periods.month), 0)
-        return budgets_spent(policy, day, month, now_ms, periods)
-
-    async def refusal_before_count(
-        self, tenant: str, policy: LimitPolicy, now_ms: int, periods: Periods
-    ) -> Refusal | None:
-        over = self._budgets_spent(tenant, policy, now_ms, periods)
-        if policy.requests_per_min is not None:
-            requests = self._level(tenant, REQUESTS, policy.requests_per_min, now_ms)
-            if requests < 1:
-                over.append(requests_refusal(requests, policy.requests_per_min))
-        return longest(over) if over else None
-
-    async def admit(
-        self,
-        tenant: str,
-        policy: LimitPolicy,
-        reserve_tokens: int,
-        now_ms: int,
-        periods: Periods,
-        hold: Hold | None = None,
-    ) -> Refusal | None:
-        day = self._spent.get((tenant, periods.day), 0)
-        month = self._spent.get((tenant, periods.month), 0)
-        over = budgets_spent(policy, day, month, now_ms, periods)
-        if hold is not None:
-            held, holding = self._holding(tenant, now_ms)
-            spent = {r.limit for r in over}
-            lapse = self._soonest_lapse_ms(tenant, now_ms)
-            over += budgets_held(policy, day, month, held, holding, spent, lapse)
-        requests = tokens = 0.0
-        if policy.requests_per_min is not None:
-            requests = self._level(tenant, REQUESTS, policy.requests_per_min, now_ms)
-            if requests < 1:
-                over.append(requests_refusal(requests, policy.requests_per_min))
-        if policy.tokens_per_min is not None:
-            tokens = self._level(tenant, TOKENS, policy.tokens_per_min, now_ms)
-            need = tokens_needed(reserve_tokens, policy.tokens_per_min)
-            if tokens < need:
-                wait = refill_wait_ms(tokens, need, policy.tokens_per_min)
-                over.append(Refusal(TOKENS, wait, max(0, math.floor(tokens))))
-        if over:
-            return longest(over)
-        if policy.requests_per_min is not None:
-            self._put(tenant, REQUESTS, _Bucket(requests - 1, now_ms))
-        if policy.tokens_per_min is not None:
-            self._put(tenant, TOKENS, _Bucket(tokens - reserve_tokens, now_ms))
-        if hold is not None and hold.nanos > 0:
-            # (the in-process holds die with the process: one that outlives its request's
-            # deadline is gone once those admitted before it are)
-            self._holds.setdefault(tenant, {})[hold.id] = (hold.nanos, now_ms + hold.ms)
-            self._held[tenant] = self._held.get(tenant, 0) + hold.nanos
-        return None
-
-    async def settle(
-        self,
-        tenant: str,
-        policy: LimitPolicy,
-        refund_tokens: int,
-        cost_nanos: int,
-        now_ms: int,
-        periods: Periods,
-        settle_id: str | None = None,
-        age_ms: int = 0,
-        release: Hold | None = None,
-    ) -> None:
-        # never fails, so never replayed: its settle ids need no memory
-        if release is not None:
-            self._release(tenant, release)
-        spent = Periods.at(now_ms - age_ms) if age_ms else periods  # where the cost counts
-        if policy.tokens_per_min is not None and refund_tokens:
-            level = self._level(tenant, TOKENS, policy.tokens_per_min, now_ms)
-            refunded = min(float(policy.tokens_per_min), level + refund_tokens)
-            self._put(tenant, TOKENS, _Bucket(refunded, now_ms))
-        if cost_nanos:
-            for period in (spent.day, spent.month):
-                key = (tenant, period)
-                self._spent[key] = self._spent.get(key, 0) + cost_nanos
-            self._forget_old(periods)
-
-    def _forget_old(self, periods: Periods) -> None:
-        """Drops the spend of periods before the previous day and month: those are kept, so a
-        wall clock stepped back over midnight (NTP, a VM resumed) finds the spent day still
-        spent, not a new budget for it; the in-process memory is bounded all the same."""
-        kept = {periods.day, periods.month, *periods.previous()}
-        for key in [k for k in self._spent if k[1] not in kept]:
-            del self._spent[key]
-
-    async def close(self) -> None:
-        return None
-
-
-@dataclass(frozen=True)
-class Denial:
-    """A request refused by its limits: the one it waits longest for, the message for the
-    caller, the wait; ``exceeded``: every limit it is over, longest wait first."""
-
-    limit: str
-    message: str
-    retry_after_ms: int
-    exceeded: tuple[str, ...]
-
-
-@dataclass
-class _Settle:
-    """A count for the store; ``settle_id`` makes it count once, however often it is sent
-    within ``SETTLE_MARKER_MS`` of a try that may have counted it."""
-
-    tenant: str
-    policy: LimitPolicy
-    refund: int
-    cost_nanos: int
-    settle_id: str
-    at_ms: int  # when it was first sent (the limiter's ``ages``: monotonic)
-    incurred_ms: int | None = None  # when its cost was incurred (the wall; None: when sent)
-    # when a try that may have counted it was sent (``ages``; None: no such try, each surely
-    # not sent)
-    ambiguous_ms: int | None = None
-    release: Hold | None = None  # the hold it releases (its request's, at its end)
-
-    def failed(self, exc: Exception, sent_ms: int) -> None:
-        """Notes a try sent at ``sent_ms`` that failed with ``exc``."""
-        if not isinstance(exc, SettleNotSent) and self.ambiguous_ms is None:
-            self.ambiguous_ms = sent_ms
-
-
-@dataclass
-class Ticket:
-    """An admitted request's reservation, settled when it ends."""
-
-    tenant: str
-    policy: LimitPolicy
-    reserved_tokens: int
-    # its reservation replaced by what was counted (an answer, or a call billed without one)
-    replaced: bool = False
-    # its cost counted although its own policy sets no limit (``Policies.counts_every_spend``)
-    counts_spend: bool = False
-    # what it holds of its tenant's budgets until it ends (None: no budget, or no bound)
-    hold: Hold | None = None
-    released: bool = False
-    # its counts' first tries still running: its hold's release is sent after them, so that
-    # no admit sees the hold gone before the cost it stood for is counted
-    counting: list[asyncio.Task[None]] = field(default_factory=list, compare=False, repr=False)
-    # a count of it failed and waits in the replay queue: its release queues behind it
-    queued: bool = False
-
-    def take_release(self) -> Hold | None:
-        """Its hold, to release: the first time, then None."""
-        if self.hold is None or self.released:
-            return None
-        self.released = True
-        return self.hold
-
-    @property
-    def counted(self) -> bool:
-        """Whether its end is counted: it has a limit, or its spend counts all the same."""
-        return self.policy.active or self.counts_spend
-
-    def replace_reservation(self) -> int:
-        """The reserved tokens to give back now: all of them the first time, then none."""
-        back = 0 if self.replaced else self.reserved_tokens
-        self.replaced = True
-        return back
-
-
-@dataclass
-class ModelUse:
-    """What an admitted request's pipeline told of its own model calls as it ran, for the count
-    of its end (``Limiter.finish``): ``sent``, the model calls of its sent to a replica (the
-    pipeline's ``model_sent``); ``refused``, those of them their replica refused before their
-    start (the pipeline's ``model_refused``: nothing produced, nothing billed); ``billed``,
-    its answer once billed (the pipeline's ``answer_billed``: counted even when its end is
-    never read). The Gateway's call and the estimator's replay of one both count their end
-    through it."""
-
-    sent: int = 0
-    refused: int = 0
-    billed: pb.CompleteResponse | None = None
-
-    def model_sent(self) -> None:
-        self.sent += 1
-
-    def model_refused(self) -> None:
-        self.refused += 1
-
-    def answer_billed(self, answer: pb.CompleteResponse) -> None:
-        if self.billed is None:
-            self.billed = answer
-
-
-class Policies(Protocol):
-    def for_tenant(self, tenant: str) -> LimitPolicy: ...
-
-    async def admitting(self, tenant: str) -> LimitPolicy:
-        """``for_tenant`` for an admit: after the re-read of a change of the tenants' limits
-        this router has seen or is reading (bounded), not the limits read before it."""
-        ...
-
-    def counts_every_spend(self) -> bool:
-        """Whether a tenant with no limit has its cost counted all the same: a budget may be
-        given to it at any time (``tenant_limits``), and applies to what it spent already."""
-        ...
-
-
-@dataclass(frozen=True)
-class UniformPolicies:
-    """The same limits for every tenant."""
-
-    policy: LimitPolicy
-
-    def for_tenant(self, tenant: str) -> LimitPolicy:
-        return self.policy
-
-    async def admitting(self, tenant: str) -> LimitPolicy:
-        return self.policy
-
-    def counts_every_spend(self) -> bool:
-        return False  # every tenant's the same: no limit is no limit for anyone
-
-
-def used_tokens(end: pb.CompleteResponse) -> int:
-    """The tokens an answer counts against the token rate: what reached a model, cache reads
-    excepted; a semantic-cache hit reached none."""
-    if end.served_by == pb.LAYER_SEMANTIC_CACHE:
-        return 0
-    return _model_tokens(end.usage)
-
-
-def _model_tokens(u: pb.Usage) -> int:
-    """What reached a model: input, cache writes and output (cache reads are not counted)."""
-    return u.input_tokens + u.cache_creation_input_tokens + u.output_tokens
-
-
-def _dollars(nanos: int) -> str:
-    """Exact: cents when whole, else down to the nano-dollar ($0.00015)."""
-    whole, part = divmod(nanos, NANOS_PER_DOLLAR)
-    fraction = f"{part:09d}".rstrip("0").ljust(2, "0")
-    return f"${whole:,}.{fraction}"
-
-
-def _seconds(ms: int) -> str:
-    """A wait as people read it: seconds under 2 min, minutes under 2 h, else hours."""
-    if ms < 120_000:
-        return f"{ms / 1000:.1f} s"
-    if ms < 7_200_000:
-        return f"{ms / 60_000:.1f} min"
-    return f"{ms / 3_600_000:.1f} h"
 
 
 def _measured(
@@ -787,13 +156,8 @@ class Limiter:
         self._cost_bound = cost_bound
         self._output_bound = output_bound
         self._counted = counted
-        self._lost = lost
-        self._max_pending = max_pending
-        self._replay_every_s = replay_every_s
-        self._pending: deque[_Settle] = deque()
-        self._replaying: asyncio.Task[None] | None = None
         self._ages = ages if ages is not None else MonotonicClock()
-        self._lost_log = Throttle(self._ages, LOST_LOG_INTERVAL_MS)
+        self._settles = PendingSettles(self._send, self._ages, lost, max_pending, replay_every_s)
         self._failed_log = Throttles(self._ages, FAILED_LOG_INTERVAL_MS)
         self._store = store
         self._policies = policies
@@ -838,7 +202,7 @@ class Limiter:
                         )
                     )
                     if over is not None:
-                        return _denial(over, policy, 0, request.max_tokens)
+                        return denial(over, policy, 0, request.max_tokens)
                 prompt, nanos = await asyncio.to_thread(
                     _measured, request, self._prompt_tokens, bound
                 )
@@ -859,7 +223,7 @@ class Limiter:
             return Ticket(tenant, policy, 0, hold=hold)
         if refusal is None:
             return Ticket(tenant, policy, reserve, hold=hold)
-        return _denial(refusal, policy, prompt, request.max_tokens, self._most_output(request))
+        return denial(refusal, policy, prompt, request.max_tokens, self._most_output(request))
 
     def _most_output(self, request: pb.CompleteRequest) -> int:
         """What the token rate reserves of ``request``'s output (``output_bound``)."""
@@ -992,7 +356,7 @@ class Limiter:
         if not ticket.counted:
             return
         back = ticket.replace_reservation()
-        refund = back - _model_tokens(usage) if ticket.policy.tokens_per_min else 0
+        refund = back - model_tokens(usage) if ticket.policy.tokens_per_min else 0
         self._count(ticket, refund, cost_nanos)
 
     def count_unticketed(
@@ -1055,7 +419,7 @@ class Limiter:
         if refund == 0 and cost_nanos == 0 and hold is None:
             return
         now = self._ages.now_ms()
-        count = _Settle(
+        count = Settle(
             ticket.tenant, ticket.policy, refund, cost_nanos, uuid.uuid4().hex, now, incurred_ms
         )
         count.release = hold
@@ -1069,7 +433,7 @@ class Limiter:
                 # a cost of its request waits for a replay: sent now, the release would let
                 # admits see neither the hold nor that cost until the replay (a blip between
                 # them: 20 of 20 admitted, 8.7x the budget); the queue replays in order
-                self._queue(count)
+                self._settles.queue(count)
                 return
             try:
                 await self._send(count)
@@ -1079,14 +443,14 @@ class Limiter:
                 # minute past its request's deadline); released once, however often replayed
                 count.failed(exc, now)
                 ticket.queued = True
-                self._queue(count)
+                self._settles.queue(count)
 
         task = asyncio.create_task(first_try(), name=f"limits-settle-{count.settle_id[:8]}")
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         ticket.counting[:] = [*(t for t in ticket.counting if not t.done()), task]
 
-    async def _send(self, count: _Settle) -> None:
+    async def _send(self, count: Settle) -> None:
         now = self._clock.now_ms()
         # how long ago its cost was incurred, on this clock (the store's may differ: Redis's)
         age = 0 if count.incurred_ms is None else max(now - count.incurred_ms, 0)
@@ -1107,58 +471,11 @@ class Limiter:
     @property
     def pending(self) -> int:
         """Settles waiting for the store to answer again."""
-        return len(self._pending)
-
-    def _queue(self, count: _Settle) -> None:
-        """Keeps a failed settle for a replay (never waits: requests go on)."""
-        if len(self._pending) >= self._max_pending:
-            self._drop(1, f"{self._max_pending} wait already")
-            return
-        self._pending.append(count)
-        if self._replaying is None or self._replaying.done():
-            self._replaying = asyncio.create_task(self._replay(), name="limits-settle-replay")
-
-    async def _replay(self) -> None:
-        while self._pending:
-            await asyncio.sleep(self._replay_every_s)
-            await self.replay_pending()
+        return self._settles.count
 
     async def replay_pending(self) -> None:
-        """Sends the pending settles, oldest first, until one fails (the store is still down:
-        the rest wait for the next try); drops those past the replay window, and those a try
-        may have counted whose id the store may have forgotten (``AMBIGUOUS_REPLAY_MS``)."""
-        while self._pending:
-            count = self._pending[0]
-            now = self._ages.now_ms()
-            if now - count.at_ms > SETTLE_REPLAY_WINDOW_MS:
-                self._pending.popleft()
-                self._drop(1, "not sent within the replay window")
-                continue
-            if count.ambiguous_ms is not None and now - count.ambiguous_ms > AMBIGUOUS_REPLAY_MS:
-                self._pending.popleft()
-                self._drop(1, "a timed-out try may have counted them and its mark has lapsed")
-                continue
-            try:
-                await self._send(count)
-            except Exception as exc:
-                count.failed(exc, now)
-                return
-            if self._pending and self._pending[0] is count:
-                self._pending.popleft()
-
-    def _drop(self, n: int, why: str, *, force: bool = False) -> None:
-        """Settles lost (their cost never reaches the budgets): counted, logged once an
-        interval (``force``: now)."""
-        if self._lost is not None:
-            self._lost(n)
-        lost = self._lost_log.due(n, force=force)
-        if lost:
-            log.warning(
-                "limits store: %d settles lost (%s); their costs and tokens are not counted "
-                "against the tenants' limits",
-                lost,
-                why,
-            )
+        """Sends the pending settles (``PendingSettles.replay_pending``)."""
+        await self._settles.replay_pending()
 
     def _left_alone(self) -> None:
         """An admit not sent (the store failed in a row): a degradation as a timeout is (its
@@ -1213,16 +530,13 @@ class Limiter:
                 left = await cancel_within(list(late), TASKS_END_S, "limits store drain")
                 abandoned.update(left)
                 if left:
-                    self._drop(len(left), "their first try did not end at the stop", force=True)
+                    self._settles.drop(
+                        len(left), "their first try did not end at the stop", force=True
+                    )
 
     async def close(self) -> None:
         await self.drain()
-        if self._replaying is not None:  # bounded, as the drain is
-            await cancel_within([self._replaying], TASKS_END_S, "limits store close")
-        await self.replay_pending()  # a last try; what is left is lost with the process
-        if self._pending:
-            self._drop(len(self._pending), "the router stopped", force=True)
-            self._pending.clear()
+        await self._settles.close()
         await self._store.close()
 
 
@@ -1234,90 +548,3 @@ def read_first(request: pb.CompleteRequest) -> bool:
 
 class _StoreFailed(Exception):
     """The store failed (or was silent) on an admit: the request is admitted unlimited."""
-
-
-def _denial(
-    refusal: Refusal, policy: LimitPolicy, prompt: int, max_tokens: int, output: int | None = None
-) -> Denial:
-    """``output``: what the request reserves of its output (None: its ``max_tokens``)."""
-    message = _message(
-        refusal, policy, prompt, max_tokens, max_tokens if output is None else output
-    )
-    return Denial(refusal.limit, message, refusal.wait_ms, (refusal.limit, *refusal.also))
-
-
-_NAMES = {
-    REQUESTS: "request rate",
-    TOKENS: "token rate",
-    DAY_BUDGET: "daily budget",
-    MONTH_BUDGET: "monthly budget",
-}
-
-
-def _message(
-    refusal: Refusal, policy: LimitPolicy, prompt: int, max_tokens: int, output: int
-) -> str:
-    said = _over(refusal, policy, prompt, max_tokens, output)
-    if not refusal.also:
-        return said
-    return f"{said} (this tenant is over its {' and '.join(_NAMES[x] for x in refusal.also)} too)"
-
-
-def _over(refusal: Refusal, policy: LimitPolicy, prompt: int, max_tokens: int, output: int) -> str:
-    """What the limit with the longest wait says; ``output``: what the request reserves of its
-    output (its ``max_tokens``, or more on a row thinking outside it)."""
-    wait = _seconds(refusal.wait_ms)
-    if refusal.limit == REQUESTS:
-        return (
-            f"rate limit: this tenant may send {policy.requests_per_min} requests a minute; "
-            f"retry in {wait}"
-        )
-    if refusal.limit == TOKENS:
-        assert policy.tokens_per_min is not None
-        reserve = prompt + output
-        writes = (
-            f"max_tokens {max_tokens}"
-            if output == max_tokens
-            else f"the {output} output tokens its model can write, thinking outside max_tokens"
-        )
-        said = (
-            f"rate limit: this tenant may use {policy.tokens_per_min} tokens a minute; this "
-            f"request reserves {reserve} tokens until it ends (its prompt's {prompt} and "
-            f"{writes})"
-        )
-        if reserve > policy.tokens_per_min:
-            return (
-                f"{said}, more than a minute's: it is admitted only when all "
-                f"{policy.tokens_per_min} are free; retry in {wait}"
-            )
-        if refusal.free_tokens > 0 and not refusal.also:  # else a smaller one is refused too
-            return (
-                f"{said} and {refusal.free_tokens} are free now; retry in {wait}, or send a "
-                f"request of at most {refusal.free_tokens} tokens (prompt and max_tokens)"
-            )
-        return f"{said}; retry in {wait}"
-    if refusal.holding and refusal.limit in (DAY_BUDGET, MONTH_BUDGET):
-        budget = (
-            policy.day_budget_nanos if refusal.limit == DAY_BUDGET else policy.month_budget_nanos
-        )
-        assert budget is not None
-        lapse = f" (the soonest in {_seconds(refusal.lapse_ms)})" if refusal.lapse_ms else ""
-        return (
-            f"budget: this tenant's {_NAMES[refusal.limit]} of {_dollars(budget)} is spent or "
-            f"held: {refusal.holding} of its admitted requests hold "
-            f"{_dollars(refusal.held_nanos)} of it (each the largest bill it can make: its "
-            f"prompt and max_tokens at its model's prices) until they end, or, those of a "
-            f"router stopped before it ended them, until their holds lapse{lapse}; "
-            f"retry in {wait}"
-        )
-    if refusal.limit == DAY_BUDGET:
-        assert policy.day_budget_nanos is not None
-        return (
-            f"budget: this tenant's daily budget of {_dollars(policy.day_budget_nanos)} is "
-            f"spent; it renews at 00:00 UTC, in {wait}"
-        )
-    assert policy.month_budget_nanos is not None
-    return (
-        f"budget: this tenant's monthly budget of {_dollars(policy.month_budget_nanos)} is "
-        f"spent; it renews on the 1st at 00:00 UTC, in {wait}"
-    )

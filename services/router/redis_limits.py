@@ -53,23 +53,25 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.common.env import redacted_url
-from services.router.limits import (
-    CLOCK_STEP_BACK_MS,
+from services.router.limit_policy import (
     DAY_BUDGET,
-    HOLD_MS,
     MONTH_BUDGET,
     REQUESTS,
-    SETTLE_MARKER_MS,
     TOKENS,
-    Hold,
     LimitPolicy,
     Periods,
     Refusal,
+    longest,
+)
+from services.router.limit_store import (
+    CLOCK_STEP_BACK_MS,
+    HOLD_MS,
+    SETTLE_MARKER_MS,
+    Hold,
     SettleNotSent,
     bucket_level,
     budgets_spent,
     held_refusal,
-    longest,
     requests_refusal,
 )
 

@@ -62,7 +62,10 @@ from services.router.idempotency import (
     conflict,
     fingerprint,
 )
-from services.router.limits import DAY_BUDGET, MONTH_BUDGET, Denial, Limiter, ModelUse, Ticket
+from services.router.limit_denials import Denial
+from services.router.limit_policy import DAY_BUDGET, MONTH_BUDGET
+from services.router.limit_tickets import ModelUse, Ticket
+from services.router.limits import Limiter
 from services.router.model_answer import DeadlineCut
 from services.router.pipeline import Pipeline, chunks_of
 from services.router.prompt_counts import counting

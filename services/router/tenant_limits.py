@@ -40,7 +40,7 @@ from typing import Literal
 
 from services.common.keyfile import LockedFile, Signature, tenant_error
 from services.common.polled_file import FileSource, PolledFile, Start, in_a_thread
-from services.router.limits import NANOS_PER_DOLLAR, LimitPolicy
+from services.router.limit_policy import NANOS_PER_DOLLAR, LimitPolicy
 
 log = logging.getLogger("cachemesh.router.limits")
 

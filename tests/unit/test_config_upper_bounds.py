@@ -19,8 +19,8 @@ from services.http_front.settings import HttpFrontSettings
 from services.model.settings import MAX_TIME_SCALE, ModelSettings
 from services.prefix_cache.settings import PrefixCacheSettings
 from services.router.key_settings import KeyStoreSettings
+from services.router.limit_policy import NANOS_PER_DOLLAR
 from services.router.limit_settings import MAX_BUDGET_USD
-from services.router.limits import NANOS_PER_DOLLAR
 from services.router.settings import READ_AHEAD_MAX_BYTES, RouterSettings
 from services.semantic_cache.operating_point import OperatingPoint
 from services.semantic_cache.settings import SemanticCacheSettings

@@ -35,7 +35,9 @@ from services.common.models import load_model_table
 from services.router.access_log import RequestLog
 from services.router.admin_auth import AdminCredential
 from services.router.idempotency import IdempotencyTable
-from services.router.limits import Limiter, LimitPolicy, MemoryLimitStore, UniformPolicies
+from services.router.limit_policy import LimitPolicy, UniformPolicies
+from services.router.limits import Limiter
+from services.router.memory_limits import MemoryLimitStore
 from services.router.metrics import RouterMetrics
 from services.router.servicer import GatewayServicer
 from services.semantic_cache.api import SemanticCacheApi

@@ -29,8 +29,8 @@ from services.common.tokens import load_tokenizers
 from services.prefix_cache.app import serve
 from services.prefix_cache.settings import PrefixCacheSettings
 from services.router.limit_settings import LimitSettings
+from services.router.limit_tickets import Ticket
 from services.router.limit_wiring import build_answer_ledger, build_limiter
-from services.router.limits import Ticket
 from services.tools.stack.ports import free_port
 from tests.redis_server import redis_server
 from tests.unit.test_prefix_cache_warm_gauge import TOKEN, _wait_serving

@@ -29,7 +29,7 @@ from services.router import admin_pages
 from services.router.admin import AdminServicer
 from services.router.admin_auth import AdminCredential, admin_credential_from_env
 from services.router.admin_pages import token
-from services.router.limits import NANOS_PER_DOLLAR, LimitPolicy
+from services.router.limit_policy import NANOS_PER_DOLLAR, LimitPolicy
 from services.router.tenant_limits import PerTenantPolicies, TenantLimitStore
 from services.semantic_cache.api import SemanticCacheApi
 from services.semantic_cache.cache import SemanticCache

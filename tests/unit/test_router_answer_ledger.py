@@ -45,8 +45,10 @@ from services.router.answer_ledger import (
 )
 from services.router.billing import Bills, Charge, LateBill
 from services.router.idempotency import IdempotencyTable
+from services.router.limit_policy import LimitPolicy, UniformPolicies
 from services.router.limit_wiring import build_answer_ledger
-from services.router.limits import Limiter, LimitPolicy, MemoryLimitStore, UniformPolicies
+from services.router.limits import Limiter
+from services.router.memory_limits import MemoryLimitStore
 from services.router.metrics import RouterMetrics
 from services.router.model_answer import AnswerBilled, ModelRefused, ModelSent
 from services.router.pipeline import BeforeModel, chunks_of

@@ -23,20 +23,14 @@ from services.common.env import Env
 from services.common.model_overrides import model_table_from_env
 from services.common.models import load_model_table
 from services.common.tokens import load_tokenizers
+from services.router.limit_denials import Denial
+from services.router.limit_policy import DAY_BUDGET
 from services.router.limit_settings import LimitSettings
+from services.router.limit_store import HELD_RETRY_MS, HOLD_MS, HOLD_SLACK_MS, LimitStore
+from services.router.limit_tickets import ModelUse, Ticket
 from services.router.limit_wiring import limiter_on, most_billed
-from services.router.limits import (
-    DAY_BUDGET,
-    HELD_RETRY_MS,
-    HOLD_MS,
-    HOLD_SLACK_MS,
-    Denial,
-    Limiter,
-    LimitStore,
-    MemoryLimitStore,
-    ModelUse,
-    Ticket,
-)
+from services.router.limits import Limiter
+from services.router.memory_limits import MemoryLimitStore
 from services.router.prompt_counts import count_prompt
 from services.router.redis_limits import RedisLimitStore
 

@@ -36,7 +36,9 @@ from services.common.clock import SystemClock
 from services.common.errors import Code, RequestError
 from services.router import servicer as servicer_module
 from services.router.answer_ledger import Claimed, RedisAnswerLedger, Running, ledger_key
-from services.router.limits import Limiter, LimitPolicy, MemoryLimitStore, UniformPolicies
+from services.router.limit_policy import LimitPolicy, UniformPolicies
+from services.router.limits import Limiter
+from services.router.memory_limits import MemoryLimitStore
 from tests.unit.test_router_answer_ledger import (
     RETRY,
     FakeContext,

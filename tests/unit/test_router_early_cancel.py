@@ -35,16 +35,10 @@ from services.common.metrics import TenantLabels, new_registry
 from services.router.access_log import RequestLog
 from services.router.dependencies import Dependencies
 from services.router.idempotency import IdempotencyTable
-from services.router.limits import (
-    TOKENS,
-    Hold,
-    Limiter,
-    LimitPolicy,
-    MemoryLimitStore,
-    Periods,
-    Refusal,
-    UniformPolicies,
-)
+from services.router.limit_policy import TOKENS, LimitPolicy, Periods, Refusal, UniformPolicies
+from services.router.limit_store import Hold
+from services.router.limits import Limiter
+from services.router.memory_limits import MemoryLimitStore
 from services.router.metrics import RouterMetrics
 from services.router.pipeline import Pipeline
 from services.router.redis_limits import RedisLimitStore

@@ -30,33 +30,33 @@ from services.common.models import load_model_table
 from services.common.prompt import prompt_tokens
 from services.common.retry_info import retry_trailers
 from services.common.tokens import load_cl100k, load_tokenizers
-from services.router import limits as limits_module
-from services.router.limit_settings import LimitSettings
-from services.router.limit_wiring import build_limiter
-from services.router.limits import (
-    AMBIGUOUS_REPLAY_MS,
-    CLOCK_STEP_BACK_MS,
+from services.router import memory_limits
+from services.router.limit_denials import Denial
+from services.router.limit_policy import (
     DAY_BUDGET,
     MONTH_BUDGET,
     REQUESTS,
-    SETTLE_MARKER_MS,
-    SETTLE_REPLAY_WINDOW_MS,
     TOKENS,
-    Denial,
-    Hold,
-    Limiter,
     LimitPolicy,
-    LimitStore,
-    MemoryLimitStore,
     Periods,
     Refusal,
-    SettleNotSent,
-    Ticket,
     UniformPolicies,
 )
-from services.router.limits import (
-    NANOS_PER_DOLLAR as NANOS,
+from services.router.limit_policy import NANOS_PER_DOLLAR as NANOS
+from services.router.limit_settings import LimitSettings
+from services.router.limit_store import (
+    AMBIGUOUS_REPLAY_MS,
+    CLOCK_STEP_BACK_MS,
+    SETTLE_MARKER_MS,
+    SETTLE_REPLAY_WINDOW_MS,
+    Hold,
+    LimitStore,
+    SettleNotSent,
 )
+from services.router.limit_tickets import Ticket
+from services.router.limit_wiring import build_limiter
+from services.router.limits import Limiter
+from services.router.memory_limits import MemoryLimitStore
 from services.router.redis_limits import RedisLimitStore
 from services.tools.stack.ports import free_port
 from tests.black_hole import BlackHole
@@ -1235,7 +1235,7 @@ async def test_pending_settles_are_replayed_by_themselves_when_the_store_is_back
     await limiter.drain()
     assert limiter.pending == 1
     switch.down = False
-    replaying = limiter._replaying
+    replaying = limiter._settles.replaying
     assert replaying is not None
     await asyncio.wait_for(replaying, 5)
     assert limiter.pending == 0
@@ -1328,7 +1328,7 @@ async def test_a_refilled_bucket_is_forgotten_and_every_answer_is_the_same(
     each write, the map shrinks back when tenants go quiet, and not one answer changes."""
     forgetting = MemoryLimitStore()
     answers, held = await _workload(forgetting)
-    monkeypatch.setattr(limits_module, "refilled_at_any_rate", lambda *_: False)
+    monkeypatch.setattr(memory_limits, "refilled_at_any_rate", lambda *_: False)
     keeping = MemoryLimitStore()  # as before: no bucket ever forgotten
     kept_answers, kept = await _workload(keeping)
     assert answers == kept_answers

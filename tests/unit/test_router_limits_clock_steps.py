@@ -13,19 +13,12 @@ import pytest
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import ManualClock
-from services.router.limits import (
-    AMBIGUOUS_REPLAY_MS,
-    NANOS_PER_DOLLAR,
-    SETTLE_REPLAY_WINDOW_MS,
-    Denial,
-    Limiter,
-    LimitPolicy,
-    MemoryLimitStore,
-    Periods,
-    SettleNotSent,
-    Ticket,
-    UniformPolicies,
-)
+from services.router.limit_denials import Denial
+from services.router.limit_policy import NANOS_PER_DOLLAR, LimitPolicy, Periods, UniformPolicies
+from services.router.limit_store import AMBIGUOUS_REPLAY_MS, SETTLE_REPLAY_WINDOW_MS, SettleNotSent
+from services.router.limit_tickets import Ticket
+from services.router.limits import Limiter
+from services.router.memory_limits import MemoryLimitStore
 
 START_MS = 1_700_000_000_000  # 2023-11-14 22:13:20 UTC
 MIDNIGHT_MS = 1_700_006_400_000  # 2023-11-15 00:00:00 UTC

@@ -25,7 +25,9 @@ from services.common.errors import Code
 from services.router.breaker import redis_breaker
 from services.router.calls import Calls
 from services.router.dependencies import CallFailed, Dependencies
-from services.router.limits import Limiter, LimitPolicy, Ticket, UniformPolicies
+from services.router.limit_policy import LimitPolicy, UniformPolicies
+from services.router.limit_tickets import Ticket
+from services.router.limits import Limiter
 from services.router.settings import RouterSettings
 from tests.unit.test_router_limits import _answer, _Broken, _count, _request
 from tests.unit.test_router_pipeline import (

@@ -23,7 +23,9 @@ from services.common.errors import Code, RequestError
 from services.common.metrics import TenantLabels, new_registry
 from services.router.access_log import RequestLog
 from services.router.idempotency import IdempotencyTable
-from services.router.limits import Limiter, LimitPolicy, MemoryLimitStore, UniformPolicies
+from services.router.limit_policy import LimitPolicy, UniformPolicies
+from services.router.limits import Limiter
+from services.router.memory_limits import MemoryLimitStore
 from services.router.metrics import RouterMetrics
 from services.router.servicer import GatewayServicer
 from tests.unit.test_router_answer_ledger import (

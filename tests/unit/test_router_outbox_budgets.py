@@ -32,15 +32,11 @@ from services.prefix_cache.core import PrefixCacheCore
 from services.router.access_log import RequestLog
 from services.router.dependencies import CallFailed
 from services.router.idempotency import IdempotencyTable
-from services.router.limits import (
-    Limiter,
-    LimitPolicy,
-    LimitStore,
-    MemoryLimitStore,
-    Periods,
-    Ticket,
-    UniformPolicies,
-)
+from services.router.limit_policy import LimitPolicy, Periods, UniformPolicies
+from services.router.limit_store import LimitStore
+from services.router.limit_tickets import Ticket
+from services.router.limits import Limiter
+from services.router.memory_limits import MemoryLimitStore
 from services.router.metrics import RouterMetrics
 from services.router.outbox import BillingOutbox
 from services.router.outbox_journal import JOURNAL_NAME, Counted, Journal

@@ -16,20 +16,20 @@ from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import ManualClock
 from services.common.prompt import prompt_tokens
 from services.common.tokens import load_cl100k
-from services.router.limits import (
+from services.router.limit_denials import Denial
+from services.router.limit_policy import (
     DAY_BUDGET,
     MONTH_BUDGET,
     REQUESTS,
     TOKENS,
-    Denial,
-    Limiter,
     LimitPolicy,
-    LimitStore,
-    MemoryLimitStore,
     Periods,
-    Ticket,
     UniformPolicies,
 )
+from services.router.limit_store import LimitStore
+from services.router.limit_tickets import Ticket
+from services.router.limits import Limiter
+from services.router.memory_limits import MemoryLimitStore
 from services.router.redis_limits import RedisLimitStore
 
 START_MS = 1_700_000_000_000  # 2023-11-14 22:13:20 UTC: 6,400,000 ms before the day ends

@@ -18,9 +18,12 @@ from services.common.clock import ManualClock
 from services.common.env import Env
 from services.common.models import AUTO, ModelTable, load_model_table
 from services.common.tokens import load_tokenizers
+from services.router.limit_denials import Denial
 from services.router.limit_settings import LimitSettings
+from services.router.limit_store import LimitStore
+from services.router.limit_tickets import Ticket
 from services.router.limit_wiring import limiter_on
-from services.router.limits import Denial, LimitStore, MemoryLimitStore, Ticket
+from services.router.memory_limits import MemoryLimitStore
 from services.router.redis_limits import RedisLimitStore
 from tests.unit.test_router_budget_holds import START_MS, _answered
 

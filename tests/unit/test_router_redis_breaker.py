@@ -34,8 +34,10 @@ from services.router import servicer as servicer_module
 from services.router.access_log import RequestLog
 from services.router.breaker import Breaker, redis_breaker
 from services.router.idempotency import IdempotencyTable
+from services.router.limit_policy import LimitPolicy, Periods, Refusal, UniformPolicies
 from services.router.limit_settings import LimitSettings
-from services.router.limits import Hold, Limiter, LimitPolicy, Periods, Refusal, UniformPolicies
+from services.router.limit_store import Hold
+from services.router.limits import Limiter
 from services.router.metrics import RouterMetrics
 from services.router.redis_limits import RedisLimitStore
 from services.router.servicer import GatewayServicer

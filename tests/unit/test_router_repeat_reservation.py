@@ -35,7 +35,8 @@ from services.router import servicer as servicer_module
 from services.router.access_log import RequestLog
 from services.router.answer_ledger import Claimed, Recorded, RedisAnswerLedger, Running, ledger_key
 from services.router.idempotency import IdempotencyTable
-from services.router.limits import TOKENS, Limiter, LimitPolicy, UniformPolicies
+from services.router.limit_policy import TOKENS, LimitPolicy, UniformPolicies
+from services.router.limits import Limiter
 from services.router.metrics import RouterMetrics
 from services.router.pipeline import chunks_of
 from services.router.redis_limits import RedisLimitStore

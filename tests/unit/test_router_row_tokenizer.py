@@ -20,8 +20,8 @@ from services.common.prompt import prompt_tokens
 from services.common.tokens import CL100K, O200K, load_tokenizers, load_vocabulary
 from services.router.dependencies import CallFailed
 from services.router.limit_settings import LimitSettings
+from services.router.limit_tickets import Ticket
 from services.router.limit_wiring import build_limiter
-from services.router.limits import Ticket
 from tests.unit.test_router_partial_billing import Held
 from tests.unit.test_router_pipeline import REPLICAS, FakeModels, FakeStream, Rig
 

@@ -51,7 +51,9 @@ from services.router.access_log import RequestLog
 from services.router.calls import PrefixWindow
 from services.router.dependencies import CallFailed, Dependencies
 from services.router.idempotency import IdempotencyTable
-from services.router.limits import Limiter, LimitPolicy, MemoryLimitStore, UniformPolicies
+from services.router.limit_policy import LimitPolicy, UniformPolicies
+from services.router.limits import Limiter
+from services.router.memory_limits import MemoryLimitStore
 from services.router.metrics import RouterMetrics
 from services.router.outbox import BillingOutbox
 from services.router.outbox_journal import Journal

@@ -20,7 +20,10 @@ from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.auth import hash_key
 from services.common.clock import ManualClock
 from services.router.app import serve
-from services.router.limits import Limiter, LimitPolicy, MemoryLimitStore, UniformPolicies
+from services.router.limit_policy import LimitPolicy, UniformPolicies
+from services.router.limit_settles import PendingSettles
+from services.router.limits import Limiter
+from services.router.memory_limits import MemoryLimitStore
 from services.router.outbox import BillingOutbox
 from services.tools.stack.ports import free_port
 from tests.unit.test_prefix_cache_stop_bound import Stubborn
@@ -110,7 +113,7 @@ async def test_the_limiters_close_ends_though_its_replay_ignores_the_cancel(
 ) -> None:
     """Before: ``Limiter.close`` gathered its cancelled replay with no bound."""
     stubborn = Stubborn()
-    monkeypatch.setattr(Limiter, "_replay", lambda self: stubborn.run())
+    monkeypatch.setattr(PendingSettles, "_replay", lambda self: stubborn.run())
     limiter = Limiter(FailingStore(), UniformPolicies(POLICY), ManualClock(START_MS), _no_tokens)
     limiter.count_unticketed("t", 1_000)
     await limiter.drain()

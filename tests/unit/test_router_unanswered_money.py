@@ -31,7 +31,9 @@ from services.common.metrics import TenantLabels, new_registry
 from services.router.access_log import RequestLog
 from services.router.dependencies import CallFailed, Dependencies
 from services.router.idempotency import IdempotencyTable
-from services.router.limits import Limiter, LimitPolicy, MemoryLimitStore, UniformPolicies
+from services.router.limit_policy import LimitPolicy, UniformPolicies
+from services.router.limits import Limiter
+from services.router.memory_limits import MemoryLimitStore
 from services.router.metrics import RouterMetrics
 from services.router.pipeline import Pipeline, chunks_of
 from services.router.routing.model import RouterCard, load_router_model

@@ -19,7 +19,9 @@ from cachemesh import build_request
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import SystemClock
 from services.router.answer_ledger import ledger_key
-from services.router.limits import Limiter, LimitPolicy, MemoryLimitStore, UniformPolicies
+from services.router.limit_policy import LimitPolicy, UniformPolicies
+from services.router.limits import Limiter
+from services.router.memory_limits import MemoryLimitStore
 from services.router.pipeline import chunks_of
 from tests.redis_server import redis_server
 from tests.unit.test_router_answer_ledger import (

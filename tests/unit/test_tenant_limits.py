@@ -21,19 +21,14 @@ from services.common.clock import ManualClock
 from services.common.env import ConfigError, Env
 from services.router import tenant_limits
 from services.router.key_settings import KeyStoreSettings
+from services.router.limit_denials import Denial
+from services.router.limit_policy import DAY_BUDGET, NANOS_PER_DOLLAR, REQUESTS, LimitPolicy
 from services.router.limit_settings import LimitSettings
+from services.router.limit_store import LimitStore
+from services.router.limit_tickets import Ticket
 from services.router.limit_wiring import tenant_policies
-from services.router.limits import (
-    DAY_BUDGET,
-    NANOS_PER_DOLLAR,
-    REQUESTS,
-    Denial,
-    Limiter,
-    LimitPolicy,
-    LimitStore,
-    MemoryLimitStore,
-    Ticket,
-)
+from services.router.limits import Limiter
+from services.router.memory_limits import MemoryLimitStore
 from services.router.tenant_limits import (
     LIMITS,
     MAX_BUDGET_NANOS,

@@ -56,8 +56,10 @@ from services.prefix_cache.core import TokenizerSlot
 from services.prefix_cache.settings import PrefixCacheSettings
 from services.prefix_cache.wiring import build_core
 from services.router.dependencies import CallFailed, Dependencies
+from services.router.limit_denials import Denial
+from services.router.limit_tickets import ModelUse
 from services.router.limit_wiring import limiter_on
-from services.router.limits import Denial, MemoryLimitStore, ModelUse
+from services.router.memory_limits import MemoryLimitStore
 from services.router.pipeline import Pipeline
 from services.router.prompt_counts import counting
 from services.router.routing.model import RouterCard, load_router_model
