@@ -82,80 +82,37 @@ counted the estimate too, are told the same correction (``cost_corrected``: a co
 own, by sign, a counter never decreasing), and an open call's whole bill (counted by none), so
 that they sum to what was billed.
 
-Each entry keeps the trace context of the request it bills (its ``traceparent``, journalled
-with it: an entry from before it was kept has none); a replay sends an entry's commits under
-one span, ``cachemesh.billing_replay``, a child of that request's span, so the Commit calls
-join the request's trace even after a restart (an entry with no context is a root span). While
-prefix-cache is down each round tries the oldest entry again: only its first unreachable try
-is recorded; each next round first asks prefix-cache's health (``prefix_serving``, no span)
-and sends the entry only once it says SERVING, recorded: a replay span counting the rounds
-before it that found prefix-cache unreachable (``cachemesh.unreachable_rounds``), its Commit
-calls (and prefix-cache's) its children. Recorded every time, the tries grew one request's
-trace by two spans a ``ROUTER_OUTBOX_RETRY_S`` for as long as the outage lasted; sent
-unsampled until one reached prefix-cache (as they still are with no health to ask), the WARM
-and FINAL that billed were in no trace, and prefix-cache logged them under a span id no
-exported span has. An entry whose tries found prefix-cache unreachable though it said
-SERVING (``_RECORDED_UNREACHABLE``) no longer asks: its next tries are sent unsampled (the
-trace id still flows, no span is made here or in prefix-cache), and the one that bills is a
-replay span made after it.
+Each entry's replay joins the trace of the request it bills, recorded once for an outage of
+prefix-cache however long (``outbox_replay``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import enum
 import logging
 import secrets
-import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 from opentelemetry import trace
-from opentelemetry.context import Context
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.clock import Clock, MonotonicClock, SystemClock, Throttles, suppressed
-from services.common.errors import Code
-from services.router.dependencies import CallFailed, PrefixPort, without_refused_report
-from services.router.outbox_journal import (
-    Counted,
-    Journal,
-    JournalEntry,
-    JournalError,
-    UnreadableEntry,
+from services.router.dependencies import PrefixPort
+from services.router.outbox_entries import UNREADABLE, DiskEntries, MemoryEntries
+from services.router.outbox_journal import Counted, Journal, UnreadableEntry
+from services.router.outbox_replay import (
+    KEPT_LOG_EVERY_MS,
+    PROPAGATOR,
+    BilledLayer,
+    PrefixServing,
+    Replayer,
+    Sent,
 )
-from services.router.outbox_journal_thread import JournalThread
-from services.router.spans import replay_billed
 
 log = logging.getLogger("cachemesh.router.outbox")
-
-# The request's own fault: retrying cannot succeed. Any other refusal is worth another try.
-_FINAL = (Code.INVALID_ARGUMENT, Code.FAILED_PRECONDITION)
-# prefix-cache down or not answering: the round stops (no point sending the rest now)
-_UNREACHABLE_CODES = (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED, Code.CANCELLED)
-# a replay kept for the next try (prefix-cache refused it for now) logged at most once this
-# often for each status code, the first at once: else a line each ROUTER_OUTBOX_RETRY_S (1 s)
-# for as long as prefix-cache refuses
-KEPT_LOG_EVERY_MS = 10_000
-# an entry's tries recorded though they found prefix-cache unreachable: its first, and up to
-# three after prefix-cache said it serves (a stale connection to its Redis fails one call):
-# past them its tries are sent unsampled, unasked, until one bills
-_RECORDED_UNREACHABLE = 4
-# the trace context only (traceparent, tracestate): never the caller's baggage, on disk
-_PROPAGATOR = TraceContextTextMapPropagator()
-# an entry: its commits and the trace carrier of the request they bill
-_Entry = tuple[tuple[pc.CommitRequest, ...], dict[str, str]]
-
-
-class _Read(NamedTuple):
-    """An entry read back to replay it."""
-
-    entry: JournalEntry
-    open_call: bool  # it bills a model call of an earlier process (killed), not an answer
 
 
 @dataclass(frozen=True)
@@ -170,31 +127,12 @@ class OpenCallBill:
     started_ms: int | None
 
 
-_UNREADABLE = _Read(JournalEntry((), {}, None, None), False)  # dropped: nothing to replay
-
-
 class EstimateBilled(Protocol):
     """Told a kept answer's correction once its replay is billed (``Limiter.reconcile``)."""
 
     def __call__(
         self, tenant: str, correction_nanos: int, counted_ms: int, *, inherited: bool
     ) -> None: ...
-
-
-# asks prefix-cache's health (grpc.health.v1) within the seconds given: True if it says
-# SERVING (or has no health to say), False for any other answer or none
-PrefixServing = Callable[[float], Awaitable[bool]]
-# the layer (``LAYER_PREFIX_CACHE``, ``LAYER_MODEL``) a bill of the model named, reading the
-# cached prompt tokens given, is served by (the pipeline's ``served_by``)
-BilledLayer = Callable[[str, int], str]
-
-
-@dataclass
-class _Unreachable:
-    """An entry whose last try found prefix-cache unreachable, and whose first was recorded."""
-
-    rounds: int  # the rounds that found prefix-cache unreachable (sent or not: not SERVING)
-    recorded: int  # of those, its tries recorded (the first; then after it said SERVING)
 
 
 # told a replayed bill's cost minus what the router's cost counters counted for it:
@@ -211,220 +149,6 @@ class _Estimate:
 
     tenant: str
     counted: Counted
-
-
-class _Sent(enum.Enum):
-    """What became of an entry sent to prefix-cache."""
-
-    SETTLED = "settled"  # every commit acknowledged
-    DROPPED = "dropped"  # a commit refused for good: settled, billed nothing
-    KEPT = "kept"  # refused for now: sent again next round
-    UNREACHABLE = "unreachable"  # prefix-cache down: the round stops
-
-
-class _InMemory:
-    """The pending entries without a data directory: lost with the router."""
-
-    def __init__(self) -> None:
-        self._entries: dict[str, _Entry] = {}
-        self._estimates: dict[str, Counted] = {}  # each entry's estimated cost and its time
-        self.held_bytes = 0  # the commits held, serialized: what the bound counts
-
-    @property
-    def count(self) -> int:
-        return len(self._entries)
-
-    async def add(
-        self,
-        entry_id: str,
-        commits: tuple[pc.CommitRequest, ...],
-        carrier: dict[str, str],
-        counted: Counted,
-        written: Callable[[], None],
-    ) -> None:
-        self.put(entry_id, commits, carrier, counted)
-        written()
-
-    def put(
-        self,
-        entry_id: str,
-        commits: tuple[pc.CommitRequest, ...],
-        carrier: dict[str, str],
-        counted: Counted,
-    ) -> None:
-        if (before := self._entries.get(entry_id)) is not None:
-            self.held_bytes -= _size(before[0])
-        self._entries[entry_id] = (commits, carrier)
-        self._estimates[entry_id] = counted
-        self.held_bytes += _size(commits)
-
-    def holds(self, entry_id: str) -> bool:
-        return entry_id in self._entries
-
-    def entry(self, entry_id: str) -> tuple[tuple[pc.CommitRequest, ...], dict[str, str], Counted]:
-        commits, carrier = self._entries[entry_id]
-        return commits, carrier, self._estimates[entry_id]
-
-    def held(self) -> list[tuple[tuple[pc.CommitRequest, ...], int]]:
-        """Each pending entry's commits and estimated cost."""
-        return [
-            (commits, self._estimates[key].estimate_nanos)
-            for key, (commits, _) in self._entries.items()
-        ]
-
-    async def ids(self) -> list[str]:
-        return list(self._entries)
-
-    def ids_now(self) -> list[str]:
-        return list(self._entries)
-
-    async def read(self, entry_id: str) -> _Read:
-        commits, carrier = self._entries[entry_id]
-        return _Read(JournalEntry(commits, carrier, None, self._estimates[entry_id]), False)
-
-    def done(self, entry_id: str) -> asyncio.Future[None]:
-        if (entry := self._entries.pop(entry_id, None)) is not None:
-            self.held_bytes -= _size(entry[0])
-            del self._estimates[entry_id]
-        settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        settled.set_result(None)
-        return settled
-
-
-class _OnDisk:
-    """The pending entries in the journal, the one record of them, run on its thread; and
-    the bills it could not write (a full disk), ``held`` in memory until prefix-cache takes
-    them or a replay round writes them into the journal (``retry_held``)."""
-
-    def __init__(
-        self,
-        journal: Journal,
-        sync_within_s: float | None,
-        sync_failed: Callable[[int], None] | None = None,
-    ) -> None:
-        self._thread = JournalThread(journal, sync_within_s, sync_failed=sync_failed)
-        self._journal = journal
-        # an entry held here may also be in the journal as its call's open call (the same
-        # id): it is one entry, replayed from here
-        self.held = _InMemory()
-
-    @property
-    def count(self) -> int:
-        held = sum(1 for entry_id in self.held.ids_now() if not self._journal.holds(entry_id))
-        return self._journal.pending_count + held
-
-    @property
-    def failing(self) -> bool:
-        """The journal's writes or syncs fail (a full or failing disk), not yet back."""
-        return self._thread.failing
-
-    def _hold_if_unwritten(
-        self,
-        entry_id: str,
-        entry: tuple[tuple[pc.CommitRequest, ...], dict[str, str], Counted],
-        written: Callable[[], None],
-        added: asyncio.Future[None],
-    ) -> None:
-        """An entry whose line could not be written is held in memory (not dropped), its
-        estimate counted as a written line's is: whether or not its caller still waits."""
-        if added.cancelled():
-            return
-        exc = added.exception()
-        if isinstance(exc, JournalError) and not exc.written:
-            self.held.put(entry_id, *entry)
-            written()
-
-    async def retry_held(self) -> None:
-        """While the journal fails: the bills held in memory written into it, oldest first
-        (a write that fails stops the round: the disk is still full); with none held, a
-        durable no-op (a failed fsync's rewrite tried, per its delay). Either succeeding is
-        what tells the journal is back (``failing``)."""
-        if not self.held.count:
-            if self._thread.failing:
-                with contextlib.suppress(JournalError):
-                    await self._thread.call(_nothing_to_write, durable=True)
-            return
-        moved = 0
-        for entry_id in self.held.ids_now():
-            commits, carrier, counted = self.held.entry(entry_id)
-            add = partial(self._journal.add, entry_id, commits, carrier, counted=counted)
-            try:
-                await self._thread.call(add, durable=True)
-            except JournalError as exc:
-                if exc.written:  # in the journal, not durable: the journal bills it
-                    self.held.done(entry_id)
-                break
-            self.held.done(entry_id)
-            moved += 1
-        if moved:
-            log.info("billing outbox: %d bills held in memory are in the journal now", moved)
-
-    async def add(
-        self,
-        entry_id: str,
-        commits: tuple[pc.CommitRequest, ...],
-        carrier: dict[str, str],
-        counted: Counted,
-        written: Callable[[], None],
-    ) -> None:
-        """``written`` is called on the loop once the line is in the file (before its fsync,
-        and whether or not this call is still awaited then)."""
-        loop = asyncio.get_running_loop()
-
-        def add() -> None:
-            self._journal.add(entry_id, commits, carrier, counted=counted)
-            with contextlib.suppress(RuntimeError):  # the loop closed: the process ends
-                loop.call_soon_threadsafe(written)
-
-        added = self._thread.submit(add, durable=True)
-        entry = (commits, carrier, counted)
-        added.add_done_callback(partial(self._hold_if_unwritten, entry_id, entry, written))
-        try:
-            await asyncio.shield(added)
-        except JournalError as exc:
-            if exc.written:
-                raise
-            raise JournalError(
-                f"{exc}: the bill is held in memory until prefix-cache or the journal takes "
-                "it (lost if the router stops first)",
-                written=True,  # billed if the router lives, as a written line not fsynced
-            ) from exc
-
-    async def ids(self) -> list[str]:
-        journalled = await self._thread.call(self._journal.pending)
-        known = set(journalled)
-        held = (entry_id for entry_id in self.held.ids_now() if entry_id not in known)
-        return [*journalled, *held]
-
-    async def read(self, entry_id: str) -> _Read:
-        if self.held.holds(entry_id):
-            return await self.held.read(entry_id)
-
-        def read() -> _Read:
-            return _Read(self._journal.read_traced(entry_id), self._journal.is_open(entry_id))
-
-        return await self._thread.call(read)
-
-    def open(
-        self,
-        entry_id: str,
-        commits: tuple[pc.CommitRequest, ...],
-        carrier: dict[str, str],
-        started_ms: int,
-        durable: bool = False,
-    ) -> asyncio.Future[None]:
-        """Written with the next batch (fsynced with it); the future is set once written, or
-        (``durable``) once fsynced, when it fails with the sync."""
-        added = partial(
-            self._journal.add, entry_id, commits, carrier, open_call=True, started_ms=started_ms
-        )
-        return self._thread.submit(added, durable=durable, written=not durable)
-
-    def done(self, entry_id: str) -> asyncio.Future[None]:
-        """Its line need not be durable (a replay bills once): not awaited one by one. An
-        entry held in memory is done there, and in the journal too (its call's open call)."""
-        self.held.done(entry_id)
-        return self._thread.submit(partial(self._journal.done, entry_id))
 
 
 class BillingOutbox:
@@ -487,13 +211,9 @@ class BillingOutbox:
         sign); an open call's whole cost, which no counter counted (its router was killed, or
         its bill failed): the router's cost counters then sum to what was billed (the
         metrics' ``cost_corrected``)."""
-        self._prefix = prefix
         self._cost_corrected = cost_corrected
-        self._billed_layer = billed_layer
         self._max_memory_bytes = max_memory_bytes
         self._said_full = False
-        self._tracer = tracer if tracer is not None else trace.get_tracer("cachemesh.router")
-        self._deadline_s = deadline_s
         self._retry_s = retry_s
         self._lock = asyncio.Lock()  # one flush at a time
         self._open_calls_settled = open_calls_settled
@@ -504,6 +224,15 @@ class BillingOutbox:
         # not silence it for the step's length
         self._kept_log = Throttles(
             ages if ages is not None else MonotonicClock(), KEPT_LOG_EVERY_MS
+        )
+        self._replayer = Replayer(
+            prefix,
+            deadline_s,
+            tracer if tracer is not None else trace.get_tracer("cachemesh.router"),
+            self._kept_log,
+            lambda: self.pending,
+            prefix_serving,
+            billed_layer,
         )
         # the open calls of this process's model calls running, and when each started
         self._live: dict[str, int] = {}
@@ -521,13 +250,9 @@ class BillingOutbox:
         # round does them again rather than send them (a repeat would be told as a first
         # reply lost)
         self._undone: set[str] = set()
-        # entries whose last try found prefix-cache unreachable: their next tries sent only
-        # once it says it serves, recorded (``_replay``)
-        self._unreachable: dict[str, _Unreachable] = {}
-        self._prefix_serving = prefix_serving
         # prefix-cache did not take a bill (kept since), and no replay reached it since
         self._prefix_down = False
-        self._entries: _InMemory | _OnDisk
+        self._entries: MemoryEntries | DiskEntries
         if journal is not None:
             self._inherited = set(journal.load())
             loaded = len(self._inherited)
@@ -541,14 +266,14 @@ class BillingOutbox:
                 )
             if loaded - opened:
                 log.info("billing outbox: %d answers to bill from the journal", loaded - opened)
-            self._entries = _OnDisk(journal, journal_sync_s, journal_sync_failed)
+            self._entries = DiskEntries(journal, journal_sync_s, journal_sync_failed)
         else:
             log.warning(
                 "billing outbox in memory only (ROUTER_DATA_DIR unset): answers served while "
                 "prefix-cache is down are lost from billing if the router dies before it is "
                 "back, and the model calls running when it is killed are never billed"
             )
-            self._entries = _InMemory()
+            self._entries = MemoryEntries()
 
     @property
     def pending(self) -> int:
@@ -570,7 +295,7 @@ class BillingOutbox:
         goes before its FINAL answered, as the outbox keeps one); a write that fails is
         logged (the call is then billed as usual, unless the router is killed before it
         ends). None: no journal (nothing is opened), or the open call is settled already."""
-        if not isinstance(self._entries, _OnDisk):
+        if not isinstance(self._entries, DiskEntries):
             return None
         rewrite = entry_id is not None
         if entry_id is None:
@@ -579,7 +304,7 @@ class BillingOutbox:
         elif entry_id not in self._live:
             return None  # settled or released already: no longer the call's to rewrite
         carrier: dict[str, str] = {}
-        _PROPAGATOR.inject(carrier)
+        PROPAGATOR.inject(carrier)
         written = self._entries.open(
             entry_id, tuple(commits), carrier, self._live[entry_id], durable
         )
@@ -623,7 +348,9 @@ class BillingOutbox:
         """An outbox in memory holding more than its bound: a new model call must not start
         (its answer could be kept only past the bound)."""
         entries, bound = self._entries, self._max_memory_bytes
-        return isinstance(entries, _InMemory) and bound is not None and entries.held_bytes > bound
+        return (
+            isinstance(entries, MemoryEntries) and bound is not None and entries.held_bytes > bound
+        )
 
     @property
     def cannot_keep(self) -> bool:
@@ -633,7 +360,7 @@ class BillingOutbox:
         bills are held in memory for it past ``max_memory_bytes``: a new model call must not
         start (its bill could be neither sent nor kept durably; ``pipeline.py``)."""
         entries = self._entries
-        if not isinstance(entries, _OnDisk):
+        if not isinstance(entries, DiskEntries):
             return False
         bound = self._max_memory_bytes
         if bound is not None and entries.held.held_bytes > bound:
@@ -649,7 +376,7 @@ class BillingOutbox:
         if not full:
             log.info("billing outbox back under ROUTER_OUTBOX_MAX_BYTES: model calls resume")
             return
-        assert isinstance(self._entries, _InMemory)
+        assert isinstance(self._entries, MemoryEntries)
         log.error(
             "billing outbox in memory holds %d answers (%d bytes), over ROUTER_OUTBOX_MAX_BYTES "
             "(%d): requests that need a model call are refused (UNAVAILABLE) until "
@@ -684,7 +411,7 @@ class BillingOutbox:
         difference of its estimates: the count and the correction land in the same day and
         month, however late the later keep is."""
         carrier: dict[str, str] = {}
-        _PROPAGATOR.inject(carrier)  # the current request's span
+        PROPAGATOR.inject(carrier)  # the current request's span
         entry_id = replaces if replaces is not None else secrets.token_hex(8)
         counted = Counted(estimate_nanos, self._kept_at.setdefault(entry_id, self._wall.now_ms()))
         tenant = commits[-1].tenant if commits else ""
@@ -715,7 +442,7 @@ class BillingOutbox:
             await self.flush()
         finally:
             entries = self._entries
-            held = entries if isinstance(entries, _InMemory) else entries.held
+            held = entries if isinstance(entries, MemoryEntries) else entries.held
             why = "no ROUTER_DATA_DIR" if held is entries else "its journal unwritable"
             for commits, nanos in held.held():
                 final = commits[-1]
@@ -743,12 +470,11 @@ class BillingOutbox:
         dropped = 0  # entries refused for good: done, never billed
         done_lines: list[tuple[str, asyncio.Future[None]]] = []
         async with self._lock:
-            if isinstance(self._entries, _OnDisk):
+            if isinstance(self._entries, DiskEntries):
                 await self._entries.retry_held()  # held bills into the journal, if it is back
             ids = await self._entries.ids()
             self._undone.intersection_update(ids)  # the others' "done" ran (not its write)
-            for gone in self._unreachable.keys() - set(ids):
-                del self._unreachable[gone]
+            self._replayer.forget_all_but(ids)
             for entry_id in ids:
                 if entry_id in self._live:
                     continue  # a model call of this process, still running
@@ -764,16 +490,16 @@ class BillingOutbox:
                     continue  # an open call settled since the ids were read
                 except UnreadableEntry as exc:
                     log.error("billing outbox: %s; dropped", exc)
-                    (commits, carrier, started_ms, counted), open_call = _UNREADABLE
+                    (commits, carrier, started_ms, counted), open_call = UNREADABLE
                 estimate = counted.estimate_nanos if counted is not None else None
-                outcome, reply = await self._replay(entry_id, commits, carrier, estimate)
-                if outcome is _Sent.UNREACHABLE:
+                outcome, reply = await self._replayer.replay(entry_id, commits, carrier, estimate)
+                if outcome is Sent.UNREACHABLE:
                     self._prefix_down = True
                     break
                 self._prefix_down = False  # it answered
-                if outcome is _Sent.KEPT:
+                if outcome is Sent.KEPT:
                     continue
-                if outcome is _Sent.DROPPED:
+                if outcome is Sent.DROPPED:
                     dropped += 1
                 else:
                     settled += 1
@@ -857,148 +583,6 @@ class BillingOutbox:
                     log.exception("billing outbox: a replay round failed; retrying")
             await asyncio.sleep(self._retry_s)
 
-    async def _replay(
-        self,
-        entry_id: str,
-        commits: Sequence[pc.CommitRequest],
-        carrier: dict[str, str],
-        estimate_nanos: int | None = None,
-    ) -> tuple[_Sent, pc.CommitResponse | None]:
-        """One entry's commits under a span in the trace of the request they bill; with the
-        last commit's reply when every one was taken, whose bill the span carries (the
-        request's own span and access line have only its estimate, ``estimate_nanos``).
-        After a recorded try that found prefix-cache unreachable, the next is sent only once
-        it says it serves, and recorded (``prefix_serving``); with no one to ask, or once
-        ``_RECORDED_UNREACHABLE`` tries were recorded, sent unsampled (``_send_unsampled``)."""
-        if not commits:
-            return _Sent.SETTLED, None
-        parent = _PROPAGATOR.extract(carrier) if carrier else None
-        attributes: dict[str, str | int] = {"cachemesh.commit": commits[0].request_id}
-        unreachable = self._unreachable.get(entry_id)
-        if unreachable is not None:
-            attributes["cachemesh.unreachable_rounds"] = unreachable.rounds
-            serving = self._prefix_serving
-            if serving is None or unreachable.recorded >= _RECORDED_UNREACHABLE:
-                return await self._send_unsampled(
-                    entry_id, commits, parent, attributes, unreachable, estimate_nanos
-                )
-            if not await serving(self._deadline_s):
-                unreachable.rounds += 1  # not sent: it says it does not serve, or says nothing
-                return _Sent.UNREACHABLE, None
-        with self._tracer.start_as_current_span(
-            "cachemesh.billing_replay", parent, attributes=attributes
-        ) as span:
-            outcome, reply = await self._send(commits)
-            span.set_attribute("cachemesh.outcome", outcome.value)
-            self._bill_on(span, commits, reply, estimate_nanos)
-        if outcome is not _Sent.UNREACHABLE:
-            self._unreachable.pop(entry_id, None)
-        elif unreachable is None:
-            self._unreachable[entry_id] = _Unreachable(1, 1)
-        else:
-            unreachable.rounds += 1
-            unreachable.recorded += 1
-        return outcome, reply
-
-    async def _send_unsampled(
-        self,
-        entry_id: str,
-        commits: Sequence[pc.CommitRequest],
-        parent: Context | None,
-        attributes: dict[str, str | int],
-        unreachable: _Unreachable,
-        estimate_nanos: int | None,
-    ) -> tuple[_Sent, pc.CommitResponse | None]:
-        """The commits sent unsampled (no span here or in prefix-cache; the trace id still
-        reaches its logs); the try that reaches prefix-cache is a replay span made after it,
-        starting when it did."""
-        started_ns = time.time_ns()
-        with trace.use_span(_unsampled(parent), end_on_exit=False):
-            outcome, reply = await self._send(commits)
-        if outcome is _Sent.UNREACHABLE:
-            unreachable.rounds += 1
-            return outcome, reply
-        del self._unreachable[entry_id]
-        span = self._tracer.start_span(
-            "cachemesh.billing_replay", parent, attributes=attributes, start_time=started_ns
-        )
-        span.set_attribute("cachemesh.outcome", outcome.value)
-        self._bill_on(span, commits, reply, estimate_nanos)
-        span.end()
-        return outcome, reply
-
-    def _bill_on(
-        self,
-        span: trace.Span,
-        commits: Sequence[pc.CommitRequest],
-        reply: pc.CommitResponse | None,
-        estimate_nanos: int | None,
-    ) -> None:
-        """The bill prefix-cache made of a replayed FINAL, on its replay span."""
-        if reply is None or not commits or commits[-1].phase != pc.COMMIT_PHASE_FINAL:
-            return
-        layer = None
-        if self._billed_layer is not None:
-            layer = self._billed_layer(commits[-1].model, reply.usage.cache_read_input_tokens)
-        replay_billed(span, reply, estimate_nanos, layer)
-
-    async def _send(
-        self, commits: Sequence[pc.CommitRequest]
-    ) -> tuple[_Sent, pc.CommitResponse | None]:
-        reply = None
-        for commit in commits:
-            try:
-                reply = await self._commit(commit)
-            except CallFailed as exc:
-                if exc.code in _UNREACHABLE_CODES:
-                    return _Sent.UNREACHABLE, None
-                if exc.code not in _FINAL:
-                    if due := self._kept_log.due("kept", exc.code.name):
-                        log.warning(
-                            "billing outbox: prefix-cache did not take the %s commit %s (%s); "
-                            "%d answers kept for the next try%s",
-                            pc.CommitPhase.Name(commit.phase),
-                            commit.request_id,
-                            exc.code.name,
-                            self.pending,
-                            suppressed(due, KEPT_LOG_EVERY_MS),
-                        )
-                    return _Sent.KEPT, None
-                log.error(
-                    "billing outbox: prefix-cache refused the %s commit %s (%s: %s); dropped",
-                    pc.CommitPhase.Name(commit.phase),
-                    commit.request_id,
-                    exc.code.name,
-                    exc.details,
-                )
-                return _Sent.DROPPED, None
-        return _Sent.SETTLED, reply
-
-    async def _commit(self, commit: pc.CommitRequest) -> pc.CommitResponse:
-        """``commit``; a FINAL refused for its provider's report is sent again without it."""
-        try:
-            return await self._prefix.commit(commit, self._deadline_s)
-        except CallFailed as exc:
-            again = without_refused_report(commit, exc)
-            if again is None:
-                raise
-        return await self._prefix.commit(again, self._deadline_s)
-
-
-def _unsampled(parent: Context | None) -> trace.Span:
-    """A span recording nothing, nor letting its children record (not sampled), in the trace
-    of ``parent`` (its id still reaches prefix-cache's logs; a new one without it)."""
-    context = trace.get_current_span(parent).get_span_context() if parent is not None else None
-    trace_id = context.trace_id if context is not None and context.is_valid else 0
-    return trace.NonRecordingSpan(
-        trace.SpanContext(
-            trace_id or secrets.randbits(128) or 1,
-            secrets.randbits(64) or 1,
-            is_remote=False,
-            trace_flags=trace.TraceFlags(trace.TraceFlags.DEFAULT),
-        )
-    )
-
 
 def _said_billed(
     final: pc.CommitRequest, reply: pc.CommitResponse, estimate_nanos: int | None
@@ -1020,14 +604,6 @@ def _said_billed(
     )
 
 
-def _nothing_to_write() -> None:
-    return None
-
-
 def _rewrite_failed(written: asyncio.Future[None]) -> None:
     if not written.cancelled() and (exc := written.exception()) is not None:
         log.debug("billing outbox: rewriting a running model call's line failed: %s", exc)
-
-
-def _size(commits: Sequence[pc.CommitRequest]) -> int:
-    return sum(commit.ByteSize() for commit in commits)
