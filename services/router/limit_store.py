@@ -76,24 +76,30 @@ class SettleNotSent(Exception):
     at any later time counts it once."""
 
 
+@dataclass(frozen=True)
+class Admission:
+    """What an admit asks of a store: one request of ``tenant``'s under ``policy``, reserving
+    ``reserve_tokens`` of its token rate and holding ``hold`` of its budgets (None: nothing), at
+    ``now_ms`` in ``periods``."""
+
+    tenant: str
+    policy: LimitPolicy
+    reserve_tokens: int
+    now_ms: int
+    periods: Periods
+    hold: Hold | None = None
+
+
 class LimitStore(Protocol):
     # its counts outlive this process (Redis): a correction of an estimate an earlier process
     # counted lands on that count; in this process's memory it would have nothing to correct
     outlives_process: bool
 
-    async def admit(
-        self,
-        tenant: str,
-        policy: LimitPolicy,
-        reserve_tokens: int,
-        now_ms: int,
-        periods: Periods,
-        hold: Hold | None = None,
-    ) -> Refusal | None:
-        """Atomically: refuses when a limit is reached (the token bucket holds less than
-        ``tokens_needed``; with ``hold``, a budget's spend plus the holds of the tenant's
-        requests in flight reaches it), else takes one request, reserves ``reserve_tokens``
-        and keeps ``hold`` for ``HOLD_MS`` or until a settle releases it."""
+    async def admit(self, asked: Admission) -> Refusal | None:
+        """Atomically: refuses ``asked`` when a limit is reached (the token bucket holds less
+        than ``tokens_needed``; with a ``hold``, a budget's spend plus the holds of the tenant's
+        requests in flight reaches it), else takes one request, reserves its ``reserve_tokens``
+        and keeps its ``hold`` for ``HOLD_MS`` or until a settle releases it."""
         ...
 
     async def refusal_before_count(

@@ -77,7 +77,7 @@ from services.router.limit_settles import (
     PendingSettles,
     Settle,
 )
-from services.router.limit_store import Hold, LimitStore, hold_ms
+from services.router.limit_store import Admission, Hold, LimitStore, hold_ms
 from services.router.limit_tickets import ModelUse, Ticket, model_tokens, used_tokens
 
 log = logging.getLogger("cachemesh.router.limits")
@@ -211,7 +211,9 @@ class Limiter:
                 if nanos is not None:
                     hold = Hold(uuid.uuid4().hex, nanos, hold_ms(time_remaining_s))
             refusal = await self._ask(
-                lambda now, periods: self._store.admit(tenant, policy, reserve, now, periods, hold),
+                lambda now, periods: self._store.admit(
+                    Admission(tenant, policy, reserve, now, periods, hold)
+                ),
                 Ticket(tenant, policy, reserve, hold=hold),
             )
         except _StoreFailed:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from services.router.limit_policy import REQUESTS, TOKENS, LimitPolicy, Periods, Refusal, longest
 from services.router.limit_store import (
     CLOCK_STEP_BACK_MS,
+    Admission,
     Hold,
     bucket_level,
     budgets_held,
@@ -130,15 +131,9 @@ class MemoryLimitStore:
                 over.append(requests_refusal(requests, policy.requests_per_min))
         return longest(over) if over else None
 
-    async def admit(
-        self,
-        tenant: str,
-        policy: LimitPolicy,
-        reserve_tokens: int,
-        now_ms: int,
-        periods: Periods,
-        hold: Hold | None = None,
-    ) -> Refusal | None:
+    async def admit(self, asked: Admission) -> Refusal | None:
+        tenant, policy, now_ms, periods = asked.tenant, asked.policy, asked.now_ms, asked.periods
+        reserve_tokens, hold = asked.reserve_tokens, asked.hold
         day = self._spent.get((tenant, periods.day), 0)
         month = self._spent.get((tenant, periods.month), 0)
         over = budgets_spent(policy, day, month, now_ms, periods)

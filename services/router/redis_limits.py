@@ -7,7 +7,7 @@ settle counted already, kept ``SETTLE_MARKER_MS``: a settle replayed after an am
 failure counts once; nothing is kept longer, as a killed router's open call and an estimate's
 correction are told to the limiter once, on prefix-cache's first reply to their FINAL), and
 ``held``, ``held:nanos``, ``held:sum`` (what the tenant's requests in flight hold of its budgets,
-``limits.Hold``: each admitted while spend plus holds is below a budget, released by its
+``limit_store.Hold``: each admitted while spend plus holds is below a budget, released by its
 end's settle, lapsing after ``HOLD_MS``). Each
 operation is one Lua script, so checking and taking
 happen atomically with respect to every other router. The one read before it
@@ -67,6 +67,7 @@ from services.router.limit_store import (
     CLOCK_STEP_BACK_MS,
     HOLD_MS,
     SETTLE_MARKER_MS,
+    Admission,
     Hold,
     SettleNotSent,
     bucket_level,
@@ -125,7 +126,7 @@ end
 """
 )
 
-# A tenant's holds on its budgets (limits.Hold), each its request's largest bill while it runs:
+# A tenant's holds on its budgets (limit_store.Hold), each its request's largest bill while it runs:
 # ``held`` (a sorted set: each hold's id, scored by when it lapses), ``held:nanos`` (a hash: id
 # -> nanos) and ``held:sum`` (their sum). Lapsed holds (a killed router's) go at the next admit
 # that holds, at most 100 a call; a settle that releases one takes it out of all three.
@@ -342,18 +343,11 @@ class RedisLimitStore:
         server_ms = int(seconds) * 1000 + int(micros) // 1000
         return server_ms, Periods.at(server_ms), server_ms
 
-    async def admit(
-        self,
-        tenant: str,
-        policy: LimitPolicy,
-        reserve_tokens: int,
-        now_ms: int,
-        periods: Periods,
-        hold: Hold | None = None,
-    ) -> Refusal | None:
+    async def admit(self, asked: Admission) -> Refusal | None:
+        tenant, policy, hold = asked.tenant, asked.policy, asked.hold
         if not self._marks:  # not started: Redis did not answer at start-up (module doc)
             await self.start()
-        now_ms, periods, script_ms = await self._clock(policy.budgeted, now_ms, periods)
+        now_ms, periods, script_ms = await self._clock(policy.budgeted, asked.now_ms, asked.periods)
         keys = [
             self._key(tenant, REQUESTS),
             self._key(tenant, TOKENS),
@@ -367,7 +361,7 @@ class RedisLimitStore:
             _cap(policy.tokens_per_min),
             _or_none(policy.day_budget_nanos),
             _or_none(policy.month_budget_nanos),
-            reserve_tokens,
+            asked.reserve_tokens,
             GC_SLACK_MS,
             uuid.uuid4().hex,
             "" if hold is None else hold.id,

@@ -46,6 +46,7 @@ from services.router.answer_ledger import (
 from services.router.billing import Bills, Charge, LateBill
 from services.router.idempotency import IdempotencyTable
 from services.router.limit_policy import LimitPolicy, UniformPolicies
+from services.router.limit_store import Admission
 from services.router.limit_wiring import build_answer_ledger
 from services.router.limits import Limiter
 from services.router.memory_limits import MemoryLimitStore
@@ -357,10 +358,10 @@ def test_refusals_in_flight_never_push_an_answer_out() -> None:
     key_b = "k-test-b-0123456789"
 
     class SlowForA(MemoryLimitStore):
-        async def admit(self, tenant: str, *args: Any, **kwargs: Any) -> Any:
-            if tenant == "tenant-a":
+        async def admit(self, asked: Admission) -> Any:
+            if asked.tenant == "tenant-a":
                 await asyncio.sleep(0.2)
-            return await super().admit(tenant, *args, **kwargs)
+            return await super().admit(asked)
 
     async def run() -> None:
         pipeline = FakePipeline()

@@ -35,8 +35,8 @@ from services.common.metrics import TenantLabels, new_registry
 from services.router.access_log import RequestLog
 from services.router.dependencies import Dependencies
 from services.router.idempotency import IdempotencyTable
-from services.router.limit_policy import TOKENS, LimitPolicy, Periods, Refusal, UniformPolicies
-from services.router.limit_store import Hold
+from services.router.limit_policy import TOKENS, LimitPolicy, Refusal, UniformPolicies
+from services.router.limit_store import Admission
 from services.router.limits import Limiter
 from services.router.memory_limits import MemoryLimitStore
 from services.router.metrics import RouterMetrics
@@ -184,16 +184,8 @@ class AnsweredLate(RedisLimitStore):
         self.gate = asyncio.Event()
         self.entered = asyncio.Event()
 
-    async def admit(
-        self,
-        tenant: str,
-        policy: LimitPolicy,
-        reserve_tokens: int,
-        now_ms: int,
-        periods: Periods,
-        hold: Hold | None = None,
-    ) -> Refusal | None:
-        refusal = await super().admit(tenant, policy, reserve_tokens, now_ms, periods, hold)
+    async def admit(self, asked: Admission) -> Refusal | None:
+        refusal = await super().admit(asked)
         self.entered.set()
         await self.gate.wait()
         return refusal

@@ -49,6 +49,7 @@ from services.router.limit_store import (
     CLOCK_STEP_BACK_MS,
     SETTLE_MARKER_MS,
     SETTLE_REPLAY_WINDOW_MS,
+    Admission,
     Hold,
     LimitStore,
     SettleNotSent,
@@ -534,18 +535,10 @@ class _Switch:
         self.down = False
         self.outlives_process = store.outlives_process
 
-    async def admit(
-        self,
-        tenant: str,
-        policy: LimitPolicy,
-        reserve_tokens: int,
-        now_ms: int,
-        periods: Periods,
-        hold: Hold | None = None,
-    ) -> Refusal | None:
+    async def admit(self, asked: Admission) -> Refusal | None:
         if self.down:
             raise ConnectionError("redis went away")
-        return await self.store.admit(tenant, policy, reserve_tokens, now_ms, periods, hold)
+        return await self.store.admit(asked)
 
     async def refusal_before_count(
         self, tenant: str, policy: LimitPolicy, now_ms: int, periods: Periods
@@ -1309,7 +1302,9 @@ async def _workload(store: MemoryLimitStore) -> tuple[list[object], list[int]]:
         periods = Periods.at(now)
         call = rng.random()
         if call < 0.7:
-            answers.append(await store.admit(tenant, policy, rng.randrange(1, 90), now, periods))
+            answers.append(
+                await store.admit(Admission(tenant, policy, rng.randrange(1, 90), now, periods))
+            )
         elif call < 0.85:
             answers.append(await store.refusal_before_count(tenant, policy, now, periods))
         else:

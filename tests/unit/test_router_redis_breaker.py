@@ -34,9 +34,9 @@ from services.router import servicer as servicer_module
 from services.router.access_log import RequestLog
 from services.router.breaker import Breaker, redis_breaker
 from services.router.idempotency import IdempotencyTable
-from services.router.limit_policy import LimitPolicy, Periods, Refusal, UniformPolicies
+from services.router.limit_policy import LimitPolicy, Refusal, UniformPolicies
 from services.router.limit_settings import LimitSettings
-from services.router.limit_store import Hold
+from services.router.limit_store import Admission
 from services.router.limits import Limiter
 from services.router.metrics import RouterMetrics
 from services.router.redis_limits import RedisLimitStore
@@ -64,17 +64,9 @@ class CountingStore(RedisLimitStore):
         super().__init__(Redis.from_url(url))
         self.admits = 0
 
-    async def admit(
-        self,
-        tenant: str,
-        policy: LimitPolicy,
-        reserve_tokens: int,
-        now_ms: int,
-        periods: Periods,
-        hold: Hold | None = None,
-    ) -> Refusal | None:
+    async def admit(self, asked: Admission) -> Refusal | None:
         self.admits += 1
-        return await super().admit(tenant, policy, reserve_tokens, now_ms, periods, hold)
+        return await super().admit(asked)
 
 
 class Seconds:
