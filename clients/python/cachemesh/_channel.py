@@ -41,10 +41,27 @@ RETRY_POLICY = {
     # router stopping cut the call as it arrived, before it was served
     "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
 }
+DEFAULT_TIMEOUT_S = 120.0  # a call's deadline unless the client or the call names one
+# a day: anything longer is a typo. gRPC takes 0, a negative, nan, inf or more than ~9.2e9 s
+# as a deadline passed already: the call failed at once as DEADLINE_EXCEEDED, nothing sent
+TIMEOUT_MAX_S = 86_400.0
 MAX_REQUEST_BYTES = 2 << 20  # the Gateway's default ROUTER_MAX_REQUEST_BYTES
 RETRY_MARK = ("cachemesh-retry", "1")  # the router's RETRY_HEADERS: read the answer ledger
 KEEPALIVE_TIME_MS = 30_000
 KEEPALIVE_TIMEOUT_MS = 10_000
+
+
+def deadline_s(value: float, parameter: str = "timeout_s") -> float:
+    """``value``, a deadline in seconds, when it is over 0 and at most ``TIMEOUT_MAX_S``; else
+    a ValueError naming ``parameter``, before anything is sent (gRPC failed such a call at
+    once with DEADLINE_EXCEEDED, a ``DeadlineExceededError`` saying the call was billed)."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number or not 0 < value <= TIMEOUT_MAX_S:  # nan and inf fail too
+        raise ValueError(
+            f"{parameter} must be a number of seconds over 0, at most {TIMEOUT_MAX_S:,.0f}, "
+            f"got {value!r}"
+        )
+    return float(value)
 
 
 def service_config(wait_for_ready: bool, max_attempts: int = MAX_ATTEMPTS) -> str:

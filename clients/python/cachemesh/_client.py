@@ -12,10 +12,12 @@ import grpc
 
 from cachemesh._auth import bearer_metadata
 from cachemesh._channel import (
+    DEFAULT_TIMEOUT_S,
     MAX_ATTEMPTS,
     Reached,
     call_metadata,
     channel_options,
+    deadline_s,
     with_request_id,
 )
 from cachemesh._errors import from_rpc_error, incomplete
@@ -200,13 +202,14 @@ class Client:
         target: str = DEFAULT_TARGET,
         *,
         api_key: str,
-        timeout_s: float = 120.0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
         channel: grpc.Channel | None = None,
         tls: Tls | None = None,
         wait_for_ready: bool = True,
         max_attempts: int | None = None,
     ) -> None:
         self._metadata = bearer_metadata(api_key, "api_key")  # before a channel is opened
+        self._timeout_s = deadline_s(timeout_s)
         attempts = _attempts(channel, tls, max_attempts)
         self._channel = (
             channel
@@ -214,17 +217,21 @@ class Client:
             else sync_channel(target, tls, channel_options(wait_for_ready, attempts))
         )
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
-        self._timeout_s = timeout_s
         self._reached = Reached(wait_for_ready)
 
-    def complete(self, request: pb.CompleteRequest) -> pb.CompleteResponse:
+    def complete(
+        self, request: pb.CompleteRequest, *, timeout_s: float | None = None
+    ) -> pb.CompleteResponse:
+        """The answer to ``request``; ``timeout_s``: this call's deadline in seconds (the
+        client's ``timeout_s`` when None)."""
+        timeout = self._timeout_s if timeout_s is None else deadline_s(timeout_s)
         sent = with_request_id(request)
         metadata = call_metadata(self._metadata, request)
         try:
             response: pb.CompleteResponse = self._stub.Complete(
                 sent,
                 metadata=metadata,
-                timeout=self._timeout_s,
+                timeout=timeout,
                 wait_for_ready=self._reached.wait_for_ready(),
             )
         except grpc.RpcError as error:
@@ -233,17 +240,19 @@ class Client:
         self._reached.answered()
         return response
 
-    def stream(self, request: pb.CompleteRequest) -> ChunkStream:
+    def stream(self, request: pb.CompleteRequest, *, timeout_s: float | None = None) -> ChunkStream:
         """The answer's chunks, the last one its ``end``, as a :class:`ChunkStream`: use it in
         ``with client.stream(request) as chunks:`` (leaving the block cancels the call) or
-        iterate it and ``close()`` it."""
+        iterate it and ``close()`` it. ``timeout_s``: the whole stream's deadline, from its
+        first read (the client's ``timeout_s`` when None)."""
+        timeout = self._timeout_s if timeout_s is None else deadline_s(timeout_s)
         sent = with_request_id(request)
         metadata = call_metadata(self._metadata, request)
         return ChunkStream(
             lambda: self._stub.StreamComplete(
                 sent,
                 metadata=metadata,
-                timeout=self._timeout_s,
+                timeout=timeout,
                 wait_for_ready=self._reached.wait_for_ready(),
             ),
             sent.request_id,
@@ -258,12 +267,13 @@ class Client:
         max_tokens: int = 512,
         system: str | None = None,
         namespace: str = "",
+        timeout_s: float | None = None,
     ) -> pb.CompleteResponse:
         """One user question; build a request with :func:`cachemesh.build_request` for more."""
         request = build_request(
             question, model=model, max_tokens=max_tokens, system=system, namespace=namespace
         )
-        return self.complete(request)
+        return self.complete(request, timeout_s=timeout_s)
 
     def close(self) -> None:
         self._channel.close()
@@ -290,13 +300,14 @@ class AsyncClient:
         target: str = DEFAULT_TARGET,
         *,
         api_key: str,
-        timeout_s: float = 120.0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
         channel: grpc.aio.Channel | None = None,
         tls: Tls | None = None,
         wait_for_ready: bool = True,
         max_attempts: int | None = None,
     ) -> None:
         self._metadata = bearer_metadata(api_key, "api_key")  # before a channel is opened
+        self._timeout_s = deadline_s(timeout_s)
         attempts = _attempts(channel, tls, max_attempts)
         if tls is not None:
             tls.credentials()  # a file that cannot be read: now, not at the first call
@@ -311,7 +322,6 @@ class AsyncClient:
         )
         self._loop: asyncio.AbstractEventLoop | None = None  # the one its channel opened in
         self._closed = False
-        self._timeout_s = timeout_s
         self._reached = Reached(wait_for_ready)
 
     def _gateway(self) -> gateway_pb2_grpc.GatewayAsyncStub:
@@ -333,14 +343,18 @@ class AsyncClient:
         assert self._stub is not None  # made above, or injected
         return self._stub
 
-    async def complete(self, request: pb.CompleteRequest) -> pb.CompleteResponse:
+    async def complete(
+        self, request: pb.CompleteRequest, *, timeout_s: float | None = None
+    ) -> pb.CompleteResponse:
+        """As ``Client.complete``: ``timeout_s`` is this call's deadline (None: the client's)."""
+        timeout = self._timeout_s if timeout_s is None else deadline_s(timeout_s)
         sent = with_request_id(request)
         metadata = call_metadata(self._metadata, request)
         try:
             response: pb.CompleteResponse = await self._gateway().Complete(
                 sent,
                 metadata=metadata,
-                timeout=self._timeout_s,
+                timeout=timeout,
                 wait_for_ready=self._reached.wait_for_ready(),
             )
         except grpc.RpcError as error:
@@ -349,16 +363,19 @@ class AsyncClient:
         self._reached.answered()
         return response
 
-    def stream(self, request: pb.CompleteRequest) -> AsyncChunkStream:
+    def stream(
+        self, request: pb.CompleteRequest, *, timeout_s: float | None = None
+    ) -> AsyncChunkStream:
         """As ``Client.stream``, an :class:`AsyncChunkStream`: ``async with client.stream(r)
         as chunks:``, or ``async for`` over it and ``aclose()`` it."""
+        timeout = self._timeout_s if timeout_s is None else deadline_s(timeout_s)
         sent = with_request_id(request)
         metadata = call_metadata(self._metadata, request)
         return AsyncChunkStream(
             lambda: self._gateway().StreamComplete(
                 sent,
                 metadata=metadata,
-                timeout=self._timeout_s,
+                timeout=timeout,
                 wait_for_ready=self._reached.wait_for_ready(),
             ),
             sent.request_id,
@@ -373,11 +390,12 @@ class AsyncClient:
         max_tokens: int = 512,
         system: str | None = None,
         namespace: str = "",
+        timeout_s: float | None = None,
     ) -> pb.CompleteResponse:
         request = build_request(
             question, model=model, max_tokens=max_tokens, system=system, namespace=namespace
         )
-        return await self.complete(request)
+        return await self.complete(request, timeout_s=timeout_s)
 
     async def close(self) -> None:
         """Closes the channel; a channel opened in a loop that has closed went with it."""

@@ -21,6 +21,7 @@ import grpc
 
 from cachemesh._argv import file_named
 from cachemesh._auth import bearer_metadata
+from cachemesh._channel import deadline_s
 from cachemesh._errors import CachemeshError, from_rpc_error
 from cachemesh._tls import Tls, sync_channel
 from cachemesh.v1 import admin_pb2 as adm
@@ -68,9 +69,9 @@ class AdminClient:
         if not admin_token.strip():
             raise ValueError("an admin token is required (the router's CACHEMESH_ADMIN_TOKEN_FILE)")
         self._metadata = bearer_metadata(admin_token, "admin_token")  # before the channel
+        self._timeout_s = deadline_s(timeout_s)
         self._channel = sync_channel(target, tls)
         self._stub = admin_pb2_grpc.AdminStub(self._channel)
-        self._timeout_s = timeout_s
 
     def stats(self, tenant: str = "", *, page_size: int = 0) -> adm.GetStatsResponse:
         """Every tenant's figures (or ``tenant``'s), every page of them in one reply (each

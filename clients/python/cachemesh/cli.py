@@ -11,7 +11,7 @@ import sys
 from collections.abc import Mapping
 
 from cachemesh._argv import Parser, secret_flag
-from cachemesh._channel import never_connected
+from cachemesh._channel import DEFAULT_TIMEOUT_S, TIMEOUT_MAX_S, never_connected
 from cachemesh._client import DEFAULT_TARGET, Client
 from cachemesh._errors import CachemeshError, DeadlineExceededError, UnavailableError
 from cachemesh._requests import answer_text, build_request
@@ -46,8 +46,7 @@ def _max_tokens(text: str) -> int:
 
 
 TIMEOUT_ENV = "CACHEMESH_TIMEOUT_S"
-TIMEOUT_DEFAULT_S = 120.0  # the Client's own default
-TIMEOUT_MAX_S = 86_400.0  # a day: anything longer is a typo (gRPC takes it as no deadline)
+TIMEOUT_DEFAULT_S = DEFAULT_TIMEOUT_S  # the Client's own default
 
 
 def _seconds(text: str) -> float:

@@ -29,11 +29,11 @@ from typing import Any, TextIO
 
 from cachemesh._argv import Parser, secret_flag
 from cachemesh._auth import bearer_metadata
+from cachemesh._channel import TIMEOUT_MAX_S
 from cachemesh._client import DEFAULT_TARGET
 from cachemesh._tls import Tls, check_plaintext, is_loopback
 from cachemesh._tls import add_arguments as add_tls_arguments
 from cachemesh._tls import from_args as tls_from_args
-from cachemesh.cli import TIMEOUT_MAX_S
 from cachemesh.envfile import EnvFileError, read_env_file
 from cachemesh.loadtest import billed, chart, report
 from cachemesh.loadtest.load import (
