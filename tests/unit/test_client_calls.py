@@ -267,3 +267,32 @@ def test_async_with_opens_the_channel_in_its_loop(gateway: tuple[FakeGateway, st
 
     assert asyncio.run(run()) == ["end_turn", "start", "end"]
     assert len(fake.metadata) == 2
+
+
+def test_a_closed_client_refuses_a_call_as_the_async_one_does(
+    gateway: tuple[FakeGateway, str],
+) -> None:
+    """A call on a closed Client, or a stream it made read after it closed, is a RuntimeError
+    saying so (AsyncClient's too): it was gRPC's ValueError ("Cannot invoke RPC on closed
+    channel!"), neither a CachemeshError nor what AsyncClient raises."""
+    fake, target = gateway
+    client = Client(target, api_key="k")
+    made_before = client.stream(build_request("hi"))
+    client.close()
+    for call in (
+        lambda: client.complete(build_request("hi")),
+        lambda: next(client.stream(build_request("hi"))),
+        lambda: next(made_before),
+    ):
+        with pytest.raises(RuntimeError, match="this Client is closed"):
+            call()
+    client.close()  # twice is fine
+
+    async def closed() -> None:
+        async_client = AsyncClient(target, api_key="k")
+        await async_client.close()
+        with pytest.raises(RuntimeError, match="this AsyncClient is closed"):
+            await async_client.complete(build_request("hi"))
+
+    asyncio.run(closed())
+    assert fake.metadata == []

@@ -218,6 +218,14 @@ class Client:
         )
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self._reached = Reached(wait_for_ready)
+        self._closed = False
+
+    def _gateway(self) -> gateway_pb2_grpc.GatewayStub:
+        """The stub; a RuntimeError once the client is closed (gRPC's own was a ValueError,
+        "Cannot invoke RPC on closed channel!", as AsyncClient's is this RuntimeError)."""
+        if self._closed:
+            raise RuntimeError("this Client is closed")
+        return self._stub
 
     def complete(
         self, request: pb.CompleteRequest, *, timeout_s: float | None = None
@@ -228,7 +236,7 @@ class Client:
         sent = with_request_id(request)
         metadata = call_metadata(self._metadata, request)
         try:
-            response: pb.CompleteResponse = self._stub.Complete(
+            response: pb.CompleteResponse = self._gateway().Complete(
                 sent,
                 metadata=metadata,
                 timeout=timeout,
@@ -249,7 +257,7 @@ class Client:
         sent = with_request_id(request)
         metadata = call_metadata(self._metadata, request)
         return ChunkStream(
-            lambda: self._stub.StreamComplete(
+            lambda: self._gateway().StreamComplete(
                 sent,
                 metadata=metadata,
                 timeout=timeout,
@@ -276,6 +284,9 @@ class Client:
         return self.complete(request, timeout_s=timeout_s)
 
     def close(self) -> None:
+        """Closes the channel: a call waiting on it ends (a plain ``CachemeshError``), a later
+        call is a RuntimeError."""
+        self._closed = True
         self._channel.close()
 
     def __enter__(self) -> Client:
