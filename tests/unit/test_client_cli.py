@@ -262,13 +262,18 @@ REMOTE = "192.0.2.1:50051"  # TEST-NET-1: not loopback (never dialled here)
 
 class Dialled:
     """Stands for ``Client`` and ``AdminClient``: records the target and TLS each was made
-    with, then fails as an unreachable Gateway would (nothing is sent anywhere)."""
+    with (and its ``insecure``), then fails as an unreachable Gateway would (nothing is sent
+    anywhere)."""
 
     def __init__(self) -> None:
         self.made: list[tuple[str, Tls | None]] = []
+        self.insecure: list[bool] = []
 
-    def __call__(self, target: str, *, tls: Tls | None = None, **_: object) -> None:
+    def __call__(
+        self, target: str, *, tls: Tls | None = None, insecure: bool = False, **_: object
+    ) -> None:
         self.made.append((target, tls))
+        self.insecure.append(insecure)
         raise CachemeshError(grpc.StatusCode.UNAVAILABLE, "not dialled in this test")
 
 
@@ -309,6 +314,7 @@ def test_insecure_or_tls_lets_a_remote_target_through(
     assert main(["--target", REMOTE, *flags, *command]) == 1  # the recorder's UNAVAILABLE
     ((target, made_tls),) = dialled.made
     assert target == REMOTE and (made_tls is not None) is tls
+    assert dialled.insecure == [not tls]  # --insecure reaches the client, which refuses too
 
 
 @pytest.mark.parametrize("target", ["127.0.0.1:50051", "localhost:50051", "[::1]:50051"])

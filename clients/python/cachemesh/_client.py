@@ -22,26 +22,31 @@ from cachemesh._channel import (
 )
 from cachemesh._errors import from_rpc_error, incomplete
 from cachemesh._requests import build_request
-from cachemesh._tls import Tls, aio_channel, sync_channel
+from cachemesh._tls import Tls, aio_channel, refuse_plaintext, sync_channel
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
-def _attempts(channel: object, tls: Tls | None, max_attempts: int | None) -> int:
+def _attempts(
+    target: str, channel: object, tls: Tls | None, max_attempts: int | None, insecure: bool
+) -> int:
     """The ``max_attempts`` of the channel a client makes (5 unless given). With ``channel``
-    given, ``tls`` or ``max_attempts`` is a ValueError: they set up the channel the client
-    makes, and a channel given is used as it is (they were ignored: plaintext sent where TLS
-    was asked for)."""
+    given, ``tls``, ``max_attempts`` or ``insecure`` is a ValueError: they set up the channel
+    the client makes, and a channel given is used as it is (they were ignored: plaintext sent
+    where TLS was asked for). A channel made in plaintext to a target that is not loopback is
+    a ValueError unless ``insecure`` (the API key would cross the network in cleartext)."""
     given = [f"{name}=" for name, value in (("tls", tls), ("max_attempts", max_attempts))
-             if value is not None]  # fmt: skip
+             if value is not None] + (["insecure="] if insecure else [])  # fmt: skip
     if channel is not None and given:
         raise ValueError(
             f"{' and '.join(given)} cannot be used with channel=: they set up the channel the "
             "client makes; make yours with them (grpc.secure_channel(target, "
             "Tls(...).credentials(), options=cachemesh.channel_options(max_attempts=...)))"
         )
+    if channel is None:
+        refuse_plaintext(target, tls, insecure, "API key")
     return MAX_ATTEMPTS if max_attempts is None else max_attempts
 
 
@@ -194,6 +199,8 @@ class Client:
     come back; ``wait_for_ready`` (default) lets a call wait, within ``timeout_s``, for a
     Gateway that is restarting instead of failing at once, once the Gateway has answered on this
     client (until then a wrong address or TLS setting fails at once, naming gRPC's reason).
+    A ``target`` that is not loopback (nor a Unix socket) without ``tls`` is a ValueError
+    unless ``insecure=True``: the key would cross the network in cleartext with every call.
     ``api_key`` is sent without surrounding whitespace; one gRPC cannot send (a space, a control
     or non-ASCII character) is a ValueError."""
 
@@ -207,10 +214,11 @@ class Client:
         tls: Tls | None = None,
         wait_for_ready: bool = True,
         max_attempts: int | None = None,
+        insecure: bool = False,
     ) -> None:
         self._metadata = bearer_metadata(api_key, "api_key")  # before a channel is opened
         self._timeout_s = deadline_s(timeout_s)
-        attempts = _attempts(channel, tls, max_attempts)
+        attempts = _attempts(target, channel, tls, max_attempts, insecure)
         self._channel = (
             channel
             if channel is not None
@@ -316,10 +324,11 @@ class AsyncClient:
         tls: Tls | None = None,
         wait_for_ready: bool = True,
         max_attempts: int | None = None,
+        insecure: bool = False,
     ) -> None:
         self._metadata = bearer_metadata(api_key, "api_key")  # before a channel is opened
         self._timeout_s = deadline_s(timeout_s)
-        attempts = _attempts(channel, tls, max_attempts)
+        attempts = _attempts(target, channel, tls, max_attempts, insecure)
         if tls is not None:
             tls.credentials()  # a file that cannot be read: now, not at the first call
         options = channel_options(wait_for_ready, attempts)

@@ -90,6 +90,21 @@ def is_loopback(target: str) -> bool:
         return False
 
 
+def refuse_plaintext(target: str, tls: Tls | None, insecure: bool, secret: str) -> None:
+    """The clients' check (``Client``, ``AsyncClient``, ``AdminClient``): a ValueError naming
+    ``target`` and the parameters that allow it when ``target`` is neither loopback nor a Unix
+    socket and neither ``tls`` nor ``insecure`` is given, before a channel is made: ``secret``
+    (the API key, the admin token), sent with every call, would cross the network in
+    cleartext. The command lines check first with their own flags (``check_plaintext``)."""
+    local = is_loopback(target) or target.startswith(("unix:", "unix-abstract:"))
+    if tls is None and not insecure and not local:
+        raise ValueError(
+            f"target {target!r} is not loopback and tls is None: the {secret} would cross the "
+            "network in cleartext with every call; pass tls=Tls(...) (Tls() for the system's "
+            "CA roots), or insecure=True to allow it"
+        )
+
+
 def check_plaintext(
     target: str, tls: Tls | None, insecure: bool, secrets: str = "the API keys"
 ) -> None:

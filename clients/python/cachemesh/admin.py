@@ -23,7 +23,7 @@ from cachemesh._argv import file_named
 from cachemesh._auth import bearer_metadata
 from cachemesh._channel import deadline_s
 from cachemesh._errors import CachemeshError, from_rpc_error
-from cachemesh._tls import Tls, sync_channel
+from cachemesh._tls import Tls, refuse_plaintext, sync_channel
 from cachemesh.v1 import admin_pb2 as adm
 from cachemesh.v1 import admin_pb2_grpc
 
@@ -65,11 +65,15 @@ class AdminClient:
         admin_token: str,
         tls: Tls | None = None,
         timeout_s: float = 30.0,
+        insecure: bool = False,
     ) -> None:
+        """``target`` not loopback without ``tls``: a ValueError unless ``insecure`` (the
+        admin token would cross the network in cleartext with every call)."""
         if not admin_token.strip():
             raise ValueError("an admin token is required (the router's CACHEMESH_ADMIN_TOKEN_FILE)")
         self._metadata = bearer_metadata(admin_token, "admin_token")  # before the channel
         self._timeout_s = deadline_s(timeout_s)
+        refuse_plaintext(target, tls, insecure, "admin token")
         self._channel = sync_channel(target, tls)
         self._stub = admin_pb2_grpc.AdminStub(self._channel)
 

@@ -152,7 +152,7 @@ def admin_token(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace, target: str, tls: Tls | None) -> int:
     try:
         token = admin_token(args)
-        with AdminClient(target, admin_token=token, tls=tls) as client:
+        with AdminClient(target, admin_token=token, tls=tls, insecure=args.insecure) as client:
             reply = _call(client, args)
     except CachemeshError as error:
         print(f"cachemesh admin: {error}", file=sys.stderr)

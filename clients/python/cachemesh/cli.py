@@ -220,7 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         # a person at a terminal: a Gateway that is down is said at once, not waited for
         with Client(
-            args.target, api_key=key, tls=tls, wait_for_ready=False, timeout_s=timeout
+            args.target,
+            api_key=key,
+            tls=tls,
+            wait_for_ready=False,
+            timeout_s=timeout,
+            insecure=args.insecure,
         ) as client:
             response = client.complete(request)
     except DeadlineExceededError as error:  # no answer made, billed: a retry is billed again

@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         print("cachemesh-load: interrupted before the run: no report", file=sys.stderr)
         return INTERRUPTED_EXIT
     shape = LoadShape(args.mode, args.concurrency, args.rate, args.duration, args.stream,
-                      args.timeout, args.seed, tls)  # fmt: skip
+                      args.timeout, args.seed, tls, insecure=args.insecure)  # fmt: skip
     unread: str | None = None  # why the billed totals could not be read
     if token and tls is None and not is_loopback(args.target):  # --insecure: the keys only
         token = None

@@ -85,6 +85,7 @@ class LoadShape:
     timeout_s: float = 120.0
     seed: int = 7
     tls: Tls | None = None  # every channel of the run, each client process's too
+    insecure: bool = False  # --insecure: plaintext to a target that is not loopback
 
 
 async def _send(
@@ -242,7 +243,9 @@ async def run_plan(
     is in flight and raises ``Interrupted`` with the samples."""
     _RUN.set(asyncio.current_task())
     clients = {
-        t: AsyncClient(target, api_key=k, tls=shape.tls, timeout_s=shape.timeout_s)
+        t: AsyncClient(
+            target, api_key=k, tls=shape.tls, timeout_s=shape.timeout_s, insecure=shape.insecure
+        )
         for t, k in keys.items()
     }
     places = range(len(plan)) if places is None else places
