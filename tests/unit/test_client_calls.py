@@ -296,3 +296,21 @@ def test_a_closed_client_refuses_a_call_as_the_async_one_does(
 
     asyncio.run(closed())
     assert fake.metadata == []
+
+
+def test_ask_retries_with_the_request_id_an_error_named(
+    gateway: tuple[FakeGateway, str],
+) -> None:
+    """An error names the request_id to retry with; ``ask`` takes it (it was a TypeError:
+    only a request built with ``build_request`` could), sent as the caller's own, marked."""
+    fake, target = gateway
+    with Client(target, api_key="k") as client:
+        answer = client.ask("hi", request_id="the-failed-calls-id")
+
+    async def ask() -> pb.CompleteResponse:
+        async with AsyncClient(target, api_key="k") as async_client:
+            return await async_client.ask("hi", request_id="the-failed-calls-id")
+
+    again = asyncio.run(ask())
+    assert answer.request_id == again.request_id == "the-failed-calls-id"
+    assert [m.get("cachemesh-retry") for m in fake.metadata] == ["1", "1"]

@@ -284,10 +284,18 @@ class Client:
         system: str | None = None,
         namespace: str = "",
         timeout_s: float | None = None,
+        request_id: str = "",
     ) -> pb.CompleteResponse:
-        """One user question; build a request with :func:`cachemesh.build_request` for more."""
+        """One user question; build a request with :func:`cachemesh.build_request` for more.
+        ``request_id``: an error's, to retry the same question with it (answered and billed
+        once); a new one is made when empty."""
         request = build_request(
-            question, model=model, max_tokens=max_tokens, system=system, namespace=namespace
+            question,
+            model=model,
+            max_tokens=max_tokens,
+            system=system,
+            namespace=namespace,
+            request_id=request_id,
         )
         return self.complete(request, timeout_s=timeout_s)
 
@@ -411,9 +419,15 @@ class AsyncClient:
         system: str | None = None,
         namespace: str = "",
         timeout_s: float | None = None,
+        request_id: str = "",
     ) -> pb.CompleteResponse:
         request = build_request(
-            question, model=model, max_tokens=max_tokens, system=system, namespace=namespace
+            question,
+            model=model,
+            max_tokens=max_tokens,
+            system=system,
+            namespace=namespace,
+            request_id=request_id,
         )
         return await self.complete(request, timeout_s=timeout_s)
 
