@@ -398,6 +398,29 @@ def test_a_call_cut_at_its_deadline_advises_a_longer_timeout_not_a_retry(
     assert err.splitlines()[0] == "cachemesh: DEADLINE_EXCEEDED: fake DEADLINE_EXCEEDED"
 
 
+def test_a_deadline_with_no_word_from_the_gateway_names_the_id_to_retry_with(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """gRPC's own "Deadline Exceeded" (a Gateway that said nothing in time: stalled, or its
+    reply lost) is no cut the Gateway made: the CLI said "billed for what the model produced: a
+    retry would be billed again"; it names the id to retry with (answered once if made)."""
+    for name in SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    fake = SlowGateway(2.0)
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    gateway_pb2_grpc.add_GatewayServicer_to_server(fake, server)
+    target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    try:
+        assert main(["--target", target, "ask", "hi", "--timeout", "0.3"]) == 1
+    finally:
+        server.stop(None)
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == "cachemesh: DEADLINE_EXCEEDED: Deadline Exceeded", err
+    assert "billed" not in err and "no word from the Gateway" in err
+    assert "retry with --request-id " in err and "--timeout" in err
+
+
 class SlowGateway(FailingGateway):
     """Answers after ``delay_s`` (a model still answering); records each call's deadline."""
 

@@ -143,6 +143,13 @@ def _status(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
 
 
+# the router's words for a call it cut at the caller's deadline (services.router.model_answer)
+ROUTER_CUT = (
+    "the sim-small answer was still running at its deadline, the request's deadline (2.0 s), "
+    "and was cut; billed for what was produced, not cached"
+)
+
+
 def test_a_deadline_cut_is_its_own_error_advising_a_longer_deadline_not_a_retry() -> None:
     """A call cut at its deadline made no answer (billed for what it produced): a retry with
     its id is a new model call, billed again, cut the same way. It was an UnavailableError
@@ -150,10 +157,11 @@ def test_a_deadline_cut_is_its_own_error_advising_a_longer_deadline_not_a_retry(
     catches it)."""
     from cachemesh._errors import from_rpc_error
 
-    error = from_rpc_error(_status(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"), "r1")
+    error = from_rpc_error(_status(grpc.StatusCode.DEADLINE_EXCEEDED, ROUTER_CUT), "r1")
     assert type(error) is DeadlineExceededError and isinstance(error, UnavailableError)
+    assert error.cut_by_gateway
     text = str(error)
-    assert text.startswith("DEADLINE_EXCEEDED: Deadline Exceeded (request_id r1: ")
+    assert text.startswith(f"DEADLINE_EXCEEDED: {ROUTER_CUT} (request_id r1: ")
     assert "longer deadline" in text and "smaller max_tokens" in text and "billed" in text
     assert str(pickle.loads(pickle.dumps(error))) == text
     unavailable = from_rpc_error(_status(grpc.StatusCode.UNAVAILABLE, "down"), "r2")
@@ -206,3 +214,28 @@ def test_a_rate_or_budget_refusal_is_a_rate_limit_with_its_reason(limit: str, re
     plain = retry_trailers(Code.RESOURCE_EXHAUSTED, "wait", 1_000, "tenant:t", (limit,))
     older = from_rpc_error(_refused_with(plain), "r3")
     assert type(older) is RateLimitError and older.reason is None
+
+
+def test_a_deadline_with_no_word_from_the_gateway_does_not_say_it_was_billed() -> None:
+    """A Gateway that answered once, then went away: the next call waits for it (wait_for_ready)
+    until its deadline, gRPC's own "Deadline Exceeded". The error said the call was "billed
+    for what the model produced; a retry is a new model call, billed again", with no call
+    received; it says the Gateway may never have received it and to retry with its id. A cut
+    the Gateway says in its own words keeps its advice (above)."""
+    fake = FakeGateway()
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    gateway_pb2_grpc.add_GatewayServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    with Client(f"127.0.0.1:{port}", api_key="k", timeout_s=1.0) as client:
+        client.complete(build_request("hi"))  # answered: from now on a call waits for it
+        server.stop(None).wait()
+        with pytest.raises(DeadlineExceededError) as caught:
+            client.complete(build_request("hi again"))
+    error = caught.value
+    assert error.message == "Deadline Exceeded" and not error.cut_by_gateway
+    text = str(error)
+    assert "billed for what the model produced" not in text and "billed again" not in text
+    assert f"request_id {error.request_id}: no word from the Gateway" in text
+    assert "may never have received the call" in text and "retry with it" in text
+    assert len(fake.ids) == 1  # the second call never reached it

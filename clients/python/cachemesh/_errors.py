@@ -106,7 +106,18 @@ class DeadlineExceededError(UnavailableError):
     cut the same way: allow a longer deadline (``timeout_s``; ``cachemesh ask --timeout``) or
     ask for a smaller ``max_tokens`` (``smaller_max_tokens_helps``: not when the Gateway says
     the answer had written all of its max_tokens, or its provider gave no token). An
-    ``UnavailableError`` too (it was one before it had its own class)."""
+    ``UnavailableError`` too (it was one before it had its own class).
+
+    ``cut_by_gateway`` False: gRPC's own "Deadline Exceeded", no word from the Gateway within
+    the deadline: it may never have received the call (down, unreachable or stalled; nothing
+    billed) or its own status came late; a retry with the ``request_id`` is answered once if
+    an answer was made, else is a new model call."""
+
+    @property
+    def cut_by_gateway(self) -> bool:
+        """Whether the Gateway said it cut the call at the deadline (a message of its own,
+        not gRPC's "Deadline Exceeded" made on this side)."""
+        return self.message != _LOCAL_DEADLINE
 
     @property
     def smaller_max_tokens_helps(self) -> bool:
@@ -118,6 +129,13 @@ class DeadlineExceededError(UnavailableError):
     def __str__(self) -> str:
         text = CachemeshError.__str__(self)
         said = f"request_id {self.request_id}: " if self.request_id else ""
+        if not self.cut_by_gateway:
+            return (
+                f"{text} ({said}no word from the Gateway within the deadline: it may never "
+                "have received the call; a retry with this request_id is answered once if an "
+                "answer was made, else is a new model call: retry with it, or allow a longer "
+                "deadline)"
+            )
         advice = "allow a longer deadline"
         if self.smaller_max_tokens_helps:
             advice += " or ask for a smaller max_tokens"
@@ -130,6 +148,10 @@ class DeadlineExceededError(UnavailableError):
 # the Gateway's words for a deadline cut that a smaller max_tokens would not have avoided
 # (services.router.model_answer): an answer that wrote all of it, a provider that wrote nothing
 _NOT_ITS_LENGTH = ("had written all of its max_tokens", "gave no token")
+
+# gRPC's own details of a deadline that passed on this side with no status from the Gateway
+# (the Gateway's cut says its own words: whose deadline, what was billed)
+_LOCAL_DEADLINE = "Deadline Exceeded"
 
 
 _BY_CODE: dict[grpc.StatusCode, type[CachemeshError]] = {

@@ -230,6 +230,15 @@ def main(argv: list[str] | None = None) -> int:
             response = client.complete(request)
     except DeadlineExceededError as error:  # no answer made, billed: a retry is billed again
         print(f"cachemesh: {error.code.name}: {error.message}", file=sys.stderr)
+        rid = error.request_id
+        if not error.cut_by_gateway:  # no word from the Gateway: it may not have received it
+            print(
+                f"request_id: {rid} (no word from the Gateway within its deadline: it may not "
+                f"have received the call; retry with --request-id {rid}, answered once if an "
+                "answer was made, or give a longer --timeout)",
+                file=sys.stderr,
+            )
+            return 1
         advice = "a longer --timeout"
         if error.smaller_max_tokens_helps:
             advice += " or a smaller --max-tokens"
