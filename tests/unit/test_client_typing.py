@@ -20,7 +20,9 @@ from cachemesh import (
     Client,
     RateLimitError,
     answer_text,
+    assistant_message,
     build_request,
+    user_message,
 )
 from cachemesh.v1 import gateway_pb2 as pb
 
@@ -29,7 +31,8 @@ def main(target: str, key: str) -> None:
     with Client(target, api_key=key) as client:
         response = client.ask("How do I reset my password?")
         print(pb.Layer.Name(response.served_by), answer_text(response))
-        request = build_request("Hi", model="sim-small", max_tokens=64)
+        history = [user_message("Hi"), assistant_message("Hello! How can I help?")]
+        request = build_request("And you?", model="sim-small", max_tokens=64, history=history)
         try:
             with client.stream(request) as chunks:
                 for chunk in chunks:
@@ -54,24 +57,39 @@ asyncio.run(amain("127.0.0.1:50051", "k"))
 """
 
 
-def test_a_users_script_type_checks_under_mypy_strict(tmp_path: Path) -> None:
-    script = tmp_path / "user.py"
-    script.write_text(USER_SCRIPT)
+def _mypy_strict(tmp_path: Path, script: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "user.py").write_text(script)
     environ = {k: v for k, v in os.environ.items() if k not in ("MYPYPATH", "PYTHONPATH")}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mypy",
-            "--strict",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            "user.py",
-        ],
+    command = [sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache")]
+    return subprocess.run(
+        [*command, "user.py"],
         cwd=tmp_path,
         env=environ,
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def test_a_users_script_type_checks_under_mypy_strict(tmp_path: Path) -> None:
+    done = _mypy_strict(tmp_path, USER_SCRIPT)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_misspelt_name_is_a_type_error(tmp_path: Path) -> None:
+    """The package's lazy ``__getattr__`` (names load on first use) made every name of
+    ``cachemesh`` type-check, as Any: ``from cachemesh import Clinet`` passed mypy --strict and
+    failed at run time. A type checker now reads the package's imports alone."""
+    done = _mypy_strict(tmp_path, "from cachemesh import Clinet\n\nprint(Clinet)\n")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert 'Module "cachemesh" has no attribute "Clinet"' in done.stdout, done.stdout
+
+
+def test_every_public_name_loads() -> None:
+    """``assistant_message`` (for ``build_request``'s ``history``) is public as
+    ``user_message`` is: ``from cachemesh import assistant_message`` was an ImportError."""
+    import cachemesh
+
+    assert "assistant_message" in cachemesh.__all__
+    for name in cachemesh.__all__:
+        assert getattr(cachemesh, name) is not None, name

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
         RequestTooLargeError,
         UnavailableError,
     )
-    from cachemesh._requests import answer_text, build_request, user_message
+    from cachemesh._requests import answer_text, assistant_message, build_request, user_message
     from cachemesh._tls import Tls
 
 _HOMES = {
@@ -47,6 +47,7 @@ _HOMES = {
     "UnavailableError": "cachemesh._errors",
     "channel_options": "cachemesh._channel",
     "answer_text": "cachemesh._requests",
+    "assistant_message": "cachemesh._requests",
     "build_request": "cachemesh._requests",
     "user_message": "cachemesh._requests",
 }
@@ -67,19 +68,22 @@ __all__ = [
     "Tls",
     "UnavailableError",
     "answer_text",
+    "assistant_message",
     "build_request",
     "channel_options",
     "user_message",
 ]
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'cachemesh' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value
-    return value
+if not TYPE_CHECKING:  # a type checker reads the imports above: a misspelt name is an error
+
+    def __getattr__(name: str) -> Any:
+        home = _HOMES.get(name)
+        if home is None:
+            raise AttributeError(f"module 'cachemesh' has no attribute {name!r}")
+        value = getattr(importlib.import_module(home), name)
+        globals()[name] = value
+        return value
 
 
 def __dir__() -> list[str]:
