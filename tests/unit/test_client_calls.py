@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import pytest
 
-from cachemesh import AsyncClient, Client, build_request
+from cachemesh import AsyncClient, ChunkStream, Client, build_request
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 
@@ -314,3 +314,28 @@ def test_ask_retries_with_the_request_id_an_error_named(
     again = asyncio.run(ask())
     assert answer.request_id == again.request_id == "the-failed-calls-id"
     assert [m.get("cachemesh-retry") for m in fake.metadata] == ["1", "1"]
+
+
+def test_a_stream_closed_by_another_thread_as_its_call_starts_is_cancelled() -> None:
+    """``close()`` from another thread while the first read is starting the call (it saw no
+    call to cancel): the call went on unread, generated and billed to its end; it is
+    cancelled as it starts, and the read ends."""
+
+    class Call:
+        cancelled = False
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+        def __next__(self) -> pb.CompleteChunk:
+            return pb.CompleteChunk(start=pb.CompleteResponse(model="sim-small"))
+
+    call = Call()
+
+    def start() -> Call:
+        stream.close()  # the other thread's close(), as this one starts the call
+        return call
+
+    stream = ChunkStream(start, "r1")
+    assert list(stream) == []
+    assert call.cancelled

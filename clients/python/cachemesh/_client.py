@@ -77,6 +77,9 @@ class ChunkStream(Iterator[pb.CompleteChunk]):
             raise StopIteration
         if self._call is None:
             self._call = self._start()
+            if self._closed:  # closed by another thread as it started: close() saw no call
+                self._call.cancel()
+                raise StopIteration
         try:
             chunk: pb.CompleteChunk = next(self._call)
         except StopIteration:
