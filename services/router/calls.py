@@ -47,6 +47,7 @@ from cachemesh.v1 import model_pb2, prefix_cache_pb2, semantic_cache_pb2
 from cachemesh.v1.prompt_pb2 import PromptFacts
 from services.common.clock import SecondsClock, Throttles, suppressed
 from services.common.errors import Code, RequestError
+from services.common.models import ModelTable
 from services.common.span_events import record_event
 from services.router.breaker import Dependency, prefix_breaker
 from services.router.dependencies import (
@@ -58,6 +59,7 @@ from services.router.dependencies import (
     without_refused_report,
 )
 from services.router.l1_breaker import SemanticBreakers
+from services.router.model_facts import accepted_models, model_facts
 from services.router.renewals import Renewals
 from services.router.settings import RouterSettings
 
@@ -204,6 +206,7 @@ class Calls:
         background: Callable[[Awaitable[None]], object] | None = None,
         hung: Callable[[Dependency], None] | None = None,
         tenant_left_alone: Callable[[], None] | None = None,
+        models: ModelTable | None = None,
     ) -> None:
         """``counted``: the degradations' metric (None: a router built without metrics);
         ``tracer``: for a call that degrades after its request's span ended (a Store);
@@ -212,11 +215,15 @@ class Calls:
         the request (the Release of a lost Lookup's lease; None: a task of its own);
         ``hung``: told as a hang of prefix-cache or semantic-cache starts, its breaker first
         leaving it alone (the metric; None: not counted); ``tenant_left_alone``: told as L1 is
-        first left alone for one tenant's Lookups (the metric; None: not counted)."""
+        first left alone for one tenant's Lookups (the metric; None: not counted);
+        ``models``: the model table whose facts of a request's model L1's calls carry, so that
+        its answers are served only for the model that made them (``model_facts``; None: the
+        model string alone, as from a router older than them)."""
         self._background = background if background is not None else self._in_background
         self._tasks: set[asyncio.Future[Any]] = set()
         self._d = dependencies
         self._s = settings
+        self._models = models
         self._counted = counted
         self._tracer = tracer
         self._clock = clock
@@ -332,7 +339,10 @@ class Calls:
             accepted_tiers=accepted_tiers,
             lease_id=uuid.uuid4().hex,
             retry=retry,
+            model_facts=self._facts(request),
         )
+        if self._models is not None:
+            call.accepted_models.extend(accepted_models(self._models, request))
         # its timeout counts toward leaving L1 alone unless the client's deadline cut it short
         # (then it is no degradation of L1 either)
         counts = lookup_s >= self._s.semantic_timeout_s * _BREAKER_MIN_SHARE
@@ -347,6 +357,10 @@ class Calls:
         short = wait_s < self._s.semantic_lease_wait_s * _BREAKER_MIN_SHARE
         second = await self._lookup(call, wait_s, short=short)
         return first if second is None else second
+
+    def _facts(self, request: pb.CompleteRequest) -> semantic_cache_pb2.ModelFacts | None:
+        """What L1's scope holds of the request's model beyond its string (None: nothing)."""
+        return None if self._models is None else model_facts(self._models, request)
 
     def lookup_timeout_s(self, deadline: float | None) -> float:
         """The first Lookup's deadline: ``ROUTER_SEMANTIC_TIMEOUT_S``, and at most half of what
@@ -369,7 +383,10 @@ class Calls:
             "semantic-cache",
             self._d.semantic.release(
                 semantic_cache_pb2.ReleaseRequest(
-                    tenant=tenant, request=request, lease_id=lease_id
+                    tenant=tenant,
+                    request=request,
+                    lease_id=lease_id,
+                    model_facts=self._facts(request),
                 ),
                 self._s.semantic_timeout_s,
             ),
@@ -531,7 +548,11 @@ class Calls:
             "semantic-cache",
             self._d.semantic.store(
                 semantic_cache_pb2.StoreRequest(
-                    tenant=tenant, request=request, answer=answer, lease_id=lease_id
+                    tenant=tenant,
+                    request=request,
+                    answer=answer,
+                    lease_id=lease_id,
+                    model_facts=self._facts(request),
                 ),
                 # not the lookup's deadline: the answer does not wait for its Store, which
                 # waits for L1's write-ahead log to reach the disk (an fsync)

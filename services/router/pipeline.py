@@ -72,6 +72,8 @@ _T = TypeVar("_T")
 
 
 _TIER_REFUSAL = "tier:"  # L1's refusal of an auto hit of a tier the request does not accept
+# ... and those of an auto hit another row made (``model_facts.accepted_models``)
+_ANSWER_REFUSALS = (_TIER_REFUSAL, "model:")
 
 
 class Pipeline:
@@ -122,6 +124,7 @@ class Pipeline:
             background=self._in_background,
             hung=metrics.breaker_opened if metrics is not None else None,
             tenant_left_alone=metrics.l1_tenant_left_alone if metrics is not None else None,
+            models=table,
         )
         self._tracer = tracer
         self._table = table
@@ -241,7 +244,7 @@ class Pipeline:
             lookup = semantic_cache_pb2.LookupResponse(
                 best_similarity=lookup.best_similarity, refusal=refused
             )
-        elif lookup is not None and lookup.refusal.startswith(_TIER_REFUSAL):
+        elif lookup is not None and lookup.refusal.startswith(_ANSWER_REFUSALS):
             refused = lookup.refusal  # L1 refused it, and counted it as a miss
         if refused:
             # the model answers, and its Store replaces an exact match's weaker answer

@@ -99,9 +99,11 @@ class SemanticCacheApi:
         _require_tenant(request.tenant)
         _check_lease_id(request.lease_id)
         draining = self._is_draining()
-        query = await self._query(request.tenant, request.request)
+        query = await self._query(request.tenant, request.request, _facts(request))
         if request.accepted_tiers:  # a hit of another tier is refused by the check: a miss
             query = dataclasses.replace(query, accepted_tiers=tuple(request.accepted_tiers))
+        if request.accepted_models:  # so is one another row made (``auto`` repointed)
+            query = dataclasses.replace(query, accepted_models=tuple(request.accepted_models))
         # the whole lookup (its wait for the scope's Stores, the lease wait, the embedding
         # ``auto`` wants) ends in time for its reply
         within_s = None
@@ -202,7 +204,9 @@ class SemanticCacheApi:
         lease_id = request.lease_id or None
         if self._is_draining():
             with contextlib.suppress(InvalidQuery):  # a refused Store still ends its lease
-                self._cache.release(self._queries.of(request.tenant, request.request), lease_id)
+                self._cache.release(
+                    self._queries.of(request.tenant, request.request, _facts(request)), lease_id
+                )
             raise RequestError(Code.UNAVAILABLE, DRAINING)
         answer = request.answer
         if answer.output_tokens < 0:
@@ -215,7 +219,7 @@ class SemanticCacheApi:
             has_text=any(b.WhichOneof("kind") == "text" and b.text.strip() for b in answer.content),
             unparsed_tool_call=unparsed_tool_call(answer.content),
         )
-        query = await self._query(request.tenant, request.request)
+        query = await self._query(request.tenant, request.request, _facts(request))
         policy = self._policies.get(request.tenant)
         if not policy.l1_enabled:
             self._cache.release(query, lease_id)
@@ -271,7 +275,7 @@ class SemanticCacheApi:
             return sc.ReleaseResponse(
                 released=self._cache.end_lease(request.tenant, request.lease_id)
             )
-        query = await self._query(request.tenant, request.request)
+        query = await self._query(request.tenant, request.request, _facts(request))
         return sc.ReleaseResponse(released=self._cache.release(query, request.lease_id or None))
 
     async def renew(self, request: sc.RenewRequest) -> sc.RenewResponse:
@@ -407,11 +411,18 @@ class SemanticCacheApi:
     def _is_draining(self) -> bool:
         return self._draining is not None and self._draining.is_set()
 
-    async def _query(self, tenant: str, request: pb.CompleteRequest) -> Query:
+    async def _query(
+        self, tenant: str, request: pb.CompleteRequest, facts: sc.ModelFacts | None
+    ) -> Query:
         try:
-            return await self._queries.derived(tenant, request)
+            return await self._queries.derived(tenant, request, facts)
         except InvalidQuery as exc:
             raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
+
+
+def _facts(request: sc.LookupRequest | sc.StoreRequest | sc.ReleaseRequest) -> sc.ModelFacts | None:
+    """The router's model facts of the request (None: a router older than them sent none)."""
+    return request.model_facts if request.HasField("model_facts") else None
 
 
 def _require_tenant(tenant: str) -> None:

@@ -351,7 +351,7 @@ class SemanticCache(EntryStore):
         passed_over: int | None = None
         vid = self._exact_match(index, query.normalised)
         if vid is not None and self._servable(self._entries[vid], query, now):
-            tier_refused = query.tier_refusal(self._entries[vid].answer)
+            tier_refused = query.answer_refusal(self._entries[vid].answer)
             if not tier_refused:
                 return self._hit(vid, 1.0, exact=True, best=1.0)
             passed_over = vid
@@ -386,7 +386,7 @@ class SemanticCache(EntryStore):
             threshold,
             self._margin,
         )
-        if short and (refusal := query.tier_refusal(short[0].entry.answer)):
+        if short and (refusal := query.answer_refusal(short[0].entry.answer)):
             return miss(best, refusal)  # the nearest is another tier's: not verified at all
         if short and self._left_s(deadline) <= 0:  # nobody would wait for the verdicts
             return miss(best)
@@ -413,7 +413,7 @@ class SemanticCache(EntryStore):
         if vid is None:
             return None
         entry = self._entries[vid]
-        if not self._servable(entry, query, now) or query.tier_refusal(entry.answer):
+        if not self._servable(entry, query, now) or query.answer_refusal(entry.answer):
             return None
         return self._hit(vid, 1.0, exact=True, best=1.0)
 

@@ -11,7 +11,8 @@
   different numbers, ``opposite``: a word and its un- form or its opposite, ``swapped``: the
   same words on the other sides of than, to, from..., ``shape``: answers of another length,
   detail or layout asked, ``tier``: an ``auto`` hit whose answer's tier the request does not
-  accept, counted a miss);
+  accept, counted a miss; ``model``: an ``auto`` hit another row made than its tiers resolve
+  to now, counted a miss);
 - ``cachemesh_semantic_cache_stores_total{tenant,outcome}`` (``stored`` / ``skipped``);
 - ``cachemesh_semantic_cache_entries{tenant}`` and ``..._bytes{tenant}`` (the answers, questions
   and vectors held; tenants past the cap summed as ``other``), ``..._evictions_total``
@@ -215,6 +216,7 @@ _REFUSAL_LABELS = (
     ("swapped:", "swapped"),  # reading.SWAPPED
     ("shape:", "shape"),  # reading.SHAPE
     ("tier:", "tier"),  # api: an auto hit of a tier the request does not accept
+    ("model:", "model"),  # api: an auto hit of a row its tiers no longer resolve to
 )
 
 

@@ -2,12 +2,15 @@
 
 DESIGN.md, "What a cache hit may serve": an answer is served only within one scope, the
 sha256 of a canonical serialisation of the tenant, the namespace, the requested model string
-(``auto`` included), the tools and system prompt, the conversation before the last user turn
-(and the non-text blocks of that turn, in their places among its text), and the temperature
-(unset = 1.0). ``cache_control`` markers, ``max_tokens``, ``request_id`` and ``routing`` are
-not part of it (the router refuses an ``auto`` hit whose tier is below the one the request's
-thresholds force, and names the tiers it accepts in its Lookup: ``Query.accepted_tiers``,
-refused by the check).
+(``auto`` included) and what the router's model table resolves it to where the string alone
+does not say it (``sc.ModelFacts``: a row's ``upstream_id``), the tools and system prompt, the
+conversation before the last user turn (and the non-text blocks of that turn, in their places
+among its text), and the temperature (unset = 1.0; an explicit 1.0 is another scope where a
+row that may answer is sent none when unset, its engine sampling at its own default).
+``cache_control`` markers, ``max_tokens``, ``request_id`` and ``routing`` are not part of it
+(the router refuses an ``auto`` hit whose tier is below the one the request's thresholds
+force, and names the tiers it accepts in its Lookup: ``Query.accepted_tiers``, refused by the
+check; and the rows ``auto``'s tiers resolve to now: ``Query.accepted_models``).
 """
 
 from __future__ import annotations
@@ -75,17 +78,30 @@ class Query:
     # not part of the scope either: the answer tiers the Lookup accepts (empty: any); an
     # answer of another tier is never served (``tier_refusal``)
     accepted_tiers: tuple[str, ...] = ()
+    # nor this: the model rows whose answers the Lookup accepts (empty: any), ``auto``'s tiers'
+    # rows now; an answer another row made (a tier repointed since) is never served
+    accepted_models: tuple[str, ...] = ()
 
-    def tier_refusal(self, answer: Answer) -> str:
+    def answer_refusal(self, answer: Answer) -> str:
         """Why the answer is not served to this query ("" = it may be): its tier is not one
-        the Lookup accepts (an ``auto`` retry whose thresholds force a larger tier)."""
-        if not self.accepted_tiers:
+        the Lookup accepts (an ``auto`` retry whose thresholds force a larger tier), or the row
+        that made it is not one ``auto`` resolves to now (its tier was repointed)."""
+        if not (self.accepted_tiers or self.accepted_models):
             return ""
-        tier = sc.CachedAnswer.FromString(answer.payload).tier
-        if tier in self.accepted_tiers:
-            return ""
-        accepted = ", ".join(self.accepted_tiers)
-        return f"tier: the cached answer is the {tier} tier's; the request accepts {accepted}"
+        cached = sc.CachedAnswer.FromString(answer.payload)
+        if self.accepted_tiers and cached.tier not in self.accepted_tiers:
+            accepted = ", ".join(self.accepted_tiers)
+            return (
+                f"tier: the cached answer is the {cached.tier} tier's; the request accepts "
+                f"{accepted}"
+            )
+        if self.accepted_models and cached.model not in self.accepted_models:
+            accepted = ", ".join(self.accepted_models)
+            return (
+                f"model: the cached answer is {cached.model}'s; the request's model resolves "
+                f"to {accepted} now"
+            )
+        return ""
 
     @functools.cached_property
     def normalised(self) -> str:
@@ -146,12 +162,16 @@ def folded(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
-def query_from_request(tenant: str, request: pb.CompleteRequest) -> Query:
+def query_from_request(
+    tenant: str, request: pb.CompleteRequest, facts: sc.ModelFacts | None = None
+) -> Query:
+    """``facts``: what the router's table makes of the request's model (None: nothing more
+    than its string, as from a router older than them)."""
     cache = request.cache
     return Query(
         tenant=tenant,
         namespace=cache.namespace,
-        scope=scope_of(tenant, request),
+        scope=scope_of(tenant, request, facts),
         text=last_user_text(request),
         mode=_MODES.get(cache.semantic, "use"),
         threshold=cache.threshold if cache.HasField("threshold") else None,
@@ -181,22 +201,26 @@ class RecentQueries:
         # one thread for the walks of large requests, each tenant's queue taken in turn
         self._walks = FairWalks("semantic-query")
 
-    def of(self, tenant: str, request: pb.CompleteRequest) -> Query:
-        query = self._queries.get(tenant, key := _key(request))
+    def of(
+        self, tenant: str, request: pb.CompleteRequest, facts: sc.ModelFacts | None = None
+    ) -> Query:
+        query = self._queries.get(tenant, key := _key(request, facts))
         if query is None:
-            return self._held(tenant, key, query_from_request(tenant, request))
+            return self._held(tenant, key, query_from_request(tenant, request, facts))
         return _with_id(query, request)
 
-    async def derived(self, tenant: str, request: pb.CompleteRequest) -> Query:
+    async def derived(
+        self, tenant: str, request: pb.CompleteRequest, facts: sc.ModelFacts | None = None
+    ) -> Query:
         """``of``, but a request over ``QUERY_IN_THREAD_BYTES`` has its query derived in a
         worker thread: its scope walks every block in Python, and a 900 kB request of 100,000
         one-letter messages held the event loop, every tenant's lookups and health checks
         with it, for 0.3-0.6 s; in a thread the loop runs between the interpreter's switches."""
         if request.ByteSize() <= QUERY_IN_THREAD_BYTES:
-            return self.of(tenant, request)
-        query = self._queries.get(tenant, key := _key(request))
+            return self.of(tenant, request, facts)
+        query = self._queries.get(tenant, key := _key(request, facts))
         if query is None:
-            derived = await self._walks.run(tenant, query_from_request, tenant, request)
+            derived = await self._walks.run(tenant, query_from_request, tenant, request, facts)
             return self._held(tenant, key, derived)
         return _with_id(query, request)
 
@@ -218,25 +242,31 @@ def _with_id(query: Query, request: pb.CompleteRequest) -> Query:
     return dataclasses.replace(query, request_id=request.request_id)
 
 
-def _key(request: pb.CompleteRequest) -> bytes:
+def _key(request: pb.CompleteRequest, facts: sc.ModelFacts | None) -> bytes:
     """The sha256 of the request's bytes but its ``request_id``, the one field of it the query
     takes as it is (the scope and the rest never read it): with it, every repeat of a request
-    (a new id each call) derived its query anew, ~30 us of an exact hit's ~0.6 ms Lookup."""
+    (a new id each call) derived its query anew, ~30 us of an exact hit's ~0.6 ms Lookup. The
+    model facts are part of the scope, so of the key too (after the request's bytes)."""
     request_id = request.request_id
     request.request_id = ""  # put back before anything else runs: nothing awaits in between
     try:
         data = request.SerializeToString(deterministic=True)
     finally:
         request.request_id = request_id
-    return hashlib.sha256(data).digest()
+    digest = hashlib.sha256(data)
+    if facts is not None and (facts.upstreams or facts.engine_default_temperature):
+        digest.update(b"\0" + facts.SerializeToString(deterministic=True))
+    return digest.digest()
 
 
-def scope_of(tenant: str, request: pb.CompleteRequest) -> str:
+def scope_of(tenant: str, request: pb.CompleteRequest, facts: sc.ModelFacts | None = None) -> str:
+    """The scope's sha256 (the module's docstring). ``facts`` adds a field only where it says
+    more than the model string (``_model_fields``): every other scope is the one it was."""
     history = list(request.messages)
     last: list[object] = []
     if history and history[-1].role == pb.ROLE_USER:
         last = last_turn_layout(history.pop())
-    fields = {
+    fields: dict[str, object] = {
         "v": SCOPE_VERSION,
         "tenant": tenant,
         "namespace": request.cache.namespace,
@@ -247,6 +277,8 @@ def scope_of(tenant: str, request: pb.CompleteRequest) -> str:
         "history": _HOLE,
         "last_turn": last,
     }
+    if facts is not None:
+        fields.update(_model_fields(request, facts))
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     # the canonical JSON as it always was, its history hashed a slice at a time: one dumps of
     # 100,000 turns held the interpreter ~0.25 s at once, in a worker thread too (``derived``)
@@ -262,6 +294,26 @@ def scope_of(tenant: str, request: pb.CompleteRequest) -> str:
         digest.update((b"," if start else b"") + part[1:-1].encode("utf-8"))
     digest.update(b"]" + tail.encode("utf-8"))
     return digest.hexdigest()
+
+
+def _model_fields(request: pb.CompleteRequest, facts: sc.ModelFacts) -> dict[str, object]:
+    """The scope's fields from the router's model facts, none where they add nothing: the
+    rows' upstream models where one is not its row's id (an ``upstream_id`` repointed is a
+    new scope: the old model's answers are never served for the new one's), and, for a row
+    whose engine samples an unset temperature at its own default (llama-server: 0.8), an
+    explicit 1.0, which that engine is sent and samples at: the scope of an unset one holds
+    1.0 too (``temperature_sent`` tells them apart; the unset one keeps the scope it had, its
+    entries made at the engine's default as before)."""
+    fields: dict[str, object] = {}
+    if facts.upstreams:
+        fields["upstreams"] = sorted(facts.upstreams)
+    if (
+        facts.engine_default_temperature
+        and request.HasField("temperature")
+        and request.temperature == 1.0
+    ):
+        fields["temperature_sent"] = True
+    return fields
 
 
 _HOLE = "\0history"  # where the history goes in the canonical JSON

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from cachemesh import build_request
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
+from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.auth import ApiKeys, hash_key
 from services.common.clock import SystemClock
 from services.common.errors import Code, RequestError
@@ -104,11 +105,13 @@ async def test_semantic_cache_derives_a_large_requests_query_off_its_event_loop(
     derive = query_module.query_from_request
     walked_on: list[bool] = []
 
-    def recorded(tenant: str, request: pb.CompleteRequest) -> query_module.Query:
+    def recorded(
+        tenant: str, request: pb.CompleteRequest, facts: sc.ModelFacts | None = None
+    ) -> query_module.Query:
         on_loop = threading.current_thread() is loop_thread
         assert on_loop or threading.current_thread().name.startswith("semantic-query")
         walked_on.append(on_loop)
-        return derive(tenant, request)
+        return derive(tenant, request, facts)
 
     monkeypatch.setattr(query_module, "query_from_request", recorded)
     queries = RecentQueries()

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.clock import ManualClock
 from services.semantic_cache import query as query_module
 from services.semantic_cache.cache import SemanticCache
@@ -185,9 +186,11 @@ def derived(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     tenants: list[str] = []
     real = query_module.query_from_request
 
-    def counting(tenant: str, request: pb.CompleteRequest) -> query_module.Query:
+    def counting(
+        tenant: str, request: pb.CompleteRequest, facts: sc.ModelFacts | None = None
+    ) -> query_module.Query:
         tenants.append(tenant)
-        return real(tenant, request)
+        return real(tenant, request, facts)
 
     monkeypatch.setattr(query_module, "query_from_request", counting)
     return tenants

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from cachemesh.v1 import gateway_pb2 as cachemesh_dot_v1_dot_gateway__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!cachemesh/v1/semantic_cache.proto\x12\x0c\x63\x61\x63hemesh.v1\x1a\x1a\x63\x61\x63hemesh/v1/gateway.proto\"\xa0\x01\n\rLookupRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12.\n\x07request\x18\x02 \x01(\x0b\x32\x1d.cachemesh.v1.CompleteRequest\x12\x16\n\x0ewant_embedding\x18\x03 \x01(\x08\x12\x16\n\x0e\x61\x63\x63\x65pted_tiers\x18\x04 \x03(\t\x12\x10\n\x08lease_id\x18\x05 \x01(\t\x12\r\n\x05retry\x18\x06 \x01(\x08\"\xb5\x02\n\x0eLookupResponse\x12\x0b\n\x03hit\x18\x01 \x01(\x08\x12*\n\x05match\x18\x02 \x01(\x0b\x32\x1b.cachemesh.v1.SemanticMatch\x12*\n\x06\x61nswer\x18\x03 \x01(\x0b\x32\x1a.cachemesh.v1.CachedAnswer\x12\x17\n\x0f\x62\x65st_similarity\x18\x04 \x01(\x01\x12\x13\n\x0bskip_reason\x18\x05 \x01(\t\x12\x0e\n\x06leader\x18\x06 \x01(\x08\x12\x0e\n\x06waited\x18\x07 \x01(\x08\x12\x0f\n\x07refusal\x18\x08 \x01(\t\x12\x0f\n\x07pending\x18\t \x01(\x08\x12\x10\n\x08lease_id\x18\n \x01(\t\x12\x11\n\tembedding\x18\x0b \x01(\x0c\x12\x18\n\x10\x65mbedder_version\x18\x0c \x01(\t\x12\x0f\n\x07lease_s\x18\r \x01(\x01\"\x84\x01\n\x0c\x43\x61\x63hedAnswer\x12+\n\x07\x63ontent\x18\x01 \x03(\x0b\x32\x1a.cachemesh.v1.ContentBlock\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x13\n\x0bstop_reason\x18\x04 \x01(\t\x12\x15\n\routput_tokens\x18\x05 \x01(\x03\"\x8c\x01\n\x0cStoreRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12.\n\x07request\x18\x02 \x01(\x0b\x32\x1d.cachemesh.v1.CompleteRequest\x12*\n\x06\x61nswer\x18\x03 \x01(\x0b\x32\x1a.cachemesh.v1.CachedAnswer\x12\x10\n\x08lease_id\x18\x04 \x01(\t\"F\n\rStoreResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x08\x12\x10\n\x08\x65ntry_id\x18\x02 \x01(\t\x12\x13\n\x0bskip_reason\x18\x03 \x01(\t\"U\n\x0b\x44ropRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x16\n\tnamespace\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x10\n\x08\x65ntry_id\x18\x03 \x01(\tB\x0c\n\n_namespace\"\x1f\n\x0c\x44ropResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\x03\"b\n\x0eReleaseRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12.\n\x07request\x18\x02 \x01(\x0b\x32\x1d.cachemesh.v1.CompleteRequest\x12\x10\n\x08lease_id\x18\x03 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"?\n\x0cRenewRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x03 \x01(\tJ\x04\x08\x02\x10\x03R\x07request\"1\n\rRenewResponse\x12\x0f\n\x07renewed\x18\x01 \x01(\x08\x12\x0f\n\x07lease_s\x18\x02 \x01(\x01\"B\n\x0eL1StatsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\r\n\x05\x61\x66ter\x18\x03 \x01(\t\"\x9e\x01\n\x0fL1StatsResponse\x12,\n\x07tenants\x18\x01 \x03(\x0b\x32\x1b.cachemesh.v1.L1TenantStats\x12\r\n\x05paged\x18\x02 \x01(\x08\x12\x0c\n\x04more\x18\x03 \x01(\x08\x12\x12\n\x05known\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x15\n\x08known_as\x18\x05 \x01(\tH\x01\x88\x01\x01\x42\x08\n\x06_knownB\x0b\n\t_known_as\"\x9b\x01\n\rL1TenantStats\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07\x65ntries\x18\x02 \x01(\x03\x12\x12\n\nnamespaces\x18\x03 \x01(\x03\x12\x0f\n\x07lookups\x18\x04 \x01(\x03\x12\x0c\n\x04hits\x18\x05 \x01(\x03\x12\x12\n\nexact_hits\x18\x06 \x01(\x03\x12\x0e\n\x06stores\x18\x07 \x01(\x03\x12\x12\n\nl1_enabled\x18\x08 \x01(\x08\"!\n\x0fL1PolicyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"\x95\x01\n\x12SetL1PolicyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x17\n\nl1_enabled\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x1a\n\rdefault_ttl_s\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x19\n\x11reset_default_ttl\x18\x04 \x01(\x08\x42\r\n\x0b_l1_enabledB\x10\n\x0e_default_ttl_s\"}\n\x08L1Policy\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nl1_enabled\x18\x02 \x01(\x08\x12\x1a\n\rdefault_ttl_s\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x1f\n\x17\x65\x66\x66\x65\x63tive_default_ttl_s\x18\x04 \x01(\x01\x42\x10\n\x0e_default_ttl_s2\xb0\x04\n\rSemanticCache\x12\x43\n\x06Lookup\x12\x1b.cachemesh.v1.LookupRequest\x1a\x1c.cachemesh.v1.LookupResponse\x12@\n\x05Store\x12\x1a.cachemesh.v1.StoreRequest\x1a\x1b.cachemesh.v1.StoreResponse\x12=\n\x04\x44rop\x12\x19.cachemesh.v1.DropRequest\x1a\x1a.cachemesh.v1.DropResponse\x12\x46\n\x07Release\x12\x1c.cachemesh.v1.ReleaseRequest\x1a\x1d.cachemesh.v1.ReleaseResponse\x12@\n\x05Renew\x12\x1a.cachemesh.v1.RenewRequest\x1a\x1b.cachemesh.v1.RenewResponse\x12\x44\n\x05Stats\x12\x1c.cachemesh.v1.L1StatsRequest\x1a\x1d.cachemesh.v1.L1StatsResponse\x12\x42\n\tGetPolicy\x12\x1d.cachemesh.v1.L1PolicyRequest\x1a\x16.cachemesh.v1.L1Policy\x12\x45\n\tSetPolicy\x12 .cachemesh.v1.SetL1PolicyRequest\x1a\x16.cachemesh.v1.L1Policyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!cachemesh/v1/semantic_cache.proto\x12\x0c\x63\x61\x63hemesh.v1\x1a\x1a\x63\x61\x63hemesh/v1/gateway.proto\"\xe8\x01\n\rLookupRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12.\n\x07request\x18\x02 \x01(\x0b\x32\x1d.cachemesh.v1.CompleteRequest\x12\x16\n\x0ewant_embedding\x18\x03 \x01(\x08\x12\x16\n\x0e\x61\x63\x63\x65pted_tiers\x18\x04 \x03(\t\x12\x10\n\x08lease_id\x18\x05 \x01(\t\x12\r\n\x05retry\x18\x06 \x01(\x08\x12-\n\x0bmodel_facts\x18\x07 \x01(\x0b\x32\x18.cachemesh.v1.ModelFacts\x12\x17\n\x0f\x61\x63\x63\x65pted_models\x18\x08 \x03(\t\"C\n\nModelFacts\x12\x11\n\tupstreams\x18\x01 \x03(\t\x12\"\n\x1a\x65ngine_default_temperature\x18\x02 \x01(\x08\"\xb5\x02\n\x0eLookupResponse\x12\x0b\n\x03hit\x18\x01 \x01(\x08\x12*\n\x05match\x18\x02 \x01(\x0b\x32\x1b.cachemesh.v1.SemanticMatch\x12*\n\x06\x61nswer\x18\x03 \x01(\x0b\x32\x1a.cachemesh.v1.CachedAnswer\x12\x17\n\x0f\x62\x65st_similarity\x18\x04 \x01(\x01\x12\x13\n\x0bskip_reason\x18\x05 \x01(\t\x12\x0e\n\x06leader\x18\x06 \x01(\x08\x12\x0e\n\x06waited\x18\x07 \x01(\x08\x12\x0f\n\x07refusal\x18\x08 \x01(\t\x12\x0f\n\x07pending\x18\t \x01(\x08\x12\x10\n\x08lease_id\x18\n \x01(\t\x12\x11\n\tembedding\x18\x0b \x01(\x0c\x12\x18\n\x10\x65mbedder_version\x18\x0c \x01(\t\x12\x0f\n\x07lease_s\x18\r \x01(\x01\"\x84\x01\n\x0c\x43\x61\x63hedAnswer\x12+\n\x07\x63ontent\x18\x01 \x03(\x0b\x32\x1a.cachemesh.v1.ContentBlock\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x13\n\x0bstop_reason\x18\x04 \x01(\t\x12\x15\n\routput_tokens\x18\x05 \x01(\x03\"\xbb\x01\n\x0cStoreRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12.\n\x07request\x18\x02 \x01(\x0b\x32\x1d.cachemesh.v1.CompleteRequest\x12*\n\x06\x61nswer\x18\x03 \x01(\x0b\x32\x1a.cachemesh.v1.CachedAnswer\x12\x10\n\x08lease_id\x18\x04 \x01(\t\x12-\n\x0bmodel_facts\x18\x05 \x01(\x0b\x32\x18.cachemesh.v1.ModelFacts\"F\n\rStoreResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x08\x12\x10\n\x08\x65ntry_id\x18\x02 \x01(\t\x12\x13\n\x0bskip_reason\x18\x03 \x01(\t\"U\n\x0b\x44ropRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x16\n\tnamespace\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x10\n\x08\x65ntry_id\x18\x03 \x01(\tB\x0c\n\n_namespace\"\x1f\n\x0c\x44ropResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\x03\"\x91\x01\n\x0eReleaseRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12.\n\x07request\x18\x02 \x01(\x0b\x32\x1d.cachemesh.v1.CompleteRequest\x12\x10\n\x08lease_id\x18\x03 \x01(\t\x12-\n\x0bmodel_facts\x18\x04 \x01(\x0b\x32\x18.cachemesh.v1.ModelFacts\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"?\n\x0cRenewRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x03 \x01(\tJ\x04\x08\x02\x10\x03R\x07request\"1\n\rRenewResponse\x12\x0f\n\x07renewed\x18\x01 \x01(\x08\x12\x0f\n\x07lease_s\x18\x02 \x01(\x01\"B\n\x0eL1StatsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\r\n\x05\x61\x66ter\x18\x03 \x01(\t\"\x9e\x01\n\x0fL1StatsResponse\x12,\n\x07tenants\x18\x01 \x03(\x0b\x32\x1b.cachemesh.v1.L1TenantStats\x12\r\n\x05paged\x18\x02 \x01(\x08\x12\x0c\n\x04more\x18\x03 \x01(\x08\x12\x12\n\x05known\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x15\n\x08known_as\x18\x05 \x01(\tH\x01\x88\x01\x01\x42\x08\n\x06_knownB\x0b\n\t_known_as\"\x9b\x01\n\rL1TenantStats\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07\x65ntries\x18\x02 \x01(\x03\x12\x12\n\nnamespaces\x18\x03 \x01(\x03\x12\x0f\n\x07lookups\x18\x04 \x01(\x03\x12\x0c\n\x04hits\x18\x05 \x01(\x03\x12\x12\n\nexact_hits\x18\x06 \x01(\x03\x12\x0e\n\x06stores\x18\x07 \x01(\x03\x12\x12\n\nl1_enabled\x18\x08 \x01(\x08\"!\n\x0fL1PolicyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"\x95\x01\n\x12SetL1PolicyRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x17\n\nl1_enabled\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x1a\n\rdefault_ttl_s\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x19\n\x11reset_default_ttl\x18\x04 \x01(\x08\x42\r\n\x0b_l1_enabledB\x10\n\x0e_default_ttl_s\"}\n\x08L1Policy\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nl1_enabled\x18\x02 \x01(\x08\x12\x1a\n\rdefault_ttl_s\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x1f\n\x17\x65\x66\x66\x65\x63tive_default_ttl_s\x18\x04 \x01(\x01\x42\x10\n\x0e_default_ttl_s2\xb0\x04\n\rSemanticCache\x12\x43\n\x06Lookup\x12\x1b.cachemesh.v1.LookupRequest\x1a\x1c.cachemesh.v1.LookupResponse\x12@\n\x05Store\x12\x1a.cachemesh.v1.StoreRequest\x1a\x1b.cachemesh.v1.StoreResponse\x12=\n\x04\x44rop\x12\x19.cachemesh.v1.DropRequest\x1a\x1a.cachemesh.v1.DropResponse\x12\x46\n\x07Release\x12\x1c.cachemesh.v1.ReleaseRequest\x1a\x1d.cachemesh.v1.ReleaseResponse\x12@\n\x05Renew\x12\x1a.cachemesh.v1.RenewRequest\x1a\x1b.cachemesh.v1.RenewResponse\x12\x44\n\x05Stats\x12\x1c.cachemesh.v1.L1StatsRequest\x1a\x1d.cachemesh.v1.L1StatsResponse\x12\x42\n\tGetPolicy\x12\x1d.cachemesh.v1.L1PolicyRequest\x1a\x16.cachemesh.v1.L1Policy\x12\x45\n\tSetPolicy\x12 .cachemesh.v1.SetL1PolicyRequest\x1a\x16.cachemesh.v1.L1Policyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,39 +33,41 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cachemesh.v1.semantic_cache
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LOOKUPREQUEST']._serialized_start=80
-  _globals['_LOOKUPREQUEST']._serialized_end=240
-  _globals['_LOOKUPRESPONSE']._serialized_start=243
-  _globals['_LOOKUPRESPONSE']._serialized_end=552
-  _globals['_CACHEDANSWER']._serialized_start=555
-  _globals['_CACHEDANSWER']._serialized_end=687
-  _globals['_STOREREQUEST']._serialized_start=690
-  _globals['_STOREREQUEST']._serialized_end=830
-  _globals['_STORERESPONSE']._serialized_start=832
-  _globals['_STORERESPONSE']._serialized_end=902
-  _globals['_DROPREQUEST']._serialized_start=904
-  _globals['_DROPREQUEST']._serialized_end=989
-  _globals['_DROPRESPONSE']._serialized_start=991
-  _globals['_DROPRESPONSE']._serialized_end=1022
-  _globals['_RELEASEREQUEST']._serialized_start=1024
-  _globals['_RELEASEREQUEST']._serialized_end=1122
-  _globals['_RELEASERESPONSE']._serialized_start=1124
-  _globals['_RELEASERESPONSE']._serialized_end=1159
-  _globals['_RENEWREQUEST']._serialized_start=1161
-  _globals['_RENEWREQUEST']._serialized_end=1224
-  _globals['_RENEWRESPONSE']._serialized_start=1226
-  _globals['_RENEWRESPONSE']._serialized_end=1275
-  _globals['_L1STATSREQUEST']._serialized_start=1277
-  _globals['_L1STATSREQUEST']._serialized_end=1343
-  _globals['_L1STATSRESPONSE']._serialized_start=1346
-  _globals['_L1STATSRESPONSE']._serialized_end=1504
-  _globals['_L1TENANTSTATS']._serialized_start=1507
-  _globals['_L1TENANTSTATS']._serialized_end=1662
-  _globals['_L1POLICYREQUEST']._serialized_start=1664
-  _globals['_L1POLICYREQUEST']._serialized_end=1697
-  _globals['_SETL1POLICYREQUEST']._serialized_start=1700
-  _globals['_SETL1POLICYREQUEST']._serialized_end=1849
-  _globals['_L1POLICY']._serialized_start=1851
-  _globals['_L1POLICY']._serialized_end=1976
-  _globals['_SEMANTICCACHE']._serialized_start=1979
-  _globals['_SEMANTICCACHE']._serialized_end=2539
+  _globals['_LOOKUPREQUEST']._serialized_end=312
+  _globals['_MODELFACTS']._serialized_start=314
+  _globals['_MODELFACTS']._serialized_end=381
+  _globals['_LOOKUPRESPONSE']._serialized_start=384
+  _globals['_LOOKUPRESPONSE']._serialized_end=693
+  _globals['_CACHEDANSWER']._serialized_start=696
+  _globals['_CACHEDANSWER']._serialized_end=828
+  _globals['_STOREREQUEST']._serialized_start=831
+  _globals['_STOREREQUEST']._serialized_end=1018
+  _globals['_STORERESPONSE']._serialized_start=1020
+  _globals['_STORERESPONSE']._serialized_end=1090
+  _globals['_DROPREQUEST']._serialized_start=1092
+  _globals['_DROPREQUEST']._serialized_end=1177
+  _globals['_DROPRESPONSE']._serialized_start=1179
+  _globals['_DROPRESPONSE']._serialized_end=1210
+  _globals['_RELEASEREQUEST']._serialized_start=1213
+  _globals['_RELEASEREQUEST']._serialized_end=1358
+  _globals['_RELEASERESPONSE']._serialized_start=1360
+  _globals['_RELEASERESPONSE']._serialized_end=1395
+  _globals['_RENEWREQUEST']._serialized_start=1397
+  _globals['_RENEWREQUEST']._serialized_end=1460
+  _globals['_RENEWRESPONSE']._serialized_start=1462
+  _globals['_RENEWRESPONSE']._serialized_end=1511
+  _globals['_L1STATSREQUEST']._serialized_start=1513
+  _globals['_L1STATSREQUEST']._serialized_end=1579
+  _globals['_L1STATSRESPONSE']._serialized_start=1582
+  _globals['_L1STATSRESPONSE']._serialized_end=1740
+  _globals['_L1TENANTSTATS']._serialized_start=1743
+  _globals['_L1TENANTSTATS']._serialized_end=1898
+  _globals['_L1POLICYREQUEST']._serialized_start=1900
+  _globals['_L1POLICYREQUEST']._serialized_end=1933
+  _globals['_SETL1POLICYREQUEST']._serialized_start=1936
+  _globals['_SETL1POLICYREQUEST']._serialized_end=2085
+  _globals['_L1POLICY']._serialized_start=2087
+  _globals['_L1POLICY']._serialized_end=2212
+  _globals['_SEMANTICCACHE']._serialized_start=2215
+  _globals['_SEMANTICCACHE']._serialized_end=2775
 # @@protoc_insertion_point(module_scope)

@@ -29,6 +29,8 @@ class LookupRequest(_message.Message):
     ACCEPTED_TIERS_FIELD_NUMBER: _builtins.int
     LEASE_ID_FIELD_NUMBER: _builtins.int
     RETRY_FIELD_NUMBER: _builtins.int
+    MODEL_FACTS_FIELD_NUMBER: _builtins.int
+    ACCEPTED_MODELS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     want_embedding: _builtins.bool
     """The router's tier choice needs the last user turn's embedding: a miss returns the vector
@@ -66,6 +68,19 @@ class LookupRequest(_message.Message):
         its refusal ("tier: ..."), and counted as one (Stats, metrics).
         """
 
+    @_builtins.property
+    def model_facts(self) -> Global___ModelFacts:
+        """What the router's model table makes of the request's model string (part of the scope).
+        Unset (a router older than it): the string alone, as before.
+        """
+
+    @_builtins.property
+    def accepted_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The rows whose answers the request accepts (empty: any): for `auto`, the rows its tiers
+        resolve to now. An entry another row answered (`auto`'s tier was repointed since) is not
+        served: a miss, with its refusal ("model: ..."), and the new answer replaces it.
+        """
+
     def __init__(
         self,
         *,
@@ -75,14 +90,54 @@ class LookupRequest(_message.Message):
         accepted_tiers: _abc.Iterable[_builtins.str] | None = ...,
         lease_id: _builtins.str = ...,
         retry: _builtins.bool = ...,
+        model_facts: Global___ModelFacts | None = ...,
+        accepted_models: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model_facts", b"model_facts", "request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_tiers", b"accepted_tiers", "lease_id", b"lease_id", "request", b"request", "retry", b"retry", "tenant", b"tenant", "want_embedding", b"want_embedding"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_models", b"accepted_models", "accepted_tiers", b"accepted_tiers", "lease_id", b"lease_id", "model_facts", b"model_facts", "request", b"request", "retry", b"retry", "tenant", b"tenant", "want_embedding", b"want_embedding"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LookupRequest: _TypeAlias = LookupRequest  # noqa: Y015
+
+@_typing.final
+class ModelFacts(_message.Message):
+    """What the request's model string resolves to where the string alone does not say it, from
+    the router's model table: part of the scope, so that an answer is served only for the model
+    and sampling that made it. Empty (every field unset) where the string says it all, so that
+    such a scope is the one it always was.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPSTREAMS_FIELD_NUMBER: _builtins.int
+    ENGINE_DEFAULT_TEMPERATURE_FIELD_NUMBER: _builtins.int
+    engine_default_temperature: _builtins.bool
+    """A row that may answer is sent no temperature when the request sets none, so its engine
+    samples at its own default (a self_hosted row: llama-server's 0.8), not at the 1.0 an
+    unset temperature is elsewhere: an explicit 1.0 is then not the scope of an unset one.
+    """
+    @_builtins.property
+    def upstreams(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The provider's model each row that may answer is called by, where that is not the row's
+        own id ("row=upstream_id", sorted): a row's upstream_id repointed (e.g. to a newer
+        snapshot) is a new scope, its old answers never served.
+        """
+
+    def __init__(
+        self,
+        *,
+        upstreams: _abc.Iterable[_builtins.str] | None = ...,
+        engine_default_temperature: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine_default_temperature", b"engine_default_temperature", "upstreams", b"upstreams"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelFacts: _TypeAlias = ModelFacts  # noqa: Y015
 
 @_typing.final
 class LookupResponse(_message.Message):
@@ -205,6 +260,7 @@ class StoreRequest(_message.Message):
     REQUEST_FIELD_NUMBER: _builtins.int
     ANSWER_FIELD_NUMBER: _builtins.int
     LEASE_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FACTS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     lease_id: _builtins.str
     """The lease_id of this request's Lookup that said leader. The answer is stored (or not) on
@@ -220,6 +276,10 @@ class StoreRequest(_message.Message):
     def request(self) -> _gateway_pb2.CompleteRequest: ...
     @_builtins.property
     def answer(self) -> Global___CachedAnswer: ...
+    @_builtins.property
+    def model_facts(self) -> Global___ModelFacts:
+        """as its Lookup's (LookupRequest.model_facts)"""
+
     def __init__(
         self,
         *,
@@ -227,10 +287,11 @@ class StoreRequest(_message.Message):
         request: _gateway_pb2.CompleteRequest | None = ...,
         answer: Global___CachedAnswer | None = ...,
         lease_id: _builtins.str = ...,
+        model_facts: Global___ModelFacts | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "request", b"request"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "model_facts", b"model_facts", "request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "lease_id", b"lease_id", "request", b"request", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "lease_id", b"lease_id", "model_facts", b"model_facts", "request", b"request", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -319,6 +380,7 @@ class ReleaseRequest(_message.Message):
     TENANT_FIELD_NUMBER: _builtins.int
     REQUEST_FIELD_NUMBER: _builtins.int
     LEASE_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FACTS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     lease_id: _builtins.str
     """that Lookup's lease_id: a lease taken since by another is kept. Empty (an older router):
@@ -333,16 +395,21 @@ class ReleaseRequest(_message.Message):
         limit).
         """
 
+    @_builtins.property
+    def model_facts(self) -> Global___ModelFacts:
+        """as its Lookup's, with request (LookupRequest.model_facts)"""
+
     def __init__(
         self,
         *,
         tenant: _builtins.str = ...,
         request: _gateway_pb2.CompleteRequest | None = ...,
         lease_id: _builtins.str = ...,
+        model_facts: Global___ModelFacts | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model_facts", b"model_facts", "request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "request", b"request", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "model_facts", b"model_facts", "request", b"request", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
