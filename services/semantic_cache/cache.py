@@ -35,7 +35,7 @@ from services.semantic_cache.inflight import StoresInFlight
 from services.semantic_cache.leases import LeaseKey, Leases, wait
 from services.semantic_cache.matching import Candidate, decide, shortlist
 from services.semantic_cache.policy import TTL_RANGE, NamespacePolicy, valid_ttl
-from services.semantic_cache.query import Query
+from services.semantic_cache.query import SCOPE_VERSION, Query
 from services.semantic_cache.recent import TenantRecent
 from services.semantic_cache.records import (
     END_TURN,
@@ -511,6 +511,7 @@ class SemanticCache(EntryStore):
             embedder_version=self._embedder.version,
             # fixed from now on
             expires_at_ms=now + self._policy.ttl_ms(query.namespace, default_ttl_s),
+            scope_version=SCOPE_VERSION,
         )
         # Served once durable, and acknowledged then: a record the log loses (a full disk) is
         # never inserted, so never served, neither now nor after a restart (``NotDurable``).

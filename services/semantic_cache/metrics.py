@@ -15,7 +15,10 @@
   to now, counted a miss);
 - ``cachemesh_semantic_cache_stores_total{tenant,outcome}`` (``stored`` / ``skipped``);
 - ``cachemesh_semantic_cache_entries{tenant}`` and ``..._bytes{tenant}`` (the answers, questions
-  and vectors held; tenants past the cap summed as ``other``), ``..._evictions_total``
+  and vectors held; tenants past the cap summed as ``other``); ``..._old_scope_entries``: of
+  them, those stored under an older scope version (``query.SCOPE_VERSION``), which no lookup
+  can reach any more after an upgrade that changed it (they leave at their TTL, or first when
+  L1 is full); ``..._evictions_total``
   (capacity: the largest tenant's LRU entry), ``..._expirations_total`` (TTL) and
   ``..._invalidations_total`` (Drop), read from the cache at each scrape;
 - ``cachemesh_semantic_cache_lease_waits_total{outcome}`` (``served``: the identical request's
@@ -251,6 +254,12 @@ class StoreCollector(Collector):
             size.add_metric([label], nbytes)
         yield held
         yield size
+        yield GaugeMetricFamily(
+            "cachemesh_semantic_cache_old_scope_entries",
+            "Entries held of an older scope version: counted in entries, never served (TTL or "
+            "evicted first)",
+            value=stats.old_scope,
+        )
         yield CounterMetricFamily(
             "cachemesh_semantic_cache_evictions",
             "Entries evicted over capacity (the LRU one of the tenant holding the most)",

@@ -46,7 +46,7 @@ import numpy.typing as npt
 from services.common.files import fsync_directory
 from services.common.private_files import open_private, private_directory
 from services.semantic_cache.answers import payload_has_unparsed_tool_call
-from services.semantic_cache.records import Answer, CacheContents, Entry
+from services.semantic_cache.records import UNSTAMPED_SCOPE, Answer, CacheContents, Entry
 
 FORMAT = "cachemesh-semantic-cache-snapshot"
 # 2: wal_seq and header_sha256 (the header is checksummed too); 3: entries' expires_at_ms;
@@ -393,6 +393,7 @@ def entry_json(entry: Entry) -> dict[str, Any]:
         "created_at_ms": entry.created_at_ms,
         "expires_at_ms": entry.expires_at_ms,
         "embedder_version": entry.embedder_version,
+        "scope_version": entry.scope_version,
         "payload": base64.b64encode(answer.payload).decode("ascii"),
         "stop_reason": answer.stop_reason,
         "output_tokens": answer.output_tokens,
@@ -426,6 +427,8 @@ def entry_from_json(raw: Any, *, require_expiry: bool = False) -> Entry:
         created_at_ms=_int(raw, "created_at_ms"),
         embedder_version=_str(raw, "embedder_version"),
         expires_at_ms=_expiry(raw, require_expiry),
+        # one written before entries carried it: v3's (``UNSTAMPED_SCOPE``)
+        scope_version=_str(raw, "scope_version") if "scope_version" in raw else UNSTAMPED_SCOPE,
     )
 
 

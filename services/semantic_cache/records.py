@@ -13,6 +13,9 @@ import numpy.typing as npt
 END_TURN = "end_turn"
 MAX_TOKENS = "max_tokens"
 TOOL_USE = "tool_use"  # a turn that ends calling a tool, as every provider ends it
+# The scope version of an entry written before entries carried theirs: v3, the version when
+# they began to (an entry of v2 or older still held then is counted as v3's).
+UNSTAMPED_SCOPE = "cachemesh.semantic.scope.v3"
 
 
 class InvalidQuery(ValueError):
@@ -54,6 +57,9 @@ class Entry:
     # later TTL change never moves it. None only before the store fixes it (``EntryStore``)
     # or in a record written before entries carried it (migrated on load, see persistence.py).
     expires_at_ms: int | None = None
+    # The rule its scope was computed by (``query.SCOPE_VERSION`` when stored): one of another
+    # version is in a scope no lookup names any more, held until its TTL or evicted first.
+    scope_version: str = UNSTAMPED_SCOPE
 
 
 @dataclass(frozen=True)

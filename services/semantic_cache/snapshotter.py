@@ -131,6 +131,16 @@ class Snapshotter:
             if cut is not None and self._on_tail_cut is not None:
                 self._on_tail_cut(cut.kind)
             cache.attach_journal(WalJournal(self._wal))
+        if old := cache.stats.old_scope:
+            log.info(
+                "%d of the %d entries restored are of an older scope version than this "
+                "build's (%s): no lookup names their scope, so they are never served; they "
+                "leave at their TTL, or first when L1 is full (metric "
+                "cachemesh_semantic_cache_old_scope_entries)",
+                old,
+                sum(cache.stats.entries.values()),
+                cache.stats.scope_version,
+            )
         self._cache = cache
         if self._period_s > 0:
             self._task = asyncio.create_task(self._periodic(), name="semantic-cache-snapshots")

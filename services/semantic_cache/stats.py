@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from services.semantic_cache.query import SCOPE_VERSION
 from services.semantic_cache.records import Entry
 
 
@@ -30,16 +31,22 @@ class StoreStats:
     evictions: int = 0  # over capacity
     expirations: int = 0  # at their TTL
     invalidations: int = 0  # by Drop
+    # Of ``entries``, those of another scope version than this build's: no lookup names their
+    # scope, so they are never served (held until their TTL, or evicted first: never used)
+    old_scope: int = 0
+    scope_version: str = SCOPE_VERSION  # this build's
 
     def added(self, entry: Entry, dim: int) -> None:
         tenant = entry.tenant
         size = entry_bytes(entry, dim)
+        self.old_scope += entry.scope_version != self.scope_version
         self.entries[tenant] = self.entries.get(tenant, 0) + 1
         self.bytes[tenant] = self.bytes.get(tenant, 0) + size
         self.held_bytes += size
 
     def removed(self, entry: Entry, dim: int) -> None:
         tenant = entry.tenant
+        self.old_scope -= entry.scope_version != self.scope_version
         self.held_bytes -= entry_bytes(entry, dim)
         left = self.entries.get(tenant, 0) - 1
         if left <= 0:
