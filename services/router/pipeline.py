@@ -50,6 +50,7 @@ from services.router.model_answer import (
     ReplicaCut,
     accepted_tiers,
 )
+from services.router.model_facts import accepted_models
 from services.router.outbox import BillingOutbox
 from services.router.prompt_counts import count_prompt
 from services.router.read_ahead import ReadAheadBudget
@@ -238,8 +239,8 @@ class Pipeline:
         lookup = await self._lookup(tenant, request, deadline, retried)
         if lookup is not None:
             log.debug("L1 lookup: %s", _lookup_result(lookup))
-        refused = self._below_lowest_tier(request, lookup)
-        if refused:  # an L1 that did not read the request's accepted_tiers: refused here
+        refused = self._below_lowest_tier(request, lookup) or self._other_row(request, lookup)
+        if refused:  # an L1 that did not read accepted_tiers / accepted_models: refused here
             assert lookup is not None
             lookup = semantic_cache_pb2.LookupResponse(
                 best_similarity=lookup.best_similarity, refusal=refused
@@ -398,6 +399,22 @@ class Pipeline:
             return ""
         return f"{_TIER_REFUSAL} the cached answer is the {tier} tier's; the request accepts " + (
             ", ".join(accepted)
+        )
+
+    def _other_row(
+        self, request: pb.CompleteRequest, lookup: semantic_cache_pb2.LookupResponse | None
+    ) -> str:
+        """Why L1's hit for an ``auto`` request is not served ("" = it is, or no hit): another
+        row made it than its tiers resolve to now (``model_facts.accepted_models``), which L1
+        did not refuse itself (one older than ``accepted_models``, or rolled back to one)."""
+        if lookup is None or not lookup.hit:
+            return ""
+        rows = accepted_models(self._table, request)
+        if not rows or lookup.answer.model in rows:
+            return ""
+        return (
+            f"model: the cached answer is {lookup.answer.model}'s; the request's model "
+            f"resolves to {', '.join(rows)} now"
         )
 
     async def _serve_hit(

@@ -25,7 +25,15 @@ from services.semantic_cache.api import SemanticCacheApi
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.query import scope_of
 from tests.unit.semantic_cache_support import FakeEmbedder, make_request
-from tests.unit.test_router_pipeline import REPLICAS, FakeModels, FakePrefix, _settings
+from tests.unit.test_router_pipeline import (
+    REPLICAS,
+    FakeModels,
+    FakePrefix,
+    Rig,
+    _cached,
+    _request,
+    _settings,
+)
 
 TABLE = load_model_table()
 QUESTIONS = (
@@ -185,3 +193,24 @@ def test_every_scope_whose_meaning_did_not_change_is_the_one_it_was() -> None:
     for model in ("gpt-4-1", "claude-3-5-haiku"):
         request = make_request(model=model)
         assert scope_of("a", request, model_facts(TABLE, request)) != scope_of("a", request)
+
+
+async def test_an_l1_that_ignores_accepted_models_has_its_hit_refused_by_the_router() -> None:
+    """An L1 older than ``accepted_models`` (or rolled back to one) returns sim-small's answer
+    to auto after auto.small was repointed: the router refuses it, the model answers (with the
+    new row) and its answer is stored over the old one."""
+    stale = _cached("small")
+    stale.model = "sim-small-old"  # auto.small's row before the repoint
+    rig = Rig()
+    rig.semantic.reply = sc.LookupResponse(hit=True, answer=stale)
+    end = (await rig.run(_request("auto")))[-1].end
+    assert [list(lookup.accepted_models) for lookup in rig.semantic.lookups] == [
+        ["sim-small", "sim-large"]
+    ]
+    assert end.served_by != pb.LAYER_SEMANTIC_CACHE and end.model in ("sim-small", "sim-large")
+    assert len(rig.semantic.stores) == 1
+    # the current row's answer is served as before
+    rig = Rig()
+    rig.semantic.reply = sc.LookupResponse(hit=True, answer=_cached("small"))
+    end = (await rig.run(_request("auto")))[-1].end
+    assert end.served_by == pb.LAYER_SEMANTIC_CACHE and end.model == "sim-small"
