@@ -118,7 +118,7 @@ def normalise(text: str) -> str:
     "    x = 1\n    print(x)" (prints 1). Letter case and inner whitespace are kept: "ls -L"
     is not "ls -l", "True" is not "true", "MB" is not "Mb", and Python's indentation and a
     quoted string's spaces are meaning. A text equal to a stored one up to case and spacing
-    meets it on the folded key (``folded``), served only when ``reading.folding_refusal``
+    meets it on the folded key (``folded``), served only when ``folding.folding_refusal``
     finds nothing that can change its meaning."""
     text = text.replace("\r\n", "\n").replace("\r", "\n").rstrip()
     stripped = text.lstrip()
