@@ -387,12 +387,16 @@ class Dispatcher:
                 # a tier's last replica is the request's last unless a later tier could take
                 # the request over: one with a replica left, asked at the stall whether its
                 # context window holds the prompt (the stall hand-over applies before that)
-                hand_over: Callable[[], Awaitable[bool]] | None = None
+                # an earlier one's, unless each replica after it is as slow (a loaded machine,
+                # a prior too fast: the request would wait as long there): watched again
+                hand_over: Callable[[], Awaitable[bool]] | None
                 if n == len(candidates):
                     later = [o for o, _ in options[at + 1 :]]
                     if not any(set(self._deps.replicas(o.id)) - exclude for o in later):
                         handover_s = None
                     hand_over = functools.partial(later_takes_over, at)
+                else:
+                    hand_over = functools.partial(self._one_not_overdue, wanted, candidates[n:])
                 probe = health.sending(replica, opened_at)
                 ticket = self.loads.sent(
                     replica,
@@ -424,6 +428,7 @@ class Dispatcher:
                             needs_s,
                             functools.partial(self.loads.progress, replica),
                             hand_over,
+                            watch_again=n < len(candidates),
                         )
                 except RequestError as exc:
                     if declined is not None:
@@ -733,6 +738,20 @@ class Dispatcher:
         stall_s = stalled_after_s(needs_s)
         return stall_s if known and stall_s < timeout_s else None
 
+    async def _one_not_overdue(self, wanted: Request, replicas: Sequence[str]) -> bool:
+        """Whether one of ``replicas`` (those a stalled call would be handed over to) is not
+        slow the same way (``ReplicaStates.overdue``). When each is, the stall is no one
+        engine's (a loaded machine, a prior rate too fast for the engines): handed over, the
+        request would wait as long there and its engine prefill the prompt twice (two calls
+        sent at once to two slow replicas were swapped), so it is watched for another stall
+        window where it is."""
+        now = self._clock()
+        prior = self._chooser.prior(wanted)
+        return any(
+            not self.loads.overdue(r, self.loads.rate(r, prior).prefill_tokens_per_s, now)
+            for r in replicas
+        )
+
     def _left(self, spec: ModelSpec, wanted: Request, replica: str, ticket: int) -> None:
         """The call was left before its first report (its caller, or its deadline): a
         self-hosted engine prefills its prompt all the same, so the replica's queue keeps
@@ -895,14 +914,17 @@ async def _stalled_after(
     needs_s: float,
     progress: Callable[[], int],
     hand_over: Callable[[], Awaitable[bool]] | None = None,
+    *,
+    watch_again: bool = False,
 ) -> _T:
     """``call``'s result; if its replica gives no sign of life at all for ``handover_s``
     (None: no limit) — ``progress``, its count of first reports and tokens on any of its
     calls, stays the same — it is cancelled (its stream with it) and fails as
     DEADLINE_EXCEEDED, a stall; unless ``hand_over``, asked then, says no other replica could
-    take the request over (None: one could): the call waits on, as the last one left. A
-    replica streaming other answers is busy, not hung: a call waiting behind them there waits
-    on (within its deadline)."""
+    take the request over (None: one could): the call waits on, as the last one left, or,
+    ``watch_again``, for another ``handover_s`` before it is asked again (the others were as
+    slow then). A replica streaming other answers is busy, not hung: a call waiting behind
+    them there waits on (within its deadline)."""
     if handover_s is None:
         return await call
     task = asyncio.ensure_future(call)
@@ -919,6 +941,8 @@ async def _stalled_after(
             if paused_s(due, loop.time(), handover_s):
                 continue  # the router did not run (``own_pause``): its reports may be unread
             if hand_over is not None and not await hand_over():
+                if watch_again and not task.done():
+                    continue  # the others were as slow: another window where it is
                 return await task  # no other replica could take the request: it waits on
             if task.done():
                 return task.result()  # it answered while that was asked

@@ -297,6 +297,21 @@ class ReplicaStates:
         state = self._replicas.get(replica)
         return state is not None and state.progress_at > since
 
+    def overdue(self, replica: str, tokens_per_s: float, now: float) -> bool:
+        """Whether ``replica``'s oldest call still waiting for its first report has taken
+        longer than its predicted prefill (at ``tokens_per_s``, from when its prefill began)
+        with no sign of life from the replica since then: a call handed over to it would wait
+        behind that one, slow the same way (a loaded machine, a prior rate too fast for the
+        engines), not hung as one engine is."""
+        state = self._replicas.get(replica)
+        if state is None or not state.pending or tokens_per_s <= 0:
+            return False
+        head = next(iter(state.pending.values()))
+        began = max(head.sent_at, state.last_start_at, state.slot_freed_at)
+        if state.progress_at > began:
+            return False
+        return now - began > head.uncached_tokens / tokens_per_s
+
     def slots_taken(self, replica: str) -> bool:
         """Whether every slot of a replica that serves a few requests at a time is taken by a
         call decoding its answer there (started, not ended): a call sent there waits for one

@@ -24,7 +24,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.errors import Code, RequestError
-from services.common.model_overrides import with_context_windows
+from services.common.model_overrides import with_context_windows, with_prior_prefill
 from services.common.models import ModelTable
 from services.router import replica_state
 from services.router.dependencies import CallFailed, Dependencies
@@ -774,3 +774,32 @@ def test_an_auto_tiers_last_replica_is_not_handed_over_to_a_tier_too_small(
     answer = run_on_clock(clock, scenario)  # ``Slow`` waits on the loop's clock
     assert answer.model == "sim-large" and answer.content[0].text == "ok"
     assert models.calls == ["large-1"] and models.cancelled == []
+
+
+def test_a_call_is_not_handed_over_to_a_replica_stalled_the_same_way(fast_stall: None) -> None:
+    """Two self-hosted replicas whose row's prior rate (2,000 tokens in 10 ms) the engines miss
+    6x (a loaded machine, as the two llama-server replicas of ``test_llama_engine.py`` at their
+    first calls, the row's 150 tokens a second against ~50): two requests sent at once go one
+    to each, and both pass their stall window. Each replica's call then looks hung, but so
+    does the other replica's: neither has given a sign of life since its own call's prefill
+    began. Handing each over to the other swapped them (each engine prefilled both prompts;
+    live, both first turns came after 15.7 s, each conversation on the other's replica); each
+    waits on where it is instead, and its answer measures the engine's rate."""
+    clock = Clock()
+    table = with_prior_prefill(TABLE, "local-small=200000")
+
+    async def scenario() -> tuple[Models, list[pb.CompleteResponse]]:
+        models = Models(clock, {}, slow={"local-1": 0.06, "local-2": 0.06})
+        pipeline = _pipeline(models, table=table)
+        answers = await asyncio.gather(
+            *(_ask(pipeline, i, remaining_s=30.0, model="local-small") for i in (0, 1))
+        )
+        await pipeline.drain()
+        return models, list(answers)
+
+    began = clock()
+    models, answers = run_on_clock(clock, scenario)
+    assert all(answer.content for answer in answers)
+    assert models.cancelled == [], models.cancelled  # was ['local-1', 'local-2']: swapped
+    assert sorted(models.calls) == ["local-1", "local-2"], models.calls  # one call each
+    assert clock() - began < 0.07  # each its 60 ms; was 30 ms each, then 60 ms again
