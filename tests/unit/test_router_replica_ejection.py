@@ -803,3 +803,30 @@ def test_a_call_is_not_handed_over_to_a_replica_stalled_the_same_way(fast_stall:
     assert models.cancelled == [], models.cancelled  # was ['local-1', 'local-2']: swapped
     assert sorted(models.calls) == ["local-1", "local-2"], models.calls  # one call each
     assert clock() - began < 0.07  # each its 60 ms; was 30 ms each, then 60 ms again
+
+
+def test_a_hung_replicas_call_is_handed_over_once_the_other_has_shown_life(
+    fast_stall: None,
+) -> None:
+    """local-1 hangs while local-2, slow but live, has a call of its own overdue: at local-1's
+    stall window the hand-over waits (local-2 looks as slow), and at the next window, local-2
+    having answered meanwhile, the call goes there: a hung engine's request still leaves it
+    within about a window more, not at its deadline."""
+    clock = Clock()
+    table = with_prior_prefill(TABLE, "local-small=200000")
+
+    async def scenario() -> list[pb.CompleteResponse]:
+        models = Models(clock, {}, hung={"local-1"}, slow={"local-2": 0.04})
+        pipeline = _pipeline(models, table=table)
+        answers = await asyncio.gather(
+            *(_ask(pipeline, i, remaining_s=30.0, model="local-small") for i in (0, 1))
+        )
+        await pipeline.drain()
+        assert models.cancelled == ["local-1"]  # handed over from local-1 ...
+        assert models.calls == ["local-1", "local-2", "local-2"]  # ... to local-2
+        return list(answers)
+
+    began = clock()
+    answers = run_on_clock(clock, scenario)
+    assert all(answer.content for answer in answers)
+    assert clock() - began < 0.2  # two windows of 30 ms and local-2's 40 ms, not 30 s
