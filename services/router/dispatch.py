@@ -386,9 +386,9 @@ class Dispatcher:
                 handover_s = self._handover_s(spec, wanted, replica, needs_s, timeout_s)
                 # a tier's last replica is the request's last unless a later tier could take
                 # the request over: one with a replica left, asked at the stall whether its
-                # context window holds the prompt (the stall hand-over applies before that)
-                # an earlier one's, unless each replica after it is as slow (a loaded machine,
-                # a prior too fast: the request would wait as long there): watched again
+                # context window holds the prompt (the stall hand-over applies before that);
+                # an earlier one's is handed over unless each replica after it is as slow (a
+                # loaded machine, a prior too fast: it would wait as long there): watched again
                 hand_over: Callable[[], Awaitable[bool]] | None
                 if n == len(candidates):
                     later = [o for o, _ in options[at + 1 :]]
@@ -398,6 +398,14 @@ class Dispatcher:
                 else:
                     hand_over = functools.partial(self._one_not_overdue, wanted, candidates[n:])
                 probe = health.sending(replica, opened_at)
+                # why this replica, on its span whatever the call's end (a stall, a refusal)
+                sent_route = replace(
+                    route
+                    if replica == route.order[0]
+                    else Route(route.order, match, "fallback", 0, ejected=route.ejected),
+                    probe=probe,
+                )
+                spans.route_decision(chat_span, sent_route)
                 ticket = self.loads.sent(
                     replica,
                     prompt_tokens,
@@ -509,9 +517,7 @@ class Dispatcher:
                 else:
                     reused = None if start.kv_cached_unreported else start.kv_cached_tokens
                     self.loads.started(replica, ticket, start.prompt_tokens, reused, self._clock())
-                if replica != route.order[0]:
-                    route = Route(route.order, match, "fallback", 0, ejected=route.ejected)
-                route = replace(route, probe=probe)
+                route = sent_route
                 spans.route_attributes(chat_span, replica, route, start)
                 planned_read = plan.usage.cache_read_input_tokens if plan is not None else None
                 plan_id = plan.plan_id if plan is not None else ""

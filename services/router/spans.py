@@ -208,9 +208,23 @@ def route_attributes(
     """L3: the chosen replica, why, its predicted warm prefix and what it really reused."""
     if not span.is_recording():
         return
+    route_decision(span, route)
+    span.set_attributes(
+        {
+            "cachemesh.replica": replica,
+            "cachemesh.backend": start.backend or "simulated",
+            "cachemesh.kv_cached_tokens": start.kv_cached_tokens,
+        }
+    )
+
+
+def route_decision(span: trace.Span, route: Route) -> None:
+    """L3: why the call's replica was chosen (reason, predicted warm prefix, load, TTFT and
+    queue), set when the call is sent, so that a call that ends before its first report (a
+    stall handed over, a refusal) names it too."""
+    if not span.is_recording():
+        return
     attributes: dict[str, AttributeValue] = {
-        "cachemesh.replica": replica,
-        "cachemesh.backend": start.backend or "simulated",
         "cachemesh.route_reason": route.reason,
         "cachemesh.kv_match_tokens": route.match_tokens,
         "cachemesh.replica_load": route.load,
@@ -223,7 +237,6 @@ def route_attributes(
         attributes["cachemesh.replicas_ejected"] = list(route.ejected)
     if route.probe:
         attributes["cachemesh.replica_probe"] = True
-    attributes["cachemesh.kv_cached_tokens"] = start.kv_cached_tokens
     span.set_attributes(attributes)
 
 

@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 
 import pytest
 from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from cachemesh import build_request
 from cachemesh.v1 import gateway_pb2 as pb
@@ -830,3 +833,41 @@ def test_a_hung_replicas_call_is_handed_over_once_the_other_has_shown_life(
     answers = run_on_clock(clock, scenario)
     assert all(answer.content for answer in answers)
     assert clock() - began < 0.2  # two windows of 30 ms and local-2's 40 ms, not 30 s
+
+
+def test_a_call_that_failed_before_its_start_names_why_its_replica_was_chosen(
+    fast_stall: None,
+) -> None:
+    """Each model call's span says why its replica was chosen, whatever the call's end: the
+    stalled call handed over (and one refused) carry the reason, the predicted warm prefix
+    and TTFT as the answered one does. Before, only a call that reached its first report
+    had them: a stall's span named its replica and its error, not the decision that sent
+    the request there (live: the 2.6 s predicted of a first turn that took 15.7 s)."""
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    clock = Clock()
+
+    async def scenario() -> None:
+        models = Models(clock, {}, hung={"large-1"})
+        deps = Dependencies(FakeSemantic(), WarmOnLargeOne(), models, REPLICAS)
+        router = (load_router_model(), RouterCard.load().default_threshold, None)
+        pipeline = Pipeline(
+            deps, TABLE, TOKENIZER, provider.get_tracer("t"), _settings(), router, clock=clock
+        )
+        assert (await _ask(pipeline, 0, remaining_s=30.0)).content
+        await pipeline.drain()
+
+    run_on_clock(clock, scenario)
+    chats = {
+        str((span.attributes or {})["cachemesh.replica"]): dict(span.attributes or {})
+        for span in memory.get_finished_spans()
+        if span.name.startswith("chat ")
+    }
+    stalled, answered = chats["large-1"], chats["large-2"]
+    assert stalled["error.type"] == "DEADLINE_EXCEEDED"  # the stall, handed over
+    assert stalled["cachemesh.route_reason"] == "ttft_warm", stalled  # was absent
+    assert stalled["cachemesh.kv_match_tokens"] == 1984  # the view's warm prefix there
+    assert float(str(stalled["cachemesh.predicted_ttft_ms"])) > 0
+    assert answered["cachemesh.route_reason"] == "fallback"
+    assert answered["cachemesh.kv_cached_tokens"] == 0  # its start's report
