@@ -304,7 +304,10 @@ class ReplicaStates:
         behind that one, slow the same way (a loaded machine, a prior rate too fast for the
         engines), not hung as one engine is."""
         state = self._replicas.get(replica)
-        if state is None or not state.pending or tokens_per_s <= 0:
+        if state is None or tokens_per_s <= 0:
+            return False
+        self._expire(state, now)  # a prefill whose caller left, predicted done, is no head
+        if not state.pending:
             return False
         head = next(iter(state.pending.values()))
         began = max(head.sent_at, state.last_start_at, state.slot_freed_at)

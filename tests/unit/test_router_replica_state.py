@@ -225,3 +225,20 @@ def test_a_stalled_call_bounds_the_replicas_rate_by_what_it_showed() -> None:
     ticket = states.sent("s", 100, 100, [], now=0.0)
     states.stalled("s", ticket, now=10.0)  # too short a prompt for a rate
     assert states.rate("s", 9_000.0).samples == 0
+
+
+def test_a_replica_is_overdue_while_its_oldest_call_outlasts_its_prefill_unheard() -> None:
+    """``overdue``: the oldest call waiting there past its predicted prefill with no sign of
+    life since it began (a call handed over there would wait as long); not once the replica
+    shows life, nor for a prefill whose caller left once it is predicted done."""
+    states = ReplicaStates()
+    assert not states.overdue("r", 1_000.0, now=0.0)  # nothing known: not overdue
+    ticket = states.sent("r", 1_000, 1_000, [], now=0.0)
+    assert not states.overdue("r", 1_000.0, now=0.9)  # within its predicted 1 s
+    assert states.overdue("r", 1_000.0, now=1.1)
+    states.progressed("r", now=1.2)  # a token on another call: alive, busy
+    assert not states.overdue("r", 1_000.0, now=1.3)
+    states.failed("r", ticket)
+    left = states.sent("r", 1_000, 1_000, [], now=2.0)
+    states.abandoned("r", left, 1_000.0, now=2.0)  # its engine prefills it until 3.0
+    assert states.overdue("r", 1_000.0, now=2.0 + 1.0 + 1e-6) is False  # predicted done
