@@ -190,6 +190,23 @@ async def test_a_slow_l1_leaves_a_short_client_deadline_its_model_call() -> None
     assert models.deadlines == [pytest.approx(0.225)]  # the other half: the model call's
 
 
+async def test_a_very_short_deadline_keeps_50_ms_to_tell_its_caller() -> None:
+    """A 200 ms client deadline: the model call and the Lookup end 50 ms before it, not a
+    tenth of it (20 ms), so the router's own cut (billed) reaches the caller before gRPC's
+    deadline does (with 20 ms, 5 of 64 such cuts on a loaded machine came after it, and the
+    client could not tell a billed cut from a call never received)."""
+    clock = FakeClock(now=1_000.0)
+    stub = ScriptedLookup(Code.DEADLINE_EXCEEDED, clock=clock, slow=True)
+    models = FakeModels()
+    pipeline = pipeline_on(stub, clock, models)
+    request = build_request("How do I reset my password?", model="sim-large", request_id="r3")
+    chunks = [c async for c in pipeline.run("tenant-a", request, time_remaining_s=0.2)]
+    await pipeline.drain()
+    assert chunks[-1].end.served_by == pb.LAYER_MODEL
+    assert stub.timeouts == [pytest.approx(0.075)]  # (0.2 - 0.05) / 2
+    assert models.deadlines == [pytest.approx(0.075)]
+
+
 async def settled() -> None:
     """Lets the Releases sent in the background run (they await nothing but the fake)."""
     for _ in range(3):

@@ -656,10 +656,11 @@ async def test_a_deadline_shorter_than_the_prefill_is_not_the_replicas_fault(
     models = Models(clock, {"large-1": hung, "large-2": hung}, takes_s=None)
     pipeline = _pipeline(models)
     with caplog.at_level("WARNING", logger="cachemesh.router"):
-        for i in range(5):  # 1 ms: less than any replica's predicted prefill of 16+ tokens
-            with pytest.raises(RequestError):
-                await _ask(pipeline, i, remaining_s=0.001)
+        for i in range(5):  # 0.5 ms past the 50 ms reply margin: less than any replica's
+            with pytest.raises(RequestError):  # predicted prefill of 16+ tokens
+                await _ask(pipeline, i, remaining_s=0.0505)
     await pipeline.drain()
+    assert len(models.calls) == 5  # each call was sent (and cut at its deadline)
     assert not pipeline._dispatch.health("sim-large").ejected("large-1", clock())
     assert _replica_failed_lines(caplog) == []
 
