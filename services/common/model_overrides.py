@@ -1,7 +1,7 @@
 """The operator's changes to the model table: ``CACHEMESH_MODELS_FILE`` names another table,
 and ``CACHEMESH_PRICES``, ``CACHEMESH_AUTO_*``, ``CACHEMESH_MAX_OUTPUT_TOKENS``,
 ``CACHEMESH_PRIOR_PREFILL_TPS`` and ``CACHEMESH_CONTEXT_WINDOWS`` change its rows and
-``auto``'s tiers (``model_table_from_env``: every service reads its table so)."""
+``auto``'s tiers (``model_table_from_env``: every service that reads a model table reads it so)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def model_table_from_env(env: Env) -> ModelTable:
     ``CACHEMESH_PRICES`` then sets prices of rows (see ``with_prices``), and
     ``CACHEMESH_MAX_OUTPUT_TOKENS`` caps ``max_tokens`` (``services.common.output_caps``),
     ``CACHEMESH_PRIOR_PREFILL_TPS`` and ``CACHEMESH_CONTEXT_WINDOWS`` set rows' prior prefill
-    rates and context windows."""
+    rates and context windows, and ``CACHEMESH_AUTO_*`` sets ``auto``'s tiers."""
     override = env.optional_str("CACHEMESH_MODELS_FILE")
     try:
         table = load_model_table(Path(override) if override else None)
