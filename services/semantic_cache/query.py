@@ -5,8 +5,9 @@ sha256 of a canonical serialisation of the tenant, the namespace, the requested 
 (``auto`` included) and what the router's model table resolves it to where the string alone
 does not say it (``sc.ModelFacts``: a row's ``upstream_id``), the tools and system prompt, the
 conversation before the last user turn (and the non-text blocks of that turn, in their places
-among its text), and the temperature (unset = 1.0; an explicit 1.0 is another scope where a
-row that may answer is sent none when unset, its engine sampling at its own default).
+among its text), and the temperature (unset = 1.0; where a row that may answer is sent none when
+unset, its engine sampling at its own default, an unset one and an explicit 1.0 are two
+scopes, neither the one they shared before the facts were sent).
 ``cache_control`` markers, ``max_tokens``, ``request_id`` and ``routing`` are not part of it
 (the router refuses an ``auto`` hit whose tier is below the one the request's thresholds
 force, and names the tiers it accepts in its Lookup: ``Query.accepted_tiers``, refused by the
@@ -302,17 +303,19 @@ def _model_fields(request: pb.CompleteRequest, facts: sc.ModelFacts) -> dict[str
     new scope: the old model's answers are never served for the new one's), and, for a row
     whose engine samples an unset temperature at its own default (llama-server: 0.8), an
     explicit 1.0, which that engine is sent and samples at: the scope of an unset one holds
-    1.0 too (``temperature_sent`` tells them apart; the unset one keeps the scope it had, its
-    entries made at the engine's default as before)."""
+    1.0 too, so each of the two gets a field of its own (``temperature_sent`` for the explicit
+    1.0, ``engine_temperature`` for the unset one). The scope both shared before
+    ``ModelFacts`` holds answers of either sampling (a router without them stored an explicit
+    1.0's answers there too): neither reads it again, its entries age out. An explicit other
+    value was never shared and keeps its scope."""
     fields: dict[str, object] = {}
     if facts.upstreams:
         fields["upstreams"] = sorted(facts.upstreams)
-    if (
-        facts.engine_default_temperature
-        and request.HasField("temperature")
-        and request.temperature == 1.0
-    ):
-        fields["temperature_sent"] = True
+    if facts.engine_default_temperature:
+        if not request.HasField("temperature"):
+            fields["engine_temperature"] = "default"
+        elif request.temperature == 1.0:
+            fields["temperature_sent"] = True
     return fields
 
 

@@ -175,23 +175,55 @@ async def test_an_explicit_temperature_1_to_an_engine_is_not_served_its_default_
     assert await served_after(TABLE, TABLE, "sim-small", "sim-small", asked=1.0) == 5
 
 
+async def test_an_engine_rows_unset_temperature_is_not_served_an_explicit_1s_old_answers() -> None:
+    """A router from before ``ModelFacts`` (no table: the scope of the requested string alone)
+    stored local-small's answers to an explicit 1.0 in the scope an unset temperature shared
+    with it. After the upgrade they were served to requests without one (5 of 5), which
+    llama-server samples at its own 0.8; none now, and none to an explicit 1.0 either (that
+    old scope mixes both samplings: neither reads it again)."""
+    semantic = l1()
+    before = Calls(Dependencies(semantic, FakePrefix(), FakeModels(), REPLICAS), _settings())
+    for question in QUESTIONS:
+        request = make_request(question, model="local-small", temperature=1.0)
+        looked = await before.lookup("tenant-a", request)
+        assert looked is not None and not looked.hit
+        reply = await before.store(
+            "tenant-a", request, answer(TABLE, "local-small"), looked.lease_id
+        )
+        assert reply is not None and reply.stored, reply
+    after = router(semantic, TABLE)
+    served = {None: 0, 1.0: 0}
+    for question in QUESTIONS:
+        for temperature in served:
+            request = make_request(question, model="local-small", temperature=temperature)
+            looked = await after.lookup("tenant-a", request)
+            assert looked is not None
+            served[temperature] += looked.hit
+    assert served == {None: 0, 1.0: 0}
+
+
 def test_every_scope_whose_meaning_did_not_change_is_the_one_it_was() -> None:
     """The packaged table's facts leave the scope of each row called by its own id, of auto
-    (sim-small and sim-large), and of an engine row's unset temperature as they were: their
-    entries are served after the upgrade. Rows called by another upstream name (gpt-4-1 is
-    gpt-4.1) get a new scope once."""
+    (sim-small and sim-large), and of an engine row's explicit temperature other than 1.0 as
+    they were: their entries are served after the upgrade. Rows called by another upstream
+    name (gpt-4-1 is gpt-4.1) get a new scope once, as do an engine row's unset temperature
+    and explicit 1.0 (the scope they shared holds answers of both samplings)."""
     for model, temperature in (
         ("sim-small", None),
         ("sim-large", 1.0),
         ("auto", None),
-        ("local-small", None),
         ("local-small", 0.7),
         ("claude-haiku-4-5", 0.5),
     ):
         request = make_request(model=model, temperature=temperature)
         assert scope_of("a", request, model_facts(TABLE, request)) == scope_of("a", request)
-    for model in ("gpt-4-1", "claude-3-5-haiku"):
-        request = make_request(model=model)
+    for model, temperature in (
+        ("gpt-4-1", None),
+        ("claude-3-5-haiku", None),
+        ("local-small", None),
+        ("local-small", 1.0),
+    ):
+        request = make_request(model=model, temperature=temperature)
         assert scope_of("a", request, model_facts(TABLE, request)) != scope_of("a", request)
 
 
