@@ -216,12 +216,14 @@ def test_a_rate_or_budget_refusal_is_a_rate_limit_with_its_reason(limit: str, re
     assert type(older) is RateLimitError and older.reason is None
 
 
-def test_a_deadline_with_no_word_from_the_gateway_does_not_say_it_was_billed() -> None:
+def test_a_deadline_with_no_status_from_the_gateway_says_both_what_it_may_be() -> None:
     """A Gateway that answered once, then went away: the next call waits for it (wait_for_ready)
-    until its deadline, gRPC's own "Deadline Exceeded". The error said the call was "billed
-    for what the model produced; a retry is a new model call, billed again", with no call
-    received; it says the Gateway may never have received it and to retry with its id. A cut
-    the Gateway says in its own words keeps its advice (above)."""
+    until its deadline, gRPC's own "Deadline Exceeded". This side cannot tell that from a cut
+    the router made and billed whose status came after the deadline (5 of 64 calls at 0.2 s on
+    a live stack, each told "it may never have received the call", the retry billed 333,000
+    nanos more): the error says both, and what a retry with its id is (replayed if an answer
+    was made, else a new model call, billed again). A cut the Gateway says in its own words
+    keeps its advice (above)."""
     fake = FakeGateway()
     server = grpc.server(futures.ThreadPoolExecutor(2))
     gateway_pb2_grpc.add_GatewayServicer_to_server(fake, server)
@@ -235,7 +237,60 @@ def test_a_deadline_with_no_word_from_the_gateway_does_not_say_it_was_billed() -
     error = caught.value
     assert error.message == "Deadline Exceeded" and not error.cut_by_gateway
     text = str(error)
-    assert "billed for what the model produced" not in text and "billed again" not in text
-    assert f"request_id {error.request_id}: no word from the Gateway" in text
-    assert "may never have received the call" in text and "retry with it" in text
+    assert f"request_id {error.request_id}: no status from the Gateway" in text
+    assert "may have cut it and billed what the model produced" in text
+    assert "its status arriving too late, or never received it" in text
+    assert "replayed if an answer was made, else is a new model call, billed again" in text
+    assert "retry with it" in text
     assert len(fake.ids) == 1  # the second call never reached it
+
+
+class StallingGateway(FakeGateway):
+    """Streams one chunk, then says nothing until ``stall`` is set (past the client's
+    deadline): the deadline passes on the client's side mid-stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stall = threading.Event()
+
+    def StreamComplete(
+        self, request: pb.CompleteRequest, context: Any
+    ) -> Iterator[pb.CompleteChunk]:
+        yield pb.CompleteChunk(start=pb.CompleteResponse(model="sim-small"))
+        self.stall.wait(5.0)
+
+
+def test_a_local_deadline_mid_stream_is_not_taken_for_the_gateways_cut() -> None:
+    """gRPC's own deadline after a chunk is "Stream removed (Deadline Exceeded)", not "Deadline
+    Exceeded": it was classed ``cut_by_gateway`` True, "billed ...: a retry is a new model call"
+    with no word from the Gateway at all. It is a local deadline, blocking and asyncio."""
+    fake = StallingGateway()
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    gateway_pb2_grpc.add_GatewayServicer_to_server(fake, server)
+    target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    errors: list[DeadlineExceededError] = []
+    try:
+        with Client(target, api_key="k") as client:
+            got = 0
+            with pytest.raises(DeadlineExceededError) as caught:
+                for _ in client.stream(build_request("hi"), timeout_s=1.5):
+                    got += 1
+            assert got == 1
+            errors.append(caught.value)
+
+        async def read() -> None:
+            async with AsyncClient(target, api_key="k") as client:
+                with pytest.raises(DeadlineExceededError) as caught:
+                    async for _ in client.stream(build_request("hi"), timeout_s=1.5):
+                        pass
+                errors.append(caught.value)
+
+        asyncio.run(read())
+    finally:
+        fake.stall.set()
+        server.stop(None)
+    for error in errors:
+        assert error.message == "Stream removed (Deadline Exceeded)", error.message
+        assert not error.cut_by_gateway
+        assert "no status from the Gateway" in str(error)

@@ -108,16 +108,18 @@ class DeadlineExceededError(UnavailableError):
     the answer had written all of its max_tokens, or its provider gave no token). An
     ``UnavailableError`` too (it was one before it had its own class).
 
-    ``cut_by_gateway`` False: gRPC's own "Deadline Exceeded", no word from the Gateway within
-    the deadline: it may never have received the call (down, unreachable or stalled; nothing
-    billed) or its own status came late; a retry with the ``request_id`` is answered once if
-    an answer was made, else is a new model call."""
+    ``cut_by_gateway`` False: gRPC's own "Deadline Exceeded" (or, mid-stream, "Stream removed
+    (Deadline Exceeded)"), no status from the Gateway within the deadline. This side cannot
+    tell which: the Gateway may have cut the call and billed what the model produced, its
+    status arriving too late, or never received it (down, unreachable or stalled; nothing
+    billed). A retry with the ``request_id`` is replayed if an answer was made, else is a new
+    model call, billed again."""
 
     @property
     def cut_by_gateway(self) -> bool:
         """Whether the Gateway said it cut the call at the deadline (a message of its own,
-        not gRPC's "Deadline Exceeded" made on this side)."""
-        return self.message != _LOCAL_DEADLINE
+        not one of gRPC's for a deadline that passed on this side, ``_LOCAL_DEADLINES``)."""
+        return self.message not in _LOCAL_DEADLINES
 
     @property
     def smaller_max_tokens_helps(self) -> bool:
@@ -131,10 +133,11 @@ class DeadlineExceededError(UnavailableError):
         said = f"request_id {self.request_id}: " if self.request_id else ""
         if not self.cut_by_gateway:
             return (
-                f"{text} ({said}no word from the Gateway within the deadline: it may never "
-                "have received the call; a retry with this request_id is answered once if an "
-                "answer was made, else is a new model call: retry with it, or allow a longer "
-                "deadline)"
+                f"{text} ({said}no status from the Gateway within the deadline: the Gateway "
+                "may have cut it and billed what the model produced, its status arriving too "
+                "late, or never received it; a retry with this request_id is replayed if an "
+                "answer was made, else is a new model call, billed again: retry with it, or "
+                "allow a longer deadline)"
             )
         advice = "allow a longer deadline"
         if self.smaller_max_tokens_helps:
@@ -149,9 +152,11 @@ class DeadlineExceededError(UnavailableError):
 # (services.router.model_answer): an answer that wrote all of it, a provider that wrote nothing
 _NOT_ITS_LENGTH = ("had written all of its max_tokens", "gave no token")
 
-# gRPC's own details of a deadline that passed on this side with no status from the Gateway
-# (the Gateway's cut says its own words: whose deadline, what was billed)
-_LOCAL_DEADLINE = "Deadline Exceeded"
+# gRPC's own details of a deadline that passed on this side with no status from the Gateway:
+# before any reply, and mid-stream after a chunk. The Gateway's cut says its own words (whose
+# deadline, what was billed) and sets no trailer every cut carries (its pushback -1 only once
+# a model call was billed), so the words are what tells them apart
+_LOCAL_DEADLINES = frozenset({"Deadline Exceeded", "Stream removed (Deadline Exceeded)"})
 
 
 _BY_CODE: dict[grpc.StatusCode, type[CachemeshError]] = {

@@ -231,11 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     except DeadlineExceededError as error:  # no answer made, billed: a retry is billed again
         print(f"cachemesh: {error.code.name}: {error.message}", file=sys.stderr)
         rid = error.request_id
-        if not error.cut_by_gateway:  # no word from the Gateway: it may not have received it
+        if not error.cut_by_gateway:  # no status from the Gateway in time: cut, or not seen
             print(
-                f"request_id: {rid} (no word from the Gateway within its deadline: it may not "
-                f"have received the call; retry with --request-id {rid}, answered once if an "
-                "answer was made, or give a longer --timeout)",
+                f"request_id: {rid} (no status from the Gateway within its deadline: it may "
+                "have cut the call and billed what the model produced, its status arriving too "
+                f"late, or never received it; retry with --request-id {rid}: replayed if an "
+                "answer was made, else a new model call, billed again; or give a longer "
+                "--timeout)",
                 file=sys.stderr,
             )
             return 1
