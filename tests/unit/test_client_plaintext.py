@@ -16,6 +16,7 @@ import pytest
 
 from cachemesh import AsyncClient, Client, Tls
 from cachemesh import _client as client_module
+from cachemesh._tls import check_plaintext
 from cachemesh.admin import AdminClient
 
 REMOTE = "192.0.2.1:50051"  # TEST-NET-1: not loopback (never dialled here)
@@ -80,3 +81,95 @@ def test_insecure_with_an_injected_channel_is_refused() -> None:
         Client(REMOTE, api_key=KEY, channel=channel, insecure=True)
     with grpc.insecure_channel(REMOTE) as channel:  # the caller's own channel: as it is
         Client(REMOTE, api_key=KEY, channel=channel).close()
+
+
+# loopback in each form gRPC dials: each was refused by the command lines' check (a Unix
+# socket with a message about the network), the first three by the clients too
+LOCAL_FORMS = [
+    "[::1]",
+    "dns:localhost:50051",
+    "LOCALHOST:50051",
+    "unix:/tmp/cachemesh.sock",
+    "unix-abstract:cachemesh",
+    "dns:///LocalHost:50051",
+    "ipv4:127.0.0.1:50051,127.0.0.2:50051",
+    "ipv6:[::1]:50051",
+    "[::ffff:127.0.0.1]:50051",
+]
+# not loopback, or not knowable without resolving a name: refused by both
+REMOTE_FORMS = [
+    "0.0.0.0:50051",
+    "[::]:50051",
+    "host.docker.internal:50051",
+    "ip6-localhost:50051",
+    "dns://192.0.2.53/localhost:50051",  # a DNS server of the target's says what localhost is
+    "ipv4:127.0.0.1:50051,192.0.2.1:50051",
+    "localhost..:50051",
+    # gRPC's resolver asks DNS for these (not /etc/hosts, not read as 127.0.0.1): "hostname
+    # lookup error" with no DNS server; one with a search domain may answer anything
+    "localhost.:50051",
+    "127.1:50051",
+    "localhost.example.com:50051",
+    "127.0.0.1.example.com:50051",
+    "UNIX:/tmp/cachemesh.sock",
+    "[::1]x",
+]
+
+
+@pytest.mark.parametrize("target", LOCAL_FORMS)
+def test_loopback_in_any_form_needs_no_flag_for_the_clients_or_the_command_lines(
+    made: list[str], target: str
+) -> None:
+    Client(target, api_key=KEY).close()
+    AdminClient(target, admin_token=KEY).close()
+    check_plaintext(target, None, False)
+    assert made == [target]
+
+
+@pytest.mark.parametrize("target", REMOTE_FORMS)
+def test_a_host_not_known_loopback_is_refused_by_both(made: list[str], target: str) -> None:
+    with pytest.raises(ValueError, match="is not loopback"):
+        Client(target, api_key=KEY)
+    with pytest.raises(ValueError, match="is not loopback"):
+        check_plaintext(target, None, False)
+    assert made == []
+
+
+def test_the_loopback_forms_allowed_reach_a_gateway_on_this_host() -> None:
+    """What the check lets through is what gRPC dials on loopback (a real call answered)."""
+    from concurrent import futures
+
+    from cachemesh import build_request
+    from cachemesh.v1 import gateway_pb2 as pb
+
+    def complete(request: pb.CompleteRequest, context: object) -> pb.CompleteResponse:
+        return pb.CompleteResponse(request_id=request.request_id)
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "cachemesh.v1.Gateway",
+                {
+                    "Complete": grpc.unary_unary_rpc_method_handler(
+                        complete,
+                        request_deserializer=pb.CompleteRequest.FromString,
+                        response_serializer=pb.CompleteResponse.SerializeToString,
+                    )
+                },
+            )
+        ]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        for target in (
+            f"dns:localhost:{port}",
+            f"LOCALHOST:{port}",
+            f"ipv4:127.0.0.1:{port},127.0.0.2:{port}",
+            f"[::ffff:127.0.0.1]:{port}",
+        ):
+            with Client(target, api_key=KEY, wait_for_ready=False, timeout_s=5) as client:
+                assert client.complete(build_request("hi")).request_id, target
+    finally:
+        server.stop(None)

@@ -80,14 +80,56 @@ def aio_channel(target: str, tls: Tls | None, options: Options = ()) -> grpc.aio
 
 
 def is_loopback(target: str) -> bool:
-    """Whether ``target`` names a loopback address (127.0.0.0/8, ::1, localhost)."""
-    host = target.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
-    host = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
-    host = host.strip("[]")
+    """Whether ``target`` names loopback addresses only (127.0.0.0/8, ::1 and its IPv4-mapped
+    form, ``localhost``), in any form gRPC dials: ``host``, ``host:port``, ``[::1]``,
+    ``[::1]:port``, ``::1``, ``dns:host:port``, ``dns:///host:port``, ``ipv4:`` and ``ipv6:``
+    lists (every address loopback), ``localhost`` in any case. No name is resolved: a name
+    other than ``localhost`` is not loopback (``localhost.``, ``127.1``: gRPC asks DNS for
+    them), nor is ``localhost`` asked of a DNS server the target names (``dns://server/``)."""
+    scheme, colon, rest = target.partition(":")
+    if colon and scheme in ("dns", "ipv4", "ipv6"):
+        authority = ""
+        if rest.startswith("//"):
+            authority, _, rest = rest[2:].partition("/")
+        names = scheme == "dns" and not authority
+        addresses = [rest] if scheme == "dns" else rest.split(",")
+    else:
+        names, addresses = True, [target]
+    return all(_loopback_host(_host(address), names) for address in addresses)
+
+
+def _host(address: str) -> str | None:
+    """The host of ``address`` (``host``, ``host:port``, ``[v6]``, ``[v6]:port``, a bare IPv6
+    address); None when it is none of those."""
+    if address.startswith("["):
+        host, bracket, port = address[1:].partition("]")
+        if not bracket or (port and not (port[:1] == ":" and port[1:].isdigit())):
+            return None
+        return host
+    return address.rsplit(":", 1)[0] if address.count(":") == 1 else address
+
+
+def _loopback_host(host: str | None, names: bool) -> bool:
+    """Whether ``host`` is a loopback address, or ``localhost`` in any case when ``names``.
+    Not ``localhost.`` nor IPv4's short forms (``127.1``): gRPC's resolver asks DNS for those
+    (checked: "hostname lookup error"), which may answer anything."""
+    if host is None:
+        return False
+    if names and host.lower() == "localhost":
+        return True
     try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def is_local(target: str) -> bool:
+    """Whether ``target`` stays on this host: loopback (``is_loopback``) or a Unix socket
+    (``unix:``, ``unix-abstract:``)."""
+    return is_loopback(target) or target.startswith(("unix:", "unix-abstract:"))
 
 
 def refuse_plaintext(target: str, tls: Tls | None, insecure: bool, secret: str) -> None:
@@ -96,8 +138,7 @@ def refuse_plaintext(target: str, tls: Tls | None, insecure: bool, secret: str) 
     socket and neither ``tls`` nor ``insecure`` is given, before a channel is made: ``secret``
     (the API key, the admin token), sent with every call, would cross the network in
     cleartext. The command lines check first with their own flags (``check_plaintext``)."""
-    local = is_loopback(target) or target.startswith(("unix:", "unix-abstract:"))
-    if tls is None and not insecure and not local:
+    if tls is None and not insecure and not is_local(target):
         raise ValueError(
             f"target {target!r} is not loopback and tls is None: the {secret} would cross the "
             "network in cleartext with every call; pass tls=Tls(...) (Tls() for the system's "
@@ -110,8 +151,9 @@ def check_plaintext(
 ) -> None:
     """Refuses a non-loopback target in plaintext (``secrets``, the keys or token each call
     carries, in cleartext on the network) unless ``insecure`` (``--insecure``): a ValueError
-    naming the target and the ways out."""
-    if tls is None and not insecure and not is_loopback(target):
+    naming the target and the ways out. A Unix socket is local, as for the clients
+    (``refuse_plaintext``; it was refused here, with a message about the network)."""
+    if tls is None and not insecure and not is_local(target):
         raise ValueError(
             f"--target {target} is not loopback and TLS is off: {secrets} would cross the "
             "network in cleartext; give --tls or --ca-file (env CACHEMESH_TLS, "
