@@ -9,6 +9,7 @@ the agent's prompt from its first turn; the closing note says so, and how to sta
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import textwrap
@@ -17,6 +18,9 @@ import time
 from cachemesh._client import DEFAULT_TARGET, Client
 from cachemesh._errors import CachemeshError
 from cachemesh._requests import answer_text, assistant_message, build_request, user_message
+from cachemesh._tls import Tls, env_bool, is_local
+from cachemesh._tls import add_arguments as add_tls_arguments
+from cachemesh._tls import from_args as tls_from_args
 from cachemesh.demo import workload
 from cachemesh.demo.table import LayerTable
 from cachemesh.v1 import gateway_pb2 as pb
@@ -88,13 +92,40 @@ def _unrelated(client: Client, table: LayerTable, model: str | None, namespace: 
         print(f"  {question[:58]!r:60} {table.describe(response)}")
 
 
+INSECURE_ENV = "CACHEMESH_INSECURE"
+
+
+def connection(target: str) -> tuple[Tls | None, bool]:
+    """The demo's TLS and ``insecure`` from the settings ``cachemesh`` reads (CACHEMESH_TLS,
+    CACHEMESH_CA_FILE, CACHEMESH_CERT_FILE, CACHEMESH_KEY_FILE) and CACHEMESH_INSECURE (the
+    demo's ``--insecure``: it takes no flags); a ValueError naming the setting to give when
+    ``target`` is not loopback (nor a Unix socket) in plaintext, or a setting is malformed."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_tls_arguments(parser)  # their defaults: the settings above
+    tls = tls_from_args(parser.parse_args([]))
+    insecure = env_bool(INSECURE_ENV)
+    if tls is None and not insecure and not is_local(target):
+        raise ValueError(
+            f"CACHEMESH_TARGET {target} is not loopback and TLS is off: the demo keys would "
+            "cross the network in cleartext; set CACHEMESH_TLS=1 or CACHEMESH_CA_FILE, or "
+            f"{INSECURE_ENV}=1 to allow it"
+        )
+    return tls, insecure
+
+
 def main() -> int:
     target = os.environ.get("CACHEMESH_TARGET", DEFAULT_TARGET)
-    # a Gateway that is not there fails the first request at once, not after its timeout
-    clients = {
-        "a": Client(target, api_key=_require("CACHEMESH_KEY_A"), wait_for_ready=False),
-        "b": Client(target, api_key=_require("CACHEMESH_KEY_B"), wait_for_ready=False),
-    }
+    keys = {"a": _require("CACHEMESH_KEY_A"), "b": _require("CACHEMESH_KEY_B")}
+    try:
+        tls, insecure = connection(target)
+        # a Gateway that is not there fails the first request at once, not after its timeout
+        clients = {
+            tenant: Client(target, api_key=key, tls=tls, insecure=insecure, wait_for_ready=False)
+            for tenant, key in keys.items()
+        }
+    except ValueError as error:  # a setting, a TLS file, a key gRPC cannot send
+        print(f"demo: {error}", file=sys.stderr)
+        return 2
     # CACHEMESH_DEMO_MODEL: one model for every request (make demo-local: local-small)
     model = os.environ.get("CACHEMESH_DEMO_MODEL") or None
     table = LayerTable()
