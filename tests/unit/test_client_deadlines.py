@@ -106,3 +106,41 @@ def test_a_calls_own_deadline_reaches_the_gateway(gateway: tuple[FakeGateway, st
     client_s, *own_s = fake.remaining
     assert 55 < client_s < 61  # gRPC rounds a deadline up a little
     assert len(own_s) == 6 and all(3 < s < 6 for s in own_s), own_s
+
+
+def test_timeout_s_none_is_no_deadline_as_it_was(gateway: tuple[FakeGateway, str]) -> None:
+    """``timeout_s=None`` was taken before a client checked its deadline (59fbb2d): gRPC's no
+    deadline. It became a ValueError; it is no deadline again (a call's own ``timeout_s``
+    still overrides it), blocking, asyncio and the Admin API's client."""
+    fake, target = gateway
+    request = build_request("hi")
+    with Client(target, api_key="k", timeout_s=None) as client:
+        client.complete(request)
+        list(client.stream(request))
+        client.complete(request, timeout_s=5)
+
+    async def calls() -> None:
+        async with AsyncClient(target, api_key="k", timeout_s=None) as client:
+            await client.complete(request)
+
+    asyncio.run(calls())
+    AdminClient(target, admin_token="t", timeout_s=None).close()
+    no_deadline, unbounded, own, aio = fake.remaining  # gRPC's "none": ~292 years
+    assert min(no_deadline, unbounded, aio) > 1e9 and 3 < own < 6, fake.remaining
+
+
+def test_any_real_number_is_a_deadline_not_a_bool(gateway: tuple[FakeGateway, str]) -> None:
+    """A numpy float (float32 is no ``float``) or a Fraction: a real number of seconds; a
+    bool is a mistake (True would be one second)."""
+    import fractions
+
+    import numpy
+
+    fake, target = gateway
+    for seconds in (numpy.float32(30), numpy.float64(30), numpy.int64(30), fractions.Fraction(30)):
+        with Client(target, api_key="k", timeout_s=seconds) as client:  # type: ignore[arg-type]
+            client.complete(build_request("hi"), timeout_s=seconds)  # type: ignore[arg-type]
+    assert len(fake.remaining) == 4 and all(25 < s < 31 for s in fake.remaining)
+    for wrong in (True, False, "30", numpy.float64(math.nan)):
+        with pytest.raises(ValueError, match="timeout_s must be a number of seconds over 0"):
+            Client(target, api_key="k", timeout_s=wrong)  # type: ignore[arg-type]

@@ -20,6 +20,8 @@ named), which can reach another router or a restarted one: such a call carries t
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import uuid
 
 import grpc
@@ -52,16 +54,29 @@ KEEPALIVE_TIMEOUT_MS = 10_000
 
 
 def deadline_s(value: float, parameter: str = "timeout_s") -> float:
-    """``value``, a deadline in seconds, when it is over 0 and at most ``TIMEOUT_MAX_S``; else
-    a ValueError naming ``parameter``, before anything is sent (gRPC failed such a call at
-    once with DEADLINE_EXCEEDED, a ``DeadlineExceededError`` saying the call was billed)."""
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    if not number or not 0 < value <= TIMEOUT_MAX_S:  # nan and inf fail too
+    """``value``, a deadline in seconds (any real number: an int, a float, a numpy float; not
+    a bool), when it is over 0 and at most ``TIMEOUT_MAX_S``; else a ValueError naming
+    ``parameter``, before anything is sent (gRPC failed such a call at once with
+    DEADLINE_EXCEEDED, a ``DeadlineExceededError`` saying the call was billed)."""
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    seconds = float(value) if real else math.nan
+    if not 0 < seconds <= TIMEOUT_MAX_S:  # nan and inf fail too
         raise ValueError(
             f"{parameter} must be a number of seconds over 0, at most {TIMEOUT_MAX_S:,.0f}, "
             f"got {value!r}"
         )
-    return float(value)
+    return seconds
+
+
+def default_deadline_s(value: float | None) -> float | None:
+    """A client's ``timeout_s``: ``deadline_s``'s, or None, no deadline (a call waits as long
+    as the Gateway takes, bounded by the router's own ``ROUTER_MODEL_TIMEOUT_S``)."""
+    if value is None:
+        return None
+    try:
+        return deadline_s(value)
+    except ValueError as error:
+        raise ValueError(f"{error} (None: no deadline)") from None
 
 
 def service_config(wait_for_ready: bool, max_attempts: int = MAX_ATTEMPTS) -> str:

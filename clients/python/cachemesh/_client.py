@@ -18,6 +18,7 @@ from cachemesh._channel import (
     call_metadata,
     channel_options,
     deadline_s,
+    default_deadline_s,
     with_request_id,
 )
 from cachemesh._errors import from_rpc_error, incomplete
@@ -205,14 +206,17 @@ class Client:
     A ``target`` that is not loopback (nor a Unix socket) without ``tls`` is a ValueError
     unless ``insecure=True``: the key would cross the network in cleartext with every call.
     ``api_key`` is sent without surrounding whitespace; one gRPC cannot send (a space, a control
-    or non-ASCII character) is a ValueError."""
+    or non-ASCII character) is a ValueError. ``timeout_s``: each call's deadline in seconds
+    (120; any real number over 0, at most a day), None for no deadline (as before 59fbb2d: the
+    router's ``ROUTER_MODEL_TIMEOUT_S`` still ends a model call); a call's own ``timeout_s``
+    overrides it, None there meaning the client's."""
 
     def __init__(
         self,
         target: str = DEFAULT_TARGET,
         *,
         api_key: str,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
+        timeout_s: float | None = DEFAULT_TIMEOUT_S,
         channel: grpc.Channel | None = None,
         tls: Tls | None = None,
         wait_for_ready: bool = True,
@@ -220,7 +224,7 @@ class Client:
         insecure: bool = False,
     ) -> None:
         self._metadata = bearer_metadata(api_key, "api_key")  # before a channel is opened
-        self._timeout_s = deadline_s(timeout_s)
+        self._timeout_s = default_deadline_s(timeout_s)
         attempts = _attempts(target, channel, tls, max_attempts, insecure)
         self._channel = (
             channel
@@ -330,7 +334,7 @@ class AsyncClient:
         target: str = DEFAULT_TARGET,
         *,
         api_key: str,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
+        timeout_s: float | None = DEFAULT_TIMEOUT_S,
         channel: grpc.aio.Channel | None = None,
         tls: Tls | None = None,
         wait_for_ready: bool = True,
@@ -338,7 +342,7 @@ class AsyncClient:
         insecure: bool = False,
     ) -> None:
         self._metadata = bearer_metadata(api_key, "api_key")  # before a channel is opened
-        self._timeout_s = deadline_s(timeout_s)
+        self._timeout_s = default_deadline_s(timeout_s)
         attempts = _attempts(target, channel, tls, max_attempts, insecure)
         if tls is not None:
             tls.credentials()  # a file that cannot be read: now, not at the first call

@@ -21,7 +21,7 @@ import grpc
 
 from cachemesh._argv import file_named
 from cachemesh._auth import bearer_metadata
-from cachemesh._channel import deadline_s
+from cachemesh._channel import default_deadline_s
 from cachemesh._errors import CachemeshError, from_rpc_error
 from cachemesh._tls import Tls, refuse_plaintext, sync_channel
 from cachemesh.v1 import admin_pb2 as adm
@@ -64,7 +64,7 @@ class AdminClient:
         *,
         admin_token: str,
         tls: Tls | None = None,
-        timeout_s: float = 30.0,
+        timeout_s: float | None = 30.0,
         insecure: bool = False,
     ) -> None:
         """``target`` not loopback without ``tls``: a ValueError unless ``insecure`` (the
@@ -72,7 +72,7 @@ class AdminClient:
         if not admin_token.strip():
             raise ValueError("an admin token is required (the router's CACHEMESH_ADMIN_TOKEN_FILE)")
         self._metadata = bearer_metadata(admin_token, "admin_token")  # before the channel
-        self._timeout_s = deadline_s(timeout_s)
+        self._timeout_s = default_deadline_s(timeout_s)
         refuse_plaintext(target, tls, insecure, "admin token")
         self._channel = sync_channel(target, tls)
         self._stub = admin_pb2_grpc.AdminStub(self._channel)
