@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
 
@@ -339,3 +339,39 @@ def test_a_stream_closed_by_another_thread_as_its_call_starts_is_cancelled() -> 
     stream = ChunkStream(start, "r1")
     assert list(stream) == []
     assert call.cancelled
+
+
+def test_a_close_racing_a_call_as_it_starts_is_the_closed_clients_error(
+    gateway: tuple[FakeGateway, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``close()`` in another thread after a call passed the closed check and before gRPC
+    started it (the interleaving made certain here: the close comes right after the check),
+    or an injected channel its owner closed: gRPC's ValueError "Cannot invoke RPC on closed
+    channel!" (a stream's: "Cannot invoke RPC: Channel closed!") reached the caller; it is the
+    closed Client's RuntimeError."""
+    fake, target = gateway
+    checked = Client._gateway
+
+    def closed_after_the_check(self: Client) -> Any:
+        stub = checked(self)
+        self.close()  # as another thread would, now
+        return stub
+
+    monkeypatch.setattr(Client, "_gateway", closed_after_the_check)
+    calls: tuple[Callable[[Client], object], ...] = (
+        lambda client: client.complete(build_request("hi")),
+        lambda client: next(client.stream(build_request("hi"))),
+    )
+    for call in calls:
+        with pytest.raises(RuntimeError, match="this Client is closed") as raised:
+            call(Client(target, api_key="k"))
+        assert "Cannot invoke RPC" in str(raised.value.__cause__)
+    monkeypatch.undo()
+    channel = grpc.insecure_channel(target)
+    client = Client(target, api_key="k", channel=channel)
+    channel.close()
+    with pytest.raises(RuntimeError, match="this Client is closed"):
+        client.complete(build_request("hi"))
+    with pytest.raises(RuntimeError, match="this Client is closed"):
+        next(client.stream(build_request("hi")))
+    assert fake.metadata == []

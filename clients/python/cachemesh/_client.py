@@ -29,6 +29,16 @@ from cachemesh.v1 import gateway_pb2_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
+# gRPC's own ValueError for a call started on a closed channel (a unary call's, a stream's): a
+# call that passed the Client's closed check as another thread closed it, or on an injected
+# channel its owner closed. The closed Client's RuntimeError instead, as AsyncClient's
+_CLOSED_CHANNEL = frozenset(
+    {"Cannot invoke RPC on closed channel!", "Cannot invoke RPC: Channel closed!"}
+)
+
+
+_CLOSED_AS_STARTED = "this Client is closed (its channel closed as the call started)"
+
 
 def _attempts(
     target: str, channel: object, tls: Tls | None, max_attempts: int | None, insecure: bool
@@ -77,7 +87,13 @@ class ChunkStream(Iterator[pb.CompleteChunk]):
         if self._done:
             raise StopIteration
         if self._call is None:
-            self._call = self._start()
+            try:
+                self._call = self._start()
+            except ValueError as error:
+                if str(error) not in _CLOSED_CHANNEL:
+                    raise
+                self._done = True
+                raise RuntimeError(_CLOSED_AS_STARTED) from error
             if self._closed:  # closed by another thread as it started: close() saw no call
                 self._call.cancel()
                 raise StopIteration
@@ -260,6 +276,10 @@ class Client:
         except grpc.RpcError as error:
             self._reached.failed(error)
             raise from_rpc_error(error, sent.request_id) from error
+        except ValueError as error:
+            if str(error) not in _CLOSED_CHANNEL:
+                raise
+            raise RuntimeError(_CLOSED_AS_STARTED) from error
         self._reached.answered()
         return response
 
