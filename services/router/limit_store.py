@@ -90,6 +90,25 @@ class Admission:
     hold: Hold | None = None
 
 
+@dataclass(frozen=True)
+class Settlement:
+    """What a settle tells a store: ``tenant``'s request under ``policy`` gives back
+    ``refund_tokens`` of its token rate (negative: takes more) and adds ``cost_nanos`` to its
+    budgets, at ``now_ms`` in ``periods``, its cost incurred ``age_ms`` before (a killed
+    router's open call, an estimate corrected); counted once per ``settle_id`` (when given);
+    releasing ``release`` (a hold ``admit`` kept; None: nothing)."""
+
+    tenant: str
+    policy: LimitPolicy
+    refund_tokens: int
+    cost_nanos: int
+    now_ms: int
+    periods: Periods
+    settle_id: str | None = None
+    age_ms: int = 0
+    release: Hold | None = None
+
+
 class LimitStore(Protocol):
     # its counts outlive this process (Redis): a correction of an estimate an earlier process
     # counted lands on that count; in this process's memory it would have nothing to correct
@@ -114,19 +133,8 @@ class LimitStore(Protocol):
         its period ends, but for an estimate's bill corrected down)."""
         ...
 
-    async def settle(
-        self,
-        tenant: str,
-        policy: LimitPolicy,
-        refund_tokens: int,
-        cost_nanos: int,
-        now_ms: int,
-        periods: Periods,
-        settle_id: str | None = None,
-        age_ms: int = 0,
-        release: Hold | None = None,
-    ) -> None:
-        """Releases ``release`` (a hold ``admit`` kept; nothing when it is gone), gives back
+    async def settle(self, done: Settlement) -> None:
+        """Releases ``done.release`` (a hold ``admit`` kept; nothing when it is gone), gives back
         ``refund_tokens`` (negative: takes more) and adds ``cost_nanos`` to the day's and the
         month's bill (``age_ms``: of the periods that long before ``now_ms``,
         when the cost was incurred: a killed router's open call, an estimate corrected); once

@@ -77,7 +77,7 @@ from services.router.limit_settles import (
     PendingSettles,
     Settle,
 )
-from services.router.limit_store import Admission, Hold, LimitStore, hold_ms
+from services.router.limit_store import Admission, Hold, LimitStore, Settlement, hold_ms
 from services.router.limit_tickets import ModelUse, Ticket, model_tokens, used_tokens
 
 log = logging.getLogger("cachemesh.router.limits")
@@ -456,19 +456,19 @@ class Limiter:
         now = self._clock.now_ms()
         # how long ago its cost was incurred, on this clock (the store's may differ: Redis's)
         age = 0 if count.incurred_ms is None else max(now - count.incurred_ms, 0)
-        released = {} if count.release is None else {"release": count.release}
+        done = Settlement(
+            count.tenant,
+            count.policy,
+            count.refund,
+            count.cost_nanos,
+            now,
+            Periods.at(now),
+            settle_id=count.settle_id,
+            age_ms=age,
+            release=count.release,
+        )
         async with asyncio.timeout(self._timeout_s):
-            await self._store.settle(
-                count.tenant,
-                count.policy,
-                count.refund,
-                count.cost_nanos,
-                now,
-                Periods.at(now),
-                settle_id=count.settle_id,
-                age_ms=age,
-                **released,
-            )
+            await self._store.settle(done)
 
     @property
     def pending(self) -> int:

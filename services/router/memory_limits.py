@@ -12,6 +12,7 @@ from services.router.limit_store import (
     CLOCK_STEP_BACK_MS,
     Admission,
     Hold,
+    Settlement,
     bucket_level,
     budgets_held,
     budgets_spent,
@@ -166,31 +167,22 @@ class MemoryLimitStore:
             self._held[tenant] = self._held.get(tenant, 0) + hold.nanos
         return None
 
-    async def settle(
-        self,
-        tenant: str,
-        policy: LimitPolicy,
-        refund_tokens: int,
-        cost_nanos: int,
-        now_ms: int,
-        periods: Periods,
-        settle_id: str | None = None,
-        age_ms: int = 0,
-        release: Hold | None = None,
-    ) -> None:
+    async def settle(self, done: Settlement) -> None:
         # never fails, so never replayed: its settle ids need no memory
-        if release is not None:
-            self._release(tenant, release)
-        spent = Periods.at(now_ms - age_ms) if age_ms else periods  # where the cost counts
-        if policy.tokens_per_min is not None and refund_tokens:
-            level = self._level(tenant, TOKENS, policy.tokens_per_min, now_ms)
-            refunded = min(float(policy.tokens_per_min), level + refund_tokens)
+        tenant, now_ms, age_ms = done.tenant, done.now_ms, done.age_ms
+        if done.release is not None:
+            self._release(tenant, done.release)
+        spent = Periods.at(now_ms - age_ms) if age_ms else done.periods  # where the cost counts
+        rate = done.policy.tokens_per_min
+        if rate is not None and done.refund_tokens:
+            level = self._level(tenant, TOKENS, rate, now_ms)
+            refunded = min(float(rate), level + done.refund_tokens)
             self._put(tenant, TOKENS, _Bucket(refunded, now_ms))
-        if cost_nanos:
+        if done.cost_nanos:
             for period in (spent.day, spent.month):
                 key = (tenant, period)
-                self._spent[key] = self._spent.get(key, 0) + cost_nanos
-            self._forget_old(periods)
+                self._spent[key] = self._spent.get(key, 0) + done.cost_nanos
+            self._forget_old(done.periods)
 
     def _forget_old(self, periods: Periods) -> None:
         """Drops the spend of periods before the previous day and month: those are kept, so a

@@ -68,7 +68,7 @@ from services.router.limit_store import (
     HOLD_MS,
     SETTLE_MARKER_MS,
     Admission,
-    Hold,
+    Settlement,
     SettleNotSent,
     bucket_level,
     budgets_spent,
@@ -445,20 +445,12 @@ class RedisLimitStore:
             self._key(tenant, f"spent:{periods.month}"),
         ]
 
-    async def settle(
-        self,
-        tenant: str,
-        policy: LimitPolicy,
-        refund_tokens: int,
-        cost_nanos: int,
-        now_ms: int,
-        periods: Periods,
-        settle_id: str | None = None,
-        age_ms: int = 0,
-        release: Hold | None = None,
-    ) -> None:
+    async def settle(self, done: Settlement) -> None:
         await self._connected()
-        now_ms, periods, script_ms = await self._clock(cost_nanos != 0, now_ms, periods)
+        tenant, age_ms, settle_id = done.tenant, done.age_ms, done.settle_id
+        now_ms, periods, script_ms = await self._clock(
+            done.cost_nanos != 0, done.now_ms, done.periods
+        )
         # the periods the cost was incurred in: that long before the time counted in (Redis's)
         spent = Periods.at(now_ms - age_ms) if age_ms else periods
         keys = [
@@ -470,14 +462,14 @@ class RedisLimitStore:
         ]
         args: list[int | str] = [
             script_ms,
-            _cap(policy.tokens_per_min),
-            refund_tokens,
-            cost_nanos,
+            _cap(done.policy.tokens_per_min),
+            done.refund_tokens,
+            done.cost_nanos,
             max(spent.day_end_ms - now_ms, 0),  # a period over: kept GC_SLACK_MS still
             max(spent.month_end_ms - now_ms, 0),
             GC_SLACK_MS,
             0 if settle_id is None else SETTLE_MARKER_MS,  # the marker's life (0: none)
-            "" if release is None else release.id,
+            "" if done.release is None else done.release.id,
         ]
         try:
             await self._settle(keys=keys, args=args)

@@ -12,7 +12,6 @@ budget: the spend passes the budget by at most one request's bill.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -26,7 +25,13 @@ from services.common.tokens import load_tokenizers
 from services.router.limit_denials import Denial
 from services.router.limit_policy import DAY_BUDGET
 from services.router.limit_settings import LimitSettings
-from services.router.limit_store import HELD_RETRY_MS, HOLD_MS, HOLD_SLACK_MS, LimitStore
+from services.router.limit_store import (
+    HELD_RETRY_MS,
+    HOLD_MS,
+    HOLD_SLACK_MS,
+    LimitStore,
+    Settlement,
+)
 from services.router.limit_tickets import ModelUse, Ticket
 from services.router.limit_wiring import limiter_on, most_billed
 from services.router.limits import Limiter
@@ -181,10 +186,10 @@ class _Blip(MemoryLimitStore):
 
     down = False
 
-    async def settle(self, *args: Any, **kwargs: Any) -> None:
+    async def settle(self, done: Settlement) -> None:
         if self.down:
             raise ConnectionError("Redis is down")
-        await super().settle(*args, **kwargs)
+        await super().settle(done)
 
 
 async def test_a_release_alone_that_fails_is_replayed() -> None:
@@ -297,10 +302,10 @@ class _CostsFail(MemoryLimitStore):
 
     down = True
 
-    async def settle(self, *args: Any, **kwargs: Any) -> None:
-        if self.down and args[3] > 0:  # (tenant, policy, refund, cost_nanos, ...)
+    async def settle(self, done: Settlement) -> None:
+        if self.down and done.cost_nanos > 0:
             raise ConnectionError("Redis blip")
-        await super().settle(*args, **kwargs)
+        await super().settle(done)
 
 
 async def test_a_release_waits_behind_its_requests_cost_queued_for_a_replay() -> None:

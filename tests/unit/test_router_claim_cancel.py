@@ -37,6 +37,7 @@ from services.common.errors import Code, RequestError
 from services.router import servicer as servicer_module
 from services.router.answer_ledger import Claimed, RedisAnswerLedger, Running, ledger_key
 from services.router.limit_policy import LimitPolicy, UniformPolicies
+from services.router.limit_store import Settlement
 from services.router.limits import Limiter
 from services.router.memory_limits import MemoryLimitStore
 from tests.unit.test_router_answer_ledger import (
@@ -131,11 +132,9 @@ class CancellingStore(MemoryLimitStore):
         cancel()
         return refusal
 
-    async def settle(
-        self, tenant: str, policy: Any, refund_tokens: int, *args: Any, **kw: Any
-    ) -> None:
-        self.refunds.append(refund_tokens)
-        await super().settle(tenant, policy, refund_tokens, *args, **kw)
+    async def settle(self, done: Settlement) -> None:
+        self.refunds.append(done.refund_tokens)
+        await super().settle(done)
 
 
 # 0: as the store's reply is made; 1: before the shield hands it over; 2: once it did, before

@@ -50,8 +50,8 @@ from services.router.limit_store import (
     SETTLE_MARKER_MS,
     SETTLE_REPLAY_WINDOW_MS,
     Admission,
-    Hold,
     LimitStore,
+    Settlement,
     SettleNotSent,
 )
 from services.router.limit_tickets import Ticket
@@ -547,31 +547,10 @@ class _Switch:
             raise ConnectionError("redis went away")
         return await self.store.refusal_before_count(tenant, policy, now_ms, periods)
 
-    async def settle(
-        self,
-        tenant: str,
-        policy: LimitPolicy,
-        refund_tokens: int,
-        cost_nanos: int,
-        now_ms: int,
-        periods: Periods,
-        settle_id: str | None = None,
-        age_ms: int = 0,
-        release: Hold | None = None,
-    ) -> None:
+    async def settle(self, done: Settlement) -> None:
         if self.down:
             raise ConnectionError("redis went away")
-        await self.store.settle(
-            tenant,
-            policy,
-            refund_tokens,
-            cost_nanos,
-            now_ms,
-            periods,
-            settle_id,
-            age_ms,
-            release,
-        )
+        await self.store.settle(done)
 
     async def close(self) -> None:
         await self.store.close()
@@ -1251,7 +1230,9 @@ async def test_a_settle_redis_answers_loading_is_not_sent(
         monkeypatch.setattr(store, "_settle", loading)
         policy = LimitPolicy(day_budget_nanos=100 * NANOS)
         with pytest.raises(SettleNotSent):
-            await store.settle("t", policy, 0, 1_000, START_MS, Periods.at(START_MS), "id-1")
+            await store.settle(
+                Settlement("t", policy, 0, 1_000, START_MS, Periods.at(START_MS), "id-1")
+            )
         await store.close()
 
 
@@ -1308,7 +1289,7 @@ async def _workload(store: MemoryLimitStore) -> tuple[list[object], list[int]]:
         elif call < 0.85:
             answers.append(await store.refusal_before_count(tenant, policy, now, periods))
         else:
-            await store.settle(tenant, policy, rng.randrange(1, 40), 0, now, periods)
+            await store.settle(Settlement(tenant, policy, rng.randrange(1, 40), 0, now, periods))
         if i % 500 == 499:
             held.append(len(store._buckets))
     return answers, held
