@@ -132,13 +132,20 @@ def is_local(target: str) -> bool:
     return is_loopback(target) or target.startswith(("unix:", "unix-abstract:"))
 
 
+def cleartext_off_host(target: str, tls: Tls | None, insecure: bool) -> bool:
+    """The one rule of the clients, the command lines and the demo: a channel to ``target``
+    would carry its secrets in cleartext off this host (no ``tls``, ``target`` neither
+    loopback nor a Unix socket), and ``insecure`` does not allow it."""
+    return tls is None and not insecure and not is_local(target)
+
+
 def refuse_plaintext(target: str, tls: Tls | None, insecure: bool, secret: str) -> None:
     """The clients' check (``Client``, ``AsyncClient``, ``AdminClient``): a ValueError naming
     ``target`` and the parameters that allow it when ``target`` is neither loopback nor a Unix
     socket and neither ``tls`` nor ``insecure`` is given, before a channel is made: ``secret``
     (the API key, the admin token), sent with every call, would cross the network in
     cleartext. The command lines check first with their own flags (``check_plaintext``)."""
-    if tls is None and not insecure and not is_local(target):
+    if cleartext_off_host(target, tls, insecure):
         raise ValueError(
             f"target {target!r} is not loopback and tls is None: the {secret} would cross the "
             "network in cleartext with every call; pass tls=Tls(...) (Tls() for the system's "
@@ -153,7 +160,7 @@ def check_plaintext(
     carries, in cleartext on the network) unless ``insecure`` (``--insecure``): a ValueError
     naming the target and the ways out. A Unix socket is local, as for the clients
     (``refuse_plaintext``; it was refused here, with a message about the network)."""
-    if tls is None and not insecure and not is_local(target):
+    if cleartext_off_host(target, tls, insecure):
         raise ValueError(
             f"--target {target} is not loopback and TLS is off: {secrets} would cross the "
             "network in cleartext; give --tls or --ca-file (env CACHEMESH_TLS, "

@@ -18,7 +18,7 @@ import time
 from cachemesh._client import DEFAULT_TARGET, Client
 from cachemesh._errors import CachemeshError
 from cachemesh._requests import answer_text, assistant_message, build_request, user_message
-from cachemesh._tls import Tls, env_bool, is_local
+from cachemesh._tls import Tls, cleartext_off_host, env_bool
 from cachemesh._tls import add_arguments as add_tls_arguments
 from cachemesh._tls import from_args as tls_from_args
 from cachemesh.demo import workload
@@ -104,7 +104,7 @@ def connection(target: str) -> tuple[Tls | None, bool]:
     add_tls_arguments(parser)  # their defaults: the settings above
     tls = tls_from_args(parser.parse_args([]))
     insecure = env_bool(INSECURE_ENV)
-    if tls is None and not insecure and not is_local(target):
+    if cleartext_off_host(target, tls, insecure):
         raise ValueError(
             f"CACHEMESH_TARGET {target} is not loopback and TLS is off: the demo keys would "
             "cross the network in cleartext; set CACHEMESH_TLS=1 or CACHEMESH_CA_FILE, or "
