@@ -73,12 +73,14 @@ def _no_prompt(request: pb.CompleteRequest) -> int:
     raise AssertionError("no token rate in these tests")
 
 
-def _servicer(cut: LateCut) -> GatewayServicer:
+def servicer_on(pipeline: object, key: str) -> GatewayServicer:
+    """A Gateway servicer whose pipeline is ``pipeline`` (a fake with ``run``), ``key`` the
+    one API key (tenant-a's), no limits, memory stores."""
     return GatewayServicer(
-        ApiKeys({hash_key(KEY): "tenant-a"}),
+        ApiKeys({hash_key(key): "tenant-a"}),
         TABLE,
         {"sim-small", "sim-large"},
-        cut,  # type: ignore[arg-type]
+        pipeline,  # type: ignore[arg-type]
         IdempotencyTable(SystemClock(), 60, 100),
         Limiter(MemoryLimitStore(), UniformPolicies(LimitPolicy()), SystemClock(), _no_prompt),
         RequestLog(RouterMetrics(new_registry(), TenantLabels(1)), TABLE, time.perf_counter),
@@ -103,7 +105,7 @@ async def _call(method: str, deadline_s: float) -> LateCut:
     (``_GRACE_S`` only bounds a hang)."""
     cut = LateCut()
     server = grpc.aio.server(interceptors=[MalformedRequests()])
-    gateway_pb2_grpc.add_GatewayServicer_to_server(_servicer(cut), server)
+    gateway_pb2_grpc.add_GatewayServicer_to_server(servicer_on(cut, KEY), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:

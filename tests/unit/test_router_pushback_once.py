@@ -12,7 +12,6 @@ with the client's own retry policy; the calls are counted, not timed.
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,19 +22,9 @@ from cachemesh._channel import channel_options
 from cachemesh.retry_info import PUSHBACK_KEY, UPSTREAM_RATE_LIMITED, error_reason, retry_delay_s
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
-from services.common.auth import ApiKeys, hash_key
-from services.common.clock import SystemClock
 from services.common.errors import Code, RequestError
-from services.common.metrics import TenantLabels, new_registry
-from services.router.access_log import RequestLog
 from services.router.call_trailers import channel_retried
-from services.router.idempotency import IdempotencyTable
-from services.router.limit_policy import LimitPolicy, UniformPolicies
-from services.router.limits import Limiter
-from services.router.memory_limits import MemoryLimitStore
-from services.router.metrics import RouterMetrics
-from services.router.servicer import GatewayServicer
-from tests.unit.test_router_answer_ledger import TABLE
+from tests.unit.test_router_abort_after_deadline import servicer_on
 
 KEY = "sk-pushback-once-0123456789abcdef"
 WAIT_S = 1  # the provider's retry-after (the channel sleeps it: kept short)
@@ -60,22 +49,6 @@ class RateLimited:
         yield pb.CompleteChunk()  # an async generator, as the pipeline's run is
 
 
-def _no_prompt(request: pb.CompleteRequest) -> int:
-    raise AssertionError("no token rate in these tests")
-
-
-def _servicer(pipeline: RateLimited) -> GatewayServicer:
-    return GatewayServicer(
-        ApiKeys({hash_key(KEY): "tenant-a"}),
-        TABLE,
-        {"sim-small", "sim-large"},
-        pipeline,  # type: ignore[arg-type]
-        IdempotencyTable(SystemClock(), 60, 100),
-        Limiter(MemoryLimitStore(), UniformPolicies(LimitPolicy()), SystemClock(), _no_prompt),
-        RequestLog(RouterMetrics(new_registry(), TenantLabels(1)), TABLE, time.perf_counter),
-    )
-
-
 def _request() -> pb.CompleteRequest:
     return pb.CompleteRequest(
         model="sim-small",
@@ -89,7 +62,7 @@ def _request() -> pb.CompleteRequest:
 async def test_a_providers_wait_is_pushed_back_once(method: str) -> None:
     pipeline = RateLimited()
     server = grpc.aio.server()
-    gateway_pb2_grpc.add_GatewayServicer_to_server(_servicer(pipeline), server)
+    gateway_pb2_grpc.add_GatewayServicer_to_server(servicer_on(pipeline, KEY), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
