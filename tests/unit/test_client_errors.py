@@ -291,6 +291,9 @@ def test_a_local_deadline_mid_stream_is_not_taken_for_the_gateways_cut() -> None
         fake.stall.set()
         server.stop(None)
     for error in errors:
-        assert error.message == "Stream removed (Deadline Exceeded)", error.message
+        # gRPC says either, by when its deadline meets the stream's state (a clean clone's run
+        # read "Deadline Exceeded" after the chunk once): both are this side's, neither the
+        # Gateway's; on the old rule "Stream removed (...)" was classed the Gateway's cut
+        assert error.message in ("Stream removed (Deadline Exceeded)", "Deadline Exceeded")
         assert not error.cut_by_gateway
         assert "no status from the Gateway" in str(error)
