@@ -8,10 +8,13 @@ it, skip one in use, and a bad range is refused naming the variable.
 
 from __future__ import annotations
 
+import collections
+import random
 import socket
 
 import pytest
 
+from services.tools.stack import ports
 from services.tools.stack.ports import PORT_RANGE_VAR, free_port, free_ports
 
 
@@ -37,3 +40,17 @@ def test_a_bad_range_is_refused_naming_the_variable(
     monkeypatch.setenv(PORT_RANGE_VAR, span)
     with pytest.raises(ValueError, match=PORT_RANGE_VAR):
         free_port()
+
+
+def test_a_port_handed_out_is_not_handed_out_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``loopback(), loopback()`` (a replica's address, then its metrics'): the first port is
+    released as soon as it is chosen, so a second call starting where the first did found it
+    free again (a clean clone's CI run: the replica bound it, its metrics could not)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        low = probe.getsockname()[1] + 1
+    monkeypatch.setenv(PORT_RANGE_VAR, f"{low}-{low + 2}")
+    monkeypatch.setattr(ports, "_recent", collections.deque(maxlen=ports._RECENT_LIMIT))
+    monkeypatch.setattr(random, "randint", lambda first, _last: first)  # each call starts at low
+    chosen = [free_port(), free_port(), free_port()]
+    assert sorted(chosen) == [low, low + 1, low + 2]

@@ -9,11 +9,13 @@ so ``status``, ``stop`` and a later ``up`` find the stack where it runs.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import os
 import random
 import socket
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -32,15 +34,26 @@ from services.tools.stack.service_table import SERVICES
 PORT_RANGE_VAR = "CACHEMESH_FREE_PORT_RANGE"
 
 
+# The ports this process handed out lately, never handed out again while they are here: a
+# port is released as soon as it is chosen, so two calls (``loopback(), loopback()``: a model
+# replica's address and its metrics') could both find it free and return it twice (a clean
+# clone's CI run: the replica bound it, its metrics could not, 1 test errored). A record
+# shared by the process's callers, as the kernel's own table of ports is.
+_RECENT_LIMIT = 1_024
+_recent: collections.deque[int] = collections.deque(maxlen=_RECENT_LIMIT)
+_recent_lock = threading.Lock()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     return free_ports(1, host)[0]
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     """``count`` different free ports: all held open until all are chosen (one at a time, the
-    kernel may hand the same port out twice), from ``CACHEMESH_FREE_PORT_RANGE`` when set."""
+    kernel may hand the same port out twice), from ``CACHEMESH_FREE_PORT_RANGE`` when set,
+    none of them one of the last 1,024 this process handed out."""
     candidates = _candidates(os.environ.get(PORT_RANGE_VAR, ""))
-    with contextlib.ExitStack() as held:
+    with _recent_lock, contextlib.ExitStack() as held:
         ports: list[int] = []
         while len(ports) < count:
             sock = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
@@ -48,7 +61,10 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
                 sock.bind((host, next(candidates, 0)))
             except OSError:
                 continue  # in use: the next candidate
-            ports.append(int(sock.getsockname()[1]))
+            port = int(sock.getsockname()[1])
+            if port not in _recent:  # else handed out lately: held, and the next candidate
+                ports.append(port)
+        _recent.extend(ports)
         return ports
 
 
