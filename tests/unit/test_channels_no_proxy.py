@@ -6,7 +6,6 @@ said SERVING, or carrying prompts and the internal token through it in plaintext
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,12 +16,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from services.common.channels import channel_options
 from services.common.telemetry import otlp_channel_options
 from services.tools.stack.health import SERVING, probe
+from services.tools.stack.ports import free_port
 
 
 def _dead_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_port()
 
 
 @pytest.fixture

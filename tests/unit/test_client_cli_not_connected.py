@@ -4,19 +4,15 @@ connect, where to look, and that the id is for once the Gateway is up."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 from cachemesh.cli import main
+from services.tools.stack.ports import free_port
 
 
 @pytest.fixture
 def closed_port() -> int:
-    with socket.socket() as s:  # a port just free: nothing listens there
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
+    return free_port()  # a port just free: nothing listens there
 
 
 def test_a_gateway_that_never_answered_gets_no_retry_advice(

@@ -6,7 +6,6 @@ limiter's: ``test_router_limits_clock_steps``. Time is injected ManualClocks."""
 from __future__ import annotations
 
 import logging
-import socket
 from types import SimpleNamespace
 
 import grpc
@@ -18,6 +17,7 @@ from services.common.errors import Code
 from services.http_front.gateway import UNREACHABLE, Gateway
 from services.router.dependencies import CallFailed
 from services.router.outbox import BillingOutbox
+from services.tools.stack.ports import free_port
 
 START_MS = 1_700_000_000_000
 HOUR_MS = 3_600_000
@@ -55,9 +55,7 @@ async def test_a_wall_clock_step_back_does_not_silence_the_outbox_s_kept_line(
 
 
 def _nowhere() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
+    return f"127.0.0.1:{free_port()}"
 
 
 async def test_the_front_s_gateway_line_is_not_silenced_by_a_wall_clock_step_back(

@@ -29,15 +29,10 @@ from services.common.env import ConfigError, Env
 from services.http_front import anthropic_api, facts, gateway, handlers, openai_api, stopping
 from services.http_front.app import serve
 from services.http_front.settings import HttpFrontSettings
+from services.tools.stack.ports import free_port
 
 KEY = "cm_test-key-of-tenant-a"
 Context = grpc.aio.ServicerContext[Any, Any]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _answer(*blocks: pb.ContentBlock, stop: str = "end_turn") -> pb.CompleteResponse:
@@ -141,7 +136,7 @@ async def serving(
     await server.start()
     keys = tmp_path / "api-keys"
     keys.write_text(f"tenant-a:{hash_key(KEY)}\n")
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     env = {
         "HTTP_FRONT_LISTEN": f"127.0.0.1:{port}",
         "HTTP_FRONT_METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
@@ -1327,7 +1322,7 @@ async def test_an_unreachable_gateway_is_said_without_its_address(
     """With the router down, the 529/503 bodies carried gRPC's channel error verbatim
     ("failed to connect to all addresses; ... ipv4:127.0.0.1:50051: ... Connection refused"):
     an internal address. The caller gets a fixed message; the detail goes to the log."""
-    nowhere = f"127.0.0.1:{_free_port()}"
+    nowhere = f"127.0.0.1:{free_port()}"
     async with serving(tmp_path, FakeGateway(), HTTP_FRONT_GATEWAY_ADDR=nowhere) as served:
         front = Front(served.base, served.stop, served.metrics)
         for path, headers, status in (

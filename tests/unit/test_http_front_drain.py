@@ -5,7 +5,6 @@ own shutdown timeout. aiohttp alone waited that timeout twice, the stream still 
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import aiohttp
 import pytest
@@ -13,12 +12,7 @@ from aiohttp import web
 
 from services.http_front.app import drain
 from services.http_front.http_server import Runner
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from services.tools.stack.ports import free_port
 
 
 async def test_a_stream_still_running_at_the_end_of_the_grace_is_cancelled() -> None:
@@ -53,7 +47,7 @@ async def test_a_stream_still_running_at_the_end_of_the_grace_is_cancelled() -> 
         shutdown_timeout=3600,
     )
     await runner.setup()
-    port = _free_port()
+    port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     grace = asyncio.Event()
     async with aiohttp.ClientSession() as session:
@@ -101,7 +95,7 @@ async def test_a_request_on_an_idle_keep_alive_connection_as_the_drain_begins_is
     app.router.add_get("/short", short)
     runner = Runner(app, max_connections=100, handle_signals=False, shutdown_timeout=3600)
     await runner.setup()
-    port = _free_port()
+    port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:

@@ -4,19 +4,17 @@ request (with the router down, a front at 1,000 req/s wrote 1,000 identical line
 from __future__ import annotations
 
 import logging
-import socket
 
 import grpc
 import pytest
 
 from services.common.clock import ManualClock
 from services.http_front.gateway import UNREACHABLE, UNREACHABLE_LOG_EVERY_MS, Gateway
+from services.tools.stack.ports import free_port
 
 
 def _nowhere() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
+    return f"127.0.0.1:{free_port()}"
 
 
 def _refused() -> grpc.aio.AioRpcError:

@@ -5,7 +5,6 @@ sent."""
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -23,6 +22,7 @@ from cachemesh.loadtest.workloads.base import TENANT_A, TENANT_B, user
 from cachemesh.v1 import admin_pb2 as adm
 from cachemesh.v1 import admin_pb2_grpc
 from cachemesh.v1 import gateway_pb2 as pb
+from services.tools.stack.ports import free_port
 
 
 @pytest.fixture(autouse=True)
@@ -419,12 +419,6 @@ def health_server() -> Iterator[tuple[str, health.HealthServicer]]:
     server.stop(None)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _never_run(*_: object, **__: object) -> list[Sample]:
     raise AssertionError("the run started")
 
@@ -436,7 +430,7 @@ def test_no_gateway_at_the_target_is_refused_before_the_warm_up(
     warning that cut calls were billed (nothing had reached a stack)."""
     monkeypatch.setattr(cli, "check_gateway", check_gateway)
     monkeypatch.setattr(cli, "run_load", _never_run)
-    target = f"127.0.0.1:{_free_port()}"
+    target = f"127.0.0.1:{free_port()}"
     log = tmp_path / "log.jsonl"
     args = ["--target", target, "--out", str(tmp_path / "r.json"), "--log-out", str(log)]
     assert cli.main([*args, "--warmup", "2", "--stack-config", str(tmp_path / "none")]) == 2

@@ -4,7 +4,6 @@ only for SERVING, or for a peer with no health to say; False for NOT_SERVING or 
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator
 
 import grpc
@@ -12,14 +11,13 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.router.grpc_adapters import GrpcHealth
+from services.tools.stack.ports import free_port
 
 PREFIX_CACHE = "cachemesh.v1.PrefixCache"
 
 
 def _dead_address() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{sock.getsockname()[1]}"
+    return f"127.0.0.1:{free_port()}"
 
 
 async def _asked(address: str) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import grpc
 import pytest
@@ -18,6 +17,7 @@ from services.semantic_cache.app import SERVICE_NAME, serve
 from services.semantic_cache.operating_point import OperatingPoint
 from services.semantic_cache.policy import NamespacePolicy
 from services.semantic_cache.settings import SemanticCacheSettings
+from services.tools.stack.ports import free_port
 from tests.unit.semantic_cache_support import make_request
 
 TOKEN = "test-internal-token-0123456789"
@@ -81,13 +81,6 @@ def test_a_bad_setting_names_its_variable(name: str, value: str) -> None:
 async def test_the_internal_token_is_required() -> None:
     with pytest.raises(ConfigError, match="CACHEMESH_INTERNAL_TOKEN"):
         await serve({"OTEL_SDK_DISABLED": "true"})
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 async def test_a_byte_bound_too_small_for_one_entry_stops_the_start() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ from services.semantic_cache.persistence import SNAPSHOT_NAME, SnapshotStore
 from services.semantic_cache.settings import SemanticCacheSettings
 from services.semantic_cache.snapshotter import Snapshotter
 from services.semantic_cache.wal import WriteAheadLog
+from services.tools.stack.ports import free_port
 from tests.unit.semantic_cache_support import make_request
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,9 +36,7 @@ QUESTION = "How do I export my invoices as PDF?"
 
 
 def environ(data_dir: Path) -> dict[str, str]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     return {
         "SEMANTIC_CACHE_LISTEN": f"127.0.0.1:{port}",
         "SEMANTIC_CACHE_METRICS_LISTEN": "127.0.0.1:0",  # any free port
