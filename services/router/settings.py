@@ -8,6 +8,7 @@ from pathlib import Path
 from services.common.auth import internal_token_from_env
 from services.common.connections import ConnectionPolicy
 from services.common.env import MAX_TOKENS_PER_S, ConfigError, Env
+from services.common.kv_blocks import BLOCK_SIZE
 from services.common.metrics import MetricsSettings
 from services.common.models import LARGEST, SMALLEST, ModelTable, Tier
 from services.common.server import (
@@ -31,6 +32,8 @@ DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9101"
 # the read-ahead buffers' budget: past this a typo (a byte count meant as KiB) more than memory
 READ_AHEAD_MAX_BYTES = 4 * 1024 * 1024 * 1024
+# each model replica's KV cache, for the ttft policy's eviction model (``kv_capacity_from_env``)
+KV_CAPACITY_VAR = "ROUTER_KV_CAPACITY_TOKENS"
 
 
 @dataclass(frozen=True)
@@ -228,15 +231,26 @@ def choice_from_env(env: Env) -> ChoiceSettings:
             work_weight=env.within(
                 "ROUTER_TTFT_WORK_WEIGHT", 1.0, 0.0, MAX_WORK_WEIGHT, "a weight of the queue"
             ),
-            # each replica's KV cache (the engines'): unset, no eviction model
-            kv_capacity_tokens=(
-                None
-                if env.optional_str("ROUTER_KV_CAPACITY_TOKENS") is None
-                else env.tokens("ROUTER_KV_CAPACITY_TOKENS", 0)
-            ),
+            kv_capacity_tokens=kv_capacity_from_env(env),
         ),
         ejection=ejection_from_env(env),
     )
+
+
+def kv_capacity_from_env(env: Env) -> int | None:
+    """``ROUTER_KV_CAPACITY_TOKENS``: each model replica's KV cache in tokens, for the ttft
+    policy's eviction model (unset: no eviction model). Below one KV block no prefix can be
+    held, so such a capacity is refused rather than modelled."""
+    if env.optional_str(KV_CAPACITY_VAR) is None:
+        return None
+    capacity = env.tokens(KV_CAPACITY_VAR, BLOCK_SIZE, minimum=None)
+    if capacity < BLOCK_SIZE:
+        raise ConfigError(
+            f"{KV_CAPACITY_VAR} must be at least {BLOCK_SIZE} (one {BLOCK_SIZE}-token KV block), "
+            f"got {capacity}: it is each model replica's KV cache in tokens "
+            f"(MODEL_KV_CAPACITY_BLOCKS x {BLOCK_SIZE}); unset it to turn the eviction model off"
+        )
+    return capacity
 
 
 def ejection_from_env(env: Env) -> EjectionPolicy:
