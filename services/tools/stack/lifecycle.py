@@ -63,6 +63,8 @@ DEFAULT_START_TIMEOUT_S = 120.0
 DATA_DIRS = {"SEMANTIC_CACHE_DATA_DIR": "semantic-cache", "ROUTER_DATA_DIR": "router"}
 _POLL_S = 0.2
 PORT_RELEASE_WAIT_S = 5.0  # how long a just-killed process may take to release its port
+# where Linux says which ports it picks outgoing connections' source ports from
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 _REPORT_EVERY_S = 5.0
 
 
@@ -643,9 +645,36 @@ class Stack:
                     continue
                 raise StackError(
                     f"{variable}={listen}: {service.name} cannot listen there "
-                    f"({exc.strerror}); another process (another stack?) holds the port: stop "
-                    f"it, or move the whole stack: {MOVE_THE_STACK}"
+                    f"({exc.strerror}): {self._held_advice(port_of(listen))}"
                 ) from None
+
+    def _held_advice(self, port: int) -> str:
+        """Who may hold ``port`` and what to do: in the kernel's ephemeral range any program's
+        outgoing connection may (as its source port, through TIME_WAIT too), else a server."""
+        span = ephemeral_range(EPHEMERAL_RANGE_FILE)
+        if span is None or not span[0] <= port <= span[1]:
+            return (
+                f"another process listens on it (ss -tlnp 'sport = :{port}' names it): stop "
+                f"it, or move the whole stack: {MOVE_THE_STACK}"
+            )
+        low, high = span
+        ours = [p for p in self._ports() if low <= p <= high]
+        return (
+            f"a server holds it, or any program's outgoing connection: {port} is in this "
+            f"host's ephemeral range ({low}-{high}), where the kernel picks connections' source "
+            f"ports (held while open and for 60 s after, in TIME_WAIT); ss -tanp 'sport = "
+            f":{port}' shows which. Stop that server, reserve this stack's ports in the range "
+            f"(as root: sysctl -w net.ipv4.ip_local_reserved_ports={port_list(ours)}; it "
+            f"replaces the list, so add any it holds), or move the whole stack: {MOVE_THE_STACK}"
+        )
+
+    def _ports(self) -> list[int]:
+        """Every port this stack's processes listen on (services, metrics, Redis)."""
+        ports = [port_of(self.listen(s)) for s in SERVICES]
+        ports += [port_of(self.metrics_listen(s)) for s in SERVICES if s.metrics_var]
+        if (redis := self.redis_address()) is not None:
+            ports.append(port_of(redis))
+        return ports
 
     def _grace_s(self) -> float:
         try:
@@ -659,6 +688,28 @@ class Stack:
 
     def _say(self, message: str) -> None:
         print(message, file=self._out, flush=True)
+
+
+def ephemeral_range(path: Path) -> tuple[int, int] | None:
+    """The host's ephemeral ports (``ip_local_port_range``: low and high), None where the file
+    is missing or unreadable (not Linux)."""
+    try:
+        low, high = (int(part) for part in path.read_text().split())
+    except (OSError, ValueError):
+        return None
+    return low, high
+
+
+def port_list(ports: list[int]) -> str:
+    """``ports`` as ``sysctl net.ipv4.ip_local_reserved_ports`` takes them: sorted, each run
+    of consecutive ports as ``first-last``, comma separated."""
+    runs: list[list[int]] = []
+    for port in sorted(set(ports)):
+        if runs and port == runs[-1][1] + 1:
+            runs[-1][1] = port
+        else:
+            runs.append([port, port])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def _refuse_miswired(miswired: list[str]) -> None:
