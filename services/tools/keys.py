@@ -157,6 +157,19 @@ def ensure_keys(run_dir: Path, endpoints: Mapping[str, str] | None = None) -> St
     return keys
 
 
+def forget_endpoints(run_dir: Path) -> None:
+    """After ``stack down``: ``demo-keys.env`` names no stack (its CACHEMESH_TARGET and
+    CACHEMESH_HTTP_URL dropped, the keys kept), so a shell that sources it does not dial ports
+    this stack no longer holds; the next ``up`` writes where it listens. Nothing is created."""
+    demo_file = run_dir / DEMO_KEYS_FILE
+    if not demo_file.is_file():
+        return
+    values = read_env_file(demo_file)
+    if any(name in values for name in ENDPOINT_VARS):
+        kept = {name: value for name, value in values.items() if name not in ENDPOINT_VARS}
+        write_secret(demo_file, _exports(kept, demo_file))
+
+
 def url_with_password(url: str, password: str) -> str:
     """``url`` (``redis://host:port/db``) giving ``password`` for the default user."""
     parts = urlsplit(url)
@@ -194,10 +207,16 @@ def _demo_env(keys: StackKeys) -> str:
     values = {var: keys.api_keys[tenant] for tenant, var in TENANTS}
     values["CACHEMESH_ADMIN_TOKEN_FILE"] = str(keys.admin_token_file)
     values.update({name: keys.endpoints[name] for name in ENDPOINT_VARS if name in keys.endpoints})
+    return _exports(values, keys.demo_keys_file)
+
+
+def _exports(values: Mapping[str, str], path: Path) -> str:
+    """``values`` as ``export NAME=value`` lines for ``path``, refused unless they read back
+    as written."""
     text = "".join(f"export {name}={shlex.quote(value)}\n" for name, value in values.items())
-    if parse_env_text(text, str(keys.demo_keys_file)) != values:
+    if parse_env_text(text, str(path)) != dict(values):
         raise EnvFileError(
-            f"{keys.demo_keys_file}: a value would not read back as written (a quote in a key, "
+            f"{path}: a value would not read back as written (a quote in a key, "
             "or in the run dir's path)"
         )
     return text

@@ -122,6 +122,7 @@ def test_make_up_free_ports_moves_the_whole_stack_and_the_targets_find_it(
         down = _make("down", where)
     assert down.returncode == 0 and "stack stopped" in down.stdout
     assert not (run / "ports.env").exists()  # the next up listens where the settings say
+    assert "CACHEMESH_TARGET" not in read_env_file(run / "demo-keys.env")  # nor names the ports
 
 
 def test_make_demo_leaves_a_stack_it_did_not_start_running(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from services.tools.engine.servers import (
     LlamaServers,
     local_engine_settings,
 )
-from services.tools.keys import describe, ensure_keys
+from services.tools.keys import describe, ensure_keys, forget_endpoints
 from services.tools.stack.health import SERVING, probe_as
 from services.tools.stack.lifecycle import DEFAULT_START_TIMEOUT_S, Stack, StackError
 from services.tools.stack.ports import (
@@ -102,6 +102,7 @@ def _run(args: argparse.Namespace) -> int:
         else:
             print("stack stopped")
         forget_moved(run_dir)  # the next up listens where the settings say, or on new ports
+        forget_endpoints(run_dir)  # and demo-keys.env names no stack until then
         if engines.stop():
             print("llama-server replicas stopped")
         return 0
