@@ -22,8 +22,11 @@ DEMO_KEYS = $(or $(RUN_DIR),.run)/demo-keys.env
 
 .PHONY: help setup python-check proto keys up down reset-l2 stop status demo test test-deps redis-server lint fmt bench bench-prefix eval-cache calibrate-cache bench-cache train-verifier fit-router calibrate-router eval-router bench-router bench-speculative engine engine-deps demo-local
 
+# Each target's text is its line's after "## ", $(PYTHON) in it expanded; the names in one column
 help: ## list the targets
-	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's|\$$(PYTHON)|$(PYTHON)|g' \
+	  | awk -F':.*## ' '{ name[NR] = $$1; text[NR] = $$2; if (length($$1) > w) w = length($$1) } \
+	    END { for (i = 1; i <= NR; i++) printf "  %-" w "s  %s\n", name[i], text[i] }'
 
 setup: $(VENV)/.installed ## create .venv and install the pinned dependencies (constraints.txt)
 
