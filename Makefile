@@ -46,7 +46,7 @@ proto: setup ## generate the Python stubs and .pyi files from protos/ into the c
 	  --python_out=$(PROTO_OUT) --mypy_out=quiet:$(PROTO_OUT) \
 	  --grpc_python_out=$(PROTO_OUT) --mypy_grpc_out=quiet:$(PROTO_OUT) $(PROTOS)
 
-keys: python-check ## generate this install's secrets once under .run/ or RUN_DIR (demo keys, internal and admin tokens, the stack's Redis password; python3 only, no venv)
+keys: python-check ## generate this install's secrets once under .run/ or RUN_DIR (demo keys, internal and admin tokens, the stack's Redis password; $(PYTHON) only, no venv)
 	$(PYTHON) -m services.tools.keys$(if $(RUN_DIR), --run-dir $(RUN_DIR))
 
 up: setup redis-server ## start the stack on loopback under its supervisor (restarts what dies); returns once all are SERVING; again: brings back what is missing; FREE_PORTS=1: all on free ports
