@@ -22,7 +22,7 @@ from services.tools.engine.servers import (
     LlamaServers,
     local_engine_settings,
 )
-from services.tools.keys import describe, ensure_keys, forget_endpoints
+from services.tools.keys import HTTP_URL_VAR, describe, ensure_keys, forget_endpoints
 from services.tools.stack.health import SERVING, probe_as
 from services.tools.stack.lifecycle import DEFAULT_START_TIMEOUT_S, Stack, StackError
 from services.tools.stack.ports import (
@@ -87,7 +87,8 @@ def _run(args: argparse.Namespace) -> int:
             engines.stop()
             raise
         print(f"stack is up: router (cachemesh.v1.Gateway) on {stack.router_address}")
-        print(f"HTTP front (Anthropic and OpenAI APIs): http://{stack.addresses['http-front']}")
+        front = stack.client_endpoints()[HTTP_URL_VAR]  # https:// when the front speaks TLS
+        print(f"HTTP front (Anthropic and OpenAI APIs): {front}")
         stop = (
             "make down"
             if args.run_dir is None
