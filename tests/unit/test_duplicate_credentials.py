@@ -10,7 +10,6 @@ its header more than once, saying so.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -24,25 +23,15 @@ from cachemesh.v1 import semantic_cache_pb2_grpc as sc_grpc
 from services.common.auth import (
     INTERNAL_METADATA_KEY,
     AmbiguousCredential,
-    ApiKeys,
     InternalAuthInterceptor,
     bearer_token,
-    hash_key,
 )
-from services.common.clock import ManualClock, SystemClock
-from services.common.metrics import TenantLabels, new_registry
-from services.common.models import load_model_table
-from services.router.access_log import RequestLog
+from services.common.clock import ManualClock
 from services.router.admin_auth import AdminCredential
-from services.router.idempotency import IdempotencyTable
-from services.router.limit_policy import LimitPolicy, UniformPolicies
-from services.router.limits import Limiter
-from services.router.memory_limits import MemoryLimitStore
-from services.router.metrics import RouterMetrics
-from services.router.servicer import GatewayServicer
 from services.semantic_cache.api import SemanticCacheApi
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.servicer import SemanticCacheService
+from tests.unit.gateway_support import gateway_servicer
 from tests.unit.semantic_cache_support import FakeEmbedder
 from tests.unit.test_router_admin import ADMIN_TOKEN, _rig
 from tests.unit.test_router_answer_ledger import (
@@ -50,12 +39,10 @@ from tests.unit.test_router_answer_ledger import (
     Aborted,
     FakePipeline,
     Metadatum,
-    _no_prompt,
 )
 from tests.unit.test_semantic_cache_grpc import TOKEN, expect, start
 
 WRONG = "wrong-internal-token-0123456789"
-TABLE = load_model_table()
 
 
 @pytest.fixture
@@ -161,15 +148,7 @@ class Context:
 def test_an_api_key_sent_twice_is_refused() -> None:
     async def run() -> None:
         pipeline = FakePipeline()
-        servicer = GatewayServicer(
-            ApiKeys({hash_key(KEY): "tenant-a"}),
-            TABLE,
-            {"sim-small", "sim-large"},
-            pipeline,  # type: ignore[arg-type]
-            IdempotencyTable(SystemClock(), 60, 100),
-            Limiter(MemoryLimitStore(), UniformPolicies(LimitPolicy()), SystemClock(), _no_prompt),
-            RequestLog(RouterMetrics(new_registry(), TenantLabels(1)), TABLE, time.perf_counter),
-        )
+        servicer = gateway_servicer(pipeline, {KEY: "tenant-a"})
         request = build_request("What is a KV cache?", model="sim-small")
         twice = Context(
             ("authorization", "Bearer k-other-0123456789"), ("authorization", f"Bearer {KEY}")

@@ -5,7 +5,6 @@ real Redis ledger (tests/redis_server.py), each behind its own front; the pipeli
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,28 +14,13 @@ import openai
 import pytest
 from redis.asyncio import Redis
 
-from cachemesh.v1 import gateway_pb2 as pb
-from services.common.auth import ApiKeys, hash_key
-from services.common.clock import SystemClock
-from services.common.metrics import TenantLabels, new_registry
 from services.router import servicer as servicer_module
-from services.router.access_log import RequestLog
 from services.router.answer_ledger import RedisAnswerLedger
-from services.router.idempotency import IdempotencyTable
-from services.router.limit_policy import LimitPolicy, UniformPolicies
-from services.router.limits import Limiter
-from services.router.memory_limits import MemoryLimitStore
-from services.router.metrics import RouterMetrics
 from services.router.servicer import GatewayServicer
 from tests.redis_server import redis_server
+from tests.unit.gateway_support import gateway_servicer
 from tests.unit.test_http_front_app import KEY, serving
-from tests.unit.test_router_answer_ledger import TABLE, FakePipeline
-
-
-def _no_prompt(request: pb.CompleteRequest) -> int:
-    """A prompt's tokens, for a Limiter whose policies set no token rate (never called)."""
-    raise AssertionError("no token rate in these tests")
-
+from tests.unit.test_router_answer_ledger import FakePipeline
 
 ASK: list[Any] = [{"role": "user", "content": "What is a KV cache?"}]
 
@@ -54,17 +38,7 @@ def _router(url: str) -> tuple[GatewayServicer, FakePipeline, RedisAnswerLedger]
     """A router that knows the front's key, its answer ledger in the Redis at ``url``."""
     pipeline = FakePipeline()
     ledger = RedisAnswerLedger(Redis.from_url(url), ttl_s=60)
-    servicer = GatewayServicer(
-        ApiKeys({hash_key(KEY): "tenant-a"}),
-        TABLE,
-        {"sim-small", "sim-large"},
-        pipeline,  # type: ignore[arg-type]
-        IdempotencyTable(SystemClock(), 60, 100),
-        Limiter(MemoryLimitStore(), UniformPolicies(LimitPolicy()), SystemClock(), _no_prompt),
-        RequestLog(RouterMetrics(new_registry(), TenantLabels(1)), TABLE, time.perf_counter),
-        ledger,
-    )
-    return servicer, pipeline, ledger
+    return gateway_servicer(pipeline, {KEY: "tenant-a"}, ledger=ledger), pipeline, ledger
 
 
 async def test_a_retry_through_another_front_and_router_is_answered_once(

@@ -25,19 +25,9 @@ import pytest
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
-from services.common.auth import ApiKeys, hash_key
-from services.common.clock import SystemClock
-from services.common.metrics import TenantLabels, new_registry
 from services.common.wire import MalformedRequests
-from services.router.access_log import RequestLog
-from services.router.idempotency import IdempotencyTable
-from services.router.limit_policy import LimitPolicy, UniformPolicies
-from services.router.limits import Limiter
-from services.router.memory_limits import MemoryLimitStore
-from services.router.metrics import RouterMetrics
 from services.router.model_answer import DeadlineCut
-from services.router.servicer import GatewayServicer
-from tests.unit.test_router_answer_ledger import TABLE
+from tests.unit.gateway_support import gateway_servicer
 
 KEY = "sk-abort-after-deadline-0123456789"
 DEADLINE_S = 0.05
@@ -69,24 +59,6 @@ class LateCut:
         yield pb.CompleteChunk()  # an async generator, as the pipeline's run is
 
 
-def _no_prompt(request: pb.CompleteRequest) -> int:
-    raise AssertionError("no token rate in these tests")
-
-
-def servicer_on(pipeline: object, key: str) -> GatewayServicer:
-    """A Gateway servicer whose pipeline is ``pipeline`` (a fake with ``run``), ``key`` the
-    one API key (tenant-a's), no limits, memory stores."""
-    return GatewayServicer(
-        ApiKeys({hash_key(key): "tenant-a"}),
-        TABLE,
-        {"sim-small", "sim-large"},
-        pipeline,  # type: ignore[arg-type]
-        IdempotencyTable(SystemClock(), 60, 100),
-        Limiter(MemoryLimitStore(), UniformPolicies(LimitPolicy()), SystemClock(), _no_prompt),
-        RequestLog(RouterMetrics(new_registry(), TenantLabels(1)), TABLE, time.perf_counter),
-    )
-
-
 def _request() -> pb.CompleteRequest:
     return pb.CompleteRequest(
         model="sim-small",
@@ -105,7 +77,7 @@ async def _call(method: str, deadline_s: float) -> LateCut:
     (``_GRACE_S`` only bounds a hang)."""
     cut = LateCut()
     server = grpc.aio.server(interceptors=[MalformedRequests()])
-    gateway_pb2_grpc.add_GatewayServicer_to_server(servicer_on(cut, KEY), server)
+    gateway_pb2_grpc.add_GatewayServicer_to_server(gateway_servicer(cut, {KEY: "tenant-a"}), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:

@@ -26,7 +26,6 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from cachemesh import build_request
 from cachemesh.v1 import gateway_pb2 as pb
-from services.common.auth import ApiKeys, hash_key
 from services.common.clock import SystemClock
 from services.common.env import ConfigError
 from services.common.errors import Code, RequestError
@@ -34,7 +33,6 @@ from services.common.metrics import TenantLabels, new_registry
 from services.common.models import load_model_table
 from services.router import servicer as servicer_module
 from services.router import spans
-from services.router.access_log import RequestLog
 from services.router.answer_ledger import (
     Claimed,
     LedgerUnavailable,
@@ -57,12 +55,7 @@ from services.router.servicer import GatewayServicer
 from services.tools.stack.ports import free_port
 from tests.black_hole import BlackHole
 from tests.redis_server import redis_server, require_password
-
-
-def _no_prompt(request: pb.CompleteRequest) -> int:
-    """A prompt's tokens, for a Limiter whose policies set no token rate (never called)."""
-    raise AssertionError("no token rate in these tests")
-
+from tests.unit.gateway_support import gateway_servicer, memory_limiter, no_prompt
 
 KEY = "k-test-0123456789"
 TABLE = load_model_table()
@@ -161,17 +154,7 @@ def _router(
 ) -> tuple[GatewayServicer, FakePipeline, RedisAnswerLedger]:
     pipeline = pipeline or FakePipeline()
     ledger = RedisAnswerLedger(Redis.from_url(url), ttl_s=60)
-    servicer = GatewayServicer(
-        ApiKeys({hash_key(KEY): "tenant-a"}),
-        TABLE,
-        {"sim-small", "sim-large"},
-        pipeline,  # type: ignore[arg-type]
-        IdempotencyTable(SystemClock(), 60, 100),
-        limits
-        or Limiter(MemoryLimitStore(), UniformPolicies(LimitPolicy()), SystemClock(), _no_prompt),
-        RequestLog(RouterMetrics(new_registry(), TenantLabels(1)), TABLE, time.perf_counter),
-        ledger,
-    )
+    servicer = gateway_servicer(pipeline, {KEY: "tenant-a"}, limiter=limits, ledger=ledger)
     return servicer, pipeline, ledger
 
 
@@ -250,7 +233,7 @@ def test_a_retry_of_an_answered_request_is_served_whatever_the_limits_say_now(
         store = MemoryLimitStore()  # shared, as routers share it in Redis
         limits = [
             Limiter(
-                store, UniformPolicies(LimitPolicy(requests_per_min=1)), SystemClock(), _no_prompt
+                store, UniformPolicies(LimitPolicy(requests_per_min=1)), SystemClock(), no_prompt
             )
             for _ in range(2)
         ]
@@ -279,7 +262,7 @@ def test_refused_requests_take_no_place_in_the_answer_once_table() -> None:
     async def run() -> None:
         rate = UniformPolicies(LimitPolicy(requests_per_min=2))
         servicer, pipeline = _servicer(
-            Limiter(MemoryLimitStore(), rate, SystemClock(), _no_prompt), 2
+            Limiter(MemoryLimitStore(), rate, SystemClock(), no_prompt), 2
         )
         first = build_request("First", model="sim-small", request_id="first")
         await servicer.Complete(first, FakeContext())  # type: ignore[arg-type]
@@ -308,7 +291,7 @@ def test_a_duplicate_of_a_refused_request_is_refused_the_same_way() -> None:
 
     async def run() -> None:
         rate = UniformPolicies(LimitPolicy(requests_per_min=1))
-        servicer, pipeline = _servicer(Limiter(SlowStore(), rate, SystemClock(), _no_prompt))
+        servicer, pipeline = _servicer(Limiter(SlowStore(), rate, SystemClock(), no_prompt))
         spent = build_request("Spent", model="sim-small", request_id="spent")
         await servicer.Complete(spent, FakeContext())  # type: ignore[arg-type]
         contexts = (FakeContext(), FakeContext())
@@ -334,7 +317,7 @@ def test_concurrent_duplicates_are_one_request_served_one_answer() -> None:
 
     async def run(per_minute: int) -> GatewayServicer:
         rate = UniformPolicies(LimitPolicy(requests_per_min=per_minute))
-        servicer, pipeline = _servicer(Limiter(SlowStore(), rate, SystemClock(), _no_prompt))
+        servicer, pipeline = _servicer(Limiter(SlowStore(), rate, SystemClock(), no_prompt))
         request = build_request("Once", model="sim-small", request_id="once")
         contexts = (FakeContext(), FakeContext(RETRY))
         calls = [servicer.Complete(request, c) for c in contexts]  # type: ignore[arg-type]
@@ -365,19 +348,11 @@ def test_refusals_in_flight_never_push_an_answer_out() -> None:
 
     async def run() -> None:
         pipeline = FakePipeline()
-        servicer = GatewayServicer(
-            ApiKeys({hash_key(KEY): "tenant-a", hash_key(key_b): "tenant-b"}),
-            TABLE,
-            {"sim-small", "sim-large"},
-            pipeline,  # type: ignore[arg-type]
-            IdempotencyTable(SystemClock(), 3600, 5),
-            Limiter(
-                SlowForA(),
-                UniformPolicies(LimitPolicy(requests_per_min=3)),
-                SystemClock(),
-                _no_prompt,
-            ),
-            RequestLog(RouterMetrics(new_registry(), TenantLabels(4)), TABLE, time.perf_counter),
+        servicer = gateway_servicer(
+            pipeline,
+            {KEY: "tenant-a", key_b: "tenant-b"},
+            answers=IdempotencyTable(SystemClock(), 3600, 5),
+            limiter=memory_limiter(LimitPolicy(requests_per_min=3), SlowForA()),
         )
 
         def as_b() -> FakeContext:
@@ -455,9 +430,7 @@ def test_a_duplicate_is_not_told_the_first_calls_deadline_passed() -> None:
                 yield chunk
 
     async def run() -> None:
-        servicer, _ = _servicer(
-            Limiter(MemoryLimitStore(), UniformPolicies(LimitPolicy()), SystemClock(), _no_prompt)
-        )
+        servicer, _ = _servicer(memory_limiter())
         pipeline = DeadlinePipeline()
         servicer._pipeline = pipeline  # type: ignore[assignment]
         request = build_request("Once", model="sim-small", request_id="dl")
@@ -481,14 +454,11 @@ def test_a_duplicate_is_not_told_the_first_calls_deadline_passed() -> None:
 def _servicer(limits: Limiter, max_records: int = 100) -> tuple[GatewayServicer, FakePipeline]:
     """A router without an answer ledger."""
     pipeline = FakePipeline()
-    servicer = GatewayServicer(
-        ApiKeys({hash_key(KEY): "tenant-a"}),
-        TABLE,
-        {"sim-small", "sim-large"},
-        pipeline,  # type: ignore[arg-type]
-        IdempotencyTable(SystemClock(), 3600, max_records),
-        limits,
-        RequestLog(RouterMetrics(new_registry(), TenantLabels(1)), TABLE, time.perf_counter),
+    servicer = gateway_servicer(
+        pipeline,
+        {KEY: "tenant-a"},
+        answers=IdempotencyTable(SystemClock(), 3600, max_records),
+        limiter=limits,
     )
     return servicer, pipeline
 
@@ -1160,7 +1130,7 @@ def test_a_refused_request_names_its_tenant_on_its_root_span(over_limit: bool) -
 
     async def run() -> None:
         rate = UniformPolicies(LimitPolicy(requests_per_min=1))
-        servicer, pipeline = _servicer(Limiter(MemoryLimitStore(), rate, SystemClock(), _no_prompt))
+        servicer, pipeline = _servicer(Limiter(MemoryLimitStore(), rate, SystemClock(), no_prompt))
         if over_limit:  # the minute's one request
             used = build_request("Admitted", model="sim-small", request_id="admitted")
             await servicer.Complete(used, FakeContext())  # type: ignore[arg-type]
@@ -1237,15 +1207,11 @@ def test_each_failed_ledger_call_counts_once_under_its_operation(
         ledger = RedisAnswerLedger(Redis.from_url(redis_url), ttl_s=60)
         setattr(ledger, script, fault)
         pipeline = GatedPipeline(fails=pipeline_fails)
-        servicer = GatewayServicer(
-            ApiKeys({hash_key(KEY): "tenant-a"}),
-            TABLE,
-            {"sim-small", "sim-large"},
-            pipeline,  # type: ignore[arg-type]
-            IdempotencyTable(SystemClock(), 60, 100),
-            Limiter(MemoryLimitStore(), UniformPolicies(LimitPolicy()), SystemClock(), _no_prompt),
-            RequestLog(metrics, TABLE, time.perf_counter),
-            ledger,
+        servicer = gateway_servicer(
+            pipeline,
+            {KEY: "tenant-a"},
+            metrics=metrics,
+            ledger=ledger,
             ledger_failed=metrics.ledger_failed,
         )
         assert set(_ledger_failures(registry).values()) == {0.0}
@@ -1373,9 +1339,7 @@ def test_a_duplicate_that_waited_runs_with_what_is_left_of_its_deadline() -> Non
                 yield chunk
 
     async def run() -> None:
-        servicer, _ = _servicer(
-            Limiter(MemoryLimitStore(), UniformPolicies(LimitPolicy()), SystemClock(), _no_prompt)
-        )
+        servicer, _ = _servicer(memory_limiter())
         pipeline = FirstCut()
         servicer._pipeline = pipeline  # type: ignore[assignment]
         request = build_request("Once", model="sim-small", request_id="dl")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,24 +16,15 @@ import pytest
 from cachemesh import build_request
 from cachemesh.retry_info import REQUEST_ID_KEY, made_request_id
 from cachemesh.v1 import gateway_pb2 as pb
-from services.common.auth import ApiKeys, hash_key
-from services.common.clock import SystemClock
 from services.common.errors import Code, RequestError
-from services.common.metrics import TenantLabels, new_registry
-from services.router.access_log import RequestLog
-from services.router.idempotency import IdempotencyTable
-from services.router.limit_policy import LimitPolicy, UniformPolicies
-from services.router.limits import Limiter
-from services.router.memory_limits import MemoryLimitStore
-from services.router.metrics import RouterMetrics
+from services.router.limit_policy import LimitPolicy
 from services.router.servicer import GatewayServicer
+from tests.unit.gateway_support import gateway_servicer, memory_limiter
 from tests.unit.test_router_answer_ledger import (
     KEY,
-    TABLE,
     Aborted,
     FakeContext,
     FakePipeline,
-    _no_prompt,
 )
 
 
@@ -57,20 +47,8 @@ class Failing(FakePipeline):
 
 
 def _router(pipeline: FakePipeline, requests_per_min: int | None = None) -> GatewayServicer:
-    return GatewayServicer(
-        ApiKeys({hash_key(KEY): "tenant-a"}),
-        TABLE,
-        {"sim-small", "sim-large"},
-        pipeline,  # type: ignore[arg-type]
-        IdempotencyTable(SystemClock(), 60, 100),
-        Limiter(
-            MemoryLimitStore(),
-            UniformPolicies(LimitPolicy(requests_per_min=requests_per_min)),
-            SystemClock(),
-            _no_prompt,
-        ),
-        RequestLog(RouterMetrics(new_registry(), TenantLabels(1)), TABLE, time.perf_counter),
-    )
+    limiter = memory_limiter(LimitPolicy(requests_per_min=requests_per_min))
+    return gateway_servicer(pipeline, {KEY: "tenant-a"}, limiter=limiter)
 
 
 def _logged_ids(caplog: pytest.LogCaptureFixture) -> list[str]:

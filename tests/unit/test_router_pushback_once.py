@@ -24,7 +24,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 from services.common.errors import Code, RequestError
 from services.router.call_trailers import channel_retried
-from tests.unit.test_router_abort_after_deadline import servicer_on
+from tests.unit.gateway_support import gateway_servicer
 
 KEY = "sk-pushback-once-0123456789abcdef"
 WAIT_S = 1  # the provider's retry-after (the channel sleeps it: kept short)
@@ -62,7 +62,9 @@ def _request() -> pb.CompleteRequest:
 async def test_a_providers_wait_is_pushed_back_once(method: str) -> None:
     pipeline = RateLimited()
     server = grpc.aio.server()
-    gateway_pb2_grpc.add_GatewayServicer_to_server(servicer_on(pipeline, KEY), server)
+    gateway_pb2_grpc.add_GatewayServicer_to_server(
+        gateway_servicer(pipeline, {KEY: "tenant-a"}), server
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:

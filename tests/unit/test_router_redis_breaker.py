@@ -16,7 +16,6 @@ import asyncio
 import logging
 import os
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,12 +25,10 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from cachemesh import build_request
-from services.common.auth import ApiKeys, hash_key
 from services.common.clock import ManualClock
 from services.common.env import ConfigError, Env
 from services.common.metrics import TenantLabels, new_registry
 from services.router import servicer as servicer_module
-from services.router.access_log import RequestLog
 from services.router.breaker import Breaker, redis_breaker
 from services.router.idempotency import IdempotencyTable
 from services.router.limit_policy import LimitPolicy, Refusal, UniformPolicies
@@ -40,16 +37,14 @@ from services.router.limit_store import Admission
 from services.router.limits import Limiter
 from services.router.metrics import RouterMetrics
 from services.router.redis_limits import RedisLimitStore
-from services.router.servicer import GatewayServicer
 from tests.redis_server import redis_server
+from tests.unit.gateway_support import gateway_servicer, no_prompt
 from tests.unit.test_router_answer_ledger import (
     CLIENT_MARK,
     KEY,
-    TABLE,
     CountingLedger,
     FakeContext,
     FakePipeline,
-    _no_prompt,
 )
 
 HUNG_TIMEOUT_S = 0.2  # a call to the stopped Redis: it never answers, so any timeout will do
@@ -98,21 +93,20 @@ class Rig:
             self.store,
             UniformPolicies(LimitPolicy(day_budget_nanos=10**12)),
             ManualClock(),
-            _no_prompt,
+            no_prompt,
             counted=metrics.degraded,
             breaker=redis_breaker(
                 "limits", BREAKER_S, metrics.redis_breaker_opened, clock=self.seconds
             ),
         )
-        self.servicer = GatewayServicer(
-            ApiKeys({hash_key(KEY): "tenant-a"}),
-            TABLE,
-            {"sim-small"},
-            FakePipeline(),  # type: ignore[arg-type]
-            IdempotencyTable(ManualClock(), 60, 100),
-            self.limiter,
-            RequestLog(metrics, TABLE, time.perf_counter),
-            self.ledger,
+        self.servicer = gateway_servicer(
+            FakePipeline(),
+            {KEY: "tenant-a"},
+            deployed=["sim-small"],
+            answers=IdempotencyTable(ManualClock(), 60, 100),
+            limiter=self.limiter,
+            metrics=metrics,
+            ledger=self.ledger,
             ledger_failed=metrics.ledger_failed,
             ledger_breaker=redis_breaker(
                 "answer_ledger", BREAKER_S, metrics.redis_breaker_opened, clock=self.seconds
