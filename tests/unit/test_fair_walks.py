@@ -10,26 +10,16 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 import pytest
-from prometheus_client import CollectorRegistry
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
-from services.common.auth import ApiKeys, hash_key
-from services.common.clock import SystemClock
 from services.common.errors import Code, RequestError
 from services.common.fair_walks import FairWalks
-from services.common.metrics import TenantLabels
 from services.router import servicer as servicer_module
-from services.router.access_log import RequestLog
-from services.router.idempotency import IdempotencyTable
-from services.router.limit_policy import LimitPolicy, UniformPolicies
-from services.router.limits import Limiter
-from services.router.memory_limits import MemoryLimitStore
-from services.router.metrics import RouterMetrics
 from services.router.servicer import GatewayServicer
+from tests.unit.gateway_support import gateway_servicer
 from tests.unit.test_large_request_off_loop import _many_messages
 from tests.unit.test_router_answer_ledger import KEY
-from tests.unit.test_router_pipeline import TABLE
 from tests.unit.test_router_unanswered_money import BilledPipeline
 
 KEY_B = "sk-cm-tenant-b-" + "b" * 32
@@ -93,15 +83,8 @@ async def test_a_cancelled_walk_never_runs_and_a_tenant_is_never_refused_for_wai
 
 @pytest.fixture
 async def router() -> AsyncIterator[tuple[GatewayServicer, gateway_pb2_grpc.GatewayAsyncStub]]:
-    servicer = GatewayServicer(
-        ApiKeys({hash_key(KEY): "tenant-a", hash_key(KEY_B): "tenant-b"}),
-        TABLE,
-        {"sim-small", "sim-large"},
-        BilledPipeline(),  # type: ignore[arg-type]
-        IdempotencyTable(SystemClock(), 60, 100),
-        Limiter(MemoryLimitStore(), UniformPolicies(LimitPolicy()), SystemClock(), lambda _: 0),
-        RequestLog(RouterMetrics(CollectorRegistry(), TenantLabels(4)), TABLE, lambda: 0.0),
-        max_request_bytes=4 << 20,
+    servicer = gateway_servicer(
+        BilledPipeline(), {KEY: "tenant-a", KEY_B: "tenant-b"}, max_request_bytes=4 << 20
     )
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 8 << 20)])
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)

@@ -13,28 +13,18 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from prometheus_client import CollectorRegistry
 
 from cachemesh import build_request
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 from cachemesh.v1 import semantic_cache_pb2 as sc
-from services.common.auth import ApiKeys, hash_key
-from services.common.clock import SystemClock
 from services.common.errors import Code, RequestError
-from services.common.metrics import TenantLabels
 from services.router import servicer as servicer_module
-from services.router.access_log import RequestLog
-from services.router.idempotency import IdempotencyTable
-from services.router.limit_policy import LimitPolicy, UniformPolicies
-from services.router.limits import Limiter
-from services.router.memory_limits import MemoryLimitStore
-from services.router.metrics import RouterMetrics
-from services.router.servicer import VALIDATE_IN_THREAD_BYTES, GatewayServicer
+from services.router.servicer import VALIDATE_IN_THREAD_BYTES
 from services.semantic_cache import query as query_module
 from services.semantic_cache.query import QUERY_IN_THREAD_BYTES, RecentQueries
+from tests.unit.gateway_support import gateway_servicer
 from tests.unit.test_router_answer_ledger import KEY
-from tests.unit.test_router_pipeline import TABLE
 from tests.unit.test_router_unanswered_money import BilledPipeline
 
 
@@ -51,16 +41,7 @@ def _many_messages(count: int) -> pb.CompleteRequest:
 
 @pytest.fixture
 async def stub() -> AsyncIterator[gateway_pb2_grpc.GatewayAsyncStub]:
-    servicer = GatewayServicer(
-        ApiKeys({hash_key(KEY): "tenant-a"}),
-        TABLE,
-        {"sim-small", "sim-large"},
-        BilledPipeline(),  # type: ignore[arg-type]
-        IdempotencyTable(SystemClock(), 60, 100),
-        Limiter(MemoryLimitStore(), UniformPolicies(LimitPolicy()), SystemClock(), lambda _: 0),
-        RequestLog(RouterMetrics(CollectorRegistry(), TenantLabels(4)), TABLE, lambda: 0.0),
-        max_request_bytes=4 << 20,
-    )
+    servicer = gateway_servicer(BilledPipeline(), {KEY: "tenant-a"}, max_request_bytes=4 << 20)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 8 << 20)])
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")

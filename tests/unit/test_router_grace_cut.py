@@ -14,20 +14,12 @@ from typing import Any
 import pytest
 
 from cachemesh import build_request
-from services.common.auth import ApiKeys, hash_key
-from services.common.clock import SystemClock
 from services.common.grace import GraceEnd
 from services.common.logs import JsonLines
 from services.common.metrics import TenantLabels, new_registry
-from services.router.access_log import RequestLog
-from services.router.idempotency import IdempotencyTable
-from services.router.limit_policy import LimitPolicy, UniformPolicies
-from services.router.limits import Limiter
-from services.router.memory_limits import MemoryLimitStore
 from services.router.metrics import RouterMetrics
-from services.router.servicer import GatewayServicer
+from tests.unit.gateway_support import gateway_servicer
 from tests.unit.test_router_answer_ledger import KEY, FakeContext
-from tests.unit.test_router_pipeline import TABLE
 from tests.unit.test_router_unanswered_money import BilledPipeline, HeldLedger
 from tests.unit.test_service_metrics import logs, value  # noqa: F401 (a fixture)
 
@@ -44,15 +36,12 @@ async def test_a_request_cut_when_the_grace_ends_is_unavailable(
     registry = new_registry()
     ledger = HeldLedger()
     grace = GraceEnd()
-    servicer = GatewayServicer(
-        ApiKeys({hash_key(KEY): "tenant-a"}),
-        TABLE,
-        {"sim-small", "sim-large"},
-        BilledPipeline(),  # type: ignore[arg-type]
-        IdempotencyTable(SystemClock(), 60, 100),
-        Limiter(MemoryLimitStore(), UniformPolicies(LimitPolicy()), SystemClock(), lambda _: 0),
-        RequestLog(RouterMetrics(registry, TenantLabels(4)), TABLE, lambda: 0.0, lines),
-        ledger,  # type: ignore[arg-type]
+    servicer = gateway_servicer(
+        BilledPipeline(),
+        {KEY: "tenant-a"},
+        metrics=RouterMetrics(registry, TenantLabels(4)),
+        lines=lines,
+        ledger=ledger,  # type: ignore[arg-type]
         grace_end=grace,
     )
     request = build_request("Describe a harbour at dawn.", model="sim-small", request_id="r-1")

@@ -26,8 +26,6 @@ from prometheus_client import CollectorRegistry
 from cachemesh import build_request
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
-from services.common.auth import ApiKeys, hash_key
-from services.common.clock import SystemClock
 from services.common.env import Env
 from services.common.logs import JsonLines
 from services.common.metrics import TenantLabels, new_registry
@@ -35,16 +33,10 @@ from services.common.models import load_model_table
 from services.common.rpc_tracing import ServerTracing
 from services.common.server import grpc_server_options
 from services.common.wire import MalformedRequests
-from services.router.access_log import RequestLog
-from services.router.idempotency import IdempotencyTable
-from services.router.limit_policy import LimitPolicy, UniformPolicies
-from services.router.limits import Limiter
-from services.router.memory_limits import MemoryLimitStore
 from services.router.metrics import RouterMetrics
-from services.router.servicer import GatewayServicer
 from services.router.settings import RouterSettings
+from tests.unit.gateway_support import gateway_servicer
 from tests.unit.test_router_answer_ledger import KEY
-from tests.unit.test_router_pipeline import TABLE
 from tests.unit.test_router_unanswered_money import BilledPipeline
 from tests.unit.test_service_metrics import logs, value  # noqa: F401 (a fixture)
 
@@ -92,14 +84,11 @@ async def served(
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    servicer = GatewayServicer(
-        ApiKeys({hash_key(KEY): "tenant-a"}),
-        TABLE,
-        {"sim-small", "sim-large"},
-        BilledPipeline(),  # type: ignore[arg-type]
-        IdempotencyTable(SystemClock(), 60, 100),
-        Limiter(MemoryLimitStore(), UniformPolicies(LimitPolicy()), SystemClock(), lambda _: 0),
-        RequestLog(RouterMetrics(registry, TenantLabels(4)), TABLE, lambda: 0.0, lines),
+    servicer = gateway_servicer(
+        BilledPipeline(),
+        {KEY: "tenant-a"},
+        metrics=RouterMetrics(registry, TenantLabels(4)),
+        lines=lines,
         max_request_bytes=settings.max_request_bytes,
     )
     server = grpc.aio.server(

@@ -23,21 +23,15 @@ from cachemesh import build_request
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
-from services.common.auth import ApiKeys, hash_key
-from services.common.clock import SystemClock
 from services.common.errors import Code
 from services.common.logs import JsonLines
 from services.common.metrics import TenantLabels, new_registry
 from services.router.access_log import RequestLog
 from services.router.dependencies import CallFailed, Dependencies
-from services.router.idempotency import IdempotencyTable
-from services.router.limit_policy import LimitPolicy, UniformPolicies
-from services.router.limits import Limiter
-from services.router.memory_limits import MemoryLimitStore
 from services.router.metrics import RouterMetrics
 from services.router.pipeline import Pipeline, chunks_of
 from services.router.routing.model import RouterCard, load_router_model
-from services.router.servicer import GatewayServicer
+from tests.unit.gateway_support import gateway_servicer
 from tests.unit.test_router_answer_ledger import KEY, FakeContext
 from tests.unit.test_router_partial_billing import Held
 from tests.unit.test_router_pipeline import (
@@ -198,15 +192,11 @@ async def test_an_answer_billed_whose_caller_left_before_it_is_counted_as_billed
     that served it, and the request is an error, not an answered request."""
     registry = new_registry()
     ledger = HeldLedger()
-    servicer = GatewayServicer(
-        ApiKeys({hash_key(KEY): "tenant-a"}),
-        TABLE,
-        {"sim-small", "sim-large"},
-        BilledPipeline(),  # type: ignore[arg-type]
-        IdempotencyTable(SystemClock(), 60, 100),
-        Limiter(MemoryLimitStore(), UniformPolicies(LimitPolicy()), SystemClock(), lambda _: 0),
-        RequestLog(RouterMetrics(registry, TenantLabels(4)), TABLE, lambda: 0.0),
-        ledger,  # type: ignore[arg-type]
+    servicer = gateway_servicer(
+        BilledPipeline(),
+        {KEY: "tenant-a"},
+        metrics=RouterMetrics(registry, TenantLabels(4)),
+        ledger=ledger,  # type: ignore[arg-type]
     )
     # the caller's own id: its answer is recorded in the ledger before it goes out
     request = build_request("Describe a harbour at dawn.", model="sim-small", request_id="r-1")
