@@ -13,7 +13,6 @@ test holds them, so each cancel lands where it says (events, no sleeps).
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,23 +27,20 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1 import semantic_cache_pb2 as sc
-from services.common.auth import ApiKeys, hash_key
 from services.common.clock import ManualClock
 from services.common.env import Env
-from services.common.metrics import TenantLabels, new_registry
-from services.router.access_log import RequestLog
 from services.router.dependencies import Dependencies
 from services.router.idempotency import IdempotencyTable
 from services.router.limit_policy import TOKENS, LimitPolicy, Refusal, UniformPolicies
 from services.router.limit_store import Admission
 from services.router.limits import Limiter
 from services.router.memory_limits import MemoryLimitStore
-from services.router.metrics import RouterMetrics
 from services.router.pipeline import Pipeline
 from services.router.redis_limits import RedisLimitStore
 from services.router.routing.model import RouterCard, load_router_model
 from services.router.servicer import GatewayServicer
 from services.router.settings import RouterSettings
+from tests.unit.gateway_support import gateway_servicer
 from tests.unit.test_router_answer_ledger import KEY, Aborted, FakeContext, GatedPipeline
 from tests.unit.test_router_pipeline import (
     REPLICAS,
@@ -248,15 +244,7 @@ def _router(
         cost_bound=cost_bound,
     )
     table = WatchedTable()
-    servicer = GatewayServicer(
-        ApiKeys({hash_key(KEY): TENANT}),
-        TABLE,
-        {"sim-small", "sim-large"},
-        pipeline,
-        table,
-        limiter,
-        RequestLog(RouterMetrics(new_registry(), TenantLabels(1)), TABLE, time.perf_counter),
-    )
+    servicer = gateway_servicer(pipeline, {KEY: TENANT}, answers=table, limiter=limiter)
     return Router(servicer, pipeline, limiter, table, redis, semantic, prefix, models)
 
 
@@ -482,15 +470,7 @@ async def test_a_duplicate_waiting_on_a_failed_call_is_told_it_failed() -> None:
         ManualClock(),
         lambda request: PROMPT_TOKENS,
     )
-    servicer = GatewayServicer(
-        ApiKeys({hash_key(KEY): TENANT}),
-        TABLE,
-        {"sim-small", "sim-large"},
-        pipeline,  # type: ignore[arg-type]
-        table,
-        limiter,
-        RequestLog(RouterMetrics(new_registry(), TenantLabels(1)), TABLE, time.perf_counter),
-    )
+    servicer = gateway_servicer(pipeline, {KEY: TENANT}, answers=table, limiter=limiter)
     contexts = (FakeContext(), FakeContext())
     first = asyncio.ensure_future(servicer.Complete(_request(), _grpc(contexts[0])))
     await asyncio.wait_for(pipeline.started.wait(), 10)

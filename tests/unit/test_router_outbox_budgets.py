@@ -23,13 +23,10 @@ from redis.asyncio import Redis
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
-from services.common.auth import ApiKeys, hash_key
 from services.common.clock import ManualClock
 from services.common.errors import Code, RequestError
-from services.common.metrics import TenantLabels, new_registry
 from services.prefix_cache.api import PrefixCacheApi
 from services.prefix_cache.core import PrefixCacheCore
-from services.router.access_log import RequestLog
 from services.router.dependencies import CallFailed
 from services.router.idempotency import IdempotencyTable
 from services.router.limit_policy import LimitPolicy, Periods, UniformPolicies
@@ -37,14 +34,15 @@ from services.router.limit_store import LimitStore
 from services.router.limit_tickets import Ticket
 from services.router.limits import Limiter
 from services.router.memory_limits import MemoryLimitStore
-from services.router.metrics import RouterMetrics
 from services.router.outbox import BillingOutbox
 from services.router.outbox_journal import JOURNAL_NAME, Counted, Journal
+from services.router.pipeline import Pipeline
 from services.router.redis_limits import RedisLimitStore
 from services.router.servicer import GatewayServicer
+from tests.unit.gateway_support import gateway_servicer
 from tests.unit.test_router_answer_ledger import KEY, FakeContext
 from tests.unit.test_router_outbox_replay import TENANT, Engine, _ask, _core
-from tests.unit.test_router_pipeline import TABLE, FakeStream, Rig
+from tests.unit.test_router_pipeline import FakeStream, Rig
 
 # 2023-11-14 23:59:00 UTC: a minute before the day ends
 BEFORE_MIDNIGHT_MS = 1_700_006_340_000
@@ -131,6 +129,14 @@ class Outage:
     async def billed(self) -> int:
         """What prefix-cache billed the tenant since the set-up."""
         return (await self.core.totals(TENANT)).cost_nanos - self.before
+
+    def gateway(self, pipeline: Pipeline) -> GatewayServicer:
+        """The Gateway on ``pipeline`` (the rig's), sim-large deployed, with this limiter and
+        an answer-once table on this clock."""
+        answers = IdempotencyTable(self.clock, 60, 100)
+        return gateway_servicer(
+            pipeline, {KEY: TENANT}, deployed=["sim-large"], answers=answers, limiter=self.limiter
+        )
 
 
 async def _outage(
@@ -496,15 +502,7 @@ async def test_an_answer_read_past_midnight_counts_its_estimate_where_its_correc
     the estimate must count there too: before, it counted in the new day and month and its
     correction in the old ones (each month wrong by the estimate, the old one below zero)."""
     outage = await _outage(store, Journal(tmp_path), BEFORE_MONTH_END_MS)
-    servicer = GatewayServicer(
-        ApiKeys({hash_key(KEY): TENANT}),
-        TABLE,
-        {"sim-large"},
-        outage.rig.pipeline(),
-        IdempotencyTable(outage.clock, 60, 100),
-        outage.limiter,
-        RequestLog(RouterMetrics(new_registry(), TenantLabels(4)), TABLE, lambda: 0.0),
-    )
+    servicer = outage.gateway(outage.rig.pipeline())
     estimate = 0
     async for chunk in servicer.StreamComplete(_ask("And rule 2?", "r-late"), FakeContext()):  # type: ignore[arg-type]
         if chunk.WhichOneof("part") == "end":
@@ -890,15 +888,7 @@ async def test_an_answer_counts_once_wherever_its_caller_leaves(
     prompt = outage.rig.models.prompt_tokens  # type: ignore[attr-defined]
     outage.rig.models = Engine(prompt) if text else Thinking(prompt)
     pipeline = outage.rig.pipeline()
-    servicer = GatewayServicer(
-        ApiKeys({hash_key(KEY): TENANT}),
-        TABLE,
-        {"sim-large"},
-        pipeline,
-        IdempotencyTable(outage.clock, 60, 100),
-        outage.limiter,
-        RequestLog(RouterMetrics(new_registry(), TenantLabels(4)), TABLE, lambda: 0.0),
-    )
+    servicer = outage.gateway(pipeline)
     request = _ask("And rule 2?", "r-left")
     if method == "Complete":
         end = await servicer.Complete(request, FakeContext())  # type: ignore[arg-type]

@@ -5,7 +5,6 @@ prefix-cache is down) reuse that count: the prompt is tokenized once per request
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 
 import pytest
@@ -13,18 +12,14 @@ import pytest
 from cachemesh import build_request
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
-from services.common.auth import ApiKeys, hash_key
 from services.common.clock import ManualClock
 from services.common.env import Env
-from services.common.metrics import TenantLabels, new_registry
 from services.common.prompt import canonical_blocks
 from services.common.tokens import CL100K, Tokenizer, Tokenizers
-from services.router.access_log import RequestLog
 from services.router.idempotency import IdempotencyTable
 from services.router.limit_settings import LimitSettings
 from services.router.limit_wiring import build_limiter
-from services.router.metrics import RouterMetrics
-from services.router.servicer import GatewayServicer
+from tests.unit.gateway_support import gateway_servicer
 from tests.unit.test_router_answer_ledger import KEY, FakeContext
 from tests.unit.test_router_pipeline import TABLE, TOKENIZER, Rig
 
@@ -48,15 +43,8 @@ async def _complete(rig: Rig, request: pb.CompleteRequest) -> pb.CompleteRespons
     settings = LimitSettings.from_env(Env({"ROUTER_LIMIT_TOKENS_PER_MIN": "1000000"}))
     limiter = await build_limiter(settings, ManualClock(), TABLE, Tokenizers.of(rig.tokenizers))
     pipeline = rig.pipeline()
-    servicer = GatewayServicer(
-        ApiKeys({hash_key(KEY): "tenant-a"}),
-        TABLE,
-        {"sim-small", "sim-large"},
-        pipeline,
-        IdempotencyTable(ManualClock(), 60, 100),
-        limiter,
-        RequestLog(RouterMetrics(new_registry(), TenantLabels(1)), TABLE, time.perf_counter),
-    )
+    answers = IdempotencyTable(ManualClock(), 60, 100)
+    servicer = gateway_servicer(pipeline, {KEY: "tenant-a"}, answers=answers, limiter=limiter)
     try:
         return await servicer.Complete(request, FakeContext())  # type: ignore[arg-type]
     finally:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -28,20 +27,17 @@ from redis.asyncio import Redis
 from cachemesh import build_request
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
-from services.common.auth import ApiKeys, hash_key
 from services.common.clock import ManualClock
-from services.common.metrics import TenantLabels, new_registry
 from services.router import servicer as servicer_module
-from services.router.access_log import RequestLog
 from services.router.answer_ledger import Claimed, Recorded, RedisAnswerLedger, Running, ledger_key
 from services.router.idempotency import IdempotencyTable
 from services.router.limit_policy import TOKENS, LimitPolicy, UniformPolicies
 from services.router.limits import Limiter
-from services.router.metrics import RouterMetrics
 from services.router.pipeline import chunks_of
 from services.router.redis_limits import RedisLimitStore
 from services.router.servicer import GatewayServicer
-from tests.unit.test_router_answer_ledger import TABLE, Aborted, FakeContext
+from tests.unit.gateway_support import gateway_servicer
+from tests.unit.test_router_answer_ledger import Aborted, FakeContext
 
 KEY = "k-test-0123456789"
 TENANT = "tenant-a"
@@ -157,15 +153,9 @@ async def _router(redis_url: str, pipeline: Pipeline, clock: ManualClock) -> Asy
     store = RedisLimitStore(Redis.from_url(redis_url), server_time=False)
     limiter = Limiter(store, UniformPolicies(policy), clock, lambda request: PROMPT_TOKENS)
     ledger = WatchedLedger(Redis.from_url(redis_url))
-    servicer = GatewayServicer(
-        ApiKeys({hash_key(KEY): TENANT}),
-        TABLE,
-        {"sim-small", "sim-large"},
-        pipeline,  # type: ignore[arg-type]
-        IdempotencyTable(clock, 60, 100),
-        limiter,
-        RequestLog(RouterMetrics(new_registry(), TenantLabels(1)), TABLE, time.perf_counter),
-        ledger,
+    answers = IdempotencyTable(clock, 60, 100)
+    servicer = gateway_servicer(
+        pipeline, {KEY: TENANT}, answers=answers, limiter=limiter, ledger=ledger
     )
     server = grpc.aio.server()
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)

@@ -42,12 +42,10 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common import rpc_tracing
-from services.common.auth import ApiKeys, hash_key
 from services.common.clock import ManualClock
 from services.common.errors import Code
 from services.common.logs import JsonLines
 from services.common.metrics import TenantLabels, new_registry
-from services.router.access_log import RequestLog
 from services.router.calls import PrefixWindow
 from services.router.dependencies import CallFailed, Dependencies
 from services.router.idempotency import IdempotencyTable
@@ -59,7 +57,7 @@ from services.router.outbox import BillingOutbox
 from services.router.outbox_journal import Journal
 from services.router.pipeline import Pipeline
 from services.router.routing.model import RouterCard, load_router_model
-from services.router.servicer import GatewayServicer
+from tests.unit.gateway_support import gateway_servicer
 from tests.unit.test_router_answer_ledger import KEY, FakeContext
 from tests.unit.test_router_deadline_cut_bill import _cost_sum
 from tests.unit.test_router_open_calls import _restarted
@@ -227,14 +225,14 @@ async def test_the_limits_cost_counters_and_access_line_count_the_bill_not_the_e
     rig.outbox = outbox
     pipeline = rig.pipeline()
     out, lines = logs({})
-    servicer = GatewayServicer(
-        ApiKeys({hash_key(KEY): "tenant-a"}),
-        TABLE,
-        {"sim-large"},
+    servicer = gateway_servicer(
         pipeline,
-        IdempotencyTable(ManualClock(), 60, 100),
-        limiter,
-        RequestLog(metrics, TABLE, lambda: 0.0, lines),
+        {KEY: "tenant-a"},
+        deployed=["sim-large"],
+        answers=IdempotencyTable(ManualClock(), 60, 100),
+        limiter=limiter,
+        metrics=metrics,
+        lines=lines,
     )
     assert isinstance(rig.models, LateAnswers)
     rig.models.sent = clock.now
