@@ -295,11 +295,25 @@ def test_openai_chunks_end_with_the_finish_reason_then_the_usage() -> None:
         *chunks.delta(pb.ContentBlock(tool_use=use)),
         *chunks.end(_end(stop="tool_use"), {}),
     ]
-    assert out[0]["choices"][0]["delta"]["role"] == "assistant"
-    assert out[1]["choices"][0]["delta"]["tool_calls"][0]["function"]["name"] == "f"
-    assert out[2]["choices"][0]["finish_reason"] == "tool_calls"
-    assert out[3]["choices"] == [] and out[3]["usage"]["total_tokens"] == 26
-    assert all(c["usage"] is None for c in out[:3])
+    # an answer that begins with a call: the role goes in the call's chunk, as OpenAI's does
+    first = out[0]["choices"][0]["delta"]
+    assert first["role"] == "assistant" and first["content"] is None
+    assert first["tool_calls"][0]["function"]["name"] == "f"
+    assert out[1]["choices"][0]["finish_reason"] == "tool_calls"
+    assert out[2]["choices"] == [] and out[2]["usage"]["total_tokens"] == 26
+    assert all(c["usage"] is None for c in out[:2])
+
+
+def test_openai_chunks_of_an_answer_with_no_block_still_say_the_role() -> None:
+    chunks = openai_api.ChunkStream(created=1, include_usage=False)
+    out = [
+        *chunks.start(pb.CompleteResponse(request_id="r1", model="m")),
+        *chunks.end(_end(), {}),
+    ]
+    assert [c["choices"][0]["delta"] for c in out] == [
+        {"role": "assistant", "content": "", "refusal": None},
+        {},
+    ]
 
 
 @pytest.mark.parametrize(
