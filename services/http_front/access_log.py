@@ -14,6 +14,10 @@ parse), ``status`` (the gRPC code of the same meaning, so one ``jq`` reads both 
 lines), ``duration_ms``; and ``http_status`` and ``refused_by`` (``http-front``). A
 ``DEADLINE_EXCEEDED`` line (a body too slow) says ``"deadline":"client"``, as the router's
 does of a caller's deadline. Never the key (not even a part of it), nor the request's text.
+
+A request whose caller went away before the front called the Gateway (its body half sent) has
+its line here too (``CANCELLED``, ``http_status`` 499; ``handlers.Front._gone``): no router saw
+it, and it had no line anywhere.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.auth import KeyLookup
+from services.common.errors import Code
 from services.http_front import anthropic_api, facts, model_list, openai_api, sse
 from services.http_front.access_log import RefusalLog
 from services.http_front.admission import admit
@@ -200,6 +201,7 @@ class Front:
                 refused = error
             except ConnectionError as exc:
                 if STREAM not in request:
+                    self._gone(request, name, began)
                     raise
                 # the caller went away mid-stream (a write failed), or stopped reading (a write
                 # timed out): nothing to answer
@@ -215,6 +217,7 @@ class Front:
                 # the span says what the metric counts (499), then the cancel goes on.
                 span.set_attribute("error.type", "client_gone")
                 span.set_attribute("http.response.status_code", 499)
+                self._gone(request, name, began)
                 raise
             except Exception as exc:  # a bug here: the caller still gets its API's error shape
                 log.exception("http-front failed on %s", name)
@@ -251,6 +254,23 @@ class Front:
                 )
             log.debug("%s answered %d", name, response.status)
             return response
+
+    def _gone(self, request: web.Request, name: str, began: float) -> None:
+        """The access line of a request whose caller went away (or that the front's stop cut)
+        before its Gateway call: its body half sent, its key or its slot still being checked.
+        No response went out and no router saw it, so it had no line anywhere, though it held
+        its tenant's in-flight slot and body budget: ``CANCELLED``, ``http_status`` 499, as the
+        metric counts it. Once the call began, the router's line says it (``CANCELLED``)."""
+        if request.get(CALLED):
+            return
+        self._refusals.refused(
+            request.get(TENANT, ""),
+            request.get(CALLER_ID, "") or uuid.uuid4().hex,
+            name,
+            Code.CANCELLED,
+            499,
+            self._monotonic() - began,
+        )
 
     async def _sent(self, request: web.Request, write: Awaitable[None]) -> None:
         """One write of a stream (an event, a ping, its end), within

@@ -276,7 +276,8 @@ async def test_a_body_with_no_room_is_refused_529_in_anthropics_shape_and_counte
     lines = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x.startswith("{")]
     access = [x for x in lines if x["logger"] == "cachemesh.access"]
     assert [(x["status"], x["http_status"], x["tenant"]) for x in access] == [
-        ("UNAVAILABLE", 529, "tenant-a")
+        ("UNAVAILABLE", 529, "tenant-a"),
+        ("CANCELLED", 499, "tenant-a"),  # the held upload, its caller gone before the Gateway
     ]
 
 
