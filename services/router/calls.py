@@ -47,7 +47,6 @@ from cachemesh.v1 import model_pb2, prefix_cache_pb2, semantic_cache_pb2
 from cachemesh.v1.prompt_pb2 import PromptFacts
 from services.common.clock import SecondsClock, Throttles, suppressed
 from services.common.errors import Code, RequestError
-from services.common.models import ModelTable
 from services.common.span_events import record_event
 from services.router.breaker import Dependency, prefix_breaker
 from services.router.dependencies import (
@@ -59,7 +58,7 @@ from services.router.dependencies import (
     without_refused_report,
 )
 from services.router.l1_breaker import SemanticBreakers
-from services.router.model_facts import accepted_models, model_facts
+from services.router.model_facts import ModelScopes
 from services.router.renewals import Renewals
 from services.router.settings import RouterSettings
 
@@ -206,7 +205,7 @@ class Calls:
         background: Callable[[Awaitable[None]], object] | None = None,
         hung: Callable[[Dependency], None] | None = None,
         tenant_left_alone: Callable[[], None] | None = None,
-        models: ModelTable | None = None,
+        models: ModelScopes | None = None,
     ) -> None:
         """``counted``: the degradations' metric (None: a router built without metrics);
         ``tracer``: for a call that degrades after its request's span ended (a Store);
@@ -216,8 +215,8 @@ class Calls:
         ``hung``: told as a hang of prefix-cache or semantic-cache starts, its breaker first
         leaving it alone (the metric; None: not counted); ``tenant_left_alone``: told as L1 is
         first left alone for one tenant's Lookups (the metric; None: not counted);
-        ``models``: the model table whose facts of a request's model L1's calls carry, so that
-        its answers are served only for the model that made them (``model_facts``; None: the
+        ``models``: the model table's facts of each model string, which L1's calls carry so that
+        its answers are served only for the model that made them (``ModelScopes``; None: the
         model string alone, as from a router older than them)."""
         self._background = background if background is not None else self._in_background
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -342,7 +341,7 @@ class Calls:
             model_facts=self._facts(request),
         )
         if self._models is not None:
-            call.accepted_models.extend(accepted_models(self._models, request))
+            call.accepted_models.extend(self._models.accepted_models(request.model))
         # its timeout counts toward leaving L1 alone unless the client's deadline cut it short
         # (then it is no degradation of L1 either)
         counts = lookup_s >= self._s.semantic_timeout_s * _BREAKER_MIN_SHARE
@@ -360,7 +359,7 @@ class Calls:
 
     def _facts(self, request: pb.CompleteRequest) -> semantic_cache_pb2.ModelFacts | None:
         """What L1's scope holds of the request's model beyond its string (None: nothing)."""
-        return None if self._models is None else model_facts(self._models, request)
+        return None if self._models is None else self._models.facts(request.model)
 
     def lookup_timeout_s(self, deadline: float | None) -> float:
         """The first Lookup's deadline: ``ROUTER_SEMANTIC_TIMEOUT_S``, and at most half of what

@@ -50,7 +50,7 @@ from services.router.model_answer import (
     ReplicaCut,
     accepted_tiers,
 )
-from services.router.model_facts import accepted_models
+from services.router.model_facts import ModelScopes
 from services.router.outbox import BillingOutbox
 from services.router.prompt_counts import count_prompt
 from services.router.read_ahead import ReadAheadBudget
@@ -77,7 +77,7 @@ _T = TypeVar("_T")
 
 
 _TIER_REFUSAL = "tier:"  # L1's refusal of an auto hit of a tier the request does not accept
-# ... and those of an auto hit another row made (``model_facts.accepted_models``)
+# ... and those of an auto hit another row made (``ModelScopes.accepted_models``)
 _ANSWER_REFUSALS = (_TIER_REFUSAL, "model:")
 
 
@@ -118,6 +118,8 @@ class Pipeline:
         self._metrics = metrics
         counted = metrics.degraded if metrics is not None else None
         self._background: set[asyncio.Future[Any]] = set()
+        # what L1's scope holds of each model string: once, as the table does not change
+        self._scopes = ModelScopes(table)
         # a lost Lookup's Release runs past its request: ``drain`` awaits it too
         self._calls = Calls(
             dependencies,
@@ -129,7 +131,7 @@ class Pipeline:
             background=self._in_background,
             hung=metrics.breaker_opened if metrics is not None else None,
             tenant_left_alone=metrics.l1_tenant_left_alone if metrics is not None else None,
-            models=table,
+            models=self._scopes,
         )
         self._tracer = tracer
         self._table = table
@@ -410,11 +412,11 @@ class Pipeline:
         self, request: pb.CompleteRequest, lookup: semantic_cache_pb2.LookupResponse | None
     ) -> str:
         """Why L1's hit for an ``auto`` request is not served ("" = it is, or no hit): another
-        row made it than its tiers resolve to now (``model_facts.accepted_models``), which L1
+        row made it than its tiers resolve to now (``ModelScopes.accepted_models``), which L1
         did not refuse itself (one older than ``accepted_models``, or rolled back to one)."""
         if lookup is None or not lookup.hit:
             return ""
-        rows = accepted_models(self._table, request)
+        rows = self._scopes.accepted_models(request.model)
         if not rows or lookup.answer.model in rows:
             return ""
         return (

@@ -20,7 +20,7 @@ from services.common.clock import ManualClock
 from services.common.models import ModelTable, load_model_table
 from services.router.calls import Calls
 from services.router.dependencies import Dependencies
-from services.router.model_facts import model_facts
+from services.router.model_facts import ModelScopes, accepted_models, model_facts
 from services.semantic_cache.api import SemanticCacheApi
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.query import scope_of
@@ -71,7 +71,9 @@ def l1() -> InProcess:
 
 def router(semantic: InProcess, table: ModelTable) -> Calls:
     return Calls(
-        Dependencies(semantic, FakePrefix(), FakeModels(), REPLICAS), _settings(), models=table
+        Dependencies(semantic, FakePrefix(), FakeModels(), REPLICAS),
+        _settings(),
+        models=ModelScopes(table),
     )
 
 
@@ -246,3 +248,29 @@ async def test_an_l1_that_ignores_accepted_models_has_its_hit_refused_by_the_rou
     rig.semantic.reply = sc.LookupResponse(hit=True, answer=_cached("small"))
     end = (await rig.run(_request("auto")))[-1].end
     assert end.served_by == pb.LAYER_SEMANTIC_CACHE and end.model == "sim-small"
+
+
+def test_the_scopes_computed_once_are_those_of_each_request() -> None:
+    """``ModelScopes`` holds, for every model string of a table (its rows and auto, on the
+    packaged table and on one with a tier and a row repointed), what ``model_facts`` and
+    ``accepted_models`` make of a request for it; a string the table does not have has
+    neither. A request built with its facts holds a copy: changing it leaves the map alone."""
+    changed = repointed("sim-small", "sim-small-v2")
+    changed = ModelTable(models=changed.models, auto={**changed.auto, "small": "local-small"})
+    for table in (TABLE, changed):
+        scopes = ModelScopes(table)
+        for model in (*table.models, "auto", "no-such-model"):
+            request = make_request(model=model)
+            assert scopes.facts(model) == model_facts(table, request), model
+            assert list(scopes.accepted_models(model)) == accepted_models(table, request), model
+    scopes = ModelScopes(changed)
+    assert scopes.accepted_models("auto") == ("local-small", "sim-large")
+    facts = scopes.facts("auto")
+    assert facts is not None and facts.engine_default_temperature
+    assert list(facts.upstreams) == []
+    call = sc.LookupRequest(model_facts=facts)
+    call.model_facts.upstreams.append("sim-large=other")
+    call.model_facts.engine_default_temperature = False
+    assert scopes.facts("auto") == sc.ModelFacts(engine_default_temperature=True)
+    assert scopes.facts("sim-small") == sc.ModelFacts(upstreams=["sim-small=sim-small-v2"])
+    assert scopes.facts("no-such-model") is None
