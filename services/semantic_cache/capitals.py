@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import re
 
+from services.semantic_cache.words import LETTERS
+
 # English function words (pronouns, determiners, prepositions, conjunctions, auxiliaries):
 # closed classes whose capital forms are names, never a proper noun typed in lowercase
 FUNCTION_WORDS = frozenset(
@@ -26,7 +28,6 @@ FUNCTION_WORDS = frozenset(
         "has have had can could will would shall should may might must no not any all some each",
     )
 )
-_WORD = re.compile(r"[^\W\d_]+(?:['\u2019][^\W\d_]+)*")
 NAME = "name"  # written in capitals somewhere in the text
 WORD = "word"  # only ever written otherwise
 
@@ -36,7 +37,7 @@ def function_word_forms(text: str) -> dict[str, list[str]]:
     capitals somewhere (and has lowercase letters), else ``[WORD]``."""
     chosen = any(c.islower() for c in text)
     forms: dict[str, list[str]] = {}
-    for match in _WORD.finditer(text):
+    for match in LETTERS.finditer(text):
         word = match.group()
         key = word.lower()
         if key not in FUNCTION_WORDS:

@@ -10,7 +10,7 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 
-from services.semantic_cache.folding import _LEADING, _LETTERS, _TRAILING
+from services.semantic_cache.words import LEADING, LETTERS, TRAILING
 
 # Operators and signs: + - * / = < > ! ^ % & | ~ $ € £ ¥ # and Unicode's forms of them.
 _OPERATOR = re.compile(r"[-+*/=<>!^%&|~$€£¥#±≤≥≠]")
@@ -125,8 +125,8 @@ def un_prefixed(first: str, second: str) -> str:
     """A word of one text that is "un" and a word of the other, the stem not in the first
     ("hide" / "unhide", "mute" / "unmute"; a stem of three letters or more), or "" when none:
     the verifier served "How do I hide a column in Excel?" for "... unhide ...?" (p 0.78)."""
-    words_a = {m.group().lower() for m in _LETTERS.finditer(first)}
-    words_b = {m.group().lower() for m in _LETTERS.finditer(second)}
+    words_a = {m.group().lower() for m in LETTERS.finditer(first)}
+    words_b = {m.group().lower() for m in LETTERS.finditer(second)}
     for mine, theirs in ((words_a, words_b), (words_b, words_a)):
         for word in sorted(mine - theirs):
             stem = word[2:]
@@ -221,7 +221,7 @@ def _words_negated(text: str) -> dict[str, bool]:
     """Each word of ``text`` (lowercase), and whether it is negated where it appears: a
     negation ("not", "n't", "never", "without", "avoid", "prevent", "keep from") among the
     few words before it."""
-    words = [m.group().lower().replace("\u2019", "'") for m in _LETTERS.finditer(text)]
+    words = [m.group().lower().replace("\u2019", "'") for m in LETTERS.finditer(text)]
     out: dict[str, bool] = {}
     for i, word in enumerate(words):
         before = words[max(0, i - _NEGATED_WITHIN) : i]
@@ -264,7 +264,7 @@ _PLURAL_ES = ("ches", "shes", "sses", "xes", "zes")
 def _bare_words(text: str) -> list[str]:
     """The whitespace-separated words of ``text``, lowercase, without the punctuation around
     them (a symbol within stays: "C++", "$5")."""
-    return [word for token in text.lower().split() if (word := token.strip(_LEADING + _TRAILING))]
+    return [word for token in text.lower().split() if (word := token.strip(LEADING + TRAILING))]
 
 
 def _singular(word: str) -> str:

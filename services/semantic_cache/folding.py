@@ -12,6 +12,7 @@ from functools import cached_property
 
 from services.semantic_cache.capitals import function_word_forms
 from services.semantic_cache.query import folded
+from services.semantic_cache.words import LEADING, LETTERS, TRAILING
 
 CASE_OR_SPACING = (
     "unreadable: the questions differ in letter case or spacing the models do not read (a"
@@ -31,12 +32,6 @@ ACCENTS = (
 # first word: spaces, opening quotes and brackets, inverted marks, a bullet.
 _OPENERS = frozenset("\"'“”\u2018\u2019«»([{¿¡•>")
 _SENTENCE_ENDS = frozenset(".!?:;")
-# Around a word, what is punctuation and not part of it ("True?" is the word "True").
-_LEADING = "\"'“\u2018«([{¿¡"
-_TRAILING = ".,;:!?\"'”\u2019»)]}"
-# A word of letters only, with inner apostrophes ("don't", "I'm"); a token with a digit or
-# a symbol ("-L", "Mb/s", "print('A") must be written the same way in both.
-_LETTERS = re.compile(r"[^\W\d_]+(?:['\u2019][^\W\d_]+)*")
 # A quoted or code span within a line (a fenced block is found by splitting on its fences):
 # `code`, '...' and "..." not inside a word (an apostrophe is none), “...”, «...».
 _QUOTED = re.compile(
@@ -107,8 +102,8 @@ def _case_allowed(a: str, b: str, start: tuple[bool, bool], casual: tuple[bool, 
     that differ in their first letter where either opens a sentence, the pronoun "I", or a
     Capitalised or ALL-CAPS word beside a question written all in lowercase ("flights rome
     to chicago")."""
-    core_a, core_b = a.lstrip(_LEADING).rstrip(_TRAILING), b.lstrip(_LEADING).rstrip(_TRAILING)
-    if not _LETTERS.fullmatch(core_a):
+    core_a, core_b = a.lstrip(LEADING).rstrip(TRAILING), b.lstrip(LEADING).rstrip(TRAILING)
+    if not LETTERS.fullmatch(core_a):  # one with a digit or a symbol must match exactly
         return False
     pronoun = core_a.lower().replace("\u2019", "'").split("'")[0] == "i"
     if core_a[1:] == core_b[1:] and (any(start) or pronoun):
@@ -182,7 +177,7 @@ def _indents(text: str) -> Forms:
 def _accented_forms(text: str) -> Forms:
     """Per word as the tokenizer reads it (lowercase, accents stripped), its spelling."""
     forms: Forms = {}
-    for match in _LETTERS.finditer(text):
+    for match in LETTERS.finditer(text):
         word = match.group().lower()
         _add(forms, strip_accents(word), word)
     return forms
