@@ -47,40 +47,10 @@ the bills held exceed ``max_memory_bytes``, the pipeline calls no model (its bil
 neither sent nor kept durably); held bills the router stops with are logged at ERROR with their
 tenant and estimate, and counted as ``dropped``.
 
-A replayed FINAL whose reply is ``repeated`` (prefix-cache had recorded that key's FINAL
-before) is told to the limiter (``open_call_billed``, ``estimate_billed``) only for an entry
-this process kept: it is in the outbox only because no reply to its FINAL reached this process
-(the answer's, or the call's bill without its answer, failed after prefix-cache recorded it: a
-deadline, a cancel, a connection reset, an internal fault; or a replay of it did: an entry is
-done on its first reply), so no one had the first reply, and this one is told. An entry whose
-FINAL had its reply is never sent again: an open call is left to a replay only when no bill of
-its call was made or kept (``billing.py``), and a settled entry whose "done" did not run is
-done again by the next round, not sent. Entries journalled by an earlier process are
-``inherited``: whoever had the first reply (that process's answer, whose "done" line a host
-crash lost, or its replay) counted it then, so their repeat is not told (and one whose first
-reply was lost, by that process or this one, goes uncounted); their estimates were counted by
-that process, which a limits store in memory does not remember (``Limiter.reconcile``).
-
-Budgets: a bill kept here (an answer's, or a call's billed without its answer) counts against
-its tenant's budgets at the router's estimate (base prices, no cache discount claimed); each
-entry keeps that estimate and when it counts (journalled with it: ``Counted``). The outbox
-counts it itself (``estimate_kept``: ``Limiter.count_estimate``) as soon as the entry's line
-is in the file, before its fsync: an entry in the journal is one whose estimate was counted,
-so a replay's correction lands on a count that happened, also after a restart (before, the
-count came from the answer's settle once its caller read the end, or from the call's charge
-after the fsync: a router stopped in between left a journalled estimate never counted, and
-the next start's correction took the month's spend below zero). What remains: a router that
-dies after the line is written and before the limits' store has the count (one round trip;
-longer while the store is down, as any settle lost in flight). Once its replay is billed the
-outbox tells ``estimate_billed`` the difference (prefix-cache's cost minus the estimate) and
-that time, so the limiter corrects the budgets of the period the estimate was counted in
-(``Limiter.reconcile``), once: on the first reply to the entry's FINAL a process had. An entry
-whose call's FINAL is made after all (its keep cancelled after its line went in) takes its
-estimate back as it is settled. An entry journalled without them (by an older router)
-corrects nothing: its estimate stays counted, as before. The router's cost counters, which
-counted the estimate too, are told the same correction (``cost_corrected``: a counter of its
-own, by sign, a counter never decreasing), and an open call's whole bill (counted by none), so
-that they sum to what was billed.
+What the outbox tells the tenants' budgets and the router's cost counters of the bills it
+keeps and replays (each kept bill's estimate, counted as its line is written; each replayed
+bill's correction or cost, told on the first reply to its FINAL, a ``repeated`` one of an entry
+this process kept included): ``outbox_budgets.py``.
 
 Each entry's replay joins the trace of the request it bills, recorded once for an outage of
 prefix-cache however long (``outbox_replay``).
@@ -92,17 +62,22 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
-from typing import Protocol
 
 from opentelemetry import trace
 
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.clock import Clock, MonotonicClock, SystemClock, Throttles, suppressed
 from services.router.dependencies import PrefixPort
+from services.router.outbox_budgets import (
+    BillCounts,
+    CostCorrected,
+    EstimateBilled,
+    EstimateKept,
+    OpenCallBill,
+)
 from services.router.outbox_entries import UNREADABLE, DiskEntries, MemoryEntries
-from services.router.outbox_journal import Counted, Journal, UnreadableEntry
+from services.router.outbox_journal import Journal, UnreadableEntry
 from services.router.outbox_replay import (
     KEPT_LOG_EVERY_MS,
     PROPAGATOR,
@@ -113,42 +88,6 @@ from services.router.outbox_replay import (
 )
 
 log = logging.getLogger("cachemesh.router.outbox")
-
-
-@dataclass(frozen=True)
-class OpenCallBill:
-    """An open call a replay billed first (a killed router's model call; not a replay whose
-    FINAL prefix-cache had recorded before), for the tenant's limits."""
-
-    tenant: str
-    cost_nanos: int  # its FINAL's
-    # when the call started (epoch ms): the budget periods it counts in (None: journalled by
-    # a router from before it was kept; it counts in those of now)
-    started_ms: int | None
-
-
-class EstimateBilled(Protocol):
-    """Told a kept answer's correction once its replay is billed (``Limiter.reconcile``)."""
-
-    def __call__(
-        self, tenant: str, correction_nanos: int, counted_ms: int, *, inherited: bool
-    ) -> None: ...
-
-
-# told a replayed bill's cost minus what the router's cost counters counted for it:
-# (tenant, nano-dollars, either sign)
-CostCorrected = Callable[[str, int], None]
-# told a kept bill's estimate as its line is written: (tenant, nano-dollars, when it counts in
-# epoch ms); negative, one counted before taken back or replaced (``Limiter.count_estimate``)
-EstimateKept = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True)
-class _Estimate:
-    """What this process counted of a kept entry's estimate."""
-
-    tenant: str
-    counted: Counted
 
 
 class BillingOutbox:
@@ -211,14 +150,12 @@ class BillingOutbox:
         sign); an open call's whole cost, which no counter counted (its router was killed, or
         its bill failed): the router's cost counters then sum to what was billed (the
         metrics' ``cost_corrected``)."""
-        self._cost_corrected = cost_corrected
         self._max_memory_bytes = max_memory_bytes
         self._said_full = False
         self._retry_s = retry_s
         self._lock = asyncio.Lock()  # one flush at a time
         self._open_calls_settled = open_calls_settled
         self._dropped = dropped
-        self._open_call_billed = open_call_billed
         self._wall = wall if wall is not None else SystemClock()
         # a log line's interval is this process's own: a step of the wall clock (NTP) must
         # not silence it for the step's length
@@ -236,15 +173,6 @@ class BillingOutbox:
         )
         # the open calls of this process's model calls running, and when each started
         self._live: dict[str, int] = {}
-        self._estimate_billed = estimate_billed
-        self._estimate_kept = estimate_kept
-        # the entries this process keeps: when each was first kept (its estimate counts in
-        # those periods, however often the entry is kept again), until done or settled
-        self._kept_at: dict[str, int] = {}
-        # of those, the estimate counted (told ``estimate_kept``) once its line was written
-        self._counted: dict[str, _Estimate] = {}
-        # the entries journalled by an earlier process (their estimates counted by it)
-        self._inherited: set[str] = set()
         # entries this process settled (their FINAL answered: the call's, or a replay's told)
         # whose "done" failed, maybe not run (no thread for its batch): if still pending, a
         # round does them again rather than send them (a repeat would be told as a first
@@ -253,9 +181,18 @@ class BillingOutbox:
         # prefix-cache did not take a bill (kept since), and no replay reached it since
         self._prefix_down = False
         self._entries: MemoryEntries | DiskEntries
+        inherited = journal.load() if journal is not None else ()
+        # the entries' estimates and corrections, told to the budgets and the cost counters
+        self._counts = BillCounts(
+            self._wall,
+            inherited,
+            estimate_kept=estimate_kept,
+            estimate_billed=estimate_billed,
+            open_call_billed=open_call_billed,
+            cost_corrected=cost_corrected,
+        )
         if journal is not None:
-            self._inherited = set(journal.load())
-            loaded = len(self._inherited)
+            loaded = len(inherited)
             if opened := len(journal.opened()):
                 log.warning(
                     "billing outbox: %d model calls were still running when this router's last "
@@ -331,11 +268,7 @@ class BillingOutbox:
         (its keep cancelled, or failed, after its line went in), its estimate, counted then,
         is taken back: the FINAL's bill is counted instead."""
         if self._live.pop(entry_id, None) is not None:
-            self._kept_at.pop(entry_id, None)
-            kept = self._counted.pop(entry_id, None)
-            if kept is not None and self._estimate_kept is not None:
-                counted = kept.counted
-                self._estimate_kept(kept.tenant, -counted.estimate_nanos, counted.at_ms)
+            self._counts.settled(entry_id)
             self._entries.done(entry_id).add_done_callback(partial(self._done_failed, entry_id))
 
     def release(self, entry_id: str) -> None:
@@ -413,25 +346,12 @@ class BillingOutbox:
         carrier: dict[str, str] = {}
         PROPAGATOR.inject(carrier)  # the current request's span
         entry_id = replaces if replaces is not None else secrets.token_hex(8)
-        counted = Counted(estimate_nanos, self._kept_at.setdefault(entry_id, self._wall.now_ms()))
+        counted = self._counts.kept(entry_id, estimate_nanos)
         tenant = commits[-1].tenant if commits else ""
-        written = partial(self._estimate_written, entry_id, _Estimate(tenant, counted))
+        written = partial(self._counts.written, entry_id, tenant, counted)
         self._prefix_down = True  # it did not take this bill (why it is kept)
         await self._entries.add(entry_id, tuple(commits), carrier, counted, written)
         self._say_if_full()
-
-    def _estimate_written(self, entry_id: str, estimate: _Estimate) -> None:
-        """A kept entry's line is in the journal: its estimate counts now, in place of what an
-        earlier line of the entry counted."""
-        if entry_id not in self._kept_at:
-            return  # settled before its line was written (its FINAL made): done after it
-        before = self._counted.get(entry_id)
-        self._counted[entry_id] = estimate
-        change = estimate.counted.estimate_nanos
-        if before is not None:
-            change -= before.counted.estimate_nanos
-        if change and self._estimate_kept is not None:
-            self._estimate_kept(estimate.tenant, change, estimate.counted.at_ms)
 
     async def close(self) -> None:
         """The last flush, at shutdown (the calls that billed are over). A journal keeps what
@@ -504,25 +424,9 @@ class BillingOutbox:
                 else:
                     settled += 1
                     open_calls += open_call
-                    # a repeated FINAL was billed before. Of an entry an earlier process
-                    # journalled, whoever had the first reply (its answer, or a replay) counted
-                    # it then. Of one this process kept, no one did: it is in the outbox only
-                    # because no reply to its FINAL reached this process (the answer's, or
-                    # this entry's replays': an entry is done on its first reply), so the
-                    # first was lost, and this one is told
                     final = commits[-1] if commits else None
-                    inherited = entry_id in self._inherited
-                    if final is not None and reply is not None:
-                        _said_billed(final, reply, estimate)
-                    if (
-                        final is not None
-                        and reply is not None
-                        and (not reply.repeated or not inherited)
-                    ):
-                        self._told(final.tenant, reply, open_call, started_ms, counted, inherited)
-                self._inherited.discard(entry_id)
-                self._kept_at.pop(entry_id, None)  # its estimate and correction counted
-                self._counted.pop(entry_id, None)
+                    self._counts.replayed(entry_id, final, reply, open_call, started_ms, counted)
+                self._counts.done(entry_id)
                 done_lines.append((entry_id, self._entries.done(entry_id)))
             await asyncio.gather(*(line for _, line in done_lines), return_exceptions=True)
             for entry_id, line in done_lines:
@@ -542,30 +446,6 @@ class BillingOutbox:
             self._say_if_full()
         return settled
 
-    def _told(
-        self,
-        tenant: str,
-        reply: pc.CommitResponse,
-        open_call: bool,
-        started_ms: int | None,
-        counted: Counted | None,
-        inherited: bool,
-    ) -> None:
-        """A replayed bill, the first reply to its FINAL, told to the limits (an open call's
-        cost, or a kept bill's correction) and to the cost counters (``cost_corrected``)."""
-        cost = reply.cost.cost_nanos
-        if open_call:
-            if self._open_call_billed is not None:
-                self._open_call_billed(OpenCallBill(tenant, cost, started_ms))
-            if self._cost_corrected is not None:
-                self._cost_corrected(tenant, cost)
-        elif counted is not None:
-            correction = cost - counted.estimate_nanos
-            if self._estimate_billed is not None:
-                self._estimate_billed(tenant, correction, counted.at_ms, inherited=inherited)
-            if self._cost_corrected is not None:
-                self._cost_corrected(tenant, correction)
-
     def _done_failed(self, entry_id: str, written: asyncio.Future[None]) -> None:
         """A settled entry's "done", once it ran: one that failed is remembered, not replayed."""
         if not written.cancelled() and (exc := written.exception()) is not None:
@@ -582,26 +462,6 @@ class BillingOutbox:
                 except Exception:
                     log.exception("billing outbox: a replay round failed; retrying")
             await asyncio.sleep(self._retry_s)
-
-
-def _said_billed(
-    final: pc.CommitRequest, reply: pc.CommitResponse, estimate_nanos: int | None
-) -> None:
-    """One INFO line per replayed bill: the estimate its request's trace and access line
-    carry, and what it was billed (an operator reconciles the two by the request's key)."""
-    if final.phase != pc.COMMIT_PHASE_FINAL:
-        return
-    estimated = "none kept" if estimate_nanos is None else str(estimate_nanos)
-    log.info(
-        "billing outbox: replayed the bill of %s (tenant %s, model %s): estimated "
-        "cost_nanos=%s, billed cost_nanos=%d%s",
-        final.request_id,
-        final.tenant,
-        final.model,
-        estimated,
-        reply.cost.cost_nanos,
-        " (billed before: a repeated FINAL)" if reply.repeated else "",
-    )
 
 
 def _rewrite_failed(written: asyncio.Future[None]) -> None:

@@ -25,7 +25,8 @@ from services.common.errors import Code
 from services.model.providers.progress import Progress, tool_use_chunk
 from services.router.dependencies import CallFailed
 from services.router.open_calls import UPDATE_EVERY_S
-from services.router.outbox import BillingOutbox, OpenCallBill
+from services.router.outbox import BillingOutbox
+from services.router.outbox_budgets import OpenCallBill
 from services.router.outbox_journal import JOURNAL_NAME, Journal
 from tests.unit.test_router_pipeline import (
     TOKENIZER,
