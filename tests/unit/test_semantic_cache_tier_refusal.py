@@ -227,3 +227,83 @@ async def test_a_paraphrase_refused_after_a_tier_refused_match_is_still_a_tier_r
     metrics.looked_up("a", result)
     assert value(registry, "cachemesh_semantic_cache_refusals_total", reason="tier") == 1
     assert value(registry, "cachemesh_semantic_cache_refusals_total", reason="verifier") == 0
+
+
+# auto.small repointed from sim-small to claude-haiku-4-5: the rows auto resolves to now
+_NOW = ("claude-haiku-4-5", "sim-large")
+_RENEWAL = "how do i renew my passport online"
+
+
+async def _repointed_cache(near: float, renewal: float, *, old: bool = True) -> SemanticCache:
+    """The question's paraphrase answered by sim-small (auto.small before the repoint) at
+    cosine ``near`` (left out when not ``old``), another paraphrase by sim-large at
+    ``renewal``; threshold 0.9, margin 0.03; no verifier (it accepts every candidate)."""
+    cosines = {_QUESTION: (1.0, 1), _NEAR: (near, 1), _RENEWAL: (renewal, 2)}
+    cache = SemanticCache(_Placed(cosines), ManualClock(), threshold=0.9, margin=0.03)
+    if old:
+        await cache.store(query_from_request("a", make_request(_NEAR)), _stored("small", "old"))
+    await cache.store(query_from_request("a", make_request(_RENEWAL)), _stored("large", "new"))
+    return cache
+
+
+async def test_another_rows_nearest_paraphrase_does_not_hide_an_accepted_one() -> None:
+    """auto.small repointed: the nearest paraphrase (0.97) is the old row's answer, refused
+    for its row; another paraphrase (0.92, above the threshold, alone outside the margin) is
+    sim-large's, a row auto still resolves to. The old entry hid it (a miss, "model: ...")
+    until it aged out, for every auto Lookup of the scope: it is passed over, as an entry in
+    another scope (a repointed upstream_id's) or aged out would be, and the accepted one is
+    served: what the same cache serves without the old entry."""
+    asked = dataclasses.replace(
+        query_from_request("a", make_request(_QUESTION)), accepted_models=_NOW
+    )
+    without = await (await _repointed_cache(0.97, 0.92, old=False)).check(asked)
+    assert without.entry is not None
+    result = await (await _repointed_cache(0.97, 0.92)).check(asked)
+    assert result.entry is not None, result.refusal
+    assert sc.CachedAnswer.FromString(result.entry.answer.payload).model == "sim-large"
+    assert result.similarity == pytest.approx(without.similarity)
+    assert result.best_similarity == pytest.approx(0.97, abs=1e-3)  # what the search found
+
+
+async def test_another_rows_paraphrase_within_the_margin_makes_no_lookup_ambiguous() -> None:
+    """The old row's answer within the margin of the accepted one (0.95 / 0.94) is no second
+    answer that fits: no auto Lookup may be served it, so it is passed over whole, as an
+    entry aged out is (a plain lookup, accepting any row, is still ambiguous)."""
+    cache = await _repointed_cache(0.95, 0.94)
+    plain = query_from_request("a", make_request(_QUESTION))
+    assert (await cache.check(plain)).refusal.startswith("ambiguous")
+    result = await cache.check(dataclasses.replace(plain, accepted_models=_NOW))
+    assert result.entry is not None, result.refusal
+    assert sc.CachedAnswer.FromString(result.entry.answer.payload).model == "sim-large"
+
+
+async def test_a_search_that_finds_only_other_rows_answers_is_a_model_refusal() -> None:
+    """Nothing accepted above the threshold (sim-large's paraphrase at 0.85): the miss says
+    why, reason ``model``, as before."""
+    cache = await _repointed_cache(0.97, 0.85)
+    asked = query_from_request("a", make_request(_QUESTION))
+    result = await cache.check(dataclasses.replace(asked, accepted_models=_NOW))
+    assert not result.hit
+    assert refusal_reason(result.refusal) == "model", result.refusal
+    assert result.best_similarity == pytest.approx(0.97, abs=1e-3)
+
+
+async def test_an_accepted_paraphrase_refused_after_another_rows_nearer_one_says_both() -> None:
+    """The old row's answer nearest (0.97), sim-large's next (0.92) refused by the verifier
+    (the words swapped): the miss says the row first (reason ``model``, as the nearest's
+    refusal said it before), then the verifier's refusal of the accepted one."""
+    from tests.unit.test_semantic_cache_verifier import lexical
+
+    question, near = "does the dog bite the man", "does the dog bite a man"
+    swapped = "does the man bite the dog"
+    cosines = {question: (1.0, 1), near: (0.97, 1), swapped: (0.92, 2)}
+    cache = SemanticCache(
+        _Placed(cosines), ManualClock(), threshold=0.9, margin=0.03, verifier=lexical()
+    )
+    await cache.store(query_from_request("a", make_request(near)), _stored("small", "yes"))
+    await cache.store(query_from_request("a", make_request(swapped)), _stored("large", "no"))
+    asked = query_from_request("a", make_request(question))
+    result = await cache.check(dataclasses.replace(asked, accepted_models=_NOW))
+    assert not result.hit
+    assert refusal_reason(result.refusal) == "model", result.refusal
+    assert "sim-small's" in result.refusal and "verifier refused" in result.refusal
