@@ -20,7 +20,13 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 from tests.certs import Authority
 
-SETTINGS = ("CACHEMESH_TLS", "CACHEMESH_CA_FILE", "CACHEMESH_CERT_FILE", "CACHEMESH_KEY_FILE")
+SETTINGS = (
+    "CACHEMESH_TLS",
+    "CACHEMESH_CA_FILE",
+    "CACHEMESH_CERT_FILE",
+    "CACHEMESH_KEY_FILE",
+    "CACHEMESH_INSECURE",
+)
 KEY = "cm_live_not_for_cleartext"
 
 
@@ -315,6 +321,32 @@ def test_insecure_or_tls_lets_a_remote_target_through(
     ((target, made_tls),) = dialled.made
     assert target == REMOTE and (made_tls is not None) is tls
     assert dialled.insecure == [not tls]  # --insecure reaches the client, which refuses too
+
+
+@pytest.mark.parametrize("command", [["ask", "hi"], ["admin", "stats"]])
+def test_cachemesh_insecure_lets_a_remote_target_through_as_insecure_does(
+    dialled: Dialled, monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    """One setting for the three command lines: ``make demo`` read CACHEMESH_INSECURE, and
+    ``cachemesh`` refused the same target in the same shell (exit 2) until ``--insecure``."""
+    monkeypatch.setenv("CACHEMESH_INSECURE", "1")
+    assert main(["--target", REMOTE, *command]) == 1  # the recorder's UNAVAILABLE
+    assert dialled.made == [(REMOTE, None)] and dialled.insecure == [True]
+
+
+@pytest.mark.parametrize("value", ["0", "maybe"])
+def test_cachemesh_insecure_off_or_malformed_refuses_a_remote_target(
+    dialled: Dialled, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    value: str,
+) -> None:  # fmt: skip
+    monkeypatch.setenv("CACHEMESH_INSECURE", value)
+    assert main(["--target", REMOTE, "ask", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and dialled.made == [], err
+    if value == "maybe":  # named, even where --insecure is given (as CACHEMESH_TLS is)
+        assert "CACHEMESH_INSECURE must be true or false" in err
+        assert main(["--target", REMOTE, "--insecure", "ask", "hi"]) == 2
+        assert dialled.made == []
 
 
 @pytest.mark.parametrize("target", ["127.0.0.1:50051", "localhost:50051", "[::1]:50051"])

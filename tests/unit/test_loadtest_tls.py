@@ -106,7 +106,7 @@ def plaintext_gateway() -> Iterator[tuple[Seen, str]]:
 
 @pytest.fixture(autouse=True)
 def _env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in (*SETTINGS, "CACHEMESH_ADMIN_TOKEN_FILE", "CACHEMESH_KEY_A"):
+    for name in (*SETTINGS, "CACHEMESH_ADMIN_TOKEN_FILE", "CACHEMESH_KEY_A", "CACHEMESH_INSECURE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("CACHEMESH_API_KEY", KEY_A)
     monkeypatch.setenv("CACHEMESH_KEY_B", KEY_B)
@@ -189,6 +189,21 @@ def test_a_remote_target_in_plaintext_is_refused_unless_insecure(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--target {REMOTE} is not loopback" in err
     assert "--insecure" in err and not (tmp_path / "r.json").exists()
+
+
+def test_cachemesh_insecure_lets_a_remote_target_through_as_insecure_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The setting ``make demo`` reads, for ``cachemesh-load`` too (it was refused, exit 2)."""
+    dialled: list[str] = []
+    monkeypatch.setattr(cli, "check_gateway", lambda target, tls=None: dialled.append(target))
+    monkeypatch.setattr(cli, "run_load", _answered)
+    monkeypatch.setattr(billed, "AdminClient", _never_run)
+    monkeypatch.setenv("CACHEMESH_INSECURE", "yes")
+    assert _load(tmp_path, REMOTE, "--allow-non-loopback") == 0
+    assert dialled == [REMOTE]
+    monkeypatch.setenv("CACHEMESH_INSECURE", "perhaps")
+    assert _load(tmp_path, REMOTE, "--allow-non-loopback", "--force") == 2
 
 
 def _answered(

@@ -1,6 +1,6 @@
 """TLS to the Gateway: the CA that signed its certificate, and the client's own certificate
 when the Gateway requires one (mutual TLS). ``add_arguments`` and ``from_args``: the command
-lines' TLS options and settings (``cachemesh``, ``cachemesh-load``), read one way."""
+lines' TLS options and settings (``cachemesh``, ``cachemesh-load``, the demo), read one way."""
 
 from __future__ import annotations
 
@@ -164,7 +164,7 @@ def check_plaintext(
         raise ValueError(
             f"--target {target} is not loopback and TLS is off: {secrets} would cross the "
             "network in cleartext; give --tls or --ca-file (env CACHEMESH_TLS, "
-            "CACHEMESH_CA_FILE), or --insecure to allow it"
+            f"CACHEMESH_CA_FILE), or --insecure (env {INSECURE_ENV}=1) to allow it"
         )
 
 
@@ -179,9 +179,20 @@ def env_bool(name: str) -> bool:
     raise ValueError(f"{name} must be true or false (1/0, yes/no, on/off), got {value!r}")
 
 
+INSECURE_ENV = "CACHEMESH_INSECURE"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``--ca-file``, ``--tls``, ``--cert-file``, ``--key-file`` (defaults from this
-    environment's ``CACHEMESH_*`` settings); ``from_args`` reads them."""
+    environment's ``CACHEMESH_*`` settings) and ``--insecure``; ``from_args`` reads the TLS
+    ones, ``insecure_from_args`` the last (with ``CACHEMESH_INSECURE``)."""
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="permit a target that is neither loopback nor a Unix socket in plaintext (the API "
+        f"key or admin token in cleartext on the network; env {INSECURE_ENV}: 1/0, "
+        "true/false, yes/no, on/off)",
+    )
     parser.add_argument(
         "--ca-file",
         default=os.environ.get("CACHEMESH_CA_FILE"),
@@ -203,6 +214,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("CACHEMESH_KEY_FILE"),
         help="mutual TLS: this client's private key, PEM (env CACHEMESH_KEY_FILE)",
     )
+
+
+def insecure_from_args(args: argparse.Namespace) -> bool:
+    """Whether plaintext off this host is allowed: ``--insecure`` or ``CACHEMESH_INSECURE``,
+    the one setting of ``cachemesh``, ``cachemesh-load`` and the demo (which takes no flags);
+    a malformed CACHEMESH_INSECURE is a ValueError naming it, ``--insecure`` or not (as
+    CACHEMESH_TLS is for ``--tls``)."""
+    return env_bool(INSECURE_ENV) or bool(args.insecure)
 
 
 def from_args(args: argparse.Namespace) -> Tls | None:

@@ -16,7 +16,7 @@ from cachemesh._client import DEFAULT_TARGET, Client
 from cachemesh._errors import CachemeshError, DeadlineExceededError, UnavailableError
 from cachemesh._requests import answer_text, build_request
 from cachemesh._tls import add_arguments as add_tls_arguments
-from cachemesh._tls import check_plaintext
+from cachemesh._tls import check_plaintext, insecure_from_args
 from cachemesh._tls import env_bool as env_bool  # the CLI's, read as the services read it
 from cachemesh._tls import from_args as tls_from_args
 from cachemesh.admin_cli import add_parser as add_admin_parser
@@ -113,13 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     # refused when given (main): the API key comes from CACHEMESH_API_KEY only
     parser.add_argument("--key", default=None, help=argparse.SUPPRESS)
-    add_tls_arguments(parser)
-    parser.add_argument(
-        "--insecure",
-        action="store_true",
-        help="permit a target that is not loopback in plaintext (the API key or admin token "
-        "in cleartext on the network)",
-    )
+    add_tls_arguments(parser)  # and --insecure
     commands = parser.add_subparsers(dest="command", required=True)
     ask = commands.add_parser("ask", help="ask one question")
     ask.add_argument("question")
@@ -197,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     secret = "the admin token" if args.command == "admin" else "the API key"
     try:
         tls = tls_from_args(args)
+        args.insecure = insecure_from_args(args)  # with CACHEMESH_INSECURE: admin's too
         check_plaintext(args.target, tls, args.insecure, secret)
     except ValueError as error:
         print(f"cachemesh: {error}", file=sys.stderr)

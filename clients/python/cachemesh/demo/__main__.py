@@ -18,7 +18,7 @@ import time
 from cachemesh._client import DEFAULT_TARGET, Client
 from cachemesh._errors import CachemeshError
 from cachemesh._requests import answer_text, assistant_message, build_request, user_message
-from cachemesh._tls import Tls, cleartext_off_host, env_bool
+from cachemesh._tls import INSECURE_ENV, Tls, cleartext_off_host, insecure_from_args
 from cachemesh._tls import add_arguments as add_tls_arguments
 from cachemesh._tls import from_args as tls_from_args
 from cachemesh.demo import workload
@@ -92,18 +92,15 @@ def _unrelated(client: Client, table: LayerTable, model: str | None, namespace: 
         print(f"  {question[:58]!r:60} {table.describe(response)}")
 
 
-INSECURE_ENV = "CACHEMESH_INSECURE"
-
-
 def connection(target: str) -> tuple[Tls | None, bool]:
     """The demo's TLS and ``insecure`` from the settings ``cachemesh`` reads (CACHEMESH_TLS,
-    CACHEMESH_CA_FILE, CACHEMESH_CERT_FILE, CACHEMESH_KEY_FILE) and CACHEMESH_INSECURE (the
-    demo's ``--insecure``: it takes no flags); a ValueError naming the setting to give when
+    CACHEMESH_CA_FILE, CACHEMESH_CERT_FILE, CACHEMESH_KEY_FILE) and CACHEMESH_INSECURE (theirs
+    too; the demo takes no flags); a ValueError naming the setting to give when
     ``target`` is not loopback (nor a Unix socket) in plaintext, or a setting is malformed."""
     parser = argparse.ArgumentParser(add_help=False)
     add_tls_arguments(parser)  # their defaults: the settings above
-    tls = tls_from_args(parser.parse_args([]))
-    insecure = env_bool(INSECURE_ENV)
+    args = parser.parse_args([])
+    tls, insecure = tls_from_args(args), insecure_from_args(args)
     if cleartext_off_host(target, tls, insecure):
         raise ValueError(
             f"CACHEMESH_TARGET {target} is not loopback and TLS is off: the demo keys would "

@@ -7,8 +7,9 @@ one request does). Every run stops after ``--requests`` requests or ``--duration
 whichever comes first, after an unrecorded ``--warmup``. Loopback targets only, unless
 ``--allow-non-loopback``, and then over TLS (the ``cachemesh`` CLI's options and
 ``CACHEMESH_TLS``/``CACHEMESH_CA_FILE``/``CACHEMESH_CERT_FILE``/``CACHEMESH_KEY_FILE`` settings)
-unless ``--insecure``. Writes a JSON report (SCHEMA.md), optionally an HTML chart and the
-JSONL request log the offline estimator replays (``python -m services.tools.estimator``).
+unless ``--insecure`` (``CACHEMESH_INSECURE``). Writes a JSON report (SCHEMA.md), optionally an
+HTML chart and the JSONL request log the offline estimator replays
+(``python -m services.tools.estimator``).
 Given the admin token (``CACHEMESH_ADMIN_TOKEN_FILE`` or ``CACHEMESH_ADMIN_TOKEN``), it also
 reports the run's spend as the stack billed it, the requests that ended in an error included
 (the token goes over TLS or to a loopback target only). Ctrl-C stops the run: the requests in
@@ -31,7 +32,7 @@ from cachemesh._argv import Parser, secret_flag
 from cachemesh._auth import bearer_metadata
 from cachemesh._channel import TIMEOUT_MAX_S
 from cachemesh._client import DEFAULT_TARGET
-from cachemesh._tls import Tls, check_plaintext, is_loopback
+from cachemesh._tls import Tls, check_plaintext, insecure_from_args, is_loopback
 from cachemesh._tls import add_arguments as add_tls_arguments
 from cachemesh._tls import from_args as tls_from_args
 from cachemesh.envfile import EnvFileError, read_env_file
@@ -69,9 +70,7 @@ def parser() -> argparse.ArgumentParser:
     p = Parser(prog="cachemesh-load", description=__doc__)
     p.add_argument("--target", default=os.environ.get("CACHEMESH_TARGET", DEFAULT_TARGET))
     p.add_argument("--allow-non-loopback", action="store_true", help="permit a remote target")
-    add_tls_arguments(p)
-    p.add_argument("--insecure", action="store_true",
-                   help="permit a remote target in plaintext (API keys in cleartext)")  # fmt: skip
+    add_tls_arguments(p)  # and --insecure
     p.add_argument("--workload", choices=NAMES, default="synthetic")
     p.add_argument("--mix", default=DEFAULT_MIX, help="weights for --workload mix")
     p.add_argument("--repeat-rate", type=float, default=0.3, help="faq: exact repeats")
@@ -226,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         tls = tls_from_args(args)
+        args.insecure = insecure_from_args(args)  # with CACHEMESH_INSECURE
         _check(args, tls)
         keys = keys_from_env()
         if TENANT_A not in keys:
