@@ -7,6 +7,7 @@ stands for the Gateway, with TLS (certificates made here) or without."""
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -70,7 +71,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Issued, Issued]
     )
 
 
-def _gateway(credentials: grpc.ServerCredentials | None) -> Iterator[tuple[Seen, str]]:
+def _gateway(
+    credentials: grpc.ServerCredentials | None, address: str = "127.0.0.1:0"
+) -> Iterator[tuple[Seen, str]]:
     seen = Seen()
     server = grpc.server(futures.ThreadPoolExecutor(8))
     gateway_pb2_grpc.add_GatewayServicer_to_server(FakeGateway(seen), server)  # type: ignore[abstract]
@@ -79,11 +82,11 @@ def _gateway(credentials: grpc.ServerCredentials | None) -> Iterator[tuple[Seen,
     status.set("cachemesh.v1.Gateway", health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(status, server)
     if credentials is None:
-        port = server.add_insecure_port("127.0.0.1:0")
+        port = server.add_insecure_port(address)
     else:
-        port = server.add_secure_port("127.0.0.1:0", credentials)
+        port = server.add_secure_port(address, credentials)
     server.start()
-    yield seen, f"127.0.0.1:{port}"
+    yield seen, address if address.startswith("unix:") else f"127.0.0.1:{port}"
     server.stop(None)
 
 
@@ -102,6 +105,12 @@ def mutual_tls_gateway(pki: tuple[Path, Issued, Issued]) -> Iterator[tuple[Seen,
 @pytest.fixture
 def plaintext_gateway() -> Iterator[tuple[Seen, str]]:
     yield from _gateway(None)
+
+
+@pytest.fixture
+def unix_socket_gateway() -> Iterator[tuple[Seen, str]]:
+    with tempfile.TemporaryDirectory(prefix="cm-") as short:  # a socket's path: < 108 bytes
+        yield from _gateway(None, f"unix:{short}/gateway.sock")
 
 
 @pytest.fixture(autouse=True)
@@ -204,6 +213,22 @@ def test_cachemesh_insecure_lets_a_remote_target_through_as_insecure_does(
     assert dialled == [REMOTE]
     monkeypatch.setenv("CACHEMESH_INSECURE", "perhaps")
     assert _load(tmp_path, REMOTE, "--allow-non-loopback", "--force") == 2
+
+
+def test_a_unix_socket_target_is_local_for_the_run_and_the_billed_totals(
+    tmp_path: Path, unix_socket_gateway: tuple[Seen, str]
+) -> None:
+    """A Unix socket stays on this host, as for the clients and ``cachemesh``
+    (``_tls.cleartext_off_host``): no ``--allow-non-loopback`` needed, and the admin token is
+    sent to read the billed totals. The load tester's own ``is_loopback`` refused the target
+    (exit 2), and with ``--allow-non-loopback`` dropped the billed totals as plaintext off
+    loopback."""
+    seen, target = unix_socket_gateway
+    assert _load(tmp_path, target) == 0
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["results"]["completed"] == 6 and doc["warnings"] == []
+    assert doc["results"]["cost"]["billed"] is not None
+    assert ("GetStats", f"Bearer {ADMIN}") in seen.calls
 
 
 def _answered(

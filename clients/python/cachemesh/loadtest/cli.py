@@ -4,16 +4,17 @@ Closed loop (``--concurrency`` requests in flight) or open loop (``--rate`` arri
 Poisson); an agent conversation's turns are sent one after another, each on the previous
 turn's answer (a closed-loop worker owns the conversation; in the open loop it arrives as
 one request does). Every run stops after ``--requests`` requests or ``--duration`` seconds,
-whichever comes first, after an unrecorded ``--warmup``. Loopback targets only, unless
-``--allow-non-loopback``, and then over TLS (the ``cachemesh`` CLI's options and
-``CACHEMESH_TLS``/``CACHEMESH_CA_FILE``/``CACHEMESH_CERT_FILE``/``CACHEMESH_KEY_FILE`` settings)
-unless ``--insecure`` (``CACHEMESH_INSECURE``). Writes a JSON report (SCHEMA.md), optionally an
-HTML chart and the JSONL request log the offline estimator replays
-(``python -m services.tools.estimator``).
+whichever comes first, after an unrecorded ``--warmup``. Targets on this host only (loopback,
+a Unix socket), unless ``--allow-non-loopback``, and then over TLS (the ``cachemesh`` CLI's
+options and ``CACHEMESH_TLS``, ``CACHEMESH_CA_FILE``, ``CACHEMESH_CERT_FILE``,
+``CACHEMESH_KEY_FILE`` settings) unless ``--insecure`` (``CACHEMESH_INSECURE``). Writes a JSON
+report (SCHEMA.md), optionally an HTML chart and the JSONL request log the offline estimator
+replays (``python -m services.tools.estimator``).
 Given the admin token (``CACHEMESH_ADMIN_TOKEN_FILE`` or ``CACHEMESH_ADMIN_TOKEN``), it also
 reports the run's spend as the stack billed it, the requests that ended in an error included
-(the token goes over TLS or to a loopback target only). Ctrl-C stops the run: the requests in
-flight are cut (``INTERRUPTED``) and the files written for the run until then (exit 130).
+(the token goes over TLS or to a target on this host only). Ctrl-C stops the run: the
+requests in flight are cut (``INTERRUPTED``) and the files written for the run until then
+(exit 130).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from cachemesh._argv import Parser, secret_flag
 from cachemesh._auth import bearer_metadata
 from cachemesh._channel import TIMEOUT_MAX_S
 from cachemesh._client import DEFAULT_TARGET
-from cachemesh._tls import Tls, check_plaintext, insecure_from_args, is_loopback
+from cachemesh._tls import Tls, check_plaintext, cleartext_off_host, insecure_from_args
 from cachemesh._tls import add_arguments as add_tls_arguments
 from cachemesh._tls import from_args as tls_from_args
 from cachemesh.envfile import EnvFileError, read_env_file
@@ -69,7 +70,9 @@ INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports a command stopped by 
 def parser() -> argparse.ArgumentParser:
     p = Parser(prog="cachemesh-load", description=__doc__)
     p.add_argument("--target", default=os.environ.get("CACHEMESH_TARGET", DEFAULT_TARGET))
-    p.add_argument("--allow-non-loopback", action="store_true", help="permit a remote target")
+    p.add_argument(
+        "--allow-non-loopback", action="store_true", help="permit a target off this host"
+    )
     add_tls_arguments(p)  # and --insecure
     p.add_argument("--workload", choices=NAMES, default="synthetic")
     p.add_argument("--mix", default=DEFAULT_MIX, help="weights for --workload mix")
@@ -251,11 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     shape = LoadShape(args.mode, args.concurrency, args.rate, args.duration, args.stream,
                       args.timeout, args.seed, tls, insecure=args.insecure)  # fmt: skip
     unread: str | None = None  # why the billed totals could not be read
-    if token and tls is None and not is_loopback(args.target):  # --insecure: the keys only
+    # --insecure allows the keys only: the token never goes in cleartext off this host
+    if token and cleartext_off_host(args.target, tls, insecure=False):
         token = None
         unread = (
-            "the billed totals were not read: the admin token goes over TLS or to a loopback "
-            f"target only, never in plaintext to {args.target} (give --tls or --ca-file)"
+            "the billed totals were not read: the admin token goes over TLS or to this host "
+            f"only (loopback, a Unix socket), never in plaintext to {args.target} (give --tls "
+            "or --ca-file)"
         )
     read = billed.StackTotals(args.target, token, tls=tls) if token else None
     before: billed.Totals | None = None

@@ -9,7 +9,7 @@ from dataclasses import replace
 import grpc
 
 from cachemesh._channel import GATEWAY_SERVICE
-from cachemesh._tls import Tls, is_loopback, sync_channel
+from cachemesh._tls import Tls, is_local, sync_channel
 from cachemesh.loadtest.progress import Progress
 from cachemesh.loadtest.runner import Interrupted, LoadShape, log, run_plan, run_processes
 from cachemesh.loadtest.samples import Sample
@@ -21,11 +21,13 @@ class NotLoopback(ValueError):
 
 
 def check_target(target: str, allow_remote: bool) -> None:
-    """Refuses a non-loopback target unless ``allow_remote`` (``--allow-non-loopback``)."""
-    if not is_loopback(target) and not allow_remote:
+    """Refuses a target off this host unless ``allow_remote`` (``--allow-non-loopback``): one
+    neither loopback nor a Unix socket (``_tls.is_local``, the clients' rule)."""
+    if not is_local(target) and not allow_remote:
         raise NotLoopback(
-            f"--target {target}: the load test only targets loopback (127.0.0.0/8, ::1, "
-            "localhost); pass --allow-non-loopback to load a stack you own elsewhere"
+            f"--target {target}: the load test only targets this host (loopback: "
+            "127.0.0.0/8, ::1, localhost; or a Unix socket: unix:, unix-abstract:); pass "
+            "--allow-non-loopback to load a stack you own elsewhere"
         )
 
 
