@@ -182,6 +182,7 @@ def test_a_gateway_that_answered_is_waited_for_while_it_restarts(wait_for_ready:
         timer.join()
     finally:
         client.close()
+        channel.close()  # the caller's: the client leaves it open
         for restarted in started:
             restarted.stop(None)
 
@@ -193,7 +194,10 @@ def test_an_async_client_that_was_answered_waits_for_a_restart() -> None:
     async def aio() -> pb.CompleteResponse:
         nonlocal started
         channel = grpc.aio.insecure_channel(address, options=channel_options(max_attempts=1))
-        async with AsyncClient(address, api_key="k", channel=channel, timeout_s=TIMEOUT_S) as c:
+        async with (
+            channel,  # the caller's: the client leaves it open
+            AsyncClient(address, api_key="k", channel=channel, timeout_s=TIMEOUT_S) as c,
+        ):
             await c.complete(build_request("hi"))
             await asyncio.to_thread(lambda: server.stop(None).wait())
             while channel.get_state() is grpc.ChannelConnectivity.READY:

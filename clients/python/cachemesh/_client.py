@@ -209,7 +209,8 @@ class Client:
     """A blocking client of the Gateway; ``tls`` for a Gateway serving TLS (``Tls(ca_file=...)``).
     ``channel`` may be injected (tests; make it with ``cachemesh.channel_options()`` to keep
     the retries): it is used as it is, so ``tls`` or ``max_attempts`` with it is a ValueError
-    (``wait_for_ready`` holds, per call).
+    (``wait_for_ready`` holds, per call), and it stays the caller's: ``close()`` leaves it
+    open (close it yourself; other clients may share it).
 
     Each call gets a ``request_id`` unless it has one (an error carries it: retry with it and
     an answer the Gateway made is served again, billed once, on any router sharing the answer
@@ -242,6 +243,7 @@ class Client:
         self._metadata = bearer_metadata(api_key, "api_key")  # before a channel is opened
         self._timeout_s = default_deadline_s(timeout_s)
         attempts = _attempts(target, channel, tls, max_attempts, insecure)
+        self._owns_channel = channel is None  # one passed in is the caller's to close
         self._channel = (
             channel
             if channel is not None
@@ -327,10 +329,12 @@ class Client:
         return self.complete(request, timeout_s=timeout_s)
 
     def close(self) -> None:
-        """Closes the channel: a call waiting on it ends (a plain ``CachemeshError``), a later
-        call is a RuntimeError."""
+        """Closes the client: a later call is a RuntimeError. The channel it made is closed
+        (a call waiting on it ends, a plain ``CachemeshError``); one passed in as ``channel``
+        is left open, the caller's (a call waiting on it runs on until the caller closes it)."""
         self._closed = True
-        self._channel.close()
+        if self._owns_channel:
+            self._channel.close()
 
     def __enter__(self) -> Client:
         return self
@@ -347,7 +351,8 @@ class AsyncClient:
     ``main``): its channel opens on first use, in the loop using it (gRPC's aio channels belong
     to one loop), and again in a later loop once that one has closed (a second
     ``asyncio.run``). A call from another loop while the first has not closed is a
-    RuntimeError: one AsyncClient per event loop. An injected ``channel`` is used as it is."""
+    RuntimeError: one AsyncClient per event loop. An injected ``channel`` is used as it is,
+    and stays the caller's: ``close()`` leaves it open."""
 
     def __init__(
         self,
@@ -459,11 +464,13 @@ class AsyncClient:
         return await self.complete(request, timeout_s=timeout_s)
 
     async def close(self) -> None:
-        """Closes the channel; a channel opened in a loop that has closed went with it."""
+        """Closes the client (a later call is a RuntimeError) and the channel it made; a
+        channel opened in a loop that has closed went with it; one passed in as ``channel``
+        is left open, the caller's."""
         self._closed = True
-        if self._channel is None:
+        if self._open is None or self._channel is None:  # injected (the caller's), or none
             return
-        if self._open is None or self._loop is asyncio.get_running_loop():
+        if self._loop is asyncio.get_running_loop():
             await self._channel.close()
 
     async def __aenter__(self) -> AsyncClient:
