@@ -1,10 +1,14 @@
 """What ``Client.close()`` and ``AsyncClient.close()`` close: the channel the client made, never
 one the caller passed in (``channel=``: the caller's to close, perhaps shared by other clients;
-closing it broke them). A fake Gateway in this process."""
+closing it broke them); and an ``AsyncClient`` closed from another event loop than the one its
+channel belongs to closes it there while that loop runs (in another thread), or is a
+RuntimeError saying where to close it (its loop neither running nor closed): it returned
+without closing, the channel and its connection left open. A fake Gateway in this process."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
@@ -98,6 +102,50 @@ def made_aio(monkeypatch: pytest.MonkeyPatch) -> list[grpc.aio.Channel]:
 
     monkeypatch.setattr(client_module, "aio_channel", spy)
     return made
+
+
+def test_an_async_client_closed_from_another_loop_closes_its_channel_in_its_own(
+    target: str, made_aio: list[grpc.aio.Channel]
+) -> None:
+    """Its channel's loop runs in another thread (a server's loop, say): ``close()`` awaited
+    in this thread's loop closes the channel in that loop."""
+    owner = asyncio.new_event_loop()
+    thread = threading.Thread(target=owner.run_forever, daemon=True)
+    thread.start()
+    try:
+        client = AsyncClient(target, api_key="k")
+        asyncio.run_coroutine_threadsafe(client.ask("hi"), owner).result(TIMEOUT_S)
+        asyncio.run(client.close())  # another loop than the channel's
+        (channel,) = made_aio
+        still = asyncio.run_coroutine_threadsafe(_aio_open(channel), owner).result(TIMEOUT_S)
+        assert not still, "close() from another loop left the channel open"
+        with pytest.raises(RuntimeError, match="this AsyncClient is closed"):
+            asyncio.run_coroutine_threadsafe(client.ask("hi"), owner).result(TIMEOUT_S)
+    finally:
+        owner.call_soon_threadsafe(owner.stop)
+        thread.join(TIMEOUT_S)
+        owner.close()
+
+
+def test_an_async_client_closed_from_another_loop_while_its_own_is_idle_says_where_to_close(
+    target: str, made_aio: list[grpc.aio.Channel]
+) -> None:
+    """Its channel's loop neither runs nor has closed (``run_until_complete`` between uses):
+    nothing can close the channel from here, so ``close()`` says so, and the client stays
+    open; closed in its own loop, it closes the channel."""
+    owner = asyncio.new_event_loop()
+    try:
+        client = AsyncClient(target, api_key="k")
+        owner.run_until_complete(client.ask("hi"))
+        with pytest.raises(RuntimeError, match="neither running nor closed") as raised:
+            asyncio.run(client.close())
+        assert "run_until_complete(client.close())" in str(raised.value)
+        (channel,) = made_aio
+        assert owner.run_until_complete(client.ask("still open")).stop_reason == "end_turn"
+        owner.run_until_complete(client.close())
+        assert not owner.run_until_complete(_aio_open(channel))
+    finally:
+        owner.close()
 
 
 def test_an_async_client_whose_loop_closed_closes_with_nothing_left_to_close(
