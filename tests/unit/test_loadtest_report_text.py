@@ -149,3 +149,18 @@ def test_a_bill_above_the_responses_with_no_error_is_said() -> None:
     # with errors, errored_warning says where the difference went
     assert billed.unanswered_warning(_retried_results(400_000, errors=1)) is None
     assert billed.unanswered_warning(summarise([], {})) is None  # no totals read
+
+
+def test_estimated_costs_are_not_said_to_mean_prefix_cache_was_down() -> None:
+    """A cost is estimated when prefix-cache had not billed the call as its answer went: down,
+    or slower than what the request's deadline left (a short ``--timeout``, a healthy stack:
+    the exact bill follows). Both tables said "prefix-cache was unreachable"."""
+    from cachemesh.demo.table import LayerTable
+    from cachemesh.v1 import gateway_pb2 as pb
+
+    done = [Sample("q", "model", "OK", 0.0, 0.5, None, estimated=True)]
+    demo = LayerTable()
+    demo.add(pb.CompleteResponse(served_by=pb.LAYER_MODEL, cost=pb.Cost(estimated=True)))
+    for text in (report.table(summarise(done, {})), demo.render()):
+        (line,) = [x for x in text.splitlines() if "estimated" in x]
+        assert "unreachable" not in line and "deadline" in line, line

@@ -82,7 +82,11 @@ class LayerTable:
         lines.append("-" * len(header))
         lines.append(self._line("total", total, ""))
         if total.estimated:
-            lines.append(f"({total.estimated} costs estimated: prefix-cache was unreachable)")
+            lines.append(
+                f"({total.estimated} costs estimated: prefix-cache had not billed them as the "
+                "answer went: down, or slower than the request's deadline left; the exact bill "
+                "follows)"
+            )
         return "\n".join(lines)
 
     @staticmethod

@@ -119,5 +119,8 @@ def _cost_lines(results: Mapping[str, Any]) -> list[str]:
             f"saved excluding wrong hits {_usd(labels['saved_nanos_excluding_wrong'])}"
         )
     if cost["estimated"]:
-        lines.append(f"({cost['estimated']} costs estimated: prefix-cache was unreachable)")
+        lines.append(
+            f"({cost['estimated']} costs estimated: prefix-cache had not billed them as the answer "
+            "went: down, or slower than the request's deadline left; the exact bill follows)"
+        )
     return lines
