@@ -93,6 +93,10 @@ def test_the_stack_section_is_the_targets_own_host_and_port(
 def test_only_secret_named_settings_are_masked() -> None:
     assert mask("CACHEMESH_TOKENIZER_CACHE_TOKENS", "4096") == "4096"
     assert mask("ROUTER_MAX_OUTPUT_TOKENS", "512") == "512"
+    # a limit per key, a number of seconds: figures of the run's stack (they were "***")
+    for name in ("HTTP_FRONT_MAX_IN_FLIGHT_PER_KEY", "CACHEMESH_API_KEYS_POLL_S",
+                 "PROVIDER_AUTH_RECHECK_S"):  # fmt: skip
+        assert mask(name, "8") == "8", name
     for name in ("ANTHROPIC_API_KEY", "CACHEMESH_ADMIN_TOKEN", "REDIS_PASSWORD", "APP_SECRET",
                  "GCP_CREDENTIALS", "OPENAI_API_KEY_FILE", "X_AUTH", "HF_TOKEN"):  # fmt: skip
         assert mask(name, "v") == "***", name

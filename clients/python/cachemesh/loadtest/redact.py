@@ -49,9 +49,21 @@ def mask(name: str, value: str, secrets: Iterable[str] = ()) -> str:
     return value
 
 
+# a name's last word that makes it a figure: a duration (CACHEMESH_API_KEYS_POLL_S)
+_FIGURE_UNIT = re.compile(r"^(?:S|MS|SECONDS)$", re.IGNORECASE)
+
+
 def secret_name(name: str) -> bool:
-    """Whether a word of ``name`` (split at ``_``, ``-``, ``.``) names a secret."""
-    return any(_SECRET_WORD.match(word) for word in re.split(r"[^A-Za-z0-9]+", name))
+    """Whether a word of ``name`` (split at ``_``, ``-``, ``.``) names a secret; not a unit
+    of a figure (``..._PER_KEY``: a limit per key) nor a name of a duration (``..._POLL_S``,
+    ``..._RECHECK_S``): those are the stack's figures, which a report is for."""
+    words = re.split(r"[^A-Za-z0-9]+", name)
+    if _FIGURE_UNIT.match(words[-1]):
+        return False
+    return any(
+        _SECRET_WORD.match(word) and not (i and words[i - 1].upper() == "PER")
+        for i, word in enumerate(words)
+    )
 
 
 def _masked_header(header: str) -> str:
