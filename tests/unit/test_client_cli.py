@@ -581,3 +581,16 @@ def test_json_prints_zero_and_false_fields_an_l1_hit_costs_nothing(
         "estimated": False,
     }
     assert printed["replayed"] is False and printed["usage"]["outputTokens"] == "0"
+
+
+def test_no_api_key_after_sourcing_the_demo_keys_says_how_to_use_them(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``source .run/demo-keys.env`` sets CACHEMESH_KEY_A/B, not CACHEMESH_API_KEY: the refusal
+    said only "set CACHEMESH_API_KEY"; it says how to use a demo key, never showing one."""
+    monkeypatch.delenv("CACHEMESH_API_KEY", raising=False)
+    monkeypatch.setenv("CACHEMESH_KEY_A", "cm_demo-key-never-shown")
+    assert main(["ask", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "never-shown" not in err, err
+    assert "CACHEMESH_API_KEY=$CACHEMESH_KEY_A" in err

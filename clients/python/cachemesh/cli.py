@@ -200,7 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         return run_admin(args, args.target, tls)
     key = os.environ.get("CACHEMESH_API_KEY", "")
     if not key.strip():
-        print("cachemesh: no API key: set CACHEMESH_API_KEY", file=sys.stderr)
+        demo = [name for name in ("CACHEMESH_KEY_A", "CACHEMESH_KEY_B") if os.environ.get(name)]
+        hint = (  # source .run/demo-keys.env sets these, not CACHEMESH_API_KEY
+            f" (a demo key: CACHEMESH_API_KEY=${demo[0]} cachemesh ask ...)" if demo else ""
+        )
+        print(f"cachemesh: no API key: set CACHEMESH_API_KEY{hint}", file=sys.stderr)
         return 2
     try:
         timeout = timeout_s(args.timeout)
