@@ -11,6 +11,7 @@ import pytest
 
 from cachemesh import Tls
 from cachemesh.demo.__main__ import connection, main
+from services.tools.stack.ports import free_port
 
 REMOTE = "192.0.2.1:50051"  # TEST-NET-1: never dialled here
 SETTINGS = (
@@ -85,3 +86,15 @@ def test_an_unreadable_ca_file_is_one_line(
     assert main() == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot read the CA file" in err, err
+
+
+def test_a_gateway_that_is_not_there_is_not_said_to_have_refused_a_request(
+    environ: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nothing listens at the target: the demo said "the gateway at ... refused a request",
+    as if one had answered; it says it could not connect, and what to check."""
+    environ.setenv("CACHEMESH_TARGET", f"127.0.0.1:{free_port()}")
+    assert main() == 1
+    err = capsys.readouterr().err
+    assert "refused a request" not in err and "could not connect to" in err, err
+    assert "make up" in err and "never-shown" not in err

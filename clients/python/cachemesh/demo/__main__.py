@@ -15,6 +15,7 @@ import sys
 import textwrap
 import time
 
+from cachemesh._channel import never_connected
 from cachemesh._client import DEFAULT_TARGET, Client
 from cachemesh._errors import CachemeshError
 from cachemesh._requests import answer_text, assistant_message, build_request, user_message
@@ -134,6 +135,13 @@ def main() -> int:
         _faq(clients, table, model, namespace)
         _unrelated(clients["a"], table, model, namespace)
     except CachemeshError as error:
+        if never_connected(error.code, error.message):  # nothing answered: no Gateway there
+            print(
+                f"demo: could not connect to the Gateway at {target} (is the stack running? "
+                f"make up, or make demo; its TLS settings?): {error.message}",
+                file=sys.stderr,
+            )
+            return 1
         print(f"demo: the gateway at {target} refused a request: {error}", file=sys.stderr)
         if error.code.name == "UNAVAILABLE":
             print("demo: is the stack running? (make up, or make demo)", file=sys.stderr)
