@@ -168,3 +168,18 @@ def test_estimated_costs_are_not_said_to_mean_prefix_cache_was_down() -> None:
     for text in (report.table(summarise(done, {})), demo.render()):
         (line,) = [x for x in text.splitlines() if "estimated" in x]
         assert "unreachable" not in line and "deadline" in line, line
+
+
+def test_the_demo_table_does_not_call_the_model_row_full_price() -> None:
+    """The demo's LAYER_MODEL row holds the answers no cache read served: the agent's first
+    turn writing its prefix (at 1.25 times the input price) and the FAQ's on the small tier
+    ("auto": below the baseline's large tier, a saving shown in that row). It was named
+    "model, full price" beside its own nonzero saving."""
+    from cachemesh.demo.table import LayerTable
+    from cachemesh.v1 import gateway_pb2 as pb
+
+    demo = LayerTable()
+    cost = pb.Cost(cost_nanos=400, baseline_nanos=1200, saved_nanos=800)
+    demo.add(pb.CompleteResponse(served_by=pb.LAYER_MODEL, cost=cost))
+    (row,) = [x for x in demo.render().splitlines() if x.startswith("model") and "$0.000001" in x]
+    assert "full price" not in row and "no cache read" in row, row

@@ -9,7 +9,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 _LAYERS = {
     pb.LAYER_SEMANTIC_CACHE: "semantic cache (L1)",
     pb.LAYER_PREFIX_CACHE: "model, prefix cache read (L2)",
-    pb.LAYER_MODEL: "model, full price",
+    pb.LAYER_MODEL: "model, no cache read",  # a prefix write, a small tier: not full price
 }
 
 
