@@ -51,6 +51,10 @@ def _run(tmp_path: Path, *extra: str) -> int:
         (("--timeout", "1e300"), "--timeout must be > 0 seconds, at most 86,400"),
         (("--timeout", "nan"), "--timeout must be > 0 seconds, at most 86,400"),
         (("--concurrency", "1", "--processes", "4"), "--processes must be <= --concurrency"),
+        # before: taken, and the report held "rate_rps": Infinity (no JSON reader takes it)
+        (("--mode", "open", "--rate", "inf"), "--rate must be a number over 0"),
+        # before: taken, five million warm-up requests drawn before the run (minutes, memory)
+        (("--warmup", "5000000"), "--warmup must be within 0..1000000"),
         (("--chart", "/proc/no/such/x.html"), "cannot write /proc/no/such/x.html"),
         (("--log-out", "/proc/cachemesh-x.jsonl"), "cannot write /proc/cachemesh-x.jsonl"),
     ],

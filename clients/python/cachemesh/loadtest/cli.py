@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -116,12 +117,14 @@ def _check(args: argparse.Namespace, tls: Tls | None) -> None:
         raise ValueError(f"--requests must be within 1..{MAX_REQUESTS}")
     if not 0 < args.duration <= MAX_DURATION_S:
         raise ValueError(f"--duration must be within (0, {MAX_DURATION_S:.0f}] seconds")
-    if args.concurrency < 1 or args.processes < 1 or args.warmup < 0:
-        raise ValueError("--concurrency and --processes must be >= 1, --warmup >= 0")
+    if args.concurrency < 1 or args.processes < 1:
+        raise ValueError("--concurrency and --processes must be >= 1")
+    if not 0 <= args.warmup <= MAX_REQUESTS:  # each is drawn before the run
+        raise ValueError(f"--warmup must be within 0..{MAX_REQUESTS}")
     if args.mode == "closed" and args.processes > args.concurrency:
         raise ValueError("--processes must be <= --concurrency (each keeps one in flight)")
-    if args.mode == "open" and not args.rate > 0:
-        raise ValueError("--rate must be > 0 for --mode open")
+    if args.mode == "open" and not 0 < args.rate < math.inf:  # nan too: the report is JSON
+        raise ValueError("--rate must be a number over 0 (arrivals a second) for --mode open")
     if not 0 < args.timeout <= TIMEOUT_MAX_S:  # nan and inf too: gRPC's deadline overflows
         raise ValueError(f"--timeout must be > 0 seconds, at most {TIMEOUT_MAX_S:,.0f}")
     files = {"--out": args.out, "--chart": args.chart, "--log-out": args.log_out}
