@@ -298,6 +298,37 @@ def test_a_run_with_errors_warns_that_its_cost_is_the_completed_requests_only(
     assert warning in out.err and "ended in error" in out.out
 
 
+def _refused_as_b(
+    target: str, keys: object, warmup: list[Item], plan: list[Item], *_: object,
+    before_measured: Callable[[], None] = lambda: None, **__: object,
+) -> list[Sample]:  # fmt: skip
+    """Tenant B's requests refused UNAUTHENTICATED (its key unknown to the stack), A's
+    answered."""
+    before_measured()
+    return [
+        Sample("s", "error", "UNAUTHENTICATED", 0.0, 0.01, None, index=i)
+        if item.tenant == TENANT_B
+        else Sample("s", "model", "OK", 0.0, 0.5, None, index=i)
+        for i, item in enumerate(plan)
+    ]
+
+
+def test_a_key_the_stack_does_not_know_is_named_by_its_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run with one tenant's key wrong (an old .run's demo keys) said only that requests
+    ended UNAUTHENTICATED, with a warning about cut model calls' bills; it names the variable
+    whose key the stack refused (never the key) and how to see the stack's keys."""
+    monkeypatch.setattr(cli, "run_load", _refused_as_b)
+    monkeypatch.setenv("CACHEMESH_KEY_B", "cm_b-key-never-shown")
+    assert _run(tmp_path, "--requests", "20") == 1
+    doc = json.loads((tmp_path / "r.json").read_text())
+    (said,) = [w for w in doc["warnings"] if "UNAUTHENTICATED" in w and "CACHEMESH_KEY_B" in w]
+    assert TENANT_B in said and "cachemesh admin keys list" in said
+    assert "CACHEMESH_API_KEY" not in said  # tenant A's was taken
+    assert "never-shown" not in capsys.readouterr().err + json.dumps(doc)
+
+
 class FakeAdmin(admin_pb2_grpc.AdminServicer):
     """prefix-cache's totals through the router's Admin API: each GetStats reads the next of
     ``reads`` (the last one again once they run out), for the right token only."""

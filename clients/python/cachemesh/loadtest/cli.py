@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -205,6 +206,12 @@ def _same_gateway(listen: str, target: str) -> bool:
 KEY_VARIABLES = {TENANT_A: ("CACHEMESH_API_KEY", "CACHEMESH_KEY_A"), TENANT_B: ("CACHEMESH_KEY_B",)}
 
 
+def key_variable(tenant: str) -> str:
+    """The variable ``keys_from_env`` took ``tenant``'s key from (its first one when none)."""
+    variables = KEY_VARIABLES[tenant]
+    return next((v for v in variables if os.environ.get(v)), variables[0])
+
+
 def keys_from_env() -> dict[str, str]:
     """Each tenant's key, from the first of its variables set; a key gRPC cannot send is a
     ValueError naming its variable (before the run, not one error per request)."""
@@ -318,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         warnings.append(said or str(unread))
     if (unanswered := billed.unanswered_warning(results)) is not None:
         warnings.append(unanswered)
+    if (refused := _refused_key_warning(samples, warmup, plan)) is not None:
+        warnings.append(refused)
     if not interrupted and (gone := _gone_warning(args.target, tls, results)) is not None:
         warnings.append(gone)
     run = {
@@ -409,6 +418,26 @@ def _replacing(path: Path) -> Iterator[TextIO]:
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)
+
+
+def _refused_key_warning(samples: list[Sample], warmup: list[Item], plan: list[Item]) -> str | None:
+    """Which tenants' keys the stack refused (UNAUTHENTICATED), by the variable each came
+    from, never the key: the errors' count alone did not say which key to fix."""
+    refused: Counter[str] = Counter(
+        (warmup if s.warmup else plan)[s.index].tenant
+        for s in samples
+        if s.code == "UNAUTHENTICATED" and s.index >= 0
+    )
+    if not refused:
+        return None
+    named = ", ".join(
+        f"{tenant}'s key ({key_variable(tenant)}): {n}" for tenant, n in sorted(refused.items())
+    )
+    return (
+        f"the stack refused requests as UNAUTHENTICATED ({named}): a key it does not know or "
+        "has revoked (another stack's demo keys? source that stack's run dir's "
+        "demo-keys.env); cachemesh admin keys list shows the stack's keys"
+    )
 
 
 def _interrupted_warning(results: dict[str, Any], planned: int) -> str:
