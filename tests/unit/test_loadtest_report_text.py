@@ -183,3 +183,12 @@ def test_the_demo_table_does_not_call_the_model_row_full_price() -> None:
     demo.add(pb.CompleteResponse(served_by=pb.LAYER_MODEL, cost=cost))
     (row,) = [x for x in demo.render().splitlines() if x.startswith("model") and "$0.000001" in x]
     assert "full price" not in row and "no cache read" in row, row
+
+
+def test_a_unix_socket_target_is_not_told_to_give_the_run_dir_it_gave(tmp_path: Path) -> None:
+    """Behind a Unix socket no ROUTER_LISTEN can be matched: the warning told the user to give
+    --run-dir, which they had given; it says why the settings are unknown instead."""
+    (tmp_path / "ports.env").write_text("ROUTER_LISTEN=127.0.0.1:34213\n")
+    stack, why = cli.target_stack(tmp_path / "none.env", tmp_path, "unix:/run/gw.sock")
+    assert stack == {} and why is not None
+    assert "Unix socket" in why and "give --run-dir" not in why, why

@@ -179,10 +179,16 @@ def target_stack(
     if listen is None or _same_gateway(listen, target):
         return settings, None
     said = f"{path} and {moved} say" if moved is not None and moved.is_file() else f"{path} says"
+    unknown = "the target stack's settings are unknown (the report's stack is empty)"
+    if target.startswith(("unix:", "unix-abstract:")):  # no ROUTER_LISTEN names a socket
+        return {}, (
+            f"{unknown}: {said} the Gateway listens at {listen}, and the target is a Unix "
+            f"socket ({target}): which stack answers behind it cannot be told"
+        )
     return {}, (
-        f"the target stack's settings are unknown (the report's stack is empty): {said} "
-        f"the Gateway listens at {listen}, the target is {target}; give --run-dir "
-        "(the run dir the target stack was started with: its ports.env) and --stack-config"
+        f"{unknown}: {said} the Gateway listens at {listen}, the target is {target}; give "
+        "--run-dir (the run dir the target stack was started with: its ports.env) and "
+        "--stack-config"
     )
 
 
