@@ -1,9 +1,8 @@
 """What ``Client.close()`` and ``AsyncClient.close()`` close: the channel the client made, never
 one the caller passed in (``channel=``: the caller's to close, perhaps shared by other clients;
 closing it broke them); and an ``AsyncClient`` closed from another event loop than the one its
-channel belongs to closes it there while that loop runs (in another thread), or is a
-RuntimeError saying where to close it (its loop neither running nor closed): it returned
-without closing, the channel and its connection left open. A fake Gateway in this process."""
+channel belongs to is a RuntimeError saying where to close it: it returned without closing,
+the channel and its connection left open. A fake Gateway in this process."""
 
 from __future__ import annotations
 
@@ -104,23 +103,27 @@ def made_aio(monkeypatch: pytest.MonkeyPatch) -> list[grpc.aio.Channel]:
     return made
 
 
-def test_an_async_client_closed_from_another_loop_closes_its_channel_in_its_own(
+def test_an_async_client_closed_from_another_loop_says_where_to_close_it(
     target: str, made_aio: list[grpc.aio.Channel]
 ) -> None:
     """Its channel's loop runs in another thread (a server's loop, say): ``close()`` awaited
-    in this thread's loop closes the channel in that loop."""
+    in this thread's loop cannot close a channel of that loop, so it says where to, and the
+    client stays open; closed in its own loop, it closes the channel."""
     owner = asyncio.new_event_loop()
     thread = threading.Thread(target=owner.run_forever, daemon=True)
     thread.start()
     try:
         client = AsyncClient(target, api_key="k")
         asyncio.run_coroutine_threadsafe(client.ask("hi"), owner).result(TIMEOUT_S)
-        asyncio.run(client.close())  # another loop than the channel's
+        with pytest.raises(RuntimeError, match="belongs to another event loop") as raised:
+            asyncio.run(client.close())  # another loop than the channel's
+        assert "run_coroutine_threadsafe(client.close(), loop)" in str(raised.value)
         (channel,) = made_aio
+        answer = asyncio.run_coroutine_threadsafe(client.ask("still open"), owner)
+        assert answer.result(TIMEOUT_S).stop_reason == "end_turn"
+        asyncio.run_coroutine_threadsafe(client.close(), owner).result(TIMEOUT_S)
         still = asyncio.run_coroutine_threadsafe(_aio_open(channel), owner).result(TIMEOUT_S)
-        assert not still, "close() from another loop left the channel open"
-        with pytest.raises(RuntimeError, match="this AsyncClient is closed"):
-            asyncio.run_coroutine_threadsafe(client.ask("hi"), owner).result(TIMEOUT_S)
+        assert not still, "close() in its own loop left the channel open"
     finally:
         owner.call_soon_threadsafe(owner.stop)
         thread.join(TIMEOUT_S)
@@ -137,7 +140,7 @@ def test_an_async_client_closed_from_another_loop_while_its_own_is_idle_says_whe
     try:
         client = AsyncClient(target, api_key="k")
         owner.run_until_complete(client.ask("hi"))
-        with pytest.raises(RuntimeError, match="neither running nor closed") as raised:
+        with pytest.raises(RuntimeError, match="belongs to another event loop") as raised:
             asyncio.run(client.close())
         assert "run_until_complete(client.close())" in str(raised.value)
         (channel,) = made_aio

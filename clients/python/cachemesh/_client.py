@@ -465,28 +465,23 @@ class AsyncClient:
 
     async def close(self) -> None:
         """Closes the client (a later call is a RuntimeError) and the channel it made, in the
-        loop it belongs to: this one, or another one running in another thread (the close
-        is run there and awaited here); a channel opened in a loop that has closed went with
-        it; one passed in as ``channel`` is left open, the caller's. Awaited in another loop
-        while the channel's loop neither runs nor has closed (``run_until_complete`` between
-        uses), it is a RuntimeError and the client stays open: nothing can close the channel
-        from here (await ``close()`` in that loop, or close the loop)."""
+        loop the channel belongs to; a channel opened in a loop that has closed went with it;
+        one passed in as ``channel`` is left open, the caller's. Awaited in another loop while
+        the channel's has not closed, it is a RuntimeError and the client stays open: a gRPC
+        channel is closed in its own loop (await ``close()`` there, or close that loop)."""
         channel, loop = self._channel, self._loop
         if self._open is None or channel is None or loop is None or loop.is_closed():
             self._closed = True  # injected (the caller's), never opened, or gone with its loop
             return
-        if loop is asyncio.get_running_loop():
-            self._closed = True
-            await channel.close()
-            return
-        if not loop.is_running():
+        if loop is not asyncio.get_running_loop():
             raise RuntimeError(
-                "this AsyncClient's channel belongs to another event loop, neither running nor "
-                "closed: close the client in that loop (loop.run_until_complete(client.close())"
-                "), or close the loop (its channel goes with it)"
+                "this AsyncClient's channel belongs to another event loop: await close() in "
+                "that loop (e.g. loop.run_until_complete(client.close()), or "
+                "asyncio.run_coroutine_threadsafe(client.close(), loop) while it runs in "
+                "another thread), or close that loop (its channel goes with it)"
             )
         self._closed = True
-        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(channel.close(), loop))
+        await channel.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self
