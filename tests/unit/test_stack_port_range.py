@@ -54,3 +54,18 @@ def test_a_port_handed_out_is_not_handed_out_again(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(random, "randint", lambda first, _last: first)  # each call starts at low
     chosen = [free_port(), free_port(), free_port()]
     assert sorted(chosen) == [low, low + 1, low + 2]
+
+
+def test_a_range_used_up_is_an_error_naming_it_not_ports_from_outside(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every port of a small range handed out lately: the next call took the kernel's choice,
+    a port outside the range (28 of 130 in a review's run of a 100-port range)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        low = probe.getsockname()[1] + 1
+    monkeypatch.setenv(PORT_RANGE_VAR, f"{low}-{low + 1}")
+    monkeypatch.setattr(ports, "_recent", collections.deque(maxlen=ports._RECENT_LIMIT))
+    assert sorted(free_ports(2)) == [low, low + 1]
+    with pytest.raises(RuntimeError, match=f"{PORT_RANGE_VAR}={low}-{low + 1}.*widen"):
+        free_port()

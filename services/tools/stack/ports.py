@@ -50,15 +50,24 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     """``count`` different free ports: all held open until all are chosen (one at a time, the
-    kernel may hand the same port out twice), from ``CACHEMESH_FREE_PORT_RANGE`` when set,
-    none of them one of the last 1,024 this process handed out."""
-    candidates = _candidates(os.environ.get(PORT_RANGE_VAR, ""))
+    kernel may hand the same port out twice), from ``CACHEMESH_FREE_PORT_RANGE`` when set
+    (a RuntimeError when it has too few left), none of them one of the last 1,024 this
+    process handed out."""
+    span = os.environ.get(PORT_RANGE_VAR, "")
+    candidates = _candidates(span)
     with _recent_lock, contextlib.ExitStack() as held:
         ports: list[int] = []
         while len(ports) < count:
+            candidate = next(candidates, None) if span else 0
+            if candidate is None:  # the range used up: never a port from outside it
+                raise RuntimeError(
+                    f"{PORT_RANGE_VAR}={span}: {count - len(ports)} more free port(s) wanted, "
+                    f"but every other port of the range is in use or was handed out lately "
+                    f"(the last {_RECENT_LIMIT:,} are not handed out again): widen the range"
+                )
             sock = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
             try:
-                sock.bind((host, next(candidates, 0)))
+                sock.bind((host, candidate))
             except OSError:
                 continue  # in use: the next candidate
             port = int(sock.getsockname()[1])
