@@ -159,15 +159,22 @@ def ensure_keys(run_dir: Path, endpoints: Mapping[str, str] | None = None) -> St
 
 def forget_endpoints(run_dir: Path) -> None:
     """After ``stack down``: ``demo-keys.env`` names no stack (its CACHEMESH_TARGET and
-    CACHEMESH_HTTP_URL dropped, the keys kept), so a shell that sources it does not dial ports
-    this stack no longer holds; the next ``up`` writes where it listens. Nothing is created."""
+    CACHEMESH_HTTP_URL lines dropped, every other line kept as written), so a shell that
+    sources it does not dial ports this stack no longer holds; the next ``up`` writes where it
+    listens. Line by line, never parsed: a line of the user's that the env-file reader would
+    refuse (a ``$``) must not stop ``down``. Nothing is created."""
     demo_file = run_dir / DEMO_KEYS_FILE
     if not demo_file.is_file():
         return
-    values = read_env_file(demo_file)
-    if any(name in values for name in ENDPOINT_VARS):
-        kept = {name: value for name, value in values.items() if name not in ENDPOINT_VARS}
-        write_secret(demo_file, _exports(kept, demo_file))
+    lines = demo_file.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if not _sets_endpoint(line)]
+    if len(kept) < len(lines):
+        write_secret(demo_file, "".join(kept))
+
+
+def _sets_endpoint(line: str) -> bool:
+    words = line.strip().removeprefix("export").lstrip()
+    return any(words.startswith(f"{name}=") for name in ENDPOINT_VARS)
 
 
 def url_with_password(url: str, password: str) -> str:

@@ -47,3 +47,19 @@ def test_down_without_demo_keys_creates_none(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("A=1\n")
     assert _down(tmp_path) == 0
     assert not (tmp_path / ".run" / "demo-keys.env").exists()
+
+
+def test_down_keeps_a_users_own_lines_as_written(tmp_path: Path) -> None:
+    """A line the env-file reader refuses (a ``$``) stopped ``down`` with rc 1 before it
+    stopped the stack's llama-server replicas; the file is edited line by line now."""
+    (tmp_path / ".env").write_text("A=1\n")
+    run_dir = tmp_path / ".run"
+    keys = ensure_keys(run_dir, WHERE)
+    own = '# mine\nexport PATH="$PATH:/opt/x"\n'
+    with keys.demo_keys_file.open("a", encoding="utf-8") as demo:
+        demo.write(own)
+    assert _down(tmp_path) == 0
+    text = keys.demo_keys_file.read_text(encoding="utf-8")
+    assert text.endswith(own)
+    assert not any(f"{name}=" in text for name in ENDPOINT_VARS)
+    assert f"CACHEMESH_KEY_A={keys.key_for('tenant-a')}" in text

@@ -102,10 +102,10 @@ def _run(args: argparse.Namespace) -> int:
             print(f"no stack running from {run_dir}")
         else:
             print("stack stopped")
-        forget_moved(run_dir)  # the next up listens where the settings say, or on new ports
-        forget_endpoints(run_dir)  # and demo-keys.env names no stack until then
         if engines.stop():
             print("llama-server replicas stopped")
+        forget_moved(run_dir)  # the next up listens where the settings say, or on new ports
+        forget_endpoints(run_dir)  # and demo-keys.env names no stack until then
         return 0
     if args.command == "reset-l2":
         _refuse_a_running_stack(stack, engines)  # its Redis and its engines' KV are in use
