@@ -23,9 +23,12 @@ DEMO_KEYS = $(or $(RUN_DIR),.run)/demo-keys.env
 .PHONY: help setup python-check proto keys up down reset-l2 stop status demo test test-deps redis-server lint fmt bench bench-prefix eval-cache calibrate-cache bench-cache train-verifier fit-router calibrate-router eval-router bench-router bench-speculative engine engine-deps demo-local
 
 # Each target's text is its line's after "## ", $(PYTHON) in it expanded; the names in one column
+help: export HELP_PYTHON = $(PYTHON)
 help: ## list the targets
-	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's|\$$(PYTHON)|$(PYTHON)|g' \
-	  | awk -F':.*## ' '{ name[NR] = $$1; text[NR] = $$2; if (length($$1) > w) w = length($$1) } \
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) \
+	  | awk -F':.*## ' '{ t = $$2; s = ""; \
+	      while ((i = index(t, "$$(PYTHON)")) > 0) { s = s substr(t, 1, i - 1) ENVIRON["HELP_PYTHON"]; t = substr(t, i + 9) } \
+	      name[NR] = $$1; text[NR] = s t; if (length($$1) > w) w = length($$1) } \
 	    END { for (i = 1; i <= NR; i++) printf "  %-" w "s  %s\n", name[i], text[i] }'
 
 setup: $(VENV)/.installed ## create .venv and install the pinned dependencies (constraints.txt)

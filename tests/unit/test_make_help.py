@@ -51,6 +51,9 @@ def test_no_make_variable_is_printed_unexpanded() -> None:
     assert "python3 " in check  # the default PYTHON
     again = next(line for line in _help("PYTHON=python3.12") if "python-check" in line)
     assert "python3.12" in again
+    odd = "/opt/r&d|x/bin/python3"  # sed's s|..|..| took & and | as its own (a review's repro)
+    again = next(line for line in _help(f"PYTHON={odd}") if "python-check" in line)
+    assert f"check that {odd} is" in again
 
 
 def test_the_descriptions_start_in_one_column() -> None:
