@@ -161,3 +161,21 @@ def test_an_async_client_whose_loop_closed_closes_with_nothing_left_to_close(
     asyncio.run(client.close())
     with pytest.raises(RuntimeError, match="this AsyncClient is closed"):
         asyncio.run(client.ask("hi"))
+    # the closed loop's channel is let go: it held its connection while the client kept it
+    assert client._channel is None
+
+
+def test_closing_a_closed_async_client_is_nothing_from_any_loop(
+    target: str, made_aio: list[grpc.aio.Channel]
+) -> None:
+    """A second close() (``finally`` and ``__aexit__`` both) in another loop than the channel's
+    raised that the channel belongs to another loop, though it was closed."""
+    owner = asyncio.new_event_loop()
+    try:
+        client = AsyncClient(target, api_key="k")
+        owner.run_until_complete(client.ask("hi"))
+        owner.run_until_complete(client.close())
+        asyncio.run(client.close())
+        owner.run_until_complete(client.close())
+    finally:
+        owner.close()

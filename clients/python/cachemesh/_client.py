@@ -465,20 +465,26 @@ class AsyncClient:
 
     async def close(self) -> None:
         """Closes the client (a later call is a RuntimeError) and the channel it made, in the
-        loop the channel belongs to; a channel opened in a loop that has closed went with it;
-        one passed in as ``channel`` is left open, the caller's. Awaited in another loop while
-        the channel's has not closed, it is a RuntimeError and the client stays open: a gRPC
-        channel is closed in its own loop (await ``close()`` there, or close that loop)."""
+        loop the channel belongs to; a channel opened in a loop that has closed cannot be
+        closed, and is let go (its connection with the last reference); one passed in as
+        ``channel`` is left open, the caller's. Awaited in another loop while the channel's has
+        not closed, it is a RuntimeError and the client stays open: a gRPC channel is closed in
+        its own loop (await ``close()`` there, or close that loop first). Closing a closed
+        client is nothing."""
         channel, loop = self._channel, self._loop
+        if self._closed:
+            return  # closed already (a second close, from any loop, is nothing)
         if self._open is None or channel is None or loop is None or loop.is_closed():
-            self._closed = True  # injected (the caller's), never opened, or gone with its loop
+            self._closed = True  # injected (the caller's), never opened, or its loop closed
+            if self._open is not None:  # a channel of a closed loop: its socket is let go
+                self._channel = self._stub = None  # with the last reference to it
             return
         if loop is not asyncio.get_running_loop():
             raise RuntimeError(
                 "this AsyncClient's channel belongs to another event loop: await close() in "
                 "that loop (e.g. loop.run_until_complete(client.close()), or "
                 "asyncio.run_coroutine_threadsafe(client.close(), loop) while it runs in "
-                "another thread), or close that loop (its channel goes with it)"
+                "another thread), or close that loop first (close() then lets its channel go)"
             )
         self._closed = True
         await channel.close()
