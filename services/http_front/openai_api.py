@@ -651,11 +651,12 @@ class ChunkStream:
     and tool-call deltas, the finish reason, and (``include_usage``) a last chunk holding only
     the usage. The caller ends the stream with ``data: [DONE]``.
 
-    The role goes out with the answer's first block, as OpenAI streams it: before a text, in a
-    chunk of its own with ``content: ""``; before a tool call, in the call's chunk with
-    ``content: null``. (Sent at the start with ``content: ""`` whatever came next, it made the
-    SDKs' streamed message of a tool call answer hold ``content == ""`` where the same answer
-    unstreamed, and OpenAI's either way, holds None.)"""
+    The role goes out at the start, with ``content: null``: OpenAI's first chunk of an answer
+    that begins with a tool call (its text answers' say ``""``, which the SDKs read alike), so
+    the SDKs' streamed message of a tool call answer holds ``content`` None as the unstreamed
+    one does (with ``""`` sent first it held ``""``). It is not held back for the first block:
+    a thinking row's or a tool call's first block comes only when it is whole, and the caller
+    saw no chunk until then (2 s after the start, in a review's run)."""
 
     def __init__(self, created: int, include_usage: bool) -> None:
         self._created = created
@@ -663,7 +664,6 @@ class ChunkStream:
         self._id = ""
         self._model = ""
         self._calls = 0
-        self._role_sent = False
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         chunk: dict[str, Any] = {
@@ -679,36 +679,24 @@ class ChunkStream:
         return chunk
 
     def start(self, start: pb.CompleteResponse) -> list[dict[str, Any]]:
-        """Nothing yet: the role goes with the first block (``_role``)."""
         self._id = completion_id(start.request_id)
         self._model = start.model
-        return []
-
-    def _role(self) -> list[dict[str, Any]]:
-        """The role chunk of a text answer (or of one with no block), once."""
-        if self._role_sent:
-            return []
-        self._role_sent = True
-        return [self._chunk({"role": "assistant", "content": "", "refusal": None})]
+        return [self._chunk({"role": "assistant", "content": None, "refusal": None})]
 
     def delta(self, block: pb.ContentBlock) -> list[dict[str, Any]]:
         kind = block.WhichOneof("kind")
         if kind == "text":
-            return [*self._role(), self._chunk({"content": block.text})]
+            return [self._chunk({"content": block.text})]
         if kind == "tool_use":
             call = {"index": self._calls, **_tool_call(block.tool_use)}
             self._calls += 1
-            delta: dict[str, Any] = {"tool_calls": [call]}
-            if not self._role_sent:  # the answer begins with the call
-                self._role_sent = True
-                delta = {"role": "assistant", "content": None, "refusal": None, **delta}
-            return [self._chunk(delta)]
+            return [self._chunk({"tool_calls": [call]})]
         return []
 
     def end(self, end: pb.CompleteResponse, facts: dict[str, object]) -> list[dict[str, Any]]:
         last = self._chunk({}, finish_reason(end.stop_reason))
         last["cachemesh"] = facts
-        chunks = [*self._role(), last]
+        chunks = [last]
         if self._include_usage:
             tail = self._chunk({})
             tail["choices"] = []

@@ -1,6 +1,6 @@
 """A streamed answer that begins with a tool call, in OpenAI's shape: its first chunk holds the
-role, ``content: null`` and the call (as OpenAI streams it), so the SDK's streamed message is
-the non-streamed one (``content`` None, not ``""``)."""
+role and ``content: null`` (as OpenAI streams it), so the SDK's streamed message is the
+non-streamed one (``content`` None, not ``""``); sent at the start, not held for the call."""
 
 from __future__ import annotations
 
@@ -50,12 +50,10 @@ async def test_a_streamed_tool_call_answer_has_no_content_as_the_unstreamed_one(
     message = streamed.choices[0].message
     assert message.content is None  # was "": the role chunk's empty text, sent before the call
     assert message.tool_calls is not None and message.tool_calls[0].function.name == "lookup"
-    # OpenAI's first chunk of such an answer: the role, no content, and the call
-    first = chunks[0]["choices"][0]["delta"]
-    assert first == {
-        "role": "assistant",
-        "content": None,
-        "refusal": None,
+    # the role first, no content (OpenAI's first chunk of such an answer), then the call
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert deltas[0] == {"role": "assistant", "content": None, "refusal": None}
+    assert deltas[1] == {
         "tool_calls": [
             {
                 "index": 0,
@@ -65,19 +63,29 @@ async def test_a_streamed_tool_call_answer_has_no_content_as_the_unstreamed_one(
             }
         ],
     }
-    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, "tool_calls"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, None, "tool_calls"]
 
 
-async def test_a_streamed_text_answer_still_begins_with_the_role_and_empty_content(
+async def test_a_streamed_text_answer_begins_with_the_role_then_its_text(
     tmp_path: Path,
 ) -> None:
-    """A text answer's first chunk is OpenAI's role chunk (``content: ""``), then the text;
-    a text before a call keeps the call in a chunk of its own."""
+    """A text answer's first chunk is the role (``content: null``, which the SDKs accumulate
+    as OpenAI's ``""``), then the text; a text before a call keeps the call in a chunk of its
+    own."""
     fake = FakeGateway(answer=_answer(pb.ContentBlock(text="Checking."), CALL, stop="tool_use"))
     async with serving(tmp_path, fake) as served:
         chunks = await _chunks(served.base)
+        gpt = openai.AsyncOpenAI(base_url=f"{served.base}/v1", api_key=KEY, max_retries=0)
+        try:
+            async with gpt.chat.completions.stream(
+                model="sim-large", messages=ASK, tools=TOOLS
+            ) as stream:
+                streamed = await stream.get_final_completion()
+        finally:
+            await gpt.close()
     deltas = [c["choices"][0]["delta"] for c in chunks]
-    assert deltas[0] == {"role": "assistant", "content": "", "refusal": None}
+    assert deltas[0] == {"role": "assistant", "content": None, "refusal": None}
     assert deltas[1] == {"content": "Checking."}
     assert [d.get("role") for d in deltas[2:]] == [None, None]
     assert deltas[2]["tool_calls"][0]["index"] == 0 and "content" not in deltas[2]
+    assert streamed.choices[0].message.content == "Checking."

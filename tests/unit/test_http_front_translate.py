@@ -295,13 +295,13 @@ def test_openai_chunks_end_with_the_finish_reason_then_the_usage() -> None:
         *chunks.delta(pb.ContentBlock(tool_use=use)),
         *chunks.end(_end(stop="tool_use"), {}),
     ]
-    # an answer that begins with a call: the role goes in the call's chunk, as OpenAI's does
+    # the role at the start with no content (OpenAI's first chunk of a call's answer)
     first = out[0]["choices"][0]["delta"]
-    assert first["role"] == "assistant" and first["content"] is None
-    assert first["tool_calls"][0]["function"]["name"] == "f"
-    assert out[1]["choices"][0]["finish_reason"] == "tool_calls"
-    assert out[2]["choices"] == [] and out[2]["usage"]["total_tokens"] == 26
-    assert all(c["usage"] is None for c in out[:2])
+    assert first == {"role": "assistant", "content": None, "refusal": None}
+    assert out[1]["choices"][0]["delta"]["tool_calls"][0]["function"]["name"] == "f"
+    assert out[2]["choices"][0]["finish_reason"] == "tool_calls"
+    assert out[3]["choices"] == [] and out[3]["usage"]["total_tokens"] == 26
+    assert all(c["usage"] is None for c in out[:3])
 
 
 def test_openai_chunks_of_an_answer_with_no_block_still_say_the_role() -> None:
@@ -311,7 +311,7 @@ def test_openai_chunks_of_an_answer_with_no_block_still_say_the_role() -> None:
         *chunks.end(_end(), {}),
     ]
     assert [c["choices"][0]["delta"] for c in out] == [
-        {"role": "assistant", "content": "", "refusal": None},
+        {"role": "assistant", "content": None, "refusal": None},
         {},
     ]
 
