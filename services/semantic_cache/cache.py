@@ -346,14 +346,8 @@ class SemanticCache(EntryStore):
         # then gives the tier refusal first (why the exact answer was not served, and why the
         # Store replaces it; counted under ``tier``), with the paraphrase search's own refusal
         # after it; its ``best_similarity`` is the paraphrase search's best (the exact match's
-        # 1.0 would say a search found what the refusal says was passed over). An answer made
-        # by a row ``auto`` no longer resolves to (``Query.row_refusal``) is no such per-Lookup
-        # refusal: no Lookup of the scope may be served it, so the search passes it over as it
-        # does an entry aged out (or one of another scope, as a repointed ``upstream_id``'s
-        # are): it hid an accepted paraphrase until it aged out. Nearer than any accepted
-        # candidate, it is why a miss is one, said first (reason ``model``).
+        # 1.0 would say a search found what the refusal says was passed over).
         tier_refused = ""
-        row_refused = ""
         passed_over: int | None = None
         vid = self._exact_match(index, query.normalised)
         if vid is not None and self._servable(self._entries[vid], query, now):
@@ -363,8 +357,6 @@ class SemanticCache(EntryStore):
             passed_over = vid
 
         def miss(best: float, refusal: str = "") -> CheckResult:
-            if row_refused:
-                refusal = f"{row_refused} (then: {refusal})" if refusal else row_refused
             if tier_refused and refusal:
                 refusal = f"{tier_refused} (the nearest paraphrase: {refusal})"
             return CheckResult(None, best_similarity=best, refusal=refusal or tier_refused)
@@ -387,9 +379,6 @@ class SemanticCache(EntryStore):
             (v, _clamp(s)) for v, s in index.search(vector, self._top_k) if v != passed_over
         ]
         best = max((s for _, s in candidates), default=0.0)
-        candidates, row_refused, row_similarity = self._other_rows(
-            candidates, query, now, threshold
-        )
         short = shortlist(
             candidates,
             self._entries.__getitem__,
@@ -397,8 +386,6 @@ class SemanticCache(EntryStore):
             threshold,
             self._margin,
         )
-        if short and short[0].similarity > row_similarity:
-            row_refused = ""  # not the nearest: an accepted candidate is nearer
         if short and (refusal := query.answer_refusal(short[0].entry.answer)):
             return miss(best, refusal)  # the nearest is another tier's: not verified at all
         if short and self._left_s(deadline) <= 0:  # nobody would wait for the verdicts
@@ -413,25 +400,6 @@ class SemanticCache(EntryStore):
         if entry is not short[0].entry or not self._servable(entry, query, now):
             return miss(best, "the nearest candidate changed while it was verified")
         return self._hit(choice.vid, choice.similarity, exact=False, best=best)
-
-    def _other_rows(
-        self, candidates: list[tuple[int, float]], query: Query, now: int, threshold: float
-    ) -> tuple[list[tuple[int, float]], str, float]:
-        """``candidates`` (best first) without those at the threshold whose answer no Lookup
-        of the query's model may be served (``Query.row_refusal``); with the refusal of the
-        nearest such servable one, and its similarity ("" and 0.0: none)."""
-        if not query.accepted_models:
-            return candidates, "", 0.0
-        kept: list[tuple[int, float]] = []
-        refusal, similarity = "", 0.0
-        for vid, candidate_similarity in candidates:
-            entry = self._entries[vid]
-            why = "" if candidate_similarity < threshold else query.row_refusal(entry.answer)
-            if not why:
-                kept.append((vid, candidate_similarity))
-            elif not refusal and self._servable(entry, query, now):
-                refusal, similarity = why, candidate_similarity
-        return kept, refusal, similarity
 
     def _exact_hit(self, query: Query) -> CheckResult | None:
         """The query's exact hit now, if there is one it may be served (its tier accepted);

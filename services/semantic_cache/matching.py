@@ -2,9 +2,7 @@
 
 Candidates come best first; those not servable (expired, truncated, another embedder...) are
 passed over (an answer's tier is not servability: the cache refuses a nearest candidate of a
-tier the lookup does not accept after ``shortlist``, which keeps it as a competitor; an answer
-no Lookup of the scope may be served, made by a row ``auto`` no longer resolves to, the cache
-leaves out before it, as one aged out). Only the
+tier the lookup does not accept after ``shortlist``, which keeps it as a competitor). Only the
 nearest servable one may be served: it needs a cosine at the threshold and the verifier's
 consent; when the verifier refuses it, the lookup is a miss (a refusal never promotes a
 runner-up, which would be a worse match). It is not served either when the lookup is

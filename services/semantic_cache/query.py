@@ -86,7 +86,7 @@ class Query:
     def answer_refusal(self, answer: Answer) -> str:
         """Why the answer is not served to this query ("" = it may be): its tier is not one
         the Lookup accepts (an ``auto`` retry whose thresholds force a larger tier), or the row
-        that made it is not one ``auto`` resolves to now (``row_refusal``)."""
+        that made it is not one ``auto`` resolves to now (its tier was repointed)."""
         if not (self.accepted_tiers or self.accepted_models):
             return ""
         cached = sc.CachedAnswer.FromString(answer.payload)
@@ -96,25 +96,13 @@ class Query:
                 f"tier: the cached answer is the {cached.tier} tier's; the request accepts "
                 f"{accepted}"
             )
-        return self._row_refusal(cached)
-
-    def row_refusal(self, answer: Answer) -> str:
-        """Why the answer is served to no Lookup of this query's model now ("" = nothing such):
-        the row that made it is not one ``auto`` resolves to (its tier was repointed), as every
-        router on the same table says alike. Not a tier: that one refuses an answer to this
-        Lookup alone (a retry), which another may be served."""
-        if not self.accepted_models:
-            return ""
-        return self._row_refusal(sc.CachedAnswer.FromString(answer.payload))
-
-    def _row_refusal(self, cached: sc.CachedAnswer) -> str:
-        if not self.accepted_models or cached.model in self.accepted_models:
-            return ""
-        accepted = ", ".join(self.accepted_models)
-        return (
-            f"model: the cached answer is {cached.model}'s; the request's model resolves "
-            f"to {accepted} now"
-        )
+        if self.accepted_models and cached.model not in self.accepted_models:
+            accepted = ", ".join(self.accepted_models)
+            return (
+                f"model: the cached answer is {cached.model}'s; the request's model resolves "
+                f"to {accepted} now"
+            )
+        return ""
 
     @functools.cached_property
     def normalised(self) -> str:
