@@ -323,15 +323,45 @@ def test_insecure_or_tls_lets_a_remote_target_through(
     assert dialled.insecure == [not tls]  # --insecure reaches the client, which refuses too
 
 
-@pytest.mark.parametrize("command", [["ask", "hi"], ["admin", "stats"]])
 def test_cachemesh_insecure_lets_a_remote_target_through_as_insecure_does(
-    dialled: Dialled, monkeypatch: pytest.MonkeyPatch, command: list[str]
+    dialled: Dialled, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One setting for the three command lines: ``make demo`` read CACHEMESH_INSECURE, and
     ``cachemesh`` refused the same target in the same shell (exit 2) until ``--insecure``."""
     monkeypatch.setenv("CACHEMESH_INSECURE", "1")
-    assert main(["--target", REMOTE, *command]) == 1  # the recorder's UNAVAILABLE
+    assert main(["--target", REMOTE, "ask", "hi"]) == 1  # the recorder's UNAVAILABLE
     assert dialled.made == [(REMOTE, None)] and dialled.insecure == [True]
+
+
+def test_cachemesh_insecure_never_sends_the_admin_token_in_cleartext(
+    dialled: Dialled, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """CACHEMESH_INSECURE allows the API keys only (``ask``, ``cachemesh-load``, the demo), as
+    ``cachemesh-load`` never sends the admin token in cleartext: with it set for a demo run,
+    ``cachemesh admin`` sent the admin token to a remote target in cleartext (a sniffing
+    server saw ``authorization: Bearer adm-...``). The admin token needs ``--insecure``
+    itself, and the refusal does not offer the variable."""
+    monkeypatch.setenv("CACHEMESH_INSECURE", "1")
+    assert main(["--target", REMOTE, "admin", "stats"]) == 2
+    err = capsys.readouterr().err
+    assert dialled.made == [] and err.count("\n") == 1, err
+    assert "the admin token" in err and "--insecure" in err
+    assert "CACHEMESH_INSECURE=1" not in err  # the variable does not allow it
+    assert main(["--target", REMOTE, "--insecure", "admin", "stats"]) == 1  # UNAVAILABLE
+    assert dialled.made == [(REMOTE, None)] and dialled.insecure == [True]
+
+
+def test_the_insecure_help_says_what_each_tool_sends() -> None:
+    """``--insecure``'s help said "the API key or admin token in cleartext" for each tool:
+    ``cachemesh-load`` never sends its admin token so, and for ``cachemesh admin`` only the
+    flag allows it."""
+    from cachemesh.loadtest import cli as load_cli
+
+    mine = " ".join(cli._parser().format_help().split())
+    assert "CACHEMESH_INSECURE" in mine and "admin token" in mine, mine
+    assert "API key or admin token" not in mine, mine
+    load = " ".join(load_cli.parser().format_help().split())
+    assert "admin token is never sent" in load and "API key or admin token" not in load, load
 
 
 @pytest.mark.parametrize("value", ["0", "maybe"])

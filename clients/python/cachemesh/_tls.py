@@ -154,17 +154,28 @@ def refuse_plaintext(target: str, tls: Tls | None, insecure: bool, secret: str) 
 
 
 def check_plaintext(
-    target: str, tls: Tls | None, insecure: bool, secrets: str = "the API keys"
+    target: str,
+    tls: Tls | None,
+    insecure: bool,
+    secrets: str = "the API keys",
+    *,
+    env_allows: bool = True,
 ) -> None:
     """Refuses a non-loopback target in plaintext (``secrets``, the keys or token each call
     carries, in cleartext on the network) unless ``insecure`` (``--insecure``): a ValueError
-    naming the target and the ways out. A Unix socket is local, as for the clients
-    (``refuse_plaintext``; it was refused here, with a message about the network)."""
+    naming the target and the ways out, CACHEMESH_INSECURE among them only when
+    ``env_allows`` (the API keys: not the admin token, which only ``--insecure`` allows). A
+    Unix socket is local, as for the clients (``refuse_plaintext``)."""
     if cleartext_off_host(target, tls, insecure):
+        allow = (
+            f"--insecure (env {INSECURE_ENV}=1) to allow it"
+            if env_allows
+            else f"--insecure to allow it ({INSECURE_ENV} allows the API keys only)"
+        )
         raise ValueError(
             f"--target {target} is not loopback and TLS is off: {secrets} would cross the "
             "network in cleartext; give --tls or --ca-file (env CACHEMESH_TLS, "
-            f"CACHEMESH_CA_FILE), or --insecure (env {INSECURE_ENV}=1) to allow it"
+            f"CACHEMESH_CA_FILE), or {allow}"
         )
 
 
@@ -182,16 +193,17 @@ def env_bool(name: str) -> bool:
 INSECURE_ENV = "CACHEMESH_INSECURE"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, insecure_sends: str) -> None:
     """``--ca-file``, ``--tls``, ``--cert-file``, ``--key-file`` (defaults from this
-    environment's ``CACHEMESH_*`` settings) and ``--insecure``; ``from_args`` reads the TLS
-    ones, ``insecure_from_args`` the last (with ``CACHEMESH_INSECURE``)."""
+    environment's ``CACHEMESH_*`` settings) and ``--insecure``, whose help says what it lets
+    this tool send in cleartext (``insecure_sends``); ``from_args`` reads the TLS ones,
+    ``insecure_from_args`` the last (with ``CACHEMESH_INSECURE``, which allows API keys
+    only)."""
     parser.add_argument(
         "--insecure",
         action="store_true",
-        help="permit a target that is neither loopback nor a Unix socket in plaintext (the API "
-        f"key or admin token in cleartext on the network; env {INSECURE_ENV}: 1/0, "
-        "true/false, yes/no, on/off)",
+        help="permit a target that is neither loopback nor a Unix socket in plaintext "
+        f"({insecure_sends})",
     )
     parser.add_argument(
         "--ca-file",
@@ -217,10 +229,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def insecure_from_args(args: argparse.Namespace) -> bool:
-    """Whether plaintext off this host is allowed: ``--insecure`` or ``CACHEMESH_INSECURE``,
-    the one setting of ``cachemesh``, ``cachemesh-load`` and the demo (which takes no flags);
-    a malformed CACHEMESH_INSECURE is a ValueError naming it, ``--insecure`` or not (as
-    CACHEMESH_TLS is for ``--tls``)."""
+    """Whether plaintext off this host is allowed for the API keys: ``--insecure`` or
+    ``CACHEMESH_INSECURE``, the one setting of ``cachemesh``, ``cachemesh-load`` and the demo
+    (which takes no flags); the admin token needs ``--insecure`` itself (``cachemesh admin``;
+    ``cachemesh-load`` never sends it so). A malformed CACHEMESH_INSECURE is a ValueError
+    naming it, ``--insecure`` or not (as CACHEMESH_TLS is for ``--tls``)."""
     return env_bool(INSECURE_ENV) or bool(args.insecure)
 
 

@@ -15,8 +15,8 @@ from cachemesh._channel import DEFAULT_TIMEOUT_S, TIMEOUT_MAX_S, never_connected
 from cachemesh._client import DEFAULT_TARGET, Client
 from cachemesh._errors import CachemeshError, DeadlineExceededError, UnavailableError
 from cachemesh._requests import answer_text, build_request
+from cachemesh._tls import INSECURE_ENV, check_plaintext, insecure_from_args
 from cachemesh._tls import add_arguments as add_tls_arguments
-from cachemesh._tls import check_plaintext, insecure_from_args
 from cachemesh._tls import env_bool as env_bool  # the CLI's, read as the services read it
 from cachemesh._tls import from_args as tls_from_args
 from cachemesh.admin_cli import add_parser as add_admin_parser
@@ -113,7 +113,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     # refused when given (main): the API key comes from CACHEMESH_API_KEY only
     parser.add_argument("--key", default=None, help=argparse.SUPPRESS)
-    add_tls_arguments(parser)  # and --insecure
+    add_tls_arguments(  # and --insecure
+        parser,
+        f"ask: the API key in cleartext on the network, as env {INSECURE_ENV}=1 (1/0, "
+        "true/false, yes/no, on/off) allows too; admin: the admin token, with this flag only: "
+        "the variable allows API keys only",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     ask = commands.add_parser("ask", help="ask one question")
     ask.add_argument("question")
@@ -188,11 +193,14 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    secret = "the admin token" if args.command == "admin" else "the API key"
+    admin = args.command == "admin"
+    secret = "the admin token" if admin else "the API key"
     try:
         tls = tls_from_args(args)
-        args.insecure = insecure_from_args(args)  # with CACHEMESH_INSECURE: admin's too
-        check_plaintext(args.target, tls, args.insecure, secret)
+        keys_insecure = insecure_from_args(args)  # CACHEMESH_INSECURE read (and checked) too
+        # the admin token in cleartext: an explicit --insecure only, never the keys' variable
+        args.insecure = bool(args.insecure) if admin else keys_insecure
+        check_plaintext(args.target, tls, args.insecure, secret, env_allows=not admin)
     except ValueError as error:
         print(f"cachemesh: {error}", file=sys.stderr)
         return 2

@@ -344,7 +344,7 @@ TOOL_ENV_KEYS: tuple[str, ...] = (
     "CACHEMESH_CA_FILE",
     "CACHEMESH_CERT_FILE",
     "CACHEMESH_KEY_FILE",
-    "CACHEMESH_INSECURE",  # --insecure of cachemesh, cachemesh-load; the demo's only way
+    "CACHEMESH_INSECURE",  # --insecure for the API keys (ask, load); the demo's only way
     "CACHEMESH_DATA_DIR",
     "CACHEMESH_FREE_PORT_RANGE",  # the tools' free ports (tests: one range a worker)
     "CACHEMESH_DEMO_MODEL",

@@ -99,7 +99,7 @@ def connection(target: str) -> tuple[Tls | None, bool]:
     too; the demo takes no flags); a ValueError naming the setting to give when
     ``target`` is not loopback (nor a Unix socket) in plaintext, or a setting is malformed."""
     parser = argparse.ArgumentParser(add_help=False)
-    add_tls_arguments(parser)  # their defaults: the settings above
+    add_tls_arguments(parser, "the demo keys in cleartext")  # their defaults: the settings
     args = parser.parse_args([])
     tls, insecure = tls_from_args(args), insecure_from_args(args)
     if cleartext_off_host(target, tls, insecure):

@@ -35,7 +35,13 @@ from cachemesh._argv import Parser, secret_flag
 from cachemesh._auth import bearer_metadata
 from cachemesh._channel import TIMEOUT_MAX_S
 from cachemesh._client import DEFAULT_TARGET
-from cachemesh._tls import Tls, check_plaintext, cleartext_off_host, insecure_from_args
+from cachemesh._tls import (
+    INSECURE_ENV,
+    Tls,
+    check_plaintext,
+    cleartext_off_host,
+    insecure_from_args,
+)
 from cachemesh._tls import add_arguments as add_tls_arguments
 from cachemesh._tls import from_args as tls_from_args
 from cachemesh.envfile import EnvFileError, read_env_file
@@ -75,7 +81,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allow-non-loopback", action="store_true", help="permit a target off this host"
     )
-    add_tls_arguments(p)  # and --insecure
+    add_tls_arguments(  # and --insecure
+        p,
+        "the API keys in cleartext on the network; the admin token is never sent so: the "
+        f"billed totals are then not read; env {INSECURE_ENV}: 1/0, true/false, yes/no, on/off",
+    )
     p.add_argument("--workload", choices=NAMES, default="synthetic")
     p.add_argument("--mix", default=DEFAULT_MIX, help="weights for --workload mix")
     p.add_argument("--repeat-rate", type=float, default=0.3, help="faq: exact repeats")
