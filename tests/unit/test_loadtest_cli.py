@@ -5,6 +5,7 @@ sent."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -327,6 +328,40 @@ def test_a_key_the_stack_does_not_know_is_named_by_its_variable(
     assert TENANT_B in said and "cachemesh admin keys list" in said
     assert "CACHEMESH_API_KEY" not in said  # tenant A's was taken
     assert "never-shown" not in capsys.readouterr().err + json.dumps(doc)
+
+
+def _refused_all(
+    target: str, keys: object, warmup: list[Item], plan: list[Item], *_: object,
+    before_measured: Callable[[], None] = lambda: None, **__: object,
+) -> list[Sample]:  # fmt: skip
+    """Every request refused UNAUTHENTICATED, the warm-up's too (a stack that knows no key)."""
+    refused = [
+        Sample("s", "error", "UNAUTHENTICATED", 0.0, 0.01, None, warmup=True, index=i)
+        for i in range(len(warmup))
+    ]
+    before_measured()
+    return refused + [
+        Sample("s", "error", "UNAUTHENTICATED", 0.0, 0.01, None, index=i) for i in range(len(plan))
+    ]
+
+
+def test_the_refused_key_warning_counts_what_the_table_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The warning counted the warm-up's refusals with the measured ones, not saying so: a
+    run of 2 measured requests after 4 of warm-up printed ``errors {'UNAUTHENTICATED': 2}``
+    and "refused requests as UNAUTHENTICATED (tenant-a's key (CACHEMESH_API_KEY): 5,
+    tenant-b's key (CACHEMESH_KEY_B): 1)", 6 in all. Its counts are the measured requests'
+    (the table's); the warm-up's are said apart, as not in the table."""
+    monkeypatch.setattr(cli, "run_load", _refused_all)
+    assert _run(tmp_path, "--requests", "6", "--warmup", "4") == 1
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["results"]["errors"] == {"UNAUTHENTICATED": 6}
+    (said,) = [w for w in doc["warnings"] if "refused requests as UNAUTHENTICATED" in w]
+    measured = [int(n) for n in re.findall(r"\): (\d+)", said.split(";")[0])]
+    assert sum(measured) == 6, said
+    assert "4 of the warm-up (not in the table)" in said, said
+    assert said in capsys.readouterr().err
 
 
 class FakeAdmin(admin_pb2_grpc.AdminServicer):

@@ -438,17 +438,25 @@ def _replacing(path: Path) -> Iterator[TextIO]:
 
 def _refused_key_warning(samples: list[Sample], warmup: list[Item], plan: list[Item]) -> str | None:
     """Which tenants' keys the stack refused (UNAUTHENTICATED), by the variable each came
-    from, never the key: the errors' count alone did not say which key to fix."""
-    refused: Counter[str] = Counter(
-        (warmup if s.warmup else plan)[s.index].tenant
-        for s in samples
-        if s.code == "UNAUTHENTICATED" and s.index >= 0
-    )
-    if not refused:
+    from, never the key: the errors' count alone did not say which key to fix. Counted as
+    the table counts, the measured requests; the warm-up's refusals (not in the table) said
+    apart."""
+    refused: Counter[str] = Counter()
+    in_warmup: Counter[str] = Counter()
+    for s in samples:
+        if s.code == "UNAUTHENTICATED" and s.index >= 0:
+            counter = in_warmup if s.warmup else refused
+            counter[(warmup if s.warmup else plan)[s.index].tenant] += 1
+    if not refused and not in_warmup:
         return None
-    named = ", ".join(
-        f"{tenant}'s key ({key_variable(tenant)}): {n}" for tenant, n in sorted(refused.items())
+    named = "the measured requests: " + ", ".join(
+        f"{tenant}'s key ({key_variable(tenant)}): {refused[tenant]}"
+        for tenant in sorted(refused.keys() | in_warmup.keys())
     )
+    if in_warmup:
+        named += f"; and {in_warmup.total()} of the warm-up (not in the table): " + ", ".join(
+            f"{tenant}'s {n}" for tenant, n in sorted(in_warmup.items())
+        )
     return (
         f"the stack refused requests as UNAUTHENTICATED ({named}): a key it does not know or "
         "has revoked (another stack's demo keys? source that stack's run dir's "
