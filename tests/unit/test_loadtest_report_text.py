@@ -102,6 +102,20 @@ def test_only_secret_named_settings_are_masked() -> None:
         assert mask(name, "v") == "***", name
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["STRIPE_SECRET_KEY_S", "ANTHROPIC_API_KEY_MS", "APP_TOKEN_SECONDS", "SIGNING_PER_KEY",
+     "HTTP_FRONT_MAX_IN_FLIGHT_PER_KEY", "CACHEMESH_API_KEYS_POLL_S"],
+)  # fmt: skip
+def test_a_figures_name_unmasks_a_number_only(name: str) -> None:
+    """The exemption of a figure's name (``..._S``, ``..._PER_KEY``) looked at the name only:
+    ``STRIPE_SECRET_KEY_S=sk-live-abc`` was printed in clear in the report's ``stack``. A value
+    is shown only when it is a number (the figure those names hold)."""
+    assert mask(name, "sk-live-abc") == "***"
+    assert mask(name, "8") == "8" and mask(name, "0.25") == "0.25"
+    assert mask(name, "") == ""
+
+
 def test_a_report_against_a_moved_stack_records_no_other_stacks_settings(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -1,6 +1,7 @@
 """Settings fit for a report: a value whose name has a word that says key, token, secret,
 password or credential (``ANTHROPIC_API_KEY``, not ``CACHEMESH_TOKENIZER_CACHE_TOKENS``) is
-masked, and so are the values of a ``*HEADERS`` variable (an OTLP exporter's
+masked (a limit ``..._PER_KEY`` or a duration ``..._S``, ``..._MS``, ``..._SECONDS``: unless
+its value is a number), and so are the values of a ``*HEADERS`` variable (an OTLP exporter's
 ``x-honeycomb-team=...,authorization=...``), any ``authorization=``, ``*-key=``, ``*-token=``
 or ``*-team=`` pair and ``Bearer`` token inside any value, and the user:password part of a URL
 (``make bench``, ``cachemesh-load`` and the estimator record the stack's settings beside their
@@ -34,8 +35,10 @@ _URL_QUERY_SECRET = re.compile(r"(?P<name>[?&](?:password|passwd|token|key)=)[^&
 
 
 def mask(name: str, value: str, secrets: Iterable[str] = ()) -> str:
-    """``value`` of the setting ``name``, its secrets masked (``secrets``: known values)."""
-    if secret_name(name):
+    """``value`` of the setting ``name``, its secrets masked (``secrets``: known values). A
+    name whose secret word is a figure's (``..._PER_KEY``, ``..._S``) shows its value only
+    when that is a number (``STRIPE_SECRET_KEY_S=sk-live-...`` stays masked)."""
+    if secret_name(name) or (_figure_name(name) and not _NUMBER.fullmatch(value.strip())):
         return MASK if value else ""
     if _HEADERS_NAME.search(name):  # every header's value: any of them may carry a key
         return ",".join(_masked_header(h) for h in value.split(",")) if value else ""
@@ -51,19 +54,37 @@ def mask(name: str, value: str, secrets: Iterable[str] = ()) -> str:
 
 # a name's last word that makes it a figure: a duration (CACHEMESH_API_KEYS_POLL_S)
 _FIGURE_UNIT = re.compile(r"^(?:S|MS|SECONDS)$", re.IGNORECASE)
+# what a figure's value is: a whole or decimal number, signed or not ("64", "0.25", "-1")
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def _words(name: str) -> list[str]:
+    return re.split(r"[^A-Za-z0-9]+", name)
+
+
+def _secret_words(words: list[str]) -> list[bool]:
+    """For each word, whether it names a secret, a unit of a figure (``PER KEY``) aside."""
+    return [
+        bool(_SECRET_WORD.match(word)) and not (i and words[i - 1].upper() == "PER")
+        for i, word in enumerate(words)
+    ]
 
 
 def secret_name(name: str) -> bool:
     """Whether a word of ``name`` (split at ``_``, ``-``, ``.``) names a secret; not a unit
     of a figure (``..._PER_KEY``: a limit per key) nor a name of a duration (``..._POLL_S``,
-    ``..._RECHECK_S``): those are the stack's figures, which a report is for."""
-    words = re.split(r"[^A-Za-z0-9]+", name)
-    if _FIGURE_UNIT.match(words[-1]):
-        return False
-    return any(
-        _SECRET_WORD.match(word) and not (i and words[i - 1].upper() == "PER")
-        for i, word in enumerate(words)
-    )
+    ``..._RECHECK_S``): those are the stack's figures, which a report is for (``mask`` shows
+    their value only when it is a number: ``_figure_name``)."""
+    words = _words(name)
+    return not _FIGURE_UNIT.match(words[-1]) and any(_secret_words(words))
+
+
+def _figure_name(name: str) -> bool:
+    """Whether ``name`` has a secret word that ``secret_name`` sets aside as a figure's: a
+    ``..._PER_KEY`` limit or a duration (``..._S``, ``..._MS``, ``..._SECONDS``) whose name
+    holds KEY or TOKEN; its value is shown only when it is a number."""
+    words = _words(name)
+    return any(_SECRET_WORD.match(word) for word in words) and not secret_name(name)
 
 
 def _masked_header(header: str) -> str:
