@@ -139,6 +139,19 @@ def test_a_gateway_that_answered_nothing_before_the_end_is_not_said_to_have_refu
     assert "answered no request before the run ended" in err, err
 
 
+def test_an_open_loop_whose_first_arrival_fell_after_the_run_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--mode open --rate 1e-300 --duration 5`` sent nothing (the first Poisson arrival is
+    due ~1e300 s later) and said the Gateway "serves, yet answered no request before the run
+    ended": nothing was asked of it. It says no arrival fell within --duration at --rate."""
+    args = ("--mode", "open", "--rate", "1e-300", "--duration", "0.5")
+    assert run_cli(tmp_path, *args) == 1
+    err = capsys.readouterr().err
+    assert "answered no request" not in err, err
+    assert "no request was sent" in err and "--rate 1e-300" in err and "--duration" in err, err
+
+
 def _retried_results(errored_cost: int, errors: int = 0) -> dict[str, Any]:
     done = [Sample("q", "model", "OK", 0.0, 0.5, None, cost_nanos=1_000_000) for _ in range(10)]
     failed = [Sample("q", "error", "UNAVAILABLE", 0.0, 0.5, None) for _ in range(errors)]

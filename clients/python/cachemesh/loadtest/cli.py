@@ -374,7 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     if interrupted:
         return INTERRUPTED_EXIT
     if not results["completed"]:
-        why = _none_completed(args.target, tls, results["errors"])
+        why = _none_sent(args, results["requests"]) or _none_completed(
+            args.target, tls, results["errors"]
+        )
         print(f"cachemesh-load: no request completed: {why}", file=sys.stderr)
     return 0 if results["completed"] and not results["errors"] else 1
 
@@ -405,6 +407,21 @@ def _gone_warning(target: str, tls: Tls | None, results: dict[str, Any]) -> str 
             "router's log: <run dir>/logs/router.log)"
         )
     return None
+
+
+def _none_sent(args: argparse.Namespace, requests: int) -> str | None:
+    """Why no request completed when none was sent: an open loop's first arrival (Poisson, a
+    mean of ``--rate`` a second) fell after ``--duration`` (``--rate 1e-300``: nothing was
+    asked of the Gateway, which was said to have answered nothing). None when some were."""
+    if requests:
+        return None
+    if args.mode == "open":
+        return (
+            f"no request was sent: no arrival fell within --duration {args.duration:g} s at "
+            f"--rate {args.rate:g} a second (a mean of {args.rate * args.duration:.3g} "
+            "arrivals in the run); give a higher --rate or a longer --duration"
+        )
+    return f"no request was sent within --duration {args.duration:g} s"
 
 
 def _none_completed(target: str, tls: Tls | None, errors: dict[str, int]) -> str:
