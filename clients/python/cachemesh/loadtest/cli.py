@@ -72,6 +72,11 @@ from cachemesh.loadtest.workloads.base import TENANT_A, TENANT_B
 
 MAX_REQUESTS = 1_000_000
 MAX_DURATION_S = 3600.0
+# --requests and --warmup are drawn whole before the run: measured, 30.5 KiB an agent turn
+DRAWN_NOTE = (
+    f"at most {MAX_REQUESTS:,}; each drawn and held in memory before the run: an agent "
+    "workload's turn ~30 KiB, 1,000,000 of them ~29 GiB"
+)
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 
@@ -100,9 +105,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=8, help="closed loop: in flight")
     p.add_argument("--rate", type=float, default=20.0,
                    help="open loop: arrivals/s (a request, an agent conversation)")  # fmt: skip
-    p.add_argument("--requests", type=int, default=200, help="measured requests (upper bound)")
+    p.add_argument("--requests", type=int, default=200,
+                   help=f"measured requests (upper bound; {DRAWN_NOTE})")  # fmt: skip
     p.add_argument("--duration", type=float, default=120.0, help="seconds (upper bound)")
-    p.add_argument("--warmup", type=int, default=0, help="unrecorded requests sent first")
+    p.add_argument("--warmup", type=int, default=0,
+                   help=f"unrecorded requests sent first ({DRAWN_NOTE})")  # fmt: skip
     p.add_argument("--processes", type=int, default=1, help="client processes")
     p.add_argument("--stream", action="store_true", help="StreamComplete (records TTFT)")
     p.add_argument("--timeout", type=float, default=120.0, help="per-request deadline (s)")
