@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cachemesh.envfile import read_env_file
-from services.tools.stack.ports import read_moved
+from services.tools.stack.ports import PORT_RANGE_VAR, read_moved
 from tests.integration.harness import ROOT, RunningStack
 
 pytestmark = pytest.mark.integration
@@ -23,9 +23,20 @@ BIN = ROOT / ".venv" / "bin"
 _CLIENT_VARS = ("CACHEMESH_TARGET", "CACHEMESH_HTTP_URL", "CACHEMESH_API_KEY")
 
 
+def _stackless_env() -> dict[str, str]:
+    """This environment less every ``CACHEMESH_`` setting (a new terminal's names no stack), but
+    the worker's ``CACHEMESH_FREE_PORT_RANGE``: a ``FREE_PORTS=1`` stack without it took its
+    ports from the kernel's ephemeral range, free until its services bound them, where the
+    other worker's servers bind port 0 (12-15 of 20,000 such binds landed on one of them)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CACHEMESH_")}
+    if PORT_RANGE_VAR in os.environ:
+        env[PORT_RANGE_VAR] = os.environ[PORT_RANGE_VAR]
+    return env
+
+
 def _shell(script: str) -> subprocess.CompletedProcess[str]:
     """``script`` in a bash whose environment names no stack (as a new terminal's)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CACHEMESH_")}
+    env = _stackless_env()
     return subprocess.run(
         ["bash", "-euo", "pipefail", "-c", script],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
@@ -57,7 +68,7 @@ _SERVED = re.compile(r"(SEMANTIC_CACHE (?:exact|paraphrase)|PREFIX_CACHE|MODEL) 
 def _demo(stack: RunningStack) -> list[str]:
     """One ``python -m cachemesh.demo`` on ``stack``: the layer each request's line names."""
     keys = read_env_file(stack.stack.run_dir / "demo-keys.env")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CACHEMESH_")} | keys
+    env = _stackless_env() | keys
     done = subprocess.run(
         [str(BIN / "python"), "-m", "cachemesh.demo"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
@@ -87,7 +98,7 @@ def test_a_second_demo_on_the_same_stack_shows_the_same_layers(stack: RunningSta
 
 
 def _make(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CACHEMESH_")}
+    env = _stackless_env()
     env |= {"SIM_TIME_SCALE": "0", "CACHEMESH_GRACE_S": "1"}
     for name in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL"):
         env.pop(name, None)
@@ -112,6 +123,11 @@ def test_make_up_free_ports_moves_the_whole_stack_and_the_targets_find_it(
         assert router != "127.0.0.1:50051"
         assert moved["HTTP_FRONT_GATEWAY_ADDR"] == router  # the callers moved with it
         assert read_env_file(run / "demo-keys.env")["CACHEMESH_TARGET"] == router
+        span = os.environ.get(PORT_RANGE_VAR)
+        if span:  # a test worker's own (tests/conftest.py): never the kernel's ephemeral ports
+            low, high = (int(end) for end in span.split("-"))
+            ports = [int(p) for v in moved.values() for p in re.findall(r"127\.0\.0\.1:(\d+)", v)]
+            assert ports and all(low <= p <= high for p in ports), (span, moved)
         status = _make("status", where)
         assert status.returncode == 0, status.stdout + status.stderr  # all SERVING, there
         assert f"router          {router}" in status.stdout
@@ -148,7 +164,7 @@ def test_make_demo_leaves_a_stack_it_did_not_start_running(tmp_path: Path) -> No
 def _interrupted_demo(sig: signal.Signals, log: Path, *args: str) -> tuple[int, str]:
     """``make demo`` in a session of its own, ``sig`` sent to its process group (what Ctrl-C
     in a terminal does for INT) once the demo is sending; make's exit code and output."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CACHEMESH_")}
+    env = _stackless_env()
     for name in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL"):
         env.pop(name, None)
     env |= {"CACHEMESH_GRACE_S": "1", "SIM_TIME_SCALE": "1.0"}  # the demo takes a while
