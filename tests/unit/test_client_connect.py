@@ -102,13 +102,18 @@ def test_the_right_ca_is_answered(gateways: Gateways) -> None:
 @pytest.mark.parametrize(
     ("case", "said"),
     [
-        ("a CA that did not sign the Gateway's certificate", "CERTIFICATE_VERIFY_FAILED"),
-        ("plaintext to a TLS Gateway", "failed to connect"),
-        ("TLS to a plaintext Gateway", "handshake failed"),
+        # gRPC's own wording, which its timing varies: the verify failure, or (1 of 438 runs
+        # with the process paused now and then) the handshake's read as the server closed
+        (
+            "a CA that did not sign the Gateway's certificate",
+            ("CERTIFICATE_VERIFY_FAILED", "Handshake read failed"),
+        ),
+        ("plaintext to a TLS Gateway", ("failed to connect",)),
+        ("TLS to a plaintext Gateway", ("handshake failed",)),
     ],
 )
 def test_a_wrong_tls_setting_fails_at_once_naming_why(
-    gateways: Gateways, kind: str, method: str, case: str, said: str
+    gateways: Gateways, kind: str, method: str, case: str, said: tuple[str, ...]
 ) -> None:
     """A setting made once and for all is no restart to wait for: UNAVAILABLE with gRPC's
     reason, where the call had waited out its timeout for a bare DEADLINE_EXCEEDED."""
@@ -123,7 +128,7 @@ def test_a_wrong_tls_setting_fails_at_once_naming_why(
     with pytest.raises(UnavailableError) as raised:
         _call(target, tls, kind, method, max_attempts=1)
     assert raised.value.code == grpc.StatusCode.UNAVAILABLE, raised.value
-    assert said.lower() in raised.value.message.lower(), raised.value
+    assert any(one.lower() in raised.value.message.lower() for one in said), raised.value
 
 
 def test_retries_do_not_turn_a_wrong_tls_setting_into_a_wait(gateways: Gateways) -> None:
@@ -131,7 +136,8 @@ def test_retries_do_not_turn_a_wrong_tls_setting_into_a_wait(gateways: Gateways)
     with pytest.raises(UnavailableError) as raised:
         _call(gateways.tls, Tls(ca_file=gateways.other), "sync", "complete", 5)
     assert raised.value.code == grpc.StatusCode.UNAVAILABLE, raised.value
-    assert "CERTIFICATE_VERIFY_FAILED" in raised.value.message
+    message = raised.value.message
+    assert "CERTIFICATE_VERIFY_FAILED" in message or "Handshake read failed" in message, message
 
 
 def _restart_later(address: str) -> tuple[threading.Timer, list[grpc.Server]]:
