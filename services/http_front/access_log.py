@@ -17,7 +17,13 @@ does of a caller's deadline. Never the key (not even a part of it), nor the requ
 
 A request whose caller went away before the front called the Gateway (its body half sent) has
 its line here too (``CANCELLED``, ``http_status`` 499; ``handlers.Front._gone``): no router saw
-it, and it had no line anywhere.
+it, and it had no line anywhere. So does one whose Gateway call began but the Gateway never
+showed it had it (``handlers.REACHED``: no initial metadata, message or status from it): a
+caller gone in the millisecond before the router's handler began (the cancel beat the call, and
+the router never ran it), or a Gateway not reached (``UNAVAILABLE``, 503). Such a line says
+``"gateway_replied":false``: in the short window where the router's handler had begun but its
+initial metadata had not yet come back, the router writes its line too (same ``request_id``
+when the caller chose it,).
 """
 
 from __future__ import annotations
@@ -48,9 +54,11 @@ class RefusalLog:
         code: Code,
         http_status: int,
         seconds: float,
+        gateway_called: bool = False,
     ) -> None:
         """The line of one request the front refused; ``code``: the gRPC code of its HTTP
-        status's meaning (``errors.ApiError.code``)."""
+        status's meaning (``errors.ApiError.code``); ``gateway_called``: its Gateway call had
+        begun, and no reply came (``"gateway_replied":false`` on the line)."""
         if not access.isEnabledFor(logging.INFO):
             return
         members = (
@@ -61,6 +69,8 @@ class RefusalLog:
         if code is Code.DEADLINE_EXCEEDED:
             members += ',"deadline":"client"'
         members += f',"http_status":{http_status},"refused_by":"{REFUSED_BY}"'
+        if gateway_called:
+            members += ',"gateway_replied":false'
         if self._lines is not None:
             self._lines.write(access.name, "access", members)
         else:  # the text format: the same fields, through the logging module

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -103,6 +103,24 @@ def _metadata(
     return tuple(metadata)
 
 
+async def _reached(
+    call: grpc.aio.UnaryUnaryCall[Any, Any] | grpc.aio.UnaryStreamCall[Any, Any],
+    reached: Callable[[], None] | None,
+) -> None:
+    """Calls ``reached`` once the call's initial metadata came from the Gateway: the router
+    sends it as its handler begins, and from then on the router writes the call's access line
+    (a caller gone after it is the router's ``CANCELLED``). Before it, nothing says the router
+    has the call: a caller gone then (a cancel that beat the call to the router, which then
+    never ran it) or a Gateway never reached has the front's line (``handlers.Front``). A call
+    that ended first (its status in place of the metadata) is judged by its status
+    (``Gateway._failure``)."""
+    if reached is None:
+        return
+    await call.initial_metadata()
+    if not call.done():
+        reached()
+
+
 class Gateway:
     def __init__(
         self,
@@ -129,47 +147,73 @@ class Gateway:
         )
 
     async def complete(
-        self, request: pb.CompleteRequest, key: str, traceparent: str
+        self,
+        request: pb.CompleteRequest,
+        key: str,
+        traceparent: str,
+        reached: Callable[[], None] | None = None,
     ) -> pb.CompleteResponse:
+        """The Gateway's answer; ``reached`` is called once the Gateway showed it has the call
+        (``_reached``)."""
         call = self._stub.Complete(
             request, metadata=_metadata(request, key, traceparent), timeout=self._timeout_s
         )
         try:
+            await _reached(call, reached)
             response: pb.CompleteResponse = await call
+            if reached is not None:
+                reached()  # the answer came with the metadata
         except grpc.aio.AioRpcError as error:
-            raise self._failure(error) from None
+            raise self._failure(error, reached=reached) from None
         except asyncio.CancelledError:
             call.cancel()  # the HTTP caller went away: so does the Gateway call
             raise
         return response
 
     async def stream(
-        self, request: pb.CompleteRequest, key: str, traceparent: str
+        self,
+        request: pb.CompleteRequest,
+        key: str,
+        traceparent: str,
+        reached: Callable[[], None] | None = None,
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
+        """The Gateway's chunks; ``reached`` as for ``complete``."""
         call = self._stub.StreamComplete(
             request, metadata=_metadata(request, key, traceparent), timeout=self._timeout_s
         )
         began = False
         try:
+            await _reached(call, reached)
             async for chunk in call:
+                if not began and reached is not None:
+                    reached()  # its first message (it can come with the metadata)
                 began = True
                 yield chunk
         except grpc.aio.AioRpcError as error:
-            raise self._failure(error, began) from None
+            raise self._failure(error, began, reached) from None
         finally:
             call.cancel()  # a no-op once the call has ended; else the caller went away
 
-    def _failure(self, error: grpc.aio.AioRpcError, began: bool = False) -> ApiError:
+    def _failure(
+        self,
+        error: grpc.aio.AioRpcError,
+        began: bool = False,
+        reached: Callable[[], None] | None = None,
+    ) -> ApiError:
         """The refusal the caller gets: the Gateway's own status as it sent it; an
         ``UNAVAILABLE`` the channel raised itself (the channel is not connected) as the fixed
         ``UNREACHABLE`` when no Gateway answered, ``BROKE_OFF`` when the stream had ``began``,
-        gRPC's detail logged."""
+        gRPC's detail logged. Any status but ``UNREACHABLE`` counts as the Gateway's
+        (``reached``): it ended a call it had (a deadline the channel ran out on a connected
+        Gateway too: the router ends its call by the same deadline, and logs it)."""
         if error.code() == grpc.StatusCode.UNAVAILABLE and not self._connected():
             if began:
                 log.warning("a Gateway stream broke off: %s", error.details() or "")
                 return from_gateway(Code.UNAVAILABLE, BROKE_OFF)
             self._log_unreachable(error.details() or "")
             return from_gateway(Code.UNAVAILABLE, UNREACHABLE)
+        if reached is not None:
+            reached()
         if began and error.code() == grpc.StatusCode.CANCELLED:  # a stopping router's cut
             billed = no_retry(error.trailing_metadata() or ())
             return from_gateway(Code.UNAVAILABLE, BROKE_OFF, billed=billed)

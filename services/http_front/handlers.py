@@ -35,6 +35,7 @@ from services.http_front.marks import (
     CALLED,
     CALLER_ID,
     ENDED,
+    REACHED,
     STALLED,
     STREAM,
     TENANT,
@@ -243,7 +244,7 @@ class Front:
                 if ended != response.status:
                     why += f" after the {response.status}'s head: the stream ended in its error"
                 span.set_status(trace.Status(trace.StatusCode.ERROR, why))
-            if refused is not None and not request.get(CALLED):  # the router never saw it
+            if refused is not None and not request.get(REACHED):  # no router said it had it
                 self._refusals.refused(
                     request.get(TENANT, ""),
                     response.headers.get("x-cachemesh-request-id", ""),
@@ -251,6 +252,7 @@ class Front:
                     refused.code,
                     ended,
                     self._monotonic() - began,
+                    gateway_called=bool(request.get(CALLED)),
                 )
             log.debug("%s answered %d", name, response.status)
             return response
@@ -260,8 +262,10 @@ class Front:
         before its Gateway call: its body half sent, its key or its slot still being checked.
         No response went out and no router saw it, so it had no line anywhere, though it held
         its tenant's in-flight slot and body budget: ``CANCELLED``, ``http_status`` 499, as the
-        metric counts it. Once the call began, the router's line says it (``CANCELLED``)."""
-        if request.get(CALLED):
+        metric counts it. Once the Gateway showed it had the call (``REACHED``), the router's
+        line says it (``CANCELLED``); a caller gone after the call began but before that (the
+        call cancelled before the router ran it) has this line, ``gateway_replied: false``."""
+        if request.get(REACHED):
             return
         self._refusals.refused(
             request.get(TENANT, ""),
@@ -270,6 +274,7 @@ class Front:
             Code.CANCELLED,
             499,
             self._monotonic() - began,
+            gateway_called=bool(request.get(CALLED)),
         )
 
     async def _sent(self, request: web.Request, write: Awaitable[None]) -> None:
@@ -365,7 +370,7 @@ class Front:
     ) -> web.StreamResponse:
         request[CALLED] = True
         if not stream:
-            end = await self._waiting.complete(gw, key, traceparent)
+            end = await self._waiting.complete(gw, key, traceparent, _reached(request))
             request[ANSWERED] = True
             headers = facts.end_headers(end, traceparent)
             headers[_ID_HEADER["anthropic"]] = end.request_id
@@ -375,7 +380,7 @@ class Front:
         # the pacer closes first (its pending read cancelled), then the call: a write that
         # fails while a read is pending must not close the call under it
         async with (
-            aclosing(self._gateway.stream(gw, key, traceparent)) as chunks,
+            aclosing(self._gateway.stream(gw, key, traceparent, _reached(request))) as chunks,
             aclosing(sse.paced(chunks, self._settings.ping_s)) as paced,
         ):
             start, opened = await self._started(request, gw, paced, "anthropic", ping, traceparent)
@@ -448,14 +453,14 @@ class Front:
         created = int(self._clock())
         request[CALLED] = True
         if not stream:
-            end = await self._waiting.complete(gw, key, traceparent)
+            end = await self._waiting.complete(gw, key, traceparent, _reached(request))
             request[ANSWERED] = True
             headers = facts.end_headers(end, traceparent)
             headers[_ID_HEADER["openai"]] = end.request_id
             return _json(openai_api.response(end, created), headers=headers)
         chunker = openai_api.ChunkStream(created, include_usage)
         async with (
-            aclosing(self._gateway.stream(gw, key, traceparent)) as chunks,
+            aclosing(self._gateway.stream(gw, key, traceparent, _reached(request))) as chunks,
             aclosing(sse.paced(chunks, self._settings.ping_s)) as paced,
         ):
             start, opened = await self._started(
@@ -531,6 +536,15 @@ class Front:
         wanted = request.match_info.get("model")
         api: Api = "anthropic" if "anthropic-version" in request.headers else "openai"
         return _json(model_list.listing(api, self._settings.models, wanted))
+
+
+def _reached(request: web.Request) -> Callable[[], None]:
+    """Marks ``request`` ``REACHED`` (the Gateway showed it has the call)."""
+
+    def reached() -> None:
+        request[REACHED] = True
+
+    return reached
 
 
 def _cache_options(request: web.Request, gw: pb.CompleteRequest) -> None:

@@ -20,9 +20,13 @@ ANSWERED = web.RequestKey("cachemesh.answered", bool)
 BODY_CUT = web.RequestKey("cachemesh.body_cut", bool)
 # on the request once its key names a tenant: the tenant (its refusal's access line says it)
 TENANT = web.RequestKey("cachemesh.tenant", str)
-# on the request once its Gateway call begins: the router writes its access line from then on;
-# a refusal before that is the front's own, and the front writes its line (``access_log``)
+# on the request once its Gateway call begins (a refusal before that is the front's own)
 CALLED = web.RequestKey("cachemesh.called", bool)
+# on the request once the Gateway showed it has the call (its initial metadata, which the router
+# sends as its handler begins, a message, or a status it sent): the router writes its access
+# line from then on; a request without it has the front's line (``access_log``), even once
+# CALLED (a caller gone before the router had the call; a Gateway never reached)
+REACHED = web.RequestKey("cachemesh.reached", bool)
 # on the request before its key is checked, when the caller chose its id (a valid
 # ``Idempotency-Key``): the id the Gateway knows it by, which a refusal's response names too
 CALLER_ID = web.RequestKey("cachemesh.caller_id", str)

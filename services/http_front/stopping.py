@@ -5,6 +5,7 @@ Gateway when CACHEMESH_GRACE_S runs out (``Waiting.cut``, ``CUT``)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from cachemesh.v1 import gateway_pb2 as pb
@@ -62,7 +63,11 @@ class Waiting:
         return len(self._waiting)
 
     async def complete(
-        self, gw: pb.CompleteRequest, key: str, traceparent: str
+        self,
+        gw: pb.CompleteRequest,
+        key: str,
+        traceparent: str,
+        reached: Callable[[], None] | None = None,
     ) -> pb.CompleteResponse:
         """The Gateway's answer to a non-streaming request, or ``CUT`` once the grace is over
         (``cut``): an answer, not a closed connection, and a retryable one (``retry-after``):
@@ -71,7 +76,7 @@ class Waiting:
         assert task is not None
         self._waiting.add(task)
         try:
-            return await self._gateway.complete(gw, key, traceparent)  # a cancel cancels it
+            return await self._gateway.complete(gw, key, traceparent, reached)  # a cancel: it too
         except asyncio.CancelledError:
             # cut, and not also cancelled by aiohttp (the caller gone): answer, not unwind
             if task in self._cut and task.uncancel() == 0:

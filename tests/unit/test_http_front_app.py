@@ -70,10 +70,15 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
     metadata: list[tuple[str, str]] = field(default_factory=list)
     cut: str = ""  # a stream cut after its first block, UNAVAILABLE with this message
     received: pb.CompleteRequest | None = None  # the last request
+    # sends its initial metadata as it begins, as the router does (the front's sign that the
+    # Gateway has the call); False: ``hold`` comes first (a router whose handler has not begun)
+    greets: bool = True
 
     async def _begin(self, context: Context) -> None:
         self.calls += 1
         self.metadata = [(k, str(v)) for k, v in context.invocation_metadata() or ()]
+        if self.greets:
+            await context.send_initial_metadata(())
         self.arrived.set()
         if self.hold is not None:
             await self.hold.wait()
