@@ -20,10 +20,11 @@ its line here too (``CANCELLED``, ``http_status`` 499; ``handlers.Front._gone``)
 it, and it had no line anywhere. So does one whose Gateway call began but the Gateway never
 showed it had it (``handlers.REACHED``: no initial metadata, message or status from it): a
 caller gone in the millisecond before the router's handler began (the cancel beat the call, and
-the router never ran it), or a Gateway not reached (``UNAVAILABLE``, 503). Such a line says
-``"gateway_replied":false``: in the short window where the router's handler had begun but its
-initial metadata had not yet come back, the router writes its line too (same ``request_id``
-when the caller chose it,).
+the router never ran it), or a Gateway not reached (``UNAVAILABLE``, 529 / 503). Such a line
+says ``"gateway_replied":false``: a caller gone while the router had the call but had sent
+nothing yet (its key and limits, its L1 lookup, a wait on an identical call: the router sends
+its initial metadata once L1 missed) has the router's line too (the same ``trace_id``, and
+``request_id`` when the caller chose it).
 """
 
 from __future__ import annotations
