@@ -22,9 +22,10 @@ showed it had it (``handlers.REACHED``: no initial metadata, message or status f
 caller gone in the millisecond before the router's handler began (the cancel beat the call, and
 the router never ran it), or a Gateway not reached (``UNAVAILABLE``, 529 / 503). Such a line
 says ``"gateway_replied":false``: a caller gone while the router had the call but had sent
-nothing yet (its key and limits, its L1 lookup, a wait on an identical call: the router sends
-its initial metadata once L1 missed) has the router's line too (the same ``trace_id``, and
-``request_id`` when the caller chose it).
+nothing yet (its key and limits, its L1 lookup, a wait on an identical call, the model's first
+token: the router sends nothing before its answer, lest it commit the gRPC call against a
+client's retry) has the router's line too (the same ``trace_id``, and ``request_id`` when the
+caller chose it).
 """
 
 from __future__ import annotations

@@ -108,13 +108,14 @@ async def _reached(
     reached: Callable[[], None] | None,
 ) -> None:
     """Calls ``reached`` once the call's initial metadata came from the Gateway: the router
-    sends it once L1 missed, before its first model call (an L1 hit's comes with its answer),
-    and from then on the router writes the call's access line (a caller gone after it is the
-    router's ``CANCELLED``). Before it, nothing says the router has the call: a caller gone
-    then (a cancel that beat the call to the router, which then never ran it, or one while the
-    router had sent nothing yet: both lines then) or a Gateway never reached has the front's
-    line (``handlers.Front``). A call that ended first (its status in place of the metadata)
-    is judged by its status (``Gateway._failure``)."""
+    sends it with its answer or its stream's first chunk (never before: a header from the
+    server commits a gRPC call, and a client's retry of the router's UNAVAILABLE would not be
+    made), and from then on the router writes the call's access line (a caller gone after it
+    is the router's ``CANCELLED``). Before it, nothing says the router has the call: a caller
+    gone then (a cancel that beat the call to the router, which then never ran it, or one
+    while the router had sent nothing yet: both lines then) or a Gateway never reached has the
+    front's line (``handlers.Front``). A call that ended first (its status in place of the
+    metadata) is judged by its status (``Gateway._failure``)."""
     if reached is None:
         return
     await call.initial_metadata()

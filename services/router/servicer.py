@@ -6,7 +6,7 @@ import asyncio
 import logging
 import math
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from functools import partial
@@ -193,7 +193,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     call,
                     _is_retry(context),
                     context.time_remaining(),
-                    greet=partial(context.send_initial_metadata, ()),
                     streamed=False,
                     own_id=own_id,
                 )
@@ -233,7 +232,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     call,
                     _is_retry(context),
                     context.time_remaining(),
-                    greet=partial(context.send_initial_metadata, ()),
                     own_id=own_id,
                 )
                 async with aclosing(answered) as chunks:
@@ -303,7 +301,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         retried: bool,
         time_remaining_s: float | None,
         *,
-        greet: Callable[[], Awaitable[None]] | None = None,
         streamed: bool = True,
         own_id: bool = True,
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
@@ -315,11 +312,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         push another request's answer out of it. ``time_remaining_s``: the client's deadline
         (None: it set none), which bounds the model call. ``own_id``: the caller sent the
         request_id; one the router made up (``_accept``) no caller can retry with, so such a
-        request is neither claimed nor recorded in the answer ledger. ``greet`` sends the
-        call's initial metadata once L1 did not answer it, before its first model call (the
-        pipeline's ``before_model``): the HTTP front's sign that this router has the call and
-        writes its access line (``services.http_front.gateway._reached``); an L1 hit's goes
-        with its answer (sent at the start, it cost 4-9% of the router's CPU per exact hit).
+        request is neither claimed nor recorded in the answer ledger.
 
         Across routers (the answer ledger): a call marked as a possible retry (``retried``)
         claims its id before anything else, as its answer may be recorded already; any other
@@ -395,14 +388,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 raise _Denied(admitted)
             ticket = admitted
 
-            unmarked = own_id and not retried and self._ledger is not None
-
             async def before_model() -> pb.CompleteResponse | None:
                 try:
-                    if greet is not None:
-                        await greet()
-                    if not unmarked:
-                        return None
                     held.replay = await self._take(tenant, request, mark, wait_until, held)
                 except BaseException:
                     # refused, or ended while it waited on another router's call (its caller
@@ -415,6 +402,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 call.replayed = True
                 return _replayed(held.replay)
 
+            unmarked = own_id and not retried and self._ledger is not None
             run = self._pipeline.run(
                 tenant,
                 request,
@@ -424,7 +412,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 bills=call.bills,
                 answer_billed=use.answer_billed,
                 retried=retried,
-                before_model=before_model,
+                before_model=before_model if unmarked else None,
                 model_sent=use.model_sent,
                 model_refused=use.model_refused,
                 late_bill=call.late_bill,

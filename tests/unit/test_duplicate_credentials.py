@@ -127,16 +127,12 @@ class Context:
         self._metadata = tuple(Metadatum(k, v) for k, v in metadata)
         self.status: grpc.StatusCode | None = None
         self.message = ""
-        self.greeted = False
 
     def invocation_metadata(self) -> tuple[Metadatum, ...]:
         return self._metadata
 
     def time_remaining(self) -> float | None:
         return None
-
-    async def send_initial_metadata(self, metadata: tuple[tuple[str, str], ...]) -> None:
-        self.greeted = True  # the router's sign that it has the call (before a model call)
 
     def done(self) -> bool:
         return False

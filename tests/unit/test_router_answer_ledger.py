@@ -118,16 +118,12 @@ class FakeContext:
         self._metadata = tuple(Metadatum(k, v) for k, v in items)
         self.status: grpc.StatusCode | None = None
         self.message = ""
-        self.greeted = False
 
     def invocation_metadata(self) -> tuple[Metadatum, ...]:
         return self._metadata
 
     def time_remaining(self) -> float | None:
         return None  # the client set no deadline
-
-    async def send_initial_metadata(self, metadata: tuple[tuple[str, str], ...]) -> None:
-        self.greeted = True  # the router's sign that it has the call (before a model call)
 
     def done(self) -> bool:
         return False  # the call is open: a status is sent (``aborts.call_over``)
