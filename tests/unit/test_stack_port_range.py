@@ -9,6 +9,7 @@ it, skip one in use, and a bad range is refused naming the variable.
 from __future__ import annotations
 
 import collections
+import contextlib
 import random
 import socket
 
@@ -18,10 +19,36 @@ from services.tools.stack import ports
 from services.tools.stack.ports import PORT_RANGE_VAR, free_port, free_ports
 
 
+@pytest.fixture(autouse=True)
+def fresh_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No port this worker's other tests were handed counts here as handed out lately."""
+    monkeypatch.setattr(ports, "_recent", collections.deque(maxlen=ports._RECENT_LIMIT))
+
+
+def _free_run(count: int) -> int:
+    """The first of ``count`` consecutive ports free now (each bound, then all released): a
+    range the tests below take as free (a kernel port's next ones may be another process's,
+    as one was in a clean clone's run)."""
+    for _ in range(100):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            low = int(probe.getsockname()[1])
+        if low + count > 65_536:
+            continue
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(low, low + count):
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return low
+    raise AssertionError(f"no {count} consecutive free ports in 100 tries")
+
+
 def test_ports_come_from_the_range_and_skip_one_in_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    port = _free_run(4)
     with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        port = taken.getsockname()[1]
+        taken.bind(("127.0.0.1", port))
         taken.listen()
         monkeypatch.setenv(PORT_RANGE_VAR, f"{port}-{port + 3}")
         chosen = free_ports(3)
@@ -46,11 +73,8 @@ def test_a_port_handed_out_is_not_handed_out_again(monkeypatch: pytest.MonkeyPat
     """``loopback(), loopback()`` (a replica's address, then its metrics'): the first port is
     released as soon as it is chosen, so a second call starting where the first did found it
     free again (a clean clone's CI run: the replica bound it, its metrics could not)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        low = probe.getsockname()[1] + 1
+    low = _free_run(3)
     monkeypatch.setenv(PORT_RANGE_VAR, f"{low}-{low + 2}")
-    monkeypatch.setattr(ports, "_recent", collections.deque(maxlen=ports._RECENT_LIMIT))
     monkeypatch.setattr(random, "randint", lambda first, _last: first)  # each call starts at low
     chosen = [free_port(), free_port(), free_port()]
     assert sorted(chosen) == [low, low + 1, low + 2]
@@ -61,11 +85,8 @@ def test_a_range_used_up_is_an_error_naming_it_not_ports_from_outside(
 ) -> None:
     """Every port of a small range handed out lately: the next call took the kernel's choice,
     a port outside the range (28 of 130 in a review's run of a 100-port range)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        low = probe.getsockname()[1] + 1
+    low = _free_run(2)
     monkeypatch.setenv(PORT_RANGE_VAR, f"{low}-{low + 1}")
-    monkeypatch.setattr(ports, "_recent", collections.deque(maxlen=ports._RECENT_LIMIT))
     assert sorted(free_ports(2)) == [low, low + 1]
     with pytest.raises(RuntimeError, match=f"{PORT_RANGE_VAR}={low}-{low + 1}.*widen"):
         free_port()
