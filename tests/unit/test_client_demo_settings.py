@@ -12,15 +12,9 @@ import pytest
 from cachemesh import Tls
 from cachemesh.demo.__main__ import connection, main
 from services.tools.stack.ports import free_port
+from tests.unit.test_client_cli import SETTINGS  # the command lines' TLS settings
 
 REMOTE = "192.0.2.1:50051"  # TEST-NET-1: never dialled here
-SETTINGS = (
-    "CACHEMESH_TLS",
-    "CACHEMESH_CA_FILE",
-    "CACHEMESH_CERT_FILE",
-    "CACHEMESH_KEY_FILE",
-    "CACHEMESH_INSECURE",
-)
 
 
 @pytest.fixture(autouse=True)

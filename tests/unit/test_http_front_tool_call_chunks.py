@@ -31,6 +31,18 @@ async def _chunks(base: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines if line != "[DONE]"]
 
 
+async def _streamed(base: str) -> Any:
+    """The openai SDK's streamed message of the answer (its ``get_final_completion``)."""
+    gpt = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
+    try:
+        async with gpt.chat.completions.stream(
+            model="sim-large", messages=ASK, tools=TOOLS
+        ) as stream:
+            return await stream.get_final_completion()
+    finally:
+        await gpt.close()
+
+
 async def test_a_streamed_tool_call_answer_has_no_content_as_the_unstreamed_one(
     tmp_path: Path,
 ) -> None:
@@ -39,12 +51,9 @@ async def test_a_streamed_tool_call_answer_has_no_content_as_the_unstreamed_one(
         gpt = openai.AsyncOpenAI(base_url=f"{served.base}/v1", api_key=KEY, max_retries=0)
         try:
             plain = await gpt.chat.completions.create(model="sim-large", messages=ASK, tools=TOOLS)
-            async with gpt.chat.completions.stream(
-                model="sim-large", messages=ASK, tools=TOOLS
-            ) as stream:
-                streamed = await stream.get_final_completion()
         finally:
             await gpt.close()
+        streamed = await _streamed(served.base)
         chunks = await _chunks(served.base)
     assert plain.choices[0].message.content is None
     message = streamed.choices[0].message
@@ -75,14 +84,7 @@ async def test_a_streamed_text_answer_begins_with_the_role_then_its_text(
     fake = FakeGateway(answer=_answer(pb.ContentBlock(text="Checking."), CALL, stop="tool_use"))
     async with serving(tmp_path, fake) as served:
         chunks = await _chunks(served.base)
-        gpt = openai.AsyncOpenAI(base_url=f"{served.base}/v1", api_key=KEY, max_retries=0)
-        try:
-            async with gpt.chat.completions.stream(
-                model="sim-large", messages=ASK, tools=TOOLS
-            ) as stream:
-                streamed = await stream.get_final_completion()
-        finally:
-            await gpt.close()
+        streamed = await _streamed(served.base)
     deltas = [c["choices"][0]["delta"] for c in chunks]
     assert deltas[0] == {"role": "assistant", "content": None, "refusal": None}
     assert deltas[1] == {"content": "Checking."}
