@@ -120,9 +120,9 @@ class Snapshotter:
         thread: nothing else uses the cache, or appends to the log, yet, and the event loop
         keeps answering health checks (NOT_SERVING) meanwhile.
         """
-        report, wal_seq = await self._in_thread(self._restore, cache)
+        report, wal_seq, found = await self._in_thread(self._restore, cache)
         if self._wal is not None:
-            saved_s = await self._in_thread(self._replay, cache, wal_seq)
+            saved_s = await self._in_thread(self._replay, cache, wal_seq, found)
             if isinstance(saved_s, Exception):  # the log still holds them: the next save
                 self._failed("after the replay", saved_s)
             elif saved_s is not None and self._on_save is not None:
@@ -167,15 +167,18 @@ class Snapshotter:
         if self._abandon.is_set():
             raise ReplayStopped("stopped during the replay of the write-ahead log")
 
-    def _replay(self, cache: SemanticCache, wal_seq: int) -> float | Exception | None:
-        """Applies the log records after ``wal_seq``, a record at a time, and opens the log
+    def _replay(
+        self, cache: SemanticCache, wal_seq: int, snapshot: bool
+    ) -> float | Exception | None:
+        """Applies the log records after ``wal_seq`` (``snapshot``: the last one a snapshot
+        restored holds; else none was there), a record at a time, and opens the log
         for appends; more than ``snapshot_after_replay`` of them are saved as a snapshot at
         once: how long that save took (None: none was; the exception: it failed, said on the
         loop). ``ReplayStopped`` between records once the stop came (nothing opened or
         saved)."""
         assert self._wal is not None
         cache.use_faiss_threads()
-        records = self._unless_stopped(self._wal.records(wal_seq))
+        records = self._unless_stopped(self._wal.records(wal_seq, snapshot=snapshot))
         applied = replay(cache, records, wal_seq, cache.dim, self._wal)
         self._check_stopped()
         self._wal.start()
@@ -207,12 +210,13 @@ class Snapshotter:
         )
         return self._timer() - began
 
-    def _restore(self, cache: SemanticCache) -> tuple[RestoreReport | None, int]:
-        """The restore's report and the last log record the snapshot holds (0 = none)."""
+    def _restore(self, cache: SemanticCache) -> tuple[RestoreReport | None, int, bool]:
+        """The restore's report, the last log record the snapshot holds (0 = none) and
+        whether there was a snapshot."""
         snapshot = self._store.open()
         if snapshot is None:
             log.info("no snapshot at %s: starting empty", self._store.path)
-            return None, 0
+            return None, 0, False
         with snapshot:
             try:
                 report = cache.restore(snapshot)
@@ -234,7 +238,7 @@ class Snapshotter:
             )
         if report.restored == snapshot.count:
             self._saved_changes = cache.changes  # the file already says exactly this
-        return report, snapshot.wal_seq
+        return report, snapshot.wal_seq, True
 
     async def save(self) -> bool:
         """Saves the cache now unless nothing changed since the last save (and the log did

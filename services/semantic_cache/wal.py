@@ -25,6 +25,12 @@ with a warning; a whole last record whose bytes fail its checksum is damage, not
 may have been acknowledged: it is moved aside to ``<segment>.damaged`` with an error
 (``tail_cut`` says which). No record is ever written empty: a length of 0 is never read as one.
 Any other damage is an error naming the file, never skipped.
+The log read after a snapshot must begin where the snapshot ends: a first segment named after
+a later record (``LogGap``) means records are in neither file (a snapshot restored from a
+backup taken file by file, older than the log beside it): replayed over that snapshot, the log
+would bring back what those records dropped or replaced, so it is an error. With no snapshot
+at all (removed, say after it was reported damaged) nothing old can come back: the records
+that remain are replayed and the loss is said in one error line.
 ``append`` refuses a record over ``_MAX_RECORD``; reading takes a record of any length whose
 bytes and CRC are whole (a log written before appends were bounded may hold a larger one,
 acknowledged): it is replayed, never taken for damage or a torn tail.
@@ -74,6 +80,25 @@ class TailCut:
 
 class WalError(RuntimeError):
     """The log is damaged somewhere other than its torn tail; the message names the file."""
+
+
+class LogGap(WalError):
+    """The log read after a snapshot begins after the record following it: the records in
+    between are in neither (the snapshot is older than the log, or was removed)."""
+
+    def __init__(self, segment: Path, after_seq: int) -> None:
+        first = int(segment.stem)
+        super().__init__(
+            f"{segment}: the write-ahead log begins at record {first}, but the snapshot beside "
+            f"it holds the records up to {after_seq} only: records {after_seq + 1} to "
+            f"{first - 1} are in neither (the snapshot is older than the log: restored from a "
+            "backup taken file by file, or replaced). Replayed over it, the log would bring "
+            "back the answers and tenants those records replaced or dropped. Put back the "
+            f"snapshot saved with this log, or move both the snapshot and {segment.parent} "
+            "aside to start empty"
+        )
+        self.segment = segment
+        self.after_seq = after_seq
 
 
 class NotDurable(WalError):
@@ -131,26 +156,44 @@ class WriteAheadLog:
         """A write or fsync failed and no snapshot has been saved since."""
         return self._failed is not None
 
-    def open(self, after_seq: int = 0) -> list[dict[str, Any]]:
+    def open(self, after_seq: int = 0, *, snapshot: bool = True) -> list[dict[str, Any]]:
         """``records`` as a list, then ``start``: for a small log (a large one is streamed)."""
-        records = list(self.records(after_seq))
+        records = list(self.records(after_seq, snapshot=snapshot))
         self.start()
         return records
 
-    def records(self, after_seq: int = 0) -> Iterator[dict[str, Any]]:
+    def records(self, after_seq: int = 0, *, snapshot: bool = True) -> Iterator[dict[str, Any]]:
         """Yields the records after ``after_seq`` (the last record a snapshot holds) in order,
         one at a time: a segment is read a record at a time, and one whose records the
         snapshot holds whole is not read at all. A bad end of the last segment is cut off
         (``tail_cut``: a torn record, or a damaged one moved aside). Once it is exhausted,
-        ``start`` opens the log for appends."""
+        ``start`` opens the log for appends.
+
+        The first segment read must begin at or before ``after_seq + 1``: ``LogGap`` if not,
+        before any record is yielded; ``snapshot`` False (there is none) says the loss in an
+        error line instead, and the records that remain are read (nothing older is held)."""
         private_directory(self.directory)
         self.tail_cut = None
         segments = self.segments()
         read = 0  # seq of the last record read (0: none)
         follows: int | None = None  # seq the next record after the snapshot must have
+        checked = False  # the first segment read begins where the snapshot ends
         for i, path in enumerate(segments):
             if i + 1 < len(segments) and int(segments[i + 1].stem) - 1 <= after_seq:
                 continue  # every record of it is in the snapshot
+            if not checked and int(path.stem) > after_seq + 1:
+                if snapshot:
+                    raise LogGap(path, after_seq)
+                log.error(
+                    "%s: the write-ahead log begins at record %d and there is no snapshot: "
+                    "records %d to %d were in one (removed?) and are lost; starting from the "
+                    "log's records after them alone",
+                    path,
+                    int(path.stem),
+                    after_seq + 1,
+                    int(path.stem) - 1,
+                )
+            checked = True
             for record in self._read(path, last=i == len(segments) - 1):
                 read = seq = record["seq"]
                 if seq <= after_seq:

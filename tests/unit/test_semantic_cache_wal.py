@@ -323,7 +323,7 @@ async def test_rotation_hands_over_exactly_the_copied_records(tmp_path: Path) ->
     assert len(wal.segments()) == 2
     assert wal.drop_through(last) == 1
     wal.close()
-    assert [r["seq"] for r in WriteAheadLog(tmp_path).open()] == [3]
+    assert [r["seq"] for r in WriteAheadLog(tmp_path).open(last)] == [3]
 
 
 async def test_rotation_makes_the_old_segment_whole_before_the_new_one_exists(
@@ -580,6 +580,90 @@ async def test_a_lost_log_is_numbered_on_after_the_snapshot(tmp_path: Path) -> N
     await Snapshotter(store, clock, 0, WriteAheadLog(tmp_path / "wal")).open(revived)
     hit = await revived.check(q("a question after the loss"))
     assert hit.entry is not None and hit.entry.answer.payload == b"new"
+
+
+async def test_a_snapshot_older_than_the_log_stops_the_start_naming_the_gap(
+    tmp_path: Path,
+) -> None:
+    """A backup taken file by file: the snapshot copied, then a save deleted the segments it
+    covered, then wal/ copied. Restored, the old snapshot and the newer log miss the records
+    between them: replayed over it, the purge of tenant b and the corrected answer in that gap
+    came undone (both old answers served, no word in the log); now the start stops, naming
+    the segment and the records missing."""
+    import shutil
+
+    data = tmp_path / "data"
+    store = SnapshotStore(data)
+    clock = ManualClock()
+    cache = new_cache(clock)
+    snapshotter = Snapshotter(store, clock, 0, WriteAheadLog(data / "wal"))
+    await snapshotter.open(cache)
+    await cache.store(q("how do i reset my password"), answer(b"old, wrong"))
+    await cache.store(q("what is the refund policy", "b"), answer(b"tenant b's"))
+    assert await snapshotter.save()  # holds records 1 and 2
+    backup = tmp_path / "backup.snapshot"
+    shutil.copy(store.path, backup)
+    await cache.store(q("how do i reset my password"), answer(b"corrected"))  # record 3
+    assert await cache.drop("b") == 1  # record 4
+    assert await snapshotter.save()  # deletes the segment of records 1-4
+    await cache.store(q("a question after them"), answer(b"after"))  # record 5
+    shutil.copy(backup, store.path)
+    revived = new_cache(clock)
+    with pytest.raises(WalError, match=r"begins at record 5.* up to 2 only: records 3 to 4") as e:
+        await Snapshotter(store, clock, 0, WriteAheadLog(data / "wal")).open(revived)
+    assert str(WriteAheadLog(data / "wal").segments()[0]) in str(e.value)
+    assert f"move both the snapshot and {data / 'wal'} aside" in str(e.value)
+
+
+async def test_a_log_without_its_snapshot_is_replayed_and_the_loss_said(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The snapshot removed (moved aside once reported damaged): nothing older is held, so
+    the log's records are replayed; the records only the snapshot held are said lost in an
+    error line (before: "no snapshot ...: starting empty" and the replay's line, at INFO)."""
+    store = SnapshotStore(tmp_path)
+    clock = ManualClock()
+    cache = new_cache(clock)
+    snapshotter = Snapshotter(store, clock, 0, WriteAheadLog(tmp_path / "wal"))
+    await snapshotter.open(cache)
+    for i in range(3):
+        await cache.store(q(f"question number {i}"), answer(b"in the snapshot"))
+    assert await snapshotter.save()
+    await cache.store(q("a question after them"), answer(b"after"))
+    store.path.unlink()
+    revived = new_cache(clock)
+    with caplog.at_level(logging.ERROR, logger="cachemesh.semantic_cache.persistence"):
+        await Snapshotter(store, clock, 0, WriteAheadLog(tmp_path / "wal")).open(revived)
+    assert [e.answer.payload for e in revived.export_entries().entries] == [b"after"]
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert "begins at record 4 and there is no snapshot: records 1 to 3" in line
+    assert "are lost" in line
+
+
+async def test_numbers_a_failure_lost_at_a_segment_start_are_no_gap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records lost by a failed fsync at the start of a segment, the snapshot that would
+    cover them never saved, then a restart: the log numbers on from the last (empty) segment,
+    and those numbers are in no file. They were never acknowledged: the log is read, not
+    refused as one begun after its snapshot."""
+    wal = WriteAheadLog(tmp_path)
+    wal.open()
+    wal.append({"op": "x", "n": 1})
+    wal.append({"op": "x", "n": 2})
+    _, covered = await wal.rotate(lambda: None)  # a snapshot holds records 1 and 2
+    _fail_one_fsync(monkeypatch)
+    wal.append({"op": "x", "n": 3})
+    with pytest.raises(WalError):
+        await wal.sync()  # record 3 lost: its segment is left empty
+    await wal.rotate(lambda: None)  # the snapshot after the failure: its save fails
+    wal.close()
+    again = WriteAheadLog(tmp_path)
+    assert again.open(covered) == []
+    assert again.append({"op": "x", "n": 4}) == 4
+    await again.sync()
+    again.close()
+    assert [(r["seq"], r["n"]) for r in WriteAheadLog(tmp_path).open(covered)] == [(4, 4)]
 
 
 async def test_a_snapshot_after_a_failed_fsync_saves_and_stores_are_durable_again(
