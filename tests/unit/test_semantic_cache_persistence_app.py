@@ -183,9 +183,11 @@ async def test_a_stop_during_the_replay_keeps_the_lock_until_the_replay_has_ende
         release.wait(timeout=1)
         return real_apply_drop(self, tenant, namespace)
 
-    def replay(self: Snapshotter, cache: SemanticCache, wal_seq: int) -> float | Exception | None:
+    def replay(
+        self: Snapshotter, cache: SemanticCache, wal_seq: int, snapshot: bool
+    ) -> float | Exception | None:
         try:
-            return real_replay(self, cache, wal_seq)
+            return real_replay(self, cache, wal_seq, snapshot)
         finally:
             replayed.set()
 
