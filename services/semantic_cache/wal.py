@@ -90,12 +90,12 @@ class LogGap(WalError):
         first = int(segment.stem)
         super().__init__(
             f"{segment}: the write-ahead log begins at record {first}, but the snapshot beside "
-            f"it holds the records up to {after_seq} only: records {after_seq + 1} to "
-            f"{first - 1} are in neither (the snapshot is older than the log: restored from a "
-            "backup taken file by file, or replaced). Replayed over it, the log would bring "
-            "back the answers and tenants those records replaced or dropped. Put back the "
-            f"snapshot saved with this log, or move both the snapshot and {segment.parent} "
-            "aside to start empty"
+            f"it holds the records up to {after_seq} only: "
+            f"{_numbers(after_seq + 1, first - 1, 'is', 'are')} in neither (the snapshot is "
+            "older than the log: restored from a backup taken file by file, or replaced). "
+            "Replayed over it, the log would bring back the answers and tenants those records "
+            "replaced or dropped. Put back the snapshot saved with this log, or move both the "
+            f"snapshot and {segment.parent} aside to start empty"
         )
         self.segment = segment
         self.after_seq = after_seq
@@ -186,12 +186,11 @@ class WriteAheadLog:
                     raise LogGap(path, after_seq)
                 log.error(
                     "%s: the write-ahead log begins at record %d and there is no snapshot: "
-                    "records %d to %d were in one (removed?) and are lost; starting from the "
-                    "log's records after them alone",
+                    "%s in one (removed?) and lost; starting from the log's records "
+                    "after them alone",
                     path,
                     int(path.stem),
-                    after_seq + 1,
-                    int(path.stem) - 1,
+                    _numbers(after_seq + 1, int(path.stem) - 1, "was", "were"),
                 )
             checked = True
             for record in self._read(path, last=i == len(segments) - 1):
@@ -481,6 +480,11 @@ def _cut_tail(path: Path, offset: int, rest: bytes, seq: int) -> TailCut:
         moved_to,
     )
     return TailCut("damaged", path, offset, len(rest), moved_to)
+
+
+def _numbers(first: int, last: int, one: str, more: str) -> str:
+    """Records ``first`` to ``last`` and the verb (``one`` or ``more``), as a reader says them."""
+    return f"record {first} {one}" if first == last else f"records {first} to {last} {more}"
 
 
 def _zero_filled(rest: bytes, length: int) -> bool:
