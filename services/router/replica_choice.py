@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from services.router.balance import BalancePolicy, Route, choose
 from services.router.replica_health import EjectionPolicy
-from services.router.replica_state import ReplicaStates
+from services.router.replica_state import ReplicaStates, check_kv_capacity
 
 POLICIES = ("ttft", "sglang", "round_robin")
 # every reason a route may carry, by policy (``fallback``: the chosen replica failed first)
@@ -66,6 +66,9 @@ class TtftPolicy:
     # the prefill rate assumed for a replica that has not reported yet, when the model's row
     # gives none (a simulated row's prefill_tokens_per_s, or prior_prefill_tokens_per_s)
     prior_prefill_tps: float = 10_000.0
+
+    def __post_init__(self) -> None:
+        check_kv_capacity(self.kv_capacity_tokens)
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,16 @@ STALL_FACTOR = 2.0
 STALL_FLOOR_S = 1.0
 
 
+def check_kv_capacity(kv_capacity_tokens: int | None) -> None:
+    """Refuses a replica KV capacity below one ``BLOCK_SIZE`` block (None: no eviction model):
+    a cache that small holds no block, so no prefix can be counted as held there."""
+    if kv_capacity_tokens is not None and kv_capacity_tokens < BLOCK_SIZE:
+        raise ValueError(
+            f"kv_capacity_tokens must be at least {BLOCK_SIZE} (one KV block) or None (no "
+            f"eviction model), got {kv_capacity_tokens}"
+        )
+
+
 def stalled_after_s(predicted_s: float) -> float:
     """How long after its prefill began a request without a first report is stalled."""
     return STALL_FACTOR * predicted_s + STALL_FLOOR_S
@@ -172,9 +182,10 @@ class ReplicaRate:
 class ReplicaStates:
     def __init__(self, kv_capacity_tokens: int | None = None) -> None:
         """``kv_capacity_tokens``: each replica's KV cache, for ``surviving_match`` (None: no
-        eviction model)."""
-        if kv_capacity_tokens is not None and kv_capacity_tokens < 0:
-            raise ValueError(f"kv_capacity_tokens must be >= 0, got {kv_capacity_tokens}")
+        eviction model). At least one ``BLOCK_SIZE`` block, as ``ROUTER_KV_CAPACITY_TOKENS``
+        requires: below it the model counted a prompt's blocks as held by a cache too small
+        for one (a 15-token cache held a 32-token prefix)."""
+        check_kv_capacity(kv_capacity_tokens)
         self._capacity = kv_capacity_tokens
         self._replicas: dict[str, _Replica] = {}
         self._tickets = 0

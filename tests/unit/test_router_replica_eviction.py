@@ -120,3 +120,20 @@ def test_the_model_remembers_at_most_a_capacity_of_blocks_and_answers_by_the_pre
     assert states.tracked_blocks("r") <= 100 + 44
     asked = [*shared, b"new block".ljust(16, b".")]
     assert states.surviving_match("r", asked, len(asked) * 16 + 1) == (0, 40 * 16)
+
+
+@pytest.mark.parametrize("capacity", [-1, 0, 1, 15])
+def test_a_capacity_below_one_block_is_refused_in_code_as_by_the_setting(capacity: int) -> None:
+    """ROUTER_KV_CAPACITY_TOKENS refuses below one 16-token block; the pieces did not: a
+    15-token cache counted a prefilled 32-token prefix as held, a 0-token one no queued prompt
+    (no caller passes one now; the model and the policy refuse it as the setting does)."""
+    with pytest.raises(ValueError, match="at least 16"):
+        ReplicaStates(kv_capacity_tokens=capacity)
+    with pytest.raises(ValueError, match="at least 16"):
+        TtftPolicy(kv_capacity_tokens=capacity)
+
+
+def test_one_block_of_capacity_or_none_is_taken() -> None:
+    assert ReplicaStates(kv_capacity_tokens=16).kv_capacity_tokens == 16
+    assert ReplicaStates().kv_capacity_tokens is None
+    assert TtftPolicy(kv_capacity_tokens=16).kv_capacity_tokens == 16
