@@ -145,7 +145,7 @@ class _Replica:
     # with a KV capacity: each block prefilled there that it may still hold, with
     # prefilled_tokens after the last prefill that used it, least recently used first (an LRU
     # of at most a capacity's blocks, whatever the traffic)
-    prefilled_tokens: int = 0  # new tokens prefilled (KV blocks written), in all
+    prefilled_tokens: int = 0  # KV blocks written (in tokens: whole blocks), in all
     blocks_at: OrderedDict[bytes, int] = field(default_factory=OrderedDict)
     # the replica's signs of life on any call (a first report, a token), counted, and the
     # last one's time: a replica streaming answers is busy, not hung (``progressed``)
@@ -187,6 +187,8 @@ class ReplicaStates:
         for one (a 15-token cache held a 32-token prefix)."""
         check_kv_capacity(kv_capacity_tokens)
         self._capacity = kv_capacity_tokens
+        # the whole blocks it holds, in tokens: the engine caches whole blocks only
+        self._capacity_blocks = (kv_capacity_tokens or 0) // BLOCK_SIZE * BLOCK_SIZE
         self._replicas: dict[str, _Replica] = {}
         self._tickets = 0
 
@@ -271,12 +273,12 @@ class ReplicaStates:
             prefilled = prompt_tokens - kv_cached_tokens
         seconds = now - began
         if self._capacity is not None:
-            state.prefilled_tokens += max(prefilled, 0)
+            state.prefilled_tokens += _written(prompt_tokens, prefilled)
             at, blocks = state.prefilled_tokens, state.blocks_at
             for block in pending.hashes:
                 blocks[block] = at
                 blocks.move_to_end(block)
-            while blocks and at - next(iter(blocks.values())) >= self._capacity:
+            while blocks and at - next(iter(blocks.values())) >= self._capacity_blocks:
                 blocks.popitem(last=False)  # evicted by now
         if prefilled >= MIN_SAMPLE_TOKENS and seconds > 0:
             if state.samples == 0:
@@ -581,16 +583,22 @@ class ReplicaStates:
     ) -> tuple[int, int | None]:
         """The leading tokens of the prompt the replica will still hold when this request's
         prefill begins, by an LRU model of its cache (``kv_capacity_tokens``: it keeps the
-        blocks of the newest that many prefilled tokens): (from prompts queued there, from
-        prompts it has prefilled). A prompt's blocks count while fewer new tokens than the
-        capacity are prefilled after it up to then, the queue ahead included. The second is
+        newest that many tokens' whole blocks): (from prompts queued there, from prompts it
+        has prefilled). A prompt's block counts while fewer blocks than the capacity are
+        written after it up to then: the queue ahead's, a partial last block of a prompt
+        not cached (not written), and the blocks of its own prompt before it (touched after
+        it: ``KvBlockCache.insert``'s tail first). Blocks reused after it are not counted (a
+        prompt's cached head touched again moves ahead of it in the engine's LRU): the model
+        may count a block held that the engine evicted (seldom the reverse: a prompt ending
+        on a block's end, that block held, is counted written again); prefix-cache's view
+        caps it (``ReplicaChooser._surviving``). The second is
         None while this router's record does not reach back a whole capacity (it has seen
         fewer new tokens prefilled there, queue ahead included, since it started): what was
         prefilled before, as prefix-cache's view names it, may still be held. Without a
         capacity: (``pending_match``, the whole prompt: nothing is known to be evicted)."""
-        capacity = self._capacity
-        if capacity is None:
+        if self._capacity is None:
             return self.pending_match(replica, hashes, prompt_tokens), prompt_tokens
+        capacity = self._capacity_blocks
         state = self._replicas.get(replica)
         if state is None:
             return 0, None
@@ -600,17 +608,19 @@ class ReplicaStates:
             if after >= capacity:
                 break
             queued = max(queued, _common(wanted, pending.hashes))
-            after += pending.uncached_tokens
+            after += _written(pending.prompt_tokens, pending.uncached_tokens)
         # a block last used at or before this point is evicted by the time the request runs
         evicted_up_to = after + state.prefilled_tokens - capacity
         if evicted_up_to < 0:
             return queued * BLOCK_SIZE, None
         # Block hashes are chained: a block held implies the blocks before it were used
         # with it, at least as recently; so the held prefix ends at the first block gone.
+        # A prompt's blocks are touched tail first (``KvBlockCache.insert``): after block j
+        # come the j blocks before it, so it is evicted j blocks sooner than its head.
         held = 0
         for block in wanted:
             prefilled_at = state.blocks_at.get(block)
-            if prefilled_at is None or prefilled_at <= evicted_up_to:
+            if prefilled_at is None or prefilled_at - held * BLOCK_SIZE <= evicted_up_to:
                 break
             held += 1
         return queued * BLOCK_SIZE, held * BLOCK_SIZE
@@ -743,6 +753,15 @@ def _decode_left_s(state: _Replica, started_at: float, max_tokens: int, now: flo
         longest = max_tokens * state.decode_seconds_avg / state.decode_tokens_avg
         left = min(left, max(longest - run_s, 0.0))
     return left
+
+
+def _written(prompt_tokens: int, uncached_tokens: int) -> int:
+    """The KV blocks, in tokens, a prefill of ``uncached_tokens`` of a prompt of
+    ``prompt_tokens`` writes: the prompt's whole blocks past the whole blocks it reused (a
+    partial last block is not cached: it evicts nothing)."""
+    prompt = max(prompt_tokens, 0)
+    reused = max(prompt - max(uncached_tokens, 0), 0)
+    return max(prompt // BLOCK_SIZE - reused // BLOCK_SIZE, 0) * BLOCK_SIZE
 
 
 def _common(mine: Sequence[bytes], theirs: Sequence[bytes]) -> int:

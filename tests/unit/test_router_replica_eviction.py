@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from services.common.kv_blocks import BLOCK_SIZE, KvBlockCache, block_hashes
 from services.router.replica_choice import ChoiceSettings, ReplicaChooser, Request, TtftPolicy
 from services.router.replica_state import ReplicaStates
 
@@ -27,11 +28,12 @@ def test_a_prefilled_prompt_stays_warm_until_the_capacity_is_prefilled_after_it(
     ticket = states.sent("r", 129, 129, BLOCKS, now=0.0)
     states.started("r", ticket, 129, 0, now=1.0)
     assert states.surviving_match("r", BLOCKS, 129) == (0, 128)
-    # 900 new tokens after it: still held (an LRU cache keeps the newest 1,000)
+    # 900 new tokens after it (56 blocks): the cache's 62 blocks keep its head, not its two
+    # tail blocks (touched first: 8 + 56 blocks is 2 more than it holds)
     ticket = states.sent("r", 900, 900, OTHER, now=1.0)
-    assert states.surviving_match("r", BLOCKS, 129) == (0, 128)
+    assert states.surviving_match("r", BLOCKS, 129) == (0, 96)
     states.started("r", ticket, 900, 0, now=2.0)
-    assert states.surviving_match("r", BLOCKS, 129) == (0, 128)
+    assert states.surviving_match("r", BLOCKS, 129) == (0, 96)
     # 200 more queued ahead of the request: by the time it runs, evicted
     states.sent("r", 200, 200, [], now=2.0)
     assert states.surviving_match("r", BLOCKS, 129) == (0, 0)
@@ -137,3 +139,42 @@ def test_one_block_of_capacity_or_none_is_taken() -> None:
     assert ReplicaStates(kv_capacity_tokens=16).kv_capacity_tokens == 16
     assert ReplicaStates().kv_capacity_tokens is None
     assert TtftPolicy(kv_capacity_tokens=16).kv_capacity_tokens == 16
+
+
+def _engine_and_model(
+    capacity_blocks: int, prompts: list[list[int]]
+) -> list[tuple[int, int | None]]:
+    """Each prompt prefilled in turn on the engine's LRU cache (``KvBlockCache``) and told to
+    the router's model as the replica reports it; after each, (the engine's reuse of the first
+    prompt, the model's held prefix of it)."""
+    engine = KvBlockCache(capacity_blocks)
+    states = ReplicaStates(kv_capacity_tokens=capacity_blocks * BLOCK_SIZE)
+    first = block_hashes("t", "m", prompts[0])
+    seen = []
+    for at, ids in enumerate(prompts):
+        hashes = block_hashes("t", "m", ids)
+        cached = engine.cached_tokens(hashes, len(ids))
+        ticket = states.sent("r", len(ids), len(ids) - cached, hashes, now=float(at))
+        states.started("r", ticket, len(ids), cached, now=at + 0.5)
+        engine.insert(hashes)
+        _, held = states.surviving_match("r", first, len(prompts[0]))
+        seen.append((engine.cached_tokens(first, len(prompts[0])), held))
+    return seen
+
+
+def test_the_model_evicts_a_prompts_tail_first_as_the_engine_does() -> None:
+    """A 4-block cache, a 4-block prompt, then a 2-block one: the engine keeps the first
+    prompt's 2 head blocks (its tail was touched first); the model counted all 4 held (the
+    prompt's own blocks after each one were not counted: 64 tokens against the engine's 32)."""
+    seen = _engine_and_model(4, [list(range(65)), list(range(1000, 1033))])
+    assert seen == [(64, 64), (32, 32)]
+
+
+def test_a_partial_last_block_evicts_nothing_in_the_model_as_in_the_engine() -> None:
+    """A 4-block cache, a 2-block prompt, then prompts of one block and 15 tokens more: the
+    engine writes one block for each (the partial one is not cached), so the first prompt's
+    head outlives three of them; the model counted their 31 tokens each and had it evicted
+    (0 against the engine's 16)."""
+    prompts = [list(range(33))] + [list(range(1000 * n, 1000 * n + 31)) for n in (1, 2, 3)]
+    seen = _engine_and_model(4, prompts)
+    assert seen == [(32, None), (32, None), (32, 32), (16, 16)]
