@@ -608,7 +608,9 @@ class ReplicaStates:
             if after >= capacity:
                 break
             queued = max(queued, _common(wanted, pending.hashes))
-            after += _written(pending.prompt_tokens, pending.uncached_tokens)
+            # one whose caller left is prefilled all the same, its prompt no longer counted
+            prompt = pending.prompt_tokens if pending.abandoned_until is None else None
+            after += _written(prompt, pending.uncached_tokens)
         # a block last used at or before this point is evicted by the time the request runs
         evicted_up_to = after + state.prefilled_tokens - capacity
         if evicted_up_to < 0:
@@ -755,10 +757,13 @@ def _decode_left_s(state: _Replica, started_at: float, max_tokens: int, now: flo
     return left
 
 
-def _written(prompt_tokens: int, uncached_tokens: int) -> int:
+def _written(prompt_tokens: int | None, uncached_tokens: int) -> int:
     """The KV blocks, in tokens, a prefill of ``uncached_tokens`` of a prompt of
     ``prompt_tokens`` writes: the prompt's whole blocks past the whole blocks it reused (a
-    partial last block is not cached: it evicts nothing)."""
+    partial last block is not cached: it evicts nothing); the prompt not known (None), the
+    whole blocks of ``uncached_tokens``."""
+    if prompt_tokens is None:
+        return max(uncached_tokens, 0) // BLOCK_SIZE * BLOCK_SIZE
     prompt = max(prompt_tokens, 0)
     reused = max(prompt - max(uncached_tokens, 0), 0)
     return max(prompt // BLOCK_SIZE - reused // BLOCK_SIZE, 0) * BLOCK_SIZE

@@ -178,3 +178,16 @@ def test_a_partial_last_block_evicts_nothing_in_the_model_as_in_the_engine() -> 
     prompts = [list(range(33))] + [list(range(1000 * n, 1000 * n + 31)) for n in (1, 2, 3)]
     seen = _engine_and_model(4, prompts)
     assert seen == [(32, None), (32, None), (32, 32), (16, 16)]
+
+
+def test_a_prefill_whose_caller_left_still_evicts_in_the_model() -> None:
+    """The engine prefills a prompt whose caller left all the same (``abandoned``): its blocks
+    still push the first prompt's tail out (8 + 62 blocks in a 64-block cache: 2 held)."""
+    states = ReplicaStates(kv_capacity_tokens=64 * BLOCK_SIZE)
+    ticket = states.sent("r", 129, 129, BLOCKS, now=0.0)
+    states.started("r", ticket, 129, 0, now=0.1)
+    other = [bytes([150 + i]) * 16 for i in range(62)]
+    left = states.sent("r", 1_000, 1_000, other, now=0.2)
+    assert states.surviving_match("r", BLOCKS, 129) == (0, 32)
+    states.abandoned("r", left, RATE, now=0.25)
+    assert states.surviving_match("r", BLOCKS, 129) == (0, 32)
