@@ -624,3 +624,66 @@ def test_no_api_key_after_sourcing_the_demo_keys_says_how_to_use_them(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "never-shown" not in err, err
     assert "CACHEMESH_API_KEY=$CACHEMESH_KEY_A" in err
+
+
+GLOBAL_FLAGS = (
+    ["--target", REMOTE],
+    ["--insecure"],
+    ["--tls"],
+    ["--ca-file", "/etc/cachemesh/ca.pem"],
+    ["--cert-file", "/etc/cachemesh/client.pem"],
+    ["--key-file", "/etc/cachemesh/client.key"],
+)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["ask", "hi"], ["admin", "stats"], ["admin", "keys", "list"], ["admin", "policy", "get", "t"]],
+)
+@pytest.mark.parametrize("flags", GLOBAL_FLAGS, ids=lambda flags: flags[0])
+def test_each_global_flag_is_taken_before_or_after_the_subcommand(
+    dialled: Dialled, command: list[str], flags: list[str]
+) -> None:
+    """``cachemesh admin --insecure stats`` was refused ("unrecognized arguments:
+    --insecure"): only ``cachemesh --insecure admin stats`` worked. Every global flag now
+    parses the same before the subcommand, right after it, and at the end of the line."""
+    parser = cli._parser()
+    bare = vars(parser.parse_args(command))
+    before = vars(parser.parse_args([*flags, *command]))
+    after = vars(parser.parse_args([command[0], *flags, *command[1:]]))
+    at_end = vars(parser.parse_args([*command, *flags]))
+    assert before == after == at_end != bare
+
+
+@pytest.mark.parametrize(
+    "flags", [["--json"], ["--admin-token-file", "/run/admin-token"]], ids=lambda f: f[0]
+)
+@pytest.mark.parametrize("command", [["stats"], ["keys", "list"], ["limits", "get", "t"]])
+def test_admins_own_flags_are_taken_before_or_after_its_subcommand(
+    dialled: Dialled, command: list[str], flags: list[str]
+) -> None:
+    """``admin``'s options as the command's: ``admin stats --json`` as ``admin --json stats``
+    (the README said "--json before the subcommand": after it, it was refused)."""
+    parser = cli._parser()
+    bare = vars(parser.parse_args(["admin", *command]))
+    before = vars(parser.parse_args(["admin", *flags, *command]))
+    at_end = vars(parser.parse_args(["admin", *command, *flags]))
+    assert before == at_end != bare
+
+
+def test_global_flags_on_both_sides_of_the_subcommand_are_all_kept(dialled: Dialled) -> None:
+    """One flag before the subcommand and another after it: the subcommand's parser leaves the
+    first as it was (no default of its own overwrites it)."""
+    args = cli._parser().parse_args(["--target", REMOTE, "admin", "--insecure", "stats"])
+    assert args.target == REMOTE and args.insecure is True and args.tls is False
+    args = cli._parser().parse_args(["--insecure", "ask", "hi", "--target", REMOTE])
+    assert args.target == REMOTE and args.insecure is True
+
+
+def test_insecure_after_admin_reaches_the_admin_client(dialled: Dialled) -> None:
+    """The whole command: ``--insecure`` and ``--target`` after ``admin`` are used, the
+    remote target in plaintext allowed for the admin token by the flag as before it."""
+    assert main(["admin", "--insecure", "stats", "--target", REMOTE]) == 1  # UNAVAILABLE
+    assert dialled.made == [(REMOTE, None)] and dialled.insecure == [True]
+    assert main(["ask", "hi", "--target", REMOTE]) == 2  # read: refused in plaintext
+    assert len(dialled.made) == 1

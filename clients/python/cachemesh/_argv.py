@@ -65,6 +65,18 @@ def _options(parser: argparse.ArgumentParser) -> Iterator[str]:
                 yield from _options(sub)
 
 
+def subcommand_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every subcommand's parser under ``parser``, at every depth (``admin keys create``):
+    each takes the options of the command above it too (``cachemesh``'s, ``admin``'s), as
+    users put them after the subcommand as often as before it."""
+    found: list[argparse.ArgumentParser] = []
+    for action in parser._actions:  # argparse lists its subparsers nowhere public
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):  # an alias names one twice
+                found += [sub, *subcommand_parsers(sub)]
+    return found
+
+
 def secret_flag(argv: Sequence[str], parser: argparse.ArgumentParser) -> str | None:
     """The first flag in ``argv`` (before ``--``) that none of ``parser``'s options is and
     whose name has a secret's word (``--api-key``, ``--token=...``): its name, never its value;

@@ -193,37 +193,47 @@ def env_bool(name: str) -> bool:
 INSECURE_ENV = "CACHEMESH_INSECURE"
 
 
-def add_arguments(parser: argparse.ArgumentParser, insecure_sends: str) -> None:
+def add_arguments(
+    parser: argparse.ArgumentParser, insecure_sends: str, *, inherited: bool = False
+) -> None:
     """``--ca-file``, ``--tls``, ``--cert-file``, ``--key-file`` (defaults from this
     environment's ``CACHEMESH_*`` settings) and ``--insecure``, whose help says what it lets
     this tool send in cleartext (``insecure_sends``); ``from_args`` reads the TLS ones,
     ``insecure_from_args`` the last (with ``CACHEMESH_INSECURE``, which allows API keys
-    only)."""
+    only). ``inherited``: ``parser`` is a subcommand's, the same flags given after it: each
+    has no default (``argparse.SUPPRESS``), so one not given there leaves the value the
+    command's own parser took (before the subcommand, or its default) as it was."""
+
+    def default(value: str | bool | None) -> str | bool | None:
+        return argparse.SUPPRESS if inherited else value
+
     parser.add_argument(
         "--insecure",
         action="store_true",
+        default=default(False),
         help="permit a target that is neither loopback nor a Unix socket in plaintext "
         f"({insecure_sends})",
     )
     parser.add_argument(
         "--ca-file",
-        default=os.environ.get("CACHEMESH_CA_FILE"),
+        default=default(os.environ.get("CACHEMESH_CA_FILE")),
         help="TLS: the CA that signed the Gateway's certificate, PEM (env CACHEMESH_CA_FILE)",
     )
     parser.add_argument(
         "--tls",
         action="store_true",
+        default=default(False),
         help="TLS with the system's CA roots (implied by --ca-file; env CACHEMESH_TLS: "
         "1/0, true/false, yes/no, on/off)",
     )
     parser.add_argument(
         "--cert-file",
-        default=os.environ.get("CACHEMESH_CERT_FILE"),
+        default=default(os.environ.get("CACHEMESH_CERT_FILE")),
         help="mutual TLS: this client's certificate, PEM (env CACHEMESH_CERT_FILE)",
     )
     parser.add_argument(
         "--key-file",
-        default=os.environ.get("CACHEMESH_KEY_FILE"),
+        default=default(os.environ.get("CACHEMESH_KEY_FILE")),
         help="mutual TLS: this client's private key, PEM (env CACHEMESH_KEY_FILE)",
     )
 

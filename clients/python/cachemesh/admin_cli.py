@@ -19,6 +19,7 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from cachemesh._argv import subcommand_parsers
 from cachemesh._errors import CachemeshError
 from cachemesh._tls import Tls
 from cachemesh.admin import AdminClient, LimitChange, read_admin_token
@@ -30,16 +31,28 @@ MAX_INT64 = 2**63 - 1
 LIMIT_WORDS: dict[str, LimitChange] = {"unlimited": "unlimited", "default": "default"}
 
 
-def add_parser(commands: Any) -> None:
-    """Adds ``admin`` and its subcommands to the ``cachemesh`` parser's subcommands."""
-    admin = commands.add_parser("admin", help="the Admin API: keys, stats, purges, policy")
-    admin.add_argument(
+def _add_admin_arguments(parser: argparse.ArgumentParser, *, inherited: bool = False) -> None:
+    """``admin``'s own options; ``inherited``: on one of its subcommands' parsers (``admin
+    stats --json`` as ``admin --json stats``), with no default, so one not given there leaves
+    what ``admin``'s parser took."""
+    parser.add_argument(
         "--admin-token-file",
-        default=os.environ.get("CACHEMESH_ADMIN_TOKEN_FILE"),
+        default=argparse.SUPPRESS if inherited else os.environ.get("CACHEMESH_ADMIN_TOKEN_FILE"),
         help="a file holding the admin token (env CACHEMESH_ADMIN_TOKEN_FILE; or set "
         "CACHEMESH_ADMIN_TOKEN)",
     )
-    admin.add_argument("--json", action="store_true", help="print the reply as JSON")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS if inherited else False,
+        help="print the reply as JSON",
+    )
+
+
+def add_parser(commands: Any) -> None:
+    """Adds ``admin`` and its subcommands to the ``cachemesh`` parser's subcommands."""
+    admin = commands.add_parser("admin", help="the Admin API: keys, stats, purges, policy")
+    _add_admin_arguments(admin)
     what = admin.add_subparsers(dest="admin_command", required=True)
 
     stats = what.add_parser("stats", help="per-tenant keys, L1 hit rates, cost and saving")
@@ -107,6 +120,8 @@ def add_parser(commands: Any) -> None:
         help="the tenant may have no key or limit yet (else refused: a misspelt name would "
         "change nothing)",
     )
+    for sub in subcommand_parsers(admin):
+        _add_admin_arguments(sub, inherited=True)
 
 
 def rate_change(text: str) -> LimitChange:

@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Mapping
 
-from cachemesh._argv import Parser, secret_flag
+from cachemesh._argv import Parser, secret_flag, subcommand_parsers
 from cachemesh._channel import DEFAULT_TIMEOUT_S, TIMEOUT_MAX_S, never_connected
 from cachemesh._client import DEFAULT_TARGET, Client
 from cachemesh._errors import CachemeshError, DeadlineExceededError, UnavailableError
@@ -99,26 +99,41 @@ def _check_utf8(args: argparse.Namespace) -> None:
             ) from None
 
 
+_INSECURE_SENDS = (
+    f"ask: the API key in cleartext on the network, as env {INSECURE_ENV}=1 (1/0, "
+    "true/false, yes/no, on/off) allows too; admin: the admin token, with this flag only: "
+    "the variable allows API keys only"
+)
+
+
+def _add_global_arguments(parser: argparse.ArgumentParser, *, inherited: bool = False) -> None:
+    """``--target``, the TLS flags and ``--insecure`` (and the refused ``--key``): on the
+    command's own parser with their defaults; ``inherited``: on a subcommand's (users put
+    flags after ``admin`` or ``ask`` as often as before them), with no default, so one not
+    given there leaves what the command's parser took."""
+    parser.add_argument(
+        "--target",
+        default=argparse.SUPPRESS
+        if inherited
+        else os.environ.get("CACHEMESH_TARGET", DEFAULT_TARGET),
+        help="the Gateway's host:port (env CACHEMESH_TARGET)",
+    )
+    # refused when given (main): the API key comes from CACHEMESH_API_KEY only
+    parser.add_argument(
+        "--key", default=argparse.SUPPRESS if inherited else None, help=argparse.SUPPRESS
+    )
+    add_tls_arguments(parser, _INSECURE_SENDS, inherited=inherited)  # and --insecure
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="cachemesh",
         description=__doc__,
         epilog="The API key comes from CACHEMESH_API_KEY (`source .run/demo-keys.env` sets "
-        "CACHEMESH_KEY_A/B; `make keys` writes them), never from the command line.",
+        "CACHEMESH_KEY_A/B; `make keys` writes them), never from the command line. "
+        "--target, --insecure and the TLS flags go before or after the subcommand.",
     )
-    parser.add_argument(
-        "--target",
-        default=os.environ.get("CACHEMESH_TARGET", DEFAULT_TARGET),
-        help="the Gateway's host:port (env CACHEMESH_TARGET)",
-    )
-    # refused when given (main): the API key comes from CACHEMESH_API_KEY only
-    parser.add_argument("--key", default=None, help=argparse.SUPPRESS)
-    add_tls_arguments(  # and --insecure
-        parser,
-        f"ask: the API key in cleartext on the network, as env {INSECURE_ENV}=1 (1/0, "
-        "true/false, yes/no, on/off) allows too; admin: the admin token, with this flag only: "
-        "the variable allows API keys only",
-    )
+    _add_global_arguments(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     ask = commands.add_parser("ask", help="ask one question")
     ask.add_argument("question")
@@ -137,6 +152,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     ask.add_argument("--json", action="store_true", help="print the whole response as JSON")
     add_admin_parser(commands)
+    for sub in subcommand_parsers(parser):
+        _add_global_arguments(sub, inherited=True)
     return parser
 
 
