@@ -44,6 +44,7 @@ from services.common.heap import freeze_startup_heap
 from services.common.metrics import MetricsEndpoint
 from services.common.stop_signals import STOP_SIGNALS, release_stop_signals, stop_on_signals
 from services.common.tls import ServerTls
+from services.common.tokens import tokenizer_error_exits
 from services.common.wire import MalformedRequests
 
 log = logging.getLogger("cachemesh.server")
@@ -360,9 +361,11 @@ def run_main(
     name: str,
     serve: Callable[[Mapping[str, str], asyncio.Event], Coroutine[Any, Any, None]],
 ) -> None:
-    """A service's ``main``: serve until stopped; a bad configuration is one line and exit 2."""
+    """A service's ``main``: serve until stopped; a bad configuration or a missing vocabulary
+    is one line and exit 2."""
     try:
-        asyncio.run(_serve_until_stopped(serve, os.environ))
+        with tokenizer_error_exits(name):  # a vocabulary missing: what to do, exit 2
+            asyncio.run(_serve_until_stopped(serve, os.environ))
     except ConfigError as exc:
         print(f"{name}: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

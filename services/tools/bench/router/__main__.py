@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.common.tokens import load_cl100k
+from services.common.tokens import load_cl100k, tokenizer_error_exits
 from services.semantic_cache.embedder import load_minilm_embedder
 from services.tools.bench.router.frontier import (
     Point,
@@ -144,4 +144,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    with tokenizer_error_exits("bench.router"):  # a vocabulary missing: what to do, exit 2
+        raise SystemExit(main())

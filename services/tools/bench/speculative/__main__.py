@@ -21,7 +21,7 @@ from typing import Any
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.models import ModelSpec, ModelTable, load_model_table
-from services.common.tokens import Tokenizer, load_cl100k
+from services.common.tokens import Tokenizer, load_cl100k, tokenizer_error_exits
 from services.model.engine import Finished, SimEngine, Started
 from services.model.kv_cache import KvBlockCache
 from services.model.speculative import (
@@ -135,4 +135,5 @@ def main() -> None:
     print(f"written to {args.out}")
 
 
-main()
+with tokenizer_error_exits("bench.speculative"):  # a vocabulary missing: exit 2
+    main()

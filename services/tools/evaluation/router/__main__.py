@@ -20,6 +20,7 @@ import numpy as np
 
 from services.common.env import Env
 from services.common.model_overrides import model_table_from_env
+from services.common.tokens import tokenizer_error_exits
 from services.router.routing.model import (
     CARD_PATH,
     FORMAT,
@@ -277,4 +278,5 @@ def _eval(session: Session, out: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with tokenizer_error_exits("evaluation.router"):  # a vocabulary missing: what to do, exit 2
+        sys.exit(main())
