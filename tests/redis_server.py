@@ -5,25 +5,27 @@ missing binary fails the tests (the Redis store is never left untested)."""
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import redis
 from redis.asyncio import Redis
 
 from services.tools.stack.ports import free_port
 
 
-def _answers(port: int) -> bool:
+def _server_pid(port: int) -> int | None:
+    """The process id the Redis on ``port`` gives (``INFO server``), None while none answers."""
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=0.5)
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
+        return int(client.info("server")["process_id"])
+    except (redis.RedisError, OSError, KeyError, ValueError):
+        return None  # not listening yet, or loading
+    finally:
+        client.close()
 
 
 @contextmanager
@@ -58,7 +60,14 @@ def redis_server(work_dir: Path, timeout_s: float = 20.0, port: int | None = Non
     )
     try:
         deadline = time.monotonic() + timeout_s
-        while not _answers(port):
+        # ours, by its process id: any PONG was taken for it, and a Redis already on the port
+        # (another test's, a developer's) was handed to the test, which may flush it
+        while (pid := _server_pid(port)) != proc.pid:
+            if pid is not None:
+                raise RuntimeError(
+                    f"port {port} answers as another Redis (pid {pid}), not the redis-server "
+                    f"started here (pid {proc.pid}): it is not used"
+                )
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(
                     f"redis-server did not start on port {port}: "

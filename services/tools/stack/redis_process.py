@@ -138,7 +138,10 @@ def redis_argv(address: str, data_dir: Path, config: Path) -> list[str]:
 def probe_redis(address: str, timeout_s: float = 1.0, password: str | None = None) -> str:
     """SERVING when the server answers PING (and has loaded its data), else UNREACHABLE, or
     NOT_SERVING (loading; or it wants a password, and ``password`` is not it). With a
-    password, AUTH goes first: a server without one answers it with an error and PING still."""
+    password, AUTH goes first and must be accepted: the stack's own Redis always has one, so a
+    server without one (its AUTH answered with an error, its PING still with PONG) is another
+    Redis on the port, never taken for the stack's (redis-py's clients would use it: they
+    ignore that error)."""
     host, _, port = address.rpartition(":")
     commands = [["PING"]] if password is None else [["AUTH", password], ["PING"]]
     request = b"".join(_resp(command) for command in commands)
@@ -156,6 +159,8 @@ def probe_redis(address: str, timeout_s: float = 1.0, password: str | None = Non
     lines = reply.split(b"\r\n")
     if len(lines) <= len(commands):
         return "UNREACHABLE"  # closed before answering
+    if password is not None and not lines[0].startswith(b"+OK"):
+        return "NOT_SERVING"  # the password refused, or a Redis without one: not the stack's
     return "SERVING" if lines[len(commands) - 1].startswith(b"+PONG") else "NOT_SERVING"
 
 
