@@ -552,3 +552,16 @@ def test_an_open_loop_that_falls_behind_says_so(
     assert "requests in flight" in caplog.text and "are not sent" in caplog.text
     said = int(caplog.text.split("about ")[1].split(" more")[0])
     assert 0 < said <= 200 * 2.0  # what was due before the deadline, not the whole plan
+
+
+def test_a_run_cut_by_its_duration_says_so_on_its_progress_line(
+    gateway: tuple[str, FakeGateway], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The bar of a run --duration cut ended at some count of the plan and said nothing."""
+    target, _ = gateway
+    shape = LoadShape("closed", 2, 0.0, duration_s=0.5, stream=False)
+    samples = run_load(target, KEYS, [], _items(*["slow"] * 100), shape)
+    answered = sum(s.code != CUT for s in samples)
+    (line,) = capsys.readouterr().err.splitlines()  # not a terminal: one plain line
+    assert line.startswith(f"load: {answered}/100 ")
+    assert line.endswith(" -- --duration 0.5 s reached: the rest was not sent")

@@ -12,7 +12,7 @@ from cachemesh._channel import GATEWAY_SERVICE
 from cachemesh._tls import Tls, is_local, sync_channel
 from cachemesh.loadtest.progress import Progress
 from cachemesh.loadtest.runner import Interrupted, LoadShape, log, run_plan, run_processes
-from cachemesh.loadtest.samples import Sample
+from cachemesh.loadtest.samples import LOST, Sample
 from cachemesh.loadtest.workloads import Item, Workload
 
 
@@ -87,10 +87,24 @@ def warm_up(
         bar(done)
 
     closed = replace(shape, mode="closed")
+    short = "interrupted"
     try:
-        return asyncio.run(run_plan(target, keys, warmup, closed, warmup=True, tick=tick))
+        samples = asyncio.run(run_plan(target, keys, warmup, closed, warmup=True, tick=tick))
+        short = ended_short(bar, shape)
+        return samples
     finally:
-        bar.close()
+        bar.close(short)
+
+
+def ended_short(bar: Progress, shape: LoadShape, samples: Sequence[Sample] = ()) -> str:
+    """Why a run that was not interrupted ended before its last request: a client process
+    lost, else ``--duration`` reached (its time run out on the bar's clock), else what the
+    warnings above said (the open loop's in-flight bound)."""
+    if any(sample.code == LOST for sample in samples):
+        return "a client process was lost (see the warning)"
+    if bar.elapsed_s >= shape.duration_s:
+        return f"--duration {shape.duration_s:g} s reached: the rest was not sent"
+    return "stopped before the plan's end (see the warnings above)"
 
 
 def run_load(
@@ -117,6 +131,7 @@ def run_load(
         except KeyboardInterrupt:
             raise Interrupted([]) from None
         bar = Progress(label, len(plan))
+        short, measured = "interrupted", []  # as if cut before it sent a request
         try:
             if processes <= 1:
                 count = 0
@@ -127,11 +142,13 @@ def run_load(
                     bar(count)
 
                 run = run_plan(target, keys, plan, shape, seed=shape.seed, tick=step)
-                samples += asyncio.run(run)
+                measured = asyncio.run(run)
             else:
-                samples += run_processes(target, keys, plan, shape, processes, bar, warn)
+                measured = run_processes(target, keys, plan, shape, processes, bar, warn)
+            samples += measured
+            short = ended_short(bar, shape, measured)
         finally:
-            bar.close()
+            bar.close(short)
     except Interrupted as interrupted:
         raise Interrupted([*samples, *interrupted.samples]) from None
     return samples
