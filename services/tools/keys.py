@@ -196,6 +196,23 @@ def describe(keys: StackKeys) -> str:
     return "\n".join(lines)
 
 
+def announce(keys: StackKeys) -> str:
+    """What ``up`` says of the keys: where they are, never their values (its output is kept in
+    terminals' scrollback and CI logs: the first ``make up`` printed both demo API keys);
+    ``describe`` (``make keys``) prints them on request."""
+    if not keys.has_demo_keys:
+        return f"demo API keys: {unavailable(keys)}"
+    state = "generated" if keys.created else "existing"
+    return "\n".join(
+        [
+            f"demo API keys ({state}): in {keys.demo_keys_file} (not shown here: "
+            f"`make keys RUN_DIR={keys.demo_keys_file.parent}` prints them)",
+            f"  admin token: in {keys.admin_token_file} (CACHEMESH_ADMIN_TOKEN_FILE)",
+            f"  use: source {keys.demo_keys_file}",
+        ]
+    )
+
+
 def unavailable(keys: StackKeys) -> str:
     """Why there are no demo keys, and how to get keys instead."""
     return (

@@ -20,6 +20,7 @@ from tests.integration.harness import ROOT, RunningStack
 pytestmark = pytest.mark.integration
 
 BIN = ROOT / ".venv" / "bin"
+SECRET_FILES = ("admin-token", "internal-token", "redis-password")  # in the run dir
 _CLIENT_VARS = ("CACHEMESH_TARGET", "CACHEMESH_HTTP_URL", "CACHEMESH_API_KEY")
 
 
@@ -118,6 +119,12 @@ def test_make_up_free_ports_moves_the_whole_stack_and_the_targets_find_it(
     try:
         up = _make("up", "FREE_PORTS=1", where)
         assert up.returncode == 0, up.stdout + up.stderr
+        # the first up printed both demo API keys: none of the run dir's secrets is shown
+        keys = read_env_file(run / "demo-keys.env")
+        secrets = [keys["CACHEMESH_KEY_A"], keys["CACHEMESH_KEY_B"]]
+        secrets += [(run / name).read_text().strip() for name in SECRET_FILES]
+        assert all(len(s) >= 20 and s not in up.stdout + up.stderr for s in secrets)
+        assert "demo API keys (generated)" in up.stdout  # where they are: said
         moved = read_moved(run)
         router = moved["ROUTER_LISTEN"]
         assert router != "127.0.0.1:50051"

@@ -16,7 +16,7 @@ from cachemesh.envfile import EnvFileError, read_env_file
 from services.common.key_store import KeyStore
 from services.common.keyfile import KeyFile, hash_key
 from services.tools import keys as keys_module
-from services.tools.keys import ensure_keys, main
+from services.tools.keys import announce, describe, ensure_keys, main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -333,3 +333,16 @@ def test_a_secret_is_durable_before_it_replaces_the_old_one_and_its_name_after(
     assert done == ["fsync 13", "rename", "fsync directory"]
     assert (tmp_path / "admin-token").read_text() == "s3cret-token\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["admin-token"]
+
+
+def test_what_up_says_of_the_keys_names_their_file_never_their_values(tmp_path: Path) -> None:
+    """The first ``make up`` printed both demo API keys (terminal scrollback, CI logs): it
+    names where they are and how to print them on request (``make keys``)."""
+    keys = ensure_keys(tmp_path)
+    said = announce(keys)
+    assert keys.created and "demo API keys (generated)" in said
+    assert str(keys.demo_keys_file) in said and "make keys" in said
+    assert all(value not in said for value in keys.api_keys.values())
+    assert keys.admin_token_file.read_text().strip() not in said
+    shown = describe(keys)  # make keys: on request
+    assert all(value in shown for value in keys.api_keys.values())

@@ -27,7 +27,7 @@ from services.tools.keys import (
     REDIS_PASSWORD_FILE,
     TARGET_VAR,
     StackKeys,
-    describe,
+    announce,
     ensure_keys,
 )
 from services.tools.stack import processes
@@ -242,7 +242,7 @@ class Stack:
         _refuse_shared(self.shared_listens())
         keys = ensure_keys(self.run_dir, self.client_endpoints())
         if keys.created or not keys.has_demo_keys:
-            self._say(describe(keys))
+            self._say(announce(keys))  # where the keys are: never their values
         self._release_held()
         managed = self.managed()
         running = {r.service.name: r.pid for r in self.running()}
