@@ -195,8 +195,7 @@ def _up_timeout(settings: Mapping[str, str]) -> float:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m services.tools.stack", description=__doc__)
-    parser.add_argument("--root", type=Path, default=_REPO_ROOT, help="repository root (.env)")
-    parser.add_argument("--run-dir", type=Path, default=None, help="default: <root>/.run")
+    _add_global_arguments(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("keys", help="generate this install's secrets once, print the demo keys")
     up = commands.add_parser("up", help="start every service, return once all are SERVING")
@@ -248,7 +247,22 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("address")
     check.add_argument("--http", action="store_true", help="GET /readyz instead of gRPC health")
     check.add_argument("--timeout", type=float, default=2.0)
+    for command in commands.choices.values():
+        _add_global_arguments(command, inherited=True)  # `up --run-dir X` as `--run-dir X up`
     return parser
+
+
+def _add_global_arguments(parser: argparse.ArgumentParser, *, inherited: bool = False) -> None:
+    """``--root`` and ``--run-dir``; ``inherited``: on a subcommand's parser, with no default,
+    so one not given after the subcommand leaves what was given before it (or the default)."""
+
+    def default(value: Path | None) -> Path | str | None:
+        return argparse.SUPPRESS if inherited else value
+
+    parser.add_argument(
+        "--root", type=Path, default=default(_REPO_ROOT), help="repository root (.env)"
+    )
+    parser.add_argument("--run-dir", type=Path, default=default(None), help="default: <root>/.run")
 
 
 def _placed(stack: Stack, free_ports: bool) -> Stack:
