@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 from aiohttp import web
 
 from services.common.auth import KeyLookup
@@ -19,6 +21,8 @@ _KEY_HEADERS: dict[Api, tuple[str, ...]] = {
     "anthropic": ("x-api-key", "authorization"),
     "openai": ("authorization",),
 }
+# what a refused anthropic-version is told
+_VERSIONS = "the versions are " + ", ".join(anthropic_api.VERSIONS)
 _UNKNOWN_KEY = {
     "anthropic": "invalid x-api-key: no tenant has this key",
     "openai": "Incorrect API key provided: no tenant has this key",
@@ -45,11 +49,11 @@ async def admit(api: Api, request: web.Request, keys: KeyLookup) -> tuple[str, s
     if api == "anthropic" and request.method == "POST":
         version = request.headers.get("anthropic-version")
         if version is None:
-            raise invalid("anthropic-version: header is required (e.g. 2023-06-01)")
-        if not anthropic_api.VERSION.match(version):
+            raise invalid(f"anthropic-version: header is required ({_VERSIONS})")
+        if version not in anthropic_api.VERSIONS:
             raise invalid(
-                f"anthropic-version: {version[:32]!r} is not a valid version (a date such "
-                "as 2023-06-01)"
+                f"anthropic-version: {json.dumps(version[:32])} is not a valid version "
+                f"({_VERSIONS})"
             )
     return tenant, key
 

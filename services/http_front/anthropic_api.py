@@ -10,7 +10,6 @@ extended thinking, thinking turned off for a model that thinks by default, top_k
 
 from __future__ import annotations
 
-import re
 from collections.abc import Collection
 from typing import Any
 
@@ -28,8 +27,12 @@ from services.http_front.fields import (
 )
 from services.router.validation import MAX_BREAKPOINTS, breakpoints
 
-# anthropic-version: a dated API version; the SDKs send newer ones than the first (2023-01-01)
-VERSION = re.compile(r"^20\d\d-[01]\d-[0-3]\d$")
+# anthropic-version: Anthropic's API versions (its "Versions" page). Anthropic refuses any other
+# value with a 400 (``anthropic-version: "2023-10-01" is not a valid version``), so does the
+# front: a date taken here and refused there hid a caller's typo until it met the real API.
+# 2026-10-21 is what the SDKs' majors since that day send (anthropic 2.x); the front serves each
+# version alike (see the README: what 2026-10-21 refuses, the front still takes).
+VERSIONS = ("2023-01-01", "2023-06-01", "2026-10-21")
 _TOP = (
     "model", "messages", "max_tokens", "system", "tools", "temperature", "stream", "metadata",
     "stop_sequences", "top_p", "top_k", "tool_choice", "thinking", "service_tier", "cache_control",
