@@ -51,6 +51,11 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 _ID_HEADER: dict[Api, str] = {"anthropic": "request-id", "openai": "x-request-id"}
 
 
+# a whole answer larger than this goes out in writes of this size, each within
+# HTTP_FRONT_WRITE_TIMEOUT_S (aiohttp's writer waits for its buffer to drain past 64 KiB)
+_WRITE_BYTES = 1 << 16
+
+
 class CallerStalled(ConnectionError):
     """A write to the caller did not go out within ``HTTP_FRONT_WRITE_TIMEOUT_S``: the caller
     keeps its connection open but stopped reading."""
@@ -254,6 +259,8 @@ class Front:
                     self._monotonic() - began,
                     gateway_called=bool(request.get(CALLED)),
                 )
+            if not response.prepared:  # a whole answer or refusal: it goes out from here
+                response = await self._send(request, name, response)
             log.debug("%s answered %d", name, response.status)
             return response
 
@@ -277,7 +284,7 @@ class Front:
             gateway_called=bool(request.get(CALLED)),
         )
 
-    async def _sent(self, request: web.Request, write: Awaitable[None]) -> None:
+    async def _sent(self, request: web.Request, write: Awaitable[object]) -> None:
         """One write of a stream (an event, a ping, its end), within
         ``HTTP_FRONT_WRITE_TIMEOUT_S``. A write waits only while the caller's socket is full: a
         caller that stopped reading but keeps its connection open would hold its in-flight slot
@@ -294,6 +301,49 @@ class Front:
                 f"the caller read nothing for {self._settings.write_timeout_s:g} s "
                 "(HTTP_FRONT_WRITE_TIMEOUT_S)"
             ) from None
+
+    async def _send(
+        self, request: web.Request, name: str, response: web.StreamResponse
+    ) -> web.StreamResponse:
+        """Sends a response that is not a stream (an answer, a refusal) as a stream's events
+        go: each write within ``HTTP_FRONT_WRITE_TIMEOUT_S`` (``_sent``), a body over
+        ``_WRITE_BYTES`` in writes of that size (the timeout bounds each part's wait, not the
+        whole body's: a slow reader of a large answer keeps it). Left to aiohttp, it was
+        written with no timeout: a caller that keeps its connection open and never reads an
+        answer larger than the socket buffers held its task, its bytes and its connection for
+        ever. Such a caller (or one gone meanwhile) has its connection closed and the request
+        counts as 499; its access line is written already (the router's, or the front's as
+        what it answered). The response sent is returned (a large body's has its own
+        object: the same status and headers, its ``Content-Length`` set)."""
+        body = response.body if isinstance(response, web.Response) else None
+        sent = response
+        try:
+            if not isinstance(body, bytes) or len(body) <= _WRITE_BYTES or request.method == "HEAD":
+                await self._sent(request, response.prepare(request))
+                await self._sent(request, response.write_eof())
+                return response
+            sent = web.StreamResponse(
+                status=response.status, reason=response.reason, headers=response.headers
+            )
+            sent.content_length = len(body)
+            if response.keep_alive is False:  # its connection was to close after it
+                sent.force_close()
+            await self._sent(request, sent.prepare(request))
+            whole = memoryview(body)
+            for at in range(0, len(body), _WRITE_BYTES):
+                await self._sent(request, sent.write(whole[at : at + _WRITE_BYTES]))
+            await self._sent(request, sent.write_eof())
+        except ConnectionError as exc:
+            stalled = isinstance(exc, CallerStalled)
+            why = str(exc) if stalled else type(exc).__name__
+            log.info("%s: the caller went away before its answer was sent (%s)", name, why)
+            trace.get_current_span().set_attribute(
+                "error.type", "client_stalled" if stalled else "client_gone"
+            )
+            request[ENDED] = 499
+            if request.transport is not None:  # what is left of the answer is dropped
+                request.transport.abort()
+        return sent
 
     async def _failed(
         self, api: Api, request: web.Request, error: ApiError, traceparent: str

@@ -1438,6 +1438,63 @@ async def test_a_caller_that_stops_reading_a_stream_loses_it_after_the_write_tim
             sock.close()
 
 
+@pytest.mark.parametrize(
+    ("path", "headers"), [("/v1/messages", CLAUDE_HEADERS), ("/v1/chat/completions", GPT_HEADERS)]
+)
+async def test_a_caller_that_never_reads_a_large_answer_loses_it_after_the_write_timeout(
+    tmp_path: Path, path: str, headers: dict[str, str]
+) -> None:
+    """A non-streamed answer larger than the buffers between the front and a caller that
+    never reads it: the front wrote it with no timeout, so the write waited for ever, holding
+    its task, the answer's bytes and the connection (a stream's writes had
+    HTTP_FRONT_WRITE_TIMEOUT_S). Each of its writes now has it too: once one has waited that
+    long, the connection is closed and the request counted as 499."""
+    # 3 MB of control characters: 18 MB of JSON (each one ``\u0001``), far more than the
+    # socket buffers hold
+    big = _answer(pb.ContentBlock(text="\x01" * 3_000_000))
+    async with serving(
+        tmp_path, FakeGateway(answer=big), HTTP_FRONT_WRITE_TIMEOUT_S="0.2"
+    ) as served:
+        front = Front(served.base, served.stop, served.metrics)
+        body = b'{"model": "sim-large", "max_tokens": 50, "messages": ' + HI
+        host, port = front.base.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a window that fills soon
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, (host, int(port)))
+        fields = {**headers, "content-type": "application/json", "content-length": len(body)}
+        head = f"POST {path} HTTP/1.1\r\nhost: {host}\r\n" + "".join(
+            f"{k}: {v}\r\n" for k, v in fields.items()
+        )
+        await loop.sock_sendall(sock, head.encode() + b"\r\n" + body)
+        try:
+            counted = f'route="{path}",status="499"}} 1.0'
+            async with asyncio.timeout(30):  # for ever before the fix (it counted a 200)
+                while True:
+                    async with (
+                        aiohttp.ClientSession() as session,
+                        session.get(front.metrics) as reply,
+                    ):
+                        metrics = await reply.text()
+                    if counted in metrics:
+                        break
+                    await asyncio.sleep(0.05)
+            assert f'route="{path}",status="200"}}' not in metrics
+            # the connection is closed: what the buffers held, then its end (or its reset),
+            # not the whole answer (the front went on writing it before the fix)
+            received = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := await loop.sock_recv(sock, 1 << 16):
+                    received += chunk
+            answer_head, _, answer_body = received.partition(b"\r\n\r\n")
+            assert answer_head.startswith(b"HTTP/1.1 200")
+            length = int(answer_head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            assert length > 18_000_000 and len(answer_body) < length
+        finally:
+            sock.close()
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "soon"])
 def test_a_write_timeout_that_is_no_positive_number_stops_the_start(
     tmp_path: Path, value: str
