@@ -18,7 +18,7 @@ does of a caller's deadline. Never the key (not even a part of it), nor the requ
 A request whose caller went away before the front called the Gateway (its body half sent) has
 its line here too (``CANCELLED``, ``http_status`` 499; ``handlers.Front._gone``): no router saw
 it, and it had no line anywhere. So does one whose Gateway call began but the Gateway never
-showed it had it (``handlers.REACHED``: no initial metadata, message or status from it): a
+showed it had it (``handlers.REACHED``: no message or status from it): a
 caller gone in the millisecond before the router's handler began (the cancel beat the call, and
 the router never ran it), or a Gateway not reached (``UNAVAILABLE``, 529 / 503). Such a line
 says ``"gateway_replied":false``: a caller gone while the router had the call but had sent

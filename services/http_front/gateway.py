@@ -103,26 +103,6 @@ def _metadata(
     return tuple(metadata)
 
 
-async def _reached(
-    call: grpc.aio.UnaryUnaryCall[Any, Any] | grpc.aio.UnaryStreamCall[Any, Any],
-    reached: Callable[[], None] | None,
-) -> None:
-    """Calls ``reached`` once the call's initial metadata came from the Gateway: the router
-    sends it with its answer or its stream's first chunk (never before: a header from the
-    server commits a gRPC call, and a client's retry of the router's UNAVAILABLE would not be
-    made), and from then on the router writes the call's access line (a caller gone after it
-    is the router's ``CANCELLED``). Before it, nothing says the router has the call: a caller
-    gone then (a cancel that beat the call to the router, which then never ran it, or one
-    while the router had sent nothing yet: both lines then) or a Gateway never reached has the
-    front's line (``handlers.Front``). A call that ended first (its status in place of the
-    metadata) is judged by its status (``Gateway._failure``)."""
-    if reached is None:
-        return
-    await call.initial_metadata()
-    if not call.done():
-        reached()
-
-
 class Gateway:
     def __init__(
         self,
@@ -155,16 +135,21 @@ class Gateway:
         traceparent: str,
         reached: Callable[[], None] | None = None,
     ) -> pb.CompleteResponse:
-        """The Gateway's answer; ``reached`` is called once the Gateway showed it has the call
-        (``_reached``)."""
+        """The Gateway's answer; ``reached`` is called once the Gateway showed it has the call:
+        its answer came, or a status it sent (``_failure``). Nothing else shows it: the router
+        sends no initial metadata before its answer or first message (a header from the
+        server commits a gRPC call, and a client's retry of the router's UNAVAILABLE would
+        not be made), so the front waits on none. From then on the router writes the call's
+        access line; a caller gone before it has the front's line too (``handlers.Front``:
+        a cancel that beat the call to the router, or one while the router had sent nothing
+        yet, which then has both lines)."""
         call = self._stub.Complete(
             request, metadata=_metadata(request, key, traceparent), timeout=self._timeout_s
         )
         try:
-            await _reached(call, reached)
             response: pb.CompleteResponse = await call
             if reached is not None:
-                reached()  # the answer came with the metadata
+                reached()
         except grpc.aio.AioRpcError as error:
             raise self._failure(error, reached=reached) from None
         except asyncio.CancelledError:
@@ -179,16 +164,16 @@ class Gateway:
         traceparent: str,
         reached: Callable[[], None] | None = None,
     ) -> AsyncGenerator[pb.CompleteChunk, None]:
-        """The Gateway's chunks; ``reached`` as for ``complete``."""
+        """The Gateway's chunks; ``reached`` as for ``complete``: at its first message, or a
+        status it sent."""
         call = self._stub.StreamComplete(
             request, metadata=_metadata(request, key, traceparent), timeout=self._timeout_s
         )
         began = False
         try:
-            await _reached(call, reached)
             async for chunk in call:
                 if not began and reached is not None:
-                    reached()  # its first message (it can come with the metadata)
+                    reached()
                 began = True
                 yield chunk
         except grpc.aio.AioRpcError as error:

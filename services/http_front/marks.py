@@ -22,11 +22,11 @@ BODY_CUT = web.RequestKey("cachemesh.body_cut", bool)
 TENANT = web.RequestKey("cachemesh.tenant", str)
 # on the request once its Gateway call begins (a refusal before that is the front's own)
 CALLED = web.RequestKey("cachemesh.called", bool)
-# on the request once the Gateway showed it has the call (its initial metadata, which the
-# router sends with its answer or first chunk, a message, or a status it sent): the router
-# writes its access line from then on; a request without it has the front's line
-# (``access_log``), even once CALLED (a caller gone before the router had the call or while it
-# had sent nothing yet; a Gateway never reached)
+# on the request once the Gateway showed it has the call (its answer or a stream's first
+# message, or a status it sent: the router sends nothing before them, initial metadata
+# neither): the router writes its access line from then on; a request without it has the
+# front's line (``access_log``), even once CALLED (a caller gone before the router had the call
+# or while it had sent nothing yet; a Gateway never reached)
 REACHED = web.RequestKey("cachemesh.reached", bool)
 # on the request before its key is checked, when the caller chose its id (a valid
 # ``Idempotency-Key``): the id the Gateway knows it by, which a refusal's response names too

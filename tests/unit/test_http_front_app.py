@@ -70,15 +70,12 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
     metadata: list[tuple[str, str]] = field(default_factory=list)
     cut: str = ""  # a stream cut after its first block, UNAVAILABLE with this message
     received: pb.CompleteRequest | None = None  # the last request
-    # sends its initial metadata as it begins, as the router does (the front's sign that the
-    # Gateway has the call); False: ``hold`` comes first (a router whose handler has not begun)
-    greets: bool = True
 
     async def _begin(self, context: Context) -> None:
+        """As the router: no initial metadata before the answer or the first message (a header
+        from the server commits a gRPC call), so a held call has sent nothing."""
         self.calls += 1
         self.metadata = [(k, str(v)) for k, v in context.invocation_metadata() or ()]
-        if self.greets:
-            await context.send_initial_metadata(())
         self.arrived.set()
         if self.hold is not None:
             await self.hold.wait()

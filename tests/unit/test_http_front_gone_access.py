@@ -1,7 +1,8 @@
 """A caller that goes away before its request reaches the Gateway (its body half sent) has one
 access line, the front's (``CANCELLED``, ``http_status`` 499, as the metric counts it): it had
 none anywhere, though it held its tenant's in-flight slot and body budget. One that goes away
-once the Gateway has its call has the router's line alone (the router logs it ``CANCELLED``)."""
+once the Gateway showed it has its call (a stream's first message came) has the router's line
+alone (the router logs it ``CANCELLED``)."""
 
 from __future__ import annotations
 
@@ -64,20 +65,19 @@ async def test_a_caller_gone_before_the_gateway_call_has_one_access_line(
     capsys: pytest.CaptureFixture[str],
     logs: Callable[[dict[str, str]], tuple[io.StringIO, JsonLines | None]],  # noqa: F811
 ) -> None:
-    hold = asyncio.Event()
-    gateway = FakeGateway(hold=hold)
+    # a stream's start, then silence: the Gateway showed it has the call
+    gateway = FakeGateway(pause_s=60.0)
     async with serving(tmp_path, gateway, HTTP_FRONT_MAX_IN_FLIGHT_PER_KEY="4") as front:
         await _sent_then_gone(front.base, "/v1/messages", b'{"model": "sim-l', 200)
         await _sent_then_gone(front.base, "/v1/chat/completions", b'{"messages', 300)
         gone = await _lines_until(capsys, 2)
-        # one that the Gateway has: the router writes its line, the front none
+        # one whose call the Gateway showed it has (its start came): the router writes its
+        # line, the front none
         body = b'{"model": "sim-large", "max_tokens": 9, "stream": true, "messages": []}'
-        task = asyncio.ensure_future(_sent_then_gone(front.base, "/v1/messages", body, len(body)))
-        await asyncio.wait_for(gateway.arrived.wait(), 10)
-        await task
+        await _sent_then_gone(front.base, "/v1/messages", body, len(body))
+        await asyncio.wait_for(gateway.cancelled.wait(), 10)  # the front cancelled the call
         await asyncio.sleep(0.5)
         later = await _lines_until(capsys, 1, deadline_s=0.5)
-        hold.set()
     assert [(x["method"], x["status"], x["http_status"], x["tenant"]) for x in gone] == [
         ("POST /v1/messages", "CANCELLED", 499, "tenant-a"),
         ("POST /v1/chat/completions", "CANCELLED", 499, "tenant-a"),
@@ -97,11 +97,13 @@ async def test_a_caller_gone_before_the_gateway_has_its_call_has_the_fronts_line
     capsys: pytest.CaptureFixture[str],
     logs: Callable[[dict[str, str]], tuple[io.StringIO, JsonLines | None]],  # noqa: F811
 ) -> None:
-    """The front had begun the Gateway call, but the caller hung up before the router's handler
-    began (its initial metadata not sent): the cancel beat the call and no router ran it, so it
-    had no line anywhere (a review's run: 26 of 60 callers gone 0-2 ms after their body)."""
+    """The front had begun the Gateway call, but the caller hung up before the Gateway sent
+    anything (the router sends nothing before its answer or first message): the cancel may
+    have beaten the call and no router ran it, so it had no line anywhere (a review's run: 26
+    of 60 callers gone 0-2 ms after their body). The front writes its line; a router that had
+    the call writes its own too."""
     hold = asyncio.Event()
-    gateway = FakeGateway(hold=hold, greets=False)
+    gateway = FakeGateway(hold=hold)
     async with serving(tmp_path, gateway, HTTP_FRONT_MAX_IN_FLIGHT_PER_KEY="4") as front:
         body = b'{"model": "sim-large", "max_tokens": 9, "stream": %s, "messages": []}' % (
             b"true" if stream else b"false"
