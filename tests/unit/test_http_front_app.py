@@ -239,6 +239,28 @@ async def test_a_streamed_tool_use_reaches_both_sdks(front: Front) -> None:
     assert named == ["lookup"]
 
 
+async def test_a_streamed_messages_final_usage_is_the_billed_one(front: Front) -> None:
+    """message_start carries the usage known before the answer (Anthropic's own says
+    ``output_tokens`` 1 there, a running count; the front's start says 0); message_delta
+    carries the billed counts, which the SDK's accumulator writes over the start's. The
+    streamed message's final counts are the non-streamed one's, whatever the start said (its
+    ``cache_creation`` split stays as message_start left it: ``EventStream.start``)."""
+    claude = _claude(front)
+    whole = await claude.messages.create(model="sim-large", max_tokens=50, messages=ASK)
+    async with claude.messages.stream(model="sim-large", max_tokens=50, messages=ASK) as s:
+        started = [e async for e in s if e.type == "message_start"]
+        streamed = await s.get_final_message()
+    assert started[0].message.usage.output_tokens == 0
+    assert (whole.usage.input_tokens, whole.usage.output_tokens) == (12, 4)  # the Gateway's
+    for name in (
+        "input_tokens",
+        "output_tokens",
+        "cache_creation_input_tokens",
+        "cache_read_input_tokens",
+    ):
+        assert getattr(streamed.usage, name) == getattr(whole.usage, name), name
+
+
 async def test_the_openai_tool_loop_sends_the_stream_helpers_message_back(front: Front) -> None:
     """``messages.append(completion.choices[0].message)``: the message the SDK's stream helper
     returns carries fields of an answer (parsed, the calls' index and parsed_arguments)."""
