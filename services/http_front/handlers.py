@@ -343,6 +343,10 @@ class Front:
             request[ENDED] = 499
             if request.transport is not None:  # what is left of the answer is dropped
                 request.transport.abort()
+        except asyncio.CancelledError:  # the caller disconnected meanwhile: as in ``_traced``
+            trace.get_current_span().set_attribute("error.type", "client_gone")
+            trace.get_current_span().set_attribute("http.response.status_code", 499)
+            raise
         return sent
 
     async def _failed(
