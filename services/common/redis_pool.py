@@ -16,16 +16,38 @@ shares, so a pool whose connections are all busy (``pool_exhausted``) is not rea
 that does not answer.
 
 An error reply may be Redis's state for now rather than a refusal of the client
-(``refused_for_now``): an outage to wait out, not a configuration to fix."""
+(``refused_for_now``): an outage to wait out, not a configuration to fix.
+
+A URL with a password is for a Redis that asks for it: each new connection (the first, and
+every reconnect) also sends the legacy ``AUTH <password>`` and needs its OK. redis-py
+authenticates with ``HELLO 3 AUTH default <password>``, which a Redis WITHOUT a password
+accepts (its ``default`` user is ``nopass``: any password passes), so a client whose Redis died
+and whose port another, password-less Redis took (a restart, a misconfigured deployment) read
+and wrote that Redis's keys with no error (5 of 5 calls answered). That Redis answers the
+legacy AUTH "called without any password configured": the connection is refused
+(``AuthenticationError``, naming the variable, never the password), which a service meets as
+it meets a Redis that refuses its password: at start-up a ``ConfigError``, once running the
+failure of a call (prefix-cache NOT_SERVING, the router's breaker and replays). A URL with a
+user other than ``default`` (an ACL user) is not checked this way: a Redis without that user
+refuses the HELLO already, and a legacy AUTH would switch the connection to ``default``."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.exceptions import ClusterDownError, OutOfMemoryError, ResponseError, TryAgainError
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import (
+    AuthenticationError,
+    ClusterDownError,
+    OutOfMemoryError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.maint_notifications import MaintNotificationsConfig
 
-from services.common.env import Env, check_redis_db, redis_url_error
+from services.common.env import Env, check_redis_db, redacted_url, redis_url_error
 
 # the connections of one client: above the 32 calls in flight the benchmarks run, with room
 DEFAULT_MAX_CONNECTIONS = 64
@@ -49,10 +71,44 @@ def bounded_redis(var: str, url: str, max_connections: int, timeout_s: float | N
             timeout=timeout_s,
             # a connection Redis closed (a restart) is reconnected before use (module doc)
             maint_notifications_config=MaintNotificationsConfig(enabled=False),
+            # a Redis without a password is never taken for the one the URL's is for
+            redis_connect_func=password_checked(var, url),
         )
     except ValueError:  # its message may quote part of the password
         raise redis_url_error(var, url) from None
     return Redis.from_pool(pool)
+
+
+def password_checked(var: str, url: str) -> Callable[[AbstractConnection], Awaitable[None]]:
+    """A connection's handshake (redis-py's ``on_connect``) that then refuses a Redis without
+    a password when the connection has one for the ``default`` user (module doc): ``var``
+    (whose value is ``url``) named in the refusal, the URL without its password."""
+    where = redacted_url(url)
+
+    async def on_connect(connection: AbstractConnection) -> None:
+        await connection.on_connect()
+        password = connection.password
+        if not password or connection.username not in (None, "", "default"):
+            return
+        await connection.send_command("AUTH", password, check_health=False)
+        # a Redis without a password answers an error (redis-py raises it or returns it); any
+        # other answer but OK is never quoted (an error may echo AUTH's argument)
+        try:
+            reply = await connection.read_response()
+        except AuthenticationError as exc:
+            reply = exc
+        except ResponseError:  # AUTH renamed, disabled...
+            reply = None
+        if reply not in (b"OK", "OK"):
+            why = "it has no password" if isinstance(reply, AuthenticationError) else "not OK"
+            raise AuthenticationError(
+                f"{var}: the Redis at {where} did not accept the password of {var} with AUTH "
+                f"({why}): it is not the Redis that password is for (another Redis on its "
+                f"port, or one started without requirepass); refused. Name the right Redis "
+                f"in {var}, or give that Redis its password"
+            )
+
+    return on_connect
 
 
 def own_connection_redis(var: str, url: str, timeout_s: float | None) -> Redis:

@@ -47,6 +47,9 @@ own for now (LOADING, BUSY, MASTERDOWN, TRYAGAIN: ``refused_for_now``), leaves i
 with a WARNING, until it answers. Before, MASTERDOWN (a replica with
 ``replica-serve-stale-data no`` whose master is gone), BUSY and TRYAGAIN stopped the start-up
 (exit 2 at every restart for as long as they lasted), where a running service waits them out.
+A running service whose new connection is refused (its Redis restarted with another password,
+or its port taken by a Redis without one: ``redis_pool``'s check) is NOT_SERVING with a WARNING
+that says so, not one that says the Redis does not answer.
 """
 
 from __future__ import annotations
@@ -105,7 +108,9 @@ class RedisHealth:
         self._set_health = set_health
         self._timeout_s = timeout_s
         self._answering: bool | None = None  # unknown until the first PING
-        self._full = False  # its last NOT_SERVING was for a write refused out of memory
+        # why its last NOT_SERVING: "down" (no answer), "full" (a write refused out of
+        # memory), "refused" (the connection refused: a Redis without the URL's password)
+        self._cause = "down"
         self._wake = asyncio.Event()
 
     async def start(self) -> None:
@@ -226,18 +231,34 @@ class RedisHealth:
             self._reset()
 
     async def _down(self, exc: BaseException) -> None:
-        """NOT_SERVING, said once a cause: Redis not answering, or out of memory."""
-        full = isinstance(exc, OutOfMemoryError)
+        """NOT_SERVING, said once a cause: Redis not answering, out of memory, or refusing the
+        connection (a Redis without the password, redis_pool's check: its port taken by
+        another Redis while the service ran; before, said only as the connection it closed)."""
+        if isinstance(exc, OutOfMemoryError):
+            cause = "full"
+        elif isinstance(exc, AuthenticationError):
+            cause = "refused"
+        else:
+            cause = "down"
         was = self._answering
-        if was is False and self._full == full:
+        if was is False and self._cause == cause:
             return
-        self._answering, self._full = False, full
-        if full:
+        self._answering, self._cause = False, cause
+        if cause == "full":
             log.warning(
                 "%s: Redis at %s is out of memory (maxmemory reached under noeviction: %s): "
                 "NOT_SERVING until it takes a write again; every WARM and FINAL commit fails "
                 "UNAVAILABLE meanwhile (the router serves at its estimate and replays the "
                 "bills). Raise its maxmemory (CONFIG SET maxmemory) or free memory in it",
+                REDIS_URL,
+                self._where,
+                exc,
+            )
+        elif cause == "refused":
+            log.warning(
+                "%s: Redis at %s refuses prefix-cache's connection (%s): NOT_SERVING until it "
+                "takes it; Plan, Commit and Totals fail UNAVAILABLE meanwhile (the router "
+                "serves at its estimate and replays the bills)",
                 REDIS_URL,
                 self._where,
                 exc,
