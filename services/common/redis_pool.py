@@ -47,7 +47,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.maint_notifications import MaintNotificationsConfig
 
-from services.common.env import Env, check_redis_db, redacted_url, redis_url_error
+from services.common.env import Env, check_redis_db, redis_url_error
 
 # the connections of one client: above the 32 calls in flight the benchmarks run, with room
 DEFAULT_MAX_CONNECTIONS = 64
@@ -72,18 +72,17 @@ def bounded_redis(var: str, url: str, max_connections: int, timeout_s: float | N
             # a connection Redis closed (a restart) is reconnected before use (module doc)
             maint_notifications_config=MaintNotificationsConfig(enabled=False),
             # a Redis without a password is never taken for the one the URL's is for
-            redis_connect_func=password_checked(var, url),
+            redis_connect_func=password_checked(var),
         )
     except ValueError:  # its message may quote part of the password
         raise redis_url_error(var, url) from None
     return Redis.from_pool(pool)
 
 
-def password_checked(var: str, url: str) -> Callable[[AbstractConnection], Awaitable[None]]:
+def password_checked(var: str) -> Callable[[AbstractConnection], Awaitable[None]]:
     """A connection's handshake (redis-py's ``on_connect``) that then refuses a Redis without
     a password when the connection has one for the ``default`` user (module doc): ``var``
-    (whose value is ``url``) named in the refusal, the URL without its password."""
-    where = redacted_url(url)
+    named in the refusal; its callers name the Redis (without the password) around it."""
 
     async def on_connect(connection: AbstractConnection) -> None:
         await connection.on_connect()
@@ -102,10 +101,9 @@ def password_checked(var: str, url: str) -> Callable[[AbstractConnection], Await
         if reply not in (b"OK", "OK"):
             why = "it has no password" if isinstance(reply, AuthenticationError) else "not OK"
             raise AuthenticationError(
-                f"{var}: the Redis at {where} did not accept the password of {var} with AUTH "
-                f"({why}): it is not the Redis that password is for (another Redis on its "
-                f"port, or one started without requirepass); refused. Name the right Redis "
-                f"in {var}, or give that Redis its password"
+                f"AUTH with the password of {var} not accepted ({why}): not the Redis that "
+                f"password is for (another Redis on its port, or one started without "
+                f"requirepass); name the right Redis in {var}, or give that Redis its password"
             )
 
     return on_connect
