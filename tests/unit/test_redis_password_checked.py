@@ -160,12 +160,19 @@ async def test_prefix_cache_refuses_it_at_start_up_and_is_not_serving_on_a_recon
         await watch.check()
         await watch.check()
     assert health.told == [True, False]
+    (tmp_path / "back").mkdir()
+    with redis_server(tmp_path / "back", port=port) as back:  # its own Redis again
+        await require_password(back, PASSWORD)
+        await watch.check()
+    assert health.told == [True, False, True]
     # the connection the restart closed, then the refusal of the new one, said as such
-    # (before: only the first, as a Redis that "does not answer")
-    closed, refused = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    # (before: only the first, as a Redis that "does not answer"), then SERVING again
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    closed, refused, again = warned
     assert "does not answer" in closed
     assert f"{REDIS_URL}: Redis at redis://:***@127.0.0.1:{port}/0 refuses" in refused
     assert "NOT_SERVING" in refused and "it has no password" in refused
+    assert "answers again: SERVING" in again
     assert all(PASSWORD not in r.getMessage() for r in caplog.records)
     await client.aclose()
 
