@@ -49,6 +49,7 @@ from services.semantic_cache.records import (
 )
 from services.semantic_cache.stats import StoreStats
 from services.semantic_cache.verifier import Verifier
+from services.semantic_cache.wal import WalError
 
 _RECENT_VECTORS = 1024  # about 1.5 MB of 384-d float32 vectors, all tenants' (shared fairly) ...
 _RECENT_TEXT_CHARS = 16 * 1024  # ... at most 16 MB of texts key them (a longer one: its hash)
@@ -124,6 +125,8 @@ class SemanticCache(EntryStore):
         # its Store is refused if the tenant purged its entries since (the answer predates it).
         self._missed_at: TenantRecent[str, int] = TenantRecent(_MISSES_KEPT)
         self._storing = StoresInFlight()
+        # entry id -> its drop (``_drop_refused``) while it is being logged
+        self._dropping: dict[str, asyncio.Task[None]] = {}
 
     async def check(
         self,
@@ -160,7 +163,7 @@ class SemanticCache(EntryStore):
         if not waits:
             wait_s, within_s = 0.0, None
         deadline = self.deadline_in(within_s)
-        result = await self._check(query, deadline, settle=waits)
+        result = await self._checked(query, deadline, settle=waits, drops=lead)
         if not result.hit and query.request_id:
             self._note_miss(query)
         if result.hit or result.skip_reason or self._leases is None:
@@ -187,7 +190,7 @@ class SemanticCache(EntryStore):
             # One whose Store refused the answer for what it is marked the key first: then
             # every waiter goes on to the model at once (below), none leads.
             while await _wait_lease(self._leases, key, event, budget_s):
-                result = await self._check(query, deadline)
+                result = await self._checked(query, deadline, drops=lead)
                 next_event = self._leases.held(key)
                 budget_s = self._wait_left_s(wait_s, began, deadline)
                 if result.hit or next_event is None or budget_s <= 0:
@@ -305,10 +308,53 @@ class SemanticCache(EntryStore):
             return math.inf
         return max(0.0, deadline - self._deadline_clock())
 
-    async def _check(
-        self, query: Query, deadline: float | None = None, *, settle: bool = True
+    async def _checked(
+        self, query: Query, deadline: float | None, *, settle: bool = True, drops: bool
     ) -> CheckResult:
-        """``settle``: wait (within ``deadline``) for the scope's Stores in flight first."""
+        """``_check``, then (``drops``: not a draining cache, which writes nothing) the drop
+        of each answer it met that no Lookup of its scope is served while the router's table
+        says so (``Query.row_refusal``: made by a row the scope's model no longer resolves
+        to). Kept, it hid every paraphrase behind it until its TTL (0 of 9 served); dropped,
+        the next Lookup is the one the cache without it makes, margin check and all, so it
+        can serve nothing that cache would not. This Lookup stays what it was (a miss, reason
+        ``model``, when it was the nearest); it waits for the drop (its log sync) within its
+        deadline only: a slow disk must not make its reply late."""
+        refused: list[Entry] = []
+        result = await self._check(query, deadline, settle=settle, refused=refused)
+        started = [self._drop_refused(entry) for entry in refused if drops]
+        pending = {task for task in started if task is not None}
+        if pending:
+            left_s = self._left_s(deadline)
+            await asyncio.wait(pending, timeout=None if math.isinf(left_s) else left_s)
+        return result
+
+    def _drop_refused(self, entry: Entry) -> asyncio.Task[None] | None:
+        """Starts the drop of ``entry`` (``drop_refused``), held until it ends; None when
+        another Lookup's drop of it is on already."""
+        if entry.entry_id in self._dropping:
+            return None
+
+        async def drop() -> None:
+            try:
+                await self.drop_refused(entry.tenant, entry.entry_id)
+            except WalError:  # not durable (a failed disk, which the log reports): not removed
+                pass
+            finally:
+                del self._dropping[entry.entry_id]
+
+        task = self._dropping[entry.entry_id] = asyncio.ensure_future(drop())
+        return task
+
+    async def _check(
+        self,
+        query: Query,
+        deadline: float | None = None,
+        *,
+        settle: bool = True,
+        refused: list[Entry] | None = None,
+    ) -> CheckResult:
+        """``settle``: wait (within ``deadline``) for the scope's Stores in flight first.
+        ``refused``: gets the answers met that are refused for their row (``_checked``)."""
         _require_tenant(query)
         threshold = self._threshold_for(query)
         if query.mode in ("bypass", "refresh"):
@@ -355,6 +401,8 @@ class SemanticCache(EntryStore):
             if not tier_refused:
                 return self._hit(vid, 1.0, exact=True, best=1.0)
             passed_over = vid
+            if refused is not None and query.row_refusal(self._entries[vid].answer):
+                refused.append(self._entries[vid])
 
         def miss(best: float, refusal: str = "") -> CheckResult:
             if tier_refused and refusal:
@@ -386,6 +434,8 @@ class SemanticCache(EntryStore):
             threshold,
             self._margin,
         )
+        if refused is not None:  # the nearest and those within its margin (competitors)
+            refused += [c.entry for c in short if query.row_refusal(c.entry.answer)]
         if short and (refusal := query.answer_refusal(short[0].entry.answer)):
             return miss(best, refusal)  # the nearest is another tier's: not verified at all
         if short and self._left_s(deadline) <= 0:  # nobody would wait for the verdicts

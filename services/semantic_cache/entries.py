@@ -29,7 +29,7 @@ from services.common.errors import shown
 from services.semantic_cache.ann import Ids, Rows, use_threads
 from services.semantic_cache.embedder import Embedder
 from services.semantic_cache.index import AnnSettings, ScopeIndex
-from services.semantic_cache.journal import Applied, Journal
+from services.semantic_cache.journal import MODEL, Applied, Journal
 from services.semantic_cache.policy import NamespacePolicy
 from services.semantic_cache.recency import Recency
 from services.semantic_cache.records import (
@@ -377,6 +377,32 @@ class EntryStore:
             lambda: self._drop_entry_now(tenant, entry_id),
             lambda journal, applied: journal.log_drop_entry(tenant, entry_id, applied),
         )
+
+    async def drop_refused(self, tenant: str, entry_id: str) -> bool:
+        """Removes the entry ``entry_id`` itself (True), an answer no Lookup of its scope is
+        served while the router's table says so (made by a row the scope's model no longer
+        resolves to: ``Query.row_refusal``); with a journal, once that is durable, logged as
+        a drop of that one entry, reason ``model``. Never the entry that replaced it (a Store
+        of its question meanwhile: the new row's answer), here or in a replay; nor does it
+        stop the tenant's pending Stores as ``drop_entry`` does: theirs are the answers that
+        replace it. False when it is gone already (replaced, expired, dropped)."""
+        return await self.durably(
+            lambda: self._drop_refused_now(tenant, entry_id),
+            lambda journal, applied: journal.log_drop_entry(tenant, entry_id, applied, MODEL),
+        )
+
+    def apply_drop_refused(self, tenant: str, entry_id: str) -> bool:
+        """Re-applies a logged ``drop_refused`` (replay after a restart)."""
+        return self._drop_refused_now(tenant, entry_id)
+
+    def _drop_refused_now(self, tenant: str, entry_id: str) -> bool:
+        self._purge_expired(self._clock.now_ms())  # an expired one is not counted as dropped
+        vid = self._by_entry_id.get(entry_id)
+        if vid is None or self._entries[vid].tenant != tenant:
+            return False
+        self._remove(vid)
+        self.stats.refused_drops[MODEL] = self.stats.refused_drops.get(MODEL, 0) + 1
+        return True
 
     async def durably(
         self, change: Callable[[], T], log: Callable[[Journal, Applied[T]], None]

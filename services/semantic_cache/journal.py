@@ -1,7 +1,8 @@
 """The cache's changes as write-ahead-log records, and their replay after a restart.
 
 ``WalJournal`` is what ``SemanticCache`` calls in the synchronous section of each change
-(``log_store``, ``log_drop``, ``log_drop_entry``), so the log's order is the order of the
+(``log_store``, ``log_drop``, ``log_drop_entry``: an operator's, or one of an answer no Lookup
+is served any more, reason ``model``), so the log's order is the order of the
 changes, each with the function that applies it (``Applied``): the log runs it once the
 record is durable, in the log's order, and never when the record is lost (a full disk), so
 no change is visible before it is durable. ``sync`` is awaited before the change is
@@ -33,6 +34,10 @@ from services.semantic_cache.wal import WalError, WriteAheadLog
 
 log = logging.getLogger("cachemesh.semantic_cache.persistence")
 T = TypeVar("T")
+# The reason of a drop of one entry no Lookup of its scope is served any more (``log_drop_entry``):
+# made by a row the scope's model no longer resolves to. Replayed as that entry alone, never
+# the one that replaced it, and no pending Store stopped (``EntryStore.drop_refused``).
+MODEL = "model"
 
 
 class Applied(Generic[T]):
@@ -68,7 +73,9 @@ class Journal(Protocol):
 
     def log_drop(self, tenant: str, namespace: str | None, apply: Callable[[], None]) -> None: ...
 
-    def log_drop_entry(self, tenant: str, entry_id: str, apply: Callable[[], None]) -> None: ...
+    def log_drop_entry(
+        self, tenant: str, entry_id: str, apply: Callable[[], None], reason: str = ""
+    ) -> None: ...
 
     async def sync(self) -> None: ...
 
@@ -86,6 +93,8 @@ class Replayable(Protocol):
     def apply_drop(self, tenant: str, namespace: str | None = None) -> int: ...
 
     def apply_drop_entry(self, tenant: str, entry_id: str) -> int: ...
+
+    def apply_drop_refused(self, tenant: str, entry_id: str) -> bool: ...
 
 
 class WalJournal:
@@ -106,8 +115,12 @@ class WalJournal:
     def log_drop(self, tenant: str, namespace: str | None, apply: Callable[[], None]) -> None:
         self.wal.append({"op": "drop", "tenant": tenant, "namespace": namespace}, apply)
 
-    def log_drop_entry(self, tenant: str, entry_id: str, apply: Callable[[], None]) -> None:
-        self.wal.append({"op": "drop_entry", "tenant": tenant, "entry_id": entry_id}, apply)
+    def log_drop_entry(
+        self, tenant: str, entry_id: str, apply: Callable[[], None], reason: str = ""
+    ) -> None:
+        """``reason`` "" (an operator's drop) or ``MODEL``."""
+        record = {"op": "drop_entry", "tenant": tenant, "entry_id": entry_id}
+        self.wal.append(record | ({"reason": reason} if reason else {}), apply)
 
     async def sync(self) -> None:
         await self.wal.sync()
@@ -174,7 +187,13 @@ def _apply(cache: Replayable, record: dict[str, Any], dim: int) -> str | None:
             raise TypeError("namespace is not a string")
         cache.apply_drop(str(record["tenant"]), namespace)
     elif op == "drop_entry":
-        cache.apply_drop_entry(str(record["tenant"]), str(record["entry_id"]))
+        reason = record.get("reason", "")
+        if reason == MODEL:
+            cache.apply_drop_refused(str(record["tenant"]), str(record["entry_id"]))
+        elif reason:
+            raise ValueError(f"unknown drop reason {reason!r}")
+        else:
+            cache.apply_drop_entry(str(record["tenant"]), str(record["entry_id"]))
     else:
         raise ValueError(f"unknown op {op!r}")
     return None

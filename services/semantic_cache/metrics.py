@@ -20,7 +20,9 @@
   can reach any more after an upgrade that changed it (they leave at their TTL, or first when
   L1 is full); ``..._evictions_total``
   (capacity: the largest tenant's LRU entry), ``..._expirations_total`` (TTL) and
-  ``..._invalidations_total`` (Drop), read from the cache at each scrape;
+  ``..._invalidations_total`` (Drop) and ``..._refused_drops_total{reason}`` (answers no
+  lookup is served any more: ``model``, made by a row ``auto`` no longer resolves to), read
+  from the cache at each scrape;
 - ``cachemesh_semantic_cache_lease_waits_total{outcome}`` (``served``: the identical request's
   answer was served; ``not_served``) and ``..._lease_wait_seconds``;
 - ``cachemesh_semantic_cache_embed_batch_size`` and ``..._embed_duration_seconds`` (each
@@ -275,3 +277,12 @@ class StoreCollector(Collector):
             "Entries removed by Drop (an entry, a namespace or a tenant)",
             value=stats.invalidations,
         )
+        refused = CounterMetricFamily(
+            "cachemesh_semantic_cache_refused_drops",
+            "Entries dropped as no lookup of their scope is served them any more, by reason "
+            "(model: made by a row the scope's model no longer resolves to, auto repointed)",
+            labels=["reason"],
+        )
+        for reason, count in sorted(stats.refused_drops.items()):
+            refused.add_metric([reason], count)
+        yield refused

@@ -96,6 +96,18 @@ class Query:
                 f"tier: the cached answer is the {cached.tier} tier's; the request accepts "
                 f"{accepted}"
             )
+        return self._row_refusal(cached)
+
+    def row_refusal(self, answer: Answer) -> str:
+        """Why the answer is not served for the row that made it ("" = it may be): not one
+        the query's model resolves to now. Every Lookup of the scope names the same rows
+        (the router's table), so such an answer is served to none of them while the table
+        says so (``SemanticCache`` drops it); a tier refusal is one request's (a retry)."""
+        if not self.accepted_models:
+            return ""
+        return self._row_refusal(sc.CachedAnswer.FromString(answer.payload))
+
+    def _row_refusal(self, cached: sc.CachedAnswer) -> str:
         if self.accepted_models and cached.model not in self.accepted_models:
             accepted = ", ".join(self.accepted_models)
             return (

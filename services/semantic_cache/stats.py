@@ -31,6 +31,9 @@ class StoreStats:
     evictions: int = 0  # over capacity
     expirations: int = 0  # at their TTL
     invalidations: int = 0  # by Drop
+    # by reason: answers no Lookup of their scope is served any more (``drop_refused``);
+    # ``model``: made by a row the scope's model no longer resolves to
+    refused_drops: dict[str, int] = field(default_factory=dict)
     # Of ``entries``, those of another scope version than this build's: no lookup names their
     # scope, so they are never served (held until their TTL, or evicted first: never used)
     old_scope: int = 0

@@ -131,7 +131,9 @@ class _GatedJournal:
     def log_drop(self, tenant: str, namespace: str | None, apply: Callable[[], None]) -> None:
         self._applies.append(apply)
 
-    def log_drop_entry(self, tenant: str, entry_id: str, apply: Callable[[], None]) -> None:
+    def log_drop_entry(
+        self, tenant: str, entry_id: str, apply: Callable[[], None], reason: str = ""
+    ) -> None:
         self._applies.append(apply)
 
     async def sync(self) -> None:
