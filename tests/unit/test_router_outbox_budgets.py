@@ -812,7 +812,7 @@ async def test_an_answer_whose_done_line_was_not_run_is_not_counted_again(
     outage.limiter.settle(ticket, end)
     await outage.limiter.drain()
     assert not end.cost.estimated
-    await lost.wait()
+    await asyncio.wait_for(lost.wait(), 10)  # bounded: a "done" never batched fails, not hangs
 
     assert await outage.outbox.flush() == 0  # nothing to bill
     await outage.limiter.drain()

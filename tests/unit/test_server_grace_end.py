@@ -20,7 +20,7 @@ from services.common.grace import GraceEnd
 from services.common.rpc_tracing import ServerTracing
 from services.common.server import ServerSettings, ServiceSpec, run_service
 from services.tools.stack.ports import free_port
-from tests.unit.test_server_drain import SERVICE, _serving
+from tests.unit.test_server_drain import SERVICE, SLOW_WRITE_S, _in_servicer, _serving
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -79,12 +79,12 @@ async def test_a_call_the_grace_end_cuts_is_unavailable_on_its_span(grace_s: flo
     stop = asyncio.Event()
     task = asyncio.create_task(run_service(spec, stop))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        await _serving(channel)
+        await _serving(channel, task)
         write: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
             f"/{SERVICE}/Write"
         )
-        in_flight = asyncio.ensure_future(write(b"slow", timeout=30))
-        await held.started.wait()
+        in_flight = asyncio.ensure_future(write(b"slow", timeout=SLOW_WRITE_S))
+        await _in_servicer(held.started, in_flight, SLOW_WRITE_S)
         assert not held.grace.ended
         stop.set()  # what SIGTERM does
         with pytest.raises(grpc.aio.AioRpcError) as cut:
@@ -104,12 +104,12 @@ async def test_a_call_its_caller_cancels_stays_cancelled() -> None:
     stop = asyncio.Event()
     task = asyncio.create_task(run_service(spec, stop))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        await _serving(channel)
+        await _serving(channel, task)
         write: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
             f"/{SERVICE}/Write"
         )
-        call = write(b"slow", timeout=30)
-        await held.started.wait()
+        call = write(b"slow", timeout=SLOW_WRITE_S)
+        await _in_servicer(held.started, asyncio.ensure_future(call), SLOW_WRITE_S)
         call.cancel()
         await asyncio.wait_for(held.cancelled.wait(), 30)
     stop.set()
