@@ -106,11 +106,16 @@ def test_a_models_file_not_in_utf8_is_one_line_naming_the_variable(tmp_path: Pat
     )
 
 
-async def _wait_serving(channel: grpc.aio.Channel) -> None:
+async def _wait_serving(channel: grpc.aio.Channel, server: asyncio.Task[None]) -> None:
+    """Until SERVING; the server's own error as soon as it has stopped, and each check within
+    its deadline (without one a check the server never answers waited for ever)."""
     health: Any = health_pb2_grpc.HealthStub(channel)  # grpc_health ships no stub types
     for _ in range(200):
+        if server.done():
+            server.result()  # its error, if it failed
+            raise AssertionError("the model replica stopped before it was SERVING")
         try:
-            reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
             if reply.status == health_pb2.HealthCheckResponse.SERVING:
                 return
         except grpc.aio.AioRpcError:
@@ -134,7 +139,7 @@ async def test_serve_answers_then_stops() -> None:
     server = asyncio.create_task(serve(environ, stop))
     try:
         async with grpc.aio.insecure_channel(address) as channel:
-            await _wait_serving(channel)
+            await _wait_serving(channel, server)
             request = pb.CompleteRequest(
                 messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text="Hi")])],
                 max_tokens=200,
@@ -142,6 +147,7 @@ async def test_serve_answers_then_stops() -> None:
             call = model_pb2_grpc.ModelStub(channel).Generate(
                 model_pb2.GenerateRequest(tenant="t", model="sim-small", request=request),
                 metadata=internal_metadata(TOKEN),
+                timeout=30,
             )
             chunks = [chunk async for chunk in call]
         assert chunks[0].start.replica == address
