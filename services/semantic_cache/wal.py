@@ -92,10 +92,11 @@ class LogGap(WalError):
             f"{segment}: the write-ahead log begins at record {first}, but the snapshot beside "
             f"it holds the records up to {after_seq} only: "
             f"{_numbers(after_seq + 1, first - 1, 'is', 'are')} in neither (the snapshot is "
-            "older than the log: restored from a backup taken file by file, or replaced). "
-            "Replayed over it, the log would bring back the answers and tenants those records "
-            "replaced or dropped. Put back the snapshot saved with this log, or move both the "
-            f"snapshot and {segment.parent} aside to start empty"
+            "older than the log: restored from a backup taken file by file, or replaced; or "
+            "the log's directory was removed while semantic-cache ran, which its ERROR line "
+            "said). Replayed over it, the log would bring back the answers and tenants those "
+            "records replaced or dropped. Put back the snapshot saved with this log if there "
+            f"is one, or move both the snapshot and {segment.parent} aside to start empty"
         )
         self.segment = segment
         self.after_seq = after_seq
