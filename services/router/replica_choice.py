@@ -18,7 +18,14 @@ every queue; reason ``save_work`` when that keeps a request off the fastest repl
 a near-tie of the best (``tie_fraction`` of its TTFT, at least ``tie_floor_s``) the longest
 prefix wins. A hot prefix is not pinned to one replica: once its replica's queue costs more
 than prefilling the prefix elsewhere, the request goes elsewhere and the prefix is replicated
-there (``replicate_prefix``). With the replicas' KV capacity (``kv_capacity_tokens``) a warm
+there (``replicate_prefix``). Nor on a batching engine (vLLM, SGLang, the simulator), whose
+answers decoding never show in its prefill queue, so the replica holding a hot prefix would stay
+the fastest prediction however many calls it carries: when the replica chosen carries requests
+in flight imbalanced against the least loaded replica's by SGLang's own test and thresholds
+(``balance.is_imbalanced``: more than ``abs_threshold`` apart and ``rel_threshold`` times as
+many; ``ROUTER_BALANCE_ABS_THRESHOLD`` / ``_REL_THRESHOLD``, 64 and 1.5), the choice is made the
+same way among the replicas that are not (``load_imbalance``), which replicates the prefix
+there. With the replicas' KV capacity (``kv_capacity_tokens``) a warm
 prefix counts only if the replica will still hold it when the request runs
 (``ReplicaStates.surviving_match``: under a deep queue the view's prefixes are evicted first).
 
@@ -34,14 +41,21 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from services.router.balance import BalancePolicy, Route, choose
+from services.router.balance import BalancePolicy, Route, choose, is_imbalanced
 from services.router.replica_health import EjectionPolicy
 from services.router.replica_state import ReplicaStates, check_kv_capacity
 
 POLICIES = ("ttft", "sglang", "round_robin")
 # every reason a route may carry, by policy (``fallback``: the chosen replica failed first)
 REASONS = {
-    "ttft": ("ttft_warm", "ttft_cold", "affinity_tie", "replicate_prefix", "save_work"),
+    "ttft": (
+        "ttft_warm",
+        "ttft_cold",
+        "affinity_tie",
+        "replicate_prefix",
+        "save_work",
+        "load_imbalance",
+    ),
     "sglang": ("cache_affinity", "shortest_queue", "least_loaded"),
     "round_robin": ("round_robin",),
 }
@@ -205,19 +219,22 @@ class ReplicaChooser:
             for r in replicas
         }
         fastest = min(replicas, key=lambda r: ttft[r])
-        cheapest = min(replicas, key=lambda r: cost[r])
-        # a near-tie is measured on the TTFT, not the cost: the work term the replicas share
-        # (every cold prompt's) must not widen it
-        near = cost[cheapest] + max(policy.tie_floor_s, policy.tie_fraction * ttft[cheapest])
         loads = self.states.loads()
-        # the longest prefix among the near-ties; then the fewest requests in flight, which
-        # spreads cold prompts (and the evictions they cause) instead of filling one cache
-        chosen = max(
-            (r for r in replicas if cost[r] <= near),
-            key=lambda r: (match[r], -loads.get(r, 0), -cost[r]),
-        )
+        chosen = _pick(replicas, ttft, cost, match, loads, policy)
+        # the guard against one replica taking all of a hot prefix: on a batching engine the
+        # answers decoding there never show in its prefill queue, so the replica holding the
+        # prefix stays the fastest prediction however many calls it carries; once its
+        # requests in flight are imbalanced against the least loaded replica's (SGLang's
+        # test and thresholds), the choice is made among the replicas that are not
+        least = min(loads.get(r, 0) for r in replicas)
+        balanced = [r for r in replicas if not self._imbalanced(loads.get(r, 0), least)]
+        guarded = chosen not in balanced
+        if guarded:
+            chosen = _pick(balanced, ttft, cost, match, loads, policy)
         longest = max(match.values())
-        if longest == 0:
+        if guarded:
+            reason = "load_imbalance"
+        elif longest == 0:
             reason = "ttft_cold"
         elif match[chosen] < longest:
             reason = "replicate_prefix"
@@ -236,6 +253,35 @@ class ReplicaChooser:
             predicted_ttft_s=ttft[chosen],
             queued_s=queued[chosen],
         )
+
+    def _imbalanced(self, load: int, least: int) -> bool:
+        """A replica carrying ``load`` requests in flight against the least loaded one's
+        ``least`` is imbalanced by SGLang's rule (``balance.is_imbalanced``, with the
+        ``sglang`` policy's thresholds: ``ROUTER_BALANCE_ABS_THRESHOLD`` and
+        ``ROUTER_BALANCE_REL_THRESHOLD``)."""
+        return is_imbalanced([load, least], self._settings.sglang)
+
+
+def _pick(
+    candidates: Sequence[str],
+    ttft: Mapping[str, float],
+    cost: Mapping[str, float],
+    match: Mapping[str, int],
+    loads: Mapping[str, int],
+    policy: TtftPolicy,
+) -> str:
+    """The TTFT policy's choice among ``candidates`` (never empty): the least cost; within a
+    near-tie of it, the longest prefix, then the fewest requests in flight."""
+    cheapest = min(candidates, key=lambda r: cost[r])
+    # a near-tie is measured on the TTFT, not the cost: the work term the replicas share
+    # (every cold prompt's) must not widen it
+    near = cost[cheapest] + max(policy.tie_floor_s, policy.tie_fraction * ttft[cheapest])
+    # the longest prefix among the near-ties; then the fewest requests in flight, which
+    # spreads cold prompts (and the evictions they cause) instead of filling one cache
+    return max(
+        (r for r in candidates if cost[r] <= near),
+        key=lambda r: (match[r], -loads.get(r, 0), -cost[r]),
+    )
 
 
 def near_ttft(fastest_s: float, policy: TtftPolicy) -> float:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from services.common.kv_blocks import BLOCK_SIZE, block_hashes, reusable_blocks
+from services.router.balance import BalancePolicy
 from services.router.replica_choice import (
     REASONS,
     ChoiceSettings,
@@ -95,3 +97,91 @@ def test_every_reason_is_declared_and_the_policy_validated() -> None:
         ChoiceSettings(policy="fastest")
     with pytest.raises(ValueError, match="no replica"):
         _chooser().choose(_request(1), [], {}, 0.0)
+
+
+def _hot_prefix(chooser: ReplicaChooser, slots: int | None) -> tuple[dict[str, int], list[str]]:
+    """A hot prefix (the review's repro): 300 requests 50 ms apart sharing a 2,000-token
+    prefix (20 tokens of their own each), every answer decoding 30 s, so none ends here. Each
+    replica prefills one prompt at a time at ``RATE`` (where it serves ``slots`` at once, only
+    in a free slot); its first report comes when that prefill is done. Returns the requests
+    each replica took and the reasons given."""
+    states = chooser.states
+    held: dict[str, set[bytes]] = {"a": set(), "b": set()}
+    waiting: dict[str, list[tuple[int, int, list[bytes], float]]] = {"a": [], "b": []}
+    decoding = {"a": 0, "b": 0}
+    free_at = {"a": 0.0, "b": 0.0}
+    served = {"a": 0, "b": 0}
+    reasons = []
+    for i in range(300):
+        now = i * 0.05
+        for r in held:  # the prefills done by now: their first reports
+            while waiting[r] and (slots is None or decoding[r] < slots):
+                ticket, uncached, hashes, sent = waiting[r][0]
+                first = max(free_at[r], sent) + uncached / RATE
+                if first > now:
+                    break
+                waiting[r].pop(0)
+                free_at[r] = first
+                states.started(r, ticket, 2_020, 2_020 - uncached, first)
+                held[r].update(hashes)
+                decoding[r] += 1
+        ids = [*range(2_000), *(10_000 + 20 * i + k for k in range(20))]
+        hashes = block_hashes("t", "m", ids)
+        reusable = hashes[: reusable_blocks(len(ids))]
+        view = {
+            r: BLOCK_SIZE * next((n for n, h in enumerate(reusable) if h not in held[r]), 0)
+            for r in held
+        }
+        route = chooser.choose(_request(len(ids), hashes), ["a", "b"], view, now)
+        chosen = route.order[0]
+        served[chosen] += 1
+        reasons.append(route.reason)
+        uncached = len(ids) - route.match_tokens
+        ticket = states.sent(chosen, len(ids), uncached, hashes, now, max_tokens=300, slots=slots)
+        waiting[chosen].append((ticket, uncached, hashes, now))
+    return served, reasons
+
+
+@pytest.mark.parametrize("slots", [None, 4])
+@pytest.mark.parametrize("work_weight", [0.0, 1.0, 2.0])
+def test_a_hot_prefix_is_replicated_once_its_replica_carries_an_imbalanced_load(
+    slots: int | None, work_weight: float
+) -> None:
+    """On a batching engine (vLLM, SGLang, the simulator: no ``replica_slots``) the answers
+    decoding on the replica holding a hot prefix never show in its prefill queue, so it stays
+    the fastest prediction: 300 of 300 requests went there (300 in flight, 0 on the other),
+    whatever the work weight; on a 4-slot engine before any answer has ended, 300 of 300 too.
+    Now once its requests in flight are imbalanced against the least loaded replica's by
+    SGLang's test (more than 64 apart and 1.5 times as many) the choice is made among the
+    others, which takes the prefix to the second replica (``load_imbalance``)."""
+    chooser = ReplicaChooser(
+        ChoiceSettings(ttft=TtftPolicy(work_weight=work_weight)), ReplicaStates()
+    )
+    served, reasons = _hot_prefix(chooser, slots)
+    loads = chooser.states.loads()
+    assert sum(served.values()) == 300 and served == {r: loads.get(r, 0) for r in served}
+    # never imbalanced by more than SGLang's thresholds: at most 64 apart, as its rule keeps
+    assert abs(served["a"] - served["b"]) <= 64, served  # was 300 to 0
+    guarded = [i for i, reason in enumerate(reasons) if reason == "load_imbalance"]
+    assert guarded, served
+    if slots is None:  # the first replica took requests 0-64, then carried 65 to none
+        assert guarded[0] == 65 and reasons[:65].count("load_imbalance") == 0, guarded[:3]
+
+
+def test_the_guard_leaves_a_balanced_choice_alone_and_is_sglangs_setting() -> None:
+    """Below SGLang's thresholds the TTFT policy decides as before (affinity holds a prefix
+    on its replica while the loads are within 64 or 1.5 times); the thresholds are the
+    ``sglang`` policy's (``ROUTER_BALANCE_ABS_THRESHOLD`` / ``_REL_THRESHOLD``)."""
+    for abs_threshold, guarded in ((64, False), (9, True)):
+        chooser = ReplicaChooser(
+            ChoiceSettings(sglang=BalancePolicy(abs_threshold=abs_threshold)), ReplicaStates()
+        )
+        for _ in range(10):  # ten calls in flight on b, their prefill done
+            ticket = chooser.states.sent("b", 100, 100, [], now=0.0)
+            chooser.states.started("b", ticket, 100, 0, now=0.0)
+        route = chooser.choose(_request(10_000), ["a", "b"], {"b": 8_000}, now=1.0)
+        if guarded:
+            assert (route.order, route.reason) == (("a", "b"), "load_imbalance")
+            assert route.match_tokens == 0 and route.predicted_ttft_s == pytest.approx(1.0)
+        else:
+            assert (route.order[0], route.reason) == ("b", "ttft_warm")
