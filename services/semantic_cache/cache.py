@@ -24,6 +24,7 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 
+from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.clock import Clock
 from services.common.errors import shown
 from services.semantic_cache.batcher import MicroBatcher, QueueFull
@@ -312,27 +313,21 @@ class SemanticCache(EntryStore):
         self, query: Query, deadline: float | None, *, settle: bool = True, drops: bool
     ) -> CheckResult:
         """``_check``, then (``drops``: not a draining cache, which writes nothing) the drop
-        of each answer it met that no Lookup of its scope is served while the router's table
-        says so (``Query.row_refusal``: made by a row the scope's model no longer resolves
-        to). Kept, it hid every paraphrase behind it until its TTL (0 of 9 served); dropped,
-        the next Lookup is the one the cache without it makes, margin check and all, so it
-        can serve nothing that cache would not. This Lookup stays what it was (a miss, reason
-        ``model``, when it was the nearest); it waits for the drop (its log sync) within its
-        deadline only: a slow disk must not make its reply late."""
+        of each answer met that is refused for its row (README, "Refused for its row"). The
+        drops run on their own (``drops_done``): this Lookup's result is decided, so it never
+        waits for their log sync."""
         refused: list[Entry] = []
         result = await self._check(query, deadline, settle=settle, refused=refused)
-        started = [self._drop_refused(entry) for entry in refused if drops]
-        pending = {task for task in started if task is not None}
-        if pending:
-            left_s = self._left_s(deadline)
-            await asyncio.wait(pending, timeout=None if math.isinf(left_s) else left_s)
+        if drops:
+            for entry in refused:
+                self._drop_refused(entry)
         return result
 
-    def _drop_refused(self, entry: Entry) -> asyncio.Task[None] | None:
-        """Starts the drop of ``entry`` (``drop_refused``), held until it ends; None when
-        another Lookup's drop of it is on already."""
+    def _drop_refused(self, entry: Entry) -> None:
+        """Starts the drop of ``entry`` (``drop_refused``), held in ``_dropping`` until it
+        ends; none when another Lookup's drop of it is on already."""
         if entry.entry_id in self._dropping:
-            return None
+            return
 
         async def drop() -> None:
             try:
@@ -342,8 +337,12 @@ class SemanticCache(EntryStore):
             finally:
                 del self._dropping[entry.entry_id]
 
-        task = self._dropping[entry.entry_id] = asyncio.ensure_future(drop())
-        return task
+        self._dropping[entry.entry_id] = asyncio.ensure_future(drop())
+
+    async def drops_done(self) -> None:
+        """Waits for the drops of refused answers started so far (tests: a Lookup does not)."""
+        while self._dropping:
+            await asyncio.wait(set(self._dropping.values()))
 
     async def _check(
         self,
@@ -397,11 +396,12 @@ class SemanticCache(EntryStore):
         passed_over: int | None = None
         vid = self._exact_match(index, query.normalised)
         if vid is not None and self._servable(self._entries[vid], query, now):
-            tier_refused = query.answer_refusal(self._entries[vid].answer)
+            cached = query.read(self._entries[vid].answer)
+            tier_refused = query.refusal(cached)
             if not tier_refused:
                 return self._hit(vid, 1.0, exact=True, best=1.0)
             passed_over = vid
-            if refused is not None and query.row_refusal(self._entries[vid].answer):
+            if refused is not None and query.row_refusal(cached):
                 refused.append(self._entries[vid])
 
         def miss(best: float, refusal: str = "") -> CheckResult:
@@ -434,9 +434,23 @@ class SemanticCache(EntryStore):
             threshold,
             self._margin,
         )
-        if refused is not None:  # the nearest and those within its margin (competitors)
-            refused += [c.entry for c in short if query.row_refusal(c.entry.answer)]
-        if short and (refusal := query.answer_refusal(short[0].entry.answer)):
+        readings: dict[int, sc.CachedAnswer | None] = {}  # each candidate's answer read once
+
+        def read(vid: int) -> sc.CachedAnswer | None:
+            if vid not in readings:
+                readings[vid] = query.read(self._entries[vid].answer)
+            return readings[vid]
+
+        if refused is not None and query.accepted_models:
+            # every candidate at the threshold, not only the shortlist: one beyond the margin
+            # of the nearest would be within it once the nearest is gone (README)
+            for vid, similarity in candidates:
+                if similarity < threshold:
+                    break
+                met = self._entries[vid]
+                if self._servable(met, query, now) and query.row_refusal(read(vid)):
+                    refused.append(met)
+        if short and (refusal := query.refusal(read(short[0].vid))):
             return miss(best, refusal)  # the nearest is another tier's: not verified at all
         if short and self._left_s(deadline) <= 0:  # nobody would wait for the verdicts
             return miss(best)

@@ -379,13 +379,10 @@ class EntryStore:
         )
 
     async def drop_refused(self, tenant: str, entry_id: str) -> bool:
-        """Removes the entry ``entry_id`` itself (True), an answer no Lookup of its scope is
-        served while the router's table says so (made by a row the scope's model no longer
-        resolves to: ``Query.row_refusal``); with a journal, once that is durable, logged as
-        a drop of that one entry, reason ``model``. Never the entry that replaced it (a Store
-        of its question meanwhile: the new row's answer), here or in a replay; nor does it
-        stop the tenant's pending Stores as ``drop_entry`` does: theirs are the answers that
-        replace it. False when it is gone already (replaced, expired, dropped)."""
+        """Removes the entry ``entry_id`` itself (True), an answer refused for its row
+        (semantic-cache README, "Refused for its row"): with a journal, once durable, logged
+        as a drop of that one entry, reason ``model``; never the entry that replaced it, and
+        no pending Store stopped (unlike ``drop_entry``). False when it is gone already."""
         return await self.durably(
             lambda: self._drop_refused_now(tenant, entry_id),
             lambda journal, applied: journal.log_drop_entry(tenant, entry_id, applied, MODEL),

@@ -34,9 +34,8 @@ from services.semantic_cache.wal import WalError, WriteAheadLog
 
 log = logging.getLogger("cachemesh.semantic_cache.persistence")
 T = TypeVar("T")
-# The reason of a drop of one entry no Lookup of its scope is served any more (``log_drop_entry``):
-# made by a row the scope's model no longer resolves to. Replayed as that entry alone, never
-# the one that replaced it, and no pending Store stopped (``EntryStore.drop_refused``).
+# The reason of a drop of one entry refused for its row (``EntryStore.drop_refused``; README,
+# "Refused for its row"), replayed as that entry alone
 MODEL = "model"
 
 

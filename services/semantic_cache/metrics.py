@@ -53,6 +53,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from services.common.metrics import OTHER, LoopMetrics, TenantLabels
+from services.semantic_cache.journal import MODEL
 from services.semantic_cache.records import CheckResult
 from services.semantic_cache.stats import StoreStats
 
@@ -62,6 +63,8 @@ EMBED_CALLS = ("lookup", "store")
 TAIL_CUT_KINDS = ("torn", "damaged")
 # the writes refused when they cannot be made durable: ``..._writes_refused_total``'s label
 REFUSED_WRITES = ("store", "drop", "policy")
+# the reasons of ``..._refused_drops_total`` (``StoreStats.refused_drops``)
+REFUSED_DROP_REASONS = frozenset({MODEL})
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -283,6 +286,7 @@ class StoreCollector(Collector):
             "(model: made by a row the scope's model no longer resolves to, auto repointed)",
             labels=["reason"],
         )
-        for reason, count in sorted(stats.refused_drops.items()):
-            refused.add_metric([reason], count)
+        # each known reason at 0 from the start (as the labelled counters above)
+        for reason in sorted(REFUSED_DROP_REASONS | stats.refused_drops.keys()):
+            refused.add_metric([reason], stats.refused_drops.get(reason, 0))
         yield refused

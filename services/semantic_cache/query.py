@@ -83,32 +83,37 @@ class Query:
     # rows now; an answer another row made (a tier repointed since) is never served
     accepted_models: tuple[str, ...] = ()
 
+    def read(self, answer: Answer) -> sc.CachedAnswer | None:
+        """The answer's ``CachedAnswer`` when the refusals need it (None: the Lookup accepts
+        any tier and any row): parsed once per candidate, for both refusals."""
+        if not (self.accepted_tiers or self.accepted_models):
+            return None
+        return sc.CachedAnswer.FromString(answer.payload)
+
     def answer_refusal(self, answer: Answer) -> str:
         """Why the answer is not served to this query ("" = it may be): its tier is not one
         the Lookup accepts (an ``auto`` retry whose thresholds force a larger tier), or the row
         that made it is not one ``auto`` resolves to now (its tier was repointed)."""
-        if not (self.accepted_tiers or self.accepted_models):
+        return self.refusal(self.read(answer))
+
+    def refusal(self, cached: sc.CachedAnswer | None) -> str:
+        """``answer_refusal`` of an answer already read (``read``)."""
+        if cached is None:
             return ""
-        cached = sc.CachedAnswer.FromString(answer.payload)
         if self.accepted_tiers and cached.tier not in self.accepted_tiers:
             accepted = ", ".join(self.accepted_tiers)
             return (
                 f"tier: the cached answer is the {cached.tier} tier's; the request accepts "
                 f"{accepted}"
             )
-        return self._row_refusal(cached)
+        return self.row_refusal(cached)
 
-    def row_refusal(self, answer: Answer) -> str:
-        """Why the answer is not served for the row that made it ("" = it may be): not one
-        the query's model resolves to now. Every Lookup of the scope names the same rows
-        (the router's table), so such an answer is served to none of them while the table
-        says so (``SemanticCache`` drops it); a tier refusal is one request's (a retry)."""
-        if not self.accepted_models:
-            return ""
-        return self._row_refusal(sc.CachedAnswer.FromString(answer.payload))
-
-    def _row_refusal(self, cached: sc.CachedAnswer) -> str:
-        if self.accepted_models and cached.model not in self.accepted_models:
+    def row_refusal(self, cached: sc.CachedAnswer | None) -> str:
+        """Why an answer already read (``read``) is not served for the row that made it ("" =
+        it may be): not one the query's model resolves to now. Unlike a tier refusal (one
+        request's: a retry), no Lookup of the scope is served it while the router's table
+        says so (semantic-cache README, "Refused for its row")."""
+        if cached is not None and self.accepted_models and cached.model not in self.accepted_models:
             accepted = ", ".join(self.accepted_models)
             return (
                 f"model: the cached answer is {cached.model}'s; the request's model resolves "
