@@ -192,6 +192,7 @@ class Front:
             span.set_attribute("url.path", request.path)
             traceparent = _traceparent(span)
             refused: ApiError | None = None  # the front's own refusal (its access line)
+            gone = False  # the caller went away or stopped reading mid-stream (499)
             # the caller's id names each refusal, the front's own before its body is read
             # too; one it cannot take is refused with the body's fields (``_cache_options``)
             with contextlib.suppress(ApiError):
@@ -216,6 +217,7 @@ class Front:
                 log.info("%s: the caller went away mid-stream (%s)", name, why)
                 span.set_attribute("error.type", "client_stalled" if stalled else "client_gone")
                 request[ENDED] = 499
+                gone = True
                 response = request[STREAM]
             except asyncio.CancelledError:
                 # the caller disconnected while its answer was awaited: aiohttp cancels the
@@ -241,7 +243,9 @@ class Front:
                 request.transport.abort()
             if request.get(BODY_CUT) and request.transport is not None:
                 await _answer_and_close(request, response)
-            span.set_attribute("http.response.status_code", response.status)  # as sent
+            # as sent, but 499 for a caller gone or stalled mid-stream, as the metric counts it
+            # (its head said 200; an error event's status is ``ENDED``, the span's is the head's)
+            span.set_attribute("http.response.status_code", 499 if gone else response.status)
             # a stream whose head went out ends by its error event's status (``ENDED``)
             ended = request.get(ENDED, response.status)
             if ended >= 500:  # the server's failure (a 4xx is the caller's)
@@ -337,9 +341,9 @@ class Front:
             stalled = isinstance(exc, CallerStalled)
             why = str(exc) if stalled else type(exc).__name__
             log.info("%s: the caller went away before its answer was sent (%s)", name, why)
-            trace.get_current_span().set_attribute(
-                "error.type", "client_stalled" if stalled else "client_gone"
-            )
+            span = trace.get_current_span()  # 499 as the metric counts it, not the head's 200
+            span.set_attribute("error.type", "client_stalled" if stalled else "client_gone")
+            span.set_attribute("http.response.status_code", 499)
             request[ENDED] = 499
             if request.transport is not None:  # what is left of the answer is dropped
                 request.transport.abort()
