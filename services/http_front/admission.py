@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import datetime
 import json
+import logging
+import re
 
 from aiohttp import web
 
@@ -21,15 +24,68 @@ _KEY_HEADERS: dict[Api, tuple[str, ...]] = {
     "anthropic": ("x-api-key", "authorization"),
     "openai": ("authorization",),
 }
+log = logging.getLogger("cachemesh.http_front")
+_NEWEST = anthropic_api.VERSIONS[-1]
 # what a refused anthropic-version is told
-_VERSIONS = "the versions are " + ", ".join(anthropic_api.VERSIONS)
+_VERSIONS = (
+    "the versions are " + ", ".join(anthropic_api.VERSIONS) + f", or a date after {_NEWEST} "
+    f"(served as {_NEWEST})"
+)
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")  # fullmatch: ASCII digits, nothing after
 _UNKNOWN_KEY = {
     "anthropic": "invalid x-api-key: no tenant has this key",
     "openai": "Incorrect API key provided: no tenant has this key",
 }
 
 
-async def admit(api: Api, request: web.Request, keys: KeyLookup) -> tuple[str, str]:
+class AnthropicVersions:
+    """What ``anthropic-version`` a request may send (see the README): one of Anthropic's
+    versions (``anthropic_api.VERSIONS``), or a date after the newest of them, which a client
+    newer than the front sends (an SDK major moving to a later version): served as the newest,
+    and logged once (the first such version, a WARNING: the front is to be upgraded). A date
+    up to the newest that is not one of them (2023-10-01) is made up, refused as Anthropic
+    refuses it. One a process (the front's ``Front``): it holds whether the WARNING went out."""
+
+    def __init__(self) -> None:
+        self._newer_logged = False
+
+    def served(self, version: str | None) -> str:
+        """The version the request is served as; ``ApiError`` (400) if it is none."""
+        if version is None:
+            raise invalid(f"anthropic-version: header is required ({_VERSIONS})")
+        if version in anthropic_api.VERSIONS:
+            return version
+        if _later_date(version):
+            if not self._newer_logged:
+                self._newer_logged = True
+                log.warning(
+                    "http-front: a client sent anthropic-version %s, later than the newest this "
+                    "front knows (%s): served as %s; upgrade the front to know it (logged once: "
+                    "any later ones are served alike without a word)",
+                    version,
+                    _NEWEST,
+                    _NEWEST,
+                )
+            return _NEWEST
+        raise invalid(
+            f"anthropic-version: {json.dumps(version[:32])} is not a valid version ({_VERSIONS})"
+        )
+
+
+def _later_date(version: str) -> bool:
+    """``version`` is a real calendar date, written YYYY-MM-DD, after the newest version."""
+    if not _DATE.fullmatch(version):
+        return False
+    try:
+        day = datetime.date.fromisoformat(version)
+    except ValueError:  # 2027-02-30
+        return False
+    return day > datetime.date.fromisoformat(_NEWEST)
+
+
+async def admit(
+    api: Api, request: web.Request, keys: KeyLookup, versions: AnthropicVersions
+) -> tuple[str, str]:
     """The caller's tenant and key; the Gateway checks the same key again."""
     for header in _KEY_HEADERS[api]:  # the first was read: whatever added one chose
         sent = len(request.headers.getall(header, ()))
@@ -47,14 +103,7 @@ async def admit(api: Api, request: web.Request, keys: KeyLookup) -> tuple[str, s
         raise ApiError("authentication", _UNKNOWN_KEY[api])
     request[TENANT] = tenant
     if api == "anthropic" and request.method == "POST":
-        version = request.headers.get("anthropic-version")
-        if version is None:
-            raise invalid(f"anthropic-version: header is required ({_VERSIONS})")
-        if version not in anthropic_api.VERSIONS:
-            raise invalid(
-                f"anthropic-version: {json.dumps(version[:32])} is not a valid version "
-                f"({_VERSIONS})"
-            )
+        versions.served(request.headers.get("anthropic-version"))
     return tenant, key
 
 

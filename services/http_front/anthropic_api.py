@@ -27,11 +27,13 @@ from services.http_front.fields import (
 )
 from services.router.validation import MAX_BREAKPOINTS, breakpoints
 
-# anthropic-version: Anthropic's API versions (its "Versions" page). Anthropic refuses any other
-# value with a 400 (``anthropic-version: "2023-10-01" is not a valid version``), so does the
-# front: a date taken here and refused there hid a caller's typo until it met the real API.
-# 2026-10-21 is what the SDKs' majors since that day send (anthropic 2.x); the front serves each
-# version alike (see the README: what 2026-10-21 refuses, the front still takes).
+# anthropic-version: Anthropic's API versions (its "Versions" page), oldest first. Anthropic
+# refuses any other value with a 400 (``anthropic-version: "2023-10-01" is not a valid
+# version``), so does the front up to the newest (``admission.AnthropicVersions``): a date taken
+# here and refused there hid a caller's typo until it met the real API. A date after the newest
+# is a client newer than the front: served as the newest (refusing it would refuse every request
+# of that client). 2026-10-21 is what the SDKs' majors since that day send (anthropic 2.x); the
+# front serves each version alike (see the README: what 2026-10-21 refuses, the front takes).
 VERSIONS = ("2023-01-01", "2023-06-01", "2026-10-21")
 _TOP = (
     "model", "messages", "max_tokens", "system", "tools", "temperature", "stream", "metadata",

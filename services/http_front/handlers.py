@@ -24,7 +24,7 @@ from services.common.auth import KeyLookup
 from services.common.errors import Code
 from services.http_front import anthropic_api, facts, model_list, openai_api, sse
 from services.http_front.access_log import RefusalLog
-from services.http_front.admission import admit
+from services.http_front.admission import AnthropicVersions, admit
 from services.http_front.bodies import Bodies
 from services.http_front.errors import Api, ApiError
 from services.http_front.gateway import Gateway
@@ -116,6 +116,7 @@ class Front:
         self.draining = False
         self._waiting = Waiting(gateway, settings.grace_s)
         self._gateway_ready = CachedVerdict(gateway.serving, monotonic, settings.gateway_addr)
+        self._versions = AnthropicVersions()  # its WARNING of a newer version: once a process
 
     # --- routes -------------------------------------------------------------------------------
     async def messages(self, request: web.Request) -> web.StreamResponse:
@@ -200,7 +201,7 @@ class Front:
                 if caller_id:
                     request[CALLER_ID] = caller_id
             try:
-                tenant, key = await admit(api, request, self._keys)
+                tenant, key = await admit(api, request, self._keys, self._versions)
                 response = await answer(request, tenant, key, traceparent)
             except ApiError as error:
                 span.set_attribute("error.type", error.kind)

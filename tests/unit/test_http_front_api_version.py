@@ -1,10 +1,14 @@
 """``anthropic-version``: Anthropic answers a version it does not have with a 400
 ``invalid_request_error`` (``anthropic-version: "2023-10-01" is not a valid version``), whatever
 date it is; the front took any date (a caller that invented one was served here and refused
-there). It now takes Anthropic's versions only, and its refusal names them."""
+there). It now takes Anthropic's versions, and its refusal names them; and, as it does unknown
+betas, a date after the newest it knows (a client newer than the front: refused, every request
+of an SDK major that moved to a later version would be a 400), served as the newest and logged
+once a process."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +39,12 @@ async def _post(base: str, version: str) -> tuple[int, dict[str, Any]]:
         return reply.status, await reply.json()
 
 
-@pytest.mark.parametrize("version", ["2023-10-01", "2024-10-22", "2099-01-01", "latest"])
+# a made-up date up to the newest version (2026-10-20: the day before it), or no real date
+# written YYYY-MM-DD; 2099-01-01 was here too, refused: a date after the newest is now served
+@pytest.mark.parametrize(
+    "version",
+    ["2023-10-01", "2024-10-22", "2026-10-20", "2027-02-30", "20271005", "2027-1-05", "latest"],
+)
 async def test_a_version_anthropic_does_not_have_is_refused_naming_those_it_has(
     front: tuple[str, FakeGateway], version: str
 ) -> None:
@@ -47,7 +56,29 @@ async def test_a_version_anthropic_does_not_have_is_refused_naming_those_it_has(
     assert message.startswith(f'anthropic-version: "{version}" is not a valid version')
     for known in ("2023-01-01", "2023-06-01", "2026-10-21"):
         assert known in message
+    assert "or a date after 2026-10-21" in message
     assert fake.calls == 0  # refused before the Gateway
+
+
+async def test_a_date_after_the_newest_version_is_served_and_logged_once(
+    front: tuple[str, FakeGateway], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client newer than the front (an SDK major sending a version after 2026-10-21) is
+    served as the newest; the operator is told once a process to upgrade the front (a
+    WARNING naming the version), not on every request."""
+    base, fake = front
+    caplog.set_level(logging.WARNING, logger="cachemesh.http_front")
+    for version in ("2026-10-22", "2099-01-01", "2026-10-22"):
+        status, body = await _post(base, version)
+        assert status == 200, body  # 400 before: "is not a valid version"
+        assert body["type"] == "message"
+    assert fake.calls == 3
+    told = [r.getMessage() for r in caplog.records if "anthropic-version" in r.getMessage()]
+    assert len(told) == 1, told
+    assert told[0].startswith("http-front: a client sent anthropic-version 2026-10-22, later ")
+    assert "served as 2026-10-21" in told[0] and "upgrade the front" in told[0]
+    assert all(r.levelno == logging.WARNING for r in caplog.records if r.getMessage() in told)
+    assert KEY not in caplog.text
 
 
 @pytest.mark.parametrize("version", ["2023-01-01", "2023-06-01", "2026-10-21"])
