@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import logging
 import math
 import time
 import uuid
@@ -51,6 +52,8 @@ from services.semantic_cache.records import (
 from services.semantic_cache.stats import StoreStats
 from services.semantic_cache.verifier import Verifier
 from services.semantic_cache.wal import WalError
+
+log = logging.getLogger("cachemesh.semantic_cache")
 
 _RECENT_VECTORS = 1024  # about 1.5 MB of 384-d float32 vectors, all tenants' (shared fairly) ...
 _RECENT_TEXT_CHARS = 16 * 1024  # ... at most 16 MB of texts key them (a longer one: its hash)
@@ -334,6 +337,13 @@ class SemanticCache(EntryStore):
                 await self.drop_refused(entry.tenant, entry.entry_id)
             except WalError:  # not durable (a failed disk, which the log reports): not removed
                 pass
+            except Exception:  # a fault of ours: said, the answer stays refused (not served)
+                log.exception(
+                    "the drop of an answer refused for its row failed (tenant %r, entry %s); "
+                    "it stays cached, refused, and the next Lookup meeting it tries again",
+                    entry.tenant,
+                    entry.entry_id,
+                )
             finally:
                 del self._dropping[entry.entry_id]
 

@@ -434,3 +434,30 @@ async def test_each_candidates_answer_is_read_once(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(query_module, "sc", types.SimpleNamespace(CachedAnswer=_Counted))
     assert (await cache.check(_q(QUESTION))).entry is None
     assert len(reads) == 2 == len(set(reads))
+
+
+async def test_a_drop_that_fails_for_another_reason_is_said_and_the_answer_stays_refused(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A drop runs on its own: a fault in it other than the log's (which reports its own) was
+    left to asyncio's "Task exception was never retrieved", at garbage collection if at all.
+    It is an ERROR naming the entry now; the answer stays cached and refused, never served,
+    and the next Lookup that meets it drops it."""
+    cache = SemanticCache(FakeEmbedder(), ManualClock(), threshold=0.8)
+    await cache.store(_q(QUESTION), _answer("sim-small", "DS-82"))
+    real = cache.drop_refused
+
+    async def broken(tenant: str, entry_id: str) -> None:
+        raise RuntimeError("a fault of ours")
+
+    monkeypatch.setattr(cache, "drop_refused", broken)
+    with caplog.at_level("ERROR", logger="cachemesh.semantic_cache"):
+        assert (await cache.check(_q(QUESTION))).entry is None
+        await cache.drops_done()
+    failed = [r for r in caplog.records if "refused for its row failed" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].exc_info is not None, caplog.text
+    assert len(cache) == 1  # kept, refused
+    monkeypatch.setattr(cache, "drop_refused", real)
+    assert (await cache.check(_q(QUESTION))).entry is None
+    await cache.drops_done()
+    assert len(cache) == 0
