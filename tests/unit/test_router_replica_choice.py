@@ -185,3 +185,44 @@ def test_the_guard_leaves_a_balanced_choice_alone_and_is_sglangs_setting() -> No
             assert route.match_tokens == 0 and route.predicted_ttft_s == pytest.approx(1.0)
         else:
             assert (route.order[0], route.reason) == ("b", "ttft_warm")
+
+
+def test_the_guard_sends_nothing_to_a_replica_much_slower_than_the_one_chosen() -> None:
+    """A replica prefilling 20 times as fast carries more requests in flight by right: the
+    guard took that for a hot prefix's imbalance and sent cold prompts to the slow replica
+    predicted ~100 s away (a review: 1,200 cold 4,000-token prompts 0.25 s apart, each
+    decoding 30 s, on replicas of 20,000 and 1,000 tokens/s: 28 to the slow one, TTFT p99
+    0.20 -> 60 s). The guard now chooses only among replicas at least 1 / ``rel_threshold``
+    as fast as the one chosen, so none goes there and the first tokens stay at the fast
+    replica's 0.2 s."""
+    rates = {"fast": 20_000.0, "slow": 1_000.0}
+    chooser = ReplicaChooser(ChoiceSettings(), ReplicaStates())
+    states = chooser.states
+    waiting: dict[str, list[tuple[int, float]]] = {r: [] for r in rates}
+    free_at = dict.fromkeys(rates, 0.0)
+    served = dict.fromkeys(rates, 0)
+    for r in rates:  # each replica's rate measured once, on a first prompt of its own
+        ticket = states.sent(r, 4_000, 4_000, [], now=0.0)
+        states.started(r, ticket, 4_000, 0, now=4_000 / rates[r])
+        free_at[r] = 4_000 / rates[r]
+    slowest_s = 0.0
+    for i in range(1_200):
+        now = 5.0 + i * 0.25
+        for r in rates:  # the prefills done by now (one at a time, at the replica's rate)
+            while waiting[r]:
+                ticket, sent = waiting[r][0]
+                first = max(free_at[r], sent) + 4_000 / rates[r]
+                if first > now:
+                    break
+                waiting[r].pop(0)
+                free_at[r] = first
+                states.started(r, ticket, 4_000, 0, first)
+                slowest_s = max(slowest_s, first - sent)
+        ids = [1_000_000 + 4_000 * i + k for k in range(4_000)]  # cold: no prefix shared
+        route = chooser.choose(_request(4_000, block_hashes("t", "m", ids)), [*rates], {}, now)
+        chosen = route.order[0]
+        served[chosen] += 1
+        ticket = states.sent(chosen, 4_000, 4_000, [], now, max_tokens=1_500)
+        waiting[chosen].append((ticket, now))
+    assert served == {"fast": 1_200, "slow": 0}, served
+    assert slowest_s == pytest.approx(0.2), slowest_s
