@@ -7,6 +7,7 @@ import datetime
 import json
 import logging
 import re
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -29,7 +30,7 @@ _NEWEST = anthropic_api.VERSIONS[-1]
 # what a refused anthropic-version is told
 _VERSIONS = (
     "the versions are " + ", ".join(anthropic_api.VERSIONS) + f", or a date after {_NEWEST} "
-    f"(served as {_NEWEST})"
+    f"up to today (served as {_NEWEST})"
 )
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")  # fullmatch: ASCII digits, nothing after
 _UNKNOWN_KEY = {
@@ -44,9 +45,12 @@ class AnthropicVersions:
     newer than the front sends (an SDK major moving to a later version): served as the newest,
     and logged once (the first such version, a WARNING: the front is to be upgraded). A date
     up to the newest that is not one of them (2023-10-01) is made up, refused as Anthropic
-    refuses it. One a process (the front's ``Front``): it holds whether the WARNING went out."""
+    refuses it, and so is a date after tomorrow (``clock``: the wall clock, seconds since the
+    epoch): no version is dated in the future, so 2062-10-21 is a typo of 2026-10-21. One a
+    process (the front's ``Front``): it holds whether the WARNING went out."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
         self._newer_logged = False
 
     def served(self, version: str | None) -> str:
@@ -55,7 +59,8 @@ class AnthropicVersions:
             raise invalid(f"anthropic-version: header is required ({_VERSIONS})")
         if version in anthropic_api.VERSIONS:
             return version
-        if _later_date(version):
+        today = datetime.datetime.fromtimestamp(self._clock(), datetime.UTC).date()
+        if _later_date(version, today + datetime.timedelta(days=1)):
             if not self._newer_logged:
                 self._newer_logged = True
                 log.warning(
@@ -72,15 +77,16 @@ class AnthropicVersions:
         )
 
 
-def _later_date(version: str) -> bool:
-    """``version`` is a real calendar date, written YYYY-MM-DD, after the newest version."""
+def _later_date(version: str, latest: datetime.date) -> bool:
+    """``version`` is a real calendar date, written YYYY-MM-DD, after the newest version and
+    not after ``latest`` (tomorrow, wherever the caller is)."""
     if not _DATE.fullmatch(version):
         return False
     try:
         day = datetime.date.fromisoformat(version)
     except ValueError:  # 2027-02-30
         return False
-    return day > datetime.date.fromisoformat(_NEWEST)
+    return datetime.date.fromisoformat(_NEWEST) < day <= latest
 
 
 async def admit(

@@ -116,7 +116,7 @@ class Front:
         self.draining = False
         self._waiting = Waiting(gateway, settings.grace_s)
         self._gateway_ready = CachedVerdict(gateway.serving, monotonic, settings.gateway_addr)
-        self._versions = AnthropicVersions()  # its WARNING of a newer version: once a process
+        self._versions = AnthropicVersions(clock)  # its WARNING of a newer version: once a process
 
     # --- routes -------------------------------------------------------------------------------
     async def messages(self, request: web.Request) -> web.StreamResponse:

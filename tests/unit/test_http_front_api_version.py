@@ -8,6 +8,7 @@ once a process."""
 
 from __future__ import annotations
 
+import datetime
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -39,11 +40,22 @@ async def _post(base: str, version: str) -> tuple[int, dict[str, Any]]:
         return reply.status, await reply.json()
 
 
-# a made-up date up to the newest version (2026-10-20: the day before it), or no real date
-# written YYYY-MM-DD; 2099-01-01 was here too, refused: a date after the newest is now served
+# a made-up date up to the newest version (2026-10-20: the day before it), a date after
+# tomorrow (no version is dated in the future: 2062-10-21 is a typo of 2026-10-21), or no real
+# date written YYYY-MM-DD
 @pytest.mark.parametrize(
     "version",
-    ["2023-10-01", "2024-10-22", "2026-10-20", "2027-02-30", "20271005", "2027-1-05", "latest"],
+    [
+        "2023-10-01",
+        "2024-10-22",
+        "2026-10-20",
+        "2062-10-21",
+        "2099-01-01",
+        "2027-02-30",
+        "20271005",
+        "2027-1-05",
+        "latest",
+    ],
 )
 async def test_a_version_anthropic_does_not_have_is_refused_naming_those_it_has(
     front: tuple[str, FakeGateway], version: str
@@ -68,7 +80,7 @@ async def test_a_date_after_the_newest_version_is_served_and_logged_once(
     WARNING naming the version), not on every request."""
     base, fake = front
     caplog.set_level(logging.WARNING, logger="cachemesh.http_front")
-    for version in ("2026-10-22", "2099-01-01", "2026-10-22"):
+    for version in ("2026-10-22", "2026-10-23", "2026-10-22"):
         status, body = await _post(base, version)
         assert status == 200, body  # 400 before: "is not a valid version"
         assert body["type"] == "message"
@@ -104,3 +116,19 @@ async def test_the_sdks_own_version_is_one_the_front_takes(
     finally:
         await client.close()
     assert answer.stop_reason == "tool_use" and fake.calls == 1
+
+
+def test_a_later_date_is_served_up_to_tomorrow_only() -> None:
+    """A date after the newest version is a newer client's only if it has come: a version is
+    never dated in the future, so a date after tomorrow (UTC; the caller may be a day ahead)
+    is a typo (2062-10-21 for 2026-10-21) and refused as Anthropic refuses it; it was served."""
+    from services.http_front.admission import AnthropicVersions
+    from services.http_front.errors import ApiError
+
+    noon = datetime.datetime(2027, 3, 10, 12, tzinfo=datetime.UTC).timestamp()
+    versions = AnthropicVersions(lambda: noon)
+    for served in ("2026-10-22", "2027-03-10", "2027-03-11"):
+        assert versions.served(served) == "2026-10-21", served
+    for refused in ("2027-03-12", "2062-10-21"):
+        with pytest.raises(ApiError, match="is not a valid version"):
+            versions.served(refused)
