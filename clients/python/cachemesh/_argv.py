@@ -29,6 +29,25 @@ _RANDOM = re.compile(r"^(?=.*[a-z])(?=.*[A-Z])(?=.*\d)[A-Za-z0-9_\-+=.~]{20,}$")
 _WORD = re.compile(r"[^\s'\"=,:()\[\]]+")
 _KEY_SHAPED = re.compile(r"^(?:cm|sk|key|api)[-_]\S{6,}$", re.IGNORECASE)
 NOT_SHOWN = "[value not shown]"
+# reStructuredText's inline literal, as the docstrings that become a command's description write
+# it: ``cachemesh ask``
+_LITERAL = re.compile(r"``(.+?)``", re.DOTALL)
+
+
+def plain(text: str) -> str:
+    """``text`` as a person reads it at a terminal: an inline literal's double backticks gone."""
+    return _LITERAL.sub(r"\1", text)
+
+
+class PlainHelpFormatter(argparse.HelpFormatter):
+    """argparse's help with the description, the epilog and every option's and subcommand's
+    help in plain text (``plain``): they are the modules' docstrings, written for the docs."""
+
+    def _format_text(self, text: str) -> str:  # argparse's hook for description and epilog
+        return super()._format_text(plain(text))
+
+    def _expand_help(self, action: argparse.Action) -> str:  # and for each help= text
+        return plain(super()._expand_help(action))
 
 
 def scrubbed(message: str) -> str:
@@ -43,10 +62,12 @@ def scrubbed(message: str) -> str:
 
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser without abbreviations: the subcommands' parsers (made as its own
-    class) too, and ``--key`` or ``--admin-token`` is never taken for a ``-file`` option."""
+    class) too, and ``--key`` or ``--admin-token`` is never taken for a ``-file`` option. Its
+    help is plain text (``PlainHelpFormatter``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", PlainHelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:

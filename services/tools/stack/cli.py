@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from cachemesh._argv import PlainHelpFormatter
 from cachemesh.envfile import EnvFileError
 from services.common.env import MAX_DURATION_S
 from services.common.setting_names import unread_warning
@@ -194,7 +195,11 @@ def _up_timeout(settings: Mapping[str, str]) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m services.tools.stack", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m services.tools.stack",
+        description=__doc__,
+        formatter_class=PlainHelpFormatter,  # the docstring's ``markup`` not shown
+    )
     _add_global_arguments(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("keys", help="generate this install's secrets once, print the demo keys")
