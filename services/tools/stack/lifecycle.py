@@ -29,6 +29,7 @@ from services.tools.keys import (
     StackKeys,
     announce,
     ensure_keys,
+    forget_endpoints,
 )
 from services.tools.stack import processes
 from services.tools.stack.environment import dial_address, merge_env, port_of
@@ -237,10 +238,12 @@ class Stack:
         What already runs is kept (the supervisor adopts it): only the missing processes are
         started, so ``make up`` brings back one service while the others serve. If a process
         exits before it is SERVING, or the timeout passes, the whole stack is stopped.
-        ``demo-keys.env`` then names where this stack listens (``client_endpoints``)."""
+        ``demo-keys.env`` names where this stack listens (``client_endpoints``) once every
+        process is SERVING; a refusal before anything starts leaves the addresses it held, a
+        start that stops the stack drops them (a failed up names no stack to dial)."""
         _refuse_miswired(self.miswired())
         _refuse_shared(self.shared_listens())
-        keys = ensure_keys(self.run_dir, self.client_endpoints())
+        keys = ensure_keys(self.run_dir)  # the addresses it holds kept until this stack serves
         if keys.created or not keys.has_demo_keys:
             self._say(announce(keys))  # where the keys are: never their values
         self._release_held()
@@ -269,6 +272,7 @@ class Stack:
                 self._start_supervisor(keys, managed)
             except BaseException:
                 self.stop()
+                forget_endpoints(self.run_dir)
                 raise
         else:
             _refuse_changed(self.changed_settings(keys, managed), "the running stack was started")
@@ -278,8 +282,9 @@ class Stack:
         except BaseException:
             if supervisor is None:
                 self.stop()
+                forget_endpoints(self.run_dir)
             raise
-        return keys
+        return ensure_keys(self.run_dir, self.client_endpoints())
 
     def miswired(self) -> list[str]:
         """Peer settings that still name a process's default address though its listen
