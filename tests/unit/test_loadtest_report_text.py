@@ -116,6 +116,15 @@ def test_a_figures_name_unmasks_a_number_only(name: str) -> None:
     assert mask(name, "") == ""
 
 
+@pytest.mark.parametrize("name", ["VAULT_SECRET_PER_KEY", "SIGNING_TOKEN_PER_TENANT"])
+def test_a_secret_word_beside_a_per_unit_stays_masked_even_for_a_number(name: str) -> None:
+    """``PER KEY`` is a figure's unit, but SECRET (TOKEN) before it still names a secret: the
+    name reads as "the secret per key" (a per-key salt, a PIN) as well as "secrets per key",
+    and a number can be a secret (a numeric password or PIN); the name cannot tell, so the
+    value stays masked (a hidden figure is the cheaper mistake)."""
+    assert mask(name, "8") == "***"
+
+
 def test_a_report_against_a_moved_stack_records_no_other_stacks_settings(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
