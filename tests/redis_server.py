@@ -16,6 +16,17 @@ from redis.asyncio import Redis
 
 from services.tools.stack.ports import free_port
 
+# a test client's bound on each connect and each reply: far above any call of the tests (no
+# blocking command through it), so a server left stopped (SIGSTOP) fails the call instead of
+# hanging the test, and every later one, for ever (redis-py waits without end by default)
+CLIENT_TIMEOUT_S = 30.0
+
+
+def client(url: str, timeout_s: float = CLIENT_TIMEOUT_S) -> Redis:
+    """An asyncio client of the test server at ``url``, each connect and reply bounded by
+    ``timeout_s`` (a redis.TimeoutError past it)."""
+    return Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+
 
 def _server_pid(port: int) -> int | None:
     """The process id the Redis on ``port`` gives (``INFO server``), None while none answers."""
