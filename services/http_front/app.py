@@ -45,8 +45,12 @@ def build_app(front: Front, max_json_bytes: int) -> web.Application:
     @web.middleware
     async def no_route(request: web.Request, handler: Handler) -> web.StreamResponse:
         if isinstance(request.match_info.http_exception, web.HTTPException):
-            return front.no_route(request, request.match_info.http_exception)
-        return await handler(request)
+            response: web.StreamResponse = front.no_route(
+                request, request.match_info.http_exception
+            )
+        else:
+            response = await handler(request)
+        return await front.sent(request, response)  # within the write timeout, whatever route
 
     async def server_header(request: web.Request, response: web.StreamResponse) -> None:
         response.headers["Server"] = SERVER  # not aiohttp's, which names its and Python's version

@@ -376,6 +376,17 @@ class Front:
             await self._sent(request, stream.write_eof())
         return stream
 
+    async def sent(self, request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+        """A response a route returns unsent (a 404 or 405, ``/healthz``, ``/readyz``) sent as
+        the model routes' answers are (``_send``: each write within HTTP_FRONT_WRITE_TIMEOUT_S);
+        one already sent is returned as it is. Left to aiohttp, with no timeout, a caller that
+        pipelined such requests and never read held its connection and its task for ever (its
+        socket full, the last write waiting): with HTTP_FRONT_MAX_CONNECTIONS reached, every
+        other caller was refused."""
+        if response.prepared:
+            return response
+        return await self._send(request, f"{request.method} {_route(request)}", response)
+
     def no_route(self, request: web.Request, exc: web.HTTPException) -> web.Response:
         """A path the front does not serve (404) or a method it does not take there (405), in
         the shape of the API the caller speaks, so its SDK raises its own error with a message

@@ -1514,6 +1514,48 @@ async def test_a_caller_that_never_reads_a_large_answer_loses_it_after_the_write
             sock.close()
 
 
+@pytest.mark.parametrize(("method", "path"), [("GET", "/nope"), ("PUT", "/v1/messages"),
+                                             ("GET", "/healthz"), ("GET", "/readyz")])  # fmt: skip
+async def test_a_caller_that_pipelines_and_never_reads_loses_its_connection(
+    tmp_path: Path, method: str, path: str
+) -> None:
+    """Requests the routes answer themselves (a 404, a 405, ``/healthz``, ``/readyz``),
+    pipelined on one connection whose caller never reads: aiohttp wrote those answers with no
+    timeout, so once the socket was full the last write waited for ever, holding the
+    connection and its task (with HTTP_FRONT_MAX_CONNECTIONS=1 every other caller was answered
+    503: still after 10 s of a 0.2 s write timeout). They go out as the model routes' answers
+    do now: the write timeout closes that connection, and the next caller is served."""
+    async with serving(
+        tmp_path, FakeGateway(), HTTP_FRONT_WRITE_TIMEOUT_S="0.2", HTTP_FRONT_MAX_CONNECTIONS="1"
+    ) as served:
+        host, port = served.base.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a window that fills soon
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, (host, int(port)))
+        many = f"{method} {path} HTTP/1.1\r\nhost: {host}\r\n\r\n".encode() * 100
+        try:
+            # until the front stops reading them (its answers unread) or closes the connection
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                async with asyncio.timeout(5):
+                    for _ in range(2_000):
+                        await loop.sock_sendall(sock, many)
+            async with asyncio.timeout(30), aiohttp.ClientSession() as session:
+                while True:  # 503 for ever before the fix: the one connection held
+                    async with session.get(f"{served.base}/healthz") as reply:
+                        if reply.status == 200:
+                            break
+                    await asyncio.sleep(0.05)
+            # the stalled connection is closed: what the buffers held, then its end or reset
+            with contextlib.suppress(ConnectionError):
+                async with asyncio.timeout(30):
+                    while await loop.sock_recv(sock, 1 << 16):
+                        pass
+        finally:
+            sock.close()
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "soon"])
 def test_a_write_timeout_that_is_no_positive_number_stops_the_start(
     tmp_path: Path, value: str
