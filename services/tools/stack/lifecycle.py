@@ -9,6 +9,7 @@ to ``<run_dir>/logs/<service>.log`` and pids to ``<run_dir>/pids/<service>.pid``
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -284,7 +285,8 @@ class Stack:
                 self.stop()
                 forget_endpoints(self.run_dir)
             raise
-        return ensure_keys(self.run_dir, self.client_endpoints())
+        serving = ensure_keys(self.run_dir, self.client_endpoints())
+        return dataclasses.replace(serving, created=keys.created)  # made by this start or not
 
     def miswired(self) -> list[str]:
         """Peer settings that still name a process's default address though its listen
