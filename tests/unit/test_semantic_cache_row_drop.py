@@ -15,7 +15,6 @@ import dataclasses
 import types
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from cachemesh.v1 import gateway_pb2 as pb
@@ -29,7 +28,7 @@ from services.semantic_cache.query import Query, query_from_request
 from services.semantic_cache.records import Answer, CheckResult
 from services.semantic_cache.snapshotter import Snapshotter
 from services.semantic_cache.wal import WriteAheadLog
-from tests.unit.semantic_cache_support import FakeEmbedder, make_request
+from tests.unit.semantic_cache_support import FakeEmbedder, Placed, make_request
 from tests.unit.test_semantic_cache_reading import shipped_cache
 from tests.unit.test_service_metrics import value
 
@@ -56,25 +55,6 @@ def _answer(model: str, text: str) -> Answer:
     return Answer(cached.SerializeToString(), "end_turn", 12, False, True)
 
 
-class _Placed:
-    """Vectors placed at chosen cosines to the question (8-d): texts on one axis are the same
-    question; on two axes, other questions."""
-
-    version, dim = "placed@1", 8
-
-    def __init__(self, cosines: dict[str, tuple[float, int]]) -> None:
-        self._vectors = {text: self._at(c, axis) for text, (c, axis) in cosines.items()}
-
-    @staticmethod
-    def _at(cosine: float, axis: int) -> np.ndarray:
-        vector = np.zeros(8, np.float32)
-        vector[0], vector[axis] = cosine, (1 - cosine * cosine) ** 0.5
-        return vector
-
-    def embed(self, texts: list[str]) -> np.ndarray:
-        return np.stack([self._vectors[text] for text in texts])
-
-
 def _q(text: str, tenant: str = "a", accepted: tuple[str, ...] = NOW) -> Query:
     query = query_from_request(tenant, make_request(text, model="auto"))
     return dataclasses.replace(query, accepted_models=accepted)
@@ -90,7 +70,7 @@ async def _placed(placed: dict[str, tuple[float, int, str, str]], old: bool) -> 
     """text -> (cosine to the question, axis, model, answer); threshold 0.9, margin 0.03, no
     verifier (it accepts every candidate). ``old``: with sim-small's answers, else without."""
     cosines = {QUESTION: (1.0, 1)} | {t: (c, axis) for t, (c, axis, _, _) in placed.items()}
-    cache = SemanticCache(_Placed(cosines), ManualClock(), threshold=0.9, margin=0.03)
+    cache = SemanticCache(Placed(cosines), ManualClock(), threshold=0.9, margin=0.03)
     for text, (_, _, model, answer) in placed.items():
         if old or model != "sim-small":
             await cache.store(_q(text), _answer(model, answer))

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
-import numpy as np
 import pytest
 
 from cachemesh.v1 import gateway_pb2 as pb
@@ -20,7 +19,7 @@ from services.semantic_cache.leases import Leases
 from services.semantic_cache.metrics import SemanticCacheMetrics, refusal_reason
 from services.semantic_cache.query import query_from_request
 from services.semantic_cache.records import Answer
-from tests.unit.semantic_cache_support import FakeEmbedder, make_request
+from tests.unit.semantic_cache_support import FakeEmbedder, Placed, make_request
 from tests.unit.test_semantic_cache_reading import CONFIG, reading_verifier, shipped_cache
 from tests.unit.test_service_metrics import value
 
@@ -143,24 +142,6 @@ async def test_a_match_refused_for_its_tier_keeps_its_place_in_the_eviction_orde
 _QUESTION, _NEAR, _OTHER = "how do i renew my passport", "how can i renew a passport", "renew visa"
 
 
-class _Placed:
-    """Vectors placed at chosen cosines to the question (8-d): the ranking is the test's."""
-
-    version, dim = "placed@1", 8
-
-    def __init__(self, cosines: dict[str, tuple[float, int]]) -> None:
-        self._vectors = {text: self._at(c, axis) for text, (c, axis) in cosines.items()}
-
-    @staticmethod
-    def _at(cosine: float, axis: int) -> np.ndarray:
-        vector = np.zeros(8, np.float32)
-        vector[0], vector[axis] = cosine, (1 - cosine * cosine) ** 0.5
-        return vector
-
-    def embed(self, texts: list[str]) -> np.ndarray:
-        return np.stack([self._vectors[text] for text in texts])
-
-
 def _stored(tier: str, text: str) -> Answer:
     return Answer(_answer(tier, text).SerializeToString(), "end_turn", 12, False, True)
 
@@ -170,7 +151,7 @@ async def _placed_cache(near: float, other: float) -> SemanticCache:
     question (another answer) by the large tier at ``other``; margin 0.03; no verifier (it
     accepts every candidate, as the shipped one may close paraphrases)."""
     cosines = {_QUESTION: (1.0, 1), _NEAR: (near, 1), _OTHER: (other, 2)}
-    cache = SemanticCache(_Placed(cosines), ManualClock(), threshold=0.9, margin=0.03)
+    cache = SemanticCache(Placed(cosines), ManualClock(), threshold=0.9, margin=0.03)
     await cache.store(query_from_request("a", make_request(_NEAR)), _stored("small", "DS-82"))
     await cache.store(query_from_request("a", make_request(_OTHER)), _stored("large", "visa"))
     return cache
@@ -212,7 +193,7 @@ async def test_a_paraphrase_refused_after_a_tier_refused_match_is_still_a_tier_r
     question, swapped = "does the dog bite the man", "does the man bite the dog"
     cosines = {question: (1.0, 1), swapped: (0.95, 1)}
     cache = SemanticCache(
-        _Placed(cosines), ManualClock(), threshold=0.9, margin=0.03, verifier=lexical()
+        Placed(cosines), ManualClock(), threshold=0.9, margin=0.03, verifier=lexical()
     )
     asked = query_from_request("a", make_request(question))
     await cache.store(asked, _stored("small", "yes"))
