@@ -1413,6 +1413,23 @@ class Flood(FakeGateway):
             self.cancelled.set()  # it only ends when the front cancels it
 
 
+async def stalled_post(base: str, path: str, headers: dict[str, str], body: bytes) -> socket.socket:
+    """``body`` POSTed on a raw socket with a small receive window (4 KiB: it fills soon, so a
+    caller that reads nothing more stalls the front's writes); nothing read yet."""
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, (host, int(port)))
+    fields = {**headers, "content-type": "application/json", "content-length": len(body)}
+    head = f"POST {path} HTTP/1.1\r\nhost: {host}\r\n" + "".join(
+        f"{k}: {v}\r\n" for k, v in fields.items()
+    )
+    await loop.sock_sendall(sock, head.encode() + b"\r\n" + body)
+    return sock
+
+
 @pytest.mark.parametrize(
     ("path", "headers"), [("/v1/messages", CLAUDE_HEADERS), ("/v1/chat/completions", GPT_HEADERS)]
 )
@@ -1427,17 +1444,8 @@ async def test_a_caller_that_stops_reading_a_stream_loses_it_after_the_write_tim
     async with serving(tmp_path, flood, HTTP_FRONT_WRITE_TIMEOUT_S="0.2") as served:
         front = Front(served.base, served.stop, served.metrics)
         body = b'{"model": "sim-large", "max_tokens": 50, "stream": true, "messages": ' + HI
-        host, port = front.base.removeprefix("http://").split(":")
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a window that fills soon
-        sock.setblocking(False)
+        sock = await stalled_post(front.base, path, headers, body)
         loop = asyncio.get_running_loop()
-        await loop.sock_connect(sock, (host, int(port)))
-        fields = {**headers, "content-type": "application/json", "content-length": len(body)}
-        head = f"POST {path} HTTP/1.1\r\nhost: {host}\r\n" + "".join(
-            f"{k}: {v}\r\n" for k, v in fields.items()
-        )
-        await loop.sock_sendall(sock, head.encode() + b"\r\n" + body)
         assert (await loop.sock_recv(sock, 64)).startswith(b"HTTP/1.1 200")  # then reads no more
         try:
             await asyncio.wait_for(flood.cancelled.wait(), 60)  # for ever before the fix
@@ -1476,17 +1484,8 @@ async def test_a_caller_that_never_reads_a_large_answer_loses_it_after_the_write
     ) as served:
         front = Front(served.base, served.stop, served.metrics)
         body = b'{"model": "sim-large", "max_tokens": 50, "messages": ' + HI
-        host, port = front.base.removeprefix("http://").split(":")
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a window that fills soon
-        sock.setblocking(False)
+        sock = await stalled_post(front.base, path, headers, body)
         loop = asyncio.get_running_loop()
-        await loop.sock_connect(sock, (host, int(port)))
-        fields = {**headers, "content-type": "application/json", "content-length": len(body)}
-        head = f"POST {path} HTTP/1.1\r\nhost: {host}\r\n" + "".join(
-            f"{k}: {v}\r\n" for k, v in fields.items()
-        )
-        await loop.sock_sendall(sock, head.encode() + b"\r\n" + body)
         try:
             counted = f'route="{path}",status="499"}} 1.0'
             async with asyncio.timeout(30):  # for ever before the fix (it counted a 200)

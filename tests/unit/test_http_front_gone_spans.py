@@ -29,6 +29,7 @@ from tests.unit.test_http_front_app import (
     Flood,
     _answer,
     serving,
+    stalled_post,
 )
 
 ROUTES = pytest.mark.parametrize(
@@ -50,21 +51,11 @@ def spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
 
 
 async def _request(base: str, path: str, headers: dict[str, str], stream: bool) -> socket.socket:
-    """A POST on a raw socket with a small receive window (it fills soon); its head read."""
+    """A POST on a raw socket with a small receive window (``stalled_post``); its head read."""
     streamed = b'"stream": true, ' if stream else b""
     body = b'{"model": "sim-large", "max_tokens": 50, ' + streamed + b'"messages": ' + HI
-    host, port = base.removeprefix("http://").split(":")
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    loop = asyncio.get_running_loop()
-    await loop.sock_connect(sock, (host, int(port)))
-    fields = {**headers, "content-type": "application/json", "content-length": len(body)}
-    head = f"POST {path} HTTP/1.1\r\nhost: {host}\r\n" + "".join(
-        f"{k}: {v}\r\n" for k, v in fields.items()
-    )
-    await loop.sock_sendall(sock, head.encode() + b"\r\n" + body)
-    assert (await loop.sock_recv(sock, 64)).startswith(b"HTTP/1.1 200")  # the answer began
+    sock = await stalled_post(base, path, headers, body)
+    assert (await asyncio.get_running_loop().sock_recv(sock, 64)).startswith(b"HTTP/1.1 200")
     return sock
 
 
