@@ -53,7 +53,10 @@ def store(redis_client: Redis | None) -> LimitStore:
 
 
 def _limiter(store: LimitStore, clock: ManualClock) -> Limiter:
-    settings = LimitSettings.from_env(Env({"ROUTER_BUDGET_USD_PER_DAY": "0.01"}))
+    # a store's answer waited for 30 s, not 0.5: one past it admits without limits (fail-open,
+    # documented), which a slow machine's Redis made the racing test read as 40 of 40 admitted
+    env = {"ROUTER_BUDGET_USD_PER_DAY": "0.01", "ROUTER_LIMITS_TIMEOUT_S": "30"}
+    settings = LimitSettings.from_env(Env(env))
     return limiter_on(store, settings, clock, TABLE, TOKENIZERS)
 
 

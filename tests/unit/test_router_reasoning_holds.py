@@ -55,10 +55,15 @@ def _request(i: int, model: str = R1, max_tokens: int = 16) -> pb.CompleteReques
     )
 
 
+# $0.001 a day; a store's answer waited for 30 s, not 0.5: past it a request is admitted without
+# limits (fail-open, documented), which a slow machine's Redis would read as a budget overrun
+_BUDGET = {"ROUTER_BUDGET_USD_PER_DAY": "0.001", "ROUTER_LIMITS_TIMEOUT_S": "30"}
+
+
 async def _race(store: LimitStore, table: ModelTable, n: int) -> tuple[list[Ticket], int]:
     """``n`` R1 requests admitted at once against the $0.001 budget, each billed 249,000:
     the admitted tickets and what they spent."""
-    settings = LimitSettings.from_env(Env({"ROUTER_BUDGET_USD_PER_DAY": "0.001"}))
+    settings = LimitSettings.from_env(Env(_BUDGET))
     tokenizers = load_tokenizers(table.models.values())
     limiter = limiter_on(store, settings, ManualClock(START_MS), table, tokenizers)
     results = await asyncio.gather(*(limiter.admit("t", _request(i)) for i in range(n)))
@@ -98,7 +103,7 @@ def test_auto_holds_a_tier_that_thinks_outside_max_tokens() -> None:
     small = BASE.auto["small"]
     rows[small] = rows[small].model_copy(update={"thinks_outside_max_tokens": True})
     table = BASE.model_copy(update={"models": rows})
-    settings = LimitSettings.from_env(Env({"ROUTER_BUDGET_USD_PER_DAY": "0.001"}))
+    settings = LimitSettings.from_env(Env(_BUDGET))
     tokenizers = load_tokenizers(table.models.values())
 
     async def hold(table: ModelTable) -> int:
