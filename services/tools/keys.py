@@ -147,8 +147,9 @@ def ensure_keys(run_dir: Path, endpoints: Mapping[str, str] | None = None) -> St
     redis_password, _ = _redis_password(run_dir / REDIS_PASSWORD_FILE)
     new = created or new_token or new_admin
     keys = StackKeys(run_dir, api_keys, token, admin, redis_password, new, dict(endpoints))
-    if keys.has_demo_keys:
-        write_secret(run_dir / DEMO_KEYS_FILE, _demo_env(keys))
+    if keys.has_demo_keys:  # the user's own lines in it kept as written
+        held_text = demo_file.read_text(encoding="utf-8") if demo_file.is_file() else ""
+        write_secret(demo_file, _demo_env(keys, held_text))
     _ensure_key_file(keys)
     # each read by a container's user through compose's secret mount (.run stays 0700)
     write_secret(run_dir / INTERNAL_TOKEN_FILE, token + "\n", mode=0o644)
@@ -167,14 +168,18 @@ def forget_endpoints(run_dir: Path) -> None:
     if not demo_file.is_file():
         return
     lines = demo_file.read_text(encoding="utf-8").splitlines(keepends=True)
-    kept = [line for line in lines if not _sets_endpoint(line)]
+    kept = [line for line in lines if _variable_set(line) not in ENDPOINT_VARS]
     if len(kept) < len(lines):
         write_secret(demo_file, "".join(kept))
 
 
-def _sets_endpoint(line: str) -> bool:
-    words = line.strip().removeprefix("export").lstrip()
-    return any(words.startswith(f"{name}=") for name in ENDPOINT_VARS)
+def _variable_set(line: str) -> str | None:
+    """The variable a ``[export ]NAME=value`` line sets (None: a comment, a blank line or no
+    ``=``), as the env-file reader and a shell's ``source`` see it."""
+    words = line.strip()
+    if not words or words.startswith("#") or "=" not in words:
+        return None
+    return words.partition("=")[0].strip().removeprefix("export ").strip()
 
 
 def url_with_password(url: str, password: str) -> str:
@@ -224,14 +229,38 @@ def unavailable(keys: StackKeys) -> str:
     )
 
 
-def _demo_env(keys: StackKeys) -> str:
-    """``export NAME=value`` lines, each value quoted for a shell where it needs it (a path
-    with a space); refused unless the project's reader (``cachemesh.envfile``) reads back
-    exactly what a shell's ``source`` does."""
+# the variables ``demo-keys.env`` holds for the stack; every other line in it is the user's
+_DEMO_VARS = (*(var for _, var in TENANTS), "CACHEMESH_ADMIN_TOKEN_FILE", *ENDPOINT_VARS)
+
+
+def _demo_env(keys: StackKeys, held: str = "") -> str:
+    """``held`` (the file's text) with the stack's ``export NAME=value`` lines set, each value
+    quoted for a shell where it needs it (a path with a space): a line of one of the stack's
+    variables replaced where it stands (a later one setting it again dropped, as an endpoint
+    this stack does not name), a missing one added at the end, every other line (the user's
+    comments and variables) kept as written; refused unless the project's reader
+    (``cachemesh.envfile``) reads back exactly what a shell's ``source`` does."""
     values = {var: keys.api_keys[tenant] for tenant, var in TENANTS}
     values["CACHEMESH_ADMIN_TOKEN_FILE"] = str(keys.admin_token_file)
     values.update({name: keys.endpoints[name] for name in ENDPOINT_VARS if name in keys.endpoints})
-    return _exports(values, keys.demo_keys_file)
+    ours = _exports(values, keys.demo_keys_file).splitlines(keepends=True)
+    line_of = dict(zip(values, ours, strict=True))
+    out: list[str] = []
+    for line in held.splitlines(keepends=True):
+        name = _variable_set(line)
+        if name not in _DEMO_VARS:
+            out.append(line)
+        elif name in line_of:
+            out.append(line_of.pop(name))
+    if out and not out[-1].endswith("\n"):
+        out[-1] += "\n"
+    text = "".join(out + list(line_of.values()))
+    read = parse_env_text(text, str(keys.demo_keys_file))
+    if {name: read.get(name) for name in _DEMO_VARS if name in read} != values:
+        raise EnvFileError(
+            f"{keys.demo_keys_file}: the stack's lines would not read back as written"
+        )
+    return text
 
 
 def _exports(values: Mapping[str, str], path: Path) -> str:

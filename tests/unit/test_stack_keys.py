@@ -16,7 +16,7 @@ from cachemesh.envfile import EnvFileError, read_env_file
 from services.common.key_store import KeyStore
 from services.common.keyfile import KeyFile, hash_key
 from services.tools import keys as keys_module
-from services.tools.keys import announce, describe, ensure_keys, main
+from services.tools.keys import announce, describe, ensure_keys, forget_endpoints, main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -65,6 +65,45 @@ def test_the_demo_keys_name_where_the_stack_listens_and_make_keys_keeps_it(
     moved = {**where, "CACHEMESH_TARGET": "127.0.0.1:50051"}
     ensure_keys(tmp_path, moved)  # the next up, elsewhere
     assert read_env_file(keys.demo_keys_file)["CACHEMESH_TARGET"] == "127.0.0.1:50051"
+
+
+def test_up_and_down_keep_the_users_own_lines_in_the_demo_keys_file(tmp_path: Path) -> None:
+    # Each `up` wrote demo-keys.env whole: a comment and a variable the user added there were
+    # gone after the first (2 of 2 lines lost). The stack's lines are set where they stand.
+    keys = ensure_keys(tmp_path)
+    path = keys.demo_keys_file
+    path.write_text(
+        "# my shell's own\n" + path.read_text() + "export MY_MODEL=sim-small\nMY_OTHER=1"
+    )  # the user's last line without its newline
+    where = {"CACHEMESH_TARGET": "127.0.0.1:51201", "CACHEMESH_HTTP_URL": "http://127.0.0.1:51219"}
+    ensure_keys(tmp_path, where)  # up
+    forget_endpoints(tmp_path)  # down
+    ensure_keys(tmp_path, {**where, "CACHEMESH_TARGET": "127.0.0.1:50051"})  # up again
+    ensure_keys(tmp_path)  # make keys
+    lines = path.read_text().splitlines()
+    assert lines[0] == "# my shell's own"
+    assert lines[4:6] == ["export MY_MODEL=sim-small", "MY_OTHER=1"]
+    values = read_env_file(path)
+    assert values["MY_MODEL"] == "sim-small" and values["MY_OTHER"] == "1"
+    assert values["CACHEMESH_KEY_A"] == keys.key_for("tenant-a")
+    assert values["CACHEMESH_TARGET"] == "127.0.0.1:50051"
+    assert len(lines) == 8  # each of the stack's variables set once
+
+
+def test_a_stack_variable_set_twice_by_the_user_is_set_once_where_it_first_stood(
+    tmp_path: Path,
+) -> None:
+    keys = ensure_keys(tmp_path)
+    path = keys.demo_keys_file
+    path.write_text(path.read_text() + "export CACHEMESH_TARGET=127.0.0.1:1\nA=1\n")
+    path.write_text(path.read_text() + "CACHEMESH_TARGET=127.0.0.1:2\n")
+    ensure_keys(tmp_path, {"CACHEMESH_TARGET": "127.0.0.1:3", "CACHEMESH_HTTP_URL": "http://h:4"})
+    lines = path.read_text().splitlines()
+    assert lines[3:] == [
+        "export CACHEMESH_TARGET=127.0.0.1:3",
+        "A=1",
+        "export CACHEMESH_HTTP_URL=http://h:4",
+    ]
 
 
 def test_api_keys_file_holds_only_hashes_and_the_router_reads_it(tmp_path: Path) -> None:
