@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from services.tools.stack.cli import main
 from services.tools.stack.environment import port_of
 from services.tools.stack.lifecycle import Stack, StackError
 from services.tools.stack.ports import free_ports, read_moved, write_moved
@@ -95,3 +96,20 @@ def test_the_free_ports_chosen_read_back_as_written(tmp_path: Path) -> None:
     write_moved(tmp_path / "run", moved)
     assert read_moved(tmp_path / "run") == moved
     assert (tmp_path / "run" / "ports.env").stat().st_mode & 0o077 == 0
+
+
+def test_an_up_on_free_ports_that_fails_leaves_no_ports_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A failed `up --free-ports` left ports.env behind: until the next up or down, `status`
+    # listed and probed 7 addresses where no stack ever ran (ports any program may hold now).
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "demo-keys.env").write_text("export MINE=$HOME\n")  # start refuses to read it
+    with pytest.raises(SystemExit) as done:
+        main(["--root", str(ROOT), "--run-dir", str(run), "up", "--free-ports"])
+    assert done.value.code == 1
+    said = capsys.readouterr()
+    assert "on free ports" in said.out and "a $ in a value" in said.err  # it failed after the move
+    assert not (run / "ports.env").exists()
+    assert "ports.env removed: no stack runs on those ports" in said.out

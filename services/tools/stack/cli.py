@@ -86,6 +86,7 @@ def _run(args: argparse.Namespace) -> int:
             keys = stack.start(timeout_s)
         except BaseException:  # whatever failed, no llama-server of this up is left running
             engines.stop()
+            _forget_a_move_that_runs_nothing(stack)
             raise
         print(f"stack is up: router (cachemesh.v1.Gateway) on {stack.router_address}")
         front = stack.client_endpoints()[HTTP_URL_VAR]  # https:// when the front speaks TLS
@@ -289,6 +290,19 @@ def _placed(stack: Stack, free_ports: bool) -> Stack:
     write_moved(stack.run_dir, stack.overrides)
     print(f"on free ports (kept in {stack.run_dir / MOVED_FILE} until down)")
     return stack
+
+
+def _forget_a_move_that_runs_nothing(stack: Stack) -> None:
+    """After a failed ``up``: the free ports it moved the stack to (``ports.env``) are dropped
+    when nothing runs there (the start stopped what it started, or started nothing), as the
+    next ``up`` would drop them: until then ``status`` probed those ports, which any other
+    program may hold now, and the load test's report read them as the stack's settings. A
+    stack that runs (a second ``up`` of a moved stack that failed) keeps them."""
+    moved = stack.run_dir / MOVED_FILE
+    if not moved.is_file() or stack.supervisor_pid() is not None or stack.running():
+        return
+    forget_moved(stack.run_dir)
+    print(f"{moved} removed: no stack runs on those ports")
 
 
 def _refuse_a_running_stack(stack: Stack, engines: LlamaServers) -> None:
