@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -40,9 +40,15 @@ def _server_pid(port: int) -> int | None:
 
 
 @contextmanager
-def redis_server(work_dir: Path, timeout_s: float = 20.0, port: int | None = None) -> Iterator[str]:
+def redis_server(
+    work_dir: Path,
+    timeout_s: float = 20.0,
+    port: int | None = None,
+    extra_args: Sequence[str] = (),
+) -> Iterator[str]:
     """Yields ``redis://127.0.0.1:<port>/0`` of a fresh server; stops it on exit. ``port``:
-    a given one (a server restarted where its clients look for it), else a free one."""
+    a given one (a server restarted where its clients look for it), else a free one;
+    ``extra_args``: more of redis-server's options (``--rename-command AUTH ""``)."""
     exe = shutil.which("redis-server")
     if exe is None:
         raise RuntimeError(
@@ -65,6 +71,7 @@ def redis_server(work_dir: Path, timeout_s: float = 20.0, port: int | None = Non
             "no",
             "--protected-mode",
             "yes",
+            *extra_args,
         ],
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -27,7 +27,10 @@ and wrote that Redis's keys with no error (5 of 5 calls answered). That Redis an
 legacy AUTH "called without any password configured": the connection is refused
 (``AuthenticationError``, naming the variable, never the password), which a service meets as
 it meets a Redis that refuses its password: at start-up a ``ConfigError``, once running the
-failure of a call (prefix-cache NOT_SERVING, the router's breaker and replays). A URL with a
+failure of a call (prefix-cache NOT_SERVING, the router's breaker and replays). A Redis whose
+AUTH is renamed or disabled (``rename-command``) answers it an error whether or not it has the
+password (HELLO's AUTH is not renamed with it): refused too, the refusal naming both causes and
+the way out (AUTH back, or an ACL user, whose URL is not checked so). A URL with a
 user other than ``default`` (an ACL user) is not checked this way: a Redis without that user
 refuses the HELLO already, and a legacy AUTH would switch the connection to ``default``."""
 
@@ -94,10 +97,20 @@ def password_checked(var: str) -> Callable[[AbstractConnection], Awaitable[None]
         # other answer but OK is never quoted (an error may echo AUTH's argument)
         try:
             reply = await connection.read_response()
-        except AuthenticationError as exc:
+        except (AuthenticationError, ResponseError) as exc:
             reply = exc
-        except ResponseError:  # AUTH renamed, disabled...
-            reply = None
+        if isinstance(reply, ResponseError):
+            # unknown command: AUTH renamed or disabled (rename-command), which a Redis WITH
+            # the password may do too (HELLO's AUTH is not renamed with it): the check cannot
+            # tell, so both are said
+            raise AuthenticationError(
+                f"AUTH with the password of {var} answered an error, not OK (not quoted: it "
+                f"may repeat the password): AUTH renamed or disabled on that Redis "
+                f"(rename-command), which this check needs to tell it from a Redis without a "
+                f"password; or not the Redis that password is for. Give that Redis its AUTH "
+                f"command back, or name an ACL user in {var} (redis://USER:PASSWORD@...: not "
+                f"checked with AUTH); else name the right Redis in {var}"
+            )
         if reply not in (b"OK", "OK"):
             why = "it has no password" if isinstance(reply, AuthenticationError) else "not OK"
             raise AuthenticationError(

@@ -103,6 +103,37 @@ async def test_the_redis_with_the_password_is_used_and_an_acl_user_too(tmp_path:
                 await client.aclose()
 
 
+async def test_a_redis_whose_auth_is_renamed_is_refused_naming_both_causes(tmp_path: Path) -> None:
+    """The Redis the password is for, its AUTH renamed away (``rename-command``): HELLO's AUTH
+    still takes the password, the check's legacy AUTH is an unknown command, as it would be on
+    a password-less Redis with AUTH renamed. Refused, and said so (before: "not the Redis that
+    password is for (another Redis on its port, or one started without requirepass)", which
+    sent its operator looking for another Redis); the way out it names (an ACL user) works."""
+    with redis_server(tmp_path, extra_args=("--rename-command", "AUTH", "")) as url:
+        admin = Redis.from_url(url)
+        await admin.acl_setuser(
+            "app", enabled=True, passwords=[f"+{PASSWORD}"], keys=["*"], commands=["+@all"]
+        )
+        await admin.aclose()
+        await require_password(url, PASSWORD)
+        client = bounded_redis("SOME_REDIS_URL", _with_password(url), 4, 2.0)
+        try:
+            with pytest.raises(AuthenticationError) as refused:
+                await client.ping()
+        finally:
+            await client.aclose()
+        text = str(refused.value)
+        assert text.startswith("AUTH with the password of SOME_REDIS_URL answered an error")
+        assert "AUTH renamed or disabled on that Redis (rename-command)" in text
+        assert "or not the Redis that password is for" in text and PASSWORD not in text
+        assert "name an ACL user in SOME_REDIS_URL" in text
+        user = bounded_redis("SOME_REDIS_URL", _with_password(url, "app"), 4, 2.0)
+        try:
+            assert await user.set("cachemesh:app", b"1")
+        finally:
+            await user.aclose()
+
+
 async def test_a_reconnect_to_a_redis_without_the_password_is_refused(tmp_path: Path) -> None:
     """Its Redis died and another, password-less, took its port: the next call reconnects
     and is refused (before: it read the other Redis's key)."""
