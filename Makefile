@@ -74,9 +74,10 @@ redis-server: ## install Debian's redis-server when missing (the stack's own Red
 	  >/dev/null || { echo "cannot install redis-server (apt-get)"; exit 1; }; }
 
 # The trap keeps the recipe's shell alive when Ctrl-C (INT) or TERM ends the demo (bash exits
-# with a child killed by SIGINT otherwise), so the stack it started is stopped then too.
+# with a child killed by SIGINT otherwise), so the stack it started is stopped then too. Not
+# echoed (@): its seven lines of shell were the first thing a make demo printed.
 demo: setup redis-server ## start the stack, drive a realistic workload, print the per-layer table, stop the stack it started (FREE_PORTS=1: on free ports)
-	if $(STACK) running; then started=; else started=1; fi; \
+	@if $(STACK) running; then started=; else started=1; fi; \
 	  trap : INT TERM; \
 	  $(STACK) up $(UP_FLAGS) && { set -a; [ ! -f $(DEMO_KEYS) ] || source $(DEMO_KEYS); set +a; \
 	    $(BIN)/python -m cachemesh.demo; }; status=$$?; \
