@@ -17,6 +17,8 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
+from services.common.files import fsync_directory
+
 FILE_MODE = 0o600
 DIRECTORY_MODE = 0o700
 _OTHERS = 0o077  # group's and others' permissions
@@ -25,8 +27,17 @@ _SHOWN = 3  # the paths a line names (then how many more)
 
 def private_directory(path: Path) -> None:
     """Creates ``path`` 0700 if it is missing (missing parents as the umask says: they are
-    not this service's)."""
+    not this service's), each directory it makes fsynced in its parent before it returns: a
+    new file's fsync (or its directory's) does not make that directory's own entry durable, so
+    after a power cut a new data directory could be gone with the acknowledged writes in it."""
+    missing = []
+    for level in (path, *path.parents):
+        if level.is_dir():
+            break
+        missing.append(level)
     path.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
+    for made in reversed(missing):  # the outermost first
+        fsync_directory(made.parent)
 
 
 def open_private(path: Path, flags: int) -> int:

@@ -421,8 +421,7 @@ class WriteAheadLog:
             # removed under the running service (an operator's rm -rf, a cleanup job): the
             # records since the last snapshot went to an unlinked file. Made again here, so
             # the snapshot this rotation is for holds them and the log goes on beside it.
-            private_directory(self.directory)
-            fsync_directory(self.directory.parent)
+            private_directory(self.directory)  # durable in its parent (fsynced there)
             log.error(
                 "%s: the write-ahead log's directory was gone (removed while semantic-cache "
                 "ran): made it again; the changes since the last snapshot are kept by the "
