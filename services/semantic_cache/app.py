@@ -175,6 +175,7 @@ def _snapshotter(
         on_save=metrics.snapshot.observe,
         on_tail_cut=metrics.wal_tail_cut,
         on_failure=metrics.snapshot_failed,
+        on_log_loss=metrics.wal_records_lost,
     )
 
 

@@ -41,7 +41,10 @@
   applied (an answer not kept, a purge not done: its caller must retry);
   ``..._wal_tail_cuts_total{kind}``: a bad end cut off the write-ahead log at start, ``torn``
   (a crash mid-append, never acknowledged) or ``damaged`` (a whole record failing its
-  checksum, moved aside: it may have been acknowledged; the log says where).
+  checksum, moved aside: it may have been acknowledged; the log says where);
+  ``..._wal_records_lost_total``: records found missing at start before the write-ahead log's
+  first segment with no snapshot to hold them (the snapshot removed or lost: the acknowledged
+  Stores and Drops only it held are gone; the log's ERROR line names them).
 """
 
 from __future__ import annotations
@@ -149,6 +152,11 @@ class SemanticCacheMetrics:
             "damaged (a whole record failing its checksum, moved aside)",
             ("kind",),
         )
+        self._wal_records_lost = m.counter(
+            "cachemesh_semantic_cache_wal_records_lost",
+            "Write-ahead-log records found missing at start, held by no snapshot (removed or "
+            "lost): acknowledged Stores and Drops lost",
+        )()  # unlabelled: at 0 from the start
         # each at 0 from the start, so rate() and increase() see a first event (a series that
         # first shows at 1 is not a step for them), as the dashboard's panels and the alerts
         # read them
@@ -202,6 +210,9 @@ class SemanticCacheMetrics:
 
     def wal_tail_cut(self, kind: str) -> None:
         self._wal_tail_cuts(kind).inc()
+
+    def wal_records_lost(self, records: int) -> None:
+        self._wal_records_lost.inc(records)
 
 
 def refusal_reason(refusal: str) -> str:

@@ -78,13 +78,15 @@ class Snapshotter:
         on_tail_cut: Callable[[str], None] | None = None,
         save_after_drop_s: float = SAVE_AFTER_DROP_S,
         on_failure: Callable[[], None] | None = None,
+        on_log_loss: Callable[[int], None] | None = None,
     ) -> None:
         """``on_save(seconds)`` hears of each snapshot written, ``on_failure()`` of each save
         that failed, ``on_tail_cut(kind)`` of a bad end cut off the log at start, ``torn`` or
-        ``damaged`` (the metrics); a replay of more than ``snapshot_after_replay`` log records
-        is saved as a snapshot before serving; ``dropped`` saves one ``save_after_drop_s``
-        seconds later. ``timer`` (monotonic seconds) times the saves and paces the failure
-        lines."""
+        ``damaged``, ``on_log_loss(records)`` of records missing before the log's first
+        segment with no snapshot to hold them, found at start (the metrics); a replay of
+        more than ``snapshot_after_replay`` log records is saved as a snapshot before
+        serving; ``dropped`` saves one ``save_after_drop_s`` seconds later. ``timer``
+        (monotonic seconds) times the saves and paces the failure lines."""
         if period_s < 0:
             raise ValueError(f"period_s must be >= 0, got {period_s}")
         if save_after_drop_s < 0:
@@ -100,6 +102,7 @@ class Snapshotter:
         self._snapshot_after_replay = snapshot_after_replay
         self._on_tail_cut = on_tail_cut
         self._on_failure = on_failure
+        self._on_log_loss = on_log_loss
         self._failure_log = self._new_failure_log()
         self._failed_reason: str | None = None  # the last failure said, until a save succeeds
         self._failures = 0  # saves failed in a row
@@ -130,6 +133,8 @@ class Snapshotter:
             cut = self._wal.tail_cut
             if cut is not None and self._on_tail_cut is not None:
                 self._on_tail_cut(cut.kind)
+            if self._wal.lost_at_start and self._on_log_loss is not None:
+                self._on_log_loss(self._wal.lost_at_start)
             cache.attach_journal(WalJournal(self._wal))
         if old := cache.stats.old_scope:
             log.info(

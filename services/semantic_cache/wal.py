@@ -147,6 +147,9 @@ class WriteAheadLog:
         self._failed_seq = 0
         self._all_read = False  # ``records`` ran to its end: ``start`` may open a segment
         self.tail_cut: TailCut | None = None  # what ``records`` cut off the log's end
+        # records ``records`` found missing before the log's first segment with no snapshot
+        # to hold them (said in its error line): acknowledged changes lost
+        self.lost_at_start = 0
 
     @property
     def last_seq(self) -> int:
@@ -172,9 +175,11 @@ class WriteAheadLog:
 
         The first segment read must begin at or before ``after_seq + 1``: ``LogGap`` if not,
         before any record is yielded; ``snapshot`` False (there is none) says the loss in an
-        error line instead, and the records that remain are read (nothing older is held)."""
+        error line instead (``lost_at_start``: how many), and the records that remain are read
+        (nothing older is held)."""
         private_directory(self.directory)
         self.tail_cut = None
+        self.lost_at_start = 0
         segments = self.segments()
         read = 0  # seq of the last record read (0: none)
         follows: int | None = None  # seq the next record after the snapshot must have
@@ -193,6 +198,7 @@ class WriteAheadLog:
                     int(path.stem),
                     _numbers(after_seq + 1, int(path.stem) - 1, "was", "were"),
                 )
+                self.lost_at_start = int(path.stem) - 1 - after_seq
             checked = True
             for record in self._read(path, last=i == len(segments) - 1):
                 read = seq = record["seq"]
