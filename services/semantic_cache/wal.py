@@ -28,7 +28,9 @@ Any other damage is an error naming the file, never skipped.
 The log read after a snapshot must begin where the snapshot ends: a first segment named after
 a later record (``LogGap``) means records are in neither file (a snapshot restored from a
 backup taken file by file, older than the log beside it): replayed over that snapshot, the log
-would bring back what those records dropped or replaced, so it is an error. With no snapshot
+would bring back what those records dropped or replaced, so it is an error. A snapshot newer
+than the log (the log copied first) is not: every record of that log is in it, none is
+replayed, and new records are numbered after the snapshot's. With no snapshot
 at all (removed, say after it was reported damaged) nothing old can come back: the records
 that remain are replayed and the loss is said in one error line.
 ``append`` refuses a record over ``_MAX_RECORD``; reading takes a record of any length whose

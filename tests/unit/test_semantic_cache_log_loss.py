@@ -64,3 +64,36 @@ async def test_a_whole_log_or_a_snapshot_with_its_log_loses_nothing(tmp_path: Pa
     _, revived = await _started(tmp_path, metrics, clock)  # the snapshot, the log after it
     assert len(revived) == 2
     assert registry.get_sample_value(LOST) == 0
+
+
+async def test_a_snapshot_newer_than_a_copied_log_serves_its_own_state_and_keeps_new_writes(
+    tmp_path: Path,
+) -> None:
+    """The inverse of ``LogGap``: a backup taken file by file copied wal/ first, then the
+    snapshot a later save wrote. Every record of the old log is in the snapshot, so none is
+    replayed: what is served is the snapshot's state (the corrected answer, tenant b's purge
+    kept), nothing dropped comes back, and the Stores after the start are numbered after the
+    snapshot's records, so the next start replays them."""
+    import shutil
+
+    clock = ManualClock()
+    registry = new_registry()
+    metrics = SemanticCacheMetrics(registry, TenantLabels(10))
+    snapshotter, cache = await _started(tmp_path, metrics, clock)
+    await cache.store(q("how do i reset my password"), answer(b"old, wrong"))  # record 1
+    await cache.store(q("what is the refund policy", "b"), answer(b"tenant b's"))  # 2
+    shutil.copytree(tmp_path / "wal", tmp_path / "wal-backup")  # the log copied first
+    await cache.store(q("how do i reset my password"), answer(b"corrected"))  # 3
+    assert await cache.drop("b") == 1  # 4
+    assert await snapshotter.save()  # holds records 1 to 4; their segment deleted
+    shutil.rmtree(tmp_path / "wal")
+    (tmp_path / "wal-backup").rename(tmp_path / "wal")  # restored beside the newer snapshot
+    _, restored = await _started(tmp_path, metrics, clock)
+    assert [e.answer.payload for e in restored.export_entries().entries] == [b"corrected"]
+    hit = await restored.check(q("how do i reset my password"))
+    assert hit.entry is not None and hit.entry.answer.payload == b"corrected"
+    await restored.store(q("a question after the restore"), answer(b"after"))
+    _, again = await _started(tmp_path, metrics, clock)
+    payloads = sorted(e.answer.payload for e in again.export_entries().entries)
+    assert payloads == [b"after", b"corrected"]
+    assert registry.get_sample_value(LOST) == 0
