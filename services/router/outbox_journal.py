@@ -141,7 +141,10 @@ class Journal:
         try:
             names = (LOCK_NAME, JOURNAL_NAME, COMPACTING_NAME)
             tighten([directory, *(directory / name for name in names)], "ROUTER_DATA_DIR", log)
+            made = not self.path.exists()
             self._fd = open_private(self.path, os.O_RDWR)
+            if made:  # its entry in the directory durable before any line in it is
+                fsync_directory(directory)
         except BaseException as exc:
             os.close(self._lock_fd)
             if isinstance(exc, OSError):

@@ -261,9 +261,9 @@ async def test_lines_no_bill_waits_for_are_fsynced_within_the_sync_delay(
         real_fsync(fd)
         fsynced.set()
 
-    monkeypatch.setattr("services.router.outbox_journal.os.fsync", counting_fsync)
-    journal = Journal(tmp_path)
+    journal = Journal(tmp_path)  # its file made (and its directory fsynced) before counting
     journal.load()
+    monkeypatch.setattr("services.router.outbox_journal.os.fsync", counting_fsync)
     thread = JournalThread(journal, sync_within_s=0.05)
     for n in range(3):
         opened = partial(journal.add, f"o{n}", _final(f"o{n}#1", 0), None, open_call=True)
@@ -297,10 +297,10 @@ async def test_a_queue_that_never_empties_still_fsyncs_within_the_delay(
         synced.append(fd)
         real_fsync(fd)
 
+    journal = Journal(tmp_path)  # its file made (and its directory fsynced) before counting
+    journal.load()
     monkeypatch.setattr("services.router.outbox_journal.os.fsync", counting_fsync)
     now = [0.0]
-    journal = Journal(tmp_path)
-    journal.load()
     thread = JournalThread(journal, sync_within_s=600.0, monotonic=lambda: now[0])
     for n in range(5):
         opened = partial(journal.add, f"o{n}", _final(f"o{n}#1", 0), None, open_call=True)
@@ -369,3 +369,31 @@ async def test_a_sticky_fsync_failure_is_not_tried_at_every_batch_and_said_once_
     again = Journal(tmp_path)
     assert {"a", "b", "c"} <= set(again.load())  # b refused, but written: billed all the same
     again.close()
+
+
+def test_a_new_journal_file_is_durable_in_its_directory_before_any_line_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The journal file made at start-up: fsyncing its lines does not make its own entry in the
+    directory durable, so after a power cut the file, and the acknowledged bills in it, could be
+    gone; the directory is fsynced once it is made (a journal already there costs none)."""
+    synced: list[Path] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    directory = tmp_path / "router"
+    directory.mkdir()
+    journal = Journal(directory)
+    journal.load()
+    journal.add("e1", _commit("r1#1"))
+    journal.sync()
+    assert directory in synced
+    assert synced.index(directory) < synced.index(directory / JOURNAL_NAME)
+    journal.close()
+    synced.clear()
+    Journal(directory).close()
+    assert directory not in synced

@@ -394,6 +394,7 @@ async def test_an_answer_whose_bills_sync_is_slow_goes_within_its_deadline(
         asyncio.run_coroutine_threadsafe(release.wait(), loop).result(timeout=10)
         real_fsync(fd)
 
+    Journal(tmp_path / "data").close()  # its directory and file made before the disk is slow
     monkeypatch.setattr(os, "fsync", slow_fsync)  # the journal's thread's
     clock = FakeClock()
     models = LateAnswers(clock=clock, sent=clock.now)
