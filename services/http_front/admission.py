@@ -14,7 +14,7 @@ from aiohttp import web
 from services.common.auth import KeyLookup
 from services.http_front import anthropic_api
 from services.http_front.errors import Api, ApiError, invalid
-from services.http_front.marks import TENANT
+from services.http_front.marks import ANTHROPIC_VERSION, TENANT
 
 _NO_KEY = {
     "anthropic": "no API key: send it in the x-api-key header",
@@ -109,7 +109,7 @@ async def admit(
         raise ApiError("authentication", _UNKNOWN_KEY[api])
     request[TENANT] = tenant
     if api == "anthropic" and request.method == "POST":
-        versions.served(request.headers.get("anthropic-version"))
+        request[ANTHROPIC_VERSION] = versions.served(request.headers.get("anthropic-version"))
     return tenant, key
 
 

@@ -32,9 +32,13 @@ from services.router.validation import MAX_BREAKPOINTS, breakpoints
 # version``), so does the front up to the newest (``admission.AnthropicVersions``): a date taken
 # here and refused there hid a caller's typo until it met the real API. A date after the newest
 # is a client newer than the front: served as the newest (refusing it would refuse every request
-# of that client). 2026-10-21 is what the SDKs' majors since that day send (anthropic 2.x); the
-# front serves each version alike (see the README: what 2026-10-21 refuses, the front takes).
+# of that client). 2026-10-21 is what the SDKs' majors since that day send (anthropic 2.x).
 VERSIONS = ("2023-01-01", "2023-06-01", "2026-10-21")
+# from 2026-10-21 on, Anthropic refuses the sampling parameters, at their default values too,
+# as fields it does not know (``temperature: Extra inputs are not permitted``; its SDKs' majors
+# since then have none); the versions before take them
+NO_SAMPLING_SINCE = "2026-10-21"
+_SAMPLING = ("temperature", "top_p", "top_k")
 _TOP = (
     "model", "messages", "max_tokens", "system", "tools", "temperature", "stream", "metadata",
     "stop_sequences", "top_p", "top_k", "tool_choice", "thinking", "service_tier", "cache_control",
@@ -56,13 +60,18 @@ _STOP = {
 
 
 def parse_request(
-    body: dict[str, Any], *, thinks_by_default: Collection[str] = ()
+    body: dict[str, Any],
+    *,
+    version: str = VERSIONS[-1],
+    thinks_by_default: Collection[str] = (),
 ) -> tuple[pb.CompleteRequest, bool]:
     """The Gateway request for a Messages body, and whether it asks for a stream.
-    ``thinks_by_default``: the models (and ``auto``, when it may pick one) that think unless
-    told not to, whose thinking cachemesh cannot turn off."""
+    ``version``: the ``anthropic-version`` it is served as (``AnthropicVersions.served``), the
+    newest unless told. ``thinks_by_default``: the models (and ``auto``, when it may pick one)
+    that think unless told not to, whose thinking cachemesh cannot turn off."""
     top = Obj(body, "")
-    top.only(_TOP)
+    sampling = version < NO_SAMPLING_SINCE  # ISO dates: their order is the strings' order
+    top.only(_TOP if sampling else tuple(f for f in _TOP if f not in _SAMPLING))
     request = pb.CompleteRequest(model=top.text("model", required=True) or "")
     max_tokens = top.integer("max_tokens", required=True)
     request.max_tokens = _int32(max_tokens or 0, "max_tokens")

@@ -31,6 +31,7 @@ from services.http_front.gateway import Gateway
 from services.http_front.limits import BodyBudget, InFlight
 from services.http_front.marks import (
     ANSWERED,
+    ANTHROPIC_VERSION,
     BODY_CUT,
     CALLED,
     CALLER_ID,
@@ -428,6 +429,7 @@ class Front:
                 partial(
                     anthropic_api.parse_request,
                     body,
+                    version=request[ANTHROPIC_VERSION],
                     thinks_by_default=self._settings.thinks_by_default,
                 ),
             )

@@ -33,3 +33,6 @@ REACHED = web.RequestKey("cachemesh.reached", bool)
 CALLER_ID = web.RequestKey("cachemesh.caller_id", str)
 # on the request once its body is read: its size in bytes (``bodies._translated``)
 BODY_BYTES = web.RequestKey("cachemesh.body_bytes", int)
+# on an Anthropic request once its anthropic-version is checked: the version it is served as
+# (``admission.AnthropicVersions.served``), which decides the fields its body may carry
+ANTHROPIC_VERSION = web.RequestKey("cachemesh.anthropic_version", str)

@@ -536,8 +536,34 @@ async def test_a_parameter_at_its_default_value_changes_nothing_and_is_accepted(
     await _claude(front).messages.create(
         model="sim-large", max_tokens=50, messages=ASK, tools=TOOL, extra_body={"top_p": 1},
         tool_choice={"type": "auto", "disable_parallel_tool_use": False},
+        extra_headers=OLD_VERSION,  # 2026-10-21 refuses top_p: the next test
     )  # fmt: skip
     assert front.gateway.calls == 2
+
+
+OLD_VERSION = {"anthropic-version": "2023-06-01"}
+
+
+async def test_anthropic_version_2026_10_21_refuses_temperature_as_anthropic_does(
+    front: Front,
+) -> None:
+    """The SDK's own version (2.x: 2026-10-21) has no sampling parameters: Anthropic refuses
+    temperature, top_p, top_k sent anyway (extra_body), at their defaults too, as unknown
+    fields; under 2023-06-01 the same body is served (the front took them under every
+    version, so a caller met the 400 first at the real API)."""
+    claude = _claude(front)
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        await claude.messages.create(
+            model="sim-large", max_tokens=50, messages=ASK, extra_body={"temperature": 1}
+        )
+    body: Any = refused.value.body
+    assert body["error"]["message"] == "temperature: Extra inputs are not permitted"
+    assert front.gateway.calls == 0
+    await claude.messages.create(
+        model="sim-large", max_tokens=50, messages=ASK, extra_body={"temperature": 1},
+        extra_headers=OLD_VERSION,
+    )  # fmt: skip
+    assert front.gateway.calls == 1
 
 
 # thinking: {"type": "disabled"} was accepted and dropped: the Gateway has no thinking field, so

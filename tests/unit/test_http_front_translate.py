@@ -71,7 +71,8 @@ def test_anthropic_blocks_tools_and_breakpoints_map_one_to_one() -> None:
                     ],
                 },
             ],
-        )
+        ),
+        version="2023-06-01",  # a version that takes temperature
     )
     assert stream
     assert request.HasField("temperature") and request.temperature == 0.0
@@ -613,7 +614,7 @@ def test_the_messages_api_takes_anthropics_temperature_range_the_chat_api_openai
     """Anthropic's Messages API refuses a temperature above 1, OpenAI's takes up to 2: each
     front keeps its API's range (the Gateway then checks the target model's)."""
     with pytest.raises(ApiError) as info:
-        anthropic_api.parse_request(_anthropic(temperature=1.5))
+        anthropic_api.parse_request(_anthropic(temperature=1.5), version="2023-06-01")
     assert info.value.kind == "invalid_request" and "temperature" in info.value.message
     assert "[0, 1]" in info.value.message
     request, _, _ = openai_api.parse_request(
@@ -621,6 +622,31 @@ def test_the_messages_api_takes_anthropics_temperature_range_the_chat_api_openai
         100,
     )
     assert request.temperature == 2.0  # passed on as sent, never clamped
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "top_k"])
+@pytest.mark.parametrize("value", [0, 1])
+def test_anthropic_version_2026_10_21_refuses_the_sampling_parameters(
+    field: str, value: int
+) -> None:
+    """From anthropic-version 2026-10-21 on, Anthropic refuses temperature, top_p and top_k,
+    at their default values too, as fields it does not know; 2023-06-01 takes them (top_p but
+    1 and top_k refused by cachemesh, which cannot honour them, as before)."""
+    for version in ("2026-10-21", anthropic_api.VERSIONS[-1]):
+        with pytest.raises(ApiError) as refused:
+            anthropic_api.parse_request(_anthropic(**{field: value}), version=version)
+        assert refused.value.message == f"{field}: Extra inputs are not permitted"
+        assert refused.value.param == field
+    with pytest.raises(ApiError):  # the newest unless told
+        anthropic_api.parse_request(_anthropic(**{field: value}))
+    if field == "temperature" or (field == "top_p" and value == 1):
+        for version in ("2023-01-01", "2023-06-01"):
+            request, _ = anthropic_api.parse_request(_anthropic(**{field: value}), version=version)
+            assert request.temperature == (value if field == "temperature" else 0)
+    else:
+        with pytest.raises(ApiError) as unsupported:
+            anthropic_api.parse_request(_anthropic(**{field: value}), version="2023-06-01")
+        assert "not supported by cachemesh" in unsupported.value.message
 
 
 MARKED_Q = {"type": "text", "text": "q", "cache_control": {"type": "ephemeral"}}
