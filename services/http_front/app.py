@@ -146,6 +146,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     runner = Runner(
         build_app(front, settings.max_json_bytes),
         max_connections=max_connections,
+        write_timeout_s=settings.write_timeout_s,
         clock=clock,
         handle_signals=False,
         access_log=None,

@@ -98,14 +98,58 @@ class _Handler(web_protocol.RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         server = cast(_Server, self._manager)
+        self._flush_s = server.write_timeout_s
         if not server.takes_one_more():
             # not counted, no task: its connection_lost finds no manager and does nothing
             self._manager = None
             self._force_close = True
             cast(asyncio.Transport, transport).write(_FULL)
             transport.close()  # after the 503 has gone out
+            _bound_close(cast(asyncio.Transport, transport), self._flush_s)
             return
         super().connection_made(transport)
+
+    async def start(self) -> None:
+        """aiohttp's request loop, then the close it ends with bounded: ``_bound_close``."""
+        transport = self.transport
+        try:
+            await super().start()
+        finally:
+            if transport is not None:
+                _bound_close(transport, self._flush_s)
+
+    async def finish_response(
+        self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        """aiohttp's own answers (the parser's 400, a 500 or 504 of its own) within
+        ``HTTP_FRONT_WRITE_TIMEOUT_S``, as the front's are (``Front._send``, whose answers reach
+        here sent already); one the caller does not take in time drops its connection, as if
+        it had gone (aiohttp's ``reset``). aiohttp wrote them with no timeout: a caller whose
+        unread answers had filled the buffers held the task and its connection for ever."""
+        try:
+            async with asyncio.timeout(self._flush_s):
+                return await super().finish_response(request, resp, start_time)
+        except TimeoutError:
+            log.info(
+                "http-front: the caller read nothing for %g s (HTTP_FRONT_WRITE_TIMEOUT_S) of "
+                "an answer of %d: its connection is closed",
+                self._flush_s,
+                resp.status,
+            )
+            if self.transport is not None:
+                self.transport.abort()
+            return resp, True
+
+
+def _bound_close(transport: asyncio.Transport, flush_s: float) -> None:
+    """A connection closed (by aiohttp: after an answer that closes it, at the idle timeout,
+    at the end of its request loop) with bytes still unsent is aborted if they have not gone
+    out within ``flush_s``. asyncio closes the socket only once its buffer is sent, with no
+    bound: a caller that had pipelined requests and read none of their answers (each write
+    went into that buffer in time, so no write timed out) held the connection, and its place
+    in ``HTTP_FRONT_MAX_CONNECTIONS``, for ever."""
+    if transport.is_closing() and transport.get_write_buffer_size():
+        asyncio.get_running_loop().call_later(flush_s, transport.abort)  # closed: a no-op
 
 
 class _Server(web.Server):
@@ -113,6 +157,7 @@ class _Server(web.Server):
     open at once (``HTTP_FRONT_MAX_CONNECTIONS``)."""
 
     max_connections: int
+    write_timeout_s: float  # HTTP_FRONT_WRITE_TIMEOUT_S: aiohttp's own writes, a close's flush
     _full: Throttle
 
     def __call__(self) -> web_protocol.RequestHandler:
@@ -136,7 +181,9 @@ class _Server(web.Server):
 
 class Runner(web.AppRunner):
     """``max_connections``: connections open at once, one more is answered 503 and closed;
-    ``clock``: times the warning that says so (one an interval). Once ``closing`` (a drain
+    ``write_timeout_s``: each of aiohttp's own answers, and a closed connection's unsent bytes,
+    go out within it (HTTP_FRONT_WRITE_TIMEOUT_S), else the connection is dropped; ``clock``:
+    times the warning that says so (one an interval). Once ``closing`` (a drain
     has begun), every answer says ``Connection: close`` and its connection closes after it."""
 
     def __init__(
@@ -144,11 +191,13 @@ class Runner(web.AppRunner):
         app: web.Application,
         *,
         max_connections: int,
+        write_timeout_s: float,
         clock: Clock | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(app, **kwargs)
         self._max_connections = max_connections
+        self._write_timeout_s = write_timeout_s
         self._clock = clock if clock is not None else SystemClock()
         self.closing = False
         app.on_response_prepare.append(self._close_when_closing)
@@ -163,5 +212,6 @@ class Runner(web.AppRunner):
         server.__class__ = _Server  # the same server, its connections handled by _Handler
         assert isinstance(server, _Server)
         server.max_connections = self._max_connections
+        server.write_timeout_s = self._write_timeout_s
         server._full = Throttle(self._clock, FULL_LOG_EVERY_MS)
         return server

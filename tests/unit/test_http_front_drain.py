@@ -42,6 +42,7 @@ async def test_a_stream_still_running_at_the_end_of_the_grace_is_cancelled() -> 
     runner = Runner(
         app,
         max_connections=100,
+        write_timeout_s=30,
         handle_signals=False,
         handler_cancellation=True,
         shutdown_timeout=3600,
@@ -93,7 +94,9 @@ async def test_a_request_on_an_idle_keep_alive_connection_as_the_drain_begins_is
 
     app = web.Application()
     app.router.add_get("/short", short)
-    runner = Runner(app, max_connections=100, handle_signals=False, shutdown_timeout=3600)
+    runner = Runner(
+        app, max_connections=100, write_timeout_s=30, handle_signals=False, shutdown_timeout=3600
+    )
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()

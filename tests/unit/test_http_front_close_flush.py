@@ -1,0 +1,93 @@
+"""A connection the front closes while answers it wrote are still unsent (its caller reads
+nothing) is closed for good within HTTP_FRONT_WRITE_TIMEOUT_S. asyncio closes a socket only
+once what it buffered has gone out, with no bound: after aiohttp's own 400 to a request its
+parser refuses (it closes the connection after), or an idle connection's close, a caller that
+had pipelined requests and never read held that connection, counted in
+HTTP_FRONT_MAX_CONNECTIONS, for ever (the front's own writes had each gone into the buffer in
+time, so no write timeout saw it)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from services.http_front import http_server
+from tests.unit.test_http_front_app import FakeGateway, serving
+
+SMALL_BUFFER = 4096
+
+
+@pytest.fixture
+def small_send_buffers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The front's sockets get a send buffer of 4 KiB (the kernel's own grows to 4 MB on
+    loopback): what a caller leaves unread then stays in the front's buffer after a few
+    answers, not after 4 MB of them, so the test sends a few hundred requests, not 30,000."""
+    made = http_server._Handler.connection_made
+
+    def connection_made(self: http_server._Handler, transport: asyncio.BaseTransport) -> None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
+        made(self, transport)
+
+    monkeypatch.setattr(http_server._Handler, "connection_made", connection_made)
+    yield
+
+
+async def _served_again(base: str, timeout_s: float) -> list[int]:
+    """``GET /healthz`` until a 200 (or the timeout): the statuses seen."""
+    seen: list[int] = []
+    async with asyncio.timeout(timeout_s), aiohttp.ClientSession() as session:
+        while not seen or seen[-1] != 200:
+            async with session.get(f"{base}/healthz") as reply:
+                seen.append(reply.status)
+            await asyncio.sleep(0.05)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("last", "idle_s"),
+    [
+        (b"GARBAGE\x01 / HTTP/1.1\r\n\r\n", "15"),  # aiohttp's own 400, then its close
+        (b"", "0.5"),  # no more requests: the idle connection's close
+    ],
+    ids=["parser_400", "idle_close"],
+)
+async def test_a_close_with_unread_answers_is_bounded_by_the_write_timeout(
+    tmp_path: Path, small_send_buffers: None, last: bytes, idle_s: str
+) -> None:
+    async with serving(
+        tmp_path,
+        FakeGateway(),
+        HTTP_FRONT_WRITE_TIMEOUT_S="0.2",
+        HTTP_FRONT_MAX_CONNECTIONS="1",
+        HTTP_FRONT_IDLE_TIMEOUT_S=idle_s,
+    ) as served:
+        host, port = served.base.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUFFER)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, (host, int(port)))
+        # ~27 KB of answers: more than the socket buffers hold, far less than the 64 KiB
+        # asyncio buffers before a write waits (no write of the front's times out)
+        many = f"GET /healthz HTTP/1.1\r\nhost: {host}\r\n\r\n".encode() * 200
+        try:
+            await loop.sock_sendall(sock, many + last)
+            # the one connection the front takes is held, so every other caller gets 503,
+            # until that connection is closed for good: for ever before the fix
+            seen = await _served_again(served.base, 30)
+            assert seen[-1] == 200
+            # the held connection ends: what the buffers held, then a reset (the rest dropped)
+            with contextlib.suppress(ConnectionError):
+                async with asyncio.timeout(30):
+                    while await loop.sock_recv(sock, 1 << 16):
+                        pass
+        finally:
+            sock.close()
