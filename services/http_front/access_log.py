@@ -13,7 +13,9 @@ route), ``requested_model`` (``?``: not read, as the router's line of a request 
 parse), ``status`` (the gRPC code of the same meaning, so one ``jq`` reads both services'
 lines), ``duration_ms``; and ``http_status`` and ``refused_by`` (``http-front``). A
 ``DEADLINE_EXCEEDED`` line (a body too slow) says ``"deadline":"client"``, as the router's
-does of a caller's deadline. Never the key (not even a part of it), nor the request's text.
+does of a caller's deadline. A refusal its caller did not take (it stopped reading, or went
+away, while the refusal went out) says ``http_status`` 499, as the metric counts it, beside the
+refusal's ``status``. Never the key (not even a part of it), nor the request's text.
 
 A request whose caller went away before the front called the Gateway (its body half sent) has
 its line here too (``CANCELLED``, ``http_status`` 499; ``handlers.Front._gone``): no router saw

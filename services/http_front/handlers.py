@@ -194,7 +194,6 @@ class Front:
             span.set_attribute("url.path", request.path)
             traceparent = _traceparent(span)
             refused: ApiError | None = None  # the front's own refusal (its access line)
-            gone = False  # the caller went away or stopped reading mid-stream (499)
             # the caller's id names each refusal, the front's own before its body is read
             # too; one it cannot take is refused with the body's fields (``_cache_options``)
             with contextlib.suppress(ApiError):
@@ -218,8 +217,7 @@ class Front:
                 why = str(exc) if stalled else type(exc).__name__
                 log.info("%s: the caller went away mid-stream (%s)", name, why)
                 span.set_attribute("error.type", "client_stalled" if stalled else "client_gone")
-                request[ENDED] = 499
-                gone = True
+                request[ENDED] = 499  # the caller went away or stopped reading mid-stream
                 response = request[STREAM]
             except asyncio.CancelledError:
                 # the caller disconnected while its answer was awaited: aiohttp cancels the
@@ -245,28 +243,41 @@ class Front:
                 request.transport.abort()
             if request.get(BODY_CUT) and request.transport is not None:
                 await _answer_and_close(request, response)
-            # as sent, but 499 for a caller gone or stalled mid-stream, as the metric counts it
-            # (its head said 200; an error event's status is ``ENDED``, the span's is the head's)
-            span.set_attribute("http.response.status_code", 499 if gone else response.status)
-            # a stream whose head went out ends by its error event's status (``ENDED``)
-            ended = request.get(ENDED, response.status)
-            if ended >= 500:  # the server's failure (a 4xx is the caller's)
-                why = f"HTTP {ended}"
-                if ended != response.status:
-                    why += f" after the {response.status}'s head: the stream ended in its error"
-                span.set_status(trace.Status(trace.StatusCode.ERROR, why))
-            if refused is not None and not request.get(REACHED):  # no router said it had it
-                self._refusals.refused(
-                    request.get(TENANT, ""),
-                    response.headers.get("x-cachemesh-request-id", ""),
-                    name,
-                    refused.code,
-                    ended,
-                    self._monotonic() - began,
-                    gateway_called=bool(request.get(CALLED)),
-                )
-            if not response.prepared:  # a whole answer or refusal: it goes out from here
-                response = await self._send(request, name, response)
+            # the request's verdict: the status answered, or the error event's that ended a
+            # stream whose head went out (``ENDED``; 499: the caller went away mid-stream)
+            verdict = request.get(ENDED, response.status)
+            head = response.status
+            request_id = response.headers.get("x-cachemesh-request-id", "")
+            try:
+                if not response.prepared:  # a whole answer or refusal: it goes out from here
+                    response = await self._send(request, name, response)
+            finally:
+                # after the send: a caller that did not take it (``_send``: ``ENDED`` 499) has
+                # the same status in the span, the metric and the front's access line
+                ended = request.get(ENDED, verdict)
+                # as sent, but 499 for a caller gone or stalled, as the metric counts it (a
+                # stream's head said 200; an error event's status is ``ENDED``)
+                span.set_attribute("http.response.status_code", 499 if ended == 499 else head)
+                if verdict >= 500:  # the server's failure (a 4xx is the caller's)
+                    why = f"HTTP {verdict}"
+                    if verdict != head:
+                        why += f" after the {head}'s head: the stream ended in its error"
+                    if ended != verdict:  # still the server's failure, though none saw it
+                        why += (
+                            f", not delivered: the caller went away or stopped reading "
+                            f"({ended}, error.type)"
+                        )
+                    span.set_status(trace.Status(trace.StatusCode.ERROR, why))
+                if refused is not None and not request.get(REACHED):  # no router said it had it
+                    self._refusals.refused(
+                        request.get(TENANT, ""),
+                        request_id,
+                        name,
+                        refused.code,
+                        ended,
+                        self._monotonic() - began,
+                        gateway_called=bool(request.get(CALLED)),
+                    )
             log.debug("%s answered %d", name, response.status)
             return response
 
@@ -318,8 +329,9 @@ class Front:
         written with no timeout: a caller that keeps its connection open and never reads an
         answer larger than the socket buffers held its task, its bytes and its connection for
         ever. Such a caller (or one gone meanwhile) has its connection closed and the request
-        counts as 499; its access line is written already (the router's, or the front's as
-        what it answered). The response sent is returned (a large body's has its own
+        counts as 499, in its span and in the front's access line (written once this
+        returns: the refusal's ``status``, ``http_status`` 499); a router's access line says what
+        the router answered. The response sent is returned (a large body's has its own
         object: the same status and headers, its ``Content-Length`` set)."""
         body = response.body if isinstance(response, web.Response) else None
         sent = response
@@ -351,7 +363,7 @@ class Front:
                 request.transport.abort()
         except asyncio.CancelledError:  # the caller disconnected meanwhile: as in ``_traced``
             trace.get_current_span().set_attribute("error.type", "client_gone")
-            trace.get_current_span().set_attribute("http.response.status_code", 499)
+            request[ENDED] = 499
             raise
         return sent
 

@@ -8,9 +8,11 @@ caller, of a whole answer or of a stream, while the metric and the README said 4
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +20,12 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
 from cachemesh.v1 import gateway_pb2 as pb
-from services.http_front import app
+from services.common.logs import JsonLines
+from services.http_front import anthropic_api, app
+from tests.unit.test_http_front_access_log import _access
 from tests.unit.test_http_front_app import (
     CLAUDE_HEADERS,
     GPT_HEADERS,
@@ -31,6 +36,8 @@ from tests.unit.test_http_front_app import (
     serving,
     stalled_post,
 )
+from tests.unit.test_http_front_close_flush import SMALL_BUFFER, small_send_buffers  # noqa: F401
+from tests.unit.test_service_metrics import logs  # noqa: F401 (a fixture)
 
 ROUTES = pytest.mark.parametrize(
     ("path", "headers"), [("/v1/messages", CLAUDE_HEADERS), ("/v1/chat/completions", GPT_HEADERS)]
@@ -133,3 +140,54 @@ def test_the_reset_test_resets() -> None:
             accepted.settimeout(5)
             with pytest.raises(ConnectionResetError):
                 accepted.recv(16)
+
+
+async def test_a_5xx_refusal_its_caller_does_not_take_is_499_in_its_span_and_access_line(
+    tmp_path: Path,
+    spans: InMemorySpanExporter,
+    small_send_buffers: None,  # noqa: F811 (the fixture imported)
+    capsys: pytest.CaptureFixture[str],
+    logs: Callable[[dict[str, str]], tuple[io.StringIO, JsonLines | None]],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A refusal of the front's own (here its 500 to a bug while the body is parsed) that the
+    caller does not take (pipelined requests, none of whose answers it reads): the request is
+    counted as 499, and so its span's status code and the front's access line say (they said
+    499 and 500 beside each other: the line was written before the refusal went out). The
+    span still ends in ERROR, naming the 500 not delivered: the front did fail."""
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise RuntimeError("a bug in the translation")
+
+    monkeypatch.setattr(anthropic_api, "parse_request", broken)
+    body = b'{"model": "sim-large", "max_tokens": 50, "messages": ' + HI
+    async with serving(tmp_path, FakeGateway(), HTTP_FRONT_WRITE_TIMEOUT_S="0.2") as served:
+        host, port = served.base.removeprefix("http://").split(":")
+        head = f"POST /v1/messages HTTP/1.1\r\nhost: {host}\r\n" + "".join(
+            f"{k}: {v}\r\n" for k, v in {**CLAUDE_HEADERS, "content-length": len(body)}.items()
+        )
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUFFER)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, (host, int(port)))
+        try:  # ~300 KB of refusals: more than the buffers hold, so one write waits, past 0.2 s
+            with contextlib.suppress(ConnectionError):  # the front drops the connection then
+                await loop.sock_sendall(sock, (head.encode() + b"\r\n" + body) * 500)
+            async with asyncio.timeout(30):
+                while True:
+                    if [s for s in spans.get_finished_spans() if _said(s)[0] == 499]:
+                        break
+                    await asyncio.sleep(0.02)
+        finally:
+            sock.close()
+    (stalled,) = [s for s in spans.get_finished_spans() if _said(s)[0] == 499]
+    assert _said(stalled) == (499, "client_stalled")
+    assert stalled.status.status_code is StatusCode.ERROR
+    assert "HTTP 500, not delivered" in (stalled.status.description or "")
+    lines = _access(capsys.readouterr().err)
+    assert [line["http_status"] for line in lines].count(499) == 1, lines[-3:]
+    (line,) = [line for line in lines if line["http_status"] == 499]
+    assert line["status"] == "INTERNAL"  # the refusal's, as the metric's 499 is its delivery
+    answered = [s for s in spans.get_finished_spans() if _said(s)[0] == 500]
+    assert len(lines) == len(answered) + 1  # one line for each refusal, the stalled one too
