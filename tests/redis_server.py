@@ -22,10 +22,33 @@ from services.tools.stack.ports import free_port
 CLIENT_TIMEOUT_S = 30.0
 
 
-def client(url: str, timeout_s: float = CLIENT_TIMEOUT_S) -> Redis:
+def client_of(
+    url: str,
+    timeout_s: float = CLIENT_TIMEOUT_S,
+    *,
+    username: str | None = None,
+    password: str | None = None,
+) -> Redis:
     """An asyncio client of the test server at ``url``, each connect and reply bounded by
-    ``timeout_s`` (a redis.TimeoutError past it)."""
-    return Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    ``timeout_s`` (a redis.TimeoutError past it). Every test's own client is one of these
+    (``test_redis_test_client`` checks): a bare ``Redis.from_url`` hung its test until the
+    600 s faulthandler dump when the server stalled."""
+    return Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        username=username,
+        password=password,
+    )
+
+
+def sync_client_of(
+    url: str, timeout_s: float = CLIENT_TIMEOUT_S, *, password: str | None = None
+) -> redis.Redis:
+    """``client_of``'s blocking twin, for a test that is not a coroutine."""
+    return redis.Redis.from_url(
+        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, password=password
+    )
 
 
 def _server_pid(port: int) -> int | None:
@@ -105,7 +128,7 @@ def redis_server(
 
 async def require_password(url: str, password: str) -> None:
     """Makes the server at ``url`` (no password yet) require ``password``."""
-    admin = Redis.from_url(url)
+    admin = client_of(url)
     try:
         await admin.config_set("requirepass", password)
     finally:

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import cast
 
 import pytest
-from redis import Redis
 
 from cachemesh import AsyncClient, Client, build_request
 from cachemesh.v1 import gateway_pb2 as pb
@@ -34,7 +33,7 @@ from services.router.answer_ledger import ledger_key
 from services.tools.stack.health import SERVING, probe
 from tests.integration.extra_processes import loopback, process, service_env
 from tests.integration.harness import RunningStack
-from tests.redis_server import redis_server
+from tests.redis_server import redis_server, sync_client_of
 
 pytestmark = pytest.mark.integration
 
@@ -207,7 +206,7 @@ def test_a_retry_on_another_router_while_the_first_call_runs_is_billed_once(
         request = _request()
         request.system.add(text=f"{request.request_id} You are helpful. " * 4000)
         before = stack.totals(TENANT).requests
-        redis = Redis.from_url(url)
+        redis = sync_client_of(url)
 
         def call(target: str) -> pb.CompleteResponse:
             with Client(target, api_key=key, timeout_s=120, max_attempts=1) as client:

@@ -27,7 +27,6 @@ import anthropic
 import grpc
 import openai
 import pytest
-import redis
 
 from cachemesh import Client, RateLimitError, build_request
 from cachemesh.retry_info import retry_delay_s
@@ -38,7 +37,7 @@ from services.tools.stack.health import SERVING, probe, probe_http
 from services.tools.stack.ports import free_port
 from tests.integration.extra_processes import loopback, post_message, process, service_env
 from tests.integration.harness import RunningStack
-from tests.redis_server import redis_server
+from tests.redis_server import redis_server, sync_client_of
 
 pytestmark = pytest.mark.integration
 
@@ -255,7 +254,7 @@ def test_a_router_started_while_its_redis_is_down_serves_and_counts_there_once_i
             _ask(router, key, "And again?")
             error = _refused(router, key, "One more?")  # counted in Redis: the 3rd of 2
             assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-            ledger = redis.Redis(port=port, db=2)
+            ledger = sync_client_of(f"redis://127.0.0.1:{port}/2")
             try:
                 assert len(ledger.keys("cachemesh:answer:*")) == 2  # both answers recorded
             finally:

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-import redis
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1 import prefix_cache_pb2_grpc
 from services.tools.stack.health import SERVING, UNREACHABLE, probe
 from services.tools.stack.ports import free_port
-from tests.redis_server import redis_server
+from tests.redis_server import redis_server, sync_client_of
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -243,7 +242,7 @@ def test_prefix_cache_is_not_serving_while_its_redis_is_down(tmp_path: Path) -> 
         for run in ("first", "again"):
             (tmp_path / run).mkdir()
             with redis_server(tmp_path / run, port=port) as url:
-                admin = redis.Redis.from_url(url)
+                admin = sync_client_of(url)
                 try:  # the password its URL gives
                     admin.config_set("requirepass", "S3cretPassw0rd")
                 finally:

@@ -11,11 +11,11 @@ import stat
 from pathlib import Path
 
 import pytest
-import redis
 
 from cachemesh import Client
 from services.prefix_cache.redis_store import WARM_PREFIX
 from tests.integration.harness import RunningStack
+from tests.redis_server import sync_client_of
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +37,7 @@ def test_the_stacks_redis_refuses_a_client_without_its_password(
     run_dir = stack.stack.run_dir
     password = (run_dir / "redis-password").read_text().strip()
     assert len(password) >= 32
-    with redis.Redis(host=host, port=int(port), db=0, password=password) as admin:
+    with sync_client_of(f"redis://{host}:{port}/0", password=password) as admin:
         assert admin.keys(f"{WARM_PREFIX}:*") or admin.keys("cachemesh:commit:*")
 
 

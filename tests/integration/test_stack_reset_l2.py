@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from redis.asyncio import Redis
 
 from services.prefix_cache.redis_store import RedisWarmStore
 from services.prefix_cache.rules import Write
@@ -29,6 +28,7 @@ from services.tools.stack.redis_process import (
     redis_argv,
     write_redis_config,
 )
+from tests.redis_server import client_of
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,8 +54,8 @@ def stack_redis(run_dir: Path) -> Iterator[tuple[str, int]]:
 
 
 async def _fill(server: str) -> None:
-    prefix_cache = Redis.from_url(f"{server}/0")
-    answers = Redis.from_url(f"{server}/2")  # the router's, same server
+    prefix_cache = client_of(f"{server}/0")
+    answers = client_of(f"{server}/2")  # the router's, same server
     try:
         writes = [Write(f"{i:064x}", 1024 * (i + 1), 300_000) for i in range(3)]
         await RedisWarmStore(prefix_cache).settle(("tenant-a", "sim-large"), [], writes, 0)
@@ -67,8 +67,8 @@ async def _fill(server: str) -> None:
 
 
 async def _read(server: str) -> tuple[int, dict[Any, Any], Any]:
-    prefix_cache = Redis.from_url(f"{server}/0")
-    answers = Redis.from_url(f"{server}/2")
+    prefix_cache = client_of(f"{server}/0")
+    answers = client_of(f"{server}/2")
     try:
         warm = await RedisWarmStore(prefix_cache).count()
         totals = await prefix_cache.hgetall("cachemesh:commit:totals:{t}")

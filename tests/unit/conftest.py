@@ -19,8 +19,7 @@ from services.prefix_cache.redis_ledger import RedisCommitLedger
 from services.prefix_cache.redis_store import RedisWarmStore
 from services.prefix_cache.totals import TotalsLedger
 from services.prefix_cache.warm import InMemoryWarmStore, WarmStore
-from tests.redis_server import client as redis_client_of
-from tests.redis_server import redis_server
+from tests.redis_server import client_of, redis_server
 
 LedgerFactory = Callable[[int], CommitLedger]  # record TTL in ms -> a ledger
 
@@ -58,11 +57,11 @@ def backend(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 async def redis_client(backend: str, request: pytest.FixtureRequest) -> AsyncIterator[Redis | None]:
     """A client of the real server, emptied first; None for the in-memory backend. Each call
-    bounded (``redis_server.client``): a server left stopped fails the test, never hangs it."""
+    bounded (``redis_server.client_of``): a server left stopped fails the test, never hangs it."""
     if backend == "memory":
         yield None
         return
-    client = redis_client_of(request.getfixturevalue("redis_url"))
+    client = client_of(request.getfixturevalue("redis_url"))
     await client.flushdb()
     try:
         yield client

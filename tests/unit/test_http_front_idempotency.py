@@ -12,12 +12,11 @@ from typing import Any
 import anthropic
 import openai
 import pytest
-from redis.asyncio import Redis
 
 from services.router import servicer as servicer_module
 from services.router.answer_ledger import RedisAnswerLedger
 from services.router.servicer import GatewayServicer
-from tests.redis_server import redis_server
+from tests.redis_server import client_of, redis_server
 from tests.unit.gateway_support import gateway_servicer
 from tests.unit.test_http_front_app import KEY, serving
 from tests.unit.test_router_answer_ledger import FakePipeline
@@ -37,7 +36,7 @@ def ledger_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]
 def _router(url: str) -> tuple[GatewayServicer, FakePipeline, RedisAnswerLedger]:
     """A router that knows the front's key, its answer ledger in the Redis at ``url``."""
     pipeline = FakePipeline()
-    ledger = RedisAnswerLedger(Redis.from_url(url), ttl_s=60)
+    ledger = RedisAnswerLedger(client_of(url), ttl_s=60)
     return gateway_servicer(pipeline, {KEY: "tenant-a"}, ledger=ledger), pipeline, ledger
 
 

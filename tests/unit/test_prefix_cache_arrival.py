@@ -21,6 +21,7 @@ from services.prefix_cache.redis_store import RedisWarmStore
 from services.prefix_cache.replica_view import ReplicaViews
 from services.prefix_cache.rules import Probe, Split, Write
 from services.prefix_cache.warm import READ_GRACE_MS, InMemoryWarmStore, WarmStore
+from tests.redis_server import client_of
 from tests.unit.conftest import LedgerFactory
 
 SYSTEM = " ".join(f"Rule {i}: answer briefly and cite the policy section." for i in range(120))
@@ -375,7 +376,7 @@ async def test_an_entry_is_readable_only_by_requests_arriving_after_it_was_writt
 
 async def test_an_entry_of_an_older_version_is_readable_since_always(redis_url: str) -> None:
     """Entries an older prefix-cache wrote into a shared Redis have no first-readable time."""
-    client = Redis.from_url(redis_url)
+    client = client_of(redis_url)
     try:
         await client.flushdb()
         store = RedisWarmStore(client)

@@ -23,7 +23,7 @@ from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1 import prefix_cache_pb2_grpc
 from services.prefix_cache.app import serve
 from services.tools.stack.ports import free_port
-from tests.redis_server import redis_server, require_password
+from tests.redis_server import client_of, redis_server, require_password
 from tests.unit.test_prefix_cache_warm_gauge import TOKEN, _scrape, _wait_serving
 
 AUTH = (("x-cachemesh-internal", TOKEN),)
@@ -74,7 +74,7 @@ async def test_a_busy_pool_leaves_prefix_cache_serving_while_its_redis_answers(
         }
         stop = asyncio.Event()
         server = asyncio.create_task(serve(environ, stop))
-        admin = Redis.from_url(url)
+        admin = client_of(url)
         calls: list[asyncio.Task[pc.CommitResponse]] = []
         try:
             async with grpc.aio.insecure_channel(address) as channel:
@@ -102,7 +102,7 @@ async def test_a_busy_pool_leaves_prefix_cache_serving_while_its_redis_answers(
                     await asyncio.sleep(0.05)
                 assert await _status(health) == SERVING, "NOT_SERVING while Redis answers"
                 assert not any(c.done() for c in calls if c is not first)  # still full
-                fresh = Redis.from_url(url)
+                fresh = client_of(url)
                 assert await fresh.ping() is True  # and Redis answers a fresh connection
                 await fresh.aclose()
                 assert f"{EXHAUSTED} 1.0" in await _scrape(f"http://{metrics}/metrics")

@@ -23,6 +23,7 @@ from services.prefix_cache.redis_store import RedisWarmStore
 from services.prefix_cache.replica_view import ReplicaViews
 from services.prefix_cache.totals import TenantTotals
 from services.prefix_cache.warm import WarmStore
+from tests.redis_server import client_of
 from tests.unit.conftest import LedgerFactory
 
 TABLE = load_model_table()
@@ -71,7 +72,7 @@ async def pair(
         one, other = (_core(tokenizer, warm_store, ledger, clock) for _ in range(2))
         yield Pair(one, other, clock, ledger)
         return
-    second = Redis.from_url(request.getfixturevalue("redis_url"))  # its own connection
+    second = client_of(request.getfixturevalue("redis_url"))  # its own connection
     try:
         other = _core(tokenizer, RedisWarmStore(second), RedisCommitLedger(second, TTL_MS), clock)
         yield Pair(_core(tokenizer, warm_store, ledger, clock), other, clock, ledger)

@@ -28,7 +28,7 @@ from services.common.env import ConfigError
 from services.prefix_cache.app import serve
 from services.prefix_cache.redis_health import RedisHealth
 from services.tools.stack.ports import free_port
-from tests.redis_server import redis_server
+from tests.redis_server import client_of, redis_server
 
 TOKEN = "test-internal-token-0123456789"
 
@@ -86,7 +86,7 @@ async def test_a_replica_answering_masterdown_at_start_up_does_not_stop_prefix_c
     """Before: ConfigError ("PREFIX_CACHE_REDIS_URL: Redis at ... refused (MASTERDOWN ...)"),
     exit 2 at every restart for as long as the failover lasted."""
     with redis_server(tmp_path) as url:
-        admin = Redis.from_url(url)
+        admin = client_of(url)
         try:
             await admin.config_set("replica-serve-stale-data", "no")
             await admin.replicaof("127.0.0.1", free_port())  # a master that is not there
@@ -102,8 +102,8 @@ async def test_a_redis_busy_with_a_script_at_start_up_does_not_stop_prefix_cache
     """Another client's script runs past ``busy-reply-threshold``: every other command is
     answered BUSY until it ends (SCRIPT KILL). Before: ConfigError, exit 2."""
     with redis_server(tmp_path) as url:
-        admin = Redis.from_url(url)
-        looping = Redis.from_url(url)
+        admin = client_of(url)
+        looping = client_of(url)
         await admin.config_set("busy-reply-threshold", "50")
         script = asyncio.ensure_future(looping.eval("while true do end", 0))
         try:
@@ -129,7 +129,7 @@ async def _end_script(script: asyncio.Future[object], admin: Redis) -> None:
 
 
 async def _busy(url: str) -> bool:
-    client = Redis.from_url(url)
+    client = client_of(url)
     try:
         await client.ping()
         return False

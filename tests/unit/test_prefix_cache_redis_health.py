@@ -10,7 +10,6 @@ import logging
 from pathlib import Path
 
 import pytest
-from redis.asyncio import Redis
 
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.clock import ManualClock
@@ -27,7 +26,7 @@ from services.prefix_cache.settings import PrefixCacheSettings
 from services.prefix_cache.wiring import build_core
 from services.tools.stack.ports import free_port
 from tests.black_hole import BlackHole
-from tests.redis_server import redis_server, require_password
+from tests.redis_server import client_of, redis_server, require_password
 
 TOKEN = "test-internal-token-0123456789"
 PASSWORD = "S3cretPassw0rd"
@@ -82,7 +81,7 @@ async def test_a_redis_that_hangs_is_not_serving_after_the_pings_timeout() -> No
     hole = BlackHole()
     url = hole.endpoint.replace("http://", "redis://") + "/0"
     health = Health()
-    client = Redis.from_url(url)
+    client = client_of(url)
     try:
         await asyncio.wait_for(RedisHealth(client, url, health.set, timeout_s=0.2).check(), 10)
         assert health.told == [False]
@@ -99,7 +98,7 @@ async def test_a_ping_given_up_closes_its_connection_and_the_next_opens_another(
     goes over a new one and reads SERVING. So too after Redis closed the connection."""
     health = Health()
     with redis_server(tmp_path) as url:
-        admin = Redis.from_url(url)
+        admin = client_of(url)
         client = own_connection_redis(REDIS_URL, url, 0.1)
         watch = RedisHealth(client, url, health.set, timeout_s=0.1)
         try:
@@ -127,7 +126,7 @@ async def test_a_redis_that_answers_masterdown_is_not_serving(tmp_path: Path) ->
     even to a PING: it cannot serve a call, so NOT_SERVING, as for a Redis that is down."""
     health = Health()
     with redis_server(tmp_path) as url:
-        admin = Redis.from_url(url)
+        admin = client_of(url)
         client = own_connection_redis(REDIS_URL, url, 2.0)
         watch = RedisHealth(client, url, health.set, timeout_s=2.0)
         try:
@@ -150,7 +149,7 @@ async def test_a_call_that_finds_redis_failing_checks_it_at_once(tmp_path: Path)
     settings = PrefixCacheSettings.from_env(env)
     table = load_model_table()
     slot = TokenizerSlot(load_tokenizers(table.models.values()))
-    client = Redis.from_url(url)
+    client = client_of(url)
     health = Health()
     watch = RedisHealth(client, url, health.set, timeout_s=2.0)
     api = PrefixCacheApi(build_core(settings, table, slot, ManualClock(), client), watch.failed)

@@ -30,7 +30,7 @@ from services.prefix_cache.core import TokenizerSlot
 from services.prefix_cache.redis_health import REDIS_URL, SEQ_KEY, STORE_KEY, RedisHealth
 from services.prefix_cache.settings import PrefixCacheSettings
 from services.prefix_cache.wiring import build_core
-from tests.redis_server import redis_server
+from tests.redis_server import client_of, redis_server
 
 TOKEN = "test-internal-token-0123456789"
 DEADLINE_S = 60.0  # the most a test here may take: each step is a few ms against a local Redis
@@ -54,7 +54,7 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
         settings = PrefixCacheSettings.from_env(env)
         table = load_model_table()
         slot = TokenizerSlot(load_tokenizers(table.models.values()))
-        calls = Redis.from_url(url)
+        calls = client_of(url)
         own = own_connection_redis(REDIS_URL, url, 2.0)
         told: list[bool] = []
         changed = asyncio.Event()
@@ -65,7 +65,7 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
 
         watch = RedisHealth(own, url, health, timeout_s=2.0)
         core = build_core(settings, table, slot, ManualClock(), calls)
-        admin = Redis.from_url(url)
+        admin = client_of(url)
         await admin.config_set("maxmemory-policy", "noeviction")
         try:
             yield Served(PrefixCacheApi(core, watch.failed), watch, told, changed, admin)

@@ -13,6 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 from services.prefix_cache.redis_health import STORE_KEY, RedisHealth
+from tests.redis_server import client_of
 
 
 async def _serving(serving: bool) -> None:
@@ -22,7 +23,7 @@ async def _serving(serving: bool) -> None:
 async def test_a_flushed_redis_is_an_error_and_a_count_once_a_loss(
     redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    client = Redis.from_url(redis_url)
+    client = client_of(redis_url)
     resets: list[int] = []
     try:
         await client.flushdb()
@@ -47,7 +48,7 @@ async def test_a_flushed_redis_is_an_error_and_a_count_once_a_loss(
 
 async def test_another_replica_s_new_id_after_a_loss_is_seen_too(redis_url: str) -> None:
     """The other prefix-cache replica's check wrote the new id first: still one loss each."""
-    client = Redis.from_url(redis_url)
+    client = client_of(redis_url)
     seen: dict[str, int] = {"one": 0, "two": 0}
     try:
         await client.flushdb()
@@ -92,7 +93,7 @@ async def test_a_redis_back_from_an_older_snapshot_is_a_loss_once(
     id but lost every write since (the review's marker_rollback.py: a tenant's 13 calls back to
     10, 0 resets counted). Each check increments ``SEQ_KEY``; a value not above the last this
     process got is the store going back in time: an ERROR and a count, once a loss."""
-    client = Redis.from_url(redis_url)
+    client = client_of(redis_url)
     resets: list[int] = []
     try:
         await client.flushdb()
@@ -118,7 +119,7 @@ async def test_a_redis_back_from_an_older_snapshot_is_a_loss_once(
 async def test_a_rollback_within_one_check_is_not_a_loss_seen(redis_url: str) -> None:
     """What is not seen, as the module doc says: a snapshot taken after this process's last
     check loses only writes since that check (at most ``PING_EVERY_S`` of them)."""
-    client = Redis.from_url(redis_url)
+    client = client_of(redis_url)
     resets: list[int] = []
     try:
         await client.flushdb()
@@ -140,9 +141,9 @@ async def test_a_user_limited_to_prefix_cache_s_keys_still_sees_a_flush(
     the write probe was outside them (NOPERM) and the store check never ran, so a flush went
     unseen (the review's marker_acl.py: 0 resets, no line). The checks' keys are prefix-cache's
     own now; a user that may not write them is told once (a WARNING), not silently unchecked."""
-    admin = Redis.from_url(redis_url)
-    limited = Redis.from_url(redis_url, username="pc", password="pw")
-    denied = Redis.from_url(redis_url, username="pcw", password="pw")
+    admin = client_of(redis_url)
+    limited = client_of(redis_url, username="pc", password="pw")
+    denied = client_of(redis_url, username="pcw", password="pw")
     resets: list[int] = []
     try:
         await admin.flushdb()

@@ -13,10 +13,10 @@ from typing import Any
 import aiohttp
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from redis.asyncio import Redis
 
 from services.prefix_cache.app import serve
 from services.tools.stack.ports import free_port
+from tests.redis_server import client_of
 
 TOKEN = "internal-token-for-tests-0123456789"
 GAUGE = "cachemesh_prefix_cache_warm_prefixes"
@@ -67,7 +67,7 @@ async def _scrape(url: str) -> str:
 
 
 async def test_with_redis_the_gauge_is_absent_and_no_scan_is_ever_sent(redis_url: str) -> None:
-    client = Redis.from_url(redis_url)
+    client = client_of(redis_url)
     try:
         await client.flushdb()
         for i in range(100):  # warm prefixes a count would have to find

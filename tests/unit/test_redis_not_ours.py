@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
 from services.prefix_cache.redis_store import WARM_PREFIX
 from services.tools.keys import ensure_keys
@@ -19,7 +18,7 @@ from services.tools.stack import reset_l2
 from services.tools.stack.lifecycle import StackError
 from services.tools.stack.ports import free_port
 from services.tools.stack.redis_process import probe_redis
-from tests.redis_server import redis_server, require_password
+from tests.redis_server import redis_server, require_password, sync_client_of
 
 
 @pytest.fixture
@@ -28,14 +27,14 @@ def foreign(tmp_path: Path) -> Iterator[int]:
     data = tmp_path / "foreign"
     data.mkdir()
     with redis_server(data) as url:  # ours, then seen from outside as "someone else's"
-        client = redis.Redis.from_url(url)
+        client = sync_client_of(url)
         client.set(f"{WARM_PREFIX}:theirs", "kept")
         client.close()
         yield int(url.rsplit(":", 1)[1].split("/")[0])
 
 
 def _kept(port: int) -> bool:
-    client = redis.Redis(host="127.0.0.1", port=port)
+    client = sync_client_of(f"redis://127.0.0.1:{port}/0")
     try:
         return client.get(f"{WARM_PREFIX}:theirs") == b"kept"
     finally:

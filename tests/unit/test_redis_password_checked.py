@@ -13,8 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
-from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError
 
 from services.common.env import ConfigError
@@ -22,7 +20,7 @@ from services.common.redis_pool import bounded_redis, own_connection_redis
 from services.prefix_cache.redis_health import REDIS_URL, RedisHealth
 from services.router.limit_wiring import ANSWERS_REDIS_URL, build_answer_ledger
 from services.tools.stack.ports import free_port
-from tests.redis_server import redis_server, require_password
+from tests.redis_server import client_of, redis_server, require_password, sync_client_of
 
 PASSWORD = "S3cretPassw0rd"
 THEIRS = "cachemesh:warm:theirs"
@@ -33,7 +31,7 @@ def _with_password(url: str, user: str = "") -> str:
 
 
 async def _put(url: str, key: str, value: bytes) -> None:
-    client = Redis.from_url(url)
+    client = client_of(url)
     try:
         await client.set(key, value)
     finally:
@@ -41,7 +39,7 @@ async def _put(url: str, key: str, value: bytes) -> None:
 
 
 async def _get(url: str, key: str) -> bytes | str | None:
-    client = Redis.from_url(url)
+    client = client_of(url)
     try:
         value: bytes | str | None = await client.get(key)
         return value
@@ -54,7 +52,7 @@ def foreign(tmp_path: Path) -> Iterator[str]:
     """Another Redis, without a password, holding a key of its own: its URL (none)."""
     (tmp_path / "foreign").mkdir()
     with redis_server(tmp_path / "foreign") as url:
-        client = redis.Redis.from_url(url)
+        client = sync_client_of(url)
         client.set(THEIRS, b"kept")
         client.close()
         yield url
@@ -83,7 +81,7 @@ async def test_the_redis_with_the_password_is_used_and_an_acl_user_too(tmp_path:
     """The check costs nothing where the password is asked: the Redis that has it answers (its
     ``default`` user, and an ACL user, whose connection the check leaves as that user's)."""
     with redis_server(tmp_path) as url:
-        admin = Redis.from_url(url)
+        admin = client_of(url)
         await admin.acl_setuser(
             "app",
             enabled=True,

@@ -32,7 +32,7 @@ from services.router.limit_settings import LimitSettings
 from services.router.limit_tickets import Ticket
 from services.router.limit_wiring import build_answer_ledger, build_limiter
 from services.tools.stack.ports import free_port
-from tests.redis_server import redis_server
+from tests.redis_server import client_of, redis_server
 from tests.unit.test_prefix_cache_warm_gauge import TOKEN, _wait_serving
 
 TABLE = load_model_table()
@@ -44,7 +44,7 @@ N, K = 4, 28  # the bound, and the calls beyond it in flight at once
 async def fresh_redis(tmp_path: Path) -> AsyncIterator[tuple[str, Redis]]:
     """A redis-server of this test's own (no other client's connections), and an observer."""
     with redis_server(tmp_path) as url:
-        observer = Redis.from_url(url)
+        observer = client_of(url)
         try:
             yield url, observer
         finally:

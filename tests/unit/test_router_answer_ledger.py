@@ -21,7 +21,6 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
-from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from cachemesh import build_request
@@ -54,7 +53,7 @@ from services.router.pipeline import BeforeModel, chunks_of
 from services.router.servicer import GatewayServicer
 from services.tools.stack.ports import free_port
 from tests.black_hole import BlackHole
-from tests.redis_server import redis_server, require_password
+from tests.redis_server import client_of, redis_server, require_password
 from tests.unit.gateway_support import gateway_servicer, memory_limiter, no_prompt
 
 KEY = "k-test-0123456789"
@@ -153,7 +152,7 @@ def _router(
     url: str, limits: Limiter | None = None, pipeline: FakePipeline | None = None
 ) -> tuple[GatewayServicer, FakePipeline, RedisAnswerLedger]:
     pipeline = pipeline or FakePipeline()
-    ledger = RedisAnswerLedger(Redis.from_url(url), ttl_s=60)
+    ledger = RedisAnswerLedger(client_of(url), ttl_s=60)
     servicer = gateway_servicer(pipeline, {KEY: "tenant-a"}, limiter=limits, ledger=ledger)
     return servicer, pipeline, ledger
 
@@ -508,7 +507,7 @@ def test_only_the_models_answers_are_recorded_and_keys_hide_the_id(redis_url: st
     async def run() -> None:
         servicer, _, ledger = _router(redis_url)
         await servicer.Complete(_request(), FakeContext())  # type: ignore[arg-type]
-        client = Redis.from_url(redis_url)
+        client = client_of(redis_url)
         keys = [k async for k in client.scan_iter()]
         assert keys == [ledger_key("tenant-a", "req-1")]
         assert b"req-1" not in keys[0] and b"tenant-a" not in keys[0]
@@ -617,7 +616,7 @@ def test_a_retry_takes_over_once_the_first_routers_claim_has_lapsed(redis_url: s
         first._pipeline = first_pipe = GatedPipeline(asyncio.Event())  # type: ignore[assignment]
         one = asyncio.ensure_future(first.Complete(_request(), FakeContext(CLIENT_MARK)))  # type: ignore[arg-type]
         await first_pipe.started.wait()
-        client = Redis.from_url(redis_url)
+        client = client_of(redis_url)
         assert await client.exists(ledger_key("tenant-a", "req-1"))  # claimed
         two = asyncio.ensure_future(second.Complete(_request(), FakeContext(CLIENT_MARK)))  # type: ignore[arg-type]
         await asyncio.sleep(0.2)
@@ -710,7 +709,7 @@ def test_an_unmarked_call_claims_its_id_just_before_its_model_call(redis_url: st
         servicer._pipeline = pipe = GatedPipeline(gate)  # type: ignore[assignment]
         one = asyncio.ensure_future(servicer.Complete(_request(), FakeContext()))  # type: ignore[arg-type]
         await pipe.started.wait()
-        client = Redis.from_url(redis_url)
+        client = client_of(redis_url)
         held = cast(bytes | None, await client.get(ledger_key("tenant-a", "req-1")))
         assert held is not None and held.startswith(b"?")  # claimed
         gate.set()
@@ -726,7 +725,7 @@ class CountingLedger(RedisAnswerLedger):
     """A real ledger that counts the calls made to it (each one a Redis round trip)."""
 
     def __init__(self, url: str) -> None:
-        super().__init__(Redis.from_url(url), ttl_s=60)
+        super().__init__(client_of(url), ttl_s=60)
         self.calls: list[str] = []
 
     async def claim(self, tenant: str, request_id: str, fingerprint: str, *mine: Any) -> Any:
@@ -762,7 +761,7 @@ def test_only_a_request_with_its_callers_own_id_is_claimed_and_recorded(
         for i, mark in enumerate(((), (CLIENT_MARK,), (RETRY,))):
             answer = await complete(build_request(f"question {i}", model="sim-small"), *mark)
             assert answer.request_id and answer.content  # served, under the router's own id
-        client = Redis.from_url(redis_url)
+        client = client_of(redis_url)
         assert ([k async for k in client.scan_iter()], ledger.calls) == ([], [])
         await complete(_request())  # the caller's own id, unmarked
         assert [k async for k in client.scan_iter()] == [ledger_key("tenant-a", "req-1")]
@@ -789,7 +788,7 @@ def test_a_claim_is_renewed_while_its_call_runs(redis_url: str) -> None:
             asleep.put_nowait(seconds)
             await ticks.get()
 
-        client = Redis.from_url(redis_url)
+        client = client_of(redis_url)
         ledger = RedisAnswerLedger(client, ttl_s=60, lease_s=30, sleep=sleep)
         claimed = await ledger.claim("tenant-a", "req-9", "f" * 64)
         assert isinstance(claimed, Claimed)
@@ -849,7 +848,7 @@ def test_a_failed_renewal_is_retried_before_the_claim_lapses(redis_url: str) -> 
 
     async def run() -> None:
         slept, sleep, clock = _virtual_time(sleeps=3)
-        client = Redis.from_url(redis_url)
+        client = client_of(redis_url)
         ledger = FailingRenewals(client, ttl_s=60, lease_s=30, sleep=sleep, clock=clock, failures=2)
         claimed = await ledger.claim("tenant-a", "req-r", "f" * 64)
         assert isinstance(claimed, Claimed)
@@ -883,7 +882,7 @@ def test_a_recorded_answer_is_stored_compressed_and_read_back_whole(redis_url: s
     as its serialized bytes it was ~1.1 kB a request in Redis, ~14 GB a day at 100 req/s."""
 
     async def run() -> None:
-        client = Redis.from_url(redis_url)
+        client = client_of(redis_url)
         ledger = RedisAnswerLedger(client, ttl_s=60)
         answer = _long_answer("req-z")
         await ledger.record("tenant-a", "req-z", "f" * 64, answer)
@@ -904,7 +903,7 @@ class Outage(RedisAnswerLedger):
     recorded."""
 
     def __init__(self, *args: Any, down: list[tuple[float, float]], **kwargs: Any) -> None:
-        super().__init__(Redis.from_url("redis://127.0.0.1:1"), *args, **kwargs)
+        super().__init__(client_of("redis://127.0.0.1:1"), *args, **kwargs)
         self.tries: list[float] = []
         lapses = self._lease_s  # the claim, taken at 0
 
@@ -987,7 +986,7 @@ def test_a_record_written_uncompressed_before_is_still_read(redis_url: str) -> N
     """Records written before the answers were compressed live out their TTL: still served."""
 
     async def run() -> None:
-        client = Redis.from_url(redis_url)
+        client = client_of(redis_url)
         ledger = RedisAnswerLedger(client, ttl_s=60)
         for request_id, answer in (("old", _long_answer("old")), ("empty", pb.CompleteResponse())):
             key = ledger_key("tenant-a", request_id)
@@ -1001,7 +1000,7 @@ def test_a_record_written_uncompressed_before_is_still_read(redis_url: str) -> N
 
 def test_a_record_that_does_not_read_costs_only_the_protection(redis_url: str) -> None:
     async def run() -> None:
-        client = Redis.from_url(redis_url)
+        client = client_of(redis_url)
         ledger = RedisAnswerLedger(client, ttl_s=60)
         await client.set(ledger_key("tenant-a", "bad"), b"e" * 64 + b"\0not zlib", px=60_000)
         with pytest.raises(LedgerUnavailable, match="does not read"):
@@ -1204,7 +1203,7 @@ def test_each_failed_ledger_call_counts_once_under_its_operation(
     async def run() -> None:
         registry = new_registry()
         metrics = RouterMetrics(registry, TenantLabels(1))
-        ledger = RedisAnswerLedger(Redis.from_url(redis_url), ttl_s=60)
+        ledger = RedisAnswerLedger(client_of(redis_url), ttl_s=60)
         setattr(ledger, script, fault)
         pipeline = GatedPipeline(fails=pipeline_fails)
         servicer = gateway_servicer(

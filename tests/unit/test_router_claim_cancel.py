@@ -29,7 +29,6 @@ from functools import partial
 from typing import Any
 
 import pytest
-from redis.asyncio import Redis
 
 from cachemesh import build_request
 from services.common.clock import SystemClock
@@ -40,6 +39,7 @@ from services.router.limit_policy import LimitPolicy, UniformPolicies
 from services.router.limit_store import Settlement
 from services.router.limits import Limiter
 from services.router.memory_limits import MemoryLimitStore
+from tests.redis_server import client_of
 from tests.unit.test_router_answer_ledger import (
     RETRY,
     FakeContext,
@@ -92,7 +92,7 @@ async def test_a_call_cancelled_as_its_claims_reply_comes_ends_there_and_leaves_
     """Before: ``cut`` left the claim held for its lease (the key's TTL ~10,000 ms after the
     call ended); ``dropped`` made the model call (1 run) and recorded its answer, for a caller
     that had left. Now: no model call, and the id is free for a repeat at once."""
-    client = Redis.from_url(redis_url)
+    client = client_of(redis_url)
     await client.flushdb()
     pipeline = FakePipeline()
     servicer, _, ledger = _router(redis_url, pipeline=pipeline)
@@ -173,7 +173,7 @@ async def test_a_cancel_dropped_under_a_renewal_ends_the_claims_holder(redis_url
     on a call that was gone): here 5 renewals after its cancel, until the test stopped it. Now
     it ends at the renewal."""
     slept, sleep, clock = _virtual_time(sleeps=5)
-    client = Redis.from_url(redis_url)
+    client = client_of(redis_url)
     ledger = RedisAnswerLedger(client, ttl_s=60, lease_s=30, sleep=sleep, clock=clock)
     try:
         claimed = await ledger.claim("tenant-a", "req-d", "f" * 64)
@@ -206,7 +206,7 @@ async def test_a_claim_whose_reply_timed_out_is_given_back_when_its_call_fails(
     call serves the request anew without the claim. It failed, and the claim stayed for its
     10 s lease: a retry on another router waited on it. Given back at the call's end now."""
     monkeypatch.setattr(servicer_module, "LEDGER_TIMEOUT_S", 0.05)
-    client = Redis.from_url(redis_url)
+    client = client_of(redis_url)
     await client.flushdb()
     pipeline = FakePipeline()
     servicer, _, ledger = _router(redis_url, pipeline=pipeline)

@@ -40,6 +40,7 @@ from services.router.redis_limits import RedisLimitStore
 from services.router.routing.model import RouterCard, load_router_model
 from services.router.servicer import GatewayServicer
 from services.router.settings import RouterSettings
+from tests.redis_server import client_of
 from tests.unit.gateway_support import gateway_servicer
 from tests.unit.test_router_answer_ledger import KEY, Aborted, FakeContext, GatedPipeline
 from tests.unit.test_router_pipeline import (
@@ -208,7 +209,7 @@ class Router:
 
 @pytest.fixture
 async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
+    client = client_of(redis_url)
     await client.flushdb()
     yield client
     await client.aclose()

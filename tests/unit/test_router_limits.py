@@ -61,7 +61,7 @@ from services.router.memory_limits import MemoryLimitStore
 from services.router.redis_limits import RedisLimitStore
 from services.tools.stack.ports import free_port
 from tests.black_hole import BlackHole
-from tests.redis_server import redis_server, require_password
+from tests.redis_server import client_of, redis_server, require_password
 
 # 2023-11-14 22:13:20 UTC: 1 h 46 min 40 s (6,400,000 ms) before the day ends, 16 days more
 # before the month does.
@@ -430,7 +430,7 @@ async def test_a_killed_routers_call_counts_in_redis_day_it_started(redis_url: s
     """Redis keeping the time (as deployed): a call's periods are Redis's clock that long
     ago (the router's clock only measures how long ago it started, between its journal
     line and its count), so routers whose clocks differ agree on the day it counts in."""
-    client = Redis.from_url(redis_url)
+    client = client_of(redis_url)
     try:
         await client.flushdb()
         seconds, micros = await client.time()
@@ -693,7 +693,7 @@ async def test_routers_whose_clocks_differ_share_a_bucket_on_redis_time(redis_ur
     every router behind the one ahead. On Redis's clock: the burst, plus what real time
     refilled, and a refill reaches every router."""
     policy = LimitPolicy(requests_per_min=600)
-    clients = [Redis.from_url(redis_url), Redis.from_url(redis_url)]
+    clients = [client_of(redis_url), client_of(redis_url)]
     clocks = [ManualClock(START_MS + 600_000), ManualClock(START_MS)]  # ahead, behind
     try:
         await clients[0].flushdb()
@@ -750,7 +750,7 @@ async def test_routers_on_either_side_of_midnight_count_one_days_budget(redis_ur
     budget spent through one is spent for the other (each counted in its own day before)."""
     midnight = Periods.at(START_MS).day_end_ms
     policy = LimitPolicy(day_budget_nanos=1000)
-    clients = [Redis.from_url(redis_url), Redis.from_url(redis_url)]
+    clients = [client_of(redis_url), client_of(redis_url)]
     clocks = [ManualClock(midnight - 300_000), ManualClock(midnight + 300_000)]
     try:
         await clients[0].flushdb()
@@ -784,7 +784,7 @@ async def test_a_settle_that_failed_while_redis_restarted_is_replayed_once_it_an
     for run in ("before", "after"):
         (tmp_path / run).mkdir()
     with redis_server(tmp_path / "before", port=port) as url:
-        client = Redis.from_url(url)
+        client = client_of(url)
         limiter = _limiter(RedisLimitStore(client, server_time=False), policy, clock)
         ticket = await _admitted(limiter)
     limiter.settle(ticket, _answer(10, 10, cost_nanos=46_000_000))  # Redis is down
@@ -806,7 +806,7 @@ async def test_a_settle_redis_never_received_is_replayed_past_the_markers_life(
     port = free_port()
     lost: list[int] = []
     clock = ManualClock(START_MS)
-    client = Redis.from_url(f"redis://127.0.0.1:{port}/0")
+    client = client_of(f"redis://127.0.0.1:{port}/0")
     policy = LimitPolicy(day_budget_nanos=100 * NANOS)
     limiter = Limiter(
         RedisLimitStore(client, server_time=False),
@@ -850,7 +850,7 @@ async def test_a_settle_redis_refused_is_replayed_past_the_markers_life(
     clock = ManualClock(START_MS)
     policy = LimitPolicy(day_budget_nanos=100 * NANOS)
     with redis_server(tmp_path) as url:
-        client = Redis.from_url(url)
+        client = client_of(url)
         limiter = Limiter(
             RedisLimitStore(client, server_time=False),
             UniformPolicies(policy),
@@ -944,7 +944,7 @@ async def test_a_limits_redis_that_refuses_to_keep_the_stores_id_stops_the_route
     as for a Redis it cannot reach, rather than start counting on it."""
     with redis_server(tmp_path) as server:
         url = await _with_password(server)
-        admin = Redis.from_url(url)
+        admin = client_of(url)
         try:
             await admin.replicaof("127.0.0.1", free_port())
             env = Env({"ROUTER_BUDGET_USD_PER_DAY": "1", "ROUTER_LIMITS_REDIS_URL": url})
@@ -1001,7 +1001,7 @@ async def test_a_router_started_while_its_limits_redis_is_down_counts_there_once
         assert (await _denied(limiter)).limit == REQUESTS  # the 3rd of 2 a minute, in Redis
         assert resets == []
         assert any("holds no counts yet" in r.getMessage() for r in caplog.records)
-        admin = Redis.from_url(url)
+        admin = client_of(url)
         try:
             await admin.flushdb()  # the counts lost: seen at the next admit
         finally:
@@ -1069,7 +1069,7 @@ async def _settled_too_late(redis_url: str) -> tuple[Redis, Limiter, ManualClock
     """A limiter on Redis whose one settle (1,000 nanos against a day budget) timed out after
     Redis ran it: the settle is pending, ambiguous. Returns the client, the limiter, the clock
     its replay windows run on (its ``ages``) and the list its lost settles are counted in."""
-    client = Redis.from_url(redis_url)
+    client = client_of(redis_url)
     await client.flushdb()
     lost: list[int] = []
     ages = ManualClock(0)
@@ -1118,7 +1118,7 @@ async def test_the_settles_markers_in_redis_last_only_as_long_as_a_replay_needs(
 ) -> None:
     """Each settle's marker key expires within SETTLE_MARKER_MS (2 min), so Redis holds at
     most the settle rate times that many (500 answers/s: 60,000 keys), not 30 minutes'."""
-    client = Redis.from_url(redis_url)
+    client = client_of(redis_url)
     await client.flushdb()
     limiter = _limiter(
         RedisLimitStore(client, server_time=False),
@@ -1223,7 +1223,7 @@ async def test_a_settle_redis_answers_loading_is_not_sent(
     none of it. redis-py raises that as a connection error, which the limits took for an
     ambiguous settle (replayed for a minute only, then dropped); it is one never sent."""
     with redis_server(tmp_path) as url:
-        client = Redis.from_url(url)
+        client = client_of(url)
         store = RedisLimitStore(client, server_time=False)
 
         async def loading(**_: object) -> None:
@@ -1245,7 +1245,7 @@ async def test_a_limits_redis_out_of_memory_at_start_up_does_not_stop_the_router
     outage to wait out (memory frees, an operator raises it), not the router's configuration:
     before, the router stopped with a ConfigError and a restart kept failing until it passed."""
     with redis_server(tmp_path) as url:
-        redis = Redis.from_url(url)
+        redis = client_of(url)
         try:
             await redis.set("ballast", "x" * 100_000)
             await redis.config_set("maxmemory-policy", "noeviction")

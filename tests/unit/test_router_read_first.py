@@ -31,6 +31,7 @@ from services.router.limit_tickets import Ticket
 from services.router.limits import Limiter
 from services.router.memory_limits import MemoryLimitStore
 from services.router.redis_limits import RedisLimitStore
+from tests.redis_server import client_of
 
 START_MS = 1_700_000_000_000  # 2023-11-14 22:13:20 UTC: 6,400,000 ms before the day ends
 TO_MIDNIGHT_MS = 6_400_000
@@ -194,7 +195,7 @@ async def test_routers_on_redis_time_refuse_over_the_rate_without_counting(
     """On Redis's clock (the routers' own ten minutes apart) the read of the rate agrees with
     the admit: the second request of one a minute is refused uncounted, whichever router."""
     policy = LimitPolicy(requests_per_min=1, tokens_per_min=10_000_000)
-    clients = [Redis.from_url(redis_url), Redis.from_url(redis_url)]
+    clients = [client_of(redis_url), client_of(redis_url)]
     try:
         await clients[0].flushdb()
         routers = [
@@ -297,7 +298,7 @@ async def test_routers_on_redis_time_refuse_a_spent_budget_without_counting(
     before the count is the day's Redis counts in: a large prompt past it is refused uncounted,
     whichever router, waiting for Redis's midnight."""
     policy = LimitPolicy(tokens_per_min=10_000_000, day_budget_nanos=1000)
-    clients = [Redis.from_url(redis_url), Redis.from_url(redis_url)]
+    clients = [client_of(redis_url), client_of(redis_url)]
     try:
         await clients[0].flushdb()
         routers = [
@@ -326,7 +327,7 @@ async def test_the_read_before_the_count_is_one_round_trip_to_redis(
         sent.append(command)
         await send(self, command, check_health)  # type: ignore[arg-type]
 
-    client = Redis.from_url(redis_url)
+    client = client_of(redis_url)
     try:
         await client.flushdb()
         store = RedisLimitStore(client, server_time=False)

@@ -21,8 +21,6 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
-from redis import Redis as SyncRedis
-from redis.asyncio import Redis
 
 from cachemesh import build_request
 from services.common.clock import ManualClock
@@ -37,7 +35,7 @@ from services.router.limit_store import Admission
 from services.router.limits import Limiter
 from services.router.metrics import RouterMetrics
 from services.router.redis_limits import RedisLimitStore
-from tests.redis_server import redis_server
+from tests.redis_server import client_of, redis_server, sync_client_of
 from tests.unit.gateway_support import gateway_servicer, no_prompt
 from tests.unit.test_router_answer_ledger import (
     CLIENT_MARK,
@@ -56,7 +54,7 @@ class CountingStore(RedisLimitStore):
     """The limits' real Redis store, counting the admits sent to it."""
 
     def __init__(self, url: str) -> None:
-        super().__init__(Redis.from_url(url))
+        super().__init__(client_of(url))
         self.admits = 0
 
     async def admit(self, asked: Admission) -> Refusal | None:
@@ -152,7 +150,8 @@ def test_a_hung_redis_is_left_alone_after_three_calls_in_a_row_fail(
     redis_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="cachemesh")
-    pid = int(SyncRedis.from_url(redis_url).info("server")["process_id"])
+    with sync_client_of(redis_url) as admin:
+        pid = int(admin.info("server")["process_id"])
 
     async def run() -> None:
         rig = Rig(redis_url, monkeypatch)

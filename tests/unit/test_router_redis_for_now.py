@@ -23,7 +23,7 @@ from services.common.models import load_model_table
 from services.common.tokens import load_tokenizers
 from services.router.limit_settings import LimitSettings
 from services.router.limit_wiring import build_answer_ledger, build_limiter
-from tests.redis_server import redis_server
+from tests.redis_server import client_of, redis_server
 
 START_MS = 1_700_000_000_000
 TABLE = load_model_table()
@@ -60,7 +60,7 @@ BUILDS = [
 
 
 async def _busy(url: str) -> bool:
-    client = Redis.from_url(url)
+    client = client_of(url)
     try:
         await client.ping()
         return False
@@ -74,8 +74,8 @@ async def _busy(url: str) -> bool:
 async def _script_running(url: str) -> AsyncIterator[Redis]:
     """Another client's script running past ``busy-reply-threshold`` (50 ms): every other
     command is answered BUSY until it ends. Yields an admin client (SCRIPT KILL ends it)."""
-    admin = Redis.from_url(url)
-    looping = Redis.from_url(url)
+    admin = client_of(url)
+    looping = client_of(url)
     await admin.config_set("busy-reply-threshold", "50")
     script = asyncio.ensure_future(looping.eval("while true do end", 0))
     try:
@@ -119,7 +119,7 @@ async def test_a_redis_busy_with_a_script_at_start_up_does_not_stop_the_router(
 
 async def _no_permission(url: str) -> str:
     """``url`` as a user Redis knows, with no permission to run any command."""
-    admin = Redis.from_url(url)
+    admin = client_of(url)
     try:
         await admin.acl_setuser("nobody", enabled=True, passwords=["+Nobody-Pass-1"], keys=["*"])
     finally:

@@ -25,6 +25,7 @@ from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.errors import Code
 from services.router.dependencies import CallFailed
+from tests.redis_server import client_of
 from tests.unit.test_router_answer_ledger import Aborted, FakeContext
 from tests.unit.test_router_early_cancel import (
     PLANNED_PROMPT,
@@ -49,7 +50,7 @@ REFUSALS = [
 
 @pytest.fixture
 async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
+    client = client_of(redis_url)
     await client.flushdb()
     yield client
     await client.aclose()

@@ -36,6 +36,7 @@ from services.router.limits import Limiter
 from services.router.pipeline import chunks_of
 from services.router.redis_limits import RedisLimitStore
 from services.router.servicer import GatewayServicer
+from tests.redis_server import client_of
 from tests.unit.gateway_support import gateway_servicer
 from tests.unit.test_router_answer_ledger import Aborted, FakeContext
 
@@ -150,9 +151,9 @@ class Routers:
 @asynccontextmanager
 async def _router(redis_url: str, pipeline: Pipeline, clock: ManualClock) -> AsyncIterator[Router]:
     policy = LimitPolicy(tokens_per_min=TOKENS_PER_MIN)
-    store = RedisLimitStore(Redis.from_url(redis_url), server_time=False)
+    store = RedisLimitStore(client_of(redis_url), server_time=False)
     limiter = Limiter(store, UniformPolicies(policy), clock, lambda request: PROMPT_TOKENS)
-    ledger = WatchedLedger(Redis.from_url(redis_url))
+    ledger = WatchedLedger(client_of(redis_url))
     answers = IdempotencyTable(clock, 60, 100)
     servicer = gateway_servicer(
         pipeline, {KEY: TENANT}, answers=answers, limiter=limiter, ledger=ledger
@@ -175,7 +176,7 @@ async def _router(redis_url: str, pipeline: Pipeline, clock: ManualClock) -> Asy
 @pytest.fixture
 async def routers(redis_url: str) -> AsyncIterator[Routers]:
     """Two routers sharing one Redis (emptied first) for their ledger and their limits."""
-    redis = Redis.from_url(redis_url)
+    redis = client_of(redis_url)
     await redis.flushdb()
     clock = ManualClock()
     gate = asyncio.Event()

@@ -13,7 +13,6 @@ from typing import Any
 
 import grpc
 import pytest
-from redis.asyncio import Redis
 
 from cachemesh import build_request
 from cachemesh.v1 import gateway_pb2 as pb
@@ -23,7 +22,7 @@ from services.router.limit_policy import LimitPolicy, UniformPolicies
 from services.router.limits import Limiter
 from services.router.memory_limits import MemoryLimitStore
 from services.router.pipeline import chunks_of
-from tests.redis_server import redis_server
+from tests.redis_server import client_of, redis_server
 from tests.unit.test_router_answer_ledger import (
     Aborted,
     CountingLedger,
@@ -175,7 +174,7 @@ def test_a_ledger_claim_of_an_unmarked_call_that_fails_is_given_back(redis_url: 
             await servicer.Complete(_request(), context)  # type: ignore[arg-type]
         assert context.status == grpc.StatusCode.UNAVAILABLE
         await asyncio.gather(*servicer._background)  # the claim given back, after the call
-        client = Redis.from_url(redis_url)
+        client = client_of(redis_url)
         assert not await client.exists(ledger_key("tenant-a", "req-1"))  # a retry runs at once
         await client.aclose()
         await ledger.close()
