@@ -15,6 +15,7 @@ from typing import Final, TypedDict, Unpack, cast
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.auth import ApiKeys, hash_key
 from services.common.clock import Clock, SystemClock
+from services.common.env import Env
 from services.common.grace import GraceEnd
 from services.common.logs import JsonLines
 from services.common.metrics import TenantLabels, new_registry
@@ -24,6 +25,7 @@ from services.router.answer_ledger import AnswerLedger, LedgerOperation
 from services.router.breaker import Breaker
 from services.router.idempotency import IdempotencyTable
 from services.router.limit_policy import LimitPolicy, UniformPolicies
+from services.router.limit_settings import LimitSettings
 from services.router.limit_store import LimitStore
 from services.router.limits import Limiter
 from services.router.memory_limits import MemoryLimitStore
@@ -33,6 +35,16 @@ from services.router.servicer import GatewayServicer
 
 TABLE: Final = load_model_table()
 DEPLOYED: Final = ("sim-small", "sim-large")
+# how long a limits test over the real Redis waits for the store's answer: 30 s, not the
+# default 0.5. Past it a request is admitted without limits (fail-open, documented), which a
+# slow machine's Redis made a racing test read as 40 of 40 admitted. The tests of that timeout
+# set their own.
+PATIENT_STORE_S: Final = 30.0
+
+
+def patient_limit_settings(env: Mapping[str, str]) -> LimitSettings:
+    """The ``LimitSettings`` of ``env``, the store's answer waited for ``PATIENT_STORE_S``."""
+    return LimitSettings.from_env(Env({**env, "ROUTER_LIMITS_TIMEOUT_S": str(PATIENT_STORE_S)}))
 
 
 def no_prompt(request: pb.CompleteRequest) -> int:

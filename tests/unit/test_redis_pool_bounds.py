@@ -33,6 +33,7 @@ from services.router.limit_tickets import Ticket
 from services.router.limit_wiring import build_answer_ledger, build_limiter
 from services.tools.stack.ports import free_port
 from tests.redis_server import client_of, redis_server
+from tests.unit.gateway_support import patient_limit_settings
 from tests.unit.test_prefix_cache_warm_gauge import TOKEN, _wait_serving
 
 TABLE = load_model_table()
@@ -60,15 +61,12 @@ async def test_the_limits_redis_holds_at_most_its_setting_connections(
     fresh_redis: tuple[str, Redis],
 ) -> None:
     url, observer = fresh_redis
-    settings = LimitSettings.from_env(
-        Env(
-            {
-                "ROUTER_LIMIT_REQUESTS_PER_MIN": "1000000",
-                "ROUTER_LIMITS_REDIS_URL": url,
-                "ROUTER_REDIS_MAX_CONNECTIONS": str(N),
-                "ROUTER_LIMITS_TIMEOUT_S": "30",  # a slow test machine never degrades
-            }
-        )
+    settings = patient_limit_settings(  # a slow test machine never degrades
+        {
+            "ROUTER_LIMIT_REQUESTS_PER_MIN": "1000000",
+            "ROUTER_LIMITS_REDIS_URL": url,
+            "ROUTER_REDIS_MAX_CONNECTIONS": str(N),
+        }
     )
     degraded: list[tuple[str, str]] = []
     limiter = await build_limiter(

@@ -38,6 +38,7 @@ from services.router.limits import Limiter
 from services.router.memory_limits import MemoryLimitStore
 from services.router.prompt_counts import count_prompt
 from services.router.redis_limits import RedisLimitStore
+from tests.unit.gateway_support import patient_limit_settings
 
 START_MS = 1_700_000_000_000  # 2023-11-14 22:13:20 UTC
 TABLE = load_model_table()
@@ -53,10 +54,7 @@ def store(redis_client: Redis | None) -> LimitStore:
 
 
 def _limiter(store: LimitStore, clock: ManualClock) -> Limiter:
-    # a store's answer waited for 30 s, not 0.5: one past it admits without limits (fail-open,
-    # documented), which a slow machine's Redis made the racing test read as 40 of 40 admitted
-    env = {"ROUTER_BUDGET_USD_PER_DAY": "0.01", "ROUTER_LIMITS_TIMEOUT_S": "30"}
-    settings = LimitSettings.from_env(Env(env))
+    settings = patient_limit_settings({"ROUTER_BUDGET_USD_PER_DAY": "0.01"})
     return limiter_on(store, settings, clock, TABLE, TOKENIZERS)
 
 

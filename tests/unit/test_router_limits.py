@@ -62,6 +62,7 @@ from services.router.redis_limits import RedisLimitStore
 from services.tools.stack.ports import free_port
 from tests.black_hole import BlackHole
 from tests.redis_server import client_of, redis_server, require_password
+from tests.unit.gateway_support import PATIENT_STORE_S
 
 # 2023-11-14 22:13:20 UTC: 1 h 46 min 40 s (6,400,000 ms) before the day ends, 16 days more
 # before the month does.
@@ -113,9 +114,7 @@ def _answer(
 
 
 def _limiter(store: LimitStore, policy: LimitPolicy, clock: ManualClock) -> Limiter:
-    # a slow test machine's Redis never degrades it (past timeout_s a request is admitted
-    # without limits, fail-open: the tests of that build their own Limiter)
-    return Limiter(store, UniformPolicies(policy), clock, _count, timeout_s=30)
+    return Limiter(store, UniformPolicies(policy), clock, _count, timeout_s=PATIENT_STORE_S)
 
 
 def _long_request(words: int, max_tokens: int) -> pb.CompleteRequest:
@@ -857,7 +856,7 @@ async def test_a_settle_redis_refused_is_replayed_past_the_markers_life(
             clock,
             _count,
             lost=lost.append,
-            timeout_s=30,  # a slow test machine never times out (ambiguous)
+            timeout_s=PATIENT_STORE_S,  # a slow test machine never times out (ambiguous)
         )
         await refuse(client)
         for _ in range(5):

@@ -15,16 +15,15 @@ from redis.asyncio import Redis
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import ManualClock
-from services.common.env import Env
 from services.common.models import AUTO, ModelTable, load_model_table
 from services.common.tokens import load_tokenizers
 from services.router.limit_denials import Denial
-from services.router.limit_settings import LimitSettings
 from services.router.limit_store import LimitStore
 from services.router.limit_tickets import Ticket
 from services.router.limit_wiring import limiter_on
 from services.router.memory_limits import MemoryLimitStore
 from services.router.redis_limits import RedisLimitStore
+from tests.unit.gateway_support import patient_limit_settings
 from tests.unit.test_router_budget_holds import START_MS, _answered
 
 BASE = load_model_table()
@@ -55,15 +54,13 @@ def _request(i: int, model: str = R1, max_tokens: int = 16) -> pb.CompleteReques
     )
 
 
-# $0.001 a day; a store's answer waited for 30 s, not 0.5: past it a request is admitted without
-# limits (fail-open, documented), which a slow machine's Redis would read as a budget overrun
-_BUDGET = {"ROUTER_BUDGET_USD_PER_DAY": "0.001", "ROUTER_LIMITS_TIMEOUT_S": "30"}
+_BUDGET = {"ROUTER_BUDGET_USD_PER_DAY": "0.001"}  # $0.001 a day
 
 
 async def _race(store: LimitStore, table: ModelTable, n: int) -> tuple[list[Ticket], int]:
     """``n`` R1 requests admitted at once against the $0.001 budget, each billed 249,000:
     the admitted tickets and what they spent."""
-    settings = LimitSettings.from_env(Env(_BUDGET))
+    settings = patient_limit_settings(_BUDGET)
     tokenizers = load_tokenizers(table.models.values())
     limiter = limiter_on(store, settings, ManualClock(START_MS), table, tokenizers)
     results = await asyncio.gather(*(limiter.admit("t", _request(i)) for i in range(n)))
@@ -103,7 +100,7 @@ def test_auto_holds_a_tier_that_thinks_outside_max_tokens() -> None:
     small = BASE.auto["small"]
     rows[small] = rows[small].model_copy(update={"thinks_outside_max_tokens": True})
     table = BASE.model_copy(update={"models": rows})
-    settings = LimitSettings.from_env(Env(_BUDGET))
+    settings = patient_limit_settings(_BUDGET)
     tokenizers = load_tokenizers(table.models.values())
 
     async def hold(table: ModelTable) -> int:
@@ -120,7 +117,7 @@ def test_auto_holds_a_tier_that_thinks_outside_max_tokens() -> None:
 
 async def _token_race(store: LimitStore, table: ModelTable, n: int) -> list[Ticket | Denial]:
     """``n`` R1 requests admitted at once under a token rate of 2,000 a minute alone."""
-    settings = LimitSettings.from_env(Env({"ROUTER_LIMIT_TOKENS_PER_MIN": "2000"}))
+    settings = patient_limit_settings({"ROUTER_LIMIT_TOKENS_PER_MIN": "2000"})
     tokenizers = load_tokenizers(table.models.values())
     limiter = limiter_on(store, settings, ManualClock(START_MS), table, tokenizers)
     results = await asyncio.gather(*(limiter.admit("t", _request(i)) for i in range(n)))
