@@ -15,6 +15,7 @@ from typing import cast
 from redis.asyncio import Redis
 
 from services.prefix_cache.redis_health import RedisHealth
+from tests.waits import reached
 
 # a bound on waiting for the loop to end: a loop that honours its cancel ends at its next step
 ENDS_WITHIN_S = 5.0
@@ -82,7 +83,7 @@ async def test_the_health_loop_ends_at_a_cancel_its_redis_call_swallowed() -> No
     watch = RedisHealth(cast(Redis, redis), "redis://127.0.0.1:1/0", _told, timeout_s=3600)
     loop = asyncio.ensure_future(watch.run(every_s=3600))
     watch.failed()  # a call found Redis failing: a PING at once
-    await redis.pinged.wait()
+    await reached(redis.pinged, "redis.pinged")
     loop.cancel()
     done, _ = await asyncio.wait([loop], timeout=ENDS_WITHIN_S)
     if not done:

@@ -23,6 +23,7 @@ from services.common.tokens import Tokenizers, load_tokenizers
 from services.model.providers.api import ProviderApi
 from services.model.providers.config import ProviderSettings, Secret
 from services.model.providers.progress import Progress
+from tests.waits import reached
 
 KEY = "sk-proj-test-0123456789abcdef"
 FORBIDDEN_MODEL = "gpt-5"
@@ -196,7 +197,9 @@ async def _calls_at_once(api: ProviderApi, adapter: GatedAdapter, n: int) -> lis
     adapter.gate.clear()
     adapter.arrived.clear()
     tasks = [asyncio.create_task(_stop_reason(api, ALLOWED_MODEL)) for _ in range(n)]
-    await adapter.arrived.wait()  # the first at the provider; the others ran meanwhile
+    await reached(
+        adapter.arrived, "adapter.arrived"
+    )  # the first at the provider; the others ran meanwhile
     await asyncio.sleep(0)
     adapter.gate.set()
     done = await asyncio.gather(*tasks, return_exceptions=True)
@@ -229,7 +232,7 @@ async def test_one_call_at_a_time_rechecks_a_refused_key(tokenizer: Tokenizers) 
     adapter.gate.clear()
     adapter.arrived.clear()
     left = asyncio.create_task(_stop_reason(api, ALLOWED_MODEL))
-    await adapter.arrived.wait()
+    await reached(adapter.arrived, "adapter.arrived")
     left.cancel()
     with pytest.raises(asyncio.CancelledError):
         await left
@@ -274,7 +277,7 @@ async def test_a_call_that_was_running_when_the_key_was_refused_does_not_bring_i
     adapter = AnsweringThenRefused(_status_error(401, BAD_KEY), all_models=True)
     api = _api(adapter, tokenizer, health)
     running = asyncio.create_task(_stop_reason(api, ALLOWED_MODEL))
-    await adapter.answering.wait()
+    await reached(adapter.answering, "adapter.answering")
     with pytest.raises(RequestError):
         await _stop_reason(api, ALLOWED_MODEL)  # refused: NOT_SERVING
     adapter.finish.set()

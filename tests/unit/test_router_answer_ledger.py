@@ -55,6 +55,7 @@ from services.tools.stack.ports import free_port
 from tests.black_hole import BlackHole
 from tests.redis_server import client_of, redis_server, require_password
 from tests.unit.gateway_support import gateway_servicer, memory_limiter, no_prompt
+from tests.waits import reached
 
 KEY = "k-test-0123456789"
 TABLE = load_model_table()
@@ -593,7 +594,7 @@ def test_a_retry_on_another_router_while_the_first_call_runs_gets_its_answer(
         first._pipeline = first_pipe = GatedPipeline(gate)  # type: ignore[assignment]
         second._pipeline = second_pipe = GatedPipeline(gate)  # type: ignore[assignment]
         one = asyncio.ensure_future(first.Complete(_request(), FakeContext(CLIENT_MARK)))  # type: ignore[arg-type]
-        await first_pipe.started.wait()
+        await reached(first_pipe.started, "first_pipe.started")
         two = asyncio.ensure_future(second.Complete(_request(), FakeContext(CLIENT_MARK)))  # type: ignore[arg-type]
         await _started_or_waiting(second_pipe, two)
         gate.set()
@@ -615,7 +616,7 @@ def test_a_retry_takes_over_once_the_first_routers_claim_has_lapsed(redis_url: s
         second, second_pipe, second_ledger = _router(redis_url)
         first._pipeline = first_pipe = GatedPipeline(asyncio.Event())  # type: ignore[assignment]
         one = asyncio.ensure_future(first.Complete(_request(), FakeContext(CLIENT_MARK)))  # type: ignore[arg-type]
-        await first_pipe.started.wait()
+        await reached(first_pipe.started, "first_pipe.started")
         client = client_of(redis_url)
         assert await client.exists(ledger_key("tenant-a", "req-1"))  # claimed
         two = asyncio.ensure_future(second.Complete(_request(), FakeContext(CLIENT_MARK)))  # type: ignore[arg-type]
@@ -640,7 +641,7 @@ def test_a_first_call_that_fails_gives_its_claim_back(redis_url: str) -> None:
         second, second_pipe, second_ledger = _router(redis_url)
         first._pipeline = first_pipe = GatedPipeline(gate, fails=True)  # type: ignore[assignment]
         one = asyncio.ensure_future(first.Complete(_request(), FakeContext(CLIENT_MARK)))  # type: ignore[arg-type]
-        await first_pipe.started.wait()
+        await reached(first_pipe.started, "first_pipe.started")
         two = asyncio.ensure_future(second.Complete(_request(), FakeContext(CLIENT_MARK)))  # type: ignore[arg-type]
         await asyncio.sleep(0.1)
         gate.set()  # the first call fails: the waiting retry is served anew, at once
@@ -664,7 +665,7 @@ def test_a_waiting_retry_gives_up_at_its_own_deadline(redis_url: str) -> None:
         second, second_pipe, second_ledger = _router(redis_url)
         first._pipeline = first_pipe = GatedPipeline(gate)  # type: ignore[assignment]
         one = asyncio.ensure_future(first.Complete(_request(), FakeContext(CLIENT_MARK)))  # type: ignore[arg-type]
-        await first_pipe.started.wait()
+        await reached(first_pipe.started, "first_pipe.started")
         context = Deadlined(CLIENT_MARK)
         with pytest.raises(Aborted):
             await second.Complete(_request(), context)  # type: ignore[arg-type]
@@ -685,7 +686,7 @@ def test_a_conflicting_retry_is_refused_while_the_first_call_runs(redis_url: str
         second, second_pipe, second_ledger = _router(redis_url)
         first._pipeline = first_pipe = GatedPipeline(gate)  # type: ignore[assignment]
         one = asyncio.ensure_future(first.Complete(_request(), FakeContext(CLIENT_MARK)))  # type: ignore[arg-type]
-        await first_pipe.started.wait()
+        await reached(first_pipe.started, "first_pipe.started")
         context = FakeContext(CLIENT_MARK)
         with pytest.raises(Aborted):
             await second.Complete(_request("Another question"), context)  # type: ignore[arg-type]
@@ -708,7 +709,7 @@ def test_an_unmarked_call_claims_its_id_just_before_its_model_call(redis_url: st
         servicer, _, ledger = _router(redis_url)
         servicer._pipeline = pipe = GatedPipeline(gate)  # type: ignore[assignment]
         one = asyncio.ensure_future(servicer.Complete(_request(), FakeContext()))  # type: ignore[arg-type]
-        await pipe.started.wait()
+        await reached(pipe.started, "pipe.started")
         client = client_of(redis_url)
         held = cast(bytes | None, await client.get(ledger_key("tenant-a", "req-1")))
         assert held is not None and held.startswith(b"?")  # claimed

@@ -26,6 +26,7 @@ from tests.unit.model_support import VirtualTime
 from tests.unit.test_model_engine_fair import Waits, _first, _prompt
 from tests.unit.test_router_replica_ejection import Clock, Models, _pipeline
 from tests.unit.virtual_loop import run_on_clock
+from tests.waits import reached
 
 RATE = 1_000.0  # tokens a second: the replica's true prefill rate
 
@@ -199,7 +200,7 @@ def test_the_router_threads_each_request_s_tenant_to_its_replica_s_queue(
             run = pipeline.run("tenant-a", request, streamed=True)
             models.called.clear()
             calls.append(asyncio.create_task(_drain(run)))
-            await models.called.wait()
+            await reached(models.called, "models.called")
         assert asked == ["tenant-a", "tenant-a"] and models.calls == ["small-1", "small-1"]
         # both 2,000-token prompts wait for their first report: tenant-a's next waits for
         # both, tenant-b's only for the one in progress
@@ -343,7 +344,7 @@ def test_the_router_takes_the_replica_s_word_on_its_queue() -> None:
             calls.append(
                 asyncio.create_task(_drain(pipeline.run("tenant-a", request, streamed=True)))
             )
-            await models.called.wait()
+            await reached(models.called, "models.called")
         loads, now = pipeline.loads, clock()
         other = loads.queued_s("small-1", 1_000.0, now, tenant="tenant-b", uncached_tokens=100)
         assert other == pytest.approx(4.0)  # both 2,000-token prompts, not the first alone

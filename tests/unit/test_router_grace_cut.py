@@ -22,6 +22,7 @@ from tests.unit.gateway_support import gateway_servicer
 from tests.unit.test_router_answer_ledger import KEY, FakeContext
 from tests.unit.test_router_unanswered_money import BilledPipeline, HeldLedger
 from tests.unit.test_service_metrics import logs, value  # noqa: F401 (a fixture)
+from tests.waits import reached
 
 
 @pytest.mark.parametrize("method", ["Complete", "StreamComplete"])
@@ -57,7 +58,7 @@ async def test_a_request_cut_when_the_grace_ends_is_unavailable(
                 pass
 
         call = asyncio.ensure_future(read())
-    await ledger.recording.wait()
+    await reached(ledger.recording, "ledger.recording")
     if grace_ended:
         grace.end()  # the drain's grace ended: gRPC cancels the call
     call.cancel()

@@ -17,6 +17,7 @@ from services.router.routing.model import RouterCard, load_router_model
 from tests.unit.test_router_pipeline import TABLE, TOKENIZER, FakeSemantic, _settings
 from tests.unit.test_router_replica_ejection import REPLICAS, Clock, Models, WarmOnLargeOne
 from tests.unit.virtual_loop import run_on_clock
+from tests.waits import reached
 
 HOT = 65  # one more than SGLang's balance_abs_threshold (ROUTER_BALANCE_ABS_THRESHOLD)
 
@@ -52,7 +53,7 @@ def test_a_request_sent_off_its_hot_prefixs_replica_names_the_guard_on_its_span(
             got = asyncio.Event()
             first_tokens.append(got)
             tasks.append(asyncio.create_task(ask(i, got)))
-            await got.wait()  # one at a time: each sees the calls before it in flight
+            await reached(got, "got")  # one at a time: each sees the calls before it in flight
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

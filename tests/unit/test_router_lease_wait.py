@@ -21,6 +21,7 @@ from services.router.pipeline import Pipeline
 from services.router.routing.model import RouterCard, load_router_model
 from services.router.settings import RouterSettings
 from tests.unit.test_router_pipeline import TABLE, TOKENIZER, FakeClock, FakeModels, FakePrefix
+from tests.waits import reached
 
 REPLICAS = "sim-small=127.0.0.1:1,sim-large=127.0.0.1:1"
 
@@ -254,7 +255,7 @@ async def test_a_lookup_cancelled_with_its_request_releases_its_lease() -> None:
     looking = asyncio.ensure_future(
         calls(stub, "30").lookup("tenant-a", build_request("Reset my password"))
     )
-    await blocked.wait()
+    await reached(blocked, "blocked")
     looking.cancel()
     with pytest.raises(asyncio.CancelledError):
         await looking

@@ -19,6 +19,7 @@ from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.rpc_tracing import ClientSpans
 from services.router.dependencies import CallFailed
 from services.router.grpc_adapters import GrpcModelStream, GrpcSemantic
+from tests.waits import reached
 
 _CANCELLED = grpc.StatusCode.CANCELLED.value[0]
 
@@ -67,7 +68,7 @@ async def test_a_lookup_the_routers_caller_cancelled_is_no_error() -> None:
     stub = _HeldStub()
     semantic = GrpcSemantic(stub, spans)  # type: ignore[arg-type]
     task = asyncio.ensure_future(semantic.lookup(sc.LookupRequest(), 5.0))
-    await stub.called.wait()
+    await reached(stub.called, "stub.called")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -21,6 +21,7 @@ from services.router.dependencies import CallFailed
 from tests.unit.test_router_outbox_budgets import DownPort
 from tests.unit.test_router_outbox_replay import _core
 from tests.unit.test_router_pipeline import FakeModels, FakeStream, Rig, _request
+from tests.waits import reached
 
 ARGUMENTS = json.dumps({"path": "report.md", "content": "Quarterly revenue grew. " * 300})
 
@@ -247,7 +248,7 @@ async def _left_while_writing(models: Writing) -> pc.CommitRequest:
             deltas.append(chunk)
 
     task = asyncio.create_task(consume())
-    await models.waiting.wait()
+    await reached(models.waiting, "models.waiting")
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task

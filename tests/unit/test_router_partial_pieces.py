@@ -34,6 +34,7 @@ from tests.unit.test_router_pipeline import (
     Rig,
 )
 from tests.unit.test_router_pipeline import _request as _pipeline_request
+from tests.waits import reached
 
 TABLE = load_model_table()
 TOKENIZERS = load_tokenizers(TABLE.models.values())
@@ -86,7 +87,7 @@ async def _left(models: Runaway) -> pc.CommitRequest:
             deltas.append(chunk)
 
     task = asyncio.create_task(consume())
-    await models.waiting.wait()
+    await reached(models.waiting, "models.waiting")
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task

@@ -35,6 +35,7 @@ from services.router.pipeline import Pipeline
 from services.router.routing.model import RouterCard, load_router_model
 from tests.unit.test_router_pipeline import TABLE, TOKENIZER, FakeSemantic, _settings
 from tests.unit.virtual_loop import run_on_clock
+from tests.waits import reached
 
 REPLICAS = {
     "sim-small": ("small-1",),
@@ -414,7 +415,7 @@ def test_a_replica_streaming_another_answer_is_busy_not_stalled(fast_stall: None
         for i in range(3):
             slot = models.one_slot["large-1"] = Slot()
             long_answer = asyncio.create_task(_ask(pipeline, 2 * i, remaining_s=30.0))
-            await slot.streaming.wait()
+            await reached(slot.streaming, "slot.streaming")
             turn = asyncio.create_task(_ask(pipeline, 2 * i + 1, remaining_s=30.0))
             await asyncio.sleep(0.1)  # 50 tokens of the long answer; the stall is at ~10 ms
             slot.done.set()
@@ -437,7 +438,7 @@ def test_a_deadline_spent_waiting_behind_another_answer_is_not_the_replicas_faul
         pipeline = _pipeline(models)
         slot = models.one_slot["small-1"] = Slot()
         long_answer = asyncio.create_task(_ask(pipeline, 0, model="sim-small"))
-        await slot.streaming.wait()
+        await reached(slot.streaming, "slot.streaming")
         for i in range(1, 4):  # three in a row would eject a failing replica
             with pytest.raises(RequestError, match="DEADLINE_EXCEEDED"):
                 await _ask(pipeline, i, remaining_s=30.0, model="sim-small")
@@ -485,7 +486,7 @@ def test_a_self_hosted_prefill_whose_caller_left_keeps_its_replica_busy() -> Non
         models = Models(clock, {}, hung={"local-1", "local-2"})
         pipeline = _pipeline(models)
         asked = asyncio.create_task(_ask(pipeline, 0, model="local-small"))
-        await models.called.wait()
+        await reached(models.called, "models.called")
         asked.cancel()  # the caller leaves before the first token
         with contextlib.suppress(asyncio.CancelledError):
             await asked

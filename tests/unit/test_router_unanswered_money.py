@@ -46,6 +46,7 @@ from tests.unit.test_router_pipeline import (
     _settings,
 )
 from tests.unit.test_service_metrics import logs, value  # noqa: F401 (a fixture)
+from tests.waits import reached
 
 UNANSWERED = {"tenant": "tenant-a", "served_by": "unanswered"}
 
@@ -212,7 +213,7 @@ async def test_an_answer_billed_whose_caller_left_before_it_is_counted_as_billed
                 pass
 
         call = asyncio.ensure_future(read())
-    await ledger.recording.wait()
+    await reached(ledger.recording, "ledger.recording")
     call.cancel()  # the caller left
     with pytest.raises(asyncio.CancelledError):
         await call

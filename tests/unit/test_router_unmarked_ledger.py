@@ -33,6 +33,7 @@ from tests.unit.test_router_answer_ledger import (
     _request,
     _router,
 )
+from tests.waits import reached
 
 PROMPT_TOKENS = 10
 
@@ -116,7 +117,7 @@ def test_unmarked_duplicates_at_once_on_two_routers_make_one_model_call(redis_ur
         first._pipeline = first_pipe = GatedPipeline(gate)  # type: ignore[assignment]
         second._pipeline = second_pipe = GatedPipeline(gate)  # type: ignore[assignment]
         one = asyncio.ensure_future(first.Complete(_request(), FakeContext()))  # type: ignore[arg-type]
-        await first_pipe.started.wait()
+        await reached(first_pipe.started, "first_pipe.started")
         two = asyncio.ensure_future(second.Complete(_request(), FakeContext()))  # type: ignore[arg-type]
         await asyncio.sleep(0.2)
         assert not two.done() and second_pipe.runs == 0  # waits on the first call's claim
