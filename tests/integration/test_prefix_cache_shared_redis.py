@@ -20,6 +20,7 @@ from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1 import prefix_cache_pb2_grpc
 from services.tools.stack.health import SERVING, UNREACHABLE, probe
 from services.tools.stack.ports import free_port
+from tests.processes import stop_process, stop_processes
 from tests.redis_server import redis_server, sync_client_of
 
 pytestmark = pytest.mark.integration
@@ -58,10 +59,7 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
                 time.sleep(0.2)
             yield addresses
         finally:
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                proc.wait(timeout=20)
+            stop_processes(procs, 20)
 
 
 def _request(question: str) -> pb.CompleteRequest:
@@ -258,5 +256,4 @@ def test_prefix_cache_is_not_serving_while_its_redis_is_down(tmp_path: Path) -> 
                     _commit(stub, _warm(f"down-{run}-2", "Rule 8?"))
                 assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        stop_process(proc, 20)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from cachemesh.v1 import semantic_cache_pb2 as sc
 from cachemesh.v1 import semantic_cache_pb2_grpc as sc_grpc
 from services.tools.stack.ports import free_port
 from tests.integration.test_semantic_crash import AUTH, ROOT, TOKEN, answer, request, serving, start
+from tests.processes import stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -62,7 +62,5 @@ async def test_a_second_process_on_a_data_directory_in_use_stops_at_start_up(
             more = sc.StoreRequest(tenant="t", request=request(2), answer=answer(2))
             assert (await stub.Store(more, metadata=AUTH)).stored
     finally:
-        if first.poll() is None:
-            first.send_signal(signal.SIGTERM)
-        first.wait(timeout=60)
+        stop_process(first, 60)
     assert first.returncode == 0

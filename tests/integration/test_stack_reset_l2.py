@@ -28,6 +28,7 @@ from services.tools.stack.redis_process import (
     redis_argv,
     write_redis_config,
 )
+from tests.processes import stop_process
 from tests.redis_server import client_of
 
 pytestmark = pytest.mark.integration
@@ -49,8 +50,7 @@ def stack_redis(run_dir: Path) -> Iterator[tuple[str, int]]:
             time.sleep(0.05)
         yield f"redis://:{password}@{address}", server.pid
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop_process(server, 30)
 
 
 async def _fill(server: str) -> None:

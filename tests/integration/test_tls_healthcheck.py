@@ -19,6 +19,7 @@ from services.tools.stack.lifecycle import Stack
 from services.tools.stack.ports import free_port
 from services.tools.stack.service_table import service
 from tests.certs import Authority
+from tests.processes import stop_process
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,7 +77,6 @@ def test_compose_healthcheck_sees_a_tls_router_serving(tmp_path: Path) -> None:
         assert result.stdout.strip() == "SERVING"
         assert probe(address, 1.0) == UNREACHABLE  # the Gateway speaks TLS only
     finally:
-        router.terminate()
-        router.wait(30)
+        stop_process(router, 30)
     after = subprocess.run(check, cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert after.returncode == 1  # a router that is gone is unhealthy

@@ -19,6 +19,7 @@ import yaml
 
 from services.tools.stack.ports import free_port
 from services.tools.stack.service_table import SERVICES
+from tests.processes import stop_process
 from tests.unit.compose_config import ROOT
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -125,6 +126,5 @@ def test_redis_is_healthy_only_when_its_password_answers_pong(tmp_path: Path) ->
         assert health(None) != 0  # NOAUTH (no file: cat fails, no password sent)
         assert health("not-the-password-0123456") != 0  # WRONGPASS
     finally:
-        server.terminate()
-        server.wait(10)
+        stop_process(server, 10)
     assert health(password) != 0  # gone
