@@ -6,13 +6,16 @@ from it, so every test using either runs twice: all in memory, then all in one r
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 from redis.asyncio import Redis
 
+from services.common import server as server_module
 from services.common.logs import _Handler as ServiceLogHandler
+from services.http_front import app as http_front_app
 from services.prefix_cache.commit_records import CommitRecords
 from services.prefix_cache.ledger import CommitLedger, InMemoryLedger
 from services.prefix_cache.redis_ledger import RedisCommitLedger
@@ -41,6 +44,21 @@ def _logging_as_found() -> Iterator[None]:
     root.setLevel(levels[0])
     ours.setLevel(levels[1])
     logging.logThreads, logging.logProcesses, logging.logMultiprocessing = flags
+
+
+def _no_stop_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """In a test, the stop signals stay pytest's: a test stops its service by ``stop``."""
+
+
+@pytest.fixture(autouse=True)
+def _stop_signals_left_to_pytest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A service run in this process (``run_service``, the HTTP front's ``serve``) installs no
+    SIGTERM/SIGINT handlers: they are the pytest process's. Its handlers took the first
+    SIGTERM sent to end a hung run as its own ``stop`` (the process went on: reproduced, rc 0;
+    test_server_drain's hang was killed after 11 min), and a test's end left SIG_DFL in place
+    of what pytest had. ``test_start_up_sigterm`` tests the handlers, in a process of its own."""
+    for module in (server_module, http_front_app):
+        monkeypatch.setattr(module, "stop_on_signals", _no_stop_handlers)
 
 
 @pytest.fixture(scope="session")
