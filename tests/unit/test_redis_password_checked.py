@@ -108,7 +108,7 @@ async def test_a_redis_whose_auth_is_renamed_is_refused_naming_both_causes(tmp_p
     password is for (another Redis on its port, or one started without requirepass)", which
     sent its operator looking for another Redis); the way out it names (an ACL user) works."""
     with redis_server(tmp_path, extra_args=("--rename-command", "AUTH", "")) as url:
-        admin = Redis.from_url(url)
+        admin = client_of(url)
         await admin.acl_setuser(
             "app", enabled=True, passwords=[f"+{PASSWORD}"], keys=["*"], commands=["+@all"]
         )
