@@ -559,19 +559,28 @@ async def test_after_a_failed_fsync_nothing_is_acknowledged_as_durable(
     wal.close()
 
 
+async def _three_saved(
+    data: Path, payload: bytes
+) -> tuple[SnapshotStore, ManualClock, SemanticCache]:
+    """A cache started on ``data`` (its log in ``data/wal``) with three Stores of ``payload``
+    (records 1 to 3), then saved: the snapshot holds them, their segment deleted."""
+    store = SnapshotStore(data)
+    clock = ManualClock()
+    cache = new_cache(clock)
+    snapshotter = Snapshotter(store, clock, 0, WriteAheadLog(data / "wal"))
+    await snapshotter.open(cache)
+    for i in range(3):
+        await cache.store(q(f"question number {i}"), answer(payload))
+    assert await snapshotter.save()
+    return store, clock, cache
+
+
 async def test_a_lost_log_is_numbered_on_after_the_snapshot(tmp_path: Path) -> None:
     """The log directory lost (a volume not mounted, say) while the snapshot holds records up
     to n: new records must be numbered after n, or the next replay skips them."""
     import shutil
 
-    store = SnapshotStore(tmp_path)
-    clock = ManualClock()
-    cache = new_cache(clock)
-    snapshotter = Snapshotter(store, clock, 0, WriteAheadLog(tmp_path / "wal"))
-    await snapshotter.open(cache)
-    for i in range(3):
-        await cache.store(q(f"question number {i}"), answer(b"old"))
-    assert await snapshotter.save()
+    store, clock, _ = await _three_saved(tmp_path, b"old")
     shutil.rmtree(tmp_path / "wal")
     after = new_cache(clock)
     await Snapshotter(store, clock, 0, WriteAheadLog(tmp_path / "wal")).open(after)
@@ -621,14 +630,7 @@ async def test_a_log_without_its_snapshot_is_replayed_and_the_loss_said(
     """The snapshot removed (moved aside once reported damaged): nothing older is held, so
     the log's records are replayed; the records only the snapshot held are said lost in an
     error line (before: "no snapshot ...: starting empty" and the replay's line, at INFO)."""
-    store = SnapshotStore(tmp_path)
-    clock = ManualClock()
-    cache = new_cache(clock)
-    snapshotter = Snapshotter(store, clock, 0, WriteAheadLog(tmp_path / "wal"))
-    await snapshotter.open(cache)
-    for i in range(3):
-        await cache.store(q(f"question number {i}"), answer(b"in the snapshot"))
-    assert await snapshotter.save()
+    store, clock, cache = await _three_saved(tmp_path, b"in the snapshot")
     await cache.store(q("a question after them"), answer(b"after"))
     store.path.unlink()
     revived = new_cache(clock)
