@@ -101,7 +101,7 @@ def stalled_after_s(predicted_s: float) -> float:
 @dataclass
 class _Pending:
     uncached_tokens: int
-    prompt_tokens: int
+    written_tokens: int  # the KV blocks its prefill writes, in tokens (``_written``)
     hashes: Sequence[bytes]
     sent_at: float
     max_tokens: int = 0  # its answer's limit (0: not known)
@@ -135,7 +135,6 @@ class _Replica:
     inflight: int = 0
     pending: OrderedDict[int, _Pending] = field(default_factory=OrderedDict)
     pending_tokens: int = 0  # predicted prefill of the requests waiting for their first report
-    pending_prompt_tokens: int = 0  # their prompts' tokens (the KV blocks they will touch)
     pending_blocks: Counter[bytes] = field(default_factory=Counter)
     waiting: dict[str, _Tenant] = field(default_factory=dict)  # the same, by tenant
     last_start_at: float = float("-inf")
@@ -231,10 +230,10 @@ class ReplicaStates:
         prompt = max(prompt_tokens, 0)
         uncached = min(max(uncached_tokens, 0), prompt)
         cost = _turn_cost(state, prompt, uncached)
-        pending = _Pending(uncached, prompt, hashes, now, max(max_tokens, 0), tenant, cost)
+        written = _written(prompt, uncached)
+        pending = _Pending(uncached, written, hashes, now, max(max_tokens, 0), tenant, cost)
         state.pending[self._tickets] = pending
         state.pending_tokens += uncached
-        state.pending_prompt_tokens += prompt
         state.pending_blocks.update(hashes)
         waiting = state.waiting.get(tenant)
         if waiting is None:
@@ -394,8 +393,6 @@ class ReplicaStates:
             _unwait(state, ticket, pending)  # the engine has it: no longer a turn to wait for
             hashes, pending.hashes = pending.hashes, ()
             _uncount(state.pending_blocks, hashes)
-            state.pending_prompt_tokens -= pending.prompt_tokens
-            pending.prompt_tokens = 0
             pending.abandoned_until = now + end_s
             state.abandoned += 1
             state.abandoned_next = min(state.abandoned_next, pending.abandoned_until)
@@ -456,7 +453,6 @@ class ReplicaStates:
         if pending is not None:
             _unwait(state, ticket, pending)
             state.pending_tokens -= pending.uncached_tokens
-            state.pending_prompt_tokens -= pending.prompt_tokens
             _uncount(state.pending_blocks, pending.hashes)
         return pending
 
@@ -608,9 +604,7 @@ class ReplicaStates:
             if after >= capacity:
                 break
             queued = max(queued, _common(wanted, pending.hashes))
-            # one whose caller left is prefilled all the same, its prompt no longer counted
-            prompt = pending.prompt_tokens if pending.abandoned_until is None else None
-            after += _written(prompt, pending.uncached_tokens)
+            after += pending.written_tokens  # one whose caller left is prefilled all the same
         # a block last used at or before this point is evicted by the time the request runs
         evicted_up_to = after + state.prefilled_tokens - capacity
         if evicted_up_to < 0:
@@ -757,13 +751,10 @@ def _decode_left_s(state: _Replica, started_at: float, max_tokens: int, now: flo
     return left
 
 
-def _written(prompt_tokens: int | None, uncached_tokens: int) -> int:
+def _written(prompt_tokens: int, uncached_tokens: int) -> int:
     """The KV blocks, in tokens, a prefill of ``uncached_tokens`` of a prompt of
     ``prompt_tokens`` writes: the prompt's whole blocks past the whole blocks it reused (a
-    partial last block is not cached: it evicts nothing); the prompt not known (None), the
-    whole blocks of ``uncached_tokens``."""
-    if prompt_tokens is None:
-        return max(uncached_tokens, 0) // BLOCK_SIZE * BLOCK_SIZE
+    partial last block is not cached: it evicts nothing)."""
     prompt = max(prompt_tokens, 0)
     reused = max(prompt - max(uncached_tokens, 0), 0)
     return max(prompt // BLOCK_SIZE - reused // BLOCK_SIZE, 0) * BLOCK_SIZE

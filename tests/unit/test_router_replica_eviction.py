@@ -180,14 +180,18 @@ def test_a_partial_last_block_evicts_nothing_in_the_model_as_in_the_engine() -> 
     assert seen == [(32, None), (32, None), (32, 32), (16, 16)]
 
 
-def test_a_prefill_whose_caller_left_still_evicts_in_the_model() -> None:
+@pytest.mark.parametrize("uncached", [1_000, 988])
+def test_a_prefill_whose_caller_left_still_evicts_in_the_model(uncached: int) -> None:
     """The engine prefills a prompt whose caller left all the same (``abandoned``): its blocks
-    still push the first prompt's tail out (8 + 62 blocks in a 64-block cache: 2 held)."""
+    still push the first prompt's tail out (8 + 62 blocks in a 64-block cache: 2 held), as
+    many as while its caller waited, whatever its predicted reuse (988 of 1,000 tokens
+    uncached, 12 reused: the prompt's 62 whole blocks are written all the same; the model
+    counted 61 once its caller left, the whole blocks of 988, and held 3)."""
     states = ReplicaStates(kv_capacity_tokens=64 * BLOCK_SIZE)
     ticket = states.sent("r", 129, 129, BLOCKS, now=0.0)
     states.started("r", ticket, 129, 0, now=0.1)
     other = [bytes([150 + i]) * 16 for i in range(62)]
-    left = states.sent("r", 1_000, 1_000, other, now=0.2)
+    left = states.sent("r", 1_000, uncached, other, now=0.2)
     assert states.surviving_match("r", BLOCKS, 129) == (0, 32)
     states.abandoned("r", left, RATE, now=0.25)
     assert states.surviving_match("r", BLOCKS, 129) == (0, 32)
