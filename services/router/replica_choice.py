@@ -138,18 +138,21 @@ class ReplicaChooser:
         predicted warm prefix per replica (absent = 0)."""
         if not replicas:
             raise ValueError("no replica to choose from")
-        match = {
-            r: max(
-                view_match.get(r, 0),
-                self.states.pending_match(r, request.hashes, request.prompt_tokens),
-            )
-            for r in replicas
-        }
         # the replicas in turn: round robin's order, and the others' order among exact ties
         turn = self._turn.get(request.model, 0)
         self._turn[request.model] = turn + 1
         start = turn % len(replicas)
         replicas = (*replicas[start:], *replicas[:start])
+        if self._settings.policy == "ttft" and self.states.kv_capacity_tokens is not None:
+            match = {r: self._surviving(request, r, view_match.get(r, 0)) for r in replicas}
+        else:
+            match = {
+                r: max(
+                    view_match.get(r, 0),
+                    self.states.pending_match(r, request.hashes, request.prompt_tokens),
+                )
+                for r in replicas
+            }
         if self._settings.policy == "round_robin":
             first = replicas[0]
             return Route(replicas, match[first], "round_robin", self.states.loads().get(first, 0))
@@ -161,8 +164,6 @@ class ReplicaChooser:
                 request.prompt_tokens,
                 self._settings.sglang,
             )
-        if self.states.kv_capacity_tokens is not None:
-            match = {r: self._surviving(request, r, view_match.get(r, 0)) for r in replicas}
         return self._ttft(request, replicas, match, now)
 
     def predicted_ttft_s(self, request: Request, replica: str, match: int, now: float) -> float:
@@ -207,7 +208,7 @@ class ReplicaChooser:
         for r in replicas:
             rate = rates[r] = self.states.rate(r, prior).prefill_tokens_per_s
             queued[r] = self._queued_s(request, r, match[r], rate, now)
-            ttft[r] = queued[r] + max(request.prompt_tokens - match[r], 0) / rate
+            ttft[r] = queued[r] + self._uncached(request, match[r]) / rate
         # Prefill added to a replica delays the requests that queue behind it; the shortest
         # queue first takes the new arrivals, so the delay is shared by all replicas (1/n of
         # the prefill each) over the arrivals until the backlog drains, about n times a
@@ -217,8 +218,7 @@ class ReplicaChooser:
         behind = policy.work_weight * sum(counts) / len(counts)
         shared_rate = sum(rates.values()) / len(rates)  # JSQ spreads the work over them all
         cost = {
-            r: ttft[r] + behind * max(request.prompt_tokens - match[r], 0) / shared_rate
-            for r in replicas
+            r: ttft[r] + behind * self._uncached(request, match[r]) / shared_rate for r in replicas
         }
         fastest = min(replicas, key=lambda r: ttft[r])
         loads = self.states.loads()
