@@ -149,7 +149,15 @@ def _bound_close(transport: asyncio.Transport, flush_s: float) -> None:
     went into that buffer in time, so no write timed out) held the connection, and its place
     in ``HTTP_FRONT_MAX_CONNECTIONS``, for ever."""
     if transport.is_closing() and transport.get_write_buffer_size():
-        asyncio.get_running_loop().call_later(flush_s, transport.abort)  # closed: a no-op
+        asyncio.get_running_loop().call_later(flush_s, _abort_if_unsent, transport)
+
+
+def _abort_if_unsent(transport: asyncio.Transport) -> None:
+    """Aborts ``transport`` if bytes are still unsent; one whose caller read them in time has
+    closed by now, and asyncio's ``abort`` of a closed selector transport is not a no-op: it
+    raises in the loop's callback (an ERROR traceback for a caller that did nothing wrong)."""
+    if transport.get_write_buffer_size():
+        transport.abort()
 
 
 class _Server(web.Server):

@@ -91,3 +91,36 @@ async def test_a_close_with_unread_answers_is_bounded_by_the_write_timeout(
                         pass
         finally:
             sock.close()
+
+
+async def test_a_close_whose_answers_are_read_in_time_ends_without_an_error(
+    tmp_path: Path, small_send_buffers: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The bounded close when the caller does read (a drain's ``Connection: close``, the
+    parser's 400, the idle close): its bytes go out, the connection closes as it should, and
+    the bound, passed, does nothing. Before: its timed abort of the closed transport raised in
+    asyncio's callback (an ERROR traceback, 3 of 3)."""
+    async with serving(
+        tmp_path, FakeGateway(), HTTP_FRONT_WRITE_TIMEOUT_S="0.5", HTTP_FRONT_IDLE_TIMEOUT_S="15"
+    ) as served:
+        host, port = served.base.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUFFER)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, (host, int(port)))
+        request = f"GET /healthz HTTP/1.1\r\nhost: {host}\r\n\r\n".encode()
+        closing = f"GET /healthz HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n".encode()
+        try:
+            await loop.sock_sendall(sock, request * 199 + closing)
+            await asyncio.sleep(0.1)  # the answers wait in the front's buffer, then are read
+            received = 0
+            async with asyncio.timeout(30):
+                while chunk := await loop.sock_recv(sock, 1 << 16):
+                    received += len(chunk)
+        finally:
+            sock.close()
+        assert received > 200 * len(b"HTTP/1.1 200 OK\r\n")  # every answer came
+        await asyncio.sleep(1.0)  # past the bound
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [], [r.getMessage() for r in errors]
