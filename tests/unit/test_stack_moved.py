@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from services.tools.stack import cli
 from services.tools.stack.cli import main
 from services.tools.stack.environment import port_of
 from services.tools.stack.lifecycle import Stack, StackError
@@ -113,3 +114,20 @@ def test_an_up_on_free_ports_that_fails_leaves_no_ports_file(
     assert "on free ports" in said.out and "a $ in a value" in said.err  # it failed after the move
     assert not (run / "ports.env").exists()
     assert "ports.env removed: no stack runs on those ports" in said.out
+
+
+def test_an_up_on_free_ports_refused_beside_running_engines_writes_no_ports_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `up --free-ports --local-engine` beside engines of the same run dir is refused; the
+    # refusal came after the move was written, outside the start's clean-up: ports.env stayed
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.setattr(cli.LlamaServers, "recorded_pids", lambda self: [12345])
+    with pytest.raises(SystemExit) as done:
+        main(["--root", str(ROOT), "--run-dir", str(run), "up", "--free-ports", "--local-engine"])
+    assert done.value.code == 1
+    said = capsys.readouterr()
+    assert "is already running" in said.err
+    assert "on free ports" not in said.out
+    assert not (run / "ports.env").exists()

@@ -76,9 +76,9 @@ def _run(args: argparse.Namespace) -> int:
         _warn_unread(stack.settings())
         timeout_s = args.timeout if args.timeout is not None else own.timeout_s
         engines = LlamaServers(own.engine_paths, run_dir, own.engine)
-        stack = _placed(stack, args.free_ports)
-        if args.local_engine:
+        if args.local_engine:  # before a move is written: a refusal leaves no ports.env
             _refuse_a_running_stack(stack, engines)
+        stack = _placed(stack, args.free_ports)
         settings = stack.settings() if args.local_engine else {}
         try:
             if args.local_engine:
