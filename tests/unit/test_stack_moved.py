@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from services.tools.stack import cli
+from services.tools.engine.servers import LlamaServers
 from services.tools.stack.cli import main
 from services.tools.stack.environment import port_of
 from services.tools.stack.lifecycle import Stack, StackError
@@ -123,7 +123,7 @@ def test_an_up_on_free_ports_refused_beside_running_engines_writes_no_ports_file
     # refusal came after the move was written, outside the start's clean-up: ports.env stayed
     run = tmp_path / "run"
     run.mkdir()
-    monkeypatch.setattr(cli.LlamaServers, "recorded_pids", lambda self: [12345])
+    monkeypatch.setattr(LlamaServers, "recorded_pids", lambda self: [12345])
     with pytest.raises(SystemExit) as done:
         main(["--root", str(ROOT), "--run-dir", str(run), "up", "--free-ports", "--local-engine"])
     assert done.value.code == 1
