@@ -19,6 +19,8 @@ from pathlib import Path
 
 from services.common.files import fsync_directory
 
+log = logging.getLogger("cachemesh.files")
+
 FILE_MODE = 0o600
 DIRECTORY_MODE = 0o700
 _OTHERS = 0o077  # group's and others' permissions
@@ -37,7 +39,17 @@ def private_directory(path: Path) -> None:
         missing.append(level)
     path.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
     for made in reversed(missing):  # the outermost first
-        fsync_directory(made.parent)
+        try:
+            fsync_directory(made.parent)
+        except PermissionError as exc:  # the outermost's parent is not ours: it may be unreadable
+            log.warning(
+                "%s was made in %s, which this process cannot open to make that durable (%s): "
+                "after a power cut it may be gone; make it beforehand, or let this process "
+                "read its parent",
+                made,
+                made.parent,
+                exc.strerror,
+            )
 
 
 def open_private(path: Path, flags: int) -> int:

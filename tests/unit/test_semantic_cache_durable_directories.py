@@ -71,3 +71,23 @@ async def test_a_new_data_directory_is_durable_before_the_first_store_is_acknowl
     assert acknowledged[-1] == segment  # the Store's own record
     await snapshotter.stop()
     store.close()
+
+
+def test_a_parent_this_process_cannot_read_is_a_warning_not_a_failed_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The outermost directory made sits in a parent that is not the service's, which it may
+    write but not read (mode 0733): opening it to fsync is refused. Before: the start failed
+    after the directory was made (and the next start passed); now it warns and goes on."""
+    real_open = os.open
+
+    def open_refused(path: str | Path, flags: int, *args: int) -> int:
+        if Path(path) == tmp_path:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", open_refused)
+    private_files.private_directory(tmp_path / "drop" / "l1")
+    assert (tmp_path / "drop" / "l1").is_dir()
+    (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert f"{tmp_path / 'drop'} was made in {tmp_path}" in warning.getMessage()
