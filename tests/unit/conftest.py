@@ -56,7 +56,8 @@ def _stop_signals_left_to_pytest(monkeypatch: pytest.MonkeyPatch) -> None:
     SIGTERM/SIGINT handlers: they are the pytest process's. Its handlers took the first
     SIGTERM sent to end a hung run as its own ``stop`` (the process went on: reproduced, rc 0;
     test_server_drain's hang was killed after 11 min), and a test's end left SIG_DFL in place
-    of what pytest had. ``test_start_up_sigterm`` tests the handlers, in a process of its own."""
+    of what pytest had. ``test_start_up_sigterm`` sends the signals to ``run_main``'s handlers
+    in a process of its own; those ``run_service`` and ``serve`` install are tested nowhere."""
     for module in (server_module, http_front_app):
         monkeypatch.setattr(module, "stop_on_signals", _no_stop_handlers)
 

@@ -62,7 +62,7 @@ from services.router.redis_limits import RedisLimitStore
 from services.tools.stack.ports import free_port
 from tests.black_hole import BlackHole
 from tests.redis_server import client_of, redis_server, require_password
-from tests.unit.gateway_support import PATIENT_STORE_S
+from tests.unit.gateway_support import PATIENT_STORE_S, patient_limit_settings
 
 # 2023-11-14 22:13:20 UTC: 1 h 46 min 40 s (6,400,000 ms) before the day ends, 16 days more
 # before the month does.
@@ -897,14 +897,9 @@ async def test_a_limits_redis_that_lost_its_counts_is_reported_once(
     resets: list[str] = []
 
     def build(url: str, who: str) -> Awaitable[Limiter]:
-        env = Env(
-            {
-                "ROUTER_BUDGET_USD_PER_DAY": "0.001",
-                "ROUTER_LIMITS_REDIS_URL": url,
-                "ROUTER_LIMITS_TIMEOUT_S": "30",  # a slow test machine never degrades
-            }
+        settings = patient_limit_settings(
+            {"ROUTER_BUDGET_USD_PER_DAY": "0.001", "ROUTER_LIMITS_REDIS_URL": url}
         )
-        settings = LimitSettings.from_env(env)
         clock = ManualClock(START_MS)
         return build_limiter(settings, clock, TABLE, TOKENIZERS, reset=lambda: resets.append(who))
 
@@ -972,17 +967,16 @@ async def test_a_router_started_while_its_limits_redis_is_down_counts_there_once
     caplog.set_level(logging.INFO)
     port = free_port()
     url = f"redis://:{PASSWORD}@127.0.0.1:{port}/1"
-    env = Env(
+    settings = patient_limit_settings(
         {
             "ROUTER_LIMIT_REQUESTS_PER_MIN": "2",
             "ROUTER_LIMITS_REDIS_URL": url,
-            "ROUTER_LIMITS_TIMEOUT_S": "30",  # a slow test machine never degrades
             "ROUTER_REDIS_BREAKER_S": "0",  # every admit tries Redis
         }
     )
     resets: list[int] = []
     limiter = await build_limiter(
-        LimitSettings.from_env(env),
+        settings,
         ManualClock(START_MS),
         TABLE,
         TOKENIZERS,
