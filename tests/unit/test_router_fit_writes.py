@@ -4,7 +4,9 @@ its ``--cache-dir``, where ``calibrate`` reads them. Before, the weights were wr
 the out-of-fold scores' save to a hard-coded ``.cache/router-eval`` failed (FileNotFoundError)
 under another ``--cache-dir`` run from a directory without it, as did an interruption during
 those scores, and left weights the card did not pin: the router refused to start until a
-refit. Run on the first 160 labelled prompts, the files redirected to ``tmp_path``."""
+refit. Run on the first 160 labelled prompts, the files redirected to ``tmp_path``; their
+vectors are embedded once for the module (``embedded``) and each test's ``--cache-dir`` starts
+with them, as a second run of the tool's finds them: embedding them took 10-25 s a test."""
 
 from __future__ import annotations
 
@@ -12,25 +14,47 @@ import csv
 import hashlib
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from services.router.routing.model import RouterCard, RouterModelError, load_router_model
+from services.semantic_cache.embedder import load_minilm_embedder
 from services.tools.evaluation.router import __main__ as router_cli
-from services.tools.evaluation.router.labels import DATA
+from services.tools.evaluation.router.labels import DATA, load_rows
+from services.tools.evaluation.semantic_cache.vectors import embed_cached
 
 pytestmark = pytest.mark.skipif(not DATA.is_file(), reason="../shared/data is not here")
 
 
-def _setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path, Path]:
-    data = tmp_path / "labels.csv"
+def _first_prompts(data: Path) -> None:
+    """The header and the first 160 labelled prompts of ``DATA``, into ``data``."""
     with DATA.open(newline="", encoding="utf-8") as handle:
         rows = list(csv.reader(handle))
     out = io.StringIO()
     csv.writer(out).writerows(rows[:161])
     data.write_text(out.getvalue(), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache dir holding the vectors of the first 160 prompts, as the tool saves them (by
+    the embedder's version and the texts: the tool embeds again whatever else it is given)."""
+    where = tmp_path_factory.mktemp("vectors")
+    _first_prompts(where / "labels.csv")
+    prompts = [row.prompt for row in load_rows(where / "labels.csv")]
+    embed_cached(load_minilm_embedder(threads=2), prompts, where / "cache")
+    return where / "cache"
+
+
+def _setup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, embedded: Path
+) -> tuple[Path, Path, Path]:
+    data = tmp_path / "labels.csv"
+    _first_prompts(data)
+    shutil.copytree(embedded, tmp_path / "cache")
     weights, card = tmp_path / "router_weights.json", tmp_path / "router_card.json"
     weights.write_text("the weights before\n")
     card.write_text("the card before\n")
@@ -43,9 +67,9 @@ def _setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path,
 
 
 def test_fit_saves_its_scores_in_its_cache_dir_and_calibrate_reads_them(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, embedded: Path
 ) -> None:
-    data, weights, card = _setup(tmp_path, monkeypatch)
+    data, weights, card = _setup(tmp_path, monkeypatch, embedded)
     cache = tmp_path / "cache"
     assert router_cli.main(["--data", str(data), "--cache-dir", str(cache), "fit"]) == 0
     assert (cache / router_cli.OOF_NAME).is_file()
@@ -61,9 +85,9 @@ def test_fit_saves_its_scores_in_its_cache_dir_and_calibrate_reads_them(
 
 
 def test_an_interrupted_fit_leaves_the_weights_and_card_as_they_were(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, embedded: Path
 ) -> None:
-    data, weights, card = _setup(tmp_path, monkeypatch)
+    data, weights, card = _setup(tmp_path, monkeypatch, embedded)
 
     def interrupted(*args: object) -> np.ndarray:
         raise KeyboardInterrupt
@@ -76,11 +100,14 @@ def test_an_interrupted_fit_leaves_the_weights_and_card_as_they_were(
 
 
 def test_weights_the_card_does_not_pin_are_refused_with_advice_that_works(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    embedded: Path,
 ) -> None:
     """The router's refusal said "refit with `make calibrate-router`", which refused the same
     weights with a traceback repeating that advice."""
-    data, weights, card = _setup(tmp_path, monkeypatch)
+    data, weights, card = _setup(tmp_path, monkeypatch, embedded)
     cache = tmp_path / "cache"
     assert router_cli.main(["--data", str(data), "--cache-dir", str(cache), "fit"]) == 0
     weights.write_text(weights.read_text() + " ")  # no longer the weights the card pins
@@ -95,13 +122,13 @@ def test_weights_the_card_does_not_pin_are_refused_with_advice_that_works(
 
 
 def test_a_refit_of_the_same_data_keeps_the_calibration_of_its_weights(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, embedded: Path
 ) -> None:
     """A refit writes the same weights byte for byte (their biases rounded as their weights
     are): the card keeps the threshold calibrated for them. Before, every refit wrote the
     calibration unset and default_threshold 0.0, which the router now refuses to start on
     (and before that, served auto at)."""
-    data, weights, card = _setup(tmp_path, monkeypatch)
+    data, weights, card = _setup(tmp_path, monkeypatch, embedded)
     cache = tmp_path / "cache"
     assert router_cli.main(["--data", str(data), "--cache-dir", str(cache), "fit"]) == 0
     argv = ["--data", str(data), "--cache-dir", str(cache), "calibrate", "--share", "0.5"]
