@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
@@ -16,6 +17,7 @@ from redis.asyncio import Redis
 from services.common import server as server_module
 from services.common.logs import _Handler as ServiceLogHandler
 from services.http_front import app as http_front_app
+from services.http_front import http_server
 from services.prefix_cache.commit_records import CommitRecords
 from services.prefix_cache.ledger import CommitLedger, InMemoryLedger
 from services.prefix_cache.redis_ledger import RedisCommitLedger
@@ -104,3 +106,24 @@ def make_ledger(redis_client: Redis | None) -> LedgerFactory:
         return RedisCommitLedger(redis_client, ttl_ms)
 
     return build
+
+
+SMALL_BUFFER = 4096  # bytes: a socket buffer a few hundred small answers fill
+
+
+@pytest.fixture
+def small_send_buffers(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+    """The front's sockets get a send buffer of 4 KiB (the kernel's own grows to 4 MB on
+    loopback): what a caller leaves unread then stays in the front's buffer after a few
+    answers, not after 4 MB of them, so the test sends a few hundred requests, not 30,000.
+    Yields that size, for the caller's own receive buffer."""
+    made = http_server._Handler.connection_made
+
+    def connection_made(self: http_server._Handler, transport: asyncio.BaseTransport) -> None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
+        made(self, transport)
+
+    monkeypatch.setattr(http_server._Handler, "connection_made", connection_made)
+    yield SMALL_BUFFER

@@ -26,7 +26,14 @@ from cachemesh.v1 import gateway_pb2_grpc
 from services.common.auth import hash_key
 from services.common.channels import server_options
 from services.common.env import ConfigError, Env
-from services.http_front import anthropic_api, facts, gateway, handlers, openai_api, stopping
+from services.http_front import (
+    anthropic_api,
+    facts,
+    gateway,
+    handlers,
+    openai_api,
+    stopping,
+)
 from services.http_front.app import serve
 from services.http_front.settings import HttpFrontSettings
 from services.tools.stack.ports import free_port
@@ -1542,7 +1549,7 @@ async def test_a_caller_that_never_reads_a_large_answer_loses_it_after_the_write
 @pytest.mark.parametrize(("method", "path"), [("GET", "/nope"), ("PUT", "/v1/messages"),
                                              ("GET", "/healthz"), ("GET", "/readyz")])  # fmt: skip
 async def test_a_caller_that_pipelines_and_never_reads_loses_its_connection(
-    tmp_path: Path, method: str, path: str
+    tmp_path: Path, small_send_buffers: int, method: str, path: str
 ) -> None:
     """Requests the routes answer themselves (a 404, a 405, ``/healthz``, ``/readyz``),
     pipelined on one connection whose caller never reads: aiohttp wrote those answers with no
@@ -1555,7 +1562,9 @@ async def test_a_caller_that_pipelines_and_never_reads_loses_its_connection(
     ) as served:
         host, port = served.base.removeprefix("http://").split(":")
         sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a window that fills soon
+        sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVBUF, small_send_buffers
+        )  # a window that fills soon
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
         await loop.sock_connect(sock, (host, int(port)))

@@ -11,33 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from services.http_front import http_server
 from tests.unit.test_http_front_app import FakeGateway, serving
-
-SMALL_BUFFER = 4096
-
-
-@pytest.fixture
-def small_send_buffers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The front's sockets get a send buffer of 4 KiB (the kernel's own grows to 4 MB on
-    loopback): what a caller leaves unread then stays in the front's buffer after a few
-    answers, not after 4 MB of them, so the test sends a few hundred requests, not 30,000."""
-    made = http_server._Handler.connection_made
-
-    def connection_made(self: http_server._Handler, transport: asyncio.BaseTransport) -> None:
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
-        made(self, transport)
-
-    monkeypatch.setattr(http_server._Handler, "connection_made", connection_made)
-    yield
 
 
 async def _served_again(base: str, timeout_s: float) -> list[int]:
@@ -60,7 +39,7 @@ async def _served_again(base: str, timeout_s: float) -> list[int]:
     ids=["parser_400", "idle_close"],
 )
 async def test_a_close_with_unread_answers_is_bounded_by_the_write_timeout(
-    tmp_path: Path, small_send_buffers: None, last: bytes, idle_s: str
+    tmp_path: Path, small_send_buffers: int, last: bytes, idle_s: str
 ) -> None:
     async with serving(
         tmp_path,
@@ -71,7 +50,7 @@ async def test_a_close_with_unread_answers_is_bounded_by_the_write_timeout(
     ) as served:
         host, port = served.base.removeprefix("http://").split(":")
         sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUFFER)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, small_send_buffers)
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
         await loop.sock_connect(sock, (host, int(port)))
@@ -94,7 +73,7 @@ async def test_a_close_with_unread_answers_is_bounded_by_the_write_timeout(
 
 
 async def test_a_close_whose_answers_are_read_in_time_ends_without_an_error(
-    tmp_path: Path, small_send_buffers: None, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, small_send_buffers: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The bounded close when the caller does read (a drain's ``Connection: close``, the
     parser's 400, the idle close): its bytes go out, the connection closes as it should, and
@@ -105,7 +84,7 @@ async def test_a_close_whose_answers_are_read_in_time_ends_without_an_error(
     ) as served:
         host, port = served.base.removeprefix("http://").split(":")
         sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUFFER)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, small_send_buffers)
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
         await loop.sock_connect(sock, (host, int(port)))
