@@ -89,6 +89,7 @@ def provider_stack(run_dir: Path) -> Iterator[ProviderStack]:
             "anthropic": anthropic_wire.REJECTED,
             "openai": openai_wire.rejected(bad[:8] + "*" * 20 + bad[-4:]),
         },
+        {"anthropic": anthropic_wire.refusal},
     )
     server.rejected_keys.add(bad)
     server.start()

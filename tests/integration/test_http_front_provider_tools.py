@@ -138,3 +138,38 @@ def test_openais_temperature_range_reaches_an_openai_model_unclamped(
             model="claude-sonnet-4-5", temperature=1.5, max_tokens=32, messages=ask
         )
     assert "temperature: must be within [0, 1] for claude-sonnet-4-5" in refused.value.message
+
+
+def test_a_temperature_reaches_claude_under_the_version_that_takes_it(
+    providers: ProviderStack,
+) -> None:
+    """A temperature the front takes (the Anthropic SDK pinned to anthropic-version
+    2023-06-01, or the OpenAI front) is answered by a Claude model: the replica sends it under
+    2023-06-01, since its SDK's own version (2026-10-21) refuses it. Before, both were a 400
+    from the provider, ``temperature: Extra inputs are not permitted``."""
+    front = f"http://{providers.stack.addresses['http-front']}"
+    key = providers.stack.keys["tenant-a"]
+    claude = anthropic.Anthropic(base_url=front, api_key=key, max_retries=0)
+    gpt = openai.OpenAI(base_url=f"{front}/v1", api_key=key, max_retries=0)
+    asks = [f"Be brief {uuid.uuid4().hex[:8]}" for _ in range(2)]
+    answer = claude.messages.create(
+        model="claude-sonnet-4-5",
+        max_tokens=32,
+        messages=[{"role": "user", "content": asks[0]}],
+        extra_headers={"anthropic-version": "2023-06-01"},
+        extra_body={"temperature": 0.0},
+    )
+    assert answer.content
+    reply = gpt.chat.completions.create(
+        model="claude-sonnet-4-5",
+        temperature=0.4,
+        max_tokens=32,
+        messages=[{"role": "user", "content": asks[1]}],
+    )
+    assert reply.choices[0].message.content
+    for ask, temperature in zip(asks, (0.0, 0.4), strict=True):
+        sent = [s for s in providers.server.seen_by("anthropic") if ask in str(s.body)]
+        assert [(s.status, s.headers["anthropic-version"]) for s in sent] == [(200, "2023-06-01")]
+        assert sent[0].body["temperature"] == temperature
+    claude.close()
+    gpt.close()

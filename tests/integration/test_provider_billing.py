@@ -120,7 +120,8 @@ def test_anthropic_agent_turn_sends_the_documented_body_streams_and_bills_the_re
         kinds, end = _collect(client, _anthropic_turn())
 
     seen = server.seen_by("anthropic")[-1]
-    assert seen.headers["anthropic-version"]  # the SDK's API version
+    # a temperature: sent under the API version that takes it (the SDK's, 2026-10-21, does not)
+    assert seen.headers["anthropic-version"] == "2023-06-01"
     assert seen.key == providers.keys["anthropic-1"]
     assert seen.body == {
         "model": "claude-sonnet-4-5",

@@ -1,7 +1,8 @@
 """The Anthropic Messages API's wire format, as https://docs.claude.com/en/api/messages-streaming
 and https://docs.claude.com/en/api/errors show it: the SSE event sequence (message_start with
 the usage of the prompt, content_block_start / ping / content_block_delta / content_block_stop,
-message_delta with the stop reason and output usage, message_stop), error events and bodies."""
+message_delta with the stop reason and output usage, message_stop), error events and bodies,
+and the request checks of https://platform.claude.com/docs/en/api/versioning (``refusal``)."""
 
 from __future__ import annotations
 
@@ -217,3 +218,29 @@ def default(body: dict[str, Any]) -> Reply:
 
 
 REJECTED = error(401, "authentication_error", "invalid x-api-key")
+
+# Anthropic's API versions, oldest first (its "Versions" page); the SDK 2.x sends the newest
+VERSIONS = ("2023-01-01", "2023-06-01", "2026-10-21")
+# from 2026-10-21 on, the sampling parameters are removed: a request that sends any of them, at
+# its default value too, is a 400 naming it as a field the API does not know; before, taken
+# (https://platform.claude.com/docs/en/api/migration-2026-10-21)
+NO_SAMPLING_SINCE = "2026-10-21"
+SAMPLING = ("temperature", "top_p", "top_k")
+
+
+def refusal(headers: dict[str, str], body: dict[str, Any]) -> Reply | None:
+    """The real API's 400 to a request its ``anthropic-version`` does not take, else None: no
+    version, one that is not a version, or (from 2026-10-21 on) a sampling parameter."""
+    version = headers.get("anthropic-version")
+    if version is None:
+        return error(400, "invalid_request_error", "anthropic-version: header is required")
+    if version not in VERSIONS:
+        message = f"anthropic-version: {dumps(version)} is not a valid version"
+        return error(400, "invalid_request_error", message)
+    if version >= NO_SAMPLING_SINCE:  # ISO dates: their order is the strings' order
+        for name in SAMPLING:
+            if name in body:
+                return error(
+                    400, "invalid_request_error", f"{name}: Extra inputs are not permitted"
+                )
+    return None

@@ -5,7 +5,9 @@ One aiohttp server in a thread of the test process serves ``POST /v1/messages`` 
 and ``POST /v1/chat/completions`` (OpenAI). Each request is recorded (path, headers, JSON
 body, arrival time). The answer is the next scripted ``Reply`` for that API (and credential,
 when the script names one), else the API's default answer; a credential in ``rejected``
-always gets the provider's 401 body.
+always gets the provider's 401 body, and a request an API's ``check`` refuses (as the real API
+validates a request before it answers: Anthropic's ``anthropic-version`` rules) gets that
+refusal, before any scripted reply is taken.
 """
 
 from __future__ import annotations
@@ -51,14 +53,23 @@ class Seen:
 
 
 Default = Callable[[dict[str, Any]], Reply]
+# (headers, lower-cased; body) -> the API's refusal of that request, or None: it is answered
+Check = Callable[[dict[str, str], dict[str, Any]], Reply | None]
 
 
 class WireServer:
-    def __init__(self, defaults: dict[str, Default], rejected: dict[str, Reply]) -> None:
+    def __init__(
+        self,
+        defaults: dict[str, Default],
+        rejected: dict[str, Reply],
+        checks: dict[str, Check] | None = None,
+    ) -> None:
         """``defaults``: api -> the default answer to a body; ``rejected``: api -> the 401
-        reply for a credential in ``self.rejected_keys``."""
+        reply for a credential in ``self.rejected_keys``; ``checks``: api -> its validation of
+        a request (``anthropic_wire.refusal``)."""
         self._defaults = defaults
         self._rejected = rejected
+        self._checks = checks or {}
         self.rejected_keys: set[str] = set()
         self.scripts: dict[str, list[Reply]] = {"anthropic": [], "openai": []}
         self.seen: list[Seen] = []
@@ -126,15 +137,18 @@ class WireServer:
             seen = Seen(api, headers, body, time.monotonic(), key)
             with self._lock:
                 self.seen.append(seen)
-                reply = self._pick(api, key, body)
+                reply = self._pick(api, key, headers, body)
             seen.status = reply.status
             return await self._answer(request, reply, seen)
 
         return handle
 
-    def _pick(self, api: str, key: str, body: dict[str, Any]) -> Reply:
+    def _pick(self, api: str, key: str, headers: dict[str, str], body: dict[str, Any]) -> Reply:
         if key in self.rejected_keys:
             return self._rejected[api]
+        check = self._checks.get(api)
+        if check is not None and (refused := check(headers, body)) is not None:
+            return refused
         queue = self.scripts[api]
         for index, reply in enumerate(queue):
             if reply.key is None or reply.key == key:

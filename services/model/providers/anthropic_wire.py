@@ -106,6 +106,28 @@ def messages_params(spec: ModelSpec, request: pb.CompleteRequest) -> dict[str, A
     return params
 
 
+# The SDK (anthropic 2.x) sends ``anthropic-version: 2026-10-21``, the version that removed the
+# sampling parameters: under it, a request with ``temperature`` (at its default value too) is a
+# 400, ``temperature: Extra inputs are not permitted``, and its ``create()`` has no such
+# parameter. ``2023-06-01`` takes it, and differs from 2026-10-21 in no field this adapter
+# sends or reads (2026-10-21's other refusals, a user text block's ``citations`` and an
+# assistant message's ``document`` block, are blocks it never sends), so a request that carries
+# a temperature goes as 2023-06-01; one without goes as the SDK's own version.
+# https://platform.claude.com/docs/en/api/versioning
+SAMPLING_VERSION = "2023-06-01"
+
+
+def sampling_options(temperature: float | None) -> dict[str, Any]:
+    """``create()``'s options for a request's temperature: the body field the SDK has no
+    argument for, and the API version that takes it; none without one."""
+    if temperature is None:
+        return {}
+    return {
+        "extra_body": {"temperature": temperature},
+        "extra_headers": {"anthropic-version": SAMPLING_VERSION},
+    }
+
+
 def _merge_usage(
     target: pc.AnthropicUsage, usage: Any, most: int, distrusted: dict[str, str]
 ) -> set[str]:
@@ -215,11 +237,9 @@ class AnthropicAdapter:
     ) -> AsyncGenerator[model_pb2.GenerateChunk, None]:
         with never_sent():
             params = messages_params(spec, request)
-            # This SDK's create() has no `temperature` (Claude 5 models refuse sampling
-            # parameters); the API still takes it for the models that do: it goes in the body.
-            extra = {"temperature": params.pop("temperature")} if "temperature" in params else None
+            sampling = sampling_options(params.pop("temperature", None))
             events = await self._client.messages.create(
-                **params, stream=True, timeout=timeout_s, extra_body=extra
+                **params, stream=True, timeout=timeout_s, **sampling
             )
         usage = pc.AnthropicUsage()  # the counts as reported
         prompt = pc.AnthropicUsage()  # and as message_start's report is billed
