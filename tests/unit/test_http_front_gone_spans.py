@@ -36,7 +36,6 @@ from tests.unit.test_http_front_app import (
     serving,
     stalled_post,
 )
-from tests.unit.test_http_front_close_flush import SMALL_BUFFER, small_send_buffers  # noqa: F401
 from tests.unit.test_service_metrics import logs  # noqa: F401 (a fixture)
 
 ROUTES = pytest.mark.parametrize(
@@ -133,7 +132,7 @@ def test_the_reset_test_resets() -> None:
 async def test_a_5xx_refusal_its_caller_does_not_take_is_499_in_its_span_and_access_line(
     tmp_path: Path,
     spans: InMemorySpanExporter,
-    small_send_buffers: None,  # noqa: F811 (the fixture imported)
+    small_send_buffers: int,
     capsys: pytest.CaptureFixture[str],
     logs: Callable[[dict[str, str]], tuple[io.StringIO, JsonLines | None]],  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
@@ -155,7 +154,7 @@ async def test_a_5xx_refusal_its_caller_does_not_take_is_499_in_its_span_and_acc
             f"{k}: {v}\r\n" for k, v in {**CLAUDE_HEADERS, "content-length": len(body)}.items()
         )
         sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUFFER)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, small_send_buffers)
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
         await loop.sock_connect(sock, (host, int(port)))
