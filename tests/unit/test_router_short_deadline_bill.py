@@ -87,15 +87,28 @@ _ANSWERS = 20
 
 @dataclass
 class SlowFinals(FakePrefix):
-    """A FINAL takes ``takes_s`` (real time); given less, it times out at its deadline as
-    gRPC's would."""
+    """A FINAL takes ``takes_s`` (real time), or with ``held`` until the test sets it; given
+    less, it times out at its deadline as gRPC's would.
+
+    ``held`` is for a test that needs the answer to go before its FINAL's reply: a real
+    ``takes_s`` races the answer's own real-time waits (its share of the deadline, 5 ms, then
+    its journal line's fsync, at most 10 ms), and a loaded machine's event loop, stalled past
+    the 30 ms between them, let the FINAL answer first (the answer then carried prefix-cache's
+    bill, as it should: 1 run in 10 failed ``cost.estimated`` under a busy CPU)."""
 
     takes_s: float = _FINAL_TAKES_S
+    held: asyncio.Event | None = None
 
     async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
         if request.phase == pc.COMMIT_PHASE_FINAL:
-            await asyncio.sleep(min(deadline_s, self.takes_s))
-            if deadline_s < self.takes_s:
+            if self.held is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.held.wait(), deadline_s)
+                answered = self.held.is_set()
+            else:
+                await asyncio.sleep(min(deadline_s, self.takes_s))
+                answered = deadline_s >= self.takes_s
+            if not answered:
                 self.commits.append(request)
                 raise CallFailed(Code.DEADLINE_EXCEEDED, "Deadline Exceeded")
         return await super().commit(request, deadline_s)
@@ -272,7 +285,8 @@ async def test_an_answer_gone_before_its_bill_is_journalled_whole(tmp_path: Path
     of the answer's first second (0 here)."""
     clock = FakeClock()
     models = LateAnswers(clock=clock, sent=clock.now)
-    prefix = SlowFinals()
+    reply = asyncio.Event()  # the FINAL's: never before the router is killed
+    prefix = SlowFinals(held=reply)
     outbox = BillingOutbox(prefix, Journal(tmp_path / "data"), 1.0, 0.01)
     rig = Rig(prefix=prefix, models=models, clock=clock, outbox=outbox)
     pipeline = rig.pipeline()
@@ -283,6 +297,7 @@ async def test_an_answer_gone_before_its_bill_is_journalled_whole(tmp_path: Path
                 assert chunk.end.cost.estimated
                 # the router is killed now: its FINAL sent, not answered
                 journal = _restarted(tmp_path / "data", tmp_path / "restarted")
+    reply.set()
     await pipeline.drain()  # (the test's own router)
     again = FakePrefix()
     restarted = BillingOutbox(again, journal, 1.0, 0.01)
@@ -373,10 +388,10 @@ async def test_an_answer_gone_before_its_bill_has_its_whole_bill_fsynced_first(
     goes at its estimate, as the outbox kept a bill before (a host crash within the journal's
     sync interval lost the bill of an answer delivered). Before: the journal held the line
     unsynced as the answer went (dirty); after: synced. (0.4 s of the deadline left, the FINAL
-    taking 1 s: the fsync has all of the 0.4 s.)"""
+    answered only after the answer: the fsync has all of the 0.4 s.)"""
     clock = FakeClock()
     models = LateAnswers(clock=clock, sent=clock.now, left_s=0.4)
-    assert await _unsynced_at_the_end(tmp_path, clock, models, SlowFinals(takes_s=1.0)) == [False]
+    assert await _unsynced_at_the_end(tmp_path, clock, models) == [False]
 
 
 async def test_an_answer_whose_bills_sync_is_slow_goes_within_its_deadline(
@@ -398,7 +413,7 @@ async def test_an_answer_whose_bills_sync_is_slow_goes_within_its_deadline(
     monkeypatch.setattr(os, "fsync", slow_fsync)  # the journal's thread's
     clock = FakeClock()
     models = LateAnswers(clock=clock, sent=clock.now)
-    unsynced = await _unsynced_at_the_end(tmp_path, clock, models, SlowFinals(), release.set)
+    unsynced = await _unsynced_at_the_end(tmp_path, clock, models, release.set)
     assert unsynced == [True]
     assert "before its bill's journal line was synced" in caplog.text
 
@@ -407,12 +422,13 @@ async def _unsynced_at_the_end(
     tmp_path: Path,
     clock: FakeClock,
     models: LateAnswers,
-    prefix: SlowFinals,
     then: Callable[[], None] = lambda: None,
 ) -> list[bool]:
-    """One answer through a pipeline whose outbox journals to ``tmp_path``: whether its
-    journal held an unsynced line as each end (at the estimate) went; ``then`` runs after the
-    answer, before the pipeline drains."""
+    """One answer through a pipeline whose outbox journals to ``tmp_path``, its FINAL answered
+    once the answer went: whether its journal held an unsynced line as each end (at the
+    estimate) went; ``then`` runs after the answer, before the FINAL's reply and the drain."""
+    reply = asyncio.Event()
+    prefix = SlowFinals(held=reply)
     journal = Journal(tmp_path / "data")
     outbox = BillingOutbox(prefix, journal, 1.0, 0.01)
     pipeline = Rig(prefix=prefix, models=models, clock=clock, outbox=outbox).pipeline()
@@ -422,6 +438,7 @@ async def _unsynced_at_the_end(
             assert chunk.end.cost.estimated
             unsynced.append(journal.dirty)
     then()
+    reply.set()
     await pipeline.drain()
     await outbox.close()
     return unsynced
