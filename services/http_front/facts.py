@@ -91,7 +91,9 @@ def start_headers(start: pb.CompleteResponse, traceparent: str) -> dict[str, str
     """What is known when the answer begins: its layer, model, similarity, trace, and whether
     it is a replay of an earlier call's answer."""
     headers = {
-        "x-cachemesh-served-by": layer_name(start.served_by),
+        # none on a stream's head sent before its start (``handlers._started``): its layer is
+        # not known yet ("unspecified" was sent, as if it were a layer)
+        "x-cachemesh-served-by": _LAYERS.get(start.served_by, ""),
         "x-cachemesh-model": start.model,
         "x-cachemesh-tier": start.tier,
         "x-cachemesh-request-id": start.request_id,

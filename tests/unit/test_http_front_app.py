@@ -1268,6 +1268,9 @@ async def test_a_stream_whose_start_is_slow_sends_its_head_and_pings_before_it(
         posted = session.post(f"{front.base}{path}", data=body, headers=headers)
         async with await asyncio.wait_for(posted, 10) as reply:  # the head, before the start
             assert reply.status == 200 and reply.content_type == "text/event-stream"
+            # what is not known before the start is not said (was: served-by "unspecified")
+            unknown = ("x-cachemesh-served-by", "x-cachemesh-model", "x-cachemesh-tier")
+            assert [name for name in unknown if name in reply.headers] == []
             await asyncio.wait_for(_lines_until(reply, ping), 10)
             front.gateway.hold.set()
             rest = (await reply.read()).decode()
