@@ -5,7 +5,8 @@ real Redis ledger (tests/redis_server.py), each behind its own front; the pipeli
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import anthropic
 import openai
 import pytest
 
+from cachemesh.v1 import gateway_pb2 as pb
 from services.router import servicer as servicer_module
 from services.router.answer_ledger import RedisAnswerLedger
 from services.router.servicer import GatewayServicer
@@ -33,9 +35,12 @@ def ledger_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]
         yield url
 
 
-def _router(url: str) -> tuple[GatewayServicer, FakePipeline, RedisAnswerLedger]:
+def _router(
+    url: str, pipeline: FakePipeline | None = None
+) -> tuple[GatewayServicer, FakePipeline, RedisAnswerLedger]:
     """A router that knows the front's key, its answer ledger in the Redis at ``url``."""
-    pipeline = FakePipeline()
+    if pipeline is None:
+        pipeline = FakePipeline()
     ledger = RedisAnswerLedger(client_of(url), ttl_s=60)
     return gateway_servicer(pipeline, {KEY: "tenant-a"}, ledger=ledger), pipeline, ledger
 
@@ -81,9 +86,13 @@ async def test_a_replayed_answer_is_marked_so_its_cost_is_not_added_twice(
     """The retry of an answered Idempotency-Key got the first call's headers unchanged
     (``x-cachemesh-cost-nanos`` again, no mark): an app summing the header counted the one
     bill twice. A replay now says ``x-cachemesh-replayed: true``, and a stream's last event
-    ``"replayed": true``; the first call's answer carries neither mark."""
+    ``"replayed": true``; the first call's answer carries neither mark. (A stream whose start
+    takes longer than ``HTTP_FRONT_PING_S`` has its head sent before it, without the mark:
+    the next test. Here the pings are put off, lest a loaded machine's replay take longer
+    than the fixture's 50 ms: 2 runs of 6 under a busy CPU did, the stream's header
+    unmarked.)"""
     router, pipeline, ledger = _router(ledger_url)
-    async with serving(tmp_path, router) as served:
+    async with serving(tmp_path, router, HTTP_FRONT_PING_S="60") as served:
         client = anthropic.AsyncAnthropic(base_url=served.base, api_key=KEY, max_retries=0)
         gpt = openai.AsyncOpenAI(base_url=f"{served.base}/v1", api_key=KEY, max_retries=0)
         heads = []
@@ -113,4 +122,56 @@ async def test_a_replayed_answer_is_marked_so_its_cost_is_not_added_twice(
     assert pipeline.runs == 2  # one model call per key
     assert [h.get("x-cachemesh-replayed") for h in heads] == [None, "true", None, "true"]
     assert heads[0]["x-cachemesh-cost-nanos"] == heads[1]["x-cachemesh-cost-nanos"]
+    assert [(f.model_extra or {})["cachemesh"]["replayed"] for f in facts] == [False, True]
+
+
+class HeldPipeline(FakePipeline):
+    """Its calls answer once ``go`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = asyncio.Event()
+
+    async def run(self, *args: Any, **kwargs: Any) -> AsyncIterator[pb.CompleteChunk]:
+        await asyncio.wait_for(self.go.wait(), 60)
+        async for chunk in super().run(*args, **kwargs):
+            yield chunk
+
+
+async def test_a_streamed_retry_that_waited_past_the_ping_is_marked_in_its_last_event(
+    tmp_path: Path, ledger_url: str
+) -> None:
+    """A stream's retry that waits on its first call (same ``Idempotency-Key``, still
+    answering) longer than ``HTTP_FRONT_PING_S`` has its head sent before the router knows it
+    is a replay (the README's slow start): its headers cannot say ``x-cachemesh-replayed``,
+    nor the layer. Its last event, the one with the cost, says ``"replayed": true``: an app
+    that sums a stream's cost does not add the first call's twice."""
+    pipeline = HeldPipeline()
+    router, _, ledger = _router(ledger_url, pipeline)
+    async with serving(tmp_path, router, HTTP_FRONT_MAX_IN_FLIGHT_PER_KEY="2") as served:
+        gpt = openai.AsyncOpenAI(base_url=f"{served.base}/v1", api_key=KEY, max_retries=0)
+        streams = []
+        for _ in range(2):  # each returns with its head, sent after HTTP_FRONT_PING_S
+            streams.append(
+                await gpt.chat.completions.with_raw_response.create(
+                    model="sim-small",
+                    max_tokens=50,
+                    messages=ASK,
+                    stream=True,
+                    extra_headers={"Idempotency-Key": "order-45"},
+                )
+            )
+        pipeline.go.set()  # the first call answers; its retry waited on it
+        facts = []
+        for stream in streams:
+            chunks = [c async for c in stream.parse()]
+            facts.append(next(c for c in chunks if c.choices and c.choices[0].finish_reason))
+        await gpt.close()
+    await ledger.close()
+    assert pipeline.runs == 1
+    heads = [
+        (s.headers.get("x-cachemesh-served-by"), s.headers.get("x-cachemesh-replayed"))
+        for s in streams
+    ]
+    assert heads == [(None, None), (None, None)]  # both heads went before their start
     assert [(f.model_extra or {})["cachemesh"]["replayed"] for f in facts] == [False, True]
