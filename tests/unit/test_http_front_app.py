@@ -779,7 +779,10 @@ async def test_a_long_wait_in_a_stream_sends_pings(front: Front) -> None:
     events = [
         line.removeprefix("event: ") for line in text.splitlines() if line.startswith("event:")
     ]
-    assert events[0] == "message_start" and events[1] == "ping"
+    # the wait after the start is pinged (a start later than the fixture's 50 ms HTTP_FRONT_PING_S
+    # on a loaded machine has pings before it too: the slow-start test's path)
+    started = events.index("message_start")
+    assert set(events[:started]) <= {"ping"} and events[started + 1] == "ping"
     assert events[-1] == "message_stop" and "content_block_start" in events
 
 
