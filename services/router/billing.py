@@ -309,8 +309,10 @@ class Billing:
         """Waits for an answer's journal line to be fsynced (``written``), no longer than the
         request's deadline leaves: a slow or hung disk made the answer, whole and paid for,
         miss its caller's deadline (an fsync of 0.5 s: the caller had no end). Past it the
-        answer goes: its line is in the file (a killed router bills it; a host crash in that gap
-        loses it), and the late sync is told. A failed write is logged by the journal."""
+        answer goes, and the late sync is told: its line is in the file, or still queued behind
+        another line's write or fsync on the journal's one thread; a router killed before it is
+        written bills the open call's count (an answer of 3 tokens billed 0 in a scratch run),
+        a host crash before its fsync loses it. A failed write is logged by the journal."""
         written.add_done_callback(_retrieved)
         if written.done():  # (no journal: nothing to wait for, not even a turn of the loop)
             return
@@ -319,8 +321,8 @@ class Billing:
         if not written.done():
             log.warning(
                 "an answer went before its bill's journal line was synced to disk (the disk "
-                "is slow: %.3f s of the request's deadline were left); a host crash now would "
-                "lose that bill",
+                "or the journal's thread is slow: %.3f s of the request's deadline were left); "
+                "a router killed or a host crash now would bill it short or lose it",
                 left_s or 0.0,
             )
 
