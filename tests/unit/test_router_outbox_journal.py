@@ -18,6 +18,7 @@ from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.env import ConfigError
 from services.router.outbox_journal import JOURNAL_NAME, Journal, JournalError
 from services.router.outbox_journal_thread import JournalThread
+from tests.fsyncs import record_fsyncs
 
 
 def _commit(key: str) -> list[pc.CommitRequest]:
@@ -377,14 +378,7 @@ def test_a_new_journal_file_is_durable_in_its_directory_before_any_line_is(
     """The journal file made at start-up: fsyncing its lines does not make its own entry in the
     directory durable, so after a power cut the file, and the acknowledged bills in it, could be
     gone; the directory is fsynced once it is made (a journal already there costs none)."""
-    synced: list[Path] = []
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        real_fsync(fd)
-        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    synced = record_fsyncs(monkeypatch)
     directory = tmp_path / "router"
     directory.mkdir()
     journal = Journal(directory)

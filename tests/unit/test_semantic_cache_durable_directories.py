@@ -15,27 +15,15 @@ from services.common.clock import ManualClock
 from services.semantic_cache.persistence import SnapshotStore
 from services.semantic_cache.snapshotter import Snapshotter
 from services.semantic_cache.wal import WriteAheadLog
+from tests.fsyncs import record_fsyncs
 from tests.unit.test_semantic_cache_persistence import new_cache, q
 from tests.unit.test_semantic_cache_rules import answer
-
-
-def _record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """The path of every file and directory fsynced from now on, in order."""
-    synced: list[Path] = []
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        real_fsync(fd)
-        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    return synced
 
 
 def test_each_directory_made_is_fsynced_in_its_parent(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    synced = _record_fsyncs(monkeypatch)
+    synced = record_fsyncs(monkeypatch)
     private_files.private_directory(tmp_path / "srv" / "cachemesh" / "l1")
     assert {tmp_path, tmp_path / "srv", tmp_path / "srv" / "cachemesh"} <= set(synced), synced
     assert (tmp_path / "srv" / "cachemesh" / "l1").is_dir()
@@ -45,7 +33,7 @@ def test_a_directory_already_there_costs_no_fsync(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "l1").mkdir()
-    synced = _record_fsyncs(monkeypatch)
+    synced = record_fsyncs(monkeypatch)
     private_files.private_directory(tmp_path / "l1")
     assert synced == []
 
@@ -56,7 +44,7 @@ async def test_a_new_data_directory_is_durable_before_the_first_store_is_acknowl
     """The start a fresh ``SEMANTIC_CACHE_DATA_DIR`` (and its parent) is made in, then one
     Store: every directory on the way to its log segment is in its parent for good."""
     data_dir = tmp_path / "volume" / "semantic-cache"
-    synced = _record_fsyncs(monkeypatch)
+    synced = record_fsyncs(monkeypatch)
     store = SnapshotStore(data_dir)
     store.prepare()
     clock = ManualClock()
