@@ -112,11 +112,11 @@ SMALL_BUFFER = 4096  # bytes: a socket buffer a few hundred small answers fill
 
 
 @pytest.fixture
-def small_send_buffers(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+def small_send_buffers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The front's sockets get a send buffer of 4 KiB (the kernel's own grows to 4 MB on
     loopback): what a caller leaves unread then stays in the front's buffer after a few
-    answers, not after 4 MB of them, so the test sends a few hundred requests, not 30,000.
-    Yields that size, for the caller's own receive buffer."""
+    answers, not after 4 MB of them, so the test sends a few hundred requests, not 30,000
+    (the caller's own receive window: ``test_http_front_app.small_window``)."""
     made = http_server._Handler.connection_made
 
     def connection_made(self: http_server._Handler, transport: asyncio.BaseTransport) -> None:
@@ -126,4 +126,4 @@ def small_send_buffers(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
         made(self, transport)
 
     monkeypatch.setattr(http_server._Handler, "connection_made", connection_made)
-    yield SMALL_BUFFER
+    yield

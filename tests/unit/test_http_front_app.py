@@ -1452,15 +1452,22 @@ class Flood(FakeGateway):
             self.cancelled.set()  # it only ends when the front cancels it
 
 
-async def stalled_post(base: str, path: str, headers: dict[str, str], body: bytes) -> socket.socket:
-    """``body`` POSTed on a raw socket with a small receive window (4 KiB: it fills soon, so a
-    caller that reads nothing more stalls the front's writes); nothing read yet."""
+async def small_window(base: str) -> tuple[socket.socket, str]:
+    """A raw non-blocking socket connected to ``base`` with a small receive window (4 KiB: it
+    fills soon, so a caller that reads nothing more stalls the front's writes), and its host."""
     host, port = base.removeprefix("http://").split(":")
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    return sock, host
+
+
+async def stalled_post(base: str, path: str, headers: dict[str, str], body: bytes) -> socket.socket:
+    """``body`` POSTed on a raw socket with a small receive window (``small_window``); nothing
+    read yet."""
+    sock, host = await small_window(base)
     loop = asyncio.get_running_loop()
-    await loop.sock_connect(sock, (host, int(port)))
     fields = {**headers, "content-type": "application/json", "content-length": len(body)}
     head = f"POST {path} HTTP/1.1\r\nhost: {host}\r\n" + "".join(
         f"{k}: {v}\r\n" for k, v in fields.items()
@@ -1555,7 +1562,7 @@ async def test_a_caller_that_never_reads_a_large_answer_loses_it_after_the_write
 @pytest.mark.parametrize(("method", "path"), [("GET", "/nope"), ("PUT", "/v1/messages"),
                                              ("GET", "/healthz"), ("GET", "/readyz")])  # fmt: skip
 async def test_a_caller_that_pipelines_and_never_reads_loses_its_connection(
-    tmp_path: Path, small_send_buffers: int, method: str, path: str
+    tmp_path: Path, small_send_buffers: None, method: str, path: str
 ) -> None:
     """Requests the routes answer themselves (a 404, a 405, ``/healthz``, ``/readyz``),
     pipelined on one connection whose caller never reads: aiohttp wrote those answers with no
@@ -1566,14 +1573,8 @@ async def test_a_caller_that_pipelines_and_never_reads_loses_its_connection(
     async with serving(
         tmp_path, FakeGateway(), HTTP_FRONT_WRITE_TIMEOUT_S="0.2", HTTP_FRONT_MAX_CONNECTIONS="1"
     ) as served:
-        host, port = served.base.removeprefix("http://").split(":")
-        sock = socket.socket()
-        sock.setsockopt(
-            socket.SOL_SOCKET, socket.SO_RCVBUF, small_send_buffers
-        )  # a window that fills soon
-        sock.setblocking(False)
+        sock, host = await small_window(served.base)
         loop = asyncio.get_running_loop()
-        await loop.sock_connect(sock, (host, int(port)))
         many = f"{method} {path} HTTP/1.1\r\nhost: {host}\r\n\r\n".encode() * 100
         try:
             # until the front stops reading them (its answers unread) or closes the connection

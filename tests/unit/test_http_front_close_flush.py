@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.unit.test_http_front_app import FakeGateway, serving
+from tests.unit.test_http_front_app import FakeGateway, serving, small_window
 
 
 async def _served_again(base: str, timeout_s: float) -> list[int]:
@@ -39,7 +38,7 @@ async def _served_again(base: str, timeout_s: float) -> list[int]:
     ids=["parser_400", "idle_close"],
 )
 async def test_a_close_with_unread_answers_is_bounded_by_the_write_timeout(
-    tmp_path: Path, small_send_buffers: int, last: bytes, idle_s: str
+    tmp_path: Path, small_send_buffers: None, last: bytes, idle_s: str
 ) -> None:
     async with serving(
         tmp_path,
@@ -48,12 +47,8 @@ async def test_a_close_with_unread_answers_is_bounded_by_the_write_timeout(
         HTTP_FRONT_MAX_CONNECTIONS="1",
         HTTP_FRONT_IDLE_TIMEOUT_S=idle_s,
     ) as served:
-        host, port = served.base.removeprefix("http://").split(":")
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, small_send_buffers)
-        sock.setblocking(False)
+        sock, host = await small_window(served.base)
         loop = asyncio.get_running_loop()
-        await loop.sock_connect(sock, (host, int(port)))
         # ~27 KB of answers: more than the socket buffers hold, far less than the 64 KiB
         # asyncio buffers before a write waits (no write of the front's times out)
         many = f"GET /healthz HTTP/1.1\r\nhost: {host}\r\n\r\n".encode() * 200
@@ -73,7 +68,7 @@ async def test_a_close_with_unread_answers_is_bounded_by_the_write_timeout(
 
 
 async def test_a_close_whose_answers_are_read_in_time_ends_without_an_error(
-    tmp_path: Path, small_send_buffers: int, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, small_send_buffers: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The bounded close when the caller does read (a drain's ``Connection: close``, the
     parser's 400, the idle close): its bytes go out, the connection closes as it should, and
@@ -82,12 +77,8 @@ async def test_a_close_whose_answers_are_read_in_time_ends_without_an_error(
     async with serving(
         tmp_path, FakeGateway(), HTTP_FRONT_WRITE_TIMEOUT_S="0.5", HTTP_FRONT_IDLE_TIMEOUT_S="15"
     ) as served:
-        host, port = served.base.removeprefix("http://").split(":")
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, small_send_buffers)
-        sock.setblocking(False)
+        sock, host = await small_window(served.base)
         loop = asyncio.get_running_loop()
-        await loop.sock_connect(sock, (host, int(port)))
         request = f"GET /healthz HTTP/1.1\r\nhost: {host}\r\n\r\n".encode()
         closing = f"GET /healthz HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n".encode()
         try:

@@ -34,6 +34,7 @@ from tests.unit.test_http_front_app import (
     Flood,
     _answer,
     serving,
+    small_window,
     stalled_post,
 )
 from tests.unit.test_service_metrics import logs  # noqa: F401 (a fixture)
@@ -132,7 +133,7 @@ def test_the_reset_test_resets() -> None:
 async def test_a_5xx_refusal_its_caller_does_not_take_is_499_in_its_span_and_access_line(
     tmp_path: Path,
     spans: InMemorySpanExporter,
-    small_send_buffers: int,
+    small_send_buffers: None,
     capsys: pytest.CaptureFixture[str],
     logs: Callable[[dict[str, str]], tuple[io.StringIO, JsonLines | None]],  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
@@ -149,15 +150,11 @@ async def test_a_5xx_refusal_its_caller_does_not_take_is_499_in_its_span_and_acc
     monkeypatch.setattr(anthropic_api, "parse_request", broken)
     body = b'{"model": "sim-large", "max_tokens": 50, "messages": ' + HI
     async with serving(tmp_path, FakeGateway(), HTTP_FRONT_WRITE_TIMEOUT_S="0.2") as served:
-        host, port = served.base.removeprefix("http://").split(":")
+        sock, host = await small_window(served.base)
+        loop = asyncio.get_running_loop()
         head = f"POST /v1/messages HTTP/1.1\r\nhost: {host}\r\n" + "".join(
             f"{k}: {v}\r\n" for k, v in {**CLAUDE_HEADERS, "content-length": len(body)}.items()
         )
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, small_send_buffers)
-        sock.setblocking(False)
-        loop = asyncio.get_running_loop()
-        await loop.sock_connect(sock, (host, int(port)))
         try:  # ~300 KB of refusals: more than the buffers hold, so one write waits, past 0.2 s
             with contextlib.suppress(ConnectionError):  # the front drops the connection then
                 await loop.sock_sendall(sock, (head.encode() + b"\r\n" + body) * 500)
