@@ -117,7 +117,7 @@ fmt: setup ## format the code
 
 TEST_WORKERS ?= 2
 test: setup test-deps engine lint ## lint, then every test (unit, integration on real processes) in TEST_WORKERS processes
-	$(BIN)/pytest -q -n $(TEST_WORKERS)
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 eval-cache: setup ## semantic-cache eval harness (../shared/data); bench-results/semantic-cache-eval.json
 	nice -n 10 $(BIN)/python -m services.tools.evaluation.semantic_cache eval
