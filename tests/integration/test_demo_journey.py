@@ -157,6 +157,9 @@ def test_make_demo_leaves_a_stack_it_did_not_start_running(tmp_path: Path) -> No
         demo = _make("demo", where)
         assert demo.returncode == 0, demo.stdout + demo.stderr
         assert "requests in" in demo.stdout and "left running" in demo.stdout
+        # left running: how to stop it, and that L2 goes cold only once it is down, are true
+        words = " ".join(demo.stdout.split())  # the closing note is wrapped
+        assert "; stop: " in demo.stdout and "make down; make reset-l2" in words
         status = _make("status", where)
         assert status.returncode == 0, status.stdout  # still up, every process SERVING
     finally:
@@ -164,6 +167,12 @@ def test_make_demo_leaves_a_stack_it_did_not_start_running(tmp_path: Path) -> No
     alone = _make("demo", "FREE_PORTS=1", where)  # a demo of its own: stopped after
     assert alone.returncode == 0, alone.stdout + alone.stderr
     assert "stack stopped" in alone.stdout
+    # it stopped the stack itself: no advice to stop it (up's "stop: ...", the closing note's
+    # "make down; make reset-l2"), and the table says what its baseline is
+    words = " ".join(alone.stdout.split())  # the closing note is wrapped
+    assert "; stop: " not in alone.stdout and "make down;" not in words, alone.stdout
+    assert "make reset-l2 then starts L2 cold" in words
+    assert "\nbaseline: the same tokens" in alone.stdout
     after = _make("status", where)
     assert after.returncode != 0 and "STOPPED" in after.stdout  # no supervisor left
 

@@ -97,7 +97,10 @@ def _run(args: argparse.Namespace) -> int:
             else f"python -m services.tools.stack --run-dir {run_dir} down"
         )
         demo = keys.demo_keys_file if keys.has_demo_keys else "unavailable (see above)"
-        print(f"demo keys: {demo}; logs: {run_dir / 'logs'}; stop: {stop}")
+        # make demo stops the stack it started itself: "stop: make down" would be advice to
+        # stop a stack that the same command stops
+        said = "" if args.no_stop_hint else f"; stop: {stop}"
+        print(f"demo keys: {demo}; logs: {run_dir / 'logs'}{said}")
         return 0
     if args.command == "down":
         if not stack.stop(args.grace):
@@ -224,6 +227,12 @@ def _parser() -> argparse.ArgumentParser:
         help="put the model processes in front of llama-server replicas (make engine builds "
         "them; CACHEMESH_LLAMA_REPLICAS, _THREADS, _CONTEXT, CACHEMESH_CACHE_DIR, in .env or "
         "the environment) serving local-small",
+    )
+    up.add_argument(
+        "--no-stop-hint",
+        action="store_true",
+        help="leave 'stop: make down' out of the last line: the caller stops the stack itself "
+        "(make demo, on a stack it started; make demo-local)",
     )
     down = commands.add_parser("down", help="stop the stack (SIGTERM, then SIGKILL)")
     down.add_argument("--grace", type=float, default=None, help="seconds before SIGKILL")

@@ -19,7 +19,7 @@ from cachemesh._channel import never_connected
 from cachemesh._client import DEFAULT_TARGET, Client
 from cachemesh._errors import CachemeshError
 from cachemesh._requests import answer_text, assistant_message, build_request, user_message
-from cachemesh._tls import INSECURE_ENV, Tls, cleartext_off_host, insecure_from_args
+from cachemesh._tls import INSECURE_ENV, Tls, cleartext_off_host, env_bool, insecure_from_args
 from cachemesh._tls import add_arguments as add_tls_arguments
 from cachemesh._tls import from_args as tls_from_args
 from cachemesh.demo import workload
@@ -44,8 +44,20 @@ WARM_NOTE = (
     "run's repeats and paraphrases. The prefix cache (L2) stays warm between runs, per tenant "
     "and model, for 5 minutes after a prefix's last read (an hour for a 1h breakpoint), across "
     "make down too: a run soon after another reads the agent's prompt from its first turn "
-    "(cache read instead of cache write). To start L2 cold: make down; make reset-l2."
+    "(cache read instead of cache write)."
 )
+STOPS_STACK_ENV = "CACHEMESH_DEMO_STOPS_STACK"  # make demo sets it when it started the stack
+
+
+def closing_note(stops_stack: bool) -> str:
+    """WARM_NOTE and how to start L2 cold: ``make reset-l2`` needs the stack down, which a
+    ``make demo`` that started its stack does itself right after this note."""
+    cold = (
+        "The stack this demo started is stopped next: make reset-l2 then starts L2 cold."
+        if stops_stack
+        else "To start L2 cold: make down; make reset-l2."
+    )
+    return f"{WARM_NOTE} {cold}"
 
 
 def _agent(client: Client, table: LayerTable, model: str | None, namespace: str) -> None:
@@ -115,6 +127,7 @@ def main() -> int:
     target = os.environ.get("CACHEMESH_TARGET", DEFAULT_TARGET)
     keys = {"a": _require("CACHEMESH_KEY_A"), "b": _require("CACHEMESH_KEY_B")}
     try:
+        stops_stack = env_bool(STOPS_STACK_ENV)
         tls, insecure = connection(target)
         # a Gateway that is not there fails the first request at once, not after its timeout
         clients = {
@@ -151,7 +164,7 @@ def main() -> int:
             client.close()
     print(f"\n{table.requests} requests in {time.monotonic() - started:.1f} s\n")
     print(table.render())
-    print("\n" + textwrap.fill(WARM_NOTE, width=100))
+    print("\n" + textwrap.fill(closing_note(stops_stack), width=100))
     return 0
 
 

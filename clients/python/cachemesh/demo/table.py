@@ -13,6 +13,13 @@ _LAYERS = {
 }
 
 
+# under the table: what its baseline column is (DESIGN.md's baseline_nanos), in one line
+BASELINE_NOTE = (
+    "baseline: the same tokens at the requested model's base prices (auto: the large tier's), "
+    "no cache; saved = baseline - cost"
+)
+
+
 def _usd(nanos: int) -> str:
     return f"${nanos / 1e9:.6f}"
 
@@ -81,6 +88,7 @@ class LayerTable:
                 setattr(total, field, getattr(total, field) + getattr(row, field))
         lines.append("-" * len(header))
         lines.append(self._line("total", total, ""))
+        lines.append(BASELINE_NOTE)
         if total.estimated:
             lines.append(
                 f"({total.estimated} costs estimated: prefix-cache had not billed them as the "
