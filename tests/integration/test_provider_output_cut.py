@@ -13,19 +13,16 @@ against the loopback provider server, as test_provider_streams."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import Iterator
 
-import openai
 import pytest
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from services.common.models import ModelSpec
-from services.common.tokens import Tokenizer, Tokenizers, load_tokenizers, load_vocabulary
+from services.common.tokens import Tokenizer, Tokenizers, load_vocabulary
 from services.model.providers.api import ProviderApi
-from services.model.providers.openai_wire import OpenAIAdapter
 from services.model.providers.output_cut import cut_at
 from services.model.providers.usage_check import most_tokens
 from tests.integration.test_provider_streams import (
@@ -35,10 +32,12 @@ from tests.integration.test_provider_streams import (
     _api,
     _ends,
     _generate,
+    _settings,
 )
 from tests.integration.test_provider_usage_distrusted import _billable
 from tests.providers import anthropic_wire, openai_wire
 from tests.providers.loopback import serving
+from tests.providers.replica import provider_replica
 from tests.providers.wire_server import Reply, WireServer
 
 MAX_TOKENS = 50
@@ -218,17 +217,8 @@ def _api_for(
 ) -> ProviderApi:
     """An OpenAI-wire replica serving ``spec`` (a self-hosted row, or a row changed for the
     test), counting with ``tokenizer`` (else the row's own)."""
-    api = _api(server, "openai")
-    return ProviderApi(
-        adapter=OpenAIAdapter(
-            openai.AsyncOpenAI(api_key="sk-test", base_url=server.base + "/v1", max_retries=0)
-        ),
-        models={spec.id: spec},
-        replica_id="r1",
-        settings=dataclasses.replace(api._s, upstream_ids={spec.id: spec.id}),
-        tokenizer=load_tokenizers([spec]) if tokenizer is None else Tokenizers([tokenizer]),
-        set_health=api._set_health,
-    )
+    counting = None if tokenizer is None else Tokenizers([tokenizer])
+    return provider_replica(_settings(server, "openai", spec.id), [spec], tokenizer=counting)
 
 
 def test_a_whitespace_runaway_is_cut_by_its_pieces_with_few_counts(server: WireServer) -> None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 
-import anthropic
-import openai
 import pytest
 
 from cachemesh.v1 import gateway_pb2 as pb
@@ -19,12 +17,11 @@ from cachemesh.v1 import model_pb2
 from services.common.errors import Code, RequestError
 from services.common.models import load_model_table
 from services.common.tokens import load_tokenizers
-from services.model.providers.anthropic_wire import AnthropicAdapter
-from services.model.providers.api import Adapter, ProviderApi
-from services.model.providers.config import ProviderSettings, Secret
-from services.model.providers.openai_wire import OpenAIAdapter
+from services.model.providers.api import ProviderApi
+from services.model.providers.config import ProviderSettings
 from tests.providers import anthropic_wire, openai_wire
 from tests.providers.loopback import serving
+from tests.providers.replica import provider_replica, provider_settings
 from tests.providers.wire_server import Reply, WireServer
 
 CLAUDE, GPT = "claude-sonnet-4-5", "gpt-4o-mini"
@@ -41,40 +38,23 @@ def loopback_providers() -> Iterator[WireServer]:
     yield from serving("sk-****")
 
 
-def _api(server: WireServer, backend: str) -> ProviderApi:
-    model = CLAUDE if backend == "anthropic" else GPT
-    adapter: Adapter
-    if backend == "anthropic":
-        client = anthropic.AsyncAnthropic(
-            api_key="sk-ant-test", base_url=server.base, max_retries=0, open_telemetry=False
-        )
-        adapter = AnthropicAdapter(client)
-    else:
-        adapter = OpenAIAdapter(
-            openai.AsyncOpenAI(api_key="sk-test", base_url=server.base + "/v1", max_retries=0)
-        )
-    settings = ProviderSettings(
-        backend="anthropic" if backend == "anthropic" else "openai",
-        base_url=server.base,
-        api_key=Secret("sk-test"),
+def _settings(server: WireServer, backend: str, model: str) -> ProviderSettings:
+    """The settings of a replica on ``server`` serving ``model`` through ``backend``."""
+    return provider_settings(
+        "anthropic" if backend == "anthropic" else "openai",
+        server.base if backend == "anthropic" else server.base + "/v1",
+        "sk-ant-test" if backend == "anthropic" else "sk-test",
         max_retries=2,
         backoff_s=0.01,
         backoff_max_s=0.02,
-        auth_recheck_s=60,
         upstream_ids={model: model},
     )
 
-    async def health(serving: bool) -> None:
-        return None
 
-    return ProviderApi(
-        adapter=adapter,
-        models={model: TABLE.models[model]},
-        replica_id="r1",
-        settings=settings,
-        tokenizer=load_tokenizers([TABLE.models[model]]),  # the row's own vocabulary
-        set_health=health,
-    )
+def _api(server: WireServer, backend: str) -> ProviderApi:
+    model = CLAUDE if backend == "anthropic" else GPT
+    # the SDK's adapter, the row's own vocabulary
+    return provider_replica(_settings(server, backend, model), [model])
 
 
 def _generate(api: ProviderApi, model: str, max_tokens: int = 16) -> list[model_pb2.GenerateChunk]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 
-import openai
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -17,15 +16,12 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.metrics import new_registry
-from services.common.models import load_model_table
 from services.common.tokens import load_cl100k
 from services.model.metrics import ModelMetrics
-from services.model.providers.api import ProviderApi
-from services.model.providers.config import ProviderSettings
-from services.model.providers.openai_wire import OpenAIAdapter
 from services.model.providers.progress import Progress
 from tests.providers import openai_wire
 from tests.providers.loopback import serving
+from tests.providers.replica import provider_replica, provider_settings
 from tests.providers.wire_server import Reply, WireServer
 
 MODEL = "local-small"
@@ -48,19 +44,8 @@ def _request() -> model_pb2.GenerateRequest:
 async def _served(server: WireServer, *replies: Reply) -> CollectorRegistry:
     """Each reply served by the engine through a provider replica, its chunks metered as
     the servicer meters them."""
-    base = server.base + "/v1"
-
-    async def set_health(serving: bool) -> None:
-        return None
-
-    api = ProviderApi(
-        adapter=OpenAIAdapter(openai.AsyncOpenAI(api_key="none", base_url=base, max_retries=0)),
-        models={MODEL: load_model_table().models[MODEL]},
-        replica_id="r1",
-        settings=ProviderSettings("openai", base, None, 0, 0.0, 0.0, 60.0, {}),
-        tokenizer=load_cl100k(),
-        set_health=set_health,
-    )
+    settings = provider_settings("openai", server.base + "/v1")  # an engine that takes no key
+    api = provider_replica(settings, [MODEL], tokenizer=load_cl100k())
     registry = new_registry()
     ticks = itertools.count()
     metrics = ModelMetrics(registry, [MODEL], lambda: float(next(ticks)))

@@ -10,8 +10,7 @@ from services.common.models import load_model_table
 from services.common.tokens import TokenizerError, Tokenizers, load_cl100k
 from services.model.engine import SimEngine
 from services.model.kv_cache import KvBlockCache
-from services.model.providers.api import ProviderApi
-from services.model.providers.config import ProviderSettings, Secret
+from tests.providers.replica import provider_replica, provider_settings
 from tests.unit.test_provider_deadline import RateLimitedAdapter
 
 TABLE = load_model_table()
@@ -38,25 +37,12 @@ def test_the_simulated_engine_refuses_it() -> None:
 
 
 def test_a_provider_replica_refuses_it() -> None:
-    async def set_health(serving: bool) -> None:
-        return None
-
-    settings = ProviderSettings(
-        backend="openai",
-        base_url="http://127.0.0.1:1",
-        api_key=Secret("sk-test"),
-        max_retries=0,
-        backoff_s=0.5,
-        backoff_max_s=8.0,
-        auth_recheck_s=60.0,
-        upstream_ids={},
-    )
+    settings = provider_settings("openai", "http://127.0.0.1:1", "sk-test")
     with pytest.raises(TokenizerError, match=REFUSED):
-        ProviderApi(
+        provider_replica(
+            settings,
+            [ROWS["gpt-4o"]],
             adapter=RateLimitedAdapter("1", 0),
-            models={"gpt-4o": ROWS["gpt-4o"]},
             replica_id="openai-1",
-            settings=settings,
             tokenizer=load_cl100k(),
-            set_health=set_health,
         )

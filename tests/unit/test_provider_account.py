@@ -14,13 +14,10 @@ import pytest
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from services.common.errors import Code, RequestError
-from services.common.models import load_model_table
-from services.common.tokens import load_tokenizers
-from services.model.providers.api import ProviderApi
-from services.model.providers.config import Backend, ProviderSettings, Secret
-from services.model.providers.wiring import build_adapter
+from services.model.providers.config import Backend
 from tests.providers import anthropic_wire, openai_wire
 from tests.providers.loopback import serving
+from tests.providers.replica import provider_replica, provider_settings
 from tests.providers.wire_server import Reply, WireServer
 
 CLAUDE = "claude-sonnet-4-5"
@@ -56,29 +53,14 @@ class Replica:
         self.now = 1000.0
         self.health: list[bool] = []
         base = server.base + ("/v1" if backend == "openai" else "")
-        settings = ProviderSettings(
-            backend=backend,
-            base_url=base,
-            api_key=Secret(f"sk-{backend}-loopback-0123456789abcdef"),
-            max_retries=3,
-            backoff_s=0.0,
-            backoff_max_s=0.0,
-            auth_recheck_s=RECHECK_S,
-            upstream_ids={},
-        )
+        key = f"sk-{backend}-loopback-0123456789abcdef"
+        settings = provider_settings(backend, base, key, max_retries=3, auth_recheck_s=RECHECK_S)
 
         async def set_health(serving: bool) -> None:
             self.health.append(serving)
 
-        table = load_model_table()
-        self.api = ProviderApi(
-            adapter=build_adapter(settings),
-            models={model: table.models[model]},
-            replica_id="r1",
-            settings=settings,
-            tokenizer=load_tokenizers([table.models[model]]),
-            set_health=set_health,
-            clock=lambda: self.now,
+        self.api = provider_replica(
+            settings, [model], set_health=set_health, clock=lambda: self.now
         )
 
     async def call(

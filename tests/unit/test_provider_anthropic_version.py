@@ -20,12 +20,9 @@ from anthropic._constants import ANTHROPIC_API_VERSION
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
-from services.common.models import load_model_table
-from services.common.tokens import load_tokenizers
 from services.model.providers.api import ProviderApi
-from services.model.providers.config import ProviderSettings, Secret
-from services.model.providers.wiring import build_adapter
 from tests.providers.loopback import serving
+from tests.providers.replica import provider_replica, provider_settings
 from tests.providers.wire_server import WireServer
 
 CLAUDE = "claude-haiku-4-5"
@@ -80,30 +77,8 @@ def test_the_loopback_server_refuses_a_missing_or_unknown_version(server: WireSe
 @pytest.fixture
 async def replica(server: WireServer) -> AsyncIterator[ProviderApi]:
     server.reset()
-    settings = ProviderSettings(
-        backend="anthropic",
-        base_url=server.base,
-        api_key=Secret("sk-ant-loopback-0123456789abcdef"),
-        max_retries=0,
-        backoff_s=0.0,
-        backoff_max_s=0.0,
-        auth_recheck_s=60.0,
-        upstream_ids={},
-    )
-
-    async def set_health(serving: bool) -> None:
-        return None
-
-    table = load_model_table()
-    api = ProviderApi(
-        adapter=build_adapter(settings),
-        models={CLAUDE: table.models[CLAUDE]},
-        replica_id="r1",
-        settings=settings,
-        tokenizer=load_tokenizers([table.models[CLAUDE]]),
-        set_health=set_health,
-        clock=lambda: 1000.0,
-    )
+    settings = provider_settings("anthropic", server.base, "sk-ant-loopback-0123456789abcdef")
+    api = provider_replica(settings, [CLAUDE], clock=lambda: 1000.0)
     yield api
     await api.close()
 

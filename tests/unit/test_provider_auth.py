@@ -21,8 +21,8 @@ from services.common.errors import Code, RequestError
 from services.common.models import ModelSpec, load_model_table
 from services.common.tokens import Tokenizers, load_tokenizers
 from services.model.providers.api import ProviderApi
-from services.model.providers.config import ProviderSettings, Secret
 from services.model.providers.progress import Progress
+from tests.providers.replica import provider_replica, provider_settings
 from tests.waits import reached
 
 KEY = "sk-proj-test-0123456789abcdef"
@@ -92,22 +92,11 @@ def _api(
     async def set_health(serving: bool) -> None:
         health.append(serving)
 
-    table = load_model_table()
-    settings = ProviderSettings(
-        backend="openai",
-        base_url="https://api.openai.com/v1",
-        api_key=Secret(KEY),
-        max_retries=2,
-        backoff_s=0.0,
-        backoff_max_s=0.0,
-        auth_recheck_s=60.0,
-        upstream_ids={},
-    )
-    return ProviderApi(
+    settings = provider_settings("openai", "https://api.openai.com/v1", KEY, max_retries=2)
+    return provider_replica(
+        settings,
+        [FORBIDDEN_MODEL, ALLOWED_MODEL],
         adapter=adapter,
-        models={m: table.models[m] for m in (FORBIDDEN_MODEL, ALLOWED_MODEL)},
-        replica_id="r1",
-        settings=settings,
         tokenizer=tokenizer,
         set_health=set_health,
         clock=clock,

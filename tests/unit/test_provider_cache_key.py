@@ -11,19 +11,15 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 
-import openai
 import pytest
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from services.common.keyfile import TENANT_PATTERN
-from services.common.models import load_model_table
 from services.common.tokens import load_vocabulary
-from services.model.providers.api import ProviderApi
 from services.model.providers.cache_key import tenant_cache_key
-from services.model.providers.config import ProviderSettings
-from services.model.providers.openai_wire import OpenAIAdapter
 from tests.providers.loopback import serving
+from tests.providers.replica import provider_replica, provider_settings
 from tests.providers.wire_server import WireServer
 
 MODEL = "gpt-4o"
@@ -49,18 +45,11 @@ def _call(tenant: str, key: str) -> model_pb2.GenerateRequest:
 
 async def _sent_keys(server: WireServer, *calls: model_pb2.GenerateRequest) -> list[object]:
     """The ``prompt_cache_key`` of each body the provider received for ``calls``."""
-    base = server.base + "/v1"
-
-    async def set_health(serving: bool) -> None:
-        return None
-
-    api = ProviderApi(
-        adapter=OpenAIAdapter(openai.AsyncOpenAI(api_key="none", base_url=base, max_retries=0)),
-        models={MODEL: load_model_table().models[MODEL]},
-        replica_id="r1",
-        settings=ProviderSettings("openai", base, None, 0, 0.0, 0.0, 60.0, {}),
+    settings = provider_settings("openai", server.base + "/v1")  # an engine that takes no key
+    api = provider_replica(
+        settings,
+        [MODEL],
         tokenizer=load_vocabulary("o200k_base"),  # the gpt rows' vocabulary
-        set_health=set_health,
     )
     server.reset()
     try:

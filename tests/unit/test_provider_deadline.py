@@ -17,11 +17,11 @@ import pytest
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from services.common.errors import Code, RequestError
-from services.common.models import ModelSpec, load_model_table
+from services.common.models import ModelSpec
 from services.common.tokens import Tokenizer, load_cl100k
 from services.model.providers.api import ProviderApi
-from services.model.providers.config import ProviderSettings, Secret
 from services.model.providers.progress import Progress
+from tests.providers.replica import provider_replica, provider_settings
 
 MODEL = "claude-sonnet-4-5"
 
@@ -81,26 +81,20 @@ def tokenizer() -> Tokenizer:
 
 
 def _api(adapter: RateLimitedAdapter, clock: Clock, tokenizer: Tokenizer) -> ProviderApi:
-    async def set_health(serving: bool) -> None:
-        return None
-
-    settings = ProviderSettings(
-        backend="anthropic",
-        base_url="http://127.0.0.1:1",
-        api_key=Secret("sk-ant-test"),
+    settings = provider_settings(
+        "anthropic",
+        "http://127.0.0.1:1",
+        "sk-ant-test",
         max_retries=2,
         backoff_s=0.5,
         backoff_max_s=8.0,
-        auth_recheck_s=60.0,
-        upstream_ids={},
     )
-    return ProviderApi(
+    return provider_replica(
+        settings,
+        [MODEL],
         adapter=adapter,
-        models={MODEL: load_model_table().models[MODEL]},
         replica_id="anthropic-1",
-        settings=settings,
         tokenizer=tokenizer,
-        set_health=set_health,
         clock=clock,
         sleep=clock.sleep,
     )

@@ -18,13 +18,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from services.common.errors import Code, RequestError
-from services.common.models import load_model_table
-from services.common.tokens import load_tokenizers
-from services.model.providers.api import ProviderApi
-from services.model.providers.config import Backend, ProviderSettings, Secret
-from services.model.providers.wiring import build_adapter
+from services.model.providers.config import Backend
 from tests.providers import anthropic_wire, openai_wire
 from tests.providers.loopback import serving
+from tests.providers.replica import provider_replica, provider_settings
 from tests.providers.wire_server import Reply, WireServer, dumps
 
 CLAUDE = "claude-haiku-4-5"
@@ -53,30 +50,9 @@ class Replica:
     def __init__(self, server: WireServer, backend: Backend) -> None:
         server.reset()
         self.backend, self.model = backend, MODELS[backend]
-        settings = ProviderSettings(
-            backend=backend,
-            base_url=server.base + ("/v1" if backend == "openai" else ""),
-            api_key=Secret(_key(backend)),
-            max_retries=TRIES - 1,
-            backoff_s=0.0,
-            backoff_max_s=0.0,
-            auth_recheck_s=60.0,
-            upstream_ids={},
-        )
-
-        async def set_health(serving: bool) -> None:
-            return None
-
-        table = load_model_table()
-        self.api = ProviderApi(
-            adapter=build_adapter(settings),
-            models={self.model: table.models[self.model]},
-            replica_id="r1",
-            settings=settings,
-            tokenizer=load_tokenizers([table.models[self.model]]),
-            set_health=set_health,
-            clock=lambda: 1000.0,
-        )
+        base = server.base + ("/v1" if backend == "openai" else "")
+        settings = provider_settings(backend, base, _key(backend), max_retries=TRIES - 1)
+        self.api = provider_replica(settings, [self.model], clock=lambda: 1000.0)
         self.spans = InMemorySpanExporter()
         provider = TracerProvider()
         provider.add_span_processor(SimpleSpanProcessor(self.spans))

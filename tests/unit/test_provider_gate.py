@@ -17,12 +17,12 @@ from cachemesh.v1 import model_pb2
 from cachemesh.v1.prompt_pb2 import PromptFacts
 from services.common.env import ConfigError
 from services.common.errors import Code, RequestError
-from services.common.models import ModelSpec, load_model_table
+from services.common.models import ModelSpec
 from services.common.tokens import Tokenizer, load_cl100k
 from services.model.providers.api import ProviderApi
-from services.model.providers.config import ProviderSettings
 from services.model.providers.progress import Progress
 from services.model.settings import ModelSettings
+from tests.providers.replica import provider_replica, provider_settings
 
 MODEL = "local-small"
 
@@ -72,26 +72,12 @@ def tokenizer() -> Tokenizer:
 def _api(
     engine: HeldEngine, tokenizer: Tokenizer, gate: int, telemetry: Telemetry | None = None
 ) -> ProviderApi:
-    async def set_health(serving: bool) -> None:
-        return None
-
-    settings = ProviderSettings(
-        backend="openai",
-        base_url="http://127.0.0.1:1/v1",
-        api_key=None,
-        max_retries=0,
-        backoff_s=0.5,
-        backoff_max_s=8.0,
-        auth_recheck_s=60.0,
-        upstream_ids={},
-    )
-    return ProviderApi(
+    return provider_replica(
+        provider_settings("openai", "http://127.0.0.1:1/v1"),  # an engine that takes no key
+        [MODEL],
         adapter=engine,
-        models={MODEL: load_model_table().models[MODEL]},
         replica_id="llama-1",
-        settings=settings,
         tokenizer=tokenizer,
-        set_health=set_health,
         max_concurrent_calls=gate,
         watcher=telemetry,
         waits=telemetry,

@@ -12,19 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import openai
 import pytest
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from services.common.models import ModelSpec, load_model_table
 from services.common.tokens import load_cl100k
-from services.model.providers.api import ProviderApi
-from services.model.providers.config import ProviderSettings
-from services.model.providers.openai_wire import OpenAIAdapter
 from services.model.providers.prefill_echo import EchoedPrefill
 from tests.providers import openai_wire
 from tests.providers.loopback import serving
+from tests.providers.replica import provider_replica, provider_settings
 from tests.providers.wire_server import Reply, WireServer
 
 PREFILL = "The capital of France is"
@@ -50,19 +47,8 @@ async def _answer(
     server: WireServer, spec: ModelSpec, prefill: str, pieces: list[str]
 ) -> tuple[list[str], model_pb2.GenerateEnd]:
     """The text deltas and the end a replica of ``spec`` sends for the engine's ``pieces``."""
-    base = server.base + "/v1"
-
-    async def set_health(serving: bool) -> None:
-        return None
-
-    api = ProviderApi(
-        adapter=OpenAIAdapter(openai.AsyncOpenAI(api_key="none", base_url=base, max_retries=0)),
-        models={spec.id: spec},
-        replica_id="r1",
-        settings=ProviderSettings("openai", base, None, 0, 0.0, 0.0, 60.0, {}),
-        tokenizer=load_cl100k(),
-        set_health=set_health,
-    )
+    settings = provider_settings("openai", server.base + "/v1")  # an engine that takes no key
+    api = provider_replica(settings, [spec], tokenizer=load_cl100k())
     server.script(
         "openai", Reply(events=openai_wire.stream("m", pieces, openai_wire.usage(42, 0, 3)))
     )

@@ -13,10 +13,10 @@ import httpx2
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from services.common.models import ModelSpec, load_model_table
-from services.common.tokens import CL100K, O200K, load_tokenizers, load_vocabulary
+from services.common.tokens import CL100K, O200K, load_vocabulary
 from services.model.providers.api import ProviderApi
-from services.model.providers.config import ProviderSettings, Secret
 from services.model.providers.progress import Progress
+from tests.providers.replica import provider_replica, provider_settings
 
 MODEL = "gpt-4o"
 TABLE = load_model_table()
@@ -46,28 +46,9 @@ class BreakingAdapter:
 
 
 def _api() -> ProviderApi:
-    async def set_health(serving: bool) -> None:
-        return None
-
-    settings = ProviderSettings(
-        backend="openai",
-        base_url="http://127.0.0.1:1/v1",
-        api_key=Secret("sk-test"),
-        max_retries=0,
-        backoff_s=0.5,
-        backoff_max_s=8.0,
-        auth_recheck_s=60.0,
-        upstream_ids={},
-    )
-    models = {MODEL: TABLE.models[MODEL]}
-    return ProviderApi(
-        adapter=BreakingAdapter(),
-        models=models,
-        replica_id="openai-1",
-        settings=settings,
-        tokenizer=load_tokenizers(models.values()),
-        set_health=set_health,
-    )
+    settings = provider_settings("openai", "http://127.0.0.1:1/v1", "sk-test")
+    # counting with the row's own vocabulary (o200k_base), as serve() loads it
+    return provider_replica(settings, [MODEL], adapter=BreakingAdapter(), replica_id="openai-1")
 
 
 async def test_a_gpt_4o_stream_cut_midway_counts_its_output_with_o200k() -> None:
