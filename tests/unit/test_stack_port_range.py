@@ -90,3 +90,23 @@ def test_a_range_used_up_is_an_error_naming_it_not_ports_from_outside(
     assert sorted(free_ports(2)) == [low, low + 1]
     with pytest.raises(RuntimeError, match=f"{PORT_RANGE_VAR}={low}-{low + 1}.*widen"):
         free_port()
+
+
+def test_free_ports_for_a_stack_avoid_the_ports_its_settings_give_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``up --free-ports`` with no range: the kernel's ephemeral range holds the stack's own
+    default ports (50051, the router's, was handed to semantic-cache: a default ``make up``
+    after it found its port taken). Here a range of 24 free ports, two of them the ports the
+    settings give the router and semantic-cache: neither is handed out, however often."""
+    low = _free_run(24)
+    monkeypatch.setenv(PORT_RANGE_VAR, f"{low}-{low + 23}")
+    settings = {
+        "ROUTER_LISTEN": f"127.0.0.1:{low}",
+        "SEMANTIC_CACHE_LISTEN": f"127.0.0.1:{low + 1}",
+    }
+    for _ in range(10):
+        monkeypatch.setattr(ports, "_recent", collections.deque(maxlen=ports._RECENT_LIMIT))
+        overrides = ports.free_port_overrides(settings)
+        handed = {int(v.rpartition(":")[2]) for v in overrides.values()}
+        assert len(handed) > 10 and not handed & {low, low + 1}, (low, sorted(handed))

@@ -16,7 +16,7 @@ import os
 import random
 import socket
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -48,11 +48,11 @@ def free_port(host: str = "127.0.0.1") -> int:
     return free_ports(1, host)[0]
 
 
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+def free_ports(count: int, host: str = "127.0.0.1", avoid: Collection[int] = ()) -> list[int]:
     """``count`` different free ports: all held open until all are chosen (one at a time, the
     kernel may hand the same port out twice), from ``CACHEMESH_FREE_PORT_RANGE`` when set
     (a RuntimeError when it has too few left), none of them one of the last 1,024 this
-    process handed out."""
+    process handed out, nor one of ``avoid`` (free now, but another's to take)."""
     span = os.environ.get(PORT_RANGE_VAR, "")
     candidates = _candidates(span)
     with _recent_lock, contextlib.ExitStack() as held:
@@ -71,10 +71,28 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
             except OSError:
                 continue  # in use: the next candidate
             port = int(sock.getsockname()[1])
-            if port not in _recent:  # else handed out lately: held, and the next candidate
+            if port not in _recent and port not in avoid:  # else held, and the next candidate
                 ports.append(port)
         _recent.extend(ports)
         return ports
+
+
+def _settings_ports(settings: Mapping[str, str]) -> set[int]:
+    """The ports ``settings`` (or the defaults) give the stack's services, their metrics and
+    its Redis."""
+    addresses = [settings.get(s.listen_var) or f"127.0.0.1:{s.default_port}" for s in SERVICES]
+    addresses += [
+        settings.get(s.metrics_var) or f"127.0.0.1:{s.default_metrics_port}"
+        for s in SERVICES
+        if s.metrics_var
+    ]
+    redis = stack_redis_address(settings)
+    ports = set()
+    for address in [*addresses, *([redis] if redis else [])]:
+        port = address.rpartition(":")[2]
+        if port.isascii() and port.isdigit():
+            ports.add(int(port))
+    return ports
 
 
 def _candidates(span: str) -> Iterator[int]:
@@ -124,7 +142,9 @@ def relocate(
 def free_port_overrides(settings: Mapping[str, str], host: str = "127.0.0.1") -> dict[str, str]:
     """Overrides putting every service, and its metrics, on free ports of ``host`` (for tests
     and benchmarks), and the stack's own Redis (when it runs one) too."""
-    ports = iter(free_ports(2 * len(SERVICES) + 1, host))
+    # not the ports the settings give the stack (the kernel's ephemeral range holds 50051 and
+    # its neighbours): a stack started there later, a default ``make up``, would find them taken
+    ports = iter(free_ports(2 * len(SERVICES) + 1, host, avoid=_settings_ports(settings)))
     addresses = {s.name: f"{host}:{next(ports)}" for s in SERVICES}
     metrics = {s.name: f"{host}:{next(ports)}" for s in SERVICES}
     overrides = relocate(settings, addresses, addresses, metrics)
