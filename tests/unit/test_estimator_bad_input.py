@@ -148,3 +148,59 @@ def test_a_router_card_not_calibrated_is_refused_as_the_router_refuses_it(
     message = str(exited.value.code)
     assert message.startswith(f"estimator: router card {CARD_PATH} is not calibrated"), message
     assert "make calibrate-router" in message and "ROUTER_THRESHOLD" in message
+
+
+@pytest.mark.parametrize(
+    ("lines", "held"),
+    [
+        ("", "no request"),
+        ("\n\n", "no request"),
+        (f'{{"t_ms": 0, "tenant": "a", "warmup": true, "request": {REQ}}}\n', "only 1 warm-up"),
+    ],
+)
+def test_a_log_with_no_measured_request_is_refused(tmp_path: Path, lines: str, held: str) -> None:
+    """Before: an empty log (or a load run's interrupted in its warm-up) printed a table of
+    0 requests, $0.0000 and "(0.0% saved)", exit 0."""
+    path = tmp_path / "log.jsonl"
+    path.write_text(lines)
+    with pytest.raises(SystemExit) as exited:
+        main(["--log", str(path)])
+    assert str(exited.value.code).startswith(f"estimator: {path} holds {held}")
+
+
+def test_ctrl_c_is_said_in_a_line_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: a Ctrl-C while the workload loaded or the replay ran was a KeyboardInterrupt
+    traceback."""
+    from services.tools.estimator import cli
+
+    def interrupted(*_: object, **__: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "OfflineStack", interrupted)
+    with pytest.raises(SystemExit) as exited:
+        main(["--workload", "synthetic", "--requests", "2"])
+    assert exited.value.code == 130
+    assert capsys.readouterr().err == "estimator: interrupted (Ctrl-C): no estimate\n"
+
+
+def test_an_out_write_cut_midway_leaves_the_earlier_estimate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: --force wrote over the earlier estimate in place, so a Ctrl-C (or a full disk)
+    mid-write left half a JSON document."""
+    earlier = tmp_path / "est.json"
+    earlier.write_text('{"an": "earlier estimate"}\n')
+    write_text = Path.write_text
+
+    def cut_midway(self: Path, data: str, *args: object, **kwargs: object) -> int:
+        write_text(self, data[: len(data) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", cut_midway)
+    with pytest.raises(SystemExit):
+        main(["--workload", "synthetic", "--requests", "2", "--out", str(earlier), "--force"])
+    monkeypatch.undo()
+    assert earlier.read_text() == '{"an": "earlier estimate"}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["est.json"]  # no temporary file left

@@ -19,6 +19,7 @@ import asyncio
 import difflib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ from services.tools.stack.service_table import SERVICES
 
 ROOT = Path(__file__).resolve().parents[3]
 SCHEMA = "cachemesh.estimate.v1"
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 # what --set may name: the variables some service of the stack reads
 SETTINGS = frozenset(key for service in SERVICES for key in service.env_keys)
 
@@ -120,11 +122,29 @@ def _writable(path: Path) -> None:
         raise ValueError(f"--out: cannot write {path}: {exc.strerror}") from None
 
 
+def _replace(path: Path, text: str) -> None:
+    """Writes ``path`` whole or not at all (a Ctrl-C or a full disk mid-write leaves an
+    earlier estimate as it was, not half of this one): a file beside it renamed over it."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temp.write_text(text, encoding="utf-8")
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
 def _records(
     args: argparse.Namespace,
 ) -> tuple[list[LogRecord], dict[str, object], dict[frozenset[str], int]]:
     if args.log is not None:
         records = list(read_log(args.log))
+        if not any(not r.warmup for r in records):  # its estimate: $0 of $0, "0.0% saved"
+            warmups = sum(r.warmup for r in records)
+            held = f"only {warmups} warm-up request(s)" if warmups else "no request"
+            raise ValueError(
+                f"{args.log} holds {held}: nothing to estimate (a cachemesh-load --log-out "
+                "log of a run that sent its measured requests)"
+            )
         return records, {"log": str(args.log), "timing": log_timing(records)}, {}
     spec = WorkloadSpec(args.workload, args.seed, "estimate", args.data_dir, args.mix,
                         args.repeat_rate, args.paraphrase_rate)  # fmt: skip
@@ -136,6 +156,14 @@ def _records(
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        _main(argv)
+    except KeyboardInterrupt:  # was a traceback from wherever the replay was
+        print("estimator: interrupted (Ctrl-C): no estimate", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT)
+
+
+def _main(argv: list[str] | None) -> None:
     args = _parser().parse_args(argv)
     what_if = WhatIf(l1=not args.no_l1, l2_ttl=args.l2_ttl, routing=args.routing)
     try:
@@ -193,5 +221,5 @@ def main(argv: list[str] | None = None) -> None:
     }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(doc, indent=2) + "\n")
+        _replace(args.out, json.dumps(doc, indent=2) + "\n")
     print(report.table(results, latency=False))
