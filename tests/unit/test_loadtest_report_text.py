@@ -228,3 +228,25 @@ def test_a_unix_socket_target_is_not_told_to_give_the_run_dir_it_gave(tmp_path: 
     stack, why = cli.target_stack(tmp_path / "none.env", tmp_path, "unix:/run/gw.sock")
     assert stack == {} and why is not None
     assert "Unix socket" in why and "give --run-dir" not in why, why
+
+
+def test_a_run_with_no_completed_request_shows_no_latency_or_saving_figure() -> None:
+    """A run interrupted in its warm-up (or whose every request failed) printed an ``all``
+    latency row of 0.0 ms at every percentile and "(0.0% saved)": times and a share of
+    requests that did not happen."""
+    table = report.table(summarise([], {}))
+    (latency,) = [x for x in table.splitlines() if x.startswith("all")]
+    assert latency.split() == ["all", "0", "-", "-", "-", "-", "-"], latency
+    (total,) = [x for x in table.splitlines() if x.startswith("total")]
+    assert "% saved" not in total and "no completed request" in total, total
+    failed = summarise([Sample("q", "error", "RESOURCE_EXHAUSTED", 0.0, 0.1, None)], {})
+    (total,) = [x for x in report.table(failed).splitlines() if x.startswith("total")]
+    assert "% saved" not in total and "no completed request" in total, total
+
+
+def test_a_run_with_completed_requests_keeps_its_figures() -> None:
+    table = report.table(_billed_results())
+    (latency,) = [x for x in table.splitlines() if x.startswith("all")]
+    assert latency.split()[1] == "4" and "-" not in latency.split(), latency
+    (total,) = [x for x in table.splitlines() if x.startswith("total")]
+    assert "% saved)" in total, total

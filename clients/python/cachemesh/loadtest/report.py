@@ -68,6 +68,8 @@ def _latency_lines(results: Mapping[str, Any]) -> list[str]:
 
 
 def _latency_row(name: str, row: Mapping[str, Any]) -> str:
+    if not row["n"]:  # no sample: no latency (its JSON zeros are not times a request took)
+        return f"{name:16}{0:>7}" + "".join(f"{'-':>9}" for _ in range(5))
     return (
         f"{name:16}{row['n']:>7}{row['p50']:>9.1f}{row['p90']:>9.1f}{row['p95']:>9.1f}"
         f"{row['p99']:>9.1f}{row['max']:>9.1f}"
@@ -95,8 +97,12 @@ def _cost_lines(results: Mapping[str, Any]) -> list[str]:
     lines.append(
         f"{'total':16}{results['completed']:>9}{'':>10}{_usd(cost['cost_nanos']):>13}"
         f"{_usd(cost['baseline_nanos']):>13}{_usd(cost['saved_nanos']):>13}"
-        f"  ({cost['saved_fraction']:.1%} saved"
-        + (" on the completed requests only)" if errored else ")")
+        + (  # no request completed: a share of nothing is no figure
+            f"  ({cost['saved_fraction']:.1%} saved"
+            + (" on the completed requests only)" if errored else ")")
+            if results["completed"]
+            else "  (no completed request: no saving to tell)"
+        )
     )
     if billed:
         lines.append(  # its count is the stack's model calls (retries, cut calls), not requests
