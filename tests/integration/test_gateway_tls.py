@@ -165,9 +165,10 @@ def test_the_load_tester_takes_the_clis_tls_settings_for_every_channel(
     """``cachemesh-load`` with the CLI's TLS settings: the health probe, both client
     processes and the billed totals (the admin token) all reach the mutual-TLS router."""
     out = tmp_path / "load.json"
+    (tmp_path / "empty.env").touch()  # --stack-config: no setting
     command = [sys.executable, "-m", "cachemesh.loadtest", "--target", router, "--requests", "4",
                "--processes", "2", "--concurrency", "2", "--workload", "synthetic",
-               "--out", str(out), "--stack-config", str(tmp_path / "none.env")]  # fmt: skip
+               "--out", str(out), "--stack-config", str(tmp_path / "empty.env")]  # fmt: skip
     env = {
         "PATH": "/usr/bin:/bin",
         "CACHEMESH_API_KEY": stack.keys["tenant-a"],

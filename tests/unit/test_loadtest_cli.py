@@ -24,6 +24,7 @@ from cachemesh.v1 import admin_pb2 as adm
 from cachemesh.v1 import admin_pb2_grpc
 from cachemesh.v1 import gateway_pb2 as pb
 from services.tools.stack.ports import free_port
+from tests.unit.loadtest_cli import stack_config
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +40,7 @@ def _key(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _run(tmp_path: Path, *extra: str) -> int:
     args = ["--target", "127.0.0.1:1", "--out", str(tmp_path / "r.json"), "--requests", "2"]
-    return cli.main([*args, "--stack-config", str(tmp_path / "none.env"), *extra])
+    return cli.main([*args, "--stack-config", str(stack_config(tmp_path)), *extra])
 
 
 @pytest.mark.parametrize(
@@ -75,7 +76,7 @@ def test_an_existing_report_file_is_refused_unless_forced(
     earlier = tmp_path / "earlier"
     earlier.write_text("an earlier run's\n")
     args = ["--target", "127.0.0.1:1", "--requests", "2", "--duration", "0.5",
-            "--stack-config", str(tmp_path / "none.env")]  # fmt: skip
+            "--stack-config", str(stack_config(tmp_path))]  # fmt: skip
     out = [] if flag == "--out" else ["--out", str(tmp_path / "r.json")]
     assert cli.main([*args, *out, flag, str(earlier)]) == 2
     assert f"{earlier} exists: pass --force to replace it" in capsys.readouterr().err
@@ -424,7 +425,7 @@ def test_with_the_admin_token_the_report_has_the_runs_billed_spend(
     monkeypatch.setattr(billed, "POLL_S", 0.0)  # fake reads: nothing to wait for, and
     monkeypatch.setattr(billed, "QUIET_S", 0.0)  # settled at the first repeated read
     args = ["--target", target, "--out", str(tmp_path / "r.json"), "--requests", "2"]
-    assert cli.main([*args, "--stack-config", str(tmp_path / "none.env")]) == 1
+    assert cli.main([*args, "--stack-config", str(stack_config(tmp_path))]) == 1
     cost = json.loads((tmp_path / "r.json").read_text())["results"]["cost"]
     assert cost["billed"] == {
         "source": "Admin.GetStats (every tenant)",
@@ -459,7 +460,7 @@ def test_a_wrong_admin_token_costs_only_the_billed_figure(
     monkeypatch.setenv("CACHEMESH_ADMIN_TOKEN", "not-the-token")
     monkeypatch.setattr(cli, "run_load", _cut_run)
     args = ["--target", target, "--out", str(tmp_path / "r.json"), "--requests", "2"]
-    assert cli.main([*args, "--stack-config", str(tmp_path / "none.env")]) == 1
+    assert cli.main([*args, "--stack-config", str(stack_config(tmp_path))]) == 1
     doc = json.loads((tmp_path / "r.json").read_text())
     assert doc["results"]["cost"]["billed"] is None
     assert any("could not read the stack's billed totals" in w for w in doc["warnings"])
@@ -513,7 +514,7 @@ def test_no_gateway_at_the_target_is_refused_before_the_warm_up(
     target = f"127.0.0.1:{free_port()}"
     log = tmp_path / "log.jsonl"
     args = ["--target", target, "--out", str(tmp_path / "r.json"), "--log-out", str(log)]
-    assert cli.main([*args, "--warmup", "2", "--stack-config", str(tmp_path / "none")]) == 2
+    assert cli.main([*args, "--warmup", "2", "--stack-config", str(stack_config(tmp_path))]) == 2
     assert capsys.readouterr().err == f"cachemesh-load: no Gateway at {target} (make up?)\n"
     assert not log.exists() and not (tmp_path / "r.json").exists()
 
@@ -533,7 +534,7 @@ def test_a_target_that_is_not_a_serving_gateway_is_refused(
     monkeypatch.setattr(cli, "check_gateway", check_gateway)
     monkeypatch.setattr(cli, "run_load", _never_run)
     args = ["--target", target, "--out", str(tmp_path / "r.json")]
-    assert cli.main([*args, "--stack-config", str(tmp_path / "none")]) == 2
+    assert cli.main([*args, "--stack-config", str(stack_config(tmp_path))]) == 2
     assert said in capsys.readouterr().err
 
 
@@ -546,5 +547,5 @@ def test_a_serving_gateway_is_run_against(
     monkeypatch.setattr(cli, "check_gateway", check_gateway)
     monkeypatch.setattr(cli, "run_load", _cut_run)
     args = ["--target", target, "--out", str(tmp_path / "r.json")]
-    assert cli.main([*args, "--stack-config", str(tmp_path / "none")]) == 1  # the cut request
+    assert cli.main([*args, "--stack-config", str(stack_config(tmp_path))]) == 1  # the cut request
     assert (tmp_path / "r.json").exists()

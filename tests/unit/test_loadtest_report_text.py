@@ -250,3 +250,28 @@ def test_a_run_with_completed_requests_keeps_its_figures() -> None:
     assert latency.split()[1] == "4" and "-" not in latency.split(), latency
     (total,) = [x for x in table.splitlines() if x.startswith("total")]
     assert "% saved)" in total, total
+
+
+def test_a_stack_config_that_does_not_exist_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: a mistyped --stack-config was read as no settings: the report's stack held
+    only the run dir's ports (18 of the stack's 61 settings), without a word."""
+    args = ["--target", "127.0.0.1:1", "--out", str(tmp_path / "r.json"), "--requests", "2"]
+    assert cli.main([*args, "--stack-config", str(tmp_path / "typo.env")]) == 2
+    err = capsys.readouterr().err
+    assert f"--stack-config {tmp_path / 'typo.env'}: no such file" in err, err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_no_env_file_where_it_is_run_is_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run outside the repository (no .env in the cwd, no --stack-config): the report's stack
+    was empty without a word."""
+    monkeypatch.chdir(tmp_path)
+    args = ["--target", "127.0.0.1:1", "--out", str(tmp_path / "r.json"), "--requests", "2"]
+    cli.main([*args, "--duration", "0.5"])
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["stack"] == {}
+    assert any("settings are not recorded: no .env here" in w for w in doc["warnings"])

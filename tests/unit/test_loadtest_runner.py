@@ -460,6 +460,7 @@ def test_ctrl_c_writes_the_report_and_the_log_of_the_run_until_then(
     target, fake = gateway
     fake.delay_s = 0.2
     out, log_out = tmp_path / "r.json", tmp_path / "r.jsonl"
+    (tmp_path / "empty.env").touch()  # --stack-config: no setting
     env = {**os.environ, "CACHEMESH_API_KEY": "k", "CACHEMESH_KEY_B": "k2"}
     for name in ("CACHEMESH_ADMIN_TOKEN_FILE", "CACHEMESH_ADMIN_TOKEN"):
         env.pop(name, None)
@@ -467,7 +468,7 @@ def test_ctrl_c_writes_the_report_and_the_log_of_the_run_until_then(
         [sys.executable, "-m", "cachemesh.loadtest", "--target", target, "--mode", mode,
          "--rate", "50", "--concurrency", "2", "--processes", str(processes),
          "--requests", "5000", "--out", str(out), "--log-out", str(log_out),
-         "--stack-config", str(tmp_path / "none.env")],
+         "--stack-config", str(tmp_path / "empty.env")],
         env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True,
     )  # fmt: skip
@@ -490,7 +491,8 @@ def test_ctrl_c_writes_the_report_and_the_log_of_the_run_until_then(
     assert cut == 2 if mode == "closed" else cut >= 1
     assert 10 <= results["requests"] == results["completed"] + cut < 5000
     assert len(log_out.read_text().splitlines()) == results["requests"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.jsonl"]  # no temp file
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["empty.env", "r.json", "r.jsonl"]  # no temp file (empty.env: the config)
 
 
 def test_a_wall_clock_step_mid_run_changes_no_duration(

@@ -24,6 +24,7 @@ from cachemesh.v1 import admin_pb2 as adm
 from cachemesh.v1 import admin_pb2_grpc, gateway_pb2_grpc
 from cachemesh.v1 import gateway_pb2 as pb
 from tests.certs import Authority, Issued
+from tests.unit.loadtest_cli import stack_config
 
 SETTINGS = ("CACHEMESH_TLS", "CACHEMESH_CA_FILE", "CACHEMESH_CERT_FILE", "CACHEMESH_KEY_FILE")
 KEY_A, KEY_B, ADMIN = "cm_tenant_a_SECRET", "cm_tenant_b_SECRET", "adm_SECRET"
@@ -126,7 +127,7 @@ def _env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _load(tmp_path: Path, target: str, *extra: str) -> int:
     args = ["--target", target, "--out", str(tmp_path / "r.json"), "--requests", "6"]
-    return cli.main([*args, "--stack-config", str(tmp_path / "none.env"), *extra])
+    return cli.main([*args, "--stack-config", str(stack_config(tmp_path)), *extra])
 
 
 def test_a_mutual_tls_run_dials_every_channel_over_tls_each_client_process_too(

@@ -118,8 +118,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--log-out", type=Path, default=None, help="the requests as a JSONL log")
     p.add_argument("--force", action="store_true",
                    help="replace an existing --out, --chart or --log-out file")  # fmt: skip
-    p.add_argument("--stack-config", type=Path, default=Path(".env"),
-                   help="env file the stack was started with (recorded in the report)")  # fmt: skip
+    p.add_argument("--stack-config", type=Path, default=None,
+                   help="env file the stack was started with (recorded in the report; "
+                   "default: .env)")  # fmt: skip
     p.add_argument("--run-dir", type=Path, default=None,
                    help="the target stack's run dir (its ports.env: where `up --free-ports` "
                    "moved it; default: .run beside --stack-config)")  # fmt: skip
@@ -145,6 +146,11 @@ def _check(args: argparse.Namespace, tls: Tls | None) -> None:
         raise ValueError("--rate must be a number over 0 (arrivals a second) for --mode open")
     if not 0 < args.timeout <= TIMEOUT_MAX_S:  # nan and inf too: gRPC's deadline overflows
         raise ValueError(f"--timeout must be > 0 seconds, at most {TIMEOUT_MAX_S:,.0f}")
+    if args.stack_config is not None and not args.stack_config.is_file():  # a typo's report
+        raise ValueError(  # recorded no setting of the stack, without a word
+            f"--stack-config {args.stack_config}: no such file (the env file the stack was "
+            "started with: .env in the repository)"
+        )
     files = {"--out": args.out, "--chart": args.chart, "--log-out": args.log_out}
     for flag, path in files.items():  # before the run, not after it
         if path is not None:
@@ -174,6 +180,7 @@ def stack_config(path: Path) -> dict[str, str]:
     return {key: mask(key, os.environ.get(key, value)) for key, value in values.items()}
 
 
+DEFAULT_STACK_CONFIG = Path(".env")  # the repository's, when run from its root
 MOVED_FILE = "ports.env"  # in a stack's run dir: the addresses `up --free-ports` chose
 LISTEN = "ROUTER_LISTEN"  # where the stack's Gateway listens
 
@@ -274,8 +281,14 @@ def main(argv: list[str] | None = None) -> int:
         missing = {i.tenant for i in [*warmup, *plan]} - set(keys)
         if missing:
             raise ValueError(f"the workload sends as {sorted(missing)}: set CACHEMESH_KEY_B")
-        run_dir = args.run_dir or args.stack_config.parent / ".run"
-        stack, unknown = target_stack(args.stack_config, run_dir, args.target)
+        config = args.stack_config or DEFAULT_STACK_CONFIG
+        run_dir = args.run_dir or config.parent / ".run"
+        stack, unknown = target_stack(config, run_dir, args.target)
+        if unknown is None and not config.is_file():  # run from outside the repository
+            unknown = (
+                f"the target stack's settings are not recorded: no {config} here (the report's "
+                "stack holds only the run dir's ports, if any); give --stack-config"
+            )
         token = billed.admin_token()
         check_gateway(args.target, tls)  # before the warm-up: not --duration of silence
     except (ValueError, NotLoopback, DataMissing) as exc:
