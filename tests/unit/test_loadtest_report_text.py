@@ -275,3 +275,21 @@ def test_no_env_file_where_it_is_run_is_said(
     doc = json.loads((tmp_path / "r.json").read_text())
     assert doc["stack"] == {}
     assert any("settings are not recorded: no .env here" in w for w in doc["warnings"])
+
+
+def test_a_run_the_stack_billed_nothing_shows_no_billed_share() -> None:
+    """A --duration 0.001 run (its one request cut before its model call) printed "(0.0% saved
+    over 0 model calls ...)" in the billed row and "the stack billed the run $0.0000 in all
+    ($0.0000 for the requests that ended in an error), 0.0% saved" in its warning."""
+    results = summarise([Sample("q", "error", "CUT_AT_DEADLINE", 0.0, 0.1, None)], {})
+    results["cost"]["billed"] = {
+        "source": "Admin.GetStats (every tenant)", "model_requests": 0, "cost_nanos": 0,
+        "baseline_nanos": 0, "saved_nanos": 0, "saved_fraction": 0.0, "errored_cost_nanos": 0,
+    }  # fmt: skip
+    (row,) = [x for x in report.table(results).splitlines() if x.startswith("billed")]
+    assert "% saved" not in row and "nothing billed" in row, row
+    said = billed.errored_warning(results, None)
+    assert said is not None and "% saved" not in said and said.endswith("billed the run nothing")
+    # a run the stack billed keeps its share
+    (row,) = [x for x in report.table(_billed_results()).splitlines() if x.startswith("billed")]
+    assert "50.0% saved over 40 model calls" in row, row

@@ -133,6 +133,9 @@ def errored_warning(results: Mapping[str, Any], billed_unread: str | None) -> st
         "the client, so the table's cost and saving are the completed requests' only"
     )
     billed = results["cost"]["billed"]
+    if billed is not None and not (billed["cost_nanos"] or billed["baseline_nanos"]):
+        # not "$0.0000 in all ($0.0000 for ...), 0.0% saved": a share of nothing
+        return f"{said}; the stack billed the run nothing"
     if billed is not None:
         return (
             f"{said}; the stack billed the run {_usd(billed['cost_nanos'])} in all "

@@ -108,8 +108,13 @@ def _cost_lines(results: Mapping[str, Any]) -> list[str]:
         lines.append(  # its count is the stack's model calls (retries, cut calls), not requests
             f"{'billed (stack)':16}{'':>9}{'':>10}"
             f"{_usd(billed['cost_nanos']):>13}{_usd(billed['baseline_nanos']):>13}"
-            f"{_usd(billed['saved_nanos']):>13}  ({billed['saved_fraction']:.1%} saved over "
-            f"{billed['model_requests']} model calls: the run's, as the stack billed it)"
+            f"{_usd(billed['saved_nanos']):>13}  "
+            + (
+                f"({billed['saved_fraction']:.1%} saved over {billed['model_requests']} model "
+                "calls: the run's, as the stack billed it)"
+                if billed["cost_nanos"] or billed["baseline_nanos"]
+                else "(nothing billed: no share saved to tell)"  # not "0.0% saved" of nothing
+            )
         )
     tokens = results["tokens"]
     lines.append(
