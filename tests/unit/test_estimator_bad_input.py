@@ -204,3 +204,17 @@ def test_an_out_write_cut_midway_leaves_the_earlier_estimate(
     monkeypatch.undo()
     assert earlier.read_text() == '{"an": "earlier estimate"}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["est.json"]  # no temporary file left
+
+
+def test_a_log_that_is_not_utf8_text_is_named(tmp_path: Path) -> None:
+    """A gzipped log was refused as "estimator: 'utf-8' codec can't decode byte 0x8b in
+    position 1: invalid start byte": no file, no line, no hint."""
+    import gzip
+
+    path = tmp_path / "log.jsonl.gz"
+    path.write_bytes(gzip.compress(f'{{"t_ms": 0, "tenant": "a", "request": {REQ}}}\n'.encode()))
+    with pytest.raises(SystemExit) as exited:
+        main(["--log", str(path)])
+    assert str(exited.value.code) == (
+        f"estimator: {path}:1: not UTF-8 text (a compressed log? decompress it first)"
+    )

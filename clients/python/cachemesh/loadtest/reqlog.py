@@ -78,11 +78,17 @@ def write_log(out: TextIO, records: Iterable[LogRecord]) -> None:
 
 def read_log(path: Path) -> Iterator[LogRecord]:
     last = float("-inf")
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
+    with path.open("rb") as handle:  # decoded a line at a time: a bad byte names its line
+        for number, raw in enumerate(handle, start=1):
+            if not raw.strip():
                 continue
             where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:  # was "'utf-8' codec can't decode byte 0x8b ...", no file
+                raise LogError(
+                    f"{where}: not UTF-8 text (a compressed log? decompress it first)"
+                ) from None
             try:
                 row = json.loads(line)
                 if not isinstance(row, dict):
