@@ -4,6 +4,7 @@ flag, never a traceback."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import IO, Any
 
 import pytest
 
@@ -192,13 +193,29 @@ def test_an_out_write_cut_midway_leaves_the_earlier_estimate(
     mid-write left half a JSON document."""
     earlier = tmp_path / "est.json"
     earlier.write_text('{"an": "earlier estimate"}\n')
-    write_text = Path.write_text
+    real_open = Path.open
 
-    def cut_midway(self: Path, data: str, *args: object, **kwargs: object) -> int:
-        write_text(self, data[: len(data) // 2])
-        raise KeyboardInterrupt
+    class CutMidway:
+        """A file whose first write goes half way, then a Ctrl-C."""
 
-    monkeypatch.setattr(Path, "write_text", cut_midway)
+        def __init__(self, handle: IO[str]) -> None:
+            self._handle = handle
+
+        def __enter__(self) -> CutMidway:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self._handle.close()
+
+        def write(self, data: str) -> int:
+            self._handle.write(data[: len(data) // 2])
+            raise KeyboardInterrupt
+
+    def open_cut(self: Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        handle = real_open(self, mode, *args, **kwargs)
+        return CutMidway(handle) if "w" in mode else handle
+
+    monkeypatch.setattr(Path, "open", open_cut)
     with pytest.raises(SystemExit):
         main(["--workload", "synthetic", "--requests", "2", "--out", str(earlier), "--force"])
     monkeypatch.undo()

@@ -19,7 +19,6 @@ import asyncio
 import difflib
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -122,17 +121,6 @@ def _writable(path: Path) -> None:
         raise ValueError(f"--out: cannot write {path}: {exc.strerror}") from None
 
 
-def _replace(path: Path, text: str) -> None:
-    """Writes ``path`` whole or not at all (a Ctrl-C or a full disk mid-write leaves an
-    earlier estimate as it was, not half of this one): a file beside it renamed over it."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temp.write_text(text, encoding="utf-8")
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-
-
 def _records(
     args: argparse.Namespace,
 ) -> tuple[list[LogRecord], dict[str, object], dict[frozenset[str], int]]:
@@ -221,5 +209,6 @@ def _main(argv: list[str] | None) -> None:
     }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        _replace(args.out, json.dumps(doc, indent=2) + "\n")
+        with report.replacing(args.out) as out:
+            out.write(json.dumps(doc, indent=2) + "\n")
     print(report.table(results, latency=False))

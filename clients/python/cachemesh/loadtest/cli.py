@@ -26,10 +26,8 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from cachemesh._argv import Parser, secret_flag
 from cachemesh._auth import bearer_metadata
@@ -378,14 +376,14 @@ def main(argv: list[str] | None = None) -> int:
     doc = report.document(run=run, workload=params, stack=stack, results=results)
     doc["warnings"] = warnings
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with _replacing(args.out) as out:
+    with report.replacing(args.out) as out:
         out.write(json.dumps(doc, indent=2) + "\n")
     if args.chart:
-        with _replacing(args.chart) as out:
+        with report.replacing(args.chart) as out:
             out.write(chart.render_html(f"cachemesh load: {args.workload}",
                                         [(args.workload, results)]))  # fmt: skip
     if args.log_out:
-        with _replacing(args.log_out) as out:
+        with report.replacing(args.log_out) as out:
             write_log(out, sent_log(samples, warmup, plan))
     print(report.table(results))
     print(f"report: {args.out}" + (f"; chart: {args.chart}" if args.chart else ""))
@@ -458,19 +456,6 @@ def _none_completed(target: str, tls: Tls | None, errors: dict[str, int]) -> str
         f"the Gateway at {target} serves, and answered every request with an error (the "
         "table's errors; the router's log says why: <run dir>/logs/router.log)"
     )
-
-
-@contextmanager
-def _replacing(path: Path) -> Iterator[TextIO]:
-    """Writes ``path`` whole or not at all: into a file beside it, renamed over it once
-    written (a Ctrl-C or a full disk mid-write leaves the file as it was)."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with temp.open("w", encoding="utf-8") as out:
-            yield out
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 def _refused_key_warning(samples: list[Sample], warmup: list[Item], plan: list[Item]) -> str | None:

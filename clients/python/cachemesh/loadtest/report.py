@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 SCHEMA = "cachemesh.loadtest.v1"
 
@@ -135,3 +137,16 @@ def _cost_lines(results: Mapping[str, Any]) -> list[str]:
             "went: down, or slower than the request's deadline left; the exact bill follows)"
         )
     return lines
+
+
+@contextmanager
+def replacing(path: Path) -> Iterator[TextIO]:
+    """Writes ``path`` whole or not at all: into a file beside it, renamed over it once
+    written (a Ctrl-C or a full disk mid-write leaves the file as it was)."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with temp.open("w", encoding="utf-8") as out:
+            yield out
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
