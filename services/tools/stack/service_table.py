@@ -348,6 +348,7 @@ TOOL_ENV_KEYS: tuple[str, ...] = (
     "CACHEMESH_DATA_DIR",
     "CACHEMESH_FREE_PORT_RANGE",  # the tools' free ports (tests: one range a worker)
     "CACHEMESH_DEMO_MODEL",
+    "CACHEMESH_DEMO_STOPS_STACK",  # make demo: the stack it started is stopped after it
     "ROUTER_TARGET",  # make calibrate-router's
 )
 
