@@ -22,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from cachemesh.envfile import EnvFileError, parse_env_text, read_env_file
 from services.tools.keys import write_secret
-from services.tools.stack.environment import dial_address
+from services.tools.stack.environment import dial_address, port_of
 from services.tools.stack.redis_process import STACK_REDIS_URL_VARS, stack_redis_address
 from services.tools.stack.service_table import SERVICES
 
@@ -87,11 +87,12 @@ def _settings_ports(settings: Mapping[str, str]) -> set[int]:
         if s.metrics_var
     ]
     redis = stack_redis_address(settings)
+    if redis is not None:
+        addresses.append(redis)
     ports = set()
-    for address in [*addresses, *([redis] if redis else [])]:
-        port = address.rpartition(":")[2]
-        if port.isascii() and port.isdigit():
-            ports.add(int(port))
+    for address in addresses:
+        with contextlib.suppress(EnvFileError):  # a bad one is the start's to refuse
+            ports.add(port_of(address))
     return ports
 
 
