@@ -1463,6 +1463,15 @@ async def small_window(base: str) -> tuple[socket.socket, str]:
     return sock, host
 
 
+async def read_to_end(sock: socket.socket) -> None:
+    """What the buffers held for ``sock``, then its connection's end or reset (within 30 s)."""
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(ConnectionError):
+        async with asyncio.timeout(30):
+            while await loop.sock_recv(sock, 1 << 16):
+                pass
+
+
 async def stalled_post(base: str, path: str, headers: dict[str, str], body: bytes) -> socket.socket:
     """``body`` POSTed on a raw socket with a small receive window (``small_window``); nothing
     read yet."""
@@ -1504,9 +1513,7 @@ async def test_a_caller_that_stops_reading_a_stream_loses_it_after_the_write_tim
                 metrics = await reply.text()
             assert f'route="{path}",status="499"}} 1.0' in metrics
             # the connection is closed: what the buffers held, then its end (or its reset)
-            with contextlib.suppress(ConnectionResetError):
-                while await loop.sock_recv(sock, 1 << 16):
-                    pass
+            await read_to_end(sock)
         finally:
             sock.close()
 
@@ -1589,10 +1596,7 @@ async def test_a_caller_that_pipelines_and_never_reads_loses_its_connection(
                             break
                     await asyncio.sleep(0.05)
             # the stalled connection is closed: what the buffers held, then its end or reset
-            with contextlib.suppress(ConnectionError):
-                async with asyncio.timeout(30):
-                    while await loop.sock_recv(sock, 1 << 16):
-                        pass
+            await read_to_end(sock)
         finally:
             sock.close()
 
