@@ -48,7 +48,6 @@ import argparse
 import os
 import re
 import secrets
-import shlex
 import sys
 import time
 from collections.abc import Mapping
@@ -59,10 +58,10 @@ from urllib.parse import urlsplit, urlunsplit
 from services.common.keyfile import KeyFile, KeyRecord, hash_key, new_api_key, new_key_id
 
 try:
-    from cachemesh.envfile import EnvFileError, parse_env_text, read_env_file
+    from cachemesh.envfile import EnvFileError, parse_env_text, read_env_file, set_values
 except ModuleNotFoundError:  # make keys: the system's python3 in the checkout, no venv
     sys.path.append(str(Path(__file__).resolve().parents[2] / "clients" / "python"))
-    from cachemesh.envfile import EnvFileError, parse_env_text, read_env_file
+    from cachemesh.envfile import EnvFileError, parse_env_text, read_env_file, set_values
 
 TENANTS: tuple[tuple[str, str], ...] = (
     ("tenant-a", "CACHEMESH_KEY_A"),
@@ -167,19 +166,10 @@ def forget_endpoints(run_dir: Path) -> None:
     demo_file = run_dir / DEMO_KEYS_FILE
     if not demo_file.is_file():
         return
-    lines = demo_file.read_text(encoding="utf-8").splitlines(keepends=True)
-    kept = [line for line in lines if _variable_set(line) not in ENDPOINT_VARS]
-    if len(kept) < len(lines):
-        write_secret(demo_file, "".join(kept))
-
-
-def _variable_set(line: str) -> str | None:
-    """The variable a ``[export ]NAME=value`` line sets (None: a comment, a blank line or no
-    ``=``), as the env-file reader and a shell's ``source`` see it."""
-    words = line.strip()
-    if not words or words.startswith("#") or "=" not in words:
-        return None
-    return words.partition("=")[0].strip().removeprefix("export ").strip()
+    text = demo_file.read_text(encoding="utf-8")
+    kept = set_values(text, [(name, None) for name in ENDPOINT_VARS])
+    if kept != text:
+        write_secret(demo_file, kept)
 
 
 def url_with_password(url: str, password: str) -> str:
@@ -234,43 +224,26 @@ _DEMO_VARS = (*(var for _, var in TENANTS), "CACHEMESH_ADMIN_TOKEN_FILE", *ENDPO
 
 
 def _demo_env(keys: StackKeys, held: str = "") -> str:
-    """``held`` (the file's text) with the stack's ``export NAME=value`` lines set, each value
-    quoted for a shell where it needs it (a path with a space): a line of one of the stack's
-    variables replaced where it stands (a later one setting it again dropped, as an endpoint
-    this stack does not name), a missing one added at the end, every other line (the user's
-    comments and variables) kept as written; refused unless the project's reader
-    (``cachemesh.envfile``) reads back exactly what a shell's ``source`` does."""
+    """``held`` (the file's text) with the stack's ``export NAME=value`` lines set by the
+    project's one writer (``cachemesh.envfile.set_values``), each value quoted for a shell
+    where it needs it (a path with a space): a line of one of the stack's variables replaced
+    where it stands (a later one setting it again dropped, as an endpoint this stack does not
+    name), a missing one added at the end, every other line (the user's comments and
+    variables) kept as written; refused unless the project's reader reads back exactly what a
+    shell's ``source`` does."""
     values = {var: keys.api_keys[tenant] for tenant, var in TENANTS}
     values["CACHEMESH_ADMIN_TOKEN_FILE"] = str(keys.admin_token_file)
     values.update({name: keys.endpoints[name] for name in ENDPOINT_VARS if name in keys.endpoints})
-    ours = _exports(values, keys.demo_keys_file).splitlines(keepends=True)
-    line_of = dict(zip(values, ours, strict=True))
-    out: list[str] = []
-    for line in held.splitlines(keepends=True):
-        name = _variable_set(line)
-        if name not in _DEMO_VARS:
-            out.append(line)
-        elif name in line_of:
-            out.append(line_of.pop(name))
-    if out and not out[-1].endswith("\n"):
-        out[-1] += "\n"
-    text = "".join(out + list(line_of.values()))
+    try:
+        text = set_values(
+            held, [(name, values.get(name)) for name in _DEMO_VARS], export=True, append=True
+        )
+    except EnvFileError as exc:  # names the variable, never its value
+        raise EnvFileError(f"{keys.demo_keys_file}: {exc}") from None
     read = parse_env_text(text, str(keys.demo_keys_file))
     if {name: read.get(name) for name in _DEMO_VARS if name in read} != values:
         raise EnvFileError(
             f"{keys.demo_keys_file}: the stack's lines would not read back as written"
-        )
-    return text
-
-
-def _exports(values: Mapping[str, str], path: Path) -> str:
-    """``values`` as ``export NAME=value`` lines for ``path``, refused unless they read back
-    as written."""
-    text = "".join(f"export {name}={shlex.quote(value)}\n" for name, value in values.items())
-    if parse_env_text(text, str(path)) != dict(values):
-        raise EnvFileError(
-            f"{path}: a value would not read back as written (a quote in a key, "
-            "or in the run dir's path)"
         )
     return text
 

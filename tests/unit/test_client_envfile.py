@@ -91,3 +91,38 @@ def test_a_value_compose_would_expand_is_not_written() -> None:
             set_values("A=1\n", [("A", f'"{value}"')])
     with pytest.raises(EnvFileError, match="A: the value would not read back"):
         set_values("A=1\n", [("A", "$HOME")])
+
+
+@pytest.mark.parametrize(
+    ("text", "values", "written"),
+    [
+        # a key's line as the reader reads its name (export, spaces): replaced where it
+        # stands; set_values matched only `KEY=` at a line's start and added a second line
+        # before the user's, which the reader then took (2 of these 4 read back the old value)
+        ("A=1\nexport B=2\n", [("A", "x"), ("B", "3")], "A=x\nB=3\n"),
+        ("C=1\n  A=1\n", [("C", "2"), ("A", "5")], "C=2\nA=5\n"),
+        ("A = 1\nB=2\n", [("A", "5")], "A=5\nB=2\n"),
+        ("export T=0.88\n# note\n", [("T", "0.9")], "T=0.9\n# note\n"),
+        # a second line of a key dropped (it replaced both, and kept two lines setting it)
+        ("A=1\nB=2\nA=1\n", [("A", "5")], "A=5\nB=2\n"),
+    ],
+)
+def test_a_keys_every_line_is_found_as_the_reader_reads_it(
+    text: str, values: list[tuple[str, str]], written: str
+) -> None:
+    assert set_values(text, values) == written
+    assert parse_env_text(set_values(text, values)) == parse_env_text(text) | dict(values)
+
+
+def test_shell_exports_at_the_end_unset_keys_and_other_lines_as_written() -> None:
+    """demo-keys.env's writing (services.tools.keys): ``export`` lines quoted for a shell,
+    missing keys at the end, a key set to None unset, the user's lines kept as written, even
+    one the reader refuses and the last one without its newline."""
+    text = "# mine\nexport PATH=\"$PATH:/x\"\nexport K='old'\nT=1\nK=again\nMY=1"
+    written = set_values(text, [("K", "a b"), ("T", None), ("N", "/p")], export=True, append=True)
+    assert written == "# mine\nexport PATH=\"$PATH:/x\"\nexport K='a b'\nMY=1\nexport N=/p\n"
+    assert set_values(text, [("T", None), ("U", None)]).endswith("K=again\nMY=1")
+    assert set_values("", [("A", "1")], append=True) == "A=1\n"
+    with pytest.raises(EnvFileError, match=r"^K: the value would not read back") as caught:
+        set_values(text, [("K", "cm_it's")], export=True)
+    assert "cm_it" not in str(caught.value)

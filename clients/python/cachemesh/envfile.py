@@ -17,7 +17,8 @@ itself for every version, and read so.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+import shlex
+from collections.abc import Sequence
 from pathlib import Path
 
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -30,18 +31,36 @@ class EnvFileError(ValueError):
 def parse_env_text(text: str, source: str = "<env>") -> dict[str, str]:
     values: dict[str, str] = {}
     for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
+        setting = _setting(raw)
+        if setting is None:
             continue
-        key, sep, value = line.partition("=")
-        key = key.strip().removeprefix("export ").strip()
-        if not sep or not _KEY.match(key):
+        key, value = setting
+        if value is None or not _KEY.match(key):
             raise EnvFileError(
                 f"{source}:{number}: expected KEY=VALUE (the line is not shown: it may hold a "
                 "secret)"
             )
-        values[key] = _value(value.strip(), f"{source}:{number}")
+        values[key] = _value(value, f"{source}:{number}")
     return values
+
+
+def _setting(line: str) -> tuple[str, str | None] | None:
+    """A line as the reader splits it: None for a blank line or a comment, else the name
+    before its ``=`` (an ``export`` before it dropped) and the value after it (None: no ``=``),
+    both stripped and neither checked."""
+    words = line.strip()
+    if not words or words.startswith("#"):
+        return None
+    key, sep, value = words.partition("=")
+    return key.strip().removeprefix("export ").strip(), value.strip() if sep else None
+
+
+def variable_set(line: str) -> str | None:
+    """The variable a ``[export ]NAME=value`` line sets as the reader (and a shell's
+    ``source``) sees it; None for a comment, a blank line or no ``=``. The value is not read:
+    a line the reader would refuse (a ``$``) still names its variable."""
+    setting = _setting(line)
+    return setting[0] if setting is not None and setting[1] is not None else None
 
 
 _COMMENT = re.compile(r"\s#")  # where docker compose starts a comment in an unquoted value
@@ -91,11 +110,6 @@ def read_env_file(path: Path) -> dict[str, str]:
     return parse_env_text(text, str(path))
 
 
-def _literal(line: str) -> Callable[[re.Match[str]], str]:
-    """A replacement that is ``line`` as written (no backslash or group escapes)."""
-    return lambda _: line
-
-
 def _reads_back(line: str) -> dict[str, str] | None:
     try:
         return parse_env_text(line)
@@ -103,26 +117,66 @@ def _reads_back(line: str) -> dict[str, str] | None:
         return None
 
 
-def set_values(text: str, values: Sequence[tuple[str, str]]) -> str:
-    """``text`` with each key's line replaced by ``KEY=value``; a missing key goes after the
-    line of the key before it in ``values`` (or at the end). Every other line is kept."""
-    previous = ""
+def set_values(
+    text: str,
+    values: Sequence[tuple[str, str | None]],
+    *,
+    export: bool = False,
+    append: bool = False,
+) -> str:
+    """``text`` with each key set by one line, ``KEY=value`` (``export``: ``export KEY=value``,
+    the value quoted for a shell where it needs it, so that ``source`` reads it as the reader
+    does), standing where the first line setting the key stood (``KEY=``, ``export KEY=``, as
+    the reader reads a line's name); a later line setting it again is dropped, and a key whose
+    value is None is unset (each of its lines dropped). A missing key goes after the line of
+    the key before it in ``values`` (``append``: at the end). Every other line is kept as
+    written, and no value but the given ones is read (a line the reader refuses stays as it
+    is). A value that would not read back as written is refused naming its key, never the
+    value."""
+    wanted: dict[str, str | None] = {}  # a key's line (None: unset)
     for key, value in values:
         if not _KEY.match(key):
             raise EnvFileError(f"not a variable name: {key!r}")
-        line = f"{key}={value}"
-        if _reads_back(line) != {key: value}:
-            raise EnvFileError(
-                f"{key}: the value would not read back as written (a space and #, quotes, "
-                "surrounding spaces, a $, a backslash in quotes)"
-            )
-        pattern = re.compile(rf"^{key}=.*$", re.MULTILINE)
-        after = re.compile(rf"^{previous}=.*$", re.MULTILINE).search(text) if previous else None
-        if pattern.search(text):
-            text = pattern.sub(_literal(line), text)
-        elif after is not None:
-            text = f"{text[: after.end()]}\n{line}{text[after.end() :]}"
-        else:
-            text = text.rstrip("\n") + f"\n{line}\n"
+        wanted[key] = None if value is None else _line(key, value, export)
+    # each kept line a group of its own; a key's line heads the group its missing successors join
+    groups: list[list[str]] = []
+    group_of: dict[str, list[str]] = {}
+    for raw in text.splitlines(keepends=True):
+        name = variable_set(raw)
+        if name not in wanted:
+            groups.append([raw])
+            continue
+        ours = wanted[name]
+        if ours is not None and name not in group_of:
+            ending = raw[len(raw.rstrip("\r\n")) :]  # as the line it replaces (none: the last)
+            group_of[name] = [ours + ending]
+            groups.append(group_of[name])
+    previous: str | None = None
+    for key, ours in wanted.items():
+        if ours is not None and key not in group_of:
+            after = None if append or previous is None else group_of.get(previous)
+            if after is None:
+                group_of[key] = [ours + "\n"]
+                groups.append(group_of[key])
+            else:
+                after.append(ours + "\n")
+                group_of[key] = after
         previous = key
-    return text
+    lines = [line for group in groups for line in group]
+    # a line now followed by another (the file's last, without its newline) gets one
+    return "".join(
+        line if i == len(lines) - 1 or line.endswith("\n") else line + "\n"
+        for i, line in enumerate(lines)
+    )
+
+
+def _line(key: str, value: str, export: bool) -> str:
+    """``KEY=value`` (``export KEY=value``, the value quoted for a shell where it needs it),
+    refused naming the key, never the value, unless the reader reads it back as written."""
+    line = f"export {key}={shlex.quote(value)}" if export else f"{key}={value}"
+    if _reads_back(line) != {key: value}:
+        raise EnvFileError(
+            f"{key}: the value would not read back as written (a space and #, quotes, "
+            "surrounding spaces, a $, a backslash in quotes)"
+        )
+    return line
