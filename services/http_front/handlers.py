@@ -243,10 +243,10 @@ class Front:
                 request.transport.abort()
             if request.get(BODY_CUT) and request.transport is not None:
                 await _answer_and_close(request, response)
-            # the request's verdict: the status answered, or the error event's that ended a
-            # stream whose head went out (``ENDED``; 499: the caller went away mid-stream)
-            verdict = request.get(ENDED, response.status)
+            # the request's statuses (``_Statuses``): the head's and its verdict before the
+            # send, as the caller took it after
             head = response.status
+            verdict = request.get(ENDED, head)
             request_id = response.headers.get("x-cachemesh-request-id", "")
             try:
                 if not response.prepared:  # a whole answer or refusal: it goes out from here
@@ -254,27 +254,15 @@ class Front:
             finally:
                 # after the send: a caller that did not take it (``_send``: ``ENDED`` 499) has
                 # the same status in the span, the metric and the front's access line
-                ended = request.get(ENDED, verdict)
-                # as sent, but 499 for a caller gone or stalled, as the metric counts it (a
-                # stream's head said 200; an error event's status is ``ENDED``)
-                span.set_attribute("http.response.status_code", 499 if ended == 499 else head)
-                if verdict >= 500:  # the server's failure (a 4xx is the caller's)
-                    why = f"HTTP {verdict}"
-                    if verdict != head:
-                        why += f" after the {head}'s head: the stream ended in its error"
-                    if ended != verdict:  # still the server's failure, though none saw it
-                        why += (
-                            f", not delivered: the caller went away or stopped reading "
-                            f"({ended}, error.type)"
-                        )
-                    span.set_status(trace.Status(trace.StatusCode.ERROR, why))
+                statuses = _Statuses(head, verdict, ended=request.get(ENDED, verdict))
+                statuses.mark(span)
                 if refused is not None and not request.get(REACHED):  # no router said it had it
                     self._refusals.refused(
                         request.get(TENANT, ""),
                         request_id,
                         name,
                         refused.code,
-                        ended,
+                        statuses.ended,
                         self._monotonic() - began,
                         gateway_called=bool(request.get(CALLED)),
                     )
@@ -647,6 +635,37 @@ async def _answer_and_close(request: web.Request, response: web.StreamResponse) 
         await response.prepare(request)
         await response.write_eof()
     request.protocol.force_close()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Statuses:
+    """A request's statuses once its answer went out (``_traced``), for its span, the metric
+    and the front's access line."""
+
+    head: int  # as its response's head said it (a stream's 200, whatever ended the stream)
+    # the request's: the head's, or the error event's that ended a stream whose head went out
+    # (``ENDED``; 499: the caller went away or stopped reading mid-stream)
+    verdict: int
+    # as the caller took it: the verdict, or 499 when it went away or stopped reading while a
+    # whole answer or refusal went out (``_send``), as the metric counts it
+    ended: int
+
+    def mark(self, span: trace.Span) -> None:
+        """The span's status code as sent, but 499 for a caller gone or stalled, as the metric
+        counts it; an ERROR status for the server's failure (a 4xx is the caller's) saying
+        why: after a stream's head, and not delivered."""
+        span.set_attribute("http.response.status_code", 499 if self.ended == 499 else self.head)
+        if self.verdict < 500:
+            return
+        why = f"HTTP {self.verdict}"
+        if self.verdict != self.head:
+            why += f" after the {self.head}'s head: the stream ended in its error"
+        if self.ended != self.verdict:  # still the server's failure, though none saw it
+            why += (
+                f", not delivered: the caller went away or stopped reading "
+                f"({self.ended}, error.type)"
+            )
+        span.set_status(trace.Status(trace.StatusCode.ERROR, why))
 
 
 def _ended_by(request: web.Request, api: Api, error: ApiError) -> None:
