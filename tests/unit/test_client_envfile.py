@@ -99,10 +99,10 @@ def test_a_value_compose_would_expand_is_not_written() -> None:
         # a key's line as the reader reads its name (export, spaces): replaced where it
         # stands; set_values matched only `KEY=` at a line's start and added a second line
         # before the user's, which the reader then took (2 of these 4 read back the old value)
-        ("A=1\nexport B=2\n", [("A", "x"), ("B", "3")], "A=x\nB=3\n"),
+        ("A=1\nexport B=2\n", [("A", "x"), ("B", "3")], "A=x\nexport B=3\n"),
         ("C=1\n  A=1\n", [("C", "2"), ("A", "5")], "C=2\nA=5\n"),
         ("A = 1\nB=2\n", [("A", "5")], "A=5\nB=2\n"),
-        ("export T=0.88\n# note\n", [("T", "0.9")], "T=0.9\n# note\n"),
+        ("export T=0.88\n# note\n", [("T", "0.9")], "export T=0.9\n# note\n"),
         # a second line of a key dropped (it replaced both, and kept two lines setting it)
         ("A=1\nB=2\nA=1\n", [("A", "5")], "A=5\nB=2\n"),
     ],
@@ -126,3 +126,11 @@ def test_shell_exports_at_the_end_unset_keys_and_other_lines_as_written() -> Non
     with pytest.raises(EnvFileError, match=r"^K: the value would not read back") as caught:
         set_values(text, [("K", "cm_it's")], export=True)
     assert "cm_it" not in str(caught.value)
+
+
+def test_a_users_export_line_stays_an_export() -> None:
+    """.env's writing (plain lines): a key the user exports keeps its ``export`` (quoted for a
+    shell), so a shell that sources the file still exports it; the reader reads the new value."""
+    written = set_values("  export A=1\nB=2\n", [("A", "x y"), ("B", "3")])
+    assert written == "export A='x y'\nB=3\n"
+    assert parse_env_text(written) == {"A": "x y", "B": "3"}

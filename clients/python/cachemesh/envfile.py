@@ -127,17 +127,21 @@ def set_values(
     """``text`` with each key set by one line, ``KEY=value`` (``export``: ``export KEY=value``,
     the value quoted for a shell where it needs it, so that ``source`` reads it as the reader
     does), standing where the first line setting the key stood (``KEY=``, ``export KEY=``, as
-    the reader reads a line's name); a later line setting it again is dropped, and a key whose
+    the reader reads a line's name; a user's ``export`` line stays one, so a shell that sources
+    the file still exports the key); a later line setting it again is dropped, and a key whose
     value is None is unset (each of its lines dropped). A missing key goes after the line of
     the key before it in ``values`` (``append``: at the end). Every other line is kept as
     written, and no value but the given ones is read (a line the reader refuses stays as it
     is). A value that would not read back as written is refused naming its key, never the
     value."""
-    wanted: dict[str, str | None] = {}  # a key's line (None: unset)
+    given: dict[str, str | None] = {}  # a key's value (None: unset)
     for key, value in values:
         if not _KEY.match(key):
             raise EnvFileError(f"not a variable name: {key!r}")
-        wanted[key] = None if value is None else _line(key, value, export)
+        given[key] = value
+    wanted = {
+        key: None if value is None else _line(key, value, export) for key, value in given.items()
+    }
     # each kept line a group of its own; a key's line heads the group its missing successors join
     groups: list[list[str]] = []
     group_of: dict[str, list[str]] = {}
@@ -147,6 +151,9 @@ def set_values(
             groups.append([raw])
             continue
         ours = wanted[name]
+        value = given[name]
+        if not export and value is not None and raw.lstrip().startswith("export "):
+            ours = _line(name, value, True)  # the user's export line stays an export
         if ours is not None and name not in group_of:
             ending = raw[len(raw.rstrip("\r\n")) :]  # as the line it replaces (none: the last)
             group_of[name] = [ours + ending]
