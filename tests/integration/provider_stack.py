@@ -4,8 +4,8 @@ provider servers of ``tests.providers`` through the official SDKs.
 Replicas (besides the stack's simulated ones):
 - ``anthropic-1`` (claude-sonnet-4-5, claude-haiku-4-5), a good key from a key file;
 - ``anthropic-bad`` (claude-haiku-4-5), a key the server rejects (401);
-- ``openai-1`` (gpt-4-1, gpt-4o-mini), a key from a key file; ``openai-2`` (gpt-4-1), a key
-  from OPENAI_API_KEY.
+- ``openai-1`` (gpt-4-1, gpt-4o-mini, gpt-5: a reasoning model), a key from a key file;
+  ``openai-2`` (gpt-4-1), a key from OPENAI_API_KEY.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def provider_stack(run_dir: Path) -> Iterator[ProviderStack]:
             "anthropic": anthropic_wire.REJECTED,
             "openai": openai_wire.rejected(bad[:8] + "*" * 20 + bad[-4:]),
         },
-        {"anthropic": anthropic_wire.refusal},
+        {"anthropic": anthropic_wire.refusal, "openai": openai_wire.refusal},
     )
     server.rejected_keys.add(bad)
     server.start()
@@ -139,7 +139,7 @@ def provider_stack(run_dir: Path) -> Iterator[ProviderStack]:
             "openai-1",
             {
                 **openai,
-                "MODEL_IDS": "gpt-4-1,gpt-4o-mini",
+                "MODEL_IDS": "gpt-4-1,gpt-4o-mini,gpt-5",
                 "OPENAI_API_KEY_FILE": str(secret_dir / "openai-1.key"),
             },
             log_dir,
@@ -163,6 +163,7 @@ def provider_stack(run_dir: Path) -> Iterator[ProviderStack]:
                 ("gpt-4-1", "openai-1"),
                 ("gpt-4-1", "openai-2"),
                 ("gpt-4o-mini", "openai-1"),
+                ("gpt-5", "openai-1"),
             )
         )
         environ = {**os.environ, "MODEL_REPLICAS": dotenv["MODEL_REPLICAS"] + "," + extra_replicas}

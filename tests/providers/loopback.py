@@ -15,7 +15,7 @@ def serving(rejected_openai_key: str = "x") -> Iterator[WireServer]:
     wire = WireServer(
         {"anthropic": anthropic_wire.default, "openai": openai_wire.default},
         {"anthropic": anthropic_wire.REJECTED, "openai": openai_wire.rejected(rejected_openai_key)},
-        {"anthropic": anthropic_wire.refusal},
+        {"anthropic": anthropic_wire.refusal, "openai": openai_wire.refusal},
     )
     wire.start()
     yield wire

@@ -1,10 +1,15 @@
 """OpenAI Chat Completions' wire format, as https://platform.openai.com/docs/api-reference/chat
 shows it: ``chat.completion.chunk`` objects (role chunk, content or tool_calls deltas, the
 finish_reason chunk, the usage chunk with empty choices that ``stream_options.include_usage``
-asks for), then ``data: [DONE]``; error bodies ``{"error": {message, type, param, code}}``."""
+asks for), then ``data: [DONE]``; error bodies ``{"error": {message, type, param, code}}``;
+and the request checks the real API makes before it answers (``refusal``): what its reasoning
+models refuse (https://developers.openai.com/api/docs/guides/reasoning, the SDK's
+``max_tokens`` docstring), ``stream_options`` without ``stream``, a ``prompt_cache_key`` over
+64 characters."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from tests.providers.wire_server import Event, Reply, dumps
@@ -112,10 +117,11 @@ def error(
     message: str,
     code: str | None = None,
     headers: dict[str, str] | None = None,
+    param: str | None = None,
 ) -> Reply:
     return Reply(
         status=status,
-        body={"error": {"message": message, "type": kind, "param": None, "code": code}},
+        body={"error": {"message": message, "type": kind, "param": param, "code": code}},
         headers=headers or {},
     )
 
@@ -126,6 +132,63 @@ def error_event(kind: str, code: int | str, message: str) -> Reply:
     status was already 200."""
     error = {"message": message, "type": kind, "param": None, "code": code}
     return Reply(events=[(None, dumps({"error": error}))])
+
+
+# OpenAI's reasoning models (reasoning on by default, no way to turn it off): they take no
+# sampling setting but its default, and no ``max_tokens`` (``max_completion_tokens`` counts the
+# reasoning too). gpt-5.1 and later default to reasoning effort "none", under which they take
+# a temperature: not here. gpt-5-chat-* is no reasoning model.
+_REASONING = re.compile(r"^(?:o[134](?:-mini)?|gpt-5(?:-mini|-nano)?)(?:-\d{4}-\d{2}-\d{2})?$")
+# the sampling settings and their only value such a model takes (OpenAI's defaults)
+_SAMPLING_DEFAULTS = {"temperature": 1, "top_p": 1, "presence_penalty": 0, "frequency_penalty": 0}
+PROMPT_CACHE_KEY_CHARS = 64
+
+
+def refusal(headers: dict[str, str], body: dict[str, Any]) -> Reply | None:
+    """The real API's 400 to a request it refuses before answering, in its words, else None:
+    a sampling setting other than its default, or ``max_tokens``, to a reasoning model;
+    ``stream_options`` without ``stream``; a ``prompt_cache_key`` over 64 characters."""
+    model = str(body.get("model", ""))
+    if _REASONING.match(model):
+        for name, only in _SAMPLING_DEFAULTS.items():
+            value = body.get(name)
+            if value is not None and value != only:
+                return error(
+                    400,
+                    "invalid_request_error",
+                    f"Unsupported value: '{name}' does not support {value} with this model. "
+                    f"Only the default ({only}) value is supported.",
+                    code="unsupported_value",
+                    param=name,
+                )
+        if "max_tokens" in body:
+            return error(
+                400,
+                "invalid_request_error",
+                "Unsupported parameter: 'max_tokens' is not supported with this model. Use "
+                "'max_completion_tokens' instead.",
+                code="unsupported_parameter",
+                param="max_tokens",
+            )
+    if body.get("stream_options") is not None and not body.get("stream"):
+        return error(
+            400,
+            "invalid_request_error",
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            code="invalid_value",
+            param="stream_options",
+        )
+    key = body.get("prompt_cache_key")
+    if isinstance(key, str) and len(key) > PROMPT_CACHE_KEY_CHARS:
+        return error(
+            400,
+            "invalid_request_error",
+            f"Invalid 'prompt_cache_key': string too long. Expected a string with maximum "
+            f"length {PROMPT_CACHE_KEY_CHARS}, but got a string with length {len(key)} instead.",
+            code="string_above_max_length",
+            param="prompt_cache_key",
+        )
+    return None
 
 
 def default(body: dict[str, Any]) -> Reply:
