@@ -276,6 +276,16 @@ class ModelSpec(BaseModel):
         return self.upstream_id or self.id
 
     @property
+    def default_temperature_only(self) -> bool:
+        """The provider takes no temperature but its default, 1: OpenAI's reasoning models
+        (``thinks_by_default``: gpt-5, gpt-5-mini, gpt-5-nano, the o-series) refuse any other
+        value with a 400 (``unsupported_value``: "Only the default (1) value is supported"),
+        and the Gateway has no reasoning setting that would make them take one (gpt-5.1 and
+        later take it under reasoning effort "none", their default: such a row does not
+        think by default). A self-hosted engine's reasoning model samples as asked."""
+        return self.provider == "openai" and self.thinks_by_default
+
+    @property
     def cache_lifetime_s(self) -> int:
         """openai: how long an unused prefix is kept, under the row's retention policy."""
         if self.prompt_cache_retention == "24h":

@@ -261,11 +261,16 @@ def _validate_breakpoints(request: pb.CompleteRequest) -> None:
 # Chat Completions (and the compatible engines) [0, 2]; the simulator takes either.
 _ANTHROPIC_MAX_TEMPERATURE = 1.0
 _MAX_TEMPERATURE = 2.0
+# the temperature a model that samples at its default only takes (``default_temperature_only``)
+DEFAULT_TEMPERATURE = 1.0
 
 
 def _validate_temperature(request: pb.CompleteRequest, table: ModelTable) -> None:
     """Within the range of the target model's provider (for ``auto``, of every tier's): a value
-    another provider's API would refuse is refused here, naming the model, never clamped."""
+    another provider's API would refuse is refused here, naming the model, never clamped. So
+    is a value but 1 to a model that takes only its default (``default_temperature_only``:
+    OpenAI's reasoning models), or to ``auto`` when it may pick one: before, it went to OpenAI
+    and came back its 400, and ``auto`` answered or refused it by the tier it picked."""
     t = request.temperature
     anthropic = [s.id for s in table.answering(request.model) if s.provider == "anthropic"]
     limit = _ANTHROPIC_MAX_TEMPERATURE if anthropic else _MAX_TEMPERATURE
@@ -277,6 +282,18 @@ def _validate_temperature(request: pb.CompleteRequest, table: ModelTable) -> Non
             else ""
         )
         raise _invalid(f"temperature: must be within [0, {limit:g}]{why}, got {t}")
+    fixed = [s.id for s in table.answering(request.model) if s.default_temperature_only]
+    if fixed and t != DEFAULT_TEMPERATURE:
+        which = (
+            f"auto may pick {fixed[0]}, which takes"
+            if request.model == AUTO
+            else f"{fixed[0]} takes"
+        )
+        raise _invalid(
+            f"temperature: {which} only its default, {DEFAULT_TEMPERATURE:g} (OpenAI's reasoning "
+            f"models refuse any other value); omit temperature or send {DEFAULT_TEMPERATURE:g}"
+            f"{', or name a model that takes one' if request.model == AUTO else ''}, got {t}"
+        )
 
 
 _SEMANTIC_MODES = frozenset(pb.SemanticMode.values())  # once: ``values()`` makes a list a call

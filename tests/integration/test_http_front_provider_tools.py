@@ -140,6 +140,42 @@ def test_openais_temperature_range_reaches_an_openai_model_unclamped(
     assert "temperature: must be within [0, 1] for claude-sonnet-4-5" in refused.value.message
 
 
+def test_an_openai_reasoning_model_is_sent_its_default_temperature_only(
+    providers: ProviderStack,
+) -> None:
+    """OpenAI's reasoning models refuse a temperature but 1 (the loopback server refuses it as
+    OpenAI does: 400 ``unsupported_value``): the Gateway refuses it first, a 400 naming the
+    model and what to send, and OpenAI is not called; a temperature of 1 is sent and answered.
+    Before, each such request went to OpenAI and came back as its 400."""
+    front = f"http://{providers.stack.addresses['http-front']}/v1"
+    client = openai.OpenAI(base_url=front, api_key=providers.stack.keys["tenant-a"], max_retries=0)
+    ask: Any = [{"role": "user", "content": f"Think it over {uuid.uuid4().hex[:8]}"}]
+
+    def sent() -> list[dict[str, Any]]:
+        return [
+            s.body for s in providers.server.seen_by("openai") if ask[0]["content"] in str(s.body)
+        ]
+
+    for _ in range(3):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(
+                model="gpt-5", temperature=0.5, max_completion_tokens=64, messages=ask
+            )
+        error: Any = refused.value.body
+        assert error["message"] == (
+            "temperature: gpt-5 takes only its default, 1 (OpenAI's reasoning models refuse any "
+            "other value); omit temperature or send 1, got 0.5"
+        )
+        assert (error["type"], error["param"]) == ("invalid_request_error", "temperature")
+    assert sent() == []
+    reply = client.chat.completions.create(
+        model="gpt-5", temperature=1, max_completion_tokens=64, messages=ask
+    )
+    assert reply.choices[0].message.content
+    (body,) = sent()
+    assert body["temperature"] == 1 and body["max_completion_tokens"] == 64
+
+
 def test_a_temperature_reaches_claude_under_the_version_that_takes_it(
     providers: ProviderStack,
 ) -> None:

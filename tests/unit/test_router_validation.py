@@ -8,7 +8,7 @@ import pytest
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.errors import Code, RequestError
-from services.common.models import load_model_table
+from services.common.models import ModelTable, load_model_table
 from services.router.validation import validate_request
 
 TABLE = load_model_table()
@@ -177,6 +177,57 @@ def test_temperature_is_within_the_target_providers_range(
     assert info.value.message.startswith("temperature: must be within [0, ")
     if model.startswith("claude"):
         assert "[0, 1] for claude-haiku-4-5 (Anthropic" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("model", "temperature", "allowed"),
+    [
+        ("gpt-5", 1.0, True),  # its default: OpenAI takes it
+        ("gpt-5-mini", 0.5, False),
+        ("gpt-5-nano", 0.0, False),
+        ("gpt-5", 1.5, False),
+        ("gpt-5-4", 0.2, True),  # reasoning effort "none" by default: it samples as asked
+        ("gpt-4o", 0.2, True),
+        ("llama-3-1-8b-vllm", 0.2, True),  # a self-hosted engine samples as asked
+    ],
+)
+def test_an_openai_reasoning_model_takes_its_default_temperature_only(
+    model: str, temperature: float, allowed: bool
+) -> None:
+    """OpenAI's reasoning models (the rows that think by default) refuse a temperature but 1
+    with a 400 ("Only the default (1) value is supported"): the Gateway refuses it first,
+    naming the model and what to send. Before, it went to OpenAI (a call spent) and came back
+    as OpenAI's 400."""
+    request = _request(model=model, temperature=temperature)
+    deployed = DEPLOYED | {model}
+    if allowed:
+        validate_request(request, TABLE, deployed)
+        return
+    with pytest.raises(RequestError) as info:
+        validate_request(request, TABLE, deployed)
+    assert info.value.code == Code.INVALID_ARGUMENT
+    assert info.value.message == (
+        f"temperature: {model} takes only its default, 1 (OpenAI's reasoning models refuse any "
+        f"other value); omit temperature or send 1, got {temperature}"
+    )
+
+
+def test_auto_that_may_pick_an_openai_reasoning_model_takes_its_default_temperature_only() -> None:
+    """``auto`` whose tiers include an OpenAI reasoning model answered a temperature of 0.5
+    or refused it (OpenAI's 400) by the tier it picked: it is refused whichever, as a value
+    over 1 is when a tier is Anthropic's."""
+    table = ModelTable(models=TABLE.models, auto={**TABLE.auto, "large": "gpt-5"})
+    with pytest.raises(RequestError) as info:
+        validate_request(_request(model="auto", temperature=0.5), table, DEPLOYED)
+    assert info.value.message.startswith(
+        "temperature: auto may pick gpt-5, which takes only its default, 1 "
+    )
+    assert "or name a model that takes one, got 0.5" in info.value.message
+    for fine in (1.0, None):
+        request = _request(model="auto")
+        if fine is not None:
+            request.temperature = fine
+        validate_request(request, table, DEPLOYED)
 
 
 def _use(id_: str = "toolu_1", name: str = "calc", input_json: str = "{}") -> pb.ContentBlock:
