@@ -207,6 +207,12 @@ class ModelSpec(BaseModel):
                 f"models.{self.id}: prompt_cache_retention is OpenAI's; rules "
                 f"{self.rules!r} do not use it, remove it"
             )
+        if self.default_temperature_only and self.max_tokens_param != "max_completion_tokens":
+            raise ValueError(
+                f"models.{self.id}: an OpenAI model that thinks by default (a reasoning model) "
+                "takes its output limit as max_completion_tokens (OpenAI refuses max_tokens "
+                'for it): set max_tokens_param = "max_completion_tokens"'
+            )
         if self.rules == "openai" and self.cache_increment_tokens <= 0:
             raise ValueError(f"models.{self.id}: cache_increment_tokens must be > 0")
         if self.rules == "self_hosted" and self.kv_block_tokens != KV_BLOCK_TOKENS:
