@@ -52,6 +52,7 @@ class Replica:
         self.server, self.backend, self.model = server, backend, model
         self.now = 1000.0
         self.health: list[bool] = []
+        self.waits: list[float] = []  # each wait before a retry: the clock moves by it
         base = server.base + ("/v1" if backend == "openai" else "")
         key = f"sk-{backend}-loopback-0123456789abcdef"
         settings = provider_settings(backend, base, key, max_retries=3, auth_recheck_s=RECHECK_S)
@@ -59,8 +60,12 @@ class Replica:
         async def set_health(serving: bool) -> None:
             self.health.append(serving)
 
+        async def sleep(seconds: float) -> None:
+            self.waits.append(seconds)
+            self.now += seconds
+
         self.api = provider_replica(
-            settings, [model], set_health=set_health, clock=lambda: self.now
+            settings, [model], set_health=set_health, clock=lambda: self.now, sleep=sleep
         )
 
     async def call(
@@ -366,6 +371,38 @@ async def test_a_token_rate_reached_by_other_requests_is_still_retried(
     server.script("openai", TPM_REACHED)
     assert await replica.call() is None
     assert replica.calls() == 2  # the 429, then its retry answered
+    # after the wait its message asks ("Please try again in 2s"; no retry-after header)
+    assert replica.waits == [2.0]
+
+
+# OpenAI's rate limit reached, its wait longer than the call's deadline (10 s), said in its
+# message alone (as OpenAI's say it: no retry-after header)
+TPM_REACHED_LONG = openai_wire.error(
+    429,
+    "tokens",
+    "Rate limit reached for gpt-4.1 in organization org-abc on tokens per min (TPM): Limit "
+    "30000, Used 29900, Requested 2000. Please try again in 41.724s. Visit "
+    "https://platform.openai.com/account/rate-limits to learn more.",
+    code="rate_limit_exceeded",
+)
+
+
+async def test_a_rate_limit_whose_worded_wait_outlasts_the_deadline_is_handed_over_at_once(
+    server: WireServer, replicas: Callable[[Backend, str], Replica]
+) -> None:
+    """OpenAI words a rate limit's wait in its message ("Please try again in 41.724s"), with
+    no retry-after header: the replica waits that long, or hands the call over at once when
+    the wait outlasts the deadline, and tells its callers that wait. Before, it retried after
+    its backoff alone (3 retries within a second, each refused again: 4 calls counted against
+    the account's limit) and told them the backoff's wait, 1 s."""
+    replica = replicas("openai", GPT)
+    server.script("openai", *[TPM_REACHED_LONG] * 4)
+    refused = await replica.call()
+    assert refused is not None and refused.code == Code.UNAVAILABLE, refused
+    assert replica.calls() == 1 and replica.waits == []
+    assert refused.retry_after_s == 42
+    assert "outlasts the request's deadline" in refused.message
+    server.reset()  # the scripted refusals not taken
 
 
 # a base URL without its /v1: vLLM's (FastAPI's) own 404, no error object, no model in it

@@ -4,8 +4,9 @@ first token, the deadline, the credentials' health, and what an interrupted answ
 - The deadline is the call's own (the router passes the request's: the client's deadline,
   or ``ROUTER_MODEL_TIMEOUT_S`` when that is sooner or the client set none).
 - Before the first token, a 429 / 529 / overloaded / 5xx / lost connection is retried up to
-  ``max_retries`` times, waiting what ``retry-after`` asks (else exponential backoff with
-  jitter) when that wait ends before the deadline; otherwise the call fails UNAVAILABLE at
+  ``max_retries`` times, waiting what ``retry-after`` asks (or the error's message: OpenAI's
+  "Please try again in 2s"; else exponential backoff with jitter) when that wait ends before
+  the deadline; otherwise the call fails UNAVAILABLE at
   once, naming the wait that did not fit, so the router hands the request to the next
   replica or tier while there is time left. A try that failed after the provider reported
   its prompt (an ``overloaded_error`` event after Anthropic's message_start, before any

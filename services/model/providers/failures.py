@@ -234,12 +234,13 @@ def classify(exc: Exception) -> Failure:
         headers = exc.response.headers
         limit = _token_limit(kind, status, error_type, message, headers)
         about = about_a_model(code, message)
+        wait = _retry_after(headers)
         return Failure(
             kind,
             status,
             error_type,
             message,
-            _retry_after(headers),
+            wait if wait is not None else _wait_in_words(kind, message),
             limit,
             about_model=about,
             from_provider=True,
@@ -253,8 +254,9 @@ def classify(exc: Exception) -> Failure:
         kind = _kind(status, error_type, code, message)
         limit = _token_limit(kind, status, error_type, message, None)
         about = about_a_model(code, message)
+        wait = _wait_in_words(kind, message)
         return Failure(
-            kind, status, error_type, message, None, limit, about_model=about, from_provider=True
+            kind, status, error_type, message, wait, limit, about_model=about, from_provider=True
         )
     return Failure(Kind.FATAL, 0, type(exc).__name__, str(exc) or type(exc).__name__, None)
 
@@ -413,7 +415,8 @@ def _identifier(value: object) -> str:
 
 
 def _retry_after(headers: Any) -> float | None:
-    """``retry-after-ms``, else ``retry-after`` in seconds or as an HTTP date."""
+    """``retry-after-ms``, else ``retry-after`` in seconds or as an HTTP date (none: the
+    message's words may say it, ``_wait_in_words``)."""
     try:
         if (ms := headers.get("retry-after-ms")) is not None:
             return max(0.0, float(ms) / 1000)
@@ -427,6 +430,24 @@ def _retry_after(headers: Any) -> float | None:
             return max(0.0, when.timestamp() - time.time())
     except (TypeError, ValueError, AttributeError):
         return None
+
+
+# a rate limit's wait in its message, when no header says it: OpenAI's "... Please try again in
+# 41.724s." (also "in 257ms", "in 6m0s", "in 1m12.5s": Go's durations), Groq's the same
+_TRY_AGAIN_IN = re.compile(r"\btry again in ((?:\d+(?:\.\d+)?(?:ms|h|m|s))+)(?![A-Za-z])")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _wait_in_words(kind: Kind, message: str) -> float | None:
+    """A retried failure's wait as its message words it ("Please try again in 2.5s"), else
+    None. OpenAI's rate limits say their wait so, with no ``retry-after`` header to say it:
+    before, such a 429 was retried after the backoff alone (50 ms to 8 s), each retry refused
+    again while the minute's limit held, and the caller told the backoff's wait, not
+    OpenAI's."""
+    if kind != Kind.RETRY or (found := _TRY_AGAIN_IN.search(message)) is None:
+        return None
+    return sum(float(n) * _UNIT_S[unit] for n, unit in _DURATION_PART.findall(found[1]))
 
 
 def broke_off(failure: Failure) -> str:
