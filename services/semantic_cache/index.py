@@ -173,7 +173,21 @@ class ScopeIndex:
             return  # retrained (more lists) each time the scope has grown GROWTH times
         if len(self.ids) < GROWTH * self._failed_at:
             return  # the last try failed: not again on every add
-        self._rebuild = Rebuild(list(self.slices()), ann)
+        try:  # the copy (the scope's vectors again) and the worker thread may fail to start
+            self._rebuild = Rebuild(list(self.slices()), ann)
+        except Exception:  # as a failed build: the add that crossed is made, and stays so
+            self._failed(len(self.ids))
+
+    def _failed(self, size: int) -> None:
+        """A rebuild from ``size`` rows failed (to start or to build): logged; the scope keeps
+        serving from its current index and tries again at ``GROWTH`` times that size."""
+        log.exception(
+            "semantic-cache: the IVF rebuild of a scope of %d entries failed; it stays on "
+            "its current index and tries again at %d entries",
+            size,
+            GROWTH * size,
+        )
+        self._failed_at = size
 
     def _adopt_rebuild(self) -> None:
         rebuild = self._rebuild
@@ -183,13 +197,7 @@ class ScopeIndex:
         try:
             index = rebuild.adopt()
         except Exception:  # the build failed: the scope keeps serving from its current index
-            log.exception(
-                "semantic-cache: the IVF rebuild of a scope of %d entries failed; it stays on "
-                "its current index and tries again at %d entries",
-                rebuild.size,
-                GROWTH * rebuild.size,
-            )
-            self._failed_at = rebuild.size
+            self._failed(rebuild.size)
             return
         self._index, self._approximate = index, True
         self._trained_for = rebuild.size

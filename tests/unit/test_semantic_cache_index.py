@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from services.common.clock import ManualClock
+from services.semantic_cache import index as index_module
 from services.semantic_cache import rebuild
 from services.semantic_cache.ann import train_ivf
 from services.semantic_cache.cache import SemanticCache
@@ -93,6 +94,30 @@ async def test_a_failed_rebuild_leaves_the_scope_serving_from_its_exact_index(
     await _grown(60, cache)  # not retried below GROWTH times the failed size
     assert len(calls) == 1
     assert len(cache.export_entries().entries) == 60
+
+
+async def test_a_rebuild_that_cannot_start_leaves_every_store_made_and_served(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Taking the copy (the scope's vectors again) or starting the worker thread can fail
+    too; the add that crossed the size is made by then. It failed the Store after its row was
+    in the index: an id without its entry, every Lookup meeting it a KeyError and every
+    snapshot refused (21 of 60 stores and lookups raised). Now it is a failed rebuild."""
+    calls: list[int] = []
+
+    def cannot_start(slices: list[object], ann: AnnSettings) -> object:
+        calls.append(len(slices))
+        raise MemoryError("no memory for the copy")
+
+    monkeypatch.setattr(index_module, "Rebuild", cannot_start)
+    cache = await _grown(60)
+    (scope,) = cache._scopes.values()
+    assert scope.kind == "flat" and len(scope) == len(cache) == 60
+    assert "IVF rebuild of a scope of 40 entries failed" in caplog.text
+    for i in (12, 39, 40, 59):
+        assert (await cache.check(q(f"question about topic {i} and thing {i * 7}"))).hit
+    assert len(cache.export_entries().entries) == 60
+    assert len(calls) == 1  # not again below GROWTH times the failed size
 
 
 def test_nlist_grows_with_the_square_root() -> None:
