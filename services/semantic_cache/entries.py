@@ -100,6 +100,7 @@ class EntryStore:
         self._expiry: list[tuple[int, int]] = []  # heap of (expires_at_ms, id); may be stale
         self._by_entry_id: dict[str, int] = {}
         self._scopes: dict[ScopeKey, ScopeIndex] = {}
+        self._rebuilding: list[ScopeIndex] = []  # scopes whose rebuild is not swapped in yet
         self._next_id = 0
         self._changes = 0
         self._purges: dict[str, int] = {}  # tenant -> purges so far (``drop``)
@@ -192,6 +193,8 @@ class EntryStore:
         vid = self._next_id
         self._next_id += 1
         index.add(vid, vector, entry.query)
+        if index.rebuilding and index not in self._rebuilding:
+            self._rebuilding.append(index)
         self._add(vid, entry)
         self._changes += 1
         self._evict_over_capacity()
@@ -493,6 +496,10 @@ class EntryStore:
         self.stats.added(entry, self._embedder.dim)
 
     def _purge_expired(self, now: int) -> None:
+        """Removes the expired entries (and, first, swaps in the scopes' finished index
+        rebuilds: each holds a second copy of its scope's vectors until then)."""
+        if self._rebuilding:
+            self._rebuilding = [index for index in self._rebuilding if not index.swap_if_built()]
         expired: list[int] = []
         while self._expiry and self._expiry[0][0] <= now:
             _, vid = heapq.heappop(self._expiry)

@@ -159,6 +159,18 @@ class ScopeIndex:
         scores, ids = self._index.search(row, k)
         return [(i, s) for i, s in zip(ids[0].tolist(), scores[0].tolist(), strict=True) if i >= 0]
 
+    @property
+    def rebuilding(self) -> bool:
+        """A rebuild of it runs, or is done and not swapped in yet."""
+        return self._rebuild is not None
+
+    def swap_if_built(self) -> bool:
+        """Swaps in a rebuild that is done (a failed one is logged): True when none is left
+        running. Done by its next add, removal or search anyway; the cache calls it as other
+        scopes change, so an idle scope does not hold both indexes until its next one."""
+        self._adopt_rebuild()
+        return self._rebuild is None
+
     def wait_for_rebuild(self) -> None:
         """Blocks until a running rebuild is swapped in (tests and benchmarks)."""
         if self._rebuild is not None:

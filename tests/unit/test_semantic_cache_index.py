@@ -271,3 +271,28 @@ def test_a_sized_scope_is_the_index_a_rebuild_of_the_same_rows_makes() -> None:
         assert sized.search(row, 5) == grown.search(row, 5)
     small = ScopeIndex.sized(DIM, "", ann, 499, sample)
     assert small.kind == "flat" and len(asked) == 1  # below min_entries: exact, no sample
+
+
+async def test_a_finished_rebuild_is_swapped_in_while_its_scope_is_idle(
+    held_training: threading.Event,
+) -> None:
+    """A scope holds its old index and the new one until the rebuild is swapped in; that
+    waited for the scope's own next add, removal or search, so an idle scope held its
+    vectors twice (6.1 MB for 3.1 after 400 requests of another tenant). Another scope's
+    Lookup or Store swaps it in now."""
+    cache = SemanticCache(
+        FakeEmbedder(dim=DIM), ManualClock(), threshold=0.8, ann=AnnSettings(min_entries=40)
+    )
+    for i in range(40):
+        await cache.store(q(f"question about topic {i} and thing {i * 7}"), answer())
+    (scope,) = cache._scopes.values()
+    building = scope._rebuild
+    assert building is not None and scope.kind == "flat"
+    held_training.set()
+    building.wait()
+    assert scope._rebuild is not None  # done, not swapped in: nothing of the scope ran since
+    assert not (await cache.check(q("what is the refund policy", "b"))).hit
+    assert scope.kind == "ivf" and scope._rebuild is None
+    assert cache._rebuilding == []
+    hit = await cache.check(q("question about topic 12 and thing 84"))
+    assert hit.hit
