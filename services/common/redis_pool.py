@@ -150,3 +150,21 @@ def refused_for_now(exc: BaseException) -> bool:
     if isinstance(exc, _FOR_NOW):
         return True
     return isinstance(exc, ResponseError) and str(exc).startswith("BUSY ")
+
+
+# ``INFO memory``'s policy under which a Redis at its ``maxmemory`` refuses writes (OOM)
+# rather than evicting keys
+NO_EVICTION = "noeviction"
+
+
+async def eviction_policy(redis: Redis) -> str | None:
+    """The ``maxmemory-policy`` under which ``redis`` drops keys of its own accord once full,
+    read from ``INFO memory`` (which a managed Redis answers where it refuses ``CONFIG``):
+    None when it never does (``noeviction``, or no ``maxmemory``). ``volatile-*`` policies
+    evict only keys with a TTL, which is every count, claim and record a service keeps there
+    for a while; the ``allkeys-*`` ones any key."""
+    info = await redis.info("memory")
+    policy = str(info.get("maxmemory_policy", NO_EVICTION))
+    if policy == NO_EVICTION or int(info.get("maxmemory", 0)) == 0:
+        return None
+    return policy

@@ -21,7 +21,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import Clock
 from services.common.env import ConfigError, redacted_url
 from services.common.models import ModelSpec, ModelTable
-from services.common.redis_pool import bounded_redis, refused_for_now
+from services.common.redis_pool import bounded_redis, eviction_policy, refused_for_now
 from services.common.tokens import Tokenizers
 from services.router.answer_ledger import LedgerOperation, RedisAnswerLedger
 from services.router.breaker import MEANWHILE, Breaker, RedisClient, redis_breaker
@@ -36,6 +36,18 @@ from services.router.redis_limits import RedisLimitStore
 from services.router.tenant_limits import LimitsFileError, PerTenantPolicies, TenantLimitStore
 
 ANSWERS_REDIS_URL = "ROUTER_ANSWERS_REDIS_URL"
+
+# what a Redis that evicts keys of its own accord drops without a word, and what that costs
+EVICTED: dict[RedisClient, str] = {
+    "limits": (
+        "the tenants' counts, spends and holds on their budgets (each key has a TTL) can go "
+        "without a word, and a tenant over its budget or rate is admitted again"
+    ),
+    "answer_ledger": (
+        "the answer ledger's claims and records can go without a word, and a retry on another "
+        "router calls the model and is billed again"
+    ),
+}
 
 log = logging.getLogger("cachemesh.router")
 
@@ -223,6 +235,34 @@ async def _first_call(
         if isinstance(exc, TimeoutError):  # asyncio's, with no message
             exc = TimeoutError(f"no answer within {timeout_s:g} s")
         _starts_without(var, where, client, exc)
+        return
+    await _eviction_checked(var, where, redis, client, timeout_s)
+
+
+async def _eviction_checked(
+    var: str, where: str, redis: Redis, client: RedisClient, timeout_s: float
+) -> None:
+    """An ERROR line when the Redis at ``where`` (``var``'s) evicts keys once full
+    (``eviction_policy``): the router runs on it, but what it keeps there can go without a
+    word. Before, under ``volatile-lru`` (ElastiCache's and Memorystore's default) a tenant that had
+    spent its day's budget was admitted again once other keys filled that Redis (3 of 3), and
+    nothing was logged: the store's own id, which detects a flushed Redis, has no TTL and
+    stayed. A Redis that does not say (``INFO`` renamed away, no answer) is named at INFO."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            policy = await eviction_policy(redis)
+    except (RedisError, OSError, TimeoutError, ValueError) as exc:
+        log.info("%s: could not read the eviction policy of Redis at %s (%s)", var, where, exc)
+        return
+    if policy is not None:
+        log.error(
+            "%s: Redis at %s evicts keys once full (maxmemory-policy %s), so %s; give it "
+            "maxmemory-policy noeviction",
+            var,
+            where,
+            policy,
+            EVICTED[client],
+        )
 
 
 def _starts_without(var: str, where: str, client: RedisClient, exc: BaseException) -> None:
