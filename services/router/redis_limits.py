@@ -318,8 +318,9 @@ class RedisLimitStore:
         if self._marks:
             log.error(
                 "limits store at %s lost its counts (its key %s was gone: Redis restarted "
-                "without persistence or was flushed): every tenant's rates and budgets count from "
-                "zero; give that Redis persistence (appendonly yes)",
+                "without persistence, was flushed or evicted it): every tenant's rates and "
+                "budgets count from zero; give that Redis persistence (appendonly yes) and "
+                "maxmemory-policy noeviction",
                 self._where,
                 self._marker,
             )
