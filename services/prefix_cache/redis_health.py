@@ -71,7 +71,7 @@ from redis.exceptions import (
 
 from services.common.background import end_if_cancelled
 from services.common.env import ConfigError, redacted_url
-from services.common.redis_pool import refused_for_now
+from services.common.redis_pool import eviction_policy, refused_for_now
 
 log = logging.getLogger("cachemesh.prefix_cache")
 
@@ -128,6 +128,33 @@ class RedisHealth:
             await self._down(exc)
         else:
             await self._up()
+            await self._eviction_checked()
+
+    async def _eviction_checked(self) -> None:
+        """An ERROR line when the Redis evicts keys once full (``eviction_policy``): every
+        warm prefix and commit record prefix-cache keeps there has a TTL, so ``volatile-lru``
+        (managed Redis services' default) drops them as ``allkeys-lru`` does, and an evicted
+        record bills an answer twice or never. A Redis that does not say is named at INFO."""
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                policy = await eviction_policy(self._redis)
+        except (RedisError, OSError, TimeoutError, ValueError) as exc:
+            log.info(
+                "%s: could not read the eviction policy of Redis at %s (%s)",
+                REDIS_URL,
+                self._where,
+                exc,
+            )
+            return
+        if policy is not None:
+            log.error(
+                "%s: Redis at %s evicts keys once full (maxmemory-policy %s), so warm prefixes "
+                "and commit records can go without a word, and an answer is billed twice or "
+                "never; give it maxmemory-policy noeviction",
+                REDIS_URL,
+                self._where,
+                policy,
+            )
 
     async def check(self) -> None:
         """One PING; the health set from its outcome, a line logged when it changes."""
