@@ -5,6 +5,7 @@ second, counted before as two more hits."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -44,3 +45,37 @@ def test_a_round_counts_the_measured_hits_only(monkeypatch: pytest.MonkeyPatch) 
     assert figures["ms_per_request"]["router"] == 1.0
     assert figures["ms_per_request"]["semantic-cache"] == 0.5
     assert figures["requests_per_s"] > 0
+
+
+def test_a_miss_round_sends_the_agent_misses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--miss``: the round sends ``_misses`` (given the data directory), not ``_hits``, and
+    its figures are per miss."""
+    ticks = {"router": 0}
+    probe = CpuProbe(
+        {"router": 1}, lambda pid: "1 (python) S " + "0 " * 10 + f"{ticks['router']} 0 0 0", 1000
+    )
+    sent: list[object] = []
+
+    async def misses(
+        target: str,
+        key: str,
+        requests: int,
+        concurrency: int,
+        measure_from: Callable[[], None],
+        data_dir: object,
+    ) -> int:
+        sent.append(data_dir)
+        measure_from()
+        ticks["router"] += requests * 7  # 7 ms a miss
+        return requests
+
+    async def hits(*args: object) -> int:
+        raise AssertionError("a miss round sent hits")
+
+    monkeypatch.setattr(hit_cpu, "_misses", misses)
+    monkeypatch.setattr(hit_cpu, "_hits", hits)
+    data = Path("/data")
+    figures: dict[str, Any] = hit_cpu._round(_Stack(), probe, "k", 50, 32, data)  # type: ignore[arg-type]
+    assert sent == [data]
+    assert figures["requests"] == 50
+    assert figures["ms_per_request"]["router"] == 7.0

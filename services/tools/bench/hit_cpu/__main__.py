@@ -14,7 +14,13 @@ load from elsewhere on a shared machine weighs on both alike (a before/after: ``
 main | tar -x -C /tmp/base`` then ``--compare /tmp/base``). Timing is written to the report,
 never asserted.
 
+``--miss`` sends ``make bench``'s agent misses instead (case (c): tau-bench airline turns of
+about 15 KB, model ``auto``, each in a cache namespace of its own, so each goes through every
+layer: Lookup, Plan, Generate, two Commits, Store), ``--requests`` of them a round at
+``--concurrency`` in flight; the figures are then CPU per miss.
+
     .venv/bin/python -m services.tools.bench.hit_cpu --compare /tmp/base --rounds 8
+    .venv/bin/python -m services.tools.bench.hit_cpu --miss --requests 300 --concurrency 32
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from typing import Any
 
 from cachemesh import AsyncClient, build_request
 from cachemesh.v1 import gateway_pb2 as pb
+from services.tools.bench.gateway import cases
 from services.tools.bench.gateway.cpu import (
     CpuProbe,
     clock_ticks_per_s,
@@ -80,6 +87,35 @@ async def _hits(
         return sum(await asyncio.gather(*(worker() for _ in range(concurrency))))
 
 
+async def _misses(
+    target: str,
+    key: str,
+    requests: int,
+    concurrency: int,
+    measure_from: Callable[[], None],
+    data_dir: Path,
+) -> int:
+    """``requests`` agent misses (``make bench``'s case (c): tau-bench airline turns, model
+    ``auto``, each in a cache namespace of its own) at ``concurrency`` in flight; a round's
+    namespace is fresh, so each is an L1 miss that goes through every layer."""
+    namespace = f"miss-cpu-{time.time_ns()}"
+    items = cases.agent_misses(data_dir, namespace, requests, seed=concurrency)
+    async with AsyncClient(target, api_key=key) as client:
+        measure_from()
+        pending = iter(items)
+
+        async def worker() -> int:
+            served = 0
+            for item in pending:
+                response = await client.complete(item.request)
+                if response.served_by == pb.LAYER_SEMANTIC_CACHE:
+                    raise RuntimeError("an agent miss was served by L1")
+                served += 1
+            return served
+
+        return sum(await asyncio.gather(*(worker() for _ in range(concurrency))))
+
+
 @contextmanager
 def _stack(root: Path, name: str, extra: dict[str, str]) -> Iterator[tuple[Stack, CpuProbe, str]]:
     run_dir = root / ".run" / f"bench-hit-cpu-{name}"
@@ -96,17 +132,27 @@ def _stack(root: Path, name: str, extra: dict[str, str]) -> Iterator[tuple[Stack
 
 
 def _round(
-    stack: Stack, probe: CpuProbe, key: str, requests: int, concurrency: int
+    stack: Stack,
+    probe: CpuProbe,
+    key: str,
+    requests: int,
+    concurrency: int,
+    miss: Path | None = None,
 ) -> dict[str, Any]:
     """CPU and req/s of the measured hits only (``_hits``' ``measure_from``): before, the
     round's miss and its idle half second were counted as two more hits, which put 2,000
-    hits at 8 in flight at 389-488 req/s and the router's CPU a hit above its own."""
+    hits at 8 in flight at 389-488 req/s and the router's CPU a hit above its own. ``miss``:
+    the data directory of agent misses (``_misses``) to send instead of hits."""
     mark: dict[str, Any] = {}
 
     def measure_from() -> None:
         mark["cpu"], mark["at"] = probe.sample(), time.monotonic()
 
-    served = asyncio.run(_hits(stack.router_address, key, requests, concurrency, measure_from))
+    if miss is None:
+        load = _hits(stack.router_address, key, requests, concurrency, measure_from)
+    else:
+        load = _misses(stack.router_address, key, requests, concurrency, measure_from, miss)
+    served = asyncio.run(load)
     after, wall = probe.sample(), time.monotonic() - mark["at"]
     figures = per_request(ticks_between(mark["cpu"], after), served, probe.ticks_per_s)
     figures["requests_per_s"] = round(served / wall, 1) if wall > 0 else None
@@ -119,6 +165,7 @@ def measure(
     concurrency: int,
     rounds: int,
     settings: dict[str, dict[str, str]] | None = None,
+    miss: Path | None = None,
 ) -> dict[str, Any]:
     """Each root's stack (with its ``settings``), all up at once, measured in alternating
     rounds (A B B A ...), so that a load on the machine from elsewhere weighs on both alike."""
@@ -132,10 +179,10 @@ def measure(
         order = list(roots)
         for number in range(rounds):
             for name in order if number % 2 == 0 else order[::-1]:
-                figures = _round(*stacks[name], requests, concurrency)
+                figures = _round(*stacks[name], requests, concurrency, miss)
                 per_round[name].append(figures)
                 router = figures["ms_per_request"]["router"]
-                print(f"round {number + 1} {name}: router {router} ms a hit", file=sys.stderr)
+                print(f"round {number + 1} {name}: router {router} ms a request", file=sys.stderr)
     report: dict[str, Any] = {"requests": requests, "concurrency": concurrency, "stacks": {}}
     if len(per_round) == 2:  # each round's ratio: the two stacks measured side by side
         mine, theirs = ([f["ms_per_request"]["router"] for f in r] for r in per_round.values())
@@ -175,6 +222,14 @@ def main() -> None:
         action="store_true",
         help="every stack exports its spans over OTLP to one real receiver (its own process)",
     )
+    parser.add_argument(
+        "--miss",
+        action="store_true",
+        help="agent misses (make bench's case (c)) instead of exact hits",
+    )
+    parser.add_argument(
+        "--data-dir", type=Path, default=None, help="the data (default: <root>/../shared/data)"
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     roots = {"this": args.root.resolve()}
@@ -188,14 +243,18 @@ def main() -> None:
             shared = traces_to(sink.start())
             receiver.callback(sink.stop)
         settings = {name: {**shared, **(own if name == "this" else {})} for name in roots}
-        report = measure(roots, args.requests, args.concurrency, args.rounds, settings)
+        data_dir = args.data_dir or roots["this"].parent / "shared" / "data"
+        miss = data_dir if args.miss else None
+        report = measure(roots, args.requests, args.concurrency, args.rounds, settings, miss)
     report["settings"] = own
     report["traced"] = args.traced
+    report["case"] = "agent miss" if args.miss else "exact hit"
     text = json.dumps(report, indent=2)
     if "router_ratio_median" in report:
         print(
-            f"router CPU per exact hit, this / compared: median {report['router_ratio_median']} "
-            f"over {args.rounds} rounds ({report['router_ratio_above_1']} above 1)",
+            f"router CPU per {report['case']}, this / compared: "
+            f"median {report['router_ratio_median']} over {args.rounds} rounds "
+            f"({report['router_ratio_above_1']} above 1)",
             file=sys.stderr,
         )
     if args.out is not None:
