@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from services.tools.bench.gateway.chain import two_hop
 from services.tools.bench.gateway.cpu import CpuProbe
 from services.tools.bench.hit_cpu import __main__ as hit_cpu
 
@@ -79,3 +80,38 @@ def test_a_miss_round_sends_the_agent_misses(monkeypatch: pytest.MonkeyPatch) ->
     assert sent == [data]
     assert figures["requests"] == 50
     assert figures["ms_per_request"]["router"] == 7.0
+
+
+def test_the_floor_is_the_echo_fronts_cpu_per_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--floor``: the chain's front's CPU over each measured run only (not the warm-up's),
+    per request, and their median."""
+    ticks = {"front": 0}
+    runs: list[tuple[int, int]] = []
+
+    class Running:
+        front_pid = 7
+
+        def __init__(self, chain: object) -> None:
+            pass
+
+        def __enter__(self) -> Running:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def run(self, level: int, requests: int) -> None:
+            runs.append((level, requests))
+            ticks["front"] += requests * (5 if len(runs) == 1 else 2)  # the warm-up: 5 ms each
+
+    def stat(pid: int) -> str:
+        assert pid == 7
+        return "7 (python) S " + "0 " * 10 + f"{ticks['front']} 0 0 0"
+
+    monkeypatch.setattr(hit_cpu, "RunningChain", Running)
+    monkeypatch.setattr(hit_cpu, "clock_ticks_per_s", lambda: 1000)
+    report = hit_cpu.floor(two_hop(600), 300, 8, 3, read=stat)
+    assert runs == [(8, 200), (8, 300), (8, 300), (8, 300)]
+    assert report["front_ms_per_request"] == [2.0, 2.0, 2.0]
+    assert report["front_ms_per_request_median"] == 2.0
+    assert report["chain"] == "two_hops"

@@ -198,6 +198,14 @@ class RunningChain:
     def __exit__(self, *exc: object) -> None:
         self._stop()
 
+    @property
+    def front_pid(self) -> int:
+        """The front's process id (the router's place; started last), once entered."""
+        if not self._started:
+            raise RuntimeError("the chain is not running")
+        pid: int = self._started[-1][0].pid
+        return pid
+
     def run(self, level: int, requests: int) -> EchoRun:
         """``requests`` calls with ``level`` of them in flight."""
         return asyncio.run(_load(self._front, self.chain, requests, level))

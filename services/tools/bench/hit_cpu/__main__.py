@@ -17,7 +17,9 @@ never asserted.
 ``--miss`` sends ``make bench``'s agent misses instead (case (c): tau-bench airline turns of
 about 15 KB, model ``auto``, each in a cache namespace of its own, so each goes through every
 layer: Lookup, Plan, Generate, two Commits, Store), ``--requests`` of them a round at
-``--concurrency`` in flight; the figures are then CPU per miss.
+``--concurrency`` in flight; the figures are then CPU per miss. ``--floor`` also measures, in
+as many rounds, the front of ``make bench``'s echo chain of the case (the router's calls with
+raw bytes and nothing else): the gRPC floor under the router's figure, on this machine now.
 
     .venv/bin/python -m services.tools.bench.hit_cpu --compare /tmp/base --rounds 8
     .venv/bin/python -m services.tools.bench.hit_cpu --miss --requests 300 --concurrency 32
@@ -40,13 +42,17 @@ from typing import Any
 from cachemesh import AsyncClient, build_request
 from cachemesh.v1 import gateway_pb2 as pb
 from services.tools.bench.gateway import cases
+from services.tools.bench.gateway.chain import Chain, miss_chain, two_hop
 from services.tools.bench.gateway.cpu import (
     CpuProbe,
+    StatReader,
     clock_ticks_per_s,
     per_request,
     read_proc_stat,
     ticks_between,
 )
+from services.tools.bench.gateway.echo import RunningChain
+from services.tools.bench.gateway.run import TWO_HOP_PAYLOAD_BYTES
 from services.tools.bench.gateway.sink_process import SinkProcess
 from services.tools.bench.gateway.stacks import traces_to
 from services.tools.keys import ensure_keys
@@ -201,6 +207,38 @@ def measure(
     return report
 
 
+def _chain(miss: Path | None, requests: int) -> Chain:
+    """The echo chain of the case: ``make bench``'s reference shape (the two hops of a hit,
+    or the six calls of the agent miss of the median size)."""
+    if miss is None:
+        return two_hop(TWO_HOP_PAYLOAD_BYTES)
+    agent = cases.agent_misses(miss, "shape", requests, seed=1)
+    return miss_chain("agent", [item.request for item in agent])
+
+
+def floor(
+    chain: Chain, requests: int, concurrency: int, rounds: int, read: StatReader = read_proc_stat
+) -> dict[str, Any]:
+    """The CPU per request of the echo chain's front (``echo._Front``: the router's place, the
+    same gRPC calls with raw bytes and no work of its own), ``rounds`` runs of ``requests``:
+    the floor the router's CPU per request stands on, measured now on this machine."""
+    ticks_per_s = clock_ticks_per_s()
+    with RunningChain(chain) as running:
+        probe = CpuProbe({"front": running.front_pid}, read, ticks_per_s)
+        running.run(concurrency, min(requests, 200))  # warm
+        spent = []
+        for _ in range(rounds):
+            before = probe.sample()
+            running.run(concurrency, requests)
+            ticks = ticks_between(before, probe.sample())
+            spent.append(per_request(ticks, requests, ticks_per_s)["ms_per_request"]["front"])
+    return {
+        "chain": chain.name,
+        "front_ms_per_request": spent,
+        "front_ms_per_request_median": round(statistics.median(spent), 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path.cwd(), help="the checkout to run")
@@ -230,6 +268,12 @@ def main() -> None:
     parser.add_argument(
         "--data-dir", type=Path, default=None, help="the data (default: <root>/../shared/data)"
     )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also the CPU per request of make bench's echo chain of the case (the router's "
+        "calls with nothing else): what the router's figure stands on",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     roots = {"this": args.root.resolve()}
@@ -246,6 +290,13 @@ def main() -> None:
         data_dir = args.data_dir or roots["this"].parent / "shared" / "data"
         miss = data_dir if args.miss else None
         report = measure(roots, args.requests, args.concurrency, args.rounds, settings, miss)
+    if args.floor:
+        chain = _chain(miss, args.requests)
+        report["floor"] = floor(chain, args.requests, args.concurrency, args.rounds)
+        mine = report["stacks"]["this"]["router_ms_per_hit_median"]
+        report["floor"]["router_over_floor"] = round(
+            mine / report["floor"]["front_ms_per_request_median"], 3
+        )
     report["settings"] = own
     report["traced"] = args.traced
     report["case"] = "agent miss" if args.miss else "exact hit"
