@@ -103,6 +103,7 @@ def test_a_value_compose_would_expand_is_not_written() -> None:
         ("C=1\n  A=1\n", [("C", "2"), ("A", "5")], "C=2\nA=5\n"),
         ("A = 1\nB=2\n", [("A", "5")], "A=5\nB=2\n"),
         ("export T=0.88\n# note\n", [("T", "0.9")], "export T=0.9\n# note\n"),
+        ("A=1\nexport A=2\n", [("A", "9")], "export A=9\n"),  # any export line keeps it one
         # a second line of a key dropped (it replaced both, and kept two lines setting it)
         ("A=1\nB=2\nA=1\n", [("A", "5")], "A=5\nB=2\n"),
     ],
@@ -134,3 +135,5 @@ def test_a_users_export_line_stays_an_export() -> None:
     written = set_values("  export A=1\nB=2\n", [("A", "x y"), ("B", "3")])
     assert written == "export A='x y'\nB=3\n"
     assert parse_env_text(written) == {"A": "x y", "B": "3"}
+    with pytest.raises(EnvFileError, match=r"^A: .* as an export line, which a shell needs quoted"):
+        set_values("export A=1\n", [("A", "it's")])  # the message says why, not "quotes"

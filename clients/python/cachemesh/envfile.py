@@ -127,8 +127,9 @@ def set_values(
     """``text`` with each key set by one line, ``KEY=value`` (``export``: ``export KEY=value``,
     the value quoted for a shell where it needs it, so that ``source`` reads it as the reader
     does), standing where the first line setting the key stood (``KEY=``, ``export KEY=``, as
-    the reader reads a line's name; a user's ``export`` line stays one, so a shell that sources
-    the file still exports the key); a later line setting it again is dropped, and a key whose
+    the reader reads a line's name; a key the user exports on any of its lines stays
+    exported, so a shell that sources the file still exports it); a later line setting it
+    again is dropped, and a key whose
     value is None is unset (each of its lines dropped). A missing key goes after the line of
     the key before it in ``values`` (``append``: at the end). Every other line is kept as
     written, and no value but the given ones is read (a line the reader refuses stays as it
@@ -139,21 +140,26 @@ def set_values(
         if not _KEY.match(key):
             raise EnvFileError(f"not a variable name: {key!r}")
         given[key] = value
+    lines_in = text.splitlines(keepends=True)
+    # a key any of whose lines the user exports stays exported (a shell sourcing the file)
+    exported = {
+        name
+        for raw in lines_in
+        if raw.lstrip().startswith("export ") and (name := variable_set(raw)) in given
+    }
     wanted = {
-        key: None if value is None else _line(key, value, export) for key, value in given.items()
+        key: None if value is None else _line(key, value, export or key in exported)
+        for key, value in given.items()
     }
     # each kept line a group of its own; a key's line heads the group its missing successors join
     groups: list[list[str]] = []
     group_of: dict[str, list[str]] = {}
-    for raw in text.splitlines(keepends=True):
+    for raw in lines_in:
         name = variable_set(raw)
         if name not in wanted:
             groups.append([raw])
             continue
         ours = wanted[name]
-        value = given[name]
-        if not export and value is not None and raw.lstrip().startswith("export "):
-            ours = _line(name, value, True)  # the user's export line stays an export
         if ours is not None and name not in group_of:
             ending = raw[len(raw.rstrip("\r\n")) :]  # as the line it replaces (none: the last)
             group_of[name] = [ours + ending]
@@ -183,7 +189,11 @@ def _line(key: str, value: str, export: bool) -> str:
     line = f"export {key}={shlex.quote(value)}" if export else f"{key}={value}"
     if _reads_back(line) != {key: value}:
         raise EnvFileError(
-            f"{key}: the value would not read back as written (a space and #, quotes, "
-            "surrounding spaces, a $, a backslash in quotes)"
+            f"{key}: the value would not read back as written "
+            + (
+                "as an export line, which a shell needs quoted (a quote or a backslash in it)"
+                if export
+                else "(a space and #, quotes, surrounding spaces, a $, a backslash in quotes)"
+            )
         )
     return line
