@@ -9,6 +9,21 @@ from pathlib import Path
 import pytest
 
 from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import model_pb2
+from cachemesh.v1 import prefix_cache_pb2 as pc
+from services.common.clock import ManualClock
+from services.common.models import load_model_table
+from services.common.tokens import load_cl100k
+from services.prefix_cache.api import PrefixCacheApi
+from services.prefix_cache.commit_records import CommitRecords
+from services.prefix_cache.core import PrefixCacheCore, TokenizerSlot
+from services.prefix_cache.ledger import InMemoryLedger
+from services.prefix_cache.plan_memo import PlanMemo
+from services.prefix_cache.replica_view import ReplicaViews
+from services.prefix_cache.totals import TotalsLedger
+from services.prefix_cache.warm import InMemoryWarmStore
+from services.router.calls import warm_commit
+from services.semantic_cache.embedder import DIM
 from services.tools.bench.gateway import runs
 from services.tools.bench.gateway.chain import median_request, miss_chain, two_hop
 from services.tools.bench.gateway.echo import EchoRun, RunningChain, chain_reference, echo_row
@@ -45,10 +60,58 @@ def test_the_sizes_are_those_of_the_real_messages_for_the_median_request() -> No
     size = requests[0].ByteSize()
     assert chain.request_bytes == size
     carrying = {c.method: c.request_bytes for c in chain.calls()}
-    for method in ("Lookup", "Plan", "Generate", "CommitWarm", "Store"):
+    for method in ("Lookup", "Plan", "Store"):
         assert size < carrying[method] < size + 600, method  # the request and a few fields
-    assert carrying["CommitFinal"] < 200  # FINAL carries no request
-    assert all(c.reply_bytes < 200 for c in chain.calls())
+    # Generate carries the Plan's prompt facts beside the request (2 bytes a token)
+    assert size + size // 2 < carrying["Generate"] < size + size // 2 + 600
+    # the WARM commit names its Plan and FINAL carries no request
+    assert carrying["CommitWarm"] < 200 and carrying["CommitFinal"] < 200
+    replies = {c.method: c.reply_bytes for c in chain.calls()}
+    assert size // 2 < replies.pop("Plan") < size // 2 + 600  # the prompt's facts
+    # ``auto``: the miss's Lookup returns the question's embedding for the tier choice
+    assert 4 * DIM < replies.pop("Lookup") < 4 * DIM + 200
+    assert all(b < 200 for b in replies.values()), replies
+
+
+def test_a_lookup_for_a_named_model_returns_no_embedding() -> None:
+    request = _request("hello")
+    request.model = "sim-small"
+    lookup = miss_chain("named", [request]).steps[0][0]
+    assert lookup.method == "Lookup" and lookup.reply_bytes < 200
+
+
+async def test_the_plan_and_warm_are_sized_as_prefix_cache_and_the_router_make_them() -> None:
+    """Against the real pieces: the Plan a prefix-cache core answers for an agent-sized
+    request (its KV block hashes) and the WARM commit the router sends (by plan_id, without
+    the request). The echo chain once sent the 17 kB request with every WARM and took the
+    Plan's reply for 60 bytes: for the bench's median agent turn (17,053 bytes, 253 KV
+    blocks) the router's WARM is 119 bytes and the Plan's reply 8,256."""
+    text = " ".join(f"Policy {i}: refunds within thirty days need a receipt." for i in range(300))
+    request = _request(text)
+    clock = ManualClock()
+    core = PrefixCacheCore(
+        table=load_model_table(), tokenizer=TokenizerSlot(load_cl100k()),
+        cache=InMemoryWarmStore(100), views=ReplicaViews(65536),
+        ledger=InMemoryLedger(CommitRecords(86_400_000, 100), TotalsLedger()), clock=clock,
+        lookback=20, plans=PlanMemo(clock, ttl_ms=600_000, max_blocks=100_000),
+    )  # fmt: skip
+    plan = await PrefixCacheApi(core).plan(
+        pc.PlanRequest(tenant="tenant-a", model="sim-large", request=request,
+                       replicas=["127.0.0.1:50054", "127.0.0.1:50055"])
+    )  # fmt: skip
+    assert plan.plan_id and plan.prompt.kv_block_hashes  # held, and the facts sent
+    chain = miss_chain("agent", [request])
+    echo = {c.method: c for c in chain.calls()}
+    assert abs(echo["Plan"].reply_bytes - plan.ByteSize()) < plan.ByteSize() * 0.15
+    warm = warm_commit(
+        "tenant-a", "0" * 32 + "#" + "0" * 16, "sim-large", "127.0.0.1:50054",
+        plan.prompt_tokens, plan.prompt_tokens, plan.plan_id, kv_cached_unreported=False,
+    )  # fmt: skip
+    assert abs(echo["CommitWarm"].request_bytes - warm.ByteSize()) <= 8
+    generate = model_pb2.GenerateRequest(
+        tenant="tenant-a", model="sim-large", request=request, prompt=plan.prompt
+    )
+    assert abs(echo["Generate"].request_bytes - generate.ByteSize()) < generate.ByteSize() * 0.1
 
 
 def test_two_hops_is_one_call_of_the_same_payload_each_way() -> None:

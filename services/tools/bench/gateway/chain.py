@@ -5,7 +5,11 @@ in order, the calls of one step in parallel, each to an echo process standing fo
 ``two_hop`` is the bare floor (client → hop → hop); ``miss_chain`` is an L1 miss as the router
 makes it: Lookup, Plan, Generate (server streaming; Commit WARM at its first message), then
 Commit FINAL and Store in parallel, with the byte sizes of the real messages for the given
-requests (the median one), so a miss is divided by a reference of its own shape.
+requests (the median one), so a miss is divided by a reference of its own shape: a Lookup
+for ``auto`` returns the question's embedding (float32), the Plan's reply carries the
+prompt's facts (its KV block hashes, 2 bytes a token), the Generate call carries them on
+beside the request, and the WARM commit names the Plan instead of carrying the request (as
+``services.router.calls.warm_commit`` sends it).
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ from typing import Any
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2, prefix_cache_pb2, semantic_cache_pb2
+from cachemesh.v1.prompt_pb2 import PromptFacts
+from services.common.kv_blocks import BLOCK_SIZE
+from services.common.models import AUTO
+from services.semantic_cache.embedder import DIM, MODEL_ID, MODEL_SHA256
 
 # What the messages around a miss carry besides the request (representative values: only
 # their encoded sizes matter). The simulator's answers end after 20 to 120 tokens.
@@ -28,6 +36,9 @@ _TENANT = "tenant-a"
 _MODEL = "sim-large"
 _REPLICAS = ("127.0.0.1:50054", "127.0.0.1:50055")
 _HEX32 = "0" * 32
+BLOCK_HASH_BYTES = 32  # a KV block's chained sha256 (prompt.proto's PromptFacts)
+PLANNED_AT_MS = 1_765_000_000_000  # a Plan's time, as an epoch millisecond of these years
+LEASE_S = 30.0  # a leading Lookup's lease (SEMANTIC_CACHE_LEASE_S)
 
 
 @dataclass(frozen=True)
@@ -103,32 +114,45 @@ def miss_chain(name: str, requests: Sequence[pb.CompleteRequest]) -> Chain:
                      output_tokens=ANSWER_TOKENS, kv_cached_tokens=tokens)  # fmt: skip
     cost = pb.Cost(cost_nanos=4_000_000, baseline_nanos=16_000_000, saved_nanos=12_000_000)
     commit_id = _HEX32 + "#" + "0" * 16
+    plan_id = "0" * 24  # PlanMemo's: 12 random bytes in hex
+    hashes = bytes(BLOCK_HASH_BYTES * (tokens // BLOCK_SIZE))
+    facts = PromptFacts(prompt_tokens=tokens, kv_block_hashes=hashes, digest="0" * 64)
 
+    # ``auto`` (the bench's miss cases): the router wants the question's embedding for its
+    # tier choice, which a miss's Lookup returns
+    auto = request.model == AUTO
+    embedding = bytes(4 * DIM) if auto else b""
+    version = f"{MODEL_ID}@{MODEL_SHA256[:12]}" if auto else ""
     lookup = Call(
         "semantic-cache", "Lookup",
-        semantic_cache_pb2.LookupRequest(tenant=_TENANT, request=request).ByteSize(),
+        semantic_cache_pb2.LookupRequest(tenant=_TENANT, request=request,
+                                         want_embedding=auto).ByteSize(),
         semantic_cache_pb2.LookupResponse(
-            leader=True, lease_id=_HEX32, best_similarity=0.61).ByteSize(),
+            leader=True, lease_id=_HEX32, best_similarity=0.61, lease_s=LEASE_S,
+            embedding=embedding, embedder_version=version).ByteSize(),
     )  # fmt: skip
     plan = Call(
         "prefix-cache", "Plan",
         prefix_cache_pb2.PlanRequest(tenant=_TENANT, model=_MODEL, request=request,
                                      replicas=list(_REPLICAS)).ByteSize(),
-        prefix_cache_pb2.PlanResponse(usage=usage, prompt_tokens=tokens, candidates=[
-            prefix_cache_pb2.ReplicaCandidate(replica=r, warm_prefix_tokens=tokens)
-            for r in _REPLICAS]).ByteSize(),
+        prefix_cache_pb2.PlanResponse(
+            plan_id=plan_id, prompt=facts, usage=usage, prompt_tokens=tokens,
+            planned_at_ms=PLANNED_AT_MS, candidates=[
+                prefix_cache_pb2.ReplicaCandidate(replica=r, warm_prefix_tokens=tokens)
+                for r in _REPLICAS]).ByteSize(),
     )  # fmt: skip
     warm = Call(
         "prefix-cache", "CommitWarm",
         prefix_cache_pb2.CommitRequest(
             tenant=_TENANT, request_id=commit_id, phase=prefix_cache_pb2.COMMIT_PHASE_WARM,
-            model=_MODEL, request=request, replica=_REPLICAS[0], kv_cached_tokens=tokens,
+            model=_MODEL, replica=_REPLICAS[0], kv_cached_tokens=tokens, plan_id=plan_id,
             max_read_tokens=tokens).ByteSize(),
         prefix_cache_pb2.CommitResponse(usage=usage).ByteSize(),
     )  # fmt: skip
     generate = Call(
         "model", "Generate",
-        model_pb2.GenerateRequest(tenant=_TENANT, model=_MODEL, request=request).ByteSize(),
+        model_pb2.GenerateRequest(
+            tenant=_TENANT, model=_MODEL, request=request, prompt=facts).ByteSize(),
         model_pb2.GenerateChunk(text="x" * (DELTA_TOKENS * CHARS_PER_TOKEN)).ByteSize(),
         replies=2 + math.ceil(ANSWER_TOKENS / DELTA_TOKENS),  # start, the deltas, end
         during=(warm,),
