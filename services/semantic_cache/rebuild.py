@@ -13,7 +13,7 @@ until it slows down; a live scope grows by one embedded store at a time.)
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,14 +47,9 @@ class Rebuild:
         self._lock = threading.Lock()
         self._changes: list[_Change] = []
         self._replayed = 0  # changes the worker has applied
-        self._future: Future[Any] = Future()
-        # A daemon thread: a process that stops (its last snapshot saved) ends without waiting
-        # for an index nobody will use. A pool's worker is joined at exit: the stop waited for
-        # the rest of the build (minutes for a large scope), past a supervisor's grace period.
-        worker = threading.Thread(
-            target=self._run, args=(slices, ann), name="scope-index-rebuild", daemon=True
-        )
-        worker.start()
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scope-index-rebuild")
+        self._future: Future[Any] = pool.submit(self._build, slices, ann)
+        pool.shutdown(wait=False)
 
     def added(self, vids: Ids, rows: Rows) -> None:
         """Records rows added to the scope (``rows`` must not change afterwards)."""
@@ -79,14 +74,6 @@ class Rebuild:
         _apply(index, self._changes[self._replayed :])
         self._changes, self._replayed = [], 0
         return index
-
-    def _run(self, slices: list[tuple[Ids, Rows]], ann: AnnSettings) -> None:
-        try:
-            index = self._build(slices, ann)
-        except BaseException as exc:  # raised by ``adopt`` (as a pool's worker would)
-            self._future.set_exception(exc)
-        else:
-            self._future.set_result(index)
 
     def _build(self, slices: list[tuple[Ids, Rows]], ann: AnnSettings) -> Any:
         nlist = ann.nlist(self.size)
