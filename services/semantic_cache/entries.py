@@ -450,7 +450,7 @@ class EntryStore:
         ]
         dropped = 0
         for key in keys:
-            for vid in self._scopes.pop(key).ids:
+            for vid in self._drop_scope(key).ids:
                 self._forget(vid)
                 dropped += 1
         self.stats.invalidations += dropped
@@ -565,7 +565,7 @@ class EntryStore:
         index.remove(vid, entry.query)  # first: if it fails, the entry and its id stay paired
         self._forget(vid)
         if not len(index):
-            del self._scopes[key]
+            self._drop_scope(key)
 
     def _unindex(self, forgotten: list[tuple[int, Entry]]) -> None:
         """Takes entries already forgotten (``_forget``) out of their scopes' indexes, one
@@ -588,7 +588,15 @@ class EntryStore:
                         self._unforget(vid, entry)
                 raise
             if not len(index):
-                del self._scopes[key]
+                self._drop_scope(key)
+
+    def _drop_scope(self, key: ScopeKey) -> ScopeIndex:
+        """Takes a scope's index out of the cache, and out of the rebuilds waiting to be
+        swapped in: kept there, a dropped or emptied scope's vectors (its old index and its
+        rebuild's) stayed in memory until the build ended and a Lookup swapped it in."""
+        index = self._scopes.pop(key)
+        self._rebuilding = [other for other in self._rebuilding if other is not index]
+        return index
 
     def _unforget(self, vid: int, entry: Entry) -> None:
         """Undoes ``_forget`` of an entry still in its index (its expiry's heap item is still

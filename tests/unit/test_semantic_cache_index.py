@@ -296,3 +296,24 @@ async def test_a_finished_rebuild_is_swapped_in_while_its_scope_is_idle(
     assert cache._rebuilding == []
     hit = await cache.check(q("question about topic 12 and thing 84"))
     assert hit.hit
+
+
+async def test_a_dropped_scope_is_not_kept_for_its_rebuild(
+    held_training: threading.Event,
+) -> None:
+    """A scope dropped (a tenant's purge) while its rebuild runs leaves the rebuilds to swap
+    in: kept there, the purged tenant's vectors (its old index and the rebuild's) stayed in
+    memory until the build ended and another scope's Lookup swapped it in."""
+    cache = SemanticCache(
+        FakeEmbedder(dim=DIM), ManualClock(), threshold=0.8, ann=AnnSettings(min_entries=40)
+    )
+    for i in range(40):
+        await cache.store(q(f"question about topic {i} and thing {i * 7}"), answer())
+    (scope,) = cache._scopes.values()
+    building = scope._rebuild
+    assert building is not None and cache._rebuilding == [scope]
+    assert await cache.drop("a") == 40
+    assert cache._scopes == {} and cache._rebuilding == []
+    held_training.set()
+    building.wait()
+    assert not (await cache.check(q("question about topic 12 and thing 84"))).hit
