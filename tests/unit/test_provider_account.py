@@ -405,6 +405,32 @@ async def test_a_rate_limit_whose_worded_wait_outlasts_the_deadline_is_handed_ov
     server.reset()  # the scripted refusals not taken
 
 
+@pytest.mark.parametrize(
+    "headers", [{"retry-after": "3"}, {"retry-after-ms": "3000"}], ids=["seconds", "ms"]
+)
+async def test_a_retry_after_header_wins_over_the_wait_its_message_words(
+    server: WireServer, replicas: Callable[[Backend, str], Replica], headers: dict[str, str]
+) -> None:
+    """A rate limit that says its wait both ways (a ``retry-after`` or ``retry-after-ms``
+    header of 3 s, and "Please try again in 41.724s" in its message) is waited for as the
+    header says: the header is the provider's own machine-read wait, the words a fallback for
+    a 429 without one. Nothing pinned that order: a change reading the words first would have
+    waited 42 s (or handed the call over at once, past the deadline) for a 3 s limit."""
+    replica = replicas("openai", GPT)
+    both = openai_wire.error(
+        429,
+        "tokens",
+        "Rate limit reached for gpt-4.1 in organization org-abc on tokens per min (TPM): Limit "
+        "30000, Used 29900, Requested 2000. Please try again in 41.724s.",
+        code="rate_limit_exceeded",
+        headers=headers,
+    )
+    server.script("openai", both)
+    assert await replica.call() is None
+    assert replica.calls() == 2  # the 429, then its retry answered
+    assert replica.waits == [3.0]
+
+
 # a base URL without its /v1: vLLM's (FastAPI's) own 404, no error object, no model in it
 NO_ROUTE = Reply(status=404, body={"detail": "Not Found"})
 # the providers' 404 for a model they do not serve: the replica's set-up (its upstream model)
