@@ -6,6 +6,7 @@ and the request checks of https://platform.claude.com/docs/en/api/versioning (``
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -226,11 +227,22 @@ VERSIONS = ("2023-01-01", "2023-06-01", "2026-10-21")
 # (https://platform.claude.com/docs/en/api/migration-2026-10-21)
 NO_SAMPLING_SINCE = "2026-10-21"
 SAMPLING = ("temperature", "top_p", "top_k")
+# the models that refuse a sampling parameter at a non-default value under every version
+# (Claude Opus 4.7 and later: Opus 4.7, 4.8 and 5, Sonnet 5; "sampling parameters (temperature,
+# top_p, top_k) set to non-default values return a 400 error",
+# https://platform.claude.com/docs/en/models/sonnet-5/migration-guide), a dated id too; the
+# API's words: "`temperature` is deprecated for this model."
+_DEFAULT_SAMPLING_ONLY = re.compile(r"^claude-(?:opus-4-[78]|opus-5|sonnet-5)(?:-\d{8})?$")
+# the defaults such a model takes: temperature and top_p 1; top_k has none (unset: no cut), so
+# any value of it is refused
+_SAMPLING_DEFAULTS: dict[str, float] = {"temperature": 1, "top_p": 1}
 
 
 def refusal(headers: dict[str, str], body: dict[str, Any]) -> Reply | None:
-    """The real API's 400 to a request its ``anthropic-version`` does not take, else None: no
-    version, one that is not a version, or (from 2026-10-21 on) a sampling parameter."""
+    """The real API's 400 to a request its ``anthropic-version`` or its model does not take,
+    else None: no version, one that is not a version, (from 2026-10-21 on) a sampling
+    parameter, or (under every version) one at a value but its default to a model that takes
+    only its default (Claude Opus 4.7 and later: ``claude-sonnet-5``, ``claude-opus-5``)."""
     version = headers.get("anthropic-version")
     if version is None:
         return error(400, "invalid_request_error", "anthropic-version: header is required")
@@ -243,4 +255,9 @@ def refusal(headers: dict[str, str], body: dict[str, Any]) -> Reply | None:
                 return error(
                     400, "invalid_request_error", f"{name}: Extra inputs are not permitted"
                 )
+    if _DEFAULT_SAMPLING_ONLY.match(str(body.get("model"))):
+        for name in SAMPLING:
+            if name in body and body[name] != _SAMPLING_DEFAULTS.get(name):
+                message = f"`{name}` is deprecated for this model."
+                return error(400, "invalid_request_error", message)
     return None

@@ -66,6 +66,34 @@ def test_the_loopback_server_refuses_sampling_under_2026_10_21_and_takes_it_befo
     assert _post(server, "2026-10-21", ASK) == (200, None)
 
 
+@pytest.mark.parametrize("model", ["claude-sonnet-5", "claude-opus-5"])
+@pytest.mark.parametrize(
+    "field,value", [("temperature", 0.5), ("temperature", 0.0), ("top_p", 0.9), ("top_k", 40)]
+)
+def test_the_loopback_server_refuses_a_claude_5_a_sampling_value_but_its_default(
+    server: WireServer, model: str, field: str, value: float
+) -> None:
+    """Claude Sonnet 5 and Opus 5 refuse a sampling parameter set to a value but its default
+    under every version (Anthropic's Sonnet 5 migration guide: a 400), in the API's words;
+    its default (temperature 1) and none are answered under the versions that take sampling.
+    Before, the loopback server answered them all, where a regression sending one would meet
+    Anthropic's 400."""
+    ask = {**ASK, "model": model}
+    for version in ("2023-06-01", "2023-01-01"):
+        status, body = _post(server, version, {**ask, field: value})
+        assert status == 400, version
+        assert body["error"] == {
+            "type": "invalid_request_error",
+            "message": f"`{field}` is deprecated for this model.",
+        }
+        assert _post(server, version, {**ask, "temperature": 1.0}) == (200, None)
+        assert _post(server, version, ask) == (200, None)
+    status, body = _post(server, "2026-10-21", {**ask, field: value})  # removed there, first
+    assert (status, body["error"]["message"]) == (400, f"{field}: Extra inputs are not permitted")
+    assert _post(server, "2026-10-21", {**ASK, field: value})[0] == 400  # an earlier Claude too
+    assert _post(server, "2023-06-01", {**ASK, field: value}) == (200, None)  # it takes it
+
+
 def test_the_loopback_server_refuses_a_missing_or_unknown_version(server: WireServer) -> None:
     status, body = _post(server, None, ASK)
     assert (status, body["error"]["message"]) == (400, "anthropic-version: header is required")
