@@ -90,6 +90,9 @@ class LongContext(BaseModel):
 # The providers whose API continues a last assistant message (a row may say otherwise:
 # ``ModelSpec.takes_prefill``)
 _CONTINUES_PREFILL = frozenset({"anthropic", "simulated"})
+# The providers whose models that think by default take no temperature but 1
+# (``ModelSpec.default_temperature_only``); a self-hosted engine's samples as asked
+_DEFAULT_TEMPERATURE_ONLY_PROVIDERS = frozenset({"openai", "anthropic"})
 
 
 class ModelSpec(BaseModel):
@@ -207,7 +210,8 @@ class ModelSpec(BaseModel):
                 f"models.{self.id}: prompt_cache_retention is OpenAI's; rules "
                 f"{self.rules!r} do not use it, remove it"
             )
-        if self.default_temperature_only and self.max_tokens_param != "max_completion_tokens":
+        reasoning = self.provider == "openai" and self.thinks_by_default
+        if reasoning and self.max_tokens_param != "max_completion_tokens":
             raise ValueError(
                 f"models.{self.id}: an OpenAI model that thinks by default (a reasoning model) "
                 "takes its output limit as max_completion_tokens (OpenAI refuses max_tokens "
@@ -283,13 +287,18 @@ class ModelSpec(BaseModel):
 
     @property
     def default_temperature_only(self) -> bool:
-        """The provider takes no temperature but its default, 1: OpenAI's reasoning models
-        (``thinks_by_default``: gpt-5, gpt-5-mini, gpt-5-nano, the o-series) refuse any other
-        value with a 400 (``unsupported_value``: "Only the default (1) value is supported"),
-        and the Gateway has no reasoning setting that would make them take one (gpt-5.1 and
-        later take it under reasoning effort "none", their default: such a row does not
-        think by default). A self-hosted engine's reasoning model samples as asked."""
-        return self.provider == "openai" and self.thinks_by_default
+        """The provider takes no temperature but its default, 1, for this row: a hosted row
+        that thinks by default (``thinks_by_default``). OpenAI's reasoning models (gpt-5,
+        gpt-5-mini, gpt-5-nano, the o-series) refuse any other value with a 400
+        (``unsupported_value``: "Only the default (1) value is supported"), and the Gateway
+        has no reasoning setting that would make them take one (gpt-5.1 and later take it
+        under reasoning effort "none", their default: such a row does not think by default).
+        Anthropic's Claude Sonnet 5 and Opus 5 refuse a sampling parameter at a value but its
+        default under every API version (a 400, "`temperature` is deprecated for this
+        model."; the replica sends a temperature under 2023-06-01, which takes 1). A
+        self-hosted engine's reasoning model samples as asked. (Anthropic's Opus 4.7 and 4.8
+        refuse it too without thinking by default: a row for one needs more than this.)"""
+        return self.provider in _DEFAULT_TEMPERATURE_ONLY_PROVIDERS and self.thinks_by_default
 
     @property
     def cache_lifetime_s(self) -> int:

@@ -24,6 +24,15 @@ def _invalid(message: str) -> RequestError:
     return RequestError(Code.INVALID_ARGUMENT, message)
 
 
+class UnsupportedValue(RequestError):
+    """INVALID_ARGUMENT on a field the target model's API has but whose value it refuses for
+    that model (a temperature but its default): its status details say ``UNSUPPORTED_VALUE``
+    (``refusal_trailers``), so that the HTTP front answers it with OpenAI's ``code`` for it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Code.INVALID_ARGUMENT, message)
+
+
 def validate_request(request: pb.CompleteRequest, table: ModelTable, deployed: set[str]) -> None:
     _validate_model(request, table, deployed)
     _validate_messages(request)
@@ -269,8 +278,9 @@ def _validate_temperature(request: pb.CompleteRequest, table: ModelTable) -> Non
     """Within the range of the target model's provider (for ``auto``, of every tier's): a value
     another provider's API would refuse is refused here, naming the model, never clamped. So
     is a value but 1 to a model that takes only its default (``default_temperature_only``:
-    OpenAI's reasoning models), or to ``auto`` when it may pick one: before, it went to OpenAI
-    and came back its 400, and ``auto`` answered or refused it by the tier it picked."""
+    OpenAI's reasoning models, Claude Sonnet 5 and Opus 5), or to ``auto`` when it may pick
+    one (``UnsupportedValue``): before, it went to the provider and came back its 400, and
+    ``auto`` answered or refused it by the tier it picked."""
     t = request.temperature
     anthropic = [s.id for s in table.answering(request.model) if s.provider == "anthropic"]
     limit = _ANTHROPIC_MAX_TEMPERATURE if anthropic else _MAX_TEMPERATURE
@@ -289,9 +299,9 @@ def _validate_temperature(request: pb.CompleteRequest, table: ModelTable) -> Non
             if request.model == AUTO
             else f"{fixed[0]} takes"
         )
-        raise _invalid(
-            f"temperature: {which} only its default, {DEFAULT_TEMPERATURE:g} (OpenAI's reasoning "
-            f"models refuse any other value); omit temperature or send {DEFAULT_TEMPERATURE:g}"
+        raise UnsupportedValue(
+            f"temperature: {which} only its default, {DEFAULT_TEMPERATURE:g} (its provider "
+            f"refuses any other value for it); omit temperature or send {DEFAULT_TEMPERATURE:g}"
             f"{', or name a model that takes one' if request.model == AUTO else ''}, got {t}"
         )
 

@@ -163,8 +163,8 @@ def test_an_openai_reasoning_model_is_sent_its_default_temperature_only(
             )
         error: Any = refused.value.body
         assert error["message"] == (
-            "temperature: gpt-5 takes only its default, 1 (OpenAI's reasoning models refuse any "
-            "other value); omit temperature or send 1, got 0.5"
+            "temperature: gpt-5 takes only its default, 1 (its provider refuses any other value "
+            "for it); omit temperature or send 1, got 0.5"
         )
         assert (error["type"], error["param"]) == ("invalid_request_error", "temperature")
     assert sent() == []

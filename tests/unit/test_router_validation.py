@@ -9,7 +9,7 @@ import pytest
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.errors import Code, RequestError
 from services.common.models import ModelTable, load_model_table
-from services.router.validation import validate_request
+from services.router.validation import UnsupportedValue, validate_request
 
 TABLE = load_model_table()
 DEPLOYED = {"sim-small", "sim-large"}
@@ -189,15 +189,23 @@ def test_temperature_is_within_the_target_providers_range(
         ("gpt-5-4", 0.2, True),  # reasoning effort "none" by default: it samples as asked
         ("gpt-4o", 0.2, True),
         ("llama-3-1-8b-vllm", 0.2, True),  # a self-hosted engine samples as asked
+        ("claude-sonnet-5", 0.5, False),
+        ("claude-opus-5", 0.0, False),
+        ("claude-sonnet-5", 1.0, True),  # its default: Anthropic takes it
+        ("claude-opus-5", 1.0, True),
+        ("claude-sonnet-4-5", 0.5, True),  # thinks only when asked: it samples as asked
+        ("claude-opus-4-5", 0.0, True),
     ],
 )
-def test_an_openai_reasoning_model_takes_its_default_temperature_only(
+def test_a_model_that_thinks_by_default_takes_its_default_temperature_only(
     model: str, temperature: float, allowed: bool
 ) -> None:
-    """OpenAI's reasoning models (the rows that think by default) refuse a temperature but 1
-    with a 400 ("Only the default (1) value is supported"): the Gateway refuses it first,
-    naming the model and what to send. Before, it went to OpenAI (a call spent) and came back
-    as OpenAI's 400."""
+    """OpenAI's reasoning models and Claude Sonnet 5 and Opus 5 (the hosted rows that think by
+    default) refuse a temperature but 1 with a 400 (OpenAI's "Only the default (1) value is
+    supported", Anthropic's "`temperature` is deprecated for this model."): the Gateway
+    refuses it first, naming the model and what to send, in no one provider's words. Before,
+    it went to the provider (a call spent) and came back as its 400: for the Claude rows, 6 of
+    6 taken (0, 0.5, 0.7 to each)."""
     request = _request(model=model, temperature=temperature)
     deployed = DEPLOYED | {model}
     if allowed:
@@ -206,21 +214,37 @@ def test_an_openai_reasoning_model_takes_its_default_temperature_only(
     with pytest.raises(RequestError) as info:
         validate_request(request, TABLE, deployed)
     assert info.value.code == Code.INVALID_ARGUMENT
+    if temperature > 1 and model.startswith("claude"):
+        return  # over Anthropic's range, said first
+    assert isinstance(info.value, UnsupportedValue)  # its status details say so
     assert info.value.message == (
-        f"temperature: {model} takes only its default, 1 (OpenAI's reasoning models refuse any "
-        f"other value); omit temperature or send 1, got {temperature}"
+        f"temperature: {model} takes only its default, 1 (its provider refuses any other value "
+        f"for it); omit temperature or send 1, got {temperature}"
     )
 
 
-def test_auto_that_may_pick_an_openai_reasoning_model_takes_its_default_temperature_only() -> None:
-    """``auto`` whose tiers include an OpenAI reasoning model answered a temperature of 0.5
-    or refused it (OpenAI's 400) by the tier it picked: it is refused whichever, as a value
-    over 1 is when a tier is Anthropic's."""
-    table = ModelTable(models=TABLE.models, auto={**TABLE.auto, "large": "gpt-5"})
-    with pytest.raises(RequestError) as info:
+def test_a_self_hosted_model_that_thinks_by_default_samples_as_asked() -> None:
+    """A self-hosted engine's reasoning model takes any temperature in its range: the rule is
+    the hosted providers'."""
+    row = TABLE.models["llama-3-1-8b-vllm"].model_copy(update={"thinks_by_default": True})
+    assert not row.default_temperature_only
+    table = ModelTable(models={**TABLE.models, row.id: row}, auto=TABLE.auto)
+    validate_request(_request(model=row.id, temperature=0.2), table, DEPLOYED | {row.id})
+
+
+@pytest.mark.parametrize("tier", ["gpt-5", "claude-sonnet-5", "claude-opus-5"])
+def test_auto_that_may_pick_a_model_that_thinks_by_default_takes_its_default_temperature_only(
+    tier: str,
+) -> None:
+    """``auto`` whose tiers include a model that takes only its default temperature (an
+    OpenAI reasoning model, Claude Sonnet 5 or Opus 5) answered a temperature of 0.5 or
+    refused it (the provider's 400) by the tier it picked: it is refused whichever, as a
+    value over 1 is when a tier is Anthropic's."""
+    table = ModelTable(models=TABLE.models, auto={**TABLE.auto, "large": tier})
+    with pytest.raises(UnsupportedValue) as info:
         validate_request(_request(model="auto", temperature=0.5), table, DEPLOYED)
     assert info.value.message.startswith(
-        "temperature: auto may pick gpt-5, which takes only its default, 1 "
+        f"temperature: auto may pick {tier}, which takes only its default, 1 "
     )
     assert "or name a model that takes one, got 0.5" in info.value.message
     for fine in (1.0, None):
