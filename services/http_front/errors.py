@@ -26,6 +26,7 @@ from cachemesh.retry_info import (
     CONTEXT_WINDOW,
     RATE_LIMITED,
     REQUEST_TOO_LARGE,
+    UNSUPPORTED_VALUE,
     UPSTREAM_RETRIED,
 )
 from services.common.errors import Code
@@ -230,6 +231,11 @@ def _http_words(message: str) -> str:
 def _from_gateway(
     code: Code, message: str, retry_after_s: int | None, reason: str | None
 ) -> ApiError:
+    if code is Code.INVALID_ARGUMENT and reason == UNSUPPORTED_VALUE:
+        # a value the target model's provider refuses for it (a temperature but 1 to a model
+        # that takes only its default): OpenAI's own code for it, as OpenAI answers (before,
+        # null); its ``param`` is the field the message names, as for every Gateway refusal
+        return ApiError("invalid_request", message, openai_code="unsupported_value")
     if code is Code.INVALID_ARGUMENT or code is Code.OUT_OF_RANGE:
         return ApiError("invalid_request", message)
     if code is Code.FAILED_PRECONDITION:

@@ -20,6 +20,7 @@ from cachemesh.retry_info import (
     RATE_LIMITED,
     REQUEST_ID_KEY,
     REQUEST_TOO_LARGE,
+    UNSUPPORTED_VALUE,
 )
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
@@ -69,7 +70,7 @@ from services.router.limits import Limiter
 from services.router.model_answer import DeadlineCut
 from services.router.pipeline import Pipeline, chunks_of
 from services.router.prompt_counts import counting
-from services.router.validation import validate_request
+from services.router.validation import UnsupportedValue, validate_request
 
 Context = grpc.aio.ServicerContext[Any, Any]
 log = logging.getLogger(__name__)
@@ -285,6 +286,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 )
             else:
                 validate_request(request, self._table, self._deployed)
+        except UnsupportedValue as exc:  # its status details say so (the HTTP front's code)
+            trailers = refusal_trailers(exc.code, exc.message, UNSUPPORTED_VALUE)
+            await abort(context, grpc_code(exc.code), exc.message, trailers)
         except RequestError as exc:
             await abort(context, grpc_code(exc.code), exc.message)
         if not request.request_id:  # its answer goes in no ledger: no caller knows this id

@@ -2,7 +2,8 @@
 provider servers of ``tests.providers`` through the official SDKs.
 
 Replicas (besides the stack's simulated ones):
-- ``anthropic-1`` (claude-sonnet-4-5, claude-haiku-4-5), a good key from a key file;
+- ``anthropic-1`` (claude-sonnet-4-5, claude-haiku-4-5, claude-sonnet-5: a model that takes
+  only its default sampling), a good key from a key file;
 - ``anthropic-bad`` (claude-haiku-4-5), a key the server rejects (401);
 - ``openai-1`` (gpt-4-1, gpt-4o-mini, gpt-5: a reasoning model), a key from a key file;
   ``openai-2`` (gpt-4-1), a key from OPENAI_API_KEY.
@@ -121,7 +122,7 @@ def provider_stack(run_dir: Path) -> Iterator[ProviderStack]:
             "anthropic-1",
             {
                 **anthropic,
-                "MODEL_IDS": "claude-sonnet-4-5,claude-haiku-4-5",
+                "MODEL_IDS": "claude-sonnet-4-5,claude-haiku-4-5,claude-sonnet-5",
                 "ANTHROPIC_API_KEY_FILE": str(secret_dir / "anthropic-1.key"),
             },
             log_dir,
@@ -160,6 +161,7 @@ def provider_stack(run_dir: Path) -> Iterator[ProviderStack]:
                 ("claude-sonnet-4-5", "anthropic-1"),
                 ("claude-haiku-4-5", "anthropic-bad"),
                 ("claude-haiku-4-5", "anthropic-1"),
+                ("claude-sonnet-5", "anthropic-1"),
                 ("gpt-4-1", "openai-1"),
                 ("gpt-4-1", "openai-2"),
                 ("gpt-4o-mini", "openai-1"),

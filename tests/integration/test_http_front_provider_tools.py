@@ -167,6 +167,7 @@ def test_an_openai_reasoning_model_is_sent_its_default_temperature_only(
             "for it); omit temperature or send 1, got 0.5"
         )
         assert (error["type"], error["param"]) == ("invalid_request_error", "temperature")
+        assert error["code"] == "unsupported_value"  # OpenAI's (before, null)
     assert sent() == []
     reply = client.chat.completions.create(
         model="gpt-5", temperature=1, max_completion_tokens=64, messages=ask
@@ -174,6 +175,57 @@ def test_an_openai_reasoning_model_is_sent_its_default_temperature_only(
     assert reply.choices[0].message.content
     (body,) = sent()
     assert body["temperature"] == 1 and body["max_completion_tokens"] == 64
+
+
+def test_claude_sonnet_5_is_sent_its_default_temperature_only(providers: ProviderStack) -> None:
+    """Claude Sonnet 5 refuses a sampling parameter but its default under every version (the
+    loopback server refuses it as Anthropic does: 400 "`temperature` is deprecated for this
+    model."): the Gateway refuses it first through either API, a 400 naming the model and
+    what to send (OpenAI's shape with OpenAI's ``code``), and Anthropic is not called; a
+    temperature of 1 is sent and answered. Before, each went to Anthropic and came back as
+    its 400."""
+    front = f"http://{providers.stack.addresses['http-front']}"
+    key = providers.stack.keys["tenant-a"]
+    claude = anthropic.Anthropic(base_url=front, api_key=key, max_retries=0)
+    gpt = openai.OpenAI(base_url=f"{front}/v1", api_key=key, max_retries=0)
+    ask = f"Think it over {uuid.uuid4().hex[:8]}"
+    messages: Any = [{"role": "user", "content": ask}]
+    said = (
+        "temperature: claude-sonnet-5 takes only its default, 1 (its provider refuses any other "
+        "value for it); omit temperature or send 1, got 0.5"
+    )
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        claude.messages.create(
+            model="claude-sonnet-5",
+            max_tokens=32,
+            messages=messages,
+            extra_headers={"anthropic-version": "2023-06-01"},
+            extra_body={"temperature": 0.5},
+        )
+    body: Any = refused.value.body
+    assert body["error"] == {"type": "invalid_request_error", "message": said}
+    with pytest.raises(openai.BadRequestError) as refused_openai:
+        gpt.chat.completions.create(
+            model="claude-sonnet-5",
+            temperature=0.5,
+            max_completion_tokens=32,
+            messages=messages,
+        )
+    error: Any = refused_openai.value.body
+    assert (error["message"], error["param"], error["code"]) == (
+        said,
+        "temperature",
+        "unsupported_value",
+    )
+    assert [s for s in providers.server.seen_by("anthropic") if ask in str(s.body)] == []
+    reply = gpt.chat.completions.create(
+        model="claude-sonnet-5", temperature=1, max_completion_tokens=32, messages=messages
+    )
+    assert reply.choices[0].message.content
+    sent = [s for s in providers.server.seen_by("anthropic") if ask in str(s.body)]
+    assert [(s.status, s.body["temperature"]) for s in sent] == [(200, 1)]
+    claude.close()
+    gpt.close()
 
 
 def test_a_temperature_reaches_claude_under_the_version_that_takes_it(

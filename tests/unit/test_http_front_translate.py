@@ -17,6 +17,7 @@ from cachemesh.retry_info import (
     RATE_LIMITED,
     REQUEST_TOO_LARGE,
     STATUS_DETAILS_KEY,
+    UNSUPPORTED_VALUE,
 )
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.errors import Code, RequestError
@@ -767,6 +768,38 @@ def test_a_gateway_size_refusal_is_told_by_its_error_info_reason_not_its_text(
     error = api_error(_rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, message, trailers))
     assert error.status_for("anthropic") == status and error.status_for("openai") == status
     assert error.headers().get("x-should-retry") == "false"
+
+
+def test_a_gateway_unsupported_value_has_openais_code() -> None:
+    """The Gateway's refusal of a temperature but 1 to a model that takes only its default
+    (its ErrorInfo ``UNSUPPORTED_VALUE``) is answered as OpenAI answers it, ``code``
+    ``unsupported_value`` (before, null), and as Anthropic does (no code in its shape); another
+    INVALID_ARGUMENT keeps the null code."""
+    message = (
+        "temperature: gpt-5 takes only its default, 1 (its provider refuses any other value "
+        "for it); omit temperature or send 1, got 0.5"
+    )
+    trailers = refusal_trailers(Code.INVALID_ARGUMENT, message, UNSUPPORTED_VALUE)
+    error = api_error(_rpc_error(grpc.StatusCode.INVALID_ARGUMENT, message, trailers))
+    assert error.status_for("openai") == 400 and error.status_for("anthropic") == 400
+    assert error.body_for("openai", "req_1")["error"] == {
+        "message": message,
+        "type": "invalid_request_error",
+        "param": None,  # the chat handler's: the field the message names (at_caller)
+        "code": "unsupported_value",
+    }
+    assert error.body_for("anthropic", "req_1")["error"] == {
+        "type": "invalid_request_error",
+        "message": message,
+    }
+    assert error.headers() == {"x-should-retry": "false"}
+    plain = api_error(_rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "model: unknown", ()))
+    assert plain.body_for("openai", "req_1")["error"]["code"] is None
+    # a reason of a RESOURCE_EXHAUSTED on an INVALID_ARGUMENT changes nothing
+    other = refusal_trailers(Code.INVALID_ARGUMENT, "model: unknown", REQUEST_TOO_LARGE)
+    error = api_error(_rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "model: unknown", other))
+    assert error.status_for("openai") == 400
+    assert error.body_for("openai", "req_1")["error"]["code"] is None
 
 
 @pytest.mark.parametrize("reason", [RATE_LIMITED, BUDGET_EXHAUSTED])

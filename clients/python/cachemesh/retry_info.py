@@ -40,6 +40,10 @@ UPSTREAM_RETRIED = "UPSTREAM_RETRIED"
 UPSTREAM_RATE_LIMITED = "UPSTREAM_RATE_LIMITED"
 # the reasons of a refusal with a negative pushback that made no model call: not billed
 UNBILLED_FINAL = frozenset((UPSTREAM_RETRIED, UPSTREAM_RATE_LIMITED))
+# on an INVALID_ARGUMENT: a field the target model's API has, at a value its provider refuses
+# for that model (a temperature but 1 to one that takes only its default: the message names
+# the field and the model); OpenAI's ``code`` for it is ``unsupported_value``
+UNSUPPORTED_VALUE = "UNSUPPORTED_VALUE"
 
 
 def status_details(trailing_metadata: Iterable[Any] | None) -> status_pb2.Status | None:
