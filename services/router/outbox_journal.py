@@ -14,8 +14,13 @@ it at its start: what it is for. An answer's entry also holds ``"estimate"`` (th
 tenant's budgets counted it at, nano-dollars) and ``"counted_ms"`` (when: the budget periods),
 so that its replay, after a restart too, corrects the budgets by what prefix-cache bills
 (``Counted``); a line without them (an older router's, an open call) corrects nothing, and
-readers that do not know them ignore them. An entry's commits (each carrying its whole
-request) are read back from the file when they are sent, so
+readers that do not know them ignore them. A line of a version above ``JOURNAL_VERSION`` (a
+newer router's, left by a rollback) is neither billed nor dropped: this build cannot tell what
+its fields mean, so it keeps the line in the file, as it stands, through every rewrite, until a
+router that reads it (or a later line of its id) settles it, and says so at ERROR when it
+loads the journal (``newer``). Before, such a line was read as this version's: billed under
+this build's reading, or dropped as unreadable, and the file emptied under it. An entry's
+commits (each carrying its whole request) are read back from the file when they are sent, so
 an outage of prefix-cache costs disk, not the router's memory. The file is emptied once
 nothing is pending, and rewritten with only the pending lines once its settled lines outweigh
 them (``COMPACT_BYTES``), so an entry that stays pending for days does not pin every line
@@ -103,7 +108,8 @@ class UnreadableEntry(ValueError):
     """An entry's line on disk does not decode (the disk or an outside write changed it)."""
 
 
-JOURNAL_VERSION = 2  # of the records this code writes; it reads version 1's too
+JOURNAL_VERSION = 2  # of the records this code writes; it reads version 1's too, and keeps
+# a newer version's lines unread (``Journal.newer``)
 
 
 @dataclass(frozen=True)
@@ -151,6 +157,9 @@ class Journal:
                 raise _unusable(directory, exc) from None
             raise
         self._lines: dict[str, _Line] = {}  # the pending entries, in the order they came
+        # lines of a newer version (by entry id, or ``@<offset>`` for one without): kept as
+        # they are, neither billed nor settled by this build
+        self._newer: dict[str, _Line] = {}
         self._size = 0
         self._live_bytes = 0
         self._dirty = False
@@ -168,6 +177,7 @@ class Journal:
         Linux caps one at 2 GiB, so the file is read in chunks until its whole size is in)."""
         size = os.fstat(self._fd).st_size
         self._lines.clear()
+        self._newer.clear()
         end = 0  # where the last whole line read ends
         for raw in self._whole_lines(size):
             self._take(raw, end)
@@ -176,7 +186,19 @@ class Journal:
             os.ftruncate(self._fd, end)
             os.fsync(self._fd)
         self._size = end
-        self._live_bytes = sum(line.length for line in self._lines.values())
+        self._live_bytes = sum(
+            line.length for line in (*self._lines.values(), *self._newer.values())
+        )
+        if self._newer:
+            log.error(
+                "billing outbox: %d entries of %s were written by a newer router (a journal "
+                "version above %d): this one neither bills nor drops them, and keeps them in "
+                "the file for a router of that version to bill (start one on this "
+                "ROUTER_DATA_DIR to bill them)",
+                len(self._newer),
+                self.path,
+                JOURNAL_VERSION,
+            )
         return list(self._lines)
 
     def _whole_lines(self, size: int) -> Iterator[bytes]:
@@ -202,10 +224,18 @@ class Journal:
             item = json.loads(raw)
         except json.JSONDecodeError:
             item = {}
-        if isinstance(item, dict) and isinstance(item.get("add"), str):
+        version = item.get("v") if isinstance(item, dict) else None
+        if type(version) is int and version > JOURNAL_VERSION:
+            entry_id = item.get("add")
+            key = entry_id if isinstance(entry_id, str) else f"@{offset}"
+            self._lines.pop(key, None)  # a later line of its id replaces it, as any
+            self._newer[key] = _Line(offset, len(raw))
+        elif isinstance(item, dict) and isinstance(item.get("add"), str):
+            self._newer.pop(item["add"], None)
             self._lines[item["add"]] = _Line(offset, len(raw), item.get("open") is True)
         elif isinstance(item, dict) and isinstance(item.get("done"), str):
             self._lines.pop(item["done"], None)
+            self._newer.pop(item["done"], None)
         else:
             log.error("billing outbox: line at byte %d of %s is unreadable", offset, self.path)
 
@@ -261,6 +291,11 @@ class Journal:
         return line is not None and line.open
 
     @property
+    def newer(self) -> int:
+        """The lines of a newer version kept unread (``load`` said how many)."""
+        return len(self._newer)
+
+    @property
     def pending_count(self) -> int:
         return len(self._lines)
 
@@ -309,11 +344,13 @@ class Journal:
         if self._gone():
             self._rewrite_lost(fsync)
             return
-        if not self._lines and self._size:
+        if not self._lines and not self._newer and self._size:
             os.ftruncate(self._fd, 0)
             self._size, self._live_bytes, self._dirty = 0, 0, True
             self._retry_rewrite_at, self._rewrite_retry_s = -math.inf, REWRITE_RETRY_S
-        elif self._lines and (self._failed is not None or self._due_for_compaction()):
+        elif (self._lines or self._newer) and (
+            self._failed is not None or self._due_for_compaction()
+        ):
             # a fresh file, fsynced, is also how a failed fsync is put behind
             self._compact()
         if not fsync:
@@ -431,16 +468,19 @@ class Journal:
             return
         fresh = self.path.with_name(COMPACTING_NAME)
         lines: dict[str, _Line] = {}
+        newer: dict[str, _Line] = {}
         size = 0
         try:
             self._relock()
             fresh.unlink(missing_ok=True)  # a crashed rewrite's, whatever its mode
             fd = open_private(fresh, os.O_RDWR | os.O_EXCL)
             try:
-                for entry_id, line in self._lines.items():
-                    _write_all(fd, _read_all(self._fd, line.length, line.offset), size)
-                    lines[entry_id] = _Line(size, line.length, line.open)
-                    size += line.length
+                kept = [(self._newer, newer), (self._lines, lines)]
+                for held, into in kept:  # a newer version's lines kept first, as they are
+                    for entry_id, line in held.items():
+                        _write_all(fd, _read_all(self._fd, line.length, line.offset), size)
+                        into[entry_id] = _Line(size, line.length, line.open)
+                        size += line.length
                 os.fsync(fd)
                 os.replace(fresh, self.path)
             except BaseException:
@@ -465,7 +505,7 @@ class Journal:
             )
             return
         os.close(self._fd)
-        self._fd, self._lines, self._size = fd, lines, size
+        self._fd, self._lines, self._newer, self._size = fd, lines, newer, size
         self._live_bytes, self._dirty = size, False
         self._retry_rewrite_at, self._rewrite_retry_s = -math.inf, REWRITE_RETRY_S
         try:

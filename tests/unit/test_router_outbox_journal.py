@@ -4,6 +4,7 @@ held by one router at a time."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import errno
 import json
 import logging
@@ -16,7 +17,7 @@ import pytest
 
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.env import ConfigError
-from services.router.outbox_journal import JOURNAL_NAME, Journal, JournalError
+from services.router.outbox_journal import JOURNAL_NAME, JOURNAL_VERSION, Journal, JournalError
 from services.router.outbox_journal_thread import JournalThread
 from tests.fsyncs import record_fsyncs
 
@@ -191,6 +192,66 @@ def test_a_rewritten_open_call_counts_its_old_lines_as_settled(tmp_path: Path) -
     assert again.load() == ["o"] and again.opened() == ["o"]
     assert again.read("o")[0].output_tokens == 9
     again.close()
+
+
+def _newer_lines() -> list[str]:
+    """Lines a router of a later journal version might write: one whose commits this build
+    could not read, one it could read but whose meaning it cannot know, one that is no entry."""
+    commits = [base64.b64encode(c.SerializeToString()).decode() for c in _commit("n#1")]
+    return [
+        json.dumps({"add": "n1", "commits_z": commits[0], "v": JOURNAL_VERSION + 1}),
+        json.dumps({"add": "n2", "commits": commits, "v": JOURNAL_VERSION + 1, "x": True}),
+        json.dumps({"hold": "n3", "v": JOURNAL_VERSION + 1}),
+    ]
+
+
+def test_a_newer_versions_lines_are_neither_billed_nor_dropped_but_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rollback leaves lines of a later journal version: this build does not know what their
+    fields mean, so it reads none of them as an entry (before: one dropped as unreadable, its
+    bill lost, the other billed under this build's reading) and keeps each in the file, byte
+    for byte, when its own entries are settled (the file was emptied) and when it is
+    rewritten (a compaction), for a router of that version; ERROR says so at the load."""
+    newer = _newer_lines()
+    path = tmp_path / JOURNAL_NAME
+    path.write_text(newer[0] + "\n" + json.dumps({"add": "a", "commits": [], "v": 2}) + "\n")
+    with path.open("a") as handle:
+        handle.write("\n".join(newer[1:]) + "\n")
+    journal = Journal(tmp_path, compact_bytes=1)
+    with caplog.at_level(logging.ERROR, logger="cachemesh.router.outbox"):
+        assert journal.load() == ["a"]
+    assert journal.newer == 3 and journal.pending_count == 1
+    assert any(
+        "3 entries" in r.getMessage() and "newer router" in r.getMessage() for r in caplog.records
+    )
+    journal.done("a")  # its bill settled: nothing of this version is pending
+    journal.sync()
+    assert path.read_text().splitlines()[:1] == [newer[0]]  # not emptied
+    for i in range(20):  # settled lines that outweigh the live ones
+        journal.add(f"b{i}", _commit(f"b{i}#1"))
+        journal.done(f"b{i}")
+    journal.add("c", _commit("c#1"))
+    journal.sync()  # compacted: the pending line and the newer ones, nothing else
+    journal.close()
+    lines = path.read_text().splitlines()
+    assert lines[:3] == newer and [json.loads(line)["add"] for line in lines[3:]] == ["c"]
+    again = Journal(tmp_path)
+    assert again.load() == ["c"] and again.newer == 3
+    again.close()
+
+
+def test_a_newer_versions_line_is_settled_or_replaced_by_a_later_line_of_its_id(
+    tmp_path: Path,
+) -> None:
+    """A newer router that ran on the file after it settled or rewrote such an entry: its
+    later line of that id wins, as any later line does."""
+    newer = _newer_lines()
+    later = [json.dumps({"done": "n1"}), json.dumps({"add": "n2", "commits": [], "v": 2})]
+    (tmp_path / JOURNAL_NAME).write_text("\n".join([*newer, *later]) + "\n")
+    journal = Journal(tmp_path)
+    assert journal.load() == ["n2"] and journal.newer == 1
+    journal.close()
 
 
 async def test_a_write_waited_for_as_written_does_not_wait_for_its_fsync(tmp_path: Path) -> None:
