@@ -32,6 +32,7 @@ from services.semantic_cache.operating_point import OperatingPoint
 from services.semantic_cache.persistence import (
     LOCK_NAME,
     SNAPSHOT_NAME,
+    WAL_NAME,
     DirectoryInUse,
     SnapshotStore,
 )
@@ -47,7 +48,7 @@ NAME = "semantic-cache"
 DEFAULT_LISTEN = "127.0.0.1:50052"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9102"
 SERVICE_NAME = semantic_cache_pb2.DESCRIPTOR.services_by_name["SemanticCache"].full_name
-WAL_DIR = "wal"  # the write-ahead log's segments, in the data directory
+WAL_DIR = WAL_NAME  # the write-ahead log's segments, in the data directory
 log = logging.getLogger("cachemesh.semantic_cache.persistence")
 
 

@@ -56,6 +56,7 @@ _READABLE_VERSIONS = (1, 2, 3, 4)
 _EXPIRY_VERSION = 3  # from this version on, every entry must carry its expires_at_ms
 _PURGES_VERSION = 4  # from this version on, the recent purges are a part of the payload
 SNAPSHOT_NAME = "semantic-cache.snapshot"
+WAL_NAME = "wal"  # the write-ahead log's segments' directory, beside the snapshot
 _TMP_PREFIX = f".{SNAPSHOT_NAME}."
 _TMP_SUFFIX = ".tmp"
 # A header is a few hundred bytes since format 4; one of format 3 carries the recent purges
@@ -345,7 +346,15 @@ def _vectors_offset(file: io.BufferedReader, start: int, count: int, dim: int) -
 def _header(raw: Any) -> dict[str, Any]:
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise ValueError(f"not a {FORMAT} file")
-    if raw.get("version") not in _READABLE_VERSIONS:
+    version = raw.get("version")
+    if type(version) is int and version > FORMAT_VERSION:  # a rollback's
+        raise ValueError(
+            f"format version {version} is a newer build's (this one reads "
+            f"{_READABLE_VERSIONS[0]} to {FORMAT_VERSION}): start that build again, or, to run "
+            f"this one, move this snapshot and the {WAL_NAME}/ directory beside it aside "
+            "together, and L1 starts empty (misses until answered again, nothing served wrong)"
+        )
+    if version not in _READABLE_VERSIONS:
         raise ValueError(
             f"format version {raw.get('version')!r}, this build reads {_READABLE_VERSIONS}"
         )

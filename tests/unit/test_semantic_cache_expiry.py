@@ -184,8 +184,11 @@ async def test_a_current_snapshot_without_expires_at_or_an_unknown_version_fails
     with pytest.raises(SnapshotError, match="expires_at_ms"):
         store.load()
     store.path.write_bytes(snapshot_bytes(contents, 5, expiry=True))
-    with pytest.raises(SnapshotError, match="format version 5"):
+    with pytest.raises(SnapshotError, match="format version 5") as refused:
         store.load()
+    # a rollback: it names the newer build and what to do, the snapshot and the log together
+    assert "newer build's" in str(refused.value)
+    assert "move this snapshot and the wal/ directory beside it aside" in str(refused.value)
 
 
 @pytest.mark.parametrize("bad", ["soon", None, 0])
