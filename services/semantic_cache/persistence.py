@@ -46,7 +46,13 @@ import numpy.typing as npt
 from services.common.files import fsync_directory
 from services.common.private_files import open_private, private_directory
 from services.semantic_cache.answers import payload_has_unparsed_tool_call
-from services.semantic_cache.records import UNSTAMPED_SCOPE, Answer, CacheContents, Entry
+from services.semantic_cache.records import (
+    BEFORE_FORMAT_4_SCOPE,
+    UNSTAMPED_SCOPE,
+    Answer,
+    CacheContents,
+    Entry,
+)
 
 FORMAT = "cachemesh-semantic-cache-snapshot"
 # 2: wal_seq and header_sha256 (the header is checksummed too); 3: entries' expires_at_ms;
@@ -277,8 +283,13 @@ class SnapshotFile:
                 purged = json.loads(file.read(purges_bytes))
             self.purged_at_ms = _purged(purged)
             with_expiry = header["version"] >= _EXPIRY_VERSION
+            # no entry carried its scope version before format 4's builds had gone: those
+            # of an older format are all v1's (not v3's, as one unstamped in the log may be)
+            unstamped = UNSTAMPED_SCOPE if with_purges else BEFORE_FORMAT_4_SCOPE
             self.entries = tuple(
-                entry_from_json(json.loads(line.decode()), require_expiry=with_expiry)
+                entry_from_json(
+                    json.loads(line.decode()), require_expiry=with_expiry, unstamped=unstamped
+                )
                 for line in file
             )
             if len(self.entries) != self.count:
@@ -410,9 +421,12 @@ def entry_json(entry: Entry) -> dict[str, Any]:
     }
 
 
-def entry_from_json(raw: Any, *, require_expiry: bool = False) -> Entry:
+def entry_from_json(
+    raw: Any, *, require_expiry: bool = False, unstamped: str = UNSTAMPED_SCOPE
+) -> Entry:
     """An entry; without ``require_expiry`` one lacking ``expires_at_ms`` (written before
-    entries carried it) comes back with None, for the cache to migrate."""
+    entries carried it) comes back with None, for the cache to migrate; one lacking its
+    ``scope_version`` (written before entries carried it) with ``unstamped``."""
     if not isinstance(raw, dict):
         raise ValueError("an entry line is not a JSON object")
     has_tool_use = raw.get("has_tool_use")
@@ -436,8 +450,8 @@ def entry_from_json(raw: Any, *, require_expiry: bool = False) -> Entry:
         created_at_ms=_int(raw, "created_at_ms"),
         embedder_version=_str(raw, "embedder_version"),
         expires_at_ms=_expiry(raw, require_expiry),
-        # one written before entries carried it: v3's (``UNSTAMPED_SCOPE``)
-        scope_version=_str(raw, "scope_version") if "scope_version" in raw else UNSTAMPED_SCOPE,
+        # one written before entries carried it: ``unstamped``
+        scope_version=_str(raw, "scope_version") if "scope_version" in raw else unstamped,
     )
 
 

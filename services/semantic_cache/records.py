@@ -16,6 +16,9 @@ TOOL_USE = "tool_use"  # a turn that ends calling a tool, as every provider ends
 # The scope version of an entry written before entries carried theirs: v3, the version when
 # they began to (an entry of v2 or older still held then is counted as v3's).
 UNSTAMPED_SCOPE = "cachemesh.semantic.scope.v3"
+# ... except in a snapshot of a format before 4: every build that wrote one looked up scope v1
+# (format 4 came before scope v2), so its entries are v1's, whatever build reads them.
+BEFORE_FORMAT_4_SCOPE = "cachemesh.semantic.scope.v1"
 
 
 class InvalidQuery(ValueError):

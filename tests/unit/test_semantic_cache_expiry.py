@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from services.semantic_cache.index import AnnSettings
 from services.semantic_cache.persistence import SnapshotError, SnapshotStore, encode, entry_json
 from services.semantic_cache.policy import NamespacePolicy
 from services.semantic_cache.query import Query
-from services.semantic_cache.records import CacheContents
+from services.semantic_cache.records import BEFORE_FORMAT_4_SCOPE, CacheContents
 from services.semantic_cache.snapshotter import Snapshotter
 from services.semantic_cache.wal import WalError, WriteAheadLog
 from tests.unit.semantic_cache_support import FakeEmbedder
@@ -173,6 +174,55 @@ async def test_an_old_format_snapshot_loads_with_created_at_plus_the_ttl(
     assert np.array_equal(exported.vectors, contents.vectors)
     clock.advance(s=10)
     assert not (await revived.check(news())).hit
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+async def test_an_old_format_snapshots_entries_are_counted_of_an_older_scope(
+    tmp_path: Path, version: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every build that wrote a snapshot before format 4 looked up scope v1 (format 4 came
+    before scope v2), so an upgrade from one restores entries no lookup reaches. They were
+    read as v3's (the label of an entry written before entries carried their version): a
+    format-3 build's 2 entries, restored by this one, were 2 misses, counted 0 of an older
+    scope and said nowhere. Now they are counted and said, and a save keeps their version."""
+    clock = ManualClock()
+    contents = await stored_contents(clock)
+    store = SnapshotStore(tmp_path)
+    old_file = snapshot_bytes(contents, version, expiry=version >= 3)
+    store.path.write_bytes(strip_scope_version(old_file))
+    assert b"scope_version" not in store.path.read_bytes()  # as those builds wrote it
+    revived = new_cache(clock, 10.0)
+    with caplog.at_level(logging.INFO, logger="cachemesh.semantic_cache.persistence"):
+        report = await Snapshotter(store, clock, 0).open(revived)
+    assert report is not None and report.restored == 2
+    assert revived.stats.old_scope == 2
+    assert any("2 of the 2 entries restored" in r.getMessage() for r in caplog.records)
+    versions = {e.scope_version for e in revived.export_entries().entries}
+    assert versions == {BEFORE_FORMAT_4_SCOPE}
+
+
+def strip_scope_version(raw: bytes) -> bytes:
+    """A snapshot file (before format 4) whose entry lines lose their ``scope_version``, its
+    checksums made again."""
+    line, _, payload = raw.partition(b"\n")
+    header = json.loads(line)
+    entries_at = header["vectors_bytes"]
+    lines = payload[entries_at:].splitlines()
+    body = b"".join(
+        json.dumps(
+            {k: v for k, v in json.loads(e).items() if k != "scope_version"},
+            separators=(",", ":"),
+        ).encode()
+        + b"\n"
+        for e in lines
+    )
+    payload = payload[:entries_at] + body
+    header.update(entries_bytes=len(body), sha256=hashlib.sha256(payload).hexdigest())
+    if "header_sha256" in header:
+        del header["header_sha256"]
+        canonical = json.dumps(header, sort_keys=True, separators=(",", ":"))
+        header["header_sha256"] = hashlib.sha256(canonical.encode()).hexdigest()
+    return json.dumps(header).encode() + b"\n" + payload
 
 
 async def test_a_current_snapshot_without_expires_at_or_an_unknown_version_fails_loudly(
