@@ -112,7 +112,14 @@ def _read(path: Path) -> dict[str, TenantPolicy]:
         return {}
     except (OSError, ValueError) as exc:
         raise PolicyError(f"cannot read the tenant policies {path}: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("version") != _VERSION:
+    version = doc.get("version") if isinstance(doc, dict) else None
+    if type(version) is int and version > _VERSION:  # a rollback's
+        raise PolicyError(
+            f"{path}: version {version} is a newer build's (this one reads {_VERSION}): start "
+            "that build again, or, to run this one, move the file aside (each tenant's policy "
+            "is then the default until set again)"
+        )
+    if version != _VERSION:
         raise PolicyError(f"{path}: expected {{'version': {_VERSION}, 'tenants': {{...}}}}")
     tenants = doc.get("tenants", {})
     if not isinstance(tenants, dict):

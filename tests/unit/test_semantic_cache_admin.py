@@ -249,6 +249,15 @@ def test_a_malformed_policy_file_is_refused_naming_it(tmp_path: Path, doc: str) 
         TenantPolicies(path)
 
 
+def test_a_newer_builds_policy_file_is_refused_saying_what_to_do(tmp_path: Path) -> None:
+    """A rollback: the file of a later version is refused naming it as a newer build's and
+    what to do (before: "expected {'version': 1, ...}", as for a damaged file)."""
+    path = tmp_path / "tenant-policies.json"
+    path.write_text('{"version": 2, "tenants": {"a": {"l1_enabled": false}}}')
+    with pytest.raises(PolicyError, match=r"version 2 is a newer build's .*move the file aside"):
+        TenantPolicies(path)
+
+
 def test_a_ttl_below_a_second_an_older_version_kept_loads_as_one_second(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
