@@ -37,6 +37,14 @@ T = TypeVar("T")
 # The reason of a drop of one entry refused for its row (``EntryStore.drop_refused``; README,
 # "Refused for its row"), replayed as that entry alone
 MODEL = "model"
+# The records' version: this build writes none (version 1). A later build whose record this one
+# must not replay as it reads it (a field it would ignore, an op it would guess at) writes a
+# higher "v", or a new op: either stops this build's replay, naming a newer build's record.
+RECORD_VERSION = 1
+
+
+class NewerRecord(ValueError):
+    """A record only a newer build knows (an op, a drop reason or a record version)."""
 
 
 class Applied(Generic[T]):
@@ -142,6 +150,14 @@ def replay(
             continue
         try:
             other = _apply(cache, record, dim)
+        except NewerRecord as exc:  # a rollback's: not damage, and not to be guessed at
+            where = f"{_segment(wal, record['seq'])}: " if wal is not None else ""
+            raise WalError(
+                f"{where}write-ahead-log record {record['seq']} is a newer build's ({exc}): "
+                "this one does not know what it does, so it replays nothing past it. Start "
+                "that build again, or, to run this one, move the snapshot and the wal/ "
+                "directory aside together, and L1 starts empty (misses until answered again)"
+            ) from exc
         except (KeyError, TypeError, ValueError) as exc:
             where = f"{_segment(wal, record['seq'])}: " if wal is not None else ""
             raise WalError(
@@ -169,6 +185,9 @@ def _segment(wal: WriteAheadLog, seq: int) -> Path:
 
 def _apply(cache: Replayable, record: dict[str, Any], dim: int) -> str | None:
     """Applies one record; the embedder version of a store it skipped, else None."""
+    version = record.get("v", RECORD_VERSION)
+    if type(version) is int and version > RECORD_VERSION:
+        raise NewerRecord(f"record version {version}, this build writes {RECORD_VERSION}")
     op = record["op"]
     if op == "store":
         entry = entry_from_json(record["entry"])
@@ -190,9 +209,9 @@ def _apply(cache: Replayable, record: dict[str, Any], dim: int) -> str | None:
         if reason == MODEL:
             cache.apply_drop_refused(str(record["tenant"]), str(record["entry_id"]))
         elif reason:
-            raise ValueError(f"unknown drop reason {reason!r}")
+            raise NewerRecord(f"unknown drop reason {reason!r}")
         else:
             cache.apply_drop_entry(str(record["tenant"]), str(record["entry_id"]))
     else:
-        raise ValueError(f"unknown op {op!r}")
+        raise NewerRecord(f"unknown op {op!r}")
     return None

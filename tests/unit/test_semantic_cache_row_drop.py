@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import types
 from pathlib import Path
 
@@ -360,8 +361,36 @@ async def test_a_drop_record_of_an_unknown_reason_stops_the_replay(tmp_path: Pat
     wal.append({"op": "drop_entry", "tenant": "a", "entry_id": "x", "reason": "later"})
     await wal.sync()
     wal.close()
-    with pytest.raises(WalError, match="unknown drop reason 'later'"):
+    with pytest.raises(WalError, match="unknown drop reason 'later'") as refused:
         await _logged(tmp_path, ManualClock())
+    assert "is a newer build's" in str(refused.value)  # not "malformed", as damage is said
+
+
+@pytest.mark.parametrize(
+    ("record", "said"),
+    [
+        ({"op": "drop_prefix", "tenant": "a", "prefix": "x"}, "unknown op 'drop_prefix'"),
+        ({"op": "drop", "tenant": "a", "namespace": None, "v": 2}, "record version 2"),
+    ],
+)
+async def test_a_newer_builds_record_stops_the_replay_saying_what_to_do(
+    tmp_path: Path, record: dict[str, object], said: str
+) -> None:
+    """A rollback over a log a newer build wrote: a record of an op it does not know, or of a
+    later record version (even of an op it knows: it would ignore what that version added),
+    stops the replay naming a newer build's record and what to do, not "malformed" (damage)."""
+    from services.semantic_cache.wal import WalError
+
+    wal = WriteAheadLog(tmp_path / "wal")
+    wal.open()
+    wal.append(record)
+    await wal.sync()
+    wal.close()
+    with pytest.raises(WalError, match=re.escape(said)) as refused:
+        await _logged(tmp_path, ManualClock())
+    message = str(refused.value)
+    assert "is a newer build's" in message and "move the snapshot and the wal/" in message
+    assert "malformed" not in message
 
 
 async def test_a_lookup_does_not_wait_for_its_drop() -> None:
