@@ -298,21 +298,32 @@ async def test_a_finished_rebuild_is_swapped_in_while_its_scope_is_idle(
     assert hit.hit
 
 
+@pytest.mark.parametrize("way", ["purged", "its_entries_dropped", "expired"])
 async def test_a_dropped_scope_is_not_kept_for_its_rebuild(
-    held_training: threading.Event,
+    held_training: threading.Event, way: str
 ) -> None:
-    """A scope dropped (a tenant's purge) while its rebuild runs leaves the rebuilds to swap
-    in: kept there, the purged tenant's vectors (its old index and the rebuild's) stayed in
-    memory until the build ended and another scope's Lookup swapped it in."""
+    """A scope that goes while its rebuild runs (its tenant's purge, its last entry dropped,
+    its entries expired) leaves the rebuilds to swap in: kept there, the scope's vectors (its
+    old index and the rebuild's) stayed in memory until the build ended and another scope's
+    Lookup swapped it in."""
+    clock = ManualClock()
     cache = SemanticCache(
-        FakeEmbedder(dim=DIM), ManualClock(), threshold=0.8, ann=AnnSettings(min_entries=40)
+        FakeEmbedder(dim=DIM), clock, threshold=0.8, ttl_s=60.0, ann=AnnSettings(min_entries=40)
     )
-    for i in range(40):
-        await cache.store(q(f"question about topic {i} and thing {i * 7}"), answer())
+    ids = [
+        (await cache.store(q(f"question about topic {i} and thing {i * 7}"), answer())).entry_id
+        for i in range(40)
+    ]
     (scope,) = cache._scopes.values()
     building = scope._rebuild
     assert building is not None and cache._rebuilding == [scope]
-    assert await cache.drop("a") == 40
+    if way == "purged":
+        assert await cache.drop("a") == 40
+    elif way == "its_entries_dropped":
+        assert [await cache.drop_entry("a", entry_id) for entry_id in ids] == [1] * 40
+    else:
+        clock.advance(s=61)
+        assert not (await cache.check(q("what is the refund policy", "b"))).hit
     assert cache._scopes == {} and cache._rebuilding == []
     held_training.set()
     building.wait()
