@@ -157,14 +157,25 @@ def refused_for_now(exc: BaseException) -> bool:
 NO_EVICTION = "noeviction"
 
 
+class EvictionPolicyUnread(ValueError):
+    """``INFO memory`` does not say the ``maxmemory-policy`` (Redis Enterprise, Redis Cloud and
+    Azure's Enterprise tier publish neither ``maxmemory`` nor ``maxmemory_policy``, and default
+    to ``volatile-lru``): whether the Redis evicts keys is not known, not "never"."""
+
+
 async def eviction_policy(redis: Redis) -> str | None:
     """The ``maxmemory-policy`` under which ``redis`` drops keys of its own accord once full,
     read from ``INFO memory`` (which a managed Redis answers where it refuses ``CONFIG``):
-    None when it never does (``noeviction``, or no ``maxmemory``). ``volatile-*`` policies
-    evict only keys with a TTL, which is every count, claim and record a service keeps there
-    for a while; the ``allkeys-*`` ones any key."""
+    None when it never does (``noeviction``, or a ``maxmemory`` of 0: no limit). ``volatile-*``
+    policies evict only keys with a TTL, which is every count, claim and record a service keeps
+    there for a while; the ``allkeys-*`` ones any key. No ``maxmemory_policy`` in the answer is
+    ``EvictionPolicyUnread`` (before, read as ``noeviction``: a Redis Enterprise database under
+    its default ``volatile-lru`` passed unnamed); a policy that evicts with no ``maxmemory``
+    said is that policy (such a service's databases all have a memory limit)."""
     info = await redis.info("memory")
-    policy = str(info.get("maxmemory_policy", NO_EVICTION))
-    if policy == NO_EVICTION or int(info.get("maxmemory", 0)) == 0:
-        return None
-    return policy
+    if "maxmemory" in info and int(info["maxmemory"]) == 0:
+        return None  # no limit: never full
+    if "maxmemory_policy" not in info:
+        raise EvictionPolicyUnread("its INFO memory does not say its maxmemory_policy")
+    policy = str(info["maxmemory_policy"])
+    return None if policy == NO_EVICTION else policy

@@ -108,6 +108,7 @@ class RedisHealth:
         self._set_health = set_health
         self._timeout_s = timeout_s
         self._answering: bool | None = None  # unknown until the first PING
+        self._eviction_read = False  # its eviction policy checked (when it first answers)
         # why its last NOT_SERVING: "down" (no answer), "full" (a write refused out of
         # memory), "refused" (the connection refused: a Redis without the URL's password)
         self._cause = "down"
@@ -128,21 +129,31 @@ class RedisHealth:
             await self._down(exc)
         else:
             await self._up()
-            await self._eviction_checked()
 
     async def _eviction_checked(self) -> None:
         """An ERROR line when the Redis evicts keys once full (``eviction_policy``): every
         warm prefix and commit record prefix-cache keeps there has a TTL, so ``volatile-lru``
         (managed Redis services' default) drops them as ``allkeys-lru`` does, and an evicted
-        record bills an answer twice or never. A Redis that does not say is named at INFO."""
+        record bills an answer twice or never. A Redis that does not say (no
+        ``maxmemory_policy`` in ``INFO``, as Redis Enterprise and Redis Cloud, which default
+        to ``volatile-lru``; ``INFO`` renamed away; no answer) is a WARNING saying to make sure
+        of ``noeviction``. Run once a process, when the Redis first answers (``_up``): before,
+        only if the start-up's PING was answered, so a Redis down at start-up was never
+        checked, and a Redis Enterprise database was read as ``noeviction``."""
         try:
             async with asyncio.timeout(self._timeout_s):
                 policy = await eviction_policy(self._redis)
         except (RedisError, OSError, TimeoutError, ValueError) as exc:
-            log.info(
-                "%s: could not read the eviction policy of Redis at %s (%s)",
+            if isinstance(exc, TimeoutError):  # asyncio's, with no message
+                exc = TimeoutError(f"no answer within {self._timeout_s:g} s")
+            log.warning(
+                "%s: could not read the eviction policy of Redis at %s (%s: %s); if it evicts "
+                "keys once full, warm prefixes and commit records can go without a word, and "
+                "an answer is billed twice or never: make sure its maxmemory-policy is "
+                "noeviction",
                 REDIS_URL,
                 self._where,
+                type(exc).__name__,
                 exc,
             )
             return
@@ -312,3 +323,6 @@ class RedisHealth:
             log.warning("%s: Redis at %s answers again: SERVING", REDIS_URL, self._where)
         self._answering = True
         await self._set_health(True)
+        if not self._eviction_read:  # once a process, whenever the Redis first answers
+            self._eviction_read = True
+            await self._eviction_checked()

@@ -247,12 +247,26 @@ async def _eviction_checked(
     word. Before, under ``volatile-lru`` (ElastiCache's and Memorystore's default) a tenant that had
     spent its day's budget was admitted again once other keys filled that Redis (3 of 3), and
     nothing was logged: the store's own id, which detects a flushed Redis, has no TTL and
-    stayed. A Redis that does not say (``INFO`` renamed away, no answer) is named at INFO."""
+    stayed. A Redis that does not say (no ``maxmemory_policy`` in ``INFO``, as Redis Enterprise
+    and Redis Cloud, which default to ``volatile-lru``; ``INFO`` renamed away; no answer) is a
+    WARNING saying what can go and to make sure of ``noeviction``: before, an INFO line, and a
+    Redis Enterprise database was read as ``noeviction`` and not named at all. Checked once a
+    start, when the Redis answers the start-up's call (one down then is not checked: README)."""
     try:
         async with asyncio.timeout(timeout_s):
             policy = await eviction_policy(redis)
     except (RedisError, OSError, TimeoutError, ValueError) as exc:
-        log.info("%s: could not read the eviction policy of Redis at %s (%s)", var, where, exc)
+        if isinstance(exc, TimeoutError):  # asyncio's, with no message
+            exc = TimeoutError(f"no answer within {timeout_s:g} s")
+        log.warning(
+            "%s: could not read the eviction policy of Redis at %s (%s: %s); if it evicts keys "
+            "once full, %s: make sure its maxmemory-policy is noeviction",
+            var,
+            where,
+            type(exc).__name__,
+            exc,
+            EVICTED[client],
+        )
         return
     if policy is not None:
         log.error(

@@ -42,6 +42,10 @@ class _SwallowsCancel:
     async def get(self, *_: object) -> bytes:
         return b"store"
 
+    async def info(self, section: str) -> dict[str, object]:
+        # the eviction policy's check, when the Redis first answers: one that never evicts
+        return {"maxmemory": 0, "maxmemory_policy": "noeviction"}
+
     def pipeline(self, transaction: bool = True) -> _Pipeline:
         return _Pipeline()
 
