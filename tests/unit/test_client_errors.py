@@ -297,3 +297,30 @@ def test_a_local_deadline_mid_stream_is_not_taken_for_the_gateways_cut() -> None
         assert error.message in ("Stream removed (Deadline Exceeded)", "Deadline Exceeded")
         assert not error.cut_by_gateway
         assert "no status from the Gateway" in str(error)
+
+
+def test_an_invalid_request_carries_the_gateways_reason() -> None:
+    """The Gateway's refusal of a value the target model's provider refuses (a temperature but
+    1 to gpt-5) is INVALID_ARGUMENT with ErrorInfo ``UNSUPPORTED_VALUE``. Before, an
+    ``InvalidRequestError`` had no ``reason``: a caller told it from any malformed field only
+    by the message's words. A refusal without ErrorInfo has ``reason`` None."""
+    from cachemesh import InvalidRequestError, NotFoundError
+    from cachemesh._errors import from_rpc_error
+    from cachemesh.retry_info import UNSUPPORTED_VALUE
+    from services.common.errors import Code
+    from services.common.retry_info import refusal_trailers
+
+    message = "temperature: gpt-5 takes only its default, 1; omit temperature or send 1, got 0.5"
+    trailers = refusal_trailers(Code.INVALID_ARGUMENT, message, UNSUPPORTED_VALUE)
+
+    def refused(code: grpc.StatusCode, *trailer: tuple[str, str | bytes]) -> grpc.aio.AioRpcError:
+        return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(*trailer), message)
+
+    error = from_rpc_error(refused(grpc.StatusCode.INVALID_ARGUMENT, *trailers), "r1")
+    assert type(error) is InvalidRequestError and error.reason == UNSUPPORTED_VALUE
+    back = pickle.loads(pickle.dumps(error))
+    assert type(back) is InvalidRequestError and back.reason == UNSUPPORTED_VALUE
+    plain = from_rpc_error(refused(grpc.StatusCode.INVALID_ARGUMENT), "r2")
+    assert type(plain) is InvalidRequestError and plain.reason is None
+    missing = from_rpc_error(refused(grpc.StatusCode.NOT_FOUND), "r3")
+    assert type(missing) is NotFoundError and missing.reason is None

@@ -31,7 +31,13 @@ class AuthenticationError(CachemeshError):
 
 
 class InvalidRequestError(CachemeshError):
-    """The request is malformed; the message names the field (INVALID_ARGUMENT)."""
+    """The request is malformed; the message names the field (INVALID_ARGUMENT). ``reason``:
+    the Gateway's ErrorInfo reason, ``UNSUPPORTED_VALUE`` (``cachemesh.retry_info``) for a
+    field the target model's API has at a value its provider refuses for that model (a
+    temperature but its default to one that takes only that); None when the Gateway named
+    none (any other malformed field, or a Gateway that sends none)."""
+
+    reason: str | None = None
 
 
 class NotFoundError(InvalidRequestError):
@@ -218,6 +224,8 @@ def from_rpc_error(error: grpc.RpcError, request_id: str = "") -> CachemeshError
     elif isinstance(result, UnavailableError) and call:
         # RetryInfo, else the retry-after trailer the Gateway sends alone (a 429's wait)
         result.retry_after_s = retry_after_s(error.trailing_metadata())
+        result.reason = reason
+    elif isinstance(result, InvalidRequestError):
         result.reason = reason
     return result
 
