@@ -14,6 +14,8 @@ import anthropic
 import openai
 import pytest
 
+from cachemesh import Client, InvalidRequestError, build_request
+from cachemesh.retry_info import UNSUPPORTED_VALUE
 from tests.integration.provider_stack import ProviderStack
 from tests.providers import anthropic_wire
 from tests.providers.wire_server import Reply
@@ -138,6 +140,28 @@ def test_openais_temperature_range_reaches_an_openai_model_unclamped(
             model="claude-sonnet-4-5", temperature=1.5, max_tokens=32, messages=ask
         )
     assert "temperature: must be within [0, 1] for claude-sonnet-4-5" in refused.value.message
+
+
+def test_the_python_clients_refusal_of_an_unsupported_value_carries_its_reason(
+    providers: ProviderStack,
+) -> None:
+    """The same refusal through the router to the Python client: an ``InvalidRequestError``
+    whose ``reason`` is the Gateway's ``UNSUPPORTED_VALUE``, so a caller can tell it without
+    matching the message (before, it had no ``reason``); another bad field has none, and
+    OpenAI is not called."""
+    ask = f"Think it over {uuid.uuid4().hex[:8]}"
+    with Client(providers.stack.target, api_key=providers.stack.keys["tenant-a"]) as client:
+        request = build_request(ask, model="gpt-5", max_tokens=64)
+        request.temperature = 0.5
+        with pytest.raises(InvalidRequestError) as refused:
+            client.complete(request)
+        assert refused.value.reason == UNSUPPORTED_VALUE
+        assert refused.value.message.startswith("temperature: gpt-5 takes only its default, 1")
+        request = build_request(ask, model="gpt-5", max_tokens=0)
+        with pytest.raises(InvalidRequestError) as malformed:
+            client.complete(request)
+        assert "max_tokens" in malformed.value.message and malformed.value.reason is None
+    assert [s for s in providers.server.seen_by("openai") if ask in str(s.body)] == []
 
 
 def test_an_openai_reasoning_model_is_sent_its_default_temperature_only(
