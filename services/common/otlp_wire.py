@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import logging
 import struct
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import grpc
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.exporter.otlp.proto.common._internal import (
     _encode_instrumentation_scope,
@@ -35,6 +37,7 @@ from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExport
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import SpanFlags
 from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.trace import SpanContext
 
 log = logging.getLogger(__name__)
@@ -237,12 +240,132 @@ def _flags(parent: SpanContext | None) -> int:
     return int(_HAS_IS_REMOTE)
 
 
+# the loggers of the SDK's lines about a collector not taking spans: the exporter's (a line
+# for each try of each export, "Transient error ... retrying" and "Failed to export ...": its
+# DuplicateFilter, which passes a line unlike the one before, lets both through each time)
+# and the batch processor's ("Queue full, dropping Span.", on the thread that ended the span;
+# once a 20 s by that filter)
+EXPORTER_LOGGER = "opentelemetry.exporter.otlp.proto.grpc.exporter"
+QUEUE_LOGGER = "opentelemetry.sdk._shared_internal"
+_EXPORT_FAILED = ("Transient error", "Failed to export")
+_QUEUE_FULL = "Queue full"
+
+
+class ExportHealth(logging.Filter):
+    """Whether the collector takes spans, said once an outage. With the collector down or not
+    answering, the SDK wrote a WARNING or an ERROR line for each try of each export (13 to 15
+    in each traced service's log in 45 s, about 1,100 an hour each) and a "Queue full" WARNING
+    every 20 s, none saying when the collector took spans again nor how many were lost.
+    Installed first among the filters of those two loggers (so that it sees every record, the
+    SDK's DuplicateFilter after it), it keeps their lines out of the logs and says instead,
+    once, that the collector does not take spans (the gRPC status and details of the last try)
+    and, once, that spans are dropped at a full queue; then once that it takes them again, with
+    how many exports failed and spans were dropped meanwhile. Requests never wait on it: the
+    batch processor's queue (``OTEL_BSP_MAX_QUEUE_SIZE``) bounds what is held."""
+
+    def __init__(self, endpoint: str) -> None:
+        super().__init__()
+        self._endpoint = endpoint
+        self._lock = threading.Lock()
+        self._failing = False
+        self._reason = ""
+        self._failed_exports = 0
+        self._lost_spans = 0  # in the exports that failed
+        self._dropped_spans = 0  # at a full queue
+
+    def install(self) -> None:
+        for name in (EXPORTER_LOGGER, QUEUE_LOGGER):
+            # first: the SDK's DuplicateFilter would hide all but one drop a 20 s from the count
+            logging.getLogger(name).filters.insert(0, self)
+
+    def uninstall(self) -> None:
+        for name in (EXPORTER_LOGGER, QUEUE_LOGGER):
+            logging.getLogger(name).removeFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.msg if isinstance(record.msg, str) else ""
+        if record.name == EXPORTER_LOGGER and message.startswith(_EXPORT_FAILED):
+            # the SDK's arguments: the try's gRPC status, and the collector's details last
+            args = record.args if isinstance(record.args, tuple) else ()
+            codes = [a.name for a in args if isinstance(a, grpc.StatusCode)]
+            details = str(args[-1])[:200] if codes and args else ""
+            with self._lock:
+                self._reason = ": ".join([codes[0], details] if details else codes) or "error"
+            return False
+        if record.name == QUEUE_LOGGER and message.startswith(_QUEUE_FULL):
+            with self._lock:
+                self._dropped_spans += 1
+                first = self._dropped_spans == 1
+            if first:
+                log.warning(
+                    "tracing: the span queue is full (OTEL_BSP_MAX_QUEUE_SIZE), the collector "
+                    "at %s not taking spans as fast as they end: spans are dropped (said once, "
+                    "and when it is back)",
+                    self._endpoint,
+                )
+            return False
+        return True
+
+    def exported(self, taken: bool, spans: int) -> None:
+        """An export's outcome (``spans`` in it): the first failure of an outage, and the
+        first success after one, are each said once."""
+        with self._lock:
+            if not taken:
+                self._failed_exports += 1
+                self._lost_spans += spans
+                if self._failing:
+                    return
+                self._failing = True
+                reason = self._reason or "error"
+            elif not self._failing:
+                return
+            else:
+                failed, lost, dropped = (
+                    self._failed_exports,
+                    self._lost_spans,
+                    self._dropped_spans,
+                )
+                self._failing = False
+                self._failed_exports = self._lost_spans = self._dropped_spans = 0
+        if not taken:
+            log.warning(
+                "tracing: the collector at %s does not take spans (%s; "
+                "OTEL_EXPORTER_OTLP_ENDPOINT): the spans it does not take are dropped, "
+                "requests are served as before (said once, and when it is back)",
+                self._endpoint,
+                reason,
+            )
+        else:
+            log.warning(
+                "tracing: the collector at %s takes spans again; dropped meanwhile: %d spans "
+                "in %d exports it did not take, %d at a full queue",
+                self._endpoint,
+                lost,
+                failed,
+                dropped,
+            )
+
+
 class WireSpanExporter(OTLPSpanExporter):
-    """The OTLP/gRPC span exporter with ``SpanWire`` as its encoder."""
+    """The OTLP/gRPC span exporter with ``SpanWire`` as its encoder, whose collector's outages
+    are said once each (``ExportHealth``)."""
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self._wire = SpanWire()
+        self._health = ExportHealth(str(options.get("endpoint", "")))
+        self._health.install()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        result = super().export(spans)
+        self._health.exported(result is SpanExportResult.SUCCESS, len(spans))
+        return result
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        try:
+            super().shutdown(timeout_millis, **kwargs)
+        finally:
+            self._health.uninstall()
 
     def _translate_data(self, data: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
         return self._wire.request(data)

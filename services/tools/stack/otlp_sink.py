@@ -83,13 +83,13 @@ class OtlpSink:
     """Listens on a loopback port; ``spans_of(trace_id)`` returns what was exported so far
     (with ``keep_spans``), ``counts()`` how many spans each service exported."""
 
-    def __init__(self, keep_spans: bool = True) -> None:
+    def __init__(self, keep_spans: bool = True, port: int = 0) -> None:
         self._receiver = _Receiver(keep_spans)
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
             self._receiver, self._server
         )
-        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self.port = self._server.add_insecure_port(f"127.0.0.1:{port}")  # 0: any free one
         self.endpoint = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
