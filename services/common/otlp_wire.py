@@ -348,24 +348,40 @@ class ExportHealth(logging.Filter):
 
 class WireSpanExporter(OTLPSpanExporter):
     """The OTLP/gRPC span exporter with ``SpanWire`` as its encoder, whose collector's outages
-    are said once each (``ExportHealth``)."""
+    are said once each (``ExportHealth``, in place until the exporter is shut down and its
+    last export, which the shutdown cuts, has ended: that one's line is not the outage's)."""
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self._wire = SpanWire()
         self._health = ExportHealth(str(options.get("endpoint", "")))
         self._health.install()
+        self._state = threading.Lock()
+        self._in_export = False
+        self._closed = False
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        result = super().export(spans)
-        self._health.exported(result is SpanExportResult.SUCCESS, len(spans))
+        with self._state:
+            self._in_export = True
+        result = SpanExportResult.FAILURE
+        try:
+            result = super().export(spans)
+        finally:
+            with self._state:
+                self._in_export = False
+                closed = self._closed
+            if closed:
+                self._health.uninstall()
+            else:
+                self._health.exported(result is SpanExportResult.SUCCESS, len(spans))
         return result
 
     def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
         try:
             super().shutdown(timeout_millis, **kwargs)
         finally:
-            self._health.uninstall()
-
-    def _translate_data(self, data: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
-        return self._wire.request(data)
+            with self._state:
+                self._closed = True
+                exporting = self._in_export
+            if not exporting:
+                self._health.uninstall()

@@ -114,3 +114,29 @@ def test_spans_dropped_at_a_full_queue_are_said_once_not_a_line_each(
         hole.close()
         if sink is not None:
             sink.stop()
+
+
+def test_the_export_a_stop_cuts_writes_no_line_of_its_own(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The stop closes the channel of an export a hung collector holds: the SDK's ERROR line
+    for it ("Failed to export ... CANCELLED"), once in each service's log at every stop with
+    its collector hung, is not written; the stop's own line says what was dropped."""
+    hole = BlackHole()
+    exporter = WireSpanExporter(endpoint=hole.endpoint, insecure=True, timeout=600)
+    processor = _BatchSpans(exporter, schedule_delay_millis=10)
+    provider = TracerProvider()
+    provider.add_span_processor(processor)
+    try:
+        provider.get_tracer("t").start_span("held").end()
+        assert hole.accepted.wait(30)  # the export is on its way to the collector
+        provider.shutdown()  # gives up on it (TRACING_STOP_S) and closes the channel
+        # the cut export ends on the batch processor's thread (the SDK pinned in
+        # constraints.txt): its lines, if any, are written by then
+        processor._batch_processor._worker_thread.join(30)
+        assert not processor._batch_processor._worker_thread.is_alive()
+        failed = _lines(caplog, SDK_LOGGERS[0], "Failed to export")
+        assert not failed, failed
+        assert _lines(caplog, "cachemesh.telemetry", "did not take the last spans")
+    finally:
+        hole.close()
