@@ -256,8 +256,10 @@ class ExportHealth(logging.Filter):
     answering, the SDK wrote a WARNING or an ERROR line for each try of each export (13 to 15
     in each traced service's log in 45 s, about 1,100 an hour each) and a "Queue full" WARNING
     every 20 s, none saying when the collector took spans again nor how many were lost.
-    Installed first among the filters of those two loggers (so that it sees every record, the
-    SDK's DuplicateFilter after it), it keeps their lines out of the logs and says instead,
+    Installed first among the filters of those two loggers (before the SDK's DuplicateFilter,
+    which passes a line unlike the one before), it keeps their lines out of the logs (an
+    export's, by the thread that exports; the processor counts its drops: ``dropped``, as the
+    SDK's line names no processor) and says instead,
     once, that the collector does not take spans (the gRPC status and details of the last try)
     and, once, that spans are dropped at a full queue; then once that it takes them again, with
     how many exports failed and spans were dropped meanwhile. Requests never wait on it: the
@@ -272,6 +274,7 @@ class ExportHealth(logging.Filter):
         self._failed_exports = 0
         self._lost_spans = 0  # in the exports that failed
         self._dropped_spans = 0  # at a full queue
+        self.export_thread: int | None = None  # the batch processor's, which exports
 
     def install(self) -> None:
         for name in (EXPORTER_LOGGER, QUEUE_LOGGER):
@@ -285,6 +288,8 @@ class ExportHealth(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.msg if isinstance(record.msg, str) else ""
         if record.name == EXPORTER_LOGGER and message.startswith(_EXPORT_FAILED):
+            if record.thread != self.export_thread:
+                return True  # another exporter's (another provider in this process)
             # the SDK's arguments: the try's gRPC status, and the collector's details last
             args = record.args if isinstance(record.args, tuple) else ()
             codes = [a.name for a in args if isinstance(a, grpc.StatusCode)]
@@ -292,19 +297,28 @@ class ExportHealth(logging.Filter):
             with self._lock:
                 self._reason = ": ".join([codes[0], details] if details else codes) or "error"
             return False
-        if record.name == QUEUE_LOGGER and message.startswith(_QUEUE_FULL):
-            with self._lock:
-                self._dropped_spans += 1
-                first = self._dropped_spans == 1
-            if first:
-                log.warning(
-                    "tracing: the span queue is full (OTEL_BSP_MAX_QUEUE_SIZE), the collector "
-                    "at %s not taking spans as fast as they end: spans are dropped (said once, "
-                    "and when it is back)",
-                    self._endpoint,
-                )
-            return False
-        return True
+        # its drops are counted where they happen (``dropped``): the line names no processor
+        return not (record.name == QUEUE_LOGGER and message.startswith(_QUEUE_FULL))
+
+    @property
+    def dropped_spans(self) -> int:
+        """The spans dropped at the full queue in this outage (0 once the collector is back)."""
+        with self._lock:
+            return self._dropped_spans
+
+    def dropped(self) -> None:
+        """A span dropped at the full queue (its batch processor's count): the first of an
+        outage is said."""
+        with self._lock:
+            self._dropped_spans += 1
+            first = self._dropped_spans == 1
+        if first:
+            log.warning(
+                "tracing: the span queue is full (OTEL_BSP_MAX_QUEUE_SIZE), the collector at "
+                "%s not taking spans as fast as they end: spans are dropped (said once, and "
+                "when it is back)",
+                self._endpoint,
+            )
 
     def exported(self, taken: bool, spans: int) -> None:
         """An export's outcome (``spans`` in it): the first failure of an outage, and the
@@ -360,7 +374,12 @@ class WireSpanExporter(OTLPSpanExporter):
         self._in_export = False
         self._closed = False
 
+    @property
+    def health(self) -> ExportHealth:
+        return self._health
+
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self._health.export_thread = threading.get_ident()
         with self._state:
             self._in_export = True
         result = SpanExportResult.FAILURE

@@ -10,7 +10,10 @@ follows ``OTEL_EXPORTER_OTLP_(TRACES_)INSECURE`` for an endpoint without a schem
 does not. Where callers from outside come in (the router's Gateway, the HTTP front: ``edge``),
 a received request is traced whatever its caller's ``traceparent`` says about sampling
 (``EdgeSampler``), unless ``OTEL_TRACES_SAMPLER`` names a sampler of the operator's. The
-exporter reads the rest of its ``OTEL_EXPORTER_OTLP_*`` and ``OTEL_BSP_*`` variables itself.
+batch processor's ``OTEL_BSP_*`` variables and the export timeout
+(``OTEL_EXPORTER_OTLP_(TRACES_)TIMEOUT``, seconds) are read and checked here (a value the SDK
+cannot use stops the start naming it); the exporter reads the rest of its
+``OTEL_EXPORTER_OTLP_*`` variables itself.
 
 A service's last stop step is ``stop_tracing``: the spans still queued are exported for at most
 ``TRACING_STOP_S``, off the event loop; what a collector has not taken by then is dropped.
@@ -24,12 +27,14 @@ import logging
 import time
 import urllib.parse
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
@@ -49,6 +54,9 @@ from services.common.env import ConfigError, Env
 from services.common.grace import GraceEnd
 from services.common.rpc_tracing import ServerTracing
 
+if TYPE_CHECKING:
+    from services.common.otlp_wire import ExportHealth
+
 _EXPORTERS = ("otlp", "console", "none")
 # How long a stopping service waits for the collector to take its last spans: the SDK's own
 # shutdown waits 30 s for its export thread, each export up to OTEL_EXPORTER_OTLP_TIMEOUT (10 s)
@@ -61,6 +69,21 @@ class _BatchSpans(BatchSpanProcessor):
     collector that takes connections and never answers, the SDK's held every service's stop
     past its grace (SIGKILL, before semantic-cache's last snapshot). Past the bound the
     exporter's channel is closed (the export in flight ends) and the spans left are dropped."""
+
+    def __init__(
+        self, exporter: SpanExporter, health: ExportHealth | None = None, **options: Any
+    ) -> None:
+        super().__init__(exporter, **options)
+        self._health = health  # the OTLP exporter's: told of each span dropped
+
+    def on_end(self, span: ReadableSpan) -> None:
+        """The SDK's, and a span it drops at a full queue counted (``ExportHealth``)."""
+        if not (span.context and span.context.trace_flags.sampled):
+            return
+        batch = self._batch_processor  # the SDK's (pinned): its queue and its bound
+        if self._health is not None and len(batch._queue) >= batch._max_queue_size:
+            self._health.dropped()
+        batch.emit(span)
 
     def shutdown(self) -> None:
         began = time.monotonic()
@@ -138,6 +161,7 @@ def build_tracer_provider(
     sampler = EdgeSampler() if edge and "OTEL_TRACES_SAMPLER" not in environ else None
     provider = TracerProvider(resource=resource, sampler=sampler)
     exporter: SpanExporter | None = None
+    health: ExportHealth | None = None
     if exporter_name == "otlp":
         from services.common.otlp_wire import WireSpanExporter
 
@@ -169,12 +193,67 @@ def build_tracer_provider(
             endpoint=endpoint,
             insecure=_insecure(env, endpoint),
             channel_options=otlp_channel_options(endpoint),
+            timeout=_export_timeout_s(env),
         )
+        health = exporter.health
     elif exporter_name == "console":
         exporter = ConsoleSpanExporter()
     if exporter is not None:
-        provider.add_span_processor(_BatchSpans(exporter))
+        batch = _batch_settings(env)
+        provider.add_span_processor(
+            _BatchSpans(
+                exporter,
+                health,
+                max_queue_size=batch.max_queue_size,
+                schedule_delay_millis=batch.schedule_delay_millis,
+                max_export_batch_size=batch.max_export_batch_size,
+                export_timeout_millis=batch.export_timeout_millis,
+            )
+        )
     return provider
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    max_queue_size: int
+    max_export_batch_size: int
+    schedule_delay_millis: int
+    export_timeout_millis: int
+
+
+def _batch_settings(env: Env) -> BatchSettings:
+    """The batch processor's ``OTEL_BSP_*`` settings (the SDK's defaults), read here: the SDK
+    read them itself, an unreadable ``OTEL_BSP_MAX_QUEUE_SIZE`` (``abc``) taken as 2048 with an
+    ERROR traceback, and a 0 stopping the start with "max_queue_size must be a positive
+    integer." naming no variable. The queue bounds the spans a service holds while its
+    collector does not take them."""
+    queue = env.count("OTEL_BSP_MAX_QUEUE_SIZE", 2048, minimum=1)
+    batch = env.count("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", min(512, queue), minimum=1)
+    if batch > queue:
+        raise ConfigError(
+            f"OTEL_BSP_MAX_EXPORT_BATCH_SIZE ({batch}) must be at most OTEL_BSP_MAX_QUEUE_SIZE "
+            f"({queue})"
+        )
+    return BatchSettings(
+        max_queue_size=queue,
+        max_export_batch_size=batch,
+        schedule_delay_millis=env.count("OTEL_BSP_SCHEDULE_DELAY", 5000, minimum=1),
+        export_timeout_millis=env.count("OTEL_BSP_EXPORT_TIMEOUT", 30000, minimum=1),
+    )
+
+
+def _export_timeout_s(env: Env) -> float:
+    """How long one export may wait for the collector (``OTEL_EXPORTER_OTLP_TRACES_TIMEOUT``,
+    else ``OTEL_EXPORTER_OTLP_TIMEOUT``; seconds, as the Python SDK reads them; 10 by
+    default): the exporter's own reading stopped the start with "could not convert string to
+    float" naming no variable, and took a 0 as unset."""
+    name = "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"
+    if env.optional_str(name) is None:
+        name = "OTEL_EXPORTER_OTLP_TIMEOUT"
+    seconds = env.seconds(name, 10.0, minimum=None)
+    if seconds <= 0:
+        raise ConfigError(f"{name} must be a number of seconds above 0, got {seconds:g}")
+    return seconds
 
 
 # gRPC's own target schemes (its resolvers): the exporter hands such a target to gRPC as

@@ -133,3 +133,46 @@ async def test_the_tracing_stop_is_bounded_and_off_the_event_loop_with_a_hung_co
         assert "the collector did not take the last spans within 2 s" in caplog.text
     finally:
         hole.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "said"),
+    [
+        # the SDK took it as 2048 (an ERROR traceback) and the service started
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "abc", "OTEL_BSP_MAX_QUEUE_SIZE must be an integer"),
+        # the SDK: "max_queue_size must be a positive integer.", naming no variable
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "0", "OTEL_BSP_MAX_QUEUE_SIZE must be >= 1"),
+        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "4096", "at most OTEL_BSP_MAX_QUEUE_SIZE (2048)"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "soon", "OTEL_BSP_SCHEDULE_DELAY must be an integer"),
+        ("OTEL_BSP_EXPORT_TIMEOUT", "-1", "OTEL_BSP_EXPORT_TIMEOUT must be >= 1"),
+        # the exporter: "could not convert string to float: 'abc'", naming no variable
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "abc", "OTEL_EXPORTER_OTLP_TIMEOUT must be a number"),
+        # the exporter took a 0 as unset (``timeout or ...``)
+        ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "0", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT must be"),
+    ],
+)
+def test_the_span_queue_and_export_settings_are_refused_naming_the_variable(
+    name: str, value: str, said: str
+) -> None:
+    with pytest.raises(ConfigError, match=said.replace("(", r"\(").replace(")", r"\)")):
+        build_tracer_provider({name: value}, "router")
+
+
+def test_the_span_queue_and_export_settings_are_read_from_the_services_environment() -> None:
+    """From the mapping the service was given (the SDK read ``os.environ`` itself); a queue
+    set below the default batch sends batches of the whole queue (the SDK refused it)."""
+    environ = {
+        "OTEL_BSP_MAX_QUEUE_SIZE": "100",
+        "OTEL_BSP_SCHEDULE_DELAY": "250",
+        "OTEL_EXPORTER_OTLP_TIMEOUT": "3",
+        "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "2.5",
+    }
+    provider = build_tracer_provider(environ, "router")
+    try:
+        (processor,) = provider._active_span_processor._span_processors
+        batch = processor._batch_processor  # type: ignore[attr-defined]
+        assert (batch._max_queue_size, batch._max_export_batch_size) == (100, 100)
+        assert batch._schedule_delay == 0.25
+        assert batch._exporter._timeout == 2.5  # the traces' own
+    finally:
+        provider.shutdown()

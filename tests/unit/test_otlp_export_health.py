@@ -7,7 +7,6 @@ exporter against a closed port, a receiver that never answers, then a real recei
 from __future__ import annotations
 
 import logging
-import re
 import socket
 
 import pytest
@@ -83,11 +82,11 @@ def test_a_collector_down_is_said_once_then_once_when_it_takes_spans_again(
 def test_spans_dropped_at_a_full_queue_are_said_once_not_a_line_each(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO)  # whatever level a test before set
     hole = BlackHole()
-    sink: OtlpSink | None = None
     exporter = WireSpanExporter(endpoint=hole.endpoint, insecure=True, timeout=1)
     # the worker holds a batch of 2 in an export the collector never answers; 2 more wait
-    processor = _BatchSpans(exporter, max_queue_size=2, max_export_batch_size=2)
+    processor = _BatchSpans(exporter, exporter.health, max_queue_size=2, max_export_batch_size=2)
     provider = TracerProvider()
     provider.add_span_processor(processor)
     try:
@@ -97,23 +96,12 @@ def test_spans_dropped_at_a_full_queue_are_said_once_not_a_line_each(
         assert len(full) == 1 and hole.endpoint in full[0], full
         for name in SDK_LOGGERS:
             assert not _lines(caplog, name), _lines(caplog, name)[:3]
-        hole.close()  # the collector gone: a try fails at once, the next export goes through
-        sink = OtlpSink(port=int(hole.endpoint.rsplit(":", 1)[1]))
-        sink.start()
-        exporter._timeout = 30
-        provider.get_tracer("t").start_span("after").end()
-        assert processor.force_flush(30_000)
-        again = _lines(caplog, "services.common.otlp_wire", "takes spans again")
-        # every span dropped at the full queue counted (of 40, at most 4 held: the worker's
-        # batch and the queue), not one a 20 s as the SDK's own filter passes its lines
-        found = re.search(r"it did not take, (\d+) at a full queue$", again[0] if again else "")
-        assert len(again) == 1 and found and int(found.group(1)) >= 30, again
-        assert sum(sink.counts().values()) >= 1  # the span after, at least
+        # every span dropped counted (of 40, at most 4 held: the worker's batch and the
+        # queue), not one a 20 s as the SDK's own filter passes its lines
+        assert exporter.health.dropped_spans >= 30  # (a second batch, were the loop slow)
     finally:
         provider.shutdown()
         hole.close()
-        if sink is not None:
-            sink.stop()
 
 
 def test_the_export_a_stop_cuts_writes_no_line_of_its_own(
@@ -122,9 +110,10 @@ def test_the_export_a_stop_cuts_writes_no_line_of_its_own(
     """The stop closes the channel of an export a hung collector holds: the SDK's ERROR line
     for it ("Failed to export ... CANCELLED"), once in each service's log at every stop with
     its collector hung, is not written; the stop's own line says what was dropped."""
+    caplog.set_level(logging.INFO)
     hole = BlackHole()
     exporter = WireSpanExporter(endpoint=hole.endpoint, insecure=True, timeout=600)
-    processor = _BatchSpans(exporter, schedule_delay_millis=10)
+    processor = _BatchSpans(exporter, exporter.health, schedule_delay_millis=10)
     provider = TracerProvider()
     provider.add_span_processor(processor)
     try:
