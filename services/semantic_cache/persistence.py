@@ -358,7 +358,16 @@ def _header(raw: Any) -> dict[str, Any]:
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise ValueError(f"not a {FORMAT} file")
     version = raw.get("version")
-    if type(version) is int and version > FORMAT_VERSION:  # a rollback's
+    # The header's own digest first: it covers every field but itself, so a newer build's
+    # header verifies too, and a version changed by damage (4 -> 5, or 4 -> 1, which has no
+    # digest) is said as damage, not as a newer build's, nor read under that version's layout.
+    # Format 1 alone has none; a header that carries one is checked whatever its version says.
+    if (version != 1 or "header_sha256" in raw) and raw.get("header_sha256") != _header_digest(raw):
+        raise ValueError(
+            f"header sha256 mismatch: the header was altered or damaged (it says format "
+            f"version {version!r}; this build reads {_READABLE_VERSIONS[0]} to {FORMAT_VERSION})"
+        )
+    if type(version) is int and version > FORMAT_VERSION:  # a rollback's: its header verifies
         raise ValueError(
             f"format version {version} is a newer build's (this one reads "
             f"{_READABLE_VERSIONS[0]} to {FORMAT_VERSION}): start that build again, or, to run "
@@ -369,8 +378,6 @@ def _header(raw: Any) -> dict[str, Any]:
         raise ValueError(
             f"format version {raw.get('version')!r}, this build reads {_READABLE_VERSIONS}"
         )
-    if raw["version"] >= 2 and raw.get("header_sha256") != _header_digest(raw):
-        raise ValueError("header sha256 mismatch: the header was altered or damaged")
     names = ["dim", "count", "created_at_ms", "vectors_bytes", "entries_bytes"]
     if raw["version"] >= _PURGES_VERSION:
         names.append("purges_bytes")

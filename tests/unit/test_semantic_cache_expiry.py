@@ -241,6 +241,27 @@ async def test_a_current_snapshot_without_expires_at_or_an_unknown_version_fails
     assert "move this snapshot and the wal/ directory beside it aside" in str(refused.value)
 
 
+@pytest.mark.parametrize("flipped", [5, 6, 1])
+async def test_a_damaged_version_digit_is_said_as_damage_not_as_a_newer_build(
+    tmp_path: Path, flipped: int
+) -> None:
+    """A bit flip in the header's version (4 -> 5 or 6) was said to be a newer build's, with
+    advice to start that build: the version was checked before the header's own digest. The
+    digest covers every field but itself (a newer build's header verifies too), so it is
+    checked first, and a flip to 1 (a format without a digest) is damage too, not "truncated or
+    padded" under format 1's layout."""
+    contents = await stored_contents(ManualClock())
+    store = SnapshotStore(tmp_path)
+    store.save(contents, 0, 0)
+    raw = store.path.read_bytes()
+    assert raw.count(b'"version":4') == 1
+    store.path.write_bytes(raw.replace(b'"version":4', f'"version":{flipped}'.encode()))
+    with pytest.raises(SnapshotError, match="header sha256 mismatch") as refused:
+        store.load()
+    assert f"format version {flipped}" in str(refused.value)
+    assert "newer build" not in str(refused.value)
+
+
 @pytest.mark.parametrize("bad", ["soon", None, 0])
 async def test_a_log_record_with_a_bad_expires_at_is_malformed(tmp_path: Path, bad: Any) -> None:
     clock = ManualClock()
