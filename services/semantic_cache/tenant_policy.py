@@ -15,6 +15,7 @@ import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from services.common.errors import shown
 from services.common.files import fsync_directory, os_error_text
@@ -113,11 +114,11 @@ def _read(path: Path) -> dict[str, TenantPolicy]:
     except (OSError, ValueError) as exc:
         raise PolicyError(f"cannot read the tenant policies {path}: {exc}") from None
     version = doc.get("version") if isinstance(doc, dict) else None
-    if type(version) is int and version > _VERSION:  # a rollback's
+    if type(version) is int and version > _VERSION:  # a rollback's, or an edit, or damage
         raise PolicyError(
-            f"{path}: version {version} is a newer build's (this one reads {_VERSION}): start "
-            "that build again, or, to run this one, move the file aside (each tenant's policy "
-            "is then the default until set again)"
+            f"{path}: version {version} is a newer build's, or edited or damaged (this one "
+            f"reads {_VERSION}): start that build again, or, to run this one, replace the file "
+            f"(each tenant's policy is the default until set again). {_l1_off_said(doc)}"
         )
     if version != _VERSION:
         raise PolicyError(f"{path}: expected {{'version': {_VERSION}, 'tenants': {{...}}}}")
@@ -146,6 +147,34 @@ def _read(path: Path) -> dict[str, TenantPolicy]:
             TenantPolicy()
         )
     return policies
+
+
+def _l1_off_said(doc: dict[str, Any]) -> str:
+    """What a refused (newer) file says of the tenants with L1 off, read from it alone: moved
+    aside, their L1 is on again and the entries they kept are served again, so they must be
+    set off before this build takes traffic. Nothing else in the file is trusted."""
+    tenants = doc.get("tenants")
+    if not isinstance(tenants, dict):
+        return (
+            "Its 'tenants' is not the object this build knows, so it cannot tell which tenants "
+            "had L1 off: find them in it and, before this build takes traffic, put in its "
+            'place a file that keeps them off ({"version":1,"tenants":{"<tenant>":'
+            '{"l1_enabled":false}}}), or the entries they kept are served again'
+        )
+    off = sorted(
+        str(tenant)
+        for tenant, value in tenants.items()
+        if isinstance(value, dict) and value.get("l1_enabled") is False
+    )
+    if not off:
+        return "No tenant has L1 off in it (l1_enabled false): moving it aside turns none on"
+    kept = {"version": _VERSION, "tenants": {t: {"l1_enabled": False} for t in off}}
+    return (
+        f"L1 is off in it for {len(off)} tenant(s): {', '.join(shown(t) for t in off)}; moved "
+        "aside, their L1 is on again and the entries they kept are served again, so before "
+        "this build takes traffic put in its place a file that keeps them off: "
+        f"{json.dumps(kept, separators=(',', ':'))}"
+    )
 
 
 def _write(path: Path, policies: dict[str, TenantPolicy]) -> None:

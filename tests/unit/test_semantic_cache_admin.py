@@ -250,11 +250,54 @@ def test_a_malformed_policy_file_is_refused_naming_it(tmp_path: Path, doc: str) 
 
 
 def test_a_newer_builds_policy_file_is_refused_saying_what_to_do(tmp_path: Path) -> None:
-    """A rollback: the file of a later version is refused naming it as a newer build's and
-    what to do (before: "expected {'version': 1, ...}", as for a damaged file)."""
+    """A rollback: the file of a later version is refused naming it as a newer build's (or an
+    edited or damaged file: it has no checksum) and what to do (before: "expected {'version':
+    1, ...}", as for a damaged file)."""
     path = tmp_path / "tenant-policies.json"
     path.write_text('{"version": 2, "tenants": {"a": {"l1_enabled": false}}}')
-    with pytest.raises(PolicyError, match=r"version 2 is a newer build's .*move the file aside"):
+    with pytest.raises(PolicyError, match=r"version 2 is a newer build's, or edited or damaged"):
+        TenantPolicies(path)
+
+
+def test_a_refused_policy_file_names_the_tenants_with_l1_off_and_a_file_keeping_them_off(
+    tmp_path: Path,
+) -> None:
+    """Its advice was to move the file aside, which turns L1 back on for the tenants who had it
+    off: their kept entries served again (0 of the 2 named). It names them now, read from the
+    file alone (whatever else their policies hold), and gives a file of this build's version
+    that keeps them off, which loads as that."""
+    path = tmp_path / "tenant-policies.json"
+    doc = {
+        "version": 2,
+        "tenants": {
+            "a": {"l1_enabled": False, "later": [1]},
+            "b": {"l1_enabled": True},
+            "c": {"l1_enabled": False, "default_ttl_s": "later"},
+            "d": "later",
+        },
+    }
+    path.write_text(json.dumps(doc))
+    with pytest.raises(PolicyError) as refused:
+        TenantPolicies(path)
+    message = str(refused.value)
+    assert "L1 is off in it for 2 tenant(s): 'a', 'c'" in message
+    assert "before this build takes traffic" in message and "'b'" not in message
+    path.write_text(message[message.index('{"version":1') :])
+    kept = TenantPolicies(path)
+    assert kept.tenants() == {"a", "c"}
+    assert not kept.get("a").l1_enabled and not kept.get("c").l1_enabled
+
+
+@pytest.mark.parametrize(
+    ("tenants", "said"),
+    [({"b": {}}, "No tenant has L1 off"), (["a"], "cannot tell which tenants had L1 off")],
+)
+def test_a_refused_policy_file_without_tenants_off_says_so(
+    tmp_path: Path, tenants: Any, said: str
+) -> None:
+    path = tmp_path / "tenant-policies.json"
+    path.write_text(json.dumps({"version": 3, "tenants": tenants}))
+    with pytest.raises(PolicyError, match=said):
         TenantPolicies(path)
 
 
