@@ -62,8 +62,9 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -117,6 +118,7 @@ class _Line:
     offset: int
     length: int
     open: bool = False  # an open call: a model call still running when it was written
+    version: int = JOURNAL_VERSION  # a kept newer line's "v" (``load`` says them)
 
 
 class JournalEntry(NamedTuple):
@@ -190,14 +192,18 @@ class Journal:
             line.length for line in (*self._lines.values(), *self._newer.values())
         )
         if self._newer:
+            seen = Counter(line.version for line in self._newer.values())
             log.error(
-                "billing outbox: %d entries of %s were written by a newer router (a journal "
-                "version above %d): this one neither bills nor drops them, and keeps them in "
-                "the file for a router of that version to bill (start one on this "
-                "ROUTER_DATA_DIR to bill them)",
+                "billing outbox: %d lines of %s are of a journal version above %d (%s): a "
+                "newer router's, which this one neither bills nor drops but keeps in the file "
+                "for a router of that version to bill (start one on this ROUTER_DATA_DIR to "
+                "bill them); if no router of that version ever ran on this directory, the line "
+                'is damaged (its "v" changed), billed by no router until it is mended or '
+                "removed by hand, with the router stopped",
                 len(self._newer),
                 self.path,
                 JOURNAL_VERSION,
+                ", ".join(f"version {v} (x{n})" for v, n in sorted(seen.items())),
             )
         return list(self._lines)
 
@@ -229,7 +235,7 @@ class Journal:
             entry_id = item.get("add")
             key = entry_id if isinstance(entry_id, str) else f"@{offset}"
             self._lines.pop(key, None)  # a later line of its id replaces it, as any
-            self._newer[key] = _Line(offset, len(raw))
+            self._newer[key] = _Line(offset, len(raw), version=version)
         elif isinstance(item, dict) and isinstance(item.get("add"), str):
             self._newer.pop(item["add"], None)
             self._lines[item["add"]] = _Line(offset, len(raw), item.get("open") is True)
@@ -479,7 +485,7 @@ class Journal:
                 for held, into in kept:  # a newer version's lines kept first, as they are
                     for entry_id, line in held.items():
                         _write_all(fd, _read_all(self._fd, line.length, line.offset), size)
-                        into[entry_id] = _Line(size, line.length, line.open)
+                        into[entry_id] = replace(line, offset=size)
                         size += line.length
                 os.fsync(fd)
                 os.replace(fresh, self.path)

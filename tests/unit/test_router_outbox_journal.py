@@ -223,7 +223,7 @@ def test_a_newer_versions_lines_are_neither_billed_nor_dropped_but_kept(
         assert journal.load() == ["a"]
     assert journal.newer == 3 and journal.pending_count == 1
     assert any(
-        "3 entries" in r.getMessage() and "newer router" in r.getMessage() for r in caplog.records
+        "3 lines" in r.getMessage() and "newer router" in r.getMessage() for r in caplog.records
     )
     journal.done("a")  # its bill settled: nothing of this version is pending
     journal.sync()
@@ -252,6 +252,29 @@ def test_a_newer_versions_line_is_settled_or_replaced_by_a_later_line_of_its_id(
     journal = Journal(tmp_path)
     assert journal.load() == ["n2"] and journal.newer == 1
     journal.close()
+
+
+def test_the_kept_lines_are_said_by_version_and_count_and_maybe_damaged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bit flip in a line's "v" (2 -> 6) keeps it for ever as a newer router's: the ERROR
+    said "3 entries ... written by a newer router" (a done line is no entry, and no version
+    named). It names each version with its count, counts lines, and says that without a router
+    of that version ever run on the directory the line is damaged."""
+    lines = [
+        json.dumps({"add": "a", "commits": [], "v": 6}),  # a version-2 line, its "v" flipped
+        json.dumps({"done": "x", "v": JOURNAL_VERSION + 1}),
+        json.dumps({"add": "b", "commits": [], "v": JOURNAL_VERSION + 1}),
+    ]
+    (tmp_path / JOURNAL_NAME).write_text("\n".join(lines) + "\n")
+    journal = Journal(tmp_path)
+    with caplog.at_level(logging.ERROR, logger="cachemesh.router.outbox"):
+        assert journal.load() == []
+    journal.close()
+    (said,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert "3 lines of" in said and "entries" not in said
+    assert f"(version {JOURNAL_VERSION + 1} (x2), version 6 (x1))" in said
+    assert "if no router of that version ever ran on this directory, the line is damaged" in said
 
 
 async def test_a_write_waited_for_as_written_does_not_wait_for_its_fsync(tmp_path: Path) -> None:
