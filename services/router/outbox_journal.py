@@ -235,6 +235,9 @@ class Journal:
             entry_id = item.get("add")
             key = entry_id if isinstance(entry_id, str) else f"@{offset}"
             self._lines.pop(key, None)  # a later line of its id replaces it, as any
+            # ... and takes its place in the order: a compaction writes the kept lines in it
+            # (add n1, done n1, add n1 kept as add, done would read as settled)
+            self._newer.pop(key, None)
             self._newer[key] = _Line(offset, len(raw), version=version)
         elif isinstance(item, dict) and isinstance(item.get("add"), str):
             self._newer.pop(item["add"], None)
@@ -279,6 +282,10 @@ class Journal:
         self._live_bytes += line.length
 
     def done(self, entry_id: str) -> None:
+        # A done line carries no "v" (read as version 1): a later router's keeps a "v" of at
+        # most 2 unless routers of this version must not settle with it, for one above 2 is
+        # kept unread by them, and the entry it settles replayed again at their start (billed
+        # twice once prefix-cache's record of its commit has expired).
         line = self._lines.pop(entry_id, None)
         if line is not None:
             self._live_bytes -= line.length

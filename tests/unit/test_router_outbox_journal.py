@@ -277,6 +277,30 @@ def test_the_kept_lines_are_said_by_version_and_count_and_maybe_damaged(
     assert "if no router of that version ever ran on this directory, the line is damaged" in said
 
 
+def test_a_compaction_keeps_a_newer_versions_lines_in_their_order(tmp_path: Path) -> None:
+    """A newer router's add n1, done n1, add n1: n1 pending for it. A compaction wrote its
+    kept lines in the order their ids first came (add, done: n1 read as settled by the newer
+    router, its bill lost); a later line of an id takes its place at the end now."""
+    later = JOURNAL_VERSION + 1
+    lines = [
+        json.dumps({"add": "n1", "commits": [], "v": later}),
+        json.dumps({"done": "n1", "v": later}),
+        json.dumps({"add": "n1", "commits": ["again"], "v": later}),
+    ]
+    path = tmp_path / JOURNAL_NAME
+    path.write_text("\n".join(lines) + "\n")
+    journal = Journal(tmp_path, compact_bytes=1)
+    assert journal.load() == [] and journal.newer == 2
+    for i in range(5):  # settled lines that outweigh the live ones
+        journal.add(f"b{i}", _commit(f"b{i}#1"))
+        journal.done(f"b{i}")
+    journal.add("c", _commit("c#1"))
+    journal.sync()
+    journal.close()
+    kept = path.read_text().splitlines()
+    assert kept[:2] == lines[1:] and [json.loads(line).get("add") for line in kept[2:]] == ["c"]
+
+
 async def test_a_write_waited_for_as_written_does_not_wait_for_its_fsync(tmp_path: Path) -> None:
     """An open call's line must be in the file before its WARM goes out (a process kill keeps
     it); its fsync, which a slow disk may take long over, is not waited for."""
