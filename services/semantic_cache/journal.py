@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from services.semantic_cache.persistence import entry_from_json, entry_json
-from services.semantic_cache.records import Entry
+from services.semantic_cache.records import UNSTAMPED_SCOPE, Entry
 from services.semantic_cache.wal import WalError, WriteAheadLog
 
 log = logging.getLogger("cachemesh.semantic_cache.persistence")
@@ -139,17 +139,19 @@ def replay(
     after_seq: int,
     dim: int,
     wal: WriteAheadLog | None = None,
+    unstamped: str = UNSTAMPED_SCOPE,
 ) -> int:
     """Applies the records with seq > ``after_seq``; returns how many were replayed (the
     stores of another embedder, skipped, included). ``wal``: the log they were read from, for
-    an error to name the segment."""
+    an error to name the segment; ``unstamped``: the scope version of a stored entry without
+    one (the snapshot's before them says it: ``SnapshotFile.unstamped``)."""
     applied = 0
     skipped: dict[str, int] = {}  # embedder version -> its store records skipped
     for record in records:
         if record["seq"] <= after_seq:
             continue
         try:
-            other = _apply(cache, record, dim)
+            other = _apply(cache, record, dim, unstamped)
         except NewerRecord as exc:  # a rollback's: not damage, and not to be guessed at
             where = f"{_segment(wal, record['seq'])}: " if wal is not None else ""
             raise WalError(
@@ -183,14 +185,16 @@ def _segment(wal: WriteAheadLog, seq: int) -> Path:
     return holding[-1] if holding else wal.directory
 
 
-def _apply(cache: Replayable, record: dict[str, Any], dim: int) -> str | None:
+def _apply(
+    cache: Replayable, record: dict[str, Any], dim: int, unstamped: str = UNSTAMPED_SCOPE
+) -> str | None:
     """Applies one record; the embedder version of a store it skipped, else None."""
     version = record.get("v", RECORD_VERSION)
     if type(version) is int and version > RECORD_VERSION:
         raise NewerRecord(f"record version {version}, this build writes {RECORD_VERSION}")
     op = record["op"]
     if op == "store":
-        entry = entry_from_json(record["entry"])
+        entry = entry_from_json(record["entry"], unstamped=unstamped)
         if entry.embedder_version != cache.embedder_version:
             cache.apply_skipped_store(entry)  # its vector is another embedder's: not read
             return entry.embedder_version

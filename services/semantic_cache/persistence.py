@@ -284,11 +284,14 @@ class SnapshotFile:
             self.purged_at_ms = _purged(purged)
             with_expiry = header["version"] >= _EXPIRY_VERSION
             # no entry carried its scope version before format 4's builds had gone: those
-            # of an older format are all v1's (not v3's, as one unstamped in the log may be)
-            unstamped = UNSTAMPED_SCOPE if with_purges else BEFORE_FORMAT_4_SCOPE
+            # of an older format are all v1's (not v3's, as one unstamped in the log may be),
+            # and so are the log's after it (``unstamped``: that build's, or stamped)
+            self.unstamped = UNSTAMPED_SCOPE if with_purges else BEFORE_FORMAT_4_SCOPE
             self.entries = tuple(
                 entry_from_json(
-                    json.loads(line.decode()), require_expiry=with_expiry, unstamped=unstamped
+                    json.loads(line.decode()),
+                    require_expiry=with_expiry,
+                    unstamped=self.unstamped,
                 )
                 for line in file
             )

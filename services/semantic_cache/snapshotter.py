@@ -38,7 +38,7 @@ from services.common.files import os_error_text
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.journal import WalJournal, replay
 from services.semantic_cache.persistence import SnapshotError, SnapshotStore
-from services.semantic_cache.records import CacheContents, RestoreReport
+from services.semantic_cache.records import UNSTAMPED_SCOPE, CacheContents, RestoreReport
 from services.semantic_cache.wal import WriteAheadLog
 
 log = logging.getLogger("cachemesh.semantic_cache.persistence")
@@ -123,9 +123,9 @@ class Snapshotter:
         thread: nothing else uses the cache, or appends to the log, yet, and the event loop
         keeps answering health checks (NOT_SERVING) meanwhile.
         """
-        report, wal_seq, found = await self._in_thread(self._restore, cache)
+        report, wal_seq, found, unstamped = await self._in_thread(self._restore, cache)
         if self._wal is not None:
-            saved_s = await self._in_thread(self._replay, cache, wal_seq, found)
+            saved_s = await self._in_thread(self._replay, cache, wal_seq, found, unstamped)
             if isinstance(saved_s, Exception):  # the log still holds them: the next save
                 self._failed("after the replay", saved_s)
             elif saved_s is not None and self._on_save is not None:
@@ -173,7 +173,7 @@ class Snapshotter:
             raise ReplayStopped("stopped during the replay of the write-ahead log")
 
     def _replay(
-        self, cache: SemanticCache, wal_seq: int, snapshot: bool
+        self, cache: SemanticCache, wal_seq: int, snapshot: bool, unstamped: str
     ) -> float | Exception | None:
         """Applies the log records after ``wal_seq`` (``snapshot``: the last one a snapshot
         restored holds; else none was there), a record at a time, and opens the log
@@ -184,7 +184,7 @@ class Snapshotter:
         assert self._wal is not None
         cache.use_faiss_threads()
         records = self._unless_stopped(self._wal.records(wal_seq, snapshot=snapshot))
-        applied = replay(cache, records, wal_seq, cache.dim, self._wal)
+        applied = replay(cache, records, wal_seq, cache.dim, self._wal, unstamped)
         self._check_stopped()
         self._wal.start()
         if not applied:
@@ -215,13 +215,14 @@ class Snapshotter:
         )
         return self._timer() - began
 
-    def _restore(self, cache: SemanticCache) -> tuple[RestoreReport | None, int, bool]:
-        """The restore's report, the last log record the snapshot holds (0 = none) and
-        whether there was a snapshot."""
+    def _restore(self, cache: SemanticCache) -> tuple[RestoreReport | None, int, bool, str]:
+        """The restore's report, the last log record the snapshot holds (0 = none), whether
+        there was a snapshot, and the scope version of an unstamped entry in the log after it
+        (v1 after a snapshot of a format before 4: the log was its build's, or stamped)."""
         snapshot = self._store.open()
         if snapshot is None:
             log.info("no snapshot at %s: starting empty", self._store.path)
-            return None, 0, False
+            return None, 0, False, UNSTAMPED_SCOPE
         with snapshot:
             try:
                 report = cache.restore(snapshot)
@@ -243,7 +244,7 @@ class Snapshotter:
             )
         if report.restored == snapshot.count:
             self._saved_changes = cache.changes  # the file already says exactly this
-        return report, snapshot.wal_seq, True
+        return report, snapshot.wal_seq, True, snapshot.unstamped
 
     async def save(self) -> bool:
         """Saves the cache now unless nothing changed since the last save (and the log did

@@ -184,10 +184,10 @@ async def test_a_stop_during_the_replay_keeps_the_lock_until_the_replay_has_ende
         return real_apply_drop(self, tenant, namespace)
 
     def replay(
-        self: Snapshotter, cache: SemanticCache, wal_seq: int, snapshot: bool
+        self: Snapshotter, cache: SemanticCache, wal_seq: int, snapshot: bool, unstamped: str
     ) -> float | Exception | None:
         try:
-            return real_replay(self, cache, wal_seq, snapshot)
+            return real_replay(self, cache, wal_seq, snapshot, unstamped)
         finally:
             replayed.set()
 
