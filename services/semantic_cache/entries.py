@@ -39,7 +39,7 @@ from services.semantic_cache.records import (
     InvalidQuery,
     RestoreReport,
 )
-from services.semantic_cache.stats import StoreStats, entry_bytes, held_bytes
+from services.semantic_cache.stats import SCOPE_BYTES, StoreStats, entry_bytes, held_bytes
 
 ScopeKey = tuple[str, str]  # (tenant, scope)
 RESTORE_CHUNK = 16_384  # rows read at once by a restore (24 MB of 384-d vectors)
@@ -83,7 +83,8 @@ class EntryStore:
         max_bytes: int | None = None,
     ) -> None:
         """``max_bytes``: what the entries may hold together (``stats.entry_bytes``: answers,
-        questions, vectors); None = bounded by ``max_entries`` alone."""
+        questions, vectors; and ``SCOPE_BYTES`` a scope holding one); None = bounded by
+        ``max_entries`` alone."""
         if max_entries < 1:
             raise ValueError("max_entries must be >= 1")
         if max_bytes is not None and max_bytes < 1:
@@ -100,6 +101,9 @@ class EntryStore:
         self._expiry: list[tuple[int, int]] = []  # heap of (expires_at_ms, id); may be stale
         self._by_entry_id: dict[str, int] = {}
         self._scopes: dict[ScopeKey, ScopeIndex] = {}
+        # scope -> its entries held (not forgotten: ``_forget`` comes before ``_unindex``):
+        # the first one charges the scope's SCOPE_BYTES to its tenant, the last releases them
+        self._held: dict[ScopeKey, int] = {}
         self._rebuilding: list[ScopeIndex] = []  # scopes whose rebuild is not swapped in yet
         self._next_id = 0
         self._changes = 0
@@ -490,10 +494,19 @@ class EntryStore:
     def _add(self, vid: int, entry: Entry) -> None:
         entry = self._stamped(entry)
         self._entries[vid] = entry
-        self._lru.used(entry.tenant, vid, entry_bytes(entry, self._embedder.dim))
-        self._by_entry_id[entry.entry_id] = vid
+        self._held_one(vid, entry)
         heapq.heappush(self._expiry, (self._expires_at(entry), vid))
-        self.stats.added(entry, self._embedder.dim)
+
+    def _held_one(self, vid: int, entry: Entry) -> None:
+        """Counts the entry held: in its tenant's LRU and bytes (with its scope's
+        ``SCOPE_BYTES`` when it is the first its scope holds), by its id, in the stats."""
+        key = (entry.tenant, entry.scope)
+        held = self._held.get(key, 0)
+        self._held[key] = held + 1
+        size = entry_bytes(entry, self._embedder.dim) + (0 if held else SCOPE_BYTES)
+        self._lru.used(entry.tenant, vid, size)
+        self._by_entry_id[entry.entry_id] = vid
+        self.stats.added(entry, self._embedder.dim, opened=not held)
 
     def _purge_expired(self, now: int) -> None:
         """Removes the expired entries (and, first, swaps in the scopes' finished index
@@ -514,10 +527,12 @@ class EntryStore:
 
     def fits(self, payload: bytes, question: str) -> bool:
         """Whether an entry of this answer and (normalised) question is within the byte bound
-        alone (one over it is never stored: it would evict every other entry, then itself)."""
+        alone (one over it is never stored: it would evict every other entry, then itself),
+        with its scope's ``SCOPE_BYTES`` (alone, it is the only entry of its scope)."""
         if self._max_bytes is None:
             return True
-        return held_bytes(payload, question, self._embedder.dim) <= self._max_bytes
+        size = held_bytes(payload, question, self._embedder.dim) + SCOPE_BYTES
+        return size <= self._max_bytes
 
     def keeps(self, entry: Entry) -> bool:
         """Whether a new entry would outlive the evictions its store makes. The byte bound is
@@ -528,9 +543,12 @@ class EntryStore:
         stay)."""
         if self._max_bytes is None:
             return True
+        key = (entry.tenant, entry.scope)
         size = entry_bytes(entry, self._embedder.dim)
-        index = self._scopes.get((entry.tenant, entry.scope))
+        size += 0 if self._held.get(key) else SCOPE_BYTES  # it opens its scope
+        index = self._scopes.get(key)
         old = index.exact.get(entry.query) if index is not None else None
+        # an entry replacing its question's answer keeps its scope: only the answer is freed
         freed = entry_bytes(self._entries[old], self._embedder.dim) if old is not None else 0
         if self.stats.held_bytes + size - freed <= self._max_bytes:
             return True
@@ -604,16 +622,21 @@ class EntryStore:
         used."""
         self._changes += 1
         self._entries[vid] = entry
-        self._lru.used(entry.tenant, vid, entry_bytes(entry, self._embedder.dim))
-        self._by_entry_id[entry.entry_id] = vid
-        self.stats.added(entry, self._embedder.dim)
+        self._held_one(vid, entry)
 
     def _forget(self, vid: int) -> Entry:
         self._changes += 1
         entry = self._entries.pop(vid)
-        self._lru.forget(entry.tenant, vid, entry_bytes(entry, self._embedder.dim))
+        key = (entry.tenant, entry.scope)
+        left = self._held[key] - 1
+        if left:
+            self._held[key] = left
+        else:
+            del self._held[key]
+        size = entry_bytes(entry, self._embedder.dim) + (0 if left else SCOPE_BYTES)
+        self._lru.forget(entry.tenant, vid, size)
         if not self._lru.holds(entry.tenant):  # its replacements now lead to nothing held
             self._replaced.pop(entry.tenant, None)
         self._by_entry_id.pop(entry.entry_id, None)
-        self.stats.removed(entry, self._embedder.dim)
+        self.stats.removed(entry, self._embedder.dim, closed=not left)
         return entry

@@ -14,11 +14,11 @@
   accept, counted a miss; ``model``: an ``auto`` hit another row made than its tiers resolve
   to now, counted a miss);
 - ``cachemesh_semantic_cache_stores_total{tenant,outcome}`` (``stored`` / ``skipped``);
-- ``cachemesh_semantic_cache_entries{tenant}`` and ``..._bytes{tenant}`` (the answers, questions
-  and vectors held; tenants past the cap summed as ``other``); ``..._old_scope_entries``: of
-  them, those stored under an older scope version (``query.SCOPE_VERSION``), which no lookup
-  can reach any more after an upgrade that changed it (they leave at their TTL, or first when
-  L1 is full); ``..._evictions_total``
+- ``cachemesh_semantic_cache_entries{tenant}`` and ``..._bytes{tenant}`` (the answers, questions,
+  vectors and scopes' indexes held; tenants past the cap summed as ``other``);
+  ``..._old_scope_entries``: of them, those stored under an older scope version
+  (``query.SCOPE_VERSION``), which no lookup can reach any more after an upgrade that changed
+  it (they leave at their TTL, or first when L1 is full); ``..._evictions_total``
   (capacity: the largest tenant's LRU entry), ``..._expirations_total`` (TTL) and
   ``..._invalidations_total`` (Drop) and ``..._refused_drops_total{reason}`` (answers no
   lookup is served any more: ``model``, made by a row ``auto`` no longer resolves to), read
@@ -262,7 +262,7 @@ class StoreCollector(Collector):
         )
         size = GaugeMetricFamily(
             "cachemesh_semantic_cache_bytes",
-            "Bytes held (answers, normalised questions, vectors), by tenant",
+            "Bytes held (answers, normalised questions, vectors, scopes' indexes), by tenant",
             labels=["tenant"],
         )
         for label, (count, nbytes) in sorted(by_label.items()):

@@ -8,6 +8,7 @@ from pathlib import Path
 from services.common.env import C_INT_MAX, ConfigError, Env
 from services.semantic_cache.operating_point import OperatingPoint
 from services.semantic_cache.policy import TTL_RANGE, NamespacePolicy, valid_ttl
+from services.semantic_cache.stats import SCOPE_BYTES
 
 DATA_DIR = "SEMANTIC_CACHE_DATA_DIR"
 MAX_BYTES = "SEMANTIC_CACHE_MAX_BYTES"
@@ -90,13 +91,15 @@ class SemanticCacheSettings:
         """``SEMANTIC_CACHE_MAX_BYTES`` against an embedder of ``dim`` dimensions (known once it
         is loaded): every entry holds its vector, 4 bytes a dimension, so a bound below one
         vector and an answer of 64 KiB refused almost every Store as larger than all of L1 may
-        hold, and L1 stored nothing, with no word at the start."""
-        minimum = 4 * dim + MIN_ANSWER_ROOM
+        hold, and L1 stored nothing, with no word at the start. An entry alone is alone in its
+        scope, whose index is charged too (``SCOPE_BYTES``)."""
+        minimum = 4 * dim + MIN_ANSWER_ROOM + SCOPE_BYTES
         if self.max_bytes < minimum:
             raise ConfigError(
                 f"{MAX_BYTES} must be at least {minimum:,} bytes with an embedder of {dim} "
-                f"dimensions (room for one entry: its vector, {4 * dim:,} bytes, and an answer "
-                f"of {MIN_ANSWER_ROOM >> 10} KiB), got {self.max_bytes:,}"
+                f"dimensions (room for one entry: its vector, {4 * dim:,} bytes, an answer "
+                f"of {MIN_ANSWER_ROOM >> 10} KiB and its scope's index, {SCOPE_BYTES:,} bytes), "
+                f"got {self.max_bytes:,}"
             )
 
 

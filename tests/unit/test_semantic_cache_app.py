@@ -93,7 +93,7 @@ async def test_a_byte_bound_too_small_for_one_entry_stops_the_start() -> None:
         "OTEL_TRACES_EXPORTER": "none",
         "SEMANTIC_CACHE_MAX_BYTES": "1024",
     }
-    with pytest.raises(ConfigError, match="SEMANTIC_CACHE_MAX_BYTES must be at least 67,072"):
+    with pytest.raises(ConfigError, match="SEMANTIC_CACHE_MAX_BYTES must be at least 68,772"):
         await asyncio.wait_for(serve(environ), timeout=60)
 
 

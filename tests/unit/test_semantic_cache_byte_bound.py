@@ -16,7 +16,7 @@ from services.semantic_cache.query import Query, query_from_request
 from services.semantic_cache.recency import Recency
 from services.semantic_cache.records import Answer
 from services.semantic_cache.settings import DEFAULT_MAX_BYTES, SemanticCacheSettings
-from services.semantic_cache.stats import held_bytes
+from services.semantic_cache.stats import SCOPE_BYTES, entry_bytes, held_bytes
 from services.semantic_cache.verifier import Verifier, VerifierWeights
 from services.semantic_cache.wiring import build_cache
 from tests.unit.semantic_cache_support import FakeEmbedder, make_request
@@ -194,8 +194,9 @@ async def test_a_byte_bound_too_small_for_one_entry_stops_the_start_naming_the_m
     """Every entry holds its vector (4 bytes a dimension: 1,536 for MiniLM's 384). A bound of
     1024 bytes started without complaint, then every Store was refused as larger than all of
     L1 may hold (and marked uncacheable): L1 stored nothing. The start stops now below room
-    for one vector and an answer of 64 KiB, naming the variable and the minimum."""
-    minimum = 4 * dim + 64 * KB
+    for one vector, an answer of 64 KiB and its scope's index (``SCOPE_BYTES``), naming the
+    variable and the minimum."""
+    minimum = 4 * dim + 64 * KB + SCOPE_BYTES
     for too_small in (1024, minimum - 1):
         with pytest.raises(ConfigError, match=f"SEMANTIC_CACHE_MAX_BYTES.* {minimum:,}"):
             wired(too_small, dim)
@@ -218,7 +219,7 @@ async def test_one_large_answer_evicts_many_entries_with_one_index_call_a_scope(
 
     monkeypatch.setattr("services.semantic_cache.index.remove_ids", counted)
     small = [f"small question number {i}" for i in range(40)]
-    bound = sum(held(question, 1 * KB) for question in small)
+    bound = sum(held(question, 1 * KB) for question in small) + SCOPE_BYTES  # one scope
     cache = new_cache(max_bytes=bound)
     for question in small:
         assert (await cache.store(q(question), answer(1 * KB))).stored
@@ -262,3 +263,103 @@ async def test_an_eviction_whose_index_removal_fails_leaves_each_entry_with_its_
     assert (await cache.store(q("how do i export my data"), answer(100))).stored
     assert len(cache) == 2  # the next Store evicts down to the bound
     cache.export_entries()
+
+
+def in_namespace(question: str, namespace: str, tenant: str = "a") -> Query:
+    return query_from_request(tenant, make_request(question, namespace=namespace))
+
+
+def accounted(cache: SemanticCache) -> int:
+    """What the bound should count, read from what the cache holds: each entry's bytes, and
+    each scope's index once."""
+    return sum(entry_bytes(e, DIM) for e in cache._entries.values()) + SCOPE_BYTES * len(
+        cache._scopes
+    )
+
+
+async def test_a_scope_is_charged_with_its_first_entry_and_released_with_its_last() -> None:
+    """A scope's own index (~1.7 kB beside its entries' vectors) is counted once per scope:
+    3 entries in one namespace and 2 in another are charged 2 scopes; removing one of the
+    second's keeps its charge, removing its last releases it, and a purge releases the rest.
+    Before, the bound counted no scope: 5 entries in 2 scopes were charged 0 for them."""
+    cache = new_cache(max_bytes=DEFAULT_MAX_BYTES)
+    ids = {}
+    for namespace, count in (("n1", 3), ("n2", 2)):
+        for i in range(count):
+            question = f"question {i} of {namespace}"
+            stored = await cache.store(in_namespace(question, namespace), answer(100))
+            assert stored.stored
+            ids[question] = stored.entry_id
+    entries = sum(entry_bytes(e, DIM) for e in cache._entries.values())
+    assert cache.stats.held_bytes == cache.stats.bytes["a"] == entries + 2 * SCOPE_BYTES
+    assert await cache.drop_entry("a", ids["question 0 of n2"]) == 1
+    assert cache.stats.held_bytes == accounted(cache)
+    assert len(cache._scopes) == 2
+    assert await cache.drop_entry("a", ids["question 1 of n2"]) == 1
+    assert len(cache._scopes) == 1
+    assert cache.stats.held_bytes == accounted(cache)
+    entries = sum(entry_bytes(e, DIM) for e in cache._entries.values())
+    assert cache.stats.held_bytes == entries + SCOPE_BYTES
+    assert await cache.drop("a", "n1") == 3
+    assert cache.stats.held_bytes == 0 and cache.stats.bytes == {}
+
+
+async def test_a_namespace_per_answer_is_bounded_with_its_scopes_and_evicts_its_own() -> None:
+    """A tenant storing each answer in its own namespace (one a conversation) opens a scope
+    a Store: 100 one-entry scopes into a bound of 60 entries' bytes. The bound now holds with
+    the scopes counted: a keeps what fits with a scope each (before: 60 entries, about twice
+    the bytes the bound said once each scope's index is counted), b, holding less, keeps its
+    3 entries of one scope, and what the stats count is what the cache holds."""
+    one = held("conversation 99 asks about topic 99", 1 * KB)
+    bound = 60 * one
+    cache = new_cache(max_bytes=bound)
+    faq = ["how do i reset my password", "what is the refund policy", "where is my invoice"]
+    for question in faq:
+        assert (await cache.store(in_namespace(question, "faq", tenant="b"), answer(200))).stored
+    for i in range(100):
+        question = f"conversation {i} asks about topic {i}"
+        assert (await cache.store(in_namespace(question, f"conv-{i}"), answer(1 * KB))).stored
+        assert cache.stats.held_bytes == accounted(cache)
+        assert cache.stats.held_bytes <= bound
+    assert cache.stats.entries["b"] == 3
+    kept = cache.stats.entries["a"]
+    assert kept == (bound - cache.stats.bytes["b"]) // (one + SCOPE_BYTES)
+    assert cache.stats.evictions == 100 - kept
+    assert len(cache._scopes) == kept + 1
+    for i in range(100):  # a's most recent are the ones left
+        question = f"conversation {i} asks about topic {i}"
+        hit = (await cache.check(in_namespace(question, f"conv-{i}"))).exact
+        assert hit == (i >= 100 - kept), i
+
+
+async def test_a_scope_put_back_after_a_failed_eviction_is_charged_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The victim of a one-entry scope is forgotten (its scope's charge released) before its
+    index removal; when that fails it is put back, and so is its scope's charge."""
+    cache = new_cache(max_bytes=10**9, max_entries=1)
+    assert (await cache.store(in_namespace("where are my invoices", "n1"), answer(100))).stored
+
+    def failing(*_: Any) -> None:
+        raise RuntimeError("injected: remove_ids failed")
+
+    monkeypatch.setattr("services.semantic_cache.index.remove_ids", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        await cache.store(in_namespace("what is my plan limit", "n2"), answer(100))
+    assert len(cache._scopes) == 2
+    assert cache.stats.held_bytes == accounted(cache)
+    monkeypatch.setattr("services.semantic_cache.index.remove_ids", remove_ids)
+    assert (await cache.store(in_namespace("how do i export my data", "n3"), answer(100))).stored
+    assert len(cache._scopes) == 1
+    assert cache.stats.held_bytes == accounted(cache) == cache.stats.bytes["a"]
+
+
+async def test_a_restore_charges_each_scope_once() -> None:
+    source = new_cache(max_bytes=10**9)
+    for i in range(6):
+        question = f"question {i} about topic {i}"
+        assert (await source.store(in_namespace(question, f"n{i % 3}"), answer(100))).stored
+    restored = new_cache(max_bytes=10**9)
+    restored.restore(source.export_entries())
+    assert len(restored._scopes) == 3
+    assert restored.stats.held_bytes == accounted(restored) == source.stats.held_bytes
