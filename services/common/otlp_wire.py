@@ -240,65 +240,93 @@ def _flags(parent: SpanContext | None) -> int:
     return int(_HAS_IS_REMOTE)
 
 
-# the loggers of the SDK's lines about a collector not taking spans: the exporter's (a line
-# for each try of each export, "Transient error ... retrying" and "Failed to export ...": its
-# DuplicateFilter, which passes a line unlike the one before, lets both through each time)
-# and the batch processor's ("Queue full, dropping Span.", on the thread that ended the span;
-# once a 20 s by that filter)
+# the logger of the SDK's lines about a collector not taking spans: the exporter's, a line for
+# each try of each export ("Transient error ... retrying" and "Failed to export ...": its
+# DuplicateFilter, which passes a line unlike the one before, lets both through each time). It
+# is every OTLP/gRPC exporter's of the process (another provider's, the metrics' or logs'):
+# only the lines of our own export, on its thread while it runs, are ours
 EXPORTER_LOGGER = "opentelemetry.exporter.otlp.proto.grpc.exporter"
-QUEUE_LOGGER = "opentelemetry.sdk._shared_internal"
 _EXPORT_FAILED = ("Transient error", "Failed to export")
-_QUEUE_FULL = "Queue full"
+# the gRPC codes no retry mends: the collector answers, and refuses what it is sent or how
+# (credentials in the headers, TLS, a receiver without traces); the exporter does not retry
+# them either. Said at ERROR, pointing at the headers and TLS rather than the endpoint
+REFUSALS = frozenset(
+    {"UNAUTHENTICATED", "PERMISSION_DENIED", "INVALID_ARGUMENT", "UNIMPLEMENTED", "UNKNOWN"}
+)
+
+
+def _cause(code: str) -> str:
+    """What an outage's lines tell apart: each refusal, a failure with no status ("error"),
+    and the statuses the exporter retries as one (a collector down gives UNAVAILABLE, or
+    DEADLINE_EXCEEDED when a retry runs out of the export's time: from export to export)."""
+    return code if code in REFUSALS or code == "error" else "unreachable"
 
 
 class ExportHealth(logging.Filter):
-    """Whether the collector takes spans, said once an outage. With the collector down or not
-    answering, the SDK wrote a WARNING or an ERROR line for each try of each export (13 to 15
-    in each traced service's log in 45 s, about 1,100 an hour each) and a "Queue full" WARNING
-    every 20 s, none saying when the collector took spans again nor how many were lost.
-    Installed first among the filters of those two loggers (before the SDK's DuplicateFilter,
-    which passes a line unlike the one before), it keeps their lines out of the logs (an
-    export's, by the thread that exports; the processor counts its drops: ``dropped``, as the
-    SDK's line names no processor) and says instead,
-    once, that the collector does not take spans (the gRPC status and details of the last try)
-    and, once, that spans are dropped at a full queue; then once that it takes them again, with
-    how many exports failed and spans were dropped meanwhile. Requests never wait on it: the
-    batch processor's queue (``OTEL_BSP_MAX_QUEUE_SIZE``) bounds what is held."""
+    """Whether the collector takes spans, said once an outage and again when its cause
+    changes. With the collector down or not answering, the SDK wrote a WARNING or an ERROR
+    line for each try of each export (13 to 15 in each traced service's log in 45 s, about
+    1,100 an hour each) and a "Queue full" WARNING every 20 s, none saying when the collector
+    took spans again nor how many were lost. Installed first among the filters of the
+    exporter's logger (before the SDK's DuplicateFilter, which passes a line unlike the one
+    before), it keeps the lines of our exports out of the logs (those written on the export's
+    thread between ``begin`` and ``end``: another exporter's are left alone) and says instead
+    that the collector does not take spans (the gRPC status and details of the export's last
+    try), again when a later export fails for another cause (``_cause``: UNAVAILABLE, then
+    UNAUTHENTICATED, the new cause was never said), and, once, that spans are dropped at a
+    full queue (``dropped``, counted by ``_BatchSpans``, which drops them itself); then once
+    that it takes them again, with how many exports failed and spans were dropped meanwhile.
+    A status no retry mends (``REFUSALS``) is an ERROR naming the headers and TLS. Requests
+    never wait on it: the batch processor's queue (``OTEL_BSP_MAX_QUEUE_SIZE``) bounds what is
+    held."""
 
     def __init__(self, endpoint: str) -> None:
         super().__init__()
         self._endpoint = endpoint
         self._lock = threading.Lock()
         self._failing = False
-        self._reason = ""
+        self._said = ""  # the status of the outage's last line ("" before its first)
+        self._code = ""  # this export's last try's gRPC status ("" none seen)
+        self._reason = ""  # ... with the collector's details
         self._failed_exports = 0
         self._lost_spans = 0  # in the exports that failed
         self._dropped_spans = 0  # at a full queue
-        self.export_thread: int | None = None  # the batch processor's, which exports
+        self._export_thread: int | None = None  # the thread of our export, while it runs
 
     def install(self) -> None:
-        for name in (EXPORTER_LOGGER, QUEUE_LOGGER):
-            # first: the SDK's DuplicateFilter would hide all but one drop a 20 s from the count
-            logging.getLogger(name).filters.insert(0, self)
+        # first: the SDK's DuplicateFilter would hide a line unlike the one before
+        logging.getLogger(EXPORTER_LOGGER).filters.insert(0, self)
 
     def uninstall(self) -> None:
-        for name in (EXPORTER_LOGGER, QUEUE_LOGGER):
-            logging.getLogger(name).removeFilter(self)
+        logging.getLogger(EXPORTER_LOGGER).removeFilter(self)
+
+    def begin(self) -> None:
+        """Our export starts on this thread: the exporter's lines written on it are ours until
+        ``end`` (a thread's id is reused once it ends: matched only meanwhile); the last
+        export's status is forgotten (a failure with no line of its own is not said as the
+        one before's)."""
+        with self._lock:
+            self._export_thread = threading.get_ident()
+            self._code = self._reason = ""
+
+    def end(self) -> None:
+        with self._lock:
+            self._export_thread = None
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.msg if isinstance(record.msg, str) else ""
-        if record.name == EXPORTER_LOGGER and message.startswith(_EXPORT_FAILED):
-            if record.thread != self.export_thread:
-                return True  # another exporter's (another provider in this process)
-            # the SDK's arguments: the try's gRPC status, and the collector's details last
-            args = record.args if isinstance(record.args, tuple) else ()
-            codes = [a.name for a in args if isinstance(a, grpc.StatusCode)]
-            details = str(args[-1])[:200] if codes and args else ""
-            with self._lock:
-                self._reason = ": ".join([codes[0], details] if details else codes) or "error"
-            return False
-        # its drops are counted where they happen (``dropped``): the line names no processor
-        return not (record.name == QUEUE_LOGGER and message.startswith(_QUEUE_FULL))
+        if record.name != EXPORTER_LOGGER or not message.startswith(_EXPORT_FAILED):
+            return True
+        # the SDK's arguments: the try's gRPC status, and the collector's details last
+        args = record.args if isinstance(record.args, tuple) else ()
+        codes = [a.name for a in args if isinstance(a, grpc.StatusCode)]
+        details = str(args[-1])[:200] if codes and args else ""
+        with self._lock:
+            if self._export_thread is None or record.thread != self._export_thread:
+                return True  # another exporter's (another provider's, or another signal's)
+            self._code = codes[0] if codes else ""
+            self._reason = ": ".join([codes[0], details] if details else codes) or "error"
+        return False
 
     @property
     def dropped_spans(self) -> int:
@@ -321,15 +349,18 @@ class ExportHealth(logging.Filter):
             )
 
     def exported(self, taken: bool, spans: int) -> None:
-        """An export's outcome (``spans`` in it): the first failure of an outage, and the
-        first success after one, are each said once."""
+        """An export's outcome (``spans`` in it): the first failure of an outage, a failure
+        whose status differs from the last one said, and the first success after an outage,
+        are each said once."""
         with self._lock:
             if not taken:
                 self._failed_exports += 1
                 self._lost_spans += spans
-                if self._failing:
+                code = self._code or "error"
+                if self._failing and _cause(code) == _cause(self._said):
                     return
-                self._failing = True
+                was, first = self._said, not self._failing
+                self._failing, self._said = True, code
                 reason = self._reason or "error"
             elif not self._failing:
                 return
@@ -339,17 +370,9 @@ class ExportHealth(logging.Filter):
                     self._lost_spans,
                     self._dropped_spans,
                 )
-                self._failing = False
+                self._failing, self._said = False, ""
                 self._failed_exports = self._lost_spans = self._dropped_spans = 0
-        if not taken:
-            log.warning(
-                "tracing: the collector at %s does not take spans (%s; "
-                "OTEL_EXPORTER_OTLP_ENDPOINT): the spans it does not take are dropped, "
-                "requests are served as before (said once, and when it is back)",
-                self._endpoint,
-                reason,
-            )
-        else:
+        if taken:
             log.warning(
                 "tracing: the collector at %s takes spans again; dropped meanwhile: %d spans "
                 "in %d exports it did not take, %d at a full queue",
@@ -357,6 +380,29 @@ class ExportHealth(logging.Filter):
                 lost,
                 failed,
                 dropped,
+            )
+            return
+        since = "" if first else f", now; before: {was}"
+        if code in REFUSALS:
+            log.error(
+                "tracing: the collector at %s refuses the spans (%s%s): a retry does not mend "
+                "it; check the credentials in OTEL_EXPORTER_OTLP_(TRACES_)HEADERS, TLS "
+                "(OTEL_EXPORTER_OTLP_(TRACES_)INSECURE, _CERTIFICATE) and that it receives "
+                "OTLP traces; its spans are dropped, requests are served as before (said "
+                "again if the cause changes, and when it takes spans)",
+                self._endpoint,
+                reason,
+                since,
+            )
+        else:
+            log.warning(
+                "tracing: the collector at %s does not take spans (%s%s; "
+                "OTEL_EXPORTER_OTLP_ENDPOINT): the spans it does not take are dropped, "
+                "requests are served as before (said again if the cause changes, and when "
+                "it is back)",
+                self._endpoint,
+                reason,
+                since,
             )
 
 
@@ -379,13 +425,14 @@ class WireSpanExporter(OTLPSpanExporter):
         return self._health
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        self._health.export_thread = threading.get_ident()
+        self._health.begin()
         with self._state:
             self._in_export = True
         result = SpanExportResult.FAILURE
         try:
             result = super().export(spans)
         finally:
+            self._health.end()
             with self._state:
                 self._in_export = False
                 closed = self._closed

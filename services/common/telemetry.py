@@ -22,8 +22,10 @@ A service's last stop step is ``stop_tracing``: the spans still queued are expor
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import logging
+import threading
 import time
 import urllib.parse
 from collections.abc import Mapping, Sequence
@@ -68,22 +70,55 @@ class _BatchSpans(BatchSpanProcessor):
     """The SDK's batch processor, whose shutdown waits at most ``TRACING_STOP_S``. With a
     collector that takes connections and never answers, the SDK's held every service's stop
     past its grace (SIGKILL, before semantic-cache's last snapshot). Past the bound the
-    exporter's channel is closed (the export in flight ends) and the spans left are dropped."""
+    exporter's channel is closed (the export in flight ends) and the spans left are dropped.
+
+    With an OTLP exporter's ``health``, a span that ends at a full queue is dropped here and
+    counted (``ExportHealth.dropped``), as the specification's processor drops it (the SDK
+    dropped the oldest one queued, with a "Queue full" WARNING every 20 s that named no
+    processor): the SDK never writes that line for this processor, and another's (a logs
+    processor's) are left alone."""
 
     def __init__(
         self, exporter: SpanExporter, health: ExportHealth | None = None, **options: Any
     ) -> None:
         super().__init__(exporter, **options)
         self._health = health  # the OTLP exporter's: told of each span dropped
+        self._queued = threading.Lock()  # a span's check of the queue and its enqueueing
+        # the SDK's batch processor's own (opentelemetry-sdk pinned in constraints.txt), read
+        # once: a release that renames them stops the start here, not every span's end
+        batch = self._batch_processor
+        try:
+            queue, bound = batch._queue, batch._max_queue_size
+            self._emit, self._drop_counted = batch.emit, batch._metrics.drop_items
+        except AttributeError as exc:
+            raise RuntimeError(
+                f"opentelemetry-sdk's BatchProcessor has no {exc.name!r}, which cachemesh's "
+                "span processor reads (services/common/telemetry.py _BatchSpans): install "
+                "the version constraints.txt pins, or port _BatchSpans to this one"
+            ) from exc
+        if not isinstance(queue, collections.deque) or not isinstance(bound, int):
+            raise RuntimeError(
+                "opentelemetry-sdk's BatchProcessor._queue / _max_queue_size are not a deque "
+                "and an int (services/common/telemetry.py _BatchSpans): install the version "
+                "constraints.txt pins, or port _BatchSpans to this one"
+            )
+        self._queue: collections.deque[Any] = queue
+        self._max_queue_size = bound
 
     def on_end(self, span: ReadableSpan) -> None:
-        """The SDK's, and a span it drops at a full queue counted (``ExportHealth``)."""
+        """The SDK's, but a span that ends at a full queue dropped and counted
+        (``ExportHealth``) when the exporter has a health."""
         if not (span.context and span.context.trace_flags.sampled):
             return
-        batch = self._batch_processor  # the SDK's (pinned): its queue and its bound
-        if self._health is not None and len(batch._queue) >= batch._max_queue_size:
-            self._health.dropped()
-        batch.emit(span)
+        if self._health is None:  # the console's: the SDK's own, its line included
+            self._emit(span)
+            return
+        with self._queued:  # spans end on other threads too (``asyncio.to_thread``)
+            if len(self._queue) < self._max_queue_size:
+                self._emit(span)
+                return
+        self._drop_counted(1)  # the SDK's own count of drops (its internal metrics)
+        self._health.dropped()
 
     def shutdown(self) -> None:
         began = time.monotonic()
