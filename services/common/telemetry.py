@@ -11,9 +11,9 @@ does not. Where callers from outside come in (the router's Gateway, the HTTP fro
 a received request is traced whatever its caller's ``traceparent`` says about sampling
 (``EdgeSampler``), unless ``OTEL_TRACES_SAMPLER`` names a sampler of the operator's. The
 batch processor's ``OTEL_BSP_*`` variables and the export timeout
-(``OTEL_EXPORTER_OTLP_(TRACES_)TIMEOUT``, seconds) are read and checked here (a value the SDK
-cannot use stops the start naming it); the exporter reads the rest of its
-``OTEL_EXPORTER_OTLP_*`` variables itself.
+(``OTEL_EXPORTER_OTLP_(TRACES_)TIMEOUT``, seconds) are read and checked here, all before the
+exporter is built (a value the SDK cannot use stops the start naming it); the exporter reads
+the rest of its ``OTEL_EXPORTER_OTLP_*`` variables itself.
 
 A service's last stop step is ``stop_tracing``: the spans still queued are exported for at most
 ``TRACING_STOP_S``, off the event loop; what a collector has not taken by then is dropped.
@@ -195,6 +195,9 @@ def build_tracer_provider(
         return TracerProvider(resource=resource, sampler=ALWAYS_OFF)
     sampler = EdgeSampler() if edge and "OTEL_TRACES_SAMPLER" not in environ else None
     provider = TracerProvider(resource=resource, sampler=sampler)
+    # every setting read before the exporter is built: a refused one left the exporter's log
+    # filter installed and its channel open
+    batch = _batch_settings(env)
     exporter: SpanExporter | None = None
     health: ExportHealth | None = None
     if exporter_name == "otlp":
@@ -224,17 +227,18 @@ def build_tracer_provider(
                 f"{named}: {problem}, got {endpoint[:80]!r} (expected http://host:port, "
                 "https://host:port, host:port or a gRPC target such as unix:///path/otel.sock)"
             )
+        insecure = _insecure(env, endpoint)
+        timeout_s = _export_timeout_s(environ)
         exporter = WireSpanExporter(
             endpoint=endpoint,
-            insecure=_insecure(env, endpoint),
+            insecure=insecure,
             channel_options=otlp_channel_options(endpoint),
-            timeout=_export_timeout_s(env),
+            timeout=timeout_s,
         )
         health = exporter.health
     elif exporter_name == "console":
         exporter = ConsoleSpanExporter()
     if exporter is not None:
-        batch = _batch_settings(env)
         provider.add_span_processor(
             _BatchSpans(
                 exporter,
@@ -273,21 +277,45 @@ def _batch_settings(env: Env) -> BatchSettings:
         max_queue_size=queue,
         max_export_batch_size=batch,
         schedule_delay_millis=env.count("OTEL_BSP_SCHEDULE_DELAY", 5000, minimum=1),
-        export_timeout_millis=env.count("OTEL_BSP_EXPORT_TIMEOUT", 30000, minimum=1),
+        # the Python SDK's processor does not use it (an export's bound is the exporter's
+        # timeout); 0 is the specification's "no limit"
+        export_timeout_millis=env.count("OTEL_BSP_EXPORT_TIMEOUT", 30000, minimum=0),
     )
 
 
-def _export_timeout_s(env: Env) -> float:
+# the longest export timeout taken: OTEL_EXPORTER_OTLP_TIMEOUT is milliseconds in the
+# specification (10000) but seconds in the Python SDK, which cachemesh follows
+EXPORT_TIMEOUT_MAX_S = 600.0
+
+
+def _export_timeout_s(environ: Mapping[str, str]) -> float:
     """How long one export may wait for the collector (``OTEL_EXPORTER_OTLP_TRACES_TIMEOUT``,
     else ``OTEL_EXPORTER_OTLP_TIMEOUT``; seconds, as the Python SDK reads them; 10 by
     default): the exporter's own reading stopped the start with "could not convert string to
-    float" naming no variable, and took a 0 as unset."""
+    float" naming no variable, and took a 0 as unset. The traces' one set but blank is refused:
+    the exporter float()s it whatever its argument (the same message). Above
+    ``EXPORT_TIMEOUT_MAX_S`` is refused as milliseconds, the specification's unit (an export
+    would wait 2.8 hours for 10000)."""
+    env = Env(environ)
     name = "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"
-    if env.optional_str(name) is None:
+    raw = environ.get(name)
+    if raw is not None and not raw.strip():
+        raise ConfigError(
+            f"{name} is set but blank: unset it, or give a number of seconds (the "
+            "OpenTelemetry exporter reads it as a number even so)"
+        )
+    if raw is None:
         name = "OTEL_EXPORTER_OTLP_TIMEOUT"
     seconds = env.seconds(name, 10.0, minimum=None)
     if seconds <= 0:
         raise ConfigError(f"{name} must be a number of seconds above 0, got {seconds:g}")
+    if seconds > EXPORT_TIMEOUT_MAX_S:
+        raise ConfigError(
+            f"{name} is seconds in the Python SDK (milliseconds in the OpenTelemetry "
+            f"specification): {seconds:g} looks like milliseconds (an export would wait "
+            f"{seconds / 3600:.1f} h); give seconds, at most {EXPORT_TIMEOUT_MAX_S:g} "
+            f"(e.g. {seconds / 1000:g})"
+        )
     return seconds
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 import pytest
 from opentelemetry.trace import format_trace_id
 
 from services.common.env import ConfigError, Env
+from services.common.otlp_wire import EXPORTER_LOGGER
 from services.common.telemetry import _insecure, build_tracer_provider, stop_tracing
 from tests.black_hole import BlackHole
 
@@ -144,11 +146,15 @@ async def test_the_tracing_stop_is_bounded_and_off_the_event_loop_with_a_hung_co
         ("OTEL_BSP_MAX_QUEUE_SIZE", "0", "OTEL_BSP_MAX_QUEUE_SIZE must be >= 1"),
         ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "4096", "at most OTEL_BSP_MAX_QUEUE_SIZE (2048)"),
         ("OTEL_BSP_SCHEDULE_DELAY", "soon", "OTEL_BSP_SCHEDULE_DELAY must be an integer"),
-        ("OTEL_BSP_EXPORT_TIMEOUT", "-1", "OTEL_BSP_EXPORT_TIMEOUT must be >= 1"),
+        # 0 is the specification's "no limit" (the Python SDK does not use it): -1 is not
+        ("OTEL_BSP_EXPORT_TIMEOUT", "-1", "OTEL_BSP_EXPORT_TIMEOUT must be >= 0"),
         # the exporter: "could not convert string to float: 'abc'", naming no variable
         ("OTEL_EXPORTER_OTLP_TIMEOUT", "abc", "OTEL_EXPORTER_OTLP_TIMEOUT must be a number"),
         # the exporter took a 0 as unset (``timeout or ...``)
         ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "0", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT must be"),
+        # the specification's milliseconds: an export would wait 2.8 hours
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "10000", "10000 looks like milliseconds"),
+        ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "600.5", "600.5 looks like milliseconds"),
     ],
 )
 def test_the_span_queue_and_export_settings_are_refused_naming_the_variable(
@@ -176,3 +182,44 @@ def test_the_span_queue_and_export_settings_are_read_from_the_services_environme
         assert batch._exporter._timeout == 2.5  # the traces' own
     finally:
         provider.shutdown()
+
+
+def test_a_zero_export_timeout_of_the_batch_processor_is_taken() -> None:
+    """``OTEL_BSP_EXPORT_TIMEOUT=0`` is the specification's "no limit"; the Python SDK's
+    processor does not use the setting: it was refused, stopping the start."""
+    provider = build_tracer_provider(
+        {"OTEL_BSP_EXPORT_TIMEOUT": "0", "OTEL_EXPORTER_OTLP_TIMEOUT": "600"}, "router"
+    )
+    try:
+        (processor,) = provider._active_span_processor._span_processors
+        assert processor._batch_processor._export_timeout_millis == 0  # type: ignore[attr-defined]
+        assert processor._batch_processor._exporter._timeout == 600  # type: ignore[attr-defined]
+    finally:
+        provider.shutdown()
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"OTEL_BSP_MAX_QUEUE_SIZE": "abc"},
+        {"OTEL_BSP_SCHEDULE_DELAY": "-5"},
+        {"OTEL_EXPORTER_OTLP_TIMEOUT": "30000"},
+    ],
+)
+def test_a_refused_setting_builds_no_exporter(environ: dict[str, str]) -> None:
+    """Every setting is read before the exporter is built: a refused batch setting left the
+    built exporter's log filter on the SDK's logger (and its channel open)."""
+    sdk_logger = logging.getLogger(EXPORTER_LOGGER)
+    before = list(sdk_logger.filters)
+    with pytest.raises(ConfigError):
+        build_tracer_provider(environ, "router")
+    assert sdk_logger.filters == before
+
+
+def test_a_blank_traces_timeout_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exporter reads ``OTEL_EXPORTER_OTLP_TRACES_TIMEOUT`` from the process's environment
+    and float()s it whatever its argument: set but blank, the start stopped with "could not
+    convert string to float: ''" naming no variable (Env reads blank as unset)."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "")
+    with pytest.raises(ConfigError, match="OTEL_EXPORTER_OTLP_TRACES_TIMEOUT is set but blank"):
+        build_tracer_provider(os.environ, "router")
