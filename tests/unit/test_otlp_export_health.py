@@ -70,7 +70,10 @@ def test_a_collector_down_is_said_once_then_once_when_it_takes_spans_again(
         results = [exporter.export(spans) for _ in range(4)]
         assert results == [SpanExportResult.FAILURE] * 4
         down = _lines(caplog, "services.common.otlp_wire", "does not take spans")
-        assert len(down) == 1 and "UNAVAILABLE" in down[0] and str(port) in down[0], down
+        # the first try's UNAVAILABLE, or on a loaded machine the budget's end before it: both
+        # the one cause "unreachable", said once
+        assert len(down) == 1 and str(port) in down[0], down
+        assert "UNAVAILABLE" in down[0] or "DEADLINE_EXCEEDED" in down[0], down
         for name in SDK_LOGGERS:  # the SDK's line a try: none reached the handlers
             assert not _lines(caplog, name), _lines(caplog, name)
         sink = OtlpSink(port=port)  # a collector on that port now
