@@ -154,7 +154,11 @@ async def serving(
         "MODEL_REPLICAS": "sim-small=127.0.0.1:1,sim-large=127.0.0.1:1",
         "HTTP_FRONT_MAX_IN_FLIGHT_PER_KEY": "1",
         "HTTP_FRONT_MAX_BODY_BYTES": "4096",
-        "HTTP_FRONT_PING_S": "0.05",
+        # a stream's head waits for the Gateway's start this long (then pings): far longer
+        # than any test's refusal or answer takes on a loaded machine, so a test of a stream's
+        # status or head is not raced by an early head; the tests of that early head and its
+        # pings ask for 50 ms (``pinging``)
+        "HTTP_FRONT_PING_S": "60",
         "OTEL_TRACES_EXPORTER": "none",
         "CACHEMESH_GRACE_S": "1",
         **env_over,
@@ -178,14 +182,29 @@ async def serving(
         await server.stop(0)
 
 
-@pytest.fixture
-async def front(tmp_path: Path) -> AsyncIterator[Front]:
+@contextlib.asynccontextmanager
+async def _fronting(tmp_path: Path, **env_over: str) -> AsyncIterator[Front]:
     fake = FakeGateway()
-    async with serving(tmp_path, fake) as served:
+    async with serving(tmp_path, fake, **env_over) as served:
         made = Front(served.base, served.stop, served.metrics, fake)
         yield made
         for client in made.clients:
             await client.close()
+
+
+@pytest.fixture
+async def front(tmp_path: Path) -> AsyncIterator[Front]:
+    """The front before a ``FakeGateway``; a stream's head waits for the Gateway's start."""
+    async with _fronting(tmp_path) as made:
+        yield made
+
+
+@pytest.fixture
+async def pinging(tmp_path: Path) -> AsyncIterator[Front]:
+    """``front`` with HTTP_FRONT_PING_S at 50 ms: a stream the Gateway is silent on has its
+    head and pings before its start, and pings between its chunks."""
+    async with _fronting(tmp_path, HTTP_FRONT_PING_S="0.05") as made:
+        yield made
 
 
 def _claude(front: Front) -> anthropic.AsyncAnthropic:
@@ -768,12 +787,12 @@ async def test_an_api_key_header_sent_twice_is_refused(
     assert front.gateway.calls == 0
 
 
-async def test_a_long_wait_in_a_stream_sends_pings(front: Front) -> None:
-    front.gateway.pause_s = 0.3
+async def test_a_long_wait_in_a_stream_sends_pings(pinging: Front) -> None:
+    pinging.gateway.pause_s = 0.3
     body = b'{"model": "sim-large", "max_tokens": 50, "stream": true, "messages": ' + HI
     async with (
         aiohttp.ClientSession() as session,
-        session.post(f"{front.base}/v1/messages", data=body, headers=CLAUDE_HEADERS) as reply,
+        session.post(f"{pinging.base}/v1/messages", data=body, headers=CLAUDE_HEADERS) as reply,
     ):
         text = (await reply.read()).decode()
     events = [
@@ -787,22 +806,24 @@ async def test_a_long_wait_in_a_stream_sends_pings(front: Front) -> None:
 
 
 async def test_a_caller_that_disconnects_mid_stream_cancels_the_gateway_call(
-    front: Front, caplog: pytest.LogCaptureFixture
+    pinging: Front, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The next ping's write fails: the call is cancelled, and no error is logged (the pacer
     closes before the call it reads, so the write's error is the one that ends the request)."""
-    front.gateway.pause_s = 30
+    pinging.gateway.pause_s = 30
     body = (
         b'{"model": "sim-large", "stream": true, "messages": [{"role": "user", "content": "hi"}]}'
     )
     async with aiohttp.ClientSession() as session:
         reply = await session.post(
-            f"{front.base}/v1/chat/completions", data=body, headers=GPT_HEADERS
+            f"{pinging.base}/v1/chat/completions", data=body, headers=GPT_HEADERS
         )
-        first = await reply.content.readline()  # the Gateway pauses after its start
-        assert first.startswith(b"data: ") and b'"role":"assistant"' in first  # not held back
+        # the Gateway pauses after its start (a start later than 50 ms on a loaded machine has
+        # pings before it)
+        *_, first = await asyncio.wait_for(_lines_until(reply, b"data: "), 10)
+        assert b'"role":"assistant"' in first  # not held back
         reply.close()  # the caller goes away
-    await asyncio.wait_for(front.gateway.cancelled.wait(), 5)
+    await asyncio.wait_for(pinging.gateway.cancelled.wait(), 5)
     await asyncio.sleep(0.2)  # the handler's own end
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
@@ -1260,22 +1281,22 @@ async def _lines_until(reply: aiohttp.ClientResponse, wanted: bytes) -> list[byt
     ],
 )
 async def test_a_stream_whose_start_is_slow_sends_its_head_and_pings_before_it(
-    front: Front, path: str, headers: dict[str, str], ping: bytes
+    pinging: Front, path: str, headers: dict[str, str], ping: bytes
 ) -> None:
     """A long prefill: the Gateway's start comes with the first token. Meanwhile the stream's
     head and a ping every HTTP_FRONT_PING_S go out (an SDK's read timeout, a proxy's idle
     timeout would cut the silence), and the answer follows them."""
-    front.gateway.hold = asyncio.Event()  # the Gateway says nothing until released
+    pinging.gateway.hold = asyncio.Event()  # the Gateway says nothing until released
     body = b'{"model": "sim-large", "max_tokens": 50, "stream": true, "messages": ' + HI
     async with aiohttp.ClientSession() as session:
-        posted = session.post(f"{front.base}{path}", data=body, headers=headers)
+        posted = session.post(f"{pinging.base}{path}", data=body, headers=headers)
         async with await asyncio.wait_for(posted, 10) as reply:  # the head, before the start
             assert reply.status == 200 and reply.content_type == "text/event-stream"
             # what is not known before the start is not said (was: served-by "unspecified")
             unknown = ("x-cachemesh-served-by", "x-cachemesh-model", "x-cachemesh-tier")
             assert [name for name in unknown if name in reply.headers] == []
             await asyncio.wait_for(_lines_until(reply, ping), 10)
-            front.gateway.hold.set()
+            pinging.gateway.hold.set()
             rest = (await reply.read()).decode()
     events = [line for line in rest.splitlines() if line.startswith(("event:", "data:"))]
     if path == "/v1/messages":
@@ -1287,65 +1308,67 @@ async def test_a_stream_whose_start_is_slow_sends_its_head_and_pings_before_it(
         assert events[-1] == "data: [DONE]"
 
 
-async def test_the_sdks_read_a_stream_opened_before_its_start(front: Front) -> None:
-    front.gateway.hold = asyncio.Event()
-    claude = _claude(front)
+async def test_the_sdks_read_a_stream_opened_before_its_start(pinging: Front) -> None:
+    pinging.gateway.hold = asyncio.Event()
+    claude = _claude(pinging)
     # create(stream=True) returns once the head is read: while the Gateway still holds the call
     events = await asyncio.wait_for(
         claude.messages.create(model="sim-large", max_tokens=50, messages=ASK, stream=True), 10
     )
-    front.gateway.hold.set()
+    pinging.gateway.hold.set()
     kinds = [event.type async for event in events]
     assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
-    front.gateway.hold.clear()
+    pinging.gateway.hold.clear()
     chunks = await asyncio.wait_for(
-        _gpt(front).chat.completions.create(model="sim-large", messages=ASK, stream=True), 10
+        _gpt(pinging).chat.completions.create(model="sim-large", messages=ASK, stream=True), 10
     )
-    front.gateway.hold.set()
+    pinging.gateway.hold.set()
     got = [c async for c in chunks]
     assert got[0].choices[0].delta.role == "assistant"
     assert got[-1].choices[0].finish_reason == "tool_calls"
 
 
-async def test_a_refusal_after_the_early_head_is_the_streams_error_event(front: Front) -> None:
+async def test_a_refusal_after_the_early_head_is_the_streams_error_event(pinging: Front) -> None:
     """Once the head went out, a refusal (here the Gateway's deadline) is the provider's error
     event, counted with its own status."""
-    front.gateway.hold = asyncio.Event()
-    front.gateway.refuse = (grpc.StatusCode.DEADLINE_EXCEEDED, "cut at its deadline", ())
+    pinging.gateway.hold = asyncio.Event()
+    pinging.gateway.refuse = (grpc.StatusCode.DEADLINE_EXCEEDED, "cut at its deadline", ())
     events = await asyncio.wait_for(
-        _claude(front).messages.create(model="sim-large", max_tokens=50, messages=ASK, stream=True),
+        _claude(pinging).messages.create(
+            model="sim-large", max_tokens=50, messages=ASK, stream=True
+        ),
         10,
     )
-    front.gateway.hold.set()
+    pinging.gateway.hold.set()
     with pytest.raises(anthropic.APIStatusError) as by_claude:
         _ = [event async for event in events]
     assert "cut at its deadline" in str(by_claude.value)
-    front.gateway.hold.clear()
+    pinging.gateway.hold.clear()
     chunks = await asyncio.wait_for(
-        _gpt(front).chat.completions.create(model="sim-large", messages=ASK, stream=True), 10
+        _gpt(pinging).chat.completions.create(model="sim-large", messages=ASK, stream=True), 10
     )
-    front.gateway.hold.set()
+    pinging.gateway.hold.set()
     with pytest.raises(openai.APIError) as by_gpt:
         _ = [c async for c in chunks]
     assert "cut at its deadline" in str(by_gpt.value)
-    async with aiohttp.ClientSession() as session, session.get(front.metrics) as reply:
+    async with aiohttp.ClientSession() as session, session.get(pinging.metrics) as reply:
         metrics = await reply.text()
     assert 'route="/v1/messages",status="504"} 1.0' in metrics
     assert 'route="/v1/chat/completions",status="504"} 1.0' in metrics
 
 
-async def test_a_refusal_after_the_early_head_names_the_gateways_id(front: Front) -> None:
+async def test_a_refusal_after_the_early_head_names_the_gateways_id(pinging: Front) -> None:
     """A refusal after the head went out (pings) of a request without an Idempotency-Key
     named "" as its request_id in the error event (the head had no id to say): it names the
     id the Gateway made up, from its refusal's trailer, as a refusal before the head does."""
     made = (REQUEST_ID_KEY, "a772c70eae2d4aeb936d0670dc5a4da4")
-    front.gateway.refuse = (grpc.StatusCode.UNAVAILABLE, "no replica answered", (made,))
-    front.gateway.hold = asyncio.Event()
-    asyncio.get_running_loop().call_later(0.3, front.gateway.hold.set)  # after pings
+    pinging.gateway.refuse = (grpc.StatusCode.UNAVAILABLE, "no replica answered", (made,))
+    pinging.gateway.hold = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.3, pinging.gateway.hold.set)  # after pings
     body = b'{"model": "sim-large", "max_tokens": 50, "stream": true, "messages": ' + HI
     async with (
         aiohttp.ClientSession() as session,
-        session.post(f"{front.base}/v1/messages", data=body, headers=CLAUDE_HEADERS) as reply,
+        session.post(f"{pinging.base}/v1/messages", data=body, headers=CLAUDE_HEADERS) as reply,
     ):
         assert reply.status == 200  # the head went out before the refusal
         text = (await reply.read()).decode()
