@@ -48,3 +48,7 @@ async def paced(items: AsyncIterator[T], interval_s: float) -> AsyncGenerator[T 
             pending.cancel()
             with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
                 await pending
+        elif not pending.cancelled():
+            # a read that ended (the Gateway's refusal) as the consumer stopped (a ping's
+            # write failed): its failure is the consumer's to drop, not asyncio's to log
+            pending.exception()
