@@ -1357,6 +1357,36 @@ async def test_a_refusal_after_the_early_head_is_the_streams_error_event(pinging
     assert 'route="/v1/chat/completions",status="504"} 1.0' in metrics
 
 
+async def test_a_billed_refusal_after_the_early_head_is_not_retried_by_the_sdks(
+    pinging: Front,
+) -> None:
+    """A stream whose head went out before the Gateway's start (a slow start, or a loaded
+    front) ends a billed refusal with the stream's error event, not a status: neither SDK
+    retries it, with their default retry policy (the premise of the ``front`` fixture's long
+    HTTP_FRONT_PING_S: the early head is not a way around ``x-should-retry: false``)."""
+    billed = (("grpc-retry-pushback-ms", "-1"),)
+    pinging.gateway.refuse = (grpc.StatusCode.UNKNOWN, "no model replica could serve it", billed)
+    pinging.gateway.hold = asyncio.Event()
+    claude, gpt = _retrying_clients(pinging)
+    events = await asyncio.wait_for(
+        claude.messages.create(model="sim-large", max_tokens=50, messages=ASK, stream=True), 10
+    )
+    pinging.gateway.hold.set()
+    with pytest.raises(anthropic.APIStatusError) as by_claude:
+        _ = [event async for event in events]
+    assert "billed" in str(by_claude.value)
+    assert pinging.gateway.calls == 1
+    pinging.gateway.hold.clear()
+    chunks = await asyncio.wait_for(
+        gpt.chat.completions.create(model="sim-large", messages=ASK, stream=True), 10
+    )
+    pinging.gateway.hold.set()
+    with pytest.raises(openai.APIError) as by_gpt:
+        _ = [c async for c in chunks]
+    assert "billed" in str(by_gpt.value)
+    assert pinging.gateway.calls == 2
+
+
 async def test_a_refusal_after_the_early_head_names_the_gateways_id(pinging: Front) -> None:
     """A refusal after the head went out (pings) of a request without an Idempotency-Key
     named "" as its request_id in the error event (the head had no id to say): it names the
