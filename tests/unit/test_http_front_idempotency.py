@@ -148,7 +148,9 @@ async def test_a_streamed_retry_that_waited_past_the_ping_is_marked_in_its_last_
     that sums a stream's cost does not add the first call's twice."""
     pipeline = HeldPipeline()
     router, _, ledger = _router(ledger_url, pipeline)
-    async with serving(tmp_path, router, HTTP_FRONT_MAX_IN_FLIGHT_PER_KEY="2") as served:
+    async with serving(
+        tmp_path, router, HTTP_FRONT_MAX_IN_FLIGHT_PER_KEY="2", HTTP_FRONT_PING_S="0.05"
+    ) as served:
         gpt = openai.AsyncOpenAI(base_url=f"{served.base}/v1", api_key=KEY, max_retries=0)
         streams = []
         for _ in range(2):  # each returns with its head, sent after HTTP_FRONT_PING_S
