@@ -228,8 +228,8 @@ class Journal:
         """One line of the file, at ``offset``: an entry added, or settled."""
         try:
             item = json.loads(raw)
-        except json.JSONDecodeError:
-            item = {}
+        except (ValueError, RecursionError):  # not JSON, a number of over 4,300 digits, a
+            item = {}  # nesting past the recursion limit: an unreadable line, not a crash
         version = item.get("v") if isinstance(item, dict) else None
         if type(version) is int and version > JOURNAL_VERSION:
             entry_id = item.get("add")

@@ -22,6 +22,7 @@ from services.common.files import fsync_directory, os_error_text
 from services.common.private_files import open_private
 from services.semantic_cache.policy import MIN_TTL_S, TTL_RANGE, valid_ttl
 
+_NAMED = 20  # the most tenants a refusal names
 log = logging.getLogger("cachemesh.semantic_cache.policies")
 FILE_NAME = "tenant-policies.json"
 _VERSION = 1
@@ -111,7 +112,7 @@ def _read(path: Path) -> dict[str, TenantPolicy]:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nesting too deep
         raise PolicyError(f"cannot read the tenant policies {path}: {exc}") from None
     version = doc.get("version") if isinstance(doc, dict) else None
     if type(version) is int and version > _VERSION:  # a rollback's, or an edit, or damage
@@ -150,31 +151,30 @@ def _read(path: Path) -> dict[str, TenantPolicy]:
 
 
 def _l1_off_said(doc: dict[str, Any]) -> str:
-    """What a refused (newer) file says of the tenants with L1 off, read from it alone: moved
-    aside, their L1 is on again and the entries they kept are served again, so they must be
-    set off before this build takes traffic. Nothing else in the file is trusted."""
+    """What a refused (newer) file says of the tenants with L1 off, as this build writes it
+    (``"l1_enabled": false``): moved aside, their L1 is on again and the entries they kept are
+    served again, so they must be set off before this build takes traffic. Nothing else in
+    the file is trusted, and a newer build may record L1 off otherwise: the operator is told
+    to check. At most ``_NAMED`` tenants are named (the line stays bounded)."""
     tenants = doc.get("tenants")
+    check = (
+        "A tenant with L1 off in it is on again once the file is moved aside, and the entries "
+        "it kept are served again; a newer build may record L1 off otherwise than "
+        '"l1_enabled": false, so check the file, and before this build takes traffic put in '
+        'its place a file that keeps them off ({"version":1,"tenants":{"<tenant>":'
+        '{"l1_enabled":false},...}})'
+    )
     if not isinstance(tenants, dict):
-        return (
-            "Its 'tenants' is not the object this build knows, so it cannot tell which tenants "
-            "had L1 off: find them in it and, before this build takes traffic, put in its "
-            'place a file that keeps them off ({"version":1,"tenants":{"<tenant>":'
-            '{"l1_enabled":false}}}), or the entries they kept are served again'
-        )
+        return f"Its 'tenants' is not the object this build knows. {check}"
     off = sorted(
         str(tenant)
         for tenant, value in tenants.items()
         if isinstance(value, dict) and value.get("l1_enabled") is False
     )
-    if not off:
-        return "No tenant has L1 off in it (l1_enabled false): moving it aside turns none on"
-    kept = {"version": _VERSION, "tenants": {t: {"l1_enabled": False} for t in off}}
-    return (
-        f"L1 is off in it for {len(off)} tenant(s): {', '.join(shown(t) for t in off)}; moved "
-        "aside, their L1 is on again and the entries they kept are served again, so before "
-        "this build takes traffic put in its place a file that keeps them off: "
-        f"{json.dumps(kept, separators=(',', ':'))}"
-    )
+    named = ", ".join(shown(t) for t in off[:_NAMED])
+    more = f" and {len(off) - _NAMED} more" if len(off) > _NAMED else ""
+    found = f'{len(off)} tenant(s) have "l1_enabled": false in it: {named}{more}. ' if off else ""
+    return found + check
 
 
 def _write(path: Path, policies: dict[str, TenantPolicy]) -> None:

@@ -241,6 +241,28 @@ def test_a_newer_versions_lines_are_neither_billed_nor_dropped_but_kept(
     again.close()
 
 
+@pytest.mark.parametrize(
+    "damaged",
+    ['{"add": "x", "commits": [], "v": ' + "9" * 5_000 + "}", "[" * 200_000 + "]" * 200_000],
+    ids=["number-past-4300-digits", "nested-past-the-recursion-limit"],
+)
+def test_a_line_python_cannot_parse_is_unreadable_not_a_crash(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damaged: str
+) -> None:
+    """A damaged line that is JSON Python will not read (a number of over 4,300 digits, a
+    nesting past the recursion limit) stopped the router's start with a ValueError or
+    RecursionError (a review's find): it is an unreadable line, as any other damage, and the
+    entries around it are billed."""
+    path = tmp_path / JOURNAL_NAME
+    good = [json.dumps({"add": name, "commits": [], "v": 2}) for name in ("a", "b")]
+    path.write_text("\n".join([good[0], damaged, good[1]]) + "\n")
+    journal = Journal(tmp_path)
+    with caplog.at_level(logging.ERROR, logger="cachemesh.router.outbox"):
+        assert journal.load() == ["a", "b"]
+    journal.close()
+    assert any("is unreadable" in r.getMessage() for r in caplog.records)
+
+
 def test_a_newer_versions_line_is_settled_or_replaced_by_a_later_line_of_its_id(
     tmp_path: Path,
 ) -> None:
