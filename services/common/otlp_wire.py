@@ -19,6 +19,7 @@ import struct
 import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 from opentelemetry.attributes import BoundedAttributes
@@ -39,6 +40,8 @@ from opentelemetry.proto.trace.v1.trace_pb2 import SpanFlags
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.trace import SpanContext
+
+from services.common.env import redacted_url
 
 log = logging.getLogger(__name__)
 _FIXED64 = struct.Struct("<Q")
@@ -262,6 +265,17 @@ def _cause(code: str) -> str:
     return code if code in REFUSALS or code == "error" else "unreachable"
 
 
+def _url_secrets(url: str) -> list[str]:
+    """What of a URL's user part and query may be a secret (longest first), as gRPC's own
+    errors quote the target: "address lookup failed for user:pass@host:port"."""
+    try:
+        parts = urlsplit(url)
+        found = [parts.username, parts.password, parts.query]
+    except ValueError:
+        return []
+    return sorted((part for part in found if part), key=len, reverse=True)
+
+
 class ExportHealth(logging.Filter):
     """Whether the collector takes spans, said once an outage and again when its cause
     changes. With the collector down or not answering, the SDK wrote a WARNING or an ERROR
@@ -282,7 +296,11 @@ class ExportHealth(logging.Filter):
 
     def __init__(self, endpoint: str) -> None:
         super().__init__()
-        self._endpoint = endpoint
+        # as said in its lines: an http(s) URL without its user part nor query (a token
+        # there reached the log), a gRPC target (host:port, dns:///...) as written
+        scheme = endpoint.partition("://")[0].lower()
+        self._endpoint = redacted_url(endpoint) if scheme in ("http", "https") else endpoint
+        self._secrets = _url_secrets(endpoint)  # hidden in the gRPC details it quotes too
         self._lock = threading.Lock()
         self._failing = False
         self._said = ""  # the status of the outage's last line ("" before its first)
@@ -362,6 +380,8 @@ class ExportHealth(logging.Filter):
                 was, first = self._said, not self._failing
                 self._failing, self._said = True, code
                 reason = self._reason or "error"
+                for secret in self._secrets:
+                    reason = reason.replace(secret, "***")
             elif not self._failing:
                 return
             else:

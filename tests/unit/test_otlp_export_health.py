@@ -324,3 +324,21 @@ def test_a_renamed_sdk_field_stops_the_start_not_each_span_end(
             _BatchSpans(exporter, exporter.health)
     finally:
         exporter.shutdown(timeout_millis=0)
+
+
+def test_the_collectors_address_is_said_without_its_secrets(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A review's find: the endpoint went into the outage line as written, a token in its query
+    (or its user part) with it, where the SDK's own lines named the host and port only."""
+    caplog.set_level(logging.INFO)
+    port = _closed_port()
+    endpoint = f"http://user:s3cretPASS@127.0.0.1:{port}/?token=s3cretTOKEN"
+    exporter = WireSpanExporter(endpoint=endpoint, insecure=True, timeout=1)
+    try:
+        assert exporter.export(_spans(1)) is SpanExportResult.FAILURE
+        [down] = _lines(caplog, "services.common.otlp_wire", "does not take spans")
+        assert f"127.0.0.1:{port}" in down, down
+        assert "s3cret" not in caplog.text
+    finally:
+        exporter.shutdown(timeout_millis=0)
