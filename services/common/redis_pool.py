@@ -36,6 +36,8 @@ refuses the HELLO already, and a legacy AUTH would switch the connection to ``de
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -44,6 +46,7 @@ from redis.exceptions import (
     AuthenticationError,
     ClusterDownError,
     OutOfMemoryError,
+    RedisError,
     ResponseError,
     TryAgainError,
 )
@@ -179,3 +182,40 @@ async def eviction_policy(redis: Redis) -> str | None:
         raise EvictionPolicyUnread("its INFO memory does not say its maxmemory_policy")
     policy = str(info["maxmemory_policy"])
     return None if policy == NO_EVICTION else policy
+
+
+async def say_eviction_policy(
+    redis: Redis, var: str, where: str, lost: str, timeout_s: float, log: logging.Logger
+) -> None:
+    """The line a service logs of its Redis's eviction policy (``eviction_policy``): an ERROR
+    when it evicts keys once full ("``var``: Redis at ``where`` evicts keys once full
+    (maxmemory-policy P), so ``lost``"), a WARNING when it does not say (no
+    ``maxmemory_policy`` in ``INFO``, as Redis Enterprise and Redis Cloud, which default to
+    ``volatile-lru``; ``INFO`` refused or renamed away; no answer within ``timeout_s``),
+    nothing when it never evicts. ``where``: the address, already redacted. One piece for the
+    router's Redis and prefix-cache's, which each wrote it."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            policy = await eviction_policy(redis)
+    except (RedisError, OSError, TimeoutError, ValueError) as exc:
+        if isinstance(exc, TimeoutError):  # asyncio's, with no message
+            exc = TimeoutError(f"no answer within {timeout_s:g} s")
+        log.warning(
+            "%s: could not read the eviction policy of Redis at %s (%s: %s); if it evicts keys "
+            "once full, %s: make sure its maxmemory-policy is noeviction",
+            var,
+            where,
+            type(exc).__name__,
+            exc,
+            lost,
+        )
+        return
+    if policy is not None:
+        log.error(
+            "%s: Redis at %s evicts keys once full (maxmemory-policy %s), so %s; give it "
+            "maxmemory-policy noeviction",
+            var,
+            where,
+            policy,
+            lost,
+        )

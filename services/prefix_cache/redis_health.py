@@ -71,7 +71,7 @@ from redis.exceptions import (
 
 from services.common.background import end_if_cancelled
 from services.common.env import ConfigError, redacted_url
-from services.common.redis_pool import eviction_policy, refused_for_now
+from services.common.redis_pool import refused_for_now, say_eviction_policy
 
 log = logging.getLogger("cachemesh.prefix_cache")
 
@@ -140,32 +140,15 @@ class RedisHealth:
         of ``noeviction``. Run once a process, when the Redis first answers (``_up``): before,
         only if the start-up's PING was answered, so a Redis down at start-up was never
         checked, and a Redis Enterprise database was read as ``noeviction``."""
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                policy = await eviction_policy(self._redis)
-        except (RedisError, OSError, TimeoutError, ValueError) as exc:
-            if isinstance(exc, TimeoutError):  # asyncio's, with no message
-                exc = TimeoutError(f"no answer within {self._timeout_s:g} s")
-            log.warning(
-                "%s: could not read the eviction policy of Redis at %s (%s: %s); if it evicts "
-                "keys once full, warm prefixes and commit records can go without a word, and "
-                "an answer is billed twice or never: make sure its maxmemory-policy is "
-                "noeviction",
-                REDIS_URL,
-                self._where,
-                type(exc).__name__,
-                exc,
-            )
-            return
-        if policy is not None:
-            log.error(
-                "%s: Redis at %s evicts keys once full (maxmemory-policy %s), so warm prefixes "
-                "and commit records can go without a word, and an answer is billed twice or "
-                "never; give it maxmemory-policy noeviction",
-                REDIS_URL,
-                self._where,
-                policy,
-            )
+        await say_eviction_policy(
+            self._redis,
+            REDIS_URL,
+            self._where,
+            "warm prefixes and commit records can go without a word, and an answer is billed "
+            "twice or never",
+            self._timeout_s,
+            log,
+        )
 
     async def check(self) -> None:
         """One PING; the health set from its outcome, a line logged when it changes."""

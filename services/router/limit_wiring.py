@@ -21,7 +21,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import Clock
 from services.common.env import ConfigError, redacted_url
 from services.common.models import ModelSpec, ModelTable
-from services.common.redis_pool import bounded_redis, eviction_policy, refused_for_now
+from services.common.redis_pool import bounded_redis, refused_for_now, say_eviction_policy
 from services.common.tokens import Tokenizers
 from services.router.answer_ledger import LedgerOperation, RedisAnswerLedger
 from services.router.breaker import MEANWHILE, Breaker, RedisClient, redis_breaker
@@ -252,31 +252,7 @@ async def _eviction_checked(
     WARNING saying what can go and to make sure of ``noeviction``: before, an INFO line, and a
     Redis Enterprise database was read as ``noeviction`` and not named at all. Checked once a
     start, when the Redis answers the start-up's call (one down then is not checked: README)."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            policy = await eviction_policy(redis)
-    except (RedisError, OSError, TimeoutError, ValueError) as exc:
-        if isinstance(exc, TimeoutError):  # asyncio's, with no message
-            exc = TimeoutError(f"no answer within {timeout_s:g} s")
-        log.warning(
-            "%s: could not read the eviction policy of Redis at %s (%s: %s); if it evicts keys "
-            "once full, %s: make sure its maxmemory-policy is noeviction",
-            var,
-            where,
-            type(exc).__name__,
-            exc,
-            EVICTED[client],
-        )
-        return
-    if policy is not None:
-        log.error(
-            "%s: Redis at %s evicts keys once full (maxmemory-policy %s), so %s; give it "
-            "maxmemory-policy noeviction",
-            var,
-            where,
-            policy,
-            EVICTED[client],
-        )
+    await say_eviction_policy(redis, var, where, EVICTED[client], timeout_s, log)
 
 
 def _starts_without(var: str, where: str, client: RedisClient, exc: BaseException) -> None:
