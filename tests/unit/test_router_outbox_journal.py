@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from cachemesh.v1 import gateway_pb2 as gw
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.env import ConfigError
 from services.router.outbox_journal import JOURNAL_NAME, JOURNAL_VERSION, Journal, JournalError
@@ -191,6 +192,81 @@ def test_a_rewritten_open_call_counts_its_old_lines_as_settled(tmp_path: Path) -
     again = Journal(tmp_path)
     assert again.load() == ["o"] and again.opened() == ["o"]
     assert again.read("o")[0].output_tokens == 9
+    again.close()
+
+
+MARK = "ZQX-erasure-marker"
+
+
+def _texts(path: Path) -> int:
+    """The lines of the journal at ``path`` whose commits carry the marked prompt."""
+    found = 0
+    for line in path.read_bytes().splitlines():
+        commits = json.loads(line).get("commits", [])
+        found += any(MARK.encode() in base64.b64decode(c) for c in commits)
+    return found
+
+
+def _outage_entry(key: str) -> list[pc.CommitRequest]:
+    """An answer's bill kept while prefix-cache was down: its WARM carries the request."""
+    request = gw.CompleteRequest(
+        model="sim-small",
+        messages=[gw.Message(role=gw.ROLE_USER, content=[gw.ContentBlock(text=MARK * 500)])],
+    )
+    warm = pc.CommitRequest(
+        tenant="t", request_id=key, phase=pc.COMMIT_PHASE_WARM, model="sim-small", request=request
+    )
+    return [warm, *_commit(key)]
+
+
+def test_a_billed_requests_text_leaves_the_journal_while_another_entry_is_pending(
+    tmp_path: Path,
+) -> None:
+    """An outage's bill carries its request (the prompt) in the journal; once billed, its
+    text is rewritten away at the next sync that finds the settled lines outweighing the
+    pending ones, though an entry stays pending (a call in flight). Before, it stayed until
+    64 MiB of later lines came (716,046 settled open calls). Lines without text keep the
+    COMPACT_BYTES rule, so a rewrite costs at most what was written since the last."""
+    journal = Journal(tmp_path)  # the default COMPACT_BYTES (64 MiB)
+    journal.load()
+    path = tmp_path / JOURNAL_NAME
+    journal.add("open", _commit("open#1"), open_call=True)  # a model call in flight
+    journal.add("outage", _outage_entry("r1#1"))
+    journal.sync()
+    assert _texts(path) == 1  # pending: kept, as it must be to bill it
+    journal.done("outage")
+    journal.sync()
+    assert _texts(path) == 0
+    assert journal.pending() == ["open"] and journal.opened() == ["open"]
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["add"] == "open"
+    # settled lines without text are left for COMPACT_BYTES: no rewrite for each call
+    for i in range(20):
+        journal.add(f"c{i}", _commit(f"c{i}#1"), open_call=True)
+        journal.done(f"c{i}")
+        journal.sync(fsync=False)
+    assert len(path.read_text().splitlines()) == 41
+    journal.close()
+
+
+def test_a_start_rewrites_away_the_settled_lines_it_finds(tmp_path: Path) -> None:
+    """A router stopped with an outage's billed line still in the file (an entry pending
+    then): the next start cannot tell which settled lines carried text without reading them
+    all, so its first sync rewrites them away once they outweigh the pending ones."""
+    journal = Journal(tmp_path)
+    journal.load()
+    journal.add("open", _commit("open#1"), open_call=True)
+    journal.add("outage", _outage_entry("r1#1"))
+    journal.sync()
+    journal.close()  # killed after the bill was sent, before its "done": then done
+    path = tmp_path / JOURNAL_NAME
+    with path.open("a") as handle:
+        handle.write(json.dumps({"done": "outage"}) + "\n")
+    again = Journal(tmp_path)
+    assert again.load() == ["open"]
+    assert _texts(path) == 1
+    again.sync()
+    assert _texts(path) == 0 and again.pending() == ["open"]
     again.close()
 
 
