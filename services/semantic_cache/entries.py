@@ -226,6 +226,11 @@ class EntryStore:
             vid = self._by_entry_id.get(entry_id)
         return vid
 
+    def collect_expired(self) -> None:
+        """Removes the entries whose TTL has ended, as every lookup and store does first (a
+        change to save: their text leaves the disk at the next snapshot, traffic or none)."""
+        self._purge_expired(self._clock.now_ms())
+
     def export_entries(self) -> CacheContents:
         """A copy of every unexpired entry with its vector, least recently used first.
 

@@ -252,6 +252,11 @@ class Snapshotter:
         async with self._lock:
             cache = self._cache
             failed = self._wal is not None and self._wal.failed
+            if cache is not None:
+                # expired entries are a change: else a quiet cache (no lookup or store to
+                # collect them) kept their questions and answers in the snapshot, and the
+                # log, until traffic came (1 of 1 after its TTL, and after a clean stop)
+                cache.collect_expired()
             if cache is None or (cache.changes == self._saved_changes and not failed):
                 return False
 

@@ -96,3 +96,33 @@ async def test_drops_in_a_burst_share_one_snapshot(tmp_path: Path) -> None:
     await snapshots.stop()  # within the 5 s: the last save covers them, and is the only one
     assert len(saves) == 1
     assert on_disk(tmp_path) == []
+
+
+@pytest.mark.parametrize("when", ["periodic", "stop"])
+async def test_an_expired_entrys_text_leaves_the_disk_without_traffic(
+    tmp_path: Path, when: str
+) -> None:
+    """An entry whose TTL ended on a quiet cache (no Lookup or Store to collect it): the next
+    save (a period's, or the clean stop's) collects it and writes a snapshot without it.
+    Before, the save found no change and skipped, so its question and answer stayed in the
+    snapshot until traffic came (1 of 1, after the stop too)."""
+    clock = ManualClock()
+    cache = new_cache(clock)
+    wal = WriteAheadLog(tmp_path / "wal")
+    snapshots = Snapshotter(SnapshotStore(tmp_path), clock, 0, wal, save_after_drop_s=0)
+    await snapshots.open(cache)
+    await cache.store(q("a question that stays"), answer(b"kept"))
+    clock.advance(s=TTL_S // 2)
+    await cache.store(q(QUESTION), answer(ANSWER))
+    await snapshots.save()
+    assert on_disk(tmp_path) == ["semantic-cache.snapshot"]
+    clock.advance(s=TTL_S // 2 + 1)  # the first entry expired, the marked one not yet
+    assert await snapshots.save()  # a change: the expired one collected
+    assert on_disk(tmp_path) == ["semantic-cache.snapshot"]
+    clock.advance(s=TTL_S // 2)  # the marked one expired too; no Lookup or Store since
+    if when == "periodic":
+        assert await snapshots.save()
+        assert on_disk(tmp_path) == []
+    await snapshots.stop()
+    assert on_disk(tmp_path) == []
+    assert cache.stats.expirations == 2
