@@ -53,6 +53,17 @@ async def _start_answers(url: str) -> None:
     await ledger.close()
 
 
+# each Redis the router names: its start, its variable, what its line says is lost
+EACH_REDIS = pytest.mark.parametrize(
+    ("start", "var", "lost"),
+    [
+        (_start_limits, "ROUTER_LIMITS_REDIS_URL", "admitted again"),
+        (_start_answers, "ROUTER_ANSWERS_REDIS_URL", "billed again"),
+    ],
+    ids=["limits", "answers"],
+)
+
+
 def _named(caplog: pytest.LogCaptureFixture, var: str) -> list[str]:
     return [
         r.getMessage()
@@ -61,14 +72,7 @@ def _named(caplog: pytest.LogCaptureFixture, var: str) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize(
-    ("start", "var", "lost"),
-    [
-        (_start_limits, "ROUTER_LIMITS_REDIS_URL", "admitted again"),
-        (_start_answers, "ROUTER_ANSWERS_REDIS_URL", "billed again"),
-    ],
-    ids=["limits", "answers"],
-)
+@EACH_REDIS
 async def test_a_redis_that_evicts_keys_is_named_at_start_up_and_others_are_not(
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
@@ -167,14 +171,7 @@ def _warned(caplog: pytest.LogCaptureFixture, var: str) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize(
-    ("start", "var", "lost"),
-    [
-        (_start_limits, "ROUTER_LIMITS_REDIS_URL", "admitted again"),
-        (_start_answers, "ROUTER_ANSWERS_REDIS_URL", "billed again"),
-    ],
-    ids=["limits", "answers"],
-)
+@EACH_REDIS
 async def test_a_redis_that_does_not_say_its_policy_is_a_warning_at_start_up(
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
