@@ -30,6 +30,17 @@ def _request(**fields: object) -> pb.CompleteRequest:
     return request
 
 
+def _refusal(request: pb.CompleteRequest, deployed: set[str], allowed: bool) -> RequestError | None:
+    """None once ``request`` validates, when ``allowed``; else its refusal, INVALID_ARGUMENT."""
+    if allowed:
+        validate_request(request, TABLE, deployed)
+        return None
+    with pytest.raises(RequestError) as info:
+        validate_request(request, TABLE, deployed)
+    assert info.value.code == Code.INVALID_ARGUMENT
+    return info.value
+
+
 def _error(request: pb.CompleteRequest) -> RequestError:
     with pytest.raises(RequestError) as info:
         validate_request(request, TABLE, DEPLOYED)
@@ -167,16 +178,12 @@ def test_temperature_is_within_the_target_providers_range(
     """OpenAI's temperature range is [0, 2], Anthropic's [0, 1]: a value above 1 is refused
     only for a model of Anthropic (never clamped)."""
     request = _request(model=model, temperature=temperature)
-    deployed = DEPLOYED | {"gpt-4o", "claude-haiku-4-5"}
-    if allowed:
-        validate_request(request, TABLE, deployed)
+    refused = _refusal(request, DEPLOYED | {"gpt-4o", "claude-haiku-4-5"}, allowed)
+    if refused is None:
         return
-    with pytest.raises(RequestError) as info:
-        validate_request(request, TABLE, deployed)
-    assert info.value.code == Code.INVALID_ARGUMENT
-    assert info.value.message.startswith("temperature: must be within [0, ")
+    assert refused.message.startswith("temperature: must be within [0, ")
     if model.startswith("claude"):
-        assert "[0, 1] for claude-haiku-4-5 (Anthropic" in info.value.message
+        assert "[0, 1] for claude-haiku-4-5 (Anthropic" in refused.message
 
 
 @pytest.mark.parametrize(
@@ -207,17 +214,13 @@ def test_a_model_that_thinks_by_default_takes_its_default_temperature_only(
     it went to the provider (a call spent) and came back as its 400: for the Claude rows, 6 of
     6 taken (0, 0.5, 0.7 to each)."""
     request = _request(model=model, temperature=temperature)
-    deployed = DEPLOYED | {model}
-    if allowed:
-        validate_request(request, TABLE, deployed)
+    refused = _refusal(request, DEPLOYED | {model}, allowed)
+    if refused is None:
         return
-    with pytest.raises(RequestError) as info:
-        validate_request(request, TABLE, deployed)
-    assert info.value.code == Code.INVALID_ARGUMENT
     if temperature > 1 and model.startswith("claude"):
         return  # over Anthropic's range, said first
-    assert isinstance(info.value, UnsupportedValue)  # its status details say so
-    assert info.value.message == (
+    assert isinstance(refused, UnsupportedValue)  # its status details say so
+    assert refused.message == (
         f"temperature: {model} takes only its default, 1 (its provider refuses any other value "
         f"for it); omit temperature or send 1, got {temperature}"
     )
@@ -475,19 +478,16 @@ def test_a_prefill_to_a_model_that_does_not_continue_it_is_refused(
         ],
     )
     deployed = DEPLOYED | {"gpt-4o", "claude-haiku-4-5", "llama-3-1-8b-vllm", "local-small"}
-    if not refused:
-        validate_request(request, TABLE, deployed)
+    refusal = _refusal(request, deployed, not refused)
+    if refusal is None:
         return
-    with pytest.raises(RequestError) as info:
-        validate_request(request, TABLE, deployed)
-    assert info.value.code == Code.INVALID_ARGUMENT
-    assert info.value.message.startswith("messages[1]: a last assistant message (a prefill")
-    assert model in info.value.message
+    assert refusal.message.startswith("messages[1]: a last assistant message (a prefill")
+    assert model in refusal.message
     if model == "gpt-4o":
-        assert "its API has no prefill" in info.value.message
+        assert "its API has no prefill" in refusal.message
     else:  # an operator's engine: "its API has no prefill" was wrong for a llama-server row
-        assert "its API has no prefill" not in info.value.message
-        assert "sets `takes_prefill = true` in its row of the model table" in info.value.message
+        assert "its API has no prefill" not in refusal.message
+        assert "sets `takes_prefill = true` in its row of the model table" in refusal.message
 
 
 def test_a_prefill_to_auto_is_refused_when_a_tier_is_openais() -> None:
