@@ -29,7 +29,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -240,20 +240,15 @@ def build_tracer_provider(
         exporter = ConsoleSpanExporter()
     if exporter is not None:
         provider.add_span_processor(
-            _BatchSpans(
-                exporter,
-                health,
-                max_queue_size=batch.max_queue_size,
-                schedule_delay_millis=batch.schedule_delay_millis,
-                max_export_batch_size=batch.max_export_batch_size,
-                export_timeout_millis=batch.export_timeout_millis,
-            )
+            _BatchSpans(exporter, health, **asdict(batch))  # the SDK's own keyword names
         )
     return provider
 
 
 @dataclass(frozen=True)
 class BatchSettings:
+    """The batch processor's settings, named as ``BatchSpanProcessor``'s keywords."""
+
     max_queue_size: int
     max_export_batch_size: int
     schedule_delay_millis: int
