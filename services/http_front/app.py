@@ -38,6 +38,8 @@ from services.http_front.settings import HttpFrontSettings
 # at the end of the grace, how long the non-streaming requests still waiting on the Gateway
 # have to answer their refusal (``Front.cut``) before their connections are closed
 CUT_ANSWER_S = 1.0
+# how often the drain's open window looks whether a connection is still open
+OPEN_POLL_S = 0.02
 log = logging.getLogger("cachemesh.http_front")
 
 
@@ -68,19 +70,31 @@ def build_app(front: Front, max_json_bytes: int) -> web.Application:
     return app
 
 
+async def _open_window(runner: Runner, over: asyncio.Future[object], open_s: float) -> None:
+    """Waits ``open_s``, less once no connection is open (the listener is closed: no caller is
+    left to serve, a stop with none had waited the whole window) or the grace is over."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + open_s
+    while not over.done() and runner.server is not None and runner.server.connections:
+        left = end - loop.time()
+        if left <= 0:
+            return
+        await asyncio.wait({over}, timeout=min(left, OPEN_POLL_S))
+
+
 async def drain(
     runner: Runner,
     grace: Awaitable[object],
     cut: Callable[[], int] = lambda: 0,
     open_s: float = 0.0,
 ) -> None:
-    """Stops listening, and for ``open_s`` (within the grace) still serves the connections
-    already open, each answer saying ``Connection: close``: a request sent on an idle
-    keep-alive connection as the drain began is answered, where closing that connection at
-    once reset it (the caller cannot tell it was not served); a model request is answered
-    its refusal, not started (``Front.draining``, set before this is called). Then closes the idle
-    connections and lets the requests in flight finish until ``grace`` is over (the end
-    of ``CACHEMESH_GRACE_S``); then ``cut`` has the non-streaming ones still waiting on the
+    """Stops listening, and for ``open_s`` (within the grace, and while any is open) still
+    serves the connections already open, each answer saying ``Connection: close``: a request
+    sent on an idle keep-alive connection as the drain began is answered, where closing that
+    connection at once reset it (the caller cannot tell it was not served); a model request is
+    answered its refusal, not started (``Front.draining``, set before this is called). Then
+    closes the idle connections and lets the requests in flight finish until ``grace`` is over
+    (the end of ``CACHEMESH_GRACE_S``); then ``cut`` has the non-streaming ones still waiting on the
     Gateway (``cut`` says how many) answer their refusal (a closed connection, the SDKs retried
     them: a new model call each), for at most ``CUT_ANSWER_S``, and closes the connections of
     those still running: each handler is cancelled (``handler_cancellation``), and its Gateway
@@ -94,7 +108,7 @@ async def drain(
         for site in runner.sites:
             await site.stop()  # no new connection; those open are still read
         if open_s > 0:
-            await asyncio.wait({over}, timeout=open_s)
+            await _open_window(runner, over, open_s)
         cleanup = asyncio.ensure_future(runner.cleanup())  # closes the idle connections
         await asyncio.wait({cleanup, over}, return_when=asyncio.FIRST_COMPLETED)
         if not cleanup.done() and cut() > 0:

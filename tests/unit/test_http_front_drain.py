@@ -116,3 +116,36 @@ async def test_a_request_on_an_idle_keep_alive_connection_as_the_drain_begins_is
         await asyncio.wait_for(drained, 5)  # nothing in flight: the drain ends
     finally:
         writer.close()
+
+
+async def test_the_open_window_ends_when_no_connection_is_left_to_serve() -> None:
+    """The open window serves the connections already open; once none is (the listener is
+    closed: none can come), it ends. Before: every stop waited the whole window (1 s a stop of
+    the front, in production and in each of ~120 tests' teardowns)."""
+
+    async def short(request: web.Request) -> web.StreamResponse:
+        return web.Response(text="done")
+
+    app = web.Application()
+    app.router.add_get("/short", short)
+    runner = Runner(
+        app, max_connections=100, write_timeout_s=30, handle_signals=False, shutdown_timeout=3600
+    )
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    grace = asyncio.Event()
+    try:
+        assert (await _ask(reader, writer)).startswith(b"HTTP/1.1 200")
+        # a window far past the test's bound: only the last connection's close may end it
+        drained = asyncio.ensure_future(drain(runner, grace.wait(), open_s=3600))
+        await asyncio.sleep(0.1)
+        assert not drained.done()  # a keep-alive connection is open: still served
+        writer.close()
+        await writer.wait_closed()
+        await asyncio.wait_for(drained, 10)  # was: the window's 3,600 s
+    finally:
+        writer.close()
+        grace.set()
+        await runner.cleanup()
