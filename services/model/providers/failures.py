@@ -70,15 +70,30 @@ import json
 import logging
 import math
 import re
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
-import anthropic
 import httpx2
-import openai
+
+if TYPE_CHECKING:
+    import anthropic
+    import openai
+
+# The provider SDKs, each imported by a replica of its own backend only (``wiring``): the
+# other's import cost every replica about a second and a half of CPU at start (anthropic's
+# 1.8 s, openai's 0.5 s), its objects held for good. An exception of an SDK's type can only be
+# raised where that SDK is imported, so the SDKs looked for are those this process has.
+_SDKS = ("anthropic", "openai")
+
+
+def _sdk_types(name: str) -> tuple[type[Exception], ...]:
+    """The class ``name`` (``APIStatusError``, ...) of each provider SDK this process imported."""
+    loaded = (sys.modules.get(sdk) for sdk in _SDKS)
+    return tuple(getattr(module, name) for module in loaded if module is not None)
 
 
 class Kind(enum.Enum):
@@ -169,7 +184,6 @@ ESTIMATE_MARGIN = 1.10
 # a body without an error message, quoted as the message: at most this much of it (the caller
 # cuts it further, to an error message's length, once redacted)
 _QUOTED_BODY_CHARS = 2000
-_STATUS_ERRORS = (anthropic.APIStatusError, openai.APIStatusError)
 _IDENTIFIER = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
@@ -201,13 +215,13 @@ def never_sent() -> Iterator[None]:
         raise Unsendable(f"{type(exc).__name__}: {exc}") from exc
 
 
-# the connection lost (or timed out) while a stream is read, as each SDK raises it
-CONNECTION_LOST = (
-    anthropic.APIConnectionError,
-    openai.APIConnectionError,
-    httpx2.TransportError,  # includes its timeouts
-)
-_TRANSPORT_ERRORS = (*CONNECTION_LOST, StreamCut)
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """The connection lost (or timed out) while a stream is read, as each SDK raises it, or
+    the stream cut before its final event."""
+    # httpx2.TransportError includes its timeouts
+    return (*_sdk_types("APIConnectionError"), httpx2.TransportError, StreamCut)
+
+
 log = logging.getLogger("cachemesh.model")
 
 
@@ -226,7 +240,8 @@ def lost_after_end(backend: str, model: str, exc: Exception) -> None:
 def classify(exc: Exception) -> Failure:
     if isinstance(exc, Unsendable):  # never sent: the provider did not refuse it, nor fail
         return Failure(Kind.CLIENT, 0, UNSENDABLE, str(exc), None)
-    if isinstance(exc, _STATUS_ERRORS):
+    if isinstance(exc, _sdk_types("APIStatusError")):
+        exc = cast("anthropic.APIStatusError | openai.APIStatusError", exc)
         status = int(exc.status_code)
         error_type, message = _error_of(exc.body, str(exc))
         code = _code_of(exc.body)
@@ -245,9 +260,10 @@ def classify(exc: Exception) -> Failure:
             about_model=about,
             from_provider=True,
         )
-    if isinstance(exc, _TRANSPORT_ERRORS):  # includes the SDKs' APITimeoutError
+    if isinstance(exc, _transport_errors()):  # includes the SDKs' APITimeoutError
         return Failure(Kind.RETRY, 0, type(exc).__name__, str(exc), None)
-    if isinstance(exc, (anthropic.APIError, openai.APIError)):  # an error chunk in a stream
+    if isinstance(exc, _sdk_types("APIError")):  # an error chunk in a stream
+        exc = cast("anthropic.APIError | openai.APIError", exc)
         error_type, message = _error_of(exc.body, str(exc))
         status = _status_in(exc.body)
         code = _code_of(exc.body)

@@ -5,15 +5,10 @@ from __future__ import annotations
 
 import logging
 
-import anthropic
-import openai
-
 from services.common.tokens import Tokenizer, Tokenizers
 from services.model.metrics import ModelMetrics
-from services.model.providers.anthropic_wire import AnthropicAdapter
 from services.model.providers.api import Adapter, HealthSetter, ProviderApi
 from services.model.providers.config import ProviderSettings
-from services.model.providers.openai_wire import OpenAIAdapter
 from services.model.providers.redact import UrlFilter
 from services.model.settings import ModelSettings
 
@@ -29,13 +24,23 @@ _URL_LOGGERS = ("httpx", "httpx2")
 
 
 def build_adapter(provider: ProviderSettings) -> Adapter:
+    """The backend's adapter, its SDK imported here: a replica imports its own backend's SDK
+    only (the other's import costs CPU and memory for nothing, ``failures._SDKS``)."""
     key = provider.api_key.reveal() if provider.api_key is not None else NO_KEY
     if provider.backend == "anthropic":
+        import anthropic
+
+        from services.model.providers.anthropic_wire import AnthropicAdapter
+
         return AnthropicAdapter(
             anthropic.AsyncAnthropic(
                 api_key=key, base_url=provider.base_url, max_retries=0, open_telemetry=False
             )
         )
+    import openai
+
+    from services.model.providers.openai_wire import OpenAIAdapter
+
     return OpenAIAdapter(openai.AsyncOpenAI(api_key=key, base_url=provider.base_url, max_retries=0))
 
 
