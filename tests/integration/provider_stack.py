@@ -153,7 +153,8 @@ def provider_stack(run_dir: Path) -> Iterator[ProviderStack]:
     ]
     addresses = {item.service.name: address for item, address in spawned}
     try:
-        _wait_serving(spawned)
+        # the stack starts while the replicas start (the router never calls a replica before
+        # a request; each test's first request comes after both waits)
         dotenv = read_env_file(ROOT / ".env")
         extra_replicas = ",".join(
             f"{model}={addresses[name]}"
@@ -182,6 +183,7 @@ def provider_stack(run_dir: Path) -> Iterator[ProviderStack]:
             environ=environ,
             sink=sink,
         ) as (runner, sink):
+            _wait_serving(spawned)
             demo = read_env_file(run_dir / "demo-keys.env")
             yield ProviderStack(
                 stack=RunningStack(
