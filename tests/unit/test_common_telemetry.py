@@ -100,18 +100,22 @@ def test_the_service_name_of_the_resource_attributes_is_kept() -> None:
 
 
 async def test_the_tracing_stop_is_bounded_and_off_the_event_loop_with_a_hung_collector(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A collector that takes connections and never answers held each service's stop (the
     SDK's shutdown waits 30 s for its export thread, each export up to
     OTEL_EXPORTER_OTLP_TIMEOUT), on the event loop: past the grace, SIGKILL. The stop now
     gives the collector TRACING_STOP_S, in a thread, and says what was dropped."""
     hole = BlackHole()
-    # read by the SDK itself, from the process's environment
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "600")  # an export alone: ten minutes
-    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "10")
+    # read by build_tracer_provider from the environment it is given (not the process's: set
+    # there, the export's bound stayed 10 s and the first export waited the 5 s default delay)
+    environ = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": hole.endpoint,
+        "OTEL_EXPORTER_OTLP_TIMEOUT": "600",  # an export alone: ten minutes
+        "OTEL_BSP_SCHEDULE_DELAY": "10",
+    }
     try:
-        provider = build_tracer_provider({"OTEL_EXPORTER_OTLP_ENDPOINT": hole.endpoint}, "router")
+        provider = build_tracer_provider(environ, "router")
         provider.get_tracer("t").start_span("exported first").end()
         assert await asyncio.to_thread(hole.accepted.wait, 30)  # the export is in flight
         provider.get_tracer("t").start_span("queued behind it").end()
