@@ -54,7 +54,9 @@ class _Readyz(http.server.BaseHTTPRequestHandler):
 def readyz() -> Iterator[tuple[int, type[_Readyz]]]:
     handler = type("Handler", (_Readyz,), {"status": 200})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # its loop looks for shutdown() every poll_interval (0.5 s by default: each test's
+    # teardown waited up to that long for a server with nothing in flight)
+    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
     thread.start()
     try:
         yield server.server_address[1], handler
