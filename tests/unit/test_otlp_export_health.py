@@ -26,6 +26,7 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from services.common import telemetry
 from services.common.otlp_wire import WireSpanExporter
 from services.common.telemetry import _BatchSpans
 from services.tools.stack.otlp_sink import OtlpSink
@@ -95,7 +96,7 @@ def test_a_collector_down_is_said_once_then_once_when_it_takes_spans_again(
 
 
 def test_spans_dropped_at_a_full_queue_are_said_once_not_a_line_each(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     caplog.set_level(logging.INFO)  # whatever level a test before set
     hole = BlackHole()
@@ -115,6 +116,10 @@ def test_spans_dropped_at_a_full_queue_are_said_once_not_a_line_each(
         # queue), not one a 20 s as the SDK's own filter passes its lines
         assert exporter.health.dropped_spans >= 30  # (a second batch, were the loop slow)
     finally:
+        # the stop's bound is not this test's point (test_the_export_a_stop_cuts_... and
+        # test_common_telemetry's prove it): the collector never answers, so the stop waited
+        # the whole TRACING_STOP_S (2 s) for the export in flight
+        monkeypatch.setattr(telemetry, "TRACING_STOP_S", 0.05)
         provider.shutdown()
         hole.close()
 
