@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from services.semantic_cache.operating_point import OperatingPoint
-from services.tools.evaluation.semantic_cache.calibrate import Point, baseline_at_recall, calibrate
+from services.tools.evaluation.semantic_cache.calibrate import (
+    MARGINS,
+    THRESHOLDS,
+    Point,
+    baseline_at_recall,
+    calibrate,
+    frontier,
+)
 from services.tools.evaluation.semantic_cache.datasets import (
     DatasetError,
     Pair,
@@ -17,7 +24,13 @@ from services.tools.evaluation.semantic_cache.datasets import (
     load_pairs,
 )
 from services.tools.evaluation.semantic_cache.operating_point_env import write_env
-from services.tools.evaluation.semantic_cache.protocols import F64, pairwise, retrieval
+from services.tools.evaluation.semantic_cache.protocols import (
+    F64,
+    Candidates,
+    Outcome,
+    pairwise,
+    retrieval,
+)
 from services.tools.evaluation.semantic_cache.vectors import VectorTable
 
 
@@ -170,6 +183,24 @@ def test_the_report_has_a_curve_with_and_without_the_verifier() -> None:
     at_090 = CURVE.index(0.90)
     assert plain[at_090]["wrong"] == 1 and verified[at_090]["wrong"] == 0
     assert verified[at_090]["verifier_min_probability"] == 0.5
+
+
+def test_the_frontier_grades_each_point_once_for_all_its_recall_floors() -> None:
+    """It graded the whole grid again for each of its five recall floors: the evaluation's
+    unreachable target (and its tests) paid five times the outcomes it needed."""
+
+    class Counted(Candidates):
+        graded = 0
+
+        def outcome(self, t: float, v: float, margin: float = 0.0) -> Outcome:
+            Counted.graded += 1
+            return super().outcome(t, v, margin)
+
+    c = pairwise([Pair("reset password", "change password", True)] * 20, VECTORS, accept_all)
+    counted = Counted(c.cos, c.prob, c.right, c.exact, c.exact_right, c.label)
+    rows = frontier({"f": counted}, (0.0, 0.5))
+    assert Counted.graded == len(THRESHOLDS) * len(MARGINS) * 2  # each point once
+    assert [row["recall_at_least"] for row in rows] == [0.05, 0.1, 0.2, 0.3, 0.5]
 
 
 def test_calibrate_takes_one_target_per_file() -> None:

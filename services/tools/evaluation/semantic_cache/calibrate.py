@@ -90,12 +90,17 @@ def calibrate(
 def frontier(
     sets: dict[str, Candidates], probabilities: Sequence[float] = PROBABILITIES
 ) -> list[dict[str, object]]:
-    """For each recall floor, the best precision reachable (worst file) and where."""
+    """For each recall floor, the best precision reachable (worst file) and where. Each
+    point's outcomes are computed once for all the floors (they were once a floor: five
+    times the grid's 28,320 points on every file)."""
+    graded = [
+        (point, [point.outcome(c) for c in sets.values()])
+        for point in _grid(probabilities, MARGINS)
+    ]
     rows: list[dict[str, object]] = []
     for floor in (0.05, 0.1, 0.2, 0.3, 0.5):
         top: tuple[float, Point] | None = None
-        for point in _grid(probabilities, MARGINS):
-            outcomes = [point.outcome(c) for c in sets.values()]
+        for point, outcomes in graded:
             if min(o.recall for o in outcomes) < floor or min(o.hits for o in outcomes) < 1:
                 continue
             worst = min(o.precision or 0.0 for o in outcomes)
