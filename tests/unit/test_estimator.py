@@ -15,6 +15,10 @@ from cachemesh.loadtest.workloads import Item
 from cachemesh.loadtest.workloads.base import TENANT_A, TENANT_B, user
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import ManualClock
+from services.common.env import Env
+from services.semantic_cache.embedder import Embedder, load_minilm_embedder
+from services.semantic_cache.operating_point import OperatingPoint
+from services.semantic_cache.settings import SemanticCacheSettings
 from services.tools.estimator.offline import OfflineStack
 from services.tools.estimator.replay import WhatIf, replay
 from services.tools.stack.lifecycle import Stack
@@ -34,37 +38,52 @@ def settings() -> dict[str, str]:
     return Stack(ROOT, environ={}).settings()
 
 
-def _replay(settings: dict[str, str], records: list[LogRecord], **over: str) -> list[str]:
-    stack = OfflineStack({**settings, **over}, ManualClock())
+@pytest.fixture(scope="module")
+def minilm(settings: dict[str, str]) -> Embedder:
+    """The real embedder the offline stack loads (its ORT threads the settings'), loaded once
+    for the module: each stack loaded its own (0.27 s of ONNX session each). It holds no
+    state between calls (a session and a tokenizer), so no test sees another's."""
+    threads = SemanticCacheSettings.from_env(Env(settings), OperatingPoint.load()).ort_threads
+    return load_minilm_embedder(threads=threads)
+
+
+def _replay(
+    settings: dict[str, str], minilm: Embedder, records: list[LogRecord], **over: str
+) -> list[str]:
+    stack = OfflineStack({**settings, **over}, ManualClock(), embedder=minilm)
     return [s.layer if s.ok else s.code for s in asyncio.run(replay(stack, records))]
 
 
-def test_a_repeat_is_served_by_l1_for_its_tenant_only(settings: dict[str, str]) -> None:
+def test_a_repeat_is_served_by_l1_for_its_tenant_only(
+    settings: dict[str, str], minilm: Embedder
+) -> None:
     q = "How do I reset my password?"
     records = [LogRecord(0, _ask(q)), LogRecord(1000, _ask(q)), LogRecord(2000, _ask(q, TENANT_B))]
-    assert _replay(settings, records) == ["model", "semantic_cache", "model"]
+    assert _replay(settings, minilm, records) == ["model", "semantic_cache", "model"]
 
 
-def test_a_paraphrase_is_served_by_l1_in_a_replay_as_live(settings: dict[str, str]) -> None:
+def test_a_paraphrase_is_served_by_l1_in_a_replay_as_live(
+    settings: dict[str, str], minilm: Embedder
+) -> None:
     """A replayed Lookup never waits, but its embedding is made whatever the time: a
     paraphrase is an L1 hit offline as it is live, not only an identical text."""
     records = [
         LogRecord(0, _ask("How do I reset my password please?")),
         LogRecord(1000, _ask("How do I reset my password?")),
     ]
-    assert _replay(settings, records) == ["model", "semantic_cache"]
+    assert _replay(settings, minilm, records) == ["model", "semantic_cache"]
 
 
-def test_l1_ttl_is_judged_on_the_virtual_clock(settings: dict[str, str]) -> None:
+def test_l1_ttl_is_judged_on_the_virtual_clock(settings: dict[str, str], minilm: Embedder) -> None:
     q = "How do I reset my password?"
     records = [LogRecord(0, _ask(q)), LogRecord(59_000, _ask(q)), LogRecord(3_600_000, _ask(q))]
-    layers = _replay(settings, records, SEMANTIC_CACHE_TTL_S="60")
+    layers = _replay(settings, minilm, records, SEMANTIC_CACHE_TTL_S="60")
     assert layers == ["model", "semantic_cache", "model"]
 
 
-def test_a_bad_request_is_counted_by_its_status(settings: dict[str, str]) -> None:
+def test_a_bad_request_is_counted_by_its_status(settings: dict[str, str], minilm: Embedder) -> None:
     bad = Item("t", TENANT_A, pb.CompleteRequest(model="auto", max_tokens=0, messages=[user("x")]))
-    assert _replay(settings, [LogRecord(0, bad)]) == ["INVALID_ARGUMENT"]
+    assert _replay(settings, minilm, [LogRecord(0, bad)]) == ["INVALID_ARGUMENT"]
 
 
 def test_what_if_rewrites_the_logged_requests() -> None:
@@ -77,7 +96,9 @@ def test_what_if_rewrites_the_logged_requests() -> None:
     assert request.model == "sim-large"  # the log itself is left alone
 
 
-def test_routing_auto_saves_against_the_logged_models_baseline(settings: dict[str, str]) -> None:
+def test_routing_auto_saves_against_the_logged_models_baseline(
+    settings: dict[str, str], minilm: Embedder
+) -> None:
     """Traffic logged for the small model, routed by auto to that same model: no saving (the
     baseline of auto is the largest tier's price, which made it 66.7% 'saved')."""
     asked = ["What is 2+2?", "Say hello.", "Spell cat.", "What colour is the sky?"]
@@ -87,17 +108,17 @@ def test_routing_auto_saves_against_the_logged_models_baseline(settings: dict[st
     records = [LogRecord(i * 1000, Item("t", TENANT_A, r)) for i, r in enumerate(small)]
     routings: tuple[Literal["logged", "auto"], ...] = ("logged", "auto")
     for routing in routings:
-        stack = OfflineStack(settings, ManualClock())
+        stack = OfflineStack(settings, ManualClock(), embedder=minilm)
         for sample in asyncio.run(replay(stack, records, WhatIf(l1=False, routing=routing))):
             if sample.model == "sim-small":
                 assert sample.baseline_nanos == sample.cost_nanos  # nothing cached, no saving
 
 
 def test_the_estimator_runs_each_request_as_the_gateways_complete(
-    settings: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    settings: dict[str, str], minilm: Embedder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Complete, not StreamComplete: a replica cut at any point hands the request over."""
-    stack = OfflineStack(settings, ManualClock())
+    stack = OfflineStack(settings, ManualClock(), embedder=minilm)
     seen: list[object] = []
     run = stack._pipeline.run
 
@@ -159,7 +180,7 @@ def test_the_request_log_round_trips_and_names_a_bad_line(tmp_path: Path) -> Non
 
 
 def test_a_warm_up_request_warms_the_caches_and_stays_out_of_the_totals(
-    settings: dict[str, str], tmp_path: Path
+    settings: dict[str, str], minilm: Embedder, tmp_path: Path
 ) -> None:
     """cachemesh-load's report leaves its --warmup requests out; the estimate of its log must
     too, or its request count and bill are the live run's plus the warm-up's."""
@@ -172,7 +193,7 @@ def test_a_warm_up_request_warms_the_caches_and_stays_out_of_the_totals(
     path.write_text(buffer.getvalue())
     records = list(read_log(path))
     assert [r.warmup for r in records] == [True, False]
-    samples = asyncio.run(replay(OfflineStack(settings, ManualClock()), records))
+    samples = asyncio.run(replay(OfflineStack(settings, ManualClock(), embedder=minilm), records))
     results = summarise(samples, {}, wall_s=0.0)
     assert results["requests"] == 1
     assert results["served_by"] == {"semantic_cache": 1}  # the warm-up's answer, from L1
@@ -231,28 +252,30 @@ def test_a_replayed_lookup_makes_the_embedding_auto_wants_in_a_scope_with_nothin
 
 def test_the_request_rate_limit_is_replayed_as_the_gateway_applies_it(
     settings: dict[str, str],
+    minilm: Embedder,
 ) -> None:
     """ROUTER_LIMIT_REQUESTS_PER_MIN=2: live, the third and fourth request of a tenant within
     the minute are refused (RESOURCE_EXHAUSTED, not billed); the estimate listed the limit as
     replayed and served all four."""
     records = [LogRecord(i * 10, _ask(f"question number {i}?")) for i in range(4)]
     records.append(LogRecord(40, _ask("another tenant's question?", TENANT_B)))
-    layers = _replay(settings, records, ROUTER_LIMIT_REQUESTS_PER_MIN="2")
+    layers = _replay(settings, minilm, records, ROUTER_LIMIT_REQUESTS_PER_MIN="2")
     assert layers == ["model", "model", "RESOURCE_EXHAUSTED", "RESOURCE_EXHAUSTED", "model"]
 
 
 def test_a_spent_budget_is_replayed_even_with_the_limits_in_redis(
     settings: dict[str, str],
+    minilm: Embedder,
 ) -> None:
     """A budget of 0 refuses every request; a stack that keeps its counts in Redis is replayed
     with the counts in this process (nothing is dialled offline)."""
     over = {"ROUTER_BUDGET_USD_PER_DAY": "0", "ROUTER_LIMITS_REDIS_URL": "redis://127.0.0.1:1/0"}
-    layers = _replay(settings, [LogRecord(0, _ask("How do I reset my password?"))], **over)
+    layers = _replay(settings, minilm, [LogRecord(0, _ask("How do I reset my password?"))], **over)
     assert layers == ["RESOURCE_EXHAUSTED"]
 
 
 def test_a_request_that_failed_live_is_counted_as_it_ended_live(
-    settings: dict[str, str], tmp_path: Path
+    settings: dict[str, str], minilm: Embedder, tmp_path: Path
 ) -> None:
     """The log holds each request's live status: one cut by its deadline live is replayed until
     its logged end and cut there, counted as it ended, an error billed nothing, so the
@@ -273,34 +296,36 @@ def test_a_request_that_failed_live_is_counted_as_it_ended_live(
     path.write_text(buffer.getvalue())
     records = list(read_log(path))
     assert [r.code for r in records] == ["DEADLINE_EXCEEDED", "OK"]
-    results = summarise(asyncio.run(replay(OfflineStack(settings, ManualClock()), records)), {})
+    results = summarise(
+        asyncio.run(replay(OfflineStack(settings, ManualClock(), embedder=minilm), records)), {}
+    )
     assert results["errors"] == {"DEADLINE_EXCEEDED": 1}
     assert results["served_by"] == {"model": 1}  # the cut call's answer was never stored
     assert results["cost"]["cost_nanos"] > 0
 
 
-def _cost(settings: dict[str, str], record: LogRecord) -> int:
-    stack = OfflineStack(settings, ManualClock())
+def _cost(settings: dict[str, str], minilm: Embedder, record: LogRecord) -> int:
+    stack = OfflineStack(settings, ManualClock(), embedder=minilm)
     (sample,) = asyncio.run(replay(stack, [record]))
     return sample.cost_nanos
 
 
 @pytest.mark.parametrize("budget_over_partial", [True, False])
 def test_a_request_cut_live_counts_against_the_budget_as_its_partial_bill(
-    settings: dict[str, str], budget_over_partial: bool
+    settings: dict[str, str], minilm: Embedder, budget_over_partial: bool
 ) -> None:
     """Live, a call cut at its deadline after its prefill is billed for what it produced (its
     prompt), and that bill, not its whole answer's, counts against the tenant's budget: a
     daily budget a nano-dollar short of the whole answer's admits the next request, one of a
     nano-dollar (spent by any bill) refuses it."""
     q = "How do I reset my password?"
-    whole = _cost(settings, LogRecord(0, _ask(q), 100.0, code="OK"))
+    whole = _cost(settings, minilm, LogRecord(0, _ask(q), 100.0, code="OK"))
     budget = whole - 1 if budget_over_partial else 1
     records = [
         LogRecord(0, _ask(q), 100.0, code="DEADLINE_EXCEEDED"),
         LogRecord(1000, _ask("Something else entirely?"), 100.0, code="OK"),
     ]
-    layers = _replay(settings, records, ROUTER_BUDGET_USD_PER_DAY=f"{budget / 1e9:.9f}")
+    layers = _replay(settings, minilm, records, ROUTER_BUDGET_USD_PER_DAY=f"{budget / 1e9:.9f}")
     assert layers[0] == "DEADLINE_EXCEEDED"
     assert layers[1] == ("model" if budget_over_partial else "RESOURCE_EXHAUSTED")
 
@@ -337,7 +362,7 @@ def test_a_log_without_live_statuses_still_reads_and_a_bad_one_is_named(tmp_path
 
 @pytest.mark.parametrize("waits_on_its_twin", [True, False])
 def test_a_request_cut_before_its_model_call_gives_its_reservation_back_as_live(
-    settings: dict[str, str], waits_on_its_twin: bool
+    settings: dict[str, str], minilm: Embedder, waits_on_its_twin: bool
 ) -> None:
     """Live (f0b22cf), a call that ends before its model call was sent gives its token
     reservation (prompt + max_tokens) back whole; the replay, through the Gateway's own rule
@@ -355,13 +380,14 @@ def test_a_request_cut_before_its_model_call_gives_its_reservation_back_as_live(
         LogRecord(120, _ask("A third question?"), 100.0, code="OK"),
     ]
     over = {"ROUTER_LIMIT_TOKENS_PER_MIN": "500", "SIM_TIME_SCALE": "0"}
-    layers = _replay(settings, records, **over)
+    layers = _replay(settings, minilm, records, **over)
     third = "model" if waits_on_its_twin else "RESOURCE_EXHAUSTED"
     assert layers == ["model", "DEADLINE_EXCEEDED", third]
 
 
 def test_a_request_its_replica_refused_gives_its_reservation_back_as_live(
     settings: dict[str, str],
+    minilm: Embedder,
 ) -> None:
     """Live, a call whose every model call its replica refused before its start (nothing
     produced, nothing billed) gives its token reservation back whole; the replay, through the
@@ -377,4 +403,4 @@ def test_a_request_its_replica_refused_gives_its_reservation_back_as_live(
         LogRecord(10, Item("t", TENANT_A, second), 100.0, code="OK"),
     ]
     over = {"ROUTER_LIMIT_TOKENS_PER_MIN": "500", "CACHEMESH_CONTEXT_WINDOWS": "sim-large=8"}
-    assert _replay(settings, records, **over) == ["RESOURCE_EXHAUSTED", "model"]
+    assert _replay(settings, minilm, records, **over) == ["RESOURCE_EXHAUSTED", "model"]
