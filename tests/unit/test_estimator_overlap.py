@@ -16,6 +16,10 @@ from cachemesh.loadtest.workloads import Item
 from cachemesh.loadtest.workloads.base import TENANT_A, user
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import ManualClock
+from services.common.env import Env
+from services.semantic_cache.embedder import Embedder, load_minilm_embedder
+from services.semantic_cache.operating_point import OperatingPoint
+from services.semantic_cache.settings import SemanticCacheSettings
 from services.tools.estimator.offline import OfflineStack
 from services.tools.estimator.replay import WhatIf, replay
 from services.tools.stack.lifecycle import Stack
@@ -39,8 +43,17 @@ def _agent(question: str) -> Item:
     return Item("agent", TENANT_A, request)
 
 
-def _run(settings: dict[str, str], records: list[LogRecord]) -> list[Sample]:
-    return asyncio.run(replay(OfflineStack(settings, ManualClock()), records, WhatIf()))
+@pytest.fixture(scope="module")
+def minilm(settings: dict[str, str]) -> Embedder:
+    """The real embedder the offline stack loads (its ORT threads the settings'), loaded once
+    for the module, not once a stack: it holds no state between calls."""
+    threads = SemanticCacheSettings.from_env(Env(settings), OperatingPoint.load()).ort_threads
+    return load_minilm_embedder(threads=threads)
+
+
+def _run(settings: dict[str, str], minilm: Embedder, records: list[LogRecord]) -> list[Sample]:
+    stack = OfflineStack(settings, ManualClock(), embedder=minilm)
+    return asyncio.run(replay(stack, records, WhatIf()))
 
 
 def _bill(samples: list[Sample]) -> list[tuple[str, bool, bool]]:
@@ -48,7 +61,9 @@ def _bill(samples: list[Sample]) -> list[tuple[str, bool, bool]]:
     return [(s.layer, s.cache_write_tokens > 0, s.cache_read_tokens > 0) for s in samples]
 
 
-def test_two_overlapping_requests_both_write_the_prefix(settings: dict[str, str]) -> None:
+def test_two_overlapping_requests_both_write_the_prefix(
+    settings: dict[str, str], minilm: Embedder
+) -> None:
     """The second arrives before the first's first token: the provider had not cached the
     prefix yet when it looked it up, so both pay the write (the sequential replay had the
     second read it)."""
@@ -56,30 +71,38 @@ def test_two_overlapping_requests_both_write_the_prefix(settings: dict[str, str]
         LogRecord(0.0, _agent("Where is my parcel?"), latency_ms=5000.0),
         LogRecord(100.0, _agent("Can I change my address?"), latency_ms=5000.0),
     ]
-    assert _bill(_run(settings, records)) == [("model", True, False), ("model", True, False)]
+    assert _bill(_run(settings, minilm, records)) == [
+        ("model", True, False),
+        ("model", True, False),
+    ]
 
 
-def test_the_same_requests_one_after_the_other_write_then_read(settings: dict[str, str]) -> None:
+def test_the_same_requests_one_after_the_other_write_then_read(
+    settings: dict[str, str], minilm: Embedder
+) -> None:
     records = [
         LogRecord(0.0, _agent("Where is my parcel?"), latency_ms=1000.0),
         LogRecord(2000.0, _agent("Can I change my address?"), latency_ms=1000.0),
     ]
-    bill = _bill(_run(settings, records))
+    bill = _bill(_run(settings, minilm, records))
     assert bill == [("model", True, False), ("prefix_cache", False, True)]
 
 
-def test_a_request_after_the_first_token_reads_what_it_wrote(settings: dict[str, str]) -> None:
+def test_a_request_after_the_first_token_reads_what_it_wrote(
+    settings: dict[str, str], minilm: Embedder
+) -> None:
     """Streamed logs give the first token: the prefix is cached from there, not the end."""
     records = [
         LogRecord(0.0, _agent("Where is my parcel?"), latency_ms=5000.0, ttft_ms=200.0),
         LogRecord(1000.0, _agent("Can I change my address?"), latency_ms=5000.0),
     ]
-    bill = _bill(_run(settings, records))
+    bill = _bill(_run(settings, minilm, records))
     assert bill == [("model", True, False), ("prefix_cache", False, True)]
 
 
 def test_a_streamed_first_token_comes_one_delta_after_the_prefix_is_cached(
     settings: dict[str, str],
+    minilm: Embedder,
 ) -> None:
     """A streamed run logs the first token its client saw: the replica reported its prefill
     (and the router committed the prefix) one delta's decode before it, 4 tokens of sim-large
@@ -88,15 +111,17 @@ def test_a_streamed_first_token_comes_one_delta_after_the_prefix_is_cached(
     first = LogRecord(0.0, _agent("Where is my parcel?"), latency_ms=5000.0, ttft_ms=200.0)
     within = LogRecord(170.0, _agent("Can I change my address?"), latency_ms=5000.0)
     before = LogRecord(120.0, _agent("Can I change my address?"), latency_ms=5000.0)
-    assert _bill(_run(settings, [first, within])) == [
+    assert _bill(_run(settings, minilm, [first, within])) == [
         ("model", True, False),
         ("prefix_cache", False, True),
     ]
     both_write = [("model", True, False), ("model", True, False)]
-    assert _bill(_run(settings, [first, before])) == both_write
+    assert _bill(_run(settings, minilm, [first, before])) == both_write
 
 
-def test_an_identical_question_in_flight_waits_for_its_answer(settings: dict[str, str]) -> None:
+def test_an_identical_question_in_flight_waits_for_its_answer(
+    settings: dict[str, str], minilm: Embedder
+) -> None:
     """L1's single flight on the virtual clock: the twin waits on the first one's lease and is
     served its answer once stored (at the first one's logged end); a twin whose wait would
     outlast its lease waits (two lookups of up to SEMANTIC_CACHE_LEASE_WAIT_S) calls the model
@@ -105,13 +130,13 @@ def test_an_identical_question_in_flight_waits_for_its_answer(settings: dict[str
     ask = Item("faq", TENANT_A, pb.CompleteRequest(model="auto", max_tokens=200,
                                                    messages=[user(q)]))  # fmt: skip
     waited = [LogRecord(0.0, ask, latency_ms=3000.0), LogRecord(10.0, ask, latency_ms=3000.0)]
-    assert [s.layer for s in _run(settings, waited)] == ["model", "semantic_cache"]
+    assert [s.layer for s in _run(settings, minilm, waited)] == ["model", "semantic_cache"]
     over = {**settings, "SEMANTIC_CACHE_LEASE_WAIT_S": "1"}
-    assert [s.layer for s in _run(over, waited)] == ["model", "model"]
+    assert [s.layer for s in _run(over, minilm, waited)] == ["model", "model"]
 
 
 def test_an_answer_longer_than_the_lease_keeps_it_on_the_virtual_clock(
-    settings: dict[str, str],
+    settings: dict[str, str], minilm: Embedder
 ) -> None:
     """The first answer takes 3 s, its lease's age limit is 1 s: the leader renews it on the
     virtual clock as live, so a twin waiting on it (and one arriving after 1 s) is served its
@@ -125,7 +150,7 @@ def test_an_answer_longer_than_the_lease_keeps_it_on_the_virtual_clock(
         LogRecord(1500.0, ask, latency_ms=3000.0),
     ]
     short = {**settings, "SEMANTIC_CACHE_LEASE_S": "1"}
-    layers = [s.layer for s in _run(short, records)]
+    layers = [s.layer for s in _run(short, minilm, records)]
     assert layers == ["model", "semantic_cache", "semantic_cache"]
 
 
