@@ -25,6 +25,11 @@ _FIRST_PORT = 20_000
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # numpy's OpenBLAS starts a thread a core, which spin while they wait: with two workers
+    # (and their services) on two cores, test_router_fit_writes.py's Newton solves (390 x 390)
+    # took 23.5 s of CPU instead of 11; no test's matrices are large enough to gain from more.
+    # Set before any test module imports numpy (none has by now); a value given is kept.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ...; unset: one process
     if worker.startswith("gw") and worker[2:].isdigit() and PORT_RANGE_VAR not in os.environ:
         low = _FIRST_PORT + int(worker[2:]) * _WORKER_PORTS
