@@ -127,9 +127,10 @@ class Reached:
     """Whether the Gateway has answered on a client's channel (an answer, a chunk, or a status
     of its own), so its address and TLS settings work. Until then a call does not wait for the
     channel to be ready: a wrong CA, plaintext to a TLS Gateway (or TLS to a plaintext one) or
-    a refused connect fails at once with gRPC's reason (``Tls handshake failed ...``), not a
-    bare DEADLINE_EXCEEDED after the whole timeout. From then on a call waits, within its
-    timeout, for a Gateway that restarts (``wait_for_ready``)."""
+    a refused connect fails with gRPC's reason (``Tls handshake failed ...``) once the retry
+    policy's attempts are spent (``RETRY_POLICY``: about 4 s, so a Gateway still starting is
+    given that long), not a bare DEADLINE_EXCEEDED after the whole timeout. From then on a
+    call waits, within its timeout, for a Gateway that restarts (``wait_for_ready``)."""
 
     def __init__(self, wait_for_ready: bool) -> None:
         self._wait_for_ready = wait_for_ready
