@@ -129,7 +129,12 @@ fmt: setup ## format the code
 	$(BIN)/ruff format services clients tests
 
 TEST_WORKERS ?= 2
+# The project's modules compiled first (1.6 s, then only what changed): where
+# PYTHONDONTWRITEBYTECODE is set (this machine sets it) no process writes them, and each of the
+# hundreds of services the tests start compiled its modules from source again (two module
+# stacks: 25.4 -> 21.9 s of CPU with them compiled)
 test: setup test-deps engine lint ## lint, then every test (unit, integration on real processes) in TEST_WORKERS processes
+	$(BIN)/python -m compileall -q services clients/python/cachemesh tests >/dev/null
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 eval-cache: setup ## semantic-cache eval harness (../shared/data); bench-results/semantic-cache-eval.json
