@@ -42,8 +42,13 @@ refusal = sdk.APIStatusError(
     "overloaded", response=httpx2.Response(529, request=request), body=None
 )
 lost = sdk.APIConnectionError(request=request)
+import logging
 print(json.dumps({
     "sdks": sorted(m for m in ("anthropic", "openai") if m in sys.modules),
+    "levels": {
+        name: logging.getLogger(name).getEffectiveLevel()
+        for name in (backend, "httpx", "httpx2")
+    },
     "refusal": [classify(refusal).kind.value, classify(refusal).status],
     "lost": classify(lost).kind.value,
 }))
@@ -54,7 +59,15 @@ print(json.dumps({
     ("backend", "model"), [("openai", "local-small"), ("anthropic", "claude-haiku-4-5")]
 )
 def test_a_replica_holds_its_own_backends_sdk_only(backend: str, model: str) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "clients/python")])}
+    """With the SDK's own debug logging asked for (``ANTHROPIC_LOG`` / ``OPENAI_LOG``), its
+    loggers are still quieted: the SDK's import, now in ``build_adapter``, set them to DEBUG
+    after the quieting had run, and a request's options (its prompt) reached the log."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "clients/python")]),
+        "ANTHROPIC_LOG": "debug",
+        "OPENAI_LOG": "debug",
+    }
     done = subprocess.run(
         [sys.executable, "-c", _BUILD, backend, model],
         cwd=ROOT,
@@ -67,5 +80,6 @@ def test_a_replica_holds_its_own_backends_sdk_only(backend: str, model: str) -> 
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen["sdks"] == [backend]
+    assert seen["levels"] == {backend: 20, "httpx": 30, "httpx2": 30}  # INFO, WARNING
     assert seen["refusal"] == ["retry", 529]
     assert seen["lost"] == "retry"

@@ -53,9 +53,10 @@ def build_provider_api(
     provider = settings.provider
     if provider is None:
         raise ValueError(f"MODEL_BACKEND={settings.backend} has no provider settings")
-    quiet_library_logs()
+    adapter = build_adapter(provider)  # its SDK's first import sets the SDK's loggers
+    quiet_library_logs()  # after it: ANTHROPIC_LOG=debug set them to DEBUG (prompts logged)
     return ProviderApi(
-        adapter=build_adapter(provider),
+        adapter=adapter,
         models=settings.models,
         replica_id=settings.replica_id,
         settings=provider,
