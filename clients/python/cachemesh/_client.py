@@ -219,7 +219,8 @@ class Client:
     UNAVAILABLE is retried by gRPC (up to ``max_attempts``, 5; 1 = no retry) while nothing has
     come back; ``wait_for_ready`` (default) lets a call wait, within ``timeout_s``, for a
     Gateway that is restarting instead of failing at once, once the Gateway has answered on this
-    client (until then a wrong address or TLS setting fails at once, naming gRPC's reason).
+    client (until then a wrong address or TLS setting fails once gRPC's retries are spent,
+    about 4 s, naming gRPC's reason).
     A ``target`` that is not loopback (nor a Unix socket) without ``tls`` is a ValueError
     unless ``insecure=True``: the key would cross the network in cleartext with every call.
     ``api_key`` is sent without surrounding whitespace; one gRPC cannot send (a space, a control

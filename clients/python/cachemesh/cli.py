@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
             namespace=args.namespace,
             request_id=args.request_id,
         )
-        # a person at a terminal: a Gateway that is down is said at once, not waited for
+        # a person at a terminal: a Gateway that is down is said after gRPC's retries (about
+        # 4 s), not waited for within the timeout
         with Client(
             args.target,
             api_key=key,
