@@ -42,7 +42,10 @@ python-check: ## check that $(PYTHON) is Python 3.11+ with venv (Debian: apt-get
 # 3.11) spent 32 of its 60 s CPU matching every file on PyPI's pages against the wheel tags; the
 # pinned one resolves the same set in 17 s. The two editable installs are then built by the
 # venv's pinned setuptools (--no-build-isolation) instead of a fresh setuptools installed into a
-# throwaway build environment for each: 5 s more. make setup: 66 -> 40 s CPU on a clean clone
+# throwaway build environment for each: 5 s more. make setup: 66 -> 40 s CPU on a clean clone.
+# --no-build-isolation holds for every package of that command: each pinned dependency installs
+# from a wheel (every one does on this machine); one built from an sdist would find no build
+# backend of its own but the venv's setuptools (drop the flag then)
 $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml constraints.txt | python-check
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt pip setuptools
