@@ -172,7 +172,8 @@ def call_metadata(
 # retried by gRPC, may have reached the Gateway before it went away)
 NOT_CONNECTED = (
     "failed to connect to all addresses",
-    "DNS resolution failed",
+    "DNS resolution failed",  # a name that does not resolve, in older gRPC's words
+    "errors resolving ",  # the same in gRPC 1.85's ("errors resolving host:port: [...]")
     "Connection refused",
 )
 
