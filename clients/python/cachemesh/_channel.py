@@ -151,7 +151,14 @@ class Reached:
 
 
 def with_request_id(request: pb.CompleteRequest) -> pb.CompleteRequest:
-    """``request`` itself when it has a ``request_id``, else a copy with a new one."""
+    """``request`` itself when it has a ``request_id``, else a copy with a new one; anything
+    but a ``CompleteRequest`` is a TypeError saying how to make one (it was an AttributeError,
+    "'str' object has no attribute 'request_id'", or gRPC's serializer's TypeError)."""
+    if not isinstance(request, pb.CompleteRequest):
+        raise TypeError(
+            "request must be a cachemesh.v1 CompleteRequest (cachemesh.build_request(...) "
+            f"makes one; client.ask(question) asks a question), got {type(request).__name__}"
+        )
     if request.request_id:
         return request
     copy = pb.CompleteRequest()

@@ -144,7 +144,10 @@ def refuse_plaintext(target: str, tls: Tls | None, insecure: bool, secret: str) 
     ``target`` and the parameters that allow it when ``target`` is neither loopback nor a Unix
     socket and neither ``tls`` nor ``insecure`` is given, before a channel is made: ``secret``
     (the API key, the admin token), sent with every call, would cross the network in
-    cleartext. The command lines check first with their own flags (``check_plaintext``)."""
+    cleartext. The command lines check first with their own flags (``check_plaintext``). A
+    ``target`` that is not a str is a TypeError (it was an AttributeError of its parsing)."""
+    if not isinstance(target, str):
+        raise TypeError(f"target must be a str, 'host:port', got {type(target).__name__}")
     if cleartext_off_host(target, tls, insecure):
         raise ValueError(
             f"target {target!r} is not loopback and tls is None: the {secret} would cross the "

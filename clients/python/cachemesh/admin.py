@@ -69,7 +69,7 @@ class AdminClient:
     ) -> None:
         """``target`` not loopback without ``tls``: a ValueError unless ``insecure`` (the
         admin token would cross the network in cleartext with every call)."""
-        if not admin_token.strip():
+        if isinstance(admin_token, str) and not admin_token.strip():  # else bearer_metadata's
             raise ValueError("an admin token is required (the router's CACHEMESH_ADMIN_TOKEN_FILE)")
         self._metadata = bearer_metadata(admin_token, "admin_token")  # before the channel
         self._timeout_s = default_deadline_s(timeout_s)
