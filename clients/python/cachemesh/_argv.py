@@ -12,8 +12,10 @@ value fit for a message: the value when it looks like a path, else a stand-in.""
 from __future__ import annotations
 
 import argparse
+import os
 import re
-from collections.abc import Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -134,3 +136,24 @@ def file_named(value: str | Path, setting: str) -> str:
     if path is None:
         return f"named by {setting} (its value is not shown: it does not look like a path)"
     return f"{path} ({setting})"
+
+
+EXIT_BROKEN_PIPE = 128 + 13  # a shell's status of a writer SIGPIPE ended (`yes | head -1`)
+
+
+def piped(main: Callable[[list[str] | None], int], argv: list[str] | None) -> int:
+    """``main(argv)``, its output flushed; when the reader of stdout has gone
+    (``cachemesh ask ... | head -1``, a pager quit early) the command stops quietly with 141,
+    a shell's status for it, instead of a BrokenPipeError traceback (the answer was made and
+    billed all the same: only its printing stopped). stdout is pointed at /dev/null so the
+    interpreter's own flush at exit does not fail again."""
+    try:
+        try:
+            return main(argv)
+        finally:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE

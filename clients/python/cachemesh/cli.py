@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Mapping
 
-from cachemesh._argv import Parser, secret_flag, subcommand_parsers
+from cachemesh._argv import Parser, piped, secret_flag, subcommand_parsers
 from cachemesh._channel import DEFAULT_TIMEOUT_S, TIMEOUT_MAX_S, never_connected
 from cachemesh._client import DEFAULT_TARGET, Client
 from cachemesh._errors import CachemeshError, DeadlineExceededError, UnavailableError
@@ -194,6 +194,10 @@ def _key_given(argv: list[str]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return piped(_main, argv)  # a reader of stdout that goes away: quiet, 141
+
+
+def _main(argv: list[str] | None) -> int:
     given, parser = sys.argv[1:] if argv is None else argv, _parser()
     if (flag := secret_flag(given, parser)) is not None:  # its value never echoed
         print(

@@ -29,7 +29,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from cachemesh._argv import Parser, secret_flag
+from cachemesh._argv import Parser, piped, secret_flag
 from cachemesh._auth import bearer_metadata
 from cachemesh._channel import TIMEOUT_MAX_S
 from cachemesh._client import DEFAULT_TARGET
@@ -254,6 +254,10 @@ def keys_from_env() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return piped(_main, argv)  # a reader of stdout that goes away: quiet, 141
+
+
+def _main(argv: list[str] | None) -> int:
     given, p = sys.argv[1:] if argv is None else argv, parser()
     if (flag := secret_flag(given, p)) is not None:  # --key, --api-key, --token: never echoed
         print(
