@@ -687,3 +687,17 @@ def test_insecure_after_admin_reaches_the_admin_client(dialled: Dialled) -> None
     assert dialled.made == [(REMOTE, None)] and dialled.insecure == [True]
     assert main(["ask", "hi", "--target", REMOTE]) == 2  # read: refused in plaintext
     assert len(dialled.made) == 1
+
+
+def test_an_api_key_gRPC_cannot_send_is_named_as_the_variable_it_came_from(
+    gateway: tuple[PlaintextGateway, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """It said "api_key must be printable ASCII", a parameter the CLI's user never gave."""
+    fake, target = gateway
+    monkeypatch.setenv("CACHEMESH_API_KEY", "cm_live_ké y")
+    assert main(["--target", target, "ask", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cachemesh: CACHEMESH_API_KEY must be printable ASCII"), err
+    assert "ké" not in err and fake.keys == []

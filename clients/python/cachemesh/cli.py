@@ -11,6 +11,7 @@ import sys
 from collections.abc import Mapping
 
 from cachemesh._argv import Parser, piped, secret_flag, subcommand_parsers
+from cachemesh._auth import bearer_metadata
 from cachemesh._channel import DEFAULT_TIMEOUT_S, TIMEOUT_MAX_S, never_connected
 from cachemesh._client import DEFAULT_TARGET, Client
 from cachemesh._errors import CachemeshError, DeadlineExceededError, UnavailableError
@@ -237,6 +238,7 @@ def _main(argv: list[str] | None) -> int:
         return 2
     try:
         timeout = timeout_s(args.timeout)
+        bearer_metadata(key, "CACHEMESH_API_KEY")  # a bad one named as the user set it
         _check_utf8(args)
         request = build_request(
             args.question,
