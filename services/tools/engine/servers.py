@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import TextIO
 
 from services.common.kv_blocks import BLOCK_SIZE
-from services.common.model_overrides import PRIOR_VARIABLE, WINDOW_VARIABLE
 from services.tools.engine.cache import EnginePaths
 from services.tools.stack import processes
 from services.tools.stack.environment import dial_address
@@ -240,6 +239,10 @@ def local_engine_settings(
     not send a replica a prompt over it. The KV capacity prefix-cache's view and the router's
     eviction model assume of each replica is what it keeps (``kv_capacity_tokens``: 15,746
     tokens at the default context, not ``.env``'s 1,048,576 for the simulated engines)."""
+    # imported here: the model table's module loads pydantic, ~175 ms of every stack command's
+    # start-up (this module is imported by the stack CLI for `down` to stop the replicas)
+    from services.common.model_overrides import PRIOR_VARIABLE, WINDOW_VARIABLE
+
     if not replicas:
         raise EngineError("no llama-server replica to put behind the model processes")
     first, second = replicas[0], replicas[1 % len(replicas)]

@@ -34,7 +34,6 @@ from services.tools.stack.ports import (
     write_moved,
 )
 from services.tools.stack.redis_process import REDIS_URL_VAR
-from services.tools.stack.reset_l2 import forget_warm_prefixes, redis_data_dir
 from services.tools.stack.service_table import unread_settings
 from services.tools.stack.supervisor import read_state, supervise
 
@@ -113,6 +112,9 @@ def _run(args: argparse.Namespace) -> int:
         forget_endpoints(run_dir)  # and demo-keys.env names no stack until then
         return 0
     if args.command == "reset-l2":
+        # imported here: redis-py and prefix-cache's store cost every other command ~200 ms
+        from services.tools.stack.reset_l2 import forget_warm_prefixes, redis_data_dir
+
         _refuse_a_running_stack(stack, engines)  # its Redis and its engines' KV are in use
         deleted = forget_warm_prefixes(stack.settings(), run_dir)
         if deleted is None:
