@@ -33,10 +33,17 @@ help: ## list the targets
 
 setup: $(VENV)/.installed ## create .venv and install the pinned dependencies (constraints.txt)
 
-python-check: ## check that $(PYTHON) is Python 3.11+ with venv (Debian: apt-get install python3-venv)
+# $(PYTHON) checked where it is used: by python-check, keys and the venv's (re)build. Not by every
+# make up, status, demo as an order-only prerequisite of the venv: its two Python start-ups cost
+# each of them 0.4 s here (python3 is a pyenv shim) for a Python none of them runs
+define CHECK_PYTHON
 	@command -v $(PYTHON) >/dev/null || { echo "cachemesh needs Python 3.11+: no '$(PYTHON)' on PATH (make PYTHON=python3.12 ... to use another)"; exit 1; }
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "cachemesh needs Python 3.11+, $(PYTHON) is $$($(PYTHON) -c 'import platform; print(platform.python_version())') (make PYTHON=python3.12 ... to use another)"; exit 1; }
 	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { echo "$(PYTHON) cannot create a virtualenv: on Debian or Ubuntu, apt-get install python3-venv"; exit 1; }
+endef
+
+python-check: ## check that $(PYTHON) is Python 3.11+ with venv (Debian: apt-get install python3-venv)
+	$(CHECK_PYTHON)
 
 # pip and setuptools first, from constraints.txt: the pip that Python's venv bundles (23.2 on
 # 3.11) spent 32 of its 60 s CPU matching every file on PyPI's pages against the wheel tags; the
@@ -46,7 +53,8 @@ python-check: ## check that $(PYTHON) is Python 3.11+ with venv (Debian: apt-get
 # --no-build-isolation holds for every package of that command: each pinned dependency installs
 # from a wheel (every one does on this machine); one built from an sdist would find no build
 # backend of its own but the venv's setuptools (drop the flag then)
-$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml constraints.txt | python-check
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml constraints.txt
+	$(CHECK_PYTHON)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt pip setuptools
 	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt --no-build-isolation \
