@@ -255,9 +255,85 @@ def refusal(headers: dict[str, str], body: dict[str, Any]) -> Reply | None:
                 return error(
                     400, "invalid_request_error", f"{name}: Extra inputs are not permitted"
                 )
+    if (structure := _structure_refusal(body)) is not None:
+        return error(400, "invalid_request_error", structure)
     if _DEFAULT_SAMPLING_ONLY.match(str(body.get("model"))):
         for name in SAMPLING:
             if name in body and body[name] != _SAMPLING_DEFAULTS.get(name):
                 message = f"`{name}` is deprecated for this model."
                 return error(400, "invalid_request_error", message)
+    return None
+
+
+MAX_BREAKPOINTS = 4
+
+
+def _blocks(content: Any) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    return [block for block in content or [] if isinstance(block, dict)]
+
+
+def _structure_refusal(body: dict[str, Any]) -> str | None:
+    """The message of the real API's 400 to a body whose shape it refuses, else None: a
+    max_tokens below 1, a temperature outside [0, 1], an empty or blank text block, a message
+    after tool calls that does not begin with their tool_result blocks (or a result matching
+    no call of the message before), more than 4 ``cache_control`` breakpoints, a 1-hour
+    breakpoint after a 5-minute one (tools, system, messages order). The messages are the
+    API's (its errors as clients have met them; the prompt caching page for the TTL rule)."""
+    if not isinstance(body.get("max_tokens"), int) or body["max_tokens"] < 1:
+        return "max_tokens: Input should be greater than or equal to 1"
+    temperature = body.get("temperature")
+    if isinstance(temperature, int | float) and not 0 <= temperature <= 1:
+        return "temperature: Input should be less than or equal to 1"
+    marks: list[str] = []  # each breakpoint's ttl, in the API's order
+    for tool in body.get("tools") or []:
+        if isinstance(tool, dict) and isinstance(tool.get("cache_control"), dict):
+            marks.append(tool["cache_control"].get("ttl", "5m"))
+    system = body.get("system")
+    places = [("system", block) for block in _blocks(system)] if system is not None else []
+    calls: list[str] = []  # the tool_use ids of the message before
+    for m, message in enumerate(body.get("messages") or []):
+        blocks = _blocks(message.get("content"))
+        results = 0
+        for b, block in enumerate(blocks):
+            if block.get("type") == "tool_result":
+                if block.get("tool_use_id") not in calls:
+                    return (
+                        f"messages.{m}.content.{b}: unexpected `tool_use_id` found in "
+                        f"`tool_result` blocks: {block.get('tool_use_id')}. Each `tool_result` "
+                        "block must have a corresponding `tool_use` block in the previous message."
+                    )
+                if b == results:
+                    results += 1
+        if calls and results < len(calls):
+            return (
+                f"messages.{m}: Did not find {len(calls)} tool_result block(s) at the beginning "
+                "of this message. Messages following tool_use blocks must begin with a matching "
+                "number of tool_result blocks."
+            )
+        calls = [str(block.get("id")) for block in blocks if block.get("type") == "tool_use"]
+        places += [(f"messages.{m}.content.{b}", block) for b, block in enumerate(blocks)]
+    for where, block in places:
+        if block.get("type") == "text":
+            text = block.get("text")
+            if not text:
+                return f"{where.split('.')[0]}: text content blocks must be non-empty"
+            if not str(text).strip():
+                return (
+                    f"{where.split('.')[0]}: text content blocks must contain non-whitespace text"
+                )
+        if isinstance(block.get("cache_control"), dict):
+            marks.append(block["cache_control"].get("ttl", "5m"))
+    if len(marks) > MAX_BREAKPOINTS:
+        return (
+            f"A maximum of {MAX_BREAKPOINTS} blocks with cache_control may be provided. "
+            f"Found {len(marks)}."
+        )
+    if "5m" in marks and "1h" in marks[marks.index("5m") :]:
+        return (
+            "a ttl='1h' cache_control block must not come after a ttl='5m' cache_control "
+            "block. Note that blocks are processed in the following order: `tools`, `system`, "
+            "`messages`."
+        )
     return None

@@ -1,0 +1,121 @@
+"""The loopback Anthropic server refuses, with the real API's 400 and words, the request
+shapes the real API refuses, so that a regression sending one fails a test rather than being
+answered: a message after tool calls not beginning with their tool_result blocks (the router
+passed text before a tool_result until then, and the loopback server answered it: 5 of 5), a
+result matching no call, an empty or blank text block, more than 4 breakpoints, a 1-hour
+breakpoint after a 5-minute one, max_tokens 0, a temperature above 1. Each shape's fixed
+form is answered."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.providers.loopback import serving
+from tests.providers.wire_server import WireServer
+
+CLAUDE = "claude-haiku-4-5"
+TOOLS = [{"name": "calc", "input_schema": {"type": "object"}}]
+USE = {"type": "tool_use", "id": "toolu_1", "name": "calc", "input": {}}
+CALL = {"role": "assistant", "content": [USE]}
+RESULT = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "42"}
+NOTE = {"type": "text", "text": "here it is"}
+ASK = {"role": "user", "content": "compute"}
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[WireServer]:
+    yield from serving()
+
+
+def _post(server: WireServer, body: dict[str, Any]) -> tuple[int, str | None]:
+    headers = {
+        "content-type": "application/json",
+        "x-api-key": "sk-ant-loopback",
+        "anthropic-version": "2023-06-01",
+    }
+    sent = urllib.request.Request(
+        server.base + "/v1/messages", json.dumps(body).encode(), headers, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(sent, timeout=30) as answer:
+            answer.read()
+            return answer.status, None
+    except urllib.error.HTTPError as refused:
+        error = json.loads(refused.read())
+        assert error["type"] == "error"
+        assert error["error"]["type"] == "invalid_request_error"
+        return refused.code, str(error["error"]["message"])
+
+
+def _body(messages: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
+    return {"model": CLAUDE, "max_tokens": 16, "tools": TOOLS, "messages": messages} | fields
+
+
+def _marked(ttl: str | None) -> dict[str, Any]:
+    control = {"type": "ephemeral"} | ({"ttl": ttl} if ttl else {})
+    return {"type": "text", "text": "context", "cache_control": control}
+
+
+# (refused body, its fixed form, the start of the API's message)
+CASES = {
+    "text before the result": (
+        _body([ASK, CALL, {"role": "user", "content": [NOTE, RESULT]}]),
+        _body([ASK, CALL, {"role": "user", "content": [RESULT, NOTE]}]),
+        "messages.2: Did not find 1 tool_result block(s) at the beginning of this message.",
+    ),
+    "no result after the call": (
+        _body([ASK, CALL, {"role": "user", "content": [NOTE]}]),
+        _body([ASK, CALL, {"role": "user", "content": [RESULT]}]),
+        "messages.2: Did not find 1 tool_result block(s)",
+    ),
+    "a result matching no call": (
+        _body([ASK, {"role": "assistant", "content": "ok"}, {"role": "user", "content": [RESULT]}]),
+        _body([ASK, CALL, {"role": "user", "content": [RESULT]}]),
+        "messages.2.content.0: unexpected `tool_use_id` found in `tool_result` blocks: toolu_1.",
+    ),
+    "an empty text block": (
+        _body([{"role": "user", "content": [{"type": "text", "text": ""}]}]),
+        _body([{"role": "user", "content": [{"type": "text", "text": "x"}]}]),
+        "messages: text content blocks must be non-empty",
+    ),
+    "a blank system block": (
+        _body([ASK], system=[{"type": "text", "text": "  "}]),
+        _body([ASK], system=[{"type": "text", "text": "be brief"}]),
+        "system: text content blocks must contain non-whitespace text",
+    ),
+    "five breakpoints": (
+        _body([{"role": "user", "content": [_marked(None)] * 5}]),
+        _body([{"role": "user", "content": [_marked(None)] * 4}]),
+        "A maximum of 4 blocks with cache_control may be provided. Found 5.",
+    ),
+    "1h after 5m": (
+        _body([{"role": "user", "content": [_marked("1h")]}], system=[_marked("5m")]),
+        _body([{"role": "user", "content": [_marked("5m")]}], system=[_marked("1h")]),
+        "a ttl='1h' cache_control block must not come after a ttl='5m' cache_control block.",
+    ),
+    "max_tokens 0": (
+        _body([ASK], max_tokens=0),
+        _body([ASK], max_tokens=1),
+        "max_tokens: Input should be greater than or equal to 1",
+    ),
+    "temperature above 1": (
+        _body([ASK], temperature=1.5),
+        _body([ASK], temperature=1.0),
+        "temperature: Input should be less than or equal to 1",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_loopback_server_refuses_what_the_api_refuses(server: WireServer, case: str) -> None:
+    refused, fixed, message = CASES[case]
+    status, said = _post(server, refused)
+    assert status == 400
+    assert said is not None and said.startswith(message), said
+    assert _post(server, fixed) == (200, None)
