@@ -115,3 +115,18 @@ def test_an_engine_without_usage_counts_its_thinking(server: WireServer) -> None
     (end,) = _ends(_generate(_api(server, "openai"), GPT))
     assert not end.interrupted and not end.HasField("provider_usage")
     assert end.output_tokens > _thinking_tokens(GPT)  # its thinking and its answer
+
+
+def test_anthropics_thinking_tokens_are_the_answers_reasoning_tokens(server: WireServer) -> None:
+    """Anthropic reports, of output_tokens, the thinking's in message_delta's
+    ``usage.output_tokens_details.thinking_tokens`` (the SDK 2.x's MessageDeltaUsage): the
+    answer's reasoning_tokens, as OpenAI's completion_tokens_details.reasoning_tokens is.
+    Before, the adapter did not read it: 0, "none reported", for a report of 880. Not
+    reported: 0."""
+    reported = anthropic_wire.Usage(25, output_tokens=900, thinking_tokens=880)
+    unreported = anthropic_wire.Usage(25, output_tokens=900)
+    for usage in (reported, unreported):
+        events = anthropic_wire.stream(CLAUDE, ANSWER, usage, thinking=PIECES)
+        server.script("anthropic", Reply(events=events))
+    ends = [_ends(_generate(_api(server, "anthropic"), CLAUDE))[0] for _ in range(2)]
+    assert [(e.output_tokens, e.reasoning_tokens) for e in ends] == [(900, 880), (900, 0)]

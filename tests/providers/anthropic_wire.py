@@ -20,6 +20,16 @@ class Usage:
     cache_creation_1h: int = 0
     cache_read_input_tokens: int = 0
     output_tokens: int = 0
+    # of output_tokens, the thinking's (message_delta's ``output_tokens_details``, which the
+    # SDK 2.x reads); None: not reported
+    thinking_tokens: int | None = None
+
+    def delta(self) -> dict[str, Any]:
+        """message_delta's usage."""
+        usage: dict[str, Any] = {"output_tokens": self.output_tokens}
+        if self.thinking_tokens is not None:
+            usage["output_tokens_details"] = {"thinking_tokens": self.thinking_tokens}
+        return usage
 
     def start(self) -> dict[str, Any]:
         return {
@@ -181,7 +191,7 @@ def stream(
                 {
                     "type": "message_delta",
                     "delta": {"stop_reason": stop_reason, "stop_sequence": None},
-                    "usage": {"output_tokens": usage.output_tokens},
+                    "usage": usage.delta(),
                 }
             ),
         ),

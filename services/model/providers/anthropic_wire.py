@@ -169,6 +169,20 @@ def _merge_usage(
     return reported
 
 
+def _thinking_tokens(usage: Any, most: int, distrusted: dict[str, str]) -> int | None:
+    """Of the output, the thinking's tokens as the provider reported them
+    (``usage.output_tokens_details.thinking_tokens``, cumulative), else None. One no call has
+    is not believed: named in ``distrusted``, None."""
+    details = getattr(usage, "output_tokens_details", None)
+    value = getattr(details, "thinking_tokens", None)
+    if value is None:
+        return None
+    count, why = token_count(value, most)
+    if count is None:
+        distrusted["output_tokens_details.thinking_tokens"] = why
+    return count
+
+
 # the fields of the prompt's report: one not believed, and none of them is (their split)
 _PROMPT_FIELDS = frozenset(
     {
@@ -247,12 +261,15 @@ class AnthropicAdapter:
         most, distrusted = most_tokens(spec), progress.distrusted
         tools: dict[int, list[Any]] = {}  # index -> [id, name, partial JSON pieces]
         stop_reason: str | None = None  # set by the final event; None: the stream was cut
+        thinking = 0  # of the output, the thinking's tokens as reported (0: not reported)
         try:
             async with events:
                 async for event in events:
                     kind = event.type
                     if kind == "message_start":
                         merged = _merge_usage(usage, event.message.usage, most, distrusted)
+                        reported_thinking = _thinking_tokens(event.message.usage, most, distrusted)
+                        thinking = reported_thinking or thinking
                         input_reported = "input_tokens" in merged
                         # the prompt as billed so far; ``usage`` keeps the provider's own
                         # counts, which message_delta's fold into
@@ -285,6 +302,8 @@ class AnthropicAdapter:
                         yield tool_use_chunk(call_id, name, "".join(pieces))
                     elif kind == "message_delta":
                         reported = _merge_usage(usage, event.usage, most, distrusted)
+                        reported_thinking = _thinking_tokens(event.usage, most, distrusted)
+                        thinking = reported_thinking or thinking  # cumulative: the latest
                         # the answer's output count is message_delta's (message_start's is
                         # a placeholder)
                         output_reported = output_reported or "output_tokens" in reported
@@ -309,6 +328,7 @@ class AnthropicAdapter:
             end=model_pb2.GenerateEnd(
                 output_tokens=usage.output_tokens,
                 stop_reason=stop_reason,
+                reasoning_tokens=thinking,
                 provider_usage=pc.ProviderUsage(anthropic=usage),
             )
         )
