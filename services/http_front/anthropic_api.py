@@ -362,7 +362,10 @@ def message_id(request_id: str) -> str:
 
 
 def usage(u: pb.Usage) -> dict[str, Any]:
-    return {
+    """The Messages API's usage; of the output, the thinking's tokens
+    (``output_tokens_details.thinking_tokens``, which the SDKs read) when the provider
+    reported any (``reasoning_tokens``; 0: none reported, so none claimed)."""
+    served: dict[str, Any] = {
         "input_tokens": u.input_tokens,
         "cache_creation_input_tokens": u.cache_creation_input_tokens,
         "cache_read_input_tokens": u.cache_read_input_tokens,
@@ -372,6 +375,9 @@ def usage(u: pb.Usage) -> dict[str, Any]:
         },
         "output_tokens": u.output_tokens,
     }
+    if u.reasoning_tokens:
+        served["output_tokens_details"] = {"thinking_tokens": u.reasoning_tokens}
+    return served
 
 
 def content_block(block: pb.ContentBlock) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import anthropic.types
 import grpc
 import openai
 import pydantic
@@ -1201,3 +1202,31 @@ def test_a_value_the_refusal_quotes_is_not_rewritten_as_a_path(quoted_id: str) -
     said = openai_api.at_caller(refused.value.message, origins)
     assert said.startswith("messages[2].tool_call_id: "), said
     assert f"{quoted_id!r} matches no earlier" in said, said
+
+
+def test_anthropic_usage_serves_the_thinking_tokens_the_sdk_reads() -> None:
+    """Of the output, the thinking's tokens as the provider reported them (reasoning_tokens)
+    are served as the Messages API's ``usage.output_tokens_details.thinking_tokens``, which
+    the anthropic SDK reads into its Message and message_delta usage (read here by its own
+    types); none reported, none claimed. Before, not served: the SDK's None for 2 reported."""
+    end = _end(pb.ContentBlock(text="a"))
+    end.usage.reasoning_tokens = 2  # of the 3 output tokens, the model's thinking
+    message = anthropic.types.Message.model_validate(anthropic_api.response(end))
+    assert message.usage.output_tokens_details is not None
+    assert (message.usage.output_tokens, message.usage.output_tokens_details.thinking_tokens) == (
+        3,
+        2,
+    )
+    stream = anthropic_api.EventStream()
+    (_, delta), _stop = stream.end(end, {})
+    event = anthropic.types.RawMessageDeltaEvent.model_validate(delta)
+    assert event.usage.output_tokens_details is not None
+    assert event.usage.output_tokens_details.thinking_tokens == 2
+    end.usage.reasoning_tokens = 0  # none reported
+    assert "output_tokens_details" not in anthropic_api.response(end)["usage"]
+    assert (
+        anthropic.types.Message.model_validate(
+            anthropic_api.response(end)
+        ).usage.output_tokens_details
+        is None
+    )
