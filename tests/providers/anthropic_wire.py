@@ -276,6 +276,9 @@ def refusal(headers: dict[str, str], body: dict[str, Any]) -> Reply | None:
 
 
 MAX_BREAKPOINTS = 4
+# the ids of tool_use blocks the API takes (an OpenAI-compatible engine's "functions.f:0" is
+# refused: "messages.1.content.0.tool_use.id: String should match pattern '^[a-zA-Z0-9_-]+$'")
+_TOOL_ID = re.compile(r"^[a-zA-Z0-9_-]+$")
 
 
 def _blocks(content: Any) -> list[dict[str, Any]]:
@@ -286,7 +289,8 @@ def _blocks(content: Any) -> list[dict[str, Any]]:
 
 def _structure_refusal(body: dict[str, Any]) -> str | None:
     """The message of the real API's 400 to a body whose shape it refuses, else None: a
-    max_tokens below 1, a temperature outside [0, 1], an empty or blank text block, a message
+    max_tokens below 1, a temperature outside [0, 1], an empty or blank text block, a tool_use
+    id outside ``^[a-zA-Z0-9_-]+$``, a message
     after tool calls that does not begin with their tool_result blocks (or a result matching
     no call of the message before), more than 4 ``cache_control`` breakpoints, a 1-hour
     breakpoint after a 5-minute one (tools, system, messages order). The messages are the
@@ -307,6 +311,11 @@ def _structure_refusal(body: dict[str, Any]) -> str | None:
         blocks = _blocks(message.get("content"))
         results = 0
         for b, block in enumerate(blocks):
+            if block.get("type") == "tool_use" and not _TOOL_ID.match(str(block.get("id"))):
+                return (
+                    f"messages.{m}.content.{b}.tool_use.id: String should match pattern "
+                    f"'{_TOOL_ID.pattern}'"
+                )
             if block.get("type") == "tool_result":
                 if block.get("tool_use_id") not in calls:
                     return (

@@ -3,20 +3,26 @@ shapes the real API refuses, so that a regression sending one fails a test rathe
 answered: a message after tool calls not beginning with their tool_result blocks (the router
 passed text before a tool_result until then, and the loopback server answered it: 5 of 5), a
 result matching no call, an empty or blank text block, more than 4 breakpoints, a 1-hour
-breakpoint after a 5-minute one, max_tokens 0, a temperature above 1. Each shape's fixed
-form is answered."""
+breakpoint after a 5-minute one, max_tokens 0, a temperature above 1, a tool_use id outside
+the API's pattern. Each shape's fixed form is answered. And the replica sends a tool id
+another model wrote in the API's pattern."""
 
 from __future__ import annotations
 
 import json
+import re
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import model_pb2
+from services.model.providers.api import ProviderApi
 from tests.providers.loopback import serving
+from tests.providers.replica import provider_replica, provider_settings
 from tests.providers.wire_server import WireServer
 
 CLAUDE = "claude-haiku-4-5"
@@ -119,3 +125,61 @@ def test_the_loopback_server_refuses_what_the_api_refuses(server: WireServer, ca
     assert status == 400
     assert said is not None and said.startswith(message), said
     assert _post(server, fixed) == (200, None)
+
+
+def test_the_loopback_server_refuses_a_tool_use_id_the_api_refuses(server: WireServer) -> None:
+    use = USE | {"id": "functions.calc:0"}
+    result = RESULT | {"tool_use_id": "functions.calc:0"}
+    turns: list[dict[str, Any]] = [
+        ASK,
+        {"role": "assistant", "content": [use]},
+        {"role": "user", "content": [result]},
+    ]
+    status, said = _post(server, _body(turns))
+    assert (status, said) == (
+        400,
+        "messages.1.content.0.tool_use.id: String should match pattern '^[a-zA-Z0-9_-]+$'",
+    )
+
+
+@pytest.fixture
+async def replica(server: WireServer) -> AsyncIterator[ProviderApi]:
+    server.reset()
+    settings = provider_settings("anthropic", server.base, "sk-ant-loopback-0123456789abcdef")
+    api = provider_replica(settings, [CLAUDE], clock=lambda: 1000.0)
+    yield api
+    await api.close()
+
+
+async def test_tool_ids_another_model_wrote_are_sent_as_ids_the_api_takes(
+    server: WireServer, replica: ProviderApi
+) -> None:
+    """A conversation whose tool calls an OpenAI-compatible engine made (ids like
+    ``functions.calc:0``; ``auto`` may answer its next turn with Claude) reaches Claude with
+    each id in the API's pattern, each tool_result still naming its call's, two ids differing
+    in a refused character still two, a valid id unchanged. Before, sent as they were: the
+    real API's 400 to every such turn (5 of 5 refused by the loopback server's check)."""
+    ids = ["functions.calc:0", "functions.calc.0", "toolu_01A-b"]
+    messages = [pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text="6*7?")])]
+    for call_id in ids:
+        use = pb.ToolUse(id=call_id, name="calc", input_json="{}")
+        messages.append(pb.Message(role=pb.ROLE_ASSISTANT, content=[pb.ContentBlock(tool_use=use)]))
+        result = pb.ToolResult(tool_use_id=call_id, content="42")
+        messages.append(
+            pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(tool_result=result)])
+        )
+    request = pb.CompleteRequest(
+        model=CLAUDE, max_tokens=16, tools=[pb.Tool(name="calc")], messages=messages
+    )
+    call = model_pb2.GenerateRequest(tenant="t", model=CLAUDE, request=request)
+    chunks = [chunk async for chunk in replica.generate(call, 10.0)]
+    assert chunks[-1].HasField("end")
+    (sent,) = server.seen_by("anthropic")
+    assert sent.status == 200
+    body = sent.body["messages"]
+    uses = [body[m]["content"][0]["id"] for m in (1, 3, 5)]
+    results = [body[m]["content"][0]["tool_use_id"] for m in (2, 4, 6)]
+    assert uses == results
+    assert len(set(uses)) == 3
+    assert all(re.fullmatch(r"[a-zA-Z0-9_-]+", sent_id) for sent_id in uses)
+    assert uses[2] == "toolu_01A-b"

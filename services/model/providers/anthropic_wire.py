@@ -15,7 +15,9 @@ https://docs.claude.com/en/api/messages-streaming
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -55,6 +57,24 @@ def cache_control(block: pb.ContentBlock | pb.Tool) -> dict[str, str] | None:
     return control
 
 
+# the tool_use ids the Messages API takes; another is a 400 ("messages.1.content.0.tool_use.id:
+# String should match pattern '^[a-zA-Z0-9_-]+$'")
+_TOOL_ID = re.compile(r"[a-zA-Z0-9_-]+")
+
+
+def tool_id(call_id: str) -> str:
+    """``call_id`` as an id the Messages API takes: itself when it is one; else its other
+    characters as ``_`` and a digest of the whole (two ids differing only there stay two).
+    The same on a tool_use and on its tool_result, so the pair still matches: an id is
+    opaque, only pairing them. Before, an id another provider's model wrote (an
+    OpenAI-compatible engine's ``functions.calc:0``, a client's own) went as it was, and
+    Anthropic refused the conversation (400) on every later turn sent to a Claude model."""
+    if _TOOL_ID.fullmatch(call_id):
+        return call_id
+    digest = hashlib.sha256(call_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{re.sub(r'[^a-zA-Z0-9_-]', '_', call_id)}_{digest}"
+
+
 def _block(block: pb.ContentBlock) -> dict[str, Any]:
     kind = block.WhichOneof("kind")
     out: dict[str, Any]
@@ -62,13 +82,17 @@ def _block(block: pb.ContentBlock) -> dict[str, Any]:
         use = block.tool_use
         out = {
             "type": "tool_use",
-            "id": use.id,
+            "id": tool_id(use.id),
             "name": use.name,
             "input": json.loads(use.input_json or "{}"),
         }
     elif kind == "tool_result":
         result = block.tool_result
-        out = {"type": "tool_result", "tool_use_id": result.tool_use_id, "content": result.content}
+        out = {
+            "type": "tool_result",
+            "tool_use_id": tool_id(result.tool_use_id),
+            "content": result.content,
+        }
         if result.is_error:
             out["is_error"] = True
     else:
