@@ -201,18 +201,6 @@ def _unanswered(turns: _ToolTurns, next_message: str) -> RequestError:
     )
 
 
-def _results_first(where: str, text_at: str) -> RequestError:
-    """The Messages API's rule: the message that follows a tool call begins with its
-    tool_result blocks (Anthropic's 400: "Did not find 1 tool_result block(s) at the beginning
-    of this message. Messages following tool_use blocks must begin with a matching number of
-    tool_result blocks"). Before, such a request passed here, and an Anthropic model's
-    provider refused it."""
-    return _invalid(
-        f"{where}.tool_result: tool_result blocks must come first in their message, before "
-        f"any text ({text_at} is text); move the text after the tool results"
-    )
-
-
 def _validate_messages(request: pb.CompleteRequest) -> None:
     if not request.messages:
         raise _invalid("messages: at least one message is required")
@@ -230,15 +218,8 @@ def _validate_messages(request: pb.CompleteRequest) -> None:
             raise _invalid(f"messages[{i}].content: a message needs at least one block")
         waiting = dict(turns.waiting)  # the previous message's calls
         turns.waiting.clear()
-        text_at: str | None = None  # the message's first text block, once met
         for j, block in enumerate(message.content):
-            where = f"messages[{i}].content[{j}]"
-            _validate_block(block, where, message.role, turns)
-            kind = block.WhichOneof("kind")
-            if kind == "text" and text_at is None:
-                text_at = where
-            elif kind == "tool_result" and text_at is not None:
-                raise _results_first(where, text_at)
+            _validate_block(block, f"messages[{i}].content[{j}]", message.role, turns)
         if any(use_id not in turns.answered for use_id in waiting):
             turns.waiting = {k: v for k, v in waiting.items() if k not in turns.answered}
             raise _unanswered(turns, f"messages[{i}]")

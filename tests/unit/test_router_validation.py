@@ -524,24 +524,3 @@ def test_a_rows_takes_prefill_overrides_its_providers_default() -> None:
     with pytest.raises(RequestError) as info:
         validate_request(_request(model="auto", messages=messages), table, deployed)
     assert "auto, which may pick sim-small" in info.value.message
-
-
-def test_a_tool_result_after_text_in_its_message_is_refused() -> None:
-    """The Messages API refuses text before a tool_result in the message after the call
-    ("Messages following tool_use blocks must begin with a matching number of tool_result
-    blocks"): before, the router passed it and Anthropic answered a 400 (5 of 5 passed)."""
-    messages = [
-        pb.Message(role=pb.ROLE_USER, content=[_text("compute")]),
-        pb.Message(role=pb.ROLE_ASSISTANT, content=[_use()]),
-        pb.Message(role=pb.ROLE_USER, content=[_text("here it is:"), _result()]),
-    ]
-    request = _request(messages=messages, tools=[pb.Tool(name="calc")])
-    error = _error(request)
-    assert error.code == Code.INVALID_ARGUMENT
-    assert error.message.startswith(
-        "messages[2].content[1].tool_result: tool_result blocks must come first in their "
-        "message, before any text (messages[2].content[0] is text)"
-    )
-    del request.messages[2].content[:]  # the results first, then the text: taken
-    request.messages[2].content.extend([_result(), _text("here it is.")])
-    validate_request(request, TABLE, DEPLOYED)
