@@ -183,3 +183,35 @@ async def test_tool_ids_another_model_wrote_are_sent_as_ids_the_api_takes(
     assert len(set(uses)) == 3
     assert all(re.fullmatch(r"[a-zA-Z0-9_-]+", sent_id) for sent_id in uses)
     assert uses[2] == "toolu_01A-b"
+
+
+async def test_a_users_text_before_its_tool_results_is_sent_after_them(
+    server: WireServer, replica: ProviderApi
+) -> None:
+    """A user turn of text, then the results of the call before it (a turn OpenAI-compatible
+    engines take: ``openai_wire`` sends the results first, as ``tool`` messages) reaches Claude
+    with its results first, each group in its order: the API refuses a message after a tool
+    call that does not begin with its results (the loopback server's check, its words)."""
+    use = pb.ToolUse(id="toolu_1", name="calc", input_json="{}")
+    turn = [
+        pb.ContentBlock(text="Here is the result:"),
+        pb.ContentBlock(tool_result=pb.ToolResult(tool_use_id="toolu_1", content="42")),
+        pb.ContentBlock(text="what next?"),
+    ]
+    messages = [
+        pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text="6*7?")]),
+        pb.Message(role=pb.ROLE_ASSISTANT, content=[pb.ContentBlock(tool_use=use)]),
+        pb.Message(role=pb.ROLE_USER, content=turn),
+    ]
+    request = pb.CompleteRequest(
+        model=CLAUDE, max_tokens=16, tools=[pb.Tool(name="calc")], messages=messages
+    )
+    call = model_pb2.GenerateRequest(tenant="t", model=CLAUDE, request=request)
+    chunks = [chunk async for chunk in replica.generate(call, 10.0)]
+    assert chunks[-1].HasField("end")
+    (sent,) = server.seen_by("anthropic")
+    assert sent.status == 200
+    kinds = [block["type"] for block in sent.body["messages"][2]["content"]]
+    texts = [block.get("text") for block in sent.body["messages"][2]["content"]]
+    assert kinds == ["tool_result", "text", "text"]
+    assert texts[1:] == ["Here is the result:", "what next?"]
