@@ -76,6 +76,13 @@ def test_text_that_is_not_utf8_names_the_parameter_never_the_text(parameter: str
     assert "12345" not in str(caught.value) and not isinstance(caught.value, UnicodeError)
 
 
+def test_none_for_an_optional_text_is_unset_as_before() -> None:
+    """``request_id=os.environ.get(...)`` of an unset variable: protobuf took None as unset
+    before the type checks, and still does for the two optional texts (V2)."""
+    request = build_request("q", namespace=None, request_id=None)  # type: ignore[arg-type]
+    assert (request.cache.namespace, request.request_id) == ("", "")
+
+
 def test_values_the_gateway_checks_still_reach_it() -> None:
     """0 and a negative max_tokens, a threshold outside [0, 1]: the Gateway's
     InvalidRequestError names the field (a local refusal would move them out of the tree)."""

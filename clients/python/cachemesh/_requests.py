@@ -29,6 +29,12 @@ def _text(parameter: str, value: object) -> str:
     return value
 
 
+def _unset_or_text(parameter: str, value: object) -> str:
+    """An optional field's text: None is unset (``""``), as protobuf took it before these
+    checks (``request_id=os.environ.get(...)`` of an unset variable)."""
+    return "" if value is None else _text(parameter, value)
+
+
 def _int32(parameter: str, value: object) -> int:
     """``value`` when it is a whole number (not a bool) an int32 field holds; else a TypeError
     or ValueError naming ``parameter``. What the field means (max_tokens over 0) is the
@@ -80,8 +86,8 @@ def build_request(
         model=_text("model", model),
         max_tokens=_int32("max_tokens", max_tokens),
         messages=[*history, user_message(_text("question", question))],
-        request_id=_text("request_id", request_id),
-        cache=pb.CacheOptions(semantic=semantic, namespace=_text("namespace", namespace)),
+        request_id=_unset_or_text("request_id", request_id),
+        cache=pb.CacheOptions(semantic=semantic, namespace=_unset_or_text("namespace", namespace)),
     )
     if system:
         request.system.append(pb.ContentBlock(text=_text("system", system)))
