@@ -33,9 +33,10 @@ help: ## list the targets
 
 setup: $(VENV)/.installed ## create .venv and install the pinned dependencies (constraints.txt)
 
-# $(PYTHON) checked where it is used: by python-check, keys and the venv's (re)build. Not by every
-# make up, status, demo as an order-only prerequisite of the venv: its two Python start-ups cost
-# each of them 0.4 s here (python3 is a pyenv shim) for a Python none of them runs
+# $(PYTHON) checked where it is used: by python-check, keys, train-verifier and the venv's
+# (re)build. Not by every make up, status, demo as an order-only prerequisite of the venv: its
+# two Python start-ups cost each of them 0.4 s here (python3 is a pyenv shim) for a Python none
+# of them runs
 define CHECK_PYTHON
 	@command -v $(PYTHON) >/dev/null || { echo "cachemesh needs Python 3.11+: no '$(PYTHON)' on PATH (make PYTHON=python3.12 ... to use another)"; exit 1; }
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "cachemesh needs Python 3.11+, $(PYTHON) is $$($(PYTHON) -c 'import platform; print(platform.python_version())') (make PYTHON=python3.12 ... to use another)"; exit 1; }
@@ -156,6 +157,7 @@ bench-cache: setup ## semantic-cache scale: index latency/recall at 10k-1M, embe
 
 TRAIN_VENV := .venv-train
 train-verifier: setup ## train the cross-encoder verifier (CPU torch, in .venv-train only); writes services/semantic_cache/verifier_model/ (int8 ONNX, sha256, card)
+	$(CHECK_PYTHON)
 	test -x $(TRAIN_VENV)/bin/python || $(PYTHON) -m venv $(TRAIN_VENV)
 	$(TRAIN_VENV)/bin/pip install -q --disable-pip-version-check -c constraints.txt \
 	  -r services/tools/verifier/requirements-train.txt
