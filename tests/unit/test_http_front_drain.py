@@ -69,6 +69,24 @@ async def test_a_stream_still_running_at_the_end_of_the_grace_is_cancelled() -> 
         stream.close()
 
 
+async def _short_server() -> tuple[Runner, int]:
+    """A front-like runner answering ``GET /short`` "done", listening on a free port (aiohttp's
+    own shutdown timeout far past any test: only the drain may end it)."""
+
+    async def short(request: web.Request) -> web.StreamResponse:
+        return web.Response(text="done")
+
+    app = web.Application()
+    app.router.add_get("/short", short)
+    runner = Runner(
+        app, max_connections=100, write_timeout_s=30, handle_signals=False, shutdown_timeout=3600
+    )
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, port
+
+
 async def _ask(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
     writer.write(b"GET /short HTTP/1.1\r\nHost: front\r\n\r\n")
     await writer.drain()
@@ -89,17 +107,7 @@ async def test_a_request_on_an_idle_keep_alive_connection_as_the_drain_begins_is
     are still served, each answer saying ``Connection: close``; only new connections are
     refused (the listener is closed)."""
 
-    async def short(request: web.Request) -> web.StreamResponse:
-        return web.Response(text="done")
-
-    app = web.Application()
-    app.router.add_get("/short", short)
-    runner = Runner(
-        app, max_connections=100, write_timeout_s=30, handle_signals=False, shutdown_timeout=3600
-    )
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner, port = await _short_server()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         first = await _ask(reader, writer)
@@ -123,17 +131,7 @@ async def test_the_open_window_ends_when_no_connection_is_left_to_serve() -> Non
     closed: none can come), it ends. Before: every stop waited the whole window (1 s a stop of
     the front, in production and in each of ~120 tests' teardowns)."""
 
-    async def short(request: web.Request) -> web.StreamResponse:
-        return web.Response(text="done")
-
-    app = web.Application()
-    app.router.add_get("/short", short)
-    runner = Runner(
-        app, max_connections=100, write_timeout_s=30, handle_signals=False, shutdown_timeout=3600
-    )
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner, port = await _short_server()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     grace = asyncio.Event()
     try:
