@@ -3,7 +3,11 @@ stopped around a module's tests (``yield from serving()`` in a module-scoped fix
 
 from __future__ import annotations
 
+import json
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 from tests.providers import anthropic_wire, openai_wire
 from tests.providers.wire_server import WireServer
@@ -20,3 +24,20 @@ def serving(rejected_openai_key: str = "x") -> Iterator[WireServer]:
     wire.start()
     yield wire
     wire.stop()
+
+
+def post_messages(wire: WireServer, body: dict[str, Any], version: str | None) -> tuple[int, Any]:
+    """A raw ``POST /v1/messages`` to the loopback Anthropic server under ``version`` (None:
+    no ``anthropic-version`` header): its status and JSON error body (None: an answer)."""
+    headers = {"content-type": "application/json", "x-api-key": "sk-ant-loopback"}
+    if version is not None:
+        headers["anthropic-version"] = version
+    sent = urllib.request.Request(
+        wire.base + "/v1/messages", json.dumps(body).encode(), headers, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(sent, timeout=30) as answer:
+            answer.read()
+            return answer.status, None
+    except urllib.error.HTTPError as refused:
+        return refused.code, json.loads(refused.read())

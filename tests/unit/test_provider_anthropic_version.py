@@ -9,9 +9,6 @@ refused (INVALID_ARGUMENT) by an API that answers them under 2023-06-01."""
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -21,7 +18,7 @@ from anthropic._constants import ANTHROPIC_API_VERSION
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from services.model.providers.api import ProviderApi
-from tests.providers.loopback import serving
+from tests.providers.loopback import post_messages, serving
 from tests.providers.replica import provider_replica, provider_settings
 from tests.providers.wire_server import WireServer
 
@@ -36,18 +33,7 @@ def server() -> Iterator[WireServer]:
 
 def _post(server: WireServer, version: str | None, body: dict[str, Any]) -> tuple[int, Any]:
     """The loopback server's status and JSON error body (None: an answer) for a raw request."""
-    headers = {"content-type": "application/json", "x-api-key": "sk-ant-loopback"}
-    if version is not None:
-        headers["anthropic-version"] = version
-    sent = urllib.request.Request(
-        server.base + "/v1/messages", json.dumps(body).encode(), headers, method="POST"
-    )
-    try:
-        with urllib.request.urlopen(sent, timeout=30) as answer:
-            answer.read()
-            return answer.status, None
-    except urllib.error.HTTPError as refused:
-        return refused.code, json.loads(refused.read())
+    return post_messages(server, body, version)
 
 
 @pytest.mark.parametrize("field,value", [("temperature", 1.0), ("top_p", 0.9), ("top_k", 40)])

@@ -9,10 +9,7 @@ another model wrote in the API's pattern."""
 
 from __future__ import annotations
 
-import json
 import re
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -21,7 +18,7 @@ import pytest
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from services.model.providers.api import ProviderApi
-from tests.providers.loopback import serving
+from tests.providers.loopback import post_messages, serving
 from tests.providers.replica import provider_replica, provider_settings
 from tests.providers.wire_server import Seen, WireServer
 
@@ -40,23 +37,12 @@ def server() -> Iterator[WireServer]:
 
 
 def _post(server: WireServer, body: dict[str, Any]) -> tuple[int, str | None]:
-    headers = {
-        "content-type": "application/json",
-        "x-api-key": "sk-ant-loopback",
-        "anthropic-version": "2023-06-01",
-    }
-    sent = urllib.request.Request(
-        server.base + "/v1/messages", json.dumps(body).encode(), headers, method="POST"
-    )
-    try:
-        with urllib.request.urlopen(sent, timeout=30) as answer:
-            answer.read()
-            return answer.status, None
-    except urllib.error.HTTPError as refused:
-        error = json.loads(refused.read())
-        assert error["type"] == "error"
-        assert error["error"]["type"] == "invalid_request_error"
-        return refused.code, str(error["error"]["message"])
+    status, error = post_messages(server, body, "2023-06-01")
+    if error is None:
+        return status, None
+    assert error["type"] == "error"
+    assert error["error"]["type"] == "invalid_request_error"
+    return status, str(error["error"]["message"])
 
 
 def _body(messages: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
