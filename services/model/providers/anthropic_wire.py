@@ -103,16 +103,12 @@ def _block(block: pb.ContentBlock) -> dict[str, Any]:
 
 
 def _results_first(message: pb.Message) -> list[pb.ContentBlock]:
-    """A message's blocks, its ``tool_result`` blocks first (each group in its order): the
-    Messages API refuses a message after a tool call that does not begin with its results
-    (400, "Did not find 1 tool_result block(s) at the beginning of this message"), where a
-    user's text beside the results, before them, is a turn OpenAI-compatible engines take
-    (``openai_wire`` sends the results as ``tool`` messages, then the text)."""
-    blocks = list(message.content)
-    results = [block for block in blocks if block.WhichOneof("kind") == "tool_result"]
-    if not results:
-        return blocks
-    return results + [block for block in blocks if block.WhichOneof("kind") != "tool_result"]
+    """A message's blocks, its ``tool_result`` blocks first (a stable sort: each group in its
+    order): the Messages API refuses a message after a tool call that does not begin with its
+    results (400, "Did not find 1 tool_result block(s) at the beginning of this message"),
+    where a user's text beside the results, before them, is a turn OpenAI-compatible engines
+    take (``openai_wire`` sends the results as ``tool`` messages, then the text)."""
+    return sorted(message.content, key=lambda block: block.WhichOneof("kind") != "tool_result")
 
 
 def messages_params(spec: ModelSpec, request: pb.CompleteRequest) -> dict[str, Any]:
