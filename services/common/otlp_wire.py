@@ -471,3 +471,7 @@ class WireSpanExporter(OTLPSpanExporter):
                 exporting = self._in_export
             if not exporting:
                 self._health.uninstall()
+
+    def _translate_data(self, data: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
+        # the SDK's export calls this for each batch: SpanWire's bytes, not the SDK's encoder
+        return self._wire.request(data)
