@@ -3,7 +3,10 @@ official SDKs to talk to unchanged but for the base URL.
 
 One aiohttp server in a thread of the test process serves ``POST /v1/messages`` (Anthropic)
 and ``POST /v1/chat/completions`` (OpenAI). Each request is recorded (path, headers, JSON
-body, arrival time). The answer is the next scripted ``Reply`` for that API (and credential,
+body, arrival time). Every answer, a stream or an error, carries the provider's request id
+header as the real APIs send it (Anthropic's ``request-id``, OpenAI's ``x-request-id``: a
+fresh id each, recorded in ``Seen.request_id``; a ``Reply``'s own header of that name wins).
+The answer is the next scripted ``Reply`` for that API (and credential,
 when the script names one), else the API's default answer; a credential in ``rejected``
 always gets the provider's 401 body, and a request an API's ``check`` refuses (as the real API
 validates a request before it answers: Anthropic's ``anthropic-version`` rules) gets that
@@ -16,6 +19,7 @@ import asyncio
 import json
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +29,8 @@ from aiohttp import web
 from services.tools.stack.ports import free_port
 
 Event = tuple[str | None, str]  # (SSE event name or None, data line)
+# the response header that names the provider's id of a request, by API
+REQUEST_ID_HEADERS = {"anthropic": "request-id", "openai": "x-request-id"}
 
 
 @dataclass
@@ -50,6 +56,7 @@ class Seen:
     status: int = 0
     ended: float | None = None  # a hung request: when the client went away
     sent: int = 0  # the stream's events written (fewer than scripted: the client went away)
+    request_id: str = ""  # the provider's id of the request, sent in its header
 
 
 Default = Callable[[dict[str, Any]], Reply]
@@ -139,7 +146,9 @@ class WireServer:
                 self.seen.append(seen)
                 reply = self._pick(api, key, headers, body)
             seen.status = reply.status
-            return await self._answer(request, reply, seen)
+            header = REQUEST_ID_HEADERS[api]
+            seen.request_id = reply.headers.get(header, f"req_{uuid.uuid4().hex}")
+            return await self._answer(request, reply, seen, {header: seen.request_id})
 
         return handle
 
@@ -155,7 +164,9 @@ class WireServer:
                 return queue.pop(index)
         return self._defaults[api](body)
 
-    async def _answer(self, request: web.Request, reply: Reply, seen: Seen) -> web.StreamResponse:
+    async def _answer(
+        self, request: web.Request, reply: Reply, seen: Seen, ids: dict[str, str]
+    ) -> web.StreamResponse:
         if reply.hang:
             try:
                 await self._stopping.wait()  # cancelled when the client goes away
@@ -163,10 +174,16 @@ class WireServer:
                 seen.ended = time.monotonic()
             return web.Response(status=503)
         if reply.status >= 400:
-            return web.json_response(reply.body, status=reply.status, headers=reply.headers)
+            headers = {**ids, **reply.headers}
+            return web.json_response(reply.body, status=reply.status, headers=headers)
         response = web.StreamResponse(
             status=200,
-            headers={"content-type": "text/event-stream", "cache-control": "no-cache"},
+            headers={
+                "content-type": "text/event-stream",
+                "cache-control": "no-cache",
+                **ids,
+                **reply.headers,
+            },
         )
         await response.prepare(request)
         for index, (name, data) in enumerate(reply.events):

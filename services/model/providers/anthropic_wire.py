@@ -266,6 +266,11 @@ def prompt_of(usage: pc.AnthropicUsage) -> int:
     return usage.input_tokens + usage.cache_creation_input_tokens + usage.cache_read_input_tokens
 
 
+# the response header naming the provider's id of the call (the SDK's ``request_id`` of its
+# errors, ``_request_id`` of its parsed answers)
+REQUEST_ID_HEADER = "request-id"
+
+
 class AnthropicAdapter:
     backend = "anthropic"
 
@@ -288,6 +293,7 @@ class AnthropicAdapter:
             events = await self._client.messages.create(
                 **params, stream=True, timeout=timeout_s, **sampling
             )
+        progress.answered(events.response.headers, REQUEST_ID_HEADER)  # its id of the call
         usage = pc.AnthropicUsage()  # the counts as reported
         prompt = pc.AnthropicUsage()  # and as message_start's report is billed
         input_reported = output_reported = False
@@ -349,7 +355,7 @@ class AnthropicAdapter:
                 raise  # broken before message_delta: a broken stream
             # only message_stop was lost (the connection, or an ``error`` event in its place):
             # message_delta brought the answer's end and its usage
-            lost_after_end(self.backend, spec.id, exc)
+            lost_after_end(self.backend, spec.id, exc, progress.request_id)
         if stop_reason is None:
             raise StreamCut("the stream ended without its message_delta's stop_reason")
         _settle_prompt(usage, progress, input_reported)

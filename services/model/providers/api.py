@@ -97,6 +97,7 @@ from services.model.providers.failures import (
     broke_off,
     classify,
     over,
+    request_id_shown,
     whole_seconds,
 )
 from services.model.providers.output_cut import OutputCut, exact_tokenizer
@@ -116,6 +117,10 @@ _OUT = (Kind.AUTH, Kind.ACCOUNT)  # the replica's key or account: NOT_SERVING un
 # line this often for each kind, status and model (the first at once): else a line a request
 _OUTAGE = (Kind.RETRY, Kind.FATAL)
 FAILED_LOG_EVERY_MS = 10_000
+# the span attribute and log field naming the provider's id of the call (Anthropic's
+# ``request-id`` header, OpenAI's ``x-request-id``): what an operator hands the provider
+REQUEST_ID_ATTRIBUTE = "cachemesh.provider.request_id"
+REQUEST_ID_FIELD = "provider_request_id"
 
 
 class Adapter(Protocol):
@@ -272,6 +277,7 @@ class ProviderApi:
                 request.prompt.prompt_tokens if request.HasField("prompt") else 0,
                 count=self._tokenizers.for_spec(spec).count_once,
                 tenant_fair_queue=self._gate is not None,
+                shown_request_id=self._request_id,
             )
             cut = OutputCut(
                 request.request.max_tokens,
@@ -303,12 +309,23 @@ class ProviderApi:
                             # block) closes the connection, and it stops
                             cut_short = True
                             break
+                if progress.request_id:
+                    span.set_attribute(REQUEST_ID_ATTRIBUTE, progress.request_id)
                 if cut_short:
                     yield self._cut(progress, spec, cut, span)
+                else:
+                    log.debug(
+                        "%s answered %s",
+                        self._adapter.backend,
+                        spec.id,
+                        extra=_ids(progress.request_id),
+                    )
                 # (not back in service for this: a call that began before the key or account
                 # was refused proves nothing of it now; only a recheck does, ``generate``)
                 return
             except TimeoutError:
+                if progress.request_id:  # a stream that began, then fell silent
+                    span.set_attribute(REQUEST_ID_ATTRIBUTE, progress.request_id)
                 if progress.usage is not None and not progress.started:
                     # no token yet, but a prompt the provider bills: a start so that the
                     # router bills the call, then the usage in the interrupted end; flagged,
@@ -330,6 +347,10 @@ class ProviderApi:
             except Exception as exc:  # an SDK error: classify; CancelledError passes
                 failure = self._redacted(classify(exc))
                 message = failure.message
+                # the provider's id of this try: its error's, else its stream's
+                request_id = failure.request_id or progress.request_id
+                if request_id:
+                    span.set_attribute(REQUEST_ID_ATTRIBUTE, request_id)
                 if progress.started:
                     log.warning(
                         "%s stream of %s broke mid-answer (%s %s): %s",
@@ -338,6 +359,7 @@ class ProviderApi:
                         failure.status,
                         failure.error_type,
                         message,
+                        extra=_ids(request_id),
                     )
                     yield self._interrupted(progress, spec, broke_off(failure))
                     return
@@ -356,7 +378,7 @@ class ProviderApi:
                 if wait is None:
                     refusal = await self._refusal(failure, message, why, spec.id, tries)
                     if failure.kind not in _OUT:  # those have their own log line
-                        self._log_refusal(spec.id, failure, refusal)
+                        self._log_refusal(spec.id, failure, refusal, request_id)
                     raise refusal from None
                 span.set_attribute("cachemesh.provider.retries", tries)
                 span.add_event(
@@ -365,6 +387,7 @@ class ProviderApi:
                         "http.status": failure.status,
                         "error.type": failure.error_type,
                         "wait_s": wait,
+                        **({REQUEST_ID_ATTRIBUTE: request_id} if request_id else {}),
                     },
                 )
                 log.info(
@@ -374,6 +397,7 @@ class ProviderApi:
                     failure.error_type,
                     tries,
                     wait,
+                    extra=_ids(request_id),
                 )
                 await self._sleep(wait)
 
@@ -488,6 +512,7 @@ class ProviderApi:
                 end.output_tokens,
                 why,
                 suppressed(due, FAILED_LOG_EVERY_MS),
+                extra=_ids(progress.request_id),
             )
         return model_pb2.GenerateChunk(end=end)
 
@@ -537,6 +562,13 @@ class ProviderApi:
                 suppressed(due, FAILED_LOG_EVERY_MS),
             )
 
+    def _request_id(self, value: object) -> str:
+        """A provider's id of a call as it may be shown (``request_id_shown``: a short
+        identifier), and never a credential (one the redactor would change is not shown: a
+        proxy's header echoing the key); "" otherwise."""
+        shown = request_id_shown(value)
+        return shown if shown and self._redactor.clean(shown) == shown else ""
+
     def _redacted(self, failure: Failure) -> Failure:
         """``failure`` as it may leave the adapter: its type and message, the provider's text,
         without a credential (the message cut to an error message's length too). Only
@@ -545,6 +577,7 @@ class ProviderApi:
             failure,
             error_type=self._redactor.clean(failure.error_type),
             message=self._redactor.message(failure.message),
+            request_id=self._request_id(failure.request_id),
         )
 
     def _retry_wait(
@@ -600,16 +633,25 @@ class ProviderApi:
                 self._redactor.clean(traceback.format_exc()),
             )
 
-    def _log_refusal(self, model: str, failure: Failure, refusal: RequestError) -> None:
+    def _log_refusal(
+        self, model: str, failure: Failure, refusal: RequestError, request_id: str
+    ) -> None:
         """A call refused: the request's own fault each time; the provider's outage (``_OUTAGE``)
         once a ``FAILED_LOG_EVERY_MS`` for each status and error type at most, saying how many
-        were not logged (each one is on its call's span and in the replica's metrics)."""
+        were not logged (each one is on its call's span, with the provider's id of the call,
+        and in the replica's metrics); a line names the provider's id of its call."""
         if failure.kind not in _OUTAGE:
-            log.warning("%s: %s", model, refusal.message)
+            log.warning("%s: %s", model, refusal.message, extra=_ids(request_id))
             return
         kind = f"{failure.kind.value} {failure.status} {failure.error_type}"
         if due := self._failed_log.due(model, kind):
-            log.warning("%s: %s%s", model, refusal.message, suppressed(due, FAILED_LOG_EVERY_MS))
+            log.warning(
+                "%s: %s%s",
+                model,
+                refusal.message,
+                suppressed(due, FAILED_LOG_EVERY_MS),
+                extra=_ids(request_id),
+            )
 
     async def _refusal(
         self, failure: Failure, message: str, why: str, model: str, tries: int
@@ -737,6 +779,7 @@ class ProviderApi:
                 failure.error_type,
                 message,
                 self._s.auth_recheck_s,
+                extra=_ids(failure.request_id),
             )
             return
         log.error(
@@ -749,6 +792,7 @@ class ProviderApi:
             message,
             backend.upper(),
             backend.upper(),
+            extra=_ids(failure.request_id),
         )
 
     async def _healthy(self) -> None:
@@ -762,6 +806,11 @@ class ProviderApi:
                 what,
                 self._replica,
             )
+
+
+def _ids(request_id: str) -> Mapping[str, object] | None:
+    """A log line's ``extra``: the provider's id of its call as a field (none: no field)."""
+    return {"fields": {REQUEST_ID_FIELD: request_id}} if request_id else None
 
 
 async def _next(

@@ -134,6 +134,21 @@ class Failure:
     # ``message`` is the provider's own text (its error body, or an error event in its
     # stream), which may name the operator's account: not the connection's, nor ours
     from_provider: bool = False
+    # the provider's id of the call (its error's ``request-id`` / ``x-request-id`` header, as
+    # the SDK read it: ``request_id_shown``'s, not yet checked for a credential); "" if none
+    request_id: str = ""
+
+
+# a provider's id of a request as it may be shown (Anthropic's ``request-id``,
+# "req_011CSHoEeqs5C35K2UUqR7Fy"; OpenAI's ``x-request-id``, "req_" and 32 hex digits; an
+# engine's or a proxy's): a short identifier, else not shown (a header is any text a proxy
+# puts there)
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+
+def request_id_shown(value: object) -> str:
+    """``value`` (a response header's) if it is a request id that may be shown, else ""."""
+    return value if isinstance(value, str) and _REQUEST_ID.fullmatch(value) else ""
 
 
 # (vLLM names an error by its exception's class: BadRequestError, InternalServerError)
@@ -225,15 +240,17 @@ def _transport_errors() -> tuple[type[Exception], ...]:
 log = logging.getLogger("cachemesh.model")
 
 
-def lost_after_end(backend: str, model: str, exc: Exception) -> None:
+def lost_after_end(backend: str, model: str, exc: Exception, request_id: str = "") -> None:
     """The stream broke after its final event (the end and the usage came, only the end
     marker did not: the connection lost, an error event, a chunk not read): the answer ends as
-    answered; one line says so (the exception's type only: its text may quote the provider)."""
+    answered; one line says so (the exception's type only: its text may quote the provider),
+    with the provider's id of the call (``Progress.request_id``)."""
     log.info(
         "%s stream of %s broke after its final event (%s): answered, billed as reported",
         backend,
         model,
         type(exc).__name__,
+        extra={"fields": {"provider_request_id": request_id}} if request_id else None,
     )
 
 
@@ -259,6 +276,7 @@ def classify(exc: Exception) -> Failure:
             limit,
             about_model=about,
             from_provider=True,
+            request_id=request_id_shown(exc.request_id),
         )
     if isinstance(exc, _transport_errors()):  # includes the SDKs' APITimeoutError
         return Failure(Kind.RETRY, 0, type(exc).__name__, str(exc), None)

@@ -322,6 +322,11 @@ class ToolCalls:
         return held.whole() or (held.empty() and bool(name) and name != held.name)
 
 
+# the response header naming the provider's id of the call (the SDK's ``request_id`` of its
+# errors, ``_request_id`` of its parsed answers)
+REQUEST_ID_HEADER = "x-request-id"
+
+
 class OpenAIAdapter:
     backend = "openai"
 
@@ -343,6 +348,7 @@ class OpenAIAdapter:
             chunks = await self._client.chat.completions.create(
                 **params, stream=True, stream_options={"include_usage": True}, timeout=timeout_s
             )
+        progress.answered(chunks.response.headers, REQUEST_ID_HEADER)  # its id of the call
         calls = ToolCalls()
         echo = EchoedPrefill(echoed_prefill(spec, request))
         finish: str | None = None  # set by the final event; None: the stream was cut
@@ -393,7 +399,7 @@ class OpenAIAdapter:
                 raise  # broken before the answer and its usage were whole: a broken stream
             # the answer and its bill are whole: only [DONE] was lost (the connection, an
             # error chunk, a chunk this adapter could not read after them)
-            lost_after_end(self.backend, spec.id, exc)
+            lost_after_end(self.backend, spec.id, exc, progress.request_id)
         if finish is None:
             raise StreamCut("the stream ended without a choice's finish_reason")
         if not progress.started:

@@ -16,6 +16,7 @@ from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common import strict_json
 from services.common.output_count import streamed_output_tokens
+from services.model.providers.failures import request_id_shown
 
 log = logging.getLogger("cachemesh.model")
 # A stop reason the adapter does not know: the answer may be cut (never stored by L1).
@@ -52,6 +53,11 @@ class Progress:
     # the row's tokenizer's count (``ProviderApi``'s): each ``progress`` chunk then carries the
     # running count of what the model wrote (None: it carries none)
     count: Callable[[str], int] | None = None
+    # the provider's id of this call (its response's ``request-id`` / ``x-request-id`` header:
+    # what an operator hands the provider about it), as ``shown_request_id`` lets it be shown
+    # ("" if none, or none that may be shown); set by the adapter once the response came
+    request_id: str = ""
+    shown_request_id: Callable[[object], str] = field(default=request_id_shown)
     _counted: int = field(default=0, init=False)  # the output's whole count, when last made
     _counted_chars: int = field(default=0, init=False)  # and its length then
     _since: int = field(default=0, init=False)  # the pieces counted since, batch by batch
@@ -65,6 +71,11 @@ class Progress:
     visible_pieces: int = field(default=0, init=False)
     produced_bytes: int = field(default=0, init=False)
     produced_pieces: int = field(default=0, init=False)
+
+    def answered(self, headers: Mapping[str, str], name: str) -> None:
+        """The provider answered (a stream began): its id of the call, from its ``name``
+        header."""
+        self.request_id = self.shown_request_id(headers.get(name))
 
     def reported(self, usage: pc.ProviderUsage) -> model_pb2.GenerateChunk:
         """The provider's report of the prompt's usage before the first token (Anthropic's

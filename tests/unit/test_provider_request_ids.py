@@ -1,0 +1,202 @@
+"""The provider's id of a call (Anthropic's ``request-id`` response header, OpenAI's
+``x-request-id``: what an operator hands the provider about a customer's complaint) is on the
+replica's span and on its log line, for an answer, a provider's error, a retry and a stream
+cut midway; a header that is no short identifier, or that holds the replica's key, is not
+shown. The official SDKs call the loopback servers, which send the header as the real APIs
+do (a fresh id each answer)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import model_pb2
+from services.common.env import Env
+from services.common.errors import RequestError
+from services.common.logs import configure_logging
+from services.model.providers.api import REQUEST_ID_ATTRIBUTE, REQUEST_ID_FIELD
+from services.model.providers.config import Backend
+from tests.providers import anthropic_wire, openai_wire
+from tests.providers.loopback import serving
+from tests.providers.replica import provider_replica, provider_settings
+from tests.providers.wire_server import REQUEST_ID_HEADERS, Reply, WireServer
+
+KEYS: dict[Backend, str] = {
+    "anthropic": "sk-ant-api03-requestidtest0123456789abcdef",
+    "openai": "sk-proj-requestidtest0123456789abcdef",
+}
+MODELS: dict[Backend, str] = {"anthropic": "claude-sonnet-4-5", "openai": "gpt-4-1"}
+BACKENDS: tuple[Backend, ...] = ("anthropic", "openai")
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[WireServer]:
+    yield from serving()
+
+
+@pytest.fixture
+def logged() -> Iterator[io.StringIO]:
+    """The replica's log lines (json, DEBUG); the root logger as it was afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    out = io.StringIO()
+    configure_logging(Env({"CACHEMESH_LOG_LEVEL": "DEBUG"}), out)
+    yield out
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def _call(
+    server: WireServer, backend: Backend, *, retries: int = 0
+) -> tuple[list[model_pb2.GenerateChunk], RequestError | None, ReadableSpan]:
+    """One Generate through a replica built as ``serve()`` builds it, inside a span of its
+    own: its chunks, its refusal (None: none) and its span."""
+    base = server.base + ("/v1" if backend == "openai" else "")
+    settings = provider_settings(backend, base, KEYS[backend], max_retries=retries)
+    api = provider_replica(settings, [MODELS[backend]])
+    message = pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text="Capital?")])
+    call = model_pb2.GenerateRequest(
+        tenant="t",
+        model=MODELS[backend],
+        request=pb.CompleteRequest(model=MODELS[backend], max_tokens=32, messages=[message]),
+    )
+    memory = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = tracer_provider.get_tracer("test")
+    chunks: list[model_pb2.GenerateChunk] = []
+    refused: RequestError | None = None
+
+    async def run() -> None:
+        nonlocal refused
+        try:
+            with tracer.start_as_current_span("Generate"):
+                async for chunk in api.generate(call, 10.0):
+                    chunks.append(chunk)
+        except RequestError as error:
+            refused = error
+        finally:
+            await api.close()
+
+    asyncio.run(run())
+    (span,) = memory.get_finished_spans()
+    return chunks, refused, span
+
+
+def _lines(logged: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in logged.getvalue().splitlines() if line.strip()]
+
+
+def _ids_logged(logged: io.StringIO) -> list[str]:
+    return [line[REQUEST_ID_FIELD] for line in _lines(logged) if REQUEST_ID_FIELD in line]
+
+
+def _error(backend: Backend, status: int, kind: str, message: str, **extra: Any) -> Reply:
+    if backend == "anthropic":
+        return anthropic_wire.error(status, kind, message, **extra)
+    return openai_wire.error(status, kind, message, **extra)
+
+
+def _cut_midway(backend: Backend) -> Reply:
+    """The default answer's stream, cut after its first text (no end, no usage)."""
+    if backend == "anthropic":
+        events = anthropic_wire.stream(
+            MODELS[backend], ["Paris is ", "the capital"], anthropic_wire.Usage(10, output_tokens=3)
+        )
+        return Reply(events=events[:3], cut=True)  # message_start, block start, one delta
+    events = openai_wire.stream(MODELS[backend], ["Paris is ", "the capital"], None)
+    return Reply(events=events[:2], cut=True)
+
+
+def _last_seen(server: WireServer, backend: Backend) -> str:
+    seen = server.seen_by(backend)[-1]
+    assert seen.request_id.startswith("req_")
+    return seen.request_id
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_answers_request_id_is_on_its_span_and_line(
+    server: WireServer, logged: io.StringIO, backend: Backend
+) -> None:
+    server.reset()
+    chunks, refused, span = _call(server, backend)
+    assert refused is None and chunks[-1].end.stop_reason == "end_turn"
+    request_id = _last_seen(server, backend)
+    assert span.attributes is not None
+    assert span.attributes[REQUEST_ID_ATTRIBUTE] == request_id
+    assert _ids_logged(logged) == [request_id]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_provider_errors_request_id_is_on_its_span_and_line(
+    server: WireServer, logged: io.StringIO, backend: Backend
+) -> None:
+    server.reset()
+    server.script(backend, _error(backend, 400, "invalid_request_error", "messages: bad"))
+    _, refused, span = _call(server, backend)
+    assert refused is not None and refused.code.name == "INVALID_ARGUMENT", refused
+    request_id = _last_seen(server, backend)
+    assert span.attributes is not None
+    assert span.attributes[REQUEST_ID_ATTRIBUTE] == request_id
+    assert _ids_logged(logged) == [request_id]
+    assert request_id not in refused.message  # the operator's, not the caller's
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_retried_tries_ids_are_each_on_the_span(
+    server: WireServer, logged: io.StringIO, backend: Backend
+) -> None:
+    """The retried try's id on its retry event and line; the answering try's on the span."""
+    server.reset()
+    server.script(backend, _error(backend, 500, "api_error", "boom", headers={"retry-after": "0"}))
+    chunks, refused, span = _call(server, backend, retries=1)
+    assert refused is None and chunks[-1].end.stop_reason == "end_turn"
+    failed, answered = (s.request_id for s in server.seen_by(backend))
+    assert failed != answered
+    assert span.attributes is not None
+    assert span.attributes[REQUEST_ID_ATTRIBUTE] == answered
+    (retry,) = [e for e in span.events if e.name == "cachemesh.provider.retry"]
+    assert retry.attributes is not None and retry.attributes[REQUEST_ID_ATTRIBUTE] == failed
+    assert _ids_logged(logged) == [failed, answered]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_stream_cut_midways_request_id_is_on_its_span_and_line(
+    server: WireServer, logged: io.StringIO, backend: Backend
+) -> None:
+    server.reset()
+    server.script(backend, _cut_midway(backend))
+    chunks, refused, span = _call(server, backend)
+    assert refused is None and chunks[-1].end.interrupted
+    request_id = _last_seen(server, backend)
+    assert span.attributes is not None
+    assert span.attributes[REQUEST_ID_ATTRIBUTE] == request_id
+    broke = [line for line in _lines(logged) if "broke mid-answer" in line["msg"]]
+    assert [line[REQUEST_ID_FIELD] for line in broke] == [request_id]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", ["key", "not an id", "x" * 129])
+def test_a_header_that_is_no_id_or_holds_the_key_is_not_shown(
+    server: WireServer, logged: io.StringIO, backend: Backend, shape: str
+) -> None:
+    """A proxy may put anything there: the replica's key echoed, a text, a long run."""
+    value = KEYS[backend] if shape == "key" else shape
+    header = {REQUEST_ID_HEADERS[backend]: value}
+    server.reset()
+    server.script(backend, _error(backend, 400, "invalid_request_error", "bad", headers=header))
+    _, refused, span = _call(server, backend)
+    assert refused is not None
+    assert span.attributes is not None and REQUEST_ID_ATTRIBUTE not in span.attributes
+    assert _ids_logged(logged) == []
+    assert value not in logged.getvalue()
