@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common import strict_json
@@ -39,6 +40,7 @@ def validate_request(request: pb.CompleteRequest, table: ModelTable, deployed: s
     _validate_breakpoints(request)
     _validate_sampling(request, table)
     _validate_prefill(request, table)
+    _validate_tool_names(request, table)
 
 
 def _validate_model(request: pb.CompleteRequest, table: ModelTable, deployed: set[str]) -> None:
@@ -358,3 +360,45 @@ def _validate_prefill(request: pb.CompleteRequest, table: ModelTable) -> None:
             f"continues) is not supported by {which} ({why}); end the messages with a user "
             f"message, or {instead}"
         )
+
+
+# The tool names a hosted provider's API takes: letters, digits, '_' and '-', and at most so many
+# characters. OpenAI's Chat Completions: 64 (its API reference: "Must be a-z, A-Z, 0-9, or
+# contain underscores and dashes, with a maximum length of 64"); Anthropic's Messages API: 128
+# by its own 400 since mid-2025 ("tools.16.custom.name: String should match pattern
+# '^[a-zA-Z0-9_-]{1,128}$'"; its tool reference still says 64: a name of 65 to 128 characters
+# goes, and the provider's own 400, if any, is the caller's INVALID_ARGUMENT as before). A
+# self-hosted engine takes other names (llama-server, vLLM: "functions.calc", a dotted MCP
+# name): never refused here, nor by the simulator.
+_TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]+")
+_TOOL_NAME_CHARS = {"anthropic": 128, "openai": 64}
+
+
+def _validate_tool_names(request: pb.CompleteRequest, table: ModelTable) -> None:
+    """A tool name the target row's provider refuses (for ``auto``, any tier's that does) is
+    refused here, naming the tool, the model and the rule, before anything is sent: before, it
+    went to the provider, whose 400 came back as the caller's INVALID_ARGUMENT after the cache
+    lookup and the provider's round trip, and ``auto`` answered or refused it by the tier it
+    picked."""
+    if not request.tools:
+        return
+    strict = [s for s in table.answering(request.model) if s.provider in _TOOL_NAME_CHARS]
+    if not strict:
+        return
+    for i, tool in enumerate(request.tools):
+        name = tool.name
+        for spec in strict:
+            limit = _TOOL_NAME_CHARS[spec.provider]
+            if len(name) <= limit and _TOOL_NAME.fullmatch(name):
+                continue
+            which = (
+                f"auto may pick {spec.id}, whose provider takes"
+                if request.model == AUTO
+                else f"{spec.id}'s provider takes"
+            )
+            instead = ", or name a model that takes it" if request.model == AUTO else ""
+            raise _invalid(
+                f"tools[{i}].name: {shown(name)} is not a tool name {which} (letters, digits, "
+                f"'_' and '-' only, at most {limit} characters: ^[a-zA-Z0-9_-]{{1,{limit}}}$); "
+                f"rename the tool{instead}"
+            )

@@ -279,6 +279,10 @@ MAX_BREAKPOINTS = 4
 # the ids of tool_use blocks the API takes (an OpenAI-compatible engine's "functions.f:0" is
 # refused: "messages.1.content.0.tool_use.id: String should match pattern '^[a-zA-Z0-9_-]+$'")
 _TOOL_ID = re.compile(r"^[a-zA-Z0-9_-]+$")
+# the names of tools it takes: the API's own 400 says 128 characters since mid-2025 ("tools.16.
+# custom.name: String should match pattern '^[a-zA-Z0-9_-]{1,128}$'",
+# modelcontextprotocol/modelcontextprotocol#1345), 64 before and in the tool reference
+TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
 
 
 def _blocks(content: Any) -> list[dict[str, Any]]:
@@ -289,8 +293,8 @@ def _blocks(content: Any) -> list[dict[str, Any]]:
 
 def _structure_refusal(body: dict[str, Any]) -> str | None:
     """The message of the real API's 400 to a body whose shape it refuses, else None: a
-    max_tokens below 1, a temperature outside [0, 1], an empty or blank text block, a tool_use
-    id outside ``^[a-zA-Z0-9_-]+$``, a message
+    max_tokens below 1, a temperature outside [0, 1], an empty or blank text block, a tool's
+    name outside ``TOOL_NAME``, a tool_use id outside ``^[a-zA-Z0-9_-]+$`` or used twice, a message
     after tool calls that does not begin with their tool_result blocks (or a result matching
     no call of the message before), more than 4 ``cache_control`` breakpoints, a 1-hour
     breakpoint after a 5-minute one (tools, system, messages order). The messages are the
@@ -301,12 +305,15 @@ def _structure_refusal(body: dict[str, Any]) -> str | None:
     if isinstance(temperature, int | float) and not 0 <= temperature <= 1:
         return "temperature: Input should be less than or equal to 1"
     marks: list[str] = []  # each breakpoint's ttl, in the API's order
-    for tool in body.get("tools") or []:
+    for t, tool in enumerate(body.get("tools") or []):
+        if isinstance(tool, dict) and not TOOL_NAME.match(str(tool.get("name"))):
+            return f"tools.{t}.custom.name: String should match pattern '{TOOL_NAME.pattern}'"
         if isinstance(tool, dict) and isinstance(tool.get("cache_control"), dict):
             marks.append(tool["cache_control"].get("ttl", "5m"))
     system = body.get("system")
     places = [("system", block) for block in _blocks(system)] if system is not None else []
     calls: list[str] = []  # the tool_use ids of the message before
+    uses: set[str] = set()  # every tool_use id so far
     for m, message in enumerate(body.get("messages") or []):
         blocks = _blocks(message.get("content"))
         results = 0
@@ -316,6 +323,10 @@ def _structure_refusal(body: dict[str, Any]) -> str | None:
                     f"messages.{m}.content.{b}.tool_use.id: String should match pattern "
                     f"'{_TOOL_ID.pattern}'"
                 )
+            if block.get("type") == "tool_use":
+                if str(block.get("id")) in uses:
+                    return f"messages.{m}.content.{b}: `tool_use` ids must be unique"
+                uses.add(str(block.get("id")))
             if block.get("type") == "tool_result":
                 if block.get("tool_use_id") not in calls:
                     return (

@@ -144,10 +144,54 @@ _SAMPLING_DEFAULTS = {"temperature": 1, "top_p": 1, "presence_penalty": 0, "freq
 PROMPT_CACHE_KEY_CHARS = 64
 
 
+# the function names Chat Completions takes ("Must be a-z, A-Z, 0-9, or contain underscores and
+# dashes, with a maximum length of 64": the API reference; its 400s as clients met them)
+_FUNCTION_NAME = re.compile(r"^[a-zA-Z0-9_-]+$")
+MAX_FUNCTION_NAME_CHARS = 64
+
+
+# OpenAI's own model ids: the loopback server stands for OpenAI-compatible engines too, which
+# take other function names (llama-server, vLLM)
+_OPENAI_MODEL = re.compile(r"^(?:gpt-|chatgpt-|o\d)")
+
+
+def _function_name_refusal(body: dict[str, Any]) -> Reply | None:
+    """The real API's 400 to a tool whose function name it does not take (to one of OpenAI's
+    own models), else None."""
+    if not _OPENAI_MODEL.match(str(body.get("model", ""))):
+        return None
+    for t, tool in enumerate(body.get("tools") or []):
+        name = str((tool.get("function") or {}).get("name", "")) if isinstance(tool, dict) else ""
+        where = f"tools[{t}].function.name"
+        if not _FUNCTION_NAME.match(name):
+            return error(
+                400,
+                "invalid_request_error",
+                f"Invalid '{where}': string does not match pattern. Expected a string that "
+                f"matches the pattern '{_FUNCTION_NAME.pattern}'.",
+                code="invalid_value",
+                param=where,
+            )
+        if len(name) > MAX_FUNCTION_NAME_CHARS:
+            return error(
+                400,
+                "invalid_request_error",
+                f"Invalid '{where}': string too long. Expected a string with maximum length "
+                f"{MAX_FUNCTION_NAME_CHARS}, but got a string with length {len(name)} instead.",
+                code="string_above_max_length",
+                param=where,
+            )
+    return None
+
+
 def refusal(headers: dict[str, str], body: dict[str, Any]) -> Reply | None:
     """The real API's 400 to a request it refuses before answering, in its words, else None:
     a sampling setting other than its default, or ``max_tokens``, to a reasoning model;
-    ``stream_options`` without ``stream``; a ``prompt_cache_key`` over 64 characters."""
+    ``stream_options`` without ``stream``; a ``prompt_cache_key`` over 64 characters; a
+    function name outside ``^[a-zA-Z0-9_-]+$`` or over 64 characters (OpenAI's own: an
+    OpenAI-compatible engine takes others)."""
+    if (named := _function_name_refusal(body)) is not None:
+        return named
     model = str(body.get("model", ""))
     if _REASONING.match(model):
         for name, only in _SAMPLING_DEFAULTS.items():

@@ -524,3 +524,58 @@ def test_a_rows_takes_prefill_overrides_its_providers_default() -> None:
     with pytest.raises(RequestError) as info:
         validate_request(_request(model="auto", messages=messages), table, deployed)
     assert "auto, which may pick sim-small" in info.value.message
+
+
+def _with_tool(model: str, name: str) -> pb.CompleteRequest:
+    return _request(model=model, tools=[pb.Tool(name=name, input_schema_json='{"type": "object"}')])
+
+
+@pytest.mark.parametrize(
+    ("model", "name", "limit"),
+    [
+        ("claude-sonnet-4-5", "get.weather", 128),
+        ("claude-sonnet-4-5", "get weather", 128),
+        ("claude-sonnet-4-5", "x" * 129, 128),
+        ("gpt-4o", "functions.calc", 64),
+        ("gpt-4o", "x" * 65, 64),
+        ("gpt-4o", "météo", 64),
+    ],
+)
+def test_a_tool_name_the_rows_provider_refuses_is_refused_before_it_is_sent(
+    model: str, name: str, limit: int
+) -> None:
+    """Anthropic's and OpenAI's APIs refuse such a name (their 400 came back late, after the
+    cache lookup and the provider's round trip): refused here, naming the tool and the rule."""
+    deployed = DEPLOYED | {model}
+    refusal = _refusal(_with_tool(model, name), deployed, allowed=False)
+    assert refusal is not None
+    assert refusal.message.startswith("tools[0].name: ")
+    assert f"{model}'s provider takes" in refusal.message
+    assert f"^[a-zA-Z0-9_-]{{1,{limit}}}$" in refusal.message
+
+
+@pytest.mark.parametrize(
+    ("model", "name"),
+    [
+        ("claude-sonnet-4-5", "get_weather-2"),
+        ("claude-sonnet-4-5", "x" * 128),  # the API's own pattern since mid-2025
+        ("gpt-4o", "x" * 64),
+        ("local-small", "functions.calc"),  # a self-hosted engine takes it
+        ("local-small", "x" * 200),
+        ("sim-small", "get weather"),
+    ],
+)
+def test_a_tool_name_the_rows_provider_takes_passes(model: str, name: str) -> None:
+    _refusal(_with_tool(model, name), DEPLOYED | {model}, allowed=True)
+
+
+def test_a_tool_name_to_auto_is_refused_when_a_tier_refuses_it() -> None:
+    table = load_model_table()
+    table.auto["large"] = "claude-sonnet-4-5"
+    deployed = DEPLOYED | {"claude-sonnet-4-5"}
+    with pytest.raises(RequestError) as info:
+        validate_request(_with_tool("auto", "mcp.search"), table, deployed)
+    assert info.value.code == Code.INVALID_ARGUMENT
+    assert "auto may pick claude-sonnet-4-5" in info.value.message
+    validate_request(_with_tool("auto", "mcp_search"), table, deployed)
+    validate_request(_with_tool("auto", "mcp.search"), TABLE, DEPLOYED)  # simulated tiers
