@@ -17,6 +17,7 @@ import pytest
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
+from services.model.providers.anthropic_wire import tool_id
 from services.model.providers.api import ProviderApi
 from tests.providers.loopback import post_messages, serving
 from tests.providers.replica import provider_replica, provider_settings
@@ -203,3 +204,32 @@ async def test_a_users_text_before_its_tool_results_is_sent_after_them(
     texts = [block.get("text") for block in sent.body["messages"][2]["content"]]
     assert kinds == ["tool_result", "text", "text"]
     assert texts[1:] == ["Here is the result:", "what next?"]
+
+
+async def test_a_rewritten_tool_id_never_meets_another_id_of_the_request(
+    server: WireServer, replica: ProviderApi
+) -> None:
+    """An id outside the pattern is sent as its rewrite (``tool_id``), which may be an id the
+    request already holds (a client's own, or its echo of an earlier rewrite): each still goes
+    as an id of its own, each result paired with its call. Before, both went as one id: the
+    real API's 400, "`tool_use` ids must be unique" (the loopback server's check)."""
+    clash = tool_id("functions.calc:0")
+    ids = ["functions.calc:0", clash, "functions.calc:1", f"{tool_id('functions.calc:1')}_2"]
+    ids.append(tool_id("functions.calc:1"))
+    messages = [pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text="6*7?")])]
+    for call_id in ids:
+        use = pb.ToolUse(id=call_id, name="calc", input_json="{}")
+        messages.append(pb.Message(role=pb.ROLE_ASSISTANT, content=[pb.ContentBlock(tool_use=use)]))
+        result = pb.ToolResult(tool_use_id=call_id, content=call_id)
+        messages.append(
+            pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(tool_result=result)])
+        )
+    sent = await _sent_with_a_calc_tool(server, replica, messages)
+    body = sent.body["messages"]
+    uses = [body[m]["content"][0]["id"] for m in range(1, len(body), 2)]
+    results = [body[m]["content"][0] for m in range(2, len(body), 2)]
+    assert [r["tool_use_id"] for r in results] == uses  # each result still names its call
+    assert [r["content"] for r in results] == ids
+    assert len(set(uses)) == len(ids)
+    assert uses[1] == clash and uses[3] == ids[3] and uses[4] == ids[4]  # valid ids unchanged
+    assert all(re.fullmatch(r"[a-zA-Z0-9_-]+", sent_id) for sent_id in uses)

@@ -75,14 +75,47 @@ def tool_id(call_id: str) -> str:
     return f"{re.sub(r'[^a-zA-Z0-9_-]', '_', call_id)}_{digest}"
 
 
-def _block(block: pb.ContentBlock) -> dict[str, Any]:
+def tool_ids(request: pb.CompleteRequest) -> dict[str, str]:
+    """Each tool id of the request's messages -> the id sent for it, one to one within the
+    request: an id in the API's pattern is itself; another is ``tool_id``'s, and when that is
+    already taken (an id of the request is literally another's rewrite, or two rewrites meet)
+    ``_2``, ``_3`` ... after it until it is not. Before, ``tool_id`` alone: ``a.b`` and a
+    call named ``a_b_`` + its digest went as one id, which Anthropic refuses (``tool_use`` ids
+    must be unique) or pairs with the wrong result."""
+    seen: list[str] = []
+    for message in request.messages:
+        for block in message.content:
+            kind = block.WhichOneof("kind")
+            if kind == "tool_use":
+                seen.append(block.tool_use.id)
+            elif kind == "tool_result":
+                seen.append(block.tool_result.tool_use_id)
+    ids = {call_id: call_id for call_id in seen if _TOOL_ID.fullmatch(call_id)}
+    taken = set(ids)
+    for call_id in seen:
+        if call_id in ids:
+            continue
+        base = candidate = tool_id(call_id)
+        n = 1
+        while candidate in taken:
+            n += 1
+            candidate = f"{base}_{n}"
+        ids[call_id] = candidate
+        taken.add(candidate)
+    return ids
+
+
+def _block(block: pb.ContentBlock, ids: dict[str, str] | None = None) -> dict[str, Any]:
+    """``block`` as the Messages API takes it; ``ids``: the request's tool ids as sent
+    (``tool_ids``; a system block has none)."""
     kind = block.WhichOneof("kind")
     out: dict[str, Any]
+    sent = ids or {}
     if kind == "tool_use":
         use = block.tool_use
         out = {
             "type": "tool_use",
-            "id": tool_id(use.id),
+            "id": sent.get(use.id) or tool_id(use.id),
             "name": use.name,
             "input": json.loads(use.input_json or "{}"),
         }
@@ -90,7 +123,7 @@ def _block(block: pb.ContentBlock) -> dict[str, Any]:
         result = block.tool_result
         out = {
             "type": "tool_result",
-            "tool_use_id": tool_id(result.tool_use_id),
+            "tool_use_id": sent.get(result.tool_use_id) or tool_id(result.tool_use_id),
             "content": result.content,
         }
         if result.is_error:
@@ -127,10 +160,11 @@ def messages_params(spec: ModelSpec, request: pb.CompleteRequest) -> dict[str, A
                 entry["cache_control"] = control
             tools.append(entry)
         params["tools"] = tools
+    ids = tool_ids(request)
     params["messages"] = [
         {
             "role": "assistant" if message.role == pb.ROLE_ASSISTANT else "user",
-            "content": [_block(block) for block in _results_first(message)],
+            "content": [_block(block, ids) for block in _results_first(message)],
         }
         for message in request.messages
     ]
