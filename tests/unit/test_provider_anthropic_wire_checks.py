@@ -210,7 +210,7 @@ async def test_a_rewritten_tool_id_never_meets_another_id_of_the_request(
     server: WireServer, replica: ProviderApi
 ) -> None:
     """An id outside the pattern is sent as its rewrite (``tool_id``), which may be an id the
-    request already holds (a client's own, or its echo of an earlier rewrite): each still goes
+    request already holds (a client's own id; a rewrite never reaches a client): each still goes
     as an id of its own, each result paired with its call. Before, both went as one id: the
     real API's 400, "`tool_use` ids must be unique" (the loopback server's check)."""
     clash = tool_id("functions.calc:0")
