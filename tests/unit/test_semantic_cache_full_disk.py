@@ -6,8 +6,10 @@ fits, then fails with ENOSPC, as a full filesystem does (a partial record on dis
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -199,3 +201,52 @@ async def test_changes_are_applied_once_durable_in_the_logs_order(tmp_path: Path
         await wal.sync()
     await wal.rotate(lambda: None)
     assert applied == [1, 2, 3]
+
+
+@pytest.mark.parametrize("fsync_fails", [True, False])
+async def test_a_store_cancelled_during_its_fsync_leaves_the_fsyncs_outcome_to_the_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fsync_fails: bool
+) -> None:
+    """A Store whose caller goes (its deadline, its client) while its record's fsync runs in
+    a worker thread: the thread cannot be stopped, and its outcome is the log's all the same.
+    Failed (EIO): the log fails, the next Store is refused and the cancelled one is never
+    served, nor after a crash. Before, the failure went unread: the next Store was
+    acknowledged (an fsync after a failed one does not report the pages the kernel dropped)
+    and the cancelled one served. Succeeded: its entry is applied now, as a restart applies
+    it (before, only at the next Store's sync)."""
+    clock = ManualClock()
+    shard = await Shard.open(tmp_path, clock)
+    entered, go = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+    calls = 0
+
+    def fsync(fd: int) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # the cancelled Store's
+            entered.set()
+            assert go.wait(10)
+            if fsync_fails:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    cancelled = asyncio.ensure_future(shard.store(QUESTIONS[0], "cancelled"))
+    assert await asyncio.to_thread(entered.wait, 10)  # its fsync runs in its thread
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    go.set()
+    async with shard.wal._sync_lock:  # the cancelled Store's sync has ended (if it held it)
+        assert shard.wal.failed is fsync_fails
+        assert await shard.served(QUESTIONS[0]) == (None if fsync_fails else "cancelled")
+    if fsync_fails:
+        message = await refused(shard.store(QUESTIONS[1], "after"))
+        assert "Input/output error" in message
+        assert await shard.served(QUESTIONS[0]) is None
+    else:
+        assert (await shard.store(QUESTIONS[1], "after")).stored
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    crashed = await Shard.open(tmp_path, clock)
+    expected = None if fsync_fails else "cancelled"
+    assert await crashed.served(QUESTIONS[0]) == expected
