@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 log = logging.getLogger("cachemesh.server")
@@ -73,6 +73,32 @@ async def unless_cancelled(call: Awaitable[_T]) -> _T:
         raise
     end_if_cancelled()
     return result
+
+
+async def to_the_end(
+    work: Coroutine[Any, Any, _T], said: tuple[type[BaseException], ...] = ()
+) -> _T:
+    """``work``'s outcome, run in a task of its own that a cancel of the caller (its deadline
+    passed, its client went) does not stop: for a change made durable in a worker thread,
+    which cannot be stopped, and applied once it is. Cancelled midway, such a change was
+    durable but not applied (a policy on disk the process did not follow), or its failure
+    went unread (an fsync's EIO, which no later fsync reports). The caller's
+    ``CancelledError`` is raised all the same; what ``work`` then raises is read: an error of
+    a type in ``said`` (one said where it was raised) quietly, any other logged."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(lambda done: _read_outcome(done, said))
+        raise
+
+
+def _read_outcome(task: asyncio.Future[Any], said: tuple[type[BaseException], ...]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None and not isinstance(exc, said):
+        log.error("%s, whose caller had gone, failed", _name(task), exc_info=exc)
 
 
 def _name(task: asyncio.Future[Any]) -> str:

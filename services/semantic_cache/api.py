@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
+from services.common.background import to_the_end
 from services.common.clock import Clock, MonotonicClock, Throttles, suppressed
 from services.common.errors import Code, RequestError
 from services.common.keyfile import same_but_case, tenant_error
@@ -345,15 +346,19 @@ class SemanticCacheApi:
             default_ttl_s=request.default_ttl_s if request.HasField("default_ttl_s") else None,
             reset_default_ttl=request.reset_default_ttl,
         )
-        try:
+
+        async def change_policy() -> None:
             await self._policies.set(request.tenant, change)
+            if change.l1_enabled is False:  # a Store already on its way stores nothing either
+                self._cache.stop_pending_stores(request.tenant)
+
+        try:  # to its end once begun: the file, once written, is followed here too
+            await to_the_end(change_policy(), said=(PolicyError, PolicyNotDurable))
         except PolicyError as exc:
             raise RequestError(Code.INVALID_ARGUMENT, str(exc)) from exc
         except PolicyNotDurable as exc:  # a full disk: not applied, the caller retries
             self._refused("policy")
             raise RequestError(Code.UNAVAILABLE, exc.reason) from exc
-        if change.l1_enabled is False:  # a Store already on its way stores nothing either
-            self._cache.stop_pending_stores(request.tenant)
         return self._policy_message(request.tenant)
 
     def _refused(self, write: str) -> None:

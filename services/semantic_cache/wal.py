@@ -52,10 +52,11 @@ import os
 import struct
 import time
 import zlib
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from services.common.background import to_the_end
 from services.common.files import fsync_directory, os_error_text
 from services.common.private_files import open_private, private_directory
 
@@ -277,11 +278,11 @@ class WriteAheadLog:
 
         The write, the fsync and what their outcome makes of the log (the records applied, or
         the log failed) run to their end though the caller is cancelled meanwhile (its
-        deadline passed, its client went: ``_to_the_end``). Before, a Store cancelled during
+        deadline passed, its client went: ``to_the_end``). Before, a Store cancelled during
         its fsync left the thread's outcome unread: an EIO there failed nothing, the next
         Store was acknowledged by an fsync that no longer reports the pages the kernel
         dropped, and the cancelled Store's entry was served, its record maybe not on disk."""
-        await _to_the_end(self._sync(self._written))
+        await to_the_end(self._sync(self._written), said=(WalError,))
 
     async def _sync(self, target: int) -> None:
         """``sync`` of the records up to ``target``."""
@@ -313,7 +314,7 @@ class WriteAheadLog:
         or lost (a failed write) and not applied. Like ``sync``, it runs to its end though
         its caller is cancelled (its fsync's outcome is the log's).
         """
-        return await _to_the_end(self._rotate(copy))
+        return await to_the_end(self._rotate(copy), said=(WalError,))
 
     async def _rotate(self, copy: Callable[[], T]) -> tuple[T, int]:
         async with self._sync_lock:
@@ -455,28 +456,6 @@ class WriteAheadLog:
         self._out = os.fdopen(open_private(path, os.O_WRONLY | os.O_APPEND), "ab", buffering=0)
         self._size = self._durable_size = os.fstat(self._out.fileno()).st_size
         fsync_directory(self.directory)
-
-
-async def _to_the_end(work: Coroutine[Any, Any, T]) -> T:
-    """Awaits ``work`` in a task of its own that a cancellation of the caller does not stop
-    (an fsync in a worker thread cannot be stopped, and the log must learn its outcome: a
-    failure lost there is a failure no later fsync reports). The caller's ``CancelledError``
-    is raised all the same; what the task raises then (``NotDurable``: the log failed, which
-    ``_fail`` has said) is read, not left to be reported as never retrieved."""
-    task = asyncio.ensure_future(work)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        task.add_done_callback(_read_outcome)
-        raise
-
-
-def _read_outcome(task: asyncio.Future[Any]) -> None:
-    if task.cancelled():
-        return
-    exc = task.exception()
-    if exc is not None and not isinstance(exc, WalError):  # a fault of ours: said
-        log.error("a write-ahead-log sync whose caller was cancelled failed", exc_info=exc)
 
 
 def _cut_tail(path: Path, offset: int, rest: bytes, seq: int) -> TailCut:

@@ -3,8 +3,10 @@ policy (on/off, default TTL; durable in the data directory), drops by namespace.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ import pytest
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from cachemesh.v1 import semantic_cache_pb2_grpc as sc_grpc
 from services.common.clock import ManualClock
+from services.semantic_cache import tenant_policy
 from services.semantic_cache.api import L1_OFF, SemanticCacheApi
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.servicer import SemanticCacheService
@@ -342,3 +345,51 @@ def test_a_ttl_below_a_second_an_older_version_kept_loads_as_one_second(
         policies = TenantPolicies(path)
     assert policies.get("a").default_ttl_s == 1.0 and policies.get("b").default_ttl_s == 60.0
     assert "below the 1 s" in caplog.text
+
+
+async def test_a_policy_change_whose_caller_goes_during_its_write_is_followed_as_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SetPolicy cancelled (its deadline, its client gone) while the file is written in a
+    worker thread, which cannot be stopped: the change the file then holds is the one the
+    process follows, L1 off and the Stores on their way stopped. Before, the file said off
+    while the process served and stored on, a restart turned it off, and the next change of
+    any tenant wrote the file without it."""
+    path = tmp_path / "policies.json"
+    policies = TenantPolicies(path)
+    api = SemanticCacheApi(
+        SemanticCache(FakeEmbedder(), ManualClock(), threshold=0.8, ttl_s=TTL_S),
+        policies=policies,
+    )
+    request = make_request("close my account")
+    request.request_id = "req-8"
+    looked_up = await api.lookup(sc.LookupRequest(tenant="a", request=request), None)
+    assert not looked_up.hit  # its model call is on
+    entered, go, written = threading.Event(), threading.Event(), threading.Event()
+    real_write = tenant_policy._write
+
+    def write(target: Path, held: dict[str, Any]) -> None:
+        entered.set()
+        assert go.wait(10)
+        real_write(target, held)
+        written.set()
+
+    monkeypatch.setattr(tenant_policy, "_write", write)
+    change = asyncio.ensure_future(
+        api.set_policy(sc.SetL1PolicyRequest(tenant="a", l1_enabled=False))
+    )
+    assert await asyncio.to_thread(entered.wait, 10)
+    change.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await change
+    go.set()
+    assert await asyncio.to_thread(written.wait, 10)
+    async with policies._lock:  # the change has ended
+        pass
+    assert json.loads(path.read_text())["tenants"]["a"]["l1_enabled"] is False
+    assert not (await api.get_policy(sc.L1PolicyRequest(tenant="a"))).l1_enabled
+    await api.set_policy(sc.SetL1PolicyRequest(tenant="a", l1_enabled=True))
+    stored = await api.store(sc.StoreRequest(tenant="a", request=request, answer=ANSWER))
+    assert not stored.stored and "L1 turned off" in stored.skip_reason
+    await api.set_policy(sc.SetL1PolicyRequest(tenant="b", default_ttl_s=600))
+    assert TenantPolicies(path).get("a").l1_enabled  # on again, as last set
