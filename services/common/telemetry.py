@@ -12,8 +12,9 @@ a received request is traced whatever its caller's ``traceparent`` says about sa
 (``EdgeSampler``), unless ``OTEL_TRACES_SAMPLER`` names a sampler of the operator's. The
 batch processor's ``OTEL_BSP_*`` variables and the export timeout
 (``OTEL_EXPORTER_OTLP_(TRACES_)TIMEOUT``, seconds) are read and checked here, all before the
-exporter is built (a value the SDK cannot use stops the start naming it); the exporter reads
-the rest of its ``OTEL_EXPORTER_OTLP_*`` variables itself.
+exporter is built (a value the SDK cannot use stops the start naming it), and so are the
+export's headers (``OTEL_EXPORTER_OTLP_(TRACES_)HEADERS``, the collector's credentials, never
+shown); the exporter reads the rest of its ``OTEL_EXPORTER_OTLP_*`` variables itself.
 
 A service's last stop step is ``stop_tracing``: the spans still queued are exported for at most
 ``TRACING_STOP_S``, off the event loop; what a collector has not taken by then is dropped.
@@ -25,6 +26,7 @@ import asyncio
 import collections
 import ipaddress
 import logging
+import re
 import threading
 import time
 import urllib.parse
@@ -224,16 +226,19 @@ def build_tracer_provider(
                 else "OTEL_EXPORTER_OTLP_ENDPOINT"
             )
             raise ConfigError(
-                f"{named}: {problem}, got {endpoint[:80]!r} (expected http://host:port, "
-                "https://host:port, host:port or a gRPC target such as unix:///path/otel.sock)"
+                f"{named}: {problem}, got {_shown_endpoint(endpoint)!r} (expected "
+                "http://host:port, https://host:port, host:port or a gRPC target such as "
+                "unix:///path/otel.sock)"
             )
         insecure = _insecure(env, endpoint)
         timeout_s = _export_timeout_s(environ)
+        headers = _export_headers(environ)
         exporter = WireSpanExporter(
             endpoint=endpoint,
             insecure=insecure,
             channel_options=otlp_channel_options(endpoint),
             timeout=timeout_s,
+            **({"headers": headers} if headers else {}),
         )
         health = exporter.health
     elif exporter_name == "console":
@@ -330,11 +335,26 @@ def _endpoint_error(endpoint: str) -> str:
     if endpoint.partition(":")[0].lower() in GRPC_TARGET_SCHEMES:
         return ""
     target = endpoint if "://" in endpoint else f"//{endpoint}"
+    if "@" in target.partition("//")[2]:
+        # the exporter dials the netloc whole ("address lookup failed for user:pass@host"),
+        # every export dropped while the service ran as if traced; checked before the parse,
+        # whose errors quote the port, a password's piece ("Port could not be cast to
+        # integer value as 'S3cret'")
+        return (
+            "a user part (user:password@) is not sent over OTLP/gRPC (every export would "
+            "fail): give credentials in OTEL_EXPORTER_OTLP_HEADERS, e.g. "
+            "authorization=Basic%20<base64 of user:password>"
+        )
     try:
         parts = urllib.parse.urlsplit(target)
         port = parts.port
     except ValueError as exc:  # "Port out of range 0-65535", a bracket left open
         return f"not a host:port ({exc})"
+    if parts.query:
+        return (
+            "a query (?...) is not sent over OTLP/gRPC: give credentials in "
+            "OTEL_EXPORTER_OTLP_HEADERS"
+        )
     if any(c.isspace() for c in parts.netloc):
         return "the host:port holds whitespace"
     if not parts.hostname:
@@ -342,6 +362,58 @@ def _endpoint_error(endpoint: str) -> str:
     if port == 0:
         return "port 0"
     return ""
+
+
+def _shown_endpoint(endpoint: str) -> str:
+    """``endpoint`` for a message: its user part and query (where a password or a token
+    goes) hidden, whether it parses or not (a refused one may not), at most 80 characters.
+    The user part ends at the last '@' (a password may hold '/', '?' and '@')."""
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep:
+        scheme, rest = "", endpoint
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    if "?" in rest:
+        rest = rest.partition("?")[0] + "?***"
+    return f"{scheme}{sep}{rest}"[:80]
+
+
+# the exporter's header variables, the traces' one first (the SDK's order)
+HEADER_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS")
+
+
+def _export_headers(environ: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """The headers sent with each export (``OTEL_EXPORTER_OTLP_TRACES_HEADERS``, else
+    ``OTEL_EXPORTER_OTLP_HEADERS``: comma-separated ``name=value`` pairs, values
+    URL-encoded), read as the exporter reads them and handed to it. The exporter, reading
+    them itself, logged a pair it could not read at WARNING, whole (the collector's key in
+    the service's log), dropped it and exported without it: such a pair stops the start,
+    named by its position and name, never by its value."""
+    from opentelemetry.util.re import (  # the exporter's own grammar
+        _DELIMITER_PATTERN,
+        _LIBERAL_HEADER_PATTERN,
+        parse_env_headers,
+    )
+
+    for name in HEADER_VARIABLES:
+        raw = environ.get(name)
+        if raw:
+            break
+    else:
+        return ()
+    pairs = [pair.strip() for pair in _DELIMITER_PATTERN.split(raw)]
+    for number, pair in enumerate(pairs, 1):
+        if pair and not _LIBERAL_HEADER_PATTERN.fullmatch(pair):
+            key, equals, _ = pair.partition("=")
+            shown = equals and re.fullmatch(r"[A-Za-z0-9._-]{1,64}", key.strip())
+            named = f" ({key.strip()!r})" if shown else ""
+            colon = "; written name: value? write name=value" if not equals and ":" in pair else ""
+            raise ConfigError(
+                f"{name}: header {number} of {len(pairs)}{named} is not name=value (a name of "
+                "letters, digits and -_.; the value URL-encoded, e.g. %2C for a comma; pairs "
+                f"separated by commas){colon}; its value is not shown (it may be a secret)"
+            )
+    return tuple(parse_env_headers(raw, liberal=True).items())
 
 
 def otlp_channel_options(endpoint: str) -> tuple[tuple[str, int], ...]:

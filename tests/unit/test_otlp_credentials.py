@@ -1,0 +1,131 @@
+"""The OTLP exporter's credentials (a user part in OTEL_EXPORTER_OTLP_ENDPOINT, the
+OTEL_EXPORTER_OTLP_(TRACES_)HEADERS) never reach a message or a log line, and a setting that
+cannot carry them stops the start naming its variable.
+
+Before: an endpoint refused for its port quoted itself whole, password included (5 of 5
+refused endpoints with a user part; "Port could not be cast to integer value as 'S3cret'"
+quoted a piece of it even once redacted); a dialable endpoint with a user part was taken and
+every export failed (0 of 1 spans received: the exporter dials ``user:pass@host``); a headers
+value the exporter could not read was logged whole at WARNING by the OpenTelemetry SDK (3 of 5
+shapes) and the service exported without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as ts
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as ts_grpc
+
+from services.common.env import ConfigError
+from services.common.telemetry import build_tracer_provider
+
+OTLP = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_BSP_SCHEDULE_DELAY": "50"}
+SECRET = "S3cretOtlpPw"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://alice:{SECRET}@collector.example:99999"),
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            f"http://alice:{SECRET[:6]}/x?{SECRET[6:]}@coll ector:4317",
+        ),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://:{SECRET}@:4317"),
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"alice:{SECRET}@collector:0"),
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"https://alice:{SECRET}@[::1:4317"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://alice:{SECRET}@127.0.0.1:4317"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", f"{SECRET}@127.0.0.1:4317"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", f"https://collector:4317/?token={SECRET}"),
+    ],
+)
+def test_an_endpoint_with_credentials_is_refused_without_them(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        build_tracer_provider({**OTLP, variable: value}, "router")
+    message = str(refused.value)
+    assert message.startswith(variable)
+    for piece in (SECRET, SECRET[:6], SECRET[6:], "alice"):
+        assert piece not in message, message
+
+
+def test_a_user_part_points_at_the_headers() -> None:
+    endpoint = f"http://alice:{SECRET}@127.0.0.1:4317"
+    with pytest.raises(ConfigError, match="OTEL_EXPORTER_OTLP_HEADERS"):
+        build_tracer_provider({**OTLP, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}, "router")
+
+
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [
+        (f"x-api-key:{SECRET}", ""),
+        (f'api-key={SECRET}"', "'api-key'"),
+        (SECRET, ""),
+        (f"team=a,authorization=Bearer {SECRET};x", "'authorization'"),
+    ],
+)
+@pytest.mark.parametrize(
+    "variable", ["OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS"]
+)
+def test_headers_the_exporter_cannot_read_stop_the_start_unshown(
+    variable: str, value: str, named: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    environ = {**OTLP, "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317", variable: value}
+    with pytest.raises(ConfigError) as refused:
+        build_tracer_provider(environ, "router")
+    message = str(refused.value)
+    assert message.startswith(variable) and named in message
+    assert SECRET not in message and SECRET not in caplog.text
+
+
+class _Receiver(ts_grpc.TraceServiceServicer):
+    def __init__(self) -> None:
+        self.metadata: list[dict[str, str]] = []
+        self.received = threading.Event()
+
+    def Export(
+        self, request: ts.ExportTraceServiceRequest, context: grpc.ServicerContext
+    ) -> ts.ExportTraceServiceResponse:
+        self.metadata.append({k: str(v) for k, v in context.invocation_metadata()})
+        self.received.set()
+        return ts.ExportTraceServiceResponse()
+
+
+@pytest.fixture
+def receiver() -> Iterator[tuple[_Receiver, int]]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = _Receiver()
+    ts_grpc.add_TraceServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield servicer, port
+    server.stop(grace=None)
+
+
+def test_the_headers_of_the_settings_given_are_sent(receiver: tuple[_Receiver, int]) -> None:
+    """The headers come from the settings the service was given (the traces' own first), as
+    the exporter read them from the process's environment (URL-encoded values decoded)."""
+    servicer, port = receiver
+    environ = {
+        **OTLP,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_HEADERS": "x-general=no",
+        "OTEL_EXPORTER_OTLP_TRACES_HEADERS": f"x-honeycomb-team={SECRET},authorization=Basic%20YQ",
+    }
+    provider = build_tracer_provider(environ, "router")
+    try:
+        with provider.get_tracer("test").start_as_current_span("one"):
+            pass
+        provider.force_flush(10_000)
+        assert servicer.received.wait(10)
+    finally:
+        provider.shutdown()
+    sent = servicer.metadata[0]
+    assert sent["x-honeycomb-team"] == SECRET and sent["authorization"] == "Basic YQ"
+    assert "x-general" not in sent
