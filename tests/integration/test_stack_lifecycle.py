@@ -76,6 +76,9 @@ def test_up_refuse_status_down(tmp_path: Path) -> None:
     assert probe(stack.router_address, 0.5) == UNREACHABLE
     assert not list((tmp_path / "run" / "pids").iterdir())
     assert read_state(tmp_path / "run") == {}  # no restarts of the stopped stack in status
+    # the plan, every process's environment (the internal token, the Redis password, the
+    # caller's shell), stayed on disk after down
+    assert not (tmp_path / "run" / "supervisor.json").exists()
     assert Stack(ROOT, tmp_path / "run", out=io.StringIO()).stop() == []  # idempotent
 
 
