@@ -276,6 +276,20 @@ def _url_secrets(url: str) -> list[str]:
     return sorted((part for part in found if part), key=len, reverse=True)
 
 
+# a header value (or a word of it: "Bearer <token>") this long or longer is hidden where a
+# collector's details quote it; a shorter one ("1", "true") is no credential, and hiding it
+# would blot out every such piece of the details
+HIDDEN_HEADER_CHARS = 8
+
+
+def _header_secrets(headers: Sequence[tuple[str, str]]) -> list[str]:
+    """The export headers' values, and each word of them, that may be a credential."""
+    found: set[str] = set()
+    for _, value in headers:
+        found.update(p for p in (value, *value.split()) if len(p) >= HIDDEN_HEADER_CHARS)
+    return sorted(found, key=len, reverse=True)
+
+
 class ExportHealth(logging.Filter):
     """Whether the collector takes spans, said once an outage and again when its cause
     changes. With the collector down or not answering, the SDK wrote a WARNING or an ERROR
@@ -294,13 +308,18 @@ class ExportHealth(logging.Filter):
     never wait on it: the batch processor's queue (``OTEL_BSP_MAX_QUEUE_SIZE``) bounds what is
     held."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, headers: Sequence[tuple[str, str]] = ()) -> None:
+        """``headers``: the export's (the collector's credentials), whose values are hidden
+        in the details said, as a collector may quote the key it refused."""
         super().__init__()
         # as said in its lines: an http(s) URL without its user part nor query (a token
         # there reached the log), a gRPC target (host:port, dns:///...) as written
         scheme = endpoint.partition("://")[0].lower()
         self._endpoint = redacted_url(endpoint) if scheme in ("http", "https") else endpoint
-        self._secrets = _url_secrets(endpoint)  # hidden in the gRPC details it quotes too
+        # hidden in the gRPC details it quotes too ("unknown API key hcaik_...")
+        self._secrets = sorted(
+            {*_url_secrets(endpoint), *_header_secrets(headers)}, key=len, reverse=True
+        )
         self._lock = threading.Lock()
         self._failing = False
         self._said = ""  # the status of the outage's last line ("" before its first)
@@ -434,7 +453,8 @@ class WireSpanExporter(OTLPSpanExporter):
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self._wire = SpanWire()
-        self._health = ExportHealth(str(options.get("endpoint", "")))
+        headers = options.get("headers") or ()
+        self._health = ExportHealth(str(options.get("endpoint", "")), tuple(headers))
         self._health.install()
         self._state = threading.Lock()
         self._in_export = False

@@ -129,3 +129,44 @@ def test_the_headers_of_the_settings_given_are_sent(receiver: tuple[_Receiver, i
     sent = servicer.metadata[0]
     assert sent["x-honeycomb-team"] == SECRET and sent["authorization"] == "Basic YQ"
     assert "x-general" not in sent
+
+
+class _Refuser(ts_grpc.TraceServiceServicer):
+    """A collector that refuses the key it was sent, quoting it, as some do."""
+
+    def Export(
+        self, request: ts.ExportTraceServiceRequest, context: grpc.ServicerContext
+    ) -> ts.ExportTraceServiceResponse:
+        sent = {k: str(v) for k, v in context.invocation_metadata()}
+        context.abort(
+            grpc.StatusCode.UNAUTHENTICATED,
+            f"unknown API key {sent.get('x-honeycomb-team')} ({sent.get('authorization')})",
+        )
+
+
+def test_a_collector_quoting_the_key_it_refused_is_said_without_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Before: "refuses the spans (UNAUTHENTICATED: unknown API key <the key>)" at ERROR."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    ts_grpc.add_TraceServiceServicer_to_server(_Refuser(), server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    caplog.set_level(logging.INFO)
+    token = "bearerS3cretToken"
+    environ = {
+        **OTLP,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_HEADERS": f"x-honeycomb-team={SECRET},authorization=Bearer {token}",
+    }
+    provider = build_tracer_provider(environ, "router")
+    try:
+        with provider.get_tracer("test").start_as_current_span("one"):
+            pass
+        provider.force_flush(10_000)
+    finally:
+        provider.shutdown()
+        server.stop(grace=None)
+    said = [r.getMessage() for r in caplog.records if "refuses the spans" in r.getMessage()]
+    assert said and "UNAUTHENTICATED: unknown API key ***" in said[0]
+    assert SECRET not in caplog.text and token not in caplog.text
