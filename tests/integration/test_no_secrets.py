@@ -1,4 +1,5 @@
-"""No API key, internal token or admin token in any log, error, span, metric or report, after a
+"""No API key, internal token, admin token or Redis password in any log, error, span, metric,
+report or anything the stack keeps (its data directory, its Redis's keys and values), after a
 run that used them (the Admin API's tests create, rotate and revoke keys on this stack before
 this one); and no question asked in any log at the default level.
 
@@ -6,12 +7,13 @@ The session's stack has served every integration test before this one, with tena
 internal token between services, refusals of wrong keys and tokens; this test adds its own
 refusals (a key one character off, the internal token presented as an API key, a wrong token at
 an internal service), a load-test report and a bench report written from the stack's real
-settings, then greps all of it, and every process's metrics, for the secrets, whole and in
-parts, and the logs for the question it asked.
+settings, then greps all of it, every process's metrics and what the stack keeps, for the
+secrets, whole, in parts and encoded (base64, hex), and the logs for the question it asked.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -21,6 +23,7 @@ import uuid
 
 import grpc
 import pytest
+import redis
 
 from cachemesh import CachemeshError, Client, build_request
 from cachemesh.envfile import read_env_file
@@ -28,14 +31,54 @@ from cachemesh.v1 import semantic_cache_pb2, semantic_cache_pb2_grpc
 from services.tools.bench.gateway import output
 from services.tools.bench.gateway.redact import own_settings, setting_names
 from tests.integration.harness import ROOT, RunningStack
+from tests.redis_server import sync_client_of
 
 pytestmark = pytest.mark.integration
 QUESTION = "Which secrets leak?"
 
 
 def _fragments(secret: str) -> list[str]:
-    """The secret, and a head and a tail long enough to identify it."""
-    return [secret, secret[:12], secret[-10:]]
+    """The secret, a head and a tail long enough to identify it, and the secret in base64 (at
+    each of its three alignments inside a longer encoded text) and hex."""
+    raw = secret.encode()
+    encoded = [base64.b64encode(b"x" * shift + raw)[4 if shift else 0 : -4] for shift in range(3)]
+    return [secret, secret[:12], secret[-10:], raw.hex(), *(e.decode() for e in encoded)]
+
+
+def _value(client: redis.Redis, key: bytes) -> object:
+    """``key``'s value as stored, not DUMP's serialization (which may compress it)."""
+    kind = client.type(key)
+    if kind == b"string":
+        return client.get(key)
+    if kind == b"hash":
+        return client.hgetall(key)
+    if kind == b"list":
+        return client.lrange(key, 0, -1)
+    if kind == b"set":
+        return client.smembers(key)
+    if kind == b"zset":
+        return client.zrange(key, 0, -1, withscores=True)
+    return f"({kind!r}: not read)"
+
+
+def _at_rest(stack: RunningStack) -> dict[str, str]:
+    """What the stack keeps: every file of its data directory (L1's snapshot and log, the
+    router's billing outbox, Redis's append-only file) and each key and value in its Redis."""
+    run_dir = stack.stack.run_dir
+    texts = {
+        str(path.relative_to(run_dir)): path.read_bytes().decode("latin-1")
+        for path in (run_dir / "data").rglob("*")
+        if path.is_file()
+    }
+    password = (run_dir / "redis-password").read_text().strip()
+    dump: list[str] = []
+    for db in range(16):  # redis-server's databases
+        client = sync_client_of(f"redis://{stack.addresses['redis']}/{db}", password=password)
+        dump += [repr((db, key, _value(client, key))) for key in client.scan_iter(count=1000)]
+        client.close()
+    texts["redis keys and values"] = "\n".join(dump)
+    assert any("semantic-cache" in where for where in texts) and dump  # L1 and Redis kept data
+    return texts
 
 
 def _refusals(stack: RunningStack) -> list[str]:
@@ -98,10 +141,16 @@ def test_no_secret_in_logs_errors_spans_or_reports(stack: RunningStack) -> None:
         with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
             texts[f"metrics of {name}"] = reply.read().decode()
     logs = [text for where, text in texts.items() if where.endswith(".log")]
+    texts.update(_at_rest(stack))
     assert len(logs) >= 6 and not any(asked in text for text in logs)  # INFO: no prompt text
     assert len(errors) == 3 and all(errors) and texts["spans"] != "[]"
     admin_token = (run_dir / "admin-token").read_text().strip()
-    secrets = {**stack.keys, "internal token": stack.internal_token, "admin token": admin_token}
+    secrets = {
+        **stack.keys,
+        "internal token": stack.internal_token,
+        "admin token": admin_token,
+        "Redis password": (run_dir / "redis-password").read_text().strip(),
+    }
     for name, secret in secrets.items():
         for fragment in _fragments(secret):
             leaks = [where for where, text in texts.items() if fragment in text]
