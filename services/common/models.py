@@ -145,6 +145,14 @@ class ModelSpec(BaseModel):
     # joining prefill and answer does not get the prefill twice. A self-hosted row that
     # continues a prefill only.
     echoes_prefill: bool = False
+    # The model is given the request's tools and tool calls: every provider's API takes them,
+    # but an engine whose model's chat template has no tool support drops them without a word
+    # (llama-server with SmolLM2-135M-Instruct: its /props says ``supports_tools: false``, a
+    # prompt with a tool is as many tokens as the same without, and an assistant's tool call
+    # is rendered as an empty turn). A request with tools or tool blocks to a row that says
+    # ``takes_tools = false`` (or to ``auto`` when it may pick one) is refused (the router's
+    # validation): before, it was answered as if it had none.
+    takes_tools: bool = True
     input_nanos: int = Field(ge=0, le=MAX_PRICE_NANOS)
     output_nanos: int = Field(ge=0, le=MAX_PRICE_NANOS)
     cache_write_5m_nanos: int = Field(default=0, ge=0, le=MAX_PRICE_NANOS)

@@ -40,6 +40,7 @@ def validate_request(request: pb.CompleteRequest, table: ModelTable, deployed: s
     _validate_breakpoints(request)
     _validate_sampling(request, table)
     _validate_prefill(request, table)
+    _validate_tool_support(request, table)
     _validate_tool_names(request, table)
 
 
@@ -402,3 +403,24 @@ def _validate_tool_names(request: pb.CompleteRequest, table: ModelTable) -> None
                 f"'_' and '-' only, at most {limit} characters: ^[a-zA-Z0-9_-]{{1,{limit}}}$); "
                 f"rename the tool{instead}"
             )
+
+
+def _validate_tool_support(request: pb.CompleteRequest, table: ModelTable) -> None:
+    """Tools to a row whose model is not given them (its ``takes_tools``: an engine whose chat
+    template has no tool support drops them without a word), or to ``auto`` when it may pick
+    one, are refused, naming the field: before, such a request was answered as if it had no
+    tools (llama-server serving SmolLM2: the same prompt tokens with a tool as without, an
+    assistant's tool call sent as an empty turn). A conversation's tool calls and results need
+    their tools declared (``_validate_messages``): ``tools`` covers them."""
+    without = [spec for spec in table.answering(request.model) if not spec.takes_tools]
+    if not without or not request.tools:
+        return
+    first = without[0]
+    which = f"auto, which may pick {first.id}" if request.model == AUTO else first.id
+    raise _invalid(
+        f"tools: tools and tool calls are not supported by {which} (its row of the model "
+        "table says `takes_tools = false`: its engine's model is not given them, and would "
+        "answer as if there were none); send the request without tools to it, or pick a model "
+        "that takes tools; if its engine's model does, the operator sets `takes_tools = true` "
+        "in its row of the model table"
+    )

@@ -1,7 +1,9 @@
 """The stack the mid-answer stall tests run: its two model processes serve ``local-small`` (a
 self-hosted row) through the OpenAI adapter, both in front of one loopback OpenAI-compatible
 server (``tests.providers``), as ``up --local-engine`` puts them in front of two llama-server
-replicas, and the router cuts a call silent mid-answer after ``STALL_S``."""
+replicas, and the router cuts a call silent mid-answer after ``STALL_S``. ``takes_tools``: the
+stack's model table says ``local-small`` takes tools (the packaged row says not: SmolLM2's chat
+template has none), for an engine that writes tool calls."""
 
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ class EngineStack:
 
 
 @contextmanager
-def engine_stack(run_dir: Path) -> Iterator[EngineStack]:
+def engine_stack(run_dir: Path, *, takes_tools: bool = False) -> Iterator[EngineStack]:
     server = WireServer({"openai": openai_wire.default}, {"openai": openai_wire.rejected("")})
     server.start()
     sink = OtlpSink()
@@ -47,6 +49,16 @@ def engine_stack(run_dir: Path) -> Iterator[EngineStack]:
         plain = Stack.on_free_ports(harness.ROOT, run_dir, harness.test_settings(sink))
         overrides = local_engine_settings(plain.settings(), replicas, options)
         overrides["ROUTER_MID_ANSWER_STALL_S"] = str(STALL_S)
+        if takes_tools:
+            table = run_dir / "models.toml"
+            packaged = (harness.ROOT / "services/common/models.toml").read_text(encoding="utf-8")
+            row = f"[models.{MODEL}]\n"
+            assert row in packaged and "takes_tools = false\n" in packaged
+            head, rest = packaged.split(row, 1)
+            mine, after = rest.split("\n[", 1)
+            mine = mine.replace("takes_tools = false", "takes_tools = true")
+            table.write_text(f"{head}{row}{mine}\n[{after}", encoding="utf-8")
+            overrides["CACHEMESH_MODELS_FILE"] = str(table)
         stack = plain.with_overrides(overrides)
         stack.start(timeout_s=240)
         try:

@@ -33,7 +33,8 @@ TEXT = "I'll write the report."
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineStack]:
-    with engine_stack(tmp_path_factory.mktemp("tool-stall-run")) as stack:
+    # an engine whose model takes tools (the packaged local-small, SmolLM2's, does not)
+    with engine_stack(tmp_path_factory.mktemp("tool-stall-run"), takes_tools=True) as stack:
         yield stack
 
 

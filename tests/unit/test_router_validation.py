@@ -579,3 +579,76 @@ def test_a_tool_name_to_auto_is_refused_when_a_tier_refuses_it() -> None:
     assert "auto may pick claude-sonnet-4-5" in info.value.message
     validate_request(_with_tool("auto", "mcp_search"), table, deployed)
     validate_request(_with_tool("auto", "mcp.search"), TABLE, DEPLOYED)  # simulated tiers
+
+
+_WEATHER = pb.Tool(
+    name="get_weather",
+    input_schema_json='{"type": "object", "properties": {"city": {"type": "string"}}}',
+)
+_CALLED = [
+    pb.Message(role=pb.ROLE_USER, content=[_text("Weather in Paris?")]),
+    pb.Message(
+        role=pb.ROLE_ASSISTANT,
+        content=[
+            pb.ContentBlock(
+                tool_use=pb.ToolUse(id="call_1", name="get_weather", input_json='{"city": "P"}')
+            )
+        ],
+    ),
+    pb.Message(
+        role=pb.ROLE_USER,
+        content=[pb.ContentBlock(tool_result=pb.ToolResult(tool_use_id="call_1", content="21C"))],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("model", "refused"),
+    [
+        ("sim-small", False),
+        ("llama-3-1-8b-vllm", False),  # an engine's row takes tools unless it says not
+        # llama-server serving SmolLM2: its chat template has no tools (/props: supports_tools
+        # false); the engine dropped them without a word, answering as if there were none
+        ("local-small", True),
+        ("local-large", True),
+    ],
+)
+@pytest.mark.parametrize(
+    ("fields", "where"),
+    [
+        ({"tools": [_WEATHER]}, "tools"),
+        # a conversation's tool call and result: the call was sent as an empty assistant turn
+        ({"tools": [_WEATHER], "messages": _CALLED}, "tools"),
+    ],
+)
+def test_tools_to_a_model_not_given_them_are_refused_naming_the_field(
+    model: str, refused: bool, fields: dict[str, object], where: str
+) -> None:
+    request = _request(model=model, **fields)
+    deployed = DEPLOYED | {"llama-3-1-8b-vllm", "local-small", "local-large"}
+    refusal = _refusal(request, deployed, not refused)
+    if refusal is None:
+        return
+    assert refusal.message.startswith(f"{where}: tools and tool calls are not supported by")
+    assert model in refusal.message and "`takes_tools = true`" in refusal.message
+
+
+def test_tools_to_auto_are_refused_when_a_tier_does_not_take_them() -> None:
+    """``up --local-engine`` puts both of auto's tiers on llama-server rows."""
+    table = load_model_table()
+    table.auto["large"] = "local-large"
+    request = _request(model="auto", tools=[_WEATHER])
+    with pytest.raises(RequestError) as info:
+        validate_request(request, table, DEPLOYED | {"local-large"})
+    assert info.value.code == Code.INVALID_ARGUMENT
+    assert "auto, which may pick local-large" in info.value.message
+    validate_request(request, TABLE, DEPLOYED)  # the simulated tiers take tools
+
+
+def test_a_rows_takes_tools_says_whether_its_engine_is_given_tools() -> None:
+    """An operator serving a model whose chat template takes tools sets it true."""
+    table = load_model_table()
+    table.models["local-small"] = table.models["local-small"].model_copy(
+        update={"takes_tools": True}
+    )
+    validate_request(_request(model="local-small", tools=[_WEATHER]), table, {"local-small"})
