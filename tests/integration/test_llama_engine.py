@@ -16,6 +16,8 @@ integration tests.
   reused by the engine, but neither billed to nor told in the usage of a tenant whose own
   traffic never sent it (its second request, its own reuse, is billed as a read, in the
   engine's tokens);
+- tools to the llama-server rows are refused before anything is sent: SmolLM2's chat template
+  has none (the engine's /props says so), and the engine dropped them without a word;
 - the engine's error body for a prompt over its context comes back as RESOURCE_EXHAUSTED
   (as the simulator's) carrying llama-server's message;
 - a prefill whose client went away stops within a batch, not at the end of the prompt;
@@ -40,9 +42,10 @@ from pathlib import Path
 import grpc
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 from prometheus_client.parser import text_string_to_metric_families
 
-from cachemesh import Client, RequestTooLargeError
+from cachemesh import CachemeshError, Client, RequestTooLargeError
 from cachemesh.envfile import read_env_file
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.models import load_model_table
@@ -276,6 +279,38 @@ def test_a_prefix_another_tenant_left_on_the_engine_is_not_billed_nor_told(
         f"{two.usage.input_tokens + two.usage.cache_read_input_tokens} "
         f"(kv_cached_tokens {two.usage.kv_cached_tokens}), {two.cost.cost_nanos:,} nanos"
     )
+
+
+def test_tools_are_refused_by_the_rows_of_an_engine_whose_model_has_none(
+    llama: LlamaStack,
+) -> None:
+    """SmolLM2's chat template has no tools: llama-server dropped a request's tools (the same
+    prompt tokens with a tool as without) and its model answered as if there were none; the
+    rows say ``takes_tools = false`` and the Gateway refuses such a request, naming ``tools``."""
+    replica = llama.replicas[0]
+    with urllib.request.urlopen(f"http://127.0.0.1:{replica.port}/props", timeout=10) as reply:
+        caps = json.load(reply)["chat_template_caps"]
+    assert caps["supports_tools"] is False and caps["supports_tool_calls"] is False, caps
+    engine = openai.OpenAI(base_url=replica.base_url, api_key="none").chat.completions
+    question: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Weather in Oslo?"}]
+    weather: ChatCompletionToolParam = {
+        "type": "function",
+        "function": {"name": "get_weather", "parameters": {"type": "object"}},
+    }
+    bare = engine.create(model=UPSTREAM_ID, max_tokens=1, messages=question)
+    given = engine.create(model=UPSTREAM_ID, max_tokens=1, messages=question, tools=[weather])
+    assert bare.usage is not None and given.usage is not None
+    assert given.usage.prompt_tokens == bare.usage.prompt_tokens  # the tool never reached it
+
+    request = _request("", [_user("Weather in Oslo?")])
+    request.tools.append(pb.Tool(name="get_weather", input_schema_json='{"type": "object"}'))
+    for model in (MODEL, "auto"):  # auto's tiers are the llama-server rows here
+        request.model = model
+        with pytest.raises(CachemeshError) as info:
+            llama.client.complete(request)
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.message.startswith("tools: "), info.value.message
+        assert "`takes_tools = false`" in info.value.message
 
 
 def _metric(address: str, name: str) -> float:
