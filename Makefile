@@ -123,7 +123,7 @@ demo-local: engine ## the demo against two llama-server replicas (SmolLM2-135M, 
 	@$(STACK) up --local-engine --no-stop-hint $(UP_FLAGS) || exit $$?; \
 	  trap : INT TERM; \
 	  { set -a; [ ! -f $(DEMO_KEYS) ] || source $(DEMO_KEYS); set +a; \
-	    CACHEMESH_DEMO_STOPS_STACK=1 CACHEMESH_DEMO_MODEL=local-small $(BIN)/python -m cachemesh.demo; }; \
+	    CACHEMESH_DEMO_STOPS_STACK=1 CACHEMESH_DEMO_MODEL=local-small CACHEMESH_DEMO_NO_TOOLS=1 $(BIN)/python -m cachemesh.demo; }; \
 	  status=$$?; $(STACK) down; exit $$status
 
 test-deps: redis-server ## install the system tools the tests use (docker-compose, to validate the compose file; redis-server)

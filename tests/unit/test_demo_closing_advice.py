@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from cachemesh.demo.__main__ import STOPS_STACK_ENV, closing_note, main
+from cachemesh.demo import workload
+from cachemesh.demo.__main__ import NO_TOOLS_ENV, STOPS_STACK_ENV, _agent, closing_note, main
 from cachemesh.demo.table import BASELINE_NOTE, LayerTable
 from cachemesh.v1 import gateway_pb2 as pb
 
@@ -32,7 +33,8 @@ esac
 """
 # the demo (`$(BIN)/python -m cachemesh.demo`): says what the recipe told it
 _PYTHON = """#!/bin/sh
-echo "demo $* stops=${CACHEMESH_DEMO_STOPS_STACK-unset} model=${CACHEMESH_DEMO_MODEL-unset}"
+echo "demo $* stops=${CACHEMESH_DEMO_STOPS_STACK-unset} model=${CACHEMESH_DEMO_MODEL-unset}\
+ no_tools=${CACHEMESH_DEMO_NO_TOOLS-unset}"
 """
 
 
@@ -48,6 +50,7 @@ def _make(tmp_path: Path, target: str, running: bool) -> list[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS"))}
     env |= {"RUNNING": "1" if running else "0"}
     env.pop(STOPS_STACK_ENV, None)
+    env.pop("CACHEMESH_DEMO_NO_TOOLS", None)
     done = subprocess.run(
         # -o: the prerequisites (venv, redis-server, the engine) taken as made
         ["make", "--no-print-directory", "-o", "setup", "-o", "redis-server", "-o", "engine",
@@ -63,7 +66,9 @@ def test_a_demo_that_starts_its_stack_says_no_make_down(tmp_path: Path) -> None:
     assert lines[0] == "stack running" and lines[-1] == "stack stopped", lines
     (up,) = [line for line in lines if line.startswith("stack up")]
     assert "--no-stop-hint" in up.split(), up  # up's last line names no `stop: make down`
-    assert "demo -m cachemesh.demo stops=1 model=unset" in lines  # the note: reset-l2 alone
+    assert (
+        "demo -m cachemesh.demo stops=1 model=unset no_tools=unset" in lines
+    )  # the note: reset-l2 alone
     assert not [line for line in lines if "make down" in line], lines
 
 
@@ -71,7 +76,7 @@ def test_a_demo_that_found_its_stack_running_says_how_to_stop_it(tmp_path: Path)
     lines = _make(tmp_path, "demo", running=True)
     (up,) = [line for line in lines if line.startswith("stack up")]
     assert "--no-stop-hint" not in up.split(), up
-    assert "demo -m cachemesh.demo stops= model=unset" in lines  # empty: false
+    assert "demo -m cachemesh.demo stops= model=unset no_tools=unset" in lines  # empty: false
     assert "stack down" not in lines
     assert lines[-1] == (
         f"the stack ran before make demo: left running (make down RUN_DIR={tmp_path / 'run'} "
@@ -83,7 +88,8 @@ def test_demo_local_stops_its_stack_and_its_recipe_is_not_echoed(tmp_path: Path)
     lines = _make(tmp_path, "demo-local", running=False)
     assert lines[0].startswith("stack up --local-engine") and "--no-stop-hint" in lines[0], lines
     assert lines[1:] == [
-        "demo -m cachemesh.demo stops=1 model=local-small",
+        # local-small takes no tools (its row's takes_tools = false): the agent is sent none
+        "demo -m cachemesh.demo stops=1 model=local-small no_tools=1",
         "stack down",
         "stack stopped",
     ], lines  # make printed no line of its recipe (`set -a; ...` was the first it printed)
@@ -139,3 +145,40 @@ def test_up_names_make_down_unless_its_caller_stops_the_stack(
     last = capsys.readouterr().out.splitlines()[-1]
     assert last.startswith("demo keys: "), last
     assert ("; stop: make down" in last) is said, last
+
+
+class _Recording:
+    """A client that answers each request from the model and keeps it."""
+
+    def __init__(self) -> None:
+        self.requests: list[pb.CompleteRequest] = []
+
+    def complete(self, request: pb.CompleteRequest) -> pb.CompleteResponse:
+        self.requests.append(request)
+        return pb.CompleteResponse(
+            served_by=pb.LAYER_MODEL, content=[pb.ContentBlock(text="Noted.")]
+        )
+
+
+@pytest.mark.parametrize("tools", [True, False])
+def test_the_agent_is_sent_its_tools_unless_told_the_model_takes_none(
+    tools: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """make demo-local's local-small takes no tools (the Gateway refuses them to it)."""
+    client = _Recording()
+    _agent(client, LayerTable(), "local-small", "demo-ns", tools)  # type: ignore[arg-type]
+    assert client.requests
+    assert all(len(r.tools) == (len(workload.TOOLS) if tools else 0) for r in client.requests)
+    header = capsys.readouterr().out.splitlines()[1]
+    assert ("+ 8 tools" in header) is tools and (NO_TOOLS_ENV in header) is not tools, header
+
+
+def test_a_malformed_no_tools_setting_is_named(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CACHEMESH_KEY_A", "cm_key-a-never-shown")
+    monkeypatch.setenv("CACHEMESH_KEY_B", "cm_key-b-never-shown")
+    monkeypatch.setenv(NO_TOOLS_ENV, "sometimes")
+    assert main() == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"demo: {NO_TOOLS_ENV} must be true or false"), err

@@ -47,6 +47,10 @@ WARM_NOTE = (
     "(cache read instead of cache write)."
 )
 STOPS_STACK_ENV = "CACHEMESH_DEMO_STOPS_STACK"  # make demo sets it when it started the stack
+# make demo-local sets it: the agent is sent no tools, as its model takes none (local-small's
+# row says takes_tools = false: SmolLM2's chat template has no tools, and the Gateway refuses
+# tools to it)
+NO_TOOLS_ENV = "CACHEMESH_DEMO_NO_TOOLS"
 
 
 def closing_note(stops_stack: bool) -> str:
@@ -60,15 +64,18 @@ def closing_note(stops_stack: bool) -> str:
     return f"{WARM_NOTE} {cold}"
 
 
-def _agent(client: Client, table: LayerTable, model: str | None, namespace: str) -> None:
+def _agent(
+    client: Client, table: LayerTable, model: str | None, namespace: str, tools: bool = True
+) -> None:
     agent_model = model or workload.AGENT_MODEL
-    print(f"\n== agent conversation ({agent_model}, long system prompt + 8 tools, cache_control)")
+    given = f"+ {len(workload.TOOLS)} tools" if tools else f"and no tools ({NO_TOOLS_ENV})"
+    print(f"\n== agent conversation ({agent_model}, long system prompt {given}, cache_control)")
     history: list[pb.Message] = []
     for turn, text in enumerate(workload.AGENT_TURNS, start=1):
         request = pb.CompleteRequest(
             model=agent_model,
             max_tokens=400,
-            tools=workload.TOOLS,
+            tools=workload.TOOLS if tools else [],
             system=workload.agent_system(),
             messages=[*history, user_message(text, cache=True)],
             cache=pb.CacheOptions(namespace=namespace),
@@ -128,6 +135,7 @@ def main() -> int:
     keys = {"a": _require("CACHEMESH_KEY_A"), "b": _require("CACHEMESH_KEY_B")}
     try:
         stops_stack = env_bool(STOPS_STACK_ENV)
+        tools = not env_bool(NO_TOOLS_ENV)
         tls, insecure = connection(target)
         # a Gateway that is not there fails the first request at once, not after its timeout
         clients = {
@@ -144,7 +152,7 @@ def main() -> int:
     print(f"semantic-cache namespace of this run: {namespace}")
     started = time.monotonic()
     try:
-        _agent(clients["a"], table, model, namespace)
+        _agent(clients["a"], table, model, namespace, tools)
         _faq(clients, table, model, namespace)
         _unrelated(clients["a"], table, model, namespace)
     except CachemeshError as error:
