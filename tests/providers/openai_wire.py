@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from openai.types.chat.completion_create_params import CompletionCreateParamsBase
+
 from tests.providers.wire_server import Event, Reply, dumps
 
 
@@ -222,6 +224,8 @@ def refusal(headers: dict[str, str], body: dict[str, Any]) -> Reply | None:
             code="invalid_value",
             param="stream_options",
         )
+    if (refused := _structure(model, body)) is not None:
+        return refused
     key = body.get("prompt_cache_key")
     if isinstance(key, str) and len(key) > PROMPT_CACHE_KEY_CHARS:
         return error(
@@ -232,6 +236,163 @@ def refusal(headers: dict[str, str], body: dict[str, Any]) -> Reply | None:
             code="string_above_max_length",
             param="prompt_cache_key",
         )
+    return None
+
+
+# the request's arguments Chat Completions has (the SDK's own list of them); any other is its
+# 400 "Unrecognized request argument supplied"
+ARGUMENTS = frozenset(CompletionCreateParamsBase.__annotations__) | {"stream"}
+MAX_STOP = 4
+RETENTIONS = ("in_memory", "24h")
+# OpenAI's models that are no reasoning model: they refuse ``reasoning_effort``
+_NOT_REASONING = re.compile(r"^(?:gpt-4o|gpt-4\.1|gpt-5-chat)(?:-|$)")
+
+
+def _invalid(message: str, param: str | None, code: str | None = None) -> Reply:
+    return error(400, "invalid_request_error", message, code=code, param=param)
+
+
+def _structure(model: str, body: dict[str, Any]) -> Reply | None:
+    """The real API's 400 to a body it refuses whatever the model (its words, as clients have
+    met them), else None: an argument it does not have, an output limit below 1 or both
+    limits at once, a temperature outside [0, 2], more than 4 stop sequences, an empty
+    ``tools``, ``tool_choice`` or ``parallel_tool_calls`` without tools, a retention it does
+    not know, ``reasoning_effort`` to a model that does not reason, no messages, or
+    ``_conversation``'s refusals."""
+    for name in body:
+        if name not in ARGUMENTS:
+            return _invalid(f"Unrecognized request argument supplied: {name}", None)
+    if "max_tokens" in body and "max_completion_tokens" in body:
+        return _invalid(
+            "max_tokens and max_completion_tokens cannot both be set",
+            "max_tokens",
+            "invalid_parameter_combination",
+        )
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = body.get(name)
+        if isinstance(value, int) and value < 1:
+            return _invalid(
+                f"Invalid '{name}': integer below minimum value. Expected a value >= 1, but "
+                f"got {value} instead.",
+                name,
+                "integer_below_min_value",
+            )
+    temperature = body.get("temperature")
+    if isinstance(temperature, int | float) and not 0 <= temperature <= 2:
+        side, bound = (
+            ("above", "maximum value. Expected a value <= 2")
+            if temperature > 2
+            else ("below", "minimum value. Expected a value >= 0")
+        )
+        return _invalid(
+            f"Invalid 'temperature': decimal {side} {bound}, but got {temperature} instead.",
+            "temperature",
+            f"decimal_{side}_{'max' if side == 'above' else 'min'}_value",
+        )
+    stop = body.get("stop")
+    if isinstance(stop, list) and len(stop) > MAX_STOP:
+        return _invalid(
+            f"Invalid 'stop': array too long. Expected an array with maximum length {MAX_STOP}, "
+            f"but got an array with length {len(stop)} instead.",
+            "stop",
+            "array_above_max_length",
+        )
+    tools = body.get("tools")
+    if isinstance(tools, list) and not tools:
+        return _invalid(
+            "Invalid 'tools': empty array. Expected an array with minimum length 1, but got an "
+            "empty array instead.",
+            "tools",
+            "empty_array",
+        )
+    for name in ("tool_choice", "parallel_tool_calls"):
+        if body.get(name) is not None and not tools:
+            return _invalid(
+                f"Invalid value for '{name}': '{name}' is only allowed when 'tools' are specified.",
+                name,
+            )
+    retention = body.get("prompt_cache_retention")
+    if retention is not None and retention not in RETENTIONS:
+        return _invalid(
+            f"Invalid value: {retention!r}. Supported values are: 'in_memory' and '24h'.",
+            "prompt_cache_retention",
+            "invalid_value",
+        )
+    if body.get("reasoning_effort") is not None and _NOT_REASONING.match(model):
+        return _invalid(
+            "Unsupported parameter: 'reasoning_effort' is not supported with this model.",
+            "reasoning_effort",
+            "unsupported_parameter",
+        )
+    return _conversation(body.get("messages"))
+
+
+def _conversation(messages: Any) -> Reply | None:
+    """The real API's 400 to messages it refuses: none; an assistant message with neither
+    content nor tool calls; a ``tool`` message that does not follow (after the other ``tool``
+    messages) an assistant message with ``tool_calls``, or whose ``tool_call_id`` is none of
+    that message's calls; an assistant message whose calls are not each answered by the
+    ``tool`` messages that follow it, before any other message (or the request's end)."""
+    if not isinstance(messages, list) or not messages:
+        return _invalid(
+            "Invalid 'messages': empty array. Expected an array with minimum length 1, but got "
+            "an empty array instead.",
+            "messages",
+            "empty_array",
+        )
+    calls: dict[str, None] | None = None  # the open assistant message's unanswered call ids
+    asked = -1  # that message's index
+    open_ids: set[str] = set()  # its call ids
+
+    def unanswered() -> Reply:
+        return _invalid(
+            "An assistant message with 'tool_calls' must be followed by tool messages "
+            "responding to each 'tool_call_id'. The following tool_call_ids did not have "
+            f"response messages: {', '.join(calls or ())}",
+            f"messages.[{asked}].role",
+        )
+
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role == "tool":
+            if calls is None:
+                return _invalid(
+                    "Invalid parameter: messages with role 'tool' must be a response to a "
+                    "preceeding message with 'tool_calls'.",
+                    f"messages.[{i}].role",
+                )
+            call_id = message.get("tool_call_id")
+            if call_id not in open_ids:
+                return _invalid(
+                    f"Invalid parameter: 'tool_call_id' of '{call_id}' not found in "
+                    "'tool_calls' of previous message.",
+                    f"messages.[{i}].tool_call_id",
+                )
+            calls.pop(str(call_id), None)
+            continue
+        if calls:
+            return unanswered()
+        calls = None
+        if role != "assistant":
+            continue
+        tool_calls = message.get("tool_calls")
+        if tool_calls is not None and not tool_calls:
+            return _invalid(
+                f"Invalid 'messages[{i}].tool_calls': empty array. Expected an array with "
+                "minimum length 1, but got an empty array instead.",
+                f"messages[{i}].tool_calls",
+                "empty_array",
+            )
+        if message.get("content") is None and not tool_calls:
+            return _invalid(
+                "Invalid value for 'content': expected a string, got null.",
+                f"messages.[{i}].content",
+            )
+        if tool_calls:
+            ids = [str(call.get("id")) for call in tool_calls if isinstance(call, dict)]
+            calls, asked, open_ids = dict.fromkeys(ids), i, set(ids)
+    if calls:
+        return unanswered()
     return None
 
 

@@ -1,0 +1,243 @@
+"""The loopback OpenAI server refuses, with the real API's 400 and words (through the official
+SDK), the Chat Completions shapes the real API refuses, so that a regression sending one fails
+a test rather than being answered: a ``tool`` message that answers no call of the assistant
+message before it (or comes after another message), an assistant message whose calls are not
+all answered before the next message, an assistant message with neither content nor calls,
+more than 4 stop sequences, an output limit of 0 or both limits at once, a temperature over 2,
+an empty ``tools``, ``tool_choice`` / ``parallel_tool_calls`` without tools, a retention
+OpenAI does not know, ``reasoning_effort`` to a model that does not reason, no messages, an
+argument Chat Completions does not have. Before, it answered each (17 of 17). Each shape's
+fixed form is answered. And the bodies the adapter builds for a conversation of parallel
+tool calls, a failed one among them, are taken."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+
+from cachemesh.v1 import gateway_pb2 as pb
+from services.common.models import load_model_table
+from services.model.providers.openai_wire import chat_params
+from tests.providers import openai_wire
+from tests.providers.loopback import serving
+from tests.providers.wire_server import WireServer
+
+GPT = "gpt-4o"
+TOOLS = [{"type": "function", "function": {"name": "calc", "parameters": {"type": "object"}}}]
+ASK = {"role": "user", "content": "compute"}
+
+
+def _call(*ids: str) -> dict[str, Any]:
+    calls = [
+        {"id": i, "type": "function", "function": {"name": "calc", "arguments": "{}"}} for i in ids
+    ]
+    return {"role": "assistant", "content": None, "tool_calls": calls}
+
+
+def _result(call_id: str) -> dict[str, Any]:
+    return {"role": "tool", "tool_call_id": call_id, "content": "42"}
+
+
+def _body(messages: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
+    return {
+        "model": GPT,
+        "max_completion_tokens": 16,
+        "tools": TOOLS,
+        "messages": messages,
+    } | fields
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[WireServer]:
+    yield from serving()
+
+
+@pytest.fixture(scope="module")
+def client(server: WireServer) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(api_key="sk-loopback", base_url=f"{server.base}/v1", max_retries=0) as sdk:
+        yield sdk
+
+
+def _send(client: openai.OpenAI, body: dict[str, Any]) -> str:
+    """The answer's text as the SDK streams it (every field but model and messages as sent,
+    an argument the SDK does not name too)."""
+    rest = {k: v for k, v in body.items() if k not in ("model", "messages")}
+    chunks = client.chat.completions.create(
+        model=body["model"],
+        messages=body["messages"],
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body=rest,
+    )
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+# (refused body, its fixed form, the start of the API's message, its param)
+CASES = {
+    "a tool message after a user message": (
+        _body([ASK, _call("call_1"), ASK, _result("call_1")]),
+        _body([ASK, _call("call_1"), _result("call_1"), ASK]),
+        "An assistant message with 'tool_calls' must be followed by tool messages responding "
+        "to each 'tool_call_id'. The following tool_call_ids did not have response messages: "
+        "call_1",
+        "messages.[1].role",
+    ),
+    "a tool message with no call before it": (
+        _body([ASK, {"role": "assistant", "content": "ok"}, _result("call_1")]),
+        _body([ASK, _call("call_1"), _result("call_1")]),
+        "Invalid parameter: messages with role 'tool' must be a response to a preceeding "
+        "message with 'tool_calls'.",
+        "messages.[2].role",
+    ),
+    "a tool message answering another call": (
+        _body([ASK, _call("call_1"), _result("call_2")]),
+        _body([ASK, _call("call_1"), _result("call_1")]),
+        "Invalid parameter: 'tool_call_id' of 'call_2' not found in 'tool_calls' of previous "
+        "message.",
+        "messages.[2].tool_call_id",
+    ),
+    "one of two calls unanswered": (
+        _body([ASK, _call("call_1", "call_2"), _result("call_2"), ASK]),
+        _body([ASK, _call("call_1", "call_2"), _result("call_2"), _result("call_1"), ASK]),
+        "An assistant message with 'tool_calls' must be followed by tool messages",
+        "messages.[1].role",
+    ),
+    "the request ending with a call": (
+        _body([ASK, _call("call_1")]),
+        _body([ASK, _call("call_1"), _result("call_1")]),
+        "An assistant message with 'tool_calls' must be followed by tool messages",
+        "messages.[1].role",
+    ),
+    "an assistant message with neither content nor calls": (
+        _body([ASK, {"role": "assistant", "content": None}, ASK]),
+        _body([ASK, {"role": "assistant", "content": "ok"}, ASK]),
+        "Invalid value for 'content': expected a string, got null.",
+        "messages.[1].content",
+    ),
+    "five stop sequences": (
+        _body([ASK], stop=["a", "b", "c", "d", "e"]),
+        _body([ASK], stop=["a", "b", "c", "d"]),
+        "Invalid 'stop': array too long. Expected an array with maximum length 4",
+        "stop",
+    ),
+    "max_completion_tokens 0": (
+        _body([ASK], max_completion_tokens=0),
+        _body([ASK], max_completion_tokens=1),
+        "Invalid 'max_completion_tokens': integer below minimum value.",
+        "max_completion_tokens",
+    ),
+    "both output limits": (
+        _body([ASK], max_tokens=16),
+        _body([ASK]),
+        "max_tokens and max_completion_tokens cannot both be set",
+        "max_tokens",
+    ),
+    "temperature above 2": (
+        _body([ASK], temperature=2.5),
+        _body([ASK], temperature=2),
+        "Invalid 'temperature': decimal above maximum value. Expected a value <= 2",
+        "temperature",
+    ),
+    "no tools": (
+        _body([ASK], tools=[]),
+        _body([ASK]),
+        "Invalid 'tools': empty array.",
+        "tools",
+    ),
+    "tool_choice without tools": (
+        {"model": GPT, "messages": [ASK], "tool_choice": "auto"},
+        {"model": GPT, "messages": [ASK]},
+        "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are "
+        "specified.",
+        "tool_choice",
+    ),
+    "parallel_tool_calls without tools": (
+        {"model": GPT, "messages": [ASK], "parallel_tool_calls": True},
+        {"model": GPT, "messages": [ASK]},
+        "Invalid value for 'parallel_tool_calls'",
+        "parallel_tool_calls",
+    ),
+    "a retention OpenAI does not know": (
+        _body([ASK], prompt_cache_retention="in-memory"),
+        _body([ASK], prompt_cache_retention="in_memory"),
+        "Invalid value: 'in-memory'. Supported values are: 'in_memory' and '24h'.",
+        "prompt_cache_retention",
+    ),
+    "reasoning_effort to a model that does not reason": (
+        _body([ASK], reasoning_effort="low"),
+        _body([ASK], model="gpt-5", reasoning_effort="low"),
+        "Unsupported parameter: 'reasoning_effort' is not supported with this model.",
+        "reasoning_effort",
+    ),
+    "no messages": (
+        _body([]),
+        _body([ASK]),
+        "Invalid 'messages': empty array.",
+        "messages",
+    ),
+    "an argument Chat Completions does not have": (
+        _body([ASK], cache_control={"type": "ephemeral"}),
+        _body([ASK]),
+        "Unrecognized request argument supplied: cache_control",
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_loopback_server_refuses_what_the_api_refuses(client: openai.OpenAI, case: str) -> None:
+    refused, fixed, message, param = CASES[case]
+    with pytest.raises(openai.BadRequestError) as error:
+        _send(client, refused)
+    assert error.value.status_code == 400
+    assert error.value.type == "invalid_request_error"
+    said = error.value.body["message"] if isinstance(error.value.body, dict) else None
+    assert isinstance(said, str) and said.startswith(message), said
+    assert error.value.param == param
+    assert _send(client, fixed) == "Paris is the capital of France."
+
+
+def _text(text: str) -> pb.ContentBlock:
+    return pb.ContentBlock(text=text)
+
+
+def _use(call_id: str) -> pb.ContentBlock:
+    return pb.ContentBlock(tool_use=pb.ToolUse(id=call_id, name="calc", input_json="{}"))
+
+
+def _answer(call_id: str, *, failed: bool = False) -> pb.ContentBlock:
+    result = pb.ToolResult(tool_use_id=call_id, content="42", is_error=failed)
+    return pb.ContentBlock(tool_result=result)
+
+
+def test_the_adapters_body_for_parallel_calls_is_one_the_api_takes(
+    client: openai.OpenAI,
+) -> None:
+    """A conversation as the router passes it (a user's text before its results, parallel
+    calls, a failed call, a final assistant text) is sent as messages the API takes: each
+    call's ``tool`` message right after its assistant message, the text after them."""
+    spec = load_model_table().models[GPT]
+    request = pb.CompleteRequest(
+        model=GPT,
+        max_tokens=16,
+        tools=[pb.Tool(name="calc", input_schema_json='{"type": "object"}')],
+        messages=[
+            pb.Message(role=pb.ROLE_USER, content=[_text("compute both")]),
+            pb.Message(role=pb.ROLE_ASSISTANT, content=[_text("on it"), _use("a"), _use("b")]),
+            pb.Message(
+                role=pb.ROLE_USER,
+                content=[_text("here"), _answer("b", failed=True), _answer("a")],
+            ),
+            pb.Message(role=pb.ROLE_ASSISTANT, content=[_use("c")]),
+            pb.Message(role=pb.ROLE_USER, content=[_answer("c")]),
+        ],
+    )
+    body = chat_params(spec, request)
+    assert openai_wire.refusal({}, {**body, "stream": True}) is None
+    assert [m["role"] for m in body["messages"]] == [
+        "user", "assistant", "tool", "tool", "user", "assistant", "tool",
+    ]  # fmt: skip
+    assert _send(client, body) == "Paris is the capital of France."
