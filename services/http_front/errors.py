@@ -197,6 +197,16 @@ BILLED = (
 )
 
 
+def _context_window(message: str) -> ApiError:
+    """A prompt (with ``max_tokens``) over the model's context window: a 400, with OpenAI's
+    code and param for it (``context_length_exceeded``, ``messages``), which an application
+    reads (the SDK's ``BadRequestError.code``) to trim its conversation or turn to a model
+    with a longer window; before, both null, as for any mistake of the caller's."""
+    return ApiError(
+        "invalid_request", message, param="messages", openai_code="context_length_exceeded"
+    )
+
+
 def from_gateway(
     code: Code,
     message: str,
@@ -250,14 +260,14 @@ def _from_gateway(
         if reason in (RATE_LIMITED, BUDGET_EXHAUSTED) and retry_after_s is None:
             retry_after_s = RATE_LIMIT_RETRY_AFTER_S  # a limit a wait lifts, its wait unsaid
         if reason == CONTEXT_WINDOW:
-            return ApiError("invalid_request", message)
+            return _context_window(message)
         if reason == REQUEST_TOO_LARGE:
             return ApiError("request_too_large", message)
         if retry_after_s is not None:
             final = retry_after_s > RETRYABLE_WAIT_S  # a budget spent until midnight
             return ApiError("rate_limit", message, retry_after_s=retry_after_s, final=final)
         if _CONTEXT_WINDOW in message:
-            return ApiError("invalid_request", message)
+            return _context_window(message)
         if reason:
             # a reason this front does not know (a newer Gateway's) and no wait: a limit, not
             # a final 413 by the reason alone; the SDKs retry it after a second

@@ -326,6 +326,12 @@ def test_a_request_over_a_providers_size_limit_is_resource_exhausted_and_the_sdk
                 anthropic.Anthropic(base_url=front, api_key=key).messages.create(
                     model=model, max_tokens=64, messages=ask_http
                 )
+        if too_large == "CONTEXT_WINDOW":  # OpenAI's code and param for it, as it answers
+            assert isinstance(raised.value, openai.BadRequestError)
+            assert (raised.value.code, raised.value.param) == (
+                "context_length_exceeded",
+                "messages",
+            )
     finally:
         with server._lock:  # a refusal not used must not reach the next tests
             server.scripts[api] = [r for r in server.scripts[api] if r is not reply]

@@ -20,12 +20,14 @@ import grpc
 import openai
 import pytest
 
-from cachemesh.retry_info import REQUEST_ID_KEY
+from cachemesh.retry_info import CONTEXT_WINDOW, REQUEST_ID_KEY
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 from services.common.auth import hash_key
 from services.common.channels import server_options
 from services.common.env import ConfigError, Env
+from services.common.errors import Code
+from services.common.retry_info import refusal_trailers
 from services.http_front import (
     anthropic_api,
     facts,
@@ -68,7 +70,7 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
     """Answers with ``answer`` (or aborts with ``refuse``); ``hold`` keeps a call waiting."""
 
     answer: pb.CompleteResponse = field(default_factory=lambda: TOOL_ANSWER)
-    refuse: tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]] | None = None
+    refuse: tuple[grpc.StatusCode, str, tuple[tuple[str, str | bytes], ...]] | None = None
     pause_s: float = 0.0  # between a stream's start and the rest
     hold: asyncio.Event | None = None
     calls: int = 0
@@ -1683,3 +1685,31 @@ def test_the_models_that_think_by_default_are_their_rows(tmp_path: Path) -> None
     assert settings.thinks_by_default == {"claude-opus-5", "gpt-5"}
     picks_gpt5 = HttpFrontSettings.from_env({**env, "CACHEMESH_AUTO_LARGE": "gpt-5"})
     assert picks_gpt5.thinks_by_default == {"claude-opus-5", "gpt-5", "auto"}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_prompt_over_the_context_window_has_openais_code(
+    front: Front, stream: bool
+) -> None:
+    """The Gateway's refusal of a prompt over the model's context window (its ErrorInfo
+    ``CONTEXT_WINDOW``: the router's own count, or the provider's 400) is answered as OpenAI
+    answers it, code ``context_length_exceeded`` and param ``messages`` (the SDK's
+    ``BadRequestError.code`` / ``.param``): what an application checks to trim a conversation
+    or fall back to a model with a longer window, where any other 400 is its own mistake.
+    Before, code and param were null."""
+    message = "the prompt has 300010 tokens, over sim-small's context window"
+    trailers = refusal_trailers(Code.RESOURCE_EXHAUSTED, message, CONTEXT_WINDOW)
+    front.gateway.refuse = (grpc.StatusCode.RESOURCE_EXHAUSTED, message, trailers)
+    with pytest.raises(openai.BadRequestError) as refused:
+        await _gpt(front).chat.completions.create(model="sim-small", messages=ASK, stream=stream)
+    assert refused.value.code == "context_length_exceeded"
+    assert refused.value.param == "messages"
+    assert refused.value.type == "invalid_request_error"
+    assert refused.value.response.headers["x-should-retry"] == "false"
+    with pytest.raises(anthropic.BadRequestError) as by_claude:  # its shape has no code
+        await _claude(front).messages.create(model="sim-small", max_tokens=50, messages=ASK)
+    assert by_claude.value.body == {
+        "type": "error",
+        "error": {"type": "invalid_request_error", "message": message},
+        "request_id": by_claude.value.request_id,
+    }
