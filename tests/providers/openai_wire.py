@@ -252,6 +252,19 @@ def _invalid(message: str, param: str | None, code: str | None = None) -> Reply:
     return error(400, "invalid_request_error", message, code=code, param=param)
 
 
+# the longest tool call id OpenAI takes (vLLM's own, "chatcmpl-tool-" and 32 hex digits, is 46)
+TOOL_CALL_ID_CHARS = 40
+
+
+def _too_long(param: str, value: str) -> Reply:
+    return _invalid(
+        f"Invalid '{param}': string too long. Expected a string with maximum length "
+        f"{TOOL_CALL_ID_CHARS}, but got a string with length {len(value)} instead.",
+        param,
+        "string_above_max_length",
+    )
+
+
 def _structure(model: str, body: dict[str, Any]) -> Reply | None:
     """The real API's 400 to a body it refuses whatever the model (its words, as clients have
     met them), else None: an argument it does not have, an output limit below 1 or both
@@ -332,7 +345,8 @@ def _conversation(messages: Any) -> Reply | None:
     content nor tool calls; a ``tool`` message that does not follow (after the other ``tool``
     messages) an assistant message with ``tool_calls``, or whose ``tool_call_id`` is none of
     that message's calls; an assistant message whose calls are not each answered by the
-    ``tool`` messages that follow it, before any other message (or the request's end)."""
+    ``tool`` messages that follow it, before any other message (or the request's end); a tool
+    call id over 40 characters."""
     if not isinstance(messages, list) or not messages:
         return _invalid(
             "Invalid 'messages': empty array. Expected an array with minimum length 1, but got "
@@ -362,6 +376,8 @@ def _conversation(messages: Any) -> Reply | None:
                     f"messages.[{i}].role",
                 )
             call_id = message.get("tool_call_id")
+            if isinstance(call_id, str) and len(call_id) > TOOL_CALL_ID_CHARS:
+                return _too_long(f"messages[{i}].tool_call_id", call_id)
             if call_id not in open_ids:
                 return _invalid(
                     f"Invalid parameter: 'tool_call_id' of '{call_id}' not found in "
@@ -390,6 +406,9 @@ def _conversation(messages: Any) -> Reply | None:
             )
         if tool_calls:
             ids = [str(call.get("id")) for call in tool_calls if isinstance(call, dict)]
+            for j, call_id in enumerate(ids):
+                if len(call_id) > TOOL_CALL_ID_CHARS:
+                    return _too_long(f"messages[{i}].tool_calls[{j}].id", call_id)
             calls, asked, open_ids = dict.fromkeys(ids), i, set(ids)
     if calls:
         return unanswered()

@@ -6,23 +6,27 @@ all answered before the next message, an assistant message with neither content 
 more than 4 stop sequences, an output limit of 0 or both limits at once, a temperature over 2,
 an empty ``tools``, ``tool_choice`` / ``parallel_tool_calls`` without tools, a retention
 OpenAI does not know, ``reasoning_effort`` to a model that does not reason, no messages, an
-argument Chat Completions does not have. Before, it answered each (17 of 17). Each shape's
+argument Chat Completions does not have, a tool call id over 40 characters. Before, it
+answered each (18 of 18). Each shape's
 fixed form is answered. And the bodies the adapter builds for a conversation of parallel
 tool calls, a failed one among them, are taken."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import openai
 import pytest
 
 from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import model_pb2
 from services.common.models import load_model_table
+from services.model.providers.api import ProviderApi
 from services.model.providers.openai_wire import chat_params
 from tests.providers import openai_wire
 from tests.providers.loopback import serving
+from tests.providers.replica import provider_replica, provider_settings
 from tests.providers.wire_server import WireServer
 
 GPT = "gpt-4o"
@@ -116,6 +120,13 @@ CASES = {
         _body([ASK, {"role": "assistant", "content": "ok"}, ASK]),
         "Invalid value for 'content': expected a string, got null.",
         "messages.[1].content",
+    ),
+    "a tool call id over 40 characters": (
+        _body([ASK, _call("chatcmpl-tool-" + "0" * 32), _result("chatcmpl-tool-" + "0" * 32)]),
+        _body([ASK, _call("chatcmpl-tool-" + "0" * 26), _result("chatcmpl-tool-" + "0" * 26)]),
+        "Invalid 'messages[1].tool_calls[0].id': string too long. Expected a string with "
+        "maximum length 40, but got a string with length 46 instead.",
+        "messages[1].tool_calls[0].id",
     ),
     "five stop sequences": (
         _body([ASK], stop=["a", "b", "c", "d", "e"]),
@@ -241,3 +252,43 @@ def test_the_adapters_body_for_parallel_calls_is_one_the_api_takes(
         "user", "assistant", "tool", "tool", "user", "assistant", "tool",
     ]  # fmt: skip
     assert _send(client, body) == "Paris is the capital of France."
+
+
+@pytest.fixture
+async def replica(server: WireServer) -> AsyncIterator[ProviderApi]:
+    server.reset()
+    settings = provider_settings("openai", f"{server.base}/v1", "sk-loopback-0123456789abcdef")
+    api = provider_replica(settings, [GPT], clock=lambda: 1000.0)
+    yield api
+    await api.close()
+
+
+async def test_tool_ids_over_openais_length_are_sent_as_ids_it_takes(
+    server: WireServer, replica: ProviderApi
+) -> None:
+    """A conversation whose tool calls another model made with ids over OpenAI's 40
+    characters (vLLM's ``chatcmpl-tool-`` and 32 hex digits: ``auto`` may answer the next
+    turn with a gpt tier; a client's own) reaches OpenAI with each id at most 40 characters,
+    each ``tool`` message still naming its call's, two long ids alike in their first 27
+    characters still two, an id of 40 unchanged. Before, sent as they were: the real API's 400
+    ("string too long") to every such turn, INVALID_ARGUMENT to the caller."""
+    ids = ["chatcmpl-tool-" + "a" * 32, "chatcmpl-tool-" + "a" * 31 + "b", "call_" + "x" * 35]
+    messages = [pb.Message(role=pb.ROLE_USER, content=[_text("6*7?")])]
+    for call_id in ids:
+        messages.append(pb.Message(role=pb.ROLE_ASSISTANT, content=[_use(call_id)]))
+        messages.append(pb.Message(role=pb.ROLE_USER, content=[_answer(call_id)]))
+    request = pb.CompleteRequest(
+        model=GPT, max_tokens=16, tools=[pb.Tool(name="calc")], messages=messages
+    )
+    call = model_pb2.GenerateRequest(tenant="t", model=GPT, request=request)
+    chunks = [chunk async for chunk in replica.generate(call, 10.0)]
+    assert chunks[-1].HasField("end")
+    (sent,) = server.seen_by("openai")
+    assert sent.status == 200
+    body = sent.body["messages"]
+    uses = [body[m]["tool_calls"][0]["id"] for m in (1, 3, 5)]
+    results = [body[m]["tool_call_id"] for m in (2, 4, 6)]
+    assert uses == results
+    assert len(set(uses)) == 3
+    assert all(len(sent_id) <= 40 for sent_id in uses)
+    assert uses[2] == ids[2]

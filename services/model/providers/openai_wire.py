@@ -5,7 +5,8 @@ OpenAI-compatible engine (vLLM, SGLang, Ollama, llama.cpp's llama-server, TGI) b
 one system message, tools become functions, an assistant's ``tool_use`` blocks its
 ``tool_calls``, a user's ``tool_result`` blocks ``tool`` messages (placed right after the
 assistant turn that called them, as the API requires; a ``tool`` message has no error flag, so
-a result with ``is_error`` is sent as ``TOOL_ERROR_PREFIX`` + its content);
+a result with ``is_error`` is sent as ``TOOL_ERROR_PREFIX`` + its content; to OpenAI itself a
+tool call id over its 40 characters is sent shortened, ``openai_tool_id``);
 ``prompt_cache_key`` is sent as the replica gives it (``cache_key.for_provider``: derived for
 the tenant, so that tenants sharing the operator's account never share a cache bucket), a
 row's ``prompt_cache_retention`` is sent (so OpenAI keeps a prefix as long as prefix-cache
@@ -22,8 +23,9 @@ https://platform.openai.com/docs/api-reference/chat/create
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,7 +90,35 @@ def echoed_prefill(spec: ModelSpec, request: pb.CompleteRequest) -> str:
     return _texts(list(last.content)) if last.role == pb.ROLE_ASSISTANT else ""
 
 
-def _messages(request: pb.CompleteRequest) -> list[dict[str, Any]]:
+# the longest tool call id OpenAI takes: a longer one, on an assistant message's call or a tool
+# message, is its 400 "Invalid 'messages[1].tool_calls[0].id': string too long. Expected a
+# string with maximum length 40" (code string_above_max_length)
+OPENAI_TOOL_ID_CHARS = 40
+_DIGEST_CHARS = 12
+
+
+def openai_tool_id(call_id: str) -> str:
+    """``call_id`` as an id OpenAI takes: itself when it is 40 characters or fewer; else its
+    first 27 and a digest of the whole (40 in all: two ids alike in their first 27 stay two).
+    The same on a call and on its ``tool`` message, so the pair still matches: an id is opaque,
+    only pairing them. Before, an id another model wrote (vLLM's ``chatcmpl-tool-`` and 32 hex
+    digits, 46 characters: ``auto``'s next turn may go to a gpt tier) or a client's own went as
+    it was, and OpenAI refused the conversation (400) on every later turn."""
+    if len(call_id) <= OPENAI_TOOL_ID_CHARS:
+        return call_id
+    digest = hashlib.sha256(call_id.encode("utf-8", "surrogatepass")).hexdigest()
+    kept = OPENAI_TOOL_ID_CHARS - _DIGEST_CHARS - 1
+    return f"{call_id[:kept]}_{digest[:_DIGEST_CHARS]}"
+
+
+def _as_sent(call_id: str) -> str:
+    return call_id
+
+
+def _messages(
+    request: pb.CompleteRequest, tool_id: Callable[[str], str] = _as_sent
+) -> list[dict[str, Any]]:
+    """The messages; ``tool_id``: each tool call id as the provider is sent it."""
     messages: list[dict[str, Any]] = []
     if request.system:
         messages.append({"role": "system", "content": _texts(list(request.system))})
@@ -97,7 +127,7 @@ def _messages(request: pb.CompleteRequest) -> list[dict[str, Any]]:
         if message.role == pb.ROLE_ASSISTANT:
             calls = [
                 {
-                    "id": block.tool_use.id,
+                    "id": tool_id(block.tool_use.id),
                     "type": "function",
                     "function": {
                         "name": block.tool_use.name,
@@ -117,7 +147,7 @@ def _messages(request: pb.CompleteRequest) -> list[dict[str, Any]]:
                 messages.append(
                     {
                         "role": "tool",
-                        "tool_call_id": block.tool_result.tool_use_id,
+                        "tool_call_id": tool_id(block.tool_result.tool_use_id),
                         "content": _tool_content(block.tool_result),
                     }
                 )
@@ -128,7 +158,10 @@ def _messages(request: pb.CompleteRequest) -> list[dict[str, Any]]:
 
 def chat_params(spec: ModelSpec, request: pb.CompleteRequest) -> dict[str, Any]:
     """The Chat Completions body (less ``stream`` and ``stream_options``)."""
-    params: dict[str, Any] = {"model": spec.upstream, "messages": _messages(request)}
+    # OpenAI's own API bounds a tool call id; an OpenAI-compatible engine gets its ids as they
+    # were (vLLM's own are longer, and it takes them back)
+    tool_id = openai_tool_id if spec.provider == "openai" else _as_sent
+    params: dict[str, Any] = {"model": spec.upstream, "messages": _messages(request, tool_id)}
     if request.tools:
         params["tools"] = [
             {
