@@ -13,8 +13,10 @@ OpenRouter proxies accept it), which marks a breakpoint there, and the cache rea
 ``prompt_tokens_details.cached_tokens``. Fields the Gateway cannot honour (n > 1, stop,
 logprobs, a forced tool choice, parallel_tool_calls false, structured output, images, a
 sampling setting but temperature, a seed, logit_bias, reasoning_effort, a service tier but
-the standard one) are refused with a 400, never dropped silently; at the value that changes
-nothing (top_p 1, no penalty, no bias) they are accepted.
+the standard one, verbosity, audio, a predicted output, moderation, web search, a prompt cache
+retention, the deprecated functions) are refused with a 400 saying so, never dropped
+silently; at the value that changes nothing (top_p 1, no penalty, no bias, modalities
+["text"]) they are accepted.
 """
 
 from __future__ import annotations
@@ -41,12 +43,30 @@ from services.http_front.fields import (
 )
 from services.http_front.late_system import late_system_refusal
 
+# Chat Completions arguments (the SDK's own) the Gateway has no place for: each refused with
+# why and what to send instead. Before, each was "Extra inputs are not permitted", the words of
+# a field the API does not have (10 of 10 of the SDK's arguments the front did not name).
+_NOT_CARRIED: tuple[tuple[str, tuple[str, str]], ...] = (
+    ("audio", ("cachemesh answers with text only", "omit it")),
+    ("functions", ("the deprecated functions", "declare them in tools")),
+    ("function_call", ("the deprecated function_call", "use tools; tool_choice may be 'auto'")),
+    ("moderation", ("the Gateway runs no moderation of the request or the answer", "omit it")),
+    ("prediction", ("the Gateway passes on no predicted output", "omit it")),
+    ("prompt_cache_options", _CACHE_SET_UP := (
+        "how long a provider keeps a cached prompt is set per model by the operator, in the "
+        "model table's prompt_cache_retention", "omit it",
+    )),
+    ("prompt_cache_retention", _CACHE_SET_UP),
+    ("verbosity", ("the Gateway has no verbosity setting; each model answers its way",
+                   "omit it and ask for a shorter or longer answer in the prompt")),
+    ("web_search_options", ("the Gateway runs no web search", "omit it")),
+)  # fmt: skip
 _TOP = (
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "stream",
     "stream_options", "tools", "tool_choice", "parallel_tool_calls", "n", "stop", "user",
     "seed", "top_p", "frequency_penalty", "presence_penalty", "logprobs", "top_logprobs",
     "logit_bias", "response_format", "metadata", "store", "service_tier", "prompt_cache_key",
-    "reasoning_effort", "safety_identifier",
+    "reasoning_effort", "safety_identifier", *(name for name, _ in _NOT_CARRIED), "modalities",
 )  # fmt: skip
 # an assistant message as the caller wrote it, or as the SDK returned it in an answer (an
 # application appends ``completion.choices[0].message`` to its history and sends it back)
@@ -201,6 +221,14 @@ def _unsupported(top: Obj) -> None:
             "reasoning_effort", "the Gateway has no reasoning setting; each model reasons its way"
         )
     _service_tier(top)
+    for name, (why, instead) in _NOT_CARRIED:
+        if top.has(name):
+            raise unsupported(name, why, instead)
+    modalities = top.array("modalities")
+    if modalities is not None and modalities != ["text"]:
+        raise unsupported(
+            "modalities", "cachemesh answers with text only", 'omit it or send ["text"]'
+        )
     # what changes no answer: who asks, and OpenAI's own storage
     for name in ("user", "safety_identifier"):
         top.text(name)

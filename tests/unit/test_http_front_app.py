@@ -19,6 +19,7 @@ import anthropic
 import grpc
 import openai
 import pytest
+from openai.types.chat.completion_create_params import CompletionCreateParamsBase
 
 from cachemesh.retry_info import CONTEXT_WINDOW, REQUEST_ID_KEY
 from cachemesh.v1 import gateway_pb2 as pb
@@ -37,6 +38,8 @@ from services.http_front import (
     stopping,
 )
 from services.http_front.app import serve
+from services.http_front.errors import ApiError
+from services.http_front.openai_api import parse_request
 from services.http_front.settings import HttpFrontSettings
 from services.tools.stack.ports import free_port
 
@@ -1713,3 +1716,50 @@ async def test_a_prompt_over_the_context_window_has_openais_code(
         "error": {"type": "invalid_request_error", "message": message},
         "request_id": by_claude.value.request_id,
     }
+
+
+# the SDK's Chat Completions arguments the Gateway has no place for, with a value of each
+_NOT_CARRIED: dict[str, Any] = {
+    "audio": {"voice": "alloy", "format": "mp3"},
+    "function_call": "auto",
+    "functions": [{"name": "calc", "parameters": {"type": "object"}}],
+    "modalities": ["text", "audio"],
+    "moderation": {"model": "omni-moderation-latest"},
+    "prediction": {"type": "content", "content": "x"},
+    "prompt_cache_options": {"ttl": "30m"},
+    "prompt_cache_retention": "24h",
+    "verbosity": "low",
+    "web_search_options": {},
+}
+
+
+@pytest.mark.parametrize("name", sorted(_NOT_CARRIED))
+async def test_an_openai_argument_the_gateway_has_no_place_for_is_refused_saying_so(
+    front: Front, name: str
+) -> None:
+    """Each of the installed SDK's Chat Completions arguments that the Gateway cannot carry,
+    passed as the SDK types it, is a 400 naming it as not supported by cachemesh, with why and
+    what to send: before, each was "<name>: Extra inputs are not permitted", the words of a
+    field the API does not have (10 of 10), where OpenAI takes it."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        await _gpt(front).chat.completions.create(
+            model="sim-large", messages=ASK, **{name: _NOT_CARRIED[name]}
+        )
+    body: Any = refused.value.body
+    assert body["message"].startswith(f"{name}: not supported by cachemesh ("), body
+    assert refused.value.param == name
+    assert front.gateway.calls == 0
+
+
+async def test_every_openai_argument_is_named_by_the_front(front: Front) -> None:
+    """The front knows every argument of the installed SDK's ``chat.completions.create`` (it
+    carries it, accepts it at a value that changes nothing, or refuses it saying why): one the
+    SDK gains is a failing test here, not a caller told its field does not exist. And
+    ``modalities: ["text"]``, the default, changes nothing and is served."""
+    for name in CompletionCreateParamsBase.__annotations__:
+        try:
+            parse_request({"model": "sim-large", "messages": ASK, name: None}, 64)
+        except ApiError as refused:  # a field it has not typed as None is not "extra"
+            assert "Extra inputs are not permitted" not in refused.message, name
+    await _gpt(front).chat.completions.create(model="sim-large", messages=ASK, modalities=["text"])
+    assert front.gateway.calls == 1
