@@ -256,10 +256,15 @@ def _invalid(message: str, param: str | None, code: str | None = None) -> Reply:
 TOOL_CALL_ID_CHARS = 40
 
 
-def _too_long(param: str, value: str) -> Reply:
+# the longest function description OpenAI takes (Anthropic takes longer ones: an MCP server's
+# tools often have them)
+TOOL_DESCRIPTION_CHARS = 1024
+
+
+def _too_long(param: str, value: str, most: int = TOOL_CALL_ID_CHARS) -> Reply:
     return _invalid(
         f"Invalid '{param}': string too long. Expected a string with maximum length "
-        f"{TOOL_CALL_ID_CHARS}, but got a string with length {len(value)} instead.",
+        f"{most}, but got a string with length {len(value)} instead.",
         param,
         "string_above_max_length",
     )
@@ -269,7 +274,8 @@ def _structure(model: str, body: dict[str, Any]) -> Reply | None:
     """The real API's 400 to a body it refuses whatever the model (its words, as clients have
     met them), else None: an argument it does not have, an output limit below 1 or both
     limits at once, a temperature outside [0, 2], more than 4 stop sequences, an empty
-    ``tools``, ``tool_choice`` or ``parallel_tool_calls`` without tools, a retention it does
+    ``tools``, a function description over 1,024 characters, ``tool_choice`` or
+    ``parallel_tool_calls`` without tools, a retention it does
     not know, ``reasoning_effort`` to a model that does not reason, no messages, or
     ``_conversation``'s refusals."""
     for name in body:
@@ -318,6 +324,11 @@ def _structure(model: str, body: dict[str, Any]) -> Reply | None:
             "tools",
             "empty_array",
         )
+    for i, tool in enumerate(tools if isinstance(tools, list) else ()):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        described = function.get("description") if isinstance(function, dict) else None
+        if isinstance(described, str) and len(described) > TOOL_DESCRIPTION_CHARS:
+            return _too_long(f"tools[{i}].function.description", described, TOOL_DESCRIPTION_CHARS)
     for name in ("tool_choice", "parallel_tool_calls"):
         if body.get(name) is not None and not tools:
             return _invalid(

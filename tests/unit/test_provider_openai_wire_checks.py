@@ -6,8 +6,8 @@ all answered before the next message, an assistant message with neither content 
 more than 4 stop sequences, an output limit of 0 or both limits at once, a temperature over 2,
 an empty ``tools``, ``tool_choice`` / ``parallel_tool_calls`` without tools, a retention
 OpenAI does not know, ``reasoning_effort`` to a model that does not reason, no messages, an
-argument Chat Completions does not have, a tool call id over 40 characters. Before, it
-answered each (18 of 18). Each shape's
+argument Chat Completions does not have, a tool call id over 40 characters, a function
+description over 1,024. Before, it answered each (19 of 19). Each shape's
 fixed form is answered. And the bodies the adapter builds for a conversation of parallel
 tool calls, a failed one among them, are taken."""
 
@@ -77,6 +77,11 @@ def _send(client: openai.OpenAI, body: dict[str, Any]) -> str:
         extra_body=rest,
     )
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def _described(description: str) -> dict[str, Any]:
+    function = {"name": "calc", "parameters": {"type": "object"}, "description": description}
+    return {"type": "function", "function": function}
 
 
 # (refused body, its fixed form, the start of the API's message, its param)
@@ -157,6 +162,13 @@ CASES = {
         _body([ASK]),
         "Invalid 'tools': empty array.",
         "tools",
+    ),
+    "a function description over 1,024 characters": (
+        _body([ASK], tools=[_described("x" * 1025)]),
+        _body([ASK], tools=[_described("x" * 1024)]),
+        "Invalid 'tools[0].function.description': string too long. Expected a string with "
+        "maximum length 1024, but got a string with length 1025 instead.",
+        "tools[0].function.description",
     ),
     "tool_choice without tools": (
         {"model": GPT, "messages": [ASK], "tool_choice": "auto"},
