@@ -244,6 +244,10 @@ def refusal(headers: dict[str, str], body: dict[str, Any]) -> Reply | None:
 ARGUMENTS = frozenset(CompletionCreateParamsBase.__annotations__) | {"stream"}
 MAX_STOP = 4
 RETENTIONS = ("in_memory", "24h")
+# OpenAI's own models: the checks of its API alone (an argument it does not have, a tool call id
+# or a function description over its lengths) are not an OpenAI-compatible engine's, which
+# takes extra arguments and its own longer ids (vLLM's 46 characters)
+_OPENAI_MODEL = re.compile(r"^(?:gpt-|chatgpt-|o[1-9])")
 # OpenAI's models that are no reasoning model: they refuse ``reasoning_effort``
 _NOT_REASONING = re.compile(r"^(?:gpt-4o|gpt-4\.1|gpt-5-chat)(?:-|$)")
 
@@ -271,15 +275,16 @@ def _too_long(param: str, value: str, most: int = TOOL_CALL_ID_CHARS) -> Reply:
 
 
 def _structure(model: str, body: dict[str, Any]) -> Reply | None:
-    """The real API's 400 to a body it refuses whatever the model (its words, as clients have
-    met them), else None: an argument it does not have, an output limit below 1 or both
-    limits at once, a temperature outside [0, 2], more than 4 stop sequences, an empty
-    ``tools``, a function description over 1,024 characters, ``tool_choice`` or
-    ``parallel_tool_calls`` without tools, a retention it does
-    not know, ``reasoning_effort`` to a model that does not reason, no messages, or
-    ``_conversation``'s refusals."""
+    """The real API's 400 to a body it refuses, else None: (OpenAI's own models only) an
+    argument it does not have, a function description over 1,024 characters; (any model) an
+    output limit below 1 or both limits at once, a temperature outside [0, 2], more than 4
+    stop sequences, an empty ``tools``, ``tool_choice`` or ``parallel_tool_calls`` without
+    tools, a retention it does not know, ``reasoning_effort`` to a model that does not
+    reason, no messages, or ``_conversation``'s refusals. Its words, as clients have met
+    them."""
+    own = bool(_OPENAI_MODEL.match(model))  # OpenAI's own model, not an engine's
     for name in body:
-        if name not in ARGUMENTS:
+        if own and name not in ARGUMENTS:
             return _invalid(f"Unrecognized request argument supplied: {name}", None)
     if "max_tokens" in body and "max_completion_tokens" in body:
         return _invalid(
@@ -327,7 +332,7 @@ def _structure(model: str, body: dict[str, Any]) -> Reply | None:
     for i, tool in enumerate(tools if isinstance(tools, list) else ()):
         function = tool.get("function") if isinstance(tool, dict) else None
         described = function.get("description") if isinstance(function, dict) else None
-        if isinstance(described, str) and len(described) > TOOL_DESCRIPTION_CHARS:
+        if own and isinstance(described, str) and len(described) > TOOL_DESCRIPTION_CHARS:
             return _too_long(f"tools[{i}].function.description", described, TOOL_DESCRIPTION_CHARS)
     for name in ("tool_choice", "parallel_tool_calls"):
         if body.get(name) is not None and not tools:
@@ -348,16 +353,16 @@ def _structure(model: str, body: dict[str, Any]) -> Reply | None:
             "reasoning_effort",
             "unsupported_parameter",
         )
-    return _conversation(body.get("messages"))
+    return _conversation(body.get("messages"), TOOL_CALL_ID_CHARS if own else None)
 
 
-def _conversation(messages: Any) -> Reply | None:
+def _conversation(messages: Any, most_id_chars: int | None) -> Reply | None:
     """The real API's 400 to messages it refuses: none; an assistant message with neither
     content nor tool calls; a ``tool`` message that does not follow (after the other ``tool``
     messages) an assistant message with ``tool_calls``, or whose ``tool_call_id`` is none of
     that message's calls; an assistant message whose calls are not each answered by the
     ``tool`` messages that follow it, before any other message (or the request's end); a tool
-    call id over 40 characters."""
+    call id over ``most_id_chars`` (OpenAI's 40; None: an engine's, unbounded)."""
     if not isinstance(messages, list) or not messages:
         return _invalid(
             "Invalid 'messages': empty array. Expected an array with minimum length 1, but got "
@@ -387,8 +392,8 @@ def _conversation(messages: Any) -> Reply | None:
                     f"messages.[{i}].role",
                 )
             call_id = message.get("tool_call_id")
-            if isinstance(call_id, str) and len(call_id) > TOOL_CALL_ID_CHARS:
-                return _too_long(f"messages[{i}].tool_call_id", call_id)
+            if most_id_chars is not None and len(str(call_id)) > most_id_chars:
+                return _too_long(f"messages[{i}].tool_call_id", str(call_id))
             if call_id not in open_ids:
                 return _invalid(
                     f"Invalid parameter: 'tool_call_id' of '{call_id}' not found in "
@@ -418,7 +423,7 @@ def _conversation(messages: Any) -> Reply | None:
         if tool_calls:
             ids = [str(call.get("id")) for call in tool_calls if isinstance(call, dict)]
             for j, call_id in enumerate(ids):
-                if len(call_id) > TOOL_CALL_ID_CHARS:
+                if most_id_chars is not None and len(call_id) > most_id_chars:
                     return _too_long(f"messages[{i}].tool_calls[{j}].id", call_id)
             calls, asked, open_ids = dict.fromkeys(ids), i, set(ids)
     if calls:

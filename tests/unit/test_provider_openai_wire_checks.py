@@ -304,3 +304,18 @@ async def test_tool_ids_over_openais_length_are_sent_as_ids_it_takes(
     assert len(set(uses)) == 3
     assert all(len(sent_id) <= 40 for sent_id in uses)
     assert uses[2] == ids[2]
+
+
+def test_an_engines_own_ids_and_arguments_are_not_held_to_openais_rules() -> None:
+    """OpenAI's own limits (a tool call id of 40, a description of 1,024, its arguments) are not
+    an OpenAI-compatible engine's: vLLM's ids are 46 characters and it takes them back, and
+    engines take arguments of their own; the loopback server answers them for an engine's
+    model while refusing them for gpt-4o."""
+    long_id = "chatcmpl-tool-" + "0" * 32
+    body = _body(
+        [ASK, _call(long_id), _result(long_id)],
+        tools=[_described("x" * 1500)],
+        chat_template_kwargs={"enable_thinking": False},
+    )
+    assert openai_wire.refusal({}, body) is not None
+    assert openai_wire.refusal({}, {**body, "model": "meta-llama/Llama-3.1-8B-Instruct"}) is None
