@@ -560,8 +560,8 @@ def test_a_tool_name_the_rows_provider_refuses_is_refused_before_it_is_sent(
         ("claude-sonnet-4-5", "get_weather-2"),
         ("claude-sonnet-4-5", "x" * 128),  # the API's own pattern since mid-2025
         ("gpt-4o", "x" * 64),
-        ("local-small", "functions.calc"),  # a self-hosted engine takes it
-        ("local-small", "x" * 200),
+        ("llama-3-1-8b-vllm", "functions.calc"),  # a self-hosted engine takes it
+        ("llama-3-1-8b-vllm", "x" * 200),
         ("sim-small", "get weather"),
     ],
 )

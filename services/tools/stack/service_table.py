@@ -349,6 +349,7 @@ TOOL_ENV_KEYS: tuple[str, ...] = (
     "CACHEMESH_FREE_PORT_RANGE",  # the tools' free ports (tests: one range a worker)
     "CACHEMESH_DEMO_MODEL",
     "CACHEMESH_DEMO_STOPS_STACK",  # make demo: the stack it started is stopped after it
+    "CACHEMESH_DEMO_NO_TOOLS",  # make demo-local: the agent sends no tools (local-small takes none)
     "ROUTER_TARGET",  # make calibrate-router's
 )
 
