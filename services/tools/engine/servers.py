@@ -276,7 +276,9 @@ def _alive(pid: int) -> bool:
     except (ProcessLookupError, PermissionError):
         return False
     fields = processes.proc_stat(pid)
-    return fields is None or fields[0] != "Z"  # unreadable counts as alive
+    if fields is None:  # unreadable counts as alive
+        return True
+    return fields[0] != "Z" or not processes.threads_exited(pid)  # its port closes with the last
 
 
 def _is_llama(pid: int) -> bool:

@@ -67,14 +67,27 @@ def is_alive(pid: int, module: str) -> bool:
     if not proc.is_dir():
         return True
     fields = proc_stat(pid)
-    if fields is None or fields[0] == "Z":  # unreadable, or a zombie
+    if fields is None:  # unreadable
         return False
+    if fields[0] == "Z":  # its main thread has exited: the process, once its last thread has
+        return not threads_exited(pid)  # (its command line reads empty meanwhile)
     try:
         argv = proc.joinpath("cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
     marker = module.encode()  # a substring: redis-server rewrites its title in place
     return any(marker in arg for arg in argv)
+
+
+def threads_exited(pid: int) -> bool:
+    """Whether every thread of ``pid``, a zombie's (``/proc/<pid>/stat`` says Z), has exited:
+    a process's main thread shows Z while its other threads still exit, and its files and
+    sockets close only with the last (seen: a llama-server killed with SIGKILL showed Z with
+    1-8 threads left, its port refusing a new server's bind). True where /proc does not tell."""
+    try:
+        return os.listdir(f"/proc/{pid}/task") == [str(pid)]
+    except OSError:
+        return True
 
 
 def start_time(pid: int) -> str | None:
