@@ -120,7 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     except mooncake.TraceError as exc:
         print(f"bench-prefix: {exc}", file=sys.stderr)
         return 2
-    results = asyncio.run(run(args, trace_path, rows))
+    try:
+        results = asyncio.run(run(args, trace_path, rows))
+    except tau.TauError as exc:
+        print(f"bench-prefix: {exc}", file=sys.stderr)
+        return 2
     results["elapsed_s"] = round(time.monotonic() - started, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cachemesh.loadtest.workloads.tau import CallIds
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import ManualClock
+from services.common.errors import RequestError
 from services.common.models import ModelSpec, ModelTable
 from services.common.tokens import Tokenizer, Tokenizers
 from services.prefix_cache.commit_records import CommitRecords
@@ -28,8 +30,14 @@ from services.prefix_cache.replica_view import ReplicaViews
 from services.prefix_cache.rules import Split
 from services.prefix_cache.totals import TotalsLedger
 from services.prefix_cache.warm import InMemoryWarmStore
+from services.router.validation import validate_request
 
 START_GAP_S, MODEL_S, THINK_MEAN_S, SEED = 30.0, 4.0, 60.0, 7
+TRAJECTORIES = "airline_gpt-4o_trajectories.jsonl"
+
+
+class TauError(ValueError):
+    """The tau-bench data builds a request the router would refuse."""
 
 
 @dataclass(frozen=True)
@@ -44,17 +52,21 @@ def _text(value: Any) -> str:
     return "" if value is None or value == "None" else str(value)
 
 
-def _message(raw: dict[str, Any]) -> pb.Message:
+def _message(raw: dict[str, Any], ids: CallIds, place: int) -> pb.Message:
+    """``raw``, the conversation's message ``place``, its tool call ids made unique by ``ids``
+    (the conversation's: recorded ids repeat, which the router refuses)."""
     role = raw["role"]
     if role == "tool":
         result = pb.ToolResult(
-            tool_use_id=raw.get("tool_call_id", ""), content=_text(raw["content"])
+            tool_use_id=ids.result(str(raw.get("tool_call_id", ""))), content=_text(raw["content"])
         )
         return pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(tool_result=result)])
     blocks = [pb.ContentBlock(text=_text(raw.get("content")))] if _text(raw.get("content")) else []
     for call in raw.get("tool_calls") or []:
         use = pb.ToolUse(
-            id=call["id"], name=call["function"]["name"], input_json=call["function"]["arguments"]
+            id=ids.call(str(call["id"]), place),
+            name=call["function"]["name"],
+            input_json=call["function"]["arguments"],
         )
         blocks.append(pb.ContentBlock(tool_use=use))
     if not blocks:
@@ -76,19 +88,20 @@ def load_turns(data: Path, limit: int) -> tuple[list[pb.Tool], str, list[Turn]]:
     system = (data / "airline_system_prompt_wiki.md").read_text()
     rng = random.Random(SEED)
     turns: list[Turn] = []
-    lines = (data / "airline_gpt-4o_trajectories.jsonl").read_text().splitlines()[:limit]
+    lines = (data / TRAJECTORIES).read_text().splitlines()[:limit]
     for c, line in enumerate(lines):
         raw = [m for m in json.loads(line)["messages"] if m["role"] != "system"]
         t = c * START_GAP_S
         history: list[pb.Message] = []
+        ids = CallIds()
         for k, message in enumerate(raw):
+            out = _message(message, ids, k)
             if message["role"] == "assistant" and history:
                 previous = raw[k - 1]["role"]
                 t += MODEL_S + (rng.expovariate(1 / THINK_MEAN_S) if previous == "user" else 0)
-                out = _message(message)
                 text = "".join(b.text or b.tool_use.input_json for b in out.content)
                 turns.append(Turn(int(t * 1000), c, tuple(history), text))
-            history.append(_message(message))
+            history.append(out)
     turns.sort(key=lambda turn: (turn.at_ms, turn.conversation))
     return tools, system, turns
 
@@ -135,7 +148,17 @@ async def replay(
     baselines = dict(costs)
     for i, turn in enumerate(turns):
         clock.advance(ms=turn.at_ms - clock.now_ms())
-        split = await core.warm("tau", f"r{i}", spec.id, request_of(tools, system, turn, ttl), "")
+        request = request_of(tools, system, turn, ttl)
+        request.model = spec.id
+        try:  # what the router would refuse is never billed: a replay of it measures nothing
+            validate_request(request, table, {spec.id})
+        except RequestError as exc:
+            raise TauError(
+                f"{data / TRAJECTORIES}: conversation {turn.conversation + 1} (line "
+                f"{turn.conversation + 1}) builds a request the router refuses "
+                f"({exc.code.name}: {exc.message})"
+            ) from None
+        split = await core.warm("tau", f"r{i}", spec.id, request, "")
         await core.final("tau", f"r{i}", spec.id, counting.count(turn.output_text), 0, "")
         sums = Split(
             sums.input_tokens + split.input_tokens,

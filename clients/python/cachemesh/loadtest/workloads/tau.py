@@ -39,10 +39,37 @@ def _text(value: object) -> str:
     return value.strip() if isinstance(value, str) and value.strip() not in ("", "None") else ""
 
 
+class CallIds:
+    """A conversation's recorded tool call ids made unique: tau-bench's trajectories reuse
+    ids within a conversation (278 of the 2,454 requests of 200 conversations had one twice),
+    and a request whose tool_use ids repeat is refused (INVALID_ARGUMENT: "... is used
+    twice"). A repeated id's next use is ``<id>-<place>`` (another suffix if that is taken
+    too); a tool result answers its id's latest use. The agent workload and ``make
+    bench-prefix``'s replay convert with this one rule."""
+
+    def __init__(self) -> None:
+        self._latest: dict[str, str] = {}  # recorded id -> the unique id of its last use
+        self._given: set[str] = set()
+
+    def call(self, recorded: str, place: int) -> str:
+        """The id of a call recorded as ``recorded`` in the conversation's message ``place``."""
+        unique, n = recorded, 0
+        while unique in self._given:
+            unique = f"{recorded}-{place}" + (f"-{n}" if n else "")
+            n += 1
+        self._given.add(unique)
+        self._latest[recorded] = unique
+        return unique
+
+    def result(self, recorded: str) -> str:
+        """The id a tool result recorded as answering ``recorded`` answers."""
+        return self._latest.get(recorded, recorded)
+
+
 def _messages(raw: list[dict[str, object]]) -> list[pb.Message]:
     """tau-bench (OpenAI-style) messages to Gateway messages; consecutive tool results merge."""
     out: list[pb.Message] = []
-    latest: dict[str, str] = {}  # recorded call id -> the unique id given to its last use
+    ids = CallIds()
     for message in raw:
         role = message["role"]
         if role == "user":
@@ -52,9 +79,7 @@ def _messages(raw: list[dict[str, object]]) -> list[pb.Message]:
             blocks = [pb.ContentBlock(text=t) for t in [_text(message.get("content"))] if t]
             for call in message.get("tool_calls") or []:  # type: ignore[attr-defined]
                 fn = call["function"]
-                # a recorded id can repeat within a conversation; ids must be unique
-                unique = call["id"] if call["id"] not in latest else f"{call['id']}-{len(out)}"
-                latest[call["id"]] = unique
+                unique = ids.call(str(call["id"]), len(out))  # recorded ids repeat
                 use = pb.ToolUse(id=unique, name=fn["name"], input_json=fn["arguments"])
                 blocks.append(pb.ContentBlock(tool_use=use))
             out.append(
@@ -62,7 +87,7 @@ def _messages(raw: list[dict[str, object]]) -> list[pb.Message]:
             )
         elif role == "tool":
             result = pb.ToolResult(
-                tool_use_id=latest.get(str(message["tool_call_id"]), str(message["tool_call_id"])),
+                tool_use_id=ids.result(str(message["tool_call_id"])),
                 content=str(message.get("content", "")),
             )
             block = pb.ContentBlock(tool_result=result)
