@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from cachemesh.loadtest.workloads.base import DataMissing, Item, Workload, normalise
+from cachemesh.loadtest.workloads.base import DataInvalid, DataMissing, Item, Workload, normalise
 from cachemesh.loadtest.workloads.bfcl import BfclTools
 from cachemesh.loadtest.workloads.faq import QuoraFaq
 from cachemesh.loadtest.workloads.mix import Mix, parse_weights
@@ -16,7 +16,16 @@ from cachemesh.loadtest.workloads.unrelated import Unrelated
 NAMES = ("synthetic", "agent", "tools", "faq", "unrelated", "mix")
 DEFAULT_MIX = "agent=0.25,tools=0.15,faq=0.45,unrelated=0.15"
 
-__all__ = ["NAMES", "DataMissing", "Item", "Workload", "WorkloadSpec", "build", "normalise"]
+__all__ = [
+    "NAMES",
+    "DataInvalid",
+    "DataMissing",
+    "Item",
+    "Workload",
+    "WorkloadSpec",
+    "build",
+    "normalise",
+]
 
 
 @dataclass(frozen=True)

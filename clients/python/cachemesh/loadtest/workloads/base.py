@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from cachemesh.v1 import gateway_pb2 as pb
 
@@ -56,9 +56,47 @@ def data_file(data_dir: Path, relative: str) -> Path:
     return path
 
 
+class DataInvalid(ValueError):
+    """A workload's data file is not that workload's data (empty, malformed, a field missing):
+    said before the run, naming the file (and the line where one is at fault)."""
+
+
 def read_jsonl(path: Path) -> list[dict[str, object]]:
-    with path.open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    """The file's JSON objects, one a line (blank lines skipped); ``DataInvalid`` naming the
+    file and line of one that is not, and for a file that holds none."""
+    rows: list[dict[str, object]] = []
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataInvalid(f"{path}:{number}: not a JSON line ({exc.msg})") from None
+                if not isinstance(row, dict):
+                    raise DataInvalid(f"{path}:{number}: not a JSON object")
+                rows.append(row)
+    except UnicodeDecodeError:
+        raise DataInvalid(f"{path}: not UTF-8 text (a compressed file?)") from None
+    return nonempty(path, rows, "record")
+
+
+T = TypeVar("T")
+
+
+def nonempty(path: Path, rows: list[T], what: str) -> list[T]:
+    """``rows``, or ``DataInvalid`` when there are none (a workload of nothing would divide by
+    zero or wait forever for its first request)."""
+    if not rows:
+        raise DataInvalid(f"{path} holds no {what} this workload can send: check --data-dir")
+    return rows
+
+
+def malformed(path: Path, exc: Exception, where: str = "") -> DataInvalid:
+    """What a row missing a field (or of another shape) is said as."""
+    detail = f"no field {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+    return DataInvalid(f"{path}{where}: not this workload's data ({detail})")
 
 
 def normalise(text: str) -> str:

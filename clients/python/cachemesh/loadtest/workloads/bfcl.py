@@ -9,6 +9,8 @@ from cachemesh.loadtest.workloads.base import (
     TENANT_A,
     Item,
     data_file,
+    malformed,
+    nonempty,
     read_jsonl,
     tool_from_schema,
 )
@@ -52,8 +54,13 @@ class BfclTools:
     def __init__(
         self, data_dir: Path, seed: int, namespace: str, model: str = "auto", max_tokens: int = 256
     ) -> None:
-        rows = read_jsonl(data_file(data_dir, QUERIES))
-        self._rows = [r for r in rows if any(m["role"] == "user" for m in r["question"][0])]  # type: ignore[index]
+        path = data_file(data_dir, QUERIES)
+        rows = read_jsonl(path)
+        try:
+            asked = [r for r in rows if any(m["role"] == "user" for m in r["question"][0])]  # type: ignore[index]
+        except (KeyError, TypeError, IndexError) as exc:
+            raise malformed(path, exc) from None
+        self._rows = nonempty(path, asked, "query with a user message")
         random.Random(seed).shuffle(self._rows)
         self._seed, self._namespace, self._model, self._max_tokens = (
             seed,

@@ -13,7 +13,16 @@ import csv
 import random
 from pathlib import Path
 
-from cachemesh.loadtest.workloads.base import TENANT_A, Item, data_file, normalise, user
+from cachemesh.loadtest.workloads.base import (
+    TENANT_A,
+    DataInvalid,
+    Item,
+    data_file,
+    malformed,
+    nonempty,
+    normalise,
+    user,
+)
 from cachemesh.v1 import gateway_pb2 as pb
 
 PAIRS = "paraphrase/qqp_dev.csv"
@@ -22,13 +31,21 @@ Pair = tuple[str, str, int]
 
 
 def load_pairs(path: Path) -> list[Pair]:
-    with path.open(encoding="utf-8", newline="") as handle:
-        rows = csv.DictReader(handle)
-        return [
-            (row["text_a"].strip(), row["text_b"].strip(), int(row["label"]))
-            for row in rows
-            if row["text_a"].strip() and row["text_b"].strip() and row["label"] in ("0", "1")
-        ]
+    """The labelled pairs (columns text_a, text_b, label 0 or 1); ``DataInvalid`` for a file
+    without those columns or any such pair."""
+    try:
+        with path.open(encoding="utf-8", newline="") as handle:
+            rows = csv.DictReader(handle)
+            pairs = [
+                (row["text_a"].strip(), row["text_b"].strip(), int(row["label"]))
+                for row in rows
+                if row["text_a"].strip() and row["text_b"].strip() and row["label"] in ("0", "1")
+            ]
+    except UnicodeDecodeError:
+        raise DataInvalid(f"{path}: not UTF-8 text (a compressed file?)") from None
+    except (KeyError, AttributeError, csv.Error) as exc:  # a column missing, a short row
+        raise malformed(path, exc) from None
+    return nonempty(path, pairs, "labelled pair (text_a, text_b, label 0/1)")
 
 
 def faq_request(question: str, namespace: str, model: str = "auto") -> pb.CompleteRequest:

@@ -15,8 +15,11 @@ from pathlib import Path
 
 from cachemesh.loadtest.workloads.base import (
     TENANT_A,
+    DataInvalid,
     Item,
     data_file,
+    malformed,
+    nonempty,
     read_jsonl,
     tool_from_schema,
 )
@@ -27,11 +30,18 @@ TOOLS = "agent/tau_bench/airline_tools.json"
 
 
 def load_tools(path: Path) -> list[pb.Tool]:
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataInvalid(f"{path}: not a JSON list of tools ({exc})") from None
     tools = []
-    for entry in json.loads(path.read_text()):
-        fn = entry["function"]
-        tools.append(tool_from_schema(fn["name"], fn.get("description", ""), fn["parameters"]))
-    tools[-1].cache_control.SetInParent()
+    try:
+        for entry in entries:
+            fn = entry["function"]
+            tools.append(tool_from_schema(fn["name"], fn.get("description", ""), fn["parameters"]))
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise malformed(path, exc) from None
+    nonempty(path, tools, "tool")[-1].cache_control.SetInParent()
     return tools
 
 
@@ -137,7 +147,9 @@ class TauAgent:
         self, data_dir: Path, seed: int, namespace: str, model: str = "sim-large",
         max_tokens: int = 512,
     ) -> None:  # fmt: skip
-        self._rows = read_jsonl(data_file(data_dir, TRAJECTORIES))
+        self._path = data_file(data_dir, TRAJECTORIES)
+        # each conversation with its line in the file (a malformed one is named by it)
+        self._rows = list(enumerate(read_jsonl(self._path), 1))
         self._tools = load_tools(data_file(data_dir, TOOLS))
         random.Random(seed).shuffle(self._rows)
         self._seed, self._namespace, self._model, self._max_tokens = (
@@ -159,11 +171,21 @@ class TauAgent:
         return {}
 
     def next_item(self) -> Item:
-        while not self._pending:
-            row = self._rows[self._conversation % len(self._rows)]
+        for _ in range(len(self._rows)):  # a whole pass with no request: none will come
+            if self._pending:
+                break
+            number, row = self._rows[self._conversation % len(self._rows)]
             self._conversation += 1
-            self._pending = conversation_requests(
-                row, self._tools, self._model, self._max_tokens, self._namespace
+            try:
+                self._pending = conversation_requests(
+                    row, self._tools, self._model, self._max_tokens, self._namespace
+                )
+            except (KeyError, TypeError, AttributeError, IndexError) as exc:
+                raise malformed(self._path, exc, f", conversation {number}") from None
+        if not self._pending:
+            raise DataInvalid(
+                f"{self._path}: no conversation has an assistant turn after a user's (nothing "
+                "to send): check --data-dir"
             )
         session = f"{self.name}-{self._conversation}"  # the conversation's place in the run
         return Item(self.name, TENANT_A, self._pending.pop(0), session=session)

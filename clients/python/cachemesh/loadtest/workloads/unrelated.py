@@ -6,7 +6,15 @@ import csv
 import random
 from pathlib import Path
 
-from cachemesh.loadtest.workloads.base import TENANT_A, Item, data_file, user
+from cachemesh.loadtest.workloads.base import (
+    TENANT_A,
+    DataInvalid,
+    Item,
+    data_file,
+    malformed,
+    nonempty,
+    user,
+)
 from cachemesh.v1 import gateway_pb2 as pb
 
 PROMPTS = "routing/routellm_mmlu_gsm8k_dev.csv"
@@ -16,10 +24,15 @@ class Unrelated:
     name = "unrelated"
 
     def __init__(self, data_dir: Path, seed: int, namespace: str, max_tokens: int = 300) -> None:
-        with data_file(data_dir, PROMPTS).open(encoding="utf-8", newline="") as handle:
-            self._prompts = [
-                row["prompt"] for row in csv.DictReader(handle) if row["prompt"].strip()
-            ]
+        path = data_file(data_dir, PROMPTS)
+        try:
+            with path.open(encoding="utf-8", newline="") as handle:
+                prompts = [row["prompt"] for row in csv.DictReader(handle) if row["prompt"].strip()]
+        except UnicodeDecodeError:
+            raise DataInvalid(f"{path}: not UTF-8 text (a compressed file?)") from None
+        except (KeyError, AttributeError, csv.Error) as exc:  # no prompt column, a short row
+            raise malformed(path, exc) from None
+        self._prompts = nonempty(path, prompts, "prompt")
         random.Random(seed).shuffle(self._prompts)
         self._seed, self._namespace, self._max_tokens = seed, namespace, max_tokens
         self._i = 0
