@@ -10,7 +10,7 @@ from services.common.clock import Clock, MonotonicClock
 from services.semantic_cache.api import SemanticCacheApi
 from services.semantic_cache.batcher import MicroBatcher
 from services.semantic_cache.cache import SemanticCache
-from services.semantic_cache.cross_encoder import load_cross_encoder
+from services.semantic_cache.cross_encoder import PairScorer, load_cross_encoder
 from services.semantic_cache.embedder import Embedder
 from services.semantic_cache.index import AnnSettings
 from services.semantic_cache.leases import Leases
@@ -21,12 +21,19 @@ from services.semantic_cache.tenant_policy import TenantPolicies
 from services.semantic_cache.verifier import Verifier, VerifierWeights
 
 
-def build_verifier(config: SemanticCacheSettings, embedder: Embedder | None = None) -> Verifier:
-    """The shipped weights, with the cross-encoder when they use it (blocking: a thread);
-    ``embedder`` compares the parts of two questions that differ after a shared opening
-    (without it such a pair is refused)."""
+def build_verifier(
+    config: SemanticCacheSettings,
+    embedder: Embedder | None = None,
+    cross_encoder: PairScorer | None = None,
+) -> Verifier:
+    """The shipped weights, with the cross-encoder when they use it (blocking: a thread):
+    ``cross_encoder``, else loaded here (a caller that builds many caches in one process, the
+    offline replays, loads it once and hands it in); ``embedder`` compares the parts of two
+    questions that differ after a shared opening (without it such a pair is refused)."""
     weights = VerifierWeights.load()
-    scorer = load_cross_encoder(threads=config.ort_threads) if weights.needs_cross_encoder else None
+    scorer = None
+    if weights.needs_cross_encoder:
+        scorer = cross_encoder or load_cross_encoder(threads=config.ort_threads)
     return Verifier(weights, config.verifier_min_p, scorer, embedder=embedder)
 
 

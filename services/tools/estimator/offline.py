@@ -66,11 +66,12 @@ from services.router.routing.model import RouterCard, load_router_model
 from services.router.settings import RouterSettings
 from services.router.validation import validate_request
 from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.cross_encoder import PairScorer
 from services.semantic_cache.embedder import Embedder, load_minilm_embedder
 from services.semantic_cache.metrics import SemanticCacheMetrics
 from services.semantic_cache.operating_point import OperatingPoint
 from services.semantic_cache.settings import SemanticCacheSettings
-from services.semantic_cache.wiring import build_api, build_cache
+from services.semantic_cache.wiring import build_api, build_cache, build_verifier
 from services.tools.estimator.local_adapters import (
     LocalModels,
     LocalPrefix,
@@ -113,8 +114,11 @@ class OfflineStack:
         embedder: Embedder | None = None,
         tokenizer: Tokenizer | None = None,
         semantic_metrics: SemanticCacheMetrics | None = None,
+        cross_encoder: PairScorer | None = None,
     ) -> None:
-        """``semantic_metrics``: L1's counts of the replay (None: none kept)."""
+        """``semantic_metrics``: L1's counts of the replay (None: none kept);
+        ``embedder``, ``tokenizer``, ``cross_encoder`` (L1's verifier's): loaded here when
+        None (a caller that builds many stacks loads each once and hands it in)."""
         env = Env({**_OFFLINE, **settings})
         self.clock = clock
         self.table: ModelTable = model_table_from_env(env)
@@ -127,7 +131,7 @@ class OfflineStack:
             else load_tokenizers(self.table.models.values())
         )
         semantic = SemanticCacheSettings.from_env(env, OperatingPoint.load())
-        self.semantic_cache = self._semantic(semantic, clock, embedder)
+        self.semantic_cache = self._semantic(semantic, clock, embedder, cross_encoder)
         prefix = build_core(
             PrefixCacheSettings.from_env(env), self.table, TokenizerSlot(tokens), clock
         )
@@ -171,11 +175,16 @@ class OfflineStack:
 
     @staticmethod
     def _semantic(
-        config: SemanticCacheSettings, clock: ManualClock, embedder: Embedder | None
+        config: SemanticCacheSettings,
+        clock: ManualClock,
+        embedder: Embedder | None,
+        cross_encoder: PairScorer | None,
     ) -> SemanticCache:
         faiss.omp_set_num_threads(config.faiss_threads)
         model = embedder or load_minilm_embedder(threads=config.ort_threads)
-        return build_cache(config, model, clock, lease_clock=clock)  # leases on virtual time
+        verifier = build_verifier(config, model, cross_encoder)
+        # leases on virtual time
+        return build_cache(config, model, clock, verifier=verifier, lease_clock=clock)
 
     def _replicas(
         self, settings: Mapping[str, str], tokenizer: Tokenizers

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from services.common.tokens import load_cl100k, tokenizer_error_exits
+from services.semantic_cache.cross_encoder import load_cross_encoder
 from services.semantic_cache.embedder import load_minilm_embedder
 from services.tools.bench.router.frontier import (
     Point,
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         "base threshold (twice the replays), or neither",
     )
     args = parser.parse_args(argv)
-    shared = Shared(load_minilm_embedder(threads=1), load_cl100k())
+    shared = Shared(load_minilm_embedder(threads=1), load_cl100k(), load_cross_encoder(threads=1))
     bench = Bench(args, shared)
     report = {workload: bench.workload(workload) for workload in args.workloads}
     args.out.parent.mkdir(parents=True, exist_ok=True)

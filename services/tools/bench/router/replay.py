@@ -11,6 +11,7 @@ from cachemesh.loadtest.workloads import WorkloadSpec, build
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import ManualClock
 from services.common.tokens import Tokenizer
+from services.semantic_cache.cross_encoder import PairScorer
 from services.semantic_cache.embedder import Embedder
 from services.tools.bench.router.frontier import Served
 from services.tools.estimator.offline import OfflineStack
@@ -18,10 +19,12 @@ from services.tools.estimator.offline import OfflineStack
 
 @dataclass(frozen=True)
 class Shared:
-    """What every replay may share: the embedder and the tokenizer (loaded once)."""
+    """What every replay may share: the embedder, the tokenizer and L1's cross-encoder (each
+    loaded once, not once a stack: 30 stacks in the default run)."""
 
     embedder: Embedder
     tokenizer: Tokenizer
+    cross_encoder: PairScorer
 
 
 def records(workload: str, requests: int, interval_ms: int, data: Path) -> list[LogRecord]:
@@ -36,7 +39,11 @@ async def run(
     """Each request as ``model`` ("auto" or a model id), L1 bypassed (the router alone is
     measured), on a fresh stack whose clock follows the records' times."""
     stack = OfflineStack(
-        settings, ManualClock(), embedder=shared.embedder, tokenizer=shared.tokenizer
+        settings,
+        ManualClock(),
+        embedder=shared.embedder,
+        tokenizer=shared.tokenizer,
+        cross_encoder=shared.cross_encoder,
     )
     start = stack.clock.now_ms()
     out: list[Served] = []
