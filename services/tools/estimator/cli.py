@@ -36,6 +36,7 @@ from services.tools.bench.gateway.redact import own_settings, setting_names
 from services.tools.estimator.offline import REPLAY_START_MS, OfflineStack
 from services.tools.estimator.replay import WhatIf, log_timing, replay
 from services.tools.estimator.tenants import described, stand_ins
+from services.tools.out_path import check_writable
 from services.tools.stack.lifecycle import Stack
 from services.tools.stack.service_table import SERVICES
 
@@ -97,28 +98,13 @@ def _check(args: argparse.Namespace) -> None:
             f"--out {args.out} exists: pass --force to replace it, or name another file"
         )
     if args.out is not None:
-        _writable(args.out)
+        check_writable(args.out)
     if args.workload is None:
         return
     if args.requests < 1:
         raise ValueError(f"--requests must be >= 1, got {args.requests}")
     if not (math.isfinite(args.interval_ms) and args.interval_ms >= 0):
         raise ValueError(f"--interval-ms must be a finite number >= 0, got {args.interval_ms}")
-
-
-def _writable(path: Path) -> None:
-    """Refuses an ``--out`` that cannot be written before the replay, not after it (a long
-    log's replay takes minutes, and its estimate was lost to a traceback)."""
-    if path.is_dir():
-        raise ValueError(f"--out {path} is a directory: name a file")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        existed = path.exists()
-        path.open("a").close()  # an existing file is left as it is
-        if not existed:
-            path.unlink()
-    except OSError as exc:
-        raise ValueError(f"--out: cannot write {path}: {exc.strerror}") from None
 
 
 def _records(

@@ -32,6 +32,7 @@ from cachemesh.v1 import gateway_pb2_grpc
 from services.tools.bench.gateway.cpu import per_request, ticks_between
 from services.tools.bench.gateway.runs import Plan
 from services.tools.bench.gateway.stacks import SIM_ZERO, TRACES_OFF, Target, bench_stack
+from services.tools.out_path import refuse_unwritable
 from services.tools.stack.environment import dial_address
 
 CASE = "e_http_front"
@@ -250,6 +251,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench-http.json")
     args = parser.parse_args()
+    refuse_unwritable(parser, args.out)  # before the run, not after it
     plan = Plan(ROOT, args.data_dir, f"bench-http-{time.time_ns()}", LEVELS, args.requests, 0, [])
     result = compare(plan)
     args.out.parent.mkdir(parents=True, exist_ok=True)

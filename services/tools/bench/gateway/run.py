@@ -38,6 +38,7 @@ from services.tools.bench.gateway.ratios import case_ratios
 from services.tools.bench.gateway.redact import own_settings, setting_names
 from services.tools.bench.gateway.runs import AGENT, EXACT, MIXED, UNRELATED, Outcome, Plan
 from services.tools.bench.gateway.stacks import Target
+from services.tools.out_path import refuse_unwritable
 from services.tools.stack.lifecycle import Stack
 
 ROOT = Path(__file__).resolve().parents[4]
@@ -139,7 +140,10 @@ def _stop(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    # before the stacks are started and measured, not after
+    refuse_unwritable(parser, args.out_dir, "--out-dir", directory=True)
     if args.requests < 1 or args.mixed_requests < 1:
         sys.exit("bench: --requests and --mixed-requests must be >= 1")
     if args.target is not None:

@@ -56,6 +56,7 @@ from services.tools.bench.gateway.run import TWO_HOP_PAYLOAD_BYTES
 from services.tools.bench.gateway.sink_process import SinkProcess
 from services.tools.bench.gateway.stacks import traces_to
 from services.tools.keys import ensure_keys
+from services.tools.out_path import refuse_unwritable
 from services.tools.stack.lifecycle import Stack
 
 QUESTION = "How do I reset my password on the billing portal?"
@@ -276,6 +277,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    refuse_unwritable(parser, args.out)  # before the run, not after it
     roots = {"this": args.root.resolve()}
     if args.compare is not None:
         roots["compared"] = args.compare.resolve()

@@ -22,6 +22,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from services.common.models import load_model_table
 from services.common.tokens import load_tokenizers, tokenizer_error_exits
 from services.tools.bench.prefix_cache import mooncake, tau
+from services.tools.out_path import refuse_unwritable
 
 DATA = Path("../shared/data")
 REPLICAS = (2, 4, 8)
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--capacity-blocks", type=int, default=65536)
     parser.add_argument("--trace", default="", help="an arrival trace (Mooncake's JSONL format)")
     args = parser.parse_args(argv)
+    refuse_unwritable(parser, args.out)  # before the run, not after it
     # before anything runs: 0 conversations divided by zero after the replays, -1 replayed
     # all but the last one (a slice) as if asked, a capacity below 1 a ValueError traceback
     if args.conversations < 1 or args.capacity_blocks < 1:

@@ -30,6 +30,7 @@ from services.tools.bench.router.frontier import (
     sweep_thresholds,
 )
 from services.tools.bench.router.replay import Shared, records, run
+from services.tools.out_path import refuse_unwritable
 from services.tools.stack.lifecycle import Stack
 
 ROOT = Path(__file__).resolve().parents[4]
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         "base threshold (twice the replays), or neither",
     )
     args = parser.parse_args(argv)
+    refuse_unwritable(parser, args.out)  # before the run, not after it
     shared = Shared(load_minilm_embedder(threads=1), load_cl100k(), load_cross_encoder(threads=1))
     bench = Bench(args, shared)
     report = {workload: bench.workload(workload) for workload in args.workloads}

@@ -38,6 +38,7 @@ from services.tools.bench.semantic_cache.synthetic_vectors import grow, near_dup
 from services.tools.bench.semantic_cache.verifier import measure_verifier
 from services.tools.evaluation.semantic_cache.datasets import load_pairs
 from services.tools.evaluation.semantic_cache.vectors import embed_cached
+from services.tools.out_path import refuse_unwritable
 
 SIZES = (10_000, 100_000, 1_000_000)
 ANN = AnnSettings()  # the service's rule: nlist ~ 4 sqrt(n), a power of two
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         "--verifier-only", action="store_true", help="only the verification step's cost"
     )
     args = parser.parse_args(argv)
+    refuse_unwritable(parser, args.out)  # before the run, not after it
     faiss.omp_set_num_threads(1)
     started = time.monotonic()
     verifier = measure_verifier(args.data.parent)

@@ -52,6 +52,7 @@ from services.tools.evaluation.router.tiers import (
     describe,
     parse_tier_shares,
 )
+from services.tools.out_path import refuse_unwritable
 
 MEANING = (
     "P(large model right) - P(small model right) for this question, each a logistic head over "
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ev = sub.add_parser("eval", help="report-half figures to JSON")
     ev.add_argument("--out", type=Path, default=Path("bench-results/router-eval.json"))
     args = parser.parse_args(argv)
+    refuse_unwritable(parser, getattr(args, "out", None))  # before the run, not after it
     if args.command == "calibrate" and (refused := _target_error(args.share, args.quality)):
         print(refused, file=sys.stderr)  # before minutes of embedding every prompt
         return 2

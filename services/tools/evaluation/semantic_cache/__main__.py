@@ -15,6 +15,7 @@ from services.semantic_cache.operating_point import OPERATING_POINT_PATH, Operat
 from services.tools.evaluation.semantic_cache.fit import DEFAULT_FEATURES
 from services.tools.evaluation.semantic_cache.operating_point_env import write_env
 from services.tools.evaluation.semantic_cache.session import Session
+from services.tools.out_path import refuse_unwritable
 from services.tools.verifier.near_misses import NAME as GENERATED
 
 DATA = Path("../shared/data/paraphrase")
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     al.add_argument("--file", default="qqp_dev.csv")
     al.add_argument("--out", type=Path, default=Path("bench-results/semantic-cache-align.json"))
     args = parser.parse_args(argv)
+    refuse_unwritable(parser, getattr(args, "out", None))  # before the run, not after it
     if args.command == "calibrate":  # before minutes of embedding, not after (or never)
         try:
             args.targets = _targets(args.files, args.target, args.target_for)
