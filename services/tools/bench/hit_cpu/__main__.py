@@ -41,6 +41,7 @@ from typing import Any
 
 from cachemesh import AsyncClient, build_request
 from cachemesh.v1 import gateway_pb2 as pb
+from services.tools.arg_checks import at_least
 from services.tools.bench.gateway import cases
 from services.tools.bench.gateway.chain import Chain, miss_chain, two_hop
 from services.tools.bench.gateway.cpu import (
@@ -278,6 +279,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     refuse_unwritable(parser, args.out)  # before the run, not after it
+    at_least(parser, 1, requests=args.requests, concurrency=args.concurrency, rounds=args.rounds)
     roots = {"this": args.root.resolve()}
     if args.compare is not None:
         roots["compared"] = args.compare.resolve()

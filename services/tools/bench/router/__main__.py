@@ -18,9 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from cachemesh.loadtest.workloads import NAMES
 from services.common.tokens import load_cl100k, tokenizer_error_exits
 from services.semantic_cache.cross_encoder import load_cross_encoder
 from services.semantic_cache.embedder import load_minilm_embedder
+from services.tools.arg_checks import at_least
 from services.tools.bench.router.frontier import (
     Point,
     Served,
@@ -122,7 +124,7 @@ def _table(report: dict[str, dict[str, object]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.tools.bench.router")
-    parser.add_argument("--workloads", nargs="+", default=["agent", "tools", "mix"])
+    parser.add_argument("--workloads", nargs="+", default=["agent", "tools", "mix"], choices=NAMES)
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--interval-ms", type=int, default=2000)
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
@@ -136,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     refuse_unwritable(parser, args.out)  # before the run, not after it
+    at_least(parser, 1, requests=args.requests)
+    at_least(parser, 0, interval_ms=args.interval_ms)
     shared = Shared(load_minilm_embedder(threads=1), load_cl100k(), load_cross_encoder(threads=1))
     bench = Bench(args, shared)
     report = {workload: bench.workload(workload) for workload in args.workloads}

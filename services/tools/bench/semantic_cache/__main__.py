@@ -31,6 +31,7 @@ import numpy as np
 from services.semantic_cache.batcher import MicroBatcher
 from services.semantic_cache.embedder import Embedder, load_minilm_embedder
 from services.semantic_cache.index import AnnSettings
+from services.tools.arg_checks import at_least
 from services.tools.bench.semantic_cache.grown import as_grown
 from services.tools.bench.semantic_cache.indexes import Candidate, build, row, search_one_by_one
 from services.tools.bench.semantic_cache.startup import measure, write_snapshot
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     refuse_unwritable(parser, args.out)  # before the run, not after it
+    at_least(parser, 1, base=args.base, queries=args.queries)
     faiss.omp_set_num_threads(1)
     started = time.monotonic()
     verifier = measure_verifier(args.data.parent)

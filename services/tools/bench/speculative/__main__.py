@@ -30,6 +30,7 @@ from services.model.speculative import (
     expected_speedup,
     expected_tokens_per_step,
 )
+from services.tools.arg_checks import at_least, finite_over
 from services.tools.out_path import refuse_unwritable
 
 GRID = [(0.6, 2), (0.6, 4), (0.8, 2), (0.8, 4), (0.8, 8), (0.9, 4), (0.9, 8), (0.95, 8)]
@@ -123,6 +124,8 @@ def main() -> None:
     parser.add_argument("--fast-draft-c", type=float, default=0.05)
     args = parser.parse_args()
     refuse_unwritable(parser, args.out)  # before the run, not after it
+    at_least(parser, 1, prompts=args.prompts)
+    finite_over(parser, 0, time_scale=args.time_scale, fast_draft_c=args.fast_draft_c)
     result = asyncio.run(run(args.prompts, args.time_scale, args.fast_draft_c))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
