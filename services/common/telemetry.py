@@ -230,6 +230,9 @@ def build_tracer_provider(
                 "http://host:port, https://host:port, host:port or a gRPC target such as "
                 "unix:///path/otel.sock)"
             )
+        query_warning = _query_warning(endpoint)
+        if query_warning:
+            log.warning("%s", query_warning)
         insecure = _insecure(env, endpoint)
         timeout_s = _export_timeout_s(environ)
         headers = _export_headers(environ)
@@ -335,7 +338,7 @@ def _endpoint_error(endpoint: str) -> str:
     if endpoint.partition(":")[0].lower() in GRPC_TARGET_SCHEMES:
         return ""
     target = endpoint if "://" in endpoint else f"//{endpoint}"
-    if "@" in target.partition("//")[2]:
+    if "@" in _authority(target):
         # the exporter dials the netloc whole ("address lookup failed for user:pass@host"),
         # every export dropped while the service ran as if traced; checked before the parse,
         # whose errors quote the port, a password's piece ("Port could not be cast to
@@ -349,8 +352,12 @@ def _endpoint_error(endpoint: str) -> str:
         parts = urllib.parse.urlsplit(target)
         port = parts.port
     except ValueError as exc:  # "Port out of range 0-65535", a bracket left open
-        return f"not a host:port ({exc})"
-    if parts.query:
+        # "Port could not be cast to integer value as 'S3cret'" quotes what stood after the
+        # last ':' of the authority (a password's piece, with a '/' or '?' in the password)
+        reason = "its port is not a number" if "cast to integer" in str(exc) else str(exc)
+        return f"not a host:port ({reason})"
+    if parts.query and "://" not in endpoint:
+        # without a scheme the exporter hands gRPC the endpoint whole, query included
         return (
             "a query (?...) is not sent over OTLP/gRPC: give credentials in "
             "OTEL_EXPORTER_OTLP_HEADERS"
@@ -362,6 +369,29 @@ def _endpoint_error(endpoint: str) -> str:
     if port == 0:
         return "port 0"
     return ""
+
+
+def _authority(target: str) -> str:
+    """The authority of ``target`` (``scheme://authority/path?query``, or ``//authority...``):
+    up to its first '/', '?' or '#', where a user part ends in '@' ('@' in a path or a query,
+    ``http://collector:4317/a@b``, is not one: the exporter dials the authority only)."""
+    rest = target.partition("//")[2]
+    return re.split(r"[/?#]", rest, maxsplit=1)[0]
+
+
+def _query_warning(endpoint: str) -> str:
+    """What to say of an http(s) endpoint's query ("" = none): the exporter dials its host:port
+    and drops the query, so the export goes on without it (a collector's ``?tenant=a`` was
+    never sent); once at the start, the endpoint shown without the query."""
+    if endpoint.partition("://")[0].lower() not in ("http", "https"):
+        return ""
+    if not urllib.parse.urlsplit(endpoint).query:
+        return ""
+    return (
+        f"tracing: the OTLP endpoint {_shown_endpoint(endpoint)!r} has a query: the query is "
+        "not sent over OTLP/gRPC (spans go to its host:port without it); credentials go in "
+        "OTEL_EXPORTER_OTLP_HEADERS"
+    )
 
 
 def _shown_endpoint(endpoint: str) -> str:

@@ -42,7 +42,8 @@ SECRET = "S3cretOtlpPw"
         ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"https://alice:{SECRET}@[::1:4317"),
         ("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://alice:{SECRET}@127.0.0.1:4317"),
         ("OTEL_EXPORTER_OTLP_ENDPOINT", f"{SECRET}@127.0.0.1:4317"),
-        ("OTEL_EXPORTER_OTLP_ENDPOINT", f"https://collector:4317/?token={SECRET}"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", f"collector:4317?token={SECRET}"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://alice:{SECRET[:6]}?{SECRET[6:]}@collector:4317"),
     ],
 )
 def test_an_endpoint_with_credentials_is_refused_without_them(variable: str, value: str) -> None:
@@ -170,3 +171,42 @@ def test_a_collector_quoting_the_key_it_refused_is_said_without_it(
     said = [r.getMessage() for r in caplog.records if "refuses the spans" in r.getMessage()]
     assert said and "UNAUTHENTICATED: unknown API key ***" in said[0]
     assert SECRET not in caplog.text and token not in caplog.text
+
+
+def test_an_endpoint_with_a_query_is_said_once_and_exports_go_on(
+    receiver: tuple[_Receiver, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The exporter dials an http(s) endpoint's host:port and drops its query: before, such an
+    endpoint (which had exported: 1 of 1 span received) stopped the start; now one WARNING,
+    the query not shown, and the spans go to the collector."""
+    servicer, port = receiver
+    caplog.set_level(logging.INFO)
+    endpoint = f"http://127.0.0.1:{port}/?tenant={SECRET}"
+    provider = build_tracer_provider({**OTLP, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}, "router")
+    try:
+        with provider.get_tracer("test").start_as_current_span("one"):
+            pass
+        provider.force_flush(10_000)
+        assert servicer.received.wait(10)
+    finally:
+        provider.shutdown()
+    said = [r for r in caplog.records if "has a query" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.WARNING
+    assert f"http://127.0.0.1:{port}/?***" in said[0].getMessage()
+    assert "OTEL_EXPORTER_OTLP_HEADERS" in said[0].getMessage()
+    assert SECRET not in caplog.text
+
+
+def test_an_at_sign_past_the_authority_is_no_user_part(receiver: tuple[_Receiver, int]) -> None:
+    """Before: ``http://collector:4317/a@b`` was refused as a user part; the exporter dials
+    the authority only."""
+    servicer, port = receiver
+    endpoint = f"http://127.0.0.1:{port}/a@b"
+    provider = build_tracer_provider({**OTLP, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}, "router")
+    try:
+        with provider.get_tracer("test").start_as_current_span("one"):
+            pass
+        provider.force_flush(10_000)
+        assert servicer.received.wait(10)
+    finally:
+        provider.shutdown()
