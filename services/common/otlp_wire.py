@@ -450,11 +450,16 @@ class WireSpanExporter(OTLPSpanExporter):
     are said once each (``ExportHealth``, in place until the exporter is shut down and its
     last export, which the shutdown cuts, has ended: that one's line is not the outage's)."""
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
+    def __init__(self, *, headers: Sequence[tuple[str, str]] = (), **options: Any) -> None:
+        """``headers``: exactly those sent with each export, none if empty. The SDK's exporter,
+        given none, reads ``OTEL_EXPORTER_OTLP_(TRACES_)HEADERS`` from ``os.environ`` behind
+        the service's settings (and sent them, unhidden in ``ExportHealth``'s lines): its
+        reading is overwritten, so the settings are the only source."""
+        sent = tuple((str(name), str(value)) for name, value in headers)
+        super().__init__(headers=sent, **options)
+        self._headers = sent  # the SDK's ``headers or os.environ[...]`` undone
         self._wire = SpanWire()
-        headers = options.get("headers") or ()
-        self._health = ExportHealth(str(options.get("endpoint", "")), tuple(headers))
+        self._health = ExportHealth(str(options.get("endpoint", "")), sent)
         self._health.install()
         self._state = threading.Lock()
         self._in_export = False

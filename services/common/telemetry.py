@@ -241,7 +241,7 @@ def build_tracer_provider(
             insecure=insecure,
             channel_options=otlp_channel_options(endpoint),
             timeout=timeout_s,
-            **({"headers": headers} if headers else {}),
+            headers=headers,  # the settings' only: none is none, not os.environ's
         )
         health = exporter.health
     elif exporter_name == "console":

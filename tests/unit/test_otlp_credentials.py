@@ -210,3 +210,42 @@ def test_an_at_sign_past_the_authority_is_no_user_part(receiver: tuple[_Receiver
         assert servicer.received.wait(10)
     finally:
         provider.shutdown()
+
+
+@pytest.mark.parametrize(
+    "variable", ["OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS"]
+)
+def test_headers_come_from_the_settings_only(
+    variable: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Settings without headers, the process's environment with some: before, the exporter
+    read them from os.environ behind the settings, sent them, and ExportHealth (built from
+    the settings' none) quoted the key a collector refused at ERROR (1 of 1)."""
+    monkeypatch.setenv(variable, f"x-honeycomb-team={SECRET}")
+    sent: list[dict[str, str]] = []
+
+    class _Recording(_Refuser):
+        def Export(
+            self, request: ts.ExportTraceServiceRequest, context: grpc.ServicerContext
+        ) -> ts.ExportTraceServiceResponse:
+            sent.append({k: str(v) for k, v in context.invocation_metadata()})
+            return super().Export(request, context)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    ts_grpc.add_TraceServiceServicer_to_server(_Recording(), server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    caplog.set_level(logging.INFO)
+    environ = {**OTLP, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}"}
+    provider = build_tracer_provider(environ, "router")
+    try:
+        with provider.get_tracer("test").start_as_current_span("one"):
+            pass
+        provider.force_flush(10_000)
+    finally:
+        provider.shutdown()
+        server.stop(grace=None)
+    assert SECRET not in caplog.text
+    assert sent and all("x-honeycomb-team" not in metadata for metadata in sent)
+    assert any("refuses the spans" in r.getMessage() for r in caplog.records)
+    assert SECRET not in caplog.text
