@@ -53,6 +53,8 @@ def test_a_process_whose_main_thread_exited_is_alive_until_its_last_thread_has()
                 raise AssertionError("the main thread did not exit")
             assert not _binds(port)  # its socket still open
             assert is_alive(child.pid, "python")
+            # the command line is still checked: a marker it does not hold is another's
+            assert not is_alive(child.pid, "redis-server")
             assert _alive(child.pid)
         finally:
             child.send_signal(signal.SIGKILL)

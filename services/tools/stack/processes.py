@@ -69,10 +69,19 @@ def is_alive(pid: int, module: str) -> bool:
     fields = proc_stat(pid)
     if fields is None:  # unreadable
         return False
-    if fields[0] == "Z":  # its main thread has exited: the process, once its last thread has
-        return not threads_exited(pid)  # (its command line reads empty meanwhile)
+    cmdline = proc / "cmdline"
+    if fields[0] == "Z":  # its main thread has exited: the process, once its last thread has;
+        # its command line reads empty meanwhile, a remaining thread's still holds the argv
+        # (checked too: a reused pid's zombie with threads left is not ours)
+        try:
+            remaining = [tid for tid in os.listdir(proc / "task") if tid != str(pid)]
+        except OSError:
+            return False
+        if not remaining:
+            return False
+        cmdline = proc / "task" / remaining[0] / "cmdline"
     try:
-        argv = proc.joinpath("cmdline").read_bytes().split(b"\0")
+        argv = cmdline.read_bytes().split(b"\0")
     except OSError:
         return False
     marker = module.encode()  # a substring: redis-server rewrites its title in place
