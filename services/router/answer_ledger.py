@@ -270,6 +270,19 @@ class RedisAnswerLedger:
         await self._redis.aclose()
 
 
+def is_ledger_key(key: bytes) -> bool:
+    return key.startswith(_PREFIX)
+
+
+def stored_answer(value: bytes) -> pb.CompleteResponse | None:
+    """The answer a ledger value records, read as ``take`` reads it (None: a claim, no answer
+    yet); for a reader of what Redis keeps (the no-secrets sweep), as an answer is stored
+    zlib-compressed. Raises ``zlib.error`` / ``DecodeError`` if it does not read."""
+    if value.startswith(_CLAIM):
+        return None
+    return _answer(value[_FINGERPRINT_BYTES:])
+
+
 def _answer(stored: bytes) -> pb.CompleteResponse:
     """A recorded answer from its stored bytes: compressed, or as written before (serialized)."""
     if stored.startswith(_COMPRESSED):

@@ -28,6 +28,7 @@ import redis
 from cachemesh import CachemeshError, Client, build_request
 from cachemesh.envfile import read_env_file
 from cachemesh.v1 import semantic_cache_pb2, semantic_cache_pb2_grpc
+from services.router.answer_ledger import is_ledger_key, stored_answer
 from services.tools.bench.gateway import output
 from services.tools.bench.gateway.redact import own_settings, setting_names
 from tests.integration.harness import ROOT, RunningStack
@@ -49,7 +50,13 @@ def _value(client: redis.Redis, key: bytes) -> object:
     """``key``'s value as stored, not DUMP's serialization (which may compress it)."""
     kind = client.type(key)
     if kind == b"string":
-        return client.get(key)
+        value = client.get(key)
+        if is_ledger_key(key) and isinstance(value, bytes):
+            # a recorded answer is kept zlib-compressed, unreadable as stored: read as the
+            # router reads it, its serialized bytes beside the stored ones
+            answer = stored_answer(value)
+            return value if answer is None else (value, answer.SerializeToString())
+        return value
     if kind == b"hash":
         return client.hgetall(key)
     if kind == b"list":
