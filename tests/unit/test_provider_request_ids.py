@@ -8,6 +8,7 @@ do (a fresh id each answer)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -200,3 +201,85 @@ def test_a_header_that_is_no_id_or_holds_the_key_is_not_shown(
     assert span.attributes is not None and REQUEST_ID_ATTRIBUTE not in span.attributes
     assert _ids_logged(logged) == []
     assert value not in logged.getvalue()
+
+
+STALL_S = 30.0  # the stream's pause after its first text: the call is left before it ends
+
+
+def _stalled_after_first_text(backend: Backend) -> Reply:
+    """The default answer's stream, pausing after its first text (the start has gone out)."""
+    if backend == "anthropic":
+        events = anthropic_wire.stream(
+            MODELS[backend], ["Paris is ", "the capital"], anthropic_wire.Usage(10, output_tokens=3)
+        )
+        return Reply(events=events, pauses={3: STALL_S})  # before the second delta
+    events = openai_wire.stream(MODELS[backend], ["Paris is ", "the capital"], None)
+    return Reply(events=events, pauses={2: STALL_S})
+
+
+def _left_after_start(
+    server: WireServer, backend: Backend, how: str
+) -> tuple[list[model_pb2.GenerateChunk], ReadableSpan]:
+    """One Generate the caller leaves after its start chunk, as the router does for a client
+    gone or a stall handed over: ``aclose`` closes the generator between chunks, ``cancel``
+    cancels the task reading it while the replica waits for the provider's next event."""
+    base = server.base + ("/v1" if backend == "openai" else "")
+    api = provider_replica(provider_settings(backend, base, KEYS[backend]), [MODELS[backend]])
+    message = pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text="Capital?")])
+    call = model_pb2.GenerateRequest(
+        tenant="t",
+        model=MODELS[backend],
+        request=pb.CompleteRequest(model=MODELS[backend], max_tokens=32, messages=[message]),
+    )
+    memory = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = tracer_provider.get_tracer("test")
+    chunks: list[model_pb2.GenerateChunk] = []
+
+    async def read(started: asyncio.Event) -> None:
+        with tracer.start_as_current_span("Generate"):
+            generator = api.generate(call, 60.0)
+            try:
+                async for chunk in generator:
+                    chunks.append(chunk)
+                    if chunk.WhichOneof("part") == "start":
+                        if how == "aclose":
+                            break
+                        started.set()  # the next wait is for the stalled event
+            finally:
+                await generator.aclose()
+
+    async def run() -> None:
+        started = asyncio.Event()
+        reader = asyncio.create_task(read(started))
+        try:
+            if how == "cancel":
+                await started.wait()
+                await asyncio.sleep(0.2)  # the replica waits for the provider's next event
+                reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+        finally:
+            await api.close()
+
+    asyncio.run(run())
+    (span,) = memory.get_finished_spans()
+    return chunks, span
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["aclose", "cancel"])
+def test_a_call_left_after_its_start_has_its_request_id_on_its_span(
+    server: WireServer, backend: Backend, how: str
+) -> None:
+    """The router closes (a client gone) or cancels (its stall hand-over) a replica's Generate
+    under way: the provider's id of that call is on the span all the same."""
+    server.reset()
+    server.script(backend, _stalled_after_first_text(backend))
+    chunks, span = _left_after_start(server, backend, how)
+    assert [c.WhichOneof("part") for c in chunks][:1] == ["start"]
+    assert not any(c.WhichOneof("part") == "end" for c in chunks)
+    request_id = _last_seen(server, backend)
+    assert span.attributes is not None
+    assert span.attributes.get(REQUEST_ID_ATTRIBUTE) == request_id

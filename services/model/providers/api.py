@@ -286,6 +286,7 @@ class ProviderApi:
                 exact=exact_tokenizer(spec),
             )
             cut_short = False
+            failed_id = ""  # the id a provider's error names (else its stream's)
             try:
                 remaining = deadline - self._clock()
                 stream = self._adapter.stream(spec, upstream, progress, max(0.001, remaining))
@@ -309,8 +310,6 @@ class ProviderApi:
                             # block) closes the connection, and it stops
                             cut_short = True
                             break
-                if progress.request_id:
-                    span.set_attribute(REQUEST_ID_ATTRIBUTE, progress.request_id)
                 if cut_short:
                     yield self._cut(progress, spec, cut, span)
                 else:
@@ -324,8 +323,6 @@ class ProviderApi:
                 # was refused proves nothing of it now; only a recheck does, ``generate``)
                 return
             except TimeoutError:
-                if progress.request_id:  # a stream that began, then fell silent
-                    span.set_attribute(REQUEST_ID_ATTRIBUTE, progress.request_id)
                 if progress.usage is not None and not progress.started:
                     # no token yet, but a prompt the provider bills: a start so that the
                     # router bills the call, then the usage in the interrupted end; flagged,
@@ -348,9 +345,7 @@ class ProviderApi:
                 failure = self._redacted(classify(exc))
                 message = failure.message
                 # the provider's id of this try: its error's, else its stream's
-                request_id = failure.request_id or progress.request_id
-                if request_id:
-                    span.set_attribute(REQUEST_ID_ATTRIBUTE, request_id)
+                request_id = failed_id = failure.request_id or progress.request_id
                 if progress.started:
                     log.warning(
                         "%s stream of %s broke mid-answer (%s %s): %s",
@@ -400,6 +395,12 @@ class ProviderApi:
                     extra=_ids(request_id),
                 )
                 await self._sleep(wait)
+            finally:
+                # however the try ended: answered, cut, timed out, failed, or left by the
+                # caller (closed or cancelled: a client gone, the router's stall hand-over);
+                # a retried try's id is set first, the answering try's last
+                if request_id := failed_id or progress.request_id:
+                    span.set_attribute(REQUEST_ID_ATTRIBUTE, request_id)
 
     def _own_input(self, request: model_pb2.GenerateRequest, spec: ModelSpec) -> int:
         """The request's input a provider surely counts towards its input token limit: Plan's
