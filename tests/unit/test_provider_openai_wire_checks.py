@@ -23,7 +23,8 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from services.common.models import load_model_table
 from services.model.providers.api import ProviderApi
-from services.model.providers.openai_wire import chat_params
+from services.model.providers.openai_wire import chat_params, openai_tool_id
+from services.model.providers.tool_ids import tool_ids
 from tests.providers import openai_wire
 from tests.providers.loopback import serving
 from tests.providers.replica import provider_replica, provider_settings
@@ -319,3 +320,64 @@ def test_an_engines_own_ids_and_arguments_are_not_held_to_openais_rules() -> Non
     )
     assert openai_wire.refusal({}, body) is not None
     assert openai_wire.refusal({}, {**body, "model": "meta-llama/Llama-3.1-8B-Instruct"}) is None
+
+
+def _exchanges(ids: list[str]) -> list[pb.Message]:
+    """A user's question, then per id a call and its result (whose content is that id)."""
+    messages = [pb.Message(role=pb.ROLE_USER, content=[_text("6*7?")])]
+    for call_id in ids:
+        result = pb.ToolResult(tool_use_id=call_id, content=call_id)
+        messages.append(pb.Message(role=pb.ROLE_ASSISTANT, content=[_use(call_id)]))
+        messages.append(
+            pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(tool_result=result)])
+        )
+    return messages
+
+
+def test_a_shortened_tool_id_never_meets_another_id_of_the_request() -> None:
+    """An id over OpenAI's 40 characters is sent shortened (``openai_tool_id``), which may be
+    an id the request already holds (a client's own; a shortened id never reaches a client):
+    each still goes as an id of its own, at most 40 characters, each result paired with its
+    call, ids that fit unchanged, and a conversation's earlier turns sent alike on its later
+    turn (the provider's prompt cache). Before, both went as one id (2 distinct ids -> 1 on
+    the wire) and OpenAI paired the results wrongly."""
+    spec = load_model_table().models[GPT]
+    long_a, long_b = "chatcmpl-tool-" + "a" * 32, "chatcmpl-tool-" + "b" * 32
+    clash = chat_params(spec, pb.CompleteRequest(messages=_exchanges([long_a])))["messages"][1]
+    clash_id = clash["tool_calls"][0]["id"]  # long_a as it is sent alone
+    ids = [long_a, clash_id, long_b, "call_" + "x" * 35]
+    earlier = pb.CompleteRequest(model=GPT, max_tokens=16, messages=_exchanges(ids[:3]))
+    request = pb.CompleteRequest(model=GPT, max_tokens=16, messages=_exchanges(ids))
+    body = chat_params(spec, request)
+    assert openai_wire.refusal({}, {**body, "stream": True, "tools": TOOLS}) is None
+    messages = body["messages"]
+    uses = [messages[m]["tool_calls"][0]["id"] for m in range(1, len(messages), 2)]
+    results = [messages[m] for m in range(2, len(messages), 2)]
+    assert [r["tool_call_id"] for r in results] == uses  # each result still names its call
+    assert [r["content"] for r in results] == ids
+    assert len(set(uses)) == len(ids)
+    assert all(len(sent_id) <= 40 for sent_id in uses)
+    assert uses[1] == clash_id and uses[3] == ids[3]  # ids that fit unchanged
+    assert chat_params(spec, earlier)["messages"] == messages[: 1 + 2 * 3]
+
+
+def test_a_shortened_id_whose_next_candidates_are_taken_goes_as_a_later_one() -> None:
+    """The first and second shortened forms of an id both ids of the request: it goes as its
+    third, still at most 40 characters and none of the others."""
+    spec = load_model_table().models[GPT]
+    long_id = "chatcmpl-tool-" + "c" * 32
+    ids = [openai_tool_id(long_id), openai_tool_id(long_id, 2), long_id]
+    request = pb.CompleteRequest(model=GPT, max_tokens=16, messages=_exchanges(ids))
+    messages = chat_params(spec, request)["messages"]
+    uses = [messages[m]["tool_calls"][0]["id"] for m in range(1, len(messages), 2)]
+    assert uses[:2] == ids[:2]
+    assert uses[2] == openai_tool_id(long_id, 3) and len(uses[2]) == 40
+    assert len(set(uses)) == 3
+
+
+def test_a_rewrite_the_provider_would_refuse_is_an_error() -> None:
+    """The shared rule checks each rewrite against the provider's bound (an adapter's bug,
+    not a request the provider then refuses)."""
+    request = pb.CompleteRequest(messages=_exchanges(["x" * 50]))
+    with pytest.raises(ValueError, match="does not fit"):
+        tool_ids(request, lambda call_id: len(call_id) <= 40, lambda call_id, n: call_id)

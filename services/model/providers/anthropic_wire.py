@@ -33,6 +33,7 @@ from services.model.providers.failures import (
     never_sent,
 )
 from services.model.providers.progress import Progress, contract_stop_reason, tool_use_chunk
+from services.model.providers.tool_ids import tool_ids as shared_tool_ids
 from services.model.providers.usage_check import most_tokens, token_count
 
 # Anthropic's stop reasons, in the Gateway's words (end_turn | max_tokens | tool_use)
@@ -75,34 +76,26 @@ def tool_id(call_id: str) -> str:
     return f"{re.sub(r'[^a-zA-Z0-9_-]', '_', call_id)}_{digest}"
 
 
+def _candidate(call_id: str, n: int) -> str:
+    """The ``n``-th id tried for ``call_id`` (``tool_ids.tool_ids``): ``tool_id``'s, then
+    ``_2``, ``_3`` ... after it."""
+    base = tool_id(call_id)
+    return base if n == 1 else f"{base}_{n}"
+
+
+def _fits(call_id: str) -> bool:
+    return _TOOL_ID.fullmatch(call_id) is not None
+
+
 def tool_ids(request: pb.CompleteRequest) -> dict[str, str]:
     """Each tool id of the request's messages -> the id sent for it, one to one within the
-    request: an id in the API's pattern is itself; another is ``tool_id``'s, and when that is
-    already taken (an id of the request is literally another's rewrite, or two rewrites meet)
-    ``_2``, ``_3`` ... after it until it is not. Before, ``tool_id`` alone: ``a.b`` and a
-    call named ``a_b_`` + its digest went as one id, which Anthropic refuses (``tool_use`` ids
-    must be unique) or pairs with the wrong result."""
-    seen: list[str] = []
-    for message in request.messages:
-        for block in message.content:
-            kind = block.WhichOneof("kind")
-            if kind == "tool_use":
-                seen.append(block.tool_use.id)
-            elif kind == "tool_result":
-                seen.append(block.tool_result.tool_use_id)
-    ids = {call_id: call_id for call_id in seen if _TOOL_ID.fullmatch(call_id)}
-    taken = set(ids)
-    for call_id in seen:
-        if call_id in ids:
-            continue
-        base = candidate = tool_id(call_id)
-        n = 1
-        while candidate in taken:
-            n += 1
-            candidate = f"{base}_{n}"
-        ids[call_id] = candidate
-        taken.add(candidate)
-    return ids
+    request (the adapters' one rule, ``services.model.providers.tool_ids``): an id in the API's
+    pattern is itself; another is ``tool_id``'s, and when that is already taken (an id of the
+    request is literally another's rewrite, or two rewrites meet) ``_2``, ``_3`` ... after it
+    until it is not. Before, ``tool_id`` alone: ``a.b`` and a call named ``a_b_`` + its digest
+    went as one id, which Anthropic refuses (``tool_use`` ids must be unique) or pairs with the
+    wrong result."""
+    return shared_tool_ids(request, _fits, _candidate)
 
 
 def _block(block: pb.ContentBlock, ids: dict[str, str] | None = None) -> dict[str, Any]:

@@ -6,7 +6,8 @@ one system message, tools become functions, an assistant's ``tool_use`` blocks i
 ``tool_calls``, a user's ``tool_result`` blocks ``tool`` messages (placed right after the
 assistant turn that called them, as the API requires; a ``tool`` message has no error flag, so
 a result with ``is_error`` is sent as ``TOOL_ERROR_PREFIX`` + its content; to OpenAI itself a
-tool call id over its 40 characters is sent shortened, ``openai_tool_id``);
+tool call id over its 40 characters is sent shortened, ``openai_tool_id``, one to one within
+the request, ``tool_ids``);
 ``prompt_cache_key`` is sent as the replica gives it (``cache_key.for_provider``: derived for
 the tenant, so that tenants sharing the operator's account never share a cache bucket), a
 row's ``prompt_cache_retention`` is sent (so OpenAI keeps a prefix as long as prefix-cache
@@ -42,6 +43,7 @@ from services.model.providers.failures import (
 )
 from services.model.providers.prefill_echo import EchoedPrefill
 from services.model.providers.progress import Progress, contract_stop_reason, tool_use_chunk
+from services.model.providers.tool_ids import tool_ids
 from services.model.providers.usage_check import most_tokens, token_count
 
 # finish reasons in the Gateway's words: OpenAI's, and OpenAI-compatible engines' own (TGI
@@ -97,9 +99,11 @@ OPENAI_TOOL_ID_CHARS = 40
 _DIGEST_CHARS = 12
 
 
-def openai_tool_id(call_id: str) -> str:
+def openai_tool_id(call_id: str, n: int = 1) -> str:
     """``call_id`` as an id OpenAI takes: itself when it is 40 characters or fewer; else its
     first 27 and a digest of the whole (40 in all: two ids alike in their first 27 stay two).
+    ``n``: the ``n``-th id tried for it (``tool_ids``: when the first is already an id of the
+    request), its first characters less ``_n``'s length, then the digest and ``_n`` (40 still).
     The same on a call and on its ``tool`` message, so the pair still matches: an id is opaque,
     only pairing them. Before, an id another model wrote (vLLM's ``chatcmpl-tool-`` and 32 hex
     digits, 46 characters: ``auto``'s next turn may go to a gpt tier) or a client's own went as
@@ -107,8 +111,13 @@ def openai_tool_id(call_id: str) -> str:
     if len(call_id) <= OPENAI_TOOL_ID_CHARS:
         return call_id
     digest = hashlib.sha256(call_id.encode("utf-8", "surrogatepass")).hexdigest()
-    kept = OPENAI_TOOL_ID_CHARS - _DIGEST_CHARS - 1
-    return f"{call_id[:kept]}_{digest[:_DIGEST_CHARS]}"
+    suffix = "" if n == 1 else f"_{n}"
+    kept = OPENAI_TOOL_ID_CHARS - _DIGEST_CHARS - 1 - len(suffix)
+    return f"{call_id[:kept]}_{digest[:_DIGEST_CHARS]}{suffix}"
+
+
+def _fits_openai(call_id: str) -> bool:
+    return len(call_id) <= OPENAI_TOOL_ID_CHARS
 
 
 def _as_sent(call_id: str) -> str:
@@ -160,7 +169,11 @@ def chat_params(spec: ModelSpec, request: pb.CompleteRequest) -> dict[str, Any]:
     """The Chat Completions body (less ``stream`` and ``stream_options``)."""
     # OpenAI's own API bounds a tool call id; an OpenAI-compatible engine gets its ids as they
     # were (vLLM's own are longer, and it takes them back)
-    tool_id = openai_tool_id if spec.provider == "openai" else _as_sent
+    tool_id: Callable[[str], str] = _as_sent
+    if spec.provider == "openai":
+        # one to one within the request (a client's id may be another's shortened form):
+        # the adapters' one rule, ``services.model.providers.tool_ids``
+        tool_id = tool_ids(request, _fits_openai, openai_tool_id).__getitem__
     params: dict[str, Any] = {"model": spec.upstream, "messages": _messages(request, tool_id)}
     if request.tools:
         params["tools"] = [
