@@ -152,9 +152,11 @@ _FUNCTION_NAME = re.compile(r"^[a-zA-Z0-9_-]+$")
 MAX_FUNCTION_NAME_CHARS = 64
 
 
-# OpenAI's own model ids: the loopback server stands for OpenAI-compatible engines too, which
-# take other function names (llama-server, vLLM)
-_OPENAI_MODEL = re.compile(r"^(?:gpt-|chatgpt-|o\d)")
+# OpenAI's own model ids: the loopback server stands for OpenAI-compatible engines too, so the
+# checks of OpenAI's API alone (a function name, an argument it does not have, a tool call id
+# or a function description over its lengths) are not an engine's, which takes other function
+# names (llama-server, vLLM), extra arguments and its own longer ids (vLLM's 46 characters)
+_OPENAI_MODEL = re.compile(r"^(?:gpt-|chatgpt-|o[1-9])")
 
 
 def _function_name_refusal(body: dict[str, Any]) -> Reply | None:
@@ -244,10 +246,6 @@ def refusal(headers: dict[str, str], body: dict[str, Any]) -> Reply | None:
 ARGUMENTS = frozenset(CompletionCreateParamsBase.__annotations__) | {"stream"}
 MAX_STOP = 4
 RETENTIONS = ("in_memory", "24h")
-# OpenAI's own models: the checks of its API alone (an argument it does not have, a tool call id
-# or a function description over its lengths) are not an OpenAI-compatible engine's, which
-# takes extra arguments and its own longer ids (vLLM's 46 characters)
-_OPENAI_MODEL = re.compile(r"^(?:gpt-|chatgpt-|o[1-9])")
 # OpenAI's models that are no reasoning model: they refuse ``reasoning_effort``
 _NOT_REASONING = re.compile(r"^(?:gpt-4o|gpt-4\.1|gpt-5-chat)(?:-|$)")
 
