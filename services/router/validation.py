@@ -420,7 +420,8 @@ def _validate_tool_support(request: pb.CompleteRequest, table: ModelTable) -> No
     raise _invalid(
         f"tools: tools and tool calls are not supported by {which} (its row of the model "
         "table says `takes_tools = false`: its engine's model is not given them, and would "
-        "answer as if there were none); send the request without tools to it, or pick a model "
-        "that takes tools; if its engine's model does, the operator sets `takes_tools = true` "
-        "in its row of the model table"
+        "answer as if there were none); send the request without tools to it (its messages "
+        "without their tool_use / tool_result blocks too: a call of a tool the request does not "
+        "declare is refused), or pick a model that takes tools; if its engine's model does, the "
+        "operator sets `takes_tools = true` in its row of the model table"
     )

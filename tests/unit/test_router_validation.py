@@ -631,6 +631,7 @@ def test_tools_to_a_model_not_given_them_are_refused_naming_the_field(
         return
     assert refusal.message.startswith(f"{where}: tools and tool calls are not supported by")
     assert model in refusal.message and "`takes_tools = true`" in refusal.message
+    assert "without their tool_use / tool_result blocks too" in refusal.message
 
 
 def test_tools_to_auto_are_refused_when_a_tier_does_not_take_them() -> None:
