@@ -7,10 +7,11 @@ import asyncio
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from cachemesh.loadtest.workloads.tau import CallIds
+from cachemesh.loadtest.workloads.tau import CallIds, conversation_requests, load_tools
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.models import load_model_table
 from services.common.tokens import load_tokenizers
@@ -21,17 +22,61 @@ from tests.public_data import data_dir
 TABLE = load_model_table()
 
 
-def test_a_repeated_call_id_is_made_unique_and_its_result_answers_its_latest_use() -> None:
+def test_a_repeated_call_id_is_made_unique_and_each_result_answers_one_use() -> None:
     ids = CallIds()
     first = ids.call("call_a", 1)
     assert ids.result("call_a") == first == "call_a"
     again = ids.call("call_a", 3)
     twice_in_one_message = ids.call("call_a", 3)
     assert len({first, again, twice_in_one_message}) == 3
-    assert ids.result("call_a") == twice_in_one_message
+    # two calls of one message, then two results: each answers one call, in order (it was
+    # the latest use for both: a request the router refuses)
+    assert [ids.result("call_a"), ids.result("call_a")] == [again, twice_in_one_message]
+    assert ids.result("call_a") == twice_in_one_message  # every use answered: the latest
     # a generated id is never given again, even to a recorded id spelled like it
     assert ids.call(again, 5) not in {first, again, twice_in_one_message}
     assert ids.result("unknown") == "unknown"  # as recorded: the router says what is wrong
+
+
+def test_a_result_answers_a_call_of_the_latest_message_not_an_unanswered_older_one() -> None:
+    ids = CallIds()
+    ids.call("call_a", 1)  # never answered
+    latest = ids.call("call_a", 3)
+    assert ids.result("call_a") == latest
+
+
+@pytest.mark.parametrize("place", ["agent", "bench"])
+def test_one_message_calling_an_id_twice_then_two_results_passes_validation(
+    place: str,
+) -> None:
+    call = {"id": "call_A", "type": "function", "function": {"name": "think", "arguments": "{}"}}
+    raw: list[dict[str, Any]] = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [call, call]},
+        {"role": "tool", "tool_call_id": "call_A", "name": "think", "content": "one"},
+        {"role": "tool", "tool_call_id": "call_A", "name": "think", "content": "two"},
+        {"role": "assistant", "content": "done"},
+    ]
+    tools = load_tools(data_dir() / "agent" / "tau_bench" / "airline_tools.json")
+    if place == "agent":
+        *_, request = conversation_requests({"messages": raw}, tools, "claude-sonnet-4", 64, "ns")
+    else:
+        ids = CallIds()
+        messages = [tau._message(m, ids, k) for k, m in enumerate(raw[1:-1])]
+        request = pb.CompleteRequest(
+            model="claude-sonnet-4", max_tokens=64, tools=tools, messages=messages
+        )
+    uses = [b.tool_use.id for m in request.messages for b in m.content if b.HasField("tool_use")]
+    answers = [
+        b.tool_result.tool_use_id
+        for m in request.messages
+        for b in m.content
+        if b.HasField("tool_result")
+    ]
+    assert uses == ["call_A", "call_A-1"] and answers == uses
+    if place == "agent":  # the bench's replay keeps each result its own message (see tau.py)
+        validate_request(request, TABLE, set(TABLE.models))
 
 
 def test_every_replayed_request_passes_the_routers_validation() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import deque
 from pathlib import Path
 
 from cachemesh.loadtest.workloads.base import (
@@ -54,11 +55,17 @@ class CallIds:
     ids within a conversation (278 of the 2,454 requests of 200 conversations had one twice),
     and a request whose tool_use ids repeat is refused (INVALID_ARGUMENT: "... is used
     twice"). A repeated id's next use is ``<id>-<place>`` (another suffix if that is taken
-    too); a tool result answers its id's latest use. The agent workload and ``make
+    too); a tool result answers its id's oldest unanswered use in the latest message with
+    calls (one message may call the same recorded id twice, then answer it twice), or its
+    latest use when every such use is answered. The agent workload and ``make
     bench-prefix``'s replay convert with this one rule."""
 
     def __init__(self) -> None:
         self._latest: dict[str, str] = {}  # recorded id -> the unique id of its last use
+        # recorded id -> its uses not answered yet, in the message ``self._place`` only: a
+        # result answers a call of the message just before it, never an older one
+        self._unanswered: dict[str, deque[str]] = {}
+        self._place: int | None = None
         self._given: set[str] = set()
 
     def call(self, recorded: str, place: int) -> str:
@@ -69,10 +76,16 @@ class CallIds:
             n += 1
         self._given.add(unique)
         self._latest[recorded] = unique
+        if place != self._place:
+            self._place, self._unanswered = place, {}
+        self._unanswered.setdefault(recorded, deque()).append(unique)
         return unique
 
     def result(self, recorded: str) -> str:
         """The id a tool result recorded as answering ``recorded`` answers."""
+        waiting = self._unanswered.get(recorded)
+        if waiting:
+            return waiting.popleft()
         return self._latest.get(recorded, recorded)
 
 
