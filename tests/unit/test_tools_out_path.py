@@ -13,15 +13,31 @@ from services.tools.out_path import check_writable, check_writable_dir
 
 
 def test_a_writable_path_is_accepted_and_nothing_is_left_there(tmp_path: Path) -> None:
-    out = tmp_path / "new" / "report.json"
+    """The probe's directories are removed after it (3 of 3 refused runs left their --out's
+    directory chain); the writers make them when they write."""
+    out = tmp_path / "new" / "deeper" / "report.json"
     check_writable(out)
-    assert out.parent.is_dir() and not out.exists()
+    assert list(tmp_path.iterdir()) == []
     kept = tmp_path / "kept.json"
     kept.write_text("earlier")
     check_writable(kept)
     assert kept.read_text() == "earlier"
-    check_writable_dir(tmp_path / "runs")
-    assert list((tmp_path / "runs").iterdir()) == []
+    (tmp_path / "there").mkdir()
+    check_writable(tmp_path / "there" / "r.json")
+    check_writable_dir(tmp_path / "runs" / "deep")
+    check_writable_dir(tmp_path / "there")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.json", "there"]
+    assert list((tmp_path / "there").iterdir()) == []
+
+
+def test_a_run_refused_after_the_out_check_leaves_no_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        bench_router.main(["--out", str(tmp_path / "L" / "deep" / "r.json"), "--requests", "0"])
+    assert stopped.value.code == 2
+    assert "--requests must be >= 1" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_unwritable_path_is_refused_naming_the_flag(tmp_path: Path) -> None:
