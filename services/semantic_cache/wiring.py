@@ -33,7 +33,11 @@ def build_verifier(
     weights = VerifierWeights.load()
     scorer = None
     if weights.needs_cross_encoder:
-        scorer = cross_encoder or load_cross_encoder(threads=config.ort_threads)
+        scorer = (
+            cross_encoder
+            if cross_encoder is not None
+            else load_cross_encoder(threads=config.ort_threads)
+        )
     return Verifier(weights, config.verifier_min_p, scorer, embedder=embedder)
 
 
