@@ -140,4 +140,4 @@ def test_counts_below_one_are_refused_before_the_replays(
     with pytest.raises(SystemExit) as exited:
         bench.main(["--out", str(tmp_path / "p.json"), "--trace", str(trace), *argv])
     assert exited.value.code == 2
-    assert "--conversations and --capacity-blocks must be >= 1" in capsys.readouterr().err
+    assert f"{argv[0]} must be >= 1, got {argv[1]}" in capsys.readouterr().err

@@ -46,3 +46,15 @@ def test_a_serving_target_goes_on_to_the_set_up(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(run, "check_gateway", lambda target: None)
     with pytest.raises(_SetUp):
         run.main(["--target", "127.0.0.1:1"])
+
+
+@pytest.mark.parametrize("flag", ["--requests", "--mixed-requests"])
+def test_a_count_below_one_is_a_usage_error_naming_the_flag(
+    flag: str, tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: sys.exit("bench: --requests and --mixed-requests must be >= 1"), exit 1 (a
+    usage error of the other benches is exit 2 naming the one flag)."""
+    with pytest.raises(SystemExit) as exited:
+        run.main(["--out-dir", str(tmp_path), flag, "0"])
+    assert exited.value.code == 2
+    assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err

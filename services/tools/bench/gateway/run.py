@@ -30,6 +30,7 @@ from services.semantic_cache.embedder import Embedder, load_minilm_embedder
 from services.semantic_cache.operating_point import OperatingPoint
 from services.semantic_cache.settings import SemanticCacheSettings
 from services.semantic_cache.wiring import build_verifier
+from services.tools.arg_checks import at_least
 from services.tools.bench.gateway import cases, http_path, output, runs, summary
 from services.tools.bench.gateway.chain import Chain, miss_chain, two_hop
 from services.tools.bench.gateway.echo import chain_reference
@@ -144,8 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     # before the stacks are started and measured, not after
     refuse_unwritable(parser, args.out_dir, "--out-dir", directory=True)
-    if args.requests < 1 or args.mixed_requests < 1:
-        sys.exit("bench: --requests and --mixed-requests must be >= 1")
+    at_least(parser, 1, requests=args.requests, mixed_requests=args.mixed_requests)
     if args.target is not None:
         _target_keys(args.target)  # before minutes of set-up
     signal.signal(signal.SIGTERM, _stop)

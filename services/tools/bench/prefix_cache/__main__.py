@@ -21,6 +21,7 @@ from typing import Any
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.models import load_model_table
 from services.common.tokens import load_tokenizers, tokenizer_error_exits
+from services.tools.arg_checks import at_least
 from services.tools.bench.prefix_cache import mooncake, tau
 from services.tools.out_path import refuse_unwritable
 
@@ -113,8 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     refuse_unwritable(parser, args.out)  # before the run, not after it
     # before anything runs: 0 conversations divided by zero after the replays, -1 replayed
     # all but the last one (a slice) as if asked, a capacity below 1 a ValueError traceback
-    if args.conversations < 1 or args.capacity_blocks < 1:
-        parser.error("--conversations and --capacity-blocks must be >= 1")
+    at_least(parser, 1, conversations=args.conversations, capacity_blocks=args.capacity_blocks)
     started = time.monotonic()
     trace_path = Path(args.trace) if args.trace else Path(args.data) / "prefix" / TRACE
     try:
