@@ -21,6 +21,7 @@ import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as ts
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as ts_grpc
+from opentelemetry.sdk.trace import TracerProvider
 
 from services.common.env import ConfigError
 from services.common.telemetry import build_tracer_provider
@@ -53,6 +54,16 @@ def test_an_endpoint_with_credentials_is_refused_without_them(variable: str, val
     assert message.startswith(variable)
     for piece in (SECRET, SECRET[:6], SECRET[6:], "alice"):
         assert piece not in message, message
+
+
+def _export_one_span(provider: TracerProvider) -> None:
+    """One span ended and flushed through ``provider``'s exporter, then the provider shut down."""
+    try:
+        with provider.get_tracer("test").start_as_current_span("one"):
+            pass
+        provider.force_flush(10_000)
+    finally:
+        provider.shutdown()
 
 
 def test_a_user_part_points_at_the_headers() -> None:
@@ -119,14 +130,8 @@ def test_the_headers_of_the_settings_given_are_sent(receiver: tuple[_Receiver, i
         "OTEL_EXPORTER_OTLP_HEADERS": "x-general=no",
         "OTEL_EXPORTER_OTLP_TRACES_HEADERS": f"x-honeycomb-team={SECRET},authorization=Basic%20YQ",
     }
-    provider = build_tracer_provider(environ, "router")
-    try:
-        with provider.get_tracer("test").start_as_current_span("one"):
-            pass
-        provider.force_flush(10_000)
-        assert servicer.received.wait(10)
-    finally:
-        provider.shutdown()
+    _export_one_span(build_tracer_provider(environ, "router"))
+    assert servicer.received.wait(10)
     sent = servicer.metadata[0]
     assert sent["x-honeycomb-team"] == SECRET and sent["authorization"] == "Basic YQ"
     assert "x-general" not in sent
@@ -160,13 +165,9 @@ def test_a_collector_quoting_the_key_it_refused_is_said_without_it(
         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
         "OTEL_EXPORTER_OTLP_HEADERS": f"x-honeycomb-team={SECRET},authorization=Bearer {token}",
     }
-    provider = build_tracer_provider(environ, "router")
     try:
-        with provider.get_tracer("test").start_as_current_span("one"):
-            pass
-        provider.force_flush(10_000)
+        _export_one_span(build_tracer_provider(environ, "router"))
     finally:
-        provider.shutdown()
         server.stop(grace=None)
     said = [r.getMessage() for r in caplog.records if "refuses the spans" in r.getMessage()]
     assert said and "UNAUTHENTICATED: unknown API key ***" in said[0]
@@ -182,14 +183,10 @@ def test_an_endpoint_with_a_query_is_said_once_and_exports_go_on(
     servicer, port = receiver
     caplog.set_level(logging.INFO)
     endpoint = f"http://127.0.0.1:{port}/?tenant={SECRET}"
-    provider = build_tracer_provider({**OTLP, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}, "router")
-    try:
-        with provider.get_tracer("test").start_as_current_span("one"):
-            pass
-        provider.force_flush(10_000)
-        assert servicer.received.wait(10)
-    finally:
-        provider.shutdown()
+    _export_one_span(
+        build_tracer_provider({**OTLP, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}, "router")
+    )
+    assert servicer.received.wait(10)
     said = [r for r in caplog.records if "has a query" in r.getMessage()]
     assert len(said) == 1 and said[0].levelno == logging.WARNING
     assert f"http://127.0.0.1:{port}/?***" in said[0].getMessage()
@@ -202,14 +199,10 @@ def test_an_at_sign_past_the_authority_is_no_user_part(receiver: tuple[_Receiver
     the authority only."""
     servicer, port = receiver
     endpoint = f"http://127.0.0.1:{port}/a@b"
-    provider = build_tracer_provider({**OTLP, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}, "router")
-    try:
-        with provider.get_tracer("test").start_as_current_span("one"):
-            pass
-        provider.force_flush(10_000)
-        assert servicer.received.wait(10)
-    finally:
-        provider.shutdown()
+    _export_one_span(
+        build_tracer_provider({**OTLP, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}, "router")
+    )
+    assert servicer.received.wait(10)
 
 
 @pytest.mark.parametrize(
@@ -237,13 +230,9 @@ def test_headers_come_from_the_settings_only(
     server.start()
     caplog.set_level(logging.INFO)
     environ = {**OTLP, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}"}
-    provider = build_tracer_provider(environ, "router")
     try:
-        with provider.get_tracer("test").start_as_current_span("one"):
-            pass
-        provider.force_flush(10_000)
+        _export_one_span(build_tracer_provider(environ, "router"))
     finally:
-        provider.shutdown()
         server.stop(grace=None)
     assert SECRET not in caplog.text
     assert sent and all("x-honeycomb-team" not in metadata for metadata in sent)
