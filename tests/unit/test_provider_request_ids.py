@@ -19,13 +19,14 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import Tracer
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from services.common.env import Env
 from services.common.errors import RequestError
 from services.common.logs import configure_logging
-from services.model.providers.api import REQUEST_ID_ATTRIBUTE, REQUEST_ID_FIELD
+from services.model.providers.api import REQUEST_ID_ATTRIBUTE, REQUEST_ID_FIELD, ProviderApi
 from services.model.providers.config import Backend
 from tests.providers import anthropic_wire, openai_wire
 from tests.providers.loopback import serving
@@ -57,11 +58,11 @@ def logged() -> Iterator[io.StringIO]:
     root.setLevel(level)
 
 
-def _call(
-    server: WireServer, backend: Backend, *, retries: int = 0
-) -> tuple[list[model_pb2.GenerateChunk], RequestError | None, ReadableSpan]:
-    """One Generate through a replica built as ``serve()`` builds it, inside a span of its
-    own: its chunks, its refusal (None: none) and its span."""
+def _replica_call(
+    server: WireServer, backend: Backend, retries: int = 0
+) -> tuple[ProviderApi, model_pb2.GenerateRequest, InMemorySpanExporter, Tracer]:
+    """A replica built as ``serve()`` builds it, one Generate for it, and a tracer whose ended
+    spans the exporter keeps."""
     base = server.base + ("/v1" if backend == "openai" else "")
     settings = provider_settings(backend, base, KEYS[backend], max_retries=retries)
     api = provider_replica(settings, [MODELS[backend]])
@@ -74,7 +75,15 @@ def _call(
     memory = InMemorySpanExporter()
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(memory))
-    tracer = tracer_provider.get_tracer("test")
+    return api, call, memory, tracer_provider.get_tracer("test")
+
+
+def _call(
+    server: WireServer, backend: Backend, *, retries: int = 0
+) -> tuple[list[model_pb2.GenerateChunk], RequestError | None, ReadableSpan]:
+    """One Generate through a replica built as ``serve()`` builds it, inside a span of its
+    own: its chunks, its refusal (None: none) and its span."""
+    api, call, memory, tracer = _replica_call(server, backend, retries)
     chunks: list[model_pb2.GenerateChunk] = []
     refused: RequestError | None = None
 
@@ -223,18 +232,7 @@ def _left_after_start(
     """One Generate the caller leaves after its start chunk, as the router does for a client
     gone or a stall handed over: ``aclose`` closes the generator between chunks, ``cancel``
     cancels the task reading it while the replica waits for the provider's next event."""
-    base = server.base + ("/v1" if backend == "openai" else "")
-    api = provider_replica(provider_settings(backend, base, KEYS[backend]), [MODELS[backend]])
-    message = pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text="Capital?")])
-    call = model_pb2.GenerateRequest(
-        tenant="t",
-        model=MODELS[backend],
-        request=pb.CompleteRequest(model=MODELS[backend], max_tokens=32, messages=[message]),
-    )
-    memory = InMemorySpanExporter()
-    tracer_provider = TracerProvider()
-    tracer_provider.add_span_processor(SimpleSpanProcessor(memory))
-    tracer = tracer_provider.get_tracer("test")
+    api, call, memory, tracer = _replica_call(server, backend)
     chunks: list[model_pb2.GenerateChunk] = []
 
     async def read(started: asyncio.Event) -> None:
