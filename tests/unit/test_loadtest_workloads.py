@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 
 import pytest
 
-from cachemesh.loadtest.workloads import NAMES, WorkloadSpec, build, normalise
+from cachemesh.loadtest.workloads import NAMES, DataInvalid, WorkloadSpec, build, normalise
+from cachemesh.loadtest.workloads.bfcl import QUERIES
 from cachemesh.loadtest.workloads.mix import parse_weights
 from cachemesh.v1 import gateway_pb2 as pb
-from services.common.models import load_model_table
+from services.common.models import ModelTable, load_model_table
 from services.router.validation import validate_request
 from tests.public_data import data_dir
 
@@ -27,6 +30,43 @@ def test_every_request_passes_the_gateways_validation(name: str) -> None:
         item = workload.next_item()
         validate_request(item.request, TABLE, set(TABLE.models))
         assert item.request.cache.namespace.startswith("ns")
+
+
+# a hosted deployment: OpenAI's and Anthropic's tool-name rules apply (the simulator's do not)
+HOSTED = ModelTable(
+    models=TABLE.models, auto={"small": "gpt-4-1-mini", "large": "claude-sonnet-4-5"}
+)
+
+
+@pytest.mark.parametrize("model", ["gpt-4-1", "claude-sonnet-4-5", "auto"])
+def test_every_bfcl_row_passes_the_gateways_validation_for_a_hosted_row(model: str) -> None:
+    """171 of the 1,053 live_multiple rows name a function with dots, which the hosted
+    providers refuse (43 of 2,000 requests of the default mix were refused): sent as BFCL's
+    harness sends them to those APIs, ``.`` as ``_``."""
+    workload = build(_spec("tools"))
+    rows = int(str(workload.params()["queries"]))
+    dotted = 0
+    for _ in range(rows):  # each row once (a seeded order of all of them)
+        request = workload.next_item().request
+        request.model = model
+        validate_request(request, HOSTED, set(TABLE.models))
+        names = [tool.name for tool in request.tools]
+        dotted += any("_" in name for name in names)
+        assert not any("." in name for name in names)
+    assert rows == 1053 and dotted > 0
+
+
+def test_a_bfcl_row_whose_names_collide_once_sent_is_refused(tmp_path: Path) -> None:
+    row = {
+        "id": "live_multiple_x",
+        "question": [[{"role": "user", "content": "hi"}]],
+        "function": [{"name": "a.b", "parameters": {}}, {"name": "a_b", "parameters": {}}],
+    }
+    path = tmp_path / QUERIES
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    with pytest.raises(DataInvalid, match=r"row live_multiple_x: two of its function names"):
+        build(WorkloadSpec("tools", 3, "ns", tmp_path))
 
 
 def test_the_same_spec_gives_the_same_requests() -> None:

@@ -1,4 +1,11 @@
-"""BFCL v4 live_multiple: real users' queries sent with the tool lists they came with."""
+"""BFCL v4 live_multiple: real users' queries sent with the tool lists they came with.
+
+171 of the 1,053 rows name a function with dots (``ChaDri.change_drink``), which OpenAI's and
+Anthropic's tool names may not hold (``^[a-zA-Z0-9_-]+$``: the router refuses such a name for a
+hosted row as the providers do). BFCL's own harness sends ``.`` as ``_`` to those APIs; so does
+this workload, for every row (the same request whichever row answers it). The rows hold no
+recorded calls or expected answers, so the tool list is the only place a name appears.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ from pathlib import Path
 
 from cachemesh.loadtest.workloads.base import (
     TENANT_A,
+    DataInvalid,
     Item,
     data_file,
     malformed,
@@ -19,13 +27,33 @@ from cachemesh.v1 import gateway_pb2 as pb
 QUERIES = "agent/bfcl/BFCL_v4_live_multiple.jsonl"
 
 
+def api_tool_name(name: str) -> str:
+    """A BFCL function name as a provider's API takes it: ``.`` as ``_`` (BFCL's rule)."""
+    return name.replace(".", "_")
+
+
+def _names_stay_distinct(path: Path, rows: list[dict[str, object]]) -> None:
+    """``DataInvalid`` for a row two of whose names become one (``a.b`` beside ``a_b``): its
+    requests would declare a tool twice, which the router refuses."""
+    for row in rows:
+        names = [str(f["name"]) for f in row["function"]]  # type: ignore[attr-defined]
+        sent = [api_tool_name(n) for n in names]
+        if len(set(sent)) != len(set(names)):
+            raise DataInvalid(
+                f"{path}: row {row.get('id', '?')}: two of its function names become one when "
+                f"'.' is sent as '_' ({sorted(names)}): rename one"
+            )
+
+
 def bfcl_request(
     row: dict[str, object], model: str, max_tokens: int, namespace: str
 ) -> pb.CompleteRequest:
     turn: list[dict[str, str]] = row["question"][0]  # type: ignore[index]
     functions: list[dict[str, object]] = row["function"]  # type: ignore[assignment]
     tools = [
-        tool_from_schema(str(f["name"]), str(f.get("description", "")), f.get("parameters", {}))
+        tool_from_schema(
+            api_tool_name(str(f["name"])), str(f.get("description", "")), f.get("parameters", {})
+        )
         for f in functions
     ]
     tools[-1].cache_control.SetInParent()
@@ -58,6 +86,7 @@ class BfclTools:
         rows = read_jsonl(path)
         try:
             asked = [r for r in rows if any(m["role"] == "user" for m in r["question"][0])]  # type: ignore[index]
+            _names_stay_distinct(path, asked)
         except (KeyError, TypeError, IndexError) as exc:
             raise malformed(path, exc) from None
         self._rows = nonempty(path, asked, "query with a user message")
