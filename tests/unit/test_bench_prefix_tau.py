@@ -47,7 +47,7 @@ def test_a_result_answers_a_call_of_the_latest_message_not_an_unanswered_older_o
 
 @pytest.mark.parametrize("place", ["agent", "bench"])
 def test_one_message_calling_an_id_twice_then_two_results_passes_validation(
-    place: str,
+    place: str, tmp_path: Path
 ) -> None:
     call = {"id": "call_A", "type": "function", "function": {"name": "think", "arguments": "{}"}}
     raw: list[dict[str, Any]] = [
@@ -59,14 +59,7 @@ def test_one_message_calling_an_id_twice_then_two_results_passes_validation(
         {"role": "assistant", "content": "done"},
     ]
     tools = load_tools(data_dir() / "agent" / "tau_bench" / "airline_tools.json")
-    if place == "agent":
-        *_, request = conversation_requests({"messages": raw}, tools, "claude-sonnet-4", 64, "ns")
-    else:
-        ids = CallIds()
-        messages = [tau._message(m, ids, k) for k, m in enumerate(raw[1:-1])]
-        request = pb.CompleteRequest(
-            model="claude-sonnet-4", max_tokens=64, tools=tools, messages=messages
-        )
+    request = _last_request(place, raw, tools, tmp_path)
     uses = [b.tool_use.id for m in request.messages for b in m.content if b.HasField("tool_use")]
     answers = [
         b.tool_result.tool_use_id
@@ -75,8 +68,53 @@ def test_one_message_calling_an_id_twice_then_two_results_passes_validation(
         if b.HasField("tool_result")
     ]
     assert uses == ["call_A", "call_A-1"] and answers == uses
-    if place == "agent":  # the bench's replay keeps each result its own message (see tau.py)
-        validate_request(request, TABLE, set(TABLE.models))
+    validate_request(request, TABLE, set(TABLE.models))
+
+
+def _last_request(
+    place: str, raw: list[dict[str, Any]], tools: list[pb.Tool], tmp_path: Path
+) -> pb.CompleteRequest:
+    """The request of the conversation ``raw``'s last assistant turn: as the agent workload
+    sends it, or as bench-prefix's replay builds it (from a trajectory file, as it reads one)."""
+    if place == "agent":
+        *_, request = conversation_requests({"messages": raw}, tools, "claude-sonnet-4", 64, "ns")
+        return request
+    source = data_dir() / "agent" / "tau_bench"
+    for name in ("airline_tools.json", "airline_system_prompt_wiki.md"):
+        shutil.copy(source / name, tmp_path / name)
+    (tmp_path / tau.TRAJECTORIES).write_text(json.dumps({"messages": raw}) + "\n")
+    loaded, system, turns = tau.load_turns(tmp_path, 10)
+    request = tau.request_of(loaded, system, turns[-1], pb.CACHE_TTL_5M)
+    request.model = "claude-sonnet-4"
+    return request
+
+
+@pytest.mark.parametrize("place", ["agent", "bench"])
+def test_parallel_calls_results_are_one_user_message_and_pass_validation(
+    place: str, tmp_path: Path
+) -> None:
+    """An assistant message with two calls, then their two results: bench-prefix's replay put
+    each result in its own user message, which the router refuses ("'call_2' has no
+    tool_result in messages[2]"); both converters now merge them, as the agent workload did."""
+
+    def call(i: str) -> dict[str, Any]:
+        return {"id": i, "type": "function", "function": {"name": "think", "arguments": "{}"}}
+
+    raw: list[dict[str, Any]] = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [call("call_1"), call("call_2")]},
+        {"role": "tool", "tool_call_id": "call_1", "name": "think", "content": "one"},
+        {"role": "tool", "tool_call_id": "call_2", "name": "think", "content": "two"},
+        {"role": "assistant", "content": "done"},
+    ]
+    tools = load_tools(data_dir() / "agent" / "tau_bench" / "airline_tools.json")
+    request = _last_request(place, raw, tools, tmp_path)
+    results = request.messages[-1]
+    assert len(request.messages) == 3 and results.role == pb.ROLE_USER
+    assert [b.tool_result.tool_use_id for b in results.content] == ["call_1", "call_2"]
+    assert [b.tool_result.content for b in results.content] == ["one", "two"]
+    validate_request(request, TABLE, set(TABLE.models))
 
 
 def test_every_replayed_request_passes_the_routers_validation() -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cachemesh.loadtest.workloads.tau import CallIds
+from cachemesh.loadtest.workloads.tau import CallIds, add_tool_result
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.clock import ManualClock
 from services.common.errors import RequestError
@@ -52,15 +52,18 @@ def _text(value: Any) -> str:
     return "" if value is None or value == "None" else str(value)
 
 
+def _tool_result(raw: dict[str, Any], ids: CallIds) -> pb.ToolResult:
+    """The tool message ``raw`` as a result answering its call's unique id (``ids``)."""
+    return pb.ToolResult(
+        tool_use_id=ids.result(str(raw.get("tool_call_id", ""))), content=_text(raw["content"])
+    )
+
+
 def _message(raw: dict[str, Any], ids: CallIds, place: int) -> pb.Message:
     """``raw``, the conversation's message ``place``, its tool call ids made unique by ``ids``
-    (the conversation's: recorded ids repeat, which the router refuses)."""
+    (the conversation's: recorded ids repeat, which the router refuses); a user's or an
+    assistant's (``load_turns`` adds a tool message's result with ``add_tool_result``)."""
     role = raw["role"]
-    if role == "tool":
-        result = pb.ToolResult(
-            tool_use_id=ids.result(str(raw.get("tool_call_id", ""))), content=_text(raw["content"])
-        )
-        return pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(tool_result=result)])
     blocks = [pb.ContentBlock(text=_text(raw.get("content")))] if _text(raw.get("content")) else []
     for call in raw.get("tool_calls") or []:
         use = pb.ToolUse(
@@ -95,6 +98,14 @@ def load_turns(data: Path, limit: int) -> tuple[list[pb.Tool], str, list[Turn]]:
         history: list[pb.Message] = []
         ids = CallIds()
         for k, message in enumerate(raw):
+            if message["role"] == "tool":  # consecutive results: one user message, as the
+                # agent workload sends them (the router refuses a call answered a message late)
+                if history and history[-1].content[-1].HasField("tool_result"):
+                    merged = pb.Message()  # a recorded turn's messages never change
+                    merged.CopyFrom(history[-1])
+                    history[-1] = merged
+                add_tool_result(history, _tool_result(message, ids))
+                continue
             out = _message(message, ids, k)
             if message["role"] == "assistant" and history:
                 previous = raw[k - 1]["role"]

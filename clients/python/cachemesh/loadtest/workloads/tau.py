@@ -113,12 +113,22 @@ def _messages(raw: list[dict[str, object]]) -> list[pb.Message]:
                 tool_use_id=ids.result(str(message["tool_call_id"])),
                 content=str(message.get("content", "")),
             )
-            block = pb.ContentBlock(tool_result=result)
-            if out and out[-1].role == pb.ROLE_USER and out[-1].content[-1].HasField("tool_result"):
-                out[-1].content.append(block)
-            else:
-                out.append(pb.Message(role=pb.ROLE_USER, content=[block]))
+            add_tool_result(out, result)
     return out
+
+
+def add_tool_result(messages: list[pb.Message], result: pb.ToolResult) -> None:
+    """Append ``result`` to ``messages``: into the last message when that one is a user's
+    holding tool results (consecutive results, e.g. of parallel calls, are one user message:
+    every tool_use needs its tool_result in the message right after it, or the router refuses
+    the request), else as a new user message. The agent workload and ``make bench-prefix``'s
+    replay convert with this one rule."""
+    block = pb.ContentBlock(tool_result=result)
+    last = messages[-1] if messages else None
+    if last is not None and last.role == pb.ROLE_USER and last.content[-1].HasField("tool_result"):
+        last.content.append(block)
+    else:
+        messages.append(pb.Message(role=pb.ROLE_USER, content=[block]))
 
 
 def conversation_requests(
