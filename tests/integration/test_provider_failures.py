@@ -390,6 +390,8 @@ def test_revoked_credentials_turn_the_replica_not_serving_and_the_other_serves(
             for n in range(3)
         ]
     assert all(a.content[0].text == "Paris is the capital of France." for a in answers)
+    # every call the revoked key made this session (the server's record is never cleared: an
+    # earlier test asking claude-haiku-4-5 may have met the 401 first): the first, and no other
     rejected = [
         s for s in providers.server.seen_by("anthropic") if s.key == providers.keys["anthropic-bad"]
     ]

@@ -28,16 +28,23 @@ RUNAWAY = ["x" * 1000 + " "] * 6000  # ~6 MB in 6,000 deltas, ~12 s at the serve
 
 
 def _runaway(providers: ProviderStack) -> int:
-    providers.server.reset()
+    """Script the runaway as the next OpenAI answer. The server is the session's: its record
+    is not cleared (another test counts calls made before it), and a reply an earlier test
+    left unused would be taken first, so there must be none."""
+    assert providers.server.pending("openai") == [], "an earlier test left a scripted reply"
     events = openai_wire.stream(GPT, RUNAWAY, openai_wire.usage(20, 0, MAX_TOKENS))
     providers.server.script("openai", Reply(events=events))
     return len(events)
 
 
 def _checked(
-    providers: ProviderStack, events: int, answer: pb.CompleteResponse, took: float
+    providers: ProviderStack,
+    question: str,
+    events: int,
+    answer: pb.CompleteResponse,
+    took: float,
 ) -> None:
-    (seen,) = providers.server.seen_by("openai")
+    (seen,) = [s for s in providers.server.seen_by("openai") if question in str(s.body)]
     usage, cost = answer.usage, answer.cost.cost_nanos
     print(
         f"\nstop {answer.stop_reason}, {usage.output_tokens} output tokens, {cost:,} nanos, "
@@ -53,22 +60,24 @@ def _checked(
 def test_a_runaway_upstream_is_cut_for_a_complete(providers: ProviderStack) -> None:
     events = _runaway(providers)
     with Client(providers.stack.target, api_key=providers.stack.keys["tenant-a"]) as client:
+        question = f"Runaway {uuid.uuid4().hex[:8]}"
         started = time.monotonic()
-        answer = client.complete(ask(GPT, f"Runaway {uuid.uuid4().hex[:8]}", max_tokens=MAX_TOKENS))
+        answer = client.complete(ask(GPT, question, max_tokens=MAX_TOKENS))
         took = time.monotonic() - started
     text = "".join(block.text for block in answer.content)
     assert text.startswith("x" * 1000)
-    _checked(providers, events, answer, took)
+    _checked(providers, question, events, answer, took)
 
 
 def test_a_runaway_upstream_is_cut_for_a_stream(providers: ProviderStack) -> None:
     events = _runaway(providers)
     with Client(providers.stack.target, api_key=providers.stack.keys["tenant-a"]) as client:
+        question = f"Runaway stream {uuid.uuid4().hex[:8]}"
         started = time.monotonic()
-        request = ask(GPT, f"Runaway stream {uuid.uuid4().hex[:8]}", max_tokens=MAX_TOKENS)
+        request = ask(GPT, question, max_tokens=MAX_TOKENS)
         chunks = list(client.stream(request))
         took = time.monotonic() - started
     (end,) = [c.end for c in chunks if c.WhichOneof("part") == "end"]
     text = "".join(c.delta.text for c in chunks if c.WhichOneof("part") == "delta")
     assert text.startswith("x" * 1000)
-    _checked(providers, events, end, took)
+    _checked(providers, question, events, end, took)

@@ -95,6 +95,11 @@ class WireServer:
         with self._lock:
             self.scripts[api].extend(replies)
 
+    def pending(self, api: str) -> list[Reply]:
+        """The scripted replies of ``api`` not yet taken."""
+        with self._lock:
+            return list(self.scripts[api])
+
     def seen_by(self, api: str) -> list[Seen]:
         with self._lock:
             return [s for s in self.seen if s.api == api]
