@@ -91,6 +91,7 @@ def provider_stack(run_dir: Path) -> Iterator[ProviderStack]:
             "openai": openai_wire.rejected(bad[:8] + "*" * 20 + bad[-4:]),
         },
         {"anthropic": anthropic_wire.refusal, "openai": openai_wire.refusal},
+        shared=True,  # the session's tests share it: none may reset what another recorded
     )
     server.rejected_keys.add(bad)
     server.start()

@@ -70,10 +70,14 @@ class WireServer:
         defaults: dict[str, Default],
         rejected: dict[str, Reply],
         checks: dict[str, Check] | None = None,
+        *,
+        shared: bool = False,
     ) -> None:
         """``defaults``: api -> the default answer to a body; ``rejected``: api -> the 401
         reply for a credential in ``self.rejected_keys``; ``checks``: api -> its validation of
-        a request (``anthropic_wire.refusal``)."""
+        a request (``anthropic_wire.refusal``); ``shared``: the server outlives one test (the
+        session's provider stack), so no test may clear what others recorded (``reset``)."""
+        self.shared = shared
         self._defaults = defaults
         self._rejected = rejected
         self._checks = checks or {}
@@ -105,6 +109,14 @@ class WireServer:
             return [s for s in self.seen if s.api == api]
 
     def reset(self) -> None:
+        """Forget every recorded call and scripted reply: only on a server one test module
+        owns. A shared server's record is the session's (the revoked-key test counts every
+        call its key ever made): a test finds its own calls by its question instead."""
+        if self.shared:
+            raise RuntimeError(
+                "this loopback server is shared by the session's tests: find your calls in "
+                "seen_by() by your request's text instead of clearing what others recorded"
+            )
         with self._lock:
             self.seen.clear()
             for queue in self.scripts.values():
