@@ -54,7 +54,9 @@ def _checked(
     # the first delta (1,001 bytes) passes the cut: what it wrote, by our count
     assert cut_at(MAX_TOKENS, exact=True) < usage.output_tokens < 1000  # was 213,740
     assert cost == usage.input_tokens * 150 + usage.output_tokens * 600  # was 128,245,800
-    assert seen.sent < 200 and took < 5  # the upstream stopped: its connection was closed
+    # the upstream stopped: its connection was closed (6,000 events at its pace take ~12 s; the
+    # time taken is printed, not asserted: a loaded machine's clock proves nothing)
+    assert seen.sent < 200
 
 
 def test_a_runaway_upstream_is_cut_for_a_complete(providers: ProviderStack) -> None:
