@@ -328,7 +328,9 @@ def write_secret(path: Path, content: str, mode: int = 0o600) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python3 -m services.tools.keys", description=__doc__)
+    parser = argparse.ArgumentParser(  # stdlib only (no cachemesh._argv.Parser): see above
+        prog="python3 -m services.tools.keys", description=__doc__, allow_abbrev=False
+    )
     parser.add_argument("--run-dir", type=Path, default=Path(".run"), help="default: .run")
     args = parser.parse_args(argv)
     try:

@@ -11,7 +11,6 @@ same file. A request's latency is the time from when it was due to when its key 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import multiprocessing
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cachemesh._argv import Parser
 from services.common.key_store import KeyStore
 from services.common.keyfile import KeyFile, hash_key, issue
 
@@ -98,7 +98,7 @@ def _summary(values: list[float]) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = Parser(description=__doc__.split("\n")[0])
     parser.add_argument("--keys", type=int, default=10_000)
     parser.add_argument("--changes", type=int, default=25)
     args = parser.parse_args()

@@ -14,7 +14,6 @@ and the bytes L1 sent for them). ``--limit``: the fewest tenants whose whole rep
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import tempfile
@@ -25,6 +24,7 @@ from typing import Any, cast
 
 import grpc
 
+from cachemesh._argv import Parser
 from cachemesh.v1 import admin_pb2 as adm
 from cachemesh.v1 import admin_pb2_grpc, prefix_cache_pb2_grpc, semantic_cache_pb2_grpc
 from cachemesh.v1 import prefix_cache_pb2 as pc
@@ -200,7 +200,7 @@ def _first_failing(names: int, chars: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--tenants", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--name-chars", type=int, default=13, help="13 (tenant-000001) to 64")
     parser.add_argument("--walk", action="store_true", help="every GetStats page, not the first")

@@ -6,12 +6,12 @@ the repository's ``.env``, the environment over it (``--root`` names another rep
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from pathlib import Path
 
+from cachemesh._argv import Parser
 from cachemesh.envfile import EnvFileError
 from services.tools.engine.build import BuildError, ensure_engine
 from services.tools.engine.cache import engine_paths
@@ -21,7 +21,7 @@ _REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m services.tools.engine", description=__doc__)
+    parser = Parser(prog="python -m services.tools.engine", description=__doc__)
     parser.add_argument("--root", type=Path, default=_REPO_ROOT, help="repository root (.env)")
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="build llama-server and unpack the model if missing")

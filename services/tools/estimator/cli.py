@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from cachemesh._argv import Parser
 from cachemesh.envfile import read_env_file
 from cachemesh.loadtest import report
 from cachemesh.loadtest.reqlog import LogError, LogRecord, read_log
@@ -52,7 +53,7 @@ class UsageError(ValueError):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m services.tools.estimator", description=__doc__)
+    p = Parser(prog="python -m services.tools.estimator", description=__doc__)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--log", type=Path, help="a JSONL request log")
     source.add_argument("--workload", choices=NAMES, help="a load-test workload instead")

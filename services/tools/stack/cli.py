@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from cachemesh._argv import PlainHelpFormatter
+from cachemesh._argv import Parser
 from cachemesh.envfile import EnvFileError
 from services.common.env import MAX_DURATION_S
 from services.common.setting_names import unread_warning
@@ -201,10 +201,9 @@ def _up_timeout(settings: Mapping[str, str]) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m services.tools.stack",
         description=__doc__,
-        formatter_class=PlainHelpFormatter,  # the docstring's ``markup`` not shown
     )
     _add_global_arguments(parser)
     commands = parser.add_subparsers(dest="command", required=True)

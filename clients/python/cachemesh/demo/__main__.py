@@ -9,12 +9,12 @@ the agent's prompt from its first turn; the closing note says so, and how to sta
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import textwrap
 import time
 
+from cachemesh._argv import Parser
 from cachemesh._channel import never_connected
 from cachemesh._client import DEFAULT_TARGET, Client
 from cachemesh._errors import CachemeshError
@@ -117,7 +117,7 @@ def connection(target: str) -> tuple[Tls | None, bool]:
     CACHEMESH_CA_FILE, CACHEMESH_CERT_FILE, CACHEMESH_KEY_FILE) and CACHEMESH_INSECURE (theirs
     too; the demo takes no flags); a ValueError naming the setting to give when
     ``target`` is not loopback (nor a Unix socket) in plaintext, or a setting is malformed."""
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = Parser(add_help=False)
     add_tls_arguments(parser, "the demo keys in cleartext")  # their defaults: the settings
     args = parser.parse_args([])
     tls, insecure = tls_from_args(args), insecure_from_args(args)

@@ -11,7 +11,6 @@ answers it). A measurement for a report, not a test: the figures depend on the m
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import random
@@ -25,6 +24,7 @@ import grpc
 
 import cachemesh
 from cachemesh import build_request
+from cachemesh._argv import Parser
 from cachemesh.envfile import read_env_file
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
@@ -88,7 +88,7 @@ async def _run(target: str, keys: dict[str, str], flood: int, requests: int) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--flood", type=int, default=20)
     parser.add_argument("--requests", type=int, default=20)
     parser.add_argument("--time-scale", default="1.0")

@@ -242,11 +242,10 @@ def render(result: dict[str, Any] | None) -> str:
 
 def main() -> None:
     """``python -m services.tools.bench.gateway.http_path``: (e) alone, printed and written."""
-    import argparse
-
+    from cachemesh._argv import Parser
     from services.tools.bench.gateway.run import LEVELS, ROOT
 
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = Parser(description=__doc__)
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench-http.json")

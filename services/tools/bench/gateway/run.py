@@ -22,6 +22,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from cachemesh._argv import Parser
 from cachemesh.envfile import read_env_file
 from cachemesh.loadtest.cli import keys_from_env
 from cachemesh.loadtest.load import NoGateway, NotLoopback, check_gateway, check_target
@@ -48,7 +49,7 @@ TWO_HOP_PAYLOAD_BYTES = 600
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m services.tools.bench.gateway", description=__doc__)
+    p = Parser(prog="python -m services.tools.bench.gateway", description=__doc__)
     p.add_argument("--target", default=None,
                    help="a running stack's router (loopback): only (a), (b), (d) run on it; "
                         "keys from CACHEMESH_KEY_A/B")  # fmt: skip

@@ -27,7 +27,6 @@ raw bytes and nothing else): the gRPC floor under the router's figure, on this m
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from cachemesh import AsyncClient, build_request
+from cachemesh._argv import Parser
 from cachemesh.v1 import gateway_pb2 as pb
 from services.tools.arg_checks import at_least
 from services.tools.bench.gateway import cases
@@ -242,7 +242,7 @@ def floor(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path.cwd(), help="the checkout to run")
     parser.add_argument(
         "--compare", type=Path, default=None, help="another checkout, measured in turns with it"

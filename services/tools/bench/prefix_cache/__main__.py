@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cachemesh._argv import Parser
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.models import load_model_table
 from services.common.tokens import load_tokenizers, tokenizer_error_exits
@@ -104,7 +105,7 @@ def _row(run: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.tools.bench.prefix_cache")
+    parser = Parser(prog="python -m services.tools.bench.prefix_cache")
     parser.add_argument("--out", default="bench-results/prefix.json")
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--conversations", type=int, default=200)

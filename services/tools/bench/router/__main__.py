@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cachemesh._argv import Parser
 from cachemesh.loadtest.workloads import NAMES
 from services.common.tokens import load_cl100k, tokenizer_error_exits
 from services.semantic_cache.cross_encoder import load_cross_encoder
@@ -123,7 +124,7 @@ def _table(report: dict[str, dict[str, object]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.tools.bench.router")
+    parser = Parser(prog="python -m services.tools.bench.router")
     parser.add_argument("--workloads", nargs="+", default=["agent", "tools", "mix"], choices=NAMES)
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--interval-ms", type=int, default=2000)

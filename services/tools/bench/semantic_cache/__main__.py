@@ -14,7 +14,6 @@ largest size. ``--verifier-only`` measures the last alone.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import json
@@ -28,6 +27,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from cachemesh._argv import Parser
 from services.semantic_cache.batcher import MicroBatcher
 from services.semantic_cache.embedder import Embedder, load_minilm_embedder
 from services.semantic_cache.index import AnnSettings
@@ -51,7 +51,7 @@ P99_RATIO_MAX, P99_MAX_MS, STARTUP_PEAK_MAX = 1.3, 1.5, 2.0  # issue 9, point 6
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.tools.bench.semantic_cache")
+    parser = Parser(prog="python -m services.tools.bench.semantic_cache")
     parser.add_argument("--data", type=Path, default=Path("../shared/data/paraphrase/qqp_dev.csv"))
     parser.add_argument("--base", type=int, default=20_000, help="distinct questions embedded")
     parser.add_argument("--queries", type=int, default=200)

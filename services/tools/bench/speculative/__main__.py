@@ -12,13 +12,13 @@ the paper's small drafts are) to show where the 2-3x speed-ups come from.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import time
 from pathlib import Path
 from typing import Any
 
+from cachemesh._argv import Parser
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.models import ModelSpec, ModelTable, load_model_table
 from services.common.tokens import Tokenizer, load_cl100k, tokenizer_error_exits
@@ -117,7 +117,7 @@ async def _series(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = Parser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("bench-results/speculative.json"))
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--time-scale", type=float, default=0.5)

@@ -9,7 +9,6 @@ learned router, the rule of thumb and random.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cachemesh._argv import Parser
 from services.common.env import Env
 from services.common.model_overrides import model_table_from_env
 from services.common.tokens import tokenizer_error_exits
@@ -69,7 +69,7 @@ FIT_KEYS = ("format", "weights_sha256", "embedder", "fitted_on", "fit_half_out_o
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.tools.evaluation.router")
+    parser = Parser(prog="python -m services.tools.evaluation.router")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache/router-eval"))
     sub = parser.add_subparsers(dest="command", required=True)

@@ -11,6 +11,7 @@ import math
 import sys
 from pathlib import Path
 
+from cachemesh._argv import Parser
 from services.semantic_cache.operating_point import OPERATING_POINT_PATH, OperatingPoint
 from services.tools.evaluation.semantic_cache.fit import DEFAULT_FEATURES
 from services.tools.evaluation.semantic_cache.operating_point_env import write_env
@@ -24,7 +25,7 @@ FIT_FILES = ("gptcache_mock_data.csv", "paws_wiki_dev.tsv", GENERATED)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.tools.evaluation.semantic_cache")
+    parser = Parser(prog="python -m services.tools.evaluation.semantic_cache")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache/semantic-eval"))
     sub = parser.add_subparsers(dest="command", required=True)
