@@ -23,3 +23,14 @@ def finite_over(parser: argparse.ArgumentParser, low: float, **flags: float) -> 
             parser.error(
                 f"--{name.replace('_', '-')} must be a finite number > {low:g}, got {value}"
             )
+
+
+def within(parser: argparse.ArgumentParser, low: float, high: float, **flags: float) -> None:
+    """The parser's error for the first of ``flags`` that is not a finite number from ``low``
+    to ``high``, both included (``--time-scale 0`` is a valid scale: no sleeps)."""
+    for name, value in flags.items():
+        if not (math.isfinite(value) and low <= value <= high):
+            parser.error(
+                f"--{name.replace('_', '-')} must be a finite number from {low:g} to {high:g}, "
+                f"got {value}"
+            )

@@ -3,6 +3,7 @@ naming the flag): not a traceback after a stack was started, nor figures of noth
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -67,3 +68,51 @@ def test_the_speculative_bench_refuses_a_flag_out_of_bounds(
     assert ended.returncode == 2, ended.stderr
     assert said in ended.stderr
     assert not out.exists()
+
+
+class _Unstarted:
+    """Stands for what a bench starts its run with: any use of it fails the test."""
+
+    def __getattr__(self, name: str) -> object:
+        raise AssertionError(f"the run started ({name})")
+
+
+# (module, what its run starts with, argv, the refusal or None: the flag's value is valid)
+_BOUNDS = [
+    # 0 tenants: exit 0 with a report of empty figures
+    ("l1_stats", "asyncio", ["--tenants", "0"], "--tenants must be >= 1, got 0"),
+    ("l1_stats", "asyncio", ["--tenants", "10", "0"], "--tenants must be >= 1, got 0"),
+    ("l1_stats", "asyncio", ["--name-chars", "12"], "--name-chars must be a finite number from 13"),
+    ("l1_stats", "asyncio", ["--tenants", "1"], None),
+    # -1: refused by the model service only once the stack had started (6.8 s)
+    ("fair_queue.__main__", "Stack", ["--time-scale", "-1"], "--time-scale must be a finite"),
+    ("fair_queue.__main__", "Stack", ["--time-scale", "nan"], "--time-scale must be a finite"),
+    ("fair_queue.__main__", "Stack", ["--time-scale", "1001"], "from 0 to 1000, got 1001.0"),
+    ("fair_queue.__main__", "Stack", ["--time-scale", "0"], None),  # no sleeps: valid
+    # no change made: a StatisticsError traceback (exit 1) once the run was over
+    ("key_reload", "tempfile", ["--changes", "0"], "--changes must be >= 1, got 0"),
+    ("key_reload", "tempfile", ["--keys", "-1"], "--keys must be >= 0, got -1"),
+    ("key_reload", "tempfile", ["--keys", "0"], None),  # the bench's own key only: a baseline
+]
+
+
+@pytest.mark.parametrize(("module", "starts", "argv", "said"), _BOUNDS)
+def test_a_bench_flag_is_checked_before_its_run(
+    module: str,
+    starts: str,
+    argv: list[str],
+    said: str | None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    bench = importlib.import_module(f"services.tools.bench.{module}")
+    monkeypatch.setattr(bench, starts, _Unstarted())
+    monkeypatch.setattr(sys, "argv", ["bench", *argv])
+    if said is None:
+        with pytest.raises(AssertionError, match="the run started"):
+            bench.main()
+        return
+    with pytest.raises(SystemExit) as stopped:
+        bench.main()
+    assert stopped.value.code == 2
+    assert said in capsys.readouterr().err

@@ -23,6 +23,7 @@ from typing import Any
 from cachemesh._argv import Parser
 from services.common.key_store import KeyStore
 from services.common.keyfile import KeyFile, hash_key, issue
+from services.tools.arg_checks import at_least
 
 _EVERY_S = 0.002  # one request every 2 ms
 
@@ -99,9 +100,15 @@ def _summary(values: list[float]) -> dict[str, float]:
 
 def main() -> None:
     parser = Parser(description=__doc__.split("\n")[0])
-    parser.add_argument("--keys", type=int, default=10_000)
-    parser.add_argument("--changes", type=int, default=25)
+    parser.add_argument(
+        "--keys", type=int, default=10_000, help="other tenants' keys in the file (0: none)"
+    )
+    parser.add_argument("--changes", type=int, default=25, help="CreateKeys made (1 or more)")
     args = parser.parse_args()
+    # --keys 0: the file holds the bench's own key only (a baseline); no --changes: no figure
+    # of a change (a StatisticsError traceback once the run was over)
+    at_least(parser, 0, keys=args.keys)
+    at_least(parser, 1, changes=args.changes)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "api-keys"
         key = _write_keys(path, args.keys)

@@ -41,6 +41,7 @@ from services.semantic_cache.api import SemanticCacheApi
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.embedder import Vectors
 from services.semantic_cache.servicer import SemanticCacheService
+from services.tools.arg_checks import at_least, within
 
 _INTERNAL = "bench-internal-token-0123456789"
 _ADMIN = "bench-admin-token-0123456789abcdef"
@@ -206,6 +207,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--walk", action="store_true", help="every GetStats page, not the first")
     parser.add_argument("--limit", action="store_true", help="find the tenants where it fails")
     args = parser.parse_args(argv)
+    for tenants in args.tenants:  # 0 tenants measured nothing: a report of empty figures
+        at_least(parser, 1, tenants=tenants)
+    within(parser, 13, 64, name_chars=args.name_chars)  # tenant-000000 .. a 64-character name
     with tempfile.TemporaryDirectory() as work:
         results = [
             asyncio.run(_measure(n, args.name_chars, args.walk, Path(work))) for n in args.tenants

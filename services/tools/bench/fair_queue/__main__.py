@@ -28,6 +28,8 @@ from cachemesh._argv import Parser
 from cachemesh.envfile import read_env_file
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
+from services.model.settings import MAX_TIME_SCALE
+from services.tools.arg_checks import within
 from services.tools.stack.lifecycle import Stack
 
 ROOT = Path(__file__).resolve().parents[4]
@@ -91,15 +93,24 @@ def main(argv: list[str] | None = None) -> None:
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--flood", type=int, default=20)
     parser.add_argument("--requests", type=int, default=20)
-    parser.add_argument("--time-scale", default="1.0")
+    parser.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        help=f"the model service's SIM_TIME_SCALE, 0 (no sleeps) to {MAX_TIME_SCALE:g}",
+    )
     args = parser.parse_args(argv)
     # before the stack starts: a p90 needs two latencies (one ended in a StatisticsError
     # traceback once the stack had run both phases)
     if args.requests < 2 or args.flood < 1:
         parser.error("--requests must be >= 2 (a p90 needs two) and --flood >= 1")
+    # the model service's own bounds, here: it refused -1 only after the stack had started
+    within(parser, 0.0, MAX_TIME_SCALE, time_scale=args.time_scale)
     with tempfile.TemporaryDirectory() as run_dir:
         stack = Stack.on_free_ports(
-            ROOT, Path(run_dir), {"SIM_TIME_SCALE": args.time_scale, "OTEL_TRACES_EXPORTER": "none"}
+            ROOT,
+            Path(run_dir),
+            {"SIM_TIME_SCALE": repr(args.time_scale), "OTEL_TRACES_EXPORTER": "none"},
         )
         try:
             stack.start(timeout_s=240)
