@@ -106,13 +106,13 @@ def test_every_cli_module_is_listed() -> None:
     assert _parsed_files() == set(CLIS), "a module parses a command line: list it in CLIS"
 
 
-@pytest.mark.parametrize("name", sorted(CLIS))
+# the training CLI imports torch, which this venv has not: read from its source instead
+# (test_the_training_cli_parser_in_its_source)
+@pytest.mark.parametrize("name", sorted(set(CLIS) - {TRAIN}))
 def test_no_parser_takes_an_abbreviation(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     def built(self: argparse.ArgumentParser, *args: object, **kwargs: object) -> NoReturn:
         raise _Built(self)
 
-    if name == TRAIN:
-        pytest.skip("read from its source: test_the_training_cli_parser_in_its_source")
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", built)
     monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", built)
     monkeypatch.setattr(sys, "argv", [name])
