@@ -13,6 +13,7 @@ acknowledged, never CANCELLED).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -242,6 +243,7 @@ async def test_kill_9_during_stores_and_purges_brings_back_nothing_purged(
     stores: list[tuple[str, int, int, int]] = []  # namespace, ticket, sent, acknowledged
     drops: list[tuple[str, int, int]] = []  # namespace, sent, acknowledged
     purging, after_purges = asyncio.Event(), asyncio.Event()
+    acknowledged = asyncio.Event()  # a Store acknowledged (the purger paces itself by them)
     purging.set()
     acknowledged_after = 0
 
@@ -274,6 +276,7 @@ async def test_kill_9_during_stores_and_purges_brings_back_nothing_purged(
                     clock += 1
                     if reply.stored:
                         stores.append((namespace, i, sent, clock))
+                        acknowledged.set()
                         if not purging.is_set():
                             acknowledged_after += 1
                             if acknowledged_after >= STORES_AFTER:
@@ -285,6 +288,15 @@ async def test_kill_9_during_stores_and_purges_brings_back_nothing_purged(
                 k = 0
                 while len(drops) < PURGES or len(stores) < STORES_DURING:
                     await asyncio.sleep(0.02)
+                    # two Stores acknowledged between purges: a Store whose Lookup came before
+                    # a purge of its tenant is refused (the purge guard), so purges sent faster
+                    # than a loaded machine's Lookup-then-Store refused every Store (2 of 9
+                    # runs waited out the 120 s)
+                    wanted = len(stores) + 2
+                    while len(stores) < wanted and any(not w.done() for w in writers):
+                        acknowledged.clear()
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(acknowledged.wait(), 1.0)
                     namespace, sent = f"ns{k % 4}", clock
                     drop = sc.DropRequest(tenant="t", namespace=namespace)
                     await stub.Drop(drop, metadata=AUTH, timeout=10)
