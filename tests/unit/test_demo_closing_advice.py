@@ -101,15 +101,18 @@ def test_the_closing_note_says_make_down_only_when_the_stack_stays_up() -> None:
     assert kept.endswith("To start L2 cold: make down; make reset-l2."), kept
 
 
-def test_a_malformed_stops_stack_setting_is_named(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("setting", "value"), [(STOPS_STACK_ENV, "maybe"), (NO_TOOLS_ENV, "sometimes")]
+)
+def test_a_malformed_boolean_setting_is_named(
+    setting: str, value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("CACHEMESH_KEY_A", "cm_key-a-never-shown")
     monkeypatch.setenv("CACHEMESH_KEY_B", "cm_key-b-never-shown")
-    monkeypatch.setenv(STOPS_STACK_ENV, "maybe")
+    monkeypatch.setenv(setting, value)
     assert main() == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"demo: {STOPS_STACK_ENV} must be true or false"), err
+    assert err.startswith(f"demo: {setting} must be true or false"), err
 
 
 def test_the_table_says_what_its_baseline_is_under_it() -> None:
@@ -171,14 +174,3 @@ def test_the_agent_is_sent_its_tools_unless_told_the_model_takes_none(
     assert all(len(r.tools) == (len(workload.TOOLS) if tools else 0) for r in client.requests)
     header = capsys.readouterr().out.splitlines()[1]
     assert ("+ 8 tools" in header) is tools and (NO_TOOLS_ENV in header) is not tools, header
-
-
-def test_a_malformed_no_tools_setting_is_named(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setenv("CACHEMESH_KEY_A", "cm_key-a-never-shown")
-    monkeypatch.setenv("CACHEMESH_KEY_B", "cm_key-b-never-shown")
-    monkeypatch.setenv(NO_TOOLS_ENV, "sometimes")
-    assert main() == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"demo: {NO_TOOLS_ENV} must be true or false"), err
