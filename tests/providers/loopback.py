@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+from services.model.providers.api import ProviderApi
 from tests.providers import anthropic_wire, openai_wire
+from tests.providers.replica import provider_replica, provider_settings
 from tests.providers.wire_server import WireServer
 
 
@@ -24,6 +26,16 @@ def serving(rejected_openai_key: str = "x") -> Iterator[WireServer]:
     wire.start()
     yield wire
     wire.stop()
+
+
+async def anthropic_replica(wire: WireServer, model: str) -> AsyncIterator[ProviderApi]:
+    """An Anthropic replica of ``model`` on ``wire`` (its record cleared first), closed after
+    (``async for api in anthropic_replica(...): yield api`` in a fixture)."""
+    wire.reset()
+    settings = provider_settings("anthropic", wire.base, "sk-ant-loopback-0123456789abcdef")
+    api = provider_replica(settings, [model], clock=lambda: 1000.0)
+    yield api
+    await api.close()
 
 
 def post_messages(wire: WireServer, body: dict[str, Any], version: str | None) -> tuple[int, Any]:

@@ -18,8 +18,7 @@ from anthropic._constants import ANTHROPIC_API_VERSION
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from services.model.providers.api import ProviderApi
-from tests.providers.loopback import post_messages, serving
-from tests.providers.replica import provider_replica, provider_settings
+from tests.providers.loopback import anthropic_replica, post_messages, serving
 from tests.providers.wire_server import WireServer
 
 CLAUDE = "claude-haiku-4-5"
@@ -90,11 +89,8 @@ def test_the_loopback_server_refuses_a_missing_or_unknown_version(server: WireSe
 
 @pytest.fixture
 async def replica(server: WireServer) -> AsyncIterator[ProviderApi]:
-    server.reset()
-    settings = provider_settings("anthropic", server.base, "sk-ant-loopback-0123456789abcdef")
-    api = provider_replica(settings, [CLAUDE], clock=lambda: 1000.0)
-    yield api
-    await api.close()
+    async for api in anthropic_replica(server, CLAUDE):
+        yield api
 
 
 async def _answer(api: ProviderApi, temperature: float | None) -> model_pb2.GenerateEnd:

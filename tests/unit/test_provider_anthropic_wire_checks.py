@@ -19,8 +19,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from services.model.providers.anthropic_wire import tool_id
 from services.model.providers.api import ProviderApi
-from tests.providers.loopback import post_messages, serving
-from tests.providers.replica import provider_replica, provider_settings
+from tests.providers.loopback import anthropic_replica, post_messages, serving
 from tests.providers.wire_server import Seen, WireServer
 
 CLAUDE = "claude-haiku-4-5"
@@ -131,11 +130,8 @@ def test_the_loopback_server_refuses_a_tool_use_id_the_api_refuses(server: WireS
 
 @pytest.fixture
 async def replica(server: WireServer) -> AsyncIterator[ProviderApi]:
-    server.reset()
-    settings = provider_settings("anthropic", server.base, "sk-ant-loopback-0123456789abcdef")
-    api = provider_replica(settings, [CLAUDE], clock=lambda: 1000.0)
-    yield api
-    await api.close()
+    async for api in anthropic_replica(server, CLAUDE):
+        yield api
 
 
 async def _sent_with_a_calc_tool(
