@@ -412,8 +412,10 @@ def _validate_tool_support(request: pb.CompleteRequest, table: ModelTable) -> No
     tools (llama-server serving SmolLM2: the same prompt tokens with a tool as without, an
     assistant's tool call sent as an empty turn). A conversation's tool calls and results need
     their tools declared (``_validate_messages``): ``tools`` covers them."""
+    if not request.tools:
+        return
     without = [spec for spec in table.answering(request.model) if not spec.takes_tools]
-    if not without or not request.tools:
+    if not without:
         return
     first = without[0]
     which = f"auto, which may pick {first.id}" if request.model == AUTO else first.id

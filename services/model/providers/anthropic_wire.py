@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 import anthropic
@@ -70,7 +70,7 @@ def tool_id(call_id: str) -> str:
     opaque, only pairing them. Before, an id another provider's model wrote (an
     OpenAI-compatible engine's ``functions.calc:0``, a client's own) went as it was, and
     Anthropic refused the conversation (400) on every later turn sent to a Claude model."""
-    if _TOOL_ID.fullmatch(call_id):
+    if _fits(call_id):
         return call_id
     digest = hashlib.sha256(call_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
     return f"{re.sub(r'[^a-zA-Z0-9_-]', '_', call_id)}_{digest}"
@@ -98,17 +98,16 @@ def tool_ids(request: pb.CompleteRequest) -> dict[str, str]:
     return shared_tool_ids(request, _fits, _candidate)
 
 
-def _block(block: pb.ContentBlock, ids: dict[str, str] | None = None) -> dict[str, Any]:
+def _block(block: pb.ContentBlock, ids: Mapping[str, str]) -> dict[str, Any]:
     """``block`` as the Messages API takes it; ``ids``: the request's tool ids as sent
-    (``tool_ids``; a system block has none)."""
+    (``tool_ids``, which maps every one; a system block has none)."""
     kind = block.WhichOneof("kind")
     out: dict[str, Any]
-    sent = ids or {}
     if kind == "tool_use":
         use = block.tool_use
         out = {
             "type": "tool_use",
-            "id": sent.get(use.id) or tool_id(use.id),
+            "id": ids[use.id],
             "name": use.name,
             "input": json.loads(use.input_json or "{}"),
         }
@@ -116,7 +115,7 @@ def _block(block: pb.ContentBlock, ids: dict[str, str] | None = None) -> dict[st
         result = block.tool_result
         out = {
             "type": "tool_result",
-            "tool_use_id": sent.get(result.tool_use_id) or tool_id(result.tool_use_id),
+            "tool_use_id": ids[result.tool_use_id],
             "content": result.content,
         }
         if result.is_error:
@@ -141,7 +140,7 @@ def messages_params(spec: ModelSpec, request: pb.CompleteRequest) -> dict[str, A
     """The Messages API body (less ``stream``, which the adapter adds)."""
     params: dict[str, Any] = {"model": spec.upstream, "max_tokens": request.max_tokens}
     if request.system:
-        params["system"] = [_block(block) for block in request.system]
+        params["system"] = [_block(block, {}) for block in request.system]
     if request.tools:
         tools = []
         for tool in request.tools:

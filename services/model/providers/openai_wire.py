@@ -124,9 +124,7 @@ def _as_sent(call_id: str) -> str:
     return call_id
 
 
-def _messages(
-    request: pb.CompleteRequest, tool_id: Callable[[str], str] = _as_sent
-) -> list[dict[str, Any]]:
+def _messages(request: pb.CompleteRequest, tool_id: Callable[[str], str]) -> list[dict[str, Any]]:
     """The messages; ``tool_id``: each tool call id as the provider is sent it."""
     messages: list[dict[str, Any]] = []
     if request.system:
