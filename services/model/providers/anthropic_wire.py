@@ -34,7 +34,7 @@ from services.model.providers.failures import (
 )
 from services.model.providers.progress import Progress, contract_stop_reason, tool_use_chunk
 from services.model.providers.tool_ids import tool_ids as shared_tool_ids
-from services.model.providers.usage_check import most_tokens, token_count
+from services.model.providers.usage_check import believed_count, most_tokens, token_count
 
 # Anthropic's stop reasons, in the Gateway's words (end_turn | max_tokens | tool_use)
 STOP_REASONS = {
@@ -228,18 +228,13 @@ def _merge_usage(
     return reported
 
 
-def _thinking_tokens(usage: Any, most: int, distrusted: dict[str, str]) -> int | None:
+def _thinking_tokens(usage: Any, most: int, distrusted: dict[str, str]) -> int:
     """Of the output, the thinking's tokens as the provider reported them
-    (``usage.output_tokens_details.thinking_tokens``, cumulative), else None. One no call has
-    is not believed: named in ``distrusted``, None."""
+    (``usage.output_tokens_details.thinking_tokens``, cumulative), else 0. One no call has
+    is not believed: named in ``distrusted``, 0."""
     details = getattr(usage, "output_tokens_details", None)
     value = getattr(details, "thinking_tokens", None)
-    if value is None:
-        return None
-    count, why = token_count(value, most)
-    if count is None:
-        distrusted["output_tokens_details.thinking_tokens"] = why
-    return count
+    return believed_count("output_tokens_details.thinking_tokens", value, most, distrusted)
 
 
 # the fields of the prompt's report: one not believed, and none of them is (their split)

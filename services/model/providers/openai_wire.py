@@ -44,7 +44,7 @@ from services.model.providers.failures import (
 from services.model.providers.prefill_echo import EchoedPrefill
 from services.model.providers.progress import Progress, contract_stop_reason, tool_use_chunk
 from services.model.providers.tool_ids import tool_ids
-from services.model.providers.usage_check import most_tokens, token_count
+from services.model.providers.usage_check import believed_count, most_tokens
 
 # finish reasons in the Gateway's words: OpenAI's, and OpenAI-compatible engines' own (TGI
 # before 2.2.1 "eos_token", Together "eos", others "end", "stop_sequence"); see stop_reason_of
@@ -210,18 +210,6 @@ def cached_field(usage: Any) -> tuple[str, Any]:
 _CACHED_FIELDS = ("prompt_tokens_details.cached_tokens", "prompt_cache_hit_tokens")
 
 
-def _believed(name: str, value: Any, most: int, distrusted: dict[str, str]) -> int:
-    """A count of the usage chunk as reported (null: 0); one no call has (``usage_check``)
-    is 0 too, and named in ``distrusted``."""
-    if value is None:
-        return 0
-    count, why = token_count(value, most)
-    if count is None:
-        distrusted[name] = why
-        return 0
-    return count
-
-
 def _usage(
     usage: Any, planned_prompt: int, most: int, distrusted: dict[str, str]
 ) -> tuple[pc.OpenAIUsage, int, bool]:
@@ -236,7 +224,7 @@ def _usage(
     nothing cached."""
 
     def count(name: str, value: Any) -> int:
-        return _believed(name, value, most, distrusted)
+        return believed_count(name, value, most, distrusted)
 
     completion_details = getattr(usage, "completion_tokens_details", None)
     reasoning = count(

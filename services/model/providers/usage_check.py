@@ -44,3 +44,15 @@ def token_count(value: object, most: int) -> tuple[int | None, str]:
     if count > most:
         return None, f"past {most:,}, more than any call of the model"
     return count, ""
+
+
+def believed_count(name: str, value: object, most: int, distrusted: dict[str, str]) -> int:
+    """A usage count as reported (None: not reported, 0); one no call has (``token_count``)
+    is 0 too, and named ``name`` in ``distrusted``."""
+    if value is None:
+        return 0
+    count, why = token_count(value, most)
+    if count is None:
+        distrusted[name] = why
+        return 0
+    return count
