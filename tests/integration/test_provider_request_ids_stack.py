@@ -14,7 +14,8 @@ import pytest
 
 from cachemesh import CachemeshError, Client
 from cachemesh.v1 import gateway_pb2 as pb
-from services.model.providers.api import REQUEST_ID_ATTRIBUTE, REQUEST_ID_FIELD
+from services.model.providers.api import REQUEST_ID_ATTRIBUTE
+from services.model.providers.failures import REQUEST_ID_FIELD
 from tests.integration.provider_stack import ProviderStack, ask, spans_of_request
 from tests.providers import anthropic_wire
 

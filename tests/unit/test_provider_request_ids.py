@@ -26,8 +26,9 @@ from cachemesh.v1 import model_pb2
 from services.common.env import Env
 from services.common.errors import RequestError
 from services.common.logs import configure_logging
-from services.model.providers.api import REQUEST_ID_ATTRIBUTE, REQUEST_ID_FIELD, ProviderApi
+from services.model.providers.api import REQUEST_ID_ATTRIBUTE, ProviderApi
 from services.model.providers.config import Backend
+from services.model.providers.failures import REQUEST_ID_FIELD
 from tests.providers import anthropic_wire, openai_wire
 from tests.providers.loopback import serving
 from tests.providers.replica import provider_replica, provider_settings

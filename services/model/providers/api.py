@@ -97,6 +97,7 @@ from services.model.providers.failures import (
     broke_off,
     classify,
     over,
+    request_id_fields,
     request_id_shown,
     whole_seconds,
 )
@@ -117,10 +118,8 @@ _OUT = (Kind.AUTH, Kind.ACCOUNT)  # the replica's key or account: NOT_SERVING un
 # line this often for each kind, status and model (the first at once): else a line a request
 _OUTAGE = (Kind.RETRY, Kind.FATAL)
 FAILED_LOG_EVERY_MS = 10_000
-# the span attribute and log field naming the provider's id of the call (Anthropic's
-# ``request-id`` header, OpenAI's ``x-request-id``): what an operator hands the provider
+# the span attribute naming the provider's id of the call (its log field: REQUEST_ID_FIELD)
 REQUEST_ID_ATTRIBUTE = "cachemesh.provider.request_id"
-REQUEST_ID_FIELD = "provider_request_id"
 
 
 class Adapter(Protocol):
@@ -317,7 +316,7 @@ class ProviderApi:
                         "%s answered %s",
                         self._adapter.backend,
                         spec.id,
-                        extra=_ids(progress.request_id),
+                        extra=request_id_fields(progress.request_id),
                     )
                 # (not back in service for this: a call that began before the key or account
                 # was refused proves nothing of it now; only a recheck does, ``generate``)
@@ -354,7 +353,7 @@ class ProviderApi:
                         failure.status,
                         failure.error_type,
                         message,
-                        extra=_ids(request_id),
+                        extra=request_id_fields(request_id),
                     )
                     yield self._interrupted(progress, spec, broke_off(failure))
                     return
@@ -392,7 +391,7 @@ class ProviderApi:
                     failure.error_type,
                     tries,
                     wait,
-                    extra=_ids(request_id),
+                    extra=request_id_fields(request_id),
                 )
                 await self._sleep(wait)
             finally:
@@ -513,7 +512,7 @@ class ProviderApi:
                 end.output_tokens,
                 why,
                 suppressed(due, FAILED_LOG_EVERY_MS),
-                extra=_ids(progress.request_id),
+                extra=request_id_fields(progress.request_id),
             )
         return model_pb2.GenerateChunk(end=end)
 
@@ -642,7 +641,7 @@ class ProviderApi:
         were not logged (each one is on its call's span, with the provider's id of the call,
         and in the replica's metrics); a line names the provider's id of its call."""
         if failure.kind not in _OUTAGE:
-            log.warning("%s: %s", model, refusal.message, extra=_ids(request_id))
+            log.warning("%s: %s", model, refusal.message, extra=request_id_fields(request_id))
             return
         kind = f"{failure.kind.value} {failure.status} {failure.error_type}"
         if due := self._failed_log.due(model, kind):
@@ -651,7 +650,7 @@ class ProviderApi:
                 model,
                 refusal.message,
                 suppressed(due, FAILED_LOG_EVERY_MS),
-                extra=_ids(request_id),
+                extra=request_id_fields(request_id),
             )
 
     async def _refusal(
@@ -780,7 +779,7 @@ class ProviderApi:
                 failure.error_type,
                 message,
                 self._s.auth_recheck_s,
-                extra=_ids(failure.request_id),
+                extra=request_id_fields(failure.request_id),
             )
             return
         log.error(
@@ -793,7 +792,7 @@ class ProviderApi:
             message,
             backend.upper(),
             backend.upper(),
-            extra=_ids(failure.request_id),
+            extra=request_id_fields(failure.request_id),
         )
 
     async def _healthy(self) -> None:
@@ -807,11 +806,6 @@ class ProviderApi:
                 what,
                 self._replica,
             )
-
-
-def _ids(request_id: str) -> Mapping[str, object] | None:
-    """A log line's ``extra``: the provider's id of its call as a field (none: no field)."""
-    return {"fields": {REQUEST_ID_FIELD: request_id}} if request_id else None
 
 
 async def _next(

@@ -72,7 +72,7 @@ import math
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -144,6 +144,9 @@ class Failure:
 # engine's or a proxy's): a short identifier, else not shown (a header is any text a proxy
 # puts there)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+# the log field naming the provider's id of the call (Anthropic's ``request-id`` header,
+# OpenAI's ``x-request-id``): what an operator hands the provider
+REQUEST_ID_FIELD = "provider_request_id"
 
 
 def request_id_shown(value: object) -> str:
@@ -250,8 +253,13 @@ def lost_after_end(backend: str, model: str, exc: Exception, request_id: str = "
         backend,
         model,
         type(exc).__name__,
-        extra={"fields": {"provider_request_id": request_id}} if request_id else None,
+        extra=request_id_fields(request_id),
     )
+
+
+def request_id_fields(request_id: str) -> Mapping[str, object] | None:
+    """A log line's ``extra``: the provider's id of its call as a field (none: no field)."""
+    return {"fields": {REQUEST_ID_FIELD: request_id}} if request_id else None
 
 
 def classify(exc: Exception) -> Failure:
