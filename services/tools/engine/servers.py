@@ -278,7 +278,7 @@ def _alive(pid: int) -> bool:
     fields = processes.proc_stat(pid)
     if fields is None:  # unreadable counts as alive
         return True
-    return fields[0] != "Z" or not processes.threads_exited(pid)  # its port closes with the last
+    return fields[0] != "Z" or bool(processes.other_threads(pid))  # its port closes with the last
 
 
 def _is_llama(pid: int) -> bool:

@@ -523,12 +523,10 @@ class Stack:
         (self.run_dir / "pids" / f"{PID_NAME}.pid").unlink(missing_ok=True)
         # the stopped stack's restarts and exits: ``status`` after a ``down`` shows none
         (self.run_dir / STATE_FILE).unlink(missing_ok=True)
-        if not self.running():
-            # the plan holds each process's environment: the internal token, the Redis
-            # password and the caller's whole shell (a provider key, an OTLP header, any
-            # other tool's token); it stayed on disk after ``down``. Kept while a process
-            # runs that this stop left (``up`` compares its settings with the plan's)
-            (self.run_dir / PLAN_FILE).unlink(missing_ok=True)
+        # the plan holds each process's environment: the internal token, the Redis password
+        # and the caller's whole shell (a provider key, an OTLP header, any other tool's
+        # token); it stayed on disk after ``down``
+        (self.run_dir / PLAN_FILE).unlink(missing_ok=True)
         return was_running
 
     def running(self) -> list[Running]:

@@ -73,10 +73,7 @@ def is_alive(pid: int, module: str) -> bool:
     if fields[0] == "Z":  # its main thread has exited: the process, once its last thread has;
         # its command line reads empty meanwhile, a remaining thread's still holds the argv
         # (checked too: a reused pid's zombie with threads left is not ours)
-        try:
-            remaining = [tid for tid in os.listdir(proc / "task") if tid != str(pid)]
-        except OSError:
-            return False
+        remaining = other_threads(pid)
         if not remaining:
             return False
         cmdline = proc / "task" / remaining[0] / "cmdline"
@@ -88,15 +85,15 @@ def is_alive(pid: int, module: str) -> bool:
     return any(marker in arg for arg in argv)
 
 
-def threads_exited(pid: int) -> bool:
-    """Whether every thread of ``pid``, a zombie's (``/proc/<pid>/stat`` says Z), has exited:
-    a process's main thread shows Z while its other threads still exit, and its files and
-    sockets close only with the last (seen: a llama-server killed with SIGKILL showed Z with
-    1-8 threads left, its port refusing a new server's bind). True where /proc does not tell."""
+def other_threads(pid: int) -> list[str]:
+    """The threads of ``pid`` but its main one (their ids), none where /proc does not tell: a
+    zombie's (``/proc/<pid>/stat`` says Z) main thread has exited while these still exit, and
+    its files and sockets close only with the last (seen: a llama-server killed with SIGKILL
+    showed Z with 1-8 threads left, its port refusing a new server's bind)."""
     try:
-        return os.listdir(f"/proc/{pid}/task") == [str(pid)]
+        return [tid for tid in os.listdir(f"/proc/{pid}/task") if tid != str(pid)]
     except OSError:
-        return True
+        return []
 
 
 def start_time(pid: int) -> str | None:
