@@ -338,18 +338,18 @@ def _endpoint_error(endpoint: str) -> str:
     if endpoint.partition(":")[0].lower() in GRPC_TARGET_SCHEMES:
         return ""
     target = endpoint if "://" in endpoint else f"//{endpoint}"
-    if "@" in _authority(target):
-        # the exporter dials the netloc whole ("address lookup failed for user:pass@host"),
-        # every export dropped while the service ran as if traced; checked before the parse,
-        # whose errors quote the port, a password's piece ("Port could not be cast to
-        # integer value as 'S3cret'")
-        return (
-            "a user part (user:password@) is not sent over OTLP/gRPC (every export would "
-            "fail): give credentials in OTEL_EXPORTER_OTLP_HEADERS, e.g. "
-            "authorization=Basic%20<base64 of user:password>"
-        )
     try:
         parts = urllib.parse.urlsplit(target)
+        if "@" in parts.netloc:  # the authority's: '@' in a path or a query is not a user part
+            # the exporter dials the netloc whole ("address lookup failed for user:pass@host"),
+            # every export dropped while the service ran as if traced; checked before the
+            # port, whose errors quote a password's piece ("Port could not be cast to integer
+            # value as 'S3cret'")
+            return (
+                "a user part (user:password@) is not sent over OTLP/gRPC (every export would "
+                "fail): give credentials in OTEL_EXPORTER_OTLP_HEADERS, e.g. "
+                "authorization=Basic%20<base64 of user:password>"
+            )
         port = parts.port
     except ValueError as exc:  # "Port out of range 0-65535", a bracket left open
         # "Port could not be cast to integer value as 'S3cret'" quotes what stood after the
@@ -369,14 +369,6 @@ def _endpoint_error(endpoint: str) -> str:
     if port == 0:
         return "port 0"
     return ""
-
-
-def _authority(target: str) -> str:
-    """The authority of ``target`` (``scheme://authority/path?query``, or ``//authority...``):
-    up to its first '/', '?' or '#', where a user part ends in '@' ('@' in a path or a query,
-    ``http://collector:4317/a@b``, is not one: the exporter dials the authority only)."""
-    rest = target.partition("//")[2]
-    return re.split(r"[/?#]", rest, maxsplit=1)[0]
 
 
 def _query_warning(endpoint: str) -> str:
