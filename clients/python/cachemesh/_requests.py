@@ -85,7 +85,12 @@ def build_request(
     request = pb.CompleteRequest(
         model=_text("model", model),
         max_tokens=_int32("max_tokens", max_tokens),
-        messages=[*history, user_message(_text("question", question))],
+        messages=[
+            *history,
+            pb.Message(
+                role=pb.ROLE_USER, content=[pb.ContentBlock(text=_text("question", question))]
+            ),
+        ],
         request_id=_unset_or_text("request_id", request_id),
         cache=pb.CacheOptions(semantic=semantic, namespace=_unset_or_text("namespace", namespace)),
     )

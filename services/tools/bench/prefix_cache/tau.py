@@ -100,10 +100,6 @@ def load_turns(data: Path, limit: int) -> tuple[list[pb.Tool], str, list[Turn]]:
         for k, message in enumerate(raw):
             if message["role"] == "tool":  # consecutive results: one user message, as the
                 # agent workload sends them (the router refuses a call answered a message late)
-                if history and history[-1].content[-1].HasField("tool_result"):
-                    merged = pb.Message()  # a recorded turn's messages never change
-                    merged.CopyFrom(history[-1])
-                    history[-1] = merged
                 add_tool_result(history, _tool_result(message, ids))
                 continue
             out = _message(message, ids, k)
