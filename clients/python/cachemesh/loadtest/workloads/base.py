@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -78,11 +80,28 @@ def read_jsonl(path: Path) -> list[dict[str, object]]:
                     raise DataInvalid(f"{path}:{number}: not a JSON object")
                 rows.append(row)
     except UnicodeDecodeError:
-        raise DataInvalid(f"{path}: not UTF-8 text (a compressed file?)") from None
+        raise _not_utf8(path) from None
     return nonempty(path, rows, "record")
 
 
+def _not_utf8(path: Path) -> DataInvalid:
+    return DataInvalid(f"{path}: not UTF-8 text (a compressed file?)")
+
+
 T = TypeVar("T")
+
+
+def read_csv_rows(path: Path, build: Callable[[csv.DictReader[str]], list[T]]) -> list[T]:
+    """``build`` of the file's CSV rows (its header line's columns as keys); ``DataInvalid``
+    naming the file for one not UTF-8, or whose rows ``build`` cannot read (a column missing,
+    a short row)."""
+    try:
+        with path.open(encoding="utf-8", newline="") as handle:
+            return build(csv.DictReader(handle))
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+    except (KeyError, AttributeError, csv.Error) as exc:
+        raise malformed(path, exc) from None
 
 
 def nonempty(path: Path, rows: list[T], what: str) -> list[T]:

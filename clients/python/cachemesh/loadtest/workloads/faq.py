@@ -15,12 +15,11 @@ from pathlib import Path
 
 from cachemesh.loadtest.workloads.base import (
     TENANT_A,
-    DataInvalid,
     Item,
     data_file,
-    malformed,
     nonempty,
     normalise,
+    read_csv_rows,
     user,
 )
 from cachemesh.v1 import gateway_pb2 as pb
@@ -33,18 +32,15 @@ Pair = tuple[str, str, int]
 def load_pairs(path: Path) -> list[Pair]:
     """The labelled pairs (columns text_a, text_b, label 0 or 1); ``DataInvalid`` for a file
     without those columns or any such pair."""
-    try:
-        with path.open(encoding="utf-8", newline="") as handle:
-            rows = csv.DictReader(handle)
-            pairs = [
-                (row["text_a"].strip(), row["text_b"].strip(), int(row["label"]))
-                for row in rows
-                if row["text_a"].strip() and row["text_b"].strip() and row["label"] in ("0", "1")
-            ]
-    except UnicodeDecodeError:
-        raise DataInvalid(f"{path}: not UTF-8 text (a compressed file?)") from None
-    except (KeyError, AttributeError, csv.Error) as exc:  # a column missing, a short row
-        raise malformed(path, exc) from None
+
+    def build(rows: csv.DictReader[str]) -> list[Pair]:
+        return [
+            (row["text_a"].strip(), row["text_b"].strip(), int(row["label"]))
+            for row in rows
+            if row["text_a"].strip() and row["text_b"].strip() and row["label"] in ("0", "1")
+        ]
+
+    pairs = read_csv_rows(path, build)
     return nonempty(path, pairs, "labelled pair (text_a, text_b, label 0/1)")
 
 

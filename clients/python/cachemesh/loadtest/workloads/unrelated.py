@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import csv
 import random
 from pathlib import Path
 
 from cachemesh.loadtest.workloads.base import (
     TENANT_A,
-    DataInvalid,
     Item,
     data_file,
-    malformed,
     nonempty,
+    read_csv_rows,
     user,
 )
 from cachemesh.v1 import gateway_pb2 as pb
@@ -25,13 +23,9 @@ class Unrelated:
 
     def __init__(self, data_dir: Path, seed: int, namespace: str, max_tokens: int = 300) -> None:
         path = data_file(data_dir, PROMPTS)
-        try:
-            with path.open(encoding="utf-8", newline="") as handle:
-                prompts = [row["prompt"] for row in csv.DictReader(handle) if row["prompt"].strip()]
-        except UnicodeDecodeError:
-            raise DataInvalid(f"{path}: not UTF-8 text (a compressed file?)") from None
-        except (KeyError, AttributeError, csv.Error) as exc:  # no prompt column, a short row
-            raise malformed(path, exc) from None
+        prompts = read_csv_rows(
+            path, lambda rows: [row["prompt"] for row in rows if row["prompt"].strip()]
+        )
         self._prompts = nonempty(path, prompts, "prompt")
         random.Random(seed).shuffle(self._prompts)
         self._seed, self._namespace, self._max_tokens = seed, namespace, max_tokens
