@@ -493,8 +493,9 @@ class SemanticCache(EntryStore):
 
     def _exact_match(self, index: ScopeIndex, text: str) -> int | None:
         """The entry stored with this text, else the last one stored with it up to letter
-        case and spacing, if nothing the models cannot read tells them apart
-        (``folding.folding_refusal``: "ls -L" is not "ls -l", "How do I" is "how do I").
+        case and spacing that is still held (``ScopeIndex.folded``), if nothing the models
+        cannot read tells them apart (``folding.folding_refusal``: "ls -L" is not "ls -l",
+        "How do I" is "how do I").
         A text longer than any stored question is not read here, not even up to spacing: it
         goes on to the embedding, where the same check holds, off the event loop."""
         if len(text) > MAX_STORED_QUESTION_CHARS:

@@ -36,13 +36,19 @@ SLICE = 65_536  # rows per slice of a copy (a rebuild frees each once it has add
 
 class ScopeIndex:
     """The entries of one (tenant, scope): FAISS ids, vectors and the exact-match keys (and
-    the folded ones: ``folded_key``)."""
+    the folded ones: ``folded_key``, each naming the last entry stored with it still held)."""
 
     def __init__(self, dim: int, namespace: str, ann: AnnSettings | None = None) -> None:
         self.namespace = namespace
         self.exact: dict[str, int] = {}  # normalised query -> id
         # folded_key(normalised query) -> the id of the last entry stored with it
         self.folded: dict[bytes, int] = {}
+        # a folded key more than one entry holds (the same question in other case or spacing)
+        # -> the others' ids, oldest first (a dict: any one removed at once): when the one
+        # ``folded`` names goes (a drop, its TTL, an eviction), the key names the last one
+        # stored before it, not nothing (the older one was then found by search only, never
+        # an exact hit)
+        self._older: dict[bytes, dict[int, None]] = {}
         self.ids: set[int] = set()
         self._dim = dim
         self._ann = ann
@@ -103,7 +109,11 @@ class ScopeIndex:
             self._rebuild.added(ids, rows)
         self.ids.update(vids)
         self.exact.update(zip(keys, vids, strict=True))
-        self.folded.update(zip(map(folded_key, keys), vids, strict=True))
+        for vid, digest in zip(vids, map(folded_key, keys), strict=True):
+            before = self.folded.get(digest)
+            if before is not None and before != vid:
+                self._older.setdefault(digest, {})[before] = None
+            self.folded[digest] = vid
         self._maybe_start_rebuild()
 
     def export(self) -> tuple[Ids, Rows]:
@@ -145,9 +155,21 @@ class ScopeIndex:
         for vid, key in zip(vids, keys, strict=True):
             if self.exact.get(key) == vid:
                 del self.exact[key]
-            digest = folded_key(key)
-            if self.folded.get(digest) == vid:
+            self._unfold(vid, folded_key(key))
+
+    def _unfold(self, vid: int, digest: bytes) -> None:
+        """The entry ``vid`` (of folded key ``digest``) is gone: the key names the last entry
+        stored with it before that one, if one is left, else nothing."""
+        older = self._older.get(digest)
+        if self.folded.get(digest) == vid:
+            if older:
+                self.folded[digest] = older.popitem()[0]  # the last one added
+            else:
                 del self.folded[digest]
+        elif older is not None:
+            older.pop(vid, None)
+        if older is not None and not older:
+            del self._older[digest]
 
     def search(self, vector: Rows, k: int) -> list[tuple[int, float]]:
         """Up to ``k`` (id, inner product) pairs, best first."""
