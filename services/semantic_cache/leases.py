@@ -24,7 +24,10 @@ or renewal names the old one, and ends or renews nothing.
 A lease's id may be the caller's (a fresh random id per Lookup, which it can Release by when
 the reply never reaches it), unless a live lease has that id already: ids are unique among
 the live leases (a renewal finds its lease by its id alone), so a reused id is replaced by one
-of ours and renews or ends nothing of the lease that has it.
+of ours. A Lookup of another request that proposed a live lease's id (given another, or
+waiting) knows only the id it proposed: its Release by that id alone (its reply lost) would
+end the lease that has it, so such a lease is ended by id alone no more (``end_id``): by its
+request's Release or Store, or at its age limit.
 
 The age limit runs from the take, and from each renewal: the holder renews its lease (by its
 ``lease_id``) while its model call is on, so a call longer than the age limit keeps its
@@ -103,6 +106,10 @@ class Leases:
         self._hold_ms = round(hold_s * 1000)
         self._held: dict[LeaseKey, _Lease] = {}
         self._ids: dict[str, LeaseKey] = {}  # the key of each lease in ``_held``, by its id
+        # the ids of live leases that a Lookup of another request proposed too
+        # (``proposed_elsewhere``): a Release by such an id alone may come from either, so it
+        # ends nothing (``end_id``)
+        self._contested: set[str] = set()
         self._uncacheable_ms = round(uncacheable_s * 1000)
         self._marks: TenantRecent[bytes, _Mark] = TenantRecent(marks_kept)
 
@@ -155,6 +162,7 @@ class Leases:
         if not owner or lease is None or lease.owner != owner or self.held(key) is None:
             return None
         del self._ids[lease.lease_id]
+        self._contested.discard(lease.lease_id)
         lease.lease_id = self._id(lease_id)
         self._ids[lease.lease_id] = key
         lease.expires_at_ms = self._clock.now_ms() + self._hold_ms
@@ -168,6 +176,18 @@ class Leases:
         if proposed and proposed not in self._ids:
             return proposed
         return uuid.uuid4().hex
+
+    def proposed_elsewhere(self, tenant: str, lease_id: str, owner: str) -> None:
+        """A Lookup of ``tenant``'s request ``owner`` proposed ``lease_id`` and does not hold
+        a lease by it (it waited, or was given an id of ours: ``_id``). If a live lease of the
+        tenant has that id, taken by another request (or by one without a request_id), that
+        Lookup knows its id too: the lease is ended by id alone no more (``end_id``)."""
+        key = self._ids.get(lease_id)
+        if key is None or key[0] != tenant:
+            return
+        if owner and self._held[key].owner == owner:
+            return  # its own request's lease (a duplicate of its Lookup): its own to end
+        self._contested.add(lease_id)
 
     def renew(self, tenant: str, lease_id: str) -> bool:
         """Restarts the age limit of the live lease named ``lease_id`` if ``tenant``'s (its
@@ -186,9 +206,17 @@ class Leases:
         return True
 
     def end_id(self, tenant: str, lease_id: str) -> bool:
-        """Ends ``tenant``'s live lease named ``lease_id`` (``end``): True when one ended."""
+        """Ends ``tenant``'s live lease named ``lease_id`` (``end``): True when one ended.
+        Not a lease whose id a Lookup of another request proposed too (it waited on a lease,
+        or was given another id: ``proposed_elsewhere``): that Lookup, its reply lost,
+        releases by the id it proposed, all it knows, and must not end the lease that has it
+        (that lease's waiters would each lead a model call while its holder's runs); the
+        holder's own Release by id alone is then not told apart, so the lease ends by its
+        request's Release or Store, or at its age limit."""
         key = self._ids.get(lease_id)
-        return key is not None and key[0] == tenant and self.end(key, lease_id)
+        if key is None or key[0] != tenant or lease_id in self._contested:
+            return False
+        return self.end(key, lease_id)
 
     def wake(self, key: LeaseKey) -> bool:
         """Wakes the waiters of ``key``'s live lease without ending it: an entry was stored for
@@ -220,6 +248,7 @@ class Leases:
             return False
         del self._held[key]
         del self._ids[lease.lease_id]
+        self._contested.discard(lease.lease_id)
         lease.done.set()
         return True
 

@@ -1,0 +1,89 @@
+"""A lease is ended, by a Release naming its id alone, only by the Lookup that took it under
+that id. A second Lookup proposing an id a live lease has already is given an id of L1's
+(``Leases._id``); its Release by the id it proposed (its reply lost: it knows no other) named
+the first one's lease, and ended it: that request's identical requests then led model calls of
+their own while it still ran."""
+
+from __future__ import annotations
+
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import semantic_cache_pb2 as sc
+from services.common.clock import ManualClock
+from services.semantic_cache.api import SemanticCacheApi
+from services.semantic_cache.cache import SemanticCache
+from services.semantic_cache.leases import Leases
+from services.semantic_cache.query import query_from_request
+from tests.unit.semantic_cache_support import FakeEmbedder, make_request
+
+PROPOSED = "a" * 32
+
+
+def _request(question: str, request_id: str) -> pb.CompleteRequest:
+    request = make_request(question)
+    request.request_id = request_id
+    return request
+
+
+def _held(cache: SemanticCache, request: pb.CompleteRequest) -> bool:
+    return cache.lease_pending(query_from_request("a", request))
+
+
+def _api() -> tuple[SemanticCacheApi, SemanticCache]:
+    clock = ManualClock()
+    cache = SemanticCache(FakeEmbedder(), clock, threshold=0.8, leases=Leases(clock, 30.0))
+    return SemanticCacheApi(cache, lease_wait_s=0.0), cache
+
+
+async def test_a_release_by_a_proposed_id_another_lease_has_ends_nothing_of_it() -> None:
+    api, cache = _api()
+    first = _request("How do I reset my password?", "r1")
+    second = _request("What is the capital of France?", "r2")
+    led = await api.lookup(sc.LookupRequest(tenant="a", request=first, lease_id=PROPOSED), 5.0)
+    assert led.leader and led.lease_id == PROPOSED
+    other = await api.lookup(sc.LookupRequest(tenant="a", request=second, lease_id=PROPOSED), 5.0)
+    assert other.leader and other.lease_id != PROPOSED  # the id is the first one's
+    # the second's reply lost: it releases by the id it proposed, all it knows
+    released = await api.release(sc.ReleaseRequest(tenant="a", lease_id=PROPOSED))
+    assert not released.released
+    assert _held(cache, first), "the first request's lease was ended"
+    # the first one's own Release (with its request) and Renew still work
+    assert (await api.renew(sc.RenewRequest(tenant="a", lease_id=PROPOSED))).renewed
+    mine = await api.release(sc.ReleaseRequest(tenant="a", request=first, lease_id=PROPOSED))
+    assert mine.released
+    # the second lease, under L1's id, is ended by it
+    assert (await api.release(sc.ReleaseRequest(tenant="a", lease_id=other.lease_id))).released
+
+
+async def test_a_release_by_id_alone_of_an_uncontested_lease_still_ends_it() -> None:
+    api, cache = _api()
+    first = _request("How do I reset my password?", "r1")
+    led = await api.lookup(sc.LookupRequest(tenant="a", request=first, lease_id=PROPOSED), 5.0)
+    assert led.leader
+    assert (await api.release(sc.ReleaseRequest(tenant="a", lease_id=PROPOSED))).released
+    assert not _held(cache, first)
+
+
+async def test_a_waiter_proposing_the_leaders_id_cannot_release_its_lease() -> None:
+    """An identical request that proposed the leader's id waits (here: no wait, pending), it
+    holds no lease: its Release by that id alone ended the leader's."""
+    api, cache = _api()
+    first = _request("How do I reset my password?", "r1")
+    same = _request("How do I reset my password?", "r2")
+    led = await api.lookup(sc.LookupRequest(tenant="a", request=first, lease_id=PROPOSED), 5.0)
+    assert led.leader and led.lease_id == PROPOSED
+    waiting = await api.lookup(sc.LookupRequest(tenant="a", request=same, lease_id=PROPOSED), 5.0)
+    assert waiting.pending and not waiting.leader
+    assert not (await api.release(sc.ReleaseRequest(tenant="a", lease_id=PROPOSED))).released
+    assert _held(cache, first)
+
+
+async def test_a_duplicate_of_the_leaders_own_lookup_may_still_release_it() -> None:
+    """The same request's Lookup sent twice (its first reply lost, sent again): the lease is
+    its own request's, and its Release by the id it proposed ends it, as before."""
+    api, cache = _api()
+    first = _request("How do I reset my password?", "r1")
+    led = await api.lookup(sc.LookupRequest(tenant="a", request=first, lease_id=PROPOSED), 5.0)
+    again = await api.lookup(sc.LookupRequest(tenant="a", request=first, lease_id=PROPOSED), 5.0)
+    assert led.leader and again.pending
+    assert (await api.release(sc.ReleaseRequest(tenant="a", lease_id=PROPOSED))).released
+    assert not _held(cache, first)
