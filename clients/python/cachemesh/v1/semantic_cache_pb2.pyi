@@ -46,7 +46,9 @@ class LookupRequest(_message.Message):
     it up to SEMANTIC_CACHE_LEASE_S. That Release names the lease by its tenant and this id
     alone (as Renew does), so the id must be fresh and random (the router's: a uuid4): an id
     that a live lease already has is not given to a second one (L1 chooses the id, as when
-    empty; the reply says which), and a Release naming it would end the lease that has it.
+    empty; the reply says which). Nor does a Release naming it alone end the lease that has
+    it, once a Lookup of another request has proposed it: that lease then ends by its own
+    request's Release or Store, or at its age limit.
     """
     retry: _builtins.bool
     """The Lookup may be a retry of its request (the router's call was marked as one: gRPC's
