@@ -209,8 +209,18 @@ class SemanticCacheApi:
                     self._queries.of(request.tenant, request.request, _facts(request)), lease_id
                 )
             raise RequestError(Code.UNAVAILABLE, DRAINING)
+        try:
+            query = await self._query(request.tenant, request.request, _facts(request))
+        except BaseException:
+            # cancelled (the router's Store deadline passed while a large request's query
+            # was derived) or refused: the router renews the lease no more once it sends its
+            # Store, so the lease the Store names ends here, by its id (no query to key it by)
+            if lease_id is not None:
+                self._cache.end_lease(request.tenant, lease_id)
+            raise
         answer = request.answer
         if answer.output_tokens < 0:
+            self._cache.release(query, lease_id)  # a refused Store still ends its lease
             raise RequestError(Code.INVALID_ARGUMENT, "answer.output_tokens must be >= 0")
         record = Answer(
             payload=answer.SerializeToString(deterministic=True),
@@ -220,7 +230,6 @@ class SemanticCacheApi:
             has_text=any(b.WhichOneof("kind") == "text" and b.text.strip() for b in answer.content),
             unparsed_tool_call=unparsed_tool_call(answer.content),
         )
-        query = await self._query(request.tenant, request.request, _facts(request))
         policy = self._policies.get(request.tenant)
         if not policy.l1_enabled:
             self._cache.release(query, lease_id)

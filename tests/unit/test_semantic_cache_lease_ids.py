@@ -1,18 +1,25 @@
-"""A lease is ended, by a Release naming its id alone, only by the Lookup that took it under
-that id. A second Lookup proposing an id a live lease has already is given an id of L1's
-(``Leases._id``); its Release by the id it proposed (its reply lost: it knows no other) named
-the first one's lease, and ended it: that request's identical requests then led model calls of
-their own while it still ran."""
+"""Who ends a lease. By a Release naming its id alone, only the Lookup that took it under
+that id: a second Lookup proposing an id a live lease has already is given an id of L1's
+(``Leases._id``), or waits on it; its Release by the id it proposed (its reply lost: it knows
+no other) named the first one's lease, and ended it: that request's identical requests then
+led model calls of their own while it still ran. And a leader's Store ends its lease even when
+it is refused, or cancelled, before it is read: the router renews the lease no more once it
+sends its Store, so the identical requests waited on it up to its age limit."""
 
 from __future__ import annotations
+
+import asyncio
+
+import pytest
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.clock import ManualClock
+from services.common.errors import Code, RequestError
 from services.semantic_cache.api import SemanticCacheApi
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.leases import Leases
-from services.semantic_cache.query import query_from_request
+from services.semantic_cache.query import Query, RecentQueries, query_from_request
 from tests.unit.semantic_cache_support import FakeEmbedder, make_request
 
 PROPOSED = "a" * 32
@@ -87,3 +94,47 @@ async def test_a_duplicate_of_the_leaders_own_lookup_may_still_release_it() -> N
     assert led.leader and again.pending
     assert (await api.release(sc.ReleaseRequest(tenant="a", lease_id=PROPOSED))).released
     assert not _held(cache, first)
+
+
+async def test_a_store_refused_before_it_is_read_still_ends_its_lease() -> None:
+    """A Store the API refuses (INVALID_ARGUMENT: output_tokens < 0) is the leader's last
+    word on its lease (the router stops renewing once it sends its Store): it ended nothing,
+    so the identical requests waited on the lease up to its age limit."""
+    api, cache = _api()
+    first = _request("How do I reset my password?", "r1")
+    led = await api.lookup(sc.LookupRequest(tenant="a", request=first, lease_id=PROPOSED), 5.0)
+    assert led.leader
+    answer = sc.CachedAnswer(content=[pb.ContentBlock(text="Open Settings.")], output_tokens=-1)
+    store = sc.StoreRequest(tenant="a", request=first, answer=answer, lease_id=led.lease_id)
+    with pytest.raises(RequestError) as refused:
+        await api.store(store)
+    assert refused.value.code == Code.INVALID_ARGUMENT
+    assert not _held(cache, first), "the refused Store left its lease held"
+
+
+async def test_a_store_cancelled_while_its_query_is_derived_still_ends_its_lease(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A large request's query is derived in a worker thread, after the other tenants' walks
+    (``RecentQueries.derived``); a Store cancelled there (its router's Store deadline passed)
+    ended nothing of its lease. The derivation is held here until the cancel."""
+    api, cache = _api()
+    first = _request("How do I reset my password?", "r1")
+    led = await api.lookup(sc.LookupRequest(tenant="a", request=first, lease_id=PROPOSED), 5.0)
+    assert led.leader
+    queued = asyncio.Event()
+
+    async def behind_others(*_: object, **__: object) -> Query:
+        queued.set()
+        await asyncio.Event().wait()  # never: the Store is cancelled first
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(RecentQueries, "derived", behind_others)
+    answer = sc.CachedAnswer(content=[pb.ContentBlock(text="Open Settings.")], output_tokens=3)
+    store = sc.StoreRequest(tenant="a", request=first, answer=answer, lease_id=led.lease_id)
+    task = asyncio.ensure_future(api.store(store))
+    await queued.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not _held(cache, first), "the cancelled Store left its lease held"
