@@ -146,7 +146,7 @@ class SemanticCacheApi:
         had not looked up, and neither renews nor releases a lease it does not know it holds,
         so the identical requests would wait on it up to its age limit. Only that lease, by
         its id. True when it was held."""
-        ended = self._cache.end_lease(tenant, lease_id)
+        ended = self._cache.end_lease(tenant, lease_id, own=True)  # its reply's: its own
         if ended and (due := self._skipped_log.due("lease", "abandoned")):
             log.info(
                 "lookup for tenant %s: its reply did not reach the caller in time; the lease "

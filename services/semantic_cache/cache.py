@@ -254,10 +254,16 @@ class SemanticCache(EntryStore):
             return self._leases.end_owned(key, query.request_id)
         return self._leases.end(key, lease_id)
 
-    def end_lease(self, tenant: str, lease_id: str) -> bool:
+    def end_lease(self, tenant: str, lease_id: str, *, own: bool = False) -> bool:
         """Ends ``tenant``'s lease named ``lease_id`` (a leading Lookup whose reply never
-        reached its caller): True when it was held. Its waiters wake; one leads."""
-        return self._leases is not None and bool(lease_id) and self._leases.end_id(tenant, lease_id)
+        reached its caller): True when it was held. Its waiters wake; one leads. ``own``: the
+        id is that of the lease this process's reply gave (``Leases.end_id``); else a lease
+        whose id another request proposed too is not ended by its id alone."""
+        return (
+            self._leases is not None
+            and bool(lease_id)
+            and self._leases.end_id(tenant, lease_id, own=own)
+        )
 
     def renew(self, tenant: str, lease_id: str) -> bool:
         """Restarts the age limit of ``tenant``'s lease named ``lease_id`` (its leader's model

@@ -205,16 +205,17 @@ class Leases:
         self._held[key] = self._held.pop(key)  # the youngest now: the age order holds
         return True
 
-    def end_id(self, tenant: str, lease_id: str) -> bool:
+    def end_id(self, tenant: str, lease_id: str, *, own: bool = False) -> bool:
         """Ends ``tenant``'s live lease named ``lease_id`` (``end``): True when one ended.
         Not a lease whose id a Lookup of another request proposed too (it waited on a lease,
         or was given another id: ``proposed_elsewhere``): that Lookup, its reply lost,
         releases by the id it proposed, all it knows, and must not end the lease that has it
         (that lease's waiters would each lead a model call while its holder's runs); the
         holder's own Release by id alone is then not told apart, so the lease ends by its
-        request's Release or Store, or at its age limit."""
+        request's Release or Store, or at its age limit. ``own``: the id is known to be the
+        caller's lease (L1's own reply to its Lookup, abandoned), contested or not."""
         key = self._ids.get(lease_id)
-        if key is None or key[0] != tenant or lease_id in self._contested:
+        if key is None or key[0] != tenant or (lease_id in self._contested and not own):
             return False
         return self.end(key, lease_id)
 

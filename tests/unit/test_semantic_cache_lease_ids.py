@@ -138,3 +138,16 @@ async def test_a_store_cancelled_while_its_query_is_derived_still_ends_its_lease
     with pytest.raises(asyncio.CancelledError):
         await task
     assert not _held(cache, first), "the cancelled Store left its lease held"
+
+
+async def test_an_abandoned_lookup_ends_its_own_lease_though_its_id_was_proposed_again() -> None:
+    """L1 ends the lease of a leading Lookup whose reply does not reach its caller
+    (``abandon``): it knows the lease is that Lookup's, so another request's proposal of the
+    same id does not keep it."""
+    api, cache = _api()
+    first = _request("How do I reset my password?", "r1")
+    second = _request("What is the capital of France?", "r2")
+    led = await api.lookup(sc.LookupRequest(tenant="a", request=first, lease_id=PROPOSED), 5.0)
+    await api.lookup(sc.LookupRequest(tenant="a", request=second, lease_id=PROPOSED), 5.0)
+    assert api.abandon("a", led.lease_id)
+    assert not _held(cache, first)
