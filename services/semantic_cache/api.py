@@ -209,15 +209,7 @@ class SemanticCacheApi:
                     self._queries.of(request.tenant, request.request, _facts(request)), lease_id
                 )
             raise RequestError(Code.UNAVAILABLE, DRAINING)
-        try:
-            query = await self._query(request.tenant, request.request, _facts(request))
-        except BaseException:
-            # cancelled (the router's Store deadline passed while a large request's query
-            # was derived) or refused: the router renews the lease no more once it sends its
-            # Store, so the lease the Store names ends here, by its id (no query to key it by)
-            if lease_id is not None:
-                self._cache.end_lease(request.tenant, lease_id)
-            raise
+        query = await self._lease_query(request, lease_id)
         answer = request.answer
         if answer.output_tokens < 0:
             self._cache.release(query, lease_id)  # a refused Store still ends its lease
@@ -285,8 +277,9 @@ class SemanticCacheApi:
             return sc.ReleaseResponse(
                 released=self._cache.end_lease(request.tenant, request.lease_id)
             )
-        query = await self._query(request.tenant, request.request, _facts(request))
-        return sc.ReleaseResponse(released=self._cache.release(query, request.lease_id or None))
+        lease_id = request.lease_id or None
+        query = await self._lease_query(request, lease_id)
+        return sc.ReleaseResponse(released=self._cache.release(query, lease_id))
 
     async def renew(self, request: sc.RenewRequest) -> sc.RenewResponse:
         """The lease of a leader whose model call is still on, held on (``renewed``), or not
@@ -424,6 +417,21 @@ class SemanticCacheApi:
 
     def _is_draining(self) -> bool:
         return self._draining is not None and self._draining.is_set()
+
+    async def _lease_query(
+        self, request: sc.StoreRequest | sc.ReleaseRequest, lease_id: str | None
+    ) -> Query:
+        """The query of a Store or Release, which ends the lease it names (``lease_id``). One
+        cancelled while its query is derived (a large request's waits for a worker thread;
+        the router's deadline passed meanwhile) or refused there ends that lease all the same,
+        by its id (no query to key it by): the router renews it no more once it sends its
+        Store or Release, so its identical requests waited on it up to its age limit."""
+        try:
+            return await self._query(request.tenant, request.request, _facts(request))
+        except BaseException:
+            if lease_id is not None:
+                self._cache.end_lease(request.tenant, lease_id)
+            raise
 
     async def _query(
         self, tenant: str, request: pb.CompleteRequest, facts: sc.ModelFacts | None

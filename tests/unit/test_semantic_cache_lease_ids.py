@@ -151,3 +151,29 @@ async def test_an_abandoned_lookup_ends_its_own_lease_though_its_id_was_proposed
     await api.lookup(sc.LookupRequest(tenant="a", request=second, lease_id=PROPOSED), 5.0)
     assert api.abandon("a", led.lease_id)
     assert not _held(cache, first)
+
+
+async def test_a_release_cancelled_while_its_query_is_derived_still_ends_its_lease(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As a Store: a Release naming its request and lease, cancelled while a large request's
+    query is derived (the router's Release deadline passed), ended nothing."""
+    api, cache = _api()
+    first = _request("How do I reset my password?", "r1")
+    led = await api.lookup(sc.LookupRequest(tenant="a", request=first, lease_id=PROPOSED), 5.0)
+    assert led.leader
+    queued = asyncio.Event()
+
+    async def behind_others(*_: object, **__: object) -> Query:
+        queued.set()
+        await asyncio.Event().wait()  # never: the Release is cancelled first
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(RecentQueries, "derived", behind_others)
+    release = sc.ReleaseRequest(tenant="a", request=first, lease_id=led.lease_id)
+    task = asyncio.ensure_future(api.release(release))
+    await queued.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not _held(cache, first), "the cancelled Release left its lease held"
