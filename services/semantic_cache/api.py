@@ -99,6 +99,25 @@ class SemanticCacheApi:
         embedding ``auto`` wants) is bounded by no deadline (``remaining_s`` is not read)."""
         _require_tenant(request.tenant)
         _check_lease_id(request.lease_id)
+        reply: sc.LookupResponse | None = None
+        try:
+            reply = await self._lookup(request, remaining_s, wait)
+            return reply
+        finally:
+            # A Lookup that holds no lease by the id it proposed (it waited, was served,
+            # given another id, skipped, refused or cancelled) may be released by that id,
+            # its reply lost: a live lease of another request with that id is no more to end
+            # by its id alone. Synchronous with the take (no await since ``check``).
+            if request.lease_id and not (
+                reply is not None and reply.leader and reply.lease_id == request.lease_id
+            ):
+                self._cache.lease_id_proposed(
+                    request.tenant, request.lease_id, request.request.request_id
+                )
+
+    async def _lookup(
+        self, request: sc.LookupRequest, remaining_s: float | None, wait: bool
+    ) -> sc.LookupResponse:
         draining = self._is_draining()
         query = await self._query(request.tenant, request.request, _facts(request))
         if request.accepted_tiers:  # a hit of another tier is refused by the check: a miss

@@ -162,26 +162,8 @@ class SemanticCache(EntryStore):
         Lookup may be a retry of its request (the router's call was marked as one): only then
         does it take over the live lease its request_id took and lead at once; another check
         with that request_id (a duplicate sent at the same time, maybe through another router)
-        waits on the lease like any identical request. A ``lease_id`` this check does not get
-        that a live lease of another request has is that lease's no more to end by id alone
-        (``Leases.proposed_elsewhere``).
+        waits on the lease like any identical request.
         """
-        result = await self._check_leased(query, wait_s, lead, within_s, waits, lease_id, retry)
-        if lease_id and result.lease_id != lease_id and self._leases is not None:
-            # on the lease this check leaves, synchronously: a Release by that id alone
-            self._leases.proposed_elsewhere(query.tenant, lease_id, query.request_id)
-        return result
-
-    async def _check_leased(
-        self,
-        query: Query,
-        wait_s: float,
-        lead: bool,
-        within_s: float | None,
-        waits: bool,
-        lease_id: str,
-        retry: bool,
-    ) -> CheckResult:
         if not waits:
             wait_s, within_s = 0.0, None
         deadline = self.deadline_in(within_s)
@@ -264,6 +246,13 @@ class SemanticCache(EntryStore):
             and bool(lease_id)
             and self._leases.end_id(tenant, lease_id, own=own)
         )
+
+    def lease_id_proposed(self, tenant: str, lease_id: str, request_id: str) -> None:
+        """A Lookup of the tenant's request ``request_id`` proposed ``lease_id`` and holds no
+        lease by it: a live lease with that id is no more to end by its id alone
+        (``Leases.proposed_elsewhere``)."""
+        if self._leases is not None and lease_id:
+            self._leases.proposed_elsewhere(tenant, lease_id, request_id)
 
     def renew(self, tenant: str, lease_id: str) -> bool:
         """Restarts the age limit of ``tenant``'s lease named ``lease_id`` (its leader's model

@@ -179,7 +179,8 @@ class Leases:
 
     def proposed_elsewhere(self, tenant: str, lease_id: str, owner: str) -> None:
         """A Lookup of ``tenant``'s request ``owner`` proposed ``lease_id`` and does not hold
-        a lease by it (it waited, or was given an id of ours: ``_id``). If a live lease of the
+        a lease by it (it waited, was served, was given an id of ours: ``_id``, or ended
+        before its check). If a live lease of the
         tenant has that id, taken by another request (or by one without a request_id), that
         Lookup knows its id too: the lease is ended by id alone no more (``end_id``)."""
         key = self._ids.get(lease_id)
@@ -207,8 +208,8 @@ class Leases:
 
     def end_id(self, tenant: str, lease_id: str, *, own: bool = False) -> bool:
         """Ends ``tenant``'s live lease named ``lease_id`` (``end``): True when one ended.
-        Not a lease whose id a Lookup of another request proposed too (it waited on a lease,
-        or was given another id: ``proposed_elsewhere``): that Lookup, its reply lost,
+        Not a lease whose id a Lookup of another request proposed too and does not hold
+        (``proposed_elsewhere``): that Lookup, its reply lost,
         releases by the id it proposed, all it knows, and must not end the lease that has it
         (that lease's waiters would each lead a model call while its holder's runs); the
         holder's own Release by id alone is then not told apart, so the lease ends by its

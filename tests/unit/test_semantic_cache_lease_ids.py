@@ -177,3 +177,32 @@ async def test_a_release_cancelled_while_its_query_is_derived_still_ends_its_lea
     with pytest.raises(asyncio.CancelledError):
         await task
     assert not _held(cache, first), "the cancelled Release left its lease held"
+
+
+async def test_a_lookup_cancelled_before_its_check_cannot_release_the_lease_of_its_id(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Lookup proposing a live lease's id, cancelled while its query is derived (it never
+    reached the check): the router releases by that id (its reply lost), which must end
+    nothing of the other request's lease."""
+    api, cache = _api()
+    first = _request("How do I reset my password?", "r1")
+    led = await api.lookup(sc.LookupRequest(tenant="a", request=first, lease_id=PROPOSED), 5.0)
+    assert led.leader and led.lease_id == PROPOSED
+    queued = asyncio.Event()
+
+    async def behind_others(*_: object, **__: object) -> Query:
+        queued.set()
+        await asyncio.Event().wait()  # never: the Lookup is cancelled first
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(RecentQueries, "derived", behind_others)
+    second = _request("What is the capital of France?", "r2")
+    lookup = sc.LookupRequest(tenant="a", request=second, lease_id=PROPOSED)
+    task = asyncio.ensure_future(api.lookup(lookup, 5.0))
+    await queued.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not (await api.release(sc.ReleaseRequest(tenant="a", lease_id=PROPOSED))).released
+    assert _held(cache, first)
