@@ -92,3 +92,14 @@ async def test_the_later_variant_evicted_leaves_the_older_an_exact_hit() -> None
     assert (await cache.store(q("What is the capital of France?"), answer())).stored
     assert later not in {e.entry_id for e in cache.export_entries().entries}  # evicted
     await _older_is_an_exact_hit(cache, older)
+
+
+async def test_a_restored_cache_keeps_both_variants_under_the_folded_key() -> None:
+    """A restart reads the entries back (``restore``), most recently used last: the later one
+    dropped there, the older one is still the folded key's."""
+    cache, clock = _cache()
+    older, later = await _both(cache, clock)
+    restored = SemanticCache(FakeEmbedder(), clock, threshold=0.8, ttl_s=3600.0)
+    restored.restore(cache.export_entries())
+    assert await restored.drop_entry("a", later) == 1
+    await _older_is_an_exact_hit(restored, older)
