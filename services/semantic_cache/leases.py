@@ -24,10 +24,10 @@ or renewal names the old one, and ends or renews nothing.
 A lease's id may be the caller's (a fresh random id per Lookup, which it can Release by when
 the reply never reaches it), unless a live lease has that id already: ids are unique among
 the live leases (a renewal finds its lease by its id alone), so a reused id is replaced by one
-of ours. A Lookup of another request that proposed a live lease's id (given another, or
-waiting) knows only the id it proposed: its Release by that id alone (its reply lost) would
-end the lease that has it, so such a lease is ended by id alone no more (``end_id``): by its
-request's Release or Store, or at its age limit.
+of ours. A Lookup of another request that proposed a live lease's id and does not hold it
+(given another, waiting, served, ended early) knows only the id it proposed: its Release by
+that id alone (its reply lost) would end the lease that has it, so such a lease is ended by
+id alone no more (``end_id``): by its request's Release or Store, or at its age limit.
 
 The age limit runs from the take, and from each renewal: the holder renews its lease (by its
 ``lease_id``) while its model call is on, so a call longer than the age limit keeps its
@@ -180,9 +180,9 @@ class Leases:
     def proposed_elsewhere(self, tenant: str, lease_id: str, owner: str) -> None:
         """A Lookup of ``tenant``'s request ``owner`` proposed ``lease_id`` and does not hold
         a lease by it (it waited, was served, was given an id of ours: ``_id``, or ended
-        before its check). If a live lease of the
-        tenant has that id, taken by another request (or by one without a request_id), that
-        Lookup knows its id too: the lease is ended by id alone no more (``end_id``)."""
+        before its check). If a live lease of the tenant has that id, taken by another
+        request (or by one without a request_id), that Lookup knows its id too: the lease is
+        ended by id alone no more (``end_id``)."""
         key = self._ids.get(lease_id)
         if key is None or key[0] != tenant:
             return
@@ -209,11 +209,11 @@ class Leases:
     def end_id(self, tenant: str, lease_id: str, *, own: bool = False) -> bool:
         """Ends ``tenant``'s live lease named ``lease_id`` (``end``): True when one ended.
         Not a lease whose id a Lookup of another request proposed too and does not hold
-        (``proposed_elsewhere``): that Lookup, its reply lost,
-        releases by the id it proposed, all it knows, and must not end the lease that has it
-        (that lease's waiters would each lead a model call while its holder's runs); the
-        holder's own Release by id alone is then not told apart, so the lease ends by its
-        request's Release or Store, or at its age limit. ``own``: the id is known to be the
+        (``proposed_elsewhere``): that Lookup, its reply lost, releases by the id it
+        proposed, all it knows, and must not end the lease that has it (that lease's waiters
+        would each lead a model call while its holder's runs); the holder's own Release by
+        id alone is then not told apart, so the lease ends by its request's Release or
+        Store, or at its age limit. ``own``: the id is known to be the
         caller's lease (L1's own reply to its Lookup, abandoned), contested or not."""
         key = self._ids.get(lease_id)
         if key is None or key[0] != tenant or (lease_id in self._contested and not own):
