@@ -106,6 +106,21 @@ def _retry_after(exc: grpc.aio.AioRpcError) -> int | None:
     return None
 
 
+# a model replica's refusal of the request's own fault (``calls.CLIENT_FAULTS``): its details
+# are the caller's message, which may quote the provider's, which may quote the prompt
+_REQUESTS_FAULTS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+
+def _described(exc: grpc.aio.AioRpcError) -> str:
+    """What a model call's span says of its failure: the replica's details, but for a refusal
+    of the request's own fault, whose details are the caller's message (a provider's 400
+    quoting the prompt: no span holds a prompt), the replica's short reason (its provider's
+    status, error type, code and param: ``services.model.providers.failures.identifiers``)."""
+    if exc.code() in _REQUESTS_FAULTS:
+        return _reason(exc)
+    return exc.details() or ""
+
+
 def _short(method: str) -> str:
     return method.rpartition("/")[2]
 
@@ -216,7 +231,7 @@ class GrpcModelStream:
         try:
             chunk = await self._call.read()
         except grpc.aio.AioRpcError as exc:
-            self._end(exc.code(), exc.details() or "")
+            self._end(exc.code(), _described(exc))
             raise failed(exc) from exc
         if chunk is grpc.aio.EOF:
             self._end(grpc.StatusCode.OK)

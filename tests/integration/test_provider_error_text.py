@@ -49,7 +49,7 @@ def test_an_openai_rate_limit_mid_answer_reaches_the_caller_in_our_words(
     events = openai_wire.stream(GPT, ["Paris ", "is "], None)[:-2]  # no finish, no [DONE]
     broken = openai_wire.error_event("rate_limit_exceeded", 429, RATE_LIMITED).events
     server.script("openai", Reply(events=events + broken))
-    with caplog.at_level(logging.WARNING, logger="cachemesh.model"):
+    with caplog.at_level(logging.DEBUG, logger="cachemesh.model"):
         chunks = _generate(_api(server, "openai"), GPT)
     (end,) = _ends(chunks)
     assert end.interrupted and end.output_tokens > 0
@@ -60,6 +60,10 @@ def test_an_openai_rate_limit_mid_answer_reaches_the_caller_in_our_words(
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert "Rate limit reached for gpt-4o-mini in organization" in logged  # the operator's
     assert _clean(logged), logged
+    # at DEBUG only (a provider's message may quote the request): above it, its identifiers
+    above = [r.getMessage() for r in caplog.records if r.levelno > logging.DEBUG]
+    assert any("429 rate_limit_exceeded" in line for line in above), above
+    assert not any("Rate limit reached" in line for line in above), above
 
 
 def test_an_anthropic_error_mid_answer_reaches_the_caller_in_our_words(
@@ -75,7 +79,7 @@ def test_an_anthropic_error_mid_answer_reaches_the_caller_in_our_words(
     error = dumps(anthropic_wire.error_body("rate_limit_error", message))
     events = [*events[:-1], ("error", error)]  # its error event in place of the overloaded one
     server.script("anthropic", Reply(events=events))
-    with caplog.at_level(logging.WARNING, logger="cachemesh.model"):
+    with caplog.at_level(logging.DEBUG, logger="cachemesh.model"):
         chunks = _generate(_api(server, "anthropic"), CLAUDE)
     (end,) = _ends(chunks)
     assert end.interrupted
@@ -84,6 +88,8 @@ def test_an_anthropic_error_mid_answer_reaches_the_caller_in_our_words(
     assert "rate_limit_error" in end.error
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert "would exceed the rate limit" in logged and _clean(logged), logged
+    above = [r.getMessage() for r in caplog.records if r.levelno > logging.DEBUG]
+    assert above and not any("would exceed the rate limit" in line for line in above), above
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ builds it and calls the loopback provider servers of ``tests.providers``."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
@@ -213,8 +214,20 @@ async def test_a_request_over_a_size_limit_is_resource_exhausted_as_on_the_simul
     assert await replica.call() is None and replica.health == []  # the next request is served
 
 
+def _said_at_debug_only(caplog: pytest.LogCaptureFixture, refused: RequestError, said: str) -> None:
+    """The provider's message ``said`` (which may quote the request) is in no line above DEBUG
+    and not in the refusal (the router's span of the call), but in the replica's DEBUG line.
+    Before, the refusal and the replica's WARNING line quoted it."""
+    assert said not in refused.message + refused.reason, refused.message
+    above = [r.getMessage() for r in caplog.records if r.levelno > logging.DEBUG]
+    assert above and not [line for line in above if said in line], above
+    assert [r for r in caplog.records if r.levelno == logging.DEBUG and said in r.getMessage()]
+
+
 async def test_a_403_other_than_one_models_is_the_replicas_and_goes_to_another(
-    server: WireServer, replicas: Callable[[Backend, str], Replica]
+    server: WireServer,
+    replicas: Callable[[Backend, str], Replica],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """OpenAI's 403 ``request_forbidden`` (this account's key, from where the replica runs):
     no request of any client can be served by it, and another replica may serve it. It is
@@ -222,10 +235,11 @@ async def test_a_403_other_than_one_models_is_the_replicas_and_goes_to_another(
     never the client's INVALID_ARGUMENT."""
     replica = replicas("openai", GPT)
     server.script("openai", REGION)
-    refused = await replica.call()
+    with caplog.at_level(logging.DEBUG, logger="cachemesh.model"):
+        refused = await replica.call()
     assert refused is not None and refused.code == Code.UNAVAILABLE, refused
-    assert "403 request_forbidden" in refused.message
-    assert "Country, region, or territory not supported" in refused.message
+    assert "403 request_forbidden, code unsupported_country_region_territory" in refused.message
+    _said_at_debug_only(caplog, refused, "Country, region, or territory not supported")
     assert refused.reason  # told to the router, which names it if no replica serves
     assert replica.calls() == 1  # no retry: the next replica, at once
     assert await replica.call() is None  # not NOT_SERVING: the router's ejection decides
@@ -243,16 +257,20 @@ NO_CREDIT = anthropic_wire.error(
 
 
 async def test_a_credit_balance_too_low_takes_the_replica_out_until_it_is_rechecked(
-    server: WireServer, replicas: Callable[[Backend, str], Replica]
+    server: WireServer,
+    replicas: Callable[[Backend, str], Replica],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """No request of any tenant can be served on an account without credit: the replica
     refuses UNAVAILABLE (the router's next replica or tier serves), reports NOT_SERVING, asks
     the provider no more until ``auth_recheck_s`` has passed, then serves again once it can."""
     replica = replicas("anthropic", CLAUDE)
     server.script("anthropic", NO_CREDIT)
-    refused = await replica.call()
+    with caplog.at_level(logging.DEBUG, logger="cachemesh.model"):
+        refused = await replica.call()
     assert refused is not None and refused.code == Code.UNAVAILABLE, refused
-    assert "credit balance is too low" in refused.message
+    assert "400 invalid_request_error" in refused.message
+    _said_at_debug_only(caplog, refused, "credit balance is too low")
     assert replica.health == [False]
     again = await replica.call()  # refused at once, without asking the provider
     assert again is not None and again.code == Code.UNAVAILABLE
@@ -275,16 +293,20 @@ NO_QUOTA = openai_wire.error(
 
 
 async def test_insufficient_quota_is_not_retried_and_takes_the_replica_out(
-    server: WireServer, replicas: Callable[[Backend, str], Replica]
+    server: WireServer,
+    replicas: Callable[[Backend, str], Replica],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A 429 like a rate limit, but no retry can succeed: the replica refuses at once
     (UNAVAILABLE, the router's next replica or tier serves) and is NOT_SERVING until the
     recheck, instead of retrying it ``max_retries`` times on every request."""
     replica = replicas("openai", GPT)
     server.script("openai", *[NO_QUOTA] * 4)
-    refused = await replica.call()
+    with caplog.at_level(logging.DEBUG, logger="cachemesh.model"):
+        refused = await replica.call()
     assert refused is not None and refused.code == Code.UNAVAILABLE, refused
-    assert "exceeded your current quota" in refused.message
+    assert "429 insufficient_quota" in refused.message
+    _said_at_debug_only(caplog, refused, "exceeded your current quota")
     assert replica.calls() == 1 and replica.health == [False]  # no retry
     again = await replica.call()
     assert again is not None and "NOT_SERVING" in again.message and replica.calls() == 1
@@ -470,6 +492,7 @@ async def test_a_404_not_about_a_model_is_the_replicas_and_goes_to_another(
     model: str,
     reply: Reply,
     quoted: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A 404 that names no model (the replica's base URL wrong, a path the engine does not
     have) fails every request of every client on this replica and none on a replica set up
@@ -478,9 +501,11 @@ async def test_a_404_not_about_a_model_is_the_replicas_and_goes_to_another(
     without the engine's words, and no alert watched it."""
     replica = replicas(backend, model)
     server.script(backend, reply)
-    refused = await replica.call()
+    with caplog.at_level(logging.DEBUG, logger="cachemesh.model"):
+        refused = await replica.call()
     assert refused is not None and refused.code == Code.UNAVAILABLE, refused
-    assert "404" in refused.message and quoted in refused.message
+    assert "404" in refused.message
+    _said_at_debug_only(caplog, refused, quoted)
     assert f"is {backend.upper()}_BASE_URL ({replica.server.base}" in refused.message
     assert refused.reason and "404" in refused.reason and "BASE_URL" not in refused.reason
     assert replica.calls() == 1  # no retry: the next replica, at once
@@ -502,6 +527,7 @@ async def test_a_404_or_403_about_the_model_is_the_replicas(
     backend: Backend,
     model: str,
     reply: Reply,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A caller names a row of the model table, never the provider's model: a replica whose
     provider does not serve the model it asks for (``MODEL_UPSTREAM_IDS``, an engine that has
@@ -511,10 +537,11 @@ async def test_a_404_or_403_about_the_model_is_the_replicas(
     to check. Before, each caller got a 400 as if it had named a wrong model, and no alert."""
     replica = replicas(backend, model)
     server.script(backend, reply)
-    refused = await replica.call()
+    with caplog.at_level(logging.DEBUG, logger="cachemesh.model"):
+        refused = await replica.call()
     assert refused is not None and refused.code == Code.UNAVAILABLE, refused
     inner = reply.body.get("error", reply.body)
-    assert inner["message"] in refused.message
+    _said_at_debug_only(caplog, refused, inner["message"])
     assert "MODEL_UPSTREAM_IDS" in refused.message and "MODEL_UPSTREAM_IDS" not in refused.reason
     assert replica.calls() == 1  # no retry: the next replica, at once
 

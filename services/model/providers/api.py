@@ -96,7 +96,9 @@ from services.model.providers.failures import (
     alone_over,
     broke_off,
     classify,
+    identifiers,
     over,
+    provider_said,
     request_id_fields,
     request_id_shown,
     whole_seconds,
@@ -345,14 +347,15 @@ class ProviderApi:
                 message = failure.message
                 # the provider's id of this try: its error's, else its stream's
                 request_id = failed_id = failure.request_id or progress.request_id
+                # its message, which may quote the request, at DEBUG only: the lines above
+                # DEBUG and the spans name its identifiers (``identifiers``)
+                provider_said(self._adapter.backend, spec.id, failure)
                 if progress.started:
                     log.warning(
-                        "%s stream of %s broke mid-answer (%s %s): %s",
+                        "%s stream of %s broke mid-answer (%s)",
                         self._adapter.backend,
                         spec.id,
-                        failure.status,
-                        failure.error_type,
-                        message,
+                        identifiers(failure),
                         extra=request_id_fields(request_id),
                     )
                     yield self._interrupted(progress, spec, broke_off(failure))
@@ -372,7 +375,10 @@ class ProviderApi:
                 if wait is None:
                     refusal = await self._refusal(failure, message, why, spec.id, tries)
                     if failure.kind not in _OUT:  # those have their own log line
-                        self._log_refusal(spec.id, failure, refusal, request_id)
+                        # the refusal in the log's words: the provider's identifiers where
+                        # the caller reads its message (a 400's, quoting the caller's prompt)
+                        logged = self._refused(failure, identifiers(failure), why, spec.id, tries)
+                        self._log_refusal(spec.id, failure, logged.message, request_id)
                     raise refusal from None
                 span.set_attribute("cachemesh.provider.retries", tries)
                 span.add_event(
@@ -578,6 +584,8 @@ class ProviderApi:
             error_type=self._redactor.clean(failure.error_type),
             message=self._redactor.message(failure.message),
             request_id=self._request_id(failure.request_id),
+            code=self._redactor.clean(failure.code),
+            param=self._redactor.clean(failure.param),
         )
 
     def _retry_wait(
@@ -633,22 +641,22 @@ class ProviderApi:
                 self._redactor.clean(traceback.format_exc()),
             )
 
-    def _log_refusal(
-        self, model: str, failure: Failure, refusal: RequestError, request_id: str
-    ) -> None:
-        """A call refused: the request's own fault each time; the provider's outage (``_OUTAGE``)
-        once a ``FAILED_LOG_EVERY_MS`` for each status and error type at most, saying how many
-        were not logged (each one is on its call's span, with the provider's id of the call,
-        and in the replica's metrics); a line names the provider's id of its call."""
+    def _log_refusal(self, model: str, failure: Failure, refused: str, request_id: str) -> None:
+        """A call refused (``refused``: the refusal in the log's words, the provider's
+        identifiers, never its message): the request's own fault each time; the provider's
+        outage (``_OUTAGE``) once a ``FAILED_LOG_EVERY_MS`` for each status and error type at
+        most, saying how many were not logged (each one is on its call's span, with the
+        provider's id of the call, and in the replica's metrics); a line names the provider's
+        id of its call."""
         if failure.kind not in _OUTAGE:
-            log.warning("%s: %s", model, refusal.message, extra=request_id_fields(request_id))
+            log.warning("%s: %s", model, refused, extra=request_id_fields(request_id))
             return
         kind = f"{failure.kind.value} {failure.status} {failure.error_type}"
         if due := self._failed_log.due(model, kind):
             log.warning(
                 "%s: %s%s",
                 model,
-                refusal.message,
+                refused,
                 suppressed(due, FAILED_LOG_EVERY_MS),
                 extra=request_id_fields(request_id),
             )
@@ -656,17 +664,35 @@ class ProviderApi:
     async def _refusal(
         self, failure: Failure, message: str, why: str, model: str, tries: int
     ) -> RequestError:
+        """The refusal the caller is told (``_refused``), our key or account taken out first
+        when the provider refused them."""
+        if failure.kind in _OUT:
+            await self._taken_out(failure)
+        return self._refused(failure, message, why, model, tries)
+
+    def _refused(
+        self, failure: Failure, message: str, why: str, model: str, tries: int
+    ) -> RequestError:
+        """The refusal of ``failure``; ``message``: the provider's as the caller's error
+        quotes it (a 400's, a prompt over the window: the request's own fault, the caller's
+        own text), or its identifiers for a line. No other refusal quotes the provider's
+        message (it may quote the request: the router's span, the replica's line hold them);
+        its identifiers only (``identifiers``). The request's own faults carry those as their
+        ``reason``: what the router's span of the call says."""
         backend = self._adapter.backend
+        said = f"{backend} refused the request ({identifiers(failure)})"
         if failure.error_type == UNSENDABLE:  # never sent: the SDK could not encode it
             return RequestError(
                 Code.INVALID_ARGUMENT,
                 f"the request could not be sent to {backend}, whose body must be standard "
                 f"JSON ({message})",
+                f"the request could not be sent to {backend}: not standard JSON",
             )
         if failure.kind == Kind.CLIENT:
             return RequestError(
                 Code.INVALID_ARGUMENT,
                 f"{backend} refused the request ({failure.status}): {message}",
+                said,
             )
         if failure.kind == Kind.TOO_LARGE:  # the simulator's status for it, a size limit
             status = f"{failure.status} {failure.error_type}" if failure.status else ""
@@ -688,9 +714,9 @@ class ProviderApi:
                 Code.RESOURCE_EXHAUSTED,
                 f"{backend} refused the request{f' ({status})' if status else ''}: {what} "
                 f"({message}); {fix}",
+                said,
             )
         if failure.kind == Kind.AUTH:
-            await self._taken_out(failure, message)
             return RequestError(
                 Code.UNAVAILABLE,
                 f"replica {self._replica}: {backend} refused this replica's credentials "
@@ -698,11 +724,10 @@ class ProviderApi:
                 f"{backend} refused a replica's credentials ({failure.status})",
             )
         if failure.kind == Kind.ACCOUNT:
-            await self._taken_out(failure, message)
             return RequestError(
                 Code.UNAVAILABLE,
                 f"replica {self._replica}: {backend} refused this replica's account "
-                f"({failure.status} {failure.error_type}: {message}); another replica may serve",
+                f"({identifiers(failure)}); another replica may serve",
                 f"{backend} refused a replica's account, out of credit or quota ({failure.status})",
             )
         status = f"{failure.status} {failure.error_type}" if failure.status else failure.error_type
@@ -723,7 +748,7 @@ class ProviderApi:
         backoff_wait = spent is not None and failure.retry_after_s is None
         return RequestError(
             Code.UNAVAILABLE,
-            f"{backend} could not serve ({status}: {message}){after}{check}",
+            f"{backend} could not serve ({identifiers(failure)}){after}{check}",
             f"{backend} {status}{after}",
             retry_after_s=spent
             if spent is not None
@@ -759,8 +784,9 @@ class ProviderApi:
             "credentials; it is NOT_SERVING until they are fixed",
         )
 
-    async def _taken_out(self, failure: Failure, message: str) -> None:
-        """Our key (``AUTH``) or our account (``ACCOUNT``) was refused: NOT_SERVING, one line."""
+    async def _taken_out(self, failure: Failure) -> None:
+        """Our key (``AUTH``) or our account (``ACCOUNT``) was refused: NOT_SERVING, one line
+        (the provider's identifiers; its message is at DEBUG, ``provider_said``)."""
         first = self._out_at is None
         self._out_at = self._clock()
         self._out_kind = failure.kind
@@ -770,26 +796,22 @@ class ProviderApi:
         backend = self._adapter.backend
         if failure.kind == Kind.ACCOUNT:
             log.error(
-                "%s refused the account of replica %s (%s %s: %s): NOT_SERVING; add credit (or "
+                "%s refused the account of replica %s (%s): NOT_SERVING; add credit (or "
                 "quota) to the account of its API key, the replica tries again every %.0f s "
                 "(PROVIDER_AUTH_RECHECK_S)",
                 backend,
                 self._replica,
-                failure.status,
-                failure.error_type,
-                message,
+                identifiers(failure),
                 self._s.auth_recheck_s,
                 extra=request_id_fields(failure.request_id),
             )
             return
         log.error(
-            "%s refused the credentials of replica %s (%s %s: %s): NOT_SERVING; fix the "
+            "%s refused the credentials of replica %s (%s): NOT_SERVING; fix the "
             "API key (%s_API_KEY or %s_API_KEY_FILE) and restart the replica",
             backend,
             self._replica,
-            failure.status,
-            failure.error_type,
-            message,
+            identifiers(failure),
             backend.upper(),
             backend.upper(),
             extra=request_id_fields(failure.request_id),

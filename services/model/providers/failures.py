@@ -137,6 +137,10 @@ class Failure:
     # the provider's id of the call (its error's ``request-id`` / ``x-request-id`` header, as
     # the SDK read it: ``request_id_shown``'s, not yet checked for a credential); "" if none
     request_id: str = ""
+    # OpenAI's ``error.code`` and ``error.param`` ("invalid_value", "messages[0].content"),
+    # each a short identifier (``_identifier``, ``_param_of``), else ""
+    code: str = ""
+    param: str = ""
 
 
 # a provider's id of a request as it may be shown (Anthropic's ``request-id``,
@@ -203,6 +207,8 @@ ESTIMATE_MARGIN = 1.10
 # cuts it further, to an error message's length, once redacted)
 _QUOTED_BODY_CHARS = 2000
 _IDENTIFIER = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# a request's field as OpenAI's ``param`` names it: "messages[0].content", "tools[2].function"
+_PARAM = re.compile(r"[A-Za-z0-9_.\[\]-]{1,128}")
 
 
 class StreamCut(Exception):
@@ -285,6 +291,8 @@ def classify(exc: Exception) -> Failure:
             about_model=about,
             from_provider=True,
             request_id=request_id_shown(exc.request_id),
+            code=code,
+            param=_param_of(exc.body),
         )
     if isinstance(exc, _transport_errors()):  # includes the SDKs' APITimeoutError
         return Failure(Kind.RETRY, 0, type(exc).__name__, str(exc), None)
@@ -298,7 +306,16 @@ def classify(exc: Exception) -> Failure:
         about = about_a_model(code, message)
         wait = _wait_in_words(kind, message)
         return Failure(
-            kind, status, error_type, message, wait, limit, about_model=about, from_provider=True
+            kind,
+            status,
+            error_type,
+            message,
+            wait,
+            limit,
+            about_model=about,
+            from_provider=True,
+            code=code,
+            param=_param_of(exc.body),
         )
     return Failure(Kind.FATAL, 0, type(exc).__name__, str(exc) or type(exc).__name__, None)
 
@@ -445,6 +462,45 @@ def _code_of(body: object) -> str:
     """OpenAI's ``error.code`` (``invalid_api_key``, ``model_not_found``), else empty."""
     inner: Any = body.get("error", body) if isinstance(body, dict) else None
     return _identifier(inner.get("code")) if isinstance(inner, dict) else ""
+
+
+def _param_of(body: object) -> str:
+    """OpenAI's ``error.param``, the request's field it names ("messages[0].content",
+    "tools[2].function.name"), when it is a short field path, else empty: a proxy's or an
+    engine's param may be any text."""
+    inner: Any = body.get("error", body) if isinstance(body, dict) else None
+    value = inner.get("param") if isinstance(inner, dict) else None
+    return value if isinstance(value, str) and _PARAM.fullmatch(value) else ""
+
+
+def identifiers(failure: Failure) -> str:
+    """What a line above DEBUG, or a span, says of a provider's refusal: its HTTP status, error
+    type, ``code`` and ``param`` (each a short identifier), never its message, which may quote
+    the request (OpenAI's 400 naming the bad content, a vLLM or llama.cpp parse error repeating
+    the prompt): that is at DEBUG only (``provider_said``). A failure not the provider's (a
+    connection lost, our own) is its type and message, our words."""
+    if not failure.from_provider:
+        return f"{failure.error_type}: {failure.message}"
+    said = f"{failure.status} {failure.error_type}" if failure.status else failure.error_type
+    if failure.code and failure.code != failure.error_type:
+        said += f", code {failure.code}"
+    if failure.param:
+        said += f", param {failure.param}"
+    return said
+
+
+def provider_said(backend: str, model: str, failure: Failure) -> None:
+    """The provider's own message of ``failure`` (redacted), at DEBUG: it may quote the request,
+    so no line above DEBUG holds it (``identifiers``). The line that follows it (the refusal's,
+    the retry's, the break's) names the provider's id of the call."""
+    if failure.from_provider and failure.message:
+        log.debug(
+            "%s said of %s (%s): %s",
+            backend,
+            model,
+            identifiers(failure),
+            failure.message,
+        )
 
 
 def _identifier(value: object) -> str:

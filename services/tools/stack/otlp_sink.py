@@ -28,6 +28,8 @@ class Span:
     attributes: dict[str, Any]
     links: tuple[tuple[str, str], ...] = ()  # (trace_id, span_id) of each span it links
     events: tuple[tuple[str, dict[str, Any]], ...] = ()  # (name, attributes) of each event
+    status_code: int = 0  # OTLP's: 0 unset, 1 ok, 2 error
+    status_message: str = ""  # its description
 
 
 def _value(value: Any) -> Any:
@@ -51,6 +53,8 @@ def _span(service: str, span: Any) -> Span:
             (event.name, {a.key: _value(a.value) for a in event.attributes})
             for event in span.events
         ),
+        status_code=span.status.code,
+        status_message=span.status.message,
     )
 
 
