@@ -5,7 +5,11 @@ its value is a number), and so are the values of a ``*HEADERS`` variable (an OTL
 ``x-honeycomb-team=...,authorization=...``), any ``authorization=``, ``*-key=``, ``*-token=``
 or ``*-team=`` pair and ``Bearer`` token inside any value, and the user:password part of a URL
 (``make bench``, ``cachemesh-load`` and the estimator record the stack's settings beside their
-figures, all through :func:`mask`)."""
+figures, all through :func:`mask`). A name with a personal access token's word (``GITHUB_PAT``,
+``*_PAT``) or ``PASSWORD`` anywhere in it (``DBPASSWORD``) is masked too, and so is, in any
+value, a token shaped as a provider's or GitHub's key (``sk-...``, ``sk-ant-...``, ``ghp_...``,
+``github_pat_...``: ``KEY_SHAPED``), whatever its setting's name. Before, a ``GITHUB_PAT`` in a
+``--stack-config`` file, or an OpenAI key under a name saying nothing, was in the report."""
 
 from __future__ import annotations
 
@@ -17,8 +21,16 @@ MASK = "***"
 # REDIS_PASSWORD, ... (a whole word: CACHEMESH_TOKENIZER_CACHE_TOKENS or MAX_TOKENS holds none)
 _SECRET_WORD = re.compile(
     r"^(?:API)?(?:KEYS?|TOKEN|SECRETS?|PASSWORD|PASSWD|PASS|PASSPHRASE|PWD|CREDENTIALS?|AUTH"
-    r"|AUTHORIZATION|BEARER)$",
+    r"|AUTHORIZATION|BEARER|PAT)$",
     re.IGNORECASE,
+)
+# a name holding PASSWORD anywhere, not as a word of its own (DBPASSWORD, PASSWORDFILE)
+_PASSWORD_IN_NAME = re.compile(r"PASSWORD|PASSWD", re.IGNORECASE)
+# a value shaped as a key, whatever its setting's name: OpenAI's (sk-, sk-proj-), Anthropic's
+# (sk-ant-), GitHub's tokens (ghp_, gho_, ghu_, ghs_, ghr_; github_pat_), at least 16
+# characters of the key after its prefix (not a word such as "sk-learn")
+KEY_SHAPED = re.compile(
+    r"\b(?:sk-|gh[pousr]_|github_pat_)[A-Za-z0-9_\-]{16,}",
 )
 # OTEL_EXPORTER_OTLP_HEADERS, OTEL_EXPORTER_OTLP_TRACES_HEADERS, ...: "name=value,name=value"
 _HEADERS_NAME = re.compile(r"HEADERS$", re.IGNORECASE)
@@ -40,6 +52,7 @@ def mask(name: str, value: str, secrets: Iterable[str] = ()) -> str:
     when that is a number (``STRIPE_SECRET_KEY_S=sk-live-...`` stays masked)."""
     if secret_name(name) or (_figure_name(name) and not _NUMBER.fullmatch(value.strip())):
         return MASK if value else ""
+    value = KEY_SHAPED.sub(MASK, value)
     if _HEADERS_NAME.search(name):  # every header's value: any of them may carry a key
         return ",".join(_masked_header(h) for h in value.split(",")) if value else ""
     value = _URL_QUERY_SECRET.sub(rf"\g<name>{MASK}", value)  # first: it may hold an "@"
@@ -76,7 +89,9 @@ def secret_name(name: str) -> bool:
     ``..._RECHECK_S``): those are the stack's figures, which a report is for (``mask`` shows
     their value only when it is a number: ``_figure_name``)."""
     words = _words(name)
-    return not _FIGURE_UNIT.match(words[-1]) and any(_secret_words(words))
+    if _FIGURE_UNIT.match(words[-1]):
+        return False
+    return any(_secret_words(words)) or _PASSWORD_IN_NAME.search(name) is not None
 
 
 def _figure_name(name: str) -> bool:
@@ -84,7 +99,8 @@ def _figure_name(name: str) -> bool:
     ``..._PER_KEY`` limit or a duration (``..._S``, ``..._MS``, ``..._SECONDS``) whose name
     holds KEY or TOKEN; its value is shown only when it is a number."""
     words = _words(name)
-    return any(_SECRET_WORD.match(word) for word in words) and not secret_name(name)
+    secret_word = any(_SECRET_WORD.match(word) for word in words)
+    return (secret_word or _PASSWORD_IN_NAME.search(name) is not None) and not secret_name(name)
 
 
 def _masked_header(header: str) -> str:
