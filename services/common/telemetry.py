@@ -435,7 +435,25 @@ def _export_headers(environ: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
                 "letters, digits and -_.; the value URL-encoded, e.g. %2C for a comma; pairs "
                 f"separated by commas){colon}; its value is not shown (it may be a secret)"
             )
+        # as the exporter decodes it: gRPC sends printable ASCII alone in a header, and
+        # refused every export of a value decoding to more ("Invalid metadata", each export)
+        for key, value in parse_env_headers(pair, liberal=True).items() if pair else ():
+            if not _printable_ascii(key) or not _printable_ascii(value):
+                what = "name" if not _printable_ascii(key) else "value"
+                shown = _printable_ascii(key) and re.fullmatch(r"[a-z0-9._-]{1,64}", key)
+                named = f" ({key!r})" if shown else ""
+                raise ConfigError(
+                    f"{name}: header {number} of {len(pairs)}{named} has a {what} that is not "
+                    "printable ASCII once URL-decoded (a %XX escape of a byte over %7E or under "
+                    "%20, a character outside ASCII), which gRPC cannot send: every export "
+                    "would fail; its value is not shown (it may be a secret)"
+                )
     return tuple(parse_env_headers(raw, liberal=True).items())
+
+
+def _printable_ascii(text: str) -> bool:
+    """What a gRPC header name or value may hold: printable ASCII (space to '~')."""
+    return all(" " <= c <= "~" for c in text)
 
 
 def otlp_channel_options(endpoint: str) -> tuple[tuple[str, int], ...]:

@@ -238,3 +238,34 @@ def test_headers_come_from_the_settings_only(
     assert sent and all("x-honeycomb-team" not in metadata for metadata in sent)
     assert any("refuses the spans" in r.getMessage() for r in caplog.records)
     assert SECRET not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("value", "named", "what"),
+    [
+        (f"x-team=ok,x-key={SECRET}%C3%A9", "header 2 of 2 ('x-key')", "value"),
+        (f"x-key={SECRET}%00", "header 1 of 1 ('x-key')", "value"),
+        (f"x-key={SECRET}%7F,x-team=ok", "header 1 of 2 ('x-key')", "value"),
+        (f"x-k%C3%A9y={SECRET}", "header 1 of 1 has", "name"),
+    ],
+    ids=["non-ascii", "nul", "del", "name"],
+)
+def test_a_header_not_printable_ascii_once_decoded_stops_the_start_unshown(
+    value: str, named: str, what: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A header value (or name) that URL-decodes to more than printable ASCII: gRPC sends no
+    such header, and every export failed ("INTERNAL: Invalid metadata", 0 of 3 exports
+    received, the warning naming OTEL_EXPORTER_OTLP_ENDPOINT); now the start stops, naming
+    the variable and the header's position, never its value."""
+    caplog.set_level(logging.DEBUG)
+    environ = {
+        **OTLP,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317",
+        "OTEL_EXPORTER_OTLP_HEADERS": value,
+    }
+    with pytest.raises(ConfigError) as refused:
+        build_tracer_provider(environ, "router")
+    message = str(refused.value)
+    assert message.startswith("OTEL_EXPORTER_OTLP_HEADERS: ") and named in message, message
+    assert f"has a {what} that is not printable ASCII" in message
+    assert SECRET not in message and SECRET not in caplog.text
