@@ -138,3 +138,23 @@ def test_a_refusal_before_the_first_token_names_no_account(
     print(f"\n{refused.code.name}: {refused.message!r}")
     assert refused.code == code
     assert _clean(refused.message) and _clean(refused.reason), refused.message
+
+
+def test_an_unknown_error_event_quoting_the_prompt_is_in_no_line_above_debug(
+    server: WireServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An engine's error event before any token, of a type no rule knows (FATAL, no HTTP
+    status) and quoting the prompt: the replica's lines above DEBUG name its identifiers only.
+    Before, it was taken for an unexpected failure and its traceback, the provider's message
+    in it, logged at ERROR."""
+    server.reset()
+    marker = "marker-9b1e0c6d"
+    server.script("openai", openai_wire.error_event("parse_failure", "x", f"cannot read {marker}"))
+    with caplog.at_level(logging.DEBUG, logger="cachemesh.model"):
+        with pytest.raises(RequestError) as refused:
+            _generate(_api(server, "openai"), GPT)
+    assert refused.value.code == Code.UNAVAILABLE, refused.value
+    above = [r.getMessage() for r in caplog.records if r.levelno > logging.DEBUG]
+    assert above and not [line for line in above if marker in line], above
+    assert marker not in refused.value.message + refused.value.reason
+    assert any(marker in r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG)

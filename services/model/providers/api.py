@@ -364,10 +364,13 @@ class ProviderApi:
                     if own_input is None:  # the request alone over it? no wait would pass
                         own_input = await asyncio.to_thread(self._own_input, request, spec)
                     failure = alone_over(failure, own_input)
-                # a provider's answer (its status) is no surprise: the refusal's line says it
+                # a provider's answer (its status, or its error event's) is no surprise: the
+                # refusal's line says it (its identifiers: a traceback would quote its message,
+                # which may quote the request)
                 if (
                     failure.kind == Kind.FATAL
                     and not failure.status
+                    and not failure.from_provider
                     and not isinstance(exc, RequestError)
                 ):
                     self._log_unexpected(spec.id, failure)
