@@ -150,9 +150,11 @@ def test_an_unknown_error_event_quoting_the_prompt_is_in_no_line_above_debug(
     server.reset()
     marker = "marker-9b1e0c6d"
     server.script("openai", openai_wire.error_event("parse_failure", "x", f"cannot read {marker}"))
-    with caplog.at_level(logging.DEBUG, logger="cachemesh.model"):
-        with pytest.raises(RequestError) as refused:
-            _generate(_api(server, "openai"), GPT)
+    with (
+        caplog.at_level(logging.DEBUG, logger="cachemesh.model"),
+        pytest.raises(RequestError) as refused,
+    ):
+        _generate(_api(server, "openai"), GPT)
     assert refused.value.code == Code.UNAVAILABLE, refused.value
     above = [r.getMessage() for r in caplog.records if r.levelno > logging.DEBUG]
     assert above and not [line for line in above if marker in line], above
