@@ -6,7 +6,7 @@ Anthropic's the organization by its UUID ("... the rate limit for your organizat
 type, its retry-after), which the router passes on in its "broke off" refusal; a refusal
 before the first token that names the request's fault (a 400, a request alone over the
 account's token rate) keeps the provider's words, its account ids taken out. The replica's
-log keeps the provider's text, the ids taken out there too. The adapter and its driver in
+DEBUG line keeps the provider's text, the ids taken out there too. The adapter and its driver in
 process against the loopback provider server, as test_provider_streams."""
 
 from __future__ import annotations

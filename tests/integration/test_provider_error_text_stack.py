@@ -2,7 +2,7 @@
 whole stack (a model replica against the loopback provider, the router, the gRPC client): the
 client's error names the status and type, never the organization (before: the router's "broke
 off" refusal quoted OpenAI's message, "... in organization org-... on tokens per min (TPM):
-Limit 200000, Used 199812 ..."); the replica's log keeps the message, the id redacted."""
+Limit 200000, Used 199812 ..."); the replica's DEBUG line keeps the message, the id redacted."""
 
 from __future__ import annotations
 

@@ -553,7 +553,7 @@ def broke_off(failure: Failure) -> str:
     off" refusal names it), once redacted: a provider's error in our words, its status, its
     error's type and the wait it asked for, never its message (OpenAI's rate limits name the
     operator's organization and the account's use this minute, Anthropic's its organization
-    and workspace; the replica's log line keeps that message, ids redacted); a lost
+    and workspace; the replica's DEBUG line keeps that message, ids redacted); a lost
     connection's or our own failure's type and message."""
     if not failure.from_provider:
         return f"{failure.error_type}: {failure.message}"
