@@ -87,7 +87,7 @@ from services.common.prompt import cacheable_tokens, prompt_tokens
 from services.common.tokens import Tokenizer, Tokenizers
 from services.model.fair_queue import QUEUE_WAIT_ATTRIBUTE, FairQueue, QueueWatcher
 from services.model.providers.cache_key import for_provider
-from services.model.providers.config import ProviderSettings
+from services.model.providers.config import ProviderSettings, provider_name
 from services.model.providers.failures import (
     UNSENDABLE,
     Failure,
@@ -197,7 +197,7 @@ class ProviderApi:
         span.set_attribute("gen_ai.provider.name", self._adapter.backend)
         span.set_attribute("gen_ai.request.model", spec.upstream)
         span.set_attribute("cachemesh.replica", self._replica)
-        recheck = self._refuse_while_out()
+        recheck = self._refuse_while_out(spec)
         gate, held = self._gate, False
         try:
             if gate is not None:
@@ -208,7 +208,7 @@ class ProviderApi:
             ) as chunks:
                 async for chunk in chunks:
                     if recheck:  # the provider answers: it took the key (or account)
-                        await self._healthy()
+                        await self._healthy(spec)
                         recheck = self._rechecking = False
                     if held and gate is not None and chunk.WhichOneof("part") == "end":
                         held = False  # the engine is done with it, however slowly it is read
@@ -316,7 +316,7 @@ class ProviderApi:
                 else:
                     log.debug(
                         "%s answered %s",
-                        self._adapter.backend,
+                        self._who(spec),
                         spec.id,
                         extra=request_id_fields(progress.request_id),
                     )
@@ -338,7 +338,7 @@ class ProviderApi:
                     return
                 raise RequestError(
                     Code.DEADLINE_EXCEEDED,
-                    f"{self._adapter.backend} did not answer within the deadline "
+                    f"{self._who(spec)} did not answer within the deadline "
                     f"({budget:.1f}s, {tries} tries)",
                     f"no answer within the request's deadline ({budget:.1f} s)",
                 ) from None
@@ -349,11 +349,11 @@ class ProviderApi:
                 request_id = failed_id = failure.request_id or progress.request_id
                 # its message, which may quote the request, at DEBUG only: the lines above
                 # DEBUG and the spans name its identifiers (``identifiers``)
-                provider_said(self._adapter.backend, spec.id, failure)
+                provider_said(self._who(spec), spec.id, failure)
                 if progress.started:
                     log.warning(
                         "%s stream of %s broke mid-answer (%s)",
-                        self._adapter.backend,
+                        self._who(spec),
                         spec.id,
                         identifiers(failure),
                         extra=request_id_fields(request_id),
@@ -373,14 +373,14 @@ class ProviderApi:
                     and not failure.from_provider
                     and not isinstance(exc, RequestError)
                 ):
-                    self._log_unexpected(spec.id, failure)
+                    self._log_unexpected(spec, failure)
                 wait, why = self._retry_wait(failure, tries, deadline)
                 if wait is None:
-                    refusal = await self._refusal(failure, message, why, spec.id, tries)
+                    refusal = await self._refusal(failure, message, why, spec, tries)
                     if failure.kind not in _OUT:  # those have their own log line
                         # the refusal in the log's words: the provider's identifiers where
                         # the caller reads its message (a 400's, quoting the caller's prompt)
-                        logged = self._refused(failure, identifiers(failure), why, spec.id, tries)
+                        logged = self._refused(failure, identifiers(failure), why, spec, tries)
                         self._log_refusal(spec.id, failure, logged.message, request_id)
                     raise refusal from None
                 span.set_attribute("cachemesh.provider.retries", tries)
@@ -395,7 +395,7 @@ class ProviderApi:
                 )
                 log.info(
                     "%s answered %s %s; retry %d in %.2fs",
-                    self._adapter.backend,
+                    self._who(spec),
                     failure.status,
                     failure.error_type,
                     tries,
@@ -514,7 +514,7 @@ class ProviderApi:
                 "is at %d): its stream was closed and the answer ended as cut by length, "
                 "billed %d output tokens; %s%s",
                 spec.id,
-                self._adapter.backend,
+                self._who(spec),
                 what,
                 gauge.tokens,
                 gauge.limit,
@@ -566,7 +566,7 @@ class ProviderApi:
                 "%s: %s reported usage no call has, billed as not reported (Plan's prompt "
                 "count, the replica's output count): %s%s",
                 spec.id,
-                self._adapter.backend,
+                self._who(spec),
                 "; ".join(f"{name} {progress.distrusted[name]}" for name in fields),
                 suppressed(due, FAILED_LOG_EVERY_MS),
             )
@@ -632,14 +632,14 @@ class ProviderApi:
             return whole_seconds(failure.retry_after_s)
         return max(1, math.ceil(self._backoff_s(tries)))  # (the try after ``tries``)
 
-    def _log_unexpected(self, model: str, failure: Failure) -> None:
+    def _log_unexpected(self, spec: ModelSpec, failure: Failure) -> None:
         """A call that failed unexpectedly (called while its exception is handled): its
         traceback, once a ``FAILED_LOG_EVERY_MS`` for each error type at most."""
-        if due := self._failed_log.due(model, f"unexpected {failure.error_type}"):
+        if due := self._failed_log.due(spec.id, f"unexpected {failure.error_type}"):
             log.error(
                 "%s call of %s failed unexpectedly%s: %s",
-                self._adapter.backend,
-                model,
+                self._who(spec),
+                spec.id,
                 suppressed(due, FAILED_LOG_EVERY_MS),
                 self._redactor.clean(traceback.format_exc()),
             )
@@ -664,17 +664,21 @@ class ProviderApi:
                 extra=request_id_fields(request_id),
             )
 
+    def _who(self, spec: ModelSpec) -> str:
+        """The row's provider as its errors and lines name it (``provider_name``)."""
+        return provider_name(spec, self._adapter.backend)
+
     async def _refusal(
-        self, failure: Failure, message: str, why: str, model: str, tries: int
+        self, failure: Failure, message: str, why: str, spec: ModelSpec, tries: int
     ) -> RequestError:
         """The refusal the caller is told (``_refused``), our key or account taken out first
         when the provider refused them."""
         if failure.kind in _OUT:
-            await self._taken_out(failure)
-        return self._refused(failure, message, why, model, tries)
+            await self._taken_out(failure, spec)
+        return self._refused(failure, message, why, spec, tries)
 
     def _refused(
-        self, failure: Failure, message: str, why: str, model: str, tries: int
+        self, failure: Failure, message: str, why: str, spec: ModelSpec, tries: int
     ) -> RequestError:
         """The refusal of ``failure``; ``message``: the provider's as the caller's error
         quotes it (a 400's, a prompt over the window: the request's own fault, the caller's
@@ -682,7 +686,8 @@ class ProviderApi:
         message (it may quote the request: the router's span, the replica's line hold them);
         its identifiers only (``identifiers``). The request's own faults carry those as their
         ``reason``: what the router's span of the call says."""
-        backend = self._adapter.backend
+        model = spec.id
+        backend = self._who(spec)
         said = f"{backend} refused the request ({identifiers(failure)})"
         if failure.error_type == UNSENDABLE:  # never sent: the SDK could not encode it
             return RequestError(
@@ -743,8 +748,9 @@ class ProviderApi:
                     "(MODEL_UPSTREAM_IDS, the engine's loaded model, the model's retirement)"
                 )
             elif failure.status == 404:  # a path it does not serve
-                base = "ends in /v1" if backend == "openai" else "has no /v1: the SDK adds it"
-                check = f"; is {backend.upper()}_BASE_URL ({self._s.shown_url}) right? (it {base})"
+                adapter = self._adapter.backend  # its settings' names: OPENAI_BASE_URL ...
+                base = "ends in /v1" if adapter == "openai" else "has no /v1: the SDK adds it"
+                check = f"; is {adapter.upper()}_BASE_URL ({self._s.shown_url}) right? (it {base})"
         # its retries spent: the callers above (the router, the client's SDK) are told to wait
         # and not to retry at once, each retry of theirs being as many provider calls again
         spent = self._spent_wait(failure, tries)
@@ -762,7 +768,7 @@ class ProviderApi:
             backoff_wait=backoff_wait,
         )
 
-    def _refuse_while_out(self) -> bool:
+    def _refuse_while_out(self, spec: ModelSpec) -> bool:
         """Refuses a call while the provider refuses this replica's key or account, but one
         each ``auth_recheck_s``, which tries them again: True for that one. The calls arriving
         while it waits for the provider's answer are refused too (before, every one of them
@@ -773,7 +779,7 @@ class ProviderApi:
         if not self._rechecking and self._clock() - failed >= self._s.auth_recheck_s:
             self._rechecking = True  # time to try the key (the account) again: this call does
             return True
-        backend = self._adapter.backend
+        backend = self._who(spec)
         if self._out_kind == Kind.ACCOUNT:
             raise RequestError(
                 Code.UNAVAILABLE,
@@ -787,7 +793,7 @@ class ProviderApi:
             "credentials; it is NOT_SERVING until they are fixed",
         )
 
-    async def _taken_out(self, failure: Failure) -> None:
+    async def _taken_out(self, failure: Failure, spec: ModelSpec) -> None:
         """Our key (``AUTH``) or our account (``ACCOUNT``) was refused: NOT_SERVING, one line
         (the provider's identifiers; its message is at DEBUG, ``provider_said``)."""
         first = self._out_at is None
@@ -796,13 +802,13 @@ class ProviderApi:
         if not first:
             return
         await self._set_health(False)
-        backend = self._adapter.backend
+        who, adapter = self._who(spec), self._adapter.backend
         if failure.kind == Kind.ACCOUNT:
             log.error(
                 "%s refused the account of replica %s (%s): NOT_SERVING; add credit (or "
                 "quota) to the account of its API key, the replica tries again every %.0f s "
                 "(PROVIDER_AUTH_RECHECK_S)",
-                backend,
+                who,
                 self._replica,
                 identifiers(failure),
                 self._s.auth_recheck_s,
@@ -812,22 +818,22 @@ class ProviderApi:
         log.error(
             "%s refused the credentials of replica %s (%s): NOT_SERVING; fix the "
             "API key (%s_API_KEY or %s_API_KEY_FILE) and restart the replica",
-            backend,
+            who,
             self._replica,
             identifiers(failure),
-            backend.upper(),
-            backend.upper(),
+            adapter.upper(),
+            adapter.upper(),
             extra=request_id_fields(failure.request_id),
         )
 
-    async def _healthy(self) -> None:
+    async def _healthy(self, spec: ModelSpec) -> None:
         if self._out_at is not None:
             self._out_at = None
             await self._set_health(True)
             what = "account" if self._out_kind == Kind.ACCOUNT else "credentials"
             log.info(
                 "%s accepts the %s of replica %s again: SERVING",
-                self._adapter.backend,
+                self._who(spec),
                 what,
                 self._replica,
             )

@@ -15,6 +15,7 @@ from typing import Literal
 from urllib.parse import unquote, urlsplit
 
 from services.common.env import ConfigError, Env, redacted_url
+from services.common.models import ModelSpec
 
 Backend = Literal["anthropic", "openai"]
 DEFAULT_BASE_URLS: dict[Backend, str] = {
@@ -22,6 +23,15 @@ DEFAULT_BASE_URLS: dict[Backend, str] = {
     "openai": "https://api.openai.com/v1",
 }
 _PREFIX: dict[Backend, str] = {"anthropic": "ANTHROPIC", "openai": "OPENAI"}
+
+
+def provider_name(spec: ModelSpec, backend: str) -> str:
+    """Who serves ``spec``'s row, as its errors and log lines name it: the row's provider in
+    the model table. A ``self_hosted`` row (llama-server, vLLM, SGLang... by base URL) is
+    served through the OpenAI-compatible adapter, whose name ``backend`` is: its refusal said
+    "openai refused the request", and a person running llama.cpp read that OpenAI had refused
+    them. The adapter's own settings (``OPENAI_BASE_URL``, ``OPENAI_API_KEY``) keep its name."""
+    return "self-hosted engine" if spec.provider == "self_hosted" else backend
 
 
 class Secret:

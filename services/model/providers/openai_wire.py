@@ -36,6 +36,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.models import ModelSpec
+from services.model.providers.config import provider_name
 from services.model.providers.failures import (
     StreamCut,
     lost_after_end,
@@ -431,7 +432,7 @@ class OpenAIAdapter:
                 raise  # broken before the answer and its usage were whole: a broken stream
             # the answer and its bill are whole: only [DONE] was lost (the connection, an
             # error chunk, a chunk this adapter could not read after them)
-            lost_after_end(self.backend, spec.id, exc, progress.request_id)
+            lost_after_end(provider_name(spec, self.backend), spec.id, exc, progress.request_id)
         if finish is None:
             raise StreamCut("the stream ended without a choice's finish_reason")
         if not progress.started:

@@ -1,0 +1,111 @@
+"""Who refused: a replica's errors and lines name the row's provider as the model table
+configures it. A self-hosted engine (llama-server, vLLM: a ``self_hosted`` row served through
+the OpenAI-compatible adapter) is not OpenAI: its refusal said "openai refused the request",
+and a person running llama.cpp read that OpenAI had refused them. Hosted OpenAI's words stay.
+The replica is built as ``serve()`` builds it and calls the loopback OpenAI wire server."""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+from collections.abc import Iterator
+
+import pytest
+
+from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import model_pb2
+from services.common.env import Env
+from services.common.errors import RequestError
+from services.common.logs import configure_logging
+from services.model.providers.wiring import _QUIET_LOGGERS
+from tests.providers import openai_wire
+from tests.providers.loopback import serving
+from tests.providers.replica import provider_replica, provider_settings
+from tests.providers.wire_server import Reply, WireServer
+
+SELF_HOSTED = "local-small"
+HOSTED = "gpt-4-1"
+# llama-server's 400 for a prompt over the context it was started with
+TOO_LONG_LLAMA = Reply(
+    status=400,
+    body={
+        "error": {
+            "code": 400,
+            "message": "request (3012 tokens) exceeds the available context size (2048 "
+            "tokens), try increasing it",
+            "type": "exceed_context_size_error",
+        }
+    },
+)
+BAD = openai_wire.error(400, "invalid_request_error", "messages: bad shape")
+DOWN = openai_wire.error(500, "server_error", "the engine failed")
+UNAUTHORIZED = openai_wire.error(401, "invalid_request_error", "Invalid API Key")
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[WireServer]:
+    yield from serving()
+
+
+@pytest.fixture
+def logged() -> Iterator[io.StringIO]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    libraries = {name: logging.getLogger(name) for name in _QUIET_LOGGERS}
+    before = {name: (lg.level, list(lg.filters)) for name, lg in libraries.items()}
+    out = io.StringIO()
+    configure_logging(Env({}), out)
+    yield out
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, lg in libraries.items():
+        lg.setLevel(before[name][0])
+        lg.filters[:] = before[name][1]
+
+
+async def _refused(server: WireServer, model: str, reply: Reply) -> RequestError:
+    server.reset()
+    server.script("openai", reply)
+    settings = provider_settings("openai", server.base + "/v1", "sk-openai-loopback-0123456789")
+    api = provider_replica(settings, [model])
+    message = pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text="Capital?")])
+    request = pb.CompleteRequest(model=model, max_tokens=16, messages=[message])
+    call = model_pb2.GenerateRequest(tenant="t", model=model, request=request)
+    try:
+        chunks = [chunk async for chunk in api.generate(call, 10.0)]
+    except RequestError as refused:
+        return refused
+    finally:
+        await api.close()
+    raise AssertionError(f"answered: {chunks[-1]}")
+
+
+@pytest.mark.parametrize("reply", [BAD, TOO_LONG_LLAMA, DOWN, UNAUTHORIZED])
+async def test_a_self_hosted_engines_refusal_names_the_engine_not_openai(
+    server: WireServer, logged: io.StringIO, reply: Reply
+) -> None:
+    refused = await _refused(server, SELF_HOSTED, reply)
+    said = [refused.message, refused.reason, logged.getvalue()]
+    assert not any(re.search(r"\bopenai\b", text, re.IGNORECASE) for text in said), said
+    assert "self-hosted engine" in refused.message, refused.message
+    assert "self-hosted engine" in logged.getvalue()
+
+
+async def test_a_credentials_line_still_names_the_variable_to_fix(
+    server: WireServer, logged: io.StringIO
+) -> None:
+    """The key a self-hosted engine refused is still set as OPENAI_API_KEY (the adapter's)."""
+    await _refused(server, SELF_HOSTED, UNAUTHORIZED)
+    line = logged.getvalue()
+    assert "self-hosted engine refused the credentials" in line
+    assert "OPENAI_API_KEY" in line
+
+
+@pytest.mark.parametrize("reply", [BAD, DOWN])
+async def test_hosted_openais_refusal_keeps_its_words(
+    server: WireServer, logged: io.StringIO, reply: Reply
+) -> None:
+    refused = await _refused(server, HOSTED, reply)
+    assert refused.message.startswith("openai "), refused.message
+    assert "self-hosted" not in refused.message + logged.getvalue()
