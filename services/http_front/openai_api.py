@@ -328,8 +328,12 @@ def _messages(raw_messages: list[Any], request: pb.CompleteRequest, kept: Origin
         elif role == "assistant":
             obj.only(_ASSISTANT)
             _name(obj)
-            turn = _turn(request, pb.ROLE_ASSISTANT, kept, path)
-            kept.messages[-1].blocks += _assistant(obj, turn)
+            said = _assistant(obj)
+            if said is not None:  # (an empty answer says nothing: no Gateway turn)
+                blocks, origins = said
+                turn = _turn(request, pb.ROLE_ASSISTANT, kept, path)
+                turn.content.extend(blocks)
+                kept.messages[-1].blocks += origins
         elif role == "tool":
             obj.only(("role", "content", "tool_call_id"))
             parts = _blocks_of(obj)
@@ -568,12 +572,29 @@ def _answer_only_fields(obj: Obj) -> None:
         )
 
 
-def _assistant(obj: Obj, message: pb.Message) -> list[Origin]:
-    """Adds an assistant message's blocks to ``message``; where each came from."""
+def _assistant(obj: Obj) -> tuple[list[pb.ContentBlock], list[Origin]] | None:
+    """An assistant message's blocks and where each came from; None for an empty answer.
+
+    An answer the model left empty (no text but whitespace, no tool call) comes back as
+    ``content: ""`` (the front's unstreamed answer, as OpenAI's), ``null`` (the SDKs' message of
+    the front's streamed one, whose role chunk says ``content: null``), or no or empty text
+    parts: OpenAI takes each, and an application sending back the history it got sends it. The
+    Gateway has no empty message nor empty text (Anthropic's rule), so it is no Gateway turn:
+    the user messages around it become one turn, as Anthropic's API combines consecutive
+    turns of a role. Before, it was a 400 ("an assistant message needs content or
+    tool_calls") to an SDK replaying the front's own answer."""
     _answer_only_fields(obj)
-    blocks = _blocks_of(obj, required=False)
-    texts = [j for j, block in enumerate(blocks) if block.text]
-    message.content.extend(blocks[j] for j in texts)
+    parts = _blocks_of(obj, required=False)
+    texts = [j for j, block in enumerate(parts) if block.text.strip()]
+    for j, part in enumerate(parts):
+        if j not in texts and part.HasField("cache_control"):  # a breakpoint never dropped
+            where = f"{obj.at('content')}[{j}].cache_control"
+            raise invalid(
+                f"{where}: a cache breakpoint on an empty text part marks nothing the Gateway "
+                "keeps; put it on a part with text",
+                where,
+            )
+    blocks = [parts[j] for j in texts]
     origins = _text_origins(obj, texts)
     for j, raw in enumerate(obj.array("tool_calls") or []):
         call = Obj(raw, f"{obj.at('tool_calls')}[{j}]")
@@ -600,11 +621,9 @@ def _assistant(obj: Obj, message: pb.Message) -> list[Origin]:
             name=fn.text("name", required=True) or "",
             input_json=json_text(value, fn.at("arguments")),
         )
-        message.content.append(pb.ContentBlock(tool_use=use))
+        blocks.append(pb.ContentBlock(tool_use=use))
         origins.append(Origin(call.path, _TOOL_CALL))
-    if not message.content:
-        raise invalid(f"{obj.at('content')}: an assistant message needs content or tool_calls")
-    return origins
+    return (blocks, origins) if blocks else None
 
 
 # --- answers ---------------------------------------------------------------------------------

@@ -236,7 +236,7 @@ def test_anthropic_breakpoint_inside_a_tool_results_content_writes_the_prefix(
 def test_openai_breakpoint_in_a_tool_messages_parts_is_cached(base: str, key: str) -> None:
     client = _gpt_past_l1(base, key)
     part = _cached_system()
-    call = {
+    call: Any = {
         "id": "call_1",
         "type": "function",
         "function": {"name": "read_file", "arguments": "{}"},
@@ -552,3 +552,68 @@ def test_health_readiness_and_an_incoming_traceparent_joins_the_trace(
     router = [s for s in spans if s.service == "router" and s.kind == 2]  # SERVER
     assert front and front[0].parent_span_id == "1" * 16  # the caller's span
     assert router and router[0].parent_span_id == front[0].span_id
+
+
+@pytest.mark.parametrize(
+    "empty",
+    [
+        pytest.param({"content": ""}, id="the front's own empty answer"),
+        pytest.param({"content": None}, id="a streamed empty answer as the SDK holds it"),
+        pytest.param({"content": [{"type": "text", "text": ""}]}, id="an empty text part"),
+        pytest.param({"content": []}, id="no parts"),
+    ],
+)
+def test_openai_history_with_an_empty_answer_is_taken(base: str, key: str, empty: Any) -> None:
+    """An application sends back the history it got: an answer the model left empty comes back
+    as an assistant message with no text, which OpenAI takes; it was a 400."""
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=key)
+    messages: list[Any] = [
+        {"role": "user", "content": _unique("Say nothing.")},
+        {"role": "assistant", **empty},
+        {"role": "user", "content": "Now tell me about caching."},
+    ]
+    reply = client.chat.completions.create(model="sim-small", messages=messages)
+    assert reply.choices[0].message.content
+    assert reply.choices[0].finish_reason == "stop"
+
+
+def test_openai_empty_answer_with_tool_calls_keeps_its_calls(base: str, key: str) -> None:
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=key)
+    tools: list[Any] = [
+        {
+            "type": "function",
+            "function": {
+                "name": tool.name,
+                "description": tool.description,
+                "parameters": json.loads(tool.input_schema_json),
+            },
+        }
+        for tool in workload.TOOLS
+    ]
+    call: Any = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": workload.TOOLS[0].name, "arguments": '{"reservation_id": "XYZ"}'},
+    }
+    reply = client.chat.completions.create(
+        model="sim-large",
+        tools=tools,
+        messages=[
+            {"role": "user", "content": _unique("Where is booking XYZ?")},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": '{"status": "boarding"}'},
+        ],
+    )
+    assert reply.choices[0].message.content
+    # the call is still there: its result without it is refused, naming the result
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model="sim-large",
+            tools=tools,
+            messages=[
+                {"role": "user", "content": _unique("Where is booking XYZ?")},
+                {"role": "assistant", "content": ""},
+                {"role": "tool", "tool_call_id": "call_1", "content": '{"status": "boarding"}'},
+            ],
+        )
+    assert "messages[2]" in str(refused.value)

@@ -1230,3 +1230,67 @@ def test_anthropic_usage_serves_the_thinking_tokens_the_sdk_reads() -> None:
         ).usage.output_tokens_details
         is None
     )
+
+
+_Q = {"role": "user", "content": "q"}
+_MORE = {"role": "user", "content": "more"}
+
+
+@pytest.mark.parametrize(
+    "empty",
+    [
+        {"content": ""},  # the front's (and OpenAI's) unstreamed empty answer
+        {"content": None},  # the SDKs' message of the front's streamed one
+        {},
+        {"content": " \n"},
+        {"content": [{"type": "text", "text": ""}]},
+        {"content": []},
+    ],
+)
+def test_an_empty_openai_answer_sent_back_is_no_gateway_turn(empty: dict[str, Any]) -> None:
+    """OpenAI takes an assistant message with no text; the Gateway has no empty message: the
+    user messages around it are one turn (as Anthropic combines consecutive turns), which the
+    Gateway's validation takes. It was a 400 "needs content or tool_calls"."""
+    origins = openai_api.Origins()
+    request, _, _ = openai_api.parse_request(
+        {"model": "sim-small", "messages": [_Q, {"role": "assistant", **empty}, _MORE]},
+        10,
+        origins,
+    )
+    assert [m.role for m in request.messages] == [pb.ROLE_USER]
+    assert [b.text for b in request.messages[0].content] == ["q", "more"]
+    validate_request(request, _TABLE, set(_TABLE.models))
+    # the Gateway's refusal of the joined turn's second block names the caller's messages[2]
+    said = "messages[0].content[1].text: too long"
+    assert openai_api.at_caller(said, origins).startswith("messages[2].content: too long")
+
+
+def test_an_empty_openai_answer_last_is_no_prefill() -> None:
+    request, _, _ = openai_api.parse_request(
+        {"model": "m", "messages": [_Q, {"role": "assistant", "content": ""}]}, 10
+    )
+    assert [m.role for m in request.messages] == [pb.ROLE_USER]
+
+
+def test_an_empty_openai_answer_with_tool_calls_keeps_only_its_calls() -> None:
+    for content in ("", None, [{"type": "text", "text": ""}]):
+        request, _, _ = openai_api.parse_request(
+            _history({"role": "assistant", "content": content, "tool_calls": [_call("c1")]}), 10
+        )
+        assert [b.WhichOneof("kind") for b in request.messages[1].content] == ["tool_use"]
+
+
+def test_a_breakpoint_on_an_empty_answer_part_is_refused_not_dropped() -> None:
+    part = {"type": "text", "text": "", "cache_control": {"type": "ephemeral"}}
+    with pytest.raises(ApiError) as refused:
+        openai_api.parse_request(
+            {
+                "model": "m",
+                "messages": [
+                    _Q,
+                    {"role": "assistant", "content": [{"type": "text", "text": "a"}, part]},
+                ],
+            },
+            10,
+        )
+    assert refused.value.message.startswith("messages[1].content[1].cache_control: ")
