@@ -42,6 +42,7 @@ def validate_request(request: pb.CompleteRequest, table: ModelTable, deployed: s
     _validate_prefill(request, table)
     _validate_tool_support(request, table)
     _validate_tool_names(request, table)
+    _validate_tool_descriptions(request, table)
 
 
 def _validate_model(request: pb.CompleteRequest, table: ModelTable, deployed: set[str]) -> None:
@@ -402,6 +403,42 @@ def _validate_tool_names(request: pb.CompleteRequest, table: ModelTable) -> None
                 f"tools[{i}].name: {shown(name)} is not a tool name {which} (letters, digits, "
                 f"'_' and '-' only, at most {limit} characters: ^[a-zA-Z0-9_-]{{1,{limit}}}$); "
                 f"rename the tool{instead}"
+            )
+
+
+# The longest tool description OpenAI's Chat Completions takes: its 400 "Invalid
+# 'tools[13].function.description': string too long. Expected a string with maximum length
+# 1024, but got a string with length 1103 instead." (code string_above_max_length, as clients
+# met it: getsentry/sentry-mcp#106, OpenHands#4838, langchain-ai/open_deep_research#80; the
+# loopback server's ``TOOL_DESCRIPTION_CHARS``). Counted here in code points: a description
+# longer so is longer in any unit OpenAI may count. Anthropic takes longer ones (an MCP
+# server's tools often have them), and a self-hosted engine any.
+_TOOL_DESCRIPTION_CHARS = {"openai": 1024}
+
+
+def _validate_tool_descriptions(request: pb.CompleteRequest, table: ModelTable) -> None:
+    """A tool description over what the target row's provider takes (for ``auto``, any tier's
+    that does) is refused here, naming the tool, the model and the limit: before, it went to
+    OpenAI, whose 400 came back as the caller's INVALID_ARGUMENT after the cache lookup and a
+    provider round trip, and ``auto`` answered or refused it by the tier it picked."""
+    if not request.tools:
+        return
+    strict = [s for s in table.answering(request.model) if s.provider in _TOOL_DESCRIPTION_CHARS]
+    for i, tool in enumerate(request.tools):
+        for spec in strict:
+            limit = _TOOL_DESCRIPTION_CHARS[spec.provider]
+            if len(tool.description) <= limit:
+                continue
+            which = (
+                f"auto may pick {spec.id}, whose provider takes"
+                if request.model == AUTO
+                else f"{spec.id}'s provider takes"
+            )
+            instead = ", or name a model that takes it" if request.model == AUTO else ""
+            raise _invalid(
+                f"tools[{i}].description: {len(tool.description):,} characters, over what "
+                f"{which} ({limit:,} characters at most); shorten it (the rest can go in the "
+                f"system prompt){instead}"
             )
 
 

@@ -653,3 +653,36 @@ def test_a_rows_takes_tools_says_whether_its_engine_is_given_tools() -> None:
         update={"takes_tools": True}
     )
     validate_request(_request(model="local-small", tools=[_WEATHER]), table, {"local-small"})
+
+
+def _described(model: str, description: str) -> pb.CompleteRequest:
+    tool = pb.Tool(name="get", description=description, input_schema_json='{"type": "object"}')
+    return _request(model=model, tools=[tool])
+
+
+@pytest.mark.parametrize("model", ["gpt-4o", "gpt-5-mini"])
+def test_a_tool_description_over_openais_limit_is_refused_before_it_is_sent(model: str) -> None:
+    """OpenAI refuses a function description over 1,024 characters (its 400 came back after
+    the cache lookup and a provider round trip): refused here, naming the tool and the limit."""
+    deployed = DEPLOYED | {model}
+    _refusal(_described(model, "d" * 1024), deployed, allowed=True)
+    refusal = _refusal(_described(model, "d" * 1025), deployed, allowed=False)
+    assert refusal is not None
+    assert refusal.message.startswith("tools[0].description: 1,025 characters, over what ")
+    assert f"{model}'s provider takes (1,024 characters at most)" in refusal.message
+
+
+@pytest.mark.parametrize("model", ["claude-sonnet-4-5", "llama-3-1-8b-vllm", "sim-small"])
+def test_a_long_tool_description_goes_where_the_provider_takes_it(model: str) -> None:
+    _refusal(_described(model, "d" * 5000), DEPLOYED | {model}, allowed=True)
+
+
+def test_a_long_tool_description_to_auto_is_refused_when_a_tier_refuses_it() -> None:
+    table = load_model_table()
+    table.auto["large"] = "gpt-4o"
+    deployed = DEPLOYED | {"gpt-4o"}
+    with pytest.raises(RequestError) as info:
+        validate_request(_described("auto", "d" * 2000), table, deployed)
+    assert "auto may pick gpt-4o" in info.value.message
+    validate_request(_described("auto", "d" * 1024), table, deployed)
+    validate_request(_described("auto", "d" * 2000), TABLE, DEPLOYED)  # simulated tiers
