@@ -359,8 +359,11 @@ def _conversation(messages: Any, most_id_chars: int | None) -> Reply | None:
     content nor tool calls; a ``tool`` message that does not follow (after the other ``tool``
     messages) an assistant message with ``tool_calls``, or whose ``tool_call_id`` is none of
     that message's calls; an assistant message whose calls are not each answered by the
-    ``tool`` messages that follow it, before any other message (or the request's end); a tool
-    call id over ``most_id_chars`` (OpenAI's 40; None: an engine's, unbounded)."""
+    ``tool`` messages that follow it, before any other message (or the request's end); a
+    ``tool`` message answering a call another one already answered (OpenAI's "Duplicate value
+    for 'tool_call_id'", as agno-agi/agno#5116 met it: a call id repeated in ``tool_calls``
+    and answered each time too); a tool call id over ``most_id_chars`` (OpenAI's 40; None: an
+    engine's, unbounded)."""
     if not isinstance(messages, list) or not messages:
         return _invalid(
             "Invalid 'messages': empty array. Expected an array with minimum length 1, but got "
@@ -371,6 +374,7 @@ def _conversation(messages: Any, most_id_chars: int | None) -> Reply | None:
     calls: dict[str, None] | None = None  # the open assistant message's unanswered call ids
     asked = -1  # that message's index
     open_ids: set[str] = set()  # its call ids
+    answered: dict[str, int] = {}  # its calls answered so far: the tool message's index
 
     def unanswered() -> Reply:
         return _invalid(
@@ -398,6 +402,13 @@ def _conversation(messages: Any, most_id_chars: int | None) -> Reply | None:
                     "'tool_calls' of previous message.",
                     f"messages.[{i}].tool_call_id",
                 )
+            if (first := answered.get(str(call_id))) is not None:
+                return _invalid(
+                    f"Invalid parameter: Duplicate value for 'tool_call_id' of '{call_id}', in "
+                    f"messages[{first}] and messages[{i}].",
+                    f"messages.[{i}].tool_call_id",
+                )
+            answered[str(call_id)] = i
             calls.pop(str(call_id), None)
             continue
         if calls:
@@ -423,7 +434,7 @@ def _conversation(messages: Any, most_id_chars: int | None) -> Reply | None:
             for j, call_id in enumerate(ids):
                 if most_id_chars is not None and len(call_id) > most_id_chars:
                     return _too_long(f"messages[{i}].tool_calls[{j}].id", call_id)
-            calls, asked, open_ids = dict.fromkeys(ids), i, set(ids)
+            calls, asked, open_ids, answered = dict.fromkeys(ids), i, set(ids), {}
     if calls:
         return unanswered()
     return None

@@ -109,6 +109,19 @@ CASES = {
         "message.",
         "messages.[2].tool_call_id",
     ),
+    "a call answered twice": (
+        _body([ASK, _call("call_1"), _result("call_1"), _result("call_1")]),
+        _body([ASK, _call("call_1"), _result("call_1")]),
+        "Invalid parameter: Duplicate value for 'tool_call_id' of 'call_1', in messages[2] and "
+        "messages[3].",
+        "messages.[3].tool_call_id",
+    ),
+    "a call id repeated in tool_calls, each answered": (
+        _body([ASK, _call("call_1", "call_1"), _result("call_1"), _result("call_1")]),
+        _body([ASK, _call("call_1", "call_2"), _result("call_1"), _result("call_2")]),
+        "Invalid parameter: Duplicate value for 'tool_call_id' of 'call_1'",
+        "messages.[3].tool_call_id",
+    ),
     "one of two calls unanswered": (
         _body([ASK, _call("call_1", "call_2"), _result("call_2"), ASK]),
         _body([ASK, _call("call_1", "call_2"), _result("call_2"), _result("call_1"), ASK]),
