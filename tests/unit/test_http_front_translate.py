@@ -1241,6 +1241,8 @@ _MORE = {"role": "user", "content": "more"}
     [
         {"content": ""},  # the front's (and OpenAI's) unstreamed empty answer
         {"content": None},  # the SDKs' message of the front's streamed one
+        # ... as the stream helper's final message dumps it (ChatCompletionStreamState)
+        {k: None for k in ("content", "refusal", "annotations", "audio", "tool_calls", "parsed")},
         {},
         {"content": " \n"},
         {"content": [{"type": "text", "text": ""}]},
