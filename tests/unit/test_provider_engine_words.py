@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -109,3 +110,32 @@ async def test_hosted_openais_refusal_keeps_its_words(
     refused = await _refused(server, HOSTED, reply)
     assert refused.message.startswith("openai "), refused.message
     assert "self-hosted" not in refused.message + logged.getvalue()
+
+
+async def test_an_engines_unknown_stop_reason_line_names_the_engine(
+    server: WireServer, logged: io.StringIO
+) -> None:
+    """vLLM and SGLang end an aborted request with their own reasons; the line said "openai
+    answered with the unknown stop reason"."""
+    reason = f"eos-{uuid.uuid4().hex[:8]}"  # (each reason is logged once a process)
+    server.reset()
+    server.script(
+        "openai",
+        Reply(
+            events=openai_wire.stream(
+                SELF_HOSTED, ["Par"], openai_wire.usage(9, 0, 1), finish=reason
+            )
+        ),
+    )
+    settings = provider_settings("openai", server.base + "/v1", "sk-openai-loopback-0123456789")
+    api = provider_replica(settings, [SELF_HOSTED])
+    message = pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text="Capital?")])
+    request = pb.CompleteRequest(model=SELF_HOSTED, max_tokens=16, messages=[message])
+    call = model_pb2.GenerateRequest(tenant="t", model=SELF_HOSTED, request=request)
+    try:
+        chunks = [chunk async for chunk in api.generate(call, 10.0)]
+    finally:
+        await api.close()
+    assert chunks[-1].end.stop_reason == "max_tokens"
+    said = f"self-hosted engine answered with the unknown stop reason '{reason}'"
+    assert said in logged.getvalue()

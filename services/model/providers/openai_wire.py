@@ -63,12 +63,13 @@ STOP_REASONS = {
 }
 
 
-def stop_reason_of(finish_reason: str, called_tools: bool) -> str:
+def stop_reason_of(finish_reason: str, called_tools: bool, who: str = "openai") -> str:
     """The Gateway's stop reason for a choice's ``finish_reason``. A turn that called tools is
     ``tool_use`` however it finished (gpt-4o streaming and Ollama say ``stop``), unless it hit
     the output limit (``max_tokens``: a call may be cut) or a content filter (``refusal``);
-    an unknown reason is ``max_tokens`` (``contract_stop_reason``: the answer may be cut)."""
-    mapped = contract_stop_reason("openai", finish_reason, STOP_REASONS)
+    an unknown reason is ``max_tokens`` (``contract_stop_reason``: the answer may be cut; its
+    line names ``who`` answered it, ``provider_name``)."""
+    mapped = contract_stop_reason(who, finish_reason, STOP_REASONS)
     return "tool_use" if called_tools and mapped == "end_turn" else mapped
 
 
@@ -441,7 +442,7 @@ class OpenAIAdapter:
             yield progress.text(text)
         for n, call in enumerate(calls.calls):
             yield tool_use_chunk(call.id or f"call_{n}", call.name, "".join(call.pieces))
-        stop_reason = stop_reason_of(finish, bool(calls.calls))
+        stop_reason = stop_reason_of(finish, bool(calls.calls), provider_name(spec, self.backend))
         end = model_pb2.GenerateEnd(stop_reason=stop_reason, reasoning_tokens=reasoning)
         if report is not None:
             if counted_output:  # the provider reported no output count: this adapter's
