@@ -133,6 +133,7 @@ class PrefixCacheApi:
                     arrived_at_ms=(
                         request.arrived_at_ms if request.HasField("arrived_at_ms") else None
                     ),
+                    stalled_warm=list(request.stalled_warm_replicas),
                 )
             )
             log.debug(

@@ -196,6 +196,7 @@ class PrefixCacheCore:
         kv_cached_unreported: bool = False,
         planned_at_ms: int | None = None,
         arrived_at_ms: int | None = None,
+        stalled_warm: Sequence[str] = (),
     ) -> Split:
         """The first token arrived from ``replica``, which reported ``kv_cached_tokens``
         (unless ``kv_cached_unreported``: a provider adapter learns its engine's KV reuse
@@ -226,7 +227,18 @@ class PrefixCacheCore:
         was written after it (a concurrent request's). It is a field of its own, not
         ``planned_at_ms`` without ``max_read_tokens``, which an older prefix-cache refuses: in a
         rolling upgrade that one ignores it and judges at the first token, as it always did.
+
+        ``stalled_warm``: the replicas this request's call stalled on (handed over before its
+        first report) while its Plan predicted them warm: each is taken as a report of nothing
+        reused there (``ReplicaViews.stalled``), with the Plan held here (its marks of the
+        views); without it, not (no evidence of when the view was wrong).
         """
+        for other in stalled_warm:
+            if not other or other == replica:
+                raise BadRequest(
+                    "stalled_warm_replicas must name replicas other than the WARM's own "
+                    f"({shown(replica)}), none empty; got {shown(other)}"
+                )
         if max_read_tokens is not None and max_read_tokens < 0:
             raise BadRequest(f"max_read_tokens must be >= 0, got {max_read_tokens}")
         if planned_at_ms is not None:
@@ -319,6 +331,10 @@ class PrefixCacheCore:
                 self._views.record(
                     replica, prompt.kv_hashes, plan.prompt_tokens, told, awaiting, since
                 )
+                for other in dict.fromkeys(stalled_warm):
+                    mark = prompt.view_marks.get(other)  # None: no Plan of it held here
+                    if mark is not None:
+                        self._views.stalled(other, prompt.kv_hashes, plan.prompt_tokens, mark)
             # another prefix-cache replica may have recorded this request id meanwhile: its
             # record stands (the warm-state refresh made here only repeats the same writes)
             stood = await self._ledger.put_warm(tenant, request_id, spec.id, replica, split, now)

@@ -16,7 +16,9 @@ WARM. Either report below the prediction corrects the view: the engine had lost 
 block it did not reuse (a restart, or eviction by traffic the view did not see), and an LRU
 engine lost every block touched no later than that one with it, so the view evicts those (the
 prompt's own blocks, touched again by its prefill, stay). A report of 0 against a prediction
-thus clears what the view held for that replica up to that prefix's last touch. Only a block
+thus clears what the view held for that replica up to that prefix's last touch; so does a
+call handed over as stalled where the view predicted it warm (``stalled``: it has no commit,
+so no report). Only a block
 the view held when the request arrived (``mark`` at its Plan) is evidence: one it learned
 since (a concurrent request of the same prefix, recorded first) the engine may not have held
 yet when it prefilled this one (vLLM batches them; two WARMs may arrive in either order).
@@ -93,6 +95,7 @@ class ViewStats:
     abs_error_tokens: int = 0
     corrections: int = 0  # reports below the prediction that evicted blocks
     corrected_blocks: int = 0  # blocks those evicted
+    stalls: int = 0  # of the corrections, those for a call stalled where it was predicted warm
 
 
 @dataclass(frozen=True)
@@ -234,6 +237,26 @@ class ReplicaViews:
             return
         if lost is not None and note.stamps[lost] <= note.since:
             self._correct(view, note.stamps[lost])
+
+    def stalled(self, replica: str, hashes: Sequence[bytes], prompt_tokens: int, since: int) -> int:
+        """A call of this prompt to ``replica``, predicted warm there, stalled before its first
+        report and was handed over: taken as a report of nothing reused (a restarted engine, a
+        prefix lost to traffic the view did not see), so the view loses the prompt's first
+        block and every block touched no later, when that block was held at the request's Plan
+        (``since``: the replica's ``mark`` then; one learned later is no evidence). Such a call
+        has no WARM or FINAL of its own, so no report of the engine would ever correct the view,
+        and each prompt it held there was still sent there as warm. Returns the blocks
+        evicted."""
+        view = self._views.get(replica)
+        if view is None or reusable_blocks(prompt_tokens) < 1:
+            return 0
+        stamps = view.touched(hashes[:1])
+        if not stamps or stamps[0] > since:
+            return 0
+        self.stats.stalls += 1
+        before = self.stats.corrected_blocks
+        self._correct(view, stamps[0])
+        return self.stats.corrected_blocks - before
 
     def _correct(self, view: KvBlockCache, stamp: int) -> None:
         self.stats.corrections += 1

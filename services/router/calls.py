@@ -170,12 +170,15 @@ def warm_commit(
     plan_id: str,
     kv_cached_unreported: bool,
     arrived_ms: int | None = None,
+    stalled_warm: Sequence[str] = (),
 ) -> prefix_cache_pb2.CommitRequest:
     """A call's WARM commit as ``Calls.commit_warm`` first sends it: by its ``plan_id``,
     without the request (``kv_cached_unreported``: the replica could not tell its KV reuse at
     its first token, a provider adapter, so ``kv_cached_tokens`` is no report). Without a Plan
     (no ``max_read_tokens``) it carries ``arrived_ms``, the router's time of the model call:
-    prefix-cache judges the read then, so a concurrent request's write since is not read."""
+    prefix-cache judges the read then, so a concurrent request's write since is not read.
+    ``stalled_warm``: the replicas the request's call stalled on, predicted warm, before
+    this one (``Attempt.stalled_warm``)."""
     commit = prefix_cache_pb2.CommitRequest(
         tenant=tenant,
         request_id=commit_id,
@@ -185,6 +188,7 @@ def warm_commit(
         kv_cached_tokens=kv_cached_tokens,
         plan_id=plan_id,
         kv_cached_unreported=kv_cached_unreported,
+        stalled_warm_replicas=list(stalled_warm),
     )
     if max_read_tokens is not None:
         commit.max_read_tokens = max_read_tokens

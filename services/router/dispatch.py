@@ -124,6 +124,10 @@ class Attempt:
     # its answer went at the router's estimate, its bill to come (``billing.LateBill``): its
     # span and GenAI metrics wait for that bill
     late: asyncio.Future[pb.CompleteResponse] | None = None
+    # the replicas of its model this request's call stalled on before it came here, while its
+    # Plan predicted them warm: its WARM tells prefix-cache (``stalled_warm_replicas``), as the
+    # stalled calls send no commit whose engine report would correct the view
+    stalled_warm: tuple[str, ...] = ()
 
     def commit_key(self, request_id: str) -> str:
         return f"{request_id}#{self.attempt_id}"
@@ -373,6 +377,8 @@ class Dispatcher:
             if usable and ejected:
                 route = replace(route, ejected=tuple(ejected))
             candidates = (*route.order, *(ejected if usable else ()))
+            # the replicas of this model whose call stalled where the Plan predicted them warm
+            stalled_warm: list[str] = []
             for n, replica in enumerate(candidates, 1):
                 remaining_s = self._remaining_s(deadline)
                 if remaining_s is not None and remaining_s <= 0:
@@ -462,6 +468,11 @@ class Dispatcher:
                     # its rate is at most what it showed, unless it waited for a slot
                     if isinstance(exc, _Stalled) and not self.loads.slots_taken(replica):
                         self.loads.stalled(replica, ticket, self._clock())
+                    if isinstance(exc, _Stalled) and match > 0:
+                        # predicted warm, no first report long past that prefill: its engine
+                        # did not hold the prefix (a restart, unseen traffic), and this call
+                        # makes no commit whose report would tell the view so
+                        stalled_warm.append(replica)
                     blamed = True
                     if exc.code == Code.DEADLINE_EXCEEDED:
                         self._left(spec, wanted, replica, ticket)
@@ -551,6 +562,7 @@ class Dispatcher:
                     takers=takers,
                     cut_before_first_token=start.cut_before_first_token,
                     routers_deadline=remaining_s is None or remaining_s > timeout_s,
+                    stalled_warm=tuple(stalled_warm),
                 )
         if too_large is not None and len(failures) == 1:
             raise too_large[1]  # no tier answered, and none but it failed

@@ -279,6 +279,7 @@ class ModelAnswers:
             attempt.plan_id,
             attempt.start.kv_cached_unreported,
             attempt.planned_at_ms,
+            attempt.stalled_warm,
         )
         written = self._billing.journal_open(
             tenant, request, attempt, baseline, first_warm, open_call

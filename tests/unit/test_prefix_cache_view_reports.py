@@ -14,8 +14,9 @@ from services.common.models import load_model_table
 from services.common.prompt import canonical_blocks, prompt_token_ids
 from services.common.tokens import Tokenizer, load_cl100k
 from services.prefix_cache.commit_records import CommitRecords
-from services.prefix_cache.core import PrefixCacheCore, TokenizerSlot
+from services.prefix_cache.core import BadRequest, PrefixCacheCore, TokenizerSlot
 from services.prefix_cache.ledger import InMemoryLedger
+from services.prefix_cache.plan_memo import PlanMemo
 from services.prefix_cache.replica_view import EngineReuse, ReplicaViews
 from services.prefix_cache.rules import Split
 from services.prefix_cache.totals import TotalsLedger
@@ -44,13 +45,15 @@ class Rig:
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self.views = ReplicaViews(65536)
+        clock = ManualClock()
         self.core = PrefixCacheCore(
+            plans=PlanMemo(clock, ttl_ms=60_000, max_blocks=1 << 20),
             table=load_model_table(),
             tokenizer=TokenizerSlot(tokenizer),
             cache=InMemoryWarmStore(),
             views=self.views,
             ledger=InMemoryLedger(CommitRecords(3_600_000), TotalsLedger()),
-            clock=ManualClock(),
+            clock=clock,
             lookback=20,
         )
 
@@ -221,3 +224,80 @@ def test_a_report_at_the_first_token_corrects_the_view_as_one_at_the_final() -> 
     assert views.match("r1", other, len(ids)) == 0  # lost with it (LRU)
     assert views.match("r1", held, len(ids)) == 320  # prefilled again: held
     assert views.stats.abs_error_tokens == 320
+
+
+async def _stalled_then_answered(
+    rig: Rig, rid: str, question: str, stalled: list[str], *, by_plan: bool = True
+) -> None:
+    """A request planned over replicas a and b, its call to ``stalled`` handed over as
+    stalled before its first report, answered by b: the WARM names the stalled replicas (by
+    the Plan's id, or with the request when ``by_plan`` is False: no Plan held)."""
+    request = _ask(AGENT, question)
+    plan = await rig.core.plan("t", MODEL, request, ["a", "b"])
+    await rig.core.warm(
+        "t",
+        rid,
+        MODEL,
+        None if by_plan else request,
+        "b",
+        plan_id=plan.plan_id if by_plan else "",
+        kv_cached_unreported=True,
+        stalled_warm=stalled,
+    )
+
+
+async def test_a_call_stalled_where_the_plan_predicted_warm_clears_what_the_engine_lost(
+    tokenizer: Tokenizer,
+) -> None:
+    """A restarted llama-server (its KV cache gone) predicted warm: the request's call there
+    stalls in a cold prefill and is handed over, so it makes no commit and its engine's report
+    never reaches the view. The WARM of the replica that answered names it: the view takes
+    that as a report of nothing reused there (before, it kept predicting the replica warm)."""
+    rig = Rig(tokenizer)
+    await rig.turn("a1", AGENT, "Order 1?", "a", 0)
+    await rig.turn("f1", FAQ, "Hours?", "a", 0)  # touched after the agent's prefix
+    await rig.turn("x1", FAQ, "Hours?", "b", 0)
+    assert (await rig.warmth(AGENT, "Order 2?"))["a"] > 0
+    await _stalled_then_answered(rig, "a2", "Order 2?", ["a"])
+    assert rig.views.stats.stalls == 1 and rig.views.stats.corrections == 1
+    warmth = await rig.warmth(AGENT, "Order 3?")
+    assert warmth["a"] == 0 and warmth["b"] > 0  # a lost it, b prefilled it
+    assert (await rig.warmth(FAQ, "Hours?"))["a"] > 0  # touched after it: no evidence (LRU)
+
+
+async def test_a_stall_without_the_plan_held_or_on_a_replica_learned_since_evicts_nothing(
+    tokenizer: Tokenizer,
+) -> None:
+    """Only the Plan's marks tell what the view held when the request arrived: without the
+    Plan (expired, another process), or for a prefix the view learned after it (a concurrent
+    request's WARM there), the stall is no evidence and nothing is evicted."""
+    rig = Rig(tokenizer)
+    await rig.turn("a1", AGENT, "Order 1?", "a", 0)
+    await _stalled_then_answered(rig, "a2", "Order 2?", ["a"], by_plan=False)
+    assert rig.views.stats.stalls == 0
+    assert (await rig.warmth(AGENT, "Order 3?"))["a"] > 0
+
+    other = Rig(tokenizer)
+    plan = await other.core.plan("t", MODEL, _ask(AGENT, "Order 2?"), ["a", "b"])
+    await other.turn("a1", AGENT, "Order 1?", "a", 0)  # after the Plan's mark
+    await other.core.warm(
+        "t",
+        "a2",
+        MODEL,
+        None,
+        "b",
+        plan_id=plan.plan_id,
+        kv_cached_unreported=True,
+        stalled_warm=["a"],
+    )
+    assert other.views.stats.stalls == 0
+    assert (await other.warmth(AGENT, "Order 3?"))["a"] > 0
+
+
+@pytest.mark.parametrize("named", ["b", ""])
+async def test_a_warm_naming_its_own_replica_or_an_empty_one_as_stalled_is_refused(
+    tokenizer: Tokenizer, named: str
+) -> None:
+    rig = Rig(tokenizer)
+    with pytest.raises(BadRequest, match="stalled_warm_replicas"):
+        await _stalled_then_answered(rig, "a2", "Order 2?", [named])

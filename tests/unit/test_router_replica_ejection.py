@@ -873,3 +873,57 @@ def test_a_call_that_failed_before_its_start_names_why_its_replica_was_chosen(
     assert float(str(stalled["cachemesh.predicted_ttft_ms"])) > 0
     assert answered["cachemesh.route_reason"] == "fallback"
     assert answered["cachemesh.kv_cached_tokens"] == 0  # its start's report
+
+
+@dataclass
+class ViewOf:
+    """prefix-cache's view (large-1 holding ``warm`` tokens of the prompt, large-2 none), and
+    the commits the router sent."""
+
+    warm: int
+    commits: list[pc.CommitRequest] = field(default_factory=list)
+
+    async def plan(self, request: pc.PlanRequest, deadline_s: float) -> pc.PlanResponse:
+        return pc.PlanResponse(
+            prompt_tokens=2000,
+            candidates=[
+                pc.ReplicaCandidate(replica="large-1", warm_prefix_tokens=self.warm),
+                pc.ReplicaCandidate(replica="large-2", warm_prefix_tokens=0),
+            ],
+            plan_id="p",
+        )
+
+    async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
+        self.commits.append(request)
+        return pc.CommitResponse(
+            usage=pb.Usage(input_tokens=2000, output_tokens=request.output_tokens)
+        )
+
+
+@pytest.mark.parametrize("warm", [1984, 0])
+def test_a_call_stalled_where_it_was_predicted_warm_is_named_in_the_next_replicas_warm(
+    fast_stall: None, warm: int
+) -> None:
+    """A replica predicted warm whose call stalls (a restarted engine prefilling cold) sends no
+    commit, so its engine's report of no reuse never reached prefix-cache's view, which kept
+    predicting it warm: the WARM of the replica that took the request over names it
+    (``stalled_warm_replicas``), for the view to take as a report of nothing reused. A
+    replica predicted cold that stalls tells the view nothing it does not hold."""
+    clock = Clock()
+    view = ViewOf(warm)
+
+    async def scenario() -> None:
+        models = Models(clock, {}, hung={"large-1"})
+        deps = Dependencies(FakeSemantic(), view, models, REPLICAS)
+        router = (load_router_model(), RouterCard.load().default_threshold, None)
+        pipeline = Pipeline(
+            deps, TABLE, TOKENIZER, trace.NoOpTracer(), _settings(), router, clock=clock
+        )
+        assert (await _ask(pipeline, 1, remaining_s=30.0)).content[0].text == "ok"
+        await pipeline.drain()
+        assert models.calls == ["large-1", "large-2"] and models.cancelled == ["large-1"]
+
+    run_on_clock(clock, scenario)
+    warms = [c for c in view.commits if c.phase == pc.COMMIT_PHASE_WARM]
+    assert [w.replica for w in warms] == ["large-2"]
+    assert list(warms[0].stalled_warm_replicas) == (["large-1"] if warm else [])

@@ -168,6 +168,7 @@ class CommitRequest(_message.Message):
     KV_CACHED_UNREPORTED_FIELD_NUMBER: _builtins.int
     PLANNED_AT_MS_FIELD_NUMBER: _builtins.int
     ARRIVED_AT_MS_FIELD_NUMBER: _builtins.int
+    STALLED_WARM_REPLICAS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     request_id: _builtins.str
     phase: Global___CommitPhase.ValueType
@@ -219,6 +220,18 @@ class CommitRequest(_message.Message):
         (totals use it; the estimate is kept and the drift is reported). Unset = simulated engine.
         """
 
+    @_builtins.property
+    def stalled_warm_replicas(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """WARM: the replicas of this model this request's call was sent to first and handed over
+        from as stalled (no first report long past its predicted prefill) while the Plan predicted
+        them warm for it: an engine restarted (its KV cache gone) or that lost the prefix to
+        traffic the view did not see. Such a call sends no WARM or FINAL of its own, so its
+        engine never reports the reuse that would correct the view; prefix-cache takes the stall
+        as a report of nothing reused there (the view loses the Plan's predicted blocks on each
+        and every block touched no later). Only with this request's Plan held (its marks of the
+        views): without them a late WARM could evict what the replica learned since.
+        """
+
     def __init__(
         self,
         *,
@@ -237,10 +250,11 @@ class CommitRequest(_message.Message):
         kv_cached_unreported: _builtins.bool = ...,
         planned_at_ms: _builtins.int | None = ...,
         arrived_at_ms: _builtins.int | None = ...,
+        stalled_warm_replicas: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_arrived_at_ms", b"_arrived_at_ms", "_max_read_tokens", b"_max_read_tokens", "_planned_at_ms", b"_planned_at_ms", "arrived_at_ms", b"arrived_at_ms", "max_read_tokens", b"max_read_tokens", "planned_at_ms", b"planned_at_ms", "provider_usage", b"provider_usage", "request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_arrived_at_ms", b"_arrived_at_ms", "_max_read_tokens", b"_max_read_tokens", "_planned_at_ms", b"_planned_at_ms", "arrived_at_ms", b"arrived_at_ms", "baseline_model", b"baseline_model", "kv_cached_tokens", b"kv_cached_tokens", "kv_cached_unreported", b"kv_cached_unreported", "max_read_tokens", b"max_read_tokens", "model", b"model", "output_tokens", b"output_tokens", "phase", b"phase", "plan_id", b"plan_id", "planned_at_ms", b"planned_at_ms", "provider_usage", b"provider_usage", "replica", b"replica", "request", b"request", "request_id", b"request_id", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_arrived_at_ms", b"_arrived_at_ms", "_max_read_tokens", b"_max_read_tokens", "_planned_at_ms", b"_planned_at_ms", "arrived_at_ms", b"arrived_at_ms", "baseline_model", b"baseline_model", "kv_cached_tokens", b"kv_cached_tokens", "kv_cached_unreported", b"kv_cached_unreported", "max_read_tokens", b"max_read_tokens", "model", b"model", "output_tokens", b"output_tokens", "phase", b"phase", "plan_id", b"plan_id", "planned_at_ms", b"planned_at_ms", "provider_usage", b"provider_usage", "replica", b"replica", "request", b"request", "request_id", b"request_id", "stalled_warm_replicas", b"stalled_warm_replicas", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__arrived_at_ms: _TypeAlias = _typing.Literal["arrived_at_ms"]  # noqa: Y015
     _WhichOneofArgType__arrived_at_ms: _TypeAlias = _typing.Literal["_arrived_at_ms", b"_arrived_at_ms"]  # noqa: Y015
