@@ -18,10 +18,10 @@ engine lost every block touched no later than that one with it, so the view evic
 prompt's own blocks, touched again by its prefill, stay). A report of 0 against a prediction
 thus clears what the view held for that replica up to that prefix's last touch; so does a
 call handed over as stalled where the view predicted it warm (``stalled``: it has no commit,
-so no report). Only a block
-the view held when the request arrived (``mark`` at its Plan) is evidence: one it learned
-since (a concurrent request of the same prefix, recorded first) the engine may not have held
-yet when it prefilled this one (vLLM batches them; two WARMs may arrive in either order).
+so no report). Only a block the view held when the request arrived (``mark`` at its Plan) is
+evidence: one it learned since (a concurrent request of the same prefix, recorded first) the
+engine may not have held yet when it prefilled this one (vLLM batches them; two WARMs may
+arrive in either order).
 
 The engine counts its reuse in its own tokens (``EngineReuse``, with its count of the whole
 prompt), the view in prefix-cache's (cl100k), and the two differ (a large-vocabulary engine
