@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from cachemesh.loadtest.workloads import NAMES, DataInvalid, WorkloadSpec, build, normalise
-from cachemesh.loadtest.workloads.bfcl import QUERIES
+from cachemesh.loadtest.workloads.bfcl import JSON_SCHEMA_TYPES, QUERIES, json_schema
 from cachemesh.loadtest.workloads.mix import parse_weights
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.models import ModelTable, load_model_table
@@ -54,6 +55,90 @@ def test_every_bfcl_row_passes_the_gateways_validation_for_a_hosted_row(model: s
         dotted += any("_" in name for name in names)
         assert not any("." in name for name in names)
     assert rows == 1053 and dotted > 0
+
+
+def _types(schema: object, seen: Counter[str]) -> Counter[str]:
+    """Every ``type`` named in ``schema`` and the schemas nested in it (``properties``,
+    ``items``); a schema naming none is counted as ``(none)``."""
+    if isinstance(schema, dict):
+        seen[str(schema.get("type", "(none)"))] += 1
+        for sub in (schema.get("properties") or {}).values():
+            _types(sub, seen)
+        if isinstance(schema.get("items"), dict):
+            _types(schema["items"], seen)
+    return seen
+
+
+def test_every_bfcl_tool_schema_is_sent_with_json_schemas_types_only() -> None:
+    """live_multiple's rows name 4,241 ``dict``, 341 ``float``, 7 ``any`` and 3 ``tuple`` types,
+    which the hosted providers refuse (JSON Schema has them not: every one of the 4,178
+    function schemas failed draft 2020-12's meta-schema): sent as BFCL's harness sends them,
+    each becomes its JSON Schema type (``any``: no type), and nothing else changes."""
+    raw: Counter[str] = Counter()
+    for line in (data_dir() / QUERIES).read_text(encoding="utf-8").splitlines():
+        for function in json.loads(line)["function"]:
+            _types(function.get("parameters", {}), raw)
+    foreign = {t: raw[t] for t in raw if t not in JSON_SCHEMA_TYPES and t != "(none)"}
+    assert set(foreign) == {"dict", "float", "any", "tuple"}
+    workload = build(_spec("tools"))
+    rows = int(str(workload.params()["queries"]))
+    sent: Counter[str] = Counter()
+    for _ in range(rows):  # each row once (all of them: every row has a user message)
+        for tool in workload.next_item().request.tools:
+            _types(json.loads(tool.input_schema_json), sent)
+    assert rows == 1053
+    assert sent == {
+        "object": raw["object"] + raw["dict"],
+        "number": raw["number"] + raw["float"],
+        "array": raw["array"] + raw["tuple"],
+        "(none)": raw["(none)"] + raw["any"],
+        **{t: raw[t] for t in ("string", "integer", "boolean") if raw[t]},
+    }
+
+
+def test_json_schema_converts_bfcls_types_where_they_nest_and_leaves_data_alone() -> None:
+    row = {
+        "type": "dict",
+        "required": ["a"],
+        "properties": {
+            "a": {"type": "tuple", "items": {"type": "float"}},
+            "b": {"type": "any", "description": "any value"},
+            "type": {"type": "dict", "default": {"type": "dict"}, "enum": [{"type": "float"}]},
+            "c": {
+                "type": "array",
+                "items": {"type": "dict", "properties": {"d": {"type": "float"}}},
+            },
+        },
+    }
+    before = json.dumps(row, sort_keys=True)
+    assert json_schema(row) == {
+        "type": "object",
+        "required": ["a"],
+        "properties": {
+            "a": {"type": "array", "items": {"type": "number"}},
+            "b": {"description": "any value"},
+            "type": {"type": "object", "default": {"type": "dict"}, "enum": [{"type": "float"}]},
+            "c": {
+                "type": "array",
+                "items": {"type": "object", "properties": {"d": {"type": "number"}}},
+            },
+        },
+    }
+    assert json.dumps(row, sort_keys=True) == before  # the row itself is unchanged
+
+
+def test_a_bfcl_row_with_a_type_neither_json_schemas_nor_bfcls_is_refused(tmp_path: Path) -> None:
+    row = {
+        "id": "live_multiple_y",
+        "question": [[{"role": "user", "content": "hi"}]],
+        "function": [{"name": "f", "parameters": {"type": "dict", "properties": {
+            "x": {"type": "HashMap"}}}}],
+    }  # fmt: skip
+    path = tmp_path / QUERIES
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    with pytest.raises(DataInvalid, match=r"row live_multiple_y: function 'f': type 'HashMap'"):
+        build(WorkloadSpec("tools", 3, "ns", tmp_path))
 
 
 def test_a_bfcl_row_whose_names_collide_once_sent_is_refused(tmp_path: Path) -> None:

@@ -5,6 +5,13 @@ Anthropic's tool names may not hold (``^[a-zA-Z0-9_-]+$``: the router refuses su
 hosted row as the providers do). BFCL's own harness sends ``.`` as ``_`` to those APIs; so does
 this workload, for every row (the same request whichever row answers it). The rows hold no
 recorded calls or expected answers, so the tool list is the only place a name appears.
+
+The rows' parameter schemas name types JSON Schema has not (live_multiple: 4,241 ``dict``, 341
+``float``, 7 ``any``, 3 ``tuple``), which OpenAI (``parameters``: "a JSON Schema object") and
+Anthropic (``input_schema``: "JSON schema is invalid. It must match JSON Schema draft 2020-12")
+refuse (every one of its 4,178 function schemas failed draft 2020-12's meta-schema). BFCL's
+harness converts them before it calls a provider; so does this workload (``json_schema``), for
+every row: none fails it then.
 """
 
 from __future__ import annotations
@@ -30,6 +37,65 @@ QUERIES = "agent/bfcl/BFCL_v4_live_multiple.jsonl"
 def api_tool_name(name: str) -> str:
     """A BFCL function name as a provider's API takes it: ``.`` as ``_`` (BFCL's rule)."""
     return name.replace(".", "_")
+
+
+# BFCL's type names that JSON Schema has not, as its harness sends them (its GORILLA_TO_OPENAPI)
+_AS_JSON_SCHEMA = {"dict": "object", "float": "number", "tuple": "array"}
+# BFCL's "any" ("any valid Python data type"): JSON Schema says that by naming no type (BFCL's
+# harness sends "string", which would tell the model a value must be text)
+_ANY = "any"
+JSON_SCHEMA_TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean", "null"})
+# the keywords whose value is a schema, a list of schemas or a map of name -> schema: only
+# these are walked (a ``default`` or an ``enum`` value is data, whatever keys it holds)
+_ONE_SCHEMA = ("items", "additionalProperties", "not", "contains", "if", "then", "else")
+_SCHEMA_LISTS = ("items", "prefixItems", "anyOf", "oneOf", "allOf")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+
+
+class NotJsonSchemaType(ValueError):
+    """A type name neither JSON Schema's nor one BFCL's harness converts."""
+
+
+def json_schema(schema: object) -> object:
+    """A BFCL parameter schema as JSON Schema, as BFCL's harness sends it to a provider:
+    ``dict`` as ``object``, ``float`` as ``number``, ``tuple`` as ``array``; ``any`` as no
+    type (``_ANY``: not BFCL's "string"), in the schema and every schema nested in it; a new value (``schema`` is unchanged).
+    ``NotJsonSchemaType`` for any other type name."""
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, object] = dict(schema)
+    kind = out.get("type")
+    if kind == _ANY:
+        del out["type"]
+    elif isinstance(kind, str):
+        out["type"] = _AS_JSON_SCHEMA.get(kind, kind)
+        if out["type"] not in JSON_SCHEMA_TYPES:
+            raise NotJsonSchemaType(f"type {kind!r} is not a JSON Schema type")
+    for key in _ONE_SCHEMA:
+        if isinstance(out.get(key), dict):
+            out[key] = json_schema(out[key])
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [json_schema(s) for s in out[key]]  # type: ignore[attr-defined]
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: json_schema(s) for name, s in out[key].items()}  # type: ignore[attr-defined]
+    return out
+
+
+def _as_sent(path: Path, row: dict[str, object]) -> dict[str, object]:
+    """``row`` with its functions' parameters as JSON Schema (``json_schema``); ``DataInvalid``
+    naming the row and the function for a type neither JSON Schema's nor BFCL's."""
+    functions = []
+    for f in row["function"]:  # type: ignore[attr-defined]
+        try:
+            functions.append({**f, "parameters": json_schema(f.get("parameters", {}))})
+        except NotJsonSchemaType as exc:
+            raise DataInvalid(
+                f"{path}: row {row.get('id', '?')}: function {f.get('name')!r}: {exc} nor one "
+                f"BFCL's harness converts ({', '.join(sorted([*_AS_JSON_SCHEMA, _ANY]))})"
+            ) from None
+    return {**row, "function": functions}
 
 
 def _names_stay_distinct(path: Path, rows: list[dict[str, object]]) -> None:
@@ -87,6 +153,7 @@ class BfclTools:
         try:
             asked = [r for r in rows if any(m["role"] == "user" for m in r["question"][0])]  # type: ignore[index]
             _names_stay_distinct(path, asked)
+            asked = [_as_sent(path, r) for r in asked]
         except (KeyError, TypeError, IndexError) as exc:
             raise malformed(path, exc) from None
         self._rows = nonempty(path, asked, "query with a user message")
