@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from tests.providers.schema_types import bad_type
 from tests.providers.wire_server import Event, Reply, dumps
 
 
@@ -294,7 +295,8 @@ def _blocks(content: Any) -> list[dict[str, Any]]:
 def _structure_refusal(body: dict[str, Any]) -> str | None:
     """The message of the real API's 400 to a body whose shape it refuses, else None: a
     max_tokens below 1, a temperature outside [0, 1], an empty or blank text block, a tool's
-    name outside ``TOOL_NAME``, a tool_use id outside ``^[a-zA-Z0-9_-]+$`` or used twice, a message
+    name outside ``TOOL_NAME``, a tool's ``input_schema`` naming a type JSON Schema has not
+    (``schema_types``), a tool_use id outside ``^[a-zA-Z0-9_-]+$`` or used twice, a message
     after tool calls that does not begin with their tool_result blocks (or a result matching
     no call of the message before), more than 4 ``cache_control`` breakpoints, a 1-hour
     breakpoint after a 5-minute one (tools, system, messages order). The messages are the
@@ -308,6 +310,12 @@ def _structure_refusal(body: dict[str, Any]) -> str | None:
     for t, tool in enumerate(body.get("tools") or []):
         if isinstance(tool, dict) and not TOOL_NAME.match(str(tool.get("name"))):
             return f"tools.{t}.custom.name: String should match pattern '{TOOL_NAME.pattern}'"
+        if isinstance(tool, dict) and bad_type(tool.get("input_schema")) is not None:
+            return (
+                f"tools.{t}.custom.input_schema: JSON schema is invalid. It must match JSON "
+                "Schema draft 2020-12 (https://json-schema.org/draft/2020-12). Learn more about "
+                "tool use at https://docs.claude.com/en/docs/tool-use."
+            )
         if isinstance(tool, dict) and isinstance(tool.get("cache_control"), dict):
             marks.append(tool["cache_control"].get("ttl", "5m"))
     system = body.get("system")

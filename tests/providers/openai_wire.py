@@ -14,6 +14,7 @@ from typing import Any
 
 from openai.types.chat.completion_create_params import CompletionCreateParamsBase
 
+from tests.providers.schema_types import bad_type
 from tests.providers.wire_server import Event, Reply, dumps
 
 
@@ -188,14 +189,36 @@ def _function_name_refusal(body: dict[str, Any]) -> Reply | None:
     return None
 
 
+def _parameters_refusal(body: dict[str, Any]) -> Reply | None:
+    """The real API's 400 to a tool whose ``parameters`` name a type JSON Schema has not (to
+    one of OpenAI's own models: ``schema_types``), else None."""
+    if not _OPENAI_MODEL.match(str(body.get("model", ""))):
+        return None
+    for t, tool in enumerate(body.get("tools") or []):
+        function = (tool.get("function") or {}) if isinstance(tool, dict) else {}
+        problem = bad_type(function.get("parameters"))
+        if problem is not None:
+            return error(
+                400,
+                "invalid_request_error",
+                f"Invalid schema for function '{function.get('name')}': {problem}.",
+                code="invalid_function_parameters",
+                param=f"tools[{t}].function.parameters",
+            )
+    return None
+
+
 def refusal(headers: dict[str, str], body: dict[str, Any]) -> Reply | None:
     """The real API's 400 to a request it refuses before answering, in its words, else None:
     a sampling setting other than its default, or ``max_tokens``, to a reasoning model;
     ``stream_options`` without ``stream``; a ``prompt_cache_key`` over 64 characters; a
-    function name outside ``^[a-zA-Z0-9_-]+$`` or over 64 characters (OpenAI's own: an
-    OpenAI-compatible engine takes others)."""
+    function name outside ``^[a-zA-Z0-9_-]+$`` or over 64 characters, a function's
+    ``parameters`` naming a type JSON Schema has not (OpenAI's own: an OpenAI-compatible
+    engine takes others)."""
     if (named := _function_name_refusal(body)) is not None:
         return named
+    if (typed := _parameters_refusal(body)) is not None:
+        return typed
     model = str(body.get("model", ""))
     if _REASONING.match(model):
         for name, only in _SAMPLING_DEFAULTS.items():

@@ -4,8 +4,9 @@ answered: a message after tool calls not beginning with their tool_result blocks
 passed text before a tool_result until then, and the loopback server answered it: 5 of 5), a
 result matching no call, an empty or blank text block, more than 4 breakpoints, a 1-hour
 breakpoint after a 5-minute one, max_tokens 0, a temperature above 1, a tool_use id outside
-the API's pattern. Each shape's fixed form is answered. And the replica sends a tool id
-another model wrote in the API's pattern."""
+the API's pattern, a tool's input_schema naming a type JSON Schema has not (BFCL's ``dict``,
+``tuple``: answered before, 2 of 2). Each shape's fixed form is answered. And the replica
+sends a tool id another model wrote in the API's pattern."""
 
 from __future__ import annotations
 
@@ -54,6 +55,10 @@ def _marked(ttl: str | None) -> dict[str, Any]:
     return {"type": "text", "text": "context", "cache_control": control}
 
 
+def _schema(properties: dict[str, Any]) -> dict[str, Any]:
+    return {"name": "plan", "input_schema": {"type": "object", "properties": properties}}
+
+
 # (refused body, its fixed form, the start of the API's message)
 CASES = {
     "text before the result": (
@@ -90,6 +95,17 @@ CASES = {
         _body([{"role": "user", "content": [_marked("1h")]}], system=[_marked("5m")]),
         _body([{"role": "user", "content": [_marked("5m")]}], system=[_marked("1h")]),
         "a ttl='1h' cache_control block must not come after a ttl='5m' cache_control block.",
+    ),
+    "an input_schema type JSON Schema has not": (
+        _body([ASK], tools=[{"name": "calc", "input_schema": {"type": "dict"}}]),
+        _body([ASK], tools=[{"name": "calc", "input_schema": {"type": "object"}}]),
+        "tools.0.custom.input_schema: JSON schema is invalid. It must match JSON Schema draft "
+        "2020-12",
+    ),
+    "a nested type JSON Schema has not": (
+        _body([ASK], tools=[TOOLS[0], _schema({"p": {"type": "tuple", "items": {}}})]),
+        _body([ASK], tools=[TOOLS[0], _schema({"p": {"type": "array", "items": {}}})]),
+        "tools.1.custom.input_schema: JSON schema is invalid.",
     ),
     "max_tokens 0": (
         _body([ASK], max_tokens=0),

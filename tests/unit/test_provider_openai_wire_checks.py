@@ -7,7 +7,8 @@ more than 4 stop sequences, an output limit of 0 or both limits at once, a tempe
 an empty ``tools``, ``tool_choice`` / ``parallel_tool_calls`` without tools, a retention
 OpenAI does not know, ``reasoning_effort`` to a model that does not reason, no messages, an
 argument Chat Completions does not have, a tool call id over 40 characters, a function
-description over 1,024. Before, it answered each (19 of 19). Each shape's
+description over 1,024, a function's parameters naming a type JSON Schema has not (BFCL's
+``dict``, ``float``). Before, it answered each (19 of 19; the 2 types, 2 of 2). Each shape's
 fixed form is answered. And the bodies the adapter builds for a conversation of parallel
 tool calls, a failed one among them, are taken."""
 
@@ -83,6 +84,10 @@ def _send(client: openai.OpenAI, body: dict[str, Any]) -> str:
 def _described(description: str) -> dict[str, Any]:
     function = {"name": "calc", "parameters": {"type": "object"}, "description": description}
     return {"type": "function", "function": function}
+
+
+def _typed(parameters: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": "calc", "parameters": parameters}}
 
 
 # (refused body, its fixed form, the start of the API's message, its param)
@@ -183,6 +188,18 @@ CASES = {
         "Invalid 'tools[0].function.description': string too long. Expected a string with "
         "maximum length 1024, but got a string with length 1025 instead.",
         "tools[0].function.description",
+    ),
+    "a parameters type JSON Schema has not": (
+        _body([ASK], tools=[_typed({"type": "dict"})]),
+        _body([ASK], tools=[_typed({"type": "object"})]),
+        "Invalid schema for function 'calc': 'dict' is not valid under any of the given schemas.",
+        "tools[0].function.parameters",
+    ),
+    "a nested parameter's type JSON Schema has not": (
+        _body([ASK], tools=[_typed({"type": "object", "properties": {"x": {"type": "float"}}})]),
+        _body([ASK], tools=[_typed({"type": "object", "properties": {"x": {"type": "number"}}})]),
+        "Invalid schema for function 'calc': 'float' is not valid under any of the given schemas.",
+        "tools[0].function.parameters",
     ),
     "tool_choice without tools": (
         {"model": GPT, "messages": [ASK], "tool_choice": "auto"},
@@ -332,6 +349,16 @@ def test_an_engines_own_ids_and_arguments_are_not_held_to_openais_rules() -> Non
         chat_template_kwargs={"enable_thinking": False},
     )
     assert openai_wire.refusal({}, body) is not None
+    assert openai_wire.refusal({}, {**body, "model": "meta-llama/Llama-3.1-8B-Instruct"}) is None
+
+
+def test_the_loopback_server_says_openais_code_for_a_schema_type() -> None:
+    """The API's 400 to a parameter type JSON Schema has not carries its own code; an
+    OpenAI-compatible engine's model is not held to it (llama-server, vLLM: their own checks,
+    if any, are not OpenAI's)."""
+    body = _body([ASK], tools=[_typed({"type": "object", "properties": {"x": {"type": "any"}}})])
+    refused = openai_wire.refusal({}, body)
+    assert refused is not None and refused.body["error"]["code"] == "invalid_function_parameters"
     assert openai_wire.refusal({}, {**body, "model": "meta-llama/Llama-3.1-8B-Instruct"}) is None
 
 
