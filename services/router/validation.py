@@ -7,6 +7,7 @@ a client can fix the request. Validation reads the request only: it changes no s
 from __future__ import annotations
 
 import functools
+import json
 import math
 import re
 
@@ -43,6 +44,7 @@ def validate_request(request: pb.CompleteRequest, table: ModelTable, deployed: s
     _validate_tool_support(request, table)
     _validate_tool_names(request, table)
     _validate_tool_descriptions(request, table)
+    _validate_tool_schemas(request, table)
 
 
 def _validate_model(request: pb.CompleteRequest, table: ModelTable, deployed: set[str]) -> None:
@@ -440,6 +442,96 @@ def _validate_tool_descriptions(request: pb.CompleteRequest, table: ModelTable) 
                 f"{which} ({limit:,} characters at most); shorten it (the rest can go in the "
                 f"system prompt){instead}"
             )
+
+
+# The types JSON Schema has. OpenAI's and Anthropic's APIs take a tool's parameters as "a JSON
+# Schema object" and refuse one that is not valid JSON Schema (OpenAI: 400
+# invalid_function_parameters, "Invalid schema for function '...': ..."; Anthropic: 400
+# "tools.N.custom.input_schema: JSON schema is invalid. It must match JSON Schema draft
+# 2020-12"). Only a ``type`` is checked here (a name JSON Schema has not, as BFCL's data and
+# Python-minded clients write: "dict", "float"), not the rest of the meta-schema. A self-hosted
+# engine is not held to it (its own checks, if any, are its own).
+_SCHEMA_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+# what a client that wrote a Python type name meant, said in the message
+_SCHEMA_TYPE_FOR = {
+    "dict": "object", "float": "number", "tuple": "array", "list": "array", "int": "integer",
+    "str": "string", "bool": "boolean", "any": "no type (any value)",
+}  # fmt: skip
+# the keywords whose value is a schema, a list of schemas, or a map of names to schemas
+_ONE_SCHEMA = ("items", "additionalProperties", "not", "contains", "if", "then", "else")
+_SCHEMA_LISTS = ("items", "prefixItems", "anyOf", "oneOf", "allOf")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+
+
+def _type_problem(schema: object, where: str) -> str | None:
+    """Where in ``schema`` (a parsed tool schema) the first ``type`` JSON Schema has not is,
+    and what it is, else None."""
+    if not isinstance(schema, dict):
+        return None
+    if "type" in schema:
+        kind = schema["type"]
+        kinds = kind if isinstance(kind, list) else [kind]
+        valid = all(isinstance(k, str) and k in _SCHEMA_TYPES for k in kinds)
+        if not (valid and kinds and len(set(kinds)) == len(kinds)):
+            shown_kind = shown(kind) if isinstance(kind, str) else json.dumps(kind)[:64]
+            meant = _SCHEMA_TYPE_FOR.get(kind) if isinstance(kind, str) else None
+            hint = f" (for {shown(kind)}, use {meant})" if meant else ""
+            return (
+                f"{where}type: {shown_kind} is not a JSON Schema type: use one of "
+                f"{', '.join(_SCHEMA_TYPES)}, or a list of distinct ones{hint}"
+            )
+    nested: list[tuple[str, object]] = []
+    for key in _ONE_SCHEMA:
+        if isinstance(schema.get(key), dict):
+            nested.append((f"{where}{key}.", schema[key]))
+    for key in _SCHEMA_LISTS:
+        if isinstance(schema.get(key), list):
+            nested.extend((f"{where}{key}[{i}].", sub) for i, sub in enumerate(schema[key]))
+    for key in _SCHEMA_MAPS:
+        if isinstance(schema.get(key), dict):
+            nested.extend((f"{where}{key}.{name}.", sub) for name, sub in schema[key].items())
+    for place, sub in nested:
+        if (problem := _type_problem(sub, place)) is not None:
+            return problem
+    return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_schema_type_problem(text: str) -> str | None:
+    """Cached as ``_cached_json_object_problem``: the same schemas come with every request."""
+    return _type_problem(strict_json.loads(text), "")
+
+
+def _validate_tool_schemas(request: pb.CompleteRequest, table: ModelTable) -> None:
+    """A tool schema naming a type JSON Schema has not, to a row whose provider refuses it
+    (for ``auto``, any tier's that does), is refused here, naming the tool, the field and the
+    model, before anything is sent: before, it went to the provider, whose 400 came back after
+    the cache lookup and the round trip (and ``auto`` answered or refused it by its tier)."""
+    if not request.tools:
+        return
+    strict = [s for s in table.answering(request.model) if s.provider in _TOOL_NAME_CHARS]
+    if not strict:
+        return
+    for i, tool in enumerate(request.tools):
+        if not tool.input_schema_json:
+            continue
+        text = tool.input_schema_json
+        if len(text) <= _CACHED_JSON_CHARS:
+            problem = _cached_schema_type_problem(text)
+        else:
+            problem = _type_problem(strict_json.loads(text), "")
+        if problem is None:
+            continue
+        spec = strict[0]
+        which = (
+            f"auto may pick {spec.id}, whose provider takes"
+            if request.model == AUTO
+            else f"{spec.id}'s provider takes"
+        )
+        raise _invalid(
+            f"tools[{i}].input_schema_json: tool {shown(tool.name)}: {problem}; {which} a "
+            "tool's schema as JSON Schema only"
+        )
 
 
 def _validate_tool_support(request: pb.CompleteRequest, table: ModelTable) -> None:

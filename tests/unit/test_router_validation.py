@@ -581,6 +581,74 @@ def test_a_tool_name_to_auto_is_refused_when_a_tier_refuses_it() -> None:
     validate_request(_with_tool("auto", "mcp.search"), TABLE, DEPLOYED)  # simulated tiers
 
 
+def _with_schema(model: str, schema: object) -> pb.CompleteRequest:
+    tools = [
+        pb.Tool(name="calc", input_schema_json='{"type": "object"}'),
+        pb.Tool(name="plan", input_schema_json=json.dumps(schema)),
+    ]
+    return _request(model=model, tools=tools)
+
+
+@pytest.mark.parametrize("model", ["claude-sonnet-4-5", "gpt-4o"])
+@pytest.mark.parametrize(
+    ("schema", "where", "hint"),
+    [
+        ({"type": "dict", "properties": {}}, "type: 'dict'", "use object"),
+        ({"type": "object", "properties": {"x": {"type": "float"}}}, "properties.x.type", "number"),
+        ({"type": "object", "properties": {"x": {"type": "tuple", "items": {}}}}, "", "array"),
+        ({"type": "object", "properties": {"x": {"type": "any"}}}, "", "no type (any value)"),
+        ({"type": "object", "properties": {"x": {"type": "array", "items": {"type": "float"}}}},
+         "properties.x.items.type", "number"),
+        ({"type": "object", "properties": {"x": {"anyOf": [{"type": "string"}, {"type": "int"}]}}},
+         "properties.x.anyOf[1].type", "integer"),
+        ({"type": "object", "properties": {"x": {"type": ["string", "string"]}}}, "", ""),
+        ({"type": "object", "properties": {"x": {"type": []}}}, "", ""),
+        ({"type": "object", "properties": {"x": {"type": 3}}}, "properties.x.type: 3 ", ""),
+    ],
+)  # fmt: skip
+def test_a_tool_schema_type_the_rows_provider_refuses_is_refused_before_it_is_sent(
+    model: str, schema: object, where: str, hint: str
+) -> None:
+    """OpenAI's and Anthropic's APIs take a tool's schema as JSON Schema and refuse a type it
+    has not (BFCL's ``dict``, ``float``, ``tuple``, ``any``: every hosted row passed them to the
+    provider, 17 of 17): refused here, naming the tool, the field and the model."""
+    refusal = _refusal(_with_schema(model, schema), DEPLOYED | {model}, allowed=False)
+    assert refusal is not None
+    assert refusal.message.startswith("tools[1].input_schema_json: tool 'plan': ")
+    assert where in refusal.message and hint in refusal.message
+    assert "is not a JSON Schema type" in refusal.message
+    assert f"{model}'s provider takes a tool's schema as JSON Schema" in refusal.message
+
+
+@pytest.mark.parametrize(
+    ("model", "schema"),
+    [
+        ("gpt-4o", {"type": "object", "properties": {"x": {"type": ["string", "null"]}}}),
+        ("gpt-4o", {"type": "object", "properties": {"x": {"description": "any value"}}}),
+        # data, not a schema: a default's or an enum's keys are not looked at
+        ("claude-sonnet-4-5", {"type": "object", "properties": {"x": {
+            "type": "object", "default": {"type": "dict"}, "enum": [{"type": "float"}]}}}),
+        ("claude-sonnet-4-5", {"type": "object", "properties": {"type": {"type": "string"}}}),
+        ("llama-3-1-8b-vllm", {"type": "dict"}),  # a self-hosted engine is not held to it
+        ("sim-small", {"type": "dict"}),
+    ],
+)  # fmt: skip
+def test_a_tool_schema_the_rows_provider_takes_passes(model: str, schema: object) -> None:
+    _refusal(_with_schema(model, schema), DEPLOYED | {model}, allowed=True)
+
+
+def test_a_tool_schema_type_to_auto_is_refused_when_a_tier_refuses_it() -> None:
+    table = load_model_table()
+    table.auto["large"] = "gpt-4o"
+    deployed = DEPLOYED | {"gpt-4o"}
+    with pytest.raises(RequestError) as info:
+        validate_request(_with_schema("auto", {"type": "dict"}), table, deployed)
+    assert info.value.code == Code.INVALID_ARGUMENT
+    assert "auto may pick gpt-4o" in info.value.message
+    validate_request(_with_schema("auto", {"type": "object"}), table, deployed)
+    validate_request(_with_schema("auto", {"type": "dict"}), TABLE, DEPLOYED)  # simulated tiers
+
+
 _WEATHER = pb.Tool(
     name="get_weather",
     input_schema_json='{"type": "object", "properties": {"city": {"type": "string"}}}',
