@@ -454,8 +454,9 @@ def _validate_tool_descriptions(request: pb.CompleteRequest, table: ModelTable) 
 _SCHEMA_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 # what a client that wrote a Python type name meant, said in the message
 _SCHEMA_TYPE_FOR = {
-    "dict": "object", "float": "number", "tuple": "array", "list": "array", "int": "integer",
-    "str": "string", "bool": "boolean", "any": "no type (any value)",
+    "dict": "use object", "float": "use number", "tuple": "use array", "list": "use array",
+    "int": "use integer", "str": "use string", "bool": "use boolean",
+    "any": "leave type out: a schema without one takes any value",
 }  # fmt: skip
 # the keywords whose value is a schema, a list of schemas, or a map of names to schemas
 _ONE_SCHEMA = ("items", "additionalProperties", "not", "contains", "if", "then", "else")
@@ -475,7 +476,7 @@ def _type_problem(schema: object, where: str) -> str | None:
         if not (valid and kinds and len(set(kinds)) == len(kinds)):
             shown_kind = shown(kind) if isinstance(kind, str) else json.dumps(kind)[:64]
             meant = _SCHEMA_TYPE_FOR.get(kind) if isinstance(kind, str) else None
-            hint = f" (for {shown(kind)}, use {meant})" if meant else ""
+            hint = f" (for {shown(kind)}, {meant})" if meant else ""
             return (
                 f"{where}type: {shown_kind} is not a JSON Schema type: use one of "
                 f"{', '.join(_SCHEMA_TYPES)}, or a list of distinct ones{hint}"
@@ -489,7 +490,9 @@ def _type_problem(schema: object, where: str) -> str | None:
             nested.extend((f"{where}{key}[{i}].", sub) for i, sub in enumerate(schema[key]))
     for key in _SCHEMA_MAPS:
         if isinstance(schema.get(key), dict):
-            nested.extend((f"{where}{key}.{name}.", sub) for name, sub in schema[key].items())
+            nested.extend(
+                (f"{where}{key}[{shown(str(name))}].", sub) for name, sub in schema[key].items()
+            )
     for place, sub in nested:
         if (problem := _type_problem(sub, place)) is not None:
             return problem

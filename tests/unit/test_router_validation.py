@@ -593,17 +593,18 @@ def _with_schema(model: str, schema: object) -> pb.CompleteRequest:
 @pytest.mark.parametrize(
     ("schema", "where", "hint"),
     [
-        ({"type": "dict", "properties": {}}, "type: 'dict'", "use object"),
-        ({"type": "object", "properties": {"x": {"type": "float"}}}, "properties.x.type", "number"),
+        ({"type": "dict", "properties": {}}, "type: 'dict'", "(for 'dict', use object)"),
+        ({"type": "object", "properties": {"x": {"type": "float"}}}, "properties['x'].type",
+         "number"),
         ({"type": "object", "properties": {"x": {"type": "tuple", "items": {}}}}, "", "array"),
-        ({"type": "object", "properties": {"x": {"type": "any"}}}, "", "no type (any value)"),
+        ({"type": "object", "properties": {"x": {"type": "any"}}}, "", "leave type out"),
         ({"type": "object", "properties": {"x": {"type": "array", "items": {"type": "float"}}}},
-         "properties.x.items.type", "number"),
+         "properties['x'].items.type", "number"),
         ({"type": "object", "properties": {"x": {"anyOf": [{"type": "string"}, {"type": "int"}]}}},
-         "properties.x.anyOf[1].type", "integer"),
+         "properties['x'].anyOf[1].type", "integer"),
         ({"type": "object", "properties": {"x": {"type": ["string", "string"]}}}, "", ""),
         ({"type": "object", "properties": {"x": {"type": []}}}, "", ""),
-        ({"type": "object", "properties": {"x": {"type": 3}}}, "properties.x.type: 3 ", ""),
+        ({"type": "object", "properties": {"x": {"type": 3}}}, "properties['x'].type: 3 ", ""),
     ],
 )  # fmt: skip
 def test_a_tool_schema_type_the_rows_provider_refuses_is_refused_before_it_is_sent(
