@@ -93,3 +93,33 @@ def test_a_tool_name_claudes_api_refuses_never_reaches_it(providers: ProviderSta
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT, caught.value
     assert "tools[0].name: 'weather.get'" in str(caught.value)
     assert not [s for s in providers.server.seen_by("anthropic") if question in str(s.body)]
+
+
+@pytest.mark.parametrize(
+    ("model", "api"), [("gpt-4-1", "openai"), ("claude-sonnet-4-5", "anthropic")]
+)
+def test_a_tool_schema_type_the_api_refuses_never_reaches_it(
+    providers: ProviderStack, model: str, api: str
+) -> None:
+    """BFCL's ``dict`` / ``float`` (not JSON Schema's types): refused by the Gateway, naming
+    the tool and the field, before the provider's 400; the same tool as JSON Schema is sent
+    and answered (the loopback server refuses the other form as the API does)."""
+    question = f"Typed tool {uuid.uuid4().hex[:8]}"
+    schema = {"type": "dict", "properties": {"x": {"type": "float"}}}
+    request = ask(model, question)
+    request.tools.append(pb.Tool(name="calc", input_schema_json=json.dumps(schema)))
+    with (
+        Client(providers.stack.target, api_key=providers.stack.keys["tenant-a"]) as client,
+        pytest.raises(CachemeshError) as caught,
+    ):
+        client.complete(request)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT, caught.value
+    assert "tools[0].input_schema_json: tool 'calc': type: 'dict'" in str(caught.value)
+    assert not [s for s in providers.server.seen_by(api) if question in str(s.body)]
+    fixed = {"type": "object", "properties": {"x": {"type": "number"}}}
+    del request.tools[:]
+    request.tools.append(pb.Tool(name="calc", input_schema_json=json.dumps(fixed)))
+    with Client(providers.stack.target, api_key=providers.stack.keys["tenant-a"]) as client:
+        client.complete(request)
+    (seen,) = [s for s in providers.server.seen_by(api) if question in str(s.body)]
+    assert seen.status == 200
