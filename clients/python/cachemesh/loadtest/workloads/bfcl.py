@@ -59,8 +59,8 @@ class NotJsonSchemaType(ValueError):
 def json_schema(schema: object) -> object:
     """A BFCL parameter schema as JSON Schema, as BFCL's harness sends it to a provider:
     ``dict`` as ``object``, ``float`` as ``number``, ``tuple`` as ``array``; ``any`` as no
-    type (``_ANY``: not BFCL's "string"), in the schema and every schema nested in it; a new value (``schema`` is unchanged).
-    ``NotJsonSchemaType`` for any other type name."""
+    type (``_ANY``: not BFCL's "string"), in the schema and every schema nested in it; a new
+    value (``schema`` is unchanged). ``NotJsonSchemaType`` for any other type name."""
     if not isinstance(schema, dict):
         return schema
     out: dict[str, object] = dict(schema)
