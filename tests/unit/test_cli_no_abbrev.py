@@ -49,7 +49,7 @@ CLIS: dict[str, Callable[[], object]] = {
         "services.tools.bench.semantic_cache.__main__", []
     ),
     "services/tools/bench/speculative/__main__.py": _main(
-        "services.tools.bench.speculative.__main__"
+        "services.tools.bench.speculative.__main__", []
     ),
     "services/tools/engine/cli.py": _main("services.tools.engine.cli", []),
     "services/tools/estimator/cli.py": _main("services.tools.estimator.cli", []),

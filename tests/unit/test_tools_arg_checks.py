@@ -48,33 +48,60 @@ def test_a_flag_out_of_bounds_stops_the_bench_before_its_run(
     assert said in capsys.readouterr().err
 
 
+class _Unstarted:
+    """Stands for what a bench starts its run with: any use of it fails the test."""
+
+    def __getattr__(self, name: str) -> object:
+        raise AssertionError(f"the run started ({name})")
+
+
 @pytest.mark.parametrize(
     ("argv", "said"),
     [
         (["--prompts", "0"], "--prompts must be >= 1"),  # a ZeroDivisionError traceback
         # before: speed-ups "measured" at a nan time scale, written, exit 0
         (["--time-scale", "nan"], "--time-scale must be a finite number > 0"),
+        (["--fast-draft-c", "0"], "--fast-draft-c must be a finite number > 0"),
     ],
 )
 def test_the_speculative_bench_refuses_a_flag_out_of_bounds(
-    argv: list[str], said: str, tmp_path: Path
+    argv: list[str],
+    said: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    # its __main__ runs on import: run as make bench-speculative does
+    from services.tools.bench.speculative import __main__ as speculative
+
+    monkeypatch.setattr(speculative, "asyncio", _Unstarted())
     out = tmp_path / "r.json"
-    ended = subprocess.run(
-        [sys.executable, "-m", "services.tools.bench.speculative", *argv, "--out", str(out)],
-        cwd=ROOT, env=os.environ, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert ended.returncode == 2, ended.stderr
-    assert said in ended.stderr
+    with pytest.raises(SystemExit) as stopped:
+        speculative.main([*argv, "--out", str(out)])
+    assert stopped.value.code == 2
+    assert said in capsys.readouterr().err
     assert not out.exists()
 
 
-class _Unstarted:
-    """Stands for what a bench starts its run with: any use of it fails the test."""
+def test_importing_the_speculative_bench_runs_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    # its main ran on import (a module-level call): an import with a bad flag in sys.argv
+    # exited 2, and one with none ran the whole bench and wrote bench-results/speculative.json
+    monkeypatch.setattr(sys, "argv", ["bench", "--prompts", "0"])
+    monkeypatch.delitem(sys.modules, "services.tools.bench.speculative.__main__", raising=False)
+    module = importlib.import_module("services.tools.bench.speculative.__main__")
+    assert callable(module.main)
 
-    def __getattr__(self, name: str) -> object:
-        raise AssertionError(f"the run started ({name})")
+
+def test_the_speculative_bench_still_runs_as_a_module(tmp_path: Path) -> None:
+    # make bench-speculative's way (python -m): main runs, and refuses before its run
+    out = tmp_path / "r.json"
+    ended = subprocess.run(
+        [sys.executable, "-m", "services.tools.bench.speculative", "--prompts", "0",
+         "--out", str(out)],
+        cwd=ROOT, env=os.environ, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert ended.returncode == 2, ended.stderr
+    assert "--prompts must be >= 1" in ended.stderr
+    assert not out.exists()
 
 
 # (module, what its run starts with, argv, the refusal or None: the flag's value is valid)

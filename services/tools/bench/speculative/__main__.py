@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,13 +117,19 @@ async def _series(
     return {"draft_cost_ratio_c": round(c, 4), "cases": rows}
 
 
-def main() -> None:
-    parser = Parser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("bench-results/speculative.json"))
-    parser.add_argument("--prompts", type=int, default=20)
-    parser.add_argument("--time-scale", type=float, default=0.5)
-    parser.add_argument("--fast-draft-c", type=float, default=0.05)
-    args = parser.parse_args()
+def _parser() -> Parser:
+    """The bench's command line (built without running anything: tests read it)."""
+    built = Parser(description=__doc__)
+    built.add_argument("--out", type=Path, default=Path("bench-results/speculative.json"))
+    built.add_argument("--prompts", type=int, default=20)
+    built.add_argument("--time-scale", type=float, default=0.5)
+    built.add_argument("--fast-draft-c", type=float, default=0.05)
+    return built
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
     refuse_unwritable(parser, args.out)  # before the run, not after it
     at_least(parser, 1, prompts=args.prompts)
     finite_over(parser, 0, time_scale=args.time_scale, fast_draft_c=args.fast_draft_c)
@@ -140,5 +147,6 @@ def main() -> None:
     print(f"written to {args.out}")
 
 
-with tokenizer_error_exits("bench.speculative"):  # a vocabulary missing: exit 2
-    main()
+if __name__ == "__main__":  # importing the module runs nothing
+    with tokenizer_error_exits("bench.speculative"):  # a vocabulary missing: exit 2
+        main()
