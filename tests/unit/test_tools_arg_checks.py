@@ -54,6 +54,9 @@ class _Unstarted:
     def __getattr__(self, name: str) -> object:
         raise AssertionError(f"the run started ({name})")
 
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        raise AssertionError("the run started (called)")
+
 
 @pytest.mark.parametrize(
     ("argv", "said"),
@@ -120,6 +123,19 @@ _BOUNDS = [
     ("key_reload", "tempfile", ["--changes", "0"], "--changes must be >= 1, got 0"),
     ("key_reload", "tempfile", ["--keys", "-1"], "--keys must be >= 0, got -1"),
     ("key_reload", "tempfile", ["--keys", "0"], None),  # the bench's own key only: a baseline
+    # the HTTP path's bench took any count (bench.gateway refused 0 for the same plan)
+    ("gateway.http_path", "compare", ["--requests", "0"], "--requests must be >= 1, got 0"),
+    ("gateway.http_path", "compare", ["--requests", "-3"], "--requests must be >= 1, got -3"),
+    ("gateway.http_path", "compare", ["--requests", "1"], None),
+    # an index of 0 entries, after minutes of embedding; a negative start-up probe was off
+    ("semantic_cache.__main__", "measure_verifier", ["--sizes", "0"], "--sizes must be >= 1"),
+    ("semantic_cache.__main__", "measure_verifier", ["--sizes", "10", "-5"], "got -5"),
+    ("semantic_cache.__main__", "measure_verifier", ["--startup-size", "-1"], "must be >= 0"),
+    ("semantic_cache.__main__", "measure_verifier", ["--startup-size", "0"], None),  # off
+    # a setting without its value: a ValueError traceback
+    ("hit_cpu.__main__", "contextlib", ["--set", "CACHEMESH_LOG_LEVEL"], "expects NAME=VALUE"),
+    ("hit_cpu.__main__", "contextlib", ["--set", "=WARNING"], "expects NAME=VALUE"),
+    ("hit_cpu.__main__", "contextlib", ["--set", "CACHEMESH_LOG_LEVEL="], None),
 ]
 
 
@@ -143,3 +159,11 @@ def test_a_bench_flag_is_checked_before_its_run(
         bench.main()
     assert stopped.value.code == 2
     assert said in capsys.readouterr().err
+
+
+def test_the_largest_sizes_search_half_the_queries_but_at_least_one() -> None:
+    from services.tools.bench.semantic_cache import __main__ as semantic_bench
+
+    # --queries 1 gave the million-entry size no probe at all: figures of nothing
+    assert [semantic_bench._queries_at(1_000_000, q) for q in (1, 2, 200)] == [1, 1, 100]
+    assert semantic_bench._queries_at(100_000, 1) == 1

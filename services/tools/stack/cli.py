@@ -162,6 +162,17 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _grace_seconds(text: str) -> float:
+    """``down --grace``: 0 (SIGKILL at once) or ``_seconds``' (a negative grace or nan was
+    taken as 0 unsaid: SIGKILL at once, "still running after nans")."""
+    try:
+        if float(text) == 0:
+            return 0.0
+    except ValueError:
+        pass  # _seconds says it
+    return _seconds(text)
+
+
 @dataclass(frozen=True)
 class UpSettings:
     """What ``up`` itself reads of the stack's settings (``Stack.settings()``: ``.env``, the
@@ -236,7 +247,9 @@ def _parser() -> argparse.ArgumentParser:
         "(make demo, on a stack it started; make demo-local)",
     )
     down = commands.add_parser("down", help="stop the stack (SIGTERM, then SIGKILL)")
-    down.add_argument("--grace", type=float, default=None, help="seconds before SIGKILL")
+    down.add_argument(
+        "--grace", type=_grace_seconds, default=None, help="seconds before SIGKILL (0: at once)"
+    )
     commands.add_parser(
         "reset-l2",
         help="with the stack down: delete prefix-cache's warm prefixes (L2) from the stack's "
@@ -262,7 +275,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("address")
     check.add_argument("--http", action="store_true", help="GET /readyz instead of gRPC health")
-    check.add_argument("--timeout", type=float, default=2.0)
+    # a timeout of 0 or less (or nan) said UNREACHABLE of a service that serves
+    check.add_argument("--timeout", type=_seconds, default=2.0, help="seconds (> 0)")
     for command in commands.choices.values():
         _add_global_arguments(command, inherited=True)  # `up --run-dir X` as `--run-dir X up`
     return parser

@@ -29,6 +29,7 @@ from cachemesh.loadtest.workloads.base import data_file
 from cachemesh.loadtest.workloads.faq import PAIRS, faq_request, load_pairs
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
+from services.tools.arg_checks import at_least
 from services.tools.bench.gateway.cpu import per_request, ticks_between
 from services.tools.bench.gateway.runs import Plan
 from services.tools.bench.gateway.stacks import SIM_ZERO, TRACES_OFF, Target, bench_stack
@@ -251,6 +252,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench-http.json")
     args = parser.parse_args()
     refuse_unwritable(parser, args.out)  # before the run, not after it
+    at_least(parser, 1, requests=args.requests)  # as bench.gateway's: the same plan's count
     plan = Plan(ROOT, args.data_dir, f"bench-http-{time.time_ns()}", LEVELS, args.requests, 0, [])
     result = compare(plan)
     args.out.parent.mkdir(parents=True, exist_ok=True)

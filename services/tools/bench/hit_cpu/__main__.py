@@ -283,6 +283,9 @@ def main() -> None:
     roots = {"this": args.root.resolve()}
     if args.compare is not None:
         roots["compared"] = args.compare.resolve()
+    for item in args.set:  # a ValueError traceback (dict of a one-piece split) before
+        if not item.partition("=")[0] or "=" not in item:
+            parser.error(f"--set expects NAME=VALUE, got {item!r}")
     own = dict(item.split("=", 1) for item in args.set)
     with contextlib.ExitStack() as receiver:
         shared: dict[str, str] = {}

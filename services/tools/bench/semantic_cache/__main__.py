@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     refuse_unwritable(parser, args.out)  # before the run, not after it
     at_least(parser, 1, base=args.base, queries=args.queries)
+    for size in args.sizes:  # an index of no entries measured nothing (after minutes of work)
+        at_least(parser, 1, sizes=size)
+    at_least(parser, 0, startup_size=args.startup_size)  # 0: off; below it was off unsaid
     faiss.omp_set_num_threads(1)
     started = time.monotonic()
     verifier = measure_verifier(args.data.parent)
@@ -92,9 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(report["embedder_throughput"]), file=sys.stderr)
     for n in args.sizes:
-        report["sizes"][str(n)] = _size(
-            base, n, args.queries if n < 1_000_000 else args.queries // 2
-        )
+        report["sizes"][str(n)] = _size(base, n, _queries_at(n, args.queries))
         print(json.dumps({n: report["sizes"][str(n)]["summary"]}), file=sys.stderr)
     if args.startup_size > 0:
         report["startup_memory"] = _startup(base, args.startup_size, args.cache_dir)
@@ -106,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     _print_tables(report)
     print(f"written to {args.out} in {report['seconds']} s")
     return 0
+
+
+def _queries_at(size: int, queries: int) -> int:
+    """The probes searched at ``size`` entries: half of ``queries`` from a million on (each
+    costs more there), but at least one (``--queries 1`` gave that size no probe: figures of
+    nothing)."""
+    return queries if size < 1_000_000 else max(1, queries // 2)
 
 
 def _questions(path: Path, count: int) -> list[str]:
