@@ -3,6 +3,7 @@ recorded tool call ids (which repeat within a conversation) are made unique by o
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import shutil
@@ -14,9 +15,9 @@ import pytest
 from cachemesh.loadtest.workloads.tau import CallIds, conversation_requests, load_tools
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.models import load_model_table
-from services.common.tokens import load_tokenizers
 from services.router.validation import validate_request
-from services.tools.bench.prefix_cache import tau
+from services.tools.bench.prefix_cache import __main__ as prefix_bench
+from services.tools.bench.prefix_cache import mooncake, tau
 from tests.public_data import data_dir
 
 TABLE = load_model_table()
@@ -134,11 +135,14 @@ def test_every_replayed_request_passes_the_routers_validation() -> None:
 
 
 def test_a_conversation_the_router_would_refuse_stops_the_replay_naming_it(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    data = tmp_path / "data"
+    tau_dir = data / "agent" / "tau_bench"
+    tau_dir.mkdir(parents=True)
     source = data_dir() / "agent" / "tau_bench"
     for name in ("airline_tools.json", "airline_system_prompt_wiki.md"):
-        shutil.copy(source / name, tmp_path / name)
+        shutil.copy(source / name, tau_dir / name)
     call = {"id": "", "type": "function", "function": {"name": "think", "arguments": "{}"}}
     messages = [
         {"role": "system", "content": "s"},
@@ -147,9 +151,62 @@ def test_a_conversation_the_router_would_refuse_stops_the_replay_naming_it(
         {"role": "tool", "tool_call_id": "", "name": "think", "content": "ok"},
         {"role": "assistant", "content": "done"},
     ]
-    (tmp_path / tau.TRAJECTORIES).write_text(json.dumps({"messages": messages}) + "\n")
+    (tau_dir / tau.TRAJECTORIES).write_text(json.dumps({"messages": messages}) + "\n")
     spec = TABLE.models["claude-sonnet-4"]
     with pytest.raises(tau.TauError, match=r"conversation 1 .*INVALID_ARGUMENT.*tool_use"):
-        asyncio.run(
-            tau.replay(TABLE, load_tokenizers([spec]), spec, pb.CACHE_TTL_5M, tmp_path, limit=10)
-        )
+        tau.check(tau.load(tau_dir, 10), TABLE, [(spec, pb.CACHE_TTL_5M)])
+    # the bench: refused before any replay (each replay validated its own turns: a bad one
+    # was found once the replays before it had run), exit 2 naming the conversation
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text(_TRACE)
+    replays: list[object] = []
+
+    async def replay(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        replays.append(args)
+        raise AssertionError("a replay ran")
+
+    monkeypatch.setattr(tau, "replay", replay)
+    out = tmp_path / "r.json"
+    code = prefix_bench.main(["--data", str(data), "--trace", str(trace), "--out", str(out)])
+    assert code == 2 and replays == [] and not out.exists()
+    assert "conversation 1 (line 1) builds a request the router refuses" in capsys.readouterr().err
+
+
+# three arrivals of Mooncake's format: the trace half of the bench, kept small
+_TRACE = "".join(
+    json.dumps({"timestamp": t, "input_length": 1024, "output_length": 8, "hash_ids": [1, 2]})
+    + "\n"
+    for t in (0, 10, 20)
+)
+
+
+def test_the_bench_reads_the_conversations_once_and_checks_a_turn_once_a_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It read the trajectories three times (a replay each) and validated each turn three
+    times; now once, and once for each model replayed (claude-sonnet-4, gpt-4o): the two
+    claude-sonnet-4 replays differ only in their breakpoints' TTL."""
+    source = data_dir() / "agent" / "tau_bench"
+    turns = len(tau.load_turns(source, 5)[2])
+    counted = {"read": 0, "validated": 0}
+    read, validate = tau.load_turns, validate_request
+
+    def load_turns(*args: Any) -> Any:
+        counted["read"] += 1
+        return read(*args)
+
+    def validated(*args: Any) -> None:
+        counted["validated"] += 1
+        validate(*args)
+
+    monkeypatch.setattr(tau, "load_turns", load_turns)
+    monkeypatch.setattr(tau, "validate_request", validated)
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text(_TRACE)
+    args = argparse.Namespace(data=str(data_dir()), conversations=5, capacity_blocks=64)
+    result = asyncio.run(prefix_bench.run(args, trace, mooncake.load_trace(trace)))
+    replayed = result["tau_bench_airline"]
+    assert [replayed[k]["requests"] for k in ("anthropic_5m", "anthropic_1h", "openai")] == [
+        turns
+    ] * 3
+    assert counted == {"read": 1, "validated": 2 * turns}

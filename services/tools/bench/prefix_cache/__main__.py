@@ -42,7 +42,13 @@ async def run(
     data = Path(args.data)
     sonnet, gpt4o = table.models["claude-sonnet-4"], table.models["gpt-4o"]
     others = (table.models["gpt-4-1"], table.models["gpt-5"])
-    tau_dir, limit = data / "agent" / "tau_bench", args.conversations
+    conversations = tau.load(data / "agent" / "tau_bench", args.conversations)  # once
+    replays = {  # name: the model, its breakpoints' TTL, the models also priced
+        "anthropic_5m": (sonnet, pb.CACHE_TTL_5M, ()),
+        "anthropic_1h": (sonnet, pb.CACHE_TTL_1H, ()),
+        "openai": (gpt4o, pb.CACHE_TTL_5M, others),
+    }
+    tau.check(conversations, table, [(m, ttl) for m, ttl, _ in replays.values()])  # at once
     results: dict[str, Any] = {
         "tau_bench_airline": {
             "clock": {
@@ -51,15 +57,10 @@ async def run(
                 "think_mean_s": tau.THINK_MEAN_S,
                 "seed": tau.SEED,
             },
-            "anthropic_5m": await tau.replay(
-                table, tokenizer, sonnet, pb.CACHE_TTL_5M, tau_dir, limit
-            ),
-            "anthropic_1h": await tau.replay(
-                table, tokenizer, sonnet, pb.CACHE_TTL_1H, tau_dir, limit
-            ),
-            "openai": await tau.replay(
-                table, tokenizer, gpt4o, pb.CACHE_TTL_5M, tau_dir, limit, others
-            ),
+            **{
+                name: await tau.replay(table, tokenizer, model, ttl, conversations, priced)
+                for name, (model, ttl, priced) in replays.items()
+            },
         }
     }
     runs = []

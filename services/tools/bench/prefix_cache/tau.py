@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,50 @@ def load_turns(data: Path, limit: int) -> tuple[list[pb.Tool], str, list[Turn]]:
     return tools, system, turns
 
 
+@dataclass(frozen=True)
+class Conversations:
+    """The conversations' requests as ``load_turns`` reads them, from ``data``: read once for
+    every replay of them (each replay read and parsed the file again)."""
+
+    data: Path
+    tools: list[pb.Tool]
+    system: str
+    turns: list[Turn]
+
+
+def load(data: Path, limit: int) -> Conversations:
+    return Conversations(data, *load_turns(data, limit))
+
+
+def check(
+    conversations: Conversations,
+    table: ModelTable,
+    replays: Sequence[tuple[ModelSpec, pb.CacheTtl.ValueType]],
+) -> None:
+    """Before any replay: each turn validated as the router would, once for each model the
+    replays send it to (a replay of what the router refuses measures nothing; each replay
+    validated every turn again, and a bad one was found only once the replays before it had
+    run). A model's replays differ only in the TTL of the breakpoints, one TTL for all of a
+    request's, which the router's check takes either way: its first replay's TTL stands for
+    them."""
+    checked: set[str] = set()
+    for spec, ttl in replays:
+        if spec.id in checked:
+            continue
+        checked.add(spec.id)
+        for turn in conversations.turns:
+            request = request_of(conversations.tools, conversations.system, turn, ttl)
+            request.model = spec.id
+            try:
+                validate_request(request, table, {spec.id})
+            except RequestError as exc:
+                raise TauError(
+                    f"{conversations.data / TRAJECTORIES}: conversation {turn.conversation + 1} "
+                    f"(line {turn.conversation + 1}) builds a request the router refuses "
+                    f"({exc.code.name}: {exc.message})"
+                ) from None
+
+
 def request_of(
     tools: list[pb.Tool], system: str, turn: Turn, ttl: pb.CacheTtl.ValueType
 ) -> pb.CompleteRequest:
@@ -132,11 +177,12 @@ async def replay(
     tokenizer: Tokenizers | Tokenizer,
     spec: ModelSpec,
     ttl: pb.CacheTtl.ValueType,
-    data: Path,
-    limit: int,
+    conversations: Conversations,
     also_priced: tuple[ModelSpec, ...] = (),
 ) -> dict[str, Any]:
-    tools, system, turns = load_turns(data, limit)
+    """The replay of ``conversations`` (``check``ed for ``spec`` first: the router refuses
+    none of them) through a fresh prefix-cache under ``spec``'s rules and ``ttl``."""
+    tools, system, turns = conversations.tools, conversations.system, conversations.turns
     counting = Tokenizers.of(tokenizer).for_spec(spec)  # the row's vocabulary
     clock = ManualClock(start_ms=0)
     core = PrefixCacheCore(
@@ -157,14 +203,6 @@ async def replay(
         clock.advance(ms=turn.at_ms - clock.now_ms())
         request = request_of(tools, system, turn, ttl)
         request.model = spec.id
-        try:  # what the router would refuse is never billed: a replay of it measures nothing
-            validate_request(request, table, {spec.id})
-        except RequestError as exc:
-            raise TauError(
-                f"{data / TRAJECTORIES}: conversation {turn.conversation + 1} (line "
-                f"{turn.conversation + 1}) builds a request the router refuses "
-                f"({exc.code.name}: {exc.message})"
-            ) from None
         split = await core.warm("tau", f"r{i}", spec.id, request, "")
         await core.final("tau", f"r{i}", spec.id, counting.count(turn.output_text), 0, "")
         sums = Split(
