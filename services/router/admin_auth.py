@@ -2,8 +2,10 @@
 
 It comes from ``CACHEMESH_ADMIN_TOKEN_FILE`` (a file holding it: a mounted secret, preferred)
 or ``CACHEMESH_ADMIN_TOKEN``, not both, checked at start-up: at least 16 characters of
-printable ASCII (what gRPC metadata carries) on one line. Neither set: the Admin API is off
-(each call is refused saying how to turn it on).
+printable ASCII (what gRPC metadata carries) on one line, and not the internal credential
+(``CACHEMESH_INTERNAL_TOKEN``, which every service holds: the same value let any service, or
+whoever read one's secret, open the Admin API). Neither set: the Admin API is off (each call is
+refused saying how to turn it on).
 Callers present it as ``authorization: Bearer <token>``; the comparison is of the two SHA-256
 digests with ``hmac.compare_digest``, so its time tells nothing of the token or its length.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 
+from services.common.auth import INTERNAL_TOKEN
 from services.common.env import ConfigError, Env
 
 TOKEN_VAR = "CACHEMESH_ADMIN_TOKEN"
@@ -40,8 +43,21 @@ class AdminCredential:
         return "AdminCredential('[redacted]')"
 
 
-def admin_credential_from_env(env: Env) -> AdminCredential | None:
+def admin_credential_from_env(env: Env, internal_token: str) -> AdminCredential | None:
     """From ``CACHEMESH_ADMIN_TOKEN_FILE`` or ``CACHEMESH_ADMIN_TOKEN`` (``Env.secret``: not
-    both; a missing, unreadable or empty file stops the start naming the variable)."""
+    both; a missing, unreadable or empty file stops the start naming the variable); one equal
+    to ``internal_token`` (the services' shared credential) stops it too, naming both
+    variables, never the value."""
     token = env.secret(TOKEN_VAR)
-    return AdminCredential(token) if token is not None else None
+    if token is None:
+        return None
+    credential = AdminCredential(token)
+    if credential.matches(internal_token):
+        raise ConfigError(
+            f"the admin token ({FILE_VAR} or {TOKEN_VAR}) must differ from the internal "
+            f"credential ({INTERNAL_TOKEN}_FILE or {INTERNAL_TOKEN}): every service holds the "
+            "internal one, so with the same value any of them (or whoever reads its secret) "
+            "could call the Admin API. Give the admin token a value of its own (the values "
+            "are not shown)"
+        )
+    return credential

@@ -46,7 +46,7 @@ def test_the_admin_token_reaches_the_router_as_a_mounted_file_only(resolved: Res
     here = {k: str(v) for k, v in env.items()} | {
         "CACHEMESH_ADMIN_TOKEN_FILE": str(resolved.keys.admin_token_file)
     }
-    credential = admin_credential_from_env(Env(here))
+    credential = admin_credential_from_env(Env(here), resolved.keys.internal_token)
     assert credential is not None and credential.matches(token)
     for spec in SERVICES:
         if spec.name != "router":
@@ -149,7 +149,7 @@ def test_outside_secrets_in_dotenv_reach_no_container(tmp_path: Path) -> None:
     # the router still starts: the .env token is blanked, the mounted one read
     router = {k: str(v) for k, v in resolved.service("router")["environment"].items()}
     router["CACHEMESH_ADMIN_TOKEN_FILE"] = str(resolved.keys.admin_token_file)
-    assert admin_credential_from_env(Env(router)) is not None
+    assert admin_credential_from_env(Env(router), resolved.keys.internal_token) is not None
 
 
 def _no_proxy(env: dict[str, object], name: str) -> set[str]:

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import grpc
 import pytest
 
+from cachemesh.envfile import read_env_file
 from cachemesh.v1 import admin_pb2 as adm
 from cachemesh.v1 import admin_pb2_grpc, prefix_cache_pb2_grpc, semantic_cache_pb2_grpc
 from cachemesh.v1 import gateway_pb2 as pb
@@ -25,11 +26,13 @@ from services.common.clock import ManualClock
 from services.common.env import ConfigError, Env
 from services.common.key_store import KeyStore
 from services.common.keyfile import hash_key, new_api_key
+from services.common.model_overrides import model_table_from_env
 from services.router import admin_pages
 from services.router.admin import AdminServicer
 from services.router.admin_auth import AdminCredential, admin_credential_from_env
 from services.router.admin_pages import token
 from services.router.limit_policy import NANOS_PER_DOLLAR, LimitPolicy
+from services.router.settings import RouterSettings
 from services.router.tenant_limits import PerTenantPolicies, TenantLimitStore
 from services.semantic_cache.api import SemanticCacheApi
 from services.semantic_cache.cache import SemanticCache
@@ -39,6 +42,7 @@ from services.semantic_cache.servicer import SemanticCacheService
 from services.semantic_cache.tenant_policy import TenantPolicies
 from tests.unit.semantic_cache_support import FakeEmbedder
 
+ROOT = Path(__file__).resolve().parents[2]
 ADMIN_TOKEN = "admin-token-for-the-unit-tests-0123"
 INTERNAL = "internal-token-0123456789abcdef"
 ADMIN = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
@@ -565,25 +569,57 @@ async def test_the_routers_internal_credential_refused_is_not_the_callers_fault(
 def test_the_admin_token_is_checked_at_start_up(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not both"):
         admin_credential_from_env(
-            Env({"CACHEMESH_ADMIN_TOKEN": ADMIN_TOKEN, "CACHEMESH_ADMIN_TOKEN_FILE": "x"})
+            Env({"CACHEMESH_ADMIN_TOKEN": ADMIN_TOKEN, "CACHEMESH_ADMIN_TOKEN_FILE": "x"}),
+            INTERNAL,
         )
     with pytest.raises(ConfigError, match="at least 16"):
-        admin_credential_from_env(Env({"CACHEMESH_ADMIN_TOKEN": "short"}))
+        admin_credential_from_env(Env({"CACHEMESH_ADMIN_TOKEN": "short"}), INTERNAL)
     # what gRPC metadata cannot carry was accepted, and no client could present it
     for unsendable in ("geheimes-passwört-2024", "\ufeff" + ADMIN_TOKEN):
         with pytest.raises(ConfigError, match="printable ASCII") as refused:
-            admin_credential_from_env(Env({"CACHEMESH_ADMIN_TOKEN": unsendable}))
+            admin_credential_from_env(Env({"CACHEMESH_ADMIN_TOKEN": unsendable}), INTERNAL)
         assert "passw" not in str(refused.value) and ADMIN_TOKEN not in str(refused.value)
     with pytest.raises(ConfigError, match="CACHEMESH_ADMIN_TOKEN_FILE: cannot read"):
-        admin_credential_from_env(Env({"CACHEMESH_ADMIN_TOKEN_FILE": str(tmp_path / "none")}))
+        admin_credential_from_env(
+            Env({"CACHEMESH_ADMIN_TOKEN_FILE": str(tmp_path / "none")}), INTERNAL
+        )
     (tmp_path / "token").write_text(ADMIN_TOKEN + "\n")
     credential = admin_credential_from_env(
-        Env({"CACHEMESH_ADMIN_TOKEN_FILE": str(tmp_path / "token")})
+        Env({"CACHEMESH_ADMIN_TOKEN_FILE": str(tmp_path / "token")}), INTERNAL
     )
     assert credential is not None and credential.matches(ADMIN_TOKEN)
     assert not credential.matches(None) and not credential.matches(ADMIN_TOKEN[:-1])
     assert ADMIN_TOKEN not in repr(credential)
-    assert admin_credential_from_env(Env({})) is None
+    assert admin_credential_from_env(Env({}), INTERNAL) is None
+
+
+def test_an_admin_token_equal_to_the_internal_one_stops_the_router(tmp_path: Path) -> None:
+    """Every service holds the internal credential: the same value as the admin token let any
+    of them (or whoever read one's secret) open the Admin API. Refused at start, naming both
+    variables, never the value; whichever way each is given."""
+    environ = {
+        **read_env_file(ROOT / ".env"),
+        "CACHEMESH_API_KEYS_FILE": "/dev/null",
+        "CACHEMESH_INTERNAL_TOKEN": INTERNAL,
+        "CACHEMESH_ADMIN_TOKEN": INTERNAL,
+    }
+    (tmp_path / "admin").write_text(INTERNAL + "\n")
+    as_file = {
+        **environ,
+        "CACHEMESH_ADMIN_TOKEN": "",
+        "CACHEMESH_ADMIN_TOKEN_FILE": str(tmp_path / "admin"),
+    }
+    for given in (environ, as_file):
+        env = Env(given)
+        with pytest.raises(ConfigError) as refused:
+            RouterSettings.from_env(env, model_table_from_env(env))
+        said = str(refused.value)
+        assert "CACHEMESH_ADMIN_TOKEN" in said and "CACHEMESH_INTERNAL_TOKEN" in said, said
+        assert INTERNAL not in said and INTERNAL[-8:] not in said
+    # a token of its own starts it, with the Admin API on
+    env = Env({**environ, "CACHEMESH_ADMIN_TOKEN": ADMIN_TOKEN})
+    settings = RouterSettings.from_env(env, model_table_from_env(env))
+    assert settings.admin is not None and settings.admin.matches(ADMIN_TOKEN)
 
 
 async def test_invalidate_takes_no_namespace_or_entry_id_longer_than_the_gateways(rig: Rig) -> None:
