@@ -34,7 +34,7 @@ from services.common.key_store import (
 )
 from services.common.keyfile import KeyFileError, same_but_case, tenant_error
 from services.common.status import abort
-from services.router.admin_auth import FILE_VAR, TOKEN_VAR, AdminCredential
+from services.router.admin_auth import FILE_VAR, TOKEN_VAR, AdminCredential, AuthFailures
 from services.router.admin_messages import (
     key_info,
     limits_message,
@@ -100,11 +100,14 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         internal: tuple[tuple[str, str], ...],
         timeout_s: float,
         *,
+        auth_failures: AuthFailures,
         limits: PerTenantPolicies | None = None,
     ) -> None:
         """``internal``: the internal credential's metadata, for ``semantic`` and ``prefix``;
+        ``auth_failures``: where calls refused for their credential are counted and logged;
         ``limits``: each tenant's limits at the Gateway (None: GetLimits and SetLimits are
         refused)."""
+        self._auth_failures = auth_failures
         self._limits = limits
         self._credential = credential
         self._keys = keys
@@ -117,7 +120,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def GetStats(
         self, request: adm.GetStatsRequest, context: Context
     ) -> adm.GetStatsResponse:
-        await self._authorize(context)
+        await self._authorize(context, "GetStats")
         if request.tenant:
             await _valid_tenant(context, request.tenant)
         filters = {"tenant": request.tenant}
@@ -230,7 +233,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def Invalidate(
         self, request: adm.InvalidateRequest, context: Context
     ) -> adm.InvalidateResponse:
-        await self._authorize(context)
+        await self._authorize(context, "Invalidate")
         await _valid_tenant(context, request.tenant)
         target = request.WhichOneof("target")
         # a value that names nothing is refused, not answered "dropped 0" (as if it had been
@@ -279,7 +282,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     # --- keys -------------------------------------------------------------------------------
     async def CreateKey(self, request: adm.CreateKeyRequest, context: Context) -> adm.IssuedKey:
-        await self._authorize(context)
+        await self._authorize(context, "CreateKey")
         await _valid_tenant(context, request.tenant)  # an empty one too: a tenant, not an id
         record, key = await self._changed(context, self._keys.create, request.tenant, request.name)
         log.info("admin: key %s created for tenant %s", record.id, record.tenant)
@@ -288,7 +291,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def ListKeys(
         self, request: adm.ListKeysRequest, context: Context
     ) -> adm.ListKeysResponse:
-        await self._authorize(context)
+        await self._authorize(context, "ListKeys")
         if whole_requested(request.page_size, request.page_token):
             every, count = await asyncio.to_thread(
                 self._every_key, request.tenant, request.include_revoked
@@ -316,20 +319,20 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         return whole_reply(map(key_info, chosen), _message_bytes), len(chosen)
 
     async def RevokeKey(self, request: adm.RevokeKeyRequest, context: Context) -> adm.ApiKeyInfo:
-        await self._authorize(context)
+        await self._authorize(context, "RevokeKey")
         record = await self._changed(context, self._keys.revoke, request.id)
         log.info("admin: key %s of tenant %s revoked", record.id, record.tenant)
         return key_info(record)
 
     async def RotateKey(self, request: adm.RotateKeyRequest, context: Context) -> adm.IssuedKey:
-        await self._authorize(context)
+        await self._authorize(context, "RotateKey")
         record, key = await self._changed(context, self._keys.rotate, request.id)
         log.info("admin: key %s of tenant %s rotated", record.id, record.tenant)
         return adm.IssuedKey(key=key_info(record), api_key=key)
 
     # --- policy -----------------------------------------------------------------------------
     async def GetPolicy(self, request: adm.GetPolicyRequest, context: Context) -> adm.CachePolicy:
-        await self._authorize(context)
+        await self._authorize(context, "GetPolicy")
         await _valid_tenant(context, request.tenant)
         known, known_as = await self._known(context, request.tenant)
         policy = await self._l1(
@@ -339,7 +342,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         return policy_message(policy, known, known_as)
 
     async def SetPolicy(self, request: adm.SetPolicyRequest, context: Context) -> adm.CachePolicy:
-        await self._authorize(context)
+        await self._authorize(context, "SetPolicy")
         await _valid_tenant(context, request.tenant)
         change = sc.SetL1PolicyRequest(
             tenant=request.tenant, reset_default_ttl=request.reset_default_ttl
@@ -369,7 +372,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     # --- limits -----------------------------------------------------------------------------
     async def GetLimits(self, request: adm.GetLimitsRequest, context: Context) -> adm.TenantLimits:
-        await self._authorize(context)
+        await self._authorize(context, "GetLimits")
         await _valid_tenant(context, request.tenant)
         limits = await self._tenant_limits(context)
         known, known_as = self._known_to_limits(request.tenant, limits)
@@ -379,7 +382,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def ListLimits(
         self, request: adm.ListLimitsRequest, context: Context
     ) -> adm.ListLimitsResponse:
-        await self._authorize(context)
+        await self._authorize(context, "ListLimits")
         limits = await self._tenant_limits(context)
         defaults = limits_message("", limits.defaults, None)
         if whole_requested(request.page_size, request.page_token):
@@ -406,7 +409,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         return reply
 
     async def SetLimits(self, request: adm.SetLimitsRequest, context: Context) -> adm.TenantLimits:
-        await self._authorize(context)
+        await self._authorize(context, "SetLimits")
         await _valid_tenant(context, request.tenant)
         limits = await self._tenant_limits(context)
         changes: dict[str, Change] = {}
@@ -481,15 +484,21 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             return True, None
         return False, same_but_case(tenant, tenants)
 
-    async def _authorize(self, context: Context) -> None:
+    async def _authorize(self, context: Context, method: str) -> None:
+        """Refuses a call without the admin token (``method``: its name, for the failure's
+        line: counted and logged, never the token)."""
         if self._credential is None:
             await abort(context, grpc.StatusCode.FAILED_PRECONDITION, _OFF)
         assert self._credential is not None
         try:
             token = bearer_token(context.invocation_metadata())
         except AmbiguousCredential as exc:
+            self._auth_failures.failed("ambiguous", method, context.peer())
             await abort(context, grpc.StatusCode.UNAUTHENTICATED, f"{exc}; {_UNAUTHENTICATED}")
         if not self._credential.matches(token):
+            self._auth_failures.failed(
+                "missing" if token is None else "wrong", method, context.peer()
+            )
             await abort(context, grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
 
     async def _known(self, context: Context, tenant: str) -> tuple[bool, str | None]:

@@ -8,19 +8,40 @@ whoever read one's secret, open the Admin API). Neither set: the Admin API is of
 refused saying how to turn it on).
 Callers present it as ``authorization: Bearer <token>``; the comparison is of the two SHA-256
 digests with ``hmac.compare_digest``, so its time tells nothing of the token or its length.
+
+A call refused for its credential (``AuthFailures``) is counted by reason
+(``cachemesh_router_admin_auth_failures_total``) and logged at WARNING with the caller's
+address and the method, never the token nor a piece of it: at most one line every
+``AUTH_FAILED_LOG_EVERY_MS`` a reason, saying how many were not logged (a brute force would
+otherwise be a line a guess), the first at once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+from collections.abc import Callable
+from typing import Literal
 
 from services.common.auth import INTERNAL_TOKEN
+from services.common.clock import SecondsClock, Throttles, suppressed
 from services.common.env import ConfigError, Env
+
+log = logging.getLogger("cachemesh.admin")
 
 TOKEN_VAR = "CACHEMESH_ADMIN_TOKEN"
 FILE_VAR = "CACHEMESH_ADMIN_TOKEN_FILE"
 MIN_LENGTH = 16
+AUTH_FAILED_LOG_EVERY_MS = 10_000
+# why a call's credential was refused (``cachemesh_router_admin_auth_failures_total``'s reason)
+Reason = Literal["missing", "wrong", "ambiguous"]
+REASONS: tuple[Reason, ...] = ("missing", "wrong", "ambiguous")
+_SAID: dict[Reason, str] = {
+    "missing": "no admin token (no 'authorization: Bearer' header)",
+    "wrong": "a wrong admin token",
+    "ambiguous": "more than one authorization header",
+}
 
 
 class AdminCredential:
@@ -61,3 +82,25 @@ def admin_credential_from_env(env: Env, internal_token: str) -> AdminCredential 
             "are not shown)"
         )
     return credential
+
+
+class AuthFailures:
+    """Admin calls refused for their credential: each counted (``counted``, by reason) and
+    logged at WARNING naming the caller's address and the method (never the token), at most
+    one line every ``AUTH_FAILED_LOG_EVERY_MS`` a reason (``clock``: seconds, monotonic)."""
+
+    def __init__(self, clock: Callable[[], float], counted: Callable[[Reason], None]) -> None:
+        self._lines = Throttles(SecondsClock(clock), AUTH_FAILED_LOG_EVERY_MS)
+        self._counted = counted
+
+    def failed(self, reason: Reason, method: str, peer: str) -> None:
+        self._counted(reason)
+        due = self._lines.due(reason)
+        if due:
+            log.warning(
+                "admin: %s refused UNAUTHENTICATED: %s, from %s%s",
+                method,
+                _SAID[reason],
+                peer,
+                suppressed(due, AUTH_FAILED_LOG_EVERY_MS),
+            )

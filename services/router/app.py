@@ -30,6 +30,7 @@ from services.common.tokens import load_tokenizers
 from services.common.unread import warn_unread_settings
 from services.router.access_log import RequestLog
 from services.router.admin import AdminServicer
+from services.router.admin_auth import AuthFailures
 from services.router.billing import billed_layer
 from services.router.grpc_adapters import CallTiming, connect
 from services.router.idempotency import IdempotencyTable
@@ -210,6 +211,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         connected.prefix,
         internal_metadata(settings.internal_token),
         settings.admin_timeout_s,
+        auth_failures=AuthFailures(time.monotonic, metrics.admin_auth_failed),
         limits=policies,
     )
 

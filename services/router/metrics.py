@@ -98,6 +98,11 @@ table, tiers, layers, gRPC status names, and reasons from closed sets):
   ``cachemesh_router_l1_tenant_breaker_opens_total``: times L1 was left alone for one tenant
   (once a run of its timeouts, not at each failed trial; no tenant label, tenant names being
   unbounded: the WARNING line names it);
+  ``cachemesh_router_admin_auth_failures_total{reason}``: Admin API calls refused
+  UNAUTHENTICATED for their credential (``missing``: no bearer token, ``wrong``, ``ambiguous``:
+  more than one authorization header), each reason at 0 from the start; a brute force shows
+  here, and in a WARNING line (the caller's address and the method, never the token) at most
+  once every 10 s a reason (``admin_auth.AuthFailures``);
 - OpenTelemetry's GenAI client metrics on the model calls (the ``chat <model>`` spans):
   ``gen_ai_client_token_usage{gen_ai_operation_name,gen_ai_provider_name,
   gen_ai_request_model,gen_ai_response_model,gen_ai_token_type}`` (input = the whole prompt,
@@ -117,6 +122,8 @@ from prometheus_client import CollectorRegistry
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.metrics import NONE, LoopCounter, LoopHistogram, LoopMetrics, TenantLabels
 from services.common.models import ModelSpec
+from services.router.admin_auth import REASONS as ADMIN_AUTH_REASONS
+from services.router.admin_auth import Reason as AdminAuthReason
 from services.router.answer_ledger import LEDGER_OPERATIONS, LedgerOperation
 from services.router.breaker import DEPENDENCIES, REDIS_CLIENTS, Dependency, RedisClient
 from services.router.dependencies import CLIENT_DEADLINE as CUT_BY_CLIENT
@@ -314,6 +321,14 @@ class RouterMetrics:
             "Times semantic-cache was left alone for one tenant after its Lookups timed out in "
             "a row while other tenants' were answered (its own backlog in L1)",
         )()
+        self._admin_auth_failures = m.counter(
+            "cachemesh_router_admin_auth_failures",
+            "Admin API calls refused for their credential, by reason (missing, wrong, "
+            "ambiguous: more than one authorization header)",
+            ("reason",),
+        )
+        for reason in ADMIN_AUTH_REASONS:  # each at 0 from the start: an alert sees the first
+            self._admin_auth_failures(reason)
         self.in_flight = m.gauge(
             "cachemesh_router_requests_in_flight", "Gateway calls in progress"
         )()
@@ -494,6 +509,10 @@ class RouterMetrics:
     def l1_tenant_left_alone(self) -> None:
         """L1 is left alone for one tenant's Lookups (its breaker of its own opened)."""
         self._tenant_l1_opens.inc()
+
+    def admin_auth_failed(self, reason: AdminAuthReason) -> None:
+        """An Admin call refused for its credential (``admin_auth.AuthFailures``)."""
+        self._admin_auth_failures(reason).inc()
 
     def decided(self, tier: str, reason: str) -> None:
         self._decisions(tier, reason).inc()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from typing import Any, ClassVar
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from cachemesh.envfile import read_env_file
 from cachemesh.v1 import admin_pb2 as adm
@@ -26,12 +28,19 @@ from services.common.clock import ManualClock
 from services.common.env import ConfigError, Env
 from services.common.key_store import KeyStore
 from services.common.keyfile import hash_key, new_api_key
+from services.common.metrics import TenantLabels
 from services.common.model_overrides import model_table_from_env
 from services.router import admin_pages
 from services.router.admin import AdminServicer
-from services.router.admin_auth import AdminCredential, admin_credential_from_env
+from services.router.admin_auth import (
+    AUTH_FAILED_LOG_EVERY_MS,
+    AdminCredential,
+    AuthFailures,
+    admin_credential_from_env,
+)
 from services.router.admin_pages import token
 from services.router.limit_policy import NANOS_PER_DOLLAR, LimitPolicy
+from services.router.metrics import RouterMetrics
 from services.router.settings import RouterSettings
 from services.router.tenant_limits import PerTenantPolicies, TenantLimitStore
 from services.semantic_cache.api import SemanticCacheApi
@@ -119,6 +128,8 @@ class Rig:
     demo_key: str
     cache: SemanticCache
     limits: PerTenantPolicies
+    refused: list[str]  # the reasons of the calls refused for their credential, in order
+    now: list[float]  # the auth failures' clock, in seconds: [0] is now
 
 
 async def _rig(
@@ -154,6 +165,8 @@ async def _rig(
     port = internal.add_insecure_port("127.0.0.1:0")
     await internal.start()
     router = grpc.aio.server()
+    refused: list[str] = []
+    now = [0.0]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         admin = AdminServicer(
             credential,
@@ -162,13 +175,15 @@ async def _rig(
             prefix_cache_pb2_grpc.PrefixCacheStub(channel),
             internal_metadata(router_internal),
             timeout_s,
+            auth_failures=AuthFailures(lambda: now[0], refused.append),
             limits=limits,
         )
         admin_pb2_grpc.add_AdminServicer_to_server(admin, router)
         router_port = router.add_insecure_port("127.0.0.1:0")
         await router.start()
         async with grpc.aio.insecure_channel(f"127.0.0.1:{router_port}") as front:
-            yield Rig(admin_pb2_grpc.AdminStub(front), keys, key_file, demo_key, cache, limits)
+            stub = admin_pb2_grpc.AdminStub(front)
+            yield Rig(stub, keys, key_file, demo_key, cache, limits, refused, now)
         await router.stop(None)
     await internal.stop(None)
 
@@ -197,6 +212,68 @@ async def test_only_the_admin_token_is_accepted(rig: Rig) -> None:
         assert "admin token" in details and rig.demo_key not in details
     listed = await rig.stub.ListKeys(adm.ListKeysRequest(), metadata=ADMIN)
     assert [k.tenant for k in listed.keys] == ["acme"]
+
+
+def _no_piece_of(tokens: tuple[str, ...], text: str) -> bool:
+    """No 6 characters in a row of any of ``tokens`` are in ``text``."""
+    return not any(t[i : i + 6] in text for t in tokens for i in range(len(t) - 5))
+
+
+async def test_a_refused_credential_is_counted_and_logged_without_the_token(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failed Admin login was neither logged nor counted: an operator could not see a
+    brute force. Each is counted by reason; a WARNING line names the method and the caller's
+    address (never the token), at most one every AUTH_FAILED_LOG_EVERY_MS a reason."""
+    caplog.set_level(logging.WARNING, logger="cachemesh.admin")
+    wrong = ADMIN_TOKEN[:-1] + "X"
+    twice = (("authorization", f"Bearer {ADMIN_TOKEN}"), ("authorization", f"Bearer {wrong}"))
+    unauthenticated = grpc.StatusCode.UNAUTHENTICATED
+    await expect(unauthenticated, rig.stub.ListKeys(adm.ListKeysRequest()))
+    bearer = (("authorization", f"Bearer {wrong}"),)
+    await expect(unauthenticated, rig.stub.RotateKey(adm.RotateKeyRequest(id="k"), metadata=bearer))
+    demo = (("authorization", f"Bearer {rig.demo_key}"),)  # an API key: as wrong, same interval
+    await expect(unauthenticated, rig.stub.CreateKey(adm.CreateKeyRequest(), metadata=demo))
+    await expect(unauthenticated, rig.stub.GetStats(adm.GetStatsRequest(), metadata=twice))
+    await rig.stub.ListKeys(adm.ListKeysRequest(), metadata=ADMIN)  # the right one: no count
+    assert rig.refused == ["missing", "wrong", "wrong", "ambiguous"]
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(lines) == 3, lines  # the second wrong one is within the first's interval
+    for line, method in zip(lines, ("ListKeys", "RotateKey", "GetStats"), strict=True):
+        assert method in line and "from ipv4:127.0.0.1:" in line, line
+    assert "no admin token" in lines[0] and "wrong admin token" in lines[1], lines
+    assert "more than one authorization header" in lines[2], lines
+    # an interval on: the next wrong one is logged, with the one not logged
+    rig.now[0] += AUTH_FAILED_LOG_EVERY_MS / 1000
+    await expect(unauthenticated, rig.stub.SetPolicy(adm.SetPolicyRequest(), metadata=bearer))
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(lines) == 4 and "SetPolicy" in lines[3] and "1 more since" in lines[3], lines
+    assert _no_piece_of((ADMIN_TOKEN, wrong, rig.demo_key), caplog.text), caplog.text
+
+
+async def test_every_admin_method_names_itself_when_refused(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each method checks the credential first, and its refusal's line names that method."""
+    caplog.set_level(logging.WARNING, logger="cachemesh.admin")
+    methods = adm.DESCRIPTOR.services_by_name["Admin"].methods
+    for method in methods:
+        rig.now[0] += AUTH_FAILED_LOG_EVERY_MS / 1000  # each its own line
+        call = getattr(rig.stub, method.name)(getattr(adm, method.input_type.name)())
+        await expect(grpc.StatusCode.UNAUTHENTICATED, call)
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [line.split(" ")[1] for line in lines] == [m.name for m in methods], lines
+    assert rig.refused == ["missing"] * len(methods)
+
+
+def test_the_auth_failures_metric_is_at_zero_for_each_reason_from_the_start() -> None:
+    registry = CollectorRegistry()
+    metrics = RouterMetrics(registry, TenantLabels(10))
+    metrics.admin_auth_failed("wrong")
+    shown = generate_latest(registry).decode()
+    for reason, count in (("missing", 0), ("wrong", 1), ("ambiguous", 0)):
+        series = f'cachemesh_router_admin_auth_failures_total{{reason="{reason}"}} {count:.1f}'
+        assert series in shown, shown
 
 
 async def test_without_a_configured_token_the_admin_api_says_how_to_turn_it_on(
