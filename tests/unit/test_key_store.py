@@ -89,6 +89,64 @@ def test_revoked_and_rotated_keys_are_refused_everywhere(tmp_path: Path) -> None
         writer.revoke("key_nosuchkey")
 
 
+class _Watched(KeyFile):
+    """A key file that says whether a change is being applied under its lock."""
+
+    locked = False
+
+    def update(
+        self,
+        change: Callable[[list[Any]], list[Any]],
+        *,
+        create: bool = False,
+        last: Parsed | None = None,
+    ) -> Parsed:
+        def watched(records: list[Any]) -> list[Any]:
+            self.locked = True
+            try:
+                return change(records)
+            finally:
+                self.locked = False
+
+        return super().update(watched, create=create, last=last)
+
+
+def test_of_two_rotations_at_once_the_key_in_force_has_the_latest_rotated_at(
+    tmp_path: Path,
+) -> None:
+    """Two routers rotate one key at once: both succeed, the last written wins (the other's
+    key is refused, as after any later rotation), and the key in force carries the later
+    stamp, so a caller whose rotated_at is not ListKeys' knows its key was replaced. The
+    stamp was taken before the file's lock: the first router stamped, the second rotated
+    whole, and the first then wrote its key over it with the earlier stamp (7 of 20 races
+    with threads). Here the second rotation runs at the first's stamp unless the first holds
+    the lock then, which it now does: the race, made deterministic."""
+    _legacy(tmp_path / "keys", acme=new_api_key())
+    stamps = iter(float(t) for t in range(1_700_000_000, 1_700_000_010))
+    first_file, second_file = _Watched(tmp_path / "keys"), _Watched(tmp_path / "keys")
+    second = KeyStore(second_file, Clock(), lambda: next(stamps), 0.25, start=_inline)
+    key_id = second.records()[0].id
+    answers: list[tuple[Any, str]] = []
+
+    def first_wall() -> float:
+        stamp = next(stamps)
+        if not first_file.locked:  # the other router's whole rotation between stamp and write
+            answers.append(second.rotate(key_id))
+        return stamp
+
+    first = KeyStore(first_file, Clock(), first_wall, 0.25, start=_inline)
+    answers.insert(0, first.rotate(key_id))
+    if len(answers) == 1:  # the first held the lock as it stamped: the second comes after
+        answers.append(second.rotate(key_id))
+    reader = _store(tmp_path / "keys", Clock())
+    (in_force,) = [(r, key) for r, key in answers if reader.tenant_for(key) == "acme"]
+    (dead,) = [(r, key) for r, key in answers if reader.tenant_for(key) is None]
+    listed = reader.records()[0]
+    assert listed.rotated_at == in_force[0].rotated_at
+    assert dead[0].rotated_at is not None and in_force[0].rotated_at is not None
+    assert dead[0].rotated_at < in_force[0].rotated_at, (dead[0], in_force[0])
+
+
 def test_concurrent_writers_lose_no_change(tmp_path: Path) -> None:
     """Eight stores (each its own open file, as eight routers) create keys at once."""
     _legacy(tmp_path / "keys", acme=new_api_key())

@@ -135,7 +135,10 @@ class AdminServicer:
 
     def RotateKey(self, request, context):
         """The same key id gets a new key (in the reply, and only there); the old one is refused
-        within a second, as a revoked one.
+        within a second, as a revoked one. Two rotations of one key at once both succeed, one
+        after the other: the last one written wins and the other's new key is refused from then
+        on, as after any later rotation. The key in force has the latest rotated_at: a reply
+        whose key.rotated_at is not ListKeys' holds a key already replaced.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -54,7 +54,10 @@ class AdminStub:
     """The key is refused by every router and HTTP front within a second."""
     RotateKey: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RotateKeyRequest, _admin_pb2.IssuedKey]
     """The same key id gets a new key (in the reply, and only there); the old one is refused
-    within a second, as a revoked one.
+    within a second, as a revoked one. Two rotations of one key at once both succeed, one
+    after the other: the last one written wins and the other's new key is refused from then
+    on, as after any later rotation. The key in force has the latest rotated_at: a reply
+    whose key.rotated_at is not ListKeys' holds a key already replaced.
     """
     GetPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetPolicyRequest, _admin_pb2.CachePolicy]
     """A tenant's cache policy: whether L1 serves and stores its answers, its default L1 TTL."""
@@ -90,7 +93,10 @@ class AdminAsyncStub(AdminStub):
     """The key is refused by every router and HTTP front within a second."""
     RotateKey: _aio.UnaryUnaryMultiCallable[_admin_pb2.RotateKeyRequest, _admin_pb2.IssuedKey]  # type: ignore[assignment]
     """The same key id gets a new key (in the reply, and only there); the old one is refused
-    within a second, as a revoked one.
+    within a second, as a revoked one. Two rotations of one key at once both succeed, one
+    after the other: the last one written wins and the other's new key is refused from then
+    on, as after any later rotation. The key in force has the latest rotated_at: a reply
+    whose key.rotated_at is not ListKeys' holds a key already replaced.
     """
     GetPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetPolicyRequest, _admin_pb2.CachePolicy]  # type: ignore[assignment]
     """A tenant's cache policy: whether L1 serves and stores its answers, its default L1 TTL."""
@@ -159,7 +165,10 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.IssuedKey, _abc.Awaitable[_admin_pb2.IssuedKey]]:
         """The same key id gets a new key (in the reply, and only there); the old one is refused
-        within a second, as a revoked one.
+        within a second, as a revoked one. Two rotations of one key at once both succeed, one
+        after the other: the last one written wins and the other's new key is refused from then
+        on, as after any later rotation. The key in force has the latest rotated_at: a reply
+        whose key.rotated_at is not ListKeys' holds a key already replaced.
         """
 
     @_abc_1.abstractmethod
