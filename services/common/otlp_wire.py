@@ -41,6 +41,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.trace import SpanContext
 
+from services.common.clock import Clock, MonotonicClock, Throttle
 from services.common.env import redacted_url
 
 log = logging.getLogger(__name__)
@@ -280,6 +281,11 @@ def _url_secrets(url: str) -> list[str]:
 # collector's details quote it; a shorter one ("1", "true") is no credential, and hiding it
 # would blot out every such piece of the details
 HIDDEN_HEADER_CHARS = 8
+# spans dropped at a full queue are said at the first and again at most this often while they
+# go on (with how many since the last line): the line was said once an outage only, and a
+# collector slow but answering (a burst) is never an outage, so the first burst's line was the
+# process's only one
+DROPPED_LINE_EVERY_S = 60.0
 
 
 def _header_secrets(headers: Sequence[tuple[str, str]]) -> list[str]:
@@ -301,16 +307,24 @@ class ExportHealth(logging.Filter):
     thread between ``begin`` and ``end``: another exporter's are left alone) and says instead
     that the collector does not take spans (the gRPC status and details of the export's last
     try), again when a later export fails for another cause (``_cause``: UNAVAILABLE, then
-    UNAUTHENTICATED, the new cause was never said), and, once, that spans are dropped at a
-    full queue (``dropped``, counted by ``_BatchSpans``, which drops them itself); then once
-    that it takes them again, with how many exports failed and spans were dropped meanwhile.
+    UNAUTHENTICATED, the new cause was never said), and that spans are dropped at a full
+    queue (``dropped``, counted by ``_BatchSpans``, which drops them itself: at the first, then
+    at most every ``DROPPED_LINE_EVERY_S``); then once that it takes them again, with how many
+    exports failed and spans were dropped meanwhile. ``totals``: both counts since the start
+    (``cachemesh_spans_dropped_total``).
     A status no retry mends (``REFUSALS``) is an ERROR naming the headers and TLS. Requests
     never wait on it: the batch processor's queue (``OTEL_BSP_MAX_QUEUE_SIZE``) bounds what is
     held."""
 
-    def __init__(self, endpoint: str, headers: Sequence[tuple[str, str]] = ()) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        headers: Sequence[tuple[str, str]] = (),
+        clock: Clock | None = None,
+    ) -> None:
         """``headers``: the export's (the collector's credentials), whose values are hidden
-        in the details said, as a collector may quote the key it refused."""
+        in the details said, as a collector may quote the key it refused; ``clock``: the
+        bound of the dropped spans' line (``DROPPED_LINE_EVERY_S``)."""
         super().__init__()
         # as said in its lines: an http(s) URL without its user part nor query (a token
         # there reached the log), a gRPC target (host:port, dns:///...) as written
@@ -328,6 +342,10 @@ class ExportHealth(logging.Filter):
         self._failed_exports = 0
         self._lost_spans = 0  # in the exports that failed
         self._dropped_spans = 0  # at a full queue
+        # since the start, for the metrics (``totals``): never reset
+        self._queue_full_total = 0
+        self._export_failed_total = 0  # the spans of the exports that failed
+        self._drop_lines = Throttle(clock or MonotonicClock(), int(DROPPED_LINE_EVERY_S * 1000))
         self._export_thread: int | None = None  # the thread of our export, while it runs
 
     def install(self) -> None:
@@ -371,18 +389,28 @@ class ExportHealth(logging.Filter):
         with self._lock:
             return self._dropped_spans
 
+    def totals(self) -> tuple[int, int]:
+        """Since the start: the spans dropped at a full queue, and those of the exports the
+        collector did not take (the exporter's retries over: dropped for good)."""
+        with self._lock:
+            return self._queue_full_total, self._export_failed_total
+
     def dropped(self) -> None:
-        """A span dropped at the full queue (its batch processor's count): the first of an
-        outage is said."""
+        """A span dropped at the full queue (its batch processor's count): said at the first,
+        then at most once every ``DROPPED_LINE_EVERY_S`` while spans are dropped."""
         with self._lock:
             self._dropped_spans += 1
-            first = self._dropped_spans == 1
-        if first:
+            self._queue_full_total += 1
+            since = self._drop_lines.due()
+        if since:
             log.warning(
                 "tracing: the span queue is full (OTEL_BSP_MAX_QUEUE_SIZE), the collector at "
-                "%s not taking spans as fast as they end: spans are dropped (said once, and "
-                "when it is back)",
+                "%s not taking spans as fast as they end: spans are dropped, %d since this was "
+                "last said (cachemesh_spans_dropped_total; said again at most every %.0f s "
+                "while it lasts)",
                 self._endpoint,
+                since,
+                DROPPED_LINE_EVERY_S,
             )
 
     def exported(self, taken: bool, spans: int) -> None:
@@ -393,6 +421,7 @@ class ExportHealth(logging.Filter):
             if not taken:
                 self._failed_exports += 1
                 self._lost_spans += spans
+                self._export_failed_total += spans
                 code = self._code or "error"
                 if self._failing and _cause(code) == _cause(self._said):
                     return
@@ -450,16 +479,23 @@ class WireSpanExporter(OTLPSpanExporter):
     are said once each (``ExportHealth``, in place until the exporter is shut down and its
     last export, which the shutdown cuts, has ended: that one's line is not the outage's)."""
 
-    def __init__(self, *, headers: Sequence[tuple[str, str]] = (), **options: Any) -> None:
+    def __init__(
+        self,
+        *,
+        headers: Sequence[tuple[str, str]] = (),
+        clock: Clock | None = None,
+        **options: Any,
+    ) -> None:
         """``headers``: exactly those sent with each export, none if empty. The SDK's exporter,
         given none, reads ``OTEL_EXPORTER_OTLP_(TRACES_)HEADERS`` from ``os.environ`` behind
         the service's settings (and sent them, unhidden in ``ExportHealth``'s lines): its
-        reading is overwritten, so the settings are the only source."""
+        reading is overwritten, so the settings are the only source. ``clock``: its
+        ``ExportHealth``'s."""
         sent = tuple((str(name), str(value)) for name, value in headers)
         super().__init__(headers=sent, **options)
         self._headers = sent  # the SDK's ``headers or os.environ[...]`` undone
         self._wire = SpanWire()
-        self._health = ExportHealth(str(options.get("endpoint", "")), sent)
+        self._health = ExportHealth(str(options.get("endpoint", "")), sent, clock)
         self._health.install()
         self._state = threading.Lock()
         self._in_export = False

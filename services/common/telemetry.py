@@ -30,7 +30,7 @@ import re
 import threading
 import time
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +53,8 @@ from opentelemetry.sdk.trace.sampling import (
 )
 from opentelemetry.trace import Link, SpanKind, TraceState
 from opentelemetry.util.types import Attributes
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from services.common.env import ConfigError, Env
 from services.common.grace import GraceEnd
@@ -174,9 +176,44 @@ async def stop_tracing(provider: TracerProvider) -> None:
     await asyncio.to_thread(provider.shutdown)
 
 
+class TracingProvider(TracerProvider):
+    """The SDK's provider, with its OTLP exporter's ``ExportHealth`` (None: no OTLP export),
+    whose counts of spans dropped ``SpanDrops`` exposes."""
+
+    export_health: ExportHealth | None = None
+
+
+class SpanDrops(Collector):
+    """``cachemesh_spans_dropped_total{reason}`` on a service's metrics, read at each scrape
+    from its OTLP exporter's ``ExportHealth``: ``queue_full``, spans that ended at a full
+    queue (``OTEL_BSP_MAX_QUEUE_SIZE``: a collector slow, down, or a burst) and were dropped;
+    ``export_failed``, spans of exports the collector did not take, the exporter's retries
+    over (dropped for good). The SDK dropped both saying so at most in a log line (none once
+    an outage's first was said). Nothing without an OTLP exporter (``none``: nothing to drop;
+    ``console``: the SDK's own processor, uncounted). Spans are counted on the drop path only:
+    a span that is queued pays nothing more."""
+
+    def __init__(self, provider: TracerProvider) -> None:
+        self._health = provider.export_health if isinstance(provider, TracingProvider) else None
+
+    def collect(self) -> Iterator[Metric]:
+        if self._health is None:
+            return
+        queue_full, export_failed = self._health.totals()
+        dropped = CounterMetricFamily(
+            "cachemesh_spans_dropped",
+            "Spans this service dropped unexported: at a full queue (queue_full) or in "
+            "exports the collector did not take (export_failed)",
+            labels=["reason"],
+        )
+        dropped.add_metric(["queue_full"], queue_full)
+        dropped.add_metric(["export_failed"], export_failed)
+        yield dropped
+
+
 def build_tracer_provider(
     environ: Mapping[str, str], default_service_name: str, *, edge: bool = False
-) -> TracerProvider:
+) -> TracingProvider:
     """A provider configured from ``environ``; never installed as a global. ``edge``: the
     service callers outside cachemesh reach (``EdgeSampler``, unless ``OTEL_TRACES_SAMPLER``
     is set: the SDK applies that one)."""
@@ -194,9 +231,9 @@ def build_tracer_provider(
         # Nothing leaves the process: record no span (their cost without a use), but keep
         # the trace context, so responses and logs still carry a trace id and the calls
         # still carry it to the next service.
-        return TracerProvider(resource=resource, sampler=ALWAYS_OFF)
+        return TracingProvider(resource=resource, sampler=ALWAYS_OFF)
     sampler = EdgeSampler() if edge and "OTEL_TRACES_SAMPLER" not in environ else None
-    provider = TracerProvider(resource=resource, sampler=sampler)
+    provider = TracingProvider(resource=resource, sampler=sampler)
     # every setting read before the exporter is built: a refused one left the exporter's log
     # filter installed and its channel open
     batch = _batch_settings(env)
@@ -244,6 +281,7 @@ def build_tracer_provider(
             headers=headers,  # the settings' only: none is none, not os.environ's
         )
         health = exporter.health
+        provider.export_health = health
     elif exporter_name == "console":
         exporter = ConsoleSpanExporter()
     if exporter is not None:

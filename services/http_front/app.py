@@ -24,7 +24,7 @@ from services.common.logs import configure_logging
 from services.common.metrics import MetricsEndpoint, new_registry
 from services.common.server import DRAIN_REFUSAL_S, run_main
 from services.common.stop_signals import STOP_SIGNALS, stop_on_signals
-from services.common.telemetry import build_tracer_provider, stop_tracing
+from services.common.telemetry import SpanDrops, build_tracer_provider, stop_tracing
 from services.common.unread import warn_unread_settings
 from services.http_front.access_log import RefusalLog
 from services.http_front.connections import AcceptErrors, fit_open_files
@@ -143,6 +143,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         max_message_bytes=settings.max_message_bytes,
     )
     registry = new_registry()
+    registry.register(SpanDrops(provider))
     metrics = HttpFrontMetrics(registry, time.perf_counter)
     front = Front(
         settings,

@@ -26,7 +26,12 @@ from services.common.server import (
     run_main,
     run_service,
 )
-from services.common.telemetry import build_tracer_provider, server_interceptors, stop_tracing
+from services.common.telemetry import (
+    SpanDrops,
+    build_tracer_provider,
+    server_interceptors,
+    stop_tracing,
+)
 from services.common.tokens import Tokenizers, load_tokenizers
 from services.common.unread import warn_unread_settings
 from services.model.api import ModelApi
@@ -62,6 +67,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     provider = build_tracer_provider(environ, "model")
     auth = InternalAuthInterceptor(settings.internal_token)
     registry = new_registry()
+    registry.register(SpanDrops(provider))
     loaded: list[Tokenizers] = []  # the warm-up's
     registry.register(TokenizerCacheCollector(lambda: loaded[0] if loaded else ()))
     tenants = TenantLabels(settings.metrics.max_tenants)

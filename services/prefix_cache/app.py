@@ -23,7 +23,12 @@ from services.common.metrics import (
 from services.common.model_overrides import model_table_from_env
 from services.common.redis_pool import bounded_redis, own_connection_redis
 from services.common.server import HealthSwitch, ServiceSpec, run_main, run_service
-from services.common.telemetry import build_tracer_provider, server_interceptors, stop_tracing
+from services.common.telemetry import (
+    SpanDrops,
+    build_tracer_provider,
+    server_interceptors,
+    stop_tracing,
+)
 from services.common.tokens import load_tokenizers
 from services.common.unread import warn_unread_settings
 from services.prefix_cache.api import PrefixCacheApi
@@ -54,6 +59,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
     watch: RedisHealth | None = None
     clients: list[Redis] = []
     registry = new_registry()
+    registry.register(SpanDrops(provider))
     registry.register(TokenizerCacheCollector(tokenizer.loaded))
     metrics = PrefixCacheMetrics(registry, warm_gauge=settings.redis_url is None)  # no SCAN
     if settings.redis_url is not None:

@@ -25,7 +25,12 @@ from services.common.metrics import (
 )
 from services.common.model_overrides import model_table_from_env
 from services.common.server import ServiceSpec, run_every, run_main, run_service
-from services.common.telemetry import build_tracer_provider, server_interceptors, stop_tracing
+from services.common.telemetry import (
+    SpanDrops,
+    build_tracer_provider,
+    server_interceptors,
+    stop_tracing,
+)
 from services.common.tokens import load_tokenizers
 from services.common.unread import warn_unread_settings
 from services.router.access_log import RequestLog
@@ -106,6 +111,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
             ) from exc
         local = LocalEmbedder(load_minilm_embedder)
     registry = new_registry()
+    registry.register(SpanDrops(provider))
     registry.register(TokenizerCacheCollector(lambda: tokenizer))
     metrics = RouterMetrics(registry, TenantLabels(settings.metrics.max_tenants))
     # the key file's tenants and the served rows at 0 from the start, so rate() sees each

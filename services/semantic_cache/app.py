@@ -24,7 +24,12 @@ from services.common.server import (
     run_main,
     run_service,
 )
-from services.common.telemetry import build_tracer_provider, server_interceptors, stop_tracing
+from services.common.telemetry import (
+    SpanDrops,
+    build_tracer_provider,
+    server_interceptors,
+    stop_tracing,
+)
 from services.common.unread import warn_unread_settings
 from services.semantic_cache.embedder import load_minilm_embedder
 from services.semantic_cache.metrics import SemanticCacheMetrics, StoreCollector
@@ -74,6 +79,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         snapshotter = _snapshotter(config, store, clock, metrics)
         policies = _policies(config)
         provider = build_tracer_provider(environ, NAME)
+        registry.register(SpanDrops(provider))
         faiss.omp_set_num_threads(config.faiss_threads)
         stop = stop if stop is not None else asyncio.Event()  # set when the drain begins
         servicer = SemanticCacheService()

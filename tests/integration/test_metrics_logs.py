@@ -429,6 +429,15 @@ def test_every_process_serves_its_own_metrics_with_process_figures(run: Run) -> 
     for name, scrape in scrapes.items():
         assert scrape.value("process_cpu_seconds_total") > 0, name
         assert scrape.value("process_resident_memory_bytes") > 0, name
+        # every traced process counts the spans it drops unexported (none here: the
+        # collector takes them all)
+        for reason in ("queue_full", "export_failed"):
+            dropped = [
+                v
+                for n, labels, v in scrape.samples
+                if n == "cachemesh_spans_dropped_total" and labels == {"reason": reason}
+            ]
+            assert dropped == [0.0], (name, reason, dropped)
 
 
 _QUERIED = re.compile(r"\b((?:cachemesh|gen_ai|process)_[a-z0-9_]+)")

@@ -1,0 +1,150 @@
+"""Spans a service drops unexported are counted on its metrics
+(``cachemesh_spans_dropped_total{reason}``) and said in a line bounded in rate: the SDK's
+batch processor dropped them at a full queue, and the exporter those of exports the collector
+did not take, with no count anywhere (320 spans sent, 8 received, nothing on /metrics). Real
+gRPC: the provider a service builds from its settings exporting to a real OTLP receiver
+stopped mid-run, and a receiver that never answers."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from services.common import telemetry
+from services.common.clock import ManualClock
+from services.common.metrics import new_registry
+from services.common.otlp_wire import DROPPED_LINE_EVERY_S, WireSpanExporter
+from services.common.telemetry import SpanDrops, _BatchSpans, build_tracer_provider
+from services.tools.stack.otlp_sink import OtlpSink
+from tests.black_hole import BlackHole
+
+QUEUE, BATCH = 8, 4
+
+
+def _dropped(registry: CollectorRegistry) -> dict[str, float]:
+    return {
+        reason: registry.get_sample_value("cachemesh_spans_dropped_total", {"reason": reason})
+        or 0.0
+        for reason in ("queue_full", "export_failed")
+    }
+
+
+def _until(done: Callable[[], bool], what: str, within_s: float = 30.0) -> None:
+    """Waits for ``done`` (a bound on waiting, not a figure asserted)."""
+    end = time.monotonic() + within_s
+    while not done():
+        assert time.monotonic() < end, f"not within {within_s:g} s: {what}"
+        time.sleep(0.02)
+
+
+def test_spans_dropped_at_a_full_queue_and_in_failed_exports_are_counted() -> None:
+    sink = OtlpSink()
+    sink.start()
+    environ = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint,
+        "OTEL_BSP_MAX_QUEUE_SIZE": str(QUEUE),
+        "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": str(BATCH),
+        "OTEL_BSP_SCHEDULE_DELAY": "20",
+        "OTEL_EXPORTER_OTLP_TIMEOUT": "1",
+    }
+    provider = build_tracer_provider(environ, "router")
+    registry = new_registry()
+    registry.register(SpanDrops(provider))
+    tracer = provider.get_tracer("t")
+    stopped = False
+    try:
+        # both series from the start (rate() sees the first drop)
+        assert _dropped(registry) == {"queue_full": 0.0, "export_failed": 0.0}
+        # a burst the collector takes but the queue cannot hold: each span is received or
+        # counted dropped, none lost unsaid
+        for i in range(40):
+            tracer.start_span(f"burst {i}").end()
+        assert provider.force_flush(30_000)
+        received = sum(sink.counts().values())
+        dropped = _dropped(registry)
+        assert dropped["queue_full"] > 0, (received, dropped)
+        assert dropped["export_failed"] == 0
+        assert received + dropped["queue_full"] == 40, (received, dropped)
+        # the collector stopped mid-run: spans dropped at the full queue, and the exports it
+        # does not take, counted; at most a queue and a batch held unsaid
+        sink.stop()
+        stopped = True
+        for i in range(200):
+            tracer.start_span(f"outage {i}").end()
+        _until(lambda: _dropped(registry)["export_failed"] > 0, "an export failed, counted")
+        after = _dropped(registry)
+        assert sum(sink.counts().values()) == received  # none taken since the stop
+        queue_full = after["queue_full"] - dropped["queue_full"]
+        counted = queue_full + after["export_failed"]
+        assert queue_full > 0, after
+        assert 200 - QUEUE - BATCH <= counted <= 200, after
+    finally:
+        if not stopped:
+            sink.stop()
+        provider.shutdown()
+
+
+def test_no_otlp_export_no_series() -> None:
+    """With ``none`` nothing is exported nor dropped: no series claims a count of 0 for an
+    export that does not exist."""
+    registry = new_registry()
+    registry.register(SpanDrops(build_tracer_provider({"OTEL_TRACES_EXPORTER": "none"}, "model")))
+    assert (
+        registry.get_sample_value("cachemesh_spans_dropped_total", {"reason": "queue_full"}) is None
+    )
+
+
+def test_the_dropped_spans_line_is_said_again_while_they_go_on_at_most_once_a_while(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It was said once an outage, and a collector slow but answering is never one: the first
+    burst's line was the process's last whatever was dropped after. Now the first drop is said
+    at once, then at most every ``DROPPED_LINE_EVERY_S`` with the count since (the clock
+    injected)."""
+    caplog.set_level(logging.INFO)
+    clock = ManualClock()
+    hole = BlackHole()  # never answers: the worker holds one batch, the queue one more
+    exporter = WireSpanExporter(endpoint=hole.endpoint, insecure=True, timeout=30, clock=clock)
+    processor = _BatchSpans(exporter, exporter.health, max_queue_size=2, max_export_batch_size=2)
+    registry = new_registry()
+    provider = telemetry.TracingProvider()
+    provider.export_health = exporter.health
+    provider.add_span_processor(processor)
+    registry.register(SpanDrops(provider))
+
+    def lines() -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == "services.common.otlp_wire" and "span queue is full" in r.getMessage()
+        ]
+
+    def burst(n: int) -> None:
+        for i in range(n):
+            provider.get_tracer("t").start_span(f"call {i}").end()
+
+    try:
+        burst(20)
+        assert len(lines()) == 1 and "1 since this was last said" in lines()[0], lines()
+        first = _dropped(registry)["queue_full"]
+        burst(20)  # within the interval: counted, not said
+        assert len(lines()) == 1, lines()
+        before = _dropped(registry)["queue_full"]
+        assert before > first
+        clock.advance(s=DROPPED_LINE_EVERY_S)
+        burst(20)  # the export still held: each span dropped, the first said
+        assert len(lines()) == 2, lines()
+        # every drop since the first line's, this burst's first included
+        assert f", {int(before)} since this was last said" in lines()[1], lines()
+        assert hole.endpoint in lines()[1]
+        clock.advance(s=DROPPED_LINE_EVERY_S - 1)
+        burst(5)
+        assert len(lines()) == 2, lines()
+    finally:
+        monkeypatch.setattr(telemetry, "TRACING_STOP_S", 0.05)
+        provider.shutdown()
+        hole.close()
