@@ -385,7 +385,8 @@ class ExportHealth(logging.Filter):
 
     @property
     def dropped_spans(self) -> int:
-        """The spans dropped at the full queue in this outage (0 once the collector is back)."""
+        """The spans dropped at the full queue since the last export taken (in this outage; 0
+        once the collector is back)."""
         with self._lock:
             return self._dropped_spans
 
@@ -431,6 +432,9 @@ class ExportHealth(logging.Filter):
                 for secret in self._secrets:
                     reason = reason.replace(secret, "***")
             elif not self._failing:
+                # a burst's drops, the collector taking spans (said by ``dropped``): not the
+                # next outage's figure
+                self._dropped_spans = 0
                 return
             else:
                 failed, lost, dropped = (

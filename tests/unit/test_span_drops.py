@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from services.common import telemetry
 from services.common.clock import ManualClock
 from services.common.metrics import new_registry
-from services.common.otlp_wire import DROPPED_LINE_EVERY_S, WireSpanExporter
+from services.common.otlp_wire import DROPPED_LINE_EVERY_S, ExportHealth, WireSpanExporter
 from services.common.telemetry import SpanDrops, _BatchSpans, build_tracer_provider
 from services.tools.stack.otlp_sink import OtlpSink
 from tests.black_hole import BlackHole
@@ -148,3 +148,24 @@ def test_the_dropped_spans_line_is_said_again_while_they_go_on_at_most_once_a_wh
         monkeypatch.setattr(telemetry, "TRACING_STOP_S", 0.05)
         provider.shutdown()
         hole.close()
+
+
+def test_the_outages_figure_counts_the_outages_drops_only(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """ "Dropped meanwhile: N at a full queue" when the collector takes spans again counted
+    every drop since the last outage, a burst's while the collector took spans included."""
+    caplog.set_level(logging.INFO)
+    health = ExportHealth("http://127.0.0.1:4317", clock=ManualClock())
+    for _ in range(5):  # a burst the queue could not hold, the collector taking spans
+        health.dropped()
+    health.exported(True, 4)
+    health.exported(False, 4)  # an outage
+    for _ in range(3):
+        health.dropped()
+    health.exported(True, 4)
+    back = [r.getMessage() for r in caplog.records if "takes spans again" in r.getMessage()]
+    assert len(back) == 1 and back[0].endswith(
+        "dropped meanwhile: 4 spans in 1 exports it did not take, 3 at a full queue"
+    ), back
+    assert health.totals() == (8, 4)  # the metrics' counts are since the start
