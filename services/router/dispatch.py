@@ -40,7 +40,11 @@ from services.router.own_pause import paused_s
 from services.router.prompt_counts import count_prompt
 from services.router.replica_choice import ChoiceSettings, ReplicaChooser, Request
 from services.router.replica_health import ReplicaHealth
-from services.router.replica_state import ReplicaStates, stalled_after_s
+from services.router.replica_state import (
+    ReplicaStates,
+    lost_prefix_explains_stall,
+    stalled_after_s,
+)
 from services.router.routing.router import Routed
 
 log = logging.getLogger("cachemesh.router")
@@ -465,13 +469,15 @@ class Dispatcher:
                 except CallFailed as exc:
                     if declined is not None and exc.code != Code.DEADLINE_EXCEEDED:
                         declined()  # the replica's own status before its start
-                    # its rate is at most what it showed, unless it waited for a slot
-                    if isinstance(exc, _Stalled) and not self.loads.slots_taken(replica):
+                    # a stall of its own, not a wait for a slot that calls decoding there hold
+                    own_stall = isinstance(exc, _Stalled) and not self.loads.slots_taken(replica)
+                    if own_stall:  # its rate is at most what it showed
                         self.loads.stalled(replica, ticket, self._clock())
-                    if isinstance(exc, _Stalled) and match > 0:
-                        # predicted warm, no first report long past that prefill: its engine
-                        # did not hold the prefix (a restart, unseen traffic), and this call
-                        # makes no commit whose report would tell the view so
+                    if own_stall and lost_prefix_explains_stall(match, prompt_tokens):
+                        # predicted warm, no first report long past that prefill, and a cold
+                        # prefill explains it: its engine may not hold the prefix (a restart,
+                        # unseen traffic), and this call makes no commit whose report would
+                        # tell the view so
                         stalled_warm.append(replica)
                     blamed = True
                     if exc.code == Code.DEADLINE_EXCEEDED:

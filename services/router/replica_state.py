@@ -98,6 +98,17 @@ def stalled_after_s(predicted_s: float) -> float:
     return STALL_FACTOR * predicted_s + STALL_FLOOR_S
 
 
+def lost_prefix_explains_stall(match_tokens: int, prompt_tokens: int) -> bool:
+    """Whether a stall of a call predicted to reuse ``match_tokens`` of its ``prompt_tokens``
+    could come of the replica having lost that prefix: a cold prefill of the whole prompt
+    overruns ``stalled_after_s`` of the warm one's only when the predicted share is above
+    ``1 - 1 / STALL_FACTOR`` (half): P / r > STALL_FACTOR * (P - m) / r + STALL_FLOOR_S needs
+    m > P * (1 - 1 / STALL_FACTOR), whatever the rate r (queued prefill ahead of it, which a
+    cold cache does not lengthen, only raises the bar). Below it the stall says the engine was
+    slow or busy, not that it lost the prefix (a Plan predicting 16 of 2,000 tokens warm)."""
+    return match_tokens > 0 and match_tokens * STALL_FACTOR > prompt_tokens * (STALL_FACTOR - 1)
+
+
 @dataclass
 class _Pending:
     uncached_tokens: int

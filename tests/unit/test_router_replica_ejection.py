@@ -927,3 +927,85 @@ def test_a_call_stalled_where_it_was_predicted_warm_is_named_in_the_next_replica
     warms = [c for c in view.commits if c.phase == pc.COMMIT_PHASE_WARM]
     assert [w.replica for w in warms] == ["large-2"]
     assert list(warms[0].stalled_warm_replicas) == (["large-1"] if warm else [])
+
+
+@pytest.mark.parametrize("warm", [16, 1000, 1008])
+def test_a_stall_is_named_only_where_a_lost_prefix_explains_it(fast_stall: None, warm: int) -> None:
+    """A cold prefill of the whole prompt overruns the stall bound (STALL_FACTOR times the
+    warm one's) only when more than half of the prompt was predicted warm: a replica
+    predicted to reuse 16 (or 1,000) of 2,000 tokens whose call stalls was slow or busy, not
+    shown to have lost the prefix, and naming it would evict what it holds from the view."""
+    clock = Clock()
+    view = ViewOf(warm)
+
+    async def scenario() -> None:
+        models = Models(clock, {}, hung={"large-1"})
+        deps = Dependencies(FakeSemantic(), view, models, REPLICAS)
+        router = (load_router_model(), RouterCard.load().default_threshold, None)
+        pipeline = Pipeline(
+            deps, TABLE, TOKENIZER, trace.NoOpTracer(), _settings(), router, clock=clock
+        )
+        assert (await _ask(pipeline, 1, remaining_s=30.0)).content[0].text == "ok"
+        await pipeline.drain()
+        assert models.calls == ["large-1", "large-2"] and models.cancelled == ["large-1"]
+
+    run_on_clock(clock, scenario)
+    warms = [c for c in view.commits if c.phase == pc.COMMIT_PHASE_WARM]
+    assert [w.replica for w in warms] == ["large-2"]
+    assert list(warms[0].stalled_warm_replicas) == (["large-1"] if warm > 1000 else [])
+
+
+@dataclass
+class LocalViewOf(ViewOf):
+    """prefix-cache's view of local-small's two one-slot replicas: local-1 warm."""
+
+    async def plan(self, request: pc.PlanRequest, deadline_s: float) -> pc.PlanResponse:
+        return pc.PlanResponse(
+            prompt_tokens=2000,
+            candidates=[
+                pc.ReplicaCandidate(replica="local-1", warm_prefix_tokens=self.warm),
+                pc.ReplicaCandidate(replica="local-2", warm_prefix_tokens=0),
+            ],
+            plan_id="p",
+        )
+
+
+def test_a_warm_replica_whose_one_slot_a_slow_reader_holds_is_not_named_stalled(
+    fast_stall: None,
+) -> None:
+    """A call predicted warm that waits for the replica's one slot (a caller reading another
+    answer slowly holds it) and is handed over has not shown that the engine lost the prefix:
+    its rate is not lowered for it, and neither is the view told of it (as it was: its WARM
+    named local-1, and prefix-cache evicted the prompt's blocks there)."""
+    clock = Clock()
+    view = LocalViewOf(1984)
+
+    async def scenario() -> Models:
+        models = Models(clock, {}, prefill_s=0.01)
+        deps = Dependencies(FakeSemantic(), view, models, REPLICAS)
+        router = (load_router_model(), RouterCard.load().default_threshold, None)
+        pipeline = Pipeline(
+            deps, TABLE, TOKENIZER, trace.NoOpTracer(), _settings(), router, clock=clock
+        )
+        for i in range(4):  # the replicas' rates measured
+            await _ask(pipeline, 100 + i, model="local-small")
+        view.commits.clear()
+        models.calls.clear()
+        slot = models.one_slot["local-1"] = Slot()
+        request = build_request("a long answer", model="local-small", request_id="held")
+        async with contextlib.aclosing(pipeline.run("tenant-b", request)) as held:
+            async for chunk in held:
+                if chunk.WhichOneof("part") == "delta":
+                    break
+            assert pipeline.loads.slots_taken("local-1")
+            await _ask(pipeline, 1, remaining_s=30.0, model="local-small")
+            slot.done.set()
+        await asyncio.sleep(0)
+        await pipeline.drain()
+        return models
+
+    models = run_on_clock(clock, scenario)
+    assert models.calls == ["local-1", "local-1", "local-2"] and models.cancelled == ["local-1"]
+    warms = [c for c in view.commits if c.phase == pc.COMMIT_PHASE_WARM]
+    assert [w.replica for w in warms] == ["local-1", "local-2"]
+    assert [list(w.stalled_warm_replicas) for w in warms] == [[], []]
