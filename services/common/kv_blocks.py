@@ -206,6 +206,15 @@ class KvBlockCache:
             evicted += 1
         return evicted
 
+    def evict(self, hashes: Sequence[bytes]) -> int:
+        """Evicts these blocks (those held of them), whatever their touch: a prompt shown
+        lost on its own, not as an LRU loses blocks. Returns how many went."""
+        evicted = 0
+        for block_hash in hashes:
+            if self._blocks.pop(block_hash, None) is not None:
+                evicted += 1
+        return evicted
+
     def insert(self, hashes: Sequence[bytes]) -> None:
         """Adds or touches every block of a prefilled prompt, then evicts down to capacity."""
         for block_hash in reversed(hashes):

@@ -328,13 +328,17 @@ class PrefixCacheCore:
                 awaiting = (tenant, request_id) if spec.rules == "self_hosted" else None
                 told = None if reported is None else EngineReuse(reported, plan.prompt_tokens)
                 since = prompt.view_marks.get(replica)  # None: no Plan of it held here
+                before = self._view_corrections()
                 self._views.record(
                     replica, prompt.kv_hashes, plan.prompt_tokens, told, awaiting, since
                 )
+                self._count_corrections(spec.id, "report", before)
                 for other in dict.fromkeys(stalled_warm):
                     mark = prompt.view_marks.get(other)  # None: no Plan of it held here
                     if mark is not None:
+                        before = self._view_corrections()
                         self._views.stalled(other, prompt.kv_hashes, plan.prompt_tokens, mark)
+                        self._count_corrections(spec.id, "stall", before)
             # another prefix-cache replica may have recorded this request id meanwhile: its
             # record stands (the warm-state refresh made here only repeats the same writes)
             stood = await self._ledger.put_warm(tenant, request_id, spec.id, replica, split, now)
@@ -470,13 +474,26 @@ class PrefixCacheCore:
                 # the view when the replica held less (a restart, unseen traffic)
                 told = stood.reconciled and final.reconciled
                 reuse = EngineReuse(engine_reuse, engine_prompt) if told else None
+                before = self._view_corrections()
                 self._views.report((tenant, request_id), reuse)
+                self._count_corrections(record.model, "report", before)
             if self._metrics is not None and not placed.repeated:  # this call billed it
                 self._metrics.billed(record.model, stood)
                 if own:  # the engine's reuse the tenant's own traffic does not account for
                     unbilled = max(engine_reuse - stood.split.read_tokens, 0)
                     self._metrics.unattributed_kv(record.model, unbilled)
             return placed
+
+    def _view_corrections(self) -> tuple[int, int]:
+        """The replica views' corrections so far, and the blocks they evicted."""
+        stats = self._views.stats
+        return stats.corrections, stats.corrected_blocks
+
+    def _count_corrections(self, model: str, cause: str, before: tuple[int, int]) -> None:
+        """The view's corrections since ``before`` (``_view_corrections``) into the metrics."""
+        if self._metrics is not None:
+            corrections, blocks = self._view_corrections()
+            self._metrics.view_corrected(model, cause, corrections - before[0], blocks - before[1])
 
     async def warm_prefixes(self) -> int:
         """The warm prefixes held (live or not yet collected). The service asks only of the

@@ -20,6 +20,13 @@ returns the same bill and counts nothing):
   the gauge is absent: counting keys there is a SCAN of the keyspace (seconds of this
   process's CPU at 300k keys, on every refresh); Redis's own ``INFO keyspace`` gives the count
   when its database is dedicated to the warm prefixes;
+- ``cachemesh_prefix_cache_view_corrections_total{model,cause}`` and
+  ``cachemesh_prefix_cache_view_evicted_blocks_total{model,cause}``: the replica view's
+  corrections (``ReplicaViews``) and the blocks they evicted: ``report``, a self-hosted
+  engine's report of less reuse than predicted (the blocks touched no later go), ``stall``, a
+  call handed over as stalled from a replica predicted warm (``stalled_warm_replicas``: that
+  prompt's blocks go). Many ``stall`` corrections on one model: a restarted or overloaded
+  engine;
 - ``cachemesh_prefix_cache_redis_pool_exhausted_total``: calls refused UNAVAILABLE because
   none of the process's Redis connections (PREFIX_CACHE_REDIS_MAX_CONNECTIONS) came free in
   time. Redis may be answering: the service's health (a PING over a connection of its own)
@@ -79,6 +86,16 @@ class PrefixCacheMetrics:
             "Plans computed (a miss's split and replica candidates)",
             ("model",),
         )
+        self._view_corrections = m.counter(
+            "cachemesh_prefix_cache_view_corrections",
+            "Replica view corrections: an engine's report below the prediction, or a stall",
+            ("model", "cause"),
+        )
+        self._view_evicted = m.counter(
+            "cachemesh_prefix_cache_view_evicted_blocks",
+            "Replica view blocks evicted by its corrections (report, stall)",
+            ("model", "cause"),
+        )
         self._pool_exhausted = m.counter(
             "cachemesh_prefix_cache_redis_pool_exhausted",
             "Calls refused UNAVAILABLE: no Redis connection of the pool came free in time",
@@ -102,6 +119,13 @@ class PrefixCacheMetrics:
 
     def planned(self, model: str) -> None:
         self._plans(model).inc()
+
+    def view_corrected(self, model: str, cause: str, corrections: int, blocks: int) -> None:
+        """``corrections`` of the replica view (``cause``: ``report`` or ``stall``) evicted
+        ``blocks``."""
+        if corrections:
+            self._view_corrections(model, cause).inc(corrections)
+            self._view_evicted(model, cause).inc(blocks)
 
     def unattributed_kv(self, model: str, tokens: int) -> None:
         self._unattributed(model).inc(tokens)

@@ -16,9 +16,12 @@ WARM. Either report below the prediction corrects the view: the engine had lost 
 block it did not reuse (a restart, or eviction by traffic the view did not see), and an LRU
 engine lost every block touched no later than that one with it, so the view evicts those (the
 prompt's own blocks, touched again by its prefill, stay). A report of 0 against a prediction
-thus clears what the view held for that replica up to that prefix's last touch; so does a
-call handed over as stalled where the view predicted it warm (``stalled``: it has no commit,
-so no report). Only a block the view held when the request arrived (``mark`` at its Plan) is
+thus clears what the view held for that replica up to that prefix's last touch. A call
+handed over as stalled where the view predicted it warm (``stalled``: it has no commit, so no
+report) is weaker evidence (a healthy but slow or shared engine stalls too): the view loses
+that prompt's own blocks there, no other's, so a restarted engine costs one stall for each
+prefix it held (each conversation, or each shared system prompt) until its reports correct
+the rest. Only a block the view held when the request arrived (``mark`` at its Plan) is
 evidence: one it learned since (a concurrent request of the same prefix, recorded first) the
 engine may not have held yet when it prefilled this one (vLLM batches them; two WARMs may
 arrive in either order).
@@ -240,23 +243,27 @@ class ReplicaViews:
 
     def stalled(self, replica: str, hashes: Sequence[bytes], prompt_tokens: int, since: int) -> int:
         """A call of this prompt to ``replica``, predicted warm there, stalled before its first
-        report and was handed over: taken as a report of nothing reused (a restarted engine, a
-        prefix lost to traffic the view did not see), so the view loses the prompt's first
-        block and every block touched no later, when that block was held at the request's Plan
-        (``since``: the replica's ``mark`` then; one learned later is no evidence). Such a call
-        has no WARM or FINAL of its own, so no report of the engine would ever correct the view,
-        and each prompt it held there was still sent there as warm. Returns the blocks
-        evicted."""
+        report and was handed over: the replica may have lost this prompt's prefix (a restarted
+        engine, traffic the view did not see), or merely been slow or busy (a stall shows no
+        more), so the view loses this prompt's own blocks there, not (as a report's ``_correct``)
+        every block touched no later: those may be other conversations', other tenants', that a
+        healthy engine still holds. This conversation goes to the replica that took it over
+        anyway (its prefix is warm there now). Only when the prompt's first block was held at
+        the request's Plan (``since``: the replica's ``mark`` then; one learned later, from a
+        concurrent request of the prefix, the engine prefilled again). Such a call has no WARM
+        or FINAL of its own, so no report of the engine would ever correct the view. Returns
+        the blocks evicted."""
         view = self._views.get(replica)
         if view is None or reusable_blocks(prompt_tokens) < 1:
             return 0
         stamps = view.touched(hashes[:1])
         if not stamps or stamps[0] > since:
             return 0
+        evicted = view.evict(hashes)
         self.stats.stalls += 1
-        before = self.stats.corrected_blocks
-        self._correct(view, stamps[0])
-        return self.stats.corrected_blocks - before
+        self.stats.corrections += 1
+        self.stats.corrected_blocks += evicted
+        return evicted
 
     def _correct(self, view: KvBlockCache, stamp: int) -> None:
         self.stats.corrections += 1

@@ -10,12 +10,14 @@ import pytest
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.clock import ManualClock
+from services.common.metrics import new_registry
 from services.common.models import load_model_table
 from services.common.prompt import canonical_blocks, prompt_token_ids
 from services.common.tokens import Tokenizer, load_cl100k
 from services.prefix_cache.commit_records import CommitRecords
 from services.prefix_cache.core import BadRequest, PrefixCacheCore, TokenizerSlot
 from services.prefix_cache.ledger import InMemoryLedger
+from services.prefix_cache.metrics import PrefixCacheMetrics
 from services.prefix_cache.plan_memo import PlanMemo
 from services.prefix_cache.replica_view import EngineReuse, ReplicaViews
 from services.prefix_cache.rules import Split
@@ -45,6 +47,7 @@ class Rig:
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self.views = ReplicaViews(65536)
+        self.registry = new_registry()
         clock = ManualClock()
         self.core = PrefixCacheCore(
             plans=PlanMemo(clock, ttl_ms=60_000, max_blocks=1 << 20),
@@ -55,15 +58,22 @@ class Rig:
             ledger=InMemoryLedger(CommitRecords(3_600_000), TotalsLedger()),
             clock=clock,
             lookback=20,
+            metrics=PrefixCacheMetrics(self.registry),
         )
 
     async def turn(
-        self, rid: str, system: str, question: str, replica: str, cached: int | None
+        self,
+        rid: str,
+        system: str,
+        question: str,
+        replica: str,
+        cached: int | None,
+        tenant: str = "t",
     ) -> Split:
         """A call whose engine tells its reuse at the end only (``cached``; None: no usage,
         as a call cancelled before its end); returns what the WARM estimated."""
         request = _ask(system, question)
-        warm = await self.core.warm("t", rid, MODEL, request, replica, kv_cached_unreported=True)
+        warm = await self.core.warm(tenant, rid, MODEL, request, replica, kv_cached_unreported=True)
         usage = None
         if cached is not None:
             n = len(prompt_token_ids(canonical_blocks(request, self.tokenizer)))
@@ -74,11 +84,11 @@ class Rig:
                 prompt_tokens_details=pc.OpenAIPromptTokensDetails(cached_tokens=cached),
             )
             usage = pc.ProviderUsage(openai=report)
-        await self.core.final("t", rid, MODEL, 0 if usage else 10, 0, "", usage)
+        await self.core.final(tenant, rid, MODEL, 0 if usage else 10, 0, "", usage)
         return warm
 
-    async def warmth(self, system: str, question: str) -> dict[str, int]:
-        plan = await self.core.plan("t", MODEL, _ask(system, question), ["a", "b"])
+    async def warmth(self, system: str, question: str, tenant: str = "t") -> dict[str, int]:
+        plan = await self.core.plan(tenant, MODEL, _ask(system, question), ["a", "b"])
         return {c.replica: c.warm_prefix_tokens for c in plan.candidates}
 
 
@@ -97,6 +107,11 @@ async def test_a_restarted_engines_report_of_zero_clears_the_prefix_it_lost(
     warmth = await rig.warmth(AGENT, "Order 2?")
     assert warmth["a"] == 0 and warmth["b"] > 0  # a lost the agent's prefix too (LRU)
     assert (await rig.warmth(FAQ, "Hours?"))["a"] > 0  # what f2 prefilled since is held
+    labels = {"model": MODEL, "cause": "report"}
+    corrections = "cachemesh_prefix_cache_view_corrections_total"
+    blocks = "cachemesh_prefix_cache_view_evicted_blocks_total"
+    assert rig.registry.get_sample_value(corrections, labels) == 1
+    assert rig.registry.get_sample_value(blocks, labels) == rig.views.stats.corrected_blocks > 0
 
 
 async def test_a_partial_reuse_evicts_what_was_touched_before_the_lost_block_only(
@@ -263,6 +278,34 @@ async def test_a_call_stalled_where_the_plan_predicted_warm_clears_what_the_engi
     warmth = await rig.warmth(AGENT, "Order 3?")
     assert warmth["a"] == 0 and warmth["b"] > 0  # a lost it, b prefilled it
     assert (await rig.warmth(FAQ, "Hours?"))["a"] > 0  # touched after it: no evidence (LRU)
+    evicted = rig.views.stats.corrected_blocks
+    assert evicted > 0
+    labels = {"model": MODEL, "cause": "stall"}
+    corrections = "cachemesh_prefix_cache_view_corrections_total"
+    blocks = "cachemesh_prefix_cache_view_evicted_blocks_total"
+    assert rig.registry.get_sample_value(corrections, labels) == 1
+    assert rig.registry.get_sample_value(blocks, labels) == evicted
+
+
+async def test_a_stall_evicts_the_stalled_prompts_blocks_only_not_what_was_touched_before(
+    tokenizer: Tokenizer,
+) -> None:
+    """A stall shows no more than that the call was slow there: a healthy but slow or shared
+    engine stalls too. So the view loses the stalled prompt's own blocks (its conversation
+    goes to the replica that took it over), not every block touched before them, as an
+    engine's report of 0 would: before, tenant T's stall on replica a evicted tenant C's FAQ
+    prefix there (82 blocks), and C's next turn was predicted, and billed, cold (656 -> 0)."""
+    rig = Rig(tokenizer)
+    await rig.turn("c1", FAQ, "Hours?", "a", None, tenant="C")
+    await rig.turn("a1", AGENT, "Order 1?", "a", None)  # touched after C's prefix
+    before = (await rig.warmth(FAQ, "Returns?", tenant="C"))["a"]
+    assert before > 0
+    await _stalled_then_answered(rig, "a2", "Order 2?", ["a"])
+    assert rig.views.stats.stalls == 1
+    assert (await rig.warmth(AGENT, "Order 3?"))["a"] == 0
+    assert (await rig.warmth(FAQ, "Returns?", tenant="C"))["a"] == before
+    read = await rig.turn("c2", FAQ, "Returns?", "a", None, tenant="C")
+    assert read.read_tokens == before  # billed as its own traffic warmed it
 
 
 async def test_a_stall_without_the_plan_held_or_on_a_replica_learned_since_evicts_nothing(

@@ -223,12 +223,12 @@ class CommitRequest(_message.Message):
     @_builtins.property
     def stalled_warm_replicas(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """WARM: the replicas of this model this request's call was sent to first and handed over
-        from as stalled (no first report long past its predicted prefill) while the Plan predicted
-        them warm for it: an engine restarted (its KV cache gone) or that lost the prefix to
-        traffic the view did not see. Such a call sends no WARM or FINAL of its own, so its
-        engine never reports the reuse that would correct the view; prefix-cache takes the stall
-        as a report of nothing reused there (the view loses the Plan's predicted blocks on each
-        and every block touched no later). Only with this request's Plan held (its marks of the
+        from as stalled (no first report long past its predicted prefill, not waiting for a slot)
+        while the Plan predicted over half of its prompt warm there: an engine restarted (its KV
+        cache gone), that lost the prefix to traffic the view did not see, or merely slow. Such a
+        call sends no WARM or FINAL of its own, so its engine never reports the reuse that would
+        correct the view; prefix-cache evicts this prompt's own blocks from each one's view (no
+        other's: a stall shows no more). Only with this request's Plan held (its marks of the
         views): without them a late WARM could evict what the replica learned since.
         """
 
