@@ -99,19 +99,20 @@ class SemanticCacheApi:
         embedding ``auto`` wants) is bounded by no deadline (``remaining_s`` is not read)."""
         _require_tenant(request.tenant)
         _check_lease_id(request.lease_id)
-        reply: sc.LookupResponse | None = None
+        if request.lease_id:
+            # before any await: while this Lookup runs (it may wait on a lease up to
+            # SEMANTIC_CACHE_LEASE_WAIT_S), its caller may release by the id it proposed (its
+            # reply lost), which must end no lease another request holds under that id, live
+            # now or taken before this Lookup ends (``Leases.proposing``). Marked only at the
+            # Lookup's end before, a Release during its wait ended that lease
+            self._cache.lease_id_proposing(
+                request.tenant, request.lease_id, request.request.request_id
+            )
         try:
-            reply = await self._lookup(request, remaining_s, wait)
-            return reply
+            return await self._lookup(request, remaining_s, wait)
         finally:
-            # A Lookup that holds no lease by the id it proposed (it waited, was served,
-            # given another id, skipped, refused or cancelled) may be released by that id,
-            # its reply lost: a live lease of another request with that id is no more to end
-            # by its id alone. Synchronous with the take (no await since ``check``).
-            if request.lease_id and not (
-                reply is not None and reply.leader and reply.lease_id == request.lease_id
-            ):
-                self._cache.lease_id_proposed(
+            if request.lease_id:
+                self._cache.lease_id_proposal_ended(
                     request.tenant, request.lease_id, request.request.request_id
                 )
 

@@ -247,12 +247,18 @@ class SemanticCache(EntryStore):
             and self._leases.end_id(tenant, lease_id, own=own)
         )
 
-    def lease_id_proposed(self, tenant: str, lease_id: str, request_id: str) -> None:
-        """A Lookup of the tenant's request ``request_id`` proposed ``lease_id`` and holds no
-        lease by it: a live lease with that id is no more to end by its id alone
-        (``Leases.proposed_elsewhere``)."""
+    def lease_id_proposing(self, tenant: str, lease_id: str, request_id: str) -> None:
+        """A Lookup of the tenant's request ``request_id`` proposing ``lease_id`` begins: a
+        live lease with that id, or one taken under it by another request before
+        ``lease_id_proposal_ended``, is no more to end by its id alone
+        (``Leases.proposing``)."""
         if self._leases is not None and lease_id:
-            self._leases.proposed_elsewhere(tenant, lease_id, request_id)
+            self._leases.proposing(tenant, lease_id, request_id)
+
+    def lease_id_proposal_ended(self, tenant: str, lease_id: str, request_id: str) -> None:
+        """The Lookup ``lease_id_proposing`` began has ended."""
+        if self._leases is not None and lease_id:
+            self._leases.proposal_ended(tenant, lease_id, request_id)
 
     def renew(self, tenant: str, lease_id: str) -> bool:
         """Restarts the age limit of ``tenant``'s lease named ``lease_id`` (its leader's model

@@ -27,7 +27,10 @@ the live leases (a renewal finds its lease by its id alone), so a reused id is r
 of ours. A Lookup of another request that proposed a live lease's id and does not hold it
 (given another, waiting, served, ended early) knows only the id it proposed: its Release by
 that id alone (its reply lost) would end the lease that has it, so such a lease is ended by
-id alone no more (``end_id``): by its request's Release or Store, or at its age limit.
+id alone no more (``end_id``): by its request's Release or Store, or at its age limit. That
+holds from the Lookup's start (``proposing``: it may wait on a lease for its whole budget,
+and its caller may release meanwhile) to its end, for a lease live at its start and for one
+another request takes under that id before it ends.
 
 The age limit runs from the take, and from each renewal: the holder renews its lease (by its
 ``lease_id``) while its model call is on, so a call longer than the age limit keeps its
@@ -110,6 +113,10 @@ class Leases:
         # (``proposed_elsewhere``): a Release by such an id alone may come from either, so it
         # ends nothing (``end_id``)
         self._contested: set[str] = set()
+        # the ids the Lookups in flight proposed, by tenant and id: the request_id of each
+        # such Lookup (``proposing``, until ``proposal_ended``); a lease taken under one of them
+        # for another request is contested at its take. As many as the Lookups in flight
+        self._proposing: dict[tuple[str, str], list[str]] = {}
         self._uncacheable_ms = round(uncacheable_s * 1000)
         self._marks: TenantRecent[bytes, _Mark] = TenantRecent(marks_kept)
 
@@ -149,6 +156,7 @@ class Leases:
         lease = _Lease(now + self._hold_ms, owner, self._id(lease_id))
         self._held[key] = lease
         self._ids[lease.lease_id] = key
+        self._contest_if_proposed(key, lease)
         return lease.lease_id
 
     def take_over(self, key: LeaseKey, owner: str, lease_id: str = "") -> str | None:
@@ -165,6 +173,7 @@ class Leases:
         self._contested.discard(lease.lease_id)
         lease.lease_id = self._id(lease_id)
         self._ids[lease.lease_id] = key
+        self._contest_if_proposed(key, lease)
         lease.expires_at_ms = self._clock.now_ms() + self._hold_ms
         self._held[key] = self._held.pop(key)  # the youngest now: the age order holds
         return lease.lease_id
@@ -189,6 +198,41 @@ class Leases:
         if owner and self._held[key].owner == owner:
             return  # its own request's lease (a duplicate of its Lookup): its own to end
         self._contested.add(lease_id)
+
+    def proposing(self, tenant: str, lease_id: str, owner: str) -> None:
+        """A Lookup of ``tenant``'s request ``owner`` proposing ``lease_id`` begins: a live
+        lease with that id is contested now (``proposed_elsewhere``), and so is one taken under
+        it for another request until ``proposal_ended``: the Lookup may wait on a lease up to
+        its budget, and its caller, its reply lost, releases by the id it proposed. Before, the
+        id was contested only at the Lookup's end: a Release during its wait ended the lease
+        that had it."""
+        self.proposed_elsewhere(tenant, lease_id, owner)
+        self._proposing.setdefault((tenant, lease_id), []).append(owner)
+
+    def proposal_ended(self, tenant: str, lease_id: str, owner: str) -> None:
+        """The Lookup ``proposing`` began has ended (replied, refused or cancelled)."""
+        owners = self._proposing.get((tenant, lease_id))
+        if owners is None or owner not in owners:
+            return
+        owners.remove(owner)
+        if not owners:
+            del self._proposing[(tenant, lease_id)]
+
+    def proposals(self) -> int:
+        """The Lookups in flight that proposed an id (``proposing``, not yet ended)."""
+        return sum(len(owners) for owners in self._proposing.values())
+
+    def _contest_if_proposed(self, key: LeaseKey, lease: _Lease) -> None:
+        """``lease`` was just taken (or taken over) under its id: contested if a Lookup in
+        flight of another request proposed that id (the taker's own proposal aside, once)."""
+        owners = self._proposing.get((key[0], lease.lease_id))
+        if not owners:
+            return
+        others = list(owners)
+        if lease.owner in others:
+            others.remove(lease.owner)  # the taking Lookup's own proposal
+        if any(not (other and other == lease.owner) for other in others):
+            self._contested.add(lease.lease_id)
 
     def renew(self, tenant: str, lease_id: str) -> bool:
         """Restarts the age limit of the live lease named ``lease_id`` if ``tenant``'s (its

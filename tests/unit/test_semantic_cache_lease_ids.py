@@ -185,7 +185,10 @@ async def test_a_lookup_cancelled_before_its_check_cannot_release_the_lease_of_i
     """A Lookup proposing a live lease's id, cancelled while its query is derived (it never
     reached the check): the router releases by that id (its reply lost), which must end
     nothing of the other request's lease."""
-    api, cache = _api()
+    clock = ManualClock()
+    leases = Leases(clock, 30.0)
+    cache = SemanticCache(FakeEmbedder(), clock, threshold=0.8, leases=leases)
+    api = SemanticCacheApi(cache, lease_wait_s=0.0)
     first = _request("How do I reset my password?", "r1")
     led = await api.lookup(sc.LookupRequest(tenant="a", request=first, lease_id=PROPOSED), 5.0)
     assert led.leader and led.lease_id == PROPOSED
@@ -206,3 +209,70 @@ async def test_a_lookup_cancelled_before_its_check_cannot_release_the_lease_of_i
         await task
     assert not (await api.release(sc.ReleaseRequest(tenant="a", lease_id=PROPOSED))).released
     assert _held(cache, first)
+    assert leases.proposals() == 0, "the cancelled Lookup's proposal is kept"
+    assert leases.proposals() == 0, "the cancelled Lookup's proposal is kept"
+
+
+async def test_a_waiter_proposing_the_leaders_id_cannot_release_it_while_it_waits() -> None:
+    """An identical request that proposed the leader's id and waits on its lease (a real wait,
+    not the 0 s one above): its id was marked contested only at the Lookup's end, so a
+    Release by that id alone during the wait ended the leader's lease; the waiter then woke,
+    led, and took the id, and the first request's renewals renewed the second's lease."""
+    clock = ManualClock()
+    cache = SemanticCache(FakeEmbedder(), clock, threshold=0.8, leases=Leases(clock, 30.0))
+    api = SemanticCacheApi(cache, lease_wait_s=30.0)
+    first = _request("How do I reset my password?", "r1")
+    same = _request("How do I reset my password?", "r2")
+    led = await api.lookup(sc.LookupRequest(tenant="a", request=first, lease_id=PROPOSED), 5.0)
+    assert led.leader and led.lease_id == PROPOSED
+    waiter = asyncio.ensure_future(
+        api.lookup(sc.LookupRequest(tenant="a", request=same, lease_id=PROPOSED), 5.0)
+    )
+    for _ in range(50):  # until it waits on the lease (its check is past its embedding)
+        await asyncio.sleep(0)
+    assert not waiter.done()
+    released = await api.release(sc.ReleaseRequest(tenant="a", lease_id=PROPOSED))
+    assert not released.released, "a Release by the waiter's proposed id ended the leader's"
+    assert _held(cache, first)
+    # the leader stores: the waiter is served (it never led, nor took the id)
+    answer = sc.CachedAnswer(
+        content=[pb.ContentBlock(text="Open Settings.")], stop_reason="end_turn", output_tokens=3
+    )
+    await api.store(sc.StoreRequest(tenant="a", request=first, answer=answer, lease_id=PROPOSED))
+    served = await waiter
+    assert served.hit and served.waited and not served.leader
+
+
+async def test_a_lease_taken_under_an_id_a_waiting_lookup_proposed_is_not_released_by_it() -> None:
+    """The other order: a Lookup proposes an id no live lease has and waits on its question's
+    lease (held under another id); meanwhile another request's Lookup takes a lease under that
+    id. The first one's caller, its reply lost, releases by the id it proposed: that ended the
+    other request's lease (its id was marked contested only once the first Lookup ended)."""
+    clock = ManualClock()
+    leases = Leases(clock, 30.0)
+    cache = SemanticCache(FakeEmbedder(), clock, threshold=0.8, leases=leases)
+    api = SemanticCacheApi(cache, lease_wait_s=30.0)
+    holder = _request("How do I reset my password?", "r0")
+    same = _request("How do I reset my password?", "r2")
+    other = _request("What is the capital of France?", "r1")
+    held = await api.lookup(sc.LookupRequest(tenant="a", request=holder, lease_id="b" * 32), 5.0)
+    assert held.leader
+    waiter = asyncio.ensure_future(
+        api.lookup(sc.LookupRequest(tenant="a", request=same, lease_id=PROPOSED), 5.0)
+    )
+    for _ in range(50):  # until it waits on the holder's lease
+        await asyncio.sleep(0)
+    assert not waiter.done()
+    led = await api.lookup(sc.LookupRequest(tenant="a", request=other, lease_id=PROPOSED), 5.0)
+    assert led.leader and led.lease_id == PROPOSED  # no live lease had it
+    released = await api.release(sc.ReleaseRequest(tenant="a", lease_id=PROPOSED))
+    assert not released.released, "a Release by the waiter's proposed id ended another's lease"
+    assert _held(cache, other)
+    # the holder of the lease the waiter waits on releases: the waiter leads, under an id of L1's
+    assert await api.release(sc.ReleaseRequest(tenant="a", request=holder, lease_id="b" * 32))
+    woken = await waiter
+    assert woken.leader and woken.lease_id != PROPOSED
+    # the other request's own Release (naming its request) still ends its lease
+    mine = sc.ReleaseRequest(tenant="a", request=other, lease_id=PROPOSED)
+    assert (await api.release(mine)).released
+    assert leases.proposals() == 0  # none kept past its Lookup
