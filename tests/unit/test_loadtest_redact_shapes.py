@@ -46,6 +46,10 @@ def test_a_stack_config_files_secrets_are_masked_by_name_and_by_shape(tmp_path: 
         ("PYTHONPATH", "/opt/app"),  # PATH is no PAT
         ("ROUTER_REPLICA_POLICY", "task-router"),  # no key's prefix at a word's start
         ("SEMANTIC_MODEL", "sk-learn"),  # too short after its prefix for a key
+        # hyphenated words and a model's path after a key's prefix: no key's random run
+        ("RUN_NAME", "sk-learn-benchmarks-2024-run1"),
+        ("MODEL_PATH", "/models/sk-llama-3-8b-instruct-q4"),
+        ("NOTE", "ghp_pages-deploy-for-docs-2024"),
         ("CACHEMESH_REDIS_PASSWORD_RELOAD_S", "5"),  # a figure: its number shown
     ],
 )
@@ -55,3 +59,17 @@ def test_a_setting_that_is_no_secret_is_shown(name: str, value: str) -> None:
 
 def test_a_figure_named_with_password_is_masked_unless_a_number() -> None:
     assert mask("DBPASSWORD_S", "hunter2") == MASK and mask("DBPASSWORD_S", "5") == "5"
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "sk-" + "T3BlbkFJ" * 6,  # OpenAI's legacy shape: 48 characters, no "-"
+        "sk-proj-Ab3_dE-fGh1JkLmNoPqRsTuV-wXyZ0123456789_abcDEF",  # base64url, broken runs
+        "sk-ant-api03-x9Y8w7V6u5T4s3R2q1P0-oNmLkJiHgFeDcBa_AA",
+        "ghp_0123456789abcdefABCDEF0123456789abcd",
+        "github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQ",
+    ],
+)
+def test_a_key_under_a_plain_name_is_masked_in_its_value(key: str) -> None:
+    assert mask("NOTE", f"run with {key} today") == f"run with {MASK} today"

@@ -8,8 +8,10 @@ or ``*-team=`` pair and ``Bearer`` token inside any value, and the user:password
 figures, all through :func:`mask`). A name with a personal access token's word (``GITHUB_PAT``,
 ``*_PAT``) or ``PASSWORD`` anywhere in it (``DBPASSWORD``) is masked too, and so is, in any
 value, a token shaped as a provider's or GitHub's key (``sk-...``, ``sk-ant-...``, ``ghp_...``,
-``github_pat_...``: ``KEY_SHAPED``), whatever its setting's name. Before, a ``GITHUB_PAT`` in a
-``--stack-config`` file, or an OpenAI key under a name saying nothing, was in the report."""
+``github_pat_...`` with a key's random run in it: ``KEY_SHAPED``), whatever its setting's name;
+not hyphenated words or a model's name after such a prefix (``sk-learn-benchmarks-2024-run1``,
+masked before). Before, a ``GITHUB_PAT`` in a ``--stack-config`` file, or an OpenAI key under a
+name saying nothing, was in the report."""
 
 from __future__ import annotations
 
@@ -27,11 +29,19 @@ _SECRET_WORD = re.compile(
 # a name holding PASSWORD anywhere, not as a word of its own (DBPASSWORD, PASSWORDFILE)
 _PASSWORD_IN_NAME = re.compile(r"PASSWORD|PASSWD", re.IGNORECASE)
 # a value shaped as a key, whatever its setting's name: OpenAI's (sk-, sk-proj-), Anthropic's
-# (sk-ant-), GitHub's tokens (ghp_, gho_, ghu_, ghs_, ghr_; github_pat_), at least 16
-# characters of the key after its prefix (not a word such as "sk-learn")
+# (sk-ant-), GitHub's tokens (ghp_, gho_, ghu_, ghs_, ghr_; github_pat_), at least 20
+# characters of the key after its prefix, and among them a key's random run (``_key_like``):
+# not hyphenated words or a model's name ("sk-learn-benchmarks-2024-run1",
+# "/models/sk-llama-3-8b-instruct-q4"), which were masked before
 KEY_SHAPED = re.compile(
-    r"\b(?:sk-|gh[pousr]_|github_pat_)[A-Za-z0-9_\-]{16,}",
+    r"\b(?:sk-|gh[pousr]_|github_pat_)[A-Za-z0-9_\-]{20,}",
 )
+# a key's random run: this long between its "-" / "_" (OpenAI's legacy keys run 48, GitHub's
+# ghp_ 36, github_pat_ 22 and 59; sk-proj- and sk-ant- keys are ~150 and ~95 characters of
+# base64url, broken by a "-" or "_" about one in 32: one of 95 has no run this long about 2 in
+# 10,000 times). A word, a version or a quantization is shorter ("benchmarks", "instruct")
+_KEY_RUN_CHARS = 16
+_KEY_RUN = re.compile(rf"[A-Za-z0-9]{{{_KEY_RUN_CHARS},}}")
 # OTEL_EXPORTER_OTLP_HEADERS, OTEL_EXPORTER_OTLP_TRACES_HEADERS, ...: "name=value,name=value"
 _HEADERS_NAME = re.compile(r"HEADERS$", re.IGNORECASE)
 # a credential pair inside any value, up to the next "," / ";" / "&" (a value may hold spaces:
@@ -52,7 +62,7 @@ def mask(name: str, value: str, secrets: Iterable[str] = ()) -> str:
     when that is a number (``STRIPE_SECRET_KEY_S=sk-live-...`` stays masked)."""
     if secret_name(name) or (_figure_name(name) and not _NUMBER.fullmatch(value.strip())):
         return MASK if value else ""
-    value = KEY_SHAPED.sub(MASK, value)
+    value = KEY_SHAPED.sub(lambda m: MASK if _key_like(m[0]) else m[0], value)
     if _HEADERS_NAME.search(name):  # every header's value: any of them may carry a key
         return ",".join(_masked_header(h) for h in value.split(",")) if value else ""
     value = _URL_QUERY_SECRET.sub(rf"\g<name>{MASK}", value)  # first: it may hold an "@"
@@ -101,6 +111,23 @@ def _figure_name(name: str) -> bool:
     words = _words(name)
     secret_word = any(_SECRET_WORD.match(word) for word in words)
     return (secret_word or _PASSWORD_IN_NAME.search(name) is not None) and not secret_name(name)
+
+
+def _key_like(token: str) -> bool:
+    """A ``KEY_SHAPED`` token that is a key: it holds a run of ``_KEY_RUN_CHARS`` or more
+    letters and digits with two of lower case, capitals and digits mixed, as a random key
+    does (the model service's error redactor asks a key-/api- token for a run of 20 with
+    letters and digits mixed: ``services/model/providers/redact.py``'s ``_key_like``)."""
+    return any(_random_looking(run) for run in _KEY_RUN.findall(token))
+
+
+def _random_looking(run: str) -> bool:
+    kinds = (
+        any(c.islower() for c in run)
+        + any(c.isupper() for c in run)
+        + any(c.isdigit() for c in run)
+    )
+    return kinds >= 2
 
 
 def _masked_header(header: str) -> str:
