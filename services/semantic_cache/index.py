@@ -36,17 +36,20 @@ SLICE = 65_536  # rows per slice of a copy (a rebuild frees each once it has add
 
 class ScopeIndex:
     """The entries of one (tenant, scope): FAISS ids, vectors and the exact-match keys (and
-    the folded ones: ``folded_key``, each naming the last entry stored with it still held)."""
+    the folded ones: ``folded_key``, each naming the entry added last with it still held: the
+    last stored while the service runs; after a restore, which adds a snapshot's entries least
+    recently used first, the most recently used at the snapshot)."""
 
     def __init__(self, dim: int, namespace: str, ann: AnnSettings | None = None) -> None:
         self.namespace = namespace
         self.exact: dict[str, int] = {}  # normalised query -> id
-        # folded_key(normalised query) -> the id of the last entry stored with it
+        # folded_key(normalised query) -> the id of the last entry added with it (stored, or
+        # after a restore the most recently used)
         self.folded: dict[bytes, int] = {}
         # a folded key more than one entry holds (the same question in other case or spacing)
         # -> the others' ids, oldest first (a dict: any one removed at once): when the one
         # ``folded`` names goes (a drop, its TTL, an eviction), the key names the last one
-        # stored before it, not nothing (the older one was then found by search only, never
+        # added before it, not nothing (the older one was then found by search only, never
         # an exact hit)
         self._older: dict[bytes, dict[int, None]] = {}
         self.ids: set[int] = set()
@@ -159,7 +162,7 @@ class ScopeIndex:
 
     def _unfold(self, vid: int, digest: bytes) -> None:
         """The entry ``vid`` (of folded key ``digest``) is gone: the key names the last entry
-        stored with it before that one, if one is left, else nothing."""
+        added with it before that one (``ScopeIndex``), if one is left, else nothing."""
         older = self._older.get(digest)
         if self.folded.get(digest) == vid:
             if older:
