@@ -486,6 +486,17 @@ def _export_headers(environ: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
                     "%20, a character outside ASCII), which gRPC cannot send: every export "
                     "would fail; its value is not shown (it may be a secret)"
                 )
+            if key.lower().endswith("-bin"):
+                # gRPC's binary metadata: it takes bytes, and refused every export of a
+                # string ("TypeError: Binary metadata key ... expected bytes")
+                shown = re.fullmatch(r"[a-z0-9._-]{1,64}", key.lower())
+                named = f" ({key.lower()!r})" if shown else ""
+                raise ConfigError(
+                    f"{name}: header {number} of {len(pairs)}{named} has a name ending in "
+                    "-bin, which gRPC sends as binary metadata (bytes, not the text given "
+                    "here): every export would fail; rename the header (or drop it); its "
+                    "value is not shown (it may be a secret)"
+                )
     return tuple(parse_env_headers(raw, liberal=True).items())
 
 

@@ -269,3 +269,31 @@ def test_a_header_not_printable_ascii_once_decoded_stops_the_start_unshown(
     assert message.startswith("OTEL_EXPORTER_OTLP_HEADERS: ") and named in message, message
     assert f"has a {what} that is not printable ASCII" in message
     assert SECRET not in message and SECRET not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [
+        (f"x-trace-bin={SECRET}", "header 1 of 1 ('x-trace-bin')"),
+        (f"x-team=ok,X-Key-Bin={SECRET}", "header 2 of 2 ('x-key-bin')"),
+    ],
+    ids=["bin", "bin-upper"],
+)
+def test_a_binary_header_name_stops_the_start_unshown(
+    value: str, named: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A header name ending in ``-bin`` is binary metadata to gRPC, which takes bytes only:
+    the start check let it through and every export failed ("TypeError: Binary metadata key
+    ... expected bytes"); now the start stops, naming the variable and the header's position,
+    never its value."""
+    caplog.set_level(logging.DEBUG)
+    environ = {
+        **OTLP,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317",
+        "OTEL_EXPORTER_OTLP_HEADERS": value,
+    }
+    with pytest.raises(ConfigError) as refused:
+        build_tracer_provider(environ, "router")
+    message = str(refused.value)
+    assert message.startswith("OTEL_EXPORTER_OTLP_HEADERS: ") and named in message, message
+    assert "-bin" in message and SECRET not in message and SECRET not in caplog.text
