@@ -102,9 +102,7 @@ def test_an_openai_upstream_ignoring_max_tokens_is_cut_and_billed_what_it_wrote(
     server.reset()
     events = openai_wire.stream(GPT, ENDLESS, openai_wire.usage(20, 0, MAX_TOKENS))
     server.script("openai", Reply(events=events))
-    started = time.monotonic()
     chunks = _generate(_api(server, "openai"), GPT, MAX_TOKENS)
-    took = time.monotonic() - started
     (end,) = _ends(chunks)
     assert end.stop_reason == "max_tokens" and not end.interrupted and not end.error
     assert not end.HasField("provider_usage")  # its usage chunk was never reached
@@ -112,9 +110,12 @@ def test_an_openai_upstream_ignoring_max_tokens_is_cut_and_billed_what_it_wrote(
     # the cut, in bytes) and the last piece
     assert LIMIT < end.output_tokens <= LIMIT + LIMIT // 8 + 13
     assert _text(chunks).startswith(SENTENCE * 8)
+    # cut at its source, by what the server wrote (not by real time: a loaded machine's clock
+    # proves nothing): it stopped writing once the replica closed the stream, within the first
+    # 100 of its 3,000 events
     sent = _stopped(server, "openai", len(events))
-    print(f"\ncut after {sent} of {len(events)} events, {took:.2f} s: {end.output_tokens} tokens")
-    assert sent < 100 and took < 3
+    print(f"\ncut after {sent} of {len(events)} events: {end.output_tokens} tokens")
+    assert sent < 100
 
 
 def test_an_anthropic_upstream_ignoring_max_tokens_is_cut_with_its_reported_prompt(
