@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import itertools
 import os
 import random
 import socket
+import tempfile
 import threading
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
+from typing import IO
 from urllib.parse import urlsplit, urlunsplit
 
 from cachemesh.envfile import EnvFileError, parse_env_text, read_env_file
@@ -30,8 +33,81 @@ from services.tools.stack.service_table import SERVICES
 # ephemeral range. A port chosen free is released until its service binds it, and meanwhile
 # the kernel may hand it to another process binding port 0 (a clean clone's run, two test
 # workers: another worker's gRPC server answered a stack's metrics probe, 5 tests errored);
-# the tests give each worker a range of its own below the ephemeral one (tests/conftest.py).
+# the tests give each test process a block of its own below the ephemeral one, held machine
+# wide (``claim_port_block``, tests/conftest.py).
 PORT_RANGE_VAR = "CACHEMESH_FREE_PORT_RANGE"
+
+
+# Blocks of ports below the kernel's ephemeral range, one a process that claims it (each test
+# process: tests/conftest.py): two test runs on one machine (CI's and a developer's, two
+# helpers' ``pytest -n 2``) gave their workers gw0 the same range, and a port one run chose
+# free, released until its service bound it, could be taken by the other's (a stack's start:
+# "Address already in use"). A block is claimed by an exclusive lock on a file of its own,
+# held by the claiming process until it ends (the kernel drops the lock with the process, a
+# crash included), so no two live processes that claim blocks pick from the same ports.
+BLOCK_PORTS = 1_500  # above the 1,024 recent ports never handed out again, and a stack's 13
+FIRST_BLOCK_PORT = 10_000
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LINUX_EPHEMERAL_LOW = 32_768  # where the file is missing: Linux's default
+
+
+def port_blocks_dir() -> Path:
+    return Path(tempfile.gettempdir()) / "cachemesh-port-blocks"
+
+
+def ephemeral_low(path: Path = EPHEMERAL_RANGE_FILE) -> int:
+    """The first port of the kernel's ephemeral range (its own choice for a bind to port 0 and
+    for an outgoing connection's port)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return _LINUX_EPHEMERAL_LOW
+    fields = text.split()  # "32768\t60999"
+    if not fields or not fields[0].isdigit():
+        raise RuntimeError(f"{path}: cannot read the ephemeral range's first port in {text!r}")
+    return int(fields[0])
+
+
+def claim_port_block(
+    preferred: int = 0,
+    *,
+    lock_dir: Path | None = None,
+    first: int = FIRST_BLOCK_PORT,
+    size: int = BLOCK_PORTS,
+    below: int | None = None,
+) -> tuple[str, IO[bytes]]:
+    """A block of ``size`` ports from ``first`` on, below ``below`` (the kernel's ephemeral
+    range), that no other live process holds: its ``CACHEMESH_FREE_PORT_RANGE`` value and
+    the open lock file that holds it (keep it open while the ports are in use; closing it, or
+    the process ending, releases the block). Block ``preferred`` (a test worker's number)
+    is tried first. A RuntimeError when every block is held."""
+    end = ephemeral_low() if below is None else below
+    count = (end - first) // size
+    if count < 1:
+        raise RuntimeError(
+            f"no block of {size:,} ports between {first:,} and the kernel's ephemeral range "
+            f"(from {end:,}, {EPHEMERAL_RANGE_FILE}): set {PORT_RANGE_VAR} to a free range"
+        )
+    directory = port_blocks_dir() if lock_dir is None else lock_dir
+    directory.mkdir(parents=True, exist_ok=True)
+    for index in (*range(preferred % count, count), *range(preferred % count)):
+        low = first + index * size
+        span = f"{low}-{low + size - 1}"
+        handle = (directory / f"{span}.lock").open("ab")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()  # another process's block
+            continue
+        except BaseException:
+            handle.close()
+            raise
+        return span, handle
+    raise RuntimeError(
+        f"every one of the {count} blocks of {size:,} ports from {first:,} is held by another "
+        f"process (the lock files in {directory}): too many test runs at once; wait for one "
+        f"to end, or set {PORT_RANGE_VAR} to a free range"
+    )
 
 
 # The ports this process handed out lately, never handed out again while they are here: a
