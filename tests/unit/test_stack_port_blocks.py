@@ -102,12 +102,3 @@ def test_every_block_held_is_refused_naming_the_variable(tmp_path: Path) -> None
 def test_no_room_below_the_ephemeral_range_is_refused(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match=f"no block of 1,500 ports.*{PORT_RANGE_VAR}"):
         claim_port_block(0, lock_dir=tmp_path, first=10_000, size=1_500, below=11_000)
-
-
-def test_the_ephemeral_range_is_read_from_the_kernel(tmp_path: Path) -> None:
-    path = tmp_path / "ip_local_port_range"
-    path.write_text("40000\t60999\n")
-    assert ephemeral_low(path) == 40_000
-    path.write_text("junk\n")
-    with pytest.raises(RuntimeError, match="ephemeral range"):
-        ephemeral_low(path)

@@ -35,7 +35,7 @@ from services.tools.keys import (
 from services.tools.stack import processes
 from services.tools.stack.environment import dial_address, merge_env, port_of
 from services.tools.stack.health import SERVING, UNREACHABLE, probe_as, probe_http
-from services.tools.stack.ports import free_port_overrides
+from services.tools.stack.ports import EPHEMERAL_RANGE_FILE, ephemeral_range, free_port_overrides
 from services.tools.stack.processes import Running
 from services.tools.stack.redis_process import (
     REDIS,
@@ -67,7 +67,6 @@ DATA_DIRS = {"SEMANTIC_CACHE_DATA_DIR": "semantic-cache", "ROUTER_DATA_DIR": "ro
 _POLL_S = 0.2
 PORT_RELEASE_WAIT_S = 5.0  # how long a just-killed process may take to release its port
 # where Linux says which ports it picks outgoing connections' source ports from
-EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 _REPORT_EVERY_S = 5.0
 
 
@@ -700,16 +699,6 @@ class Stack:
 
     def _say(self, message: str) -> None:
         print(message, file=self._out, flush=True)
-
-
-def ephemeral_range(path: Path) -> tuple[int, int] | None:
-    """The host's ephemeral ports (``ip_local_port_range``: low and high), None where the file
-    is missing or unreadable (not Linux)."""
-    try:
-        low, high = (int(part) for part in path.read_text().split())
-    except (OSError, ValueError):
-        return None
-    return low, high
 
 
 def port_list(ports: list[int]) -> str:

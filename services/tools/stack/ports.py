@@ -48,24 +48,28 @@ PORT_RANGE_VAR = "CACHEMESH_FREE_PORT_RANGE"
 BLOCK_PORTS = 1_500  # above the 1,024 recent ports never handed out again, and a stack's 13
 FIRST_BLOCK_PORT = 10_000
 EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
-_LINUX_EPHEMERAL_LOW = 32_768  # where the file is missing: Linux's default
+_LINUX_EPHEMERAL_LOW = 32_768  # where the host does not say: Linux's default
 
 
 def port_blocks_dir() -> Path:
     return Path(tempfile.gettempdir()) / "cachemesh-port-blocks"
 
 
-def ephemeral_low(path: Path = EPHEMERAL_RANGE_FILE) -> int:
-    """The first port of the kernel's ephemeral range (its own choice for a bind to port 0 and
-    for an outgoing connection's port)."""
+def ephemeral_range(path: Path) -> tuple[int, int] | None:
+    """The host's ephemeral ports (``ip_local_port_range``: low and high), None where the file
+    is missing or unreadable (not Linux)."""
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return _LINUX_EPHEMERAL_LOW
-    fields = text.split()  # "32768\t60999"
-    if not fields or not fields[0].isdigit():
-        raise RuntimeError(f"{path}: cannot read the ephemeral range's first port in {text!r}")
-    return int(fields[0])
+        low, high = (int(part) for part in path.read_text().split())
+    except (OSError, ValueError):
+        return None
+    return low, high
+
+
+def ephemeral_low() -> int:
+    """The first port the kernel hands out itself (to a bind to port 0, an outgoing
+    connection); Linux's default where the host does not say."""
+    span = ephemeral_range(EPHEMERAL_RANGE_FILE)
+    return _LINUX_EPHEMERAL_LOW if span is None else span[0]
 
 
 def claim_port_block(
