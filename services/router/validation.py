@@ -11,10 +11,11 @@ import json
 import math
 import re
 
+from cachemesh import json_schema
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common import strict_json
 from services.common.errors import Code, RequestError, shown
-from services.common.models import AUTO, ModelTable
+from services.common.models import AUTO, ModelSpec, ModelTable
 
 MAX_BREAKPOINTS = 4
 MAX_ID_CHARS = 128
@@ -37,14 +38,16 @@ class UnsupportedValue(RequestError):
 
 def validate_request(request: pb.CompleteRequest, table: ModelTable, deployed: set[str]) -> None:
     _validate_model(request, table, deployed)
-    _validate_messages(request)
+    # each tool schema read once, for both its checks (a JSON object; its types)
+    schemas = _schema_verdicts(request, _schema_strict(request, table))
+    _validate_messages(request, schemas)
     _validate_breakpoints(request)
     _validate_sampling(request, table)
     _validate_prefill(request, table)
     _validate_tool_support(request, table)
     _validate_tool_names(request, table)
     _validate_tool_descriptions(request, table)
-    _validate_tool_schemas(request, table)
+    _validate_tool_schemas(request, table, schemas)
 
 
 def _validate_model(request: pb.CompleteRequest, table: ModelTable, deployed: set[str]) -> None:
@@ -92,19 +95,37 @@ _CACHED_JSON_CHARS = 16 * 1024
 
 
 def _json_object(text: str, where: str) -> None:
-    if len(text) <= _CACHED_JSON_CHARS:
-        problem = _cached_json_object_problem(text)
-    else:
-        problem = _json_object_problem(text)
+    problem, _ = _verdict(text, schema=False, types=False)
     if problem is not None:
         raise _invalid(f"{where}: {problem}")
 
 
+# What keeps a JSON text from being sent, and, for a tool's schema, its first type JSON Schema
+# has not: (not a JSON object, or None; a type problem, or None)
+_Verdict = tuple[str | None, str | None]
+
+
+def _verdict(text: str, *, schema: bool, types: bool) -> _Verdict:
+    """``text``'s verdict, read once: from the cache when it is small (a schema's then always
+    with its types walked, once), else judged afresh, its types walked only when ``types``."""
+    if len(text) <= _CACHED_JSON_CHARS:
+        return _cached_verdict(text, schema)
+    return _judge(text, types=schema and types)
+
+
 @functools.lru_cache(maxsize=1024)
-def _cached_json_object_problem(text: str) -> str | None:
-    """Cached: an agent sends the same tool schemas with every request, and parsing them again
-    each time found nothing new."""
-    return _json_object_problem(text)
+def _cached_verdict(text: str, schema: bool) -> _Verdict:
+    """Cached: an agent sends the same tool schemas with every request, and reading them again
+    each time found nothing new. One cache for a schema's two checks and a tool call's input
+    (a schema's text is hashed and held once)."""
+    return _judge(text, types=schema)
+
+
+def _judge(text: str, *, types: bool) -> _Verdict:
+    value, problem = _json_object_read(text)
+    if problem is not None:
+        return problem, None
+    return None, _type_problem(value) if types else None
 
 
 _NOT_STANDARD = "must be standard JSON (no NaN/Infinity/lone surrogates)"
@@ -114,25 +135,26 @@ _TOO_DEEP = (
 )
 
 
-def _json_object_problem(text: str) -> str | None:
-    """What keeps ``text`` from being a JSON object the providers' SDKs can send, or None.
-    Python's ``json`` reads NaN, Infinity, numbers beyond a double (as inf) and lone surrogate
-    escapes; the SDKs then refuse to encode the body (ValueError, UnicodeEncodeError)."""
+def _json_object_read(text: str) -> tuple[object, str | None]:
+    """``text``'s value and what keeps it from being a JSON object the providers' SDKs can
+    send, or None. Python's ``json`` reads NaN, Infinity, numbers beyond a double (as inf) and
+    lone surrogate escapes; the SDKs then refuse to encode the body (ValueError,
+    UnicodeEncodeError)."""
     try:
         value = strict_json.loads(text)
     except strict_json.NotStandardJson as exc:
-        return f"{_NOT_STANDARD}: {exc}"
+        return None, f"{_NOT_STANDARD}: {exc}"
     except RecursionError:
-        return _TOO_DEEP
+        return None, _TOO_DEEP
     except ValueError:
-        return "must be a JSON object, got invalid JSON"
+        return None, "must be a JSON object, got invalid JSON"
     if not isinstance(value, dict):
-        return f"must be a JSON object, got {type(value).__name__}"
+        return None, f"must be a JSON object, got {type(value).__name__}"
     if strict_json.nested_deeper_than(text, value):
-        return _TOO_DEEP
+        return None, _TOO_DEEP
     if strict_json.holds_lone_surrogate(text, value):
-        return f"{_NOT_STANDARD}: it holds a lone UTF-16 surrogate escape (\\uD800-\\uDFFF)"
-    return None
+        return None, f"{_NOT_STANDARD}: it holds a lone UTF-16 surrogate escape (\\uD800-\\uDFFF)"
+    return value, None
 
 
 class _ToolTurns:
@@ -185,8 +207,8 @@ def _validate_block(block: pb.ContentBlock, where: str, role: int, turns: _ToolT
         turns.answered.add(result_id)
 
 
-def _validate_tools(request: pb.CompleteRequest) -> set[str]:
-    """The declared tools' names."""
+def _validate_tools(request: pb.CompleteRequest, schemas: list[_Verdict]) -> set[str]:
+    """The declared tools' names. ``schemas``: each tool's schema's verdict."""
     names: set[str] = set()
     for i, tool in enumerate(request.tools):
         if not tool.name:
@@ -194,8 +216,8 @@ def _validate_tools(request: pb.CompleteRequest) -> set[str]:
         if tool.name in names:
             raise _invalid(f"tools[{i}].name: {shown(tool.name)} is declared twice")
         names.add(tool.name)
-        if tool.input_schema_json:
-            _json_object(tool.input_schema_json, f"tools[{i}].input_schema_json")
+        if (problem := schemas[i][0]) is not None:
+            raise _invalid(f"tools[{i}].input_schema_json: {problem}")
     return names
 
 
@@ -207,7 +229,7 @@ def _unanswered(turns: _ToolTurns, next_message: str) -> RequestError:
     )
 
 
-def _validate_messages(request: pb.CompleteRequest) -> None:
+def _validate_messages(request: pb.CompleteRequest, schemas: list[_Verdict]) -> None:
     if not request.messages:
         raise _invalid("messages: at least one message is required")
     if request.messages[0].role != pb.ROLE_USER:
@@ -216,7 +238,7 @@ def _validate_messages(request: pb.CompleteRequest) -> None:
         if block.WhichOneof("kind") != "text":
             raise _invalid(f"system[{i}]: system blocks must be text")
         _validate_block(block, f"system[{i}]", pb.ROLE_UNSPECIFIED, _ToolTurns())
-    turns = _ToolTurns(_validate_tools(request))
+    turns = _ToolTurns(_validate_tools(request, schemas))
     for i, message in enumerate(request.messages):
         if message.role not in (pb.ROLE_USER, pb.ROLE_ASSISTANT):
             raise _invalid(f"messages[{i}].role: must be ROLE_USER or ROLE_ASSISTANT")
@@ -426,6 +448,8 @@ def _validate_tool_descriptions(request: pb.CompleteRequest, table: ModelTable) 
     if not request.tools:
         return
     strict = [s for s in table.answering(request.model) if s.provider in _TOOL_DESCRIPTION_CHARS]
+    if not strict:
+        return
     for i, tool in enumerate(request.tools):
         for spec in strict:
             limit = _TOOL_DESCRIPTION_CHARS[spec.provider]
@@ -449,80 +473,113 @@ def _validate_tool_descriptions(request: pb.CompleteRequest, table: ModelTable) 
 # invalid_function_parameters, "Invalid schema for function '...': ..."; Anthropic: 400
 # "tools.N.custom.input_schema: JSON schema is invalid. It must match JSON Schema draft
 # 2020-12"). Only a ``type`` is checked here (a name JSON Schema has not, as BFCL's data and
-# Python-minded clients write: "dict", "float"), not the rest of the meta-schema. A self-hosted
-# engine is not held to it (its own checks, if any, are its own).
-_SCHEMA_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+# Python-minded clients write: "dict", "float"), not the rest of the meta-schema, in the schema
+# and every schema nested in it (``cachemesh.json_schema``'s keywords, which the loopback
+# servers walk too). A self-hosted engine is not held to it (its own checks, if any, are its
+# own).
+_SCHEMA_TYPES = json_schema.TYPES
 # what a client that wrote a Python type name meant, said in the message
 _SCHEMA_TYPE_FOR = {
     "dict": "use object", "float": "use number", "tuple": "use array", "list": "use array",
     "int": "use integer", "str": "use string", "bool": "use boolean",
     "any": "leave type out: a schema without one takes any value",
 }  # fmt: skip
-# the keywords whose value is a schema, a list of schemas, or a map of names to schemas
-_ONE_SCHEMA = ("items", "additionalProperties", "not", "contains", "if", "then", "else")
-_SCHEMA_LISTS = ("items", "prefixItems", "anyOf", "oneOf", "allOf")
-_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
 
 
-def _type_problem(schema: object, where: str) -> str | None:
+def _schema_strict(request: pb.CompleteRequest, table: ModelTable) -> list[ModelSpec]:
+    """The rows ``request`` may go to whose provider refuses a type JSON Schema has not."""
+    if not request.tools:
+        return []
+    return [s for s in table.answering(request.model) if s.provider in _TOOL_NAME_CHARS]
+
+
+def _schema_verdicts(request: pb.CompleteRequest, strict: list[ModelSpec]) -> list[_Verdict]:
+    """Each tool's schema's verdict, its text read once (its types walked when a row of
+    ``strict`` may take it, or once for the cache)."""
+    return [
+        _verdict(tool.input_schema_json, schema=True, types=bool(strict))
+        if tool.input_schema_json
+        else (None, None)
+        for tool in request.tools
+    ]
+
+
+_TYPE_SET = frozenset(_SCHEMA_TYPES)
+# each keyword whose value is a schema, a list of them or a map of names to them
+_SUBSCHEMAS = frozenset(json_schema.ONE_SCHEMA + json_schema.SCHEMA_LISTS + json_schema.SCHEMA_MAPS)
+_MAP_KEYWORDS = frozenset(json_schema.SCHEMA_MAPS)
+
+
+def _type_ok(kind: object) -> bool:
+    if isinstance(kind, str):
+        return kind in _TYPE_SET
+    if not isinstance(kind, list) or not kind:
+        return False
+    return all(isinstance(k, str) and k in _TYPE_SET for k in kind) and len(set(kind)) == len(kind)
+
+
+def _type_problem(schema: object) -> str | None:
     """Where in ``schema`` (a parsed tool schema) the first ``type`` JSON Schema has not is,
     and what it is, else None."""
+    found = _bad_type(schema)
+    if found is None:
+        return None
+    steps, kind = found
+    where = "".join(reversed(steps))
+    hint = ""
+    if isinstance(kind, str):
+        shown_kind = shown(kind)
+        if (meant := _SCHEMA_TYPE_FOR.get(kind)) is not None:
+            hint = f" (for {shown_kind}, {meant})"
+    else:
+        shown_kind = json.dumps(kind)[:64]
+    return (
+        f"{where}type: {shown_kind} is not a JSON Schema type: use one of "
+        f"{', '.join(_SCHEMA_TYPES)}, or a list of distinct ones{hint}"
+    )
+
+
+def _bad_type(schema: object) -> tuple[list[str], object] | None:
+    """The first ``type`` in ``schema`` JSON Schema has not (in the schema's own order): the
+    steps to it, innermost first (named only on the way out of the one found: a schema's
+    hundreds of good members cost no text), and its value; else None. Only the schema's own
+    keys are looked up (a property's two or three, not every keyword)."""
     if not isinstance(schema, dict):
         return None
-    if "type" in schema:
-        kind = schema["type"]
-        kinds = kind if isinstance(kind, list) else [kind]
-        valid = all(isinstance(k, str) and k in _SCHEMA_TYPES for k in kinds)
-        if not (valid and kinds and len(set(kinds)) == len(kinds)):
-            shown_kind = shown(kind) if isinstance(kind, str) else json.dumps(kind)[:64]
-            meant = _SCHEMA_TYPE_FOR.get(kind) if isinstance(kind, str) else None
-            hint = f" (for {shown(kind)}, {meant})" if meant else ""
-            return (
-                f"{where}type: {shown_kind} is not a JSON Schema type: use one of "
-                f"{', '.join(_SCHEMA_TYPES)}, or a list of distinct ones{hint}"
-            )
-    nested: list[tuple[str, object]] = []
-    for key in _ONE_SCHEMA:
-        if isinstance(schema.get(key), dict):
-            nested.append((f"{where}{key}.", schema[key]))
-    for key in _SCHEMA_LISTS:
-        if isinstance(schema.get(key), list):
-            nested.extend((f"{where}{key}[{i}].", sub) for i, sub in enumerate(schema[key]))
-    for key in _SCHEMA_MAPS:
-        if isinstance(schema.get(key), dict):
-            nested.extend(
-                (f"{where}{key}[{shown(str(name))}].", sub) for name, sub in schema[key].items()
-            )
-    for place, sub in nested:
-        if (problem := _type_problem(sub, place)) is not None:
-            return problem
+    if "type" in schema and not _type_ok(schema["type"]):
+        return [], schema["type"]
+    for key, sub in schema.items():
+        if key not in _SUBSCHEMAS:
+            continue
+        if isinstance(sub, list):  # anyOf, prefixItems, draft-07's items...
+            for i, item in enumerate(sub):
+                if (found := _bad_type(item)) is not None:
+                    found[0].append(f"{key}[{i}].")
+                    return found
+        elif isinstance(sub, dict) and key in _MAP_KEYWORDS:
+            for name, item in sub.items():
+                if (found := _bad_type(item)) is not None:
+                    found[0].append(f"{key}[{shown(str(name))}].")
+                    return found
+        elif (found := _bad_type(sub)) is not None:
+            found[0].append(f"{key}.")
+            return found
     return None
 
 
-@functools.lru_cache(maxsize=1024)
-def _cached_schema_type_problem(text: str) -> str | None:
-    """Cached as ``_cached_json_object_problem``: the same schemas come with every request."""
-    return _type_problem(strict_json.loads(text), "")
-
-
-def _validate_tool_schemas(request: pb.CompleteRequest, table: ModelTable) -> None:
+def _validate_tool_schemas(
+    request: pb.CompleteRequest, table: ModelTable, schemas: list[_Verdict]
+) -> None:
     """A tool schema naming a type JSON Schema has not, to a row whose provider refuses it
     (for ``auto``, any tier's that does), is refused here, naming the tool, the field and the
     model, before anything is sent: before, it went to the provider, whose 400 came back after
-    the cache lookup and the round trip (and ``auto`` answered or refused it by its tier)."""
-    if not request.tools:
-        return
-    strict = [s for s in table.answering(request.model) if s.provider in _TOOL_NAME_CHARS]
+    the cache lookup and the round trip (and ``auto`` answered or refused it by its tier).
+    ``schemas``: each tool's schema's verdict (``_schema_verdicts``)."""
+    strict = _schema_strict(request, table)
     if not strict:
         return
     for i, tool in enumerate(request.tools):
-        if not tool.input_schema_json:
-            continue
-        text = tool.input_schema_json
-        if len(text) <= _CACHED_JSON_CHARS:
-            problem = _cached_schema_type_problem(text)
-        else:
-            problem = _type_problem(strict_json.loads(text), "")
+        problem = schemas[i][1]
         if problem is None:
             continue
         spec = strict[0]

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 from typing import Any
 
-TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean", "null"})
-# the keywords whose value is a schema, a list of schemas, or a map of names to schemas
-_ONE = ("items", "additionalProperties", "not", "contains", "if", "then", "else", "propertyNames")
-_LISTS = ("items", "prefixItems", "anyOf", "oneOf", "allOf")
-_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+from cachemesh import json_schema
+
+TYPES = frozenset(json_schema.TYPES)
+# the keywords whose value is a schema, a list of schemas, or a map of names to schemas: the
+# router's walker's (one list: a schema the router passes is one these servers pass)
+_ONE = json_schema.ONE_SCHEMA
+_LISTS = json_schema.SCHEMA_LISTS
+_MAPS = json_schema.SCHEMA_MAPS
 
 
 def _problem(kind: Any) -> str | None:

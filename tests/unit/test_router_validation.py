@@ -385,7 +385,7 @@ def test_a_large_json_text_is_checked_but_never_held_by_the_verdict_cache() -> N
     """The cache of JSON verdicts keeps small texts only: large ones would pin clients' text."""
     from services.router import validation
 
-    cached = validation._cached_json_object_problem
+    cached = validation._cached_verdict
     cached.cache_clear()
     big = '{"a": "' + "x" * 40_000 + '"}'
     validate_request(_request(tools=[pb.Tool(name="t", input_schema_json=big)]), TABLE, DEPLOYED)
@@ -755,3 +755,62 @@ def test_a_long_tool_description_to_auto_is_refused_when_a_tier_refuses_it() -> 
     assert "auto may pick gpt-4o" in info.value.message
     validate_request(_described("auto", "d" * 1024), table, deployed)
     validate_request(_described("auto", "d" * 2000), TABLE, DEPLOYED)  # simulated tiers
+
+
+@pytest.mark.parametrize(
+    ("schema", "where"),
+    [
+        ({"type": "object", "propertyNames": {"type": "str"}}, "propertyNames.type"),
+        ({"type": "object", "dependentSchemas": {"a": {"type": "dict"}}},
+         "dependentSchemas['a'].type"),
+        ({"type": "object", "unevaluatedProperties": {"type": "float"}},
+         "unevaluatedProperties.type"),
+        ({"type": "array", "prefixItems": [{"type": "string"}], "unevaluatedItems": {
+            "type": "int"}}, "unevaluatedItems.type"),
+        ({"type": "array", "items": [{"type": "string"}], "additionalItems": {"type": "int"}},
+         "additionalItems.type"),
+    ],
+)  # fmt: skip
+def test_every_keyword_holding_a_schema_is_walked_as_the_loopback_servers_walk_it(
+    schema: object, where: str
+) -> None:
+    """``propertyNames`` and ``dependentSchemas`` passed the router and were refused by the
+    loopback servers (their walker had them); ``unevaluated*`` neither walked. One keyword list
+    (``cachemesh.json_schema``) for both: each is refused here, and there."""
+    from tests.providers.schema_types import bad_type
+
+    refusal = _refusal(_with_schema("gpt-4o", schema), DEPLOYED | {"gpt-4o"}, allowed=False)
+    assert refusal is not None
+    assert f"tool 'plan': {where}: " in refusal.message
+    assert bad_type(schema) is not None
+
+
+def test_a_tool_schema_is_read_once_per_request_for_both_its_checks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A schema over the verdict cache's size was parsed twice per request to an OpenAI or
+    Anthropic row (once for "a JSON object", again for its types); a small one went through
+    two caches (its text hashed and held twice). Now read once, one cache."""
+    from services.common import strict_json
+    from services.router import validation
+
+    reads: list[str] = []
+    loads = strict_json.loads
+
+    def counted(text: str) -> object:
+        reads.append(text)
+        return loads(text)
+
+    monkeypatch.setattr(strict_json, "loads", counted)
+    big = json.dumps({"type": "object", "description": "x" * 40_000})
+    request = _with_schema("gpt-4o", {"type": "object"})
+    request.tools[1].input_schema_json = big
+    validate_request(request, TABLE, DEPLOYED | {"gpt-4o"})
+    assert reads.count(big) == 1
+    cache = validation._cached_verdict
+    cache.cache_clear()
+    small = _with_schema("gpt-4o", {"type": "object", "properties": {}})
+    validate_request(small, TABLE, DEPLOYED | {"gpt-4o"})
+    assert cache.cache_info().currsize == 2  # the two tools' schemas, once each
+    assert cache.cache_info().hits == 0
+    assert [name for name in dir(validation) if name.startswith("_cached")] == ["_cached_verdict"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from cachemesh import json_schema as schema_words
 from cachemesh.loadtest.workloads.base import (
     TENANT_A,
     DataInvalid,
@@ -44,12 +45,13 @@ _AS_JSON_SCHEMA = {"dict": "object", "float": "number", "tuple": "array"}
 # BFCL's "any" ("any valid Python data type"): JSON Schema says that by naming no type (BFCL's
 # harness sends "string", which would tell the model a value must be text)
 _ANY = "any"
-JSON_SCHEMA_TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean", "null"})
+JSON_SCHEMA_TYPES = frozenset(schema_words.TYPES)
 # the keywords whose value is a schema, a list of schemas or a map of name -> schema: only
-# these are walked (a ``default`` or an ``enum`` value is data, whatever keys it holds)
-_ONE_SCHEMA = ("items", "additionalProperties", "not", "contains", "if", "then", "else")
-_SCHEMA_LISTS = ("items", "prefixItems", "anyOf", "oneOf", "allOf")
-_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+# these are walked (a ``default`` or an ``enum`` value is data, whatever keys it holds); the
+# router's walker's
+_ONE_SCHEMA = schema_words.ONE_SCHEMA
+_SCHEMA_LISTS = schema_words.SCHEMA_LISTS
+_SCHEMA_MAPS = schema_words.SCHEMA_MAPS
 
 
 class NotJsonSchemaType(ValueError):
