@@ -118,7 +118,13 @@ def parse_request(
     for i, raw in enumerate(top.array("tools") or []):
         request.tools.append(_tool(raw, f"tools[{i}]"))
     raw_messages = top.array("messages", required=True) or []
-    _messages(raw_messages, request, kept)
+    dropped = _messages(raw_messages, request, kept)
+    if not request.messages and dropped:
+        raise invalid(
+            f"{dropped[0]}: an empty assistant answer (no text, no refusal, no tool_calls) is "
+            "not a turn, and the request has no other message; send at least one user message",
+            dropped[0],
+        )
     if refusal := late_system_refusal(raw_messages):
         raise refusal
     stream = bool(top.flag("stream"))
@@ -307,7 +313,10 @@ def _blocks_of(obj: Obj, *, required: bool = True) -> list[pb.ContentBlock]:
     return blocks
 
 
-def _messages(raw_messages: list[Any], request: pb.CompleteRequest, kept: Origins) -> None:
+def _messages(raw_messages: list[Any], request: pb.CompleteRequest, kept: Origins) -> list[str]:
+    """The caller's messages into ``request``; the paths of the empty answers that are no
+    Gateway turn (``_assistant``)."""
+    dropped: list[str] = []
     for i, raw in enumerate(raw_messages):
         path = f"messages[{i}]"
         obj = Obj(raw, path)
@@ -329,7 +338,9 @@ def _messages(raw_messages: list[Any], request: pb.CompleteRequest, kept: Origin
             obj.only(_ASSISTANT)
             _name(obj)
             said = _assistant(obj)
-            if said is not None:  # (an empty answer says nothing: no Gateway turn)
+            if said is None:  # (an empty answer says nothing: no Gateway turn)
+                dropped.append(path)
+            else:
                 blocks, origins = said
                 turn = _turn(request, pb.ROLE_ASSISTANT, kept, path)
                 turn.content.extend(blocks)
@@ -357,6 +368,7 @@ def _messages(raw_messages: list[Any], request: pb.CompleteRequest, kept: Origin
                 f"got {shown(role)}",
                 obj.at("role"),
             )
+    return dropped
 
 
 def _text_origins(obj: Obj, blocks: Iterable[int]) -> list[Origin]:
@@ -551,12 +563,13 @@ def _role_names(part: str) -> str:
     return part
 
 
-def _answer_only_fields(obj: Obj) -> None:
-    """The fields of an answer's message that an application sends back with it: ``refusal``,
+def _answer_only_fields(obj: Obj) -> str | None:
+    """The fields of an answer's message that an application sends back with it: its
+    ``refusal`` (returned: what the model said instead of content, ``_assistant``);
     ``annotations`` (citations of the content) and the SDK's ``parsed`` (its parse of the
     content) say nothing the content does not, and are ignored; an ``audio`` answer or a
     deprecated ``function_call`` would be lost, and is refused."""
-    obj.text("refusal")
+    refusal = obj.text("refusal")
     obj.array("annotations")
     if obj.has("audio"):
         raise invalid(
@@ -570,6 +583,7 @@ def _answer_only_fields(obj: Obj) -> None:
             "cachemesh; use tool_calls",
             obj.at("function_call"),
         )
+    return refusal
 
 
 def _assistant(obj: Obj) -> tuple[list[pb.ContentBlock], list[Origin]] | None:
@@ -582,8 +596,12 @@ def _assistant(obj: Obj) -> tuple[list[pb.ContentBlock], list[Origin]] | None:
     Gateway has no empty message nor empty text (Anthropic's rule), so it is no Gateway turn:
     the user messages around it become one turn, as Anthropic's API combines consecutive
     turns of a role. Before, it was a 400 ("an assistant message needs content or
-    tool_calls") to an SDK replaying the front's own answer."""
-    _answer_only_fields(obj)
+    tool_calls") to an SDK replaying the front's own answer.
+
+    An answer OpenAI's model refused comes back as ``content: null`` and the refusal's words in
+    ``refusal``: with no text in the content, a non-empty refusal is the assistant's text (the
+    model sees it refused, as OpenAI's model does), not an empty answer dropped."""
+    refusal = _answer_only_fields(obj)
     parts = _blocks_of(obj, required=False)
     texts = [j for j, block in enumerate(parts) if block.text.strip()]
     for j, part in enumerate(parts):
@@ -596,6 +614,9 @@ def _assistant(obj: Obj) -> tuple[list[pb.ContentBlock], list[Origin]] | None:
             )
     blocks = [parts[j] for j in texts]
     origins = _text_origins(obj, texts)
+    if not blocks and refusal is not None and refusal.strip():
+        blocks.append(pb.ContentBlock(text=refusal))
+        origins.append(Origin(obj.at("refusal"), _TEXT_STRING))
     for j, raw in enumerate(obj.array("tool_calls") or []):
         call = Obj(raw, f"{obj.at('tool_calls')}[{j}]")
         call.only(("id", "type", "function", "index"))  # index: a streamed call's, ignored

@@ -1296,3 +1296,50 @@ def test_a_breakpoint_on_an_empty_answer_part_is_refused_not_dropped() -> None:
             10,
         )
     assert refused.value.message.startswith("messages[1].content[1].cache_control: ")
+
+
+@pytest.mark.parametrize("content", [None, "", []])
+def test_an_openai_answer_its_model_refused_keeps_the_refusal_as_its_text(content: Any) -> None:
+    """OpenAI's answer its model refused is ``content: null`` and the words in ``refusal``:
+    sent back, it was taken as an empty answer and dropped unsaid (the model never saw it had
+    refused). Its refusal is the assistant's text; a Gateway refusal of it names the field."""
+    refused = {"role": "assistant", "content": content, "refusal": "I can't help with that."}
+    origins = openai_api.Origins()
+    request, _, _ = openai_api.parse_request(
+        {"model": "sim-small", "messages": [_Q, refused, _MORE]}, 10, origins
+    )
+    assert [m.role for m in request.messages] == [pb.ROLE_USER, pb.ROLE_ASSISTANT, pb.ROLE_USER]
+    assert [b.text for b in request.messages[1].content] == ["I can't help with that."]
+    validate_request(request, _TABLE, set(_TABLE.models))
+    said = "messages[1].content[0].text: too long"
+    assert openai_api.at_caller(said, origins).startswith("messages[1].refusal: too long")
+    # with text in the content, the content is the answer; an empty refusal is no text
+    for message in (
+        {"role": "assistant", "content": "ok", "refusal": "no"},
+        {"role": "assistant", "content": None, "refusal": " "},
+    ):
+        request, _, _ = openai_api.parse_request(
+            {"model": "sim-small", "messages": [_Q, message, _MORE]}, 10
+        )
+        texts = [b.text for m in request.messages for b in m.content]
+        assert texts == (["q", "ok", "more"] if message["content"] else ["q", "more"])
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "assistant", "content": ""}],
+        [{"role": "assistant", "content": None}, {"role": "assistant", "content": []}],
+    ],
+)
+def test_a_request_of_empty_answers_only_is_refused_naming_the_first(
+    messages: list[dict[str, Any]],
+) -> None:
+    """It was "messages: at least one message is required" (the router's, of the Gateway's
+    request with no turn), though the caller sent messages: now it names the empty answer."""
+    with pytest.raises(ApiError) as refused:
+        openai_api.parse_request({"model": "sim-small", "messages": messages}, 10)
+    assert refused.value.message.startswith(
+        "messages[0]: an empty assistant answer (no text, no refusal, no tool_calls) is not a turn"
+    )
+    assert refused.value.param == "messages[0]"
