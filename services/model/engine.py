@@ -140,7 +140,7 @@ class SimEngine:
         is not tokenized again; without them the engine computes them from ``request``.
         """
         if not tenant:
-            raise RequestError(Code.INVALID_ARGUMENT, "tenant is required")
+            raise RequestError(Code.INVALID_ARGUMENT, "tenant is required", "no tenant")
         spec = self._models.get(model)
         if spec is None:
             served = ", ".join(self._models)
@@ -148,12 +148,14 @@ class SimEngine:
                 Code.INVALID_ARGUMENT,
                 f"model {shown(model)} is not served by replica {self.replica_id}; it serves: "
                 f"{served}",
+                "the model is not served by the replica it was sent to",
             )
         if not 0 < request.max_tokens <= spec.max_output_tokens:
             raise RequestError(
                 Code.INVALID_ARGUMENT,
                 f"max_tokens must be between 1 and {spec.max_output_tokens} for {model}, "
                 f"got {request.max_tokens}",
+                f"max_tokens out of the range of {spec.id}",
             )
         tokenizer = self._tokenizers.for_spec(spec)
         if facts is not None:
@@ -168,12 +170,14 @@ class SimEngine:
             raise RequestError(
                 Code.INVALID_ARGUMENT,
                 "request.messages is empty: the prompt has no tokens to answer",
+                "the prompt has no tokens",
             )
         if prompt_tokens > spec.context_window_tokens:
             raise RequestError(
                 Code.RESOURCE_EXHAUSTED,
                 f"the prompt has {prompt_tokens} tokens, over {model}'s context window of "
                 f"{spec.context_window_tokens}; shorten the messages, system or tools",
+                f"the prompt is over {spec.id}'s context window",
             )
         temperature = request.temperature if request.HasField("temperature") else 1.0
         seed = seed_of(model, digest, temperature)
@@ -251,6 +255,7 @@ def _from_facts(facts: PromptFacts) -> tuple[int, tuple[bytes, ...], str]:
             f"prompt facts are inconsistent: {facts.prompt_tokens} tokens need {blocks} block "
             f"hashes of {_HASH_BYTES} bytes and a digest, got {len(raw)} bytes; send them as "
             "prefix-cache's Plan returned them, or leave them out",
+            "prompt facts are inconsistent",
         )
     hashes = tuple([raw[i : i + _HASH_BYTES] for i in range(0, len(raw), _HASH_BYTES)])
     return facts.prompt_tokens, hashes, facts.digest

@@ -115,9 +115,11 @@ def _described(exc: grpc.aio.AioRpcError) -> str:
     """What a model call's span says of its failure: the replica's details, but for a refusal
     of the request's own fault, whose details are the caller's message (a provider's 400
     quoting the prompt: no span holds a prompt), the replica's short reason (its provider's
-    status, error type, code and param: ``services.model.providers.failures.identifiers``)."""
+    status, error type, code and param: ``services.model.providers.failures.identifiers``), or
+    the refusal's code's name when it sent none (an older replica, whose details may quote its
+    provider: never them)."""
     if exc.code() in _REQUESTS_FAULTS:
-        return _reason(exc)
+        return _reason(exc) or exc.code().name
     return exc.details() or ""
 
 

@@ -423,7 +423,7 @@ class ProviderApi:
 
     def _spec(self, request: model_pb2.GenerateRequest) -> ModelSpec:
         if not request.tenant:
-            raise RequestError(Code.INVALID_ARGUMENT, "tenant is required")
+            raise RequestError(Code.INVALID_ARGUMENT, "tenant is required", "no tenant")
         spec = self._models.get(request.model)
         if spec is None:
             served = ", ".join(self._models)
@@ -431,15 +431,17 @@ class ProviderApi:
                 Code.INVALID_ARGUMENT,
                 f"model {shown(request.model)} is not served by replica {self._replica}; "
                 f"it serves: {served}",
+                "the model is not served by the replica it was sent to",
             )
         if not 0 < request.request.max_tokens <= spec.max_output_tokens:
             raise RequestError(
                 Code.INVALID_ARGUMENT,
                 f"max_tokens must be between 1 and {spec.max_output_tokens} for {spec.id}, "
                 f"got {request.request.max_tokens}",
+                f"max_tokens out of the range of {spec.id}",
             )
         if not request.request.messages:
-            raise RequestError(Code.INVALID_ARGUMENT, "request.messages is empty")
+            raise RequestError(Code.INVALID_ARGUMENT, "request.messages is empty", "no messages")
         return spec
 
     def _annotated(
