@@ -633,3 +633,113 @@ async def test_an_anthropic_rate_limit_a_wait_may_pass_is_still_retried(
     server.script("anthropic", _itpm(ITPM_HEADERS))
     assert await replica.call(text, planned_tokens=planned, cached_system=cached_system) is None
     assert replica.calls() == 2  # the 429, then its retry answered
+
+
+# Anthropic's 400s carry no param: the field path their message begins with is it
+MAX_TOKENS_ANTHROPIC = anthropic_wire.error(
+    400,
+    "invalid_request_error",
+    f"max_tokens: 64000 > 32000, which is the maximum allowed number of output tokens for {CLAUDE}",
+)
+UNMATCHED_RESULT_ANTHROPIC = anthropic_wire.error(
+    400,
+    "invalid_request_error",
+    "messages.1.content.0: unexpected `tool_use_id` found in `tool_result` blocks: toolu_01. "
+    "Each `tool_result` block must have a corresponding `tool_use` block in the previous message.",
+)
+
+
+async def test_anthropics_400s_are_told_apart_on_the_line_by_the_field_they_name(
+    server: WireServer,
+    replicas: Callable[[Backend, str], Replica],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A model-table mistake (max_tokens over the model's) and a translation bug of ours (a
+    tool_result its tool_use is not before) logged alike, "400 invalid_request_error": the
+    field path Anthropic's message begins with is its param, on the line and the reason; the
+    rest of the message (which may quote the request) stays at DEBUG. The line says the status
+    once (it was "(400): 400 invalid_request_error")."""
+    lines: list[str] = []
+    for reply, param in (
+        (MAX_TOKENS_ANTHROPIC, "max_tokens"),
+        (UNMATCHED_RESULT_ANTHROPIC, "messages.1.content.0"),
+    ):
+        replica = replicas("anthropic", CLAUDE)
+        server.script("anthropic", reply)
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="cachemesh.model"):
+            refused = await replica.call()
+        assert refused is not None and refused.code == Code.INVALID_ARGUMENT, refused
+        assert f"400 invalid_request_error, param {param}" in refused.reason
+        line = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(line) == 1, line
+        assert line[0].endswith(
+            f"anthropic refused the request: 400 invalid_request_error, param {param}"
+        ), line
+        rest = reply.body["error"]["message"][len(param) + 2 :]  # the caller's error has it
+        assert not [
+            r for r in caplog.records if r.levelno > logging.DEBUG and rest in r.getMessage()
+        ]
+        assert [r for r in caplog.records if r.levelno == logging.DEBUG and rest in r.getMessage()]
+        lines.append(line[0])
+    assert lines[0] != lines[1]
+
+
+async def test_an_engines_message_is_not_read_for_a_param(
+    server: WireServer,
+    replicas: Callable[[Backend, str], Replica],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Only Anthropic's messages begin with a field path: an OpenAI-compatible engine's
+    "error: ..." names no field."""
+    replica = replicas("openai", GPT)
+    server.script("openai", openai_wire.error(400, "BadRequestError", "error: bad request body"))
+    refused = await replica.call()
+    assert refused is not None and refused.code == Code.INVALID_ARGUMENT, refused
+    assert "param" not in refused.reason
+
+
+# OpenAI's 401 to a restricted key without a scope: not a wrong key (its real body)
+MISSING_SCOPES = openai_wire.error(
+    401,
+    "invalid_request_error",
+    "You have insufficient permissions for this operation. Missing scopes: model.request. "
+    "Check that you have the correct role in your organization (Reader, Writer, Owner) and "
+    "project (Member, Owner), and if you're using a restricted API key, that it has the "
+    "necessary scopes.",
+)
+WRONG_KEY = openai_wire.error(
+    401,
+    "invalid_request_error",
+    "Incorrect API key provided: sk-opena************************cdef. You can find your API "
+    "key at https://platform.openai.com/account/api-keys.",
+    code="invalid_api_key",
+)
+
+
+@pytest.mark.parametrize(
+    ("reply", "said"),
+    [(MISSING_SCOPES, "Missing scopes: model.request"), (WRONG_KEY, "Incorrect API key provided")],
+    ids=["missing-scopes", "wrong-key"],
+)
+async def test_a_401s_words_are_on_the_operators_error_line_without_the_key(
+    server: WireServer,
+    replicas: Callable[[Backend, str], Replica],
+    caplog: pytest.LogCaptureFixture,
+    reply: Reply,
+    said: str,
+) -> None:
+    """A 401's body is about our key, never the request: its (redacted) message is on the
+    ERROR line, which said "401 invalid_request_error" alike for a key without a scope and a
+    wrong key; never a part of the key, and not in the refusal the router and client see."""
+    replica = replicas("openai", GPT)
+    server.script("openai", reply)
+    with caplog.at_level(logging.INFO, logger="cachemesh.model"):
+        refused = await replica.call()
+    assert refused is not None and refused.code == Code.UNAVAILABLE, refused
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and said in errors[0], errors
+    assert "NOT_SERVING" in errors[0]
+    for line in [r.getMessage() for r in caplog.records]:
+        assert "sk-opena" not in line and "cdef" not in line and "loopback-0123" not in line
+    assert said not in refused.message + refused.reason

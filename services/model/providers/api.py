@@ -96,6 +96,7 @@ from services.model.providers.failures import (
     alone_over,
     broke_off,
     classify,
+    for_the_operator,
     identifiers,
     over,
     provider_said,
@@ -380,7 +381,9 @@ class ProviderApi:
                     if failure.kind not in _OUT:  # those have their own log line
                         # the refusal in the log's words: the provider's identifiers where
                         # the caller reads its message (a 400's, quoting the caller's prompt)
-                        logged = self._refused(failure, identifiers(failure), why, spec, tries)
+                        logged = self._refused(
+                            failure, identifiers(failure), why, spec, tries, logged=True
+                        )
                         self._log_refusal(spec.id, failure, logged.message, request_id)
                     raise refusal from None
                 span.set_attribute("cachemesh.provider.retries", tries)
@@ -680,14 +683,22 @@ class ProviderApi:
         return self._refused(failure, message, why, spec, tries)
 
     def _refused(
-        self, failure: Failure, message: str, why: str, spec: ModelSpec, tries: int
+        self,
+        failure: Failure,
+        message: str,
+        why: str,
+        spec: ModelSpec,
+        tries: int,
+        *,
+        logged: bool = False,
     ) -> RequestError:
         """The refusal of ``failure``; ``message``: the provider's as the caller's error
         quotes it (a 400's, a prompt over the window: the request's own fault, the caller's
         own text), or its identifiers for a line. No other refusal quotes the provider's
         message (it may quote the request: the router's span, the replica's line hold them);
         its identifiers only (``identifiers``). The request's own faults carry those as their
-        ``reason``: what the router's span of the call says."""
+        ``reason``: what the router's span of the call says. ``logged``: ``message`` is the
+        identifiers, which begin with the status (said once, not before them again)."""
         model = spec.id
         backend = self._who(spec)
         said = f"{backend} refused the request ({identifiers(failure)})"
@@ -699,13 +710,14 @@ class ProviderApi:
                 f"the request could not be sent to {backend}: not standard JSON",
             )
         if failure.kind == Kind.CLIENT:
+            status = "" if logged else f" ({failure.status})"
             return RequestError(
-                Code.INVALID_ARGUMENT,
-                f"{backend} refused the request ({failure.status}): {message}",
-                said,
+                Code.INVALID_ARGUMENT, f"{backend} refused the request{status}: {message}", said
             )
         if failure.kind == Kind.TOO_LARGE:  # the simulator's status for it, a size limit
             status = f"{failure.status} {failure.error_type}" if failure.status else ""
+            if logged:  # (the identifiers, ``message``, begin with it)
+                status = ""
             limit = over(failure)
             if limit is Over.CONTEXT_WINDOW:  # (the HTTP front's 400, not its 413)
                 what = f"the prompt is over {model}'s context window"
@@ -812,7 +824,7 @@ class ProviderApi:
                 "(PROVIDER_AUTH_RECHECK_S)",
                 who,
                 self._replica,
-                identifiers(failure),
+                for_the_operator(failure),
                 self._s.auth_recheck_s,
                 extra=request_id_fields(failure.request_id),
             )
@@ -822,7 +834,7 @@ class ProviderApi:
             "API key (%s_API_KEY or %s_API_KEY_FILE) and restart the replica",
             who,
             self._replica,
-            identifiers(failure),
+            for_the_operator(failure),
             adapter.upper(),
             adapter.upper(),
             extra=request_id_fields(failure.request_id),

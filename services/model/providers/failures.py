@@ -209,6 +209,15 @@ _QUOTED_BODY_CHARS = 2000
 _IDENTIFIER = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # a request's field as OpenAI's ``param`` names it: "messages[0].content", "tools[2].function"
 _PARAM = re.compile(r"[A-Za-z0-9_.\[\]-]{1,128}")
+# the field path Anthropic's 400 message begins with, its ``param`` (its error has none):
+# "max_tokens: 64000 > 32000, which is the maximum...", "messages.1.content.0: unexpected
+# `tool_use_id` found in `tool_result` blocks", "tools.0.custom.input_schema: JSON schema is
+# invalid": a model-table mistake and a translation bug of ours are told apart by it
+_LEADING_FIELD = re.compile(r"[a-z_]+(?:\.[A-Za-z0-9_]+)*(?=: )")
+# the statuses whose body is about our key or account and never echoes the request (401, 403):
+# their message (redacted) is on the operator's line, which says what to fix ("Missing scopes:
+# model.request" is not a wrong key)
+_ABOUT_OUR_KEY = (401, 403)
 
 
 class StreamCut(Exception):
@@ -292,7 +301,7 @@ def classify(exc: Exception) -> Failure:
             from_provider=True,
             request_id=request_id_shown(exc.request_id),
             code=code,
-            param=_param_of(exc.body),
+            param=_param_of(exc.body) or _anthropics_param(exc, message),
         )
     if isinstance(exc, _transport_errors()):  # includes the SDKs' APITimeoutError
         return Failure(Kind.RETRY, 0, type(exc).__name__, str(exc), None)
@@ -315,7 +324,7 @@ def classify(exc: Exception) -> Failure:
             about_model=about,
             from_provider=True,
             code=code,
-            param=_param_of(exc.body),
+            param=_param_of(exc.body) or _anthropics_param(exc, message),
         )
     return Failure(Kind.FATAL, 0, type(exc).__name__, str(exc) or type(exc).__name__, None)
 
@@ -471,6 +480,25 @@ def _param_of(body: object) -> str:
     inner: Any = body.get("error", body) if isinstance(body, dict) else None
     value = inner.get("param") if isinstance(inner, dict) else None
     return value if isinstance(value, str) and _PARAM.fullmatch(value) else ""
+
+
+def _anthropics_param(exc: Exception, message: str) -> str:
+    """The field path an Anthropic SDK error's message begins with (``_LEADING_FIELD``), else
+    empty; any other SDK's message is not read so (an engine's "error: ..." is no field)."""
+    if type(exc).__module__.partition(".")[0] != "anthropic":
+        return ""
+    found = _LEADING_FIELD.match(message)
+    return found[0] if found is not None and _PARAM.fullmatch(found[0]) else ""
+
+
+def for_the_operator(failure: Failure) -> str:
+    """What an operator's line says of a refusal of our key or account: its ``identifiers``,
+    and for a 401 or 403 (a body about the key, never echoing the request) the provider's
+    message too, redacted as ``failure`` is (``ProviderApi._redacted``)."""
+    said = identifiers(failure)
+    if failure.from_provider and failure.status in _ABOUT_OUR_KEY and failure.message:
+        said += f": {failure.message}"
+    return said
 
 
 def identifiers(failure: Failure) -> str:
