@@ -103,6 +103,7 @@ def _json_object(text: str, where: str) -> None:
 # What keeps a JSON text from being sent, and, for a tool's schema, its first type JSON Schema
 # has not: (not a JSON object, or None; a type problem, or None)
 _Verdict = tuple[str | None, str | None]
+_NONE: _Verdict = (None, None)  # a tool without a schema
 
 
 def _verdict(text: str, *, schema: bool, types: bool) -> _Verdict:
@@ -497,9 +498,9 @@ def _schema_verdicts(request: pb.CompleteRequest, strict: list[ModelSpec]) -> li
     """Each tool's schema's verdict, its text read once (its types walked when a row of
     ``strict`` may take it, or once for the cache)."""
     return [
-        _verdict(tool.input_schema_json, schema=True, types=bool(strict))
-        if tool.input_schema_json
-        else (None, None)
+        _verdict(text, schema=True, types=bool(strict))
+        if (text := tool.input_schema_json)
+        else _NONE
         for tool in request.tools
     ]
 
