@@ -617,3 +617,27 @@ def test_openai_empty_answer_with_tool_calls_keeps_its_calls(base: str, key: str
             ],
         )
     assert "messages[2]" in str(refused.value)
+
+
+def test_openai_history_with_a_refused_answer_shows_the_model_its_refusal(
+    base: str, key: str
+) -> None:
+    """An answer OpenAI's model refused is ``content: null`` with its words in ``refusal``;
+    sent back, it was dropped as an empty answer (the same prompt as with no answer at all):
+    the refusal is the assistant's text, so the prompt holds it."""
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=key)
+    question = _unique("Help me with this.")
+
+    def prompt_tokens(answer: dict[str, Any]) -> int:
+        messages: list[Any] = [
+            {"role": "user", "content": question},
+            {"role": "assistant", **answer},
+            {"role": "user", "content": "Why not?"},
+        ]
+        reply = client.chat.completions.create(model="sim-small", messages=messages)
+        assert reply.usage is not None
+        return reply.usage.prompt_tokens
+
+    empty = prompt_tokens({"content": None})
+    refused = prompt_tokens({"content": None, "refusal": "I can't help with that request."})
+    assert refused > empty
