@@ -54,6 +54,19 @@ def test_every_point_with_errors_is_named_with_its_codes() -> None:
     ]
 
 
+def test_a_point_whose_run_was_cut_at_its_bound_is_named() -> None:
+    """The load test counts a request cut at the run's end apart from its errors: a bench run
+    that reached its bound (which a working stack never does) must still be named."""
+    results = _results()
+    results["cases"][EXACT][1]["cut_at_deadline"] = 2
+    results["cases"][MIXED]["errors"] = {"UNAVAILABLE": 3}
+    results["cases"][MIXED]["cut_at_deadline"] = 1
+    assert summary.failed_points(results) == [
+        "(a) exact L1 hits x8: 2 cut at the run's bound",
+        "(d) mixed x8: errors {'UNAVAILABLE': 3}; 1 cut at the run's bound",
+    ]
+
+
 def test_a_point_with_errors_fails_the_bench_and_the_report_says_which(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

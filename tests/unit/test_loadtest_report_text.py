@@ -129,13 +129,13 @@ def test_a_report_against_a_moved_stack_records_no_other_stacks_settings(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (tmp_path / "none.env").write_text("ROUTER_LISTEN=127.0.0.1:50051\nSIM_TIME_SCALE=0\n")
-    run_cli(tmp_path, "--duration", "0.5", target="127.0.0.1:34213")
+    run_cli(tmp_path, "--duration", "0.5", "--stop-grace", "0", target="127.0.0.1:34213")
     doc = json.loads((tmp_path / "r.json").read_text())
     assert doc["stack"] == {}
     assert any("settings are unknown" in w and "127.0.0.1:50051" in w for w in doc["warnings"])
     (tmp_path / ".run").mkdir()
     (tmp_path / ".run" / "ports.env").write_text("ROUTER_LISTEN=127.0.0.1:34213\n")
-    run_cli(tmp_path, "--duration", "0.5", "--force", target="127.0.0.1:34213")
+    run_cli(tmp_path, "--duration", "0.5", "--stop-grace", "0", "--force", target="127.0.0.1:34213")
     doc = json.loads((tmp_path / "r.json").read_text())
     assert doc["stack"] == {"ROUTER_LISTEN": "127.0.0.1:34213", "SIM_TIME_SCALE": "0"}
 
@@ -143,7 +143,9 @@ def test_a_report_against_a_moved_stack_records_no_other_stacks_settings(
 def test_a_gateway_that_answered_nothing_before_the_end_is_not_said_to_have_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert run_cli(tmp_path, "--duration", "0.5") == 1  # nothing listens at :1; health faked
+    assert (
+        run_cli(tmp_path, "--duration", "0.5", "--stop-grace", "0") == 1
+    )  # nothing listens at :1; health faked
     err = capsys.readouterr().err
     assert "answered no request before the run ended" in err, err
 
@@ -154,7 +156,7 @@ def test_an_open_loop_whose_first_arrival_fell_after_the_run_says_so(
     """``--mode open --rate 1e-300 --duration 5`` sent nothing (the first Poisson arrival is
     due ~1e300 s later) and said the Gateway "serves, yet answered no request before the run
     ended": nothing was asked of it. It says no arrival fell within --duration at --rate."""
-    args = ("--mode", "open", "--rate", "1e-300", "--duration", "0.5")
+    args = ("--mode", "open", "--rate", "1e-300", "--duration", "0.5", "--stop-grace", "0")
     assert run_cli(tmp_path, *args) == 1
     err = capsys.readouterr().err
     assert "answered no request" not in err, err
@@ -271,7 +273,7 @@ def test_no_env_file_where_it_is_run_is_said(
     was empty without a word."""
     monkeypatch.chdir(tmp_path)
     args = ["--target", "127.0.0.1:1", "--out", str(tmp_path / "r.json"), "--requests", "2"]
-    cli.main([*args, "--duration", "0.5"])
+    cli.main([*args, "--duration", "0.5", "--stop-grace", "0"])
     doc = json.loads((tmp_path / "r.json").read_text())
     assert doc["stack"] == {}
     assert any("settings are not recorded: no .env here" in w for w in doc["warnings"])

@@ -20,7 +20,7 @@ from typing import Any
 from cachemesh._errors import CachemeshError
 from cachemesh._tls import Tls
 from cachemesh.admin import AdminClient, read_admin_token
-from cachemesh.loadtest.samples import Sample
+from cachemesh.loadtest.samples import CUT, Sample
 
 POLL_S = 0.25  # between two reads of the totals
 QUIET_S = 1.0  # settled: unchanged this long (a cut call's bill lands after the call ends)
@@ -126,9 +126,12 @@ def errored_warning(results: Mapping[str, Any], billed_unread: str | None) -> st
     errored = results["cost"]["errored"]["requests"]
     if not errored:
         return None
-    codes = ", ".join(f"{code}: {n}" for code, n in results["errors"].items())
+    ended = [f"{code}: {n}" for code, n in results["errors"].items()]
+    if cut := results.get("cut_at_deadline"):  # the run's own cut at its end: no answer either
+        ended.append(f"{CUT}: {cut}, cut at the run's end")
+    how = "ended in an error" if not cut else "ended in an error or were cut"
     said = (
-        f"{errored} of {results['requests']} requests ended in an error ({codes}): a model "
+        f"{errored} of {results['requests']} requests {how} ({', '.join(ended)}): a model "
         "call cut after its prefill is billed for what it produced, which no response tells "
         "the client, so the table's cost and saving are the completed requests' only"
     )

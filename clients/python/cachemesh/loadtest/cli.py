@@ -4,12 +4,15 @@ Closed loop (``--concurrency`` requests in flight) or open loop (``--rate`` arri
 Poisson); an agent conversation's turns are sent one after another, each on the previous
 turn's answer (a closed-loop worker owns the conversation; in the open loop it arrives as
 one request does). Every run stops after ``--requests`` requests or ``--duration`` seconds,
-whichever comes first, after an unrecorded ``--warmup``. Targets on this host only (loopback,
-a Unix socket), unless ``--allow-non-loopback``, and then over TLS (the ``cachemesh`` CLI's
-options and ``CACHEMESH_TLS``, ``CACHEMESH_CA_FILE``, ``CACHEMESH_CERT_FILE``,
-``CACHEMESH_KEY_FILE`` settings) unless ``--insecure`` (``CACHEMESH_INSECURE``). Writes a JSON
-report (SCHEMA.md), optionally an HTML chart and the JSONL request log the offline estimator
-replays (``python -m services.tools.estimator``).
+whichever comes first, after an unrecorded ``--warmup``: no request starts after
+``--duration``, those in flight then have ``--stop-grace`` seconds to finish, and those still
+running are cut (``CUT_AT_DEADLINE``, counted apart: the tool's cut is not an error of the
+Gateway's, and the exit status is 1 for the Gateway's errors only). Targets on this host only
+(loopback, a Unix socket), unless ``--allow-non-loopback``, and then over TLS (the
+``cachemesh`` CLI's options and ``CACHEMESH_TLS``, ``CACHEMESH_CA_FILE``,
+``CACHEMESH_CERT_FILE``, ``CACHEMESH_KEY_FILE`` settings) unless ``--insecure``
+(``CACHEMESH_INSECURE``). Writes a JSON report (SCHEMA.md), optionally an HTML chart and the
+JSONL request log the offline estimator replays (``python -m services.tools.estimator``).
 Given the admin token (``CACHEMESH_ADMIN_TOKEN_FILE`` or ``CACHEMESH_ADMIN_TOKEN``), it also
 reports the run's spend as the stack billed it, the requests that ended in an error included
 (the token goes over TLS or to a target on this host only). Ctrl-C stops the run: the
@@ -54,7 +57,7 @@ from cachemesh.loadtest.load import (
 )
 from cachemesh.loadtest.redact import mask
 from cachemesh.loadtest.reqlog import LogRecord, write_log
-from cachemesh.loadtest.runner import Interrupted, LoadShape
+from cachemesh.loadtest.runner import DEFAULT_STOP_GRACE_S, Interrupted, LoadShape
 from cachemesh.loadtest.samples import CUT, INTERRUPTED, LOST, Sample
 from cachemesh.loadtest.stats import summarise
 from cachemesh.loadtest.warm_l2 import reads_not_written
@@ -105,7 +108,12 @@ def parser() -> argparse.ArgumentParser:
                    help="open loop: arrivals/s (a request, an agent conversation)")  # fmt: skip
     p.add_argument("--requests", type=int, default=200,
                    help=f"measured requests (upper bound; {DRAWN_NOTE})")  # fmt: skip
-    p.add_argument("--duration", type=float, default=120.0, help="seconds (upper bound)")
+    p.add_argument("--duration", type=float, default=120.0,
+                   help="seconds (upper bound): no request starts after it")  # fmt: skip
+    p.add_argument("--stop-grace", type=float, default=DEFAULT_STOP_GRACE_S,
+                   help="seconds the requests in flight at --duration's end have to finish "
+                   "before they are cut (CUT_AT_DEADLINE, not errors); 0: cut at once "
+                   f"(default {DEFAULT_STOP_GRACE_S:g})")  # fmt: skip
     p.add_argument("--warmup", type=int, default=0,
                    help=f"unrecorded requests sent first ({DRAWN_NOTE})")  # fmt: skip
     p.add_argument("--processes", type=int, default=1, help="client processes")
@@ -134,6 +142,8 @@ def _check(args: argparse.Namespace, tls: Tls | None) -> None:
         raise ValueError(f"--requests must be within 1..{MAX_REQUESTS}")
     if not 0 < args.duration <= MAX_DURATION_S:
         raise ValueError(f"--duration must be within (0, {MAX_DURATION_S:.0f}] seconds")
+    if not 0 <= args.stop_grace <= MAX_DURATION_S:  # nan too
+        raise ValueError(f"--stop-grace must be within [0, {MAX_DURATION_S:.0f}] seconds")
     if args.concurrency < 1 or args.processes < 1:
         raise ValueError("--concurrency and --processes must be >= 1")
     if not 0 <= args.warmup <= MAX_REQUESTS:  # each is drawn before the run
@@ -300,7 +310,8 @@ def _main(argv: list[str] | None) -> int:
         print("cachemesh-load: interrupted before the run: no report", file=sys.stderr)
         return INTERRUPTED_EXIT
     shape = LoadShape(args.mode, args.concurrency, args.rate, args.duration, args.stream,
-                      args.timeout, args.seed, tls, insecure=args.insecure)  # fmt: skip
+                      args.timeout, args.seed, tls, insecure=args.insecure,
+                      grace_s=args.stop_grace)  # fmt: skip
     unread: str | None = None  # why the billed totals could not be read
     # --insecure allows the keys only: the token never goes in cleartext off this host
     if token and cleartext_off_host(args.target, tls, insecure=False):
@@ -337,6 +348,8 @@ def _main(argv: list[str] | None) -> int:
     results = summarise(samples, workload.labels())
     if interrupted:
         warnings.insert(0, _interrupted_warning(results, len(plan)))
+    elif results["cut_at_deadline"]:
+        warnings.append(_cut_warning(results["cut_at_deadline"], args.stop_grace))
     warm = reads_not_written(samples, warmup, plan)
     results["l2_warm_at_start"] = {"requests": warm.requests, "read_tokens": warm.read_tokens}
     if warm.requests:
@@ -370,7 +383,8 @@ def _main(argv: list[str] | None) -> int:
     run = {
         "target": args.target, "mode": args.mode, "concurrency": args.concurrency,
         "rate_rps": args.rate if args.mode == "open" else None, "requests_limit": args.requests,
-        "duration_limit_s": args.duration, "warmup_requests": args.warmup,
+        "duration_limit_s": args.duration, "stop_grace_s": args.stop_grace,
+        "warmup_requests": args.warmup,
         "processes": args.processes, "stream": args.stream, "seed": args.seed,
         "namespace": namespace, "timeout_s": args.timeout, "tls": tls is not None,
         "sessions": {"count": len({i.session for i in plan if i.session}),
@@ -400,6 +414,7 @@ def _main(argv: list[str] | None) -> int:
             args.target, tls, results["errors"]
         )
         print(f"cachemesh-load: no request completed: {why}", file=sys.stderr)
+    # the Gateway's errors (and a lost client process's) only: not the run's own cut at its end
     return 0 if results["completed"] and not results["errors"] else 1
 
 
@@ -414,7 +429,8 @@ def _gone_warning(target: str, tls: Tls | None, results: dict[str, Any]) -> str 
     crashed) leaves its requests waiting for it until ``--timeout`` or the run's end, where
     they are counted ``DEADLINE_EXCEEDED`` or cut, their time the timeout: a report that
     would read as a slow stack. (None completed: ``_none_completed`` says why.)"""
-    waited = {code: n for code, n in results["errors"].items() if code in WAITED}
+    ended = dict(sorted({**results["errors"], CUT: results["cut_at_deadline"]}.items()))
+    waited = {code: n for code, n in ended.items() if code in WAITED and n}
     if not waited or not results["completed"]:
         return None
     try:
@@ -487,6 +503,19 @@ def _refused_key_warning(samples: list[Sample], warmup: list[Item], plan: list[I
         f"the stack refused requests as UNAUTHENTICATED ({named}): a key it does not know or "
         "has revoked (another stack's demo keys? source that stack's run dir's "
         "demo-keys.env); cachemesh admin keys list shows the stack's keys"
+    )
+
+
+def _cut_warning(cut: int, grace_s: float) -> str:
+    requests = "1 request" if cut == 1 else f"{cut} requests"
+    was = "was" if cut == 1 else "were"
+    when = f"{grace_s:g} s after --duration's end" if grace_s else "at --duration's end"
+    when += "" if grace_s else " (--stop-grace 0)"
+    return (
+        f"{requests} still running {when} {was} cut ({CUT}: "
+        "results.cut_at_deadline, not an error of the Gateway's, and not in the latency "
+        "figures: results.cut_at_deadline_ms has the time each had run, a lower bound); a "
+        "longer --stop-grace lets them finish"
     )
 
 

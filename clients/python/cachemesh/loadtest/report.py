@@ -40,9 +40,10 @@ def _usd(nanos: int) -> str:
 
 def table(results: Mapping[str, Any], *, latency: bool = True) -> str:
     """The terminal view of one run's ``results`` (``latency=False``: the estimator's)."""
+    cut = results.get("cut_at_deadline")  # the run's own cuts at its end (not the estimator's)
     lines = [
         f"requests {results['requests']}  completed {results['completed']}  "
-        f"errors {results['errors'] or 'none'}"
+        f"errors {results['errors'] or 'none'}" + (f"  cut at the run's end {cut}" if cut else "")
     ]
     if latency:
         lines += _latency_lines(results)

@@ -9,8 +9,11 @@ does, its first turn then, each next turn on the previous one's answer.
 ``run_plan`` runs in one process; ``run_processes`` splits the plan over several spawned
 processes (each with its own event loop and channel, so the client is not the bottleneck) and
 merges their samples. Every run stops at the end of its plan or at its deadline, whichever
-comes first; requests still in flight at the deadline are cancelled and counted as errors
-(``CUT_AT_DEADLINE``, their latency the time they had run): a slow tail is never dropped. A
+comes first: no request starts after the deadline (a conversation's next turn neither); those
+in flight then have the shape's ``grace_s`` more to finish (k6's ``gracefulStop``, locust's
+``--stop-timeout``), and those still running at its end are cancelled and counted apart
+(``CUT_AT_DEADLINE``, their latency the time they had run: a slow tail is never dropped; the
+run's own cut, not an error of the Gateway's). A
 spawned process that dies before reporting is not waited for: its share of the plan is counted
 as errors (``CLIENT_PROCESS_LOST``). Interrupted (Ctrl-C), a run stops sending, cancels what is
 in flight (``INTERRUPTED``, their latency the time they had run) and raises ``Interrupted`` with
@@ -52,6 +55,7 @@ from cachemesh.loadtest.workloads import Item
 from cachemesh.v1 import gateway_pb2 as pb
 
 Mode = Literal["closed", "open"]
+DEFAULT_STOP_GRACE_S = 30.0  # cachemesh-load's --stop-grace (k6's gracefulStop default)
 MAX_OPEN_IN_FLIGHT = 2048  # an open loop that falls this far behind stops adding requests
 log = logging.getLogger("cachemesh.loadtest")
 # the task that runs the plan (run_plan's): its requests' tasks inherit it
@@ -80,12 +84,15 @@ class LoadShape:
     mode: Mode
     concurrency: int  # closed: requests in flight
     rate_rps: float  # open: mean arrival rate (Poisson)
-    duration_s: float  # hard bound on the measured phase
+    duration_s: float  # no request starts after it (the measured phase's bound)
     stream: bool
     timeout_s: float = 120.0
     seed: int = 7
     tls: Tls | None = None  # every channel of the run, each client process's too
     insecure: bool = False  # --insecure: plaintext to a target that is not loopback
+    # after duration_s, the time the requests in flight then have to finish before they are
+    # cut (CUT_AT_DEADLINE); 0: cut at once
+    grace_s: float = 0.0
 
 
 async def _send(
@@ -93,8 +100,8 @@ async def _send(
     index: int, samples: list[Sample],
 ) -> None:  # fmt: skip
     """Sends ``item`` and appends its sample to ``samples``: its answer, its error (any
-    exception of the client, named by its gRPC status or its type), or, cancelled at the
-    run's deadline, ``CUT_AT_DEADLINE`` (``INTERRUPTED``: cancelled by a Ctrl-C)."""
+    exception of the client, named by its gRPC status or its type), or, cancelled at the end
+    of the run's grace, ``CUT_AT_DEADLINE`` (``INTERRUPTED``: cancelled by a Ctrl-C)."""
     client = clients[item.tenant]
     started = time.perf_counter()
     # when it was due, on the monotonic clock (a wall-clock step mid-run moves no figure;
@@ -171,7 +178,7 @@ async def _closed(
                 tick()
 
     workers = [asyncio.create_task(worker()) for _ in range(max(1, shape.concurrency))]
-    await _bounded(workers, deadline)
+    await _bounded(workers, deadline + shape.grace_s)
     return samples
 
 
@@ -184,7 +191,9 @@ async def _open(
     tasks: set[asyncio.Task[None]] = set()
 
     async def one(unit: list[int], due: float) -> None:
-        for index in unit:  # a session's next turn is due at the previous one's answer
+        for turn, index in enumerate(unit):  # a next turn is due at the previous answer
+            if turn and time.perf_counter() >= deadline:  # none starts in the grace
+                return
             await _send(clients, plan[index], shape.stream, due, False, places[index], samples)
             tick()
             due = 0.0
@@ -211,12 +220,13 @@ async def _open(
         task = asyncio.create_task(one(unit, due))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
-    await _bounded(list(tasks), deadline)
+    await _bounded(list(tasks), deadline + shape.grace_s)
     return samples
 
 
 async def _bounded(tasks: list[asyncio.Task[None]], deadline: float) -> None:
-    """Waits for ``tasks`` until ``deadline``, then cancels those still running; the run
+    """Waits for ``tasks`` until ``deadline`` (the run's, its grace added), then cancels those
+    still running; the run
     interrupted (its task cancelled, before or while it waits), at once."""
     if not tasks:
         return
@@ -325,7 +335,7 @@ def run_processes(
     (the first ``concurrency % processes`` processes keep one more request in flight; a
     closed loop needs ``processes <= concurrency``). A process that exits without reporting
     (killed: the OOM killer) or has not reported by the run's end (duration, a request's
-    timeout, a minute) is not waited for: each request of its share is counted as
+    timeout (or its grace), a minute) is not waited for: each request of its share is counted as
     ``CLIENT_PROCESS_LOST`` and ``warn`` names it (one killed halfway through its report
     too: each reports on its own pipe, so neither this process nor another waits for it). A
     Ctrl-C (SIGINT to this process) sends every process whose run is not over SIGTERM: each
@@ -348,7 +358,7 @@ def run_processes(
     results: list[Sample] = []
     waiting = set(range(processes))  # neither reported nor lost
     lost: dict[int, str] = {}  # process -> how it was lost
-    give_up = time.monotonic() + shape.duration_s + shape.timeout_s + 60
+    give_up = time.monotonic() + shape.duration_s + shape.grace_s + shape.timeout_s + 60
     interrupted = False
 
     def on_sigint(signum: int, frame: FrameType | None) -> None:

@@ -15,7 +15,9 @@ LAYERS = {
     pb.LAYER_MODEL: "model",
 }
 ERROR = "error"
-CUT = "CUT_AT_DEADLINE"  # the code of a request still running at the run's deadline
+# the code of a request still running at the end of the run's grace (after its deadline): the
+# run's own cut, counted apart from the errors
+CUT = "CUT_AT_DEADLINE"
 # the code of each planned request of a client process that died (or hung) before it reported
 # its samples: whether it was sent, and how it ended, is unknown (it has no time either)
 LOST = "CLIENT_PROCESS_LOST"

@@ -68,12 +68,17 @@ def summarise(
     return {
         "requests": len(measured),
         "completed": len(ok),
-        "errors": dict(sorted(Counter(s.code for s in measured if s.layer == ERROR).items())),
+        # how requests failed: the Gateway's status names and the client's own faults, not
+        # the run's own cuts at its end (``cut_at_deadline``)
+        "errors": dict(
+            sorted(Counter(s.code for s in measured if s.layer == ERROR and s.code != CUT).items())
+        ),
+        "cut_at_deadline": sum(s.code == CUT for s in measured),
         "wall_s": round(wall_s, 3),
         "throughput_rps": round(len(ok) / wall_s, 2) if wall_s > 0 else 0.0,
         "latency_ms": _by_layer(ok, "latency_s"),
-        # still running when the run's deadline cut them: the time each had run, a lower
-        # bound of its latency (the completed ones' percentiles above leave them out)
+        # still running at the end of the run's grace, cut then: the time each had run, a
+        # lower bound of its latency (the completed ones' percentiles above leave them out)
         "cut_at_deadline_ms": latency_summary([s.latency_s for s in measured if s.code == CUT])
         if any(s.code == CUT for s in measured)
         else None,
@@ -138,7 +143,8 @@ def _tokens(ok: Sequence[Sample]) -> dict[str, int]:
 def _cost(ok: Sequence[Sample], errored: int) -> dict[str, Any]:
     """The completed requests' cost, as their responses gave it. A request that ended in an
     error has no cost the client can see, yet a model call cut after its prefill (its deadline,
-    a cancel) is billed for what it produced: ``errored`` counts them, and ``billed`` is the
+    a cancel, the run's cut at its end) is billed for what it produced: ``errored`` counts
+    them (those cut too: no answer tells their cost either), and ``billed`` is the
     run's spend as the stack billed it, when the caller could read it (None here)."""
     cost = sum(s.cost_nanos for s in ok)
     base = sum(s.baseline_nanos for s in ok)

@@ -114,8 +114,19 @@ def _cpu(title: str, rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def _failed(name: str, row: Mapping[str, Any]) -> str:
+    """``name``'s errors and the requests cut at its run's bound (a bound a working stack
+    never reaches, ``measure.DURATION_S``: the load test counts them apart from the errors);
+    "" when neither."""
+    parts = [f"errors {dict(row['errors'])}"] if row["errors"] else []
+    if cut := row.get("cut_at_deadline"):  # absent from an older report's rows
+        parts.append(f"{cut} cut at the run's bound")
+    return f"{name}: {'; '.join(parts)}" if parts else ""
+
+
 def failed_points(results: Mapping[str, Any]) -> list[str]:
-    """Each measured point with requests that ended in an error, named with its codes: its
+    """Each measured point with requests that ended in an error (or were cut at the run's
+    bound), named with its codes: its
     req/s counts the completed ones only and its latency leaves the failed out, so its figure
     is not the case's (a stack that refused every request shows 0.0 req/s, ratio 0.000).
     Empty when every point's requests completed."""
@@ -129,7 +140,7 @@ def failed_points(results: Mapping[str, Any]) -> list[str]:
     mixed = results["cases"].get(MIXED)
     if isinstance(mixed, Mapping) and "errors" in mixed:
         points.append(("(d) mixed x8", mixed))
-    out = [f"{name}: errors {dict(row['errors'])}" for name, row in points if row["errors"]]
+    out = [said for name, row in points if (said := _failed(name, row))]
     http = results["cases"].get(HTTP_CASE)
     for part in ("exact_hits", "misses") if isinstance(http, Mapping) else ():
         for row in http.get(part, []):
