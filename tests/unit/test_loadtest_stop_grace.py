@@ -132,8 +132,10 @@ def test_what_the_grace_does_not_see_finish_is_cut_and_counted_apart_from_errors
     errors' (none here: 0), and a warning says what was cut and how to let it finish."""
     target, fake = gateway
     plan = _items("hang", *["fast"] * 5_000)
+    # a grace the fast answers (10 ms) finish in on a loaded machine (0.2 s cut one, 1 of 1
+    # under a parallel run): the hang alone outlasts it
     code, doc = _load(monkeypatch, tmp_path, target, plan, "--concurrency", "2",
-                      "--stop-grace", "0.2")  # fmt: skip
+                      "--stop-grace", "3")  # fmt: skip
     results = doc["results"]
     assert code == 0, (results["errors"], doc["warnings"])
     assert results["errors"] == {} and results["cut_at_deadline"] == 1
@@ -142,7 +144,7 @@ def test_what_the_grace_does_not_see_finish_is_cut_and_counted_apart_from_errors
     assert results["latency_ms"]["all"]["n"] == results["completed"] > 0
     assert "hang" not in [s for s in fake.received[1:]]  # sent once, first
     (said,) = [w for w in doc["warnings"] if "--stop-grace" in w]
-    assert f"1 request still running 0.2 s after --duration's end was cut ({CUT}: " in said
+    assert f"1 request still running 3 s after --duration's end was cut ({CUT}: " in said
     assert "not an error of the Gateway's" in said
 
 
