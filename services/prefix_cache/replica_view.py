@@ -19,12 +19,16 @@ prompt's own blocks, touched again by its prefill, stay). A report of 0 against 
 thus clears what the view held for that replica up to that prefix's last touch. A call
 handed over as stalled where the view predicted it warm (``stalled``: it has no commit, so no
 report) is weaker evidence (a healthy but slow or shared engine stalls too): the view loses
-that prompt's own blocks there, no other's, so a restarted engine costs one stall for each
-prefix it held (each conversation, or each shared system prompt) until its reports correct
-the rest. Only a block the view held when the request arrived (``mark`` at its Plan) is
-evidence: one it learned since (a concurrent request of the same prefix, recorded first) the
-engine may not have held yet when it prefilled this one (vLLM batches them; two WARMs may
-arrive in either order).
+that prompt's own blocks there, no other's, and of those only the ones a lost prefix must
+have taken for the call to stall (``_first_lost_at_stall``: a shared system prompt shorter
+than that stays, as the tenant's other conversations still use it there); so a restarted
+engine costs one stall for each conversation predicted warm there (not one for each shared
+prefix: before, one stall on a healthy slow replica evicted a 1,024-token system prompt ten
+conversations shared, and the other nine went from 1,408 predicted tokens to 0) until its
+reports correct the rest. Only a block the view held when the request arrived (``mark`` at
+its Plan) is evidence: one it learned since (a concurrent request of the same prefix,
+recorded first) the engine may not have held yet when it prefilled this one (vLLM batches
+them; two WARMs may arrive in either order).
 
 The engine counts its reuse in its own tokens (``EngineReuse``, with its count of the whole
 prompt), the view in prefix-cache's (cl100k), and the two differ (a large-vocabulary engine
@@ -245,21 +249,23 @@ class ReplicaViews:
         """A call of this prompt to ``replica``, predicted warm there, stalled before its first
         report and was handed over: the replica may have lost this prompt's prefix (a restarted
         engine, traffic the view did not see), or merely been slow or busy (a stall shows no
-        more), so the view loses this prompt's own blocks there, not (as a report's ``_correct``)
+        more), so the view loses this prompt's own blocks there, from the first one a lost
+        prefix must have taken (``_first_lost_at_stall``) on, not (as a report's ``_correct``)
         every block touched no later: those may be other conversations', other tenants', that a
-        healthy engine still holds. This conversation goes to the replica that took it over
-        anyway (its prefix is warm there now). Only when the prompt's first block was held at
-        the request's Plan (``since``: the replica's ``mark`` then; one learned later, from a
-        concurrent request of the prefix, the engine prefilled again). Such a call has no WARM
+        healthy engine still holds (and so may a prefix shared with them below that block).
+        This conversation goes to the replica that took it over anyway (its prefix is warm
+        there now). Only when the prompt's first block was held at the request's Plan
+        (``since``: the replica's ``mark`` then; one learned later, from a concurrent request
+        of the prefix, the engine prefilled again). Such a call has no WARM
         or FINAL of its own, so no report of the engine would ever correct the view. Returns
         the blocks evicted."""
         view = self._views.get(replica)
         if view is None or reusable_blocks(prompt_tokens) < 1:
             return 0
-        stamps = view.touched(hashes[:1])
+        stamps = view.touched(hashes[: reusable_blocks(prompt_tokens)])
         if not stamps or stamps[0] > since:
             return 0
-        evicted = view.evict(hashes)
+        evicted = view.evict(hashes[_first_lost_at_stall(len(stamps), prompt_tokens) :])
         self.stats.stalls += 1
         self.stats.corrections += 1
         self.stats.corrected_blocks += evicted
@@ -284,6 +290,17 @@ class ReplicaViews:
             tenant, out = self._awaited_order.next_out()
             self._awaited_order.remove(tenant, out)
             self._awaited_blocks -= max(len(self._awaited.pop(out).stamps), 1)
+
+
+def _first_lost_at_stall(held_blocks: int, prompt_tokens: int) -> int:
+    """The first block of a prompt the engine surely lost, if a lost prefix is what stalled a
+    call predicted to reuse its ``held_blocks`` leading blocks: a stall bound of STALL_FACTOR
+    (2) times the warm prefill (P - m tokens, m predicted) is overrun by a prefill of P - h
+    (h held) only if h < 2m - P (the router's floor and queue terms lower that bound further:
+    not known here), so the blocks from there on are lost, those below it may be held (a
+    system prompt the tenant's other conversations share, touched by them)."""
+    held_bound = 2 * held_blocks * BLOCK_SIZE - prompt_tokens
+    return max(held_bound, 0) // BLOCK_SIZE
 
 
 def _first_lost(reused: int, doubt: int, predicted: int) -> int | None:

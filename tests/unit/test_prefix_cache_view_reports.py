@@ -10,6 +10,7 @@ import pytest
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.clock import ManualClock
+from services.common.kv_blocks import BLOCK_SIZE
 from services.common.metrics import new_registry
 from services.common.models import load_model_table
 from services.common.prompt import canonical_blocks, prompt_token_ids
@@ -267,16 +268,21 @@ async def test_a_call_stalled_where_the_plan_predicted_warm_clears_what_the_engi
     """A restarted llama-server (its KV cache gone) predicted warm: the request's call there
     stalls in a cold prefill and is handed over, so it makes no commit and its engine's report
     never reaches the view. The WARM of the replica that answered names it: the view takes
-    that as a report of nothing reused there (before, it kept predicting the replica warm)."""
+    that as a report of the blocks a lost prefix must have taken for the call to stall gone
+    there (before, it kept predicting the replica warm): with m of P tokens predicted warm,
+    those from 2m - P on (a cold prefill of fewer held tokens overruns twice the warm one's)."""
     rig = Rig(tokenizer)
     await rig.turn("a1", AGENT, "Order 1?", "a", 0)
     await rig.turn("f1", FAQ, "Hours?", "a", 0)  # touched after the agent's prefix
     await rig.turn("x1", FAQ, "Hours?", "b", 0)
-    assert (await rig.warmth(AGENT, "Order 2?"))["a"] > 0
+    plan = await rig.core.plan("t", MODEL, _ask(AGENT, "Order 2?"), ["a", "b"])
+    predicted = {c.replica: c.warm_prefix_tokens for c in plan.candidates}["a"]
+    assert predicted > plan.prompt.plan.prompt_tokens / 2  # a stall the router names
     await _stalled_then_answered(rig, "a2", "Order 2?", ["a"])
     assert rig.views.stats.stalls == 1 and rig.views.stats.corrections == 1
-    warmth = await rig.warmth(AGENT, "Order 3?")
-    assert warmth["a"] == 0 and warmth["b"] > 0  # a lost it, b prefilled it
+    kept = (2 * predicted - plan.prompt.plan.prompt_tokens) // BLOCK_SIZE * BLOCK_SIZE
+    warmth = await rig.warmth(AGENT, "Order 3?")  # the same system prompt
+    assert warmth["a"] == kept < predicted and warmth["b"] > 0  # a lost its tail, b took it
     assert (await rig.warmth(FAQ, "Hours?"))["a"] > 0  # touched after it: no evidence (LRU)
     evicted = rig.views.stats.corrected_blocks
     assert evicted > 0
@@ -299,13 +305,38 @@ async def test_a_stall_evicts_the_stalled_prompts_blocks_only_not_what_was_touch
     await rig.turn("c1", FAQ, "Hours?", "a", None, tenant="C")
     await rig.turn("a1", AGENT, "Order 1?", "a", None)  # touched after C's prefix
     before = (await rig.warmth(FAQ, "Returns?", tenant="C"))["a"]
+    agent = (await rig.warmth(AGENT, "Order 2?"))["a"]
     assert before > 0
     await _stalled_then_answered(rig, "a2", "Order 2?", ["a"])
     assert rig.views.stats.stalls == 1
-    assert (await rig.warmth(AGENT, "Order 3?"))["a"] == 0
+    assert (await rig.warmth(AGENT, "Order 2?"))["a"] < agent  # its tail went
     assert (await rig.warmth(FAQ, "Returns?", tenant="C"))["a"] == before
     read = await rig.turn("c2", FAQ, "Returns?", "a", None, tenant="C")
     assert read.read_tokens == before  # billed as its own traffic warmed it
+
+
+def test_a_stall_keeps_a_system_prompt_the_tenants_other_conversations_share() -> None:
+    """A stall from a lost prefix means the engine held fewer than 2m - P of the prompt's P
+    tokens (m predicted warm): only the blocks from there on are shown lost. Before, one
+    stall of ten conversations sharing a 1,024-token system prompt, on a healthy but slow
+    replica, evicted the whole prompt (89 blocks), and the other nine went from 1,408 tokens
+    predicted warm there to 0 (billed cold: a self-hosted read is capped by the view)."""
+    views = ReplicaViews(100_000)
+    system = list(range(1000, 1000 + 1024))
+    convs = [system + [50_000 + c * 1000 + i for i in range(400)] for c in range(10)]
+    hashes = [views.hashes("T", MODEL, ids) for ids in convs]
+    for ids, h in zip(convs, hashes, strict=True):
+        views.record("a", h, len(ids), None)
+    mark = views.mark("a")
+    assert [views.match("a", h, 1424) for h in hashes] == [1408] * 10
+    assert views.stalled("a", hashes[0], 1424, mark) == 2  # 2 * 1,408 - 1,424 = 1,392 on
+    assert views.match("a", hashes[0], 1424) == 1392
+    assert [views.match("a", h, 1424) for h in hashes[1:]] == [1408] * 9
+    # its next stall there (the prediction 1,392: the engine held under 1,360) takes more
+    assert views.stalled("a", hashes[0], 1424, views.mark("a")) == 2
+    assert views.match("a", hashes[0], 1424) == 1360
+    assert [views.match("a", h, 1424) for h in hashes[1:]] == [1408] * 9
+    assert views.stats.stalls == 2 and views.stats.corrected_blocks == 4
 
 
 async def test_a_stall_without_the_plan_held_or_on_a_replica_learned_since_evicts_nothing(
