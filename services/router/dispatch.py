@@ -393,6 +393,12 @@ class Dispatcher:
                 opened_at = self._clock()
                 arrived_ms = self._wall.now_ms()  # when the provider looks its cache up
                 needs_s = self._chooser.predicted_ttft_s(wanted, replica, match, opened_at)
+                # the same with nothing warm there: whether a lost prefix explains a stall
+                cold_s = (
+                    self._chooser.predicted_ttft_s(wanted, replica, 0, opened_at)
+                    if match
+                    else needs_s
+                )
                 handover_s = self._handover_s(spec, wanted, replica, needs_s, timeout_s)
                 # a tier's last replica is the request's last unless a later tier could take
                 # the request over: one with a replica left, asked at the stall whether its
@@ -473,11 +479,13 @@ class Dispatcher:
                     own_stall = isinstance(exc, _Stalled) and not self.loads.slots_taken(replica)
                     if own_stall:  # its rate is at most what it showed
                         self.loads.stalled(replica, ticket, self._clock())
-                    if own_stall and lost_prefix_explains_stall(match, prompt_tokens):
+                    if own_stall and lost_prefix_explains_stall(
+                        match, prompt_tokens, needs_s, cold_s
+                    ):
                         # predicted warm, no first report long past that prefill, and a cold
-                        # prefill explains it: its engine may not hold the prefix (a restart,
-                        # unseen traffic), and this call makes no commit whose report would
-                        # tell the view so
+                        # prefill there would itself have stalled: its engine may not hold the
+                        # prefix (a restart, unseen traffic), and this call makes no commit
+                        # whose report would tell the view so
                         stalled_warm.append(replica)
                     blamed = True
                     if exc.code == Code.DEADLINE_EXCEEDED:

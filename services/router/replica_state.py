@@ -98,15 +98,26 @@ def stalled_after_s(predicted_s: float) -> float:
     return STALL_FACTOR * predicted_s + STALL_FLOOR_S
 
 
-def lost_prefix_explains_stall(match_tokens: int, prompt_tokens: int) -> bool:
+def lost_prefix_explains_stall(
+    match_tokens: int, prompt_tokens: int, predicted_s: float, cold_s: float
+) -> bool:
     """Whether a stall of a call predicted to reuse ``match_tokens`` of its ``prompt_tokens``
-    could come of the replica having lost that prefix: a cold prefill of the whole prompt
-    overruns ``stalled_after_s`` of the warm one's only when the predicted share is above
-    ``1 - 1 / STALL_FACTOR`` (half): P / r > STALL_FACTOR * (P - m) / r + STALL_FLOOR_S needs
-    m > P * (1 - 1 / STALL_FACTOR), whatever the rate r (queued prefill ahead of it, which a
-    cold cache does not lengthen, only raises the bar). Below it the stall says the engine was
-    slow or busy, not that it lost the prefix (a Plan predicting 16 of 2,000 tokens warm)."""
-    return match_tokens > 0 and match_tokens * STALL_FACTOR > prompt_tokens * (STALL_FACTOR - 1)
+    (its time to first token predicted ``predicted_s``) could come of the replica having lost
+    that prefix: only if ``cold_s``, the same prediction (rate, queue ahead) with nothing
+    warm, overruns ``stalled_after_s(predicted_s)``, i.e. a cold prefill there would itself
+    stall. That needs a predicted share above ``1 - 1 / STALL_FACTOR`` (half): P / r >
+    STALL_FACTOR * (P - m) / r + STALL_FLOOR_S needs m > P * (1 - 1 / STALL_FACTOR), whatever
+    the rate r, and is checked too (the queue ahead, which a cold cache does not lengthen,
+    only raises the bar); but on a fast engine the floor and the queue ahead are more than a
+    cold prefill takes (8,000 tokens/s, 3,600 of 4,000 warm: 0.50 s cold against a bound of
+    1.10 s). Otherwise the stall says the engine was slow or busy, not that it lost the prefix
+    (a Plan predicting 16 of 2,000 tokens warm), and naming it would evict what it holds from
+    prefix-cache's view."""
+    return (
+        match_tokens > 0
+        and match_tokens * STALL_FACTOR > prompt_tokens * (STALL_FACTOR - 1)
+        and cold_s > stalled_after_s(predicted_s)
+    )
 
 
 @dataclass

@@ -929,12 +929,16 @@ def test_a_call_stalled_where_it_was_predicted_warm_is_named_in_the_next_replica
     assert list(warms[0].stalled_warm_replicas) == (["large-1"] if warm else [])
 
 
-@pytest.mark.parametrize("warm", [16, 1000, 1008])
+@pytest.mark.parametrize("warm", [16, 1000, 1008, 1024])
 def test_a_stall_is_named_only_where_a_lost_prefix_explains_it(fast_stall: None, warm: int) -> None:
     """A cold prefill of the whole prompt overruns the stall bound (STALL_FACTOR times the
-    warm one's) only when more than half of the prompt was predicted warm: a replica
-    predicted to reuse 16 (or 1,000) of 2,000 tokens whose call stalls was slow or busy, not
-    shown to have lost the prefix, and naming it would evict what it holds from the view."""
+    warm one's, plus the floor) only when more than half of the prompt was predicted warm,
+    and by more than the floor at the replica's rate: a replica predicted to reuse 16 (or
+    1,000) of 2,000 tokens whose call stalls was slow or busy, not shown to have lost the
+    prefix, and naming it would evict what it holds from the view. At 1,008 a cold prefill
+    (0.500 s at sim-large's 4,000 tokens/s) stays under the bound (2 * 0.248 + 0.01 s: the
+    16 tokens over half take 4 ms, the floor 10 ms), so it is not named either (it was, by the
+    half share alone); at 1,024 it overruns it (0.500 s > 0.498 s)."""
     clock = Clock()
     view = ViewOf(warm)
 
@@ -952,7 +956,7 @@ def test_a_stall_is_named_only_where_a_lost_prefix_explains_it(fast_stall: None,
     run_on_clock(clock, scenario)
     warms = [c for c in view.commits if c.phase == pc.COMMIT_PHASE_WARM]
     assert [w.replica for w in warms] == ["large-2"]
-    assert list(warms[0].stalled_warm_replicas) == (["large-1"] if warm > 1000 else [])
+    assert list(warms[0].stalled_warm_replicas) == (["large-1"] if warm > 1008 else [])
 
 
 @dataclass

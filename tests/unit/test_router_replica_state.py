@@ -6,7 +6,11 @@ import pytest
 from pydantic import ValidationError
 
 from services.common.models import ModelSpec, load_model_table
-from services.router.replica_state import MIN_SAMPLE_TOKENS, ReplicaStates
+from services.router.replica_state import (
+    MIN_SAMPLE_TOKENS,
+    ReplicaStates,
+    lost_prefix_explains_stall,
+)
 
 A, B, C = b"a" * 32, b"b" * 32, b"c" * 32
 
@@ -204,6 +208,30 @@ def test_left_prefills_end_one_by_one() -> None:
     assert states.queued_s("r", 1_000.0, now=1.5) == pytest.approx(1.5)
     assert states.queued_requests("r") == 1
     assert states.queued_s("r", 1_000.0, now=3.0) == 0.0 and states.queued_requests("r") == 0
+
+
+def _explains(rate: float, prompt: int, warm: int, queued_s: float = 0.0) -> bool:
+    """``lost_prefix_explains_stall`` with the predictions the chooser makes at ``rate``
+    (tokens/s) with ``queued_s`` of prefill ahead: warm (``warm`` tokens reused) and cold."""
+    return lost_prefix_explains_stall(
+        warm, prompt, queued_s + (prompt - warm) / rate, queued_s + prompt / rate
+    )
+
+
+def test_a_stall_is_laid_to_a_lost_prefix_only_where_a_cold_prefill_would_itself_stall() -> None:
+    """Over half the prompt predicted warm is needed, not enough: the stall bound's floor (1 s)
+    and the queue ahead count too. On a fast engine a lost prefix cannot cause a stall (8,000
+    tokens/s, 3,600 of 4,000 warm: a cold prefill 0.50 s against a bound of 1.10 s), and the
+    replica was named all the same, its blocks evicted from prefix-cache's view; on the
+    restart test's CPU engine (140 tokens/s, 288 of 340 warm) a cold prefill takes 2.43 s
+    against 1.74 s: named."""
+    assert not _explains(8_000.0, 4_000, 3_600)
+    assert not _explains(8_000.0, 2_000, 1_900)
+    assert _explains(140.0, 340, 288)
+    assert not _explains(140.0, 340, 288, queued_s=1.0)  # 3.43 s cold, bound 3.74 s
+    assert _explains(1_000.0, 10_000, 9_000)  # 10 s cold, bound 3 s
+    assert not _explains(1.0, 2_000, 1_000)  # half, not over: 2,000 s cold, bound 2,001 s
+    assert not _explains(1_000.0, 2_000, 0)  # nothing predicted warm: nothing lost
 
 
 def test_a_stalled_call_bounds_the_replicas_rate_by_what_it_showed() -> None:
