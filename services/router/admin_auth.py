@@ -12,8 +12,14 @@ digests with ``hmac.compare_digest``, so its time tells nothing of the token or 
 A call refused for its credential (``AuthFailures``) is counted by reason
 (``cachemesh_router_admin_auth_failures_total``) and logged at WARNING with the caller's
 address and the method, never the token nor a piece of it: at most one line every
-``AUTH_FAILED_LOG_EVERY_MS`` a reason, saying how many were not logged (a brute force would
-otherwise be a line a guess), the first at once.
+``AUTH_FAILED_LOG_EVERY_MS`` a reason and caller's host (the peer's address without its
+port), saying how many were not logged (a brute force would otherwise be a line a guess), the
+first at once. Up to ``AUTH_FAILED_HOSTS`` hosts are tracked a reason (one that has not
+failed for a window gives its place to a new one); the failures from the others share one line an
+interval, which says how many addresses they came from. Before, the line was throttled by
+reason alone: a misconfigured client failing once a window took each window's line, and a
+brute force from another address (1,503 failures) was never named in any. Behind an L7 proxy
+(a load balancer ending TLS) the peer is the proxy, so its lines name the proxy.
 """
 
 from __future__ import annotations
@@ -21,11 +27,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Literal
 
 from services.common.auth import INTERNAL_TOKEN
-from services.common.clock import SecondsClock, Throttles, suppressed
 from services.common.env import ConfigError, Env
 
 log = logging.getLogger("cachemesh.admin")
@@ -34,6 +41,10 @@ TOKEN_VAR = "CACHEMESH_ADMIN_TOKEN"
 FILE_VAR = "CACHEMESH_ADMIN_TOKEN_FILE"
 MIN_LENGTH = 16
 AUTH_FAILED_LOG_EVERY_MS = 10_000
+# the callers' hosts a reason's lines are throttled by, each its own; beyond, one line for all
+AUTH_FAILED_HOSTS = 32
+# the most distinct addresses counted for the line of the hosts beyond those (then "at least")
+AUTH_FAILED_OTHER_ADDRESSES = 1024
 # why a call's credential was refused (``cachemesh_router_admin_auth_failures_total``'s reason)
 Reason = Literal["missing", "wrong", "ambiguous"]
 REASONS: tuple[Reason, ...] = ("missing", "wrong", "ambiguous")
@@ -84,23 +95,101 @@ def admin_credential_from_env(env: Env, internal_token: str) -> AdminCredential 
     return credential
 
 
+def peer_host(peer: str) -> str:
+    """A gRPC peer (``ipv4:10.0.0.9:40000``, ``ipv6:[::1]:5000``) without its port: a
+    caller's connections come from many ports. Another form (``unix:...``) as it is."""
+    if peer.startswith("ipv6:[") and "]" in peer:
+        return peer[: peer.index("]") + 1]
+    if peer.startswith("ipv4:") and peer.count(":") == 2:
+        return peer.rsplit(":", 1)[0]
+    return peer
+
+
+@dataclass
+class _Window:
+    """The failures of one reason from one host (or from the hosts beyond those tracked) since
+    its last line."""
+
+    last_ms: int | None = None  # its last line's time (None: none yet)
+    seen_ms: int = 0  # its last failure's time
+    pending: int = 0  # failures since then, the one to log included
+    hosts: set[str] = field(default_factory=set)  # their distinct hosts (the others' line)
+
+
 class AuthFailures:
     """Admin calls refused for their credential: each counted (``counted``, by reason) and
     logged at WARNING naming the caller's address and the method (never the token), at most
-    one line every ``AUTH_FAILED_LOG_EVERY_MS`` a reason (``clock``: seconds, monotonic)."""
+    one line every ``AUTH_FAILED_LOG_EVERY_MS`` a reason and host, for up to
+    ``AUTH_FAILED_HOSTS`` hosts a reason, and one for the hosts beyond them (``clock``:
+    seconds, monotonic)."""
 
     def __init__(self, clock: Callable[[], float], counted: Callable[[Reason], None]) -> None:
-        self._lines = Throttles(SecondsClock(clock), AUTH_FAILED_LOG_EVERY_MS)
+        self._clock = clock
         self._counted = counted
+        # a reason's tracked hosts, the least recently failed first
+        self._hosts: dict[Reason, OrderedDict[str, _Window]] = {r: OrderedDict() for r in REASONS}
+        self._others: dict[Reason, _Window] = {r: _Window() for r in REASONS}
 
     def failed(self, reason: Reason, method: str, peer: str) -> None:
         self._counted(reason)
-        due = self._lines.due(reason)
-        if due:
-            log.warning(
-                "admin: %s refused UNAUTHENTICATED: %s, from %s%s",
-                method,
-                _SAID[reason],
-                peer,
-                suppressed(due, AUTH_FAILED_LOG_EVERY_MS),
-            )
+        now = round(self._clock() * 1000)
+        host = peer_host(peer)
+        hosts = self._hosts[reason]
+        window = hosts.get(host)
+        if window is None and self._room(hosts, now):
+            window = hosts[host] = _Window()
+        if window is not None:
+            hosts.move_to_end(host)
+        else:
+            window = self._others[reason]
+            if len(window.hosts) < AUTH_FAILED_OTHER_ADDRESSES:
+                window.hosts.add(host)
+        window.pending += 1
+        window.seen_ms = now
+        if window.last_ms is not None and now - window.last_ms < AUTH_FAILED_LOG_EVERY_MS:
+            return
+        due, addresses = window.pending, len(window.hosts)
+        window.last_ms, window.pending = now, 0
+        window.hosts.clear()
+        beyond = window is self._others[reason]
+        log.warning(
+            "admin: %s refused UNAUTHENTICATED: %s, from %s%s",
+            method,
+            _SAID[reason],
+            peer,
+            _suppressed(due, addresses, beyond),
+        )
+
+    @staticmethod
+    def _room(hosts: OrderedDict[str, _Window], now: int) -> bool:
+        """Whether a new host can be tracked: fewer than ``AUTH_FAILED_HOSTS`` are, or the
+        least recently failed one has not failed for a window (it gives its place, its count
+        of failures not logged dropped as a throttled line's is when no failure follows; it
+        is counted in the metric; failing again, it is logged at once, as a new host is)."""
+        if len(hosts) < AUTH_FAILED_HOSTS:
+            return True
+        oldest, window = next(iter(hosts.items()))
+        if now - window.seen_ms < AUTH_FAILED_LOG_EVERY_MS:
+            return False
+        del hosts[oldest]
+        return True
+
+
+def _suppressed(due: int, addresses: int, beyond: bool) -> str:
+    """What a line adds: for a tracked host, how many of its failures were not logged; for
+    the hosts beyond them, also from how many distinct addresses (hosts) they and it came."""
+    every = f"{AUTH_FAILED_LOG_EVERY_MS / 1000:g}"
+    if not beyond:
+        if due <= 1:
+            return ""
+        return f" ({due - 1} more since the last such line, not logged: one line a {every} s)"
+    if due <= 1:
+        return f" (an address beyond the {AUTH_FAILED_HOSTS} tracked)"
+    many = f"{addresses:,}"
+    if addresses >= AUTH_FAILED_OTHER_ADDRESSES:
+        many = f"at least {many}"
+    return (
+        f" ({due - 1} more since the last such line from the addresses beyond the "
+        f"{AUTH_FAILED_HOSTS} tracked, not logged, {many} distinct with this one: one line a "
+        f"{every} s)"
+    )

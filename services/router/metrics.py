@@ -102,7 +102,7 @@ table, tiers, layers, gRPC status names, and reasons from closed sets):
   UNAUTHENTICATED for their credential (``missing``: no bearer token, ``wrong``, ``ambiguous``:
   more than one authorization header), each reason at 0 from the start; a brute force shows
   here, and in a WARNING line (the caller's address and the method, never the token) at most
-  once every 10 s a reason (``admin_auth.AuthFailures``);
+  once every 10 s a reason and caller's host (``admin_auth.AuthFailures``);
 - OpenTelemetry's GenAI client metrics on the model calls (the ``chat <model>`` spans):
   ``gen_ai_client_token_usage{gen_ai_operation_name,gen_ai_provider_name,
   gen_ai_request_model,gen_ai_response_model,gen_ai_token_type}`` (input = the whole prompt,
