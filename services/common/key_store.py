@@ -43,6 +43,8 @@ from services.common.polled_file import FileSource, PolledFile, Start, in_a_thre
 log = logging.getLogger("cachemesh.keys")
 
 MAX_NAME = 128
+# a change's stamp is at least this after the key's latest (``KeyStore._stamp``)
+STAMP_STEP_S = 1e-6
 
 
 class KeyStoreError(ValueError):
@@ -164,7 +166,10 @@ class KeyStore:
         return record, key
 
     def revoke(self, key_id: str) -> KeyRecord:
-        return self._change(key_id, lambda record: record.revoked(self._wall()))
+        """The key ``key_id`` is refused from now on, stamped after its latest stamp (``_stamp``:
+        a router whose clock is behind the one that rotated it does not date the revocation
+        before the rotation); revoked already: as it was."""
+        return self._change(key_id, lambda record: record.revoked(self._stamp(record)))
 
     def rotate(self, key_id: str) -> tuple[KeyRecord, str]:
         """The key ``key_id`` gets a new secret; the old one is refused from now on.
@@ -173,14 +178,16 @@ class KeyStore:
         succeed, one after the other under the file's lock: the last one written wins, and
         the other's new key is refused from then on, as after any later rotation. Each is
         stamped under that lock (a stamp taken before it, as it was, gave the losing key the
-        later ``rotated_at`` in 7 of 20 races), so the key in force has the latest
+        later ``rotated_at`` in 7 of 20 races) and after the record's latest stamp
+        (``_stamp``: routers' clocks differ, and one 2 s behind the other, rotating second,
+        stamped the key in force 2 s before the dead one), so the key in force has the latest
         ``rotated_at``: a caller whose ``rotated_at`` is not ListKeys' holds a dead key."""
         issued: list[str] = []
 
         def rotated(record: KeyRecord) -> KeyRecord:
             if not record.active:
                 raise KeyRevoked(f"key {key_id} is revoked: create a new key instead")
-            now = self._wall()  # under the file's lock: stamps in the order written
+            now = self._stamp(record)  # under the file's lock: stamps in the order written
             fresh, key = issue(record.tenant, record.name, now)
             issued.append(key)
             return KeyRecord(
@@ -196,6 +203,13 @@ class KeyStore:
         return record, issued[-1]
 
     # --- inside -----------------------------------------------------------------------------
+    def _stamp(self, record: KeyRecord) -> float:
+        """The time of a change of ``record`` (under the file's lock): this router's clock, but
+        after the record's latest stamp, which another router's clock, maybe ahead, wrote, so
+        that stamps follow the order the changes were written in."""
+        latest = max(record.created_at or 0.0, record.rotated_at or 0.0)
+        return max(self._wall(), latest + STAMP_STEP_S)
+
     def _change(self, key_id: str, change: Callable[[KeyRecord], KeyRecord]) -> KeyRecord:
         changed: list[KeyRecord] = []
 

@@ -147,6 +147,27 @@ def test_of_two_rotations_at_once_the_key_in_force_has_the_latest_rotated_at(
     assert dead[0].rotated_at < in_force[0].rotated_at, (dead[0], in_force[0])
 
 
+def test_the_key_in_force_has_the_latest_rotated_at_whatever_the_routers_clocks(
+    tmp_path: Path,
+) -> None:
+    """Router A's clock is 2 s ahead of B's: A rotates, then B. B's key is in force (the last
+    written), and was stamped 2 s before A's dead one, so "the key in force has the latest
+    rotated_at" was false. Now a change is stamped after the key's latest stamp: B's rotation
+    just after A's, and a revocation by B after both."""
+    _legacy(tmp_path / "keys", acme=new_api_key())
+    a = KeyStore(KeyFile(tmp_path / "keys"), Clock(), lambda: 1_700_000_002.0, 0.25, start=_inline)
+    b = KeyStore(KeyFile(tmp_path / "keys"), Clock(), lambda: 1_700_000_000.1, 0.25, start=_inline)
+    key_id = a.records()[0].id
+    (ra, ka), (rb, kb) = a.rotate(key_id), b.rotate(key_id)
+    reader = _store(tmp_path / "keys", Clock())
+    assert reader.tenant_for(ka) is None and reader.tenant_for(kb) == "acme"
+    assert ra.rotated_at == 1_700_000_002.0  # its own clock: ahead of the record's stamps
+    assert rb.rotated_at is not None and ra.rotated_at < rb.rotated_at < ra.rotated_at + 0.001
+    assert reader.records()[0].rotated_at == rb.rotated_at
+    revoked = b.revoke(key_id)
+    assert revoked.revoked_at is not None and revoked.revoked_at > rb.rotated_at
+
+
 def test_concurrent_writers_lose_no_change(tmp_path: Path) -> None:
     """Eight stores (each its own open file, as eight routers) create keys at once."""
     _legacy(tmp_path / "keys", acme=new_api_key())
