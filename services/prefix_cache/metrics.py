@@ -25,8 +25,8 @@ returns the same bill and counts nothing):
   corrections (``ReplicaViews``) and the blocks they evicted: ``report``, a self-hosted
   engine's report of less reuse than predicted (the blocks touched no later go), ``stall``, a
   call handed over as stalled from a replica predicted warm (``stalled_warm_replicas``: that
-  prompt's blocks go). Many ``stall`` corrections on one model: a restarted or overloaded
-  engine;
+  prompt's blocks from the first a lost prefix must have taken on go). Many ``stall``
+  corrections on one model: a restarted or overloaded engine;
 - ``cachemesh_prefix_cache_redis_pool_exhausted_total``: calls refused UNAVAILABLE because
   none of the process's Redis connections (PREFIX_CACHE_REDIS_MAX_CONNECTIONS) came free in
   time. Redis may be answering: the service's health (a PING over a connection of its own)
