@@ -41,7 +41,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.trace import SpanContext
 
-from services.common.clock import Clock, MonotonicClock, Throttle
+from services.common.clock import Clock, MonotonicClock
 from services.common.env import redacted_url
 
 log = logging.getLogger(__name__)
@@ -309,9 +309,9 @@ class ExportHealth(logging.Filter):
     try), again when a later export fails for another cause (``_cause``: UNAVAILABLE, then
     UNAUTHENTICATED, the new cause was never said), and that spans are dropped at a full
     queue (``dropped``, counted by ``_BatchSpans``, which drops them itself: at the first, then
-    at most every ``DROPPED_LINE_EVERY_S``); then once that it takes them again, with how many
-    exports failed and spans were dropped meanwhile. ``totals``: both counts since the start
-    (``cachemesh_spans_dropped_total``).
+    at most every ``DROPPED_LINE_EVERY_S`` while no outage is said); then once that it takes
+    them again, with how many exports failed and spans were dropped meanwhile. ``totals``:
+    both counts since the start (``cachemesh_spans_dropped_total``).
     A status no retry mends (``REFUSALS``) is an ERROR naming the headers and TLS. Requests
     never wait on it: the batch processor's queue (``OTEL_BSP_MAX_QUEUE_SIZE``) bounds what is
     held."""
@@ -345,7 +345,11 @@ class ExportHealth(logging.Filter):
         # since the start, for the metrics (``totals``): never reset
         self._queue_full_total = 0
         self._export_failed_total = 0  # the spans of the exports that failed
-        self._drop_lines = Throttle(clock or MonotonicClock(), int(DROPPED_LINE_EVERY_S * 1000))
+        # the queue-full line: when it was last said (None: never), and the spans dropped at
+        # the full queue since a line last counted them (it, or the collector's return's)
+        self._clock = clock or MonotonicClock()
+        self._drop_line_ms: int | None = None
+        self._drops_uncounted = 0
         self._export_thread: int | None = None  # the thread of our export, while it runs
 
     def install(self) -> None:
@@ -398,21 +402,30 @@ class ExportHealth(logging.Filter):
 
     def dropped(self) -> None:
         """A span dropped at the full queue (its batch processor's count): said at the first,
-        then at most once every ``DROPPED_LINE_EVERY_S`` while spans are dropped."""
+        then at most once every ``DROPPED_LINE_EVERY_S`` while spans are dropped, but not
+        during an outage already said: its line says spans are dropped, and the collector's
+        return counts those dropped at the full queue meanwhile (a line a minute a service
+        otherwise, for as long as the collector is down)."""
         with self._lock:
             self._dropped_spans += 1
             self._queue_full_total += 1
-            since = self._drop_lines.due()
-        if since:
-            log.warning(
-                "tracing: the span queue is full (OTEL_BSP_MAX_QUEUE_SIZE), the collector at "
-                "%s not taking spans as fast as they end: spans are dropped, %d since this was "
-                "last said (cachemesh_spans_dropped_total; said again at most every %.0f s "
-                "while it lasts)",
-                self._endpoint,
-                since,
-                DROPPED_LINE_EVERY_S,
-            )
+            self._drops_uncounted += 1
+            if self._failing:
+                return
+            now, last = self._clock.now_ms(), self._drop_line_ms
+            if last is not None and now - last < DROPPED_LINE_EVERY_S * 1000:
+                return
+            since, self._drops_uncounted = self._drops_uncounted, 0
+            self._drop_line_ms = now
+        counted = "" if last is None else f", {since} since the last count of them said"
+        log.warning(
+            "tracing: the span queue is full (OTEL_BSP_MAX_QUEUE_SIZE), the collector at %s "
+            "not taking spans as fast as they end: spans are dropped%s "
+            "(cachemesh_spans_dropped_total; said again at most every %.0f s while it lasts)",
+            self._endpoint,
+            counted,
+            DROPPED_LINE_EVERY_S,
+        )
 
     def exported(self, taken: bool, spans: int) -> None:
         """An export's outcome (``spans`` in it): the first failure of an outage, a failure
@@ -444,6 +457,8 @@ class ExportHealth(logging.Filter):
                 )
                 self._failing, self._said = False, ""
                 self._failed_exports = self._lost_spans = self._dropped_spans = 0
+                # counted by the line below: not again by the next queue-full line
+                self._drops_uncounted = 0
         if taken:
             log.warning(
                 "tracing: the collector at %s takes spans again; dropped meanwhile: %d spans "

@@ -8,6 +8,7 @@ stopped mid-run, and a receiver that never answers."""
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 
@@ -129,7 +130,8 @@ def test_the_dropped_spans_line_is_said_again_while_they_go_on_at_most_once_a_wh
 
     try:
         burst(20)
-        assert len(lines()) == 1 and "1 since this was last said" in lines()[0], lines()
+        # the first line ever: no count "since" a line never said
+        assert len(lines()) == 1 and "spans are dropped (" in lines()[0], lines()
         first = _dropped(registry)["queue_full"]
         burst(20)  # within the interval: counted, not said
         assert len(lines()) == 1, lines()
@@ -139,7 +141,7 @@ def test_the_dropped_spans_line_is_said_again_while_they_go_on_at_most_once_a_wh
         burst(20)  # the export still held: each span dropped, the first said
         assert len(lines()) == 2, lines()
         # every drop since the first line's, this burst's first included
-        assert f", {int(before)} since this was last said" in lines()[1], lines()
+        assert f", {int(before)} since the last count of them said" in lines()[1], lines()
         assert hole.endpoint in lines()[1]
         clock.advance(s=DROPPED_LINE_EVERY_S - 1)
         burst(5)
@@ -169,3 +171,56 @@ def test_the_outages_figure_counts_the_outages_drops_only(
         "dropped meanwhile: 4 spans in 1 exports it did not take, 3 at a full queue"
     ), back
     assert health.totals() == (8, 4)  # the metrics' counts are since the start
+
+
+def _queue_full_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "span queue is full" in r.getMessage()]
+
+
+def test_the_outages_drops_once_counted_on_its_end_are_not_counted_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The queue-full line's count "since" kept an outage's drops its end had counted: an
+    outage dropping 500, its end saying 500, and a 3-span burst an hour later said "502 since"
+    (the clock injected)."""
+    caplog.set_level(logging.INFO)
+    clock = ManualClock()
+    health = ExportHealth("http://127.0.0.1:4317", clock=clock)
+    health.dropped()  # a burst's first drop, said
+    health.exported(False, 4)  # an outage
+    for _ in range(500):
+        health.dropped()
+    health.exported(True, 4)  # back: its line counts the outage's drops
+    back = [r.getMessage() for r in caplog.records if "takes spans again" in r.getMessage()]
+    assert len(back) == 1 and back[0].endswith("501 at a full queue"), back
+    clock.advance(s=3600)
+    for _ in range(3):
+        health.dropped()
+    lines = _queue_full_lines(caplog)
+    assert len(lines) == 2, lines
+    # the burst's first drop, this line's own: none of the outage's
+    assert [int(n) for n in re.findall(r", (\d+) since", lines[1])] == [1], lines
+    assert health.totals() == (504, 4)
+
+
+def test_an_outage_already_said_does_not_repeat_the_queue_full_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """During an outage the queue-full line came again every minute (60 WARNINGs an hour a
+    service) beside the outage's own line, which says spans are dropped; its end counts them.
+    Outside an outage, it is said again once the interval has passed."""
+    caplog.set_level(logging.INFO)
+    clock = ManualClock()
+    health = ExportHealth("http://127.0.0.1:4317", clock=clock)
+    health.dropped()
+    assert len(_queue_full_lines(caplog)) == 1
+    health.exported(False, 4)  # an outage, said
+    for _ in range(60):  # an hour of it, a drop a minute
+        clock.advance(s=DROPPED_LINE_EVERY_S)
+        health.dropped()
+    assert len(_queue_full_lines(caplog)) == 1, _queue_full_lines(caplog)
+    health.exported(True, 4)
+    clock.advance(s=DROPPED_LINE_EVERY_S)
+    health.dropped()  # no outage: said again
+    lines = _queue_full_lines(caplog)
+    assert len(lines) == 2 and ", 1 since the last count of them said" in lines[1], lines
