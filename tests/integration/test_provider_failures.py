@@ -627,10 +627,14 @@ def test_a_provider_that_hangs_is_cut_at_the_deadline(providers: ProviderStack) 
     question = f"Hang {uuid.uuid4().hex[:6]}"
     request = ask("claude-sonnet-4-5", question)
     request.request_id = uuid.uuid4().hex
-    with _client(providers, max_attempts=1) as client:
+    # a client deadline 3 s past the router's: long enough that only the router's deadline
+    # (MODEL_TIMEOUT_S) cuts the call, short enough that a router holding its refusal back
+    # after it (a wait, another try) is cut by the client's own deadline first
+    with _client(providers, max_attempts=1, timeout_s=MODEL_TIMEOUT_S + 3) as client:
         error = _refused(providers, client, request)
-    # not a hang: the router's refusal (UNAVAILABLE) came, not the client's own 120 s deadline
-    assert error.code == grpc.StatusCode.UNAVAILABLE
+    # answered at the router's deadline, by order: the router's refusal (UNAVAILABLE) reached
+    # the client before its own deadline (DEADLINE_EXCEEDED)
+    assert error.code == grpc.StatusCode.UNAVAILABLE, error
     assert f"DEADLINE_EXCEEDED (no answer within {MODEL_TIMEOUT_S:.1f} s)" in str(error)
     # one replica, one deadline (by cause and count, not by real time): one provider call, and
     # the router's one model call, given the router's deadline, ended at it
@@ -653,6 +657,11 @@ def test_a_provider_that_hangs_is_cut_at_the_deadline(providers: ProviderStack) 
 # (MODEL_TIMEOUT_S, 4 s), so that only the client's deadline, carried down to the model replica,
 # can tell the replica how long it has.
 CLIENT_DEADLINE_S = 2.0
+# When the loopback answers a hung provider call still open: after the client's deadline,
+# before the router's. The replica, told the client's 2 s less the router's margin, cuts it
+# about 1.9 s after it came (1.6 s to spare on a loaded machine); one holding it to the
+# router's 4 s (or an SDK timeout of its own) is answered first.
+HANG_ANSWER_S = MODEL_TIMEOUT_S - 0.5
 # A retry-after the router's 4 s would let the replica wait for, but the client's 2 s does not
 # (5 s, beyond both, was refused at once before the deadline was carried down too).
 RETRY_AFTER_S = 3
@@ -733,7 +742,10 @@ def test_a_provider_that_hangs_is_cut_at_the_clients_deadline(providers: Provide
     """A client deadline shorter than the router's ROUTER_MODEL_TIMEOUT_S: the replica cuts
     the hung provider call at the client's deadline (it was told it), and the client gets
     DEADLINE_EXCEEDED."""
-    providers.server.script("anthropic", Reply(hang=True))
+    # the provider answers the hung call HANG_ANSWER_S after it came if it is still open:
+    # after the client's deadline (the replica's, less the router's margin, about 1.9 s after
+    # the call came), before the router's (4 s, or the SDK's own timeout were it that)
+    providers.server.script("anthropic", Reply(hang=True, hang_s=HANG_ANSWER_S))
     question = f"Hang past the client's deadline {uuid.uuid4().hex[:6]}"
     request = ask("claude-sonnet-4-5", question)
     request.request_id = uuid.uuid4().hex
@@ -745,6 +757,10 @@ def test_a_provider_that_hangs_is_cut_at_the_clients_deadline(providers: Provide
     while hung.ended is None:
         assert time.monotonic() < wait_until, "the hung provider call was never closed"
         time.sleep(0.05)
+    # which cause closed it, by the provider's own record: the replica, at the client's
+    # deadline, before the provider's answer came; a replica holding it to a later deadline
+    # (the router's 4 s, an SDK timeout of its own) would have been answered
+    assert not hung.outwaited, f"the provider answered after {hung.ended - hung.at:.2f} s"
     # cut at the client's 2 s, not the router's 4 s, by its cause (not by real time): the
     # router's one model call carried the client's deadline as its gRPC deadline and ended at
     # it, the replica was given that deadline, and the hung provider call was closed (above)

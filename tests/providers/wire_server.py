@@ -43,6 +43,9 @@ class Reply:
     # event index -> the seconds the server waits before sending it (else 2 ms): a slow engine
     pauses: dict[int, float] = field(default_factory=dict)
     hang: bool = False  # never answer
+    # with ``hang``: answer (a 503) after these seconds if the client is still there (None:
+    # never); a call its client cuts sooner shows ``ended`` and not ``outwaited``
+    hang_s: float | None = None
     key: str | None = None  # only for a request carrying this credential
 
 
@@ -55,6 +58,7 @@ class Seen:
     key: str
     status: int = 0
     ended: float | None = None  # a hung request: when the client went away
+    outwaited: bool = False  # a hung request the client stayed for until its ``hang_s``
     sent: int = 0  # the stream's events written (fewer than scripted: the client went away)
     request_id: str = ""  # the provider's id of the request, sent in its header
 
@@ -185,8 +189,10 @@ class WireServer:
         self, request: web.Request, reply: Reply, seen: Seen, ids: dict[str, str]
     ) -> web.StreamResponse:
         if reply.hang:
-            try:
-                await self._stopping.wait()  # cancelled when the client goes away
+            try:  # cancelled when the client goes away
+                await asyncio.wait_for(self._stopping.wait(), reply.hang_s)
+            except TimeoutError:
+                seen.outwaited = True
             finally:
                 seen.ended = time.monotonic()
             return web.Response(status=503)
