@@ -92,6 +92,22 @@ def _refused(address: str, key: str, text: str, max_tokens: int = 16) -> RateLim
     return caught.value
 
 
+def _until_settled(url: str, tenant: str) -> None:
+    """Waits until an answer of ``tenant``'s is settled in the limits' Redis at ``url``: its
+    settle, the one script that gives the bucket the tokens it did not use (and adds its
+    cost), leaves a marker ``settled:<id>`` there for two minutes
+    (services/router/redis_limits.py). A fixed sleep guessed how long that takes."""
+    client = sync_client_of(url)
+    pattern = f"cachemesh:limits:{{{tenant}}}:settled:*"  # RedisLimitStore's default prefix
+    deadline = time.monotonic() + 30  # a bound on waiting, not a figure asserted
+    try:
+        while next(client.scan_iter(match=pattern), None) is None:
+            assert time.monotonic() < deadline, f"{tenant}: no settle in 30 s"
+            time.sleep(0.02)
+    finally:
+        client.close()
+
+
 def test_two_routers_on_one_redis_share_a_tenants_request_rate(
     stack: RunningStack, tenants: Tenants, work: Path
 ) -> None:
@@ -134,18 +150,33 @@ def test_token_rate_waits_for_the_tokens_an_answer_used(
     stack: RunningStack, tenants: Tenants, work: Path
 ) -> None:
     per_min = 10  # fewer than any one answer uses: the second request always waits
-    with _router_cm(
-        stack, tenants, work, "tokens", {"ROUTER_LIMIT_TOKENS_PER_MIN": str(per_min)}
-    ) as router:
+    # the limits in a Redis of their own (the store routers share), where the answer's settle
+    # is seen done before the next request reads the bucket
+    with (
+        redis_server(work) as url,
+        _router_cm(
+            stack,
+            tenants,
+            work,
+            "tokens",
+            {"ROUTER_LIMIT_TOKENS_PER_MIN": str(per_min), "ROUTER_LIMITS_REDIS_URL": url},
+        ) as router,
+    ):
         key = tenants.keys["limits-tokens"]
-        answer = _ask(router, key, "How are tokens counted?", max_tokens=16)
+        answer = _ask(router, key, "How are tokens counted?", max_tokens=256)
+        # it ended before its max_tokens: it used fewer tokens than it reserved, so the wait
+        # below is the usage's, not the reservation's (at 16, both were 31: a settle never
+        # made, or not yet, passed)
+        assert answer.stop_reason == "end_turn", answer
         used = (
             answer.usage.input_tokens
             + answer.usage.cache_creation_input_tokens
             + answer.usage.output_tokens
         )
         answered_at = time.monotonic()
-        time.sleep(0.5)  # the router settles the answer's tokens just after answering
+        # the router settles the answer's tokens just after answering: the next step's admit
+        # reads the bucket that settle wrote, so wait for the settle itself (its marker)
+        _until_settled(url, "limits-tokens")
         error = _refused(router, key, "And now?", max_tokens=1)
         elapsed = time.monotonic() - answered_at
         assert "10 tokens a minute" in error.message
