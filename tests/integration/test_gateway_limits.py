@@ -92,17 +92,17 @@ def _refused(address: str, key: str, text: str, max_tokens: int = 16) -> RateLim
     return caught.value
 
 
-def _until_settled(url: str, tenant: str) -> None:
-    """Waits until an answer of ``tenant``'s is settled in the limits' Redis at ``url``: its
-    settle, the one script that gives the bucket the tokens it did not use (and adds its
-    cost), leaves a marker ``settled:<id>`` there for two minutes
+def _until_settled(url: str, tenant: str, settles: int = 1) -> None:
+    """Waits until ``settles`` of ``tenant``'s answers are settled in the limits' Redis at
+    ``url``: each one's settle, the one script that gives the bucket the tokens it did not use
+    and adds its cost to the budgets, leaves a marker ``settled:<id>`` there for two minutes
     (services/router/redis_limits.py). A fixed sleep guessed how long that takes."""
     client = sync_client_of(url)
     pattern = f"cachemesh:limits:{{{tenant}}}:settled:*"  # RedisLimitStore's default prefix
     deadline = time.monotonic() + 30  # a bound on waiting, not a figure asserted
     try:
-        while next(client.scan_iter(match=pattern), None) is None:
-            assert time.monotonic() < deadline, f"{tenant}: no settle in 30 s"
+        while len(list(client.scan_iter(match=pattern))) < settles:
+            assert time.monotonic() < deadline, f"{tenant}: fewer than {settles} settles"
             time.sleep(0.02)
     finally:
         client.close()
@@ -196,7 +196,12 @@ def test_daily_budget_refuses_once_the_bill_reaches_it_until_midnight_utc(
     limits = {"ROUTER_BUDGET_USD_PER_DAY": "0.00015"}
     tenant = "limits-budget"
     key = tenants.keys[tenant]
-    with _router_cm(stack, tenants, work, "budget", limits) as router:
+    with (
+        redis_server(work) as url,
+        _router_cm(
+            stack, tenants, work, "budget", {**limits, "ROUTER_LIMITS_REDIS_URL": url}
+        ) as router,
+    ):
         billed = 0
         answered = 0
         while billed < budget_nanos:
@@ -205,7 +210,8 @@ def test_daily_budget_refuses_once_the_bill_reaches_it_until_midnight_utc(
             billed += answer.cost.cost_nanos
             answered += 1
             assert answered <= 20, "the budget was never reached"
-            time.sleep(0.3)  # the router adds the bill just after answering
+            # the router adds the bill just after answering: the next admit reads it
+            _until_settled(url, tenant, answered)
         # the bill the budget counted is prefix-cache's own, to the nano-dollar
         totals = stack.totals(tenant)
         assert (totals.requests, totals.cost_nanos) == (answered, billed)
