@@ -16,7 +16,7 @@ import itertools
 import os
 import random
 import socket
-import tempfile
+import stat
 import threading
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
@@ -51,8 +51,16 @@ EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 _LINUX_EPHEMERAL_LOW = 32_768  # where the host does not say: Linux's default
 
 
+# The lock files' folder: one path for the whole machine, as the ports are. It followed $TMPDIR,
+# and two processes with different TMPDIRs both claimed 10000-11499. World-writable and sticky
+# (as /tmp is): the first user to make it is not the only one who can claim a block (root's
+# 0755 folder made every other user's ``pytest_configure`` fail PermissionError: no test ran).
+PORT_BLOCKS_DIR = Path("/tmp/cachemesh-port-blocks")
+_PORT_BLOCKS_DIR_MODE = 0o1777
+
+
 def port_blocks_dir() -> Path:
-    return Path(tempfile.gettempdir()) / "cachemesh-port-blocks"
+    return PORT_BLOCKS_DIR
 
 
 def ephemeral_range(path: Path) -> tuple[int, int] | None:
@@ -93,11 +101,21 @@ def claim_port_block(
             f"(from {end:,}, {EPHEMERAL_RANGE_FILE}): set {PORT_RANGE_VAR} to a free range"
         )
     directory = port_blocks_dir() if lock_dir is None else lock_dir
-    directory.mkdir(parents=True, exist_ok=True)
+    _shared_folder(directory)
+    refused = 0
     for index in (*range(preferred % count, count), *range(preferred % count)):
         low = first + index * size
         span = f"{low}-{low + size - 1}"
-        handle = (directory / f"{span}.lock").open("ab")
+        try:
+            # read-only (flock needs no write access) and made writable by all: another
+            # user's lock file (0644, or 0444) still opens; O_NOFOLLOW: not a planted link
+            fd = os.open(
+                directory / f"{span}.lock", os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o666
+            )
+        except PermissionError:
+            refused += 1  # a file this user may not make or open: another user's block
+            continue
+        handle = os.fdopen(fd, "rb")
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -107,11 +125,30 @@ def claim_port_block(
             handle.close()
             raise
         return span, handle
+    denied = (
+        f" ({refused} of them a lock file this user may not create or open: another user's "
+        f"folder, make it mode 1777)"
+        if refused
+        else ""
+    )
     raise RuntimeError(
         f"every one of the {count} blocks of {size:,} ports from {first:,} is held by another "
-        f"process (the lock files in {directory}): too many test runs at once; wait for one "
-        f"to end, or set {PORT_RANGE_VAR} to a free range"
+        f"process (the lock files in {directory}){denied}: too many test runs at once; wait "
+        f"for one to end, or set {PORT_RANGE_VAR} to a free range"
     )
+
+
+def _shared_folder(directory: Path) -> None:
+    """``directory`` made if missing, and world-writable and sticky where this user may change
+    it (a folder another user made is left as it is: its blocks whose files this user may not
+    open count as held)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    found = directory.lstat()
+    if stat.S_ISLNK(found.st_mode) or found.st_uid != os.geteuid():
+        return  # not this user's to change (a link another user planted is never chmodded)
+    if stat.S_IMODE(found.st_mode) != _PORT_BLOCKS_DIR_MODE:
+        with contextlib.suppress(OSError):  # as where it cannot be changed: blocks count held
+            os.chmod(directory, _PORT_BLOCKS_DIR_MODE)  # not mkdir's mode: the umask cuts it
 
 
 # The ports this process handed out lately, never handed out again while they are here: a
