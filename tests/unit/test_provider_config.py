@@ -422,6 +422,32 @@ def test_nothing_of_a_key_or_its_masked_form_survives(key: str, echo: str) -> No
     assert cleaned == "Incorrect API key provided: [redacted] Find your key at x.", cleaned
 
 
+BASE64_KEY = "Zm9v+YmFy/YmF6cXV4eHl6enk0Mg=="  # a proxy's or an engine's: '+', '/', '='
+
+
+@pytest.mark.parametrize(
+    "echo",
+    [
+        "Zm9v+YmFy/YmF6cXV4...",  # its head, cut: 18 of its 28 characters reached the line
+        "...eHl6enk0Mg==",  # its tail
+        "Zm9v+YmFy/YmF6cXV4eHl6",
+        "Zm9v+Y...enk0Mg==",  # masked
+        "Zm9v****Mg==",
+    ],
+)
+def test_nothing_of_a_base64_key_survives(echo: str) -> None:
+    """A key's run was split at '+', '/' and '=': no piece held its 8-character head or
+    6-character tail, and the pieces reached the 401/403 ERROR line unchanged."""
+    cleaned = Redactor([BASE64_KEY]).clean(f"Invalid key {echo} (check it)")
+    assert cleaned == "Invalid key [redacted] (check it)", cleaned
+
+
+def test_a_masked_key_after_an_equals_sign_or_slash_is_still_found() -> None:
+    for text in ("key=abcd...mnop", "keys/abcd****mnop"):
+        cleaned = Redactor([PLAIN_KEY]).clean(text)
+        assert cleaned.endswith("[redacted]") and "mnop" not in cleaned, cleaned
+
+
 def test_a_mask_alone_or_words_around_a_key_are_kept() -> None:
     redactor = Redactor([PLAIN_KEY])
     for text in ("a **bold** word", "wait... then retry", "count: 5 of 10"):

@@ -41,8 +41,12 @@ _NAMED_ACCOUNT_ID = re.compile(
     re.IGNORECASE,
 )
 # a run of the characters a key or its masked form is made of: what is redacted whole once
-# any of it shows a key
-_TOKEN = re.compile(r"[A-Za-z0-9_\-*.\u2026]+")
+# any of it shows a key. Both runs are looked at: a base64-style key (a proxy's or an
+# engine's, "Zm9v+YmFy/YmF6...") is split at '+', '/' and '=' by the first, and its head
+# "Zm9v+YmFy/YmF6cXV4..." reached the 401/403 ERROR line (18 of its 28 characters); the
+# second alone would miss a masked key after a '=' or '/' ("key=abcd...mnop": its head is
+# not "key=abcd")
+_TOKENS = (re.compile(r"[A-Za-z0-9_\-*.\u2026]+"), re.compile(r"[A-Za-z0-9_\-*.\u2026+/=]+"))
 # the mask in a key shown by its head and tail: "sk-proj-AbCd****xYzQ", "abcd...mnop"
 _MASK = re.compile(r"\*+|\.{2,}|\u2026")
 # a masked form shows at least this much of the key (its head and tail together)
@@ -74,7 +78,12 @@ class Redactor:
             # a run around a whole key is not taken with it ("forbidden_for_<key>" keeps its
             # words): the key alone is
             rest = _blanked(text, whole)
-            spans += [m.span() for m in _TOKEN.finditer(rest) if self._shows_a_key(m[0])]
+            spans += [
+                m.span()
+                for token in _TOKENS
+                for m in token.finditer(rest)
+                if self._shows_a_key(m[0])
+            ]
         return _marked_out(text, spans)
 
     def _shows_a_key(self, token: str) -> bool:
