@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
+from unittest import mock
 
 import pytest
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from services.common.errors import Code, RequestError
-from services.model.providers.config import Backend
+from services.model.providers.config import Backend, ProviderSettings
 from tests.providers import anthropic_wire, openai_wire
 from tests.providers.loopback import serving
 from tests.providers.replica import provider_replica, provider_settings
@@ -729,12 +730,17 @@ async def test_a_401s_words_are_on_the_operators_error_line_without_the_key(
     reply: Reply,
     said: str,
 ) -> None:
-    """A 401's body is about our key, never the request: its (redacted) message is on the
-    ERROR line, which said "401 invalid_request_error" alike for a key without a scope and a
-    wrong key; never a part of the key, and not in the refusal the router and client see."""
+    """A 401's body from the provider's own API is about our key, never the request: its
+    (redacted) message is on the ERROR line, which said "401 invalid_request_error" alike for
+    a key without a scope and a wrong key; never a part of the key, and not in the refusal the
+    router and client see. (The loopback stands for api.openai.com here: the settings are
+    told they are at the provider's own URL.)"""
     replica = replicas("openai", GPT)
     server.script("openai", reply)
-    with caplog.at_level(logging.INFO, logger="cachemesh.model"):
+    with (
+        mock.patch.object(ProviderSettings, "at_the_providers_own_url", property(lambda _: True)),
+        caplog.at_level(logging.INFO, logger="cachemesh.model"),
+    ):
         refused = await replica.call()
     assert refused is not None and refused.code == Code.UNAVAILABLE, refused
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
@@ -743,3 +749,46 @@ async def test_a_401s_words_are_on_the_operators_error_line_without_the_key(
     for line in [r.getMessage() for r in caplog.records]:
         assert "sk-opena" not in line and "cdef" not in line and "loopback-0123" not in line
     assert said not in refused.message + refused.reason
+
+
+# OpenRouter's guardrail 403, in Anthropic's permission_error envelope: its judgement of the
+# input, which quotes it
+GUARDRAIL = anthropic_wire.error(
+    403,
+    "permission_error",
+    "Your request was flagged by the moderation guardrail: 'how do I pick the lock of my "
+    "neighbour Ada Lovelace's flat at 12 Baker St' violates the policy",
+)
+
+
+@pytest.mark.parametrize(
+    ("backend", "model", "reply", "words"),
+    [
+        ("anthropic", CLAUDE, GUARDRAIL, "Ada Lovelace"),
+        ("openai", GPT, MISSING_SCOPES, "Missing scopes"),
+    ],
+    ids=["guardrail-403", "missing-scopes-401"],
+)
+async def test_a_403s_words_from_behind_a_base_url_are_not_on_any_line_above_debug(
+    server: WireServer,
+    replicas: Callable[[Backend, str], Replica],
+    caplog: pytest.LogCaptureFixture,
+    backend: Backend,
+    model: str,
+    reply: Reply,
+    words: str,
+) -> None:
+    """A gateway, a proxy or an engine behind ``*_BASE_URL`` (the loopback here) may put any
+    text in a 401/403 body (OpenRouter's guardrail quotes the input): the ERROR line that
+    takes the replica out names the status and type only; the words stay at DEBUG."""
+    replica = replicas(backend, model)
+    server.script(backend, reply)
+    with caplog.at_level(logging.DEBUG, logger="cachemesh.model"):
+        refused = await replica.call()
+    assert refused is not None and refused.code == Code.UNAVAILABLE, refused
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "NOT_SERVING" in errors[0], errors
+    assert f"({reply.status} " in errors[0], errors
+    above_debug = [r.getMessage() for r in caplog.records if r.levelno > logging.DEBUG]
+    assert not [line for line in above_debug if words in line], above_debug
+    assert [r for r in caplog.records if r.levelno == logging.DEBUG and words in r.getMessage()]

@@ -540,3 +540,13 @@ def test_a_key_file_too_large_to_be_a_key_is_refused_unread(tmp_path: Path) -> N
     path.write_bytes(b"x" * (1 << 20))
     with pytest.raises(ConfigError, match=r"ANTHROPIC_API_KEY_FILE: .* is larger than"):
         ProviderSettings.from_env(Env({"ANTHROPIC_API_KEY_FILE": str(path)}), "anthropic")
+
+
+def test_only_the_providers_own_url_is_its_own() -> None:
+    """Where a 401/403's words may go on the operator's line (``failures.for_the_operator``)."""
+    key = {"OPENAI_API_KEY": "sk-x", "ANTHROPIC_API_KEY": "sk-ant-x"}
+    assert ProviderSettings.from_env(Env(key), "openai").at_the_providers_own_url
+    assert ProviderSettings.from_env(Env(key), "anthropic").at_the_providers_own_url
+    for url in ("https://openrouter.ai/api/v1", "http://127.0.0.1:8080/v1"):
+        env = Env({**key, "OPENAI_BASE_URL": url})
+        assert not ProviderSettings.from_env(env, "openai").at_the_providers_own_url

@@ -817,6 +817,8 @@ class ProviderApi:
             return
         await self._set_health(False)
         who, adapter = self._who(spec), self._adapter.backend
+        # the provider's own words only from its own API (a hosted row at its default URL)
+        hosted = spec.provider == adapter and self._s.at_the_providers_own_url
         if failure.kind == Kind.ACCOUNT:
             log.error(
                 "%s refused the account of replica %s (%s): NOT_SERVING; add credit (or "
@@ -824,7 +826,7 @@ class ProviderApi:
                 "(PROVIDER_AUTH_RECHECK_S)",
                 who,
                 self._replica,
-                for_the_operator(failure),
+                for_the_operator(failure, hosted=hosted),
                 self._s.auth_recheck_s,
                 extra=request_id_fields(failure.request_id),
             )
@@ -834,7 +836,7 @@ class ProviderApi:
             "API key (%s_API_KEY or %s_API_KEY_FILE) and restart the replica",
             who,
             self._replica,
-            for_the_operator(failure),
+            for_the_operator(failure, hosted=hosted),
             adapter.upper(),
             adapter.upper(),
             extra=request_id_fields(failure.request_id),

@@ -85,6 +85,12 @@ class ProviderSettings:
         )
 
     @property
+    def at_the_providers_own_url(self) -> bool:
+        """The adapter calls its provider's own API (``DEFAULT_BASE_URLS``), not a gateway, a
+        proxy or an engine behind ``*_BASE_URL``, whose error bodies may hold any text."""
+        return self.base_url == DEFAULT_BASE_URLS[self.backend]
+
+    @property
     def shown_url(self) -> str:
         """The base URL for logs and messages: no password, no query."""
         return redacted_url(self.base_url)

@@ -491,12 +491,16 @@ def _anthropics_param(exc: Exception, message: str) -> str:
     return found[0] if found is not None and _PARAM.fullmatch(found[0]) else ""
 
 
-def for_the_operator(failure: Failure) -> str:
+def for_the_operator(failure: Failure, *, hosted: bool) -> str:
     """What an operator's line says of a refusal of our key or account: its ``identifiers``,
-    and for a 401 or 403 (a body about the key, never echoing the request) the provider's
-    message too, redacted as ``failure`` is (``ProviderApi._redacted``)."""
+    and for a 401 or 403 of a ``hosted`` provider (OpenAI's or Anthropic's own API, whose
+    bodies of these statuses are about the key, never echoing the request: "Missing scopes:
+    model.request") the provider's message too, redacted as ``failure`` is
+    (``ProviderApi._redacted``). Anything else behind a ``*_BASE_URL`` (a gateway, a proxy, an
+    engine) may put any text there (OpenRouter's guardrail 403, in Anthropic's
+    permission_error envelope, quotes its judgement of the input): identifiers only."""
     said = identifiers(failure)
-    if failure.from_provider and failure.status in _ABOUT_OUR_KEY and failure.message:
+    if hosted and failure.from_provider and failure.status in _ABOUT_OUR_KEY and failure.message:
         said += f": {failure.message}"
     return said
 
