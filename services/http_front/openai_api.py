@@ -122,7 +122,7 @@ def parse_request(
     if not request.messages and dropped:
         raise invalid(
             f"{dropped[0]}: an empty assistant answer (no text, no refusal, no tool_calls) is "
-            "not a turn, and the request has no other message; send at least one user message",
+            "not a turn, and the request has no user message; send at least one user message",
             dropped[0],
         )
     if refusal := late_system_refusal(raw_messages):
@@ -287,9 +287,11 @@ def _tool(raw: object, path: str) -> pb.Tool:
     )
 
 
-def _blocks_of(obj: Obj, *, required: bool = True) -> list[pb.ContentBlock]:
+def _blocks_of(obj: Obj, *, required: bool = True, refusals: bool = False) -> list[pb.ContentBlock]:
     """A message's content: a string, or an array of text parts (each may carry a
-    ``cache_control`` breakpoint)."""
+    ``cache_control`` breakpoint), and with ``refusals`` (an assistant's) refusal parts too,
+    each the text of what the model said instead (as ``_assistant`` keeps a top-level
+    ``refusal``: it was a 400, "'refusal' parts are not supported")."""
     content = obj.raw("content")
     if isinstance(content, str):
         return [pb.ContentBlock(text=content)]
@@ -299,6 +301,10 @@ def _blocks_of(obj: Obj, *, required: bool = True) -> list[pb.ContentBlock]:
     for i, raw in enumerate(obj.array("content", required=True) or []):
         part = Obj(raw, f"{obj.at('content')}[{i}]")
         kind = part.text("type", required=True)
+        if kind == "refusal" and refusals:
+            part.only(("type", "refusal"))
+            blocks.append(pb.ContentBlock(text=part.text("refusal", required=True) or ""))
+            continue
         if kind != "text":
             raise invalid(
                 f"{part.at('type')}: {shown(kind)} parts are not supported by cachemesh; use text",
@@ -373,10 +379,22 @@ def _messages(raw_messages: list[Any], request: pb.CompleteRequest, kept: Origin
 
 def _text_origins(obj: Obj, blocks: Iterable[int]) -> list[Origin]:
     """The caller's path of each of a message's text blocks (``blocks``: their indices among
-    its content parts): its ``content`` when that is a string, else each part's."""
-    if isinstance(obj.raw("content"), list):
-        return [Origin(f"{obj.at('content')}[{j}]", _TEXT_PART) for j in blocks]
+    its content parts): its ``content`` when that is a string, else each part's (a refusal
+    part's text is its ``refusal``)."""
+    content = obj.raw("content")
+    if isinstance(content, list):
+        return [
+            Origin(
+                f"{obj.at('content')}[{j}]",
+                _REFUSAL_PART if _is_refusal(content[j]) else _TEXT_PART,
+            )
+            for j in blocks
+        ]
     return [Origin(obj.at("content"), _TEXT_STRING) for _ in blocks]
+
+
+def _is_refusal(part: object) -> bool:
+    return isinstance(part, dict) and part.get("type") == "refusal"
 
 
 def _name(obj: Obj) -> None:
@@ -405,6 +423,7 @@ def _turn(request: pb.CompleteRequest, role: int, kept: Origins, path: str) -> p
 # ``tool_calls[j]`` (its ``function``), a tool result a ``tool`` message.
 _TEXT_STRING: Mapping[str, str] = {".text": ""}
 _TEXT_PART: Mapping[str, str] = {}
+_REFUSAL_PART: Mapping[str, str] = {".text": ".refusal"}
 _TOOL_CALL: Mapping[str, str] = {
     ".tool_use.id": ".id",
     ".tool_use.name": ".function.name",
@@ -602,7 +621,7 @@ def _assistant(obj: Obj) -> tuple[list[pb.ContentBlock], list[Origin]] | None:
     ``refusal``: with no text in the content, a non-empty refusal is the assistant's text (the
     model sees it refused, as OpenAI's model does), not an empty answer dropped."""
     refusal = _answer_only_fields(obj)
-    parts = _blocks_of(obj, required=False)
+    parts = _blocks_of(obj, required=False, refusals=True)
     texts = [j for j, block in enumerate(parts) if block.text.strip()]
     for j, part in enumerate(parts):
         if j not in texts and part.HasField("cache_control"):  # a breakpoint never dropped

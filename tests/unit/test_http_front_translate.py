@@ -1343,3 +1343,33 @@ def test_a_request_of_empty_answers_only_is_refused_naming_the_first(
         "messages[0]: an empty assistant answer (no text, no refusal, no tool_calls) is not a turn"
     )
     assert refused.value.param == "messages[0]"
+
+
+def test_an_assistants_refusal_part_is_kept_as_its_text() -> None:
+    """OpenAI's assistant content takes ``{"type": "refusal", "refusal": ...}`` parts: one was
+    a 400 ("'refusal' parts are not supported") while a top-level ``refusal`` was kept. The
+    part's words are the assistant's text, and a Gateway refusal of it names the part's field;
+    a user's refusal part is still refused."""
+    part = {"type": "refusal", "refusal": "I can't help with that."}
+    answer = {"role": "assistant", "content": [{"type": "text", "text": "Well."}, part]}
+    origins = openai_api.Origins()
+    request, _, _ = openai_api.parse_request(
+        {"model": "sim-small", "messages": [_Q, answer, _MORE]}, 10, origins
+    )
+    assert [b.text for b in request.messages[1].content] == ["Well.", "I can't help with that."]
+    validate_request(request, _TABLE, set(_TABLE.models))
+    said = "messages[1].content[1].text: too long"
+    assert openai_api.at_caller(said, origins).startswith("messages[1].content[1].refusal: ")
+    with pytest.raises(ApiError, match="'refusal' parts are not supported"):
+        openai_api.parse_request(
+            {"model": "sim-small", "messages": [{"role": "user", "content": [part]}]}, 10
+        )
+
+
+def test_a_system_message_and_an_empty_answer_is_refused_for_no_user_message() -> None:
+    """It said "the request has no other message" of a request that had a system message."""
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": ""}]
+    with pytest.raises(ApiError) as refused:
+        openai_api.parse_request({"model": "sim-small", "messages": messages}, 10)
+    assert "the request has no user message" in refused.value.message, refused.value.message
+    assert refused.value.param == "messages[1]"
