@@ -93,7 +93,6 @@ class RouterSettings:
     def from_env(cls, env: Env, table: ModelTable) -> RouterSettings:
         server = ServerSettings.from_env(env, "ROUTER", DEFAULT_LISTEN)
         max_request = max_request_bytes(env, server.max_message_bytes)
-        internal_token = internal_token_from_env(env)
         return cls(
             # ROUTER_MAX_REQUEST_BYTES bounds what callers send: the servicer refuses a larger
             # request itself, naming the setting (counted, logged, traced), so gRPC reads
@@ -114,7 +113,9 @@ class RouterSettings:
             prefix_cache_addr=env.address("PREFIX_CACHE_ADDR", "127.0.0.1:50053"),
             replicas=parse_replicas(env.str("MODEL_REPLICAS"), table),
             keys=KeyStoreSettings.from_env(env),
-            internal_token=internal_token,
+            # read in the order of the fields (a bad MODEL_REPLICAS is named before a missing
+            # token, as before); the admin credential below is checked against it
+            internal_token=(internal_token := internal_token_from_env(env)),
             semantic_timeout_s=env.seconds("ROUTER_SEMANTIC_TIMEOUT_S", 2.0, minimum=0.001),
             semantic_lease_wait_s=env.seconds("ROUTER_SEMANTIC_LEASE_WAIT_S", 30.0, minimum=0.0),
             semantic_breaker_s=env.seconds("ROUTER_SEMANTIC_BREAKER_S", 5.0, minimum=0.0),
