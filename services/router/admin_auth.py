@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from services.common.auth import INTERNAL_TOKEN
+from services.common.clock import SecondsClock, Throttle, suppressed
 from services.common.env import ConfigError, Env
 
 log = logging.getLogger("cachemesh.admin")
@@ -110,9 +111,8 @@ class _Window:
     """The failures of one reason from one host (or from the hosts beyond those tracked) since
     its last line."""
 
-    last_ms: int | None = None  # its last line's time (None: none yet)
+    throttle: Throttle  # its lines: the first at once, then at most one a window
     seen_ms: int = 0  # its last failure's time
-    pending: int = 0  # failures since then, the one to log included
     hosts: set[str] = field(default_factory=set)  # their distinct hosts (the others' line)
 
 
@@ -124,32 +124,34 @@ class AuthFailures:
     seconds, monotonic)."""
 
     def __init__(self, clock: Callable[[], float], counted: Callable[[Reason], None]) -> None:
-        self._clock = clock
+        self._clock = SecondsClock(clock)
         self._counted = counted
         # a reason's tracked hosts, the least recently failed first
         self._hosts: dict[Reason, OrderedDict[str, _Window]] = {r: OrderedDict() for r in REASONS}
-        self._others: dict[Reason, _Window] = {r: _Window() for r in REASONS}
+        self._others: dict[Reason, _Window] = {r: self._window() for r in REASONS}
+
+    def _window(self) -> _Window:
+        return _Window(Throttle(self._clock, AUTH_FAILED_LOG_EVERY_MS))
 
     def failed(self, reason: Reason, method: str, peer: str) -> None:
         self._counted(reason)
-        now = round(self._clock() * 1000)
+        now = self._clock.now_ms()
         host = peer_host(peer)
         hosts = self._hosts[reason]
         window = hosts.get(host)
         if window is None and self._room(hosts, now):
-            window = hosts[host] = _Window()
+            window = hosts[host] = self._window()
         if window is not None:
             hosts.move_to_end(host)
         else:
             window = self._others[reason]
             if len(window.hosts) < AUTH_FAILED_OTHER_ADDRESSES:
                 window.hosts.add(host)
-        window.pending += 1
         window.seen_ms = now
-        if window.last_ms is not None and now - window.last_ms < AUTH_FAILED_LOG_EVERY_MS:
+        due = window.throttle.due()
+        if not due:
             return
-        due, addresses = window.pending, len(window.hosts)
-        window.last_ms, window.pending = now, 0
+        addresses = len(window.hosts)
         window.hosts.clear()
         beyond = window is self._others[reason]
         log.warning(
@@ -178,11 +180,9 @@ class AuthFailures:
 def _suppressed(due: int, addresses: int, beyond: bool) -> str:
     """What a line adds: for a tracked host, how many of its failures were not logged; for
     the hosts beyond them, also from how many distinct addresses (hosts) they and it came."""
-    every = f"{AUTH_FAILED_LOG_EVERY_MS / 1000:g}"
     if not beyond:
-        if due <= 1:
-            return ""
-        return f" ({due - 1} more since the last such line, not logged: one line a {every} s)"
+        return suppressed(due, AUTH_FAILED_LOG_EVERY_MS)
+    every = f"{AUTH_FAILED_LOG_EVERY_MS / 1000:g}"
     if due <= 1:
         return f" (an address beyond the {AUTH_FAILED_HOSTS} tracked)"
     many = f"{addresses:,}"
