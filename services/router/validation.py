@@ -10,6 +10,7 @@ import functools
 import json
 import math
 import re
+from collections.abc import Container
 
 from cachemesh import json_schema
 from cachemesh.v1 import gateway_pb2 as pb
@@ -38,8 +39,10 @@ class UnsupportedValue(RequestError):
 
 def validate_request(request: pb.CompleteRequest, table: ModelTable, deployed: set[str]) -> None:
     _validate_model(request, table, deployed)
-    # each tool schema read once, for both its checks (a JSON object; its types)
-    schemas = _schema_verdicts(request, _schema_strict(request, table))
+    # the rows that refuse a bad schema type, found once for both uses; each tool schema read
+    # once, for both its checks (a JSON object; its types)
+    schema_strict = _schema_strict(request, table)
+    schemas = _schema_verdicts(request, schema_strict)
     _validate_messages(request, schemas)
     _validate_breakpoints(request)
     _validate_sampling(request, table)
@@ -47,7 +50,7 @@ def validate_request(request: pb.CompleteRequest, table: ModelTable, deployed: s
     _validate_tool_support(request, table)
     _validate_tool_names(request, table)
     _validate_tool_descriptions(request, table)
-    _validate_tool_schemas(request, table, schemas)
+    _validate_tool_schemas(request, schema_strict, schemas)
 
 
 def _validate_model(request: pb.CompleteRequest, table: ModelTable, deployed: set[str]) -> None:
@@ -401,6 +404,22 @@ _TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]+")
 _TOOL_NAME_CHARS = {"anthropic": 128, "openai": 64}
 
 
+def _strict_rows(
+    request: pb.CompleteRequest, table: ModelTable, providers: Container[str]
+) -> list[ModelSpec]:
+    """The rows ``request`` may go to (for ``auto``, each tier's) whose provider is one of
+    ``providers`` (those that refuse what a check looks for)."""
+    return [s for s in table.answering(request.model) if s.provider in providers]
+
+
+def _whose_provider(request: pb.CompleteRequest, spec: ModelSpec) -> str:
+    """How a refusal names the row ``spec`` whose provider refuses the request: ``auto`` may
+    pick it, or it is the model named."""
+    if request.model == AUTO:
+        return f"auto may pick {spec.id}, whose provider takes"
+    return f"{spec.id}'s provider takes"
+
+
 def _validate_tool_names(request: pb.CompleteRequest, table: ModelTable) -> None:
     """A tool name the target row's provider refuses (for ``auto``, any tier's that does) is
     refused here, naming the tool, the model and the rule, before anything is sent: before, it
@@ -409,7 +428,7 @@ def _validate_tool_names(request: pb.CompleteRequest, table: ModelTable) -> None
     picked."""
     if not request.tools:
         return
-    strict = [s for s in table.answering(request.model) if s.provider in _TOOL_NAME_CHARS]
+    strict = _strict_rows(request, table, _TOOL_NAME_CHARS)
     if not strict:
         return
     for i, tool in enumerate(request.tools):
@@ -418,11 +437,7 @@ def _validate_tool_names(request: pb.CompleteRequest, table: ModelTable) -> None
             limit = _TOOL_NAME_CHARS[spec.provider]
             if len(name) <= limit and _TOOL_NAME.fullmatch(name):
                 continue
-            which = (
-                f"auto may pick {spec.id}, whose provider takes"
-                if request.model == AUTO
-                else f"{spec.id}'s provider takes"
-            )
+            which = _whose_provider(request, spec)
             instead = ", or name a model that takes it" if request.model == AUTO else ""
             raise _invalid(
                 f"tools[{i}].name: {shown(name)} is not a tool name {which} (letters, digits, "
@@ -448,7 +463,7 @@ def _validate_tool_descriptions(request: pb.CompleteRequest, table: ModelTable) 
     provider round trip, and ``auto`` answered or refused it by the tier it picked."""
     if not request.tools:
         return
-    strict = [s for s in table.answering(request.model) if s.provider in _TOOL_DESCRIPTION_CHARS]
+    strict = _strict_rows(request, table, _TOOL_DESCRIPTION_CHARS)
     if not strict:
         return
     for i, tool in enumerate(request.tools):
@@ -456,11 +471,7 @@ def _validate_tool_descriptions(request: pb.CompleteRequest, table: ModelTable) 
             limit = _TOOL_DESCRIPTION_CHARS[spec.provider]
             if len(tool.description) <= limit:
                 continue
-            which = (
-                f"auto may pick {spec.id}, whose provider takes"
-                if request.model == AUTO
-                else f"{spec.id}'s provider takes"
-            )
+            which = _whose_provider(request, spec)
             instead = ", or name a model that takes it" if request.model == AUTO else ""
             raise _invalid(
                 f"tools[{i}].description: {len(tool.description):,} characters, over what "
@@ -479,6 +490,8 @@ def _validate_tool_descriptions(request: pb.CompleteRequest, table: ModelTable) 
 # servers walk too). A self-hosted engine is not held to it (its own checks, if any, are its
 # own).
 _SCHEMA_TYPES = json_schema.TYPES
+# the providers that refuse a tool schema's type JSON Schema has not
+_SCHEMA_TYPE_PROVIDERS = frozenset({"openai", "anthropic"})
 # what a client that wrote a Python type name meant, said in the message
 _SCHEMA_TYPE_FOR = {
     "dict": "use object", "float": "use number", "tuple": "use array", "list": "use array",
@@ -491,7 +504,7 @@ def _schema_strict(request: pb.CompleteRequest, table: ModelTable) -> list[Model
     """The rows ``request`` may go to whose provider refuses a type JSON Schema has not."""
     if not request.tools:
         return []
-    return [s for s in table.answering(request.model) if s.provider in _TOOL_NAME_CHARS]
+    return _strict_rows(request, table, _SCHEMA_TYPE_PROVIDERS)
 
 
 def _schema_verdicts(request: pb.CompleteRequest, strict: list[ModelSpec]) -> list[_Verdict]:
@@ -569,14 +582,14 @@ def _bad_type(schema: object) -> tuple[list[str], object] | None:
 
 
 def _validate_tool_schemas(
-    request: pb.CompleteRequest, table: ModelTable, schemas: list[_Verdict]
+    request: pb.CompleteRequest, strict: list[ModelSpec], schemas: list[_Verdict]
 ) -> None:
     """A tool schema naming a type JSON Schema has not, to a row whose provider refuses it
     (for ``auto``, any tier's that does), is refused here, naming the tool, the field and the
     model, before anything is sent: before, it went to the provider, whose 400 came back after
     the cache lookup and the round trip (and ``auto`` answered or refused it by its tier).
-    ``schemas``: each tool's schema's verdict (``_schema_verdicts``)."""
-    strict = _schema_strict(request, table)
+    ``strict``: the rows that refuse it (``_schema_strict``); ``schemas``: each tool's
+    schema's verdict (``_schema_verdicts``)."""
     if not strict:
         return
     for i, tool in enumerate(request.tools):
@@ -584,11 +597,7 @@ def _validate_tool_schemas(
         if problem is None:
             continue
         spec = strict[0]
-        which = (
-            f"auto may pick {spec.id}, whose provider takes"
-            if request.model == AUTO
-            else f"{spec.id}'s provider takes"
-        )
+        which = _whose_provider(request, spec)
         raise _invalid(
             f"tools[{i}].input_schema_json: tool {shown(tool.name)}: {problem}; {which} a "
             "tool's schema as JSON Schema only"
