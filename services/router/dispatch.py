@@ -44,6 +44,7 @@ from services.router.replica_state import (
     ReplicaStates,
     lost_prefix_explains_stall,
     stalled_after_s,
+    warm_enough_to_stall_cold,
 )
 from services.router.routing.router import Routed
 
@@ -394,9 +395,11 @@ class Dispatcher:
                 arrived_ms = self._wall.now_ms()  # when the provider looks its cache up
                 needs_s = self._chooser.predicted_ttft_s(wanted, replica, match, opened_at)
                 # the same with nothing warm there: whether a lost prefix explains a stall
+                # (made now, as the queue is when the call is sent; only when enough of the
+                # prompt is predicted warm for a lost prefix to explain one: never read else)
                 cold_s = (
                     self._chooser.predicted_ttft_s(wanted, replica, 0, opened_at)
-                    if match
+                    if warm_enough_to_stall_cold(match, prompt_tokens)
                     else needs_s
                 )
                 handover_s = self._handover_s(spec, wanted, replica, needs_s, timeout_s)

@@ -113,11 +113,16 @@ def lost_prefix_explains_stall(
     1.10 s). Otherwise the stall says the engine was slow or busy, not that it lost the prefix
     (a Plan predicting 16 of 2,000 tokens warm), and naming it would evict what it holds from
     prefix-cache's view."""
-    return (
-        match_tokens > 0
-        and match_tokens * STALL_FACTOR > prompt_tokens * (STALL_FACTOR - 1)
-        and cold_s > stalled_after_s(predicted_s)
-    )
+    if not warm_enough_to_stall_cold(match_tokens, prompt_tokens):
+        return False
+    return cold_s > stalled_after_s(predicted_s)
+
+
+def warm_enough_to_stall_cold(match_tokens: int, prompt_tokens: int) -> bool:
+    """``lost_prefix_explains_stall``'s share test: whether ``match_tokens`` of
+    ``prompt_tokens`` predicted warm is above ``1 - 1 / STALL_FACTOR`` of them, without which
+    a lost prefix never explains a stall (so its cold prediction need not be made)."""
+    return match_tokens > 0 and match_tokens * STALL_FACTOR > prompt_tokens * (STALL_FACTOR - 1)
 
 
 @dataclass
