@@ -301,7 +301,7 @@ def classify(exc: Exception) -> Failure:
             from_provider=True,
             request_id=request_id_shown(exc.request_id),
             code=code,
-            param=_param_of(exc.body) or _anthropics_param(exc, message),
+            param=_param(exc, message),
         )
     if isinstance(exc, _transport_errors()):  # includes the SDKs' APITimeoutError
         return Failure(Kind.RETRY, 0, type(exc).__name__, str(exc), None)
@@ -324,7 +324,7 @@ def classify(exc: Exception) -> Failure:
             about_model=about,
             from_provider=True,
             code=code,
-            param=_param_of(exc.body) or _anthropics_param(exc, message),
+            param=_param(exc, message),
         )
     return Failure(Kind.FATAL, 0, type(exc).__name__, str(exc) or type(exc).__name__, None)
 
@@ -471,6 +471,12 @@ def _code_of(body: object) -> str:
     """OpenAI's ``error.code`` (``invalid_api_key``, ``model_not_found``), else empty."""
     inner: Any = body.get("error", body) if isinstance(body, dict) else None
     return _identifier(inner.get("code")) if isinstance(inner, dict) else ""
+
+
+def _param(exc: anthropic.APIError | openai.APIError, message: str) -> str:
+    """The request's field an SDK error names: OpenAI's ``error.param`` (``_param_of``), else
+    the field path an Anthropic message begins with (``_anthropics_param``), else empty."""
+    return _param_of(exc.body) or _anthropics_param(exc, message)
 
 
 def _param_of(body: object) -> str:
