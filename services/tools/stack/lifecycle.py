@@ -66,7 +66,6 @@ DEFAULT_START_TIMEOUT_S = 120.0
 DATA_DIRS = {"SEMANTIC_CACHE_DATA_DIR": "semantic-cache", "ROUTER_DATA_DIR": "router"}
 _POLL_S = 0.2
 PORT_RELEASE_WAIT_S = 5.0  # how long a just-killed process may take to release its port
-# where Linux says which ports it picks outgoing connections' source ports from
 _REPORT_EVERY_S = 5.0
 
 
