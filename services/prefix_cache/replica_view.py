@@ -260,9 +260,10 @@ class ReplicaViews:
         or FINAL of its own, so no report of the engine would ever correct the view. Returns
         the blocks evicted."""
         view = self._views.get(replica)
-        if view is None or reusable_blocks(prompt_tokens) < 1:
+        reusable = reusable_blocks(prompt_tokens)
+        if view is None or reusable < 1:
             return 0
-        stamps = view.touched(hashes[: reusable_blocks(prompt_tokens)])
+        stamps = view.touched(hashes[:reusable])
         if not stamps or stamps[0] > since:
             return 0
         evicted = view.evict(hashes[_first_lost_at_stall(len(stamps), prompt_tokens) :])
