@@ -61,6 +61,11 @@ class Throttle:
         self._last_ms = now
         return pending
 
+    def clear_pending(self) -> None:
+        """Forgets the events not yet counted by a line (another line counted them), leaving
+        the interval as it is."""
+        self._pending = 0
+
 
 class SecondsClock:
     """A ``Clock`` over a clock of seconds (``time.monotonic``, a test's fake): for a piece

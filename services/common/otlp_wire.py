@@ -41,7 +41,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.trace import SpanContext
 
-from services.common.clock import Clock, MonotonicClock
+from services.common.clock import Clock, MonotonicClock, Throttle
 from services.common.env import redacted_url
 
 log = logging.getLogger(__name__)
@@ -345,11 +345,11 @@ class ExportHealth(logging.Filter):
         # since the start, for the metrics (``totals``): never reset
         self._queue_full_total = 0
         self._export_failed_total = 0  # the spans of the exports that failed
-        # the queue-full line: when it was last said (None: never), and the spans dropped at
-        # the full queue since a line last counted them (it, or the collector's return's)
-        self._clock = clock or MonotonicClock()
-        self._drop_line_ms: int | None = None
-        self._drops_uncounted = 0
+        # the queue-full line: at most one an interval, counting the spans dropped at the
+        # full queue since a line last counted them (it, or the collector's return's), and
+        # whether one was said yet (the first says no count)
+        self._drop_line = Throttle(clock or MonotonicClock(), round(DROPPED_LINE_EVERY_S * 1000))
+        self._drop_said = False
         self._export_thread: int | None = None  # the thread of our export, while it runs
 
     def install(self) -> None:
@@ -409,15 +409,13 @@ class ExportHealth(logging.Filter):
         with self._lock:
             self._dropped_spans += 1
             self._queue_full_total += 1
-            self._drops_uncounted += 1
             if self._failing:
+                return  # counted by the collector's return's line (which clears the throttle)
+            since = self._drop_line.due()
+            if not since:
                 return
-            now, last = self._clock.now_ms(), self._drop_line_ms
-            if last is not None and now - last < DROPPED_LINE_EVERY_S * 1000:
-                return
-            since, self._drops_uncounted = self._drops_uncounted, 0
-            self._drop_line_ms = now
-        counted = "" if last is None else f", {since} since the last count of them said"
+            first, self._drop_said = not self._drop_said, True
+        counted = "" if first else f", {since} since the last count of them said"
         log.warning(
             "tracing: the span queue is full (OTEL_BSP_MAX_QUEUE_SIZE), the collector at %s "
             "not taking spans as fast as they end: spans are dropped%s "
@@ -458,7 +456,7 @@ class ExportHealth(logging.Filter):
                 self._failing, self._said = False, ""
                 self._failed_exports = self._lost_spans = self._dropped_spans = 0
                 # counted by the line below: not again by the next queue-full line
-                self._drops_uncounted = 0
+                self._drop_line.clear_pending()
         if taken:
             log.warning(
                 "tracing: the collector at %s takes spans again; dropped meanwhile: %d spans "
