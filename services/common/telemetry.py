@@ -462,42 +462,48 @@ def _export_headers(environ: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
     else:
         return ()
     pairs = [pair.strip() for pair in _DELIMITER_PATTERN.split(raw)]
+    headers: dict[str, str] = {}  # as the exporter's parse of the whole: the last pair of a name
     for number, pair in enumerate(pairs, 1):
-        if pair and not _LIBERAL_HEADER_PATTERN.fullmatch(pair):
+        if not pair:
+            continue
+        if not _LIBERAL_HEADER_PATTERN.fullmatch(pair):
             key, equals, _ = pair.partition("=")
-            shown = equals and re.fullmatch(r"[A-Za-z0-9._-]{1,64}", key.strip())
-            named = f" ({key.strip()!r})" if shown else ""
+            named = _shown_name(key.strip()) if equals else ""
             colon = "; written name: value? write name=value" if not equals and ":" in pair else ""
             raise ConfigError(
                 f"{name}: header {number} of {len(pairs)}{named} is not name=value (a name of "
                 "letters, digits and -_.; the value URL-encoded, e.g. %2C for a comma; pairs "
                 f"separated by commas){colon}; its value is not shown (it may be a secret)"
             )
-        # as the exporter decodes it: gRPC sends printable ASCII alone in a header, and
-        # refused every export of a value decoding to more ("Invalid metadata", each export)
-        for key, value in parse_env_headers(pair, liberal=True).items() if pair else ():
+        # as the exporter decodes it (the name lowercased, and URL-decoded when the pair is
+        # URL-encoded): gRPC sends printable ASCII alone in a header, and refused every
+        # export of a value decoding to more ("Invalid metadata", each export)
+        for key, value in parse_env_headers(pair, liberal=True).items():
             if not _printable_ascii(key) or not _printable_ascii(value):
                 what = "name" if not _printable_ascii(key) else "value"
-                shown = _printable_ascii(key) and re.fullmatch(r"[a-z0-9._-]{1,64}", key)
-                named = f" ({key!r})" if shown else ""
                 raise ConfigError(
-                    f"{name}: header {number} of {len(pairs)}{named} has a {what} that is not "
-                    "printable ASCII once URL-decoded (a %XX escape of a byte over %7E or under "
-                    "%20, a character outside ASCII), which gRPC cannot send: every export "
-                    "would fail; its value is not shown (it may be a secret)"
+                    f"{name}: header {number} of {len(pairs)}{_shown_name(key)} has a {what} "
+                    "that is not printable ASCII once URL-decoded (a %XX escape of a byte over "
+                    "%7E or under %20, a character outside ASCII), which gRPC cannot send: "
+                    "every export would fail; its value is not shown (it may be a secret)"
                 )
-            if key.lower().endswith("-bin"):
+            if key.endswith("-bin"):
                 # gRPC's binary metadata: it takes bytes, and refused every export of a
                 # string ("TypeError: Binary metadata key ... expected bytes")
-                shown = re.fullmatch(r"[a-z0-9._-]{1,64}", key.lower())
-                named = f" ({key.lower()!r})" if shown else ""
                 raise ConfigError(
-                    f"{name}: header {number} of {len(pairs)}{named} has a name ending in "
-                    "-bin, which gRPC sends as binary metadata (bytes, not the text given "
-                    "here): every export would fail; rename the header (or drop it); its "
+                    f"{name}: header {number} of {len(pairs)}{_shown_name(key)} has a name "
+                    "ending in -bin, which gRPC sends as binary metadata (bytes, not the text "
+                    "given here): every export would fail; rename the header (or drop it); its "
                     "value is not shown (it may be a secret)"
                 )
-    return tuple(parse_env_headers(raw, liberal=True).items())
+            headers[key] = value
+    return tuple(headers.items())
+
+
+def _shown_name(key: str) -> str:
+    """A header's name for a message, `` ('name')``, when it is a plain one (letters, digits
+    and -_., at most 64): else "" (it may be a secret written where the name goes)."""
+    return f" ({key!r})" if re.fullmatch(r"[A-Za-z0-9._-]{1,64}", key) else ""
 
 
 def _printable_ascii(text: str) -> bool:
