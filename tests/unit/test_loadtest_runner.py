@@ -7,7 +7,6 @@ import itertools
 import json
 import multiprocessing as mp
 import os
-import queue
 import random
 import signal
 import subprocess
@@ -22,10 +21,8 @@ from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cachemesh import AsyncClient
-from cachemesh._channel import GATEWAY_SERVICE
 from cachemesh.loadtest import runner
 from cachemesh.loadtest.load import NotLoopback, check_target, run_load
 from cachemesh.loadtest.runner import Interrupted, LoadShape, run_plan, shares
@@ -36,6 +33,7 @@ from cachemesh.loadtest.workloads.base import TENANT_A, user
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
 from tests.public_data import data_dir
+from tests.unit.loadtest_cli import served
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -97,27 +95,8 @@ class FakeGateway(gateway_pb2_grpc.GatewayServicer):
 def gateway() -> Iterator[tuple[str, FakeGateway]]:
     """The fake Gateway on its own event loop in a thread (the runner owns this thread's)."""
     fake = FakeGateway()
-    ready: queue.Queue[tuple[int, asyncio.AbstractEventLoop, asyncio.Event]] = queue.Queue()
-
-    async def serve() -> None:
-        server = grpc.aio.server()
-        gateway_pb2_grpc.add_GatewayServicer_to_server(fake, server)
-        serving = health.aio.HealthServicer()  # cachemesh-load asks before it runs
-        await serving.set(GATEWAY_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        health_pb2_grpc.add_HealthServicer_to_server(serving, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        stop = asyncio.Event()
-        ready.put((port, asyncio.get_running_loop(), stop))
-        await stop.wait()
-        await server.stop(0)
-
-    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
-    thread.start()
-    port, loop, stop = ready.get(timeout=10)
-    yield f"127.0.0.1:{port}", fake
-    loop.call_soon_threadsafe(stop.set)
-    thread.join(5)
+    with served(fake) as target:
+        yield target, fake
 
 
 def _items(*texts: str) -> list[Item]:

@@ -6,17 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import queue
-import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from cachemesh._channel import GATEWAY_SERVICE
 from cachemesh.loadtest import cli, runner
 from cachemesh.loadtest.runner import LoadShape, run_plan
 from cachemesh.loadtest.samples import CUT
@@ -24,7 +20,7 @@ from cachemesh.loadtest.workloads import Item
 from cachemesh.loadtest.workloads.base import TENANT_A, user
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
-from tests.unit.loadtest_cli import stack_config
+from tests.unit.loadtest_cli import served, stack_config
 
 Context = grpc.aio.ServicerContext[Any, Any]
 KEYS = {TENANT_A: "key"}
@@ -57,27 +53,8 @@ class Gateway(gateway_pb2_grpc.GatewayServicer):
 def gateway() -> Iterator[tuple[str, Gateway]]:
     """The fake Gateway (with its health) on an event loop of its own, in a thread."""
     fake = Gateway()
-    ready: queue.Queue[tuple[int, asyncio.AbstractEventLoop, asyncio.Event]] = queue.Queue()
-
-    async def serve() -> None:
-        server = grpc.aio.server()
-        gateway_pb2_grpc.add_GatewayServicer_to_server(fake, server)
-        serving = health.aio.HealthServicer()
-        await serving.set(GATEWAY_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        health_pb2_grpc.add_HealthServicer_to_server(serving, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        stop = asyncio.Event()
-        ready.put((port, asyncio.get_running_loop(), stop))
-        await stop.wait()
-        await server.stop(0)
-
-    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
-    thread.start()
-    port, loop, stop = ready.get(timeout=10)
-    yield f"127.0.0.1:{port}", fake
-    loop.call_soon_threadsafe(stop.set)
-    thread.join(5)
+    with served(fake) as target:
+        yield target, fake
 
 
 @pytest.fixture(autouse=True)
