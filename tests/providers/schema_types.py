@@ -19,11 +19,6 @@ from typing import Any
 from cachemesh import json_schema
 
 TYPES = frozenset(json_schema.TYPES)
-# the keywords whose value is a schema, a list of schemas, or a map of names to schemas: the
-# router's walker's (one list: a schema the router passes is one these servers pass)
-_ONE = json_schema.ONE_SCHEMA
-_LISTS = json_schema.SCHEMA_LISTS
-_MAPS = json_schema.SCHEMA_MAPS
 
 
 def _problem(kind: Any) -> str | None:
@@ -46,17 +41,9 @@ def bad_type(schema: Any) -> str | None:
         return None
     if "type" in schema and (problem := _problem(schema["type"])) is not None:
         return problem
-    nested: list[Any] = []
-    for key in _ONE:
-        if isinstance(schema.get(key), dict):
-            nested.append(schema[key])
-    for key in _LISTS:
-        if isinstance(schema.get(key), list):
-            nested.extend(schema[key])
-    for key in _MAPS:
-        if isinstance(schema.get(key), dict):
-            nested.extend(schema[key].values())
-    for sub in nested:
+    # the nested schemas: the keywords the router's walker walks (one list: a schema the router
+    # passes is one these servers pass)
+    for _, sub in json_schema.subschemas(schema):
         if (found := bad_type(sub)) is not None:
             return found
     return None

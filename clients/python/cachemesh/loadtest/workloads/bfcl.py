@@ -16,6 +16,7 @@ every row: none fails it then.
 
 from __future__ import annotations
 
+import copy
 import random
 from pathlib import Path
 
@@ -46,12 +47,6 @@ _AS_JSON_SCHEMA = {"dict": "object", "float": "number", "tuple": "array"}
 # harness sends "string", which would tell the model a value must be text)
 _ANY = "any"
 JSON_SCHEMA_TYPES = frozenset(schema_words.TYPES)
-# the keywords whose value is a schema, a list of schemas or a map of name -> schema: only
-# these are walked (a ``default`` or an ``enum`` value is data, whatever keys it holds); the
-# router's walker's
-_ONE_SCHEMA = schema_words.ONE_SCHEMA
-_SCHEMA_LISTS = schema_words.SCHEMA_LISTS
-_SCHEMA_MAPS = schema_words.SCHEMA_MAPS
 
 
 class NotJsonSchemaType(ValueError):
@@ -73,15 +68,15 @@ def json_schema(schema: object) -> object:
         out["type"] = _AS_JSON_SCHEMA.get(kind, kind)
         if out["type"] not in JSON_SCHEMA_TYPES:
             raise NotJsonSchemaType(f"type {kind!r} is not a JSON Schema type")
-    for key in _ONE_SCHEMA:
-        if isinstance(out.get(key), dict):
-            out[key] = json_schema(out[key])
-    for key in _SCHEMA_LISTS:
-        if isinstance(out.get(key), list):
-            out[key] = [json_schema(s) for s in out[key]]  # type: ignore[attr-defined]
-    for key in _SCHEMA_MAPS:
-        if isinstance(out.get(key), dict):
-            out[key] = {name: json_schema(s) for name, s in out[key].items()}  # type: ignore[attr-defined]
+    # only the nested schemas are walked (``schema_words.subschemas``: the router's walker's
+    # keywords; a ``default`` or an ``enum`` value is data, whatever keys it holds)
+    for (key, slot), sub in schema_words.subschemas(schema):
+        if slot is None:
+            out[key] = json_schema(sub)
+            continue
+        if out[key] is schema[key]:  # the keyword's list or map, copied at its first schema
+            out[key] = copy.copy(schema[key])
+        out[key][slot] = json_schema(sub)  # type: ignore[index]
     return out
 
 
