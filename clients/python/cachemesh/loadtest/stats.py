@@ -56,6 +56,7 @@ def summarise(
     """``samples`` includes the warm-up ones: they teach which answer came from which question."""
     measured = [s for s in samples if not s.warmup]
     ok = [s for s in measured if s.layer != ERROR]
+    cut_s = [s.latency_s for s in measured if s.code == CUT]  # the run's own cuts at its end
     if wall_s is None:
         timed = [s for s in measured if s.code != LOST]  # a lost process's have no time
         wall_s = (
@@ -73,15 +74,13 @@ def summarise(
         "errors": dict(
             sorted(Counter(s.code for s in measured if s.layer == ERROR and s.code != CUT).items())
         ),
-        "cut_at_deadline": sum(s.code == CUT for s in measured),
+        "cut_at_deadline": len(cut_s),
         "wall_s": round(wall_s, 3),
         "throughput_rps": round(len(ok) / wall_s, 2) if wall_s > 0 else 0.0,
         "latency_ms": _by_layer(ok, "latency_s"),
         # still running at the end of the run's grace, cut then: the time each had run, a
         # lower bound of its latency (the completed ones' percentiles above leave them out)
-        "cut_at_deadline_ms": latency_summary([s.latency_s for s in measured if s.code == CUT])
-        if any(s.code == CUT for s in measured)
-        else None,
+        "cut_at_deadline_ms": latency_summary(cut_s) if cut_s else None,
         # ended in an error (DEADLINE_EXCEEDED at --timeout, UNAVAILABLE, ...): the time each
         # took to fail, apart from the completed ones' (a run whose slow tail timed out shows it)
         "failed_ms": _failed(measured),
