@@ -470,7 +470,7 @@ def _none_completed(target: str, tls: Tls | None, errors: dict[str, int]) -> str
         check_gateway(target, tls)
     except NoGateway as exc:
         return f"{exc} (make up)"
-    if not set(errors) - {CUT, INTERRUPTED, LOST}:  # none of them had an answer
+    if not set(errors) - {INTERRUPTED, LOST}:  # none of them had an answer (a cut is no error)
         return f"the Gateway at {target} serves, yet answered no request before the run ended"
     return (
         f"the Gateway at {target} serves, and answered every request with an error (the "
@@ -509,8 +509,11 @@ def _refused_key_warning(samples: list[Sample], warmup: list[Item], plan: list[I
 def _cut_warning(cut: int, grace_s: float) -> str:
     requests = "1 request" if cut == 1 else f"{cut} requests"
     was = "was" if cut == 1 else "were"
-    when = f"{grace_s:g} s after --duration's end" if grace_s else "at --duration's end"
-    when += "" if grace_s else " (--stop-grace 0)"
+    when = (
+        f"{grace_s:g} s after --duration's end"
+        if grace_s
+        else "at --duration's end (--stop-grace 0)"
+    )
     return (
         f"{requests} still running {when} {was} cut ({CUT}: "
         "results.cut_at_deadline, not an error of the Gateway's, and not in the latency "
