@@ -283,10 +283,12 @@ def main() -> None:
     roots = {"this": args.root.resolve()}
     if args.compare is not None:
         roots["compared"] = args.compare.resolve()
+    own: dict[str, str] = {}
     for item in args.set:  # a ValueError traceback (dict of a one-piece split) before
-        if not item.partition("=")[0] or "=" not in item:
+        name, equals, value = item.partition("=")
+        if not name or not equals:
             parser.error(f"--set expects NAME=VALUE, got {item!r}")
-    own = dict(item.split("=", 1) for item in args.set)
+        own[name] = value
     with contextlib.ExitStack() as receiver:
         shared: dict[str, str] = {}
         if args.traced:
