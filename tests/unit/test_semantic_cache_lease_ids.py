@@ -9,6 +9,8 @@ sends its Store, so the identical requests waited on it up to its age limit."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
+from typing import Any
 
 import pytest
 
@@ -41,13 +43,41 @@ def _api() -> tuple[SemanticCacheApi, SemanticCache]:
     return SemanticCacheApi(cache, lease_wait_s=0.0), cache
 
 
+def _lookup(
+    api: SemanticCacheApi, request: pb.CompleteRequest, lease_id: str = PROPOSED
+) -> Coroutine[Any, Any, sc.LookupResponse]:
+    """Tenant a's Lookup of ``request`` proposing ``lease_id``."""
+    return api.lookup(sc.LookupRequest(tenant="a", request=request, lease_id=lease_id), 5.0)
+
+
+async def _cancelled_while_derived(
+    monkeypatch: pytest.MonkeyPatch, call: Coroutine[Any, Any, object]
+) -> None:
+    """Runs ``call`` until its query is being derived (a large request's, in a worker thread
+    after the other tenants' walks: ``RecentQueries.derived``, held here), then cancels it:
+    it ends cancelled."""
+    queued = asyncio.Event()
+
+    async def behind_others(*_: object, **__: object) -> Query:
+        queued.set()
+        await asyncio.Event().wait()  # never: the call is cancelled first
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(RecentQueries, "derived", behind_others)
+    task = asyncio.ensure_future(call)
+    await queued.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 async def test_a_release_by_a_proposed_id_another_lease_has_ends_nothing_of_it() -> None:
     api, cache = _api()
     first = _request("How do I reset my password?", "r1")
     second = _request("What is the capital of France?", "r2")
-    led = await api.lookup(sc.LookupRequest(tenant="a", request=first, lease_id=PROPOSED), 5.0)
+    led = await _lookup(api, first)
     assert led.leader and led.lease_id == PROPOSED
-    other = await api.lookup(sc.LookupRequest(tenant="a", request=second, lease_id=PROPOSED), 5.0)
+    other = await _lookup(api, second)
     assert other.leader and other.lease_id != PROPOSED  # the id is the first one's
     # the second's reply lost: it releases by the id it proposed, all it knows
     released = await api.release(sc.ReleaseRequest(tenant="a", lease_id=PROPOSED))
@@ -64,7 +94,7 @@ async def test_a_release_by_a_proposed_id_another_lease_has_ends_nothing_of_it()
 async def test_a_release_by_id_alone_of_an_uncontested_lease_still_ends_it() -> None:
     api, cache = _api()
     first = _request("How do I reset my password?", "r1")
-    led = await api.lookup(sc.LookupRequest(tenant="a", request=first, lease_id=PROPOSED), 5.0)
+    led = await _lookup(api, first)
     assert led.leader
     assert (await api.release(sc.ReleaseRequest(tenant="a", lease_id=PROPOSED))).released
     assert not _held(cache, first)
@@ -76,9 +106,9 @@ async def test_a_waiter_proposing_the_leaders_id_cannot_release_its_lease() -> N
     api, cache = _api()
     first = _request("How do I reset my password?", "r1")
     same = _request("How do I reset my password?", "r2")
-    led = await api.lookup(sc.LookupRequest(tenant="a", request=first, lease_id=PROPOSED), 5.0)
+    led = await _lookup(api, first)
     assert led.leader and led.lease_id == PROPOSED
-    waiting = await api.lookup(sc.LookupRequest(tenant="a", request=same, lease_id=PROPOSED), 5.0)
+    waiting = await _lookup(api, same)
     assert waiting.pending and not waiting.leader
     assert not (await api.release(sc.ReleaseRequest(tenant="a", lease_id=PROPOSED))).released
     assert _held(cache, first)
@@ -89,8 +119,8 @@ async def test_a_duplicate_of_the_leaders_own_lookup_may_still_release_it() -> N
     its own request's, and its Release by the id it proposed ends it, as before."""
     api, cache = _api()
     first = _request("How do I reset my password?", "r1")
-    led = await api.lookup(sc.LookupRequest(tenant="a", request=first, lease_id=PROPOSED), 5.0)
-    again = await api.lookup(sc.LookupRequest(tenant="a", request=first, lease_id=PROPOSED), 5.0)
+    led = await _lookup(api, first)
+    again = await _lookup(api, first)
     assert led.leader and again.pending
     assert (await api.release(sc.ReleaseRequest(tenant="a", lease_id=PROPOSED))).released
     assert not _held(cache, first)
@@ -102,7 +132,7 @@ async def test_a_store_refused_before_it_is_read_still_ends_its_lease() -> None:
     so the identical requests waited on the lease up to its age limit."""
     api, cache = _api()
     first = _request("How do I reset my password?", "r1")
-    led = await api.lookup(sc.LookupRequest(tenant="a", request=first, lease_id=PROPOSED), 5.0)
+    led = await _lookup(api, first)
     assert led.leader
     answer = sc.CachedAnswer(content=[pb.ContentBlock(text="Open Settings.")], output_tokens=-1)
     store = sc.StoreRequest(tenant="a", request=first, answer=answer, lease_id=led.lease_id)
@@ -120,23 +150,11 @@ async def test_a_store_cancelled_while_its_query_is_derived_still_ends_its_lease
     ended nothing of its lease. The derivation is held here until the cancel."""
     api, cache = _api()
     first = _request("How do I reset my password?", "r1")
-    led = await api.lookup(sc.LookupRequest(tenant="a", request=first, lease_id=PROPOSED), 5.0)
+    led = await _lookup(api, first)
     assert led.leader
-    queued = asyncio.Event()
-
-    async def behind_others(*_: object, **__: object) -> Query:
-        queued.set()
-        await asyncio.Event().wait()  # never: the Store is cancelled first
-        raise AssertionError("not reached")
-
-    monkeypatch.setattr(RecentQueries, "derived", behind_others)
     answer = sc.CachedAnswer(content=[pb.ContentBlock(text="Open Settings.")], output_tokens=3)
     store = sc.StoreRequest(tenant="a", request=first, answer=answer, lease_id=led.lease_id)
-    task = asyncio.ensure_future(api.store(store))
-    await queued.wait()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await _cancelled_while_derived(monkeypatch, api.store(store))
     assert not _held(cache, first), "the cancelled Store left its lease held"
 
 
@@ -147,8 +165,8 @@ async def test_an_abandoned_lookup_ends_its_own_lease_though_its_id_was_proposed
     api, cache = _api()
     first = _request("How do I reset my password?", "r1")
     second = _request("What is the capital of France?", "r2")
-    led = await api.lookup(sc.LookupRequest(tenant="a", request=first, lease_id=PROPOSED), 5.0)
-    await api.lookup(sc.LookupRequest(tenant="a", request=second, lease_id=PROPOSED), 5.0)
+    led = await _lookup(api, first)
+    await _lookup(api, second)
     assert api.abandon("a", led.lease_id)
     assert not _held(cache, first)
 
@@ -160,22 +178,10 @@ async def test_a_release_cancelled_while_its_query_is_derived_still_ends_its_lea
     query is derived (the router's Release deadline passed), ended nothing."""
     api, cache = _api()
     first = _request("How do I reset my password?", "r1")
-    led = await api.lookup(sc.LookupRequest(tenant="a", request=first, lease_id=PROPOSED), 5.0)
+    led = await _lookup(api, first)
     assert led.leader
-    queued = asyncio.Event()
-
-    async def behind_others(*_: object, **__: object) -> Query:
-        queued.set()
-        await asyncio.Event().wait()  # never: the Release is cancelled first
-        raise AssertionError("not reached")
-
-    monkeypatch.setattr(RecentQueries, "derived", behind_others)
     release = sc.ReleaseRequest(tenant="a", request=first, lease_id=led.lease_id)
-    task = asyncio.ensure_future(api.release(release))
-    await queued.wait()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await _cancelled_while_derived(monkeypatch, api.release(release))
     assert not _held(cache, first), "the cancelled Release left its lease held"
 
 
@@ -190,26 +196,13 @@ async def test_a_lookup_cancelled_before_its_check_cannot_release_the_lease_of_i
     cache = SemanticCache(FakeEmbedder(), clock, threshold=0.8, leases=leases)
     api = SemanticCacheApi(cache, lease_wait_s=0.0)
     first = _request("How do I reset my password?", "r1")
-    led = await api.lookup(sc.LookupRequest(tenant="a", request=first, lease_id=PROPOSED), 5.0)
+    led = await _lookup(api, first)
     assert led.leader and led.lease_id == PROPOSED
-    queued = asyncio.Event()
-
-    async def behind_others(*_: object, **__: object) -> Query:
-        queued.set()
-        await asyncio.Event().wait()  # never: the Lookup is cancelled first
-        raise AssertionError("not reached")
-
-    monkeypatch.setattr(RecentQueries, "derived", behind_others)
     second = _request("What is the capital of France?", "r2")
     lookup = sc.LookupRequest(tenant="a", request=second, lease_id=PROPOSED)
-    task = asyncio.ensure_future(api.lookup(lookup, 5.0))
-    await queued.wait()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await _cancelled_while_derived(monkeypatch, api.lookup(lookup, 5.0))
     assert not (await api.release(sc.ReleaseRequest(tenant="a", lease_id=PROPOSED))).released
     assert _held(cache, first)
-    assert leases.proposals() == 0, "the cancelled Lookup's proposal is kept"
     assert leases.proposals() == 0, "the cancelled Lookup's proposal is kept"
 
 
@@ -223,11 +216,9 @@ async def test_a_waiter_proposing_the_leaders_id_cannot_release_it_while_it_wait
     api = SemanticCacheApi(cache, lease_wait_s=30.0)
     first = _request("How do I reset my password?", "r1")
     same = _request("How do I reset my password?", "r2")
-    led = await api.lookup(sc.LookupRequest(tenant="a", request=first, lease_id=PROPOSED), 5.0)
+    led = await _lookup(api, first)
     assert led.leader and led.lease_id == PROPOSED
-    waiter = asyncio.ensure_future(
-        api.lookup(sc.LookupRequest(tenant="a", request=same, lease_id=PROPOSED), 5.0)
-    )
+    waiter = asyncio.ensure_future(_lookup(api, same))
     for _ in range(50):  # until it waits on the lease (its check is past its embedding)
         await asyncio.sleep(0)
     assert not waiter.done()
@@ -255,15 +246,13 @@ async def test_a_lease_taken_under_an_id_a_waiting_lookup_proposed_is_not_releas
     holder = _request("How do I reset my password?", "r0")
     same = _request("How do I reset my password?", "r2")
     other = _request("What is the capital of France?", "r1")
-    held = await api.lookup(sc.LookupRequest(tenant="a", request=holder, lease_id="b" * 32), 5.0)
+    held = await _lookup(api, holder, "b" * 32)
     assert held.leader
-    waiter = asyncio.ensure_future(
-        api.lookup(sc.LookupRequest(tenant="a", request=same, lease_id=PROPOSED), 5.0)
-    )
+    waiter = asyncio.ensure_future(_lookup(api, same))
     for _ in range(50):  # until it waits on the holder's lease
         await asyncio.sleep(0)
     assert not waiter.done()
-    led = await api.lookup(sc.LookupRequest(tenant="a", request=other, lease_id=PROPOSED), 5.0)
+    led = await _lookup(api, other)
     assert led.leader and led.lease_id == PROPOSED  # no live lease had it
     released = await api.release(sc.ReleaseRequest(tenant="a", lease_id=PROPOSED))
     assert not released.released, "a Release by the waiter's proposed id ended another's lease"
