@@ -900,15 +900,9 @@ class ViewOf:
         )
 
 
-@pytest.mark.parametrize("warm", [1984, 0])
-def test_a_call_stalled_where_it_was_predicted_warm_is_named_in_the_next_replicas_warm(
-    fast_stall: None, warm: int
-) -> None:
-    """A replica predicted warm whose call stalls (a restarted engine prefilling cold) sends no
-    commit, so its engine's report of no reuse never reached prefix-cache's view, which kept
-    predicting it warm: the WARM of the replica that took the request over names it
-    (``stalled_warm_replicas``), for the view to take as a report of nothing reused. A
-    replica predicted cold that stalls tells the view nothing it does not hold."""
+def _stalled_warm_named(warm: int) -> list[str]:
+    """One request whose call to large-1 (``ViewOf(warm)``) stalls and is handed over to
+    large-2: the replicas the WARM of large-2 names as stalled where predicted warm."""
     clock = Clock()
     view = ViewOf(warm)
 
@@ -926,7 +920,19 @@ def test_a_call_stalled_where_it_was_predicted_warm_is_named_in_the_next_replica
     run_on_clock(clock, scenario)
     warms = [c for c in view.commits if c.phase == pc.COMMIT_PHASE_WARM]
     assert [w.replica for w in warms] == ["large-2"]
-    assert list(warms[0].stalled_warm_replicas) == (["large-1"] if warm else [])
+    return list(warms[0].stalled_warm_replicas)
+
+
+@pytest.mark.parametrize("warm", [1984, 0])
+def test_a_call_stalled_where_it_was_predicted_warm_is_named_in_the_next_replicas_warm(
+    fast_stall: None, warm: int
+) -> None:
+    """A replica predicted warm whose call stalls (a restarted engine prefilling cold) sends no
+    commit, so its engine's report of no reuse never reached prefix-cache's view, which kept
+    predicting it warm: the WARM of the replica that took the request over names it
+    (``stalled_warm_replicas``), for the view to take as a report of nothing reused. A
+    replica predicted cold that stalls tells the view nothing it does not hold."""
+    assert _stalled_warm_named(warm) == (["large-1"] if warm else [])
 
 
 @pytest.mark.parametrize("warm", [16, 1000, 1008, 1024])
@@ -939,24 +945,7 @@ def test_a_stall_is_named_only_where_a_lost_prefix_explains_it(fast_stall: None,
     (0.500 s at sim-large's 4,000 tokens/s) stays under the bound (2 * 0.248 + 0.01 s: the
     16 tokens over half take 4 ms, the floor 10 ms), so it is not named either (it was, by the
     half share alone); at 1,024 it overruns it (0.500 s > 0.498 s)."""
-    clock = Clock()
-    view = ViewOf(warm)
-
-    async def scenario() -> None:
-        models = Models(clock, {}, hung={"large-1"})
-        deps = Dependencies(FakeSemantic(), view, models, REPLICAS)
-        router = (load_router_model(), RouterCard.load().default_threshold, None)
-        pipeline = Pipeline(
-            deps, TABLE, TOKENIZER, trace.NoOpTracer(), _settings(), router, clock=clock
-        )
-        assert (await _ask(pipeline, 1, remaining_s=30.0)).content[0].text == "ok"
-        await pipeline.drain()
-        assert models.calls == ["large-1", "large-2"] and models.cancelled == ["large-1"]
-
-    run_on_clock(clock, scenario)
-    warms = [c for c in view.commits if c.phase == pc.COMMIT_PHASE_WARM]
-    assert [w.replica for w in warms] == ["large-2"]
-    assert list(warms[0].stalled_warm_replicas) == (["large-1"] if warm > 1008 else [])
+    assert _stalled_warm_named(warm) == (["large-1"] if warm > 1008 else [])
 
 
 @dataclass
