@@ -72,6 +72,16 @@ def test_a_user_part_points_at_the_headers() -> None:
         build_tracer_provider({**OTLP, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}, "router")
 
 
+def _refused_headers(variable: str, value: str, caplog: pytest.LogCaptureFixture) -> str:
+    """The message of the ConfigError that stops a start with ``value`` in ``variable`` (the
+    log captured at DEBUG, for the tests to check no secret reached it)."""
+    caplog.set_level(logging.DEBUG)
+    environ = {**OTLP, "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317", variable: value}
+    with pytest.raises(ConfigError) as refused:
+        build_tracer_provider(environ, "router")
+    return str(refused.value)
+
+
 @pytest.mark.parametrize(
     ("value", "named"),
     [
@@ -87,11 +97,7 @@ def test_a_user_part_points_at_the_headers() -> None:
 def test_headers_the_exporter_cannot_read_stop_the_start_unshown(
     variable: str, value: str, named: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG)
-    environ = {**OTLP, "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317", variable: value}
-    with pytest.raises(ConfigError) as refused:
-        build_tracer_provider(environ, "router")
-    message = str(refused.value)
+    message = _refused_headers(variable, value, caplog)
     assert message.startswith(variable) and named in message
     assert SECRET not in message and SECRET not in caplog.text
 
@@ -257,15 +263,7 @@ def test_a_header_not_printable_ascii_once_decoded_stops_the_start_unshown(
     such header, and every export failed ("INTERNAL: Invalid metadata", 0 of 3 exports
     received, the warning naming OTEL_EXPORTER_OTLP_ENDPOINT); now the start stops, naming
     the variable and the header's position, never its value."""
-    caplog.set_level(logging.DEBUG)
-    environ = {
-        **OTLP,
-        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317",
-        "OTEL_EXPORTER_OTLP_HEADERS": value,
-    }
-    with pytest.raises(ConfigError) as refused:
-        build_tracer_provider(environ, "router")
-    message = str(refused.value)
+    message = _refused_headers("OTEL_EXPORTER_OTLP_HEADERS", value, caplog)
     assert message.startswith("OTEL_EXPORTER_OTLP_HEADERS: ") and named in message, message
     assert f"has a {what} that is not printable ASCII" in message
     assert SECRET not in message and SECRET not in caplog.text
@@ -286,14 +284,6 @@ def test_a_binary_header_name_stops_the_start_unshown(
     the start check let it through and every export failed ("TypeError: Binary metadata key
     ... expected bytes"); now the start stops, naming the variable and the header's position,
     never its value."""
-    caplog.set_level(logging.DEBUG)
-    environ = {
-        **OTLP,
-        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317",
-        "OTEL_EXPORTER_OTLP_HEADERS": value,
-    }
-    with pytest.raises(ConfigError) as refused:
-        build_tracer_provider(environ, "router")
-    message = str(refused.value)
+    message = _refused_headers("OTEL_EXPORTER_OTLP_HEADERS", value, caplog)
     assert message.startswith("OTEL_EXPORTER_OTLP_HEADERS: ") and named in message, message
     assert "-bin" in message and SECRET not in message and SECRET not in caplog.text
