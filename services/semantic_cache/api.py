@@ -99,22 +99,15 @@ class SemanticCacheApi:
         embedding ``auto`` wants) is bounded by no deadline (``remaining_s`` is not read)."""
         _require_tenant(request.tenant)
         _check_lease_id(request.lease_id)
-        if request.lease_id:
-            # before any await: while this Lookup runs (it may wait on a lease up to
-            # SEMANTIC_CACHE_LEASE_WAIT_S), its caller may release by the id it proposed (its
-            # reply lost), which must end no lease another request holds under that id, live
-            # now or taken before this Lookup ends (``Leases.proposing``). Marked only at the
-            # Lookup's end before, a Release during its wait ended that lease
-            self._cache.lease_id_proposing(
-                request.tenant, request.lease_id, request.request.request_id
-            )
-        try:
+        # before any await: while this Lookup runs (it may wait on a lease up to
+        # SEMANTIC_CACHE_LEASE_WAIT_S), its caller may release by the id it proposed (its reply
+        # lost), which must end no lease another request holds under that id, live now or
+        # taken before this Lookup ends (``Leases.proposing``). Marked only at the Lookup's end
+        # before, a Release during its wait ended that lease
+        with self._cache.lease_id_proposed(
+            request.tenant, request.lease_id, request.request.request_id
+        ):
             return await self._lookup(request, remaining_s, wait)
-        finally:
-            if request.lease_id:
-                self._cache.lease_id_proposal_ended(
-                    request.tenant, request.lease_id, request.request.request_id
-                )
 
     async def _lookup(
         self, request: sc.LookupRequest, remaining_s: float | None, wait: bool

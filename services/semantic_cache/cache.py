@@ -14,13 +14,14 @@ not make durable (a full disk) is refused and never served.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import numpy.typing as npt
@@ -247,18 +248,21 @@ class SemanticCache(EntryStore):
             and self._leases.end_id(tenant, lease_id, own=own)
         )
 
-    def lease_id_proposing(self, tenant: str, lease_id: str, request_id: str) -> None:
-        """A Lookup of the tenant's request ``request_id`` proposing ``lease_id`` begins: a
-        live lease with that id, or one taken under it by another request before
-        ``lease_id_proposal_ended``, is no more to end by its id alone
-        (``Leases.proposing``)."""
-        if self._leases is not None and lease_id:
-            self._leases.proposing(tenant, lease_id, request_id)
-
-    def lease_id_proposal_ended(self, tenant: str, lease_id: str, request_id: str) -> None:
-        """The Lookup ``lease_id_proposing`` began has ended."""
-        if self._leases is not None and lease_id:
-            self._leases.proposal_ended(tenant, lease_id, request_id)
+    @contextlib.contextmanager
+    def lease_id_proposed(self, tenant: str, lease_id: str, request_id: str) -> Iterator[None]:
+        """While a Lookup of the tenant's request ``request_id`` proposing ``lease_id`` runs:
+        a live lease with that id, or one taken under it by another request meanwhile, is no
+        more to end by its id alone (``Leases.proposing``, until ``proposal_ended``). Nothing
+        without leases or an id."""
+        if self._leases is None or not lease_id:
+            yield
+            return
+        leases = self._leases
+        leases.proposing(tenant, lease_id, request_id)
+        try:
+            yield
+        finally:
+            leases.proposal_ended(tenant, lease_id, request_id)
 
     def renew(self, tenant: str, lease_id: str) -> bool:
         """Restarts the age limit of ``tenant``'s lease named ``lease_id`` (its leader's model
