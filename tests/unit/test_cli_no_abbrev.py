@@ -21,48 +21,40 @@ from cachemesh._argv import subcommand_parsers
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _main(module: str, *args: Any) -> Callable[[], object]:
+def _main(path: str, *args: Any) -> Callable[[], object]:
+    """``path``'s module's ``main`` called with ``args`` (its module name is its path's)."""
+    module = path.removeprefix("clients/python/").removesuffix(".py").replace("/", ".")
     return lambda: importlib.import_module(module).main(*args)
 
 
 # each CLI module's file, and how to reach its parser: its main with no flags (argv [] where
 # main takes one, else sys.argv is set to the program's name alone)
-CLIS: dict[str, Callable[[], object]] = {
-    "clients/python/cachemesh/cli.py": _main("cachemesh.cli", []),
-    "clients/python/cachemesh/loadtest/cli.py": _main("cachemesh.loadtest.cli", []),
-    "clients/python/cachemesh/demo/__main__.py": lambda: importlib.import_module(
-        "cachemesh.demo.__main__"
-    ).connection("127.0.0.1:1"),
-    "services/tools/bench/fair_queue/__main__.py": _main(
-        "services.tools.bench.fair_queue.__main__", []
-    ),
-    "services/tools/bench/gateway/http_path.py": _main("services.tools.bench.gateway.http_path"),
-    "services/tools/bench/gateway/run.py": _main("services.tools.bench.gateway.run", []),
-    "services/tools/bench/hit_cpu/__main__.py": _main("services.tools.bench.hit_cpu.__main__"),
-    "services/tools/bench/key_reload.py": _main("services.tools.bench.key_reload"),
-    "services/tools/bench/l1_stats.py": _main("services.tools.bench.l1_stats", []),
-    "services/tools/bench/prefix_cache/__main__.py": _main(
-        "services.tools.bench.prefix_cache.__main__", []
-    ),
-    "services/tools/bench/router/__main__.py": _main("services.tools.bench.router.__main__", []),
-    "services/tools/bench/semantic_cache/__main__.py": _main(
-        "services.tools.bench.semantic_cache.__main__", []
-    ),
-    "services/tools/bench/speculative/__main__.py": _main(
-        "services.tools.bench.speculative.__main__", []
-    ),
-    "services/tools/engine/cli.py": _main("services.tools.engine.cli", []),
-    "services/tools/estimator/cli.py": _main("services.tools.estimator.cli", []),
-    "services/tools/evaluation/router/__main__.py": _main(
-        "services.tools.evaluation.router.__main__", []
-    ),
-    "services/tools/evaluation/semantic_cache/__main__.py": _main(
-        "services.tools.evaluation.semantic_cache.__main__", []
-    ),
-    "services/tools/keys.py": _main("services.tools.keys", []),
-    "services/tools/stack/cli.py": _main("services.tools.stack.cli", []),
-    "services/tools/verifier/train.py": _main("services.tools.verifier.train", []),
+MAIN_ARGS: dict[str, tuple[Any, ...]] = {
+    "clients/python/cachemesh/cli.py": ([],),
+    "clients/python/cachemesh/loadtest/cli.py": ([],),
+    "services/tools/bench/fair_queue/__main__.py": ([],),
+    "services/tools/bench/gateway/http_path.py": (),
+    "services/tools/bench/gateway/run.py": ([],),
+    "services/tools/bench/hit_cpu/__main__.py": (),
+    "services/tools/bench/key_reload.py": (),
+    "services/tools/bench/l1_stats.py": ([],),
+    "services/tools/bench/prefix_cache/__main__.py": ([],),
+    "services/tools/bench/router/__main__.py": ([],),
+    "services/tools/bench/semantic_cache/__main__.py": ([],),
+    "services/tools/bench/speculative/__main__.py": ([],),
+    "services/tools/engine/cli.py": ([],),
+    "services/tools/estimator/cli.py": ([],),
+    "services/tools/evaluation/router/__main__.py": ([],),
+    "services/tools/evaluation/semantic_cache/__main__.py": ([],),
+    "services/tools/keys.py": ([],),
+    "services/tools/stack/cli.py": ([],),
+    "services/tools/verifier/train.py": ([],),
 }
+CLIS: dict[str, Callable[[], object]] = {path: _main(path, *a) for path, a in MAIN_ARGS.items()}
+# the demo takes no flags: its parser is built by connection()
+CLIS["clients/python/cachemesh/demo/__main__.py"] = lambda: importlib.import_module(
+    "cachemesh.demo.__main__"
+).connection("127.0.0.1:1")
 
 
 # make train-verifier's module: it imports torch, which only .venv-train has, so its parser is
