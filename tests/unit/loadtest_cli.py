@@ -1,5 +1,6 @@
 """What the unit tests of ``cachemesh-load``'s command line share: an environment with the
-two tenants' keys and nothing else of the client's (``cli_env``, used by each such module as
+two tenants' keys and nothing else of the client's (``client_env``; ``cli_env`` with the
+Gateway's health check faked too; each used by a module as
 ``pytestmark = pytest.mark.usefixtures("cli_env")``), and a run against an address nothing
 checks (``run_cli``), and a fake Gateway served on loopback (``served``)."""
 
@@ -21,13 +22,24 @@ from cachemesh.loadtest import cli
 from cachemesh.v1 import gateway_pb2_grpc
 
 
-@pytest.fixture
-def cli_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def no_client_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two tenants' keys and none of the client's other settings (the caller's shell's)."""
     monkeypatch.setenv("CACHEMESH_API_KEY", "k")
     monkeypatch.setenv("CACHEMESH_KEY_B", "k2")
     for name in ("CACHEMESH_ADMIN_TOKEN_FILE", "CACHEMESH_ADMIN_TOKEN", "CACHEMESH_TLS",
                  "CACHEMESH_CA_FILE", "CACHEMESH_CERT_FILE", "CACHEMESH_KEY_FILE"):  # fmt: skip
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def client_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    no_client_settings(monkeypatch)
+
+
+@pytest.fixture
+def cli_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``client_env``, and the Gateway "there" for runs faked or meant to reach nothing."""
+    no_client_settings(monkeypatch)
     monkeypatch.setattr(cli, "check_gateway", lambda target, tls=None: None)
 
 

@@ -24,18 +24,10 @@ from cachemesh.v1 import admin_pb2 as adm
 from cachemesh.v1 import admin_pb2_grpc
 from cachemesh.v1 import gateway_pb2 as pb
 from services.tools.stack.ports import free_port
-from tests.unit.loadtest_cli import stack_config
+from tests.unit.loadtest_cli import cli_env, stack_config  # noqa: F401 (cli_env: a fixture)
 
-
-@pytest.fixture(autouse=True)
-def _key(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CACHEMESH_API_KEY", "k")
-    monkeypatch.setenv("CACHEMESH_KEY_B", "k2")
-    for name in ("CACHEMESH_ADMIN_TOKEN_FILE", "CACHEMESH_ADMIN_TOKEN", "CACHEMESH_TLS",
-                 "CACHEMESH_CA_FILE", "CACHEMESH_CERT_FILE", "CACHEMESH_KEY_FILE"):  # fmt: skip
-        monkeypatch.delenv(name, raising=False)  # the caller's shell's
-    # the runs below are faked (run_load) or meant to reach nothing: the Gateway "is there"
-    monkeypatch.setattr(cli, "check_gateway", lambda target, tls=None: None)
+# the runs below are faked (run_load) or meant to reach nothing: the Gateway "is there"
+pytestmark = pytest.mark.usefixtures("cli_env")
 
 
 def _run(tmp_path: Path, *extra: str) -> int:

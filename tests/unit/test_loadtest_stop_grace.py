@@ -20,10 +20,11 @@ from cachemesh.loadtest.workloads import Item
 from cachemesh.loadtest.workloads.base import TENANT_A, user
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import gateway_pb2_grpc
-from tests.unit.loadtest_cli import served, stack_config
+from tests.unit.loadtest_cli import client_env, served, stack_config  # noqa: F401 (a fixture)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 KEYS = {TENANT_A: "key"}
+pytestmark = pytest.mark.usefixtures("client_env")  # the served Gateway's health asked
 # an answer's time by its question: each longer than the runs' --duration (0.5 s), so that
 # every request still runs at the duration's end; "hang" outlasts any grace a test gives
 DELAY_S = {"fast": 0.01, "fail": 0.01, "slow": 1.5, "hang": 60.0}
@@ -55,14 +56,6 @@ def gateway() -> Iterator[tuple[str, Gateway]]:
     fake = Gateway()
     with served(fake) as target:
         yield target, fake
-
-
-@pytest.fixture(autouse=True)
-def _key(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CACHEMESH_API_KEY", "k")
-    for name in ("CACHEMESH_ADMIN_TOKEN_FILE", "CACHEMESH_ADMIN_TOKEN", "CACHEMESH_TLS",
-                 "CACHEMESH_CA_FILE", "CACHEMESH_CERT_FILE", "CACHEMESH_KEY_FILE"):  # fmt: skip
-        monkeypatch.delenv(name, raising=False)
 
 
 def _items(*texts: str, session: str = "") -> list[Item]:
