@@ -6,6 +6,7 @@ import itertools
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -127,31 +128,25 @@ def test_json_schema_converts_bfcls_types_where_they_nest_and_leaves_data_alone(
     assert json.dumps(row, sort_keys=True) == before  # the row itself is unchanged
 
 
-def test_a_bfcl_row_with_a_type_neither_json_schemas_nor_bfcls_is_refused(tmp_path: Path) -> None:
-    row = {
-        "id": "live_multiple_y",
-        "question": [[{"role": "user", "content": "hi"}]],
-        "function": [{"name": "f", "parameters": {"type": "dict", "properties": {
-            "x": {"type": "HashMap"}}}}],
-    }  # fmt: skip
+def _build_from_one_row(tmp_path: Path, row_id: str, functions: list[dict[str, Any]]) -> None:
+    """Builds the tools workload from a data directory whose BFCL file holds one row."""
+    row = {"id": row_id, "question": [[{"role": "user", "content": "hi"}]], "function": functions}
     path = tmp_path / QUERIES
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    build(WorkloadSpec("tools", 3, "ns", tmp_path))
+
+
+def test_a_bfcl_row_with_a_type_neither_json_schemas_nor_bfcls_is_refused(tmp_path: Path) -> None:
+    hashmap = {"type": "dict", "properties": {"x": {"type": "HashMap"}}}
     with pytest.raises(DataInvalid, match=r"row live_multiple_y: function 'f': type 'HashMap'"):
-        build(WorkloadSpec("tools", 3, "ns", tmp_path))
+        _build_from_one_row(tmp_path, "live_multiple_y", [{"name": "f", "parameters": hashmap}])
 
 
 def test_a_bfcl_row_whose_names_collide_once_sent_is_refused(tmp_path: Path) -> None:
-    row = {
-        "id": "live_multiple_x",
-        "question": [[{"role": "user", "content": "hi"}]],
-        "function": [{"name": "a.b", "parameters": {}}, {"name": "a_b", "parameters": {}}],
-    }
-    path = tmp_path / QUERIES
-    path.parent.mkdir(parents=True)
-    path.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    functions = [{"name": "a.b", "parameters": {}}, {"name": "a_b", "parameters": {}}]
     with pytest.raises(DataInvalid, match=r"row live_multiple_x: two of its function names"):
-        build(WorkloadSpec("tools", 3, "ns", tmp_path))
+        _build_from_one_row(tmp_path, "live_multiple_x", functions)
 
 
 def test_the_same_spec_gives_the_same_requests() -> None:
