@@ -44,6 +44,20 @@ def _tools_anthropic() -> list[Any]:
     ]
 
 
+def _tools_openai() -> list[Any]:
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": tool.name,
+                "description": tool.description,
+                "parameters": json.loads(tool.input_schema_json),
+            },
+        }
+        for tool in workload.TOOLS
+    ]
+
+
 def _system(marker: str) -> str:
     return f"Session {marker}.\n\n{workload.SYSTEM_PROMPT}"  # over 1,024 tokens
 
@@ -436,17 +450,7 @@ async def test_openai_agent_streaming_with_usage_reads_the_prefix_cache(
 
 def test_openai_tool_calls_round_trip(base: str, key: str) -> None:
     client = openai.OpenAI(base_url=f"{base}/v1", api_key=key)
-    tools: list[Any] = [
-        {
-            "type": "function",
-            "function": {
-                "name": tool.name,
-                "description": tool.description,
-                "parameters": json.loads(tool.input_schema_json),
-            },
-        }
-        for tool in workload.TOOLS
-    ]
+    tools = _tools_openai()
     reply = client.chat.completions.create(
         model="sim-large",
         tools=tools,
@@ -579,17 +583,7 @@ def test_openai_history_with_an_empty_answer_is_taken(base: str, key: str, empty
 
 def test_openai_empty_answer_with_tool_calls_keeps_its_calls(base: str, key: str) -> None:
     client = openai.OpenAI(base_url=f"{base}/v1", api_key=key)
-    tools: list[Any] = [
-        {
-            "type": "function",
-            "function": {
-                "name": tool.name,
-                "description": tool.description,
-                "parameters": json.loads(tool.input_schema_json),
-            },
-        }
-        for tool in workload.TOOLS
-    ]
+    tools = _tools_openai()
     call: Any = {
         "id": "call_1",
         "type": "function",
