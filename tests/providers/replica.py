@@ -6,15 +6,19 @@ varies: the engine (an adapter of its own), the retries, the key, the clock, the
 from __future__ import annotations
 
 import asyncio
+import io
+import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
+from services.common.env import Env
+from services.common.logs import configure_logging
 from services.common.models import ModelSpec, load_model_table
 from services.common.tokens import Tokenizer, Tokenizers, load_tokenizers
 from services.model.fair_queue import QueueWatcher
 from services.model.providers.api import Adapter, HealthSetter, ProviderApi, QueueWaits, Sleep
 from services.model.providers.config import Backend, ProviderSettings, Secret
-from services.model.providers.wiring import build_adapter
+from services.model.providers.wiring import _QUIET_LOGGERS, build_adapter
 
 
 def provider_settings(
@@ -78,3 +82,21 @@ def provider_replica(
         watcher=watcher,
         waits=waits,
     )
+
+
+def service_log(env: Env) -> Iterator[io.StringIO]:
+    """A log fixture's body: the service's log lines (json) as ``configure_logging`` sets them
+    for ``env``; the root handler, its level and the levels and filters of the libraries'
+    loggers as they were afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    libraries = {name: logging.getLogger(name) for name in _QUIET_LOGGERS}
+    before = {name: (lg.level, list(lg.filters)) for name, lg in libraries.items()}
+    out = io.StringIO()
+    configure_logging(env, out)
+    yield out
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, lg in libraries.items():
+        lg.setLevel(before[name][0])
+        lg.filters[:] = before[name][1]

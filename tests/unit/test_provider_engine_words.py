@@ -7,7 +7,6 @@ The replica is built as ``serve()`` builds it and calls the loopback OpenAI wire
 from __future__ import annotations
 
 import io
-import logging
 import re
 import uuid
 from collections.abc import Iterator
@@ -18,11 +17,9 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from services.common.env import Env
 from services.common.errors import RequestError
-from services.common.logs import configure_logging
-from services.model.providers.wiring import _QUIET_LOGGERS
 from tests.providers import openai_wire
 from tests.providers.loopback import serving
-from tests.providers.replica import provider_replica, provider_settings
+from tests.providers.replica import provider_replica, provider_settings, service_log
 from tests.providers.wire_server import Reply, WireServer
 
 SELF_HOSTED = "local-small"
@@ -51,18 +48,7 @@ def server() -> Iterator[WireServer]:
 
 @pytest.fixture
 def logged() -> Iterator[io.StringIO]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    libraries = {name: logging.getLogger(name) for name in _QUIET_LOGGERS}
-    before = {name: (lg.level, list(lg.filters)) for name, lg in libraries.items()}
-    out = io.StringIO()
-    configure_logging(Env({}), out)
-    yield out
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    for name, lg in libraries.items():
-        lg.setLevel(before[name][0])
-        lg.filters[:] = before[name][1]
+    yield from service_log(Env({}))
 
 
 async def _refused(server: WireServer, model: str, reply: Reply) -> RequestError:

@@ -15,12 +15,12 @@ import pytest
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from services.common.env import Env
-from services.common.logs import configure_logging
 from services.common.tokens import load_cl100k
 from services.model.providers.redact import UrlFilter
-from services.model.providers.wiring import _QUIET_LOGGERS, build_provider_api
+from services.model.providers.wiring import build_provider_api
 from services.model.settings import ModelSettings
 from tests.providers.loopback import serving
+from tests.providers.replica import service_log
 from tests.providers.wire_server import WireServer
 
 MODEL = "local-small"
@@ -37,18 +37,7 @@ def server() -> Iterator[WireServer]:
 def logged() -> Iterator[io.StringIO]:
     """The service's log lines (INFO, json); the root handler, the levels and the filters
     of the libraries' loggers as they were afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    libraries = {name: logging.getLogger(name) for name in _QUIET_LOGGERS}
-    before = {name: (lg.level, list(lg.filters)) for name, lg in libraries.items()}
-    out = io.StringIO()
-    configure_logging(Env({}), out)
-    yield out
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    for name, lg in libraries.items():
-        lg.setLevel(before[name][0])
-        lg.filters[:] = before[name][1]
+    yield from service_log(Env({}))
 
 
 def _call(base_url: str) -> model_pb2.GenerateEnd:

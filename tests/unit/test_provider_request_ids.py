@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import io
 import json
-import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,13 +24,12 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from services.common.env import Env
 from services.common.errors import RequestError
-from services.common.logs import configure_logging
 from services.model.providers.api import REQUEST_ID_ATTRIBUTE, ProviderApi
 from services.model.providers.config import Backend
 from services.model.providers.failures import REQUEST_ID_FIELD
 from tests.providers import anthropic_wire, openai_wire
 from tests.providers.loopback import serving
-from tests.providers.replica import provider_replica, provider_settings
+from tests.providers.replica import provider_replica, provider_settings, service_log
 from tests.providers.wire_server import REQUEST_ID_HEADERS, Reply, WireServer
 
 KEYS: dict[Backend, str] = {
@@ -50,13 +48,7 @@ def server() -> Iterator[WireServer]:
 @pytest.fixture
 def logged() -> Iterator[io.StringIO]:
     """The replica's log lines (json, DEBUG); the root logger as it was afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    out = io.StringIO()
-    configure_logging(Env({"CACHEMESH_LOG_LEVEL": "DEBUG"}), out)
-    yield out
-    root.handlers[:] = handlers
-    root.setLevel(level)
+    yield from service_log(Env({"CACHEMESH_LOG_LEVEL": "DEBUG"}))
 
 
 def _replica_call(
