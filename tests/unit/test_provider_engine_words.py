@@ -51,7 +51,8 @@ def logged() -> Iterator[io.StringIO]:
     yield from service_log(Env({}))
 
 
-async def _refused(server: WireServer, model: str, reply: Reply) -> RequestError:
+async def _generated(server: WireServer, model: str, reply: Reply) -> list[model_pb2.GenerateChunk]:
+    """A question to ``model``'s replica, the loopback OpenAI server answering ``reply``."""
     server.reset()
     server.script("openai", reply)
     settings = provider_settings("openai", server.base + "/v1", "sk-openai-loopback-0123456789")
@@ -60,11 +61,16 @@ async def _refused(server: WireServer, model: str, reply: Reply) -> RequestError
     request = pb.CompleteRequest(model=model, max_tokens=16, messages=[message])
     call = model_pb2.GenerateRequest(tenant="t", model=model, request=request)
     try:
-        chunks = [chunk async for chunk in api.generate(call, 10.0)]
-    except RequestError as refused:
-        return refused
+        return [chunk async for chunk in api.generate(call, 10.0)]
     finally:
         await api.close()
+
+
+async def _refused(server: WireServer, model: str, reply: Reply) -> RequestError:
+    try:
+        chunks = await _generated(server, model, reply)
+    except RequestError as refused:
+        return refused
     raise AssertionError(f"answered: {chunks[-1]}")
 
 
@@ -104,24 +110,8 @@ async def test_an_engines_unknown_stop_reason_line_names_the_engine(
     """vLLM and SGLang end an aborted request with their own reasons; the line said "openai
     answered with the unknown stop reason"."""
     reason = f"eos-{uuid.uuid4().hex[:8]}"  # (each reason is logged once a process)
-    server.reset()
-    server.script(
-        "openai",
-        Reply(
-            events=openai_wire.stream(
-                SELF_HOSTED, ["Par"], openai_wire.usage(9, 0, 1), finish=reason
-            )
-        ),
-    )
-    settings = provider_settings("openai", server.base + "/v1", "sk-openai-loopback-0123456789")
-    api = provider_replica(settings, [SELF_HOSTED])
-    message = pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text="Capital?")])
-    request = pb.CompleteRequest(model=SELF_HOSTED, max_tokens=16, messages=[message])
-    call = model_pb2.GenerateRequest(tenant="t", model=SELF_HOSTED, request=request)
-    try:
-        chunks = [chunk async for chunk in api.generate(call, 10.0)]
-    finally:
-        await api.close()
+    events = openai_wire.stream(SELF_HOSTED, ["Par"], openai_wire.usage(9, 0, 1), finish=reason)
+    chunks = await _generated(server, SELF_HOSTED, Reply(events=events))
     assert chunks[-1].end.stop_reason == "max_tokens"
     said = f"self-hosted engine answered with the unknown stop reason '{reason}'"
     assert said in logged.getvalue()
