@@ -129,6 +129,22 @@ def error(
     )
 
 
+# llama-server's 400 for a prompt over the context it was started with
+TOO_LONG_LLAMA = Reply(
+    status=400,
+    body={
+        "error": {
+            "code": 400,
+            "message": "request (3012 tokens) exceeds the available context size (2048 "
+            "tokens), try increasing it",
+            "type": "exceed_context_size_error",
+            "n_prompt_tokens": 3012,
+            "n_ctx": 2048,
+        }
+    },
+)
+
+
 def error_event(kind: str, code: int | str, message: str) -> Reply:
     """An OpenAI-compatible engine's error inside a stream, before any token, as vLLM sends
     it (its ``ErrorResponse`` under ``error``, the HTTP status in ``code``): the answer's own

@@ -125,20 +125,6 @@ TOO_LONG_OPENAI = openai_wire.error(
 TOO_LONG_ANTHROPIC = anthropic_wire.error(
     400, "invalid_request_error", "prompt is too long: 210000 tokens > 200000 maximum"
 )
-# llama-server's 400 for a prompt over the context it was started with
-TOO_LONG_LLAMA = Reply(
-    status=400,
-    body={
-        "error": {
-            "code": 400,
-            "message": "request (3012 tokens) exceeds the available context size (2048 "
-            "tokens), try increasing it",
-            "type": "exceed_context_size_error",
-            "n_prompt_tokens": 3012,
-            "n_ctx": 2048,
-        }
-    },
-)
 # vLLM's in its stream, before any token: no type for it but its message (OpenAI's wording)
 TOO_LONG_VLLM = openai_wire.error_event(
     "BadRequestError",
@@ -184,7 +170,7 @@ async def test_a_refusal_of_the_request_is_invalid_argument_and_the_replica_serv
     ("backend", "model", "reply", "context_window"),
     [
         ("openai", GPT, TOO_LONG_OPENAI, True),
-        ("openai", GPT, TOO_LONG_LLAMA, True),
+        ("openai", GPT, openai_wire.TOO_LONG_LLAMA, True),
         ("openai", GPT, TOO_LONG_VLLM, True),
         ("anthropic", CLAUDE, TOO_LONG_ANTHROPIC, True),
         ("anthropic", CLAUDE, TOO_LARGE_ANTHROPIC, False),

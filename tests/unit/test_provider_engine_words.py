@@ -24,18 +24,6 @@ from tests.providers.wire_server import Reply, WireServer
 
 SELF_HOSTED = "local-small"
 HOSTED = "gpt-4-1"
-# llama-server's 400 for a prompt over the context it was started with
-TOO_LONG_LLAMA = Reply(
-    status=400,
-    body={
-        "error": {
-            "code": 400,
-            "message": "request (3012 tokens) exceeds the available context size (2048 "
-            "tokens), try increasing it",
-            "type": "exceed_context_size_error",
-        }
-    },
-)
 BAD = openai_wire.error(400, "invalid_request_error", "messages: bad shape")
 DOWN = openai_wire.error(500, "server_error", "the engine failed")
 UNAUTHORIZED = openai_wire.error(401, "invalid_request_error", "Invalid API Key")
@@ -74,7 +62,7 @@ async def _refused(server: WireServer, model: str, reply: Reply) -> RequestError
     raise AssertionError(f"answered: {chunks[-1]}")
 
 
-@pytest.mark.parametrize("reply", [BAD, TOO_LONG_LLAMA, DOWN, UNAUTHORIZED])
+@pytest.mark.parametrize("reply", [BAD, openai_wire.TOO_LONG_LLAMA, DOWN, UNAUTHORIZED])
 async def test_a_self_hosted_engines_refusal_names_the_engine_not_openai(
     server: WireServer, logged: io.StringIO, reply: Reply
 ) -> None:
