@@ -40,6 +40,16 @@ def _logged_ids(providers: ProviderStack, replica: str, request_id: str) -> list
         time.sleep(0.1)
 
 
+def _refused(providers: ProviderStack, request: pb.CompleteRequest) -> CachemeshError:
+    """The Gateway's refusal of ``request`` (tenant-a's)."""
+    with (
+        Client(providers.stack.target, api_key=providers.stack.keys["tenant-a"]) as client,
+        pytest.raises(CachemeshError) as caught,
+    ):
+        client.complete(request)
+    return caught.value
+
+
 @pytest.mark.parametrize(
     ("model", "api", "replica"),
     [("claude-sonnet-4-5", "anthropic", "anthropic-1"), ("gpt-5", "openai", "openai-1")],
@@ -67,31 +77,23 @@ def test_a_refusals_provider_id_is_on_the_span_and_log_not_the_callers_error(
     question = f"Refused provider id {uuid.uuid4().hex[:8]}"
     request = ask("claude-sonnet-4-5", question)
     request.request_id = uuid.uuid4().hex
-    with (
-        Client(providers.stack.target, api_key=providers.stack.keys["tenant-a"]) as client,
-        pytest.raises(CachemeshError) as caught,
-    ):
-        client.complete(request)
-    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT, caught.value
+    refused = _refused(providers, request)
+    assert refused.code == grpc.StatusCode.INVALID_ARGUMENT, refused
     (seen,) = [s for s in providers.server.seen_by("anthropic") if question in str(s.body)]
     assert seen.status == 400
     spans = spans_of_request(providers.stack, request.request_id, "anthropic-1")
     assert seen.request_id in [s.attributes.get(REQUEST_ID_ATTRIBUTE) for s in spans]
     assert _logged_ids(providers, "anthropic-1", seen.request_id) == [seen.request_id]
-    assert seen.request_id not in str(caught.value)
+    assert seen.request_id not in str(refused)
 
 
 def test_a_tool_name_claudes_api_refuses_never_reaches_it(providers: ProviderStack) -> None:
     question = f"Dotted tool {uuid.uuid4().hex[:8]}"
     request = ask("claude-sonnet-4-5", question)
     request.tools.append(pb.Tool(name="weather.get", input_schema_json='{"type": "object"}'))
-    with (
-        Client(providers.stack.target, api_key=providers.stack.keys["tenant-a"]) as client,
-        pytest.raises(CachemeshError) as caught,
-    ):
-        client.complete(request)
-    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT, caught.value
-    assert "tools[0].name: 'weather.get'" in str(caught.value)
+    refused = _refused(providers, request)
+    assert refused.code == grpc.StatusCode.INVALID_ARGUMENT, refused
+    assert "tools[0].name: 'weather.get'" in str(refused)
     assert not [s for s in providers.server.seen_by("anthropic") if question in str(s.body)]
 
 
@@ -108,13 +110,9 @@ def test_a_tool_schema_type_the_api_refuses_never_reaches_it(
     schema = {"type": "dict", "properties": {"x": {"type": "float"}}}
     request = ask(model, question)
     request.tools.append(pb.Tool(name="calc", input_schema_json=json.dumps(schema)))
-    with (
-        Client(providers.stack.target, api_key=providers.stack.keys["tenant-a"]) as client,
-        pytest.raises(CachemeshError) as caught,
-    ):
-        client.complete(request)
-    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT, caught.value
-    assert "tools[0].input_schema_json: tool 'calc': type: 'dict'" in str(caught.value)
+    refused = _refused(providers, request)
+    assert refused.code == grpc.StatusCode.INVALID_ARGUMENT, refused
+    assert "tools[0].input_schema_json: tool 'calc': type: 'dict'" in str(refused)
     assert not [s for s in providers.server.seen_by(api) if question in str(s.body)]
     fixed = {"type": "object", "properties": {"x": {"type": "number"}}}
     del request.tools[:]
