@@ -193,8 +193,8 @@ class SpanDrops(Collector):
     ``console``: the SDK's own processor, uncounted). Spans are counted on the drop path only:
     a span that is queued pays nothing more."""
 
-    def __init__(self, provider: TracingProvider) -> None:
-        self._health = provider.export_health
+    def __init__(self, provider: TracerProvider) -> None:
+        self._health = provider.export_health if isinstance(provider, TracingProvider) else None
 
     def collect(self) -> Iterator[Metric]:
         if self._health is None:
