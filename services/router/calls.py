@@ -416,7 +416,11 @@ class Calls:
             return
         # by its lease_id, not the request: this goes every third of the lease while the call
         # runs, and the request may be a megabyte (L1 would parse and hash it each time)
-        call = semantic_cache_pb2.RenewRequest(tenant=tenant, lease_id=lookup.lease_id)
+        # with its request_id: L1 renews only a lease this request took, not one another
+        # request took under the same id after this one's ended (a late renewal)
+        call = semantic_cache_pb2.RenewRequest(
+            tenant=tenant, lease_id=lookup.lease_id, request_id=request.request_id
+        )
         schedule = Renewals(lease_s, self._clock)  # the lease, just taken
         while True:
             await self._sleep(schedule.wait_s)
@@ -504,8 +508,11 @@ class Calls:
         if call.lease_id and call.request.cache.semantic in _LEADING_MODES:
             # by its tenant and lease_id alone, as a renewal: the Lookup failed most likely
             # because L1 is overloaded, and the request may be a megabyte (ids are fresh
-            # uuid4s and unique among L1's live leases: this one names no other lease)
-            release = semantic_cache_pb2.ReleaseRequest(tenant=call.tenant, lease_id=call.lease_id)
+            # uuid4s and unique among L1's live leases; with the request_id, L1 ends only a
+            # lease this request took, not one another request took under the id since)
+            release = semantic_cache_pb2.ReleaseRequest(
+                tenant=call.tenant, lease_id=call.lease_id, request_id=call.request.request_id
+            )
             self._background(self._release_unseen(release, call.request.request_id))
 
     async def _release_unseen(

@@ -150,16 +150,19 @@ class SemanticCacheApi:
             # or failed: the caller never learns it leads, so it would neither renew nor
             # release the lease
             if result.leader:
-                self.abandon(request.tenant, result.lease_id)
+                self.abandon(request.tenant, result.lease_id, request.request.request_id)
             raise
 
-    def abandon(self, tenant: str, lease_id: str) -> bool:
-        """Ends the lease a leading Lookup took whose reply did not reach its caller (it was
-        cancelled, or replied past its deadline): that caller makes the model call as if it
-        had not looked up, and neither renews nor releases a lease it does not know it holds,
-        so the identical requests would wait on it up to its age limit. Only that lease, by
-        its id. True when it was held."""
-        ended = self._cache.end_lease(tenant, lease_id, own=True)  # its reply's: its own
+    def abandon(self, tenant: str, lease_id: str, request_id: str) -> bool:
+        """Ends the lease a leading Lookup of the request ``request_id`` took whose reply did
+        not reach its caller (it was cancelled, or replied past its deadline): that caller
+        makes the model call as if it had not looked up, and neither renews nor releases a
+        lease it does not know it holds, so the identical requests would wait on it up to its
+        age limit. Only that lease: by its id, whether another request proposed the id too or
+        not, and only if that request took it. Its reply is built after the take (its
+        embedding awaited): the lease may have ended meanwhile (its age limit) and another
+        request's Lookup taken one under the same id, which was ended. True when it was held."""
+        ended = self._cache.end_lease(tenant, lease_id, owner=request_id)
         if ended and (due := self._skipped_log.due("lease", "abandoned")):
             log.info(
                 "lookup for tenant %s: its reply did not reach the caller in time; the lease "
@@ -287,8 +290,11 @@ class SemanticCacheApi:
                     Code.INVALID_ARGUMENT,
                     "name the lease to release: lease_id, or the request whose Lookup led",
                 )
+            # with its request_id, only a lease that request took; without (an older router),
+            # any lease by that id but a contested one
+            owner = request.request_id or None
             return sc.ReleaseResponse(
-                released=self._cache.end_lease(request.tenant, request.lease_id)
+                released=self._cache.end_lease(request.tenant, request.lease_id, owner=owner)
             )
         lease_id = request.lease_id or None
         query = await self._lease_query(request, lease_id)
@@ -298,9 +304,12 @@ class SemanticCacheApi:
         """The lease of a leader whose model call is still on, held on (``renewed``), or not
         held any more (not an error). Also while draining: the lookups already waiting on it
         keep waiting for that call (a draining cache makes no new one wait). Named by its
-        tenant and lease_id only: nothing of the request is parsed, hashed or derived again."""
+        tenant, lease_id and request_id only: nothing of the request is parsed, hashed or
+        derived again. With a request_id, only a lease that request took is renewed; without
+        (an older router), any by that id."""
         _require_tenant(request.tenant)
-        if not self._cache.renew(request.tenant, request.lease_id):
+        owner = request.request_id or None
+        if not self._cache.renew(request.tenant, request.lease_id, owner):
             return sc.RenewResponse(renewed=False)
         return sc.RenewResponse(renewed=True, lease_s=self._cache.lease_s)
 
@@ -442,8 +451,8 @@ class SemanticCacheApi:
         try:
             return await self._query(request.tenant, request.request, _facts(request))
         except BaseException:
-            if lease_id is not None:
-                self._cache.end_lease(request.tenant, lease_id)
+            if lease_id is not None:  # its own request's lease only
+                self._cache.end_lease(request.tenant, lease_id, owner=request.request.request_id)
             raise
 
     async def _query(

@@ -235,17 +235,20 @@ class SemanticCache(EntryStore):
             return False
         if lease_id is None:
             return self._leases.end_owned(key, query.request_id)
-        return self._leases.end(key, lease_id)
+        # and only if this request took it: not a lease another request took under the same
+        # id after this one's ended (a late Release or Store)
+        return self._leases.end(key, lease_id, query.request_id)
 
-    def end_lease(self, tenant: str, lease_id: str, *, own: bool = False) -> bool:
+    def end_lease(self, tenant: str, lease_id: str, *, owner: str | None = None) -> bool:
         """Ends ``tenant``'s lease named ``lease_id`` (a leading Lookup whose reply never
-        reached its caller): True when it was held. Its waiters wake; one leads. ``own``: the
-        id is that of the lease this process's reply gave (``Leases.end_id``); else a lease
-        whose id another request proposed too is not ended by its id alone."""
+        reached its caller): True when it was held. Its waiters wake; one leads. ``owner``:
+        the request_id of the request whose lease it is; then only a lease that request took
+        ends. None (a Release naming no request_id: an older router): by the id alone, and not
+        a lease whose id another request proposed too (``Leases.end_id``)."""
         return (
             self._leases is not None
             and bool(lease_id)
-            and self._leases.end_id(tenant, lease_id, own=own)
+            and self._leases.end_id(tenant, lease_id, owner=owner)
         )
 
     @contextlib.contextmanager
@@ -264,15 +267,16 @@ class SemanticCache(EntryStore):
         finally:
             leases.proposal_ended(tenant, lease_id, request_id)
 
-    def renew(self, tenant: str, lease_id: str) -> bool:
+    def renew(self, tenant: str, lease_id: str, owner: str | None = None) -> bool:
         """Restarts the age limit of ``tenant``'s lease named ``lease_id`` (its leader's model
-        call is still on): True when it was that live lease. Its waiters keep waiting. By its
-        id alone: no query to derive from the request again at each renewal."""
+        call is still on): True when it was that live lease, and ``owner``'s (the renewing
+        request's request_id; None: any request's, an older router). Its waiters keep waiting.
+        By its id: no query to derive from the request again at each renewal."""
         return (
             self._leases is not None
             and bool(tenant)
             and bool(lease_id)
-            and self._leases.renew(tenant, lease_id)
+            and self._leases.renew(tenant, lease_id, owner)
         )
 
     @property

@@ -32,6 +32,14 @@ holds from the Lookup's start (``proposing``: it may wait on a lease for its who
 and its caller may release meanwhile) to its end, for a lease live at its start and for one
 another request takes under that id before it ends.
 
+An id is unique among the live leases only: once a lease has ended, a Lookup of another
+request may take a new one under its id, and the first request's late Release or renewal (one
+in flight as its Store went, one sent as its Lookup's reply was lost) then named that lease. So
+each names its request too (``owner``: its ``request_id``), and acts only on a lease that
+request took: a Release by id alone, a renewal, L1's own end of a Lookup whose reply did not
+reach its caller (``end_id``, ``renew``), and a Store or Release by request and id (``end``).
+A Release or renewal that names no request (a router older than that) is by id alone, as before.
+
 The age limit runs from the take, and from each renewal: the holder renews its lease (by its
 ``lease_id``) while its model call is on, so a call longer than the age limit keeps its
 waiters (and an identical request arriving late does not lead a second, paid, call), while a
@@ -234,35 +242,48 @@ class Leases:
         if any(not (other and other == lease.owner) for other in others):
             self._contested.add(lease.lease_id)
 
-    def renew(self, tenant: str, lease_id: str) -> bool:
+    def renew(self, tenant: str, lease_id: str, owner: str | None = None) -> bool:
         """Restarts the age limit of the live lease named ``lease_id`` if ``tenant``'s (its
         holder's model call is still on). False when that lease has ended (stored, released,
         or past its age limit: ended here), or is another tenant's: a late renewal never
         brings a lease back that waiters may have been woken from, and a lease taken since on
-        the same key has an id of its own."""
+        the same key has an id of its own. ``owner``: the request_id of the renewing request;
+        then only a lease that request took is renewed: an id is unique among the live leases
+        only, so once its lease has ended another request's Lookup may take a lease under it,
+        and the first request's late renewal (sent as its Store went) renewed that one. None
+        (a router older than RenewRequest.request_id): by tenant and id alone, as before."""
         key = self._ids.get(lease_id)
         if key is None or key[0] != tenant:
             return False
         lease = self._held[key]
+        if owner is not None and lease.owner != owner:
+            return False
         if self.held(key) is None:
             return False
         lease.expires_at_ms = self._clock.now_ms() + self._hold_ms
         self._held[key] = self._held.pop(key)  # the youngest now: the age order holds
         return True
 
-    def end_id(self, tenant: str, lease_id: str, *, own: bool = False) -> bool:
+    def end_id(self, tenant: str, lease_id: str, *, owner: str | None = None) -> bool:
         """Ends ``tenant``'s live lease named ``lease_id`` (``end``): True when one ended.
-        Not a lease whose id a Lookup of another request proposed too and does not hold
-        (``proposed_elsewhere``): that Lookup, its reply lost, releases by the id it
-        proposed, all it knows, and must not end the lease that has it (that lease's waiters
-        would each lead a model call while its holder's runs); the holder's own Release by
-        id alone is then not told apart, so the lease ends by its request's Release or
-        Store, or at its age limit. ``own``: the id is known to be the
-        caller's lease (L1's own reply to its Lookup, abandoned), contested or not."""
+        ``owner``: the request_id of the request ending it (its Release by id alone, L1's own
+        reply to its Lookup abandoned, its Store or Release whose query was not derived): only
+        a lease that request took ends, whether another request proposed its id or not. An id
+        is unique among the live leases only: a lease taken under it after the first one ended
+        (its Lookup over, so not contested) was ended by the first request's late Release.
+        None (a router older than ReleaseRequest.request_id): by tenant and id alone, and not
+        a lease whose id a Lookup of another request proposed too and does not hold
+        (``proposed_elsewhere``): that Lookup, its reply lost, releases by the id it proposed,
+        all it knows, and must not end the lease that has it (that lease's waiters would each
+        lead a model call while its holder's runs); the holder's own Release by id alone is
+        then not told apart, so the lease ends by its request's Release or Store, or at its
+        age limit."""
         key = self._ids.get(lease_id)
-        if key is None or key[0] != tenant or (lease_id in self._contested and not own):
+        if key is None or key[0] != tenant:
             return False
-        return self.end(key, lease_id)
+        if owner is None and lease_id in self._contested:
+            return False
+        return self.end(key, lease_id, owner)
 
     def wake(self, key: LeaseKey) -> bool:
         """Wakes the waiters of ``key``'s live lease without ending it: an entry was stored for
@@ -286,11 +307,15 @@ class Leases:
         lease = self._held.get(key)
         return lease is not None and lease.owner in ("", owner) and self.end(key)
 
-    def end(self, key: LeaseKey, lease_id: str | None = None) -> bool:
+    def end(self, key: LeaseKey, lease_id: str | None = None, owner: str | None = None) -> bool:
         """Fulfilled (stored) or released: wakes every waiter. With ``lease_id``, only that
-        lease is ended (not one another request has taken since). True when one ended."""
+        lease is ended (not one another request has taken since); with ``owner`` too, only if
+        the request ``owner`` took it (not one another request took under the same id after
+        this one's ended). True when one ended."""
         lease = self._held.get(key)
         if lease is None or (lease_id is not None and lease.lease_id != lease_id):
+            return False
+        if owner is not None and lease.owner != owner:
             return False
         del self._held[key]
         del self._ids[lease.lease_id]

@@ -31,7 +31,7 @@ class SemanticCacheService(sc_grpc.SemanticCacheServicer):
             # past the caller's deadline (a busy event loop): this reply will not reach it, so
             # the lease it names would be neither renewed nor released (a cancelled lookup's
             # lease is ended in ``lookup``)
-            api.abandon(request.tenant, reply.lease_id)
+            api.abandon(request.tenant, reply.lease_id, request.request.request_id)
         return reply
 
     async def Store(self, request: sc.StoreRequest, context: Context) -> sc.StoreResponse:

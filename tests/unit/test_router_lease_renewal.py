@@ -115,7 +115,13 @@ async def test_a_renewal_names_its_lease_and_not_its_prompt() -> None:
         request = build_request(prompt, model="sim-large", request_id="r1")
         await calls_on(semantic, Waits(), []).keep_lease("tenant-a", request, LEADER)
         [renewal] = semantic.renewals
-        assert (renewal.tenant, renewal.lease_id) == ("tenant-a", "lease-1")
+        # and its request_id: L1 renews only a lease this request took (a late renewal
+        # renewed a lease another request took under the same id once this one's ended)
+        assert (renewal.tenant, renewal.lease_id, renewal.request_id) == (
+            "tenant-a",
+            "lease-1",
+            "r1",
+        )
         sizes.append(renewal.ByteSize())
     assert sizes[0] == sizes[1] < 64
 

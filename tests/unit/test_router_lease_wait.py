@@ -230,14 +230,18 @@ async def test_a_lookup_names_a_fresh_lease_and_one_whose_reply_is_lost_releases
     """A leading Lookup whose reply was lost left L1 holding a lease the router never knew it
     held (nor renewed, nor released): identical requests waited on it up to its age limit."""
     stub = ScriptedLookup(*replies)
+    request = build_request("Reset my password", request_id="r7")
     with contextlib.suppress(RequestError):
-        await calls(stub, "30").lookup("tenant-a", build_request("Reset my password"))
+        await calls(stub, "30").lookup("tenant-a", request)
     await settled()
     ids = [lookup.lease_id for lookup in stub.lookups]
     assert len(set(ids)) == len(ids) and all(len(i) == 32 for i in ids)  # fresh, each
     assert [r.lease_id for r in stub.releases] == [ids[n] for n in released]
     # by its id alone, as a renewal: not the request again (it may be a megabyte)
     assert all(r.tenant == "tenant-a" and not r.HasField("request") for r in stub.releases)
+    # with its request_id: L1 ends only a lease this request took, not one another request
+    # took under the same id once this one's had ended
+    assert all(r.request_id == "r7" for r in stub.releases)
 
 
 async def test_a_lookup_cancelled_with_its_request_releases_its_lease() -> None:

@@ -167,7 +167,7 @@ async def test_an_abandoned_lookup_ends_its_own_lease_though_its_id_was_proposed
     second = _request("What is the capital of France?", "r2")
     led = await _lookup(api, first)
     await _lookup(api, second)
-    assert api.abandon("a", led.lease_id)
+    assert api.abandon("a", led.lease_id, "r1")
     assert not _held(cache, first)
 
 

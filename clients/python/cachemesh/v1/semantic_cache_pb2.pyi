@@ -383,10 +383,19 @@ class ReleaseRequest(_message.Message):
     REQUEST_FIELD_NUMBER: _builtins.int
     LEASE_ID_FIELD_NUMBER: _builtins.int
     MODEL_FACTS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     lease_id: _builtins.str
     """that Lookup's lease_id: a lease taken since by another is kept. Empty (an older router):
     the key's lease only if this request took it (or one without a request_id did).
+    """
+    request_id: _builtins.str
+    """Without request (by tenant and lease_id alone): the request_id of the request whose
+    Lookup proposed lease_id. Set: only a lease that request's Lookup took is ended, whether
+    a Lookup of another request proposed the same id or not (a lease another request took
+    under that id once the first one ended is kept). Unset (a router older than this field):
+    by tenant and lease_id alone, and not a lease whose id a Lookup of another request
+    proposed too, as before. Not read with request (its own request_id is).
     """
     @_builtins.property
     def request(self) -> _gateway_pb2.CompleteRequest:
@@ -408,10 +417,11 @@ class ReleaseRequest(_message.Message):
         request: _gateway_pb2.CompleteRequest | None = ...,
         lease_id: _builtins.str = ...,
         model_facts: Global___ModelFacts | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model_facts", b"model_facts", "request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "model_facts", b"model_facts", "request", b"request", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "model_facts", b"model_facts", "request", b"request", "request_id", b"request_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -439,29 +449,38 @@ Global___ReleaseResponse: _TypeAlias = ReleaseResponse  # noqa: Y015
 
 @_typing.final
 class RenewRequest(_message.Message):
-    """Names the lease by its tenant and lease_id only, not by the request (which Release, sent once,
-    carries): a renewal is sent every third of the lease for as long as the model call runs, and
-    the request may be a megabyte. Another tenant's lease_id renews nothing. Should L1 be sharded by (tenant,
-    scope) (DESIGN.md), the router will need to send the renewal to the shard of its Lookup: it
-    would then carry that shard's name, or the scope the Lookup returns, never the request.
+    """Names the lease by its tenant, lease_id and request_id only, not by the request (which
+    Release, sent once, carries): a renewal is sent every third of the lease for as long as the
+    model call runs, and the request may be a megabyte. Another tenant's lease_id renews nothing.
+    Should L1 be sharded by (tenant, scope) (DESIGN.md), the router will need to send the renewal
+    to the shard of its Lookup: it would then carry that shard's name, or the scope the Lookup
+    returns, never the request.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     TENANT_FIELD_NUMBER: _builtins.int
     LEASE_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     lease_id: _builtins.str
     """the lease_id of the Lookup that said leader"""
+    request_id: _builtins.str
+    """The request_id of the request whose Lookup said leader. Set: only a lease that request
+    took is renewed (an id is unique among the live leases only: a late renewal must not
+    renew a lease another request took under the same id after this one's ended). Unset (a
+    router older than this field): by tenant and lease_id alone, as before.
+    """
     def __init__(
         self,
         *,
         tenant: _builtins.str = ...,
         lease_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "request_id", b"request_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
