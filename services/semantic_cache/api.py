@@ -451,8 +451,9 @@ class SemanticCacheApi:
         try:
             return await self._query(request.tenant, request.request, _facts(request))
         except BaseException:
-            if lease_id is not None:  # its own request's lease only
-                self._cache.end_lease(request.tenant, lease_id, owner=request.request.request_id)
+            if lease_id is not None:  # its own request's lease only (by its request_id)
+                owner = request.request.request_id or None  # None: by id, not a contested one
+                self._cache.end_lease(request.tenant, lease_id, owner=owner)
             raise
 
     async def _query(
