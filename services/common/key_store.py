@@ -24,6 +24,7 @@ import logging
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from services.common.keyfile import (
@@ -57,6 +58,25 @@ class UnknownKey(KeyStoreError):
 
 class KeyRevoked(KeyStoreError):
     """The change needs an active key, and this one is revoked."""
+
+
+class KeyChanged(KeyStoreError):
+    """A conditional change whose key is no longer as its caller saw it (another rotation
+    came first): nothing changed; the message names what did."""
+
+
+@dataclass(frozen=True)
+class Seen:
+    """A key as a conditional rotation's caller saw it: its ``rotated_at`` in nanoseconds as
+    a reply gave it (``stamp_nanos``), None when it was never rotated."""
+
+    rotated_at_ns: int | None
+
+
+def stamp_nanos(at: float) -> int:
+    """A record's stamp as the Admin API gives it (a Timestamp's nanoseconds): the one
+    conversion, so that a stamp sent back compares equal to the record it came from."""
+    return round(at * 1e9)
 
 
 class SeedFileError(KeyFileError):
@@ -171,8 +191,13 @@ class KeyStore:
         before the rotation); revoked already: as it was."""
         return self._change(key_id, lambda record: record.revoked(self._stamp(record)))
 
-    def rotate(self, key_id: str) -> tuple[KeyRecord, str]:
+    def rotate(self, key_id: str, seen: Seen | None = None) -> tuple[KeyRecord, str]:
         """The key ``key_id`` gets a new secret; the old one is refused from now on.
+
+        With ``seen`` (the optimistic form) only if the key is still as its caller saw it,
+        checked under the file's lock: else ``KeyChanged`` naming the rotation made since,
+        nothing changed (of two conditional rotations at once, one succeeds, the other's
+        caller learns its rotation was not made instead of holding a key already dead).
 
         Two rotations of one key (two Admin calls at once, on one router or several) both
         succeed, one after the other under the file's lock: the last one written wins, and
@@ -187,6 +212,8 @@ class KeyStore:
         def rotated(record: KeyRecord) -> KeyRecord:
             if not record.active:
                 raise KeyRevoked(f"key {key_id} is revoked: create a new key instead")
+            if seen is not None:
+                _check_seen(record, seen)
             now = self._stamp(record)  # under the file's lock: stamps in the order written
             fresh, key = issue(record.tenant, record.name, now)
             issued.append(key)
@@ -230,6 +257,30 @@ class KeyStore:
             return _snapshot(parsed), parsed.signature
 
         self._keys.write(written)
+
+
+def _check_seen(record: KeyRecord, seen: Seen) -> None:
+    now_ns = None if record.rotated_at is None else stamp_nanos(record.rotated_at)
+    if now_ns == seen.rotated_at_ns:
+        return
+    if seen.rotated_at_ns is None:
+        expected = "never rotated (if_never_rotated)"
+    else:
+        expected = f"rotated at {_utc(seen.rotated_at_ns)} (if_rotated_at)"
+    # never rotated: the stamp sent is one this key never had (another key's, or a typo)
+    found = "has never been rotated" if now_ns is None else f"was last rotated at {_utc(now_ns)}"
+    raise KeyChanged(
+        f"key {record.id} {found}, not {expected} as this request expected; nothing "
+        "changed: the key in force is the one of that rotation (see ListKeys); to replace it "
+        "still, rotate again with its rotated_at"
+    )
+
+
+def _utc(ns: int) -> str:
+    """A stamp as RFC 3339 UTC, to the nanosecond (as a Timestamp's JSON form)."""
+    seconds, nanos = divmod(ns, 1_000_000_000)
+    day = datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{day}.{nanos:09d}Z"
 
 
 # Unicode's control (Cc) and format (Cf) characters, surrogates and line / paragraph

@@ -26,9 +26,11 @@ from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.auth import AmbiguousCredential, bearer_token
 from services.common.errors import shown
 from services.common.key_store import (
+    KeyChanged,
     KeyRevoked,
     KeyStore,
     KeyStoreError,
+    Seen,
     UnknownKey,
     check_tenant,
 )
@@ -326,7 +328,20 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     async def RotateKey(self, request: adm.RotateKeyRequest, context: Context) -> adm.IssuedKey:
         await self._authorize(context, "RotateKey")
-        record, key = await self._changed(context, self._keys.rotate, request.id)
+        seen: Seen | None = None
+        which = request.WhichOneof("if_unchanged")
+        if which == "if_rotated_at":
+            seen = Seen(request.if_rotated_at.ToNanoseconds())
+        elif which == "if_never_rotated":
+            if not request.if_never_rotated:
+                await abort(
+                    context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "if_never_rotated must be true when sent (or send if_rotated_at, or "
+                    "neither to rotate whatever happened since)",
+                )
+            seen = Seen(None)
+        record, key = await self._changed(context, self._keys.rotate, request.id, seen)
         log.info("admin: key %s of tenant %s rotated", record.id, record.tenant)
         return adm.IssuedKey(key=key_info(record), api_key=key)
 
@@ -552,7 +567,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             await abort(context, code, f"semantic-cache: {details}")
         raise AssertionError("unreachable: abort raises")
 
-    async def _changed(self, context: Context, change: Any, *args: str) -> Any:
+    async def _changed(self, context: Context, change: Any, *args: object) -> Any:
         """A key change, made off the event loop (it waits for the file's lock and fsyncs)."""
         if not args[0]:
             await abort(
@@ -562,7 +577,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             return await asyncio.to_thread(change, *args)
         except UnknownKey as exc:
             await abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
-        except KeyRevoked as exc:
+        except (KeyRevoked, KeyChanged) as exc:
             await abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except KeyStoreError as exc:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))

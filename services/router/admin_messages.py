@@ -9,6 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from cachemesh.v1 import admin_pb2 as adm
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1 import semantic_cache_pb2 as sc
+from services.common.key_store import stamp_nanos
 from services.common.keyfile import KeyRecord
 from services.router.limit_policy import LimitPolicy
 from services.router.tenant_limits import LIMITS, TenantOverride
@@ -16,7 +17,7 @@ from services.router.tenant_limits import LIMITS, TenantOverride
 
 def _stamp(at: float) -> Timestamp:
     stamp = Timestamp()
-    stamp.FromNanoseconds(round(at * 1e9))
+    stamp.FromNanoseconds(stamp_nanos(at))
     return stamp
 
 

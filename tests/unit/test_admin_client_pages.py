@@ -73,6 +73,10 @@ class FakeRouter(admin_pb2_grpc.AdminServicer):
             )
         return reply
 
+    def RotateKey(self, request: adm.RotateKeyRequest, context: Any) -> adm.IssuedKey:
+        self.requests.append(request)
+        return adm.IssuedKey(key=adm.ApiKeyInfo(id=request.id))
+
 
 @pytest.fixture
 def router() -> Iterator[tuple[FakeRouter, str]]:
@@ -191,3 +195,22 @@ def test_grpcs_message_limit_is_told_from_a_rate_limit(details: str, size: int |
     assert type(too_large) is MessageTooLargeError and too_large.size_bytes == size
     limited = from_rpc_error(error("tenant acme: 60 requests a minute; retry in 12 s"))
     assert type(limited) is RateLimitError
+
+
+def test_a_rotation_sends_the_key_as_seen(router: tuple[FakeRouter, str]) -> None:
+    """``rotate_key(seen=...)``: the key's rotated_at as a reply gave it, or that it was
+    never rotated; without ``seen`` neither (rotated whatever came before)."""
+    fake, target = router
+    rotated = adm.ApiKeyInfo(id="key_1")
+    rotated.rotated_at.FromNanoseconds(1_780_000_000_123_456_789)
+    with AdminClient(target, admin_token=TOKEN) as client:
+        client.rotate_key("key_1", seen=rotated)
+        client.rotate_key("key_1", seen=adm.ApiKeyInfo(id="key_1"))
+        client.rotate_key("key_1")
+    sent = [(r.WhichOneof("if_unchanged"), r.if_rotated_at.ToNanoseconds()) for r in fake.requests]
+    assert sent == [
+        ("if_rotated_at", 1_780_000_000_123_456_789),
+        ("if_never_rotated", 0),
+        (None, 0),
+    ]
+    assert fake.requests[1].if_never_rotated

@@ -308,6 +308,83 @@ async def test_keys_are_created_listed_rotated_and_revoked(rig: Rig) -> None:
     assert [k.id for k in every.keys] == [issued.key.id]
 
 
+async def test_a_rotation_sent_with_the_key_as_seen_is_refused_when_another_came_first(
+    rig: Rig,
+) -> None:
+    """Two operators see one key and rotate it: unconditionally the second's rotation
+    revokes the first's new key without a word (main: 1 of 1); with the key as each saw it,
+    the second is refused naming the first's rotation, and the first's key stays in force."""
+    issued = await rig.stub.CreateKey(adm.CreateKeyRequest(tenant="globex"), metadata=ADMIN)
+    seen = issued.key  # both operators saw it never rotated
+    first = await rig.stub.RotateKey(
+        adm.RotateKeyRequest(id=seen.id, if_never_rotated=True), metadata=ADMIN
+    )
+    second = rig.stub.RotateKey(
+        adm.RotateKeyRequest(id=seen.id, if_never_rotated=True), metadata=ADMIN
+    )
+    details = await expect(grpc.StatusCode.FAILED_PRECONDITION, second)
+    at = first.key.rotated_at.ToJsonString()  # 2026-...Z, nanoseconds as 0, 3, 6 or 9 digits
+    assert f"key {seen.id} was last rotated at {at[:19]}" in details, details
+    assert "never rotated (if_never_rotated)" in details and "nothing changed" in details
+    assert rig.keys.tenant_for(first.api_key) == "globex"  # the first's key is in force
+    # the rotated_at the first's reply gave is the key as it is: a rotation by it is made
+    third = await rig.stub.RotateKey(
+        adm.RotateKeyRequest(id=seen.id, if_rotated_at=first.key.rotated_at), metadata=ADMIN
+    )
+    assert rig.keys.tenant_for(third.api_key) == "globex"
+    assert rig.keys.tenant_for(first.api_key) is None
+    stale = rig.stub.RotateKey(
+        adm.RotateKeyRequest(id=seen.id, if_rotated_at=first.key.rotated_at), metadata=ADMIN
+    )
+    details = await expect(grpc.StatusCode.FAILED_PRECONDITION, stale)
+    assert "(if_rotated_at) as this request expected" in details, details
+    assert third.key.rotated_at.ToJsonString()[:19] in details
+    assert rig.keys.tenant_for(third.api_key) == "globex"
+    # a key never rotated, sent a rotated_at: refused, saying it never was
+    fresh = await rig.stub.CreateKey(adm.CreateKeyRequest(tenant="globex"), metadata=ADMIN)
+    wrong = rig.stub.RotateKey(
+        adm.RotateKeyRequest(id=fresh.key.id, if_rotated_at=first.key.rotated_at),
+        metadata=ADMIN,
+    )
+    assert "has never been rotated" in await expect(grpc.StatusCode.FAILED_PRECONDITION, wrong)
+    assert rig.keys.tenant_for(fresh.api_key) == "globex"
+    # if_never_rotated=false says nothing a person meant: refused, naming the field
+    unsaid = rig.stub.RotateKey(
+        adm.RotateKeyRequest(id=fresh.key.id, if_never_rotated=False), metadata=ADMIN
+    )
+    assert "if_never_rotated must be true" in await expect(grpc.StatusCode.INVALID_ARGUMENT, unsaid)
+    # unset (an older client): rotated whatever came before, as it was
+    last = await rig.stub.RotateKey(adm.RotateKeyRequest(id=seen.id), metadata=ADMIN)
+    assert rig.keys.tenant_for(last.api_key) == "globex"
+    assert rig.keys.tenant_for(third.api_key) is None
+
+
+async def test_of_two_conditional_rotations_at_once_one_is_made_and_one_refused(
+    rig: Rig,
+) -> None:
+    """Rotations at once, each in a worker thread taking the key file's lock: the check is
+    under that lock, so one of each pair is made and its key is the one in force."""
+    issued = await rig.stub.CreateKey(adm.CreateKeyRequest(tenant="globex"), metadata=ADMIN)
+    seen = issued.key
+    for _ in range(10):
+        request = adm.RotateKeyRequest(id=seen.id)
+        if seen.HasField("rotated_at"):
+            request.if_rotated_at.CopyFrom(seen.rotated_at)
+        else:
+            request.if_never_rotated = True
+        replies = await asyncio.gather(
+            rig.stub.RotateKey(request, metadata=ADMIN),
+            rig.stub.RotateKey(request, metadata=ADMIN),
+            return_exceptions=True,
+        )
+        made = [r for r in replies if isinstance(r, adm.IssuedKey)]
+        refused = [r for r in replies if isinstance(r, grpc.aio.AioRpcError)]
+        assert len(made) == 1 and len(refused) == 1, replies
+        assert refused[0].code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert rig.keys.tenant_for(made[0].api_key) == "globex"
+        seen = made[0].key
+
+
 async def test_key_refusals_name_what_is_wrong(rig: Rig) -> None:
     invalid, missing = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
     bad = rig.stub.CreateKey(adm.CreateKeyRequest(tenant="has space"), metadata=ADMIN)

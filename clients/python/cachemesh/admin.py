@@ -143,8 +143,17 @@ class AdminClient:
     def revoke_key(self, key_id: str) -> adm.ApiKeyInfo:
         return self._call(self._stub.RevokeKey, adm.RevokeKeyRequest(id=key_id))
 
-    def rotate_key(self, key_id: str) -> adm.IssuedKey:
-        return self._call(self._stub.RotateKey, adm.RotateKeyRequest(id=key_id))
+    def rotate_key(self, key_id: str, *, seen: adm.ApiKeyInfo | None = None) -> adm.IssuedKey:
+        """A new secret for the key. ``seen``: the key as this caller saw it (ListKeys,
+        CreateKey, its last RotateKey): rotated only if no other rotation came since, else
+        ``AdminError`` FAILED_PRECONDITION naming it, nothing changed; None: whatever came."""
+        request = adm.RotateKeyRequest(id=key_id)
+        if seen is not None:
+            if seen.HasField("rotated_at"):
+                request.if_rotated_at.CopyFrom(seen.rotated_at)
+            else:
+                request.if_never_rotated = True
+        return self._call(self._stub.RotateKey, request)
 
     def policy(self, tenant: str) -> adm.CachePolicy:
         return self._call(self._stub.GetPolicy, adm.GetPolicyRequest(tenant=tenant))

@@ -138,7 +138,10 @@ class AdminServicer:
         within a second, as a revoked one. Two rotations of one key at once both succeed, one
         after the other: the last one written wins and the other's new key is refused from then
         on, as after any later rotation. The key in force has the latest rotated_at: a reply
-        whose key.rotated_at is not ListKeys' holds a key already replaced.
+        whose key.rotated_at is not ListKeys' holds a key already replaced. To have a rotation
+        refused instead when another came first, send the key's rotated_at as seen
+        (RotateKeyRequest.if_unchanged): of two such rotations at once, one succeeds and the
+        other is FAILED_PRECONDITION, naming the rotation it did not know of, nothing changed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

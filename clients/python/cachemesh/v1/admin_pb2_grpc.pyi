@@ -57,7 +57,10 @@ class AdminStub:
     within a second, as a revoked one. Two rotations of one key at once both succeed, one
     after the other: the last one written wins and the other's new key is refused from then
     on, as after any later rotation. The key in force has the latest rotated_at: a reply
-    whose key.rotated_at is not ListKeys' holds a key already replaced.
+    whose key.rotated_at is not ListKeys' holds a key already replaced. To have a rotation
+    refused instead when another came first, send the key's rotated_at as seen
+    (RotateKeyRequest.if_unchanged): of two such rotations at once, one succeeds and the
+    other is FAILED_PRECONDITION, naming the rotation it did not know of, nothing changed.
     """
     GetPolicy: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetPolicyRequest, _admin_pb2.CachePolicy]
     """A tenant's cache policy: whether L1 serves and stores its answers, its default L1 TTL."""
@@ -96,7 +99,10 @@ class AdminAsyncStub(AdminStub):
     within a second, as a revoked one. Two rotations of one key at once both succeed, one
     after the other: the last one written wins and the other's new key is refused from then
     on, as after any later rotation. The key in force has the latest rotated_at: a reply
-    whose key.rotated_at is not ListKeys' holds a key already replaced.
+    whose key.rotated_at is not ListKeys' holds a key already replaced. To have a rotation
+    refused instead when another came first, send the key's rotated_at as seen
+    (RotateKeyRequest.if_unchanged): of two such rotations at once, one succeeds and the
+    other is FAILED_PRECONDITION, naming the rotation it did not know of, nothing changed.
     """
     GetPolicy: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetPolicyRequest, _admin_pb2.CachePolicy]  # type: ignore[assignment]
     """A tenant's cache policy: whether L1 serves and stores its answers, its default L1 TTL."""
@@ -168,7 +174,10 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         within a second, as a revoked one. Two rotations of one key at once both succeed, one
         after the other: the last one written wins and the other's new key is refused from then
         on, as after any later rotation. The key in force has the latest rotated_at: a reply
-        whose key.rotated_at is not ListKeys' holds a key already replaced.
+        whose key.rotated_at is not ListKeys' holds a key already replaced. To have a rotation
+        refused instead when another came first, send the key's rotated_at as seen
+        (RotateKeyRequest.if_unchanged): of two such rotations at once, one succeeds and the
+        other is FAILED_PRECONDITION, naming the rotation it did not know of, nothing changed.
         """
 
     @_abc_1.abstractmethod
