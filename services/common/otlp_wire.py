@@ -345,6 +345,7 @@ class ExportHealth(logging.Filter):
         # since the start, for the metrics (``totals``): never reset
         self._queue_full_total = 0
         self._export_failed_total = 0  # the spans of the exports that failed
+        self._shutdown_total = 0  # left unexported by the stop (``dropped_at_shutdown``)
         # the queue-full line: at most one an interval, counting the spans dropped at the
         # full queue since a line last counted them (it, or the collector's return's), and
         # whether one was said yet (the first says no count)
@@ -399,6 +400,19 @@ class ExportHealth(logging.Filter):
         collector did not take (the exporter's retries over: dropped for good)."""
         with self._lock:
             return self._queue_full_total, self._export_failed_total
+
+    @property
+    def shutdown_total(self) -> int:
+        """Since the start: the spans the stop left unexported (``dropped_at_shutdown``)."""
+        with self._lock:
+            return self._shutdown_total
+
+    def dropped_at_shutdown(self, spans: int) -> None:
+        """``spans`` left unexported by the stop: still queued when its bound
+        (``TRACING_STOP_S``) was over, in the export it cut (or one failing meanwhile), or
+        ending once it had begun. Counted only: the stop's own line says it."""
+        with self._lock:
+            self._shutdown_total += spans
 
     def dropped(self) -> None:
         """A span dropped at the full queue (its batch processor's count): said at the first,
@@ -516,6 +530,7 @@ class WireSpanExporter(OTLPSpanExporter):
         self._health.install()
         self._state = threading.Lock()
         self._in_export = False
+        self._stopping = False  # shutdown begun: a failed export's spans are the stop's drops
         self._closed = False
 
     @property
@@ -533,14 +548,21 @@ class WireSpanExporter(OTLPSpanExporter):
             self._health.end()
             with self._state:
                 self._in_export = False
-                closed = self._closed
+                stopping, closed = self._stopping, self._closed
             if closed:
                 self._health.uninstall()
+            if stopping:
+                # the export the stop cut (its channel closed), or one after it: its spans
+                # were counted nowhere (nor was an export failing meanwhile: one count each)
+                if result is not SpanExportResult.SUCCESS:
+                    self._health.dropped_at_shutdown(len(spans))
             else:
                 self._health.exported(result is SpanExportResult.SUCCESS, len(spans))
         return result
 
     def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        with self._state:  # before the channel is closed: the export it cuts sees it
+            self._stopping = True
         try:
             super().shutdown(timeout_millis, **kwargs)
         finally:

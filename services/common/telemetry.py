@@ -108,6 +108,7 @@ class _BatchSpans(BatchSpanProcessor):
             )
         self._queue: collections.deque[Any] = queue
         self._max_queue_size = bound
+        self._stopping = False  # shutdown begun: a span ending now is dropped, counted
 
     def on_end(self, span: ReadableSpan) -> None:
         """The SDK's, but a span that ends at a full queue dropped and counted
@@ -118,6 +119,9 @@ class _BatchSpans(BatchSpanProcessor):
             self._emit(span)
             return
         with self._queued:  # spans end on other threads too (``asyncio.to_thread``)
+            if self._stopping:  # the SDK's processor would drop it uncounted
+                self._health.dropped_at_shutdown(1)
+                return
             if len(self._queue) < self._max_queue_size:
                 self._emit(span)
                 return
@@ -125,15 +129,35 @@ class _BatchSpans(BatchSpanProcessor):
         self._health.dropped()
 
     def shutdown(self) -> None:
+        """The SDK's, bounded by ``TRACING_STOP_S``; with an OTLP exporter's ``health`` the
+        spans it leaves are counted (``dropped_at_shutdown``): those still queued past the
+        bound (the SDK's processor stops exporting and left them uncounted), those ending
+        once the stop began, and the export it cuts (``WireSpanExporter``)."""
         began = time.monotonic()
+        with self._queued:
+            self._stopping = self._health is not None
         # the SDK's batch processor (opentelemetry-sdk pinned in constraints.txt): the only
         # shutdown that takes a timeout
         self._batch_processor.shutdown(timeout_millis=int(TRACING_STOP_S * 1000))
+        left = 0
+        if self._health is not None:
+            # popped one at a time, as the SDK's worker pops them: a span is either its
+            # (exported, or counted by the exporter if that export fails) or counted here
+            while True:
+                try:
+                    self._queue.pop()
+                except IndexError:
+                    break
+                left += 1
+            self._health.dropped_at_shutdown(left)
         if time.monotonic() - began >= TRACING_STOP_S:
             log.warning(
                 "tracing: the collector did not take the last spans within %.0f s "
-                "(OTEL_EXPORTER_OTLP_ENDPOINT not answering?): those not sent are dropped",
+                "(OTEL_EXPORTER_OTLP_ENDPOINT not answering?): those not sent are dropped, "
+                '%d left queued (cachemesh_spans_dropped_total{reason="shutdown"}, with '
+                "those of the export cut)",
                 TRACING_STOP_S,
+                left,
             )
 
 
@@ -188,8 +212,11 @@ class SpanDrops(Collector):
     from its OTLP exporter's ``ExportHealth``: ``queue_full``, spans that ended at a full
     queue (``OTEL_BSP_MAX_QUEUE_SIZE``: a collector slow, down, or a burst) and were dropped;
     ``export_failed``, spans of exports the collector did not take, the exporter's retries
-    over (dropped for good). The SDK dropped both saying so at most in a log line (none once
-    an outage's first was said). Nothing without an OTLP exporter (``none``: nothing to drop;
+    over (dropped for good); ``shutdown``, spans the service's stop left unexported (still
+    queued past ``TRACING_STOP_S``, in the export it cut, or ending once it began: scraped
+    only while the stop lasts, its log line says how many were queued). The SDK dropped the
+    first two saying so at most in a log line (none once an outage's first was said), the
+    third without a word. Nothing without an OTLP exporter (``none``: nothing to drop;
     ``console``: the SDK's own processor, uncounted). Spans are counted on the drop path only:
     a span that is queued pays nothing more."""
 
@@ -202,12 +229,14 @@ class SpanDrops(Collector):
         queue_full, export_failed = self._health.totals()
         dropped = CounterMetricFamily(
             "cachemesh_spans_dropped",
-            "Spans this service dropped unexported: at a full queue (queue_full) or in "
-            "exports the collector did not take (export_failed)",
+            "Spans this service dropped unexported: at a full queue (queue_full), in "
+            "exports the collector did not take (export_failed), or left by its stop "
+            "(shutdown)",
             labels=["reason"],
         )
         dropped.add_metric(["queue_full"], queue_full)
         dropped.add_metric(["export_failed"], export_failed)
+        dropped.add_metric(["shutdown"], self._health.shutdown_total)
         yield dropped
 
 

@@ -433,7 +433,7 @@ def test_every_process_serves_its_own_metrics_with_process_figures(run: Run) -> 
         assert scrape.value("process_resident_memory_bytes") > 0, name
         # every traced process counts the spans it drops unexported (none here: the
         # collector takes them all)
-        for reason in ("queue_full", "export_failed"):
+        for reason in ("queue_full", "export_failed", "shutdown"):
             dropped = [
                 v
                 for n, labels, v in scrape.samples

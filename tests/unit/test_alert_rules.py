@@ -33,6 +33,8 @@ from services.common.env import Env
 from services.common.errors import Code
 from services.common.metrics import LoopMetrics, TenantLabels
 from services.common.model_overrides import model_table_from_env
+from services.common.otlp_wire import ExportHealth
+from services.common.telemetry import SpanDrops, TracingProvider
 from services.http_front.metrics import HttpFrontMetrics
 from services.model.metrics import ModelMetrics
 from services.prefix_cache.metrics import PrefixCacheMetrics
@@ -89,6 +91,10 @@ def _registries() -> Iterator[_Recording]:
         registry = _Recording()
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
+        # every service's: its spans dropped unexported (with an OTLP exporter, the default)
+        traced = TracingProvider()
+        traced.export_health = ExportHealth("http://127.0.0.1:4317")
+        registry.register(SpanDrops(traced))
         return registry
 
     router = fresh()
@@ -445,6 +451,7 @@ def test_the_definitions_are_read_with_their_labels() -> None:
     assert "cachemesh_semantic_cache_evictions_total" in DEFINED
     assert "process_cpu_seconds_total" in DEFINED
     assert DEFINED["cachemesh_http_front_requests_total"] == {"api", "route", "status"}
+    assert DEFINED["cachemesh_spans_dropped_total"] == {"reason"}
 
 
 def test_the_values_matched_on_are_read_from_the_code() -> None:

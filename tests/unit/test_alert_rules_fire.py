@@ -5,6 +5,7 @@ first event is counted (Prometheus's ``rate`` sees none on a series that first s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,26 @@ def test_snapshot_failing_stays_silent_on_a_failure_the_next_save_recovers_from(
     series[1] = Series(series[1].name, series[1].labels, [float(m >= 20) for m in range(MINUTES)])
     assert not _fires("CachemeshSemanticCacheSnapshotFailing", series)
     assert not _fires("CachemeshSemanticCacheSnapshotFailing", _snapshots(MINUTES, MINUTES))
+
+
+def test_spans_dropped_fires_on_any_drop_a_stops_too_and_is_silent_without() -> None:
+    """Any span dropped unexported, its reason carried; one dropped at a stop (the last
+    scrape of the process shows it, the next process's series starts at 0 under the same
+    instance) fires too; a service dropping none stays silent."""
+    labels = {"job": "model", "instance": "model:9102"}
+
+    def dropped(reason: str, values: Sequence[float | None]) -> Series:
+        return Series("cachemesh_spans_dropped_total", {**labels, "reason": reason}, values)
+
+    steady = [0.0] * MINUTES
+    assert not _fires("CachemeshSpansDropped", [dropped("queue_full", steady)])
+    burst = [0.0] * (MINUTES - 5) + [40.0] * 5
+    assert _fires("CachemeshSpansDropped", [dropped("queue_full", burst)])
+    # the stop's scrape shows 12, the process restarted shows 0 a minute later
+    stop = [0.0] * (MINUTES - 6) + [12.0] + [0.0] * 5
+    assert _fires("CachemeshSpansDropped", [dropped("shutdown", stop)])
+    rule = _rule("CachemeshSpansDropped")
+    assert "reason" in rule["annotations"]["summary"]
 
 
 def test_a_series_that_first_shows_at_one_loses_that_event_to_increase() -> None:

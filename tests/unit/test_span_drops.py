@@ -30,7 +30,7 @@ def _dropped(registry: CollectorRegistry) -> dict[str, float]:
     return {
         reason: registry.get_sample_value("cachemesh_spans_dropped_total", {"reason": reason})
         or 0.0
-        for reason in ("queue_full", "export_failed")
+        for reason in ("queue_full", "export_failed", "shutdown")
     }
 
 
@@ -59,7 +59,7 @@ def test_spans_dropped_at_a_full_queue_and_in_failed_exports_are_counted() -> No
     stopped = False
     try:
         # both series from the start (rate() sees the first drop)
-        assert _dropped(registry) == {"queue_full": 0.0, "export_failed": 0.0}
+        assert _dropped(registry) == {"queue_full": 0.0, "export_failed": 0.0, "shutdown": 0.0}
         # a burst the collector takes but the queue cannot hold: each span is received or
         # counted dropped, none lost unsaid
         for i in range(40):
@@ -224,3 +224,45 @@ def test_an_outage_already_said_does_not_repeat_the_queue_full_line(
     health.dropped()  # no outage: said again
     lines = _queue_full_lines(caplog)
     assert len(lines) == 2 and ", 1 since the last count of them said" in lines[1], lines
+
+
+def test_spans_the_stop_leaves_unexported_are_counted_as_shutdown(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A collector that never answers at the stop: the export in flight is cut and the spans
+    queued behind it are left once ``TRACING_STOP_S`` is over, and a span ending after the
+    stop began is dropped; none was counted (main: 0 of 10 on /metrics, the stop's line
+    naming no figure). Each is counted now, ``reason="shutdown"``, and none twice."""
+    monkeypatch.setattr(telemetry, "TRACING_STOP_S", 0.05)
+    hole = BlackHole()
+    exporter = WireSpanExporter(endpoint=hole.endpoint, insecure=True, timeout=30)
+    processor = _BatchSpans(
+        exporter,
+        exporter.health,
+        max_queue_size=QUEUE,
+        max_export_batch_size=BATCH,
+        schedule_delay_millis=20,
+    )
+    provider = telemetry.TracingProvider()
+    provider.export_health = exporter.health
+    provider.add_span_processor(processor)
+    registry = new_registry()
+    registry.register(SpanDrops(provider))
+    tracer = provider.get_tracer("t")
+    try:
+        for i in range(BATCH):  # the first batch: its export in flight, never answered
+            tracer.start_span(f"in flight {i}").end()
+        assert hole.accepted.wait(30)
+        for i in range(QUEUE):  # queued behind it, the queue full to its bound, no drop
+            tracer.start_span(f"queued {i}").end()
+        with caplog.at_level(logging.WARNING, "cachemesh.telemetry"):
+            provider.shutdown()
+        tracer.start_span("after the stop").end()
+        total = BATCH + QUEUE + 1
+        # the cut export ends on the SDK's worker thread, maybe after the shutdown returned
+        _until(lambda: _dropped(registry)["shutdown"] >= total, f"{total} counted")
+        assert _dropped(registry) == {"queue_full": 0.0, "export_failed": 0.0, "shutdown": total}
+        line = [r.getMessage() for r in caplog.records if "last spans" in r.getMessage()]
+        assert len(line) == 1 and f"{QUEUE} left queued" in line[0], line
+    finally:
+        hole.close()
