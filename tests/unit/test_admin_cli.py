@@ -19,6 +19,7 @@ from cachemesh.admin_cli import (
     limits_table,
     policy_table,
     rate_change,
+    seen_rotation,
     stats_table,
     table,
 )
@@ -204,3 +205,17 @@ def test_a_budget_in_exponent_or_other_notation_is_refused(wrong: str) -> None:
         budget_change(wrong)
     assert budget_change("-1") == -1_000_000_000  # the router refuses it, naming the range
     assert budget_change("+25") == 25_000_000_000  # a sign is plain notation, as the router's
+
+
+def test_a_rotation_as_seen_from_the_command_line() -> None:
+    """``keys rotate --if-rotated-at``: the rotatedAt ``--json`` printed, to the nanosecond,
+    or 'never'; anything else refused saying what to give."""
+    key = adm.ApiKeyInfo(id="key_1")
+    key.rotated_at.FromNanoseconds(1_780_000_000_123_456_789)
+    printed = json.loads(as_json(key))["rotatedAt"]
+    seen = seen_rotation(printed)
+    assert seen.rotated_at.ToNanoseconds() == 1_780_000_000_123_456_789
+    assert not seen_rotation("never").HasField("rotated_at")
+    for wrong in ("yesterday", "", "2026-01-02 03:04:05"):
+        with pytest.raises(argparse.ArgumentTypeError, match="rotatedAt as"):
+            seen_rotation(wrong)

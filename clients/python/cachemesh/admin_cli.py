@@ -69,6 +69,15 @@ def add_parser(commands: Any) -> None:
     for verb, text in (("rotate", "a new secret for the key (old refused)"), ("revoke", "")):
         command = key_commands.add_parser(verb, help=text or "refuse the key from now on")
         command.add_argument("key_id", help="the key's id (see keys list)")
+        if verb == "rotate":
+            command.add_argument(
+                "--if-rotated-at",
+                type=seen_rotation,
+                metavar="STAMP|never",
+                help="rotate only if the key is still as seen: its rotatedAt as `admin --json "
+                "keys list` prints it (RFC 3339), or 'never' for a key never rotated; refused, "
+                "nothing changed, when another rotation came first",
+            )
 
     invalidate = what.add_parser("invalidate", help="drop L1 entries of one tenant")
     invalidate.add_argument("tenant")
@@ -122,6 +131,22 @@ def add_parser(commands: Any) -> None:
     )
     for sub in subcommand_parsers(admin):
         _add_admin_arguments(sub, inherited=True)
+
+
+def seen_rotation(text: str) -> adm.ApiKeyInfo:
+    """``--if-rotated-at``'s value: the key as seen, its rotated_at (RFC 3339, as ``--json``
+    prints it, to the nanosecond) or 'never' (never rotated)."""
+    seen = adm.ApiKeyInfo()
+    if text == "never":
+        return seen
+    try:
+        seen.rotated_at.FromJsonString(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            "the key's rotatedAt as `cachemesh admin --json keys list` prints it, e.g. "
+            f"2026-01-02T03:04:05.123456789Z, or 'never', got {text[:40]!r}"
+        ) from None
+    return seen
 
 
 def rate_change(text: str) -> LimitChange:
@@ -205,9 +230,9 @@ def _call(client: AdminClient, args: argparse.Namespace) -> Any:
             return adm.ListKeysResponse(
                 keys=client.list_keys(args.tenant, include_revoked=args.all)
             )
-        return (
-            client.rotate_key(args.key_id) if verb == "rotate" else client.revoke_key(args.key_id)
-        )
+        if verb == "rotate":
+            return client.rotate_key(args.key_id, seen=args.if_rotated_at)
+        return client.revoke_key(args.key_id)
     if command == "limits":
         return _limits_call(client, args)
     if args.policy_command == "get":
