@@ -17,7 +17,10 @@ never asserted.
 ``--miss`` sends ``make bench``'s agent misses instead (case (c): tau-bench airline turns of
 about 15 KB, model ``auto``, each in a cache namespace of its own, so each goes through every
 layer: Lookup, Plan, Generate, two Commits, Store), ``--requests`` of them a round at
-``--concurrency`` in flight; the figures are then CPU per miss. ``--floor`` also measures, in
+``--concurrency`` in flight; the figures are then CPU per miss. Each round draws its own turns
+(``MISS_SEED_STEP``): the same turns in every round were L1 misses still, but semantic-cache's
+CPU for them fell from 19.5 ms a miss in the first round to 5.5-6.8 in the next three (one
+stack, 1 in flight; drawn anew, 18.3-24.0 in every round). ``--floor`` also measures, in
 as many rounds, the front of ``make bench``'s echo chain of the case (the router's calls with
 raw bytes and nothing else): the gRPC floor under the router's figure, on this machine now.
 
@@ -61,6 +64,9 @@ from services.tools.out_path import refuse_unwritable
 from services.tools.stack.lifecycle import Stack
 
 QUESTION = "How do I reset my password on the billing portal?"
+# ``--miss``: round n draws its turns with seed concurrency + n * MISS_SEED_STEP (round 0: make
+# bench's seed, the level), the same for every stack, so stacks compared meet the same turns
+MISS_SEED_STEP = 1000
 
 
 async def _hits(
@@ -102,12 +108,15 @@ async def _misses(
     concurrency: int,
     measure_from: Callable[[], None],
     data_dir: Path,
+    round_number: int = 0,
 ) -> int:
     """``requests`` agent misses (``make bench``'s case (c): tau-bench airline turns, model
     ``auto``, each in a cache namespace of its own) at ``concurrency`` in flight; a round's
-    namespace is fresh, so each is an L1 miss that goes through every layer."""
+    namespace is fresh, so each is an L1 miss that goes through every layer, and its turns its
+    own (``MISS_SEED_STEP``)."""
     namespace = f"miss-cpu-{time.time_ns()}"
-    items = cases.agent_misses(data_dir, namespace, requests, seed=concurrency)
+    seed = concurrency + round_number * MISS_SEED_STEP
+    items = cases.agent_misses(data_dir, namespace, requests, seed=seed)
     async with AsyncClient(target, api_key=key) as client:
         measure_from()
         pending = iter(items)
@@ -146,11 +155,13 @@ def _round(
     requests: int,
     concurrency: int,
     miss: Path | None = None,
+    round_number: int = 0,
 ) -> dict[str, Any]:
     """CPU and req/s of the measured hits only (``_hits``' ``measure_from``): before, the
     round's miss and its idle half second were counted as two more hits, which put 2,000
     hits at 8 in flight at 389-488 req/s and the router's CPU a hit above its own. ``miss``:
-    the data directory of agent misses (``_misses``) to send instead of hits."""
+    the data directory of agent misses (``_misses``, the turns of ``round_number``) to send
+    instead of hits."""
     mark: dict[str, Any] = {}
 
     def measure_from() -> None:
@@ -159,7 +170,9 @@ def _round(
     if miss is None:
         load = _hits(stack.router_address, key, requests, concurrency, measure_from)
     else:
-        load = _misses(stack.router_address, key, requests, concurrency, measure_from, miss)
+        load = _misses(
+            stack.router_address, key, requests, concurrency, measure_from, miss, round_number
+        )
     served = asyncio.run(load)
     after, wall = probe.sample(), time.monotonic() - mark["at"]
     figures = per_request(ticks_between(mark["cpu"], after), served, probe.ticks_per_s)
@@ -187,7 +200,7 @@ def measure(
         order = list(roots)
         for number in range(rounds):
             for name in order if number % 2 == 0 else order[::-1]:
-                figures = _round(*stacks[name], requests, concurrency, miss)
+                figures = _round(*stacks[name], requests, concurrency, miss, number)
                 per_round[name].append(figures)
                 router = figures["ms_per_request"]["router"]
                 print(f"round {number + 1} {name}: router {router} ms a request", file=sys.stderr)
