@@ -64,9 +64,10 @@ from services.tools.out_path import refuse_unwritable
 from services.tools.stack.lifecycle import Stack
 
 QUESTION = "How do I reset my password on the billing portal?"
-# ``--miss``: round n draws its turns with seed concurrency + n * MISS_SEED_STEP (round 0: make
-# bench's seed, the level), the same for every stack, so stacks compared meet the same turns
-MISS_SEED_STEP = 1000
+# ``--miss``: round n draws its turns with seed concurrency + n * MISS_SEED_STEP, as make bench's
+# repeat n of case (c) does (``gateway.runs._agent``), the same for every stack, so stacks
+# compared meet the same turns
+MISS_SEED_STEP = 100
 
 
 async def _hits(
