@@ -134,6 +134,7 @@ class PrefixCacheApi:
                         request.arrived_at_ms if request.HasField("arrived_at_ms") else None
                     ),
                     stalled_warm=list(request.stalled_warm_replicas),
+                    replica_instance=request.replica_instance,
                 )
             )
             log.debug(

@@ -11,6 +11,8 @@ import asyncio
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from opentelemetry import trace
+
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.clock import Clock
@@ -40,6 +42,9 @@ from services.prefix_cache.warm import WarmStore, read_time
 # it was ~15% of prefix-cache's samples under load (an agent request: 16-74 parts). A larger
 # one goes to a worker thread (tiktoken releases the GIL) so that it never stalls the loop
 # for long: 32 kB of one-character blocks (6,400 parts) takes ~26 ms.
+# the WARM's span attribute naming why a replica's view was forgotten ("engine_restart": the
+# WARM's engine run is a new one there, GenerateStart.engine_instance)
+VIEW_WIPE_ATTRIBUTE = "cachemesh.view_wipe_reason"
 INLINE_PROMPT_BYTES = 32 * 1024
 INLINE_PROMPT_PARTS = 256
 # The most tokens a count may hold (2^31, ~2.1 billion: beyond any context or output), so that
@@ -197,6 +202,7 @@ class PrefixCacheCore:
         planned_at_ms: int | None = None,
         arrived_at_ms: int | None = None,
         stalled_warm: Sequence[str] = (),
+        replica_instance: str = "",
     ) -> Split:
         """The first token arrived from ``replica``, which reported ``kv_cached_tokens``
         (unless ``kv_cached_unreported``: a provider adapter learns its engine's KV reuse
@@ -232,6 +238,12 @@ class PrefixCacheCore:
         first report) while its Plan predicted them warm: each is taken as a report of nothing
         reused there (``ReplicaViews.stalled``), with the Plan held here (its marks of the
         views); without it, not (no evidence of when the view was wrong).
+
+        ``replica_instance``: the engine run that answered on ``replica``
+        (``GenerateStart.engine_instance``; empty: not known). A run new there after another
+        (the engine restarted, its KV cache gone) forgets the replica's view, every tenant's
+        blocks, before this WARM's read is judged (``ReplicaViews.engine``); a WARM of a run
+        before the current one (a call that ended before the restart) records nothing there.
         """
         for other in stalled_warm:
             if not other or other == replica:
@@ -285,6 +297,7 @@ class PrefixCacheCore:
             if held is not None:  # no await since ``held``: no other WARM took it meanwhile
                 self._plans.take(plan_id, tenant, spec.id)
             now = self._clock.now_ms()
+            current = self._engine(spec.id, replica, replica_instance) if replica else None
             # the replica's report of its KV reuse, if it could give one at its first token
             reported = None if kv_cached_unreported else kv_cached_tokens
             if spec.rules == "self_hosted":
@@ -322,7 +335,7 @@ class PrefixCacheCore:
                         prompt.scope, probes, plan.writes, now, read_at, prompt.planned_at_ms
                     )
                     split = settle(plan, hit.tokens if hit else 0)
-            if replica:
+            if replica and current is not False:  # not a restarted engine's late WARM
                 # an engine that reports at the end only: its FINAL scores this prediction
                 # (one that reports now counts as the WARM does: kv_cached_tokens' range)
                 awaiting = (tenant, request_id) if spec.rules == "self_hosted" else None
@@ -483,6 +496,16 @@ class PrefixCacheCore:
                     unbilled = max(engine_reuse - stood.split.read_tokens, 0)
                     self._metrics.unattributed_kv(record.model, unbilled)
             return placed
+
+    def _engine(self, model: str, replica: str, instance: str) -> bool | None:
+        """``ReplicaViews.engine``, its wipe counted (``cause="restart"``) and named on the
+        current span (``VIEW_WIPE_ATTRIBUTE``)."""
+        before = self._view_corrections()
+        current = self._views.engine(replica, instance)
+        if self._view_corrections() != before:
+            self._count_corrections(model, "restart", before)
+            trace.get_current_span().set_attribute(VIEW_WIPE_ATTRIBUTE, "engine_restart")
+        return current
 
     def _view_corrections(self) -> tuple[int, int]:
         """The replica views' corrections so far, and the blocks they evicted."""

@@ -26,7 +26,9 @@ returns the same bill and counts nothing):
   engine's report of less reuse than predicted (the blocks touched no later go), ``stall``, a
   call handed over as stalled from a replica predicted warm (``stalled_warm_replicas``: that
   prompt's blocks from the first a lost prefix must have taken on go). Many ``stall``
-  corrections on one model: a restarted or overloaded engine;
+  corrections on one model: a restarted or overloaded engine; ``restart``, a WARM from a new
+  run of a replica's engine (``CommitRequest.replica_instance``): the replica's whole view
+  forgotten, every tenant's blocks (each count one wipe);
 - ``cachemesh_prefix_cache_redis_pool_exhausted_total``: calls refused UNAVAILABLE because
   none of the process's Redis connections (PREFIX_CACHE_REDIS_MAX_CONNECTIONS) came free in
   time. Redis may be answering: the service's health (a PING over a connection of its own)
@@ -88,12 +90,12 @@ class PrefixCacheMetrics:
         )
         self._view_corrections = m.counter(
             "cachemesh_prefix_cache_view_corrections",
-            "Replica view corrections: an engine's report below the prediction, or a stall",
+            "Replica view corrections: an engine's report below the prediction, a stall, a restart",
             ("model", "cause"),
         )
         self._view_evicted = m.counter(
             "cachemesh_prefix_cache_view_evicted_blocks",
-            "Replica view blocks evicted by its corrections (report, stall)",
+            "Replica view blocks evicted by its corrections (report, stall, restart)",
             ("model", "cause"),
         )
         self._pool_exhausted = m.counter(
@@ -121,8 +123,8 @@ class PrefixCacheMetrics:
         self._plans(model).inc()
 
     def view_corrected(self, model: str, cause: str, corrections: int, blocks: int) -> None:
-        """``corrections`` of the replica view (``cause``: ``report`` or ``stall``) evicted
-        ``blocks``."""
+        """``corrections`` of the replica view (``cause``: ``report``, ``stall`` or
+        ``restart``) evicted ``blocks``."""
         if corrections:
             self._view_corrections(model, cause).inc(corrections)
             self._view_evicted(model, cause).inc(blocks)

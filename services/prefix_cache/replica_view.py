@@ -70,6 +70,9 @@ from services.common.kv_blocks import BLOCK_SIZE, KvBlockCache, block_hashes, re
 # it the tenant holding the most loses its oldest note (``TenantOrder``: one tenant's flood
 # drops its own notes, not another's), and those FINALs are not scored.
 AWAITED_BLOCKS = 1 << 20
+# a replica's engine runs kept (``ReplicaViews.engine``): a WARM of one of these before the
+# current is a late one of a restarted engine, not a restart back to it
+_RUNS_KEPT = 4
 
 Awaiting = tuple[str, str]  # (tenant, request id)
 
@@ -103,6 +106,7 @@ class ViewStats:
     corrections: int = 0  # reports below the prediction that evicted blocks
     corrected_blocks: int = 0  # blocks those evicted
     stalls: int = 0  # of the corrections, those for a call stalled where it was predicted warm
+    restarts: int = 0  # of the corrections, views forgotten for their engine's restart
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,9 @@ class ReplicaViews:
         self._awaited_order: TenantOrder[Awaiting] = TenantOrder()
         self._awaited_blocks = 0
         self._awaited_bound = awaited_blocks
+        # each replica's engine runs by their WARMs' ``instance`` (``engine``), the current one
+        # last: a run seen before the current one is a restarted engine's (late WARMs of it)
+        self._instances: dict[str, list[str]] = {}
         self.stats = ViewStats()
 
     def _view(self, replica: str) -> KvBlockCache:
@@ -165,9 +172,18 @@ class ReplicaViews:
             if last > now - self._idle_ms:
                 break
             del self._used[oldest]
-            dropped = self._views.pop(oldest, None)
-            if dropped is not None:  # the next view counts on from above it (module doc)
-                self._next_epoch = max(self._next_epoch, dropped.touches + 1)
+            self._drop(oldest)
+            self._instances.pop(oldest, None)
+
+    def _drop(self, replica: str) -> int:
+        """Forgets the replica's view; the blocks it held."""
+        dropped = self._views.pop(replica, None)
+        if dropped is None:
+            return 0
+        # the next view counts on from above it (module doc): a note of this one (``report``)
+        # is never applied to the next
+        self._next_epoch = max(self._next_epoch, dropped.touches + 1)
+        return len(dropped)
 
     @property
     def replicas(self) -> int:
@@ -244,6 +260,30 @@ class ReplicaViews:
             return
         if lost is not None and note.stamps[lost] <= note.since:
             self._correct(view, note.stamps[lost])
+
+    def engine(self, replica: str, instance: str) -> bool | None:
+        """A WARM's engine run on ``replica`` (``GenerateStart.engine_instance``; empty: not
+        known, nothing changes). A run not seen there before, after another: the engine
+        restarted, its KV cache gone, so the replica's view is forgotten (every tenant's blocks,
+        and the notes awaiting its FINALs), counted as a correction with the blocks it held.
+        True: the WARM's engine is the current one (the view was wiped if it is new); False:
+        a run seen before the current one, a call that ended on the engine since restarted (a
+        late WARM), whose prefill no engine holds now; None: not known."""
+        if not instance:
+            return None
+        runs = self._instances.setdefault(replica, [])
+        if runs and runs[-1] == instance:
+            return True
+        if instance in runs:
+            return False
+        runs.append(instance)
+        del runs[:-_RUNS_KEPT]
+        if len(runs) > 1:  # the first run seen says nothing of the view learned so far
+            blocks = self._drop(replica)
+            self.stats.restarts += 1
+            self.stats.corrections += 1
+            self.stats.corrected_blocks += blocks
+        return True
 
     def stalled(self, replica: str, hashes: Sequence[bytes], prompt_tokens: int, since: int) -> int:
         """A call of this prompt to ``replica``, predicted warm there, stalled before its first

@@ -171,6 +171,7 @@ def warm_commit(
     kv_cached_unreported: bool,
     arrived_ms: int | None = None,
     stalled_warm: Sequence[str] = (),
+    engine_instance: str = "",
 ) -> prefix_cache_pb2.CommitRequest:
     """A call's WARM commit as ``Calls.commit_warm`` first sends it: by its ``plan_id``,
     without the request (``kv_cached_unreported``: the replica could not tell its KV reuse at
@@ -178,7 +179,9 @@ def warm_commit(
     (no ``max_read_tokens``) it carries ``arrived_ms``, the router's time of the model call:
     prefix-cache judges the read then, so a concurrent request's write since is not read.
     ``stalled_warm``: the replicas the request's call stalled on, predicted warm, before
-    this one (``Attempt.stalled_warm``)."""
+    this one (``Attempt.stalled_warm``). ``engine_instance``: the run of the replica's engine
+    that answered (``GenerateStart.engine_instance``; prefix-cache forgets the replica's view
+    when it changes: a restarted engine)."""
     commit = prefix_cache_pb2.CommitRequest(
         tenant=tenant,
         request_id=commit_id,
@@ -189,6 +192,7 @@ def warm_commit(
         plan_id=plan_id,
         kv_cached_unreported=kv_cached_unreported,
         stalled_warm_replicas=list(stalled_warm),
+        replica_instance=engine_instance,
     )
     if max_read_tokens is not None:
         commit.max_read_tokens = max_read_tokens

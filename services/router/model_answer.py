@@ -280,6 +280,7 @@ class ModelAnswers:
             attempt.start.kv_cached_unreported,
             attempt.planned_at_ms,
             attempt.stalled_warm,
+            attempt.start.engine_instance,
         )
         written = self._billing.journal_open(
             tenant, request, attempt, baseline, first_warm, open_call

@@ -27,7 +27,7 @@ from cachemesh.v1 import prefix_cache_pb2 as cachemesh_dot_v1_dot_prefix__cache_
 from cachemesh.v1 import prompt_pb2 as cachemesh_dot_v1_dot_prompt__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63\x61\x63hemesh/v1/model.proto\x12\x0c\x63\x61\x63hemesh.v1\x1a\x1a\x63\x61\x63hemesh/v1/gateway.proto\x1a\x1f\x63\x61\x63hemesh/v1/prefix_cache.proto\x1a\x19\x63\x61\x63hemesh/v1/prompt.proto\"\x8b\x01\n\x0fGenerateRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12.\n\x07request\x18\x03 \x01(\x0b\x32\x1d.cachemesh.v1.CompleteRequest\x12)\n\x06prompt\x18\x04 \x01(\x0b\x32\x19.cachemesh.v1.PromptFacts\"\xd6\x01\n\rGenerateStart\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x03\x12\x18\n\x10kv_cached_tokens\x18\x03 \x01(\x03\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x1c\n\x14kv_cached_unreported\x18\x05 \x01(\x08\x12\x1e\n\x16\x63ut_before_first_token\x18\x06 \x01(\x08\x12\x1e\n\x11tenant_fair_queue\x18\x07 \x01(\x08H\x00\x88\x01\x01\x42\x14\n\x12_tenant_fair_queue\"\xfd\x01\n\x0bGenerateEnd\x12\x15\n\routput_tokens\x18\x01 \x01(\x03\x12\x13\n\x0bstop_reason\x18\x02 \x01(\t\x12\x33\n\x0eprovider_usage\x18\x03 \x01(\x0b\x32\x1b.cachemesh.v1.ProviderUsage\x12\x13\n\x0binterrupted\x18\x04 \x01(\x08\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x18\n\x10reasoning_tokens\x18\x06 \x01(\x03\x12\x1d\n\x15\x64raft_accepted_tokens\x18\x10 \x01(\x03\x12\x18\n\x10\x64istrusted_usage\x18\x11 \x03(\t\x12\x16\n\x0evisible_pieces\x18\x12 \x01(\x03\")\n\x10GenerateProgress\x12\x15\n\routput_tokens\x18\x01 \x01(\x03\"\xe0\x01\n\rGenerateChunk\x12,\n\x05start\x18\x01 \x01(\x0b\x32\x1b.cachemesh.v1.GenerateStartH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x19.cachemesh.v1.GenerateEndH\x00\x12+\n\x05\x62lock\x18\x04 \x01(\x0b\x32\x1a.cachemesh.v1.ContentBlockH\x00\x12\x32\n\x08progress\x18\x05 \x01(\x0b\x32\x1e.cachemesh.v1.GenerateProgressH\x00\x42\x06\n\x04part2Q\n\x05Model\x12H\n\x08Generate\x12\x1d.cachemesh.v1.GenerateRequest\x1a\x1b.cachemesh.v1.GenerateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63\x61\x63hemesh/v1/model.proto\x12\x0c\x63\x61\x63hemesh.v1\x1a\x1a\x63\x61\x63hemesh/v1/gateway.proto\x1a\x1f\x63\x61\x63hemesh/v1/prefix_cache.proto\x1a\x19\x63\x61\x63hemesh/v1/prompt.proto\"\x8b\x01\n\x0fGenerateRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12.\n\x07request\x18\x03 \x01(\x0b\x32\x1d.cachemesh.v1.CompleteRequest\x12)\n\x06prompt\x18\x04 \x01(\x0b\x32\x19.cachemesh.v1.PromptFacts\"\xef\x01\n\rGenerateStart\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x03\x12\x18\n\x10kv_cached_tokens\x18\x03 \x01(\x03\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x1c\n\x14kv_cached_unreported\x18\x05 \x01(\x08\x12\x1e\n\x16\x63ut_before_first_token\x18\x06 \x01(\x08\x12\x1e\n\x11tenant_fair_queue\x18\x07 \x01(\x08H\x00\x88\x01\x01\x12\x17\n\x0f\x65ngine_instance\x18\x08 \x01(\tB\x14\n\x12_tenant_fair_queue\"\xfd\x01\n\x0bGenerateEnd\x12\x15\n\routput_tokens\x18\x01 \x01(\x03\x12\x13\n\x0bstop_reason\x18\x02 \x01(\t\x12\x33\n\x0eprovider_usage\x18\x03 \x01(\x0b\x32\x1b.cachemesh.v1.ProviderUsage\x12\x13\n\x0binterrupted\x18\x04 \x01(\x08\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x18\n\x10reasoning_tokens\x18\x06 \x01(\x03\x12\x1d\n\x15\x64raft_accepted_tokens\x18\x10 \x01(\x03\x12\x18\n\x10\x64istrusted_usage\x18\x11 \x03(\t\x12\x16\n\x0evisible_pieces\x18\x12 \x01(\x03\")\n\x10GenerateProgress\x12\x15\n\routput_tokens\x18\x01 \x01(\x03\"\xe0\x01\n\rGenerateChunk\x12,\n\x05start\x18\x01 \x01(\x0b\x32\x1b.cachemesh.v1.GenerateStartH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x19.cachemesh.v1.GenerateEndH\x00\x12+\n\x05\x62lock\x18\x04 \x01(\x0b\x32\x1a.cachemesh.v1.ContentBlockH\x00\x12\x32\n\x08progress\x18\x05 \x01(\x0b\x32\x1e.cachemesh.v1.GenerateProgressH\x00\x42\x06\n\x04part2Q\n\x05Model\x12H\n\x08Generate\x12\x1d.cachemesh.v1.GenerateRequest\x1a\x1b.cachemesh.v1.GenerateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,13 +37,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=131
   _globals['_GENERATEREQUEST']._serialized_end=270
   _globals['_GENERATESTART']._serialized_start=273
-  _globals['_GENERATESTART']._serialized_end=487
-  _globals['_GENERATEEND']._serialized_start=490
-  _globals['_GENERATEEND']._serialized_end=743
-  _globals['_GENERATEPROGRESS']._serialized_start=745
-  _globals['_GENERATEPROGRESS']._serialized_end=786
-  _globals['_GENERATECHUNK']._serialized_start=789
-  _globals['_GENERATECHUNK']._serialized_end=1013
-  _globals['_MODEL']._serialized_start=1015
-  _globals['_MODEL']._serialized_end=1096
+  _globals['_GENERATESTART']._serialized_end=512
+  _globals['_GENERATEEND']._serialized_start=515
+  _globals['_GENERATEEND']._serialized_end=768
+  _globals['_GENERATEPROGRESS']._serialized_start=770
+  _globals['_GENERATEPROGRESS']._serialized_end=811
+  _globals['_GENERATECHUNK']._serialized_start=814
+  _globals['_GENERATECHUNK']._serialized_end=1038
+  _globals['_MODEL']._serialized_start=1040
+  _globals['_MODEL']._serialized_end=1121
 # @@protoc_insertion_point(module_scope)

@@ -70,6 +70,7 @@ class GenerateStart(_message.Message):
     KV_CACHED_UNREPORTED_FIELD_NUMBER: _builtins.int
     CUT_BEFORE_FIRST_TOKEN_FIELD_NUMBER: _builtins.int
     TENANT_FAIR_QUEUE_FIELD_NUMBER: _builtins.int
+    ENGINE_INSTANCE_FIELD_NUMBER: _builtins.int
     replica: _builtins.str
     prompt_tokens: _builtins.int
     kv_cached_tokens: _builtins.int
@@ -95,6 +96,14 @@ class GenerateStart(_message.Message):
     the queue ahead of a request by it. Unset: an older replica; the router goes by the model
     row (a simulated row or one with replica_slots: tenant-fair).
     """
+    engine_instance: _builtins.str
+    """Which run of the replica's engine answered: a value its engine draws anew at each start
+    (a self-hosted llama-server's per-process random `media_marker` of /props; the simulator's
+    own id drawn at start-up), the same for every call to that process. A different value on
+    the same replica means the engine restarted, its KV cache gone: the router sends it on the
+    WARM (CommitRequest.replica_instance) and prefix-cache forgets its view of the replica.
+    Empty: not known (an older replica, a hosted provider, an engine without such a value).
+    """
     def __init__(
         self,
         *,
@@ -105,10 +114,11 @@ class GenerateStart(_message.Message):
         kv_cached_unreported: _builtins.bool = ...,
         cut_before_first_token: _builtins.bool = ...,
         tenant_fair_queue: _builtins.bool | None = ...,
+        engine_instance: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_tenant_fair_queue", b"_tenant_fair_queue", "tenant_fair_queue", b"tenant_fair_queue"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_tenant_fair_queue", b"_tenant_fair_queue", "backend", b"backend", "cut_before_first_token", b"cut_before_first_token", "kv_cached_tokens", b"kv_cached_tokens", "kv_cached_unreported", b"kv_cached_unreported", "prompt_tokens", b"prompt_tokens", "replica", b"replica", "tenant_fair_queue", b"tenant_fair_queue"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_tenant_fair_queue", b"_tenant_fair_queue", "backend", b"backend", "cut_before_first_token", b"cut_before_first_token", "engine_instance", b"engine_instance", "kv_cached_tokens", b"kv_cached_tokens", "kv_cached_unreported", b"kv_cached_unreported", "prompt_tokens", b"prompt_tokens", "replica", b"replica", "tenant_fair_queue", b"tenant_fair_queue"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__tenant_fair_queue: _TypeAlias = _typing.Literal["tenant_fair_queue"]  # noqa: Y015
     _WhichOneofArgType__tenant_fair_queue: _TypeAlias = _typing.Literal["_tenant_fair_queue", b"_tenant_fair_queue"]  # noqa: Y015

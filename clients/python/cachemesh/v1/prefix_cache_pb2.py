@@ -26,15 +26,15 @@ from cachemesh.v1 import gateway_pb2 as cachemesh_dot_v1_dot_gateway__pb2
 from cachemesh.v1 import prompt_pb2 as cachemesh_dot_v1_dot_prompt__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63\x61\x63hemesh/v1/prefix_cache.proto\x12\x0c\x63\x61\x63hemesh.v1\x1a\x1a\x63\x61\x63hemesh/v1/gateway.proto\x1a\x19\x63\x61\x63hemesh/v1/prompt.proto\"n\n\x0bPlanRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12.\n\x07request\x18\x03 \x01(\x0b\x32\x1d.cachemesh.v1.CompleteRequest\x12\x10\n\x08replicas\x18\x04 \x03(\t\"?\n\x10ReplicaCandidate\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12\x1a\n\x12warm_prefix_tokens\x18\x02 \x01(\x03\"\xe7\x01\n\x0cPlanResponse\x12\"\n\x05usage\x18\x01 \x01(\x0b\x32\x13.cachemesh.v1.Usage\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x03\x12\x32\n\ncandidates\x18\x03 \x03(\x0b\x32\x1e.cachemesh.v1.ReplicaCandidate\x12\x0f\n\x07plan_id\x18\x04 \x01(\t\x12)\n\x06prompt\x18\x05 \x01(\x0b\x32\x19.cachemesh.v1.PromptFacts\x12\x1a\n\rplanned_at_ms\x18\x06 \x01(\x03H\x00\x88\x01\x01\x42\x10\n\x0e_planned_at_ms\"\x87\x04\n\rCommitRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12(\n\x05phase\x18\x03 \x01(\x0e\x32\x19.cachemesh.v1.CommitPhase\x12\r\n\x05model\x18\x04 \x01(\t\x12.\n\x07request\x18\x05 \x01(\x0b\x32\x1d.cachemesh.v1.CompleteRequest\x12\x0f\n\x07replica\x18\x06 \x01(\t\x12\x15\n\routput_tokens\x18\x07 \x01(\x03\x12\x18\n\x10kv_cached_tokens\x18\x08 \x01(\x03\x12\x16\n\x0e\x62\x61seline_model\x18\t \x01(\t\x12\x33\n\x0eprovider_usage\x18\n \x01(\x0b\x32\x1b.cachemesh.v1.ProviderUsage\x12\x1c\n\x0fmax_read_tokens\x18\x0b \x01(\x03H\x00\x88\x01\x01\x12\x0f\n\x07plan_id\x18\x0c \x01(\t\x12\x1c\n\x14kv_cached_unreported\x18\r \x01(\x08\x12\x1a\n\rplanned_at_ms\x18\x0e \x01(\x03H\x01\x88\x01\x01\x12\x1a\n\rarrived_at_ms\x18\x0f \x01(\x03H\x02\x88\x01\x01\x12\x1d\n\x15stalled_warm_replicas\x18\x10 \x03(\tB\x12\n\x10_max_read_tokensB\x10\n\x0e_planned_at_msB\x10\n\x0e_arrived_at_ms\"y\n\rProviderUsage\x12\x31\n\tanthropic\x18\x01 \x01(\x0b\x32\x1c.cachemesh.v1.AnthropicUsageH\x00\x12+\n\x06openai\x18\x02 \x01(\x0b\x32\x19.cachemesh.v1.OpenAIUsageH\x00\x42\x08\n\x06report\"\xc1\x01\n\x0e\x41nthropicUsage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12#\n\x1b\x63\x61\x63he_creation_input_tokens\x18\x02 \x01(\x03\x12\x1f\n\x17\x63\x61\x63he_read_input_tokens\x18\x03 \x01(\x03\x12\x15\n\routput_tokens\x18\x04 \x01(\x03\x12<\n\x0e\x63\x61\x63he_creation\x18\x05 \x01(\x0b\x32$.cachemesh.v1.AnthropicCacheCreation\"^\n\x16\x41nthropicCacheCreation\x12!\n\x19\x65phemeral_5m_input_tokens\x18\x01 \x01(\x03\x12!\n\x19\x65phemeral_1h_input_tokens\x18\x02 \x01(\x03\"\xed\x01\n\x0bOpenAIUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x03\x12\x46\n\x15prompt_tokens_details\x18\x04 \x01(\x0b\x32\'.cachemesh.v1.OpenAIPromptTokensDetails\x12N\n\x19\x63ompletion_tokens_details\x18\x05 \x01(\x0b\x32+.cachemesh.v1.OpenAICompletionTokensDetails\"9\n\x1dOpenAICompletionTokensDetails\x12\x18\n\x10reasoning_tokens\x18\x01 \x01(\x03\"2\n\x19OpenAIPromptTokensDetails\x12\x15\n\rcached_tokens\x18\x01 \x01(\x03\"\x93\x01\n\nUsageDrift\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x14\n\x0cinput_tokens\x18\x02 \x01(\x03\x12#\n\x1b\x63\x61\x63he_creation_input_tokens\x18\x03 \x01(\x03\x12\x1f\n\x17\x63\x61\x63he_read_input_tokens\x18\x04 \x01(\x03\x12\x12\n\ncost_nanos\x18\x05 \x01(\x03\"\xd3\x01\n\x0e\x43ommitResponse\x12\"\n\x05usage\x18\x01 \x01(\x0b\x32\x13.cachemesh.v1.Usage\x12 \n\x04\x63ost\x18\x02 \x01(\x0b\x32\x12.cachemesh.v1.Cost\x12,\n\x0f\x65stimated_usage\x18\x03 \x01(\x0b\x32\x13.cachemesh.v1.Usage\x12\x12\n\nreconciled\x18\x04 \x01(\x08\x12\'\n\x05\x64rift\x18\x05 \x01(\x0b\x32\x18.cachemesh.v1.UsageDrift\x12\x10\n\x08repeated\x18\x06 \x01(\x08\"\x1f\n\rTotalsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"\xd9\x01\n\x0eTotalsResponse\x12\x10\n\x08requests\x18\x01 \x01(\x03\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x13.cachemesh.v1.Usage\x12\x12\n\ncost_nanos\x18\x03 \x01(\x03\x12\x16\n\x0e\x62\x61seline_nanos\x18\x04 \x01(\x03\x12\x1b\n\x13reconciled_requests\x18\x05 \x01(\x03\x12\'\n\x05\x64rift\x18\x06 \x01(\x0b\x32\x18.cachemesh.v1.UsageDrift\x12\x1f\n\x17\x64rift_abs_prompt_tokens\x18\x07 \x01(\x03\"%\n\x12TotalsBatchRequest\x12\x0f\n\x07tenants\x18\x01 \x03(\t\"L\n\x0cTenantTotals\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12,\n\x06totals\x18\x02 \x01(\x0b\x32\x1c.cachemesh.v1.TotalsResponse\"B\n\x13TotalsBatchResponse\x12+\n\x07tenants\x18\x01 \x03(\x0b\x32\x1a.cachemesh.v1.TenantTotals*Z\n\x0b\x43ommitPhase\x12\x1c\n\x18\x43OMMIT_PHASE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43OMMIT_PHASE_WARM\x10\x01\x12\x16\n\x12\x43OMMIT_PHASE_FINAL\x10\x02\x32\xaa\x02\n\x0bPrefixCache\x12=\n\x04Plan\x12\x19.cachemesh.v1.PlanRequest\x1a\x1a.cachemesh.v1.PlanResponse\x12\x43\n\x06\x43ommit\x12\x1b.cachemesh.v1.CommitRequest\x1a\x1c.cachemesh.v1.CommitResponse\x12\x43\n\x06Totals\x12\x1b.cachemesh.v1.TotalsRequest\x1a\x1c.cachemesh.v1.TotalsResponse\x12R\n\x0bTotalsBatch\x12 .cachemesh.v1.TotalsBatchRequest\x1a!.cachemesh.v1.TotalsBatchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63\x61\x63hemesh/v1/prefix_cache.proto\x12\x0c\x63\x61\x63hemesh.v1\x1a\x1a\x63\x61\x63hemesh/v1/gateway.proto\x1a\x19\x63\x61\x63hemesh/v1/prompt.proto\"n\n\x0bPlanRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12.\n\x07request\x18\x03 \x01(\x0b\x32\x1d.cachemesh.v1.CompleteRequest\x12\x10\n\x08replicas\x18\x04 \x03(\t\"?\n\x10ReplicaCandidate\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12\x1a\n\x12warm_prefix_tokens\x18\x02 \x01(\x03\"\xe7\x01\n\x0cPlanResponse\x12\"\n\x05usage\x18\x01 \x01(\x0b\x32\x13.cachemesh.v1.Usage\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x03\x12\x32\n\ncandidates\x18\x03 \x03(\x0b\x32\x1e.cachemesh.v1.ReplicaCandidate\x12\x0f\n\x07plan_id\x18\x04 \x01(\t\x12)\n\x06prompt\x18\x05 \x01(\x0b\x32\x19.cachemesh.v1.PromptFacts\x12\x1a\n\rplanned_at_ms\x18\x06 \x01(\x03H\x00\x88\x01\x01\x42\x10\n\x0e_planned_at_ms\"\xa1\x04\n\rCommitRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12(\n\x05phase\x18\x03 \x01(\x0e\x32\x19.cachemesh.v1.CommitPhase\x12\r\n\x05model\x18\x04 \x01(\t\x12.\n\x07request\x18\x05 \x01(\x0b\x32\x1d.cachemesh.v1.CompleteRequest\x12\x0f\n\x07replica\x18\x06 \x01(\t\x12\x15\n\routput_tokens\x18\x07 \x01(\x03\x12\x18\n\x10kv_cached_tokens\x18\x08 \x01(\x03\x12\x16\n\x0e\x62\x61seline_model\x18\t \x01(\t\x12\x33\n\x0eprovider_usage\x18\n \x01(\x0b\x32\x1b.cachemesh.v1.ProviderUsage\x12\x1c\n\x0fmax_read_tokens\x18\x0b \x01(\x03H\x00\x88\x01\x01\x12\x0f\n\x07plan_id\x18\x0c \x01(\t\x12\x1c\n\x14kv_cached_unreported\x18\r \x01(\x08\x12\x1a\n\rplanned_at_ms\x18\x0e \x01(\x03H\x01\x88\x01\x01\x12\x1a\n\rarrived_at_ms\x18\x0f \x01(\x03H\x02\x88\x01\x01\x12\x1d\n\x15stalled_warm_replicas\x18\x10 \x03(\t\x12\x18\n\x10replica_instance\x18\x11 \x01(\tB\x12\n\x10_max_read_tokensB\x10\n\x0e_planned_at_msB\x10\n\x0e_arrived_at_ms\"y\n\rProviderUsage\x12\x31\n\tanthropic\x18\x01 \x01(\x0b\x32\x1c.cachemesh.v1.AnthropicUsageH\x00\x12+\n\x06openai\x18\x02 \x01(\x0b\x32\x19.cachemesh.v1.OpenAIUsageH\x00\x42\x08\n\x06report\"\xc1\x01\n\x0e\x41nthropicUsage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12#\n\x1b\x63\x61\x63he_creation_input_tokens\x18\x02 \x01(\x03\x12\x1f\n\x17\x63\x61\x63he_read_input_tokens\x18\x03 \x01(\x03\x12\x15\n\routput_tokens\x18\x04 \x01(\x03\x12<\n\x0e\x63\x61\x63he_creation\x18\x05 \x01(\x0b\x32$.cachemesh.v1.AnthropicCacheCreation\"^\n\x16\x41nthropicCacheCreation\x12!\n\x19\x65phemeral_5m_input_tokens\x18\x01 \x01(\x03\x12!\n\x19\x65phemeral_1h_input_tokens\x18\x02 \x01(\x03\"\xed\x01\n\x0bOpenAIUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x03\x12\x46\n\x15prompt_tokens_details\x18\x04 \x01(\x0b\x32\'.cachemesh.v1.OpenAIPromptTokensDetails\x12N\n\x19\x63ompletion_tokens_details\x18\x05 \x01(\x0b\x32+.cachemesh.v1.OpenAICompletionTokensDetails\"9\n\x1dOpenAICompletionTokensDetails\x12\x18\n\x10reasoning_tokens\x18\x01 \x01(\x03\"2\n\x19OpenAIPromptTokensDetails\x12\x15\n\rcached_tokens\x18\x01 \x01(\x03\"\x93\x01\n\nUsageDrift\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x14\n\x0cinput_tokens\x18\x02 \x01(\x03\x12#\n\x1b\x63\x61\x63he_creation_input_tokens\x18\x03 \x01(\x03\x12\x1f\n\x17\x63\x61\x63he_read_input_tokens\x18\x04 \x01(\x03\x12\x12\n\ncost_nanos\x18\x05 \x01(\x03\"\xd3\x01\n\x0e\x43ommitResponse\x12\"\n\x05usage\x18\x01 \x01(\x0b\x32\x13.cachemesh.v1.Usage\x12 \n\x04\x63ost\x18\x02 \x01(\x0b\x32\x12.cachemesh.v1.Cost\x12,\n\x0f\x65stimated_usage\x18\x03 \x01(\x0b\x32\x13.cachemesh.v1.Usage\x12\x12\n\nreconciled\x18\x04 \x01(\x08\x12\'\n\x05\x64rift\x18\x05 \x01(\x0b\x32\x18.cachemesh.v1.UsageDrift\x12\x10\n\x08repeated\x18\x06 \x01(\x08\"\x1f\n\rTotalsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"\xd9\x01\n\x0eTotalsResponse\x12\x10\n\x08requests\x18\x01 \x01(\x03\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x13.cachemesh.v1.Usage\x12\x12\n\ncost_nanos\x18\x03 \x01(\x03\x12\x16\n\x0e\x62\x61seline_nanos\x18\x04 \x01(\x03\x12\x1b\n\x13reconciled_requests\x18\x05 \x01(\x03\x12\'\n\x05\x64rift\x18\x06 \x01(\x0b\x32\x18.cachemesh.v1.UsageDrift\x12\x1f\n\x17\x64rift_abs_prompt_tokens\x18\x07 \x01(\x03\"%\n\x12TotalsBatchRequest\x12\x0f\n\x07tenants\x18\x01 \x03(\t\"L\n\x0cTenantTotals\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12,\n\x06totals\x18\x02 \x01(\x0b\x32\x1c.cachemesh.v1.TotalsResponse\"B\n\x13TotalsBatchResponse\x12+\n\x07tenants\x18\x01 \x03(\x0b\x32\x1a.cachemesh.v1.TenantTotals*Z\n\x0b\x43ommitPhase\x12\x1c\n\x18\x43OMMIT_PHASE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43OMMIT_PHASE_WARM\x10\x01\x12\x16\n\x12\x43OMMIT_PHASE_FINAL\x10\x02\x32\xaa\x02\n\x0bPrefixCache\x12=\n\x04Plan\x12\x19.cachemesh.v1.PlanRequest\x1a\x1a.cachemesh.v1.PlanResponse\x12\x43\n\x06\x43ommit\x12\x1b.cachemesh.v1.CommitRequest\x1a\x1c.cachemesh.v1.CommitResponse\x12\x43\n\x06Totals\x12\x1b.cachemesh.v1.TotalsRequest\x1a\x1c.cachemesh.v1.TotalsResponse\x12R\n\x0bTotalsBatch\x12 .cachemesh.v1.TotalsBatchRequest\x1a!.cachemesh.v1.TotalsBatchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cachemesh.v1.prefix_cache_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COMMITPHASE']._serialized_start=2605
-  _globals['_COMMITPHASE']._serialized_end=2695
+  _globals['_COMMITPHASE']._serialized_start=2631
+  _globals['_COMMITPHASE']._serialized_end=2721
   _globals['_PLANREQUEST']._serialized_start=104
   _globals['_PLANREQUEST']._serialized_end=214
   _globals['_REPLICACANDIDATE']._serialized_start=216
@@ -42,33 +42,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PLANRESPONSE']._serialized_start=282
   _globals['_PLANRESPONSE']._serialized_end=513
   _globals['_COMMITREQUEST']._serialized_start=516
-  _globals['_COMMITREQUEST']._serialized_end=1035
-  _globals['_PROVIDERUSAGE']._serialized_start=1037
-  _globals['_PROVIDERUSAGE']._serialized_end=1158
-  _globals['_ANTHROPICUSAGE']._serialized_start=1161
-  _globals['_ANTHROPICUSAGE']._serialized_end=1354
-  _globals['_ANTHROPICCACHECREATION']._serialized_start=1356
-  _globals['_ANTHROPICCACHECREATION']._serialized_end=1450
-  _globals['_OPENAIUSAGE']._serialized_start=1453
-  _globals['_OPENAIUSAGE']._serialized_end=1690
-  _globals['_OPENAICOMPLETIONTOKENSDETAILS']._serialized_start=1692
-  _globals['_OPENAICOMPLETIONTOKENSDETAILS']._serialized_end=1749
-  _globals['_OPENAIPROMPTTOKENSDETAILS']._serialized_start=1751
-  _globals['_OPENAIPROMPTTOKENSDETAILS']._serialized_end=1801
-  _globals['_USAGEDRIFT']._serialized_start=1804
-  _globals['_USAGEDRIFT']._serialized_end=1951
-  _globals['_COMMITRESPONSE']._serialized_start=1954
-  _globals['_COMMITRESPONSE']._serialized_end=2165
-  _globals['_TOTALSREQUEST']._serialized_start=2167
-  _globals['_TOTALSREQUEST']._serialized_end=2198
-  _globals['_TOTALSRESPONSE']._serialized_start=2201
-  _globals['_TOTALSRESPONSE']._serialized_end=2418
-  _globals['_TOTALSBATCHREQUEST']._serialized_start=2420
-  _globals['_TOTALSBATCHREQUEST']._serialized_end=2457
-  _globals['_TENANTTOTALS']._serialized_start=2459
-  _globals['_TENANTTOTALS']._serialized_end=2535
-  _globals['_TOTALSBATCHRESPONSE']._serialized_start=2537
-  _globals['_TOTALSBATCHRESPONSE']._serialized_end=2603
-  _globals['_PREFIXCACHE']._serialized_start=2698
-  _globals['_PREFIXCACHE']._serialized_end=2996
+  _globals['_COMMITREQUEST']._serialized_end=1061
+  _globals['_PROVIDERUSAGE']._serialized_start=1063
+  _globals['_PROVIDERUSAGE']._serialized_end=1184
+  _globals['_ANTHROPICUSAGE']._serialized_start=1187
+  _globals['_ANTHROPICUSAGE']._serialized_end=1380
+  _globals['_ANTHROPICCACHECREATION']._serialized_start=1382
+  _globals['_ANTHROPICCACHECREATION']._serialized_end=1476
+  _globals['_OPENAIUSAGE']._serialized_start=1479
+  _globals['_OPENAIUSAGE']._serialized_end=1716
+  _globals['_OPENAICOMPLETIONTOKENSDETAILS']._serialized_start=1718
+  _globals['_OPENAICOMPLETIONTOKENSDETAILS']._serialized_end=1775
+  _globals['_OPENAIPROMPTTOKENSDETAILS']._serialized_start=1777
+  _globals['_OPENAIPROMPTTOKENSDETAILS']._serialized_end=1827
+  _globals['_USAGEDRIFT']._serialized_start=1830
+  _globals['_USAGEDRIFT']._serialized_end=1977
+  _globals['_COMMITRESPONSE']._serialized_start=1980
+  _globals['_COMMITRESPONSE']._serialized_end=2191
+  _globals['_TOTALSREQUEST']._serialized_start=2193
+  _globals['_TOTALSREQUEST']._serialized_end=2224
+  _globals['_TOTALSRESPONSE']._serialized_start=2227
+  _globals['_TOTALSRESPONSE']._serialized_end=2444
+  _globals['_TOTALSBATCHREQUEST']._serialized_start=2446
+  _globals['_TOTALSBATCHREQUEST']._serialized_end=2483
+  _globals['_TENANTTOTALS']._serialized_start=2485
+  _globals['_TENANTTOTALS']._serialized_end=2561
+  _globals['_TOTALSBATCHRESPONSE']._serialized_start=2563
+  _globals['_TOTALSBATCHRESPONSE']._serialized_end=2629
+  _globals['_PREFIXCACHE']._serialized_start=2724
+  _globals['_PREFIXCACHE']._serialized_end=3022
 # @@protoc_insertion_point(module_scope)

@@ -169,6 +169,7 @@ class CommitRequest(_message.Message):
     PLANNED_AT_MS_FIELD_NUMBER: _builtins.int
     ARRIVED_AT_MS_FIELD_NUMBER: _builtins.int
     STALLED_WARM_REPLICAS_FIELD_NUMBER: _builtins.int
+    REPLICA_INSTANCE_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     request_id: _builtins.str
     phase: Global___CommitPhase.ValueType
@@ -209,6 +210,12 @@ class CommitRequest(_message.Message):
     or planned_at_ms. A field of its own so that an older prefix-cache (which refuses
     planned_at_ms without max_read_tokens) ignores it in a rolling upgrade and judges the WARM
     at its first token, as before. Unset = judged when the WARM is made.
+    """
+    replica_instance: _builtins.str
+    """WARM: the engine run that answered on `replica` (GenerateStart.engine_instance). When it
+    differs from the one prefix-cache last saw there, the engine restarted (its KV cache gone):
+    the replica's view is forgotten, every tenant's blocks there, before this WARM is judged.
+    Empty: not known (an older router or replica, a hosted provider): the view is kept as before.
     """
     @_builtins.property
     def request(self) -> _gateway_pb2.CompleteRequest:
@@ -251,10 +258,11 @@ class CommitRequest(_message.Message):
         planned_at_ms: _builtins.int | None = ...,
         arrived_at_ms: _builtins.int | None = ...,
         stalled_warm_replicas: _abc.Iterable[_builtins.str] | None = ...,
+        replica_instance: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_arrived_at_ms", b"_arrived_at_ms", "_max_read_tokens", b"_max_read_tokens", "_planned_at_ms", b"_planned_at_ms", "arrived_at_ms", b"arrived_at_ms", "max_read_tokens", b"max_read_tokens", "planned_at_ms", b"planned_at_ms", "provider_usage", b"provider_usage", "request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_arrived_at_ms", b"_arrived_at_ms", "_max_read_tokens", b"_max_read_tokens", "_planned_at_ms", b"_planned_at_ms", "arrived_at_ms", b"arrived_at_ms", "baseline_model", b"baseline_model", "kv_cached_tokens", b"kv_cached_tokens", "kv_cached_unreported", b"kv_cached_unreported", "max_read_tokens", b"max_read_tokens", "model", b"model", "output_tokens", b"output_tokens", "phase", b"phase", "plan_id", b"plan_id", "planned_at_ms", b"planned_at_ms", "provider_usage", b"provider_usage", "replica", b"replica", "request", b"request", "request_id", b"request_id", "stalled_warm_replicas", b"stalled_warm_replicas", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_arrived_at_ms", b"_arrived_at_ms", "_max_read_tokens", b"_max_read_tokens", "_planned_at_ms", b"_planned_at_ms", "arrived_at_ms", b"arrived_at_ms", "baseline_model", b"baseline_model", "kv_cached_tokens", b"kv_cached_tokens", "kv_cached_unreported", b"kv_cached_unreported", "max_read_tokens", b"max_read_tokens", "model", b"model", "output_tokens", b"output_tokens", "phase", b"phase", "plan_id", b"plan_id", "planned_at_ms", b"planned_at_ms", "provider_usage", b"provider_usage", "replica", b"replica", "replica_instance", b"replica_instance", "request", b"request", "request_id", b"request_id", "stalled_warm_replicas", b"stalled_warm_replicas", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__arrived_at_ms: _TypeAlias = _typing.Literal["arrived_at_ms"]  # noqa: Y015
     _WhichOneofArgType__arrived_at_ms: _TypeAlias = _typing.Literal["_arrived_at_ms", b"_arrived_at_ms"]  # noqa: Y015
