@@ -72,6 +72,7 @@ def _chunk(event: Event) -> model_pb2.GenerateChunk:
                 kv_cached_tokens=event.kv_cached_tokens,
                 backend="simulated",
                 tenant_fair_queue=True,  # its prefill queue (``fair_queue``)
+                engine_instance=event.engine_instance,
             )
         )
     if isinstance(event, Delta):

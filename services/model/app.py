@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -84,7 +85,10 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         )
         loaded.append(tokenizer)
         if settings.provider is None:
-            service.attach(ModelApi(build_engine(settings, tokenizer, kv_cache, metrics=metrics)))
+            # this process's run of the engine: its KV cache (in memory) dies with the process
+            run = uuid.uuid4().hex
+            engine = build_engine(settings, tokenizer, kv_cache, metrics=metrics, instance=run)
+            service.attach(ModelApi(engine))
         else:
             # only a provider replica loads the SDKs (anthropic, openai): importing them took
             # most of a simulated replica's start (seconds on a busy machine) for nothing

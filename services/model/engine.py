@@ -45,6 +45,7 @@ class Started:
     prompt_tokens: int
     kv_cached_tokens: int
     queue_wait_s: float = 0.0  # waited in the replica's prefill queue for its turn
+    engine_instance: str = ""  # the engine's run (``SimEngine``'s ``instance``)
 
 
 @dataclass(frozen=True)
@@ -99,11 +100,14 @@ class SimEngine:
         clock: Callable[[], float] = time.monotonic,
         watcher: QueueWatcher | None = None,
         waits: QueueWaits | None = None,
+        instance: str = "",
     ) -> None:
         """``tokenizer``: each row's (one ``Tokenizer``: the only vocabulary, its rows'
         all); ``drafting``: the models (by id) that decode speculatively, and how;
         ``watcher`` and ``waits``: the prefill queue's calls waiting by tenant, and each
-        call's wait by model (the replica's metrics)."""
+        call's wait by model (the replica's metrics); ``instance``: this run of the engine,
+        drawn at the process's start (its KV cache lives in memory and dies with it), sent on
+        each start (``GenerateStart.engine_instance``; empty: not told)."""
         if not models:
             raise ValueError("a replica must serve at least one model")
         if time_scale < 0:
@@ -121,6 +125,7 @@ class SimEngine:
         # the replica's prefill queue: one prefill at a time, tenant-fair
         self._prefill_queue = FairQueue(1, clock, watcher=watcher)
         self._waits = waits
+        self._instance = instance
 
     @property
     def serves(self) -> tuple[str, ...]:
@@ -207,7 +212,7 @@ class SimEngine:
                 if self._waits is not None:
                     self._waits(spec.id, waited)
                 cached = await self._prefill(prepared)
-        yield Started(self.replica_id, prepared.prompt_tokens, cached, waited)
+        yield Started(self.replica_id, prepared.prompt_tokens, cached, waited, self._instance)
         ids = prepared.answer.token_ids
         drafting = self._drafting.get(spec.id)
         steps = plan_steps(prepared.seed, len(ids), drafting) if drafting is not None else None

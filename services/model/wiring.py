@@ -18,7 +18,10 @@ def build_engine(
     kv_cache: KvBlockCache | None = None,
     sleep: Sleep = asyncio.sleep,
     metrics: ModelMetrics | None = None,
+    instance: str = "",
 ) -> SimEngine:
+    """``instance``: this run of the engine (``GenerateStart.engine_instance``; empty: not
+    told, the offline estimator)."""
     return SimEngine(
         models=settings.models,
         replica_id=settings.replica_id,
@@ -29,4 +32,5 @@ def build_engine(
         drafting=settings.drafting,
         watcher=metrics,
         waits=metrics.queue_wait if metrics is not None else None,
+        instance=instance,
     )

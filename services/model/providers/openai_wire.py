@@ -24,6 +24,7 @@ https://platform.openai.com/docs/api-reference/chat/create
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import AsyncGenerator, Callable
@@ -361,6 +362,25 @@ class ToolCalls:
 REQUEST_ID_HEADER = "x-request-id"
 
 
+# A self-hosted llama-server's /props and the field naming its run: ``media_marker``, a random
+# string each start of the server draws (llama.cpp tools/server/server-common.h,
+# get_media_marker(): "each time the server restarts, the marker will be different"; pinned
+# only if its operator sets LLAMA_MEDIA_MARKER, then no restart is seen here, as before)
+PROPS_PATH = "props"
+RUN_FIELD = "media_marker"
+PROPS_TIMEOUT_S = 2.0
+
+
+def engine_run(props: object) -> str:
+    """The engine's run named by its /props answer (a digest of ``RUN_FIELD``, which is
+    llama-server's guard against media placeholders typed into a prompt: never passed on as
+    is); "" when it has none (another engine, an older llama-server)."""
+    marker = props.get(RUN_FIELD) if isinstance(props, dict) else None
+    if not isinstance(marker, str) or not marker:
+        return ""
+    return hashlib.sha256(marker.encode()).hexdigest()[:16]
+
+
 class OpenAIAdapter:
     backend = "openai"
 
@@ -370,6 +390,22 @@ class OpenAIAdapter:
     async def close(self) -> None:
         await self._client.close()
 
+    async def _run(self) -> str:
+        """The engine's run (``engine_run`` of its /props, next to the base URL's ``v1``);
+        "" if it has no /props or did not answer it in ``PROPS_TIMEOUT_S``."""
+        base = self._client.base_url
+        path = base.raw_path.rstrip(b"/")
+        if path.endswith(b"/v1"):
+            path = path[: -len(b"v1")]
+        url = base.copy_with(raw_path=path.rstrip(b"/") + b"/" + PROPS_PATH.encode())
+        try:
+            props = await self._client.get(
+                str(url), cast_to=object, options={"timeout": PROPS_TIMEOUT_S}
+            )
+        except (openai.APIError, TimeoutError):
+            return ""  # not known: prefix-cache keeps its view, as with an older replica
+        return engine_run(props)
+
     async def stream(
         self,
         spec: ModelSpec,
@@ -377,11 +413,23 @@ class OpenAIAdapter:
         progress: Progress,
         timeout_s: float,
     ) -> AsyncGenerator[model_pb2.GenerateChunk, None]:
-        with never_sent():
-            params = chat_params(spec, request)
-            chunks = await self._client.chat.completions.create(
-                **params, stream=True, stream_options={"include_usage": True}, timeout=timeout_s
-            )
+        # a self-hosted engine's run, asked beside the call (a restart since the last call:
+        # its KV cache gone, GenerateStart.engine_instance tells prefix-cache)
+        run = asyncio.ensure_future(self._run()) if spec.provider == "self_hosted" else None
+        try:
+            with never_sent():
+                params = chat_params(spec, request)
+                chunks = await self._client.chat.completions.create(
+                    **params,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    timeout=timeout_s,
+                )
+            if run is not None:
+                progress.engine_instance = await run
+        finally:
+            if run is not None and not run.done():
+                run.cancel()
         progress.answered(chunks.response.headers, REQUEST_ID_HEADER)  # its id of the call
         calls = ToolCalls()
         echo = EchoedPrefill(echoed_prefill(spec, request))

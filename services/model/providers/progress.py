@@ -41,6 +41,9 @@ class Progress:
     # the replica serves its waiting calls' turns by tenant (its gate's fair queue), told in
     # the start (``GenerateStart.tenant_fair_queue``); False: no gate, the engine's own order
     tenant_fair_queue: bool = False
+    # the run of the engine answering (``GenerateStart.engine_instance``; "": not known), set
+    # by the adapter before the start
+    engine_instance: str = ""
     pieces: list[str] = field(default_factory=list)
     # tool calls' names and argument JSON as streamed, finished or not: output tokens too
     tool_pieces: list[str] = field(default_factory=list)
@@ -99,6 +102,7 @@ class Progress:
                 kv_cached_unreported=True,
                 backend=self.backend,
                 tenant_fair_queue=self.tenant_fair_queue,
+                engine_instance=self.engine_instance,
             )
         )
 
