@@ -119,6 +119,8 @@ class Models:
     # what each replica's first reports say of its queue (``tenant_fair_queue``; absent: unset,
     # as an older replica's)
     fair_queue: dict[str, bool] = field(default_factory=dict)
+    # each replica's engine run its first reports name (``engine_instance``; absent: unset)
+    runs: dict[str, str] = field(default_factory=dict)
     # (on the loop's clock)
     called: asyncio.Event = field(default_factory=asyncio.Event)  # a call was made
 
@@ -142,7 +144,9 @@ class Models:
                 return LongAnswer(replica, slot)
             return Behind(self, replica, slot.done)
         self.clock.now += self.prefill_s
-        start = model_pb2.GenerateStart(replica=replica, prompt_tokens=2000)
+        start = model_pb2.GenerateStart(
+            replica=replica, prompt_tokens=2000, engine_instance=self.runs.get(replica, "")
+        )
         if replica in self.fair_queue:
             start.tenant_fair_queue = self.fair_queue[replica]
         if replica in self.cutting:
@@ -933,6 +937,29 @@ def test_a_call_stalled_where_it_was_predicted_warm_is_named_in_the_next_replica
     (``stalled_warm_replicas``), for the view to take as a report of nothing reused. A
     replica predicted cold that stalls tells the view nothing it does not hold."""
     assert _stalled_warm_named(warm) == (["large-1"] if warm else [])
+
+
+@pytest.mark.parametrize("run", ["run-7", ""])
+def test_the_warm_names_the_engine_run_that_answered(run: str) -> None:
+    """The answering replica's engine run (``GenerateStart.engine_instance``) goes on its WARM
+    (``replica_instance``), for prefix-cache to forget the replica's view when it changes (a
+    restarted engine); an older replica's unset run goes unset."""
+    clock = Clock()
+    view = ViewOf(0)
+
+    async def scenario() -> None:
+        models = Models(clock, {}, runs={"large-1": run, "large-2": run})
+        deps = Dependencies(FakeSemantic(), view, models, REPLICAS)
+        router = (load_router_model(), RouterCard.load().default_threshold, None)
+        pipeline = Pipeline(
+            deps, TABLE, TOKENIZER, trace.NoOpTracer(), _settings(), router, clock=clock
+        )
+        assert (await _ask(pipeline, 1, remaining_s=30.0)).content[0].text == "ok"
+        await pipeline.drain()
+
+    run_on_clock(clock, scenario)
+    warms = [c for c in view.commits if c.phase == pc.COMMIT_PHASE_WARM]
+    assert [w.replica_instance for w in warms] == [run], warms
 
 
 @pytest.mark.parametrize("warm", [16, 1000, 1008, 1024])
