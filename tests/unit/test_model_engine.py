@@ -15,6 +15,7 @@ from services.common.errors import Code, RequestError
 from services.common.models import ModelSpec, load_model_table
 from services.common.prompt import canonical_blocks, prompt_token_ids
 from services.common.tokens import Tokenizer, load_cl100k
+from services.model.api import _chunk
 from services.model.engine import (
     Delta,
     Event,
@@ -340,3 +341,26 @@ async def test_a_request_cancelled_in_the_queue_leaves_it(tokenizer: Tokenizer) 
     first, third = await clock.run(tasks)
     prefilled = first[1].prompt_tokens + third[1].prompt_tokens
     assert third[0] == pytest.approx(prefilled / spec.prefill_rate)
+
+
+async def test_each_start_names_the_engine_run_it_was_built_with(
+    tokenizer: Tokenizer, sleep: RecordingSleep
+) -> None:
+    """The simulator's run (``instance``, drawn at its process's start: its KV cache dies with
+    the process) on every start and on the replica's ``GenerateStart`` (prefix-cache forgets
+    the replica's view when it changes); none told: empty, as before."""
+    run = SimEngine(
+        models=_models(),
+        replica_id="replica-1",
+        tokenizer=tokenizer,
+        kv_cache=KvBlockCache(1000),
+        time_scale=0.0,
+        sleep=sleep,
+        instance="run-1",
+    )
+    for _ in range(2):
+        start = (await _run(run, _request("How do I clear the cache?")))[0]
+        assert isinstance(start, Started) and start.engine_instance == "run-1"
+        assert _chunk(start).start.engine_instance == "run-1"
+    plain = (await _run(_engine(tokenizer, sleep, scale=0.0), _request("Hours?")))[0]
+    assert isinstance(plain, Started) and _chunk(plain).start.engine_instance == ""
