@@ -609,9 +609,9 @@ def _assistant(obj: Obj) -> tuple[list[pb.ContentBlock], list[Origin]] | None:
     """An assistant message's blocks and where each came from; None for an empty answer.
 
     An answer the model left empty (no text but whitespace, no tool call) comes back as
-    ``content: ""`` (the front's unstreamed answer, as OpenAI's), ``null`` (the SDKs' message of
-    the front's streamed one, whose role chunk says ``content: null``), or no or empty text
-    parts: OpenAI takes each, and an application sending back the history it got sends it. The
+    ``content: ""`` (the front's answer, unstreamed or streamed, as OpenAI's), or no or empty
+    text parts: OpenAI takes each, and an application sending back the history it got sends
+    it (``content: null`` without tool calls OpenAI refuses, and so does ``_answer_shape``). The
     Gateway has no empty message nor empty text (Anthropic's rule), so it is no Gateway turn:
     the user messages around it become one turn, as Anthropic's API combines consecutive
     turns of a role. Before, it was a 400 ("an assistant message needs content or
@@ -621,6 +621,7 @@ def _assistant(obj: Obj) -> tuple[list[pb.ContentBlock], list[Origin]] | None:
     ``refusal``: with no text in the content, a non-empty refusal is the assistant's text (the
     model sees it refused, as OpenAI's model does), not an empty answer dropped."""
     refusal = _answer_only_fields(obj)
+    _answer_shape(obj, refusal)
     parts = _blocks_of(obj, required=False, refusals=True)
     texts = [j for j, block in enumerate(parts) if block.text.strip()]
     for j, part in enumerate(parts):
@@ -664,6 +665,34 @@ def _assistant(obj: Obj) -> tuple[list[pb.ContentBlock], list[Origin]] | None:
         blocks.append(pb.ContentBlock(tool_use=use))
         origins.append(Origin(call.path, _TOOL_CALL))
     return (blocks, origins) if blocks else None
+
+
+def _answer_shape(obj: Obj, refusal: str | None) -> None:
+    """OpenAI's refusals of an assistant message's shape, which the front makes first so that
+    a history it takes is one OpenAI takes too (before, it took both, and the same history
+    sent on to OpenAI was its 400): ``tool_calls: []`` (OpenAI's "empty array ... minimum
+    length 1": openai/openai-python#2061, home-assistant/core#118577), and no content, or
+    ``content: null``, without tool calls (the SDK's ``ChatCompletionAssistantMessageParam``:
+    content is "Required unless tool_calls or function_call is specified"; OpenAI's "Invalid
+    value for 'content': expected a string, got null", langchain-ai/langchainjs#4153). An
+    answer OpenAI's model refused (``content: null`` with its words in ``refusal``) is taken:
+    OpenAI returns that very message, and no refusal of it sent back is known."""
+    calls = obj.raw("tool_calls")
+    if isinstance(calls, list) and not calls:
+        where = obj.at("tool_calls")
+        raise invalid(
+            f"{where}: an empty array (OpenAI refuses it too); omit tool_calls when the "
+            "answer has no tool call",
+            where,
+            "empty_array",
+        )
+    if obj.raw("content") is None and not calls and not (refusal and refusal.strip()):
+        where = obj.at("content")
+        raise invalid(
+            f"{where}: null or missing in an assistant message without tool_calls (OpenAI "
+            'refuses it too); send the answer\'s text, or "" for an empty answer',
+            where,
+        )
 
 
 # --- answers ---------------------------------------------------------------------------------
@@ -743,7 +772,10 @@ class ChunkStream:
     the SDKs' streamed message of a tool call answer holds ``content`` None as the unstreamed
     one does (with ``""`` sent first it held ``""``). It is not held back for the first block:
     a thinking row's or a tool call's first block comes only when it is whole, and the caller
-    saw no chunk until then (2 s after the start, in a review's run)."""
+    saw no chunk until then (2 s after the start, in a review's run). An answer that ends with
+    no text and no tool call gets a ``content: ""`` delta before its finish reason, so the SDKs'
+    message of it holds ``""`` as the unstreamed one does, not the null OpenAI refuses in a
+    history sent back."""
 
     def __init__(self, created: int, include_usage: bool) -> None:
         self._created = created
@@ -751,6 +783,7 @@ class ChunkStream:
         self._id = ""
         self._model = ""
         self._calls = 0
+        self._texts = 0
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         chunk: dict[str, Any] = {
@@ -773,6 +806,7 @@ class ChunkStream:
     def delta(self, block: pb.ContentBlock) -> list[dict[str, Any]]:
         kind = block.WhichOneof("kind")
         if kind == "text":
+            self._texts += 1
             return [self._chunk({"content": block.text})]
         if kind == "tool_use":
             call = {"index": self._calls, **_tool_call(block.tool_use)}
@@ -781,9 +815,13 @@ class ChunkStream:
         return []
 
     def end(self, end: pb.CompleteResponse, facts: dict[str, object]) -> list[dict[str, Any]]:
+        # an answer of no text and no tool call: its content is "" as the unstreamed answer's
+        # is (the SDKs' message held the role chunk's null, which OpenAI, and the front,
+        # refuse in a history sent back)
+        empty = [] if self._texts or self._calls else [self._chunk({"content": ""})]
         last = self._chunk({}, finish_reason(end.stop_reason))
         last["cachemesh"] = facts
-        chunks = [last]
+        chunks = [*empty, last]
         if self._include_usage:
             tail = self._chunk({})
             tail["choices"] = []

@@ -562,7 +562,6 @@ def test_health_readiness_and_an_incoming_traceparent_joins_the_trace(
     "empty",
     [
         pytest.param({"content": ""}, id="the front's own empty answer"),
-        pytest.param({"content": None}, id="a streamed empty answer as the SDK holds it"),
         pytest.param({"content": [{"type": "text", "text": ""}]}, id="an empty text part"),
         pytest.param({"content": []}, id="no parts"),
     ],
@@ -579,6 +578,33 @@ def test_openai_history_with_an_empty_answer_is_taken(base: str, key: str, empty
     reply = client.chat.completions.create(model="sim-small", messages=messages)
     assert reply.choices[0].message.content
     assert reply.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        pytest.param({"content": None}, id="content null"),
+        pytest.param({}, id="no content"),
+        pytest.param({"content": "ok", "tool_calls": []}, id="tool_calls empty"),
+    ],
+)
+def test_openai_history_openai_refuses_is_refused_naming_the_field(
+    base: str, key: str, shape: Any
+) -> None:
+    """An assistant message with no content and no tool calls, or with ``tool_calls: []``:
+    OpenAI's 400s (tests/providers/openai_wire.py), which the front took, so a history it
+    took was one the same application sending it to OpenAI got refused."""
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+    messages: list[Any] = [
+        {"role": "user", "content": _unique("Say nothing.")},
+        {"role": "assistant", **shape},
+        {"role": "user", "content": "Now tell me about caching."},
+    ]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="sim-small", messages=messages)
+    field = "tool_calls" if "tool_calls" in shape else "content"
+    assert refused.value.param == f"messages[1].{field}"
+    assert "OpenAI refuses it too" in str(refused.value.body)
 
 
 def test_openai_empty_answer_with_tool_calls_keeps_its_calls(base: str, key: str) -> None:
@@ -632,6 +658,6 @@ def test_openai_history_with_a_refused_answer_shows_the_model_its_refusal(
         assert reply.usage is not None
         return reply.usage.prompt_tokens
 
-    empty = prompt_tokens({"content": None})
+    empty = prompt_tokens({"content": ""})  # null without a refusal: OpenAI's 400, and the front's
     refused = prompt_tokens({"content": None, "refusal": "I can't help with that request."})
     assert refused > empty

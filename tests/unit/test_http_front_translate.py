@@ -11,6 +11,8 @@ import openai
 import pydantic
 import pytest
 from google.rpc import status_pb2
+from openai.lib.streaming.chat import ChatCompletionStreamState
+from openai.types.chat import ChatCompletionChunk
 
 from cachemesh.retry_info import (
     BUDGET_EXHAUSTED,
@@ -30,6 +32,7 @@ from services.http_front.facts import cache_options
 from services.http_front.fields import parse_body
 from services.http_front.gateway import api_error
 from services.router.validation import validate_request
+from tests.providers import openai_wire
 
 
 def _anthropic(**fields: Any) -> dict[str, Any]:
@@ -315,8 +318,50 @@ def test_openai_chunks_of_an_answer_with_no_block_still_say_the_role() -> None:
     ]
     assert [c["choices"][0]["delta"] for c in out] == [
         {"role": "assistant", "content": None, "refusal": None},
+        {"content": ""},  # the answer's content, as the unstreamed one says it
         {},
     ]
+
+
+@pytest.mark.parametrize(
+    ("blocks", "content"),
+    [
+        ([], ""),  # an empty answer: "" as unstreamed, not the role chunk's null
+        ([pb.ContentBlock(text="Hi")], "Hi"),
+        ([pb.ContentBlock(tool_use=pb.ToolUse(id="c", name="f", input_json="{}"))], None),
+    ],
+)
+def test_the_sdks_message_of_a_streamed_answer_is_one_it_can_send_back(
+    blocks: list[pb.ContentBlock], content: str | None
+) -> None:
+    """The official SDK's stream helper (ChatCompletionStreamState) reads the front's chunks
+    into the answer's message as the unstreamed answer says it. An empty answer's was
+    ``content: None`` (the role chunk's, nothing after it), which OpenAI refuses in a history
+    sent back and so does the front: the SDK client replaying its own history was refused."""
+    chunks = openai_api.ChunkStream(created=1, include_usage=False)
+    stop = "tool_use" if content is None else "end_turn"
+    out = [
+        *chunks.start(pb.CompleteResponse(request_id="r1", model="sim-small")),
+        *[c for block in blocks for c in chunks.delta(block)],
+        *chunks.end(_end(stop=stop), {}),
+    ]
+    state = ChatCompletionStreamState()
+    for chunk in out:
+        state.handle_chunk(
+            ChatCompletionChunk.model_validate({k: v for k, v in chunk.items() if k != "cachemesh"})
+        )
+    message = state.get_final_completion().choices[0].message
+    assert message.content == content
+    sent_back = message.model_dump(exclude={"parsed"})
+    if sent_back["tool_calls"]:
+        sent_back["tool_calls"] = [
+            {k: v for k, v in call.items() if k != "parsed_arguments"}
+            for call in sent_back["tool_calls"]
+        ]
+    answered = [{"role": "tool", "tool_call_id": "c", "content": "42"}] if content is None else []
+    body: dict[str, Any] = {"model": "sim-small", "messages": [_Q, sent_back, *answered, _MORE]}
+    openai_api.parse_request(body, 10)  # taken
+    assert openai_wire.refusal({}, body | {"model": "gpt-4o"}) is None  # and OpenAI takes it
 
 
 @pytest.mark.parametrize(
@@ -1239,11 +1284,10 @@ _MORE = {"role": "user", "content": "more"}
 @pytest.mark.parametrize(
     "empty",
     [
-        {"content": ""},  # the front's (and OpenAI's) unstreamed empty answer
-        {"content": None},  # the SDKs' message of the front's streamed one
+        {"content": ""},  # the front's (and OpenAI's) empty answer
         # ... as the stream helper's final message dumps it (ChatCompletionStreamState)
-        {k: None for k in ("content", "refusal", "annotations", "audio", "tool_calls", "parsed")},
-        {},
+        {"content": ""}
+        | {k: None for k in ("refusal", "annotations", "audio", "tool_calls", "parsed")},
         {"content": " \n"},
         {"content": [{"type": "text", "text": ""}]},
         {"content": []},
@@ -1265,6 +1309,39 @@ def test_an_empty_openai_answer_sent_back_is_no_gateway_turn(empty: dict[str, An
     # the Gateway's refusal of the joined turn's second block names the caller's messages[2]
     said = "messages[0].content[1].text: too long"
     assert openai_api.at_caller(said, origins).startswith("messages[2].content: too long")
+
+
+@pytest.mark.parametrize(
+    ("message", "field", "code"),
+    [
+        ({"role": "assistant", "content": None}, "content", None),
+        ({"role": "assistant", "content": None, "refusal": " "}, "content", None),
+        ({"role": "assistant"}, "content", None),
+        # as the stream helper dumped the front's streamed empty answer before
+        (
+            {"role": "assistant"}
+            | {k: None for k in ("content", "refusal", "annotations", "audio", "tool_calls")},
+            "content",
+            None,
+        ),
+        ({"role": "assistant", "content": "ok", "tool_calls": []}, "tool_calls", "empty_array"),
+        ({"role": "assistant", "content": None, "tool_calls": []}, "tool_calls", "empty_array"),
+    ],
+)
+def test_an_openai_answer_shape_openai_refuses_is_refused_naming_the_field(
+    message: dict[str, Any], field: str, code: str | None
+) -> None:
+    """OpenAI refuses an assistant message with no content (null or missing) and no tool
+    calls, and ``tool_calls: []`` (the loopback's 400s, in OpenAI's words): the front took
+    both (dropped as an empty answer; the empty array ignored), so a history it took was one
+    OpenAI refuses."""
+    body = {"model": "gpt-4o", "messages": [_Q, message, _MORE]}
+    assert openai_wire.refusal({}, body) is not None  # the API's refusal too
+    with pytest.raises(ApiError) as refused:
+        openai_api.parse_request(body, 10)
+    assert refused.value.message.startswith(f"messages[1].{field}: "), refused.value.message
+    assert refused.value.param == f"messages[1].{field}"
+    assert refused.value.openai_code == code
 
 
 def test_an_empty_openai_answer_last_is_no_prefill() -> None:
@@ -1313,10 +1390,11 @@ def test_an_openai_answer_its_model_refused_keeps_the_refusal_as_its_text(conten
     validate_request(request, _TABLE, set(_TABLE.models))
     said = "messages[1].content[0].text: too long"
     assert openai_api.at_caller(said, origins).startswith("messages[1].refusal: too long")
-    # with text in the content, the content is the answer; an empty refusal is no text
+    # with text in the content, the content is the answer; an empty refusal is no text (and
+    # with content null, no answer: OpenAI's 400, as test_an_openai_answer_shape_... shows)
     for message in (
         {"role": "assistant", "content": "ok", "refusal": "no"},
-        {"role": "assistant", "content": None, "refusal": " "},
+        {"role": "assistant", "content": "", "refusal": " "},
     ):
         request, _, _ = openai_api.parse_request(
             {"model": "sim-small", "messages": [_Q, message, _MORE]}, 10
@@ -1329,7 +1407,7 @@ def test_an_openai_answer_its_model_refused_keeps_the_refusal_as_its_text(conten
     "messages",
     [
         [{"role": "assistant", "content": ""}],
-        [{"role": "assistant", "content": None}, {"role": "assistant", "content": []}],
+        [{"role": "assistant", "content": ""}, {"role": "assistant", "content": []}],
     ],
 )
 def test_a_request_of_empty_answers_only_is_refused_naming_the_first(

@@ -145,6 +145,20 @@ CASES = {
         "Invalid value for 'content': expected a string, got null.",
         "messages.[1].content",
     ),
+    "an assistant message with no content key nor calls": (
+        _body([ASK, {"role": "assistant"}, ASK]),
+        _body([ASK, {"role": "assistant", "content": ""}, ASK]),
+        "Invalid value for 'content': expected a string, got null.",
+        "messages.[1].content",
+    ),
+    # openai/openai-python#2061, home-assistant/core#118577: OpenAI's 400, its words and code
+    "an assistant message with an empty tool_calls": (
+        _body([ASK, {"role": "assistant", "content": "ok", "tool_calls": []}, ASK]),
+        _body([ASK, {"role": "assistant", "content": "ok"}, ASK]),
+        "Invalid 'messages[1].tool_calls': empty array. Expected an array with minimum length 1, "
+        "but got an empty array instead.",
+        "messages[1].tool_calls",
+    ),
     "a tool call id over 40 characters": (
         _body([ASK, _call("chatcmpl-tool-" + "0" * 32), _result("chatcmpl-tool-" + "0" * 32)]),
         _body([ASK, _call("chatcmpl-tool-" + "0" * 26), _result("chatcmpl-tool-" + "0" * 26)]),
