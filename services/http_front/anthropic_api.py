@@ -95,8 +95,16 @@ def parse_request(
             request.system.append(block)
     for i, raw in enumerate(top.array("tools") or []):
         request.tools.append(_tool(raw, f"tools.{i}"))
-    for i, raw in enumerate(top.array("messages", required=True) or []):
-        request.messages.append(_message(raw, f"messages.{i}"))
+    raw_messages = top.array("messages", required=True) or []
+    for i, raw in enumerate(raw_messages):
+        message = _message(raw, f"messages.{i}")
+        if not message.content and message.role == pb.ROLE_ASSISTANT and i == len(raw_messages) - 1:
+            # the API takes a last assistant message with no block ("all messages must have
+            # non-empty content except for the optional final assistant message": its 400 to
+            # any other, anthropics/claude-code#6774): no prefill, so no Gateway turn. It was
+            # the Gateway's 400 "a message needs at least one block".
+            continue
+        request.messages.append(message)
     automatic = cache_control(top)
     if automatic is not None:
         _mark_last_block(request, automatic)

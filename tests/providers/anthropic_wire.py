@@ -294,7 +294,9 @@ def _blocks(content: Any) -> list[dict[str, Any]]:
 
 def _structure_refusal(body: dict[str, Any]) -> str | None:
     """The message of the real API's 400 to a body whose shape it refuses, else None: a
-    max_tokens below 1, a temperature outside [0, 1], an empty or blank text block, a tool's
+    max_tokens below 1, a temperature outside [0, 1], a message with no content block but a
+    last assistant one (anthropics/claude-code#6774, #4416), an empty or blank text block, a
+    tool's
     name outside ``TOOL_NAME``, a tool's ``input_schema`` naming a type JSON Schema has not
     (``schema_types``), a tool_use id outside ``^[a-zA-Z0-9_-]+$`` or used twice, a message
     after tool calls that does not begin with their tool_result blocks (or a result matching
@@ -322,8 +324,15 @@ def _structure_refusal(body: dict[str, Any]) -> str | None:
     places = [("system", block) for block in _blocks(system)] if system is not None else []
     calls: list[str] = []  # the tool_use ids of the message before
     uses: set[str] = set()  # every tool_use id so far
-    for m, message in enumerate(body.get("messages") or []):
+    messages = body.get("messages") or []
+    for m, message in enumerate(messages):
         blocks = _blocks(message.get("content"))
+        final_answer = m == len(messages) - 1 and message.get("role") == "assistant"
+        if not blocks and not final_answer:
+            return (
+                f"messages.{m}: all messages must have non-empty content except for the "
+                "optional final assistant message"
+            )
         results = 0
         for b, block in enumerate(blocks):
             if block.get("type") == "tool_use" and not _TOOL_ID.match(str(block.get("id"))):

@@ -32,7 +32,7 @@ from services.http_front.facts import cache_options
 from services.http_front.fields import parse_body
 from services.http_front.gateway import api_error
 from services.router.validation import validate_request
-from tests.providers import openai_wire
+from tests.providers import anthropic_wire, openai_wire
 
 
 def _anthropic(**fields: Any) -> dict[str, Any]:
@@ -1342,6 +1342,27 @@ def test_an_openai_answer_shape_openai_refuses_is_refused_naming_the_field(
     assert refused.value.message.startswith(f"messages[1].{field}: "), refused.value.message
     assert refused.value.param == f"messages[1].{field}"
     assert refused.value.openai_code == code
+
+
+_ANTHROPIC_HEADERS = {"anthropic-version": "2023-06-01", "x-api-key": "k"}
+
+
+def test_an_anthropic_empty_answer_last_is_no_prefill_and_before_it_refused() -> None:
+    """The Messages API takes a last assistant message with no block (the front's own empty
+    answer is ``content: []``) and refuses one anywhere else (the loopback's 400, in the API's
+    words). The front refused the last one too (the Gateway's "a message needs at least one
+    block"): now no prefill; one before the last is still the Gateway's 400."""
+    last = {"model": "claude-haiku-4-5", "max_tokens": 10}
+    last["messages"] = [_Q, {"role": "assistant", "content": []}]
+    assert anthropic_wire.refusal(_ANTHROPIC_HEADERS, last) is None
+    request, _ = anthropic_api.parse_request(last)
+    assert [m.role for m in request.messages] == [pb.ROLE_USER]
+    validate_request(request, _TABLE, set(_TABLE.models))
+    inside = last | {"messages": [_Q, {"role": "assistant", "content": []}, _MORE]}
+    assert anthropic_wire.refusal(_ANTHROPIC_HEADERS, inside) is not None
+    request, _ = anthropic_api.parse_request(inside)
+    with pytest.raises(RequestError, match=r"^messages\[1\]\.content: "):
+        validate_request(request, _TABLE, set(_TABLE.models))
 
 
 def test_an_empty_openai_answer_last_is_no_prefill() -> None:

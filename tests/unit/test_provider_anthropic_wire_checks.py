@@ -2,7 +2,8 @@
 shapes the real API refuses, so that a regression sending one fails a test rather than being
 answered: a message after tool calls not beginning with their tool_result blocks (the router
 passed text before a tool_result until then, and the loopback server answered it: 5 of 5), a
-result matching no call, an empty or blank text block, more than 4 breakpoints, a 1-hour
+result matching no call, a message with no block but a last assistant one, an empty or
+blank text block, more than 4 breakpoints, a 1-hour
 breakpoint after a 5-minute one, max_tokens 0, a temperature above 1, a tool_use id outside
 the API's pattern, a tool's input_schema naming a type JSON Schema has not (BFCL's ``dict``,
 ``tuple``: answered before, 2 of 2). Each shape's fixed form is answered. And the replica
@@ -75,6 +76,19 @@ CASES = {
         _body([ASK, {"role": "assistant", "content": "ok"}, {"role": "user", "content": [RESULT]}]),
         _body([ASK, CALL, {"role": "user", "content": [RESULT]}]),
         "messages.2.content.0: unexpected `tool_use_id` found in `tool_result` blocks: toolu_1.",
+    ),
+    # anthropics/claude-code#6774, #4416: the API's words (the front's empty answer is [])
+    "an empty answer before the last message": (
+        _body([ASK, {"role": "assistant", "content": []}, ASK]),
+        _body([ASK, {"role": "assistant", "content": "ok"}, ASK]),
+        "messages.1: all messages must have non-empty content except for the optional final "
+        "assistant message",
+    ),
+    "a user message with no block": (
+        _body([{"role": "user", "content": []}]),
+        _body([ASK]),
+        "messages.0: all messages must have non-empty content except for the optional final "
+        "assistant message",
     ),
     "an empty text block": (
         _body([{"role": "user", "content": [{"type": "text", "text": ""}]}]),
