@@ -661,3 +661,21 @@ def test_openai_history_with_a_refused_answer_shows_the_model_its_refusal(
     empty = prompt_tokens({"content": ""})  # null without a refusal: OpenAI's 400, and the front's
     refused = prompt_tokens({"content": None, "refusal": "I can't help with that request."})
     assert refused > empty
+
+
+def test_anthropic_empty_answer_last_is_taken_and_before_the_last_refused(
+    base: str, key: str
+) -> None:
+    """The front's own empty answer is ``content: []``, as the API's: the API takes it as the
+    last message (no prefill) and refuses it anywhere else; the front refused the last one
+    too (the Gateway's "a message needs at least one block")."""
+    client = anthropic.Anthropic(base_url=base, api_key=key, max_retries=0)
+    question: Any = {"role": "user", "content": _unique("Tell me about caching.")}
+    empty: Any = {"role": "assistant", "content": []}
+    reply = client.messages.create(model="sim-small", max_tokens=50, messages=[question, empty])
+    assert reply.content and reply.stop_reason in ("end_turn", "max_tokens")
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        client.messages.create(
+            model="sim-small", max_tokens=50, messages=[question, empty, question]
+        )
+    assert "messages[1].content: a message needs at least one block" in str(refused.value.body)
