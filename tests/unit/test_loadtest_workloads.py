@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from cachemesh.loadtest.workloads import NAMES, DataInvalid, WorkloadSpec, build, normalise
-from cachemesh.loadtest.workloads.bfcl import JSON_SCHEMA_TYPES, QUERIES, json_schema
+from cachemesh.loadtest.workloads.bfcl import FLOAT_NOTE, JSON_SCHEMA_TYPES, QUERIES, json_schema
 from cachemesh.loadtest.workloads.mix import parse_weights
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.models import ModelTable, load_model_table
@@ -58,46 +58,69 @@ def test_every_bfcl_row_passes_the_gateways_validation_for_a_hosted_row(model: s
     assert rows == 1053 and dotted > 0
 
 
-def _types(schema: object, seen: Counter[str]) -> Counter[str]:
+def _types(schema: object, seen: Counter[str], property_: bool = False) -> Counter[str]:
     """Every ``type`` named in ``schema`` and the schemas nested in it (``properties``,
-    ``items``); a schema naming none is counted as ``(none)``."""
+    ``items``); a schema naming none is counted as ``(none)``, a property with BFCL's float
+    format and note as ``float property``."""
     if isinstance(schema, dict):
         seen[str(schema.get("type", "(none)"))] += 1
+        if property_ and schema.get("format") == "float":
+            assert str(schema.get("description", "")).endswith(FLOAT_NOTE), schema
+            seen["float property"] += 1
         for sub in (schema.get("properties") or {}).values():
-            _types(sub, seen)
+            _types(sub, seen, property_=True)
         if isinstance(schema.get("items"), dict):
             _types(schema["items"], seen)
     return seen
 
 
+def _float_properties(schema: object) -> int:
+    """The members of ``properties`` maps in ``schema`` whose type is BFCL's ``float``."""
+    if not isinstance(schema, dict):
+        return 0
+    members = list((schema.get("properties") or {}).values())
+    here = sum(1 for sub in members if isinstance(sub, dict) and sub.get("type") == "float")
+    nested = [*members, schema["items"]] if isinstance(schema.get("items"), dict) else members
+    return here + sum(_float_properties(sub) for sub in nested)
+
+
 def test_every_bfcl_tool_schema_is_sent_with_json_schemas_types_only() -> None:
     """live_multiple's rows name 4,241 ``dict``, 341 ``float``, 7 ``any`` and 3 ``tuple`` types,
     which the hosted providers refuse (JSON Schema has them not: every one of the 4,178
-    function schemas failed draft 2020-12's meta-schema): sent as BFCL's harness sends them,
-    each becomes its JSON Schema type (``any``: no type), and nothing else changes."""
+    function schemas failed draft 2020-12's meta-schema): sent as BFCL's harness sends them
+    (its GORILLA_TO_OPENAPI: ``any`` as ``string``), each becomes its JSON Schema type, a
+    ``float`` property also gets BFCL's ``format: "float"`` and description note (330 of the
+    341; the 11 in ``items`` only the type, as in BFCL's ``_cast_to_openai_type``), and
+    nothing else changes."""
     raw: Counter[str] = Counter()
+    floats = 0
     for line in (data_dir() / QUERIES).read_text(encoding="utf-8").splitlines():
         for function in json.loads(line)["function"]:
             _types(function.get("parameters", {}), raw)
-    foreign = {t: raw[t] for t in raw if t not in JSON_SCHEMA_TYPES and t != "(none)"}
-    assert set(foreign) == {"dict", "float", "any", "tuple"}
+            floats += _float_properties(function.get("parameters", {}))
+    foreign = {t: raw[t] for t in raw if t not in JSON_SCHEMA_TYPES}
+    assert foreign == {"dict": 4241, "float": 341, "any": 7, "tuple": 3}  # every schema typed
     workload = build(_spec("tools"))
     rows = int(str(workload.params()["queries"]))
     sent: Counter[str] = Counter()
     for _ in range(rows):  # each row once (all of them: every row has a user message)
         for tool in workload.next_item().request.tools:
             _types(json.loads(tool.input_schema_json), sent)
-    assert rows == 1053
+    assert rows == 1053 and floats == 330
     assert sent == {
         "object": raw["object"] + raw["dict"],
         "number": raw["number"] + raw["float"],
         "array": raw["array"] + raw["tuple"],
-        "(none)": raw["(none)"] + raw["any"],
-        **{t: raw[t] for t in ("string", "integer", "boolean") if raw[t]},
+        "string": raw["string"] + raw["any"],
+        "float property": floats,
+        **{t: raw[t] for t in ("integer", "boolean") if raw[t]},
     }
 
 
 def test_json_schema_converts_bfcls_types_where_they_nest_and_leaves_data_alone() -> None:
+    """As BFCL's harness (``_cast_to_openai_type``): ``any`` as ``string``, a ``float``
+    property with format and note (a ``float`` in ``items`` only its type); and nested where
+    the harness does not reach (``anyOf``). A property with no type is left without one."""
     row = {
         "type": "dict",
         "required": ["a"],
@@ -107,8 +130,12 @@ def test_json_schema_converts_bfcls_types_where_they_nest_and_leaves_data_alone(
             "type": {"type": "dict", "default": {"type": "dict"}, "enum": [{"type": "float"}]},
             "c": {
                 "type": "array",
-                "items": {"type": "dict", "properties": {"d": {"type": "float"}}},
+                "items": {
+                    "type": "dict",
+                    "properties": {"d": {"type": "float", "description": "Rate."}, "e": {}},
+                },
             },
+            "f": {"anyOf": [{"type": "HashMap"}, {"type": "null"}]},
         },
     }
     before = json.dumps(row, sort_keys=True)
@@ -117,12 +144,23 @@ def test_json_schema_converts_bfcls_types_where_they_nest_and_leaves_data_alone(
         "required": ["a"],
         "properties": {
             "a": {"type": "array", "items": {"type": "number"}},
-            "b": {"description": "any value"},
+            "b": {"type": "string", "description": "any value"},
             "type": {"type": "object", "default": {"type": "dict"}, "enum": [{"type": "float"}]},
             "c": {
                 "type": "array",
-                "items": {"type": "object", "properties": {"d": {"type": "number"}}},
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "d": {
+                            "type": "number",
+                            "format": "float",
+                            "description": "Rate. This is a float type value.",
+                        },
+                        "e": {},
+                    },
+                },
             },
+            "f": {"anyOf": [{"type": "object"}, {"type": "null"}]},
         },
     }
     assert json.dumps(row, sort_keys=True) == before  # the row itself is unchanged
@@ -138,9 +176,11 @@ def _build_from_one_row(tmp_path: Path, row_id: str, functions: list[dict[str, A
 
 
 def test_a_bfcl_row_with_a_type_neither_json_schemas_nor_bfcls_is_refused(tmp_path: Path) -> None:
-    hashmap = {"type": "dict", "properties": {"x": {"type": "HashMap"}}}
-    with pytest.raises(DataInvalid, match=r"row live_multiple_y: function 'f': type 'HashMap'"):
-        _build_from_one_row(tmp_path, "live_multiple_y", [{"name": "f", "parameters": hashmap}])
+    """``Set`` is not in BFCL's GORILLA_TO_OPENAPI (its harness would send it as a string
+    without a word): refused, naming the row and the function."""
+    a_set = {"type": "dict", "properties": {"x": {"type": "Set"}}}
+    with pytest.raises(DataInvalid, match=r"row live_multiple_y: function 'f': type 'Set'"):
+        _build_from_one_row(tmp_path, "live_multiple_y", [{"name": "f", "parameters": a_set}])
 
 
 def test_a_bfcl_row_whose_names_collide_once_sent_is_refused(tmp_path: Path) -> None:

@@ -41,11 +41,23 @@ def api_tool_name(name: str) -> str:
     return name.replace(".", "_")
 
 
-# BFCL's type names that JSON Schema has not, as its harness sends them (its GORILLA_TO_OPENAPI)
-_AS_JSON_SCHEMA = {"dict": "object", "float": "number", "tuple": "array"}
-# BFCL's "any" ("any valid Python data type"): JSON Schema says that by naming no type (BFCL's
-# harness sends "string", which would tell the model a value must be text)
-_ANY = "any"
+# BFCL's type names as its harness sends them to a provider: its GORILLA_TO_OPENAPI, whole
+# (ShishirPatil/gorilla, berkeley-function-call-leaderboard/bfcl_eval/constants/type_mappings.py;
+# ``any`` as "string", as BFCL sends it). A name not in it is refused (``NotJsonSchemaType``):
+# BFCL's harness sends such a name as "string", which would hide a data file it never saw.
+GORILLA_TO_OPENAPI = {
+    "integer": "integer", "number": "number", "float": "number", "string": "string",
+    "boolean": "boolean", "bool": "boolean", "array": "array", "list": "array",
+    "dict": "object", "object": "object", "tuple": "array", "any": "string",
+    "byte": "integer", "short": "integer", "long": "integer", "double": "number",
+    "char": "string", "ArrayList": "array", "Array": "array", "HashMap": "object",
+    "Hashtable": "object", "Queue": "array", "Stack": "array", "Any": "string",
+    "String": "string", "Bigint": "integer",
+}  # fmt: skip
+# what BFCL's harness adds to a property whose type is ``float`` (its ``_cast_to_openai_type``,
+# bfcl_eval/model_handler/utils.py): a format, and this to its description
+FLOAT_FORMAT = "float"
+FLOAT_NOTE = " This is a float type value."
 JSON_SCHEMA_TYPES = frozenset(schema_words.TYPES)
 
 
@@ -53,21 +65,33 @@ class NotJsonSchemaType(ValueError):
     """A type name neither JSON Schema's nor one BFCL's harness converts."""
 
 
-def json_schema(schema: object) -> object:
-    """A BFCL parameter schema as JSON Schema, as BFCL's harness sends it to a provider:
-    ``dict`` as ``object``, ``float`` as ``number``, ``tuple`` as ``array``; ``any`` as no
-    type (``_ANY``: not BFCL's "string"), in the schema and every schema nested in it; a new
-    value (``schema`` is unchanged). ``NotJsonSchemaType`` for any other type name."""
+def json_schema(schema: object, *, property_: bool = False) -> object:
+    """A BFCL parameter schema as JSON Schema, as BFCL's harness sends it to a provider
+    (``_cast_to_openai_type`` in ShishirPatil/gorilla's berkeley-function-call-leaderboard/
+    bfcl_eval/model_handler/utils.py): each type name by ``GORILLA_TO_OPENAPI`` (``dict`` as
+    ``object``, ``float`` as ``number``, ``any`` as ``string``...); a property (``property_``: a
+    member of a ``properties`` map) of type ``float`` also gets ``format: "float"`` and
+    ``FLOAT_NOTE`` at its description's end. The harness walks ``properties`` and ``items``
+    (two levels of them); this walks every schema nested in it (``schema_words.subschemas``),
+    the same rules where the harness reaches. Not followed: the harness sends a property with
+    no type as a string (live_multiple has none; a property typed by ``anyOf`` would become a
+    string and its alternatives at once, which no value meets). A new value (``schema`` is
+    unchanged). ``NotJsonSchemaType`` for a type name not in BFCL's table (nor JSON
+    Schema's)."""
     if not isinstance(schema, dict):
         return schema
     out: dict[str, object] = dict(schema)
     kind = out.get("type")
-    if kind == _ANY:
-        del out["type"]
-    elif isinstance(kind, str):
-        out["type"] = _AS_JSON_SCHEMA.get(kind, kind)
-        if out["type"] not in JSON_SCHEMA_TYPES:
+    if isinstance(kind, str):
+        if kind not in GORILLA_TO_OPENAPI and kind not in JSON_SCHEMA_TYPES:
             raise NotJsonSchemaType(f"type {kind!r} is not a JSON Schema type")
+        out["type"] = GORILLA_TO_OPENAPI.get(kind, kind)
+        if property_ and kind == "float":
+            out["format"] = FLOAT_FORMAT
+            described = out.get("description")
+            out["description"] = (
+                f"{described}{FLOAT_NOTE}" if isinstance(described, str) else FLOAT_NOTE.strip()
+            )
     # only the nested schemas are walked (``schema_words.subschemas``: the router's walker's
     # keywords; a ``default`` or an ``enum`` value is data, whatever keys it holds)
     for (key, slot), sub in schema_words.subschemas(schema):
@@ -76,7 +100,7 @@ def json_schema(schema: object) -> object:
             continue
         if out[key] is schema[key]:  # the keyword's list or map, copied at its first schema
             out[key] = copy.copy(schema[key])
-        out[key][slot] = json_schema(sub)  # type: ignore[index]
+        out[key][slot] = json_schema(sub, property_=key == "properties")  # type: ignore[index]
     return out
 
 
@@ -90,7 +114,7 @@ def _as_sent(path: Path, row: dict[str, object]) -> dict[str, object]:
         except NotJsonSchemaType as exc:
             raise DataInvalid(
                 f"{path}: row {row.get('id', '?')}: function {f.get('name')!r}: {exc} nor one "
-                f"BFCL's harness converts ({', '.join(sorted([*_AS_JSON_SCHEMA, _ANY]))})"
+                "BFCL's harness converts (its GORILLA_TO_OPENAPI)"
             ) from None
     return {**row, "function": functions}
 
