@@ -17,7 +17,7 @@ from services.tools.bench.router.frontier import (
 
 
 def _p(cost: float, loss: float) -> Point:
-    return Point("p", None, 10, 0, cost, 0.5, loss, loss / 10)
+    return Point("p", None, 10, 0, cost, 0.5, loss, loss / 10, 0, 0.0)
 
 
 def test_the_expected_loss_sums_the_scores_sent_small() -> None:
@@ -30,8 +30,21 @@ def test_the_expected_loss_sums_the_scores_sent_small() -> None:
     ]
     p = point("x", 0.1, served, "small")
     assert p.expected_loss == pytest.approx(0.15) and p.loss_per_request == pytest.approx(0.0375)
+    # the negative score sent small is said apart: given up 0.2, gained 0.05
+    assert p.small_predicted_better == 1 and p.expected_gain == pytest.approx(0.05)
     assert (p.errors, p.requests, p.large_share) == (1, 5, 0.5)
     assert p.cost_usd == pytest.approx(800 / 1e9, abs=1e-4)
+
+
+def test_a_loss_below_zero_is_the_predicted_gain_of_the_requests_sent_small() -> None:
+    """At threshold 0 the plain router sends small only requests whose score is below 0 (the
+    small model predicted the better): its net loss against always-large is below 0, and the
+    point says it is that gain (the tools replay: -0.092, one request of 300)."""
+    served = [Served("small", -0.092, 100), *[Served("large", 0.1, 300)] * 299]
+    p = point("plain@0.0", 0.0, served, "small")
+    assert p.expected_loss == pytest.approx(-0.092)
+    assert p.small_predicted_better == 1 and p.expected_gain == pytest.approx(0.092)
+    assert p.expected_loss + p.expected_gain == pytest.approx(0.0)  # nothing given up
 
 
 def test_the_frontier_drops_dominated_points_and_interpolates() -> None:

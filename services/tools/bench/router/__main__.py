@@ -3,7 +3,9 @@ learned router (no prefix-cache weighing) and always-large, on the estimator's a
 (tau-bench), tools (BFCL) and mixed workloads, L1 bypassed (the router alone is measured).
 
 Each policy is reported in dollars and in expected quality loss (``frontier``: the sum of the
-learned scores of the requests sent to the small tier). The plain router is also swept over
+learned scores of the requests sent to the small tier, against always-large: net, so below 0
+when the requests sent small are ones the small model is predicted to answer better; each row
+says that part, ``expected_gain``). The plain router is also swept over
 thresholds, tracing its cost for each expected loss, so each policy's dollars can be read
 against what the plain router pays for the same expected loss. Writes
 bench-results/router-replay.json.
@@ -47,6 +49,13 @@ POLICIES: dict[str, tuple[str, dict[str, str]]] = {
     "always_large": ("sim-large", {}),
 }
 SWEEP_SHARES = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85)
+# what a row's expected_loss is, in the report beside the rows
+LOSS_MEANS = (
+    "net expected correctness given up against always-large: the sum of the learned scores "
+    "(P(large right) - P(small right)) of the requests sent to the small tier; below 0 when "
+    "those are requests the small model is predicted to answer better (expected_gain: minus "
+    "the sum of the negative ones, small_predicted_better: how many)"
+)
 
 
 class Bench:
@@ -96,6 +105,7 @@ class Bench:
             for name, p in points.items()
         }
         return {
+            "expected_loss": LOSS_MEANS,
             "policies": {name: p.row() for name, p in points.items()},
             "against_plain_frontier": against,
             "plain_frontier": [p.row() for p in sorted(plain, key=lambda p: p.expected_loss)],
@@ -105,8 +115,8 @@ class Bench:
 
 def _table(report: dict[str, dict[str, object]]) -> str:
     lines = [
-        "| workload | policy | cost (USD) | large share | expected loss (per request) "
-        "| plain router's cost at that loss |",
+        "| workload | policy | cost (USD) | large share | net expected loss vs always-large "
+        "(per request) | plain router's cost at that loss |",
         "|---|---|---|---|---|---|",
     ]
     for workload, body in report.items():
@@ -120,6 +130,11 @@ def _table(report: dict[str, dict[str, object]]) -> str:
                 f"{row['expected_loss']:.1f} ({row['loss_per_request']:.4f}) | "
                 f"{'n/a' if at is None else f'{at:.3f}'} |"
             )
+    lines.append("")  # the note after the table, not a row of it
+    lines.append(
+        "net expected loss: the scores sent small summed, below 0 where the small model is "
+        "predicted the better (each row's expected_gain in the JSON)"
+    )
     return "\n".join(lines)
 
 

@@ -4,8 +4,14 @@ router's frontier on it.
 The learned score is the predicted gain in correctness of the large model over the small one
 (P(large right) - P(small right)). A request sent to the small tier therefore loses, in
 expectation, its score against sending it to the large one: a policy's expected loss is the
-sum of the scores of the requests it sent small (a negative score sent small is a gain). Every
-policy is measured against always-large (loss 0).
+sum of the scores of the requests it sent small. Every policy is measured against always-large
+(loss 0), so the loss is net and may be below 0: the score is negative where the small model is
+predicted to be right more often than the large one (RouteLLM's labels, which the heads were
+fitted on, hold 410 of 7,686 prompts the weak model answered and the strong one did not), and a
+request sent small on such a score is a predicted gain. The plain router at threshold 0 sends
+small exactly those requests, so its loss is at most 0 (-0.092 on the tools replay: one request
+of 300). Each point says that part apart (``expected_gain``, ``small_predicted_better``): the
+correctness given up is ``expected_loss + expected_gain``.
 
 Sweeping the plain learned router's threshold traces the dollars it needs for each expected
 loss. A policy below that curve gets the same expected loss for fewer dollars; one above it
@@ -38,8 +44,14 @@ class Point:
     errors: int
     cost_usd: float
     large_share: float
-    expected_loss: float  # sum of the scores of the requests sent to the small tier
+    # net, against always-large: sum of the scores of the requests sent to the small tier
+    # (below 0 when the negative ones outweigh the rest)
+    expected_loss: float
     loss_per_request: float
+    # the requests sent small on a negative score (the small model predicted the better), and
+    # minus the sum of their scores: the part of expected_loss that is a predicted gain
+    small_predicted_better: int
+    expected_gain: float
 
     def row(self) -> dict[str, object]:
         return asdict(self)
@@ -49,6 +61,7 @@ def point(policy: str, threshold: float | None, served: list[Served], smallest: 
     ok = [s for s in served if s.tier]
     small = [s.score for s in ok if s.tier == smallest and s.score is not None]
     loss = float(sum(small))
+    better = [score for score in small if score < 0]
     return Point(
         policy=policy,
         threshold=threshold,
@@ -58,6 +71,8 @@ def point(policy: str, threshold: float | None, served: list[Served], smallest: 
         large_share=round(sum(1 for s in ok if s.tier != smallest) / max(len(ok), 1), 4),
         expected_loss=round(loss, 3),
         loss_per_request=round(loss / max(len(ok), 1), 5),
+        small_predicted_better=len(better),
+        expected_gain=round(-float(sum(better)), 3),
     )
 
 
