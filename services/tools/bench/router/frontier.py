@@ -72,7 +72,7 @@ def point(policy: str, threshold: float | None, served: list[Served], smallest: 
         expected_loss=round(loss, 3),
         loss_per_request=round(loss / max(len(ok), 1), 5),
         small_predicted_better=len(better),
-        expected_gain=round(-float(sum(better)), 3),
+        expected_gain=round(float(sum(-score for score in better)), 3),
     )
 
 
