@@ -17,7 +17,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from services.model.providers.api import REQUEST_ID_ATTRIBUTE
 from services.model.providers.failures import REQUEST_ID_FIELD
 from tests.integration.provider_stack import ProviderStack, ask, spans_of_request
-from tests.providers import anthropic_wire
+from tests.providers import anthropic_wire, schema_types
 
 pytestmark = pytest.mark.integration
 
@@ -97,24 +97,46 @@ def test_a_tool_name_claudes_api_refuses_never_reaches_it(providers: ProviderSta
     assert not [s for s in providers.server.seen_by("anthropic") if question in str(s.body)]
 
 
+# BFCL's types at the top (``dict``) and only in a nested schema (an array's items, under a
+# property whose own type is JSON Schema's): both refused by the loopback as by the API
+_TYPED = [
+    (
+        {"type": "dict", "properties": {"x": {"type": "float"}}},
+        "type: 'dict'",
+        {"type": "object", "properties": {"x": {"type": "number"}}},
+    ),
+    (
+        {"type": "object", "properties": {"x": {"type": "array", "items": {"type": "dict"}}}},
+        "properties['x'].items.type: 'dict'",
+        {"type": "object", "properties": {"x": {"type": "array", "items": {"type": "object"}}}},
+    ),
+]
+
+
 @pytest.mark.parametrize(
     ("model", "api"), [("gpt-4-1", "openai"), ("claude-sonnet-4-5", "anthropic")]
 )
+@pytest.mark.parametrize(("schema", "where", "fixed"), _TYPED)
 def test_a_tool_schema_type_the_api_refuses_never_reaches_it(
-    providers: ProviderStack, model: str, api: str
+    providers: ProviderStack,
+    model: str,
+    api: str,
+    schema: dict[str, object],
+    where: str,
+    fixed: dict[str, object],
 ) -> None:
-    """BFCL's ``dict`` / ``float`` (not JSON Schema's types): refused by the Gateway, naming
-    the tool and the field, before the provider's 400; the same tool as JSON Schema is sent
-    and answered (the loopback server refuses the other form as the API does)."""
+    """BFCL's ``dict`` / ``float`` (not JSON Schema's types), at the top or only in a nested
+    schema: refused by the Gateway, naming the tool and the field, before the provider's 400;
+    the same tool as JSON Schema is sent and answered (the loopback server refuses the other
+    form as the API does)."""
+    assert schema_types.bad_type(schema) is not None and schema_types.bad_type(fixed) is None
     question = f"Typed tool {uuid.uuid4().hex[:8]}"
-    schema = {"type": "dict", "properties": {"x": {"type": "float"}}}
     request = ask(model, question)
     request.tools.append(pb.Tool(name="calc", input_schema_json=json.dumps(schema)))
     refused = _refused(providers, request)
     assert refused.code == grpc.StatusCode.INVALID_ARGUMENT, refused
-    assert "tools[0].input_schema_json: tool 'calc': type: 'dict'" in str(refused)
+    assert f"tools[0].input_schema_json: tool 'calc': {where}" in str(refused)
     assert not [s for s in providers.server.seen_by(api) if question in str(s.body)]
-    fixed = {"type": "object", "properties": {"x": {"type": "number"}}}
     del request.tools[:]
     request.tools.append(pb.Tool(name="calc", input_schema_json=json.dumps(fixed)))
     with Client(providers.stack.target, api_key=providers.stack.keys["tenant-a"]) as client:
