@@ -72,10 +72,12 @@ async def test_a_lease_ended_for_a_reply_too_late_is_logged_once_an_interval(
         return [r.getMessage() for r in caplog.records if "did not reach" in r.getMessage()]
 
     for n in range(20):
-        led = await api.lookup(lookup(f"question {n} about my invoice"), None)
-        assert led.leader and api.abandon("a", led.lease_id)  # each lease ended, as before
+        asked = lookup(f"question {n} about my invoice")
+        led = await api.lookup(asked, None)
+        assert led.leader and api.abandon("a", led.lease_id, asked.request.request_id)
     assert len(logged()) == 1
     lines.advance(ms=EMBED_SKIPPED_LOG_EVERY_MS)
-    led = await api.lookup(lookup("one more question about my invoice"), None)
-    assert api.abandon("a", led.lease_id)
+    asked = lookup("one more question about my invoice")
+    led = await api.lookup(asked, None)
+    assert api.abandon("a", led.lease_id, asked.request.request_id)
     assert len(logged()) == 2 and "(19 more since the last such line" in logged()[-1]
