@@ -14,6 +14,8 @@ one naming none (a router older than RenewRequest/ReleaseRequest.request_id) act
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
+from typing import Any
 
 import grpc
 import pytest
@@ -22,10 +24,12 @@ from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from cachemesh.v1 import semantic_cache_pb2_grpc as sc_grpc
 from services.common.clock import ManualClock
+from services.common.errors import RequestError
 from services.semantic_cache.api import SemanticCacheApi
 from services.semantic_cache.cache import SemanticCache
 from services.semantic_cache.leases import Leases
-from services.semantic_cache.query import Query, query_from_request
+from services.semantic_cache.query import Query, RecentQueries, query_from_request
+from services.semantic_cache.records import InvalidQuery
 from services.semantic_cache.servicer import SemanticCacheService
 from tests.unit.semantic_cache_support import FakeEmbedder, make_request
 from tests.unit.test_semantic_cache_grpc import AUTH, start
@@ -178,6 +182,56 @@ async def test_an_abandoned_lookup_ends_no_lease_taken_under_its_id_meanwhile(
     with pytest.raises(asyncio.CancelledError):
         await looking
     assert _held(cache, SECOND), "r1's abandoned Lookup ended r2's lease"
+
+
+async def _late_call_fails_at_its_query(
+    monkeypatch: pytest.MonkeyPatch, how: str, call: Coroutine[Any, Any, object]
+) -> None:
+    """Runs ``call`` with its query's derivation failing (``how``): ``cancelled`` there (a
+    large request's, its router's deadline passed) or ``refused`` (InvalidQuery)."""
+    started = asyncio.Event()
+
+    async def failing(*_: object, **__: object) -> Query:
+        started.set()
+        if how == "refused":
+            raise InvalidQuery("request.messages", "no question in the request")
+        await asyncio.Event().wait()  # never: the call is cancelled first
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(RecentQueries, "derived", failing)
+    task = asyncio.ensure_future(call)
+    await asyncio.wait_for(started.wait(), 5.0)  # only against a hang
+    if how == "cancelled":
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    else:
+        with pytest.raises(RequestError):
+            await task
+
+
+@pytest.mark.parametrize("how", ["cancelled", "refused"])
+@pytest.mark.parametrize("call", ["Store", "Release"])
+async def test_a_late_call_whose_query_fails_ends_no_lease_another_request_took_under_its_id(
+    monkeypatch: pytest.MonkeyPatch, call: str, how: str
+) -> None:
+    """r1 stored under X, r2 leads under X; r1's late Store or Release by its request and X
+    (sent again, or in flight as its Store went) fails while its query is derived: L1 ends the
+    lease it names by its id (no query to key it by), and only if r1 took it. By the id alone,
+    it ended r2's lease (its waiters would lead calls of their own while r2's runs)."""
+    api, cache, _ = _rig()
+    await _second_took_the_first_ones_id(api)
+    late: Coroutine[Any, Any, object]
+    if call == "Store":
+        late = api.store(sc.StoreRequest(tenant="a", request=FIRST, answer=ANSWER, lease_id=X))
+    else:
+        late = api.release(sc.ReleaseRequest(tenant="a", request=FIRST, lease_id=X))
+    await _late_call_fails_at_its_query(monkeypatch, how, late)
+    assert _held(cache, SECOND), f"r1's late {call} ended r2's lease"
+    # r2's own, failing the same way, still ends it (its router renews it no more)
+    mine = api.store(sc.StoreRequest(tenant="a", request=SECOND, answer=ANSWER, lease_id=X))
+    await _late_call_fails_at_its_query(monkeypatch, how, mine)
+    assert not _held(cache, SECOND), "r2's own failed Store left its lease held"
 
 
 def _query(request: pb.CompleteRequest) -> Query:
