@@ -555,8 +555,10 @@ class SemanticCache(EntryStore):
         TTL of its own.
 
         Stored or not, it ends the lease of the query's key (its waiters look again), only
-        the one named by ``lease_id`` when given: the late Store of a call whose lease aged
-        out, or was taken over, leaves the lease another call holds now, and its waiters.
+        the one named by ``lease_id`` when given, and only if the query's request took it:
+        the late Store of a call whose lease aged out, or was taken over, or one arriving
+        after another request took a lease under the same id, leaves the lease another call
+        holds now, and its waiters.
         None: only the query's request's own lease (``release``), never the lease of the
         request that led while this one called the model too. Stored for a key whose lease
         it leaves, it wakes that lease's waiters all the same (``Leases.wake``): they look

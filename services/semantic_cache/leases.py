@@ -23,7 +23,7 @@ or renewal names the old one, and ends or renews nothing.
 
 A lease's id may be the caller's (a fresh random id per Lookup, which it can Release by when
 the reply never reaches it), unless a live lease has that id already: ids are unique among
-the live leases (a renewal finds its lease by its id alone), so a reused id is replaced by one
+the live leases (a renewal finds its lease by its id), so a reused id is replaced by one
 of ours. A Lookup of another request that proposed a live lease's id and does not hold it
 (given another, waiting, served, ended early) knows only the id it proposed: its Release by
 that id alone (its reply lost) would end the lease that has it, so such a lease is ended by
@@ -44,9 +44,10 @@ The age limit runs from the take, and from each renewal: the holder renews its l
 ``lease_id``) while its model call is on, so a call longer than the age limit keeps its
 waiters (and an identical request arriving late does not lead a second, paid, call), while a
 holder that died renews nothing and frees the key at the age limit as before. A renewal names
-its lease by its tenant and ``lease_id`` only, not by the request (a renewal is sent every
-third of the age limit for as long as the call runs, and the request may be a megabyte): the
-live leases are also kept by id, one id per live lease, so that index is bounded as they are.
+its lease by its tenant, ``lease_id`` and ``request_id`` only (the last unset from a router
+older than it), not by the request (a renewal is sent every third of the age limit for as long
+as the call runs, and the request may be a megabyte): the live leases are also kept by id, one
+id per live lease, so that index is bounded as they are.
 
 A lease that ends without an answer because of what the answer is (a Store refused it: cut at
 the request's ``max_tokens``, a refusal, a tool call its namespace does not cache, too large)

@@ -267,12 +267,16 @@ class StoreRequest(_message.Message):
     lease_id: _builtins.str
     """The lease_id of this request's Lookup that said leader. The answer is stored (or not) on
     the same rules whatever it names; the Store ends the key's lease only if that lease is
-    the one named: a late Store of a call whose lease aged out, or was taken over by its
-    request's retry, leaves the lease another call now holds (and its waiters) alone. Empty
-    (a router older than this field, or a request that did not lead: its lease wait ran out,
-    or its Lookup failed, and it called the model itself): it ends the key's lease only if
-    this request (request.request_id) took it, or a request without a request_id did; never
-    the lease of the identical request that leads while this one called the model too.
+    the one named and this request (request.request_id) took it: a late Store of a call whose
+    lease aged out, or was taken over by its request's retry, or one arriving after another
+    request's Lookup took a lease under the same id, leaves the lease another call now holds
+    (and its waiters) alone. That owner check holds for every router, older ones too (it is
+    the request's own request_id; an empty one matches only a lease its Lookup took with an
+    empty one). Empty (a router older than this field, or a request that did not lead: its
+    lease wait ran out, or its Lookup failed, and it called the model itself): it ends the
+    key's lease only if this request (request.request_id) took it, or a request without a
+    request_id did; never the lease of the identical request that leads while this one
+    called the model too.
     """
     @_builtins.property
     def request(self) -> _gateway_pb2.CompleteRequest: ...
