@@ -510,10 +510,11 @@ class Calls:
 
     def _release_lost(self, call: semantic_cache_pb2.LookupRequest) -> None:
         if call.lease_id and call.request.cache.semantic in _LEADING_MODES:
-            # by its tenant and lease_id alone, as a renewal: the Lookup failed most likely
-            # because L1 is overloaded, and the request may be a megabyte (ids are fresh
-            # uuid4s and unique among L1's live leases; with the request_id, L1 ends only a
-            # lease this request took, not one another request took under the id since)
+            # by its tenant, lease_id and request_id, as a renewal, not by the request: the
+            # Lookup failed most likely because L1 is overloaded, and the request may be a
+            # megabyte (ids are fresh uuid4s and unique among L1's live leases; by the
+            # request_id, L1 ends only a lease this request took, not one another request
+            # took under the id since)
             release = semantic_cache_pb2.ReleaseRequest(
                 tenant=call.tenant, lease_id=call.lease_id, request_id=call.request.request_id
             )
