@@ -24,8 +24,9 @@ import logging
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
+
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common.keyfile import (
     KeyFile,
@@ -277,10 +278,11 @@ def _check_seen(record: KeyRecord, seen: Seen) -> None:
 
 
 def _utc(ns: int) -> str:
-    """A stamp as RFC 3339 UTC, to the nanosecond (as a Timestamp's JSON form)."""
-    seconds, nanos = divmod(ns, 1_000_000_000)
-    day = datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{day}.{nanos:09d}Z"
+    """A stamp as RFC 3339 UTC exactly as ``cachemesh admin --json`` prints a reply's (a
+    Timestamp's JSON form: 0, 3, 6 or 9 fraction digits), so a person finds it there."""
+    stamp = Timestamp()
+    stamp.FromNanoseconds(ns)
+    return stamp.ToJsonString()
 
 
 # Unicode's control (Cc) and format (Cf) characters, surrogates and line / paragraph

@@ -18,6 +18,7 @@ from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from cachemesh.v1 import admin_pb2 as adm
 from cachemesh.v1 import admin_pb2_grpc, prefix_cache_pb2_grpc, semantic_cache_pb2_grpc
@@ -331,7 +332,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         seen: Seen | None = None
         which = request.WhichOneof("if_unchanged")
         if which == "if_rotated_at":
-            seen = Seen(request.if_rotated_at.ToNanoseconds())
+            seen = Seen(await _stamp_nanos(context, request.if_rotated_at, "if_rotated_at"))
         elif which == "if_never_rotated":
             if not request.if_never_rotated:
                 await abort(
@@ -630,6 +631,25 @@ def _message_bytes(message: Message) -> int:
 
 def _tenant_of(own: TenantOverride) -> str:
     return own.tenant
+
+
+# a Timestamp's valid range (google/protobuf/timestamp.proto): 0001-01-01T00:00:00Z to
+# 9999-12-31T23:59:59.999999999Z, nanos in [0, 999999999]
+_FIRST_SECOND, _LAST_SECOND = -62_135_596_800, 253_402_300_799
+
+
+async def _stamp_nanos(context: Context, stamp: Timestamp, field: str) -> int:
+    """A sent Timestamp in nanoseconds; one out of a Timestamp's range is INVALID_ARGUMENT
+    naming ``field`` (protobuf's ``ToNanoseconds`` raises a bare ValueError: UNKNOWN)."""
+    if not _FIRST_SECOND <= stamp.seconds <= _LAST_SECOND or not 0 <= stamp.nanos < 10**9:
+        await abort(
+            context,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{field} is not a valid timestamp (seconds {stamp.seconds}, nanos {stamp.nanos}: "
+            "a time from 0001-01-01 to 9999-12-31 UTC, nanos 0 to 999999999); send the key's "
+            "rotated_at exactly as ListKeys, CreateKey or RotateKey gave it",
+        )
+    return stamp.ToNanoseconds()
 
 
 async def _valid_tenant(context: Context, tenant: str) -> None:

@@ -8,7 +8,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,6 +17,7 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from cachemesh.admin_cli import as_json
 from cachemesh.envfile import read_env_file
 from cachemesh.v1 import admin_pb2 as adm
 from cachemesh.v1 import admin_pb2_grpc, prefix_cache_pb2_grpc, semantic_cache_pb2_grpc
@@ -140,15 +141,16 @@ async def _rig(
     timeout_s: float = 5.0,
     l1_policies: TenantPolicies | None = None,
     l1_service: type[SemanticCacheService] = SemanticCacheService,
+    wall: Callable[[], float] = time.time,
 ) -> AsyncIterator[Rig]:
     """``l1_policies``: semantic-cache's tenant policies (None: none); ``l1_service``: its
-    servicer (an older one, without pages)."""
+    servicer (an older one, without pages); ``wall``: the key store's clock."""
     demo_key = new_api_key()
     key_file = tmp_path / "api-keys"
     key_file.write_text(f"acme:{hash_key(demo_key)}\n")
     # re-reads on the caller's thread: these tests edit the files by hand and ask at once (the
     # worker thread a store re-reads in is test_key_store.py's and test_tenant_limits.py's)
-    keys = KeyStore.open(key_file, time.monotonic, time.time, 0.0, start=lambda job: job())
+    keys = KeyStore.open(key_file, time.monotonic, wall, 0.0, start=lambda job: job())
     limits = PerTenantPolicies(
         LIMIT_DEFAULTS,
         TenantLimitStore(
@@ -357,6 +359,67 @@ async def test_a_rotation_sent_with_the_key_as_seen_is_refused_when_another_came
     last = await rig.stub.RotateKey(adm.RotateKeyRequest(id=seen.id), metadata=ADMIN)
     assert rig.keys.tenant_for(last.api_key) == "globex"
     assert rig.keys.tenant_for(third.api_key) is None
+
+
+async def test_a_rotation_refused_names_the_stamps_exactly_as_json_prints_them(
+    tmp_path: Path,
+) -> None:
+    """The refusal names the stamp in force and the one sent as ``cachemesh admin --json``
+    prints them (a Timestamp's JSON form: 0, 3, 6 or 9 fraction digits), so a person finds
+    the stamp in that listing whole (main: 9 digits always, "08:00:00.500000000Z" where
+    --json said "08:00:00.500Z")."""
+    now = [1_800_000_000.0]  # created at a whole second; rotated at .5 s, then at 1 s
+    async for rig in _rig(tmp_path, AdminCredential(ADMIN_TOKEN), wall=lambda: now[0]):
+        issued = await rig.stub.CreateKey(adm.CreateKeyRequest(tenant="globex"), metadata=ADMIN)
+        now[0] = 1_800_000_000.5
+        first = await rig.stub.RotateKey(adm.RotateKeyRequest(id=issued.key.id), metadata=ADMIN)
+        first_at = json.loads(as_json(first.key))["rotatedAt"]
+        assert first_at == "2027-01-15T08:00:00.500Z"  # the test's premise: 3 digits
+        now[0] = 1_800_000_001.0
+        second = await rig.stub.RotateKey(adm.RotateKeyRequest(id=issued.key.id), metadata=ADMIN)
+        second_at = json.loads(as_json(second.key))["rotatedAt"]
+        assert second_at == "2027-01-15T08:00:01Z"  # none
+        stale = rig.stub.RotateKey(
+            adm.RotateKeyRequest(id=issued.key.id, if_rotated_at=first.key.rotated_at),
+            metadata=ADMIN,
+        )
+        details = await expect(grpc.StatusCode.FAILED_PRECONDITION, stale)
+        assert (
+            f"key {issued.key.id} was last rotated at {second_at}, not rotated at {first_at} "
+            "(if_rotated_at) as this request expected"
+        ) in details, details
+        assert rig.keys.tenant_for(second.api_key) == "globex"
+
+
+async def test_an_if_rotated_at_out_of_a_timestamps_range_is_invalid_argument(rig: Rig) -> None:
+    """A stamp no Timestamp can hold (seconds past year 9999 or before year 1, nanos out of
+    [0, 999999999]) is INVALID_ARGUMENT naming ``if_rotated_at`` (main: UNKNOWN with protobuf's
+    raw ValueError), nothing changed; the range's own ends are stamps, compared as any."""
+    issued = await rig.stub.CreateKey(adm.CreateKeyRequest(tenant="globex"), metadata=ADMIN)
+    for seconds, nanos in [
+        (10**15, 0),
+        (0, -1),
+        (0, 10**9),
+        (253_402_300_800, 0),
+        (-62_135_596_801, 0),
+    ]:
+        request = adm.RotateKeyRequest(id=issued.key.id)
+        request.if_rotated_at.seconds, request.if_rotated_at.nanos = seconds, nanos
+        details = await expect(
+            grpc.StatusCode.INVALID_ARGUMENT, rig.stub.RotateKey(request, metadata=ADMIN)
+        )
+        assert details.startswith(
+            f"if_rotated_at is not a valid timestamp (seconds {seconds}, nanos {nanos}"
+        ), details
+        assert rig.keys.tenant_for(issued.api_key) == "globex"
+    for seconds, nanos in [(253_402_300_799, 999_999_999), (-62_135_596_800, 0)]:
+        request = adm.RotateKeyRequest(id=issued.key.id)
+        request.if_rotated_at.seconds, request.if_rotated_at.nanos = seconds, nanos
+        details = await expect(
+            grpc.StatusCode.FAILED_PRECONDITION, rig.stub.RotateKey(request, metadata=ADMIN)
+        )
+        assert f"{request.if_rotated_at.ToJsonString()} (if_rotated_at)" in details, details
+        assert rig.keys.tenant_for(issued.api_key) == "globex"
 
 
 async def test_of_two_conditional_rotations_at_once_one_is_made_and_one_refused(
