@@ -346,6 +346,8 @@ class ExportHealth(logging.Filter):
         self._queue_full_total = 0
         self._export_failed_total = 0  # the spans of the exports that failed
         self._shutdown_total = 0  # left unexported by the stop (``dropped_at_shutdown``)
+        self._cut_total = 0  # of which in exports the stop cut (``end``)
+        self._exporting = 0  # the spans of the export in flight (``begin``), 0 between
         # the queue-full line: at most one an interval, counting the spans dropped at the
         # full queue since a line last counted them (it, or the collector's return's), and
         # whether one was said yet (the first says no count)
@@ -360,18 +362,33 @@ class ExportHealth(logging.Filter):
     def uninstall(self) -> None:
         logging.getLogger(EXPORTER_LOGGER).removeFilter(self)
 
-    def begin(self) -> None:
-        """Our export starts on this thread: the exporter's lines written on it are ours until
-        ``end`` (a thread's id is reused once it ends: matched only meanwhile); the last
-        export's status is forgotten (a failure with no line of its own is not said as the
-        one before's)."""
+    def begin(self, spans: int = 0) -> None:
+        """Our export of ``spans`` starts on this thread: the exporter's lines written on it
+        are ours until ``end`` (a thread's id is reused once it ends: matched only
+        meanwhile); the last export's status is forgotten (a failure with no line of its own
+        is not said as the one before's); its size is noted for the stop's line
+        (``cut_in_export``: an export the stop cuts may end after that line)."""
         with self._lock:
             self._export_thread = threading.get_ident()
             self._code = self._reason = ""
+            self._exporting = spans
 
-    def end(self) -> None:
+    def end(self, cut: int = 0) -> None:
+        """The export ended; ``cut``: its spans, when it failed once the stop began (the
+        export the stop cut, its channel closed): counted dropped at the shutdown here, at
+        once with the export's size forgotten, so ``cut_in_export`` counts them once."""
         with self._lock:
             self._export_thread = None
+            self._exporting = 0
+            self._shutdown_total += cut
+            self._cut_total += cut
+
+    def cut_in_export(self) -> int:
+        """For the stop's line, once the exporter is shut down: the spans of the exports the
+        stop cut, those ended (counted) and the one still in flight (counted when it ends,
+        on the SDK's worker thread, often after the line: the stop does not wait for it)."""
+        with self._lock:
+            return self._cut_total + self._exporting
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.msg if isinstance(record.msg, str) else ""
@@ -409,8 +426,8 @@ class ExportHealth(logging.Filter):
 
     def dropped_at_shutdown(self, spans: int) -> None:
         """``spans`` left unexported by the stop: still queued when its bound
-        (``TRACING_STOP_S``) was over, in the export it cut (or one failing meanwhile), or
-        ending once it had begun. Counted only: the stop's own line says it."""
+        (``TRACING_STOP_S``) was over, or ending once it had begun (those of the export it
+        cut: ``end``). Counted only: the stop's own line says it."""
         with self._lock:
             self._shutdown_total += spans
 
@@ -538,26 +555,24 @@ class WireSpanExporter(OTLPSpanExporter):
         return self._health
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        self._health.begin()
+        self._health.begin(len(spans))
         with self._state:
             self._in_export = True
         result = SpanExportResult.FAILURE
         try:
             result = super().export(spans)
         finally:
-            self._health.end()
             with self._state:
                 self._in_export = False
                 stopping, closed = self._stopping, self._closed
+            # the export the stop cut (its channel closed), or one after it: its spans were
+            # counted nowhere (nor was an export failing meanwhile: one count each)
+            failed = result is not SpanExportResult.SUCCESS
+            self._health.end(len(spans) if stopping and failed else 0)
             if closed:
                 self._health.uninstall()
-            if stopping:
-                # the export the stop cut (its channel closed), or one after it: its spans
-                # were counted nowhere (nor was an export failing meanwhile: one count each)
-                if result is not SpanExportResult.SUCCESS:
-                    self._health.dropped_at_shutdown(len(spans))
-            else:
-                self._health.exported(result is SpanExportResult.SUCCESS, len(spans))
+            if not stopping:
+                self._health.exported(not failed, len(spans))
         return result
 
     def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:

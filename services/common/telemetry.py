@@ -109,6 +109,7 @@ class _BatchSpans(BatchSpanProcessor):
         self._queue: collections.deque[Any] = queue
         self._max_queue_size = bound
         self._stopping = False  # shutdown begun: a span ending now is dropped, counted
+        self._ended_in_stop = 0  # spans so dropped (for the stop's line)
 
     def on_end(self, span: ReadableSpan) -> None:
         """The SDK's, but a span that ends at a full queue dropped and counted
@@ -120,6 +121,7 @@ class _BatchSpans(BatchSpanProcessor):
             return
         with self._queued:  # spans end on other threads too (``asyncio.to_thread``)
             if self._stopping:  # the SDK's processor would drop it uncounted
+                self._ended_in_stop += 1
                 self._health.dropped_at_shutdown(1)
                 return
             if len(self._queue) < self._max_queue_size:
@@ -132,7 +134,11 @@ class _BatchSpans(BatchSpanProcessor):
         """The SDK's, bounded by ``TRACING_STOP_S``; with an OTLP exporter's ``health`` the
         spans it leaves are counted (``dropped_at_shutdown``): those still queued past the
         bound (the SDK's processor stops exporting and left them uncounted), those ending
-        once the stop began, and the export it cuts (``WireSpanExporter``)."""
+        once the stop began, and the export it cuts (``WireSpanExporter``). They reach
+        ``/metrics`` in the stop's last milliseconds, after the last scrape but for a rare
+        one, so its WARNING line says them, whenever there are any: queued, in the export
+        cut (its size noted when it began: that export ends after the line, unwaited for),
+        and ended since the stop began (a span ending after the line is counted only)."""
         began = time.monotonic()
         with self._queued:
             self._stopping = self._health is not None
@@ -150,14 +156,29 @@ class _BatchSpans(BatchSpanProcessor):
                     break
                 left += 1
             self._health.dropped_at_shutdown(left)
-        if time.monotonic() - began >= TRACING_STOP_S:
+        late = (time.monotonic() - began) >= TRACING_STOP_S
+        slow = (
+            f"the collector did not take the last spans within {TRACING_STOP_S:.0f} s "
+            "(OTEL_EXPORTER_OTLP_ENDPOINT not answering?): "
+        )
+        if self._health is None:  # the console's: nothing counted
+            if late:
+                log.warning("tracing: %sthose not sent are dropped", slow)
+            return
+        cut = self._health.cut_in_export()
+        with self._queued:
+            ended = self._ended_in_stop
+        if left + cut + ended or late:
             log.warning(
-                "tracing: the collector did not take the last spans within %.0f s "
-                "(OTEL_EXPORTER_OTLP_ENDPOINT not answering?): those not sent are dropped, "
-                '%d left queued (cachemesh_spans_dropped_total{reason="shutdown"}, with '
-                "those of the export cut)",
-                TRACING_STOP_S,
+                "tracing: %sthe stop left %d spans unexported: %d still queued, %d in the "
+                "export it cut, %d ended after it began (also counted in "
+                'cachemesh_spans_dropped_total{reason="shutdown"}, which /metrics shows only '
+                "to a scrape made during the stop)",
+                slow if late else "",
+                left + cut + ended,
                 left,
+                cut,
+                ended,
             )
 
 

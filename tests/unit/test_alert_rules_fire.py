@@ -129,9 +129,10 @@ def test_snapshot_failing_stays_silent_on_a_failure_the_next_save_recovers_from(
 
 
 def test_spans_dropped_fires_on_any_drop_a_stops_too_and_is_silent_without() -> None:
-    """Any span dropped unexported, its reason carried; one dropped at a stop (the last
-    scrape of the process shows it, the next process's series starts at 0 under the same
-    instance) fires too; a service dropping none stays silent."""
+    """Any span dropped unexported, its reason carried; one dropped at a stop fires too when
+    a scrape lands in the stop (a slow stop: the count is made in its last milliseconds, so
+    most stops' figure is only in their log line), the next process's series starting at 0
+    under the same instance; a service dropping none stays silent."""
     labels = {"job": "model", "instance": "model:9102"}
 
     def dropped(reason: str, values: Sequence[float | None]) -> Series:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 import pytest
+from opentelemetry.trace import Tracer
 from prometheus_client import CollectorRegistry
 
 from services.common import telemetry
@@ -226,13 +227,37 @@ def test_an_outage_already_said_does_not_repeat_the_queue_full_line(
     assert len(lines) == 2 and ", 1 since the last count of them said" in lines[1], lines
 
 
-def test_spans_the_stop_leaves_unexported_are_counted_as_shutdown(
+def _stop_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "the stop left" in r.getMessage()]
+
+
+def _ending_a_span_in_the_stop(
+    monkeypatch: pytest.MonkeyPatch, processor: _BatchSpans, tracer: Tracer
+) -> None:
+    """A span ends once the stop began, before its wait (a request's thread ending its span
+    as the service stops)."""
+    batch = processor._batch_processor
+    stop = batch.shutdown
+
+    def shutdown(timeout_millis: int = 30_000) -> None:
+        tracer.start_span("in the stop").end()
+        stop(timeout_millis=timeout_millis)
+
+    monkeypatch.setattr(batch, "shutdown", shutdown)
+
+
+def test_spans_the_stop_leaves_unexported_are_counted_as_shutdown_and_said_in_its_line(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A collector that never answers at the stop: the export in flight is cut and the spans
-    queued behind it are left once ``TRACING_STOP_S`` is over, and a span ending after the
-    stop began is dropped; none was counted (main: 0 of 10 on /metrics, the stop's line
-    naming no figure). Each is counted now, ``reason="shutdown"``, and none twice."""
+    queued behind it are left once ``TRACING_STOP_S`` is over, and spans ending after the
+    stop began are dropped; none was counted before ad4c02b3, and the ``shutdown`` count
+    reaches ``/metrics`` in the stop's last milliseconds (after the last scrape, in
+    practice): the stop's WARNING line is where a person reads it. It says each part: the
+    queued, the cut export's (its size noted when the export began: it ends on the SDK's
+    worker, after the line, unwaited for), the ended once the stop began (main: the line
+    gave only the queued, 8 of 13). The metric counts each once, the span ending after the
+    line too."""
     monkeypatch.setattr(telemetry, "TRACING_STOP_S", 0.05)
     hole = BlackHole()
     exporter = WireSpanExporter(endpoint=hole.endpoint, insecure=True, timeout=30)
@@ -249,6 +274,7 @@ def test_spans_the_stop_leaves_unexported_are_counted_as_shutdown(
     registry = new_registry()
     registry.register(SpanDrops(provider))
     tracer = provider.get_tracer("t")
+    _ending_a_span_in_the_stop(monkeypatch, processor, tracer)
     try:
         for i in range(BATCH):  # the first batch: its export in flight, never answered
             tracer.start_span(f"in flight {i}").end()
@@ -257,12 +283,54 @@ def test_spans_the_stop_leaves_unexported_are_counted_as_shutdown(
             tracer.start_span(f"queued {i}").end()
         with caplog.at_level(logging.WARNING, "cachemesh.telemetry"):
             provider.shutdown()
-        tracer.start_span("after the stop").end()
-        total = BATCH + QUEUE + 1
+        tracer.start_span("after the stop").end()  # after its line: counted only
+        total = BATCH + QUEUE + 2
         # the cut export ends on the SDK's worker thread, maybe after the shutdown returned
         _until(lambda: _dropped(registry)["shutdown"] >= total, f"{total} counted")
         assert _dropped(registry) == {"queue_full": 0.0, "export_failed": 0.0, "shutdown": total}
-        line = [r.getMessage() for r in caplog.records if "last spans" in r.getMessage()]
-        assert len(line) == 1 and f"{QUEUE} left queued" in line[0], line
+        lines = _stop_lines(caplog)
+        assert len(lines) == 1, lines
+        assert lines[0].startswith(
+            "tracing: the collector did not take the last spans within 0 s "
+            "(OTEL_EXPORTER_OTLP_ENDPOINT not answering?): "
+            f"the stop left {BATCH + QUEUE + 1} spans unexported: {QUEUE} still queued, "
+            f"{BATCH} in the export it cut, 1 ended after it began"
+        ), lines
+        assert "/metrics shows only to a scrape made during the stop" in lines[0]
     finally:
         hole.close()
+
+
+def test_a_prompt_stop_that_drops_a_span_ending_in_it_says_so(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A collector that takes every span: the stop is prompt, yet a span ending once it
+    began is dropped: said (main: no line, the stop within its bound); a stop dropping
+    nothing says nothing."""
+    sink = OtlpSink()
+    sink.start()
+    try:
+        for late in (True, False):
+            caplog.clear()
+            provider = build_tracer_provider({"OTEL_EXPORTER_OTLP_ENDPOINT": sink.endpoint}, "m")
+            processors = provider._active_span_processor._span_processors
+            (processor,) = [p for p in processors if isinstance(p, _BatchSpans)]
+            tracer = provider.get_tracer("t")
+            with monkeypatch.context() as patch:
+                if late:
+                    _ending_a_span_in_the_stop(patch, processor, tracer)
+                tracer.start_span("before the stop").end()
+                with caplog.at_level(logging.WARNING, "cachemesh.telemetry"):
+                    provider.shutdown()
+            lines = _stop_lines(caplog)
+            if late:
+                assert lines == [
+                    "tracing: the stop left 1 spans unexported: 0 still queued, 0 in the "
+                    "export it cut, 1 ended after it began (also counted in "
+                    'cachemesh_spans_dropped_total{reason="shutdown"}, which /metrics shows '
+                    "only to a scrape made during the stop)"
+                ], caplog.text
+            else:
+                assert lines == [], caplog.text
+    finally:
+        sink.stop()
