@@ -44,21 +44,46 @@ def process(
     timeout_s: float = 120.0,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """``python -m module`` until ``ready()``; SIGTERM (then SIGKILL) on the way out."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", module], cwd=ROOT, env=dict(env), stdout=out, stderr=out
-        )
-        try:
-            deadline = time.monotonic() + timeout_s
+    with processes([(module, env, log, ready)], timeout_s) as (proc,):
+        yield proc
+
+
+Started = tuple[str, Mapping[str, str], Path, Callable[[], bool]]  # module, env, log, ready
+
+
+@contextmanager
+def processes(
+    specs: list[Started], timeout_s: float = 120.0
+) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Each ``python -m module`` of ``specs`` started at once, then each until its ``ready()``
+    (they load their models side by side, not one after the other); SIGTERM (then SIGKILL)
+    to all on the way out."""
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for module, env, log, _ in specs:
+            with log.open("wb") as out:  # the child holds its own descriptor
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", module],
+                        cwd=ROOT,
+                        env=dict(env),
+                        stdout=out,
+                        stderr=out,
+                    )
+                )
+        deadline = time.monotonic() + timeout_s
+        for proc, (module, _, log, ready) in zip(procs, specs, strict=True):
             while not ready():
                 if proc.poll() is not None:
                     raise RuntimeError(f"{module} exited ({proc.returncode}): {log.read_text()}")
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{module} not ready in {timeout_s:.0f}s: {log.read_text()}")
                 time.sleep(0.1)
-            yield proc
-        finally:
+        yield procs
+    finally:
+        for proc in procs:
             proc.terminate()
+        for proc in procs:
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:

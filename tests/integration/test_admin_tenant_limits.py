@@ -30,7 +30,7 @@ from cachemesh.admin import AdminClient
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.auth import hash_key, new_api_key
 from services.tools.stack.health import SERVING, probe
-from tests.integration.extra_processes import loopback, process, service_env
+from tests.integration.extra_processes import Started, loopback, processes, service_env
 from tests.integration.harness import ROOT, RunningStack
 
 pytestmark = pytest.mark.integration
@@ -128,7 +128,8 @@ def test_a_tenants_own_limits_set_through_one_router_hold_on_the_other(
 def _routers(
     stack: RunningStack, running: ExitStack, key_file: Path, work: Path
 ) -> tuple[str, str]:
-    addresses = []
+    addresses: list[str] = []
+    specs: list[Started] = []
     for name in ("one", "two"):
         address = loopback()
         env = service_env(
@@ -143,6 +144,7 @@ def _routers(
         env.pop("ROUTER_LIMITS_REDIS_URL", None)  # each counts in its own process
         env.pop("ROUTER_TENANT_LIMITS_FILE", None)  # beside the key file
         ready = lambda address=address: probe(address) == SERVING  # noqa: E731
-        running.enter_context(process("services.router", env, work / f"{name}.log", ready))
+        specs.append(("services.router", env, work / f"{name}.log", ready))
         addresses.append(address)
+    running.enter_context(processes(specs))  # side by side: they load their models at once
     return addresses[0], addresses[1]

@@ -14,13 +14,11 @@ import asyncio
 import os
 import re
 import signal
-import subprocess
 import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import cast
 
@@ -31,7 +29,7 @@ from cachemesh.v1 import gateway_pb2 as pb
 from services.common.auth import hash_key, new_api_key
 from services.router.answer_ledger import ledger_key
 from services.tools.stack.health import SERVING, probe
-from tests.integration.extra_processes import loopback, process, service_env
+from tests.integration.extra_processes import Started, loopback, process, processes, service_env
 from tests.integration.harness import RunningStack
 from tests.redis_server import redis_server, sync_client_of
 
@@ -52,10 +50,11 @@ def key_and_routers(
     keys_file.write_text(f"{TENANT}:{hash_key(key)}\n")
     with redis_server(work) as url:
         one, two = loopback(), loopback()
-        with (
-            _router(stack, work, "one", one, keys_file, url),
-            _router(stack, work, "two", two, keys_file, url),
-        ):
+        routers = [
+            _router(stack, work, name, at, keys_file, url)
+            for name, at in (("one", one), ("two", two))
+        ]
+        with processes(routers):  # side by side: they load their models at once
             yield key, one, two
 
 
@@ -67,7 +66,7 @@ def _router(
     keys_file: Path,
     ledger: str,
     extra: dict[str, str] | None = None,
-) -> AbstractContextManager[subprocess.Popen[bytes]]:
+) -> Started:
     env = service_env(
         stack,
         "router",
@@ -78,7 +77,7 @@ def _router(
             **(extra or {}),
         },
     )
-    return process("services.router", env, work / f"{name}.log", lambda: probe(address) == SERVING)
+    return "services.router", env, work / f"{name}.log", lambda: probe(address) == SERVING
 
 
 def _request() -> pb.CompleteRequest:
@@ -183,24 +182,20 @@ def test_a_retry_on_another_router_while_the_first_call_runs_is_billed_once(
         process(
             "services.model", replica_env, tmp_path / "model.log", lambda: probe(replica) == SERVING
         ),
-        _router(
-            stack,
-            tmp_path,
-            "one",
-            one,
-            keys_file,
-            url,
-            {"MODEL_REPLICAS": replicas, "ROUTER_METRICS_LISTEN": metrics[one]},
-        ) as first_router,
-        _router(
-            stack,
-            tmp_path,
-            "two",
-            two,
-            keys_file,
-            url,
-            {"MODEL_REPLICAS": replicas, "ROUTER_METRICS_LISTEN": metrics[two]},
-        ),
+        processes(
+            [
+                _router(
+                    stack,
+                    tmp_path,
+                    name,
+                    at,
+                    keys_file,
+                    url,
+                    {"MODEL_REPLICAS": replicas, "ROUTER_METRICS_LISTEN": metrics[at]},
+                )
+                for name, at in (("one", one), ("two", two))
+            ]
+        ) as (first_router, _),
         ThreadPoolExecutor(2) as pool,
     ):
         request = _request()

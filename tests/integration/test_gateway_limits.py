@@ -17,7 +17,7 @@ import calendar
 import math
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +35,14 @@ from cachemesh.v1 import gateway_pb2_grpc
 from services.common.auth import hash_key, new_api_key
 from services.tools.stack.health import SERVING, probe, probe_http
 from services.tools.stack.ports import free_port
-from tests.integration.extra_processes import loopback, post_message, process, service_env
+from tests.integration.extra_processes import (
+    Started,
+    loopback,
+    post_message,
+    process,
+    processes,
+    service_env,
+)
 from tests.integration.harness import RunningStack
 from tests.redis_server import redis_server, sync_client_of
 
@@ -67,14 +74,27 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _router_cm(
     stack: RunningStack, tenants: Tenants, work: Path, name: str, limits: dict[str, str]
 ) -> Iterator[str]:
-    address = loopback()
-    env = service_env(
-        stack,
-        "router",
-        {"ROUTER_LISTEN": address, "CACHEMESH_API_KEYS_FILE": str(tenants.keys_file), **limits},
-    )
-    with process("services.router", env, work / f"{name}.log", lambda: probe(address) == SERVING):
+    with _routers_cm(stack, tenants, work, [name], limits) as (address,):
         yield address
+
+
+@contextmanager
+def _routers_cm(
+    stack: RunningStack, tenants: Tenants, work: Path, names: list[str], limits: dict[str, str]
+) -> Iterator[list[str]]:
+    """Routers of the same ``limits``, started side by side."""
+    addresses = [loopback() for _ in names]
+    specs: list[Started] = []
+    for name, address in zip(names, addresses, strict=True):
+        extra = {"ROUTER_LISTEN": address, "CACHEMESH_API_KEYS_FILE": str(tenants.keys_file)}
+        env = service_env(stack, "router", {**extra, **limits})
+        specs.append(("services.router", env, work / f"{name}.log", _serving(address)))
+    with processes(specs):
+        yield addresses
+
+
+def _serving(address: str) -> Callable[[], bool]:
+    return lambda: probe(address) == SERVING
 
 
 def _ask(address: str, key: str, text: str, max_tokens: int = 16) -> pb.CompleteResponse:
@@ -114,10 +134,7 @@ def test_two_routers_on_one_redis_share_a_tenants_request_rate(
     limits = {"ROUTER_LIMIT_REQUESTS_PER_MIN": "3"}
     with redis_server(work) as url:
         limits["ROUTER_LIMITS_REDIS_URL"] = url
-        with (
-            _router_cm(stack, tenants, work, "rate-1", limits) as one,
-            _router_cm(stack, tenants, work, "rate-2", limits) as two,
-        ):
+        with _routers_cm(stack, tenants, work, ["rate-1", "rate-2"], limits) as (one, two):
             key = tenants.keys["limits-rate"]
             _ask(one, key, "What is a token bucket?")
             _ask(two, key, "What is a leaky bucket?")
