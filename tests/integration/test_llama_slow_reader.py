@@ -104,6 +104,9 @@ async def test_a_long_answer_read_slower_than_the_model_timeout_is_whole(tmp_pat
     assert outcome == "answered", (outcome, _decode_timings(engines.log_path(replicas[0].index)))
     assert deltas > 0, "nothing of the answer was left to read after the stall"
     assert tokens > deltas  # billed by the answer's end (the first delta came before the stall)
+    # the whole of max_tokens: an answer cut short by the engine might fit in the transport's
+    # buffers, and a router reading in turn would then pass too
+    assert tokens == MAX_TOKENS, "the engine ended its answer early: too short to hold a router"
 
 
 def _decode_timings(log: Path) -> list[str]:
