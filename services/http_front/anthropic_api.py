@@ -10,7 +10,8 @@ extended thinking, thinking turned off for a model that thinks by default, top_k
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import re
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from cachemesh.v1 import gateway_pb2 as pb
@@ -64,11 +65,14 @@ def parse_request(
     *,
     version: str = VERSIONS[-1],
     thinks_by_default: Collection[str] = (),
+    kept: list[int] | None = None,
 ) -> tuple[pb.CompleteRequest, bool]:
     """The Gateway request for a Messages body, and whether it asks for a stream.
     ``version``: the ``anthropic-version`` it is served as (``AnthropicVersions.served``), the
     newest unless told. ``thinks_by_default``: the models (and ``auto``, when it may pick one)
-    that think unless told not to, whose thinking cachemesh cannot turn off."""
+    that think unless told not to, whose thinking cachemesh cannot turn off. ``kept``, if
+    given, gets the caller's index of each Gateway message (``_empty_answer`` drops some:
+    ``at_caller``)."""
     top = Obj(body, "")
     sampling = version < NO_SAMPLING_SINCE  # ISO dates: their order is the strings' order
     top.only(_TOP if sampling else tuple(f for f in _TOP if f not in _SAMPLING))
@@ -96,19 +100,69 @@ def parse_request(
     for i, raw in enumerate(top.array("tools") or []):
         request.tools.append(_tool(raw, f"tools.{i}"))
     raw_messages = top.array("messages", required=True) or []
+    dropped: list[int] = []
     for i, raw in enumerate(raw_messages):
         message = _message(raw, f"messages.{i}")
-        if not message.content and message.role == pb.ROLE_ASSISTANT and i == len(raw_messages) - 1:
-            # the API takes a last assistant message with no block ("all messages must have
-            # non-empty content except for the optional final assistant message": its 400 to
-            # any other, anthropics/claude-code#6774): no prefill, so no Gateway turn. It was
-            # the Gateway's 400 "a message needs at least one block".
+        if _empty_answer(message, f"messages.{i}"):
+            dropped.append(i)
             continue
         request.messages.append(message)
+        if kept is not None:
+            kept.append(i)
+    if not request.messages and dropped:
+        only = "the only message" if len(raw_messages) == 1 else "each message"
+        raise invalid(
+            f"messages.{dropped[0]}: {only} is an empty assistant answer (no block, or text "
+            "blocks of whitespace only), which is no turn: the request has no user message; "
+            "send at least one user message",
+            f"messages.{dropped[0]}",
+        )
     automatic = cache_control(top)
     if automatic is not None:
         _mark_last_block(request, automatic)
     return request, bool(top.flag("stream"))
+
+
+def _empty_answer(message: pb.Message, path: str) -> bool:
+    """Whether ``message`` is an assistant answer the model left empty, which says nothing and
+    is no Gateway turn: no block (``content: []``, the front's own empty answer, streamed or
+    not) or text blocks of whitespace only (``""``, or the ``" "`` the front returns for a
+    whitespace-only runaway). Dropped wherever it is: a client sending back the history it got
+    sends these, and each was the Gateway's 400 ("a message needs at least one block", "text
+    blocks must not be empty") with no next step. The API refuses them but as the last message
+    ("all messages must have non-empty content except for the optional final assistant
+    message", anthropics/claude-code#6774; "text content blocks must be non-empty"): the front
+    is looser, as its OpenAI side (``openai_api._assistant``), since it returns them. The user
+    messages around one stay two Gateway messages, as the API combines consecutive turns of a
+    role. A breakpoint on such a block is a 400 naming it (it marks nothing kept), not dropped."""
+    if message.role != pb.ROLE_ASSISTANT:
+        return False
+    if any(b.WhichOneof("kind") != "text" or b.text.strip() for b in message.content):
+        return False
+    for j, block in enumerate(message.content):
+        if block.HasField("cache_control"):
+            where = f"{path}.content.{j}.cache_control"
+            raise invalid(
+                f"{where}: a cache breakpoint on an empty text block marks nothing the Gateway "
+                "keeps; put it on a block with text",
+                where,
+            )
+    return True
+
+
+def at_caller(said: str, kept: Sequence[int]) -> str:
+    """A Gateway message's ``messages[g]`` paths in ``said`` as the caller's ``messages[i]``
+    (``kept``: the caller's index of each Gateway message): ``_empty_answer`` dropped some of
+    the caller's, so a Gateway index past one is not the caller's. The path's form is kept."""
+
+    def caller(found: re.Match[str]) -> str:
+        g = int(found[1])
+        return f"messages[{kept[g]}]" if g < len(kept) else found[0]
+
+    return _GATEWAY_MESSAGE.sub(caller, said)
+
+
+_GATEWAY_MESSAGE = re.compile(r"\bmessages\[(\d+)\]")
 
 
 def _mark_last_block(request: pb.CompleteRequest, control: pb.CacheControl) -> None:

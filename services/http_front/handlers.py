@@ -423,6 +423,7 @@ class Front:
         self._take_model_request()
         with self._in_flight.slot(tenant):  # before the body: one still coming holds its slot
             body = await self._bodies.read("anthropic", request, tenant)
+            kept: list[int] = []  # the caller's index of each Gateway message
             gw, stream = await self._bodies.translated(
                 request,
                 tenant,
@@ -431,11 +432,22 @@ class Front:
                     body,
                     version=request[ANTHROPIC_VERSION],
                     thinks_by_default=self._settings.thinks_by_default,
+                    kept=kept,
                 ),
             )
             del body  # not held through the call
             _cache_options(request, gw)
-            return await self._anthropic(request, self._bodies.sized(gw), stream, key, traceparent)
+            try:
+                return await self._anthropic(
+                    request, self._bodies.sized(gw), stream, key, traceparent
+                )
+            except ApiError as error:
+                if error.kind != "invalid_request" or kept == list(range(len(kept))):
+                    raise
+                # an empty answer dropped: the Gateway's message indices past it are not the
+                # caller's
+                said = anthropic_api.at_caller(error.message, kept)
+                raise dataclasses.replace(error, message=said) from None
 
     async def _anthropic(
         self, request: web.Request, gw: pb.CompleteRequest, stream: bool, key: str, traceparent: str

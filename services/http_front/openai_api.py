@@ -611,7 +611,9 @@ def _assistant(obj: Obj) -> tuple[list[pb.ContentBlock], list[Origin]] | None:
     An answer the model left empty (no text but whitespace, no tool call) comes back as
     ``content: ""`` (the front's answer, unstreamed or streamed, as OpenAI's), or no or empty
     text parts: OpenAI takes each, and an application sending back the history it got sends
-    it (``content: null`` without tool calls OpenAI refuses, and so does ``_answer_shape``). The
+    it. It comes back as ``content: null`` too, which OpenAI refuses and the front takes
+    (``_answer_shape``): the Node SDK's stream helper builds null from the front's streamed
+    empty answer whatever chunk ends it. The
     Gateway has no empty message nor empty text (Anthropic's rule), so it is no Gateway turn:
     the user messages around it become one turn, as Anthropic's API combines consecutive
     turns of a role. Before, it was a 400 ("an assistant message needs content or
@@ -671,12 +673,23 @@ def _answer_shape(obj: Obj, refusal: str | None) -> None:
     """OpenAI's refusals of an assistant message's shape, which the front makes first so that
     a history it takes is one OpenAI takes too (before, it took both, and the same history
     sent on to OpenAI was its 400): ``tool_calls: []`` (OpenAI's "empty array ... minimum
-    length 1": openai/openai-python#2061, home-assistant/core#118577), and no content, or
-    ``content: null``, without tool calls (the SDK's ``ChatCompletionAssistantMessageParam``:
-    content is "Required unless tool_calls or function_call is specified"; OpenAI's "Invalid
-    value for 'content': expected a string, got null", langchain-ai/langchainjs#4153). An
-    answer OpenAI's model refused (``content: null`` with its words in ``refusal``) is taken:
-    OpenAI returns that very message, and no refusal of it sent back is known."""
+    length 1": openai/openai-python#2061, home-assistant/core#118577), and no ``content`` at
+    all without tool calls (the SDK's ``ChatCompletionAssistantMessageParam``: content is
+    "Required unless tool_calls or function_call is specified").
+
+    ``content: null`` without tool calls is taken as an empty answer (no Gateway turn), though
+    OpenAI refuses it ("Invalid value for 'content': expected a string, got null",
+    langchain-ai/langchainjs#4153, and the loopback's 400): the official Node SDK's stream
+    helper (``openai`` 5.x ``ChatCompletionStream``) adds a delta's content only when it is
+    truthy, so the ``""`` the front's streamed empty answer ends with is dropped and the
+    message it builds holds null; no chunk the front could send avoids it, and a client
+    replaying its own history must not be refused for what the front returned. The Gateway
+    never carries the null on (an empty answer is no turn), so no provider sees it.
+
+    An answer OpenAI's model refused (``content: null`` with its words in ``refusal``) is taken
+    as its text (``_assistant``). The loopback (tests/providers/openai_wire.py) refuses it as
+    any content null: knowingly open, as nothing citable says whether OpenAI takes its own
+    refused answer sent back; the front keeps taking it."""
     calls = obj.raw("tool_calls")
     if isinstance(calls, list) and not calls:
         where = obj.at("tool_calls")
@@ -686,11 +699,11 @@ def _answer_shape(obj: Obj, refusal: str | None) -> None:
             where,
             "empty_array",
         )
-    if obj.raw("content") is None and not calls and not (refusal and refusal.strip()):
+    if "content" not in obj.value and not calls and not (refusal and refusal.strip()):
         where = obj.at("content")
         raise invalid(
-            f"{where}: null or missing in an assistant message without tool_calls (OpenAI "
-            'refuses it too); send the answer\'s text, or "" for an empty answer',
+            f"{where}: missing in an assistant message without tool_calls (OpenAI refuses it "
+            'too); send the answer\'s text, or "" for an empty answer',
             where,
         )
 
@@ -773,9 +786,11 @@ class ChunkStream:
     one does (with ``""`` sent first it held ``""``). It is not held back for the first block:
     a thinking row's or a tool call's first block comes only when it is whole, and the caller
     saw no chunk until then (2 s after the start, in a review's run). An answer that ends with
-    no text and no tool call gets a ``content: ""`` delta before its finish reason, so the SDKs'
-    message of it holds ``""`` as the unstreamed one does, not the null OpenAI refuses in a
-    history sent back."""
+    no text and no tool call gets a ``content: ""`` delta before its finish reason, so the
+    Python SDK's message of it holds ``""`` as the unstreamed one does, not the null OpenAI
+    refuses in a history sent back. The Node SDK's stream helper drops a ``""`` delta and
+    holds null all the same, which the front takes back as an empty answer
+    (``_answer_shape``)."""
 
     def __init__(self, created: int, include_usage: bool) -> None:
         self._created = created
@@ -816,8 +831,8 @@ class ChunkStream:
 
     def end(self, end: pb.CompleteResponse, facts: dict[str, object]) -> list[dict[str, Any]]:
         # an answer of no text and no tool call: its content is "" as the unstreamed answer's
-        # is (the SDKs' message held the role chunk's null, which OpenAI, and the front,
-        # refuse in a history sent back)
+        # is (the Python SDK's message held the role chunk's null, which OpenAI refuses in a
+        # history sent back; the Node SDK's holds null still, which the front takes)
         empty = [] if self._texts or self._calls else [self._chunk({"content": ""})]
         last = self._chunk({}, finish_reason(end.stop_reason))
         last["cachemesh"] = facts

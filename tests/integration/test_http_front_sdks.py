@@ -4,6 +4,7 @@ SDKs unchanged but for ``base_url`` and the key: sync and async, streaming and n
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 import urllib3
 
 from cachemesh.demo import workload
+from tests import sdk_records
 from tests.integration.harness import RunningStack
 
 pytestmark = pytest.mark.integration
@@ -583,7 +585,6 @@ def test_openai_history_with_an_empty_answer_is_taken(base: str, key: str, empty
 @pytest.mark.parametrize(
     "shape",
     [
-        pytest.param({"content": None}, id="content null"),
         pytest.param({}, id="no content"),
         pytest.param({"content": "ok", "tool_calls": []}, id="tool_calls empty"),
     ],
@@ -593,7 +594,8 @@ def test_openai_history_openai_refuses_is_refused_naming_the_field(
 ) -> None:
     """An assistant message with no content and no tool calls, or with ``tool_calls: []``:
     OpenAI's 400s (tests/providers/openai_wire.py), which the front took, so a history it
-    took was one the same application sending it to OpenAI got refused."""
+    took was one the same application sending it to OpenAI got refused. (``content: null``
+    OpenAI refuses too, but the front takes it: the next test.)"""
     client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
     messages: list[Any] = [
         {"role": "user", "content": _unique("Say nothing.")},
@@ -605,6 +607,31 @@ def test_openai_history_openai_refuses_is_refused_naming_the_field(
     field = "tool_calls" if "tool_calls" in shape else "content"
     assert refused.value.param == f"messages[1].{field}"
     assert "OpenAI refuses it too" in str(refused.value.body)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(r[3], id=f"{r[0]}{'+empty text' if r[1] else ''}")
+        for r in sdk_records.OPENAI_NODE_EMPTY_ANSWERS
+    ],
+)
+def test_openai_history_with_the_node_sdks_empty_answer_is_taken(
+    base: str, key: str, answer: dict[str, Any]
+) -> None:
+    """The official Node SDK's message of the front's streamed empty answer holds
+    ``content: null`` (recorded with the real SDK: tests/sdk_records.py): a client replaying
+    its own history sends it, and the front took it, then refused it (a 400 naming
+    ``messages[1].content``), though it returned it."""
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+    messages: list[Any] = [
+        {"role": "user", "content": _unique("Say nothing.")},
+        answer,
+        {"role": "user", "content": "Now tell me about caching."},
+    ]
+    reply = client.chat.completions.create(model="sim-small", messages=messages)
+    assert reply.choices[0].message.content
+    assert reply.choices[0].finish_reason == "stop"
 
 
 def test_openai_empty_answer_with_tool_calls_keeps_its_calls(base: str, key: str) -> None:
@@ -658,24 +685,48 @@ def test_openai_history_with_a_refused_answer_shows_the_model_its_refusal(
         assert reply.usage is not None
         return reply.usage.prompt_tokens
 
-    empty = prompt_tokens({"content": ""})  # null without a refusal: OpenAI's 400, and the front's
+    empty = prompt_tokens({"content": ""})  # (null without a refusal: the same empty answer)
     refused = prompt_tokens({"content": None, "refusal": "I can't help with that request."})
     assert refused > empty
 
 
-def test_anthropic_empty_answer_last_is_taken_and_before_the_last_refused(
-    base: str, key: str
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param([], id="no block"),
+        pytest.param([{"type": "text", "text": ""}], id="an empty text block"),
+        pytest.param([{"type": "text", "text": " "}], id="a whitespace-only runaway"),
+    ],
+)
+def test_anthropic_empty_answer_is_taken_last_and_before_the_last(
+    base: str, key: str, content: Any
 ) -> None:
-    """The front's own empty answer is ``content: []``, as the API's: the API takes it as the
-    last message (no prefill) and refuses it anywhere else; the front refused the last one
-    too (the Gateway's "a message needs at least one block")."""
+    """The front's own empty answers, as the SDKs hold them (``content: []``; the text block
+    ``" "`` of a whitespace-only runaway), sent back: the API takes the last one (no prefill)
+    and refuses one anywhere else; the front refused each before the last (the Gateway's "a
+    message needs at least one block" / "text blocks must not be empty") and the first two
+    last too. Now each is no Gateway turn, and a Gateway refusal of a later message names the
+    caller's index of it, not the Gateway's."""
     client = anthropic.Anthropic(base_url=base, api_key=key, max_retries=0)
     question: Any = {"role": "user", "content": _unique("Tell me about caching.")}
-    empty: Any = {"role": "assistant", "content": []}
+    empty: Any = {"role": "assistant", "content": content}
+    more: Any = {"role": "user", "content": "And about routing?"}
     reply = client.messages.create(model="sim-small", max_tokens=50, messages=[question, empty])
     assert reply.content and reply.stop_reason in ("end_turn", "max_tokens")
+    reply = client.messages.create(
+        model="sim-small", max_tokens=50, messages=[question, empty, more]
+    )
+    assert reply.content and reply.stop_reason in ("end_turn", "max_tokens")
+    # the Gateway's messages[3] (its 4th: the empty answer is none) is the caller's 5th
+    bad: Any = {
+        "role": "user",
+        "content": [{"type": "text", "text": "x"}, {"type": "text", "text": ""}],
+    }
+    answered: Any = {"role": "assistant", "content": "Caching keeps prefixes."}
     with pytest.raises(anthropic.BadRequestError) as refused:
         client.messages.create(
-            model="sim-small", max_tokens=50, messages=[question, empty, question]
+            model="sim-small", max_tokens=50, messages=[question, empty, more, answered, bad]
         )
-    assert "messages[1].content: a message needs at least one block" in str(refused.value.body)
+    said = str(refused.value.body)
+    assert re.search(r"messages(\[4\]|\.4)\.content", said), said  # either path form
+    assert "text blocks must not be empty" in said

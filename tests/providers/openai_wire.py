@@ -463,6 +463,11 @@ def _conversation(messages: Any, most_id_chars: int | None) -> Reply | None:
                 f"messages[{i}].tool_calls",
                 "empty_array",
             )
+        # content null with a refusal (OpenAI's own refused answer, sent back) is refused here
+        # as any content null: knowingly open, as nothing citable says whether OpenAI takes it
+        # (the front takes it as the refusal's text: openai_api._assistant). Content null
+        # without one is OpenAI's 400 (langchain-ai/langchainjs#4153), which the front takes
+        # as an empty answer (the Node SDK builds it from a streamed empty answer).
         if message.get("content") is None and not tool_calls:
             return _invalid(
                 "Invalid value for 'content': expected a string, got null.",

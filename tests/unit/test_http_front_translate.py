@@ -32,6 +32,7 @@ from services.http_front.facts import cache_options
 from services.http_front.fields import parse_body
 from services.http_front.gateway import api_error
 from services.router.validation import validate_request
+from tests import sdk_records
 from tests.providers import anthropic_wire, openai_wire
 
 
@@ -1314,16 +1315,8 @@ def test_an_empty_openai_answer_sent_back_is_no_gateway_turn(empty: dict[str, An
 @pytest.mark.parametrize(
     ("message", "field", "code"),
     [
-        ({"role": "assistant", "content": None}, "content", None),
-        ({"role": "assistant", "content": None, "refusal": " "}, "content", None),
         ({"role": "assistant"}, "content", None),
-        # as the stream helper dumped the front's streamed empty answer before
-        (
-            {"role": "assistant"}
-            | {k: None for k in ("content", "refusal", "annotations", "audio", "tool_calls")},
-            "content",
-            None,
-        ),
+        ({"role": "assistant", "refusal": " "}, "content", None),
         ({"role": "assistant", "content": "ok", "tool_calls": []}, "tool_calls", "empty_array"),
         ({"role": "assistant", "content": None, "tool_calls": []}, "tool_calls", "empty_array"),
     ],
@@ -1331,10 +1324,10 @@ def test_an_empty_openai_answer_sent_back_is_no_gateway_turn(empty: dict[str, An
 def test_an_openai_answer_shape_openai_refuses_is_refused_naming_the_field(
     message: dict[str, Any], field: str, code: str | None
 ) -> None:
-    """OpenAI refuses an assistant message with no content (null or missing) and no tool
-    calls, and ``tool_calls: []`` (the loopback's 400s, in OpenAI's words): the front took
-    both (dropped as an empty answer; the empty array ignored), so a history it took was one
-    OpenAI refuses."""
+    """OpenAI refuses an assistant message with no content at all and no tool calls, and
+    ``tool_calls: []`` (the loopback's 400s, in OpenAI's words): the front took both (dropped
+    as an empty answer; the empty array ignored), so a history it took was one OpenAI
+    refuses. (``content: null`` OpenAI refuses too, and the front takes: the next test.)"""
     body = {"model": "gpt-4o", "messages": [_Q, message, _MORE]}
     assert openai_wire.refusal({}, body) is not None  # the API's refusal too
     with pytest.raises(ApiError) as refused:
@@ -1347,22 +1340,128 @@ def test_an_openai_answer_shape_openai_refuses_is_refused_naming_the_field(
 _ANTHROPIC_HEADERS = {"anthropic-version": "2023-06-01", "x-api-key": "k"}
 
 
-def test_an_anthropic_empty_answer_last_is_no_prefill_and_before_it_refused() -> None:
+def test_an_anthropic_empty_answer_last_is_no_prefill() -> None:
     """The Messages API takes a last assistant message with no block (the front's own empty
-    answer is ``content: []``) and refuses one anywhere else (the loopback's 400, in the API's
-    words). The front refused the last one too (the Gateway's "a message needs at least one
-    block"): now no prefill; one before the last is still the Gateway's 400."""
+    answer is ``content: []``). The front refused it (the Gateway's "a message needs at least
+    one block"): now no prefill."""
     last = {"model": "claude-haiku-4-5", "max_tokens": 10}
     last["messages"] = [_Q, {"role": "assistant", "content": []}]
     assert anthropic_wire.refusal(_ANTHROPIC_HEADERS, last) is None
     request, _ = anthropic_api.parse_request(last)
     assert [m.role for m in request.messages] == [pb.ROLE_USER]
     validate_request(request, _TABLE, set(_TABLE.models))
-    inside = last | {"messages": [_Q, {"role": "assistant", "content": []}, _MORE]}
-    assert anthropic_wire.refusal(_ANTHROPIC_HEADERS, inside) is not None
-    request, _ = anthropic_api.parse_request(inside)
-    with pytest.raises(RequestError, match=r"^messages\[1\]\.content: "):
-        validate_request(request, _TABLE, set(_TABLE.models))
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param([], id="no block"),
+        pytest.param([{"type": "text", "text": ""}], id="an empty text block"),
+        pytest.param([{"type": "text", "text": " "}], id="a whitespace-only runaway"),
+        pytest.param([{"type": "text", "text": ""}, {"type": "text", "text": "\n"}], id="two"),
+        pytest.param(" ", id="a whitespace string"),
+        pytest.param("", id="an empty string"),
+    ],
+)
+def test_an_anthropic_empty_answer_before_the_last_is_no_gateway_turn(content: Any) -> None:
+    """The front's own empty answers (``content: []``; ``[{"type": "text", "text": " "}]`` for
+    a whitespace-only runaway) sent back before the last message: the API refuses them (the
+    loopback's 400), and so did the front (the Gateway's "a message needs at least one block"
+    / "text blocks must not be empty"), with no next step for a client replaying the history
+    it got. Now no Gateway turn, as the OpenAI front's; ``kept`` maps the Gateway's messages
+    to the caller's for its refusals' paths."""
+    body: dict[str, Any] = {"model": "claude-haiku-4-5", "max_tokens": 10}
+    answer = {"role": "assistant", "content": content}
+    body["messages"] = [_Q, answer, _MORE, {"role": "assistant", "content": "a"}, _MORE]
+    assert anthropic_wire.refusal(_ANTHROPIC_HEADERS, body) is not None  # the API's 400
+    kept: list[int] = []
+    request, _ = anthropic_api.parse_request(body, kept=kept)
+    assert [m.role for m in request.messages] == [pb.ROLE_USER] * 2 + [
+        pb.ROLE_ASSISTANT,
+        pb.ROLE_USER,
+    ]
+    assert kept == [0, 2, 3, 4]
+    validate_request(request, _TABLE, set(_TABLE.models))
+    said = "messages[3].content[0].text: too long; messages[1] and messages[9] too"
+    assert anthropic_api.at_caller(said, kept) == (
+        "messages[4].content[0].text: too long; messages[2] and messages[9] too"
+    )
+
+
+def test_an_anthropic_request_of_empty_answers_only_says_so() -> None:
+    """An empty final assistant message alone was the Gateway's "messages: at least one message
+    is required" (the front had dropped it unsaid); now it is named, and why."""
+    for messages, first in (
+        ([{"role": "assistant", "content": []}], "the only message"),
+        ([{"role": "assistant", "content": " "}, {"role": "assistant", "content": []}], "each"),
+    ):
+        with pytest.raises(ApiError) as refused:
+            anthropic_api.parse_request({"model": "m", "max_tokens": 1, "messages": messages})
+        assert refused.value.message.startswith(f"messages.0: {first}"), refused.value.message
+        assert "send at least one user message" in refused.value.message
+
+
+def test_a_breakpoint_on_an_empty_anthropic_answer_is_refused_not_dropped() -> None:
+    part = {"type": "text", "text": "", "cache_control": {"type": "ephemeral"}}
+    with pytest.raises(ApiError) as refused:
+        anthropic_api.parse_request(
+            {
+                "model": "m",
+                "max_tokens": 1,
+                "messages": [_Q, {"role": "assistant", "content": [part]}, _MORE],
+            }
+        )
+    assert refused.value.message.startswith("messages.1.content.0.cache_control: ")
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"role": "assistant", "content": None},
+        {"role": "assistant", "content": None, "refusal": " "},
+        # as the Python SDK's stream helper dumps a message of content null
+        {"role": "assistant"}
+        | {k: None for k in ("content", "refusal", "annotations", "audio", "tool_calls")},
+    ],
+)
+def test_an_openai_answer_of_content_null_is_an_empty_answer_though_openai_refuses_it(
+    message: dict[str, Any],
+) -> None:
+    """``content: null`` without tool calls is OpenAI's 400 (the loopback's), but the front
+    takes it as an empty answer (no Gateway turn): the Node SDK's stream helper builds it from
+    the front's own streamed empty answer whatever chunk ends it (tests/sdk_records.py). The
+    front refused it for a while, and such a client replaying its history got a 400."""
+    body = {"model": "gpt-4o", "messages": [_Q, message, _MORE]}
+    assert openai_wire.refusal({}, body) is not None  # the API's refusal
+    request, _, _ = openai_api.parse_request(body | {"model": "sim-small"}, 10)
+    assert [m.role for m in request.messages] == [pb.ROLE_USER]
+    assert [b.text for b in request.messages[0].content] == ["q", "more"]
+    validate_request(request, _TABLE, set(_TABLE.models))
+
+
+@pytest.mark.parametrize(
+    ("stop", "texts", "chunks", "message"),
+    sdk_records.OPENAI_NODE_EMPTY_ANSWERS,
+    ids=[f"{r[0]}{'+empty text' if r[1] else ''}" for r in sdk_records.OPENAI_NODE_EMPTY_ANSWERS],
+)
+def test_the_node_sdks_message_of_a_streamed_empty_answer_is_taken_back(
+    stop: str, texts: list[str], chunks: list[dict[str, Any]], message: dict[str, Any]
+) -> None:
+    """The front still streams the chunks the Node SDK's message was recorded from (else record
+    it again: tests/sdk_records.py), and that message (``content: null``) sent back is an empty
+    answer, no Gateway turn; it was a 400 "null or missing in an assistant message"."""
+    stream = openai_api.ChunkStream(created=1, include_usage=False)
+    sent = [
+        *stream.start(pb.CompleteResponse(request_id="r1", model="sim-small")),
+        *[c for text in texts for c in stream.delta(pb.ContentBlock(text=text))],
+        *stream.end(pb.CompleteResponse(request_id="r1", model="sim-small", stop_reason=stop), {}),
+    ]
+    assert [{k: v for k, v in c.items() if k != "cachemesh"} for c in sent] == chunks
+    request, _, _ = openai_api.parse_request(
+        {"model": "sim-small", "messages": [_Q, message, _MORE]}, 10
+    )
+    assert [m.role for m in request.messages] == [pb.ROLE_USER]
+    validate_request(request, _TABLE, set(_TABLE.models))
 
 
 def test_an_empty_openai_answer_last_is_no_prefill() -> None:
