@@ -11,19 +11,21 @@ extended thinking, thinking turned off for a model that thinks by default, top_k
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.models import AUTO
 from services.http_front.errors import invalid
 from services.http_front.fields import (
+    GATEWAY_PATH,
     SAMPLING,
     Obj,
     answered_input,
     default_only,
     json_text,
     shown,
+    unquoted,
     unsupported,
 )
 from services.router.validation import MAX_BREAKPOINTS, breakpoints
@@ -150,19 +152,6 @@ def _empty_answer(message: pb.Message, path: str) -> bool:
     return True
 
 
-def at_caller(said: str, kept: Sequence[int]) -> str:
-    """A Gateway message's ``messages[g]`` paths in ``said`` as the caller's ``messages[i]``
-    (``kept``: the caller's index of each Gateway message): ``_empty_answer`` dropped some of
-    the caller's, so a Gateway index past one is not the caller's. The path's form is kept."""
-
-    def caller(found: re.Match[str]) -> str:
-        g = int(found[1])
-        return f"messages[{kept[g]}]" if g < len(kept) else found[0]
-
-    return _GATEWAY_MESSAGE.sub(caller, said)
-
-
-_GATEWAY_MESSAGE = re.compile(r"\bmessages\[(\d+)\]")
 
 
 def _mark_last_block(request: pb.CompleteRequest, control: pb.CacheControl) -> None:
@@ -414,6 +403,49 @@ def _tool(raw: object, path: str) -> pb.Tool:
     if control is not None:
         tool.cache_control.CopyFrom(control)
     return tool
+
+
+# --- the Gateway's refusals -------------------------------------------------------------------
+
+# The Gateway's names of fields the Messages API names otherwise (the JSON text it carries a
+# tool's schema and a tool call's input in), where one begins a path's rest
+_BLOCK_FIELDS: Mapping[str, str] = {".tool_use.input_json": ".tool_use.input"}
+_TOOL_FIELDS: Mapping[str, str] = {".input_schema_json": ".input_schema"}
+
+
+def _renamed(rest: str, fields: Mapping[str, str]) -> str:
+    for gateway, caller in fields.items():
+        if rest == gateway or rest.startswith(f"{gateway}."):
+            return f"{caller}{rest[len(gateway) :]}"
+    return rest
+
+
+def _dotted(found: re.Match[str], kept: Sequence[int]) -> str:
+    """A Gateway path (``fields.GATEWAY_PATH``) as the Messages API writes one, its message
+    index the caller's (``kept``)."""
+    turn, block, system, tool, rest = found.groups()
+    if turn is not None and int(turn) < len(kept):
+        turn = str(kept[int(turn)])
+    if tool is not None:
+        return f"tools.{tool}{_renamed(rest, _TOOL_FIELDS)}"
+    if system is not None:
+        return f"system.{system}{rest}"
+    where = f"messages.{turn}" if block is None else f"messages.{turn}.content.{block}"
+    return f"{where}{_renamed(rest, _BLOCK_FIELDS)}"
+
+
+def at_caller(message: str, kept: Sequence[int] = ()) -> str:
+    """A Gateway refusal's ``message`` naming fields as the Messages API does: its paths
+    ``messages.1.content.0.tool_use.id``, ``tools.0.input_schema`` (Anthropic's own 400s,
+    and this front's), not the Gateway's ``messages[1].content[0]`` (Chat Completions' form,
+    which an Anthropic SDK user never meets). The request maps one to one (``parse_request``:
+    a message, a block, a system block and a tool each keep their index; the empty last
+    assistant message it drops has none after it; a string is its field's one block, ``.0``),
+    but for the empty assistant answers ``_empty_answer`` dropped: ``kept`` is the caller's
+    index of each Gateway message, so a Gateway index past a dropped one is named as the
+    caller's. The rest of the message, and every value it quotes (the caller's own: a tool
+    named 'messages[0]'), are kept as the Gateway said them."""
+    return unquoted(message, lambda part: GATEWAY_PATH.sub(lambda m: _dotted(m, kept), part))
 
 
 # --- answers ---------------------------------------------------------------------------------

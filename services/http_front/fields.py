@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+import re
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from services.common import strict_json
@@ -68,6 +69,31 @@ def _shown_path(path: list[str | int] | None, api: Api) -> str:
             if step in _FREE_JSON:
                 break
     return shown.lstrip(".")[: strict_json.SHOWN_CHARS * 2]
+
+
+# A path into the Gateway's request, as its refusals write one (and Chat Completions): messages[i]
+# or system[i] or tools[i], a block's .content[j], and the dotted field names that follow. Each
+# front rewrites it into its caller's (``openai_api.at_caller``, ``anthropic_api.at_caller``).
+GATEWAY_PATH = re.compile(
+    r"\b(?:messages\[(\d+)\](?:\.content\[(\d+)\])?|system\[(\d+)\]|tools\[(\d+)\])"
+    r"((?:\.[A-Za-z_]+)*)"
+)
+# a value a message quotes, as ``repr`` (``services.common.errors.shown``) quotes it: an opening
+# quote no letter precedes (the Gateway's, tenants')
+_QUOTED = re.compile(r"""(?<!\w)(?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
+
+
+def unquoted(message: str, change: Callable[[str], str]) -> str:
+    """``message`` with ``change`` made to its text outside the values it quotes (the
+    caller's own, as ``shown`` quotes them: a tool_call_id of 'messages[0].text' is an id,
+    not a path, and was shown as 'messages[1].text')."""
+    parts: list[str] = []
+    start = 0
+    for quoted in _QUOTED.finditer(message):
+        parts += [change(message[start : quoted.start()]), quoted[0]]
+        start = quoted.end()
+    parts.append(change(message[start:]))
+    return "".join(parts)
 
 
 def parse_body(raw: bytes, api: Api) -> dict[str, Any]:

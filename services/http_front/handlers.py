@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from functools import partial
 from typing import Any
@@ -439,18 +439,19 @@ class Front:
             _cache_options(request, gw)
             try:
                 return await self._anthropic(
-                    request, self._bodies.sized(gw), stream, key, traceparent
+                    request, self._bodies.sized(gw), stream, key, traceparent, kept
                 )
             except ApiError as error:
-                if error.kind != "invalid_request" or kept == list(range(len(kept))):
-                    raise
-                # an empty answer dropped: the Gateway's message indices past it are not the
-                # caller's
-                said = anthropic_api.at_caller(error.message, kept)
-                raise dataclasses.replace(error, message=said) from None
+                raise _anthropic_paths(error, kept) from None
 
     async def _anthropic(
-        self, request: web.Request, gw: pb.CompleteRequest, stream: bool, key: str, traceparent: str
+        self,
+        request: web.Request,
+        gw: pb.CompleteRequest,
+        stream: bool,
+        key: str,
+        traceparent: str,
+        kept: Sequence[int],
     ) -> web.StreamResponse:
         request[CALLED] = True
         if not stream:
@@ -476,6 +477,7 @@ class Front:
                     for name, body in _anthropic_events(events, chunk):
                         await self._sent(request, response.write(sse.event(name, body)))
             except ApiError as error:
+                error = _anthropic_paths(error, kept)
                 _ended_by(request, "anthropic", error)
                 body = error.body_for("anthropic", start.start.request_id)
                 await self._sent(request, response.write(sse.event("error", body)))
@@ -685,6 +687,16 @@ def _ended_by(request: web.Request, api: Api, error: ApiError) -> None:
     status, not the 200 of its head, and the server span carries the error's kind."""
     request[ENDED] = error.status_for(api)
     trace.get_current_span().set_attribute("error.type", error.kind)
+
+
+def _anthropic_paths(error: ApiError, kept: Sequence[int]) -> ApiError:
+    """A refusal of the Gateway call as the Messages API names fields: the Gateway's paths
+    are Chat Completions' form (``messages[1].content[0]``), Anthropic's are dotted
+    (``anthropic_api.at_caller``), and a message's index is the caller's (``kept``: the
+    empty answers the front dropped are no Gateway message); the front's own refusals
+    before the call are already so."""
+    said = anthropic_api.at_caller(error.message, kept)
+    return error if said == error.message else dataclasses.replace(error, message=said)
 
 
 def _anthropic_events(

@@ -22,7 +22,7 @@ silently; at the value that changes nothing (top_p 1, no penalty, no bias, modal
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,12 +33,14 @@ from services.common.strict_json import loads as strict_loads
 from services.http_front.anthropic_api import cache_control
 from services.http_front.errors import ApiError, invalid
 from services.http_front.fields import (
+    GATEWAY_PATH,
     SAMPLING,
     Obj,
     answered_input,
     default_only,
     json_text,
     shown,
+    unquoted,
     unsupported,
 )
 from services.http_front.late_system import late_system_refusal
@@ -482,15 +484,6 @@ class Origins:
     max_tokens: str | None = None  # the field the caller set it by, if it did
 
 
-# a Gateway path: messages[i] or system[i] or tools[i], a block's .content[j], and the dotted
-# field names that follow
-_GATEWAY_PATH = re.compile(
-    r"\b(?:messages\[(\d+)\](?:\.content\[(\d+)\])?|system\[(\d+)\]|tools\[(\d+)\])"
-    r"((?:\.[A-Za-z_]+)*)"
-)
-# a value a message quotes, as ``repr`` (``services.common.errors.shown``) quotes it: an opening
-# quote no letter precedes (the Gateway's, tenants')
-_QUOTED = re.compile(r"""(?<!\w)(?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
 # the Gateway's names of the roles, as the API names them
 _ROLE_NAMES = (("ROLE_USER", "user"), ("ROLE_ASSISTANT", "assistant"))
 # the Gateway request's fields an HTTP caller does not send in the body: its request_id is
@@ -541,19 +534,6 @@ def _caller_path(found: re.Match[str], origins: Origins) -> str | None:
     return f"{held.paths[0]} to {held.paths[-1]}"  # the caller's messages of the turn
 
 
-def _unquoted(message: str, change: Callable[[str], str]) -> str:
-    """``message`` with ``change`` made to its text outside the values it quotes (the
-    caller's own, as ``shown`` quotes them: a tool_call_id of 'messages[0].text' is an id,
-    not a path, and was shown as 'messages[1].text')."""
-    parts: list[str] = []
-    start = 0
-    for quoted in _QUOTED.finditer(message):
-        parts += [change(message[start : quoted.start()]), quoted[0]]
-        start = quoted.end()
-    parts.append(change(message[start:]))
-    return "".join(parts)
-
-
 def at_caller(message: str, origins: Origins) -> str:
     """A Gateway refusal's ``message`` naming the caller's fields wherever it names the
     Gateway request's (``origins``, from ``parse_request``): every path into its messages,
@@ -562,14 +542,14 @@ def at_caller(message: str, origins: Origins) -> str:
     parentheses."""
 
     def paths(part: str) -> str:
-        return _GATEWAY_PATH.sub(lambda found: _caller_path(found, origins) or found[0], part)
+        return GATEWAY_PATH.sub(lambda found: _caller_path(found, origins) or found[0], part)
 
-    said = _unquoted(message, paths)
+    said = unquoted(message, paths)
     if origins.max_tokens == "max_completion_tokens":
         said = re.sub(r"^max_tokens\b", "max_completion_tokens", said)
     if said == message:
         return message
-    said = _unquoted(said, _role_names)
+    said = unquoted(said, _role_names)
     first = _FIELD.match(message)
     if first is None or said.startswith(first[0]):  # the path it begins with is the caller's
         return said

@@ -728,5 +728,43 @@ def test_anthropic_empty_answer_is_taken_last_and_before_the_last(
             model="sim-small", max_tokens=50, messages=[question, empty, more, answered, bad]
         )
     said = str(refused.value.body)
-    assert re.search(r"messages(\[4\]|\.4)\.content", said), said  # either path form
+    assert re.search(r"messages\.4\.content\.1\b", said), said  # the caller's 5th, dotted
     assert "text blocks must not be empty" in said
+
+
+# a field path as Chat Completions writes one (``messages[1]``, ``content[0]``)
+_BRACKET_PATH = r"\b(?:messages|system|tools|content)\[\d+\]"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropic_gateway_refusals_name_fields_as_the_messages_api_does(
+    base: str, key: str, stream: bool
+) -> None:
+    """A Gateway refusal passed on to the Messages API names its fields in that API's form
+    (``messages.1.content.0.tool_use.name``, as Anthropic's own 400s do), not the Gateway's
+    and Chat Completions' ``messages[1].content[0]``; the rest of its words, a quoted value
+    that looks like a path included, as the Gateway said them."""
+    client = anthropic.Anthropic(base_url=base, api_key=key, max_retries=0)
+    messages: Any = [
+        {"role": "user", "content": _unique("Look it up.")},
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": "toolu_1", "name": "messages[0]", "input": {}}],
+        },
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1"}]},
+    ]
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        if stream:
+            with client.messages.stream(
+                model="sim-small", max_tokens=50, messages=messages
+            ) as events:
+                events.get_final_message()
+        else:
+            client.messages.create(model="sim-small", max_tokens=50, messages=messages)
+    body = refused.value.body
+    assert isinstance(body, dict)
+    said = body["error"]["message"]
+    assert said.startswith(
+        "messages.1.content.0.tool_use.name: 'messages[0]' is not a declared tool;"
+    ), said
+    assert not re.search(_BRACKET_PATH, said.replace("'messages[0]'", "")), said

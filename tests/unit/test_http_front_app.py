@@ -1081,6 +1081,33 @@ async def test_a_gateway_refusal_of_a_field_names_it_as_openais_param(
     assert refused.value.param == param
 
 
+async def test_a_gateway_refusal_names_its_paths_as_the_messages_api_does(front: Front) -> None:
+    """The Gateway writes paths as Chat Completions does; an Anthropic SDK user was shown
+    them so ("messages[1].content[0].tool_use.name: ..."), a form the Messages API never uses:
+    each way the refusal reaches the caller (an error response, before and after a stream's
+    head went out, and a stream's error event after its start) names them dotted, the rest of
+    the words as the Gateway said them."""
+    said = "messages[1].content[0].tool_use.name: 'f' is not a declared tool; declare it"
+    dotted = "messages.1.content.0.tool_use.name: 'f' is not a declared tool; declare it"
+    front.gateway.refuse = (grpc.StatusCode.INVALID_ARGUMENT, said, ())
+    claude = _claude(front)
+    with pytest.raises(anthropic.BadRequestError) as whole:
+        await claude.messages.create(model="sim-large", max_tokens=50, messages=ASK)
+    with pytest.raises(anthropic.BadRequestError) as streamed:
+        async with claude.messages.stream(model="sim-large", max_tokens=50, messages=ASK) as stream:
+            await stream.get_final_message()
+    for refused in (whole, streamed):
+        assert isinstance(refused.value.body, dict)
+        assert refused.value.body["error"]["message"] == dotted
+    front.gateway.refuse = None
+    front.gateway.cut = f"the replica went away; {said}"
+    with pytest.raises(anthropic.APIStatusError) as cut:
+        async with claude.messages.stream(model="sim-large", max_tokens=50, messages=ASK) as stream:
+            await stream.get_final_message()
+    assert isinstance(cut.value.body, dict)
+    assert cut.value.body["error"]["message"] == f"the replica went away; {dotted}"
+
+
 async def test_a_refusal_of_a_request_with_an_idempotency_key_carries_that_id(
     front: Front,
 ) -> None:

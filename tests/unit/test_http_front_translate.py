@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import anthropic.types
@@ -1384,7 +1385,7 @@ def test_an_anthropic_empty_answer_before_the_last_is_no_gateway_turn(content: A
     validate_request(request, _TABLE, set(_TABLE.models))
     said = "messages[3].content[0].text: too long; messages[1] and messages[9] too"
     assert anthropic_api.at_caller(said, kept) == (
-        "messages[4].content[0].text: too long; messages[2] and messages[9] too"
+        "messages.4.content.0.text: too long; messages.2 and messages.9 too"
     )
 
 
@@ -1571,3 +1572,159 @@ def test_a_system_message_and_an_empty_answer_is_refused_for_no_user_message() -
         openai_api.parse_request({"model": "sim-small", "messages": messages}, 10)
     assert "the request has no user message" in refused.value.message, refused.value.message
     assert refused.value.param == "messages[1]"
+
+
+# a path as the Messages API writes one (``messages.1.content.0.tool_use.name``) or as the
+# Gateway and Chat Completions do (``messages[1].content[0].tool_use.name``)
+_ANY_PATH = re.compile(
+    r"\b(?:messages|system|tools)(?:\.\d+|\[\d+\])(?:\.content(?:\.\d+|\[\d+\]))?(?:\.\w+)*"
+)
+_BRACKETED = re.compile(r"\b(?:messages|system|tools|content)\[\d+\]")
+_DOTTED = re.compile(r"\b(?:messages|system|tools|content)\.\d")
+_U = {"role": "user", "content": "q"}
+
+
+def _use(use_id: str, name: str = "f") -> dict[str, Any]:
+    return {"type": "tool_use", "id": use_id, "name": name, "input": {}}
+
+
+def _result(use_id: str) -> dict[str, Any]:
+    return {"type": "tool_result", "tool_use_id": use_id, "content": "r"}
+
+
+_ANTHROPIC_TOOL = {"name": "f", "input_schema": {"type": "object"}}
+
+
+@pytest.mark.parametrize(
+    ("body", "names"),
+    [
+        (
+            {"messages": [_U, {"role": "assistant", "content": [_use("t1", "g")]}]},
+            "messages.1.content.0.tool_use.name: 'g' is not a declared tool",
+        ),
+        (
+            {
+                "tools": [_ANTHROPIC_TOOL],
+                "messages": [_U, {"role": "assistant", "content": [_use("t1")]}, _U],
+            },
+            "messages.1.content.0.tool_use: 't1' has no tool_result in messages.2;",
+        ),
+        (
+            {
+                "tools": [_ANTHROPIC_TOOL],
+                "messages": [
+                    _U,
+                    {"role": "assistant", "content": [_use("t1")]},
+                    {"role": "user", "content": [_result("t1"), _result("t9")]},
+                ],
+            },
+            "messages.2.content.1.tool_result.tool_use_id: 't9' matches no earlier",
+        ),
+        (
+            {
+                "model": "claude-sonnet-4-5",
+                "tools": [
+                    _ANTHROPIC_TOOL,
+                    {
+                        "name": "h",
+                        "input_schema": {"type": "object", "properties": {"a": {"type": "dict"}}},
+                    },
+                ],
+                "messages": [_U],
+            },
+            "tools.1.input_schema: tool 'h': properties['a'].type: 'dict' is not a JSON Schema",
+        ),
+        (
+            {
+                "system": [
+                    {"type": "text", "text": "s", "cache_control": {"type": "ephemeral"}},
+                ],
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "text",
+                                "text": "q",
+                                "cache_control": {"type": "ephemeral", "ttl": "1h"},
+                            }
+                        ],
+                    }
+                ],
+            },
+            "messages.0.content.0.cache_control.ttl: a 1-hour breakpoint must come before",
+        ),
+    ],
+)
+def test_a_gateway_refusal_names_the_fields_as_the_messages_api_does(
+    body: dict[str, Any], names: str
+) -> None:
+    """The Gateway's refusals write paths as Chat Completions does (``messages[1].content[0]``),
+    and the Anthropic front passed them on so: an Anthropic SDK user read a field path in a
+    form their API never uses (its own 400s say ``messages.1.content.0.tool_use.id``). Each
+    refusal here is the router's own validation of the parsed request; only the paths' form
+    changes (the indices map one to one), the rest of the words are the Gateway's."""
+    request, _ = anthropic_api.parse_request({"model": "sim-small", "max_tokens": 10, **body})
+    with pytest.raises(RequestError) as refused:
+        validate_request(request, _TABLE, set(_TABLE.models))
+    gateway = refused.value.message
+    said = anthropic_api.at_caller(gateway)
+    assert said.startswith(names), said
+    outside_quotes = re.sub(r"'[^']*'", "''", said)
+    assert not _BRACKETED.search(outside_quotes), said
+    assert _ANY_PATH.sub("<path>", said) == _ANY_PATH.sub("<path>", gateway)
+
+
+@pytest.mark.parametrize(
+    ("gateway", "said"),
+    [
+        # the Gateway's names of JSON text fields are the Messages API's
+        (
+            "messages[1].content[0].tool_use.input_json: must be a JSON object",
+            "messages.1.content.0.tool_use.input: must be a JSON object",
+        ),
+        (
+            "system[0].text: text blocks must not be empty",
+            "system.0.text: text blocks must not be empty",
+        ),
+        # a value the message quotes is the caller's own, kept as sent
+        (
+            "messages[3].content[0].tool_result.tool_use_id: 'messages[0].text' matches no "
+            "earlier tool_use",
+            "messages.3.content.0.tool_result.tool_use_id: 'messages[0].text' matches no "
+            "earlier tool_use",
+        ),
+        ("max_tokens: must be > 0, got 0", "max_tokens: must be > 0, got 0"),
+    ],
+)
+def test_the_anthropic_front_rewrites_only_the_gateways_own_paths(gateway: str, said: str) -> None:
+    assert anthropic_api.at_caller(gateway) == said
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": [_U, {"role": "assistant", "tool_calls": [_call("c1", "g")]}]},
+        {
+            "tools": _TOOLS,
+            "messages": [_S, _U, {"role": "assistant", "tool_calls": [_call("c1")]}, _U],
+        },
+        {
+            "tools": _TOOLS,
+            "messages": [
+                _U,
+                {"role": "assistant", "tool_calls": [_call("c1")]},
+                {"role": "tool", "tool_call_id": "c9", "content": "r"},
+            ],
+        },
+    ],
+)
+def test_a_gateway_refusal_to_an_openai_caller_names_no_dotted_path(body: dict[str, Any]) -> None:
+    """The other way: the OpenAI front's Gateway refusals keep Chat Completions' form."""
+    origins = openai_api.Origins()
+    request, _, _ = openai_api.parse_request({"model": "sim-small", **body}, 10, origins)
+    with pytest.raises(RequestError) as refused:
+        validate_request(request, _TABLE, set(_TABLE.models))
+    said = openai_api.at_caller(refused.value.message, origins)
+    assert _BRACKETED.search(said), said
+    assert not _DOTTED.search(said), said
