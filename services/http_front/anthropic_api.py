@@ -443,8 +443,9 @@ def at_caller(message: str, kept: Sequence[int] = ()) -> str:
     assistant message it drops has none after it; a string is its field's one block, ``.0``),
     but for the empty assistant answers ``_empty_answer`` dropped: ``kept`` is the caller's
     index of each Gateway message, so a Gateway index past a dropped one is named as the
-    caller's. The rest of the message, and every value it quotes (the caller's own: a tool
-    named 'messages[0]'), are kept as the Gateway said them."""
+    caller's. The rest of the message, every value it quotes (the caller's own: a tool named
+    'messages[0]') and a provider's words it passes on (``unquoted``) are kept as the Gateway
+    said them."""
     return unquoted(message, lambda part: GATEWAY_PATH.sub(lambda m: _dotted(m, kept), part))
 
 

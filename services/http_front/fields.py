@@ -83,17 +83,27 @@ GATEWAY_PATH = re.compile(
 _QUOTED = re.compile(r"""(?<!\w)(?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
 
 
+# Where a provider's own words begin in a refusal a model replica passed on (its provider's 400,
+# ``ProviderApi._refused``: "openai refused the request (400): <what it said>"): they name the
+# provider's request, in the provider's form and by its indices (OpenAI's count the system
+# message), not the Gateway's request nor the caller's
+_PROVIDER_SAID = re.compile(r"\brefused the request(?: \([^)]*\))?: ")
+
+
 def unquoted(message: str, change: Callable[[str], str]) -> str:
-    """``message`` with ``change`` made to its text outside the values it quotes (the
-    caller's own, as ``shown`` quotes them: a tool_call_id of 'messages[0].text' is an id,
-    not a path, and was shown as 'messages[1].text')."""
+    """``message`` with ``change`` made to the Gateway's own words: its text outside the
+    values it quotes (the caller's own, as ``shown`` quotes them: a tool_call_id of
+    'messages[0].text' is an id, not a path, and was shown as 'messages[1].text') and before
+    a provider's words it passes on (``_PROVIDER_SAID``), which are quoted as said."""
+    provider = _PROVIDER_SAID.search(message)
+    ours = message if provider is None else message[: provider.start()]
     parts: list[str] = []
     start = 0
-    for quoted in _QUOTED.finditer(message):
-        parts += [change(message[start : quoted.start()]), quoted[0]]
+    for quoted in _QUOTED.finditer(ours):
+        parts += [change(ours[start : quoted.start()]), quoted[0]]
         start = quoted.end()
-    parts.append(change(message[start:]))
-    return "".join(parts)
+    parts.append(change(ours[start:]))
+    return "".join(parts) + message[len(ours) :]
 
 
 def parse_body(raw: bytes, api: Api) -> dict[str, Any]:

@@ -539,7 +539,9 @@ def at_caller(message: str, origins: Origins) -> str:
     Gateway request's (``origins``, from ``parse_request``): every path into its messages,
     system blocks and tools, with the field that follows in the caller's names, and its
     ``max_tokens`` as the caller set it. The Gateway's path it begins with is kept in
-    parentheses."""
+    parentheses. A provider's words it passes on name the provider's request by its own
+    indices, and are kept as said (``unquoted``): its "messages[2]" (OpenAI's, the system
+    message counted) was rewritten as if it were the Gateway's, to "messages[3]"."""
 
     def paths(part: str) -> str:
         return GATEWAY_PATH.sub(lambda found: _caller_path(found, origins) or found[0], part)

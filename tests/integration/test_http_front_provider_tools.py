@@ -17,7 +17,7 @@ import pytest
 from cachemesh import Client, InvalidRequestError, build_request
 from cachemesh.retry_info import UNSUPPORTED_VALUE
 from tests.integration.provider_stack import ProviderStack
-from tests.providers import anthropic_wire
+from tests.providers import anthropic_wire, openai_wire
 from tests.providers.wire_server import Reply
 
 pytestmark = pytest.mark.integration
@@ -285,3 +285,56 @@ def test_a_temperature_reaches_claude_under_the_version_that_takes_it(
         assert sent[0].body["temperature"] == temperature
     claude.close()
     gpt.close()
+
+
+def test_a_providers_words_in_a_refusal_reach_either_front_as_it_said_them(
+    providers: ProviderStack,
+) -> None:
+    """An OpenAI model's 400, passed on by the Gateway ("openai refused the request (400):
+    ..."), names OpenAI's request by its own indices (the system message counted): each front
+    rewrote an unquoted path of it as if it were the Gateway's, the Messages API's into its
+    dotted form (messages.2), Chat Completions' into the caller's message of the Gateway's
+    index (messages[3]). Both show the provider's words as it said them."""
+    theirs = (
+        "Invalid parameter: Duplicate value for 'tool_call_id' of 'c1', in messages[2] and "
+        "messages[3]."
+    )
+    key = providers.stack.keys["tenant-a"]
+    base = f"http://{providers.stack.addresses['http-front']}"
+    question = f"Look it up {uuid.uuid4().hex[:8]}"
+    said: list[str] = []
+    for _ in range(2):
+        providers.server.script(
+            "openai", openai_wire.error(400, "invalid_request_error", theirs, param="messages")
+        )
+    claude = anthropic.Anthropic(base_url=base, api_key=key, max_retries=0)
+    with pytest.raises(anthropic.BadRequestError) as by_claude:
+        claude.messages.create(
+            model="gpt-4o-mini",
+            max_tokens=32,
+            system="s",
+            messages=[
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": "a"},
+                {"role": "user", "content": question},
+            ],
+        )
+    assert isinstance(by_claude.value.body, dict)
+    said.append(by_claude.value.body["error"]["message"])
+    gpt = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as by_gpt:
+        gpt.chat.completions.create(
+            model="gpt-4o-mini",
+            max_tokens=32,
+            messages=[
+                {"role": "system", "content": "s"},
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": "a"},
+                {"role": "user", "content": question},
+            ],
+        )
+    said.append(by_gpt.value.message)
+    assert [f"refused the request (400): {theirs}" in message for message in said] == [
+        True,
+        True,
+    ], said

@@ -1694,11 +1694,45 @@ def test_a_gateway_refusal_names_the_fields_as_the_messages_api_does(
             "messages.3.content.0.tool_result.tool_use_id: 'messages[0].text' matches no "
             "earlier tool_use",
         ),
+        # a provider's words name the provider's request, in its form: quoted as it said them
+        (
+            "openai refused the request (400): Invalid parameter: Duplicate value for "
+            "'tool_call_id' of 'c1', in messages[2] and messages[4].",
+            "openai refused the request (400): Invalid parameter: Duplicate value for "
+            "'tool_call_id' of 'c1', in messages[2] and messages[4].",
+        ),
         ("max_tokens: must be > 0, got 0", "max_tokens: must be > 0, got 0"),
     ],
 )
 def test_the_anthropic_front_rewrites_only_the_gateways_own_paths(gateway: str, said: str) -> None:
     assert anthropic_api.at_caller(gateway) == said
+
+
+def test_a_providers_words_in_a_gateway_refusal_are_kept_as_it_said_them() -> None:
+    """A refusal a model replica passed on quotes its provider ("openai refused the request
+    (400): ..."), whose paths name the provider's request by its own indices: the OpenAI front
+    rewrote an unquoted one as if it were the Gateway's (OpenAI's messages[2], the system
+    message counted, became messages[3]); an Anthropic provider's dotted paths are its own
+    too. The Gateway's words before them are still rewritten."""
+    origins = openai_api.Origins()
+    messages = [_S, _U, {"role": "assistant", "content": "a"}, _U]
+    openai_api.parse_request({"model": "m", "messages": messages}, 10, origins)
+    theirs = (
+        "openai refused the request (400): Invalid parameter: Duplicate value for "
+        "'tool_call_id' of 'c1', in messages[2] and messages[3].",
+        "anthropic refused the request (400): messages.1.content.0: unexpected `tool_use_id`",
+        "openai refused the request: messages[2] and messages[3]",
+    )
+    for said in theirs:
+        assert openai_api.at_caller(said, origins) == said
+        assert anthropic_api.at_caller(said) == said
+    ours = "messages[1].content[0].text: openai refused the request (400): messages[2]"
+    assert openai_api.at_caller(ours, origins).startswith(
+        "messages[2].content: openai refused the request (400): messages[2] (the Gateway's"
+    )
+    assert anthropic_api.at_caller(ours) == (
+        "messages.1.content.0.text: openai refused the request (400): messages[2]"
+    )
 
 
 @pytest.mark.parametrize(
