@@ -152,8 +152,6 @@ def _empty_answer(message: pb.Message, path: str) -> bool:
     return True
 
 
-
-
 def _mark_last_block(request: pb.CompleteRequest, control: pb.CacheControl) -> None:
     """Automatic caching (a top-level ``cache_control``): the breakpoint goes on the request's
     last cacheable block (tools, system, messages in that order), as the API places it. A block
