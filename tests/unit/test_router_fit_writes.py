@@ -4,7 +4,7 @@ its ``--cache-dir``, where ``calibrate`` reads them. Before, the weights were wr
 the out-of-fold scores' save to a hard-coded ``.cache/router-eval`` failed (FileNotFoundError)
 under another ``--cache-dir`` run from a directory without it, as did an interruption during
 those scores, and left weights the card did not pin: the router refused to start until a
-refit. Run on the first 160 labelled prompts, the files redirected to ``tmp_path``; their
+refit. Run on the first 80 labelled prompts, the files redirected to ``tmp_path``; their
 vectors are embedded once for the module (``embedded``) and each test's ``--cache-dir`` starts
 with them, as a second run of the tool's finds them: embedding them took 10-25 s a test."""
 
@@ -30,17 +30,17 @@ pytestmark = pytest.mark.skipif(not DATA.is_file(), reason="../shared/data is no
 
 
 def _first_prompts(data: Path) -> None:
-    """The header and the first 160 labelled prompts of ``DATA``, into ``data``."""
+    """The header and the first 80 labelled prompts of ``DATA``, into ``data``."""
     with DATA.open(newline="", encoding="utf-8") as handle:
         rows = list(csv.reader(handle))
     out = io.StringIO()
-    csv.writer(out).writerows(rows[:161])
+    csv.writer(out).writerows(rows[:81])
     data.write_text(out.getvalue(), encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A cache dir holding the vectors of the first 160 prompts, as the tool saves them (by
+    """A cache dir holding the vectors of the first 80 prompts, as the tool saves them (by
     the embedder's version and the texts: the tool embeds again whatever else it is given)."""
     where = tmp_path_factory.mktemp("vectors")
     _first_prompts(where / "labels.csv")
@@ -143,7 +143,7 @@ def test_a_refit_of_the_same_data_keeps_the_calibration_of_its_weights(
     with data.open(newline="", encoding="utf-8") as handle:
         rows = list(csv.reader(handle))
     out = io.StringIO()
-    csv.writer(out).writerows(rows[:121])  # the header and the first 120 prompts
+    csv.writer(out).writerows(rows[:61])  # the header and the first 60 prompts
     data.write_text(out.getvalue(), encoding="utf-8")
     assert router_cli.main(["--data", str(data), "--cache-dir", str(cache), "fit"]) == 0
     assert weights.read_bytes() != fitted
