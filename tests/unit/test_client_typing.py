@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 USER_SCRIPT = """\
 import asyncio
 
@@ -57,10 +59,18 @@ asyncio.run(amain("127.0.0.1:50051", "k"))
 """
 
 
-def _mypy_strict(tmp_path: Path, script: str) -> subprocess.CompletedProcess[str]:
+@pytest.fixture(scope="module")
+def mypy_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One mypy cache for the module's runs: the second run reads the client's, protobuf's,
+    grpc's and the standard library's analysis from it (as a user's second run does) and
+    checks its own ``user.py`` afresh (mypy's cache is keyed by each file's contents)."""
+    return tmp_path_factory.mktemp("mypy-cache")
+
+
+def _mypy_strict(tmp_path: Path, script: str, cache: Path) -> subprocess.CompletedProcess[str]:
     (tmp_path / "user.py").write_text(script)
     environ = {k: v for k, v in os.environ.items() if k not in ("MYPYPATH", "PYTHONPATH")}
-    command = [sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache")]
+    command = [sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(cache)]
     return subprocess.run(
         [*command, "user.py"],
         cwd=tmp_path,
@@ -71,16 +81,16 @@ def _mypy_strict(tmp_path: Path, script: str) -> subprocess.CompletedProcess[str
     )
 
 
-def test_a_users_script_type_checks_under_mypy_strict(tmp_path: Path) -> None:
-    done = _mypy_strict(tmp_path, USER_SCRIPT)
+def test_a_users_script_type_checks_under_mypy_strict(tmp_path: Path, mypy_cache: Path) -> None:
+    done = _mypy_strict(tmp_path, USER_SCRIPT, mypy_cache)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_a_misspelt_name_is_a_type_error(tmp_path: Path) -> None:
+def test_a_misspelt_name_is_a_type_error(tmp_path: Path, mypy_cache: Path) -> None:
     """The package's lazy ``__getattr__`` (names load on first use) made every name of
     ``cachemesh`` type-check, as Any: ``from cachemesh import Clinet`` passed mypy --strict and
     failed at run time. A type checker now reads the package's imports alone."""
-    done = _mypy_strict(tmp_path, "from cachemesh import Clinet\n\nprint(Clinet)\n")
+    done = _mypy_strict(tmp_path, "from cachemesh import Clinet\n\nprint(Clinet)\n", mypy_cache)
     assert done.returncode == 1, done.stdout + done.stderr
     assert 'Module "cachemesh" has no attribute "Clinet"' in done.stdout, done.stdout
 
