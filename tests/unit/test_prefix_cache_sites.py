@@ -42,7 +42,10 @@ _message = st.lists(_block, max_size=4).map(
 )
 
 
-@settings(max_examples=300, deadline=None)
+# 100 examples, not 300: the fields hold 0 to 6 messages of 0 to 4 blocks of three texts;
+# the block of an empty message's shared start read from the wrong message (bisect_left) was
+# found under each of 8 seeds at 100
+@settings(max_examples=100, deadline=None)
 @given(
     tools=st.lists(_tool, max_size=3),
     system=st.lists(_block, max_size=3),
