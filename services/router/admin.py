@@ -633,15 +633,13 @@ def _tenant_of(own: TenantOverride) -> str:
     return own.tenant
 
 
-# a Timestamp's valid range (google/protobuf/timestamp.proto): 0001-01-01T00:00:00Z to
-# 9999-12-31T23:59:59.999999999Z, nanos in [0, 999999999]
-_FIRST_SECOND, _LAST_SECOND = -62_135_596_800, 253_402_300_799
-
-
 async def _stamp_nanos(context: Context, stamp: Timestamp, field: str) -> int:
-    """A sent Timestamp in nanoseconds; one out of a Timestamp's range is INVALID_ARGUMENT
-    naming ``field`` (protobuf's ``ToNanoseconds`` raises a bare ValueError: UNKNOWN)."""
-    if not _FIRST_SECOND <= stamp.seconds <= _LAST_SECOND or not 0 <= stamp.nanos < 10**9:
+    """A sent Timestamp in nanoseconds; one out of a Timestamp's range (protobuf's
+    ``ToNanoseconds`` checks it, raising a bare ValueError: UNKNOWN) is INVALID_ARGUMENT
+    naming ``field``."""
+    try:
+        return stamp.ToNanoseconds()
+    except ValueError:
         await abort(
             context,
             grpc.StatusCode.INVALID_ARGUMENT,
@@ -649,7 +647,6 @@ async def _stamp_nanos(context: Context, stamp: Timestamp, field: str) -> int:
             "a time from 0001-01-01 to 9999-12-31 UTC, nanos 0 to 999999999); send the key's "
             "rotated_at exactly as ListKeys, CreateKey or RotateKey gave it",
         )
-    return stamp.ToNanoseconds()
 
 
 async def _valid_tenant(context: Context, tenant: str) -> None:
