@@ -362,7 +362,7 @@ class ExportHealth(logging.Filter):
     def uninstall(self) -> None:
         logging.getLogger(EXPORTER_LOGGER).removeFilter(self)
 
-    def begin(self, spans: int = 0) -> None:
+    def begin(self, spans: int) -> None:
         """Our export of ``spans`` starts on this thread: the exporter's lines written on it
         are ours until ``end`` (a thread's id is reused once it ends: matched only
         meanwhile); the last export's status is forgotten (a failure with no line of its own
@@ -373,7 +373,7 @@ class ExportHealth(logging.Filter):
             self._code = self._reason = ""
             self._exporting = spans
 
-    def end(self, cut: int = 0) -> None:
+    def end(self, cut: int) -> None:
         """The export ended; ``cut``: its spans, when it failed once the stop began (the
         export the stop cut, its channel closed): counted dropped at the shutdown here, at
         once with the export's size forgotten, so ``cut_in_export`` counts them once."""
