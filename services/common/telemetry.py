@@ -141,21 +141,10 @@ class _BatchSpans(BatchSpanProcessor):
         and ended since the stop began (a span ending after the line is counted only)."""
         began = time.monotonic()
         with self._queued:
-            self._stopping = self._health is not None
+            self._stopping = True  # read by ``on_end`` only with a health
         # the SDK's batch processor (opentelemetry-sdk pinned in constraints.txt): the only
         # shutdown that takes a timeout
         self._batch_processor.shutdown(timeout_millis=int(TRACING_STOP_S * 1000))
-        left = 0
-        if self._health is not None:
-            # popped one at a time, as the SDK's worker pops them: a span is either its
-            # (exported, or counted by the exporter if that export fails) or counted here
-            while True:
-                try:
-                    self._queue.pop()
-                except IndexError:
-                    break
-                left += 1
-            self._health.dropped_at_shutdown(left)
         late = (time.monotonic() - began) >= TRACING_STOP_S
         slow = (
             f"the collector did not take the last spans within {TRACING_STOP_S:.0f} s "
@@ -165,6 +154,16 @@ class _BatchSpans(BatchSpanProcessor):
             if late:
                 log.warning("tracing: %sthose not sent are dropped", slow)
             return
+        # popped one at a time, as the SDK's worker pops them: a span is either its
+        # (exported, or counted by the exporter if that export fails) or counted here
+        left = 0
+        while True:
+            try:
+                self._queue.pop()
+            except IndexError:
+                break
+            left += 1
+        self._health.dropped_at_shutdown(left)
         cut = self._health.cut_in_export()
         with self._queued:
             ended = self._ended_in_stop
