@@ -17,6 +17,7 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from cachemesh.admin import rotate_request
 from cachemesh.admin_cli import as_json
 from cachemesh.envfile import read_env_file
 from cachemesh.v1 import admin_pb2 as adm
@@ -430,11 +431,7 @@ async def test_of_two_conditional_rotations_at_once_one_is_made_and_one_refused(
     issued = await rig.stub.CreateKey(adm.CreateKeyRequest(tenant="globex"), metadata=ADMIN)
     seen = issued.key
     for _ in range(10):
-        request = adm.RotateKeyRequest(id=seen.id)
-        if seen.HasField("rotated_at"):
-            request.if_rotated_at.CopyFrom(seen.rotated_at)
-        else:
-            request.if_never_rotated = True
+        request = rotate_request(seen.id, seen)
         replies = await asyncio.gather(
             rig.stub.RotateKey(request, metadata=ADMIN),
             rig.stub.RotateKey(request, metadata=ADMIN),

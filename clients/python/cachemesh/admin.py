@@ -39,6 +39,19 @@ P = TypeVar("P", adm.GetStatsResponse, adm.ListKeysResponse, adm.ListLimitsRespo
 Q = TypeVar("Q", adm.GetStatsRequest, adm.ListKeysRequest, adm.ListLimitsRequest)  # its request
 
 
+def rotate_request(key_id: str, seen: adm.ApiKeyInfo | None = None) -> adm.RotateKeyRequest:
+    """RotateKey's request for ``AdminClient.rotate_key``: with ``seen`` (the key as its
+    caller saw it), conditional on its ``rotated_at`` (``if_rotated_at``, or
+    ``if_never_rotated`` when it has none)."""
+    request = adm.RotateKeyRequest(id=key_id)
+    if seen is not None:
+        if seen.HasField("rotated_at"):
+            request.if_rotated_at.CopyFrom(seen.rotated_at)
+        else:
+            request.if_never_rotated = True
+    return request
+
+
 def read_admin_token(
     path: str | None,
     environ: Mapping[str, str] = os.environ,
@@ -147,13 +160,7 @@ class AdminClient:
         """A new secret for the key. ``seen``: the key as this caller saw it (ListKeys,
         CreateKey, its last RotateKey): rotated only if no other rotation came since, else
         ``AdminError`` FAILED_PRECONDITION naming it, nothing changed; None: whatever came."""
-        request = adm.RotateKeyRequest(id=key_id)
-        if seen is not None:
-            if seen.HasField("rotated_at"):
-                request.if_rotated_at.CopyFrom(seen.rotated_at)
-            else:
-                request.if_never_rotated = True
-        return self._call(self._stub.RotateKey, request)
+        return self._call(self._stub.RotateKey, rotate_request(key_id, seen))
 
     def policy(self, tenant: str) -> adm.CachePolicy:
         return self._call(self._stub.GetPolicy, adm.GetPolicyRequest(tenant=tenant))
