@@ -284,7 +284,7 @@ class SemanticCacheApi:
 
     async def release(self, request: sc.ReleaseRequest) -> sc.ReleaseResponse:
         _require_tenant(request.tenant)
-        if not request.HasField("request"):  # by its id alone (a lost Lookup's lease)
+        if not request.HasField("request"):  # by its id and request_id (a lost Lookup's lease)
             if not request.lease_id:
                 raise RequestError(
                     Code.INVALID_ARGUMENT,
