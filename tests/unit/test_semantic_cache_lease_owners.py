@@ -234,10 +234,6 @@ async def test_a_late_call_whose_query_fails_ends_no_lease_another_request_took_
     assert not _held(cache, SECOND), "r2's own failed Store left its lease held"
 
 
-def _query(request: pb.CompleteRequest) -> Query:
-    return query_from_request("a", request)
-
-
 async def test_through_the_servicer_late_renewals_and_releases_spare_the_later_lease() -> None:
     clock = ManualClock()
     cache = SemanticCache(FakeEmbedder(), clock, threshold=0.8, leases=Leases(clock, 30.0))
@@ -255,10 +251,10 @@ async def test_through_the_servicer_late_renewals_and_releases_spare_the_later_l
             assert not (await stub.Renew(renew, metadata=AUTH)).renewed
             release = sc.ReleaseRequest(tenant="a", lease_id=X, request_id="r1")
             assert not (await stub.Release(release, metadata=AUTH)).released
-            assert cache.lease_pending(_query(SECOND))
+            assert _held(cache, SECOND)
             renew.request_id = release.request_id = "r2"
             assert (await stub.Renew(renew, metadata=AUTH)).renewed
             assert (await stub.Release(release, metadata=AUTH)).released
-            assert not cache.lease_pending(_query(SECOND))
+            assert not _held(cache, SECOND)
     finally:
         await server.stop(None)
