@@ -86,6 +86,13 @@ def semantic_hits(pairs: list[tuple[str, str]], namespace: str) -> tuple[list[It
     return warm, asks
 
 
+def agent_seed(level: int, repeat: int) -> int:
+    """The seed of (c)'s turns at ``level`` in flight, repeat ``repeat`` (from 0): each repeat
+    draws turns of its own, the same for every stack compared (``runs._agent``, and
+    ``hit_cpu --miss``'s rounds)."""
+    return level + 100 * repeat
+
+
 def agent_misses(data_dir: Path, namespace: str, count: int, seed: int) -> list[Item]:
     """(c): tau-bench airline agent requests (system prompt, 14 tools, the conversation so
     far), model ``auto`` so the router chooses the tier. Only turns that end in the user's text

@@ -86,7 +86,9 @@ def _semantic(plan: Plan, target: Target, level: int) -> dict[str, Any]:
 def _agent(plan: Plan, target: Target, level: int, repeat: int) -> Run:
     """The same requests on both stacks for the same repeat (new ones for the next)."""
     namespace = f"{plan.run}-agent-{level}-{target.name}-{repeat}"
-    items = cases.agent_misses(plan.data_dir, namespace, plan.requests, seed=level + 100 * repeat)
+    items = cases.agent_misses(
+        plan.data_dir, namespace, plan.requests, seed=cases.agent_seed(level, repeat)
+    )
     return run_point(target, [], items, level, f"(c) agent miss x{level} {target.name}")
 
 

@@ -18,7 +18,7 @@ never asserted.
 about 15 KB, model ``auto``, each in a cache namespace of its own, so each goes through every
 layer: Lookup, Plan, Generate, two Commits, Store), ``--requests`` of them a round at
 ``--concurrency`` in flight; the figures are then CPU per miss. Each round draws its own turns
-(``MISS_SEED_STEP``): the same turns in every round were L1 misses still, but semantic-cache's
+(``cases.agent_seed``): the same turns in every round were L1 misses still, but semantic-cache's
 CPU for them fell from 19.5 ms a miss in the first round to 5.5-6.8 in the next three (one
 stack, 1 in flight; drawn anew, 18.3-24.0 in every round). ``--floor`` also measures, in
 as many rounds, the front of ``make bench``'s echo chain of the case (the router's calls with
@@ -64,10 +64,6 @@ from services.tools.out_path import refuse_unwritable
 from services.tools.stack.lifecycle import Stack
 
 QUESTION = "How do I reset my password on the billing portal?"
-# ``--miss``: round n draws its turns with seed concurrency + n * MISS_SEED_STEP, as make bench's
-# repeat n of case (c) does (``gateway.runs._agent``), the same for every stack, so stacks
-# compared meet the same turns
-MISS_SEED_STEP = 100
 
 
 async def _hits(
@@ -109,14 +105,15 @@ async def _misses(
     concurrency: int,
     measure_from: Callable[[], None],
     data_dir: Path,
-    round_number: int = 0,
+    round_number: int,
 ) -> int:
     """``requests`` agent misses (``make bench``'s case (c): tau-bench airline turns, model
     ``auto``, each in a cache namespace of its own) at ``concurrency`` in flight; a round's
     namespace is fresh, so each is an L1 miss that goes through every layer, and its turns its
-    own (``MISS_SEED_STEP``)."""
+    own (``cases.agent_seed``: as make bench's repeat n of case (c), the same for every
+    stack, so stacks compared meet the same turns)."""
     namespace = f"miss-cpu-{time.time_ns()}"
-    seed = concurrency + round_number * MISS_SEED_STEP
+    seed = cases.agent_seed(concurrency, round_number)
     items = cases.agent_misses(data_dir, namespace, requests, seed=seed)
     async with AsyncClient(target, api_key=key) as client:
         measure_from()
