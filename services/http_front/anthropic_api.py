@@ -102,22 +102,20 @@ def parse_request(
     for i, raw in enumerate(top.array("tools") or []):
         request.tools.append(_tool(raw, f"tools.{i}"))
     raw_messages = top.array("messages", required=True) or []
-    dropped: list[int] = []
     for i, raw in enumerate(raw_messages):
         message = _message(raw, f"messages.{i}")
         if _empty_answer(message, f"messages.{i}"):
-            dropped.append(i)
             continue
         request.messages.append(message)
         if kept is not None:
             kept.append(i)
-    if not request.messages and dropped:
+    if raw_messages and not request.messages:  # each one dropped, the first named
         only = "the only message" if len(raw_messages) == 1 else "each message"
         raise invalid(
-            f"messages.{dropped[0]}: {only} is an empty assistant answer (no block, or text "
-            "blocks of whitespace only), which is no turn: the request has no user message; "
-            "send at least one user message",
-            f"messages.{dropped[0]}",
+            f"messages.0: {only} is an empty assistant answer (no block, or text blocks of "
+            "whitespace only), which is no turn: the request has no user message; send at "
+            "least one user message",
+            "messages.0",
         )
     automatic = cache_control(top)
     if automatic is not None:
