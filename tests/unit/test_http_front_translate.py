@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import anthropic.types
@@ -325,6 +326,20 @@ def test_openai_chunks_of_an_answer_with_no_block_still_say_the_role() -> None:
     ]
 
 
+def _openai_stream(
+    blocks: Iterable[pb.ContentBlock], end: pb.CompleteResponse
+) -> list[dict[str, Any]]:
+    """The chunks the front streams for an answer of ``blocks`` ending with ``end``, as an SDK
+    reads them (the ``cachemesh`` facts field left out)."""
+    stream = openai_api.ChunkStream(created=1, include_usage=False)
+    sent = [
+        *stream.start(pb.CompleteResponse(request_id="r1", model="sim-small")),
+        *[c for block in blocks for c in stream.delta(block)],
+        *stream.end(end, {}),
+    ]
+    return [{k: v for k, v in chunk.items() if k != "cachemesh"} for chunk in sent]
+
+
 @pytest.mark.parametrize(
     ("blocks", "content"),
     [
@@ -339,19 +354,11 @@ def test_the_sdks_message_of_a_streamed_answer_is_one_it_can_send_back(
     """The official SDK's stream helper (ChatCompletionStreamState) reads the front's chunks
     into the answer's message as the unstreamed answer says it. An empty answer's was
     ``content: None`` (the role chunk's, nothing after it), which OpenAI refuses in a history
-    sent back and so does the front: the SDK client replaying its own history was refused."""
-    chunks = openai_api.ChunkStream(created=1, include_usage=False)
+    sent back (the front takes it since: the Node SDK's helper builds it still)."""
     stop = "tool_use" if content is None else "end_turn"
-    out = [
-        *chunks.start(pb.CompleteResponse(request_id="r1", model="sim-small")),
-        *[c for block in blocks for c in chunks.delta(block)],
-        *chunks.end(_end(stop=stop), {}),
-    ]
     state = ChatCompletionStreamState()
-    for chunk in out:
-        state.handle_chunk(
-            ChatCompletionChunk.model_validate({k: v for k, v in chunk.items() if k != "cachemesh"})
-        )
+    for chunk in _openai_stream(blocks, _end(stop=stop)):
+        state.handle_chunk(ChatCompletionChunk.model_validate(chunk))
     message = state.get_final_completion().choices[0].message
     assert message.content == content
     sent_back = message.model_dump(exclude={"parsed"})
@@ -1451,13 +1458,8 @@ def test_the_node_sdks_message_of_a_streamed_empty_answer_is_taken_back(
     """The front still streams the chunks the Node SDK's message was recorded from (else record
     it again: tests/sdk_records.py), and that message (``content: null``) sent back is an empty
     answer, no Gateway turn; it was a 400 "null or missing in an assistant message"."""
-    stream = openai_api.ChunkStream(created=1, include_usage=False)
-    sent = [
-        *stream.start(pb.CompleteResponse(request_id="r1", model="sim-small")),
-        *[c for text in texts for c in stream.delta(pb.ContentBlock(text=text))],
-        *stream.end(pb.CompleteResponse(request_id="r1", model="sim-small", stop_reason=stop), {}),
-    ]
-    assert [{k: v for k, v in c.items() if k != "cachemesh"} for c in sent] == chunks
+    end = pb.CompleteResponse(request_id="r1", model="sim-small", stop_reason=stop)
+    assert _openai_stream([pb.ContentBlock(text=text) for text in texts], end) == chunks
     request, _, _ = openai_api.parse_request(
         {"model": "sim-small", "messages": [_Q, message, _MORE]}, 10
     )
