@@ -34,7 +34,15 @@ def _empty_answer(finish: str) -> list[dict[str, Any]]:
 
 
 # (the Gateway's stop reason, its text blocks, the front's chunks, the Node SDK's message)
-OPENAI_NODE_EMPTY_ANSWERS: list[tuple[str, list[str], list[dict[str, Any]], dict[str, Any]]] = [
+Record = tuple[str, list[str], list[dict[str, Any]], dict[str, Any]]
+
+
+def record_id(record: Record) -> str:
+    """A record's name in a test's ids: its stop reason, and whether it had an empty text."""
+    return f"{record[0]}{'+empty text' if record[1] else ''}"
+
+
+OPENAI_NODE_EMPTY_ANSWERS: list[Record] = [
     (
         "end_turn",
         [],

@@ -612,7 +612,7 @@ def test_openai_history_openai_refuses_is_refused_naming_the_field(
 @pytest.mark.parametrize(
     "answer",
     [
-        pytest.param(r[3], id=f"{r[0]}{'+empty text' if r[1] else ''}")
+        pytest.param(r[3], id=sdk_records.record_id(r))
         for r in sdk_records.OPENAI_NODE_EMPTY_ANSWERS
     ],
 )

@@ -1450,7 +1450,7 @@ def test_an_openai_answer_of_content_null_is_an_empty_answer_though_openai_refus
 @pytest.mark.parametrize(
     ("stop", "texts", "chunks", "message"),
     sdk_records.OPENAI_NODE_EMPTY_ANSWERS,
-    ids=[f"{r[0]}{'+empty text' if r[1] else ''}" for r in sdk_records.OPENAI_NODE_EMPTY_ANSWERS],
+    ids=[sdk_records.record_id(r) for r in sdk_records.OPENAI_NODE_EMPTY_ANSWERS],
 )
 def test_the_node_sdks_message_of_a_streamed_empty_answer_is_taken_back(
     stop: str, texts: list[str], chunks: list[dict[str, Any]], message: dict[str, Any]
