@@ -595,11 +595,10 @@ def _assistant(obj: Obj) -> tuple[list[pb.ContentBlock], list[Origin]] | None:
     text parts: OpenAI takes each, and an application sending back the history it got sends
     it. It comes back as ``content: null`` too, which OpenAI refuses and the front takes
     (``_answer_shape``): the Node SDK's stream helper builds null from the front's streamed
-    empty answer whatever chunk ends it. The
-    Gateway has no empty message nor empty text (Anthropic's rule), so it is no Gateway turn:
-    the user messages around it become one turn, as Anthropic's API combines consecutive
-    turns of a role. Before, it was a 400 ("an assistant message needs content or
-    tool_calls") to an SDK replaying the front's own answer.
+    empty answer whatever chunk ends it. The Gateway has no empty message nor empty text
+    (Anthropic's rule), so it is no Gateway turn: the user messages around it become one turn,
+    as Anthropic's API combines consecutive turns of a role. Before, it was a 400 ("an assistant
+    message needs content or tool_calls") to an SDK replaying the front's own answer.
 
     An answer OpenAI's model refused comes back as ``content: null`` and the refusal's words in
     ``refusal``: with no text in the content, a non-empty refusal is the assistant's text (the

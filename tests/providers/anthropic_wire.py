@@ -296,8 +296,7 @@ def _structure_refusal(body: dict[str, Any]) -> str | None:
     """The message of the real API's 400 to a body whose shape it refuses, else None: a
     max_tokens below 1, a temperature outside [0, 1], a message with no content block but a
     last assistant one (anthropics/claude-code#6774, #4416), an empty or blank text block, a
-    tool's
-    name outside ``TOOL_NAME``, a tool's ``input_schema`` naming a type JSON Schema has not
+    tool's name outside ``TOOL_NAME``, a tool's ``input_schema`` naming a type JSON Schema has not
     (``schema_types``), a tool_use id outside ``^[a-zA-Z0-9_-]+$`` or used twice, a message
     after tool calls that does not begin with their tool_result blocks (or a result matching
     no call of the message before), more than 4 ``cache_control`` breakpoints, a 1-hour
