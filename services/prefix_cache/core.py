@@ -242,8 +242,11 @@ class PrefixCacheCore:
         ``replica_instance``: the engine run that answered on ``replica``
         (``GenerateStart.engine_instance``; empty: not known). A run new there after another
         (the engine restarted, its KV cache gone) forgets the replica's view, every tenant's
-        blocks, before this WARM's read is judged (``ReplicaViews.engine``); a WARM of a run
-        before the current one (a call that ended before the restart) records nothing there.
+        blocks, before this WARM's read is judged (``ReplicaViews.engine``); a late WARM
+        records nothing there and wipes nothing: one of a run before the current one (a call
+        that ended before the restart), a replay (``planned_at_ms``) of a run not seen here,
+        or one of an unseen run whose call (its Plan's time, else ``arrived_at_ms``) was made
+        before the current run's first WARM here.
         """
         for other in stalled_warm:
             if not other or other == replica:
@@ -297,7 +300,17 @@ class PrefixCacheCore:
             if held is not None:  # no await since ``held``: no other WARM took it meanwhile
                 self._plans.take(plan_id, tenant, spec.id)
             now = self._clock.now_ms()
-            current = self._engine(spec.id, replica, replica_instance) if replica else None
+            # the call's time: its Plan's (a replay's, or the held Plan's), or the router's
+            called = planned_at_ms if planned_at_ms is not None else prompt.planned_at_ms
+            if called is None:
+                called = arrived_at_ms if arrived_at_ms is not None else now
+            current = (
+                self._engine(
+                    spec.id, replica, replica_instance, min(called, now), planned_at_ms is not None
+                )
+                if replica
+                else None
+            )
             # the replica's report of its KV reuse, if it could give one at its first token
             reported = None if kv_cached_unreported else kv_cached_tokens
             if spec.rules == "self_hosted":
@@ -497,11 +510,13 @@ class PrefixCacheCore:
                     self._metrics.unattributed_kv(record.model, unbilled)
             return placed
 
-    def _engine(self, model: str, replica: str, instance: str) -> bool | None:
+    def _engine(
+        self, model: str, replica: str, instance: str, called_at_ms: int, replayed: bool
+    ) -> bool | None:
         """``ReplicaViews.engine``, its wipe counted (``cause="restart"``) and named on the
         current span (``VIEW_WIPE_ATTRIBUTE``)."""
         before = self._view_corrections()
-        current = self._views.engine(replica, instance)
+        current = self._views.engine(replica, instance, called_at_ms, replayed=replayed)
         if self._view_corrections() != before:
             self._count_corrections(model, "restart", before)
             trace.get_current_span().set_attribute(VIEW_WIPE_ATTRIBUTE, "engine_restart")

@@ -148,9 +148,10 @@ class ReplicaViews:
         self._awaited_order: TenantOrder[Awaiting] = TenantOrder()
         self._awaited_blocks = 0
         self._awaited_bound = awaited_blocks
-        # each replica's engine runs by their WARMs' ``instance`` (``engine``), the current one
-        # last: a run seen before the current one is a restarted engine's (late WARMs of it)
-        self._instances: dict[str, list[str]] = {}
+        # each replica's engine runs by their WARMs' ``instance`` (``engine``), with the call
+        # time of the first WARM of each seen here, the current one last: a run seen before
+        # the current one is a restarted engine's (late WARMs of it)
+        self._instances: dict[str, list[tuple[str, int]]] = {}
         self.stats = ViewStats()
 
     def _view(self, replica: str) -> KvBlockCache:
@@ -261,22 +262,37 @@ class ReplicaViews:
         if lost is not None and note.stamps[lost] <= note.since:
             self._correct(view, note.stamps[lost])
 
-    def engine(self, replica: str, instance: str) -> bool | None:
+    def engine(
+        self, replica: str, instance: str, called_at_ms: int, *, replayed: bool = False
+    ) -> bool | None:
         """A WARM's engine run on ``replica`` (``GenerateStart.engine_instance``; empty: not
-        known, nothing changes). A run not seen there before, after another: the engine
-        restarted, its KV cache gone, so the replica's view is forgotten (every tenant's blocks,
-        and the notes awaiting its FINALs), counted as a correction with the blocks it held.
+        known, nothing changes), of a call made at ``called_at_ms`` (the router's time of it:
+        its Plan's, or the WARM's arrival here). A run not seen there before, after another:
+        the engine restarted, its KV cache gone, so the replica's view is forgotten (every
+        tenant's blocks), counted as a correction with the blocks it held; the notes awaiting
+        FINALs are kept (a FINAL is still scored) but no note of the forgotten view is
+        applied to the new one (``_drop``: a new view's epoch).
         True: the WARM's engine is the current one (the view was wiped if it is new); False:
-        a run seen before the current one, a call that ended on the engine since restarted (a
-        late WARM), whose prefill no engine holds now; None: not known."""
+        a late WARM, whose prefill no engine holds now: a run seen before the current one, or
+        a run not seen here that cannot be a newer one, because ``replayed`` (the router's
+        billing outbox, ``planned_at_ms``: maybe long after the call, from an engine since
+        restarted, which this process may never have seen: restarted itself, another
+        prefix-cache process, a run fallen off the kept ``_RUNS_KEPT``) or because the call
+        was made before the current run was first seen here; None: not known.
+        A late WARM records nothing and wipes nothing: before, a replayed WARM of the previous
+        run reaching a prefix-cache that knew only the live one made the old run current,
+        wiped the live run's view, and every later WARM of the live run was taken as late
+        (recorded nothing) until the engine restarted again."""
         if not instance:
             return None
         runs = self._instances.setdefault(replica, [])
-        if runs and runs[-1] == instance:
+        if runs and runs[-1][0] == instance:
             return True
-        if instance in runs:
+        if any(run == instance for run, _ in runs):
             return False
-        runs.append(instance)
+        if replayed or (runs and called_at_ms < runs[-1][1]):
+            return False
+        runs.append((instance, called_at_ms))
         del runs[:-_RUNS_KEPT]
         if len(runs) > 1:  # the first run seen says nothing of the view learned so far
             blocks = self._drop(replica)

@@ -49,7 +49,7 @@ class Rig:
         self.tokenizer = tokenizer
         self.views = ReplicaViews(65536)
         self.registry = new_registry()
-        clock = ManualClock()
+        self.clock = clock = ManualClock()
         self.core = PrefixCacheCore(
             plans=PlanMemo(clock, ttl_ms=60_000, max_blocks=1 << 20),
             table=load_model_table(),
