@@ -151,6 +151,9 @@ async def test_serve_answers_then_stops() -> None:
             )
             chunks = [chunk async for chunk in call]
         assert chunks[0].start.replica == address
+        # this process's run of its engine (its KV cache dies with it), for prefix-cache to
+        # see a restart (``GenerateStart.engine_instance``): a uuid4 drawn at the start
+        assert len(chunks[0].start.engine_instance) == 32, chunks[0].start
         assert chunks[-1].end.stop_reason == "end_turn"
     finally:
         stop.set()
