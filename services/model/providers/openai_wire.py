@@ -24,9 +24,9 @@ https://platform.openai.com/docs/api-reference/chat/create
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
+import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +38,7 @@ from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.models import ModelSpec
 from services.model.providers.config import provider_name
+from services.model.providers.engine_run import EngineRun, NoProps
 from services.model.providers.failures import (
     StreamCut,
     lost_after_end,
@@ -368,7 +369,7 @@ REQUEST_ID_HEADER = "x-request-id"
 # only if its operator sets LLAMA_MEDIA_MARKER, then no restart is seen here, as before)
 PROPS_PATH = "props"
 RUN_FIELD = "media_marker"
-PROPS_TIMEOUT_S = 2.0
+PROPS_TIMEOUT_S = 2.0  # each read's (httpx); a refresh's whole: ``engine_run.REFRESH_BOUND_S``
 
 
 def engine_run(props: object) -> str:
@@ -384,15 +385,22 @@ def engine_run(props: object) -> str:
 class OpenAIAdapter:
     backend = "openai"
 
-    def __init__(self, client: openai.AsyncOpenAI) -> None:
+    def __init__(
+        self, client: openai.AsyncOpenAI, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._client = client
+        base = client.base_url
+        # a self-hosted engine's run, refreshed off the call path (``EngineRun``); named in
+        # its log by host and port only (the base URL may carry credentials)
+        self._run = EngineRun(self._props_run, f"{base.host}:{base.port}", clock)
 
     async def close(self) -> None:
+        await self._run.close()
         await self._client.close()
 
-    async def _run(self) -> str:
+    async def _props_run(self) -> str:
         """The engine's run (``engine_run`` of its /props, next to the base URL's ``v1``);
-        "" if it has no /props or did not answer it in ``PROPS_TIMEOUT_S``."""
+        ``NoProps`` if it has none (a 404); any failure raised (``EngineRun`` bounds it)."""
         base = self._client.base_url
         path = base.raw_path.rstrip(b"/")
         if path.endswith(b"/v1"):
@@ -402,8 +410,8 @@ class OpenAIAdapter:
             props = await self._client.get(
                 str(url), cast_to=object, options={"timeout": PROPS_TIMEOUT_S}
             )
-        except (openai.APIError, TimeoutError):
-            return ""  # not known: prefix-cache keeps its view, as with an older replica
+        except openai.NotFoundError as exc:
+            raise NoProps() from exc
         return engine_run(props)
 
     async def stream(
@@ -413,23 +421,22 @@ class OpenAIAdapter:
         progress: Progress,
         timeout_s: float,
     ) -> AsyncGenerator[model_pb2.GenerateChunk, None]:
-        # a self-hosted engine's run, asked beside the call (a restart since the last call:
-        # its KV cache gone, GenerateStart.engine_instance tells prefix-cache)
-        run = asyncio.ensure_future(self._run()) if spec.provider == "self_hosted" else None
-        try:
-            with never_sent():
-                params = chat_params(spec, request)
-                chunks = await self._client.chat.completions.create(
-                    **params,
-                    stream=True,
-                    stream_options={"include_usage": True},
-                    timeout=timeout_s,
-                )
-            if run is not None:
-                progress.engine_instance = await run
-        finally:
-            if run is not None and not run.done():
-                run.cancel()
+        # a self-hosted engine's run (a restart: its KV cache gone, GenerateStart.
+        # engine_instance tells prefix-cache), refreshed in the background when due: the call
+        # sends it as known when its chat's headers came, and never waits for /props
+        self_hosted = spec.provider == "self_hosted"
+        if self_hosted:
+            self._run.refresh_if_due()
+        with never_sent():
+            params = chat_params(spec, request)
+            chunks = await self._client.chat.completions.create(
+                **params,
+                stream=True,
+                stream_options={"include_usage": True},
+                timeout=timeout_s,
+            )
+        if self_hosted:
+            progress.engine_instance = self._run.run
         progress.answered(chunks.response.headers, REQUEST_ID_HEADER)  # its id of the call
         calls = ToolCalls()
         echo = EchoedPrefill(echoed_prefill(spec, request))

@@ -102,7 +102,12 @@ class GenerateStart(_message.Message):
     own id drawn at start-up), the same for every call to that process. A different value on
     the same replica means the engine restarted, its KV cache gone: the router sends it on the
     WARM (CommitRequest.replica_instance) and prefix-cache forgets its view of the replica.
-    Empty: not known (an older replica, a hosted provider, an engine without such a value).
+    Empty: not known (an older replica, a hosted provider, an engine without such a value, a
+    self-hosted engine's /props not answered yet or failing). A provider replica learns it off
+    the call path (at most once a second while calls come) and sends it as known when the
+    chat's headers came: the first call after a restart may still carry the run before (the
+    view is then judged as every call's was before runs were sent; the next call's new run
+    forgets it).
     """
     def __init__(
         self,

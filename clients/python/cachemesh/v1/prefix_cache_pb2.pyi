@@ -216,6 +216,9 @@ class CommitRequest(_message.Message):
     differs from the one prefix-cache last saw there, the engine restarted (its KV cache gone):
     the replica's view is forgotten, every tenant's blocks there, before this WARM is judged.
     Empty: not known (an older router or replica, a hosted provider): the view is kept as before.
+    A late WARM records nothing there and forgets nothing: one of a run seen before the current
+    one, a replay (planned_at_ms) of a run not seen here, or one of a run not seen here whose
+    call (its Plan's time, else arrived_at_ms) came before the current run's first WARM here.
     """
     @_builtins.property
     def request(self) -> _gateway_pb2.CompleteRequest:
