@@ -244,9 +244,12 @@ class PrefixCacheCore:
         (the engine restarted, its KV cache gone) forgets the replica's view, every tenant's
         blocks, before this WARM's read is judged (``ReplicaViews.engine``); a late WARM
         records nothing there and wipes nothing: one of a run before the current one (a call
-        that ended before the restart), a replay (``planned_at_ms``) of a run not seen here,
-        or one of an unseen run whose call (its Plan's time, else ``arrived_at_ms``) was made
-        before the current run's first WARM here.
+        that ended before the restart), or one of an unseen run whose call (its Plan's time:
+        ``planned_at_ms``, else the held Plan's; else ``arrived_at_ms``) was made before the
+        current run's first WARM here. ``planned_at_ms`` is no sign of lateness by itself: the
+        router sends it with a live WARM whose Plan this process does not hold (a restart, the
+        memo's eviction, another process), moments after the Plan; the billing outbox's replay
+        names no replica nor run, and the open-call journal's WARM names its held Plan.
         """
         for other in stalled_warm:
             if not other or other == replica:
@@ -305,9 +308,7 @@ class PrefixCacheCore:
             if called is None:
                 called = arrived_at_ms if arrived_at_ms is not None else now
             current = (
-                self._engine(
-                    spec.id, replica, replica_instance, min(called, now), planned_at_ms is not None
-                )
+                self._engine(spec.id, replica, replica_instance, min(called, now))
                 if replica
                 else None
             )
@@ -510,13 +511,11 @@ class PrefixCacheCore:
                     self._metrics.unattributed_kv(record.model, unbilled)
             return placed
 
-    def _engine(
-        self, model: str, replica: str, instance: str, called_at_ms: int, replayed: bool
-    ) -> bool | None:
+    def _engine(self, model: str, replica: str, instance: str, called_at_ms: int) -> bool | None:
         """``ReplicaViews.engine``, its wipe counted (``cause="restart"``) and named on the
         current span (``VIEW_WIPE_ATTRIBUTE``)."""
         before = self._view_corrections()
-        current = self._views.engine(replica, instance, called_at_ms, replayed=replayed)
+        current = self._views.engine(replica, instance, called_at_ms)
         if self._view_corrections() != before:
             self._count_corrections(model, "restart", before)
             trace.get_current_span().set_attribute(VIEW_WIPE_ATTRIBUTE, "engine_restart")

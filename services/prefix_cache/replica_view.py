@@ -262,9 +262,7 @@ class ReplicaViews:
         if lost is not None and note.stamps[lost] <= note.since:
             self._correct(view, note.stamps[lost])
 
-    def engine(
-        self, replica: str, instance: str, called_at_ms: int, *, replayed: bool = False
-    ) -> bool | None:
+    def engine(self, replica: str, instance: str, called_at_ms: int) -> bool | None:
         """A WARM's engine run on ``replica`` (``GenerateStart.engine_instance``; empty: not
         known, nothing changes), of a call made at ``called_at_ms`` (the router's time of it:
         its Plan's, or the WARM's arrival here). A run not seen there before, after another:
@@ -274,15 +272,16 @@ class ReplicaViews:
         applied to the new one (``_drop``: a new view's epoch).
         True: the WARM's engine is the current one (the view was wiped if it is new); False:
         a late WARM, whose prefill no engine holds now: a run seen before the current one, or
-        a run not seen here that cannot be a newer one, because ``replayed`` (the router's
-        billing outbox, ``planned_at_ms``: maybe long after the call, from an engine since
-        restarted, which this process may never have seen: restarted itself, another
-        prefix-cache process, a run fallen off the kept ``_RUNS_KEPT``) or because the call
-        was made before the current run was first seen here; None: not known.
-        A late WARM records nothing and wipes nothing: before, a replayed WARM of the previous
+        a run not seen here whose call was made before the current run was first seen here
+        (it cannot be a newer one: a WARM sent again late, from an engine since restarted,
+        which this process may never have seen: restarted itself, another prefix-cache
+        process, a run fallen off the kept ``_RUNS_KEPT``); None: not known.
+        A late WARM records nothing and wipes nothing: before, a late WARM of the previous
         run reaching a prefix-cache that knew only the live one made the old run current,
         wiped the live run's view, and every later WARM of the live run was taken as late
-        (recorded nothing) until the engine restarted again."""
+        (recorded nothing) until the engine restarted again. With no run seen yet there is
+        nothing to judge a WARM late against: its run is the first (a dead one is forgotten
+        by the live run's first WARM, called after it)."""
         if not instance:
             return None
         runs = self._instances.setdefault(replica, [])
@@ -290,7 +289,7 @@ class ReplicaViews:
             return True
         if any(run == instance for run, _ in runs):
             return False
-        if replayed or (runs and called_at_ms < runs[-1][1]):
+        if runs and called_at_ms < runs[-1][1]:
             return False
         runs.append((instance, called_at_ms))
         del runs[:-_RUNS_KEPT]

@@ -92,11 +92,13 @@ async def test_no_run_told_or_the_first_run_seen_keeps_the_view(tokenizer: Token
     assert rig.registry.get_sample_value(CORRECTIONS, RESTART) is None
 
 
-async def _replayed(
+async def _resent(
     rig: Rig, rid: str, request: pb.CompleteRequest, run: str, tenant: str, at_ms: int
 ) -> int:
-    """A WARM as the router's billing outbox replays it: with the request, its Plan's read
-    and time (``planned_at_ms``), and the run that answered the call then."""
+    """A WARM as the router sends it again when prefix-cache no longer holds its Plan
+    (``Calls.commit_warm``: restarted, the memo's eviction, another prefix-cache process):
+    with the request, its Plan's read and time (``planned_at_ms``), and the run that answered.
+    (The billing outbox's replay, ``billing._replay_warm``, names no replica nor run.)"""
     split = await rig.core.warm(
         tenant,
         rid,
@@ -105,27 +107,51 @@ async def _replayed(
         "a",
         max_read_tokens=0,
         planned_at_ms=at_ms,
+        plan_id="gone",
         kv_cached_unreported=True,
         replica_instance=run,
     )
     return split.read_tokens
 
 
-async def test_a_replayed_warm_of_a_run_never_seen_here_neither_wipes_nor_becomes_current(
+async def _journalled(
+    rig: Rig, rid: str, plan_id: str, run: str, tenant: str, read: int = 0
+) -> int:
+    """A WARM as the router's open-call journal sends it again after a router restart: the
+    WARM first sent (``warm_commit``: its ``plan_id``, no request, no ``planned_at_ms``), whose
+    Plan this process holds; the call's time is that Plan's."""
+    split = await rig.core.warm(
+        tenant,
+        rid,
+        MODEL,
+        None,
+        "a",
+        max_read_tokens=read,
+        plan_id=plan_id,
+        kv_cached_unreported=True,
+        replica_instance=run,
+    )
+    return split.read_tokens
+
+
+async def test_a_late_warm_of_a_run_never_seen_here_neither_wipes_nor_becomes_current(
     tokenizer: Tokenizer,
 ) -> None:
     """The reviewer's flip: a prefix-cache that knows only the live run (restarted itself,
-    another process, or the old run fell off the kept ones) gets the outbox's replay of a
+    another process, or the old run fell off the kept ones) gets a WARM, sent again late, of a
     call the previous run answered. Before, that run became current: the live run's view was
     wiped and each later WARM of the live run was taken as late, recording nothing (the live
-    conversation's turns read [656, 0, 0, 0, 0]: every tenant billed full input there)."""
+    conversation's turns read [656, 0, 0, 0, 0]: every tenant billed full input there). Its
+    call time (its Plan's, long before the live run's first WARM) marks it late."""
     rig = Rig(tokenizer)
     one, two = _ask(AGENT, "Where is order 7?"), _ask(FAQ, "When do you open?")
     long_ago = rig.clock.now_ms()
-    rig.clock.advance(s=60)
+    old = await rig.core.plan("u", MODEL, two, ["a"])  # held here, its time long ago
+    rig.clock.advance(s=50)
     assert await _warm(rig, "1", one, "run-B", "t") == 0  # the live engine
     reads = [await _warm(rig, "2", one, "run-B", "t")]
-    assert await _replayed(rig, "old-1", two, "run-A", "u", long_ago) == 0
+    assert await _journalled(rig, "old-1", old.plan_id, "run-A", "u") == 0
+    assert await _resent(rig, "old-2", two, "run-A", "u", long_ago) == 0
     for i in range(3, 7):
         rig.clock.advance(s=1)
         reads.append(await _warm(rig, str(i), one, "run-B", "t"))
@@ -134,17 +160,54 @@ async def test_a_replayed_warm_of_a_run_never_seen_here_neither_wipes_nor_become
     assert await _held(rig, "u", two) == 0  # the old run's prefill: recorded nowhere
 
 
-async def test_a_replayed_warm_of_an_unknown_run_before_any_run_records_nothing(
+async def test_a_journalled_warm_of_an_unknown_run_before_any_run_is_wiped_by_the_live_one(
     tokenizer: Tokenizer,
 ) -> None:
+    """The open-call journal's WARM (its Plan held here, made long ago) of a run this process
+    has not seen, with no run seen yet: nothing to judge it late against, so its run is the
+    first one seen (as any first run); the live run's first WARM, called after it, forgets
+    that view (counted once) and its own prefill is learned."""
+    rig = Rig(tokenizer)
+    one, two = _ask(AGENT, "Where is order 7?"), _ask(FAQ, "When do you open?")
+    old = await rig.core.plan("u", MODEL, two, ["a"])
+    rig.clock.advance(s=50)
+    assert await _journalled(rig, "old-1", old.plan_id, "run-A", "u") == 0
+    assert await _warm(rig, "1", one, "run-B", "t") == 0
+    assert await _held(rig, "u", two) == 0  # the dead run's prefill: forgotten
+    assert await _warm(rig, "2", one, "run-B", "t") > 0
+    assert rig.registry.get_sample_value(CORRECTIONS, RESTART) == 1
+
+
+async def test_a_warm_sent_again_for_a_plan_not_held_here_records_on_a_fresh_process(
+    tokenizer: Tokenizer,
+) -> None:
+    """The router's live re-send (``planned_at_ms``: its Plan's time, moments ago) when this
+    prefix-cache does not hold the Plan (it restarted, its memo evicted it, another process
+    made it): on a fresh process its run is the first seen and its prefill is recorded.
+    Before, any WARM with ``planned_at_ms`` was taken as an outbox replay: it recorded
+    nothing (the conversation's next turn read 0, was 656)."""
     rig = Rig(tokenizer)
     one = _ask(AGENT, "Where is order 7?")
-    await _replayed(rig, "old-1", one, "run-A", "t", rig.clock.now_ms())
-    assert await _held(rig, "t", one) == 0  # no engine is known to hold it
-    # the live run is then the first seen: nothing to wipe, its prefill learned
-    assert await _warm(rig, "1", one, "run-B", "t") == 0
-    assert await _warm(rig, "2", one, "run-B", "t") > 0
+    assert await _resent(rig, "1", one, "run-1", "t", rig.clock.now_ms() - 50) == 0
+    assert await _held(rig, "t", one) > 0
+    assert await _warm(rig, "2", one, "run-1", "t") > 0
     assert rig.registry.get_sample_value(CORRECTIONS, RESTART) is None
+
+
+async def test_a_warm_sent_again_of_a_new_run_forgets_the_view(tokenizer: Tokenizer) -> None:
+    """The engine restarted and its first call's WARM is sent again (its Plan not held here):
+    its new run forgets the replica's view, every tenant's blocks. Before, it was taken as an
+    outbox replay and wiped nothing: the view went on predicting the restarted engine warm."""
+    rig = Rig(tokenizer)
+    one, two = _ask(AGENT, "Where is order 7?"), _ask(FAQ, "When do you open?")
+    await _warm(rig, "1", one, "run-1", "t")
+    await _warm(rig, "2", two, "run-1", "u")
+    assert await _held(rig, "t", one) > 0 and await _held(rig, "u", two) > 0
+    rig.clock.advance(s=10)
+    assert await _resent(rig, "3", one, "run-2", "t", rig.clock.now_ms() - 50) == 0
+    assert rig.registry.get_sample_value(CORRECTIONS, RESTART) == 1
+    assert await _held(rig, "u", two) == 0
+    assert await _warm(rig, "4", one, "run-2", "t") > 0  # the new run's prefill: learned
 
 
 async def test_a_warm_of_an_unknown_run_called_before_the_current_run_was_seen_is_late(

@@ -196,8 +196,9 @@ class CommitRequest(_message.Message):
     (the engine's own count arrives in provider_usage at FINAL and reconciles it).
     """
     planned_at_ms: _builtins.int
-    """WARM replayed by the router's billing outbox: the request's arrival (its Plan's
-    PlanResponse.planned_at_ms), sent with max_read_tokens. The WARM is then settled as on
+    """WARM replayed by the router's billing outbox, or sent again live when prefix-cache no
+    longer holds its Plan: the request's arrival (its Plan's PlanResponse.planned_at_ms), sent
+    with max_read_tokens. The WARM is then settled as on
     arrival, however late: the read is the Plan's (max_read_tokens), not judged again against a
     warm state that may have expired or been lost since (a restart), and the read and written
     entries live their ttl from the arrival (one whose ttl has run out since is not warm
@@ -217,8 +218,9 @@ class CommitRequest(_message.Message):
     the replica's view is forgotten, every tenant's blocks there, before this WARM is judged.
     Empty: not known (an older router or replica, a hosted provider): the view is kept as before.
     A late WARM records nothing there and forgets nothing: one of a run seen before the current
-    one, a replay (planned_at_ms) of a run not seen here, or one of a run not seen here whose
-    call (its Plan's time, else arrived_at_ms) came before the current run's first WARM here.
+    one, or one of a run not seen here whose call (its Plan's time: planned_at_ms or the held
+    Plan's; else arrived_at_ms) came before the current run's first WARM here. planned_at_ms
+    alone makes no WARM late: a live WARM whose Plan prefix-cache no longer holds carries it.
     """
     @_builtins.property
     def request(self) -> _gateway_pb2.CompleteRequest:
