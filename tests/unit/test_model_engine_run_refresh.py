@@ -237,3 +237,36 @@ async def test_a_hung_refresh_is_bounded_in_all(monkeypatch: pytest.MonkeyPatch)
     await asyncio.wait_for(started, 60.0)  # a hang guard only
     assert run.run == ""
     await run.close()
+
+
+async def test_one_refresh_at_a_time_and_close_cancels_the_one_in_flight() -> None:
+    """A fetch that has not returned when the next refresh falls due (1.5 s later): no second
+    fetch starts beside it (without the guard two ran at once, and close() kept the second's
+    handle only: the first was left running), and close() cancels the one in flight."""
+    clock = ManualClock()
+    started = 0
+    cancelled = 0
+    never, entered = asyncio.Event(), asyncio.Event()
+
+    async def fetch() -> str:
+        nonlocal started, cancelled
+        started += 1
+        entered.set()
+        try:
+            await never.wait()
+        except asyncio.CancelledError:
+            cancelled += 1
+            raise
+        return "never"
+
+    run = EngineRun(fetch, "engine:1", lambda: clock.now_ms() / 1000, bound_s=3600.0)
+    first = run.refresh_if_due()
+    assert first is not None
+    await asyncio.wait_for(entered.wait(), 60.0)  # the fetch runs (a hang guard only)
+    clock.advance(s=1.5)  # due again, the first still in flight
+    assert run.refresh_if_due() is None
+    for _ in range(5):  # a second fetch, had one been started, would have begun by now
+        await asyncio.sleep(0)
+    assert started == 1 and not first.done()
+    await run.close()
+    assert first.cancelled() and cancelled == 1
