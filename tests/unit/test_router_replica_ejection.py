@@ -30,7 +30,7 @@ from services.common.errors import Code, RequestError
 from services.common.model_overrides import with_context_windows, with_prior_prefill
 from services.common.models import ModelTable
 from services.router import replica_state
-from services.router.dependencies import CallFailed, Dependencies
+from services.router.dependencies import CallFailed, Dependencies, PrefixPort
 from services.router.pipeline import Pipeline
 from services.router.routing.model import RouterCard, load_router_model
 from tests.unit.test_router_pipeline import TABLE, TOKENIZER, FakeSemantic, _settings
@@ -274,11 +274,24 @@ def _pipeline(
     models: Models,
     replicas: dict[str, tuple[str, ...]] = REPLICAS,
     table: ModelTable = TABLE,
+    *,
+    view: PrefixPort | None = None,
+    tracer: trace.Tracer | None = None,
 ) -> Pipeline:
-    deps = Dependencies(FakeSemantic(), WarmOnLargeOne(), models, replicas)
+    """The router's pipeline over ``models``, prefix-cache's view ``view`` (default: warm on
+    large-1 only)."""
+    deps = Dependencies(
+        FakeSemantic(), WarmOnLargeOne() if view is None else view, models, replicas
+    )
     router = (load_router_model(), RouterCard.load().default_threshold, None)
     return Pipeline(
-        deps, table, TOKENIZER, trace.NoOpTracer(), _settings(), router, clock=models.clock
+        deps,
+        table,
+        TOKENIZER,
+        tracer or trace.NoOpTracer(),
+        _settings(),
+        router,
+        clock=models.clock,
     )
 
 
@@ -695,11 +708,7 @@ async def test_one_models_failures_on_a_shared_address_do_not_eject_the_other_mo
     clock = Clock()
     models = SharedAddress(clock, {})
     shared = {"sim-small": ("shared-1",), "sim-large": ("shared-1", "large-2")}
-    deps = Dependencies(FakeSemantic(), WarmOnLargeOne(), models, shared)
-    router = (load_router_model(), RouterCard.load().default_threshold, None)
-    pipeline = Pipeline(
-        deps, TABLE, TOKENIZER, trace.NoOpTracer(), _settings(), router, clock=clock
-    )
+    pipeline = _pipeline(models, shared)
     for i in range(12):
         assert (await _ask(pipeline, 2 * i)).content[0].text == "ok"
         assert (await _ask(pipeline, 2 * i + 1, model="sim-small")).content[0].text == "ok"
@@ -856,11 +865,7 @@ def test_a_call_that_failed_before_its_start_names_why_its_replica_was_chosen(
 
     async def scenario() -> None:
         models = Models(clock, {}, hung={"large-1"})
-        deps = Dependencies(FakeSemantic(), WarmOnLargeOne(), models, REPLICAS)
-        router = (load_router_model(), RouterCard.load().default_threshold, None)
-        pipeline = Pipeline(
-            deps, TABLE, TOKENIZER, provider.get_tracer("t"), _settings(), router, clock=clock
-        )
+        pipeline = _pipeline(models, tracer=provider.get_tracer("t"))
         assert (await _ask(pipeline, 0, remaining_s=30.0)).content
         await pipeline.drain()
 
@@ -912,11 +917,7 @@ def _stalled_warm_named(warm: int) -> list[str]:
 
     async def scenario() -> None:
         models = Models(clock, {}, hung={"large-1"})
-        deps = Dependencies(FakeSemantic(), view, models, REPLICAS)
-        router = (load_router_model(), RouterCard.load().default_threshold, None)
-        pipeline = Pipeline(
-            deps, TABLE, TOKENIZER, trace.NoOpTracer(), _settings(), router, clock=clock
-        )
+        pipeline = _pipeline(models, view=view)
         assert (await _ask(pipeline, 1, remaining_s=30.0)).content[0].text == "ok"
         await pipeline.drain()
         assert models.calls == ["large-1", "large-2"] and models.cancelled == ["large-1"]
@@ -949,11 +950,7 @@ def test_the_warm_names_the_engine_run_that_answered(run: str) -> None:
 
     async def scenario() -> None:
         models = Models(clock, {}, runs={"large-1": run, "large-2": run})
-        deps = Dependencies(FakeSemantic(), view, models, REPLICAS)
-        router = (load_router_model(), RouterCard.load().default_threshold, None)
-        pipeline = Pipeline(
-            deps, TABLE, TOKENIZER, trace.NoOpTracer(), _settings(), router, clock=clock
-        )
+        pipeline = _pipeline(models, view=view)
         assert (await _ask(pipeline, 1, remaining_s=30.0)).content[0].text == "ok"
         await pipeline.drain()
 
@@ -1002,11 +999,7 @@ def test_a_warm_replica_whose_one_slot_a_slow_reader_holds_is_not_named_stalled(
 
     async def scenario() -> Models:
         models = Models(clock, {}, prefill_s=0.01)
-        deps = Dependencies(FakeSemantic(), view, models, REPLICAS)
-        router = (load_router_model(), RouterCard.load().default_threshold, None)
-        pipeline = Pipeline(
-            deps, TABLE, TOKENIZER, trace.NoOpTracer(), _settings(), router, clock=clock
-        )
+        pipeline = _pipeline(models, view=view)
         for i in range(4):  # the replicas' rates measured
             await _ask(pipeline, 100 + i, model="local-small")
         view.commits.clear()
