@@ -42,14 +42,14 @@ from services.prefix_cache.warm import WarmStore, read_time
 # it was ~15% of prefix-cache's samples under load (an agent request: 16-74 parts). A larger
 # one goes to a worker thread (tiktoken releases the GIL) so that it never stalls the loop
 # for long: 32 kB of one-character blocks (6,400 parts) takes ~26 ms.
-# the WARM's span attribute naming why a replica's view was forgotten ("engine_restart": the
-# WARM's engine run is a new one there, GenerateStart.engine_instance)
-VIEW_WIPE_ATTRIBUTE = "cachemesh.view_wipe_reason"
 INLINE_PROMPT_BYTES = 32 * 1024
 INLINE_PROMPT_PARTS = 256
 # The most tokens a count may hold (2^31, ~2.1 billion: beyond any context or output), so that
 # every bill fits in int64 nano-dollars; a larger one is refused before anything is written.
 MAX_TOKENS = 1 << 31
+# the WARM's span attribute naming why a replica's view was forgotten ("engine_restart": the
+# WARM's engine run is a new one there, GenerateStart.engine_instance)
+VIEW_WIPE_ATTRIBUTE = "cachemesh.view_wipe_reason"
 # What a kept Prompt costs in the plan memo's budget (PREFIX_CACHE_PLAN_MEMO_BLOCKS), in units
 # of one KV block hash (~75 bytes with its list slot), measured with tracemalloc: a Prompt with
 # no block is ~800 bytes (the plan, scope, digest and the memo's entry), and each read probe
