@@ -223,9 +223,11 @@ class PrefixCacheCore:
         (``request`` may then be None; if the plan is gone, ``PlanGone`` asks for it).
 
         ``planned_at_ms`` (with ``max_read_tokens``) is the arrival a replay of the router's
-        billing outbox carries, maybe long after it: the read is the Plan's, not judged again
-        against a warm state that may have expired or been lost (a restart) since, and the
-        refresh and writes last their ttl from the arrival (one run out since is not warm again).
+        billing outbox carries, maybe long after it, or the router's live WARM sent again with
+        its request when this process no longer holds the Plan (``Calls.commit_warm``,
+        moments after it): the read is the Plan's, not judged again against a warm state that
+        may have expired or been lost (a restart) since, and the refresh and writes last their
+        ttl from the arrival (one run out since is not warm again).
 
         ``arrived_at_ms`` is the router's own time of the model call, sent when it had no Plan
         (it failed or timed out) and used only without ``max_read_tokens`` and ``planned_at_ms``:
