@@ -106,7 +106,6 @@ class ViewStats:
     corrections: int = 0  # reports below the prediction that evicted blocks
     corrected_blocks: int = 0  # blocks those evicted
     stalls: int = 0  # of the corrections, those for a call stalled where it was predicted warm
-    restarts: int = 0  # of the corrections, views forgotten for their engine's restart
 
 
 @dataclass(frozen=True)
@@ -295,7 +294,6 @@ class ReplicaViews:
         del runs[:-_RUNS_KEPT]
         if len(runs) > 1:  # the first run seen says nothing of the view learned so far
             blocks = self._drop(replica)
-            self.stats.restarts += 1
             self.stats.corrections += 1
             self.stats.corrected_blocks += blocks
         return True
