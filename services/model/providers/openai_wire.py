@@ -390,6 +390,13 @@ class OpenAIAdapter:
     ) -> None:
         self._client = client
         base = client.base_url
+        # the engine's /props, next to the base URL's ``v1``
+        path = base.raw_path.rstrip(b"/")
+        if path.endswith(b"/v1"):
+            path = path[: -len(b"v1")]
+        self._props_url = str(
+            base.copy_with(raw_path=path.rstrip(b"/") + b"/" + PROPS_PATH.encode())
+        )
         # a self-hosted engine's run, refreshed off the call path (``EngineRun``); named in
         # its log by host and port only (the base URL may carry credentials)
         self._run = EngineRun(self._props_run, f"{base.host}:{base.port}", clock)
@@ -399,16 +406,11 @@ class OpenAIAdapter:
         await self._client.close()
 
     async def _props_run(self) -> str:
-        """The engine's run (``engine_run`` of its /props, next to the base URL's ``v1``);
-        ``NoProps`` if it has none (a 404); any failure raised (``EngineRun`` bounds it)."""
-        base = self._client.base_url
-        path = base.raw_path.rstrip(b"/")
-        if path.endswith(b"/v1"):
-            path = path[: -len(b"v1")]
-        url = base.copy_with(raw_path=path.rstrip(b"/") + b"/" + PROPS_PATH.encode())
+        """The engine's run (``engine_run`` of its /props); ``NoProps`` if it has none (a
+        404); any failure raised (``EngineRun`` bounds it)."""
         try:
             props = await self._client.get(
-                str(url), cast_to=object, options={"timeout": PROPS_TIMEOUT_S}
+                self._props_url, cast_to=object, options={"timeout": PROPS_TIMEOUT_S}
             )
         except openai.NotFoundError as exc:
             raise NoProps() from exc
