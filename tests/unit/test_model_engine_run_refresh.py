@@ -18,6 +18,7 @@ from aiohttp import web
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from services.common.clock import ManualClock
+from services.model.providers.api import ProviderApi
 from services.model.providers.engine_run import EngineRun, NoProps
 from services.model.providers.openai_wire import engine_run
 from tests.providers.replica import provider_replica, provider_settings
@@ -78,13 +79,18 @@ async def serve() -> AsyncIterator[Callable[[Engine], Awaitable[Engine]]]:
         await runner.cleanup()
 
 
-async def _starts(engine: Engine, calls: int) -> list[str]:
-    """``calls`` calls one after the other through one replica: each start's run."""
+def _replica(engine: Engine) -> tuple[ProviderApi, model_pb2.GenerateRequest]:
+    """A replica in front of ``engine``, and a call of it."""
     settings = provider_settings("openai", engine.base_url, upstream_ids={MODEL: "m"})
-    api = provider_replica(settings, [MODEL])
     message = pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text="Say hi.")])
     request = pb.CompleteRequest(model=MODEL, max_tokens=4, messages=[message])
     call = model_pb2.GenerateRequest(tenant="t", model=MODEL, request=request)
+    return provider_replica(settings, [MODEL]), call
+
+
+async def _starts(engine: Engine, calls: int) -> list[str]:
+    """``calls`` calls one after the other through one replica: each start's run."""
+    api, call = _replica(engine)
     runs = []
     try:
         for _ in range(calls):
@@ -112,11 +118,7 @@ async def test_a_call_never_waits_for_a_props_that_has_not_answered(
         return web.json_response({"media_marker": MARKER})
 
     engine = await serve(Engine(props))
-    settings = provider_settings("openai", engine.base_url, upstream_ids={MODEL: "m"})
-    api = provider_replica(settings, [MODEL])
-    message = pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text="Say hi.")])
-    request = pb.CompleteRequest(model=MODEL, max_tokens=4, messages=[message])
-    call = model_pb2.GenerateRequest(tenant="t", model=MODEL, request=request)
+    api, call = _replica(engine)
     try:
         # a hang guard only (old code: never answered): nothing is timed
         first = await asyncio.wait_for(_collect(api.generate(call, 60.0)), 60.0)
