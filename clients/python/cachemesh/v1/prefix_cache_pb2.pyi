@@ -201,7 +201,8 @@ class CommitRequest(_message.Message):
     with max_read_tokens. The WARM is then settled as on arrival, however late: the read is
     the Plan's (max_read_tokens), not judged again against a warm state that may have expired
     or been lost since (a restart), and the read and written entries live their ttl from the
-    arrival (one whose ttl has run out since is not warm again). Unset = judged when the WARM is made (a replay kept by an older router too).
+    arrival (one whose ttl has run out since is not warm again). Unset = judged when the WARM
+    is made (a replay kept by an older router too).
     """
     arrived_at_ms: _builtins.int
     """WARM without a Plan (it failed or timed out; no max_read_tokens, no planned_at_ms): the
