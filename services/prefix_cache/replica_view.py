@@ -25,10 +25,12 @@ than that stays, as the tenant's other conversations still use it there); so a r
 engine costs one stall for each conversation predicted warm there (not one for each shared
 prefix: before, one stall on a healthy slow replica evicted a 1,024-token system prompt ten
 conversations shared, and the other nine went from 1,408 predicted tokens to 0) until its
-reports correct the rest. Only a block the view held when the request arrived (``mark`` at
-its Plan) is evidence: one it learned since (a concurrent request of the same prefix,
-recorded first) the engine may not have held yet when it prefilled this one (vLLM batches
-them; two WARMs may arrive in either order).
+reports correct the rest, or until a WARM names the engine's new run (``engine``: its run,
+``GenerateStart.engine_instance``, changed: a restart), which drops the replica's whole view
+as an idle view is dropped (``_drop``; notes of the old view are not applied to the new).
+Only a block the view held when the request arrived (``mark`` at its Plan) is evidence: one it
+learned since (a concurrent request of the same prefix, recorded first) the engine may not have
+held yet when it prefilled this one (vLLM batches them; two WARMs may arrive in either order).
 
 The engine counts its reuse in its own tokens (``EngineReuse``, with its count of the whole
 prompt), the view in prefix-cache's (cl100k), and the two differ (a large-vocabulary engine
