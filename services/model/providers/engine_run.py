@@ -75,8 +75,6 @@ class EngineRun:
     async def _refresh(self) -> None:
         try:
             run = await asyncio.wait_for(self._fetch(), self._bound_s)
-        except asyncio.CancelledError:
-            raise
         except NoProps:
             self.run = ""
             self._next_at = self._clock() + self._absent_retry_s
@@ -89,7 +87,8 @@ class EngineRun:
         except TimeoutError:
             self._failed(f"did not answer /props within {self._bound_s:g} s")
             return
-        except Exception as exc:  # any failure (broken JSON, a refused connection): not known
+        except Exception as exc:  # any failure (broken JSON, a refused connection): not known;
+            # a cancel (the stop's close) is no Exception and goes through
             self._failed(f"failed /props ({type(exc).__name__})")
             return
         self.run = run
