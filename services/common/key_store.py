@@ -62,14 +62,14 @@ class KeyRevoked(KeyStoreError):
 
 
 class KeyChanged(KeyStoreError):
-    """A conditional change whose key is no longer as its caller saw it (another rotation
-    came first): nothing changed; the message names what did."""
+    """A conditional change (a rotation or revocation) whose key is no longer as its caller
+    saw it (a rotation came first): nothing changed; the message names what did."""
 
 
 @dataclass(frozen=True)
 class Seen:
-    """A key as a conditional rotation's caller saw it: its ``rotated_at`` in nanoseconds as
-    a reply gave it (``stamp_nanos``), None when it was never rotated."""
+    """A key as a conditional rotation's or revocation's caller saw it: its ``rotated_at`` in
+    nanoseconds as a reply gave it (``stamp_nanos``), None when it was never rotated."""
 
     rotated_at_ns: int | None
 
@@ -186,11 +186,24 @@ class KeyStore:
         self._update(lambda records: [*records, record])
         return record, key
 
-    def revoke(self, key_id: str) -> KeyRecord:
+    def revoke(self, key_id: str, seen: Seen | None = None) -> KeyRecord:
         """The key ``key_id`` is refused from now on, stamped after its latest stamp (``_stamp``:
         a router whose clock is behind the one that rotated it does not date the revocation
-        before the rotation); revoked already: as it was."""
-        return self._change(key_id, lambda record: record.revoked(self._stamp(record)))
+        before the rotation); revoked already: as it was.
+
+        With ``seen`` (the optimistic form, as ``rotate``'s) only if the key is still as its
+        caller saw it, checked under the file's lock: else ``KeyChanged`` naming the rotation
+        made since, nothing changed (an operator revoking the key they looked at does not
+        revoke the new secret another operator's rotation just gave out, maybe in use). A key
+        revoked already is as it was whatever ``seen`` says: no secret of it is in force, so
+        there is none the check could keep."""
+
+        def revoked(record: KeyRecord) -> KeyRecord:
+            if record.active and seen is not None:
+                _check_seen(record, seen, "revoke it still, revoke again")
+            return record.revoked(self._stamp(record))
+
+        return self._change(key_id, revoked)
 
     def rotate(self, key_id: str, seen: Seen | None = None) -> tuple[KeyRecord, str]:
         """The key ``key_id`` gets a new secret; the old one is refused from now on.
@@ -214,7 +227,7 @@ class KeyStore:
             if not record.active:
                 raise KeyRevoked(f"key {key_id} is revoked: create a new key instead")
             if seen is not None:
-                _check_seen(record, seen)
+                _check_seen(record, seen, "replace it still, rotate again")
             now = self._stamp(record)  # under the file's lock: stamps in the order written
             fresh, key = issue(record.tenant, record.name, now)
             issued.append(key)
@@ -260,7 +273,10 @@ class KeyStore:
         self._keys.write(written)
 
 
-def _check_seen(record: KeyRecord, seen: Seen) -> None:
+def _check_seen(record: KeyRecord, seen: Seen, still: str) -> None:
+    """A conditional change's check (``rotate``'s and ``revoke``'s), under the file's lock:
+    ``KeyChanged`` unless ``record`` is as ``seen``; ``still`` says how to make the change
+    anyway ("<do> it still, <verb> again")."""
     now_ns = None if record.rotated_at is None else stamp_nanos(record.rotated_at)
     if now_ns == seen.rotated_at_ns:
         return
@@ -272,8 +288,8 @@ def _check_seen(record: KeyRecord, seen: Seen) -> None:
     found = "has never been rotated" if now_ns is None else f"was last rotated at {_utc(now_ns)}"
     raise KeyChanged(
         f"key {record.id} {found}, not {expected} as this request expected; nothing "
-        "changed: the key in force is the one of that rotation (see ListKeys); to replace it "
-        "still, rotate again with its rotated_at"
+        f"changed: the key in force is the one of that rotation (see ListKeys); to {still} "
+        "with its rotated_at"
     )
 
 

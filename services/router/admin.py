@@ -323,25 +323,14 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     async def RevokeKey(self, request: adm.RevokeKeyRequest, context: Context) -> adm.ApiKeyInfo:
         await self._authorize(context, "RevokeKey")
-        record = await self._changed(context, self._keys.revoke, request.id)
+        seen = await _seen(context, request, "revoke")
+        record = await self._changed(context, self._keys.revoke, request.id, seen)
         log.info("admin: key %s of tenant %s revoked", record.id, record.tenant)
         return key_info(record)
 
     async def RotateKey(self, request: adm.RotateKeyRequest, context: Context) -> adm.IssuedKey:
         await self._authorize(context, "RotateKey")
-        seen: Seen | None = None
-        which = request.WhichOneof("if_unchanged")
-        if which == "if_rotated_at":
-            seen = Seen(await _stamp_nanos(context, request.if_rotated_at, "if_rotated_at"))
-        elif which == "if_never_rotated":
-            if not request.if_never_rotated:
-                await abort(
-                    context,
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    "if_never_rotated must be true when sent (or send if_rotated_at, or "
-                    "neither to rotate whatever happened since)",
-                )
-            seen = Seen(None)
+        seen = await _seen(context, request, "rotate")
         record, key = await self._changed(context, self._keys.rotate, request.id, seen)
         log.info("admin: key %s of tenant %s rotated", record.id, record.tenant)
         return adm.IssuedKey(key=key_info(record), api_key=key)
@@ -631,6 +620,26 @@ def _message_bytes(message: Message) -> int:
 
 def _tenant_of(own: TenantOverride) -> str:
     return own.tenant
+
+
+async def _seen(
+    context: Context, request: adm.RotateKeyRequest | adm.RevokeKeyRequest, verb: str
+) -> Seen | None:
+    """The key as a conditional RotateKey's or RevokeKey's caller saw it (their
+    ``if_unchanged``), None when unset (an older client: the change whatever happened)."""
+    which = request.WhichOneof("if_unchanged")
+    if which == "if_rotated_at":
+        return Seen(await _stamp_nanos(context, request.if_rotated_at, "if_rotated_at"))
+    if which == "if_never_rotated":
+        if not request.if_never_rotated:
+            await abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "if_never_rotated must be true when sent (or send if_rotated_at, or "
+                f"neither to {verb} whatever happened since)",
+            )
+        return Seen(None)
+    return None
 
 
 async def _stamp_nanos(context: Context, stamp: Timestamp, field: str) -> int:

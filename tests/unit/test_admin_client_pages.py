@@ -77,6 +77,10 @@ class FakeRouter(admin_pb2_grpc.AdminServicer):
         self.requests.append(request)
         return adm.IssuedKey(key=adm.ApiKeyInfo(id=request.id))
 
+    def RevokeKey(self, request: adm.RevokeKeyRequest, context: Any) -> adm.ApiKeyInfo:
+        self.requests.append(request)
+        return adm.ApiKeyInfo(id=request.id)
+
 
 @pytest.fixture
 def router() -> Iterator[tuple[FakeRouter, str]]:
@@ -213,4 +217,23 @@ def test_a_rotation_sends_the_key_as_seen(router: tuple[FakeRouter, str]) -> Non
         ("if_never_rotated", 0),
         (None, 0),
     ]
+    assert fake.requests[1].if_never_rotated
+
+
+def test_a_revocation_sends_the_key_as_seen(router: tuple[FakeRouter, str]) -> None:
+    """``revoke_key(seen=...)``: as ``rotate_key``'s (main: revoke_key took no ``seen``)."""
+    fake, target = router
+    rotated = adm.ApiKeyInfo(id="key_1")
+    rotated.rotated_at.FromNanoseconds(1_780_000_000_123_456_789)
+    with AdminClient(target, admin_token=TOKEN) as client:
+        client.revoke_key("key_1", seen=rotated)
+        client.revoke_key("key_1", seen=adm.ApiKeyInfo(id="key_1"))
+        client.revoke_key("key_1")
+    sent = [(r.WhichOneof("if_unchanged"), r.if_rotated_at.ToNanoseconds()) for r in fake.requests]
+    assert sent == [
+        ("if_rotated_at", 1_780_000_000_123_456_789),
+        ("if_never_rotated", 0),
+        (None, 0),
+    ]
+    assert all(type(r) is adm.RevokeKeyRequest for r in fake.requests)
     assert fake.requests[1].if_never_rotated

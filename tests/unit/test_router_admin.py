@@ -17,8 +17,9 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from cachemesh.admin import rotate_request
+from cachemesh.admin import revoke_request, rotate_request
 from cachemesh.admin_cli import as_json
+from cachemesh.cli import main
 from cachemesh.envfile import read_env_file
 from cachemesh.v1 import admin_pb2 as adm
 from cachemesh.v1 import admin_pb2_grpc, prefix_cache_pb2_grpc, semantic_cache_pb2_grpc
@@ -132,6 +133,7 @@ class Rig:
     limits: PerTenantPolicies
     refused: list[str]  # the reasons of the calls refused for their credential, in order
     now: list[float]  # the auth failures' clock, in seconds: [0] is now
+    target: str  # the router's address
 
 
 async def _rig(
@@ -186,7 +188,8 @@ async def _rig(
         await router.start()
         async with grpc.aio.insecure_channel(f"127.0.0.1:{router_port}") as front:
             stub = admin_pb2_grpc.AdminStub(front)
-            yield Rig(stub, keys, key_file, demo_key, cache, limits, refused, now)
+            target = f"127.0.0.1:{router_port}"
+            yield Rig(stub, keys, key_file, demo_key, cache, limits, refused, now, target)
         await router.stop(None)
     await internal.stop(None)
 
@@ -360,6 +363,112 @@ async def test_a_rotation_sent_with_the_key_as_seen_is_refused_when_another_came
     last = await rig.stub.RotateKey(adm.RotateKeyRequest(id=seen.id), metadata=ADMIN)
     assert rig.keys.tenant_for(last.api_key) == "globex"
     assert rig.keys.tenant_for(third.api_key) is None
+
+
+async def test_a_revocation_sent_with_the_key_as_seen_is_refused_when_a_rotation_came_first(
+    rig: Rig,
+) -> None:
+    """Operator A lists a key, operator B rotates it, A revokes the key it saw: unconditionally
+    A's revocation kills B's new secret, maybe in use (main: 1 of 1, RevokeKeyRequest had no
+    condition); with the key as A saw it, refused naming B's rotation, B's key in force. The
+    same check as RotateKey's (one function), so the same refusal and the same field rules."""
+    issued = await rig.stub.CreateKey(adm.CreateKeyRequest(tenant="globex"), metadata=ADMIN)
+    seen = issued.key  # A saw it never rotated
+    rotated = await rig.stub.RotateKey(adm.RotateKeyRequest(id=seen.id), metadata=ADMIN)  # B
+    stale = rig.stub.RevokeKey(revoke_request(seen.id, seen), metadata=ADMIN)
+    details = await expect(grpc.StatusCode.FAILED_PRECONDITION, stale)
+    at = rotated.key.rotated_at.ToJsonString()
+    assert details.startswith(
+        f"key {seen.id} was last rotated at {at}, not never rotated (if_never_rotated) as this "
+        "request expected; nothing changed"
+    ), details
+    assert "to revoke it still, revoke again with its rotated_at" in details, details
+    assert rig.keys.tenant_for(rotated.api_key) == "globex"  # B's key is in force
+    # a rotated_at A saw before B's rotation: refused the same way
+    first = await rig.stub.RotateKey(adm.RotateKeyRequest(id=seen.id), metadata=ADMIN)
+    await rig.stub.RotateKey(adm.RotateKeyRequest(id=seen.id), metadata=ADMIN)
+    old = rig.stub.RevokeKey(revoke_request(seen.id, first.key), metadata=ADMIN)
+    details = await expect(grpc.StatusCode.FAILED_PRECONDITION, old)
+    assert f"not rotated at {first.key.rotated_at.ToJsonString()} (if_rotated_at)" in details
+    # the field rules are RotateKey's: if_never_rotated=false and a stamp out of range refused
+    unsaid = rig.stub.RevokeKey(
+        adm.RevokeKeyRequest(id=seen.id, if_never_rotated=False), metadata=ADMIN
+    )
+    details = await expect(grpc.StatusCode.INVALID_ARGUMENT, unsaid)
+    assert "if_never_rotated must be true" in details and "neither to revoke" in details
+    wild = adm.RevokeKeyRequest(id=seen.id)
+    wild.if_rotated_at.seconds = 10**15
+    details = await expect(
+        grpc.StatusCode.INVALID_ARGUMENT, rig.stub.RevokeKey(wild, metadata=ADMIN)
+    )
+    assert details.startswith("if_rotated_at is not a valid timestamp"), details
+    listed = await rig.stub.ListKeys(adm.ListKeysRequest(tenant="globex"), metadata=ADMIN)
+    now = listed.keys[0]
+    assert [k.id for k in listed.keys] == [seen.id]  # nothing above revoked it
+    # the key as it is now: revoked
+    revoked = await rig.stub.RevokeKey(revoke_request(seen.id, now), metadata=ADMIN)
+    assert revoked.HasField("revoked_at") and revoked.rotated_at == now.rotated_at
+    assert rig.keys.tenant_for(rotated.api_key) is None
+    # revoked already: as it is, whatever the condition (no secret of it is in force)
+    again = await rig.stub.RevokeKey(revoke_request(seen.id, seen), metadata=ADMIN)
+    assert again == revoked
+    # a key never rotated and seen so: revoked; unset (an older client): revoked as before
+    for condition in (True, False):
+        fresh = await rig.stub.CreateKey(adm.CreateKeyRequest(tenant="globex"), metadata=ADMIN)
+        sent = revoke_request(fresh.key.id, fresh.key if condition else None)
+        assert sent.WhichOneof("if_unchanged") == ("if_never_rotated" if condition else None)
+        assert (await rig.stub.RevokeKey(sent, metadata=ADMIN)).HasField("revoked_at")
+        assert rig.keys.tenant_for(fresh.api_key) is None
+
+
+async def test_the_cli_revokes_only_the_key_as_seen(
+    rig: Rig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``cachemesh admin keys revoke --if-rotated-at STAMP|never``: RevokeKey's optimistic
+    form from a terminal (main: no such flag, exit 2), refused exit 1 naming the rotation
+    made since, the key then in force; made with the rotatedAt ``--json`` printed."""
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(ADMIN_TOKEN)
+    issued = await rig.stub.CreateKey(adm.CreateKeyRequest(tenant="globex"), metadata=ADMIN)
+    rotated = await rig.stub.RotateKey(adm.RotateKeyRequest(id=issued.key.id), metadata=ADMIN)
+
+    async def cli(*args: str) -> tuple[int, str]:
+        argv = ["--target", rig.target, "admin", "--admin-token-file", str(token_file), *args]
+        code = await asyncio.to_thread(main, argv)  # a sync client: off the servers' loop
+        out = capsys.readouterr()
+        return code, out.out + out.err
+
+    code, said = await cli("keys", "revoke", issued.key.id, "--if-rotated-at", "never")
+    assert code == 1 and "FAILED_PRECONDITION" in said, said
+    assert f"key {issued.key.id} was last rotated at" in said, said
+    assert rig.keys.tenant_for(rotated.api_key) == "globex"
+    stamp = json.loads(as_json(rotated.key))["rotatedAt"]
+    code, said = await cli("--json", "keys", "revoke", issued.key.id, "--if-rotated-at", stamp)
+    assert code == 0 and "revokedAt" in json.loads(said), said
+    assert rig.keys.tenant_for(rotated.api_key) is None
+
+
+async def test_of_a_conditional_revocation_and_rotation_at_once_one_is_made(rig: Rig) -> None:
+    """A revocation and a rotation of one key as seen, at once (each in a worker thread
+    taking the key file's lock): one is made, the other refused FAILED_PRECONDITION; a
+    rotation made first leaves its key in force (the revocation refused), a revocation made
+    first refuses the rotation (the key revoked)."""
+    for _ in range(10):
+        issued = await rig.stub.CreateKey(adm.CreateKeyRequest(tenant="globex"), metadata=ADMIN)
+        rotation, revocation = await asyncio.gather(
+            rig.stub.RotateKey(rotate_request(issued.key.id, issued.key), metadata=ADMIN),
+            rig.stub.RevokeKey(revoke_request(issued.key.id, issued.key), metadata=ADMIN),
+            return_exceptions=True,
+        )
+        if isinstance(rotation, adm.IssuedKey):
+            assert isinstance(revocation, grpc.aio.AioRpcError), revocation
+            assert revocation.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert rig.keys.tenant_for(rotation.api_key) == "globex"
+        else:
+            assert isinstance(rotation, grpc.aio.AioRpcError), rotation
+            assert rotation.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "revoked" in (rotation.details() or "")
+            assert isinstance(revocation, adm.ApiKeyInfo) and revocation.HasField("revoked_at")
 
 
 async def test_a_rotation_refused_names_the_stamps_exactly_as_json_prints_them(

@@ -44,12 +44,25 @@ def rotate_request(key_id: str, seen: adm.ApiKeyInfo | None = None) -> adm.Rotat
     caller saw it), conditional on its ``rotated_at`` (``if_rotated_at``, or
     ``if_never_rotated`` when it has none)."""
     request = adm.RotateKeyRequest(id=key_id)
+    _if_unchanged(request, seen)
+    return request
+
+
+def revoke_request(key_id: str, seen: adm.ApiKeyInfo | None = None) -> adm.RevokeKeyRequest:
+    """RevokeKey's request for ``AdminClient.revoke_key``, conditional as ``rotate_request``'s."""
+    request = adm.RevokeKeyRequest(id=key_id)
+    _if_unchanged(request, seen)
+    return request
+
+
+def _if_unchanged(
+    request: adm.RotateKeyRequest | adm.RevokeKeyRequest, seen: adm.ApiKeyInfo | None
+) -> None:
     if seen is not None:
         if seen.HasField("rotated_at"):
             request.if_rotated_at.CopyFrom(seen.rotated_at)
         else:
             request.if_never_rotated = True
-    return request
 
 
 def read_admin_token(
@@ -153,13 +166,18 @@ class AdminClient:
         )
         return [key for page in self._pages(self._stub.ListKeys, request) for key in page.keys]
 
-    def revoke_key(self, key_id: str) -> adm.ApiKeyInfo:
-        return self._call(self._stub.RevokeKey, adm.RevokeKeyRequest(id=key_id))
+    def revoke_key(self, key_id: str, *, seen: adm.ApiKeyInfo | None = None) -> adm.ApiKeyInfo:
+        """The key refused from now on. ``seen``: the key as this caller saw it (ListKeys,
+        CreateKey, its last RotateKey): revoked only if no rotation came since (its new secret
+        may be in use), else ``CachemeshError`` (code FAILED_PRECONDITION) naming it, nothing
+        changed; None: whatever came. A key revoked already: as it is, either way."""
+        return self._call(self._stub.RevokeKey, revoke_request(key_id, seen))
 
     def rotate_key(self, key_id: str, *, seen: adm.ApiKeyInfo | None = None) -> adm.IssuedKey:
         """A new secret for the key. ``seen``: the key as this caller saw it (ListKeys,
         CreateKey, its last RotateKey): rotated only if no other rotation came since, else
-        ``AdminError`` FAILED_PRECONDITION naming it, nothing changed; None: whatever came."""
+        ``CachemeshError`` (code FAILED_PRECONDITION) naming it, nothing changed; None:
+        whatever came."""
         return self._call(self._stub.RotateKey, rotate_request(key_id, seen))
 
     def policy(self, tenant: str) -> adm.CachePolicy:

@@ -66,18 +66,20 @@ def add_parser(commands: Any) -> None:
     listing = key_commands.add_parser("list", help="the keys (never the secrets)")
     listing.add_argument("--tenant", default="")
     listing.add_argument("--all", action="store_true", help="revoked keys too")
-    for verb, text in (("rotate", "a new secret for the key (old refused)"), ("revoke", "")):
-        command = key_commands.add_parser(verb, help=text or "refuse the key from now on")
+    for verb, text in (
+        ("rotate", "a new secret for the key (old refused)"),
+        ("revoke", "refuse the key from now on"),
+    ):
+        command = key_commands.add_parser(verb, help=text)
         command.add_argument("key_id", help="the key's id (see keys list)")
-        if verb == "rotate":
-            command.add_argument(
-                "--if-rotated-at",
-                type=seen_rotation,
-                metavar="STAMP|never",
-                help="rotate only if the key is still as seen: its rotatedAt as `admin --json "
-                "keys list` prints it (RFC 3339), or 'never' for a key never rotated; refused, "
-                "nothing changed, when another rotation came first",
-            )
+        command.add_argument(
+            "--if-rotated-at",
+            type=seen_rotation,
+            metavar="STAMP|never",
+            help=f"{verb} only if the key is still as seen: its rotatedAt as `admin --json "
+            "keys list` prints it (RFC 3339), or 'never' for a key never rotated; refused, "
+            "nothing changed, when a rotation came since",
+        )
 
     invalidate = what.add_parser("invalidate", help="drop L1 entries of one tenant")
     invalidate.add_argument("tenant")
@@ -232,7 +234,7 @@ def _call(client: AdminClient, args: argparse.Namespace) -> Any:
             )
         if verb == "rotate":
             return client.rotate_key(args.key_id, seen=args.if_rotated_at)
-        return client.revoke_key(args.key_id)
+        return client.revoke_key(args.key_id, seen=args.if_rotated_at)
     if command == "limits":
         return _limits_call(client, args)
     if args.policy_command == "get":

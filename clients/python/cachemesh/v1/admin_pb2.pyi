@@ -393,17 +393,29 @@ class RevokeKeyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
+    IF_ROTATED_AT_FIELD_NUMBER: _builtins.int
+    IF_NEVER_ROTATED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    if_never_rotated: _builtins.bool
+    """the key was seen never rotated (its rotated_at unset); must be true"""
+    @_builtins.property
+    def if_rotated_at(self) -> _timestamp_pb2.Timestamp:
+        """the key's rotated_at as seen, exactly as a reply gave it"""
+
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
+        if_rotated_at: _timestamp_pb2.Timestamp | None = ...,
+        if_never_rotated: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["if_never_rotated", b"if_never_rotated", "if_rotated_at", b"if_rotated_at", "if_unchanged", b"if_unchanged"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "if_never_rotated", b"if_never_rotated", "if_rotated_at", b"if_rotated_at", "if_unchanged", b"if_unchanged"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_if_unchanged: _TypeAlias = _typing.Literal["if_rotated_at", "if_never_rotated"]  # noqa: Y015
+    _WhichOneofArgType_if_unchanged: _TypeAlias = _typing.Literal["if_unchanged", b"if_unchanged"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_if_unchanged) -> _WhichOneofReturnType_if_unchanged | None: ...
 
 Global___RevokeKeyRequest: _TypeAlias = RevokeKeyRequest  # noqa: Y015
 
