@@ -316,6 +316,14 @@ class Leases:
         lease = self._held.get(key)
         if lease is None or (lease_id is not None and lease.lease_id != lease_id):
             return False
+        # "" is matched by "": a lease taken by a Lookup with no request_id is ended by any
+        # other request's Store, Release or abandoned Lookup with none (``end_owned`` too, by
+        # design: a Store naming no lease). No router sends an empty one: the Gateway gives a
+        # request sent without one an id of its own (``GatewayServicer._accept``, a uuid4,
+        # since the first router) before its Lookup; the estimator's replay names each
+        # "replay-<i>", bench-router's "router-replay-<i>" (L1 bypassed there); the load
+        # tester's client gives each call one, and goes through the Gateway. Only a hand-made
+        # call of semantic-cache's API sends none.
         if owner is not None and lease.owner != owner:
             return False
         del self._held[key]
