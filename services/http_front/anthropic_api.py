@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from cachemesh.v1 import gateway_pb2 as pb
@@ -24,6 +25,7 @@ from services.http_front.fields import (
     answered_input,
     default_only,
     json_text,
+    role_names,
     shown,
     unquoted,
     unsupported,
@@ -67,14 +69,14 @@ def parse_request(
     *,
     version: str = VERSIONS[-1],
     thinks_by_default: Collection[str] = (),
-    kept: list[int] | None = None,
+    kept: list[Turn] | None = None,
 ) -> tuple[pb.CompleteRequest, bool]:
     """The Gateway request for a Messages body, and whether it asks for a stream.
     ``version``: the ``anthropic-version`` it is served as (``AnthropicVersions.served``), the
     newest unless told. ``thinks_by_default``: the models (and ``auto``, when it may pick one)
     that think unless told not to, whose thinking cachemesh cannot turn off. ``kept``, if
-    given, gets the caller's index of each Gateway message (``_empty_answer`` drops some:
-    ``at_caller``)."""
+    given, gets where each Gateway message came from in the caller's (``Turn``:
+    ``_empty_answer`` drops some, and consecutive turns of a role are one: ``at_caller``)."""
     top = Obj(body, "")
     sampling = version < NO_SAMPLING_SINCE  # ISO dates: their order is the strings' order
     top.only(_TOP if sampling else tuple(f for f in _TOP if f not in _SAMPLING))
@@ -102,13 +104,12 @@ def parse_request(
     for i, raw in enumerate(top.array("tools") or []):
         request.tools.append(_tool(raw, f"tools.{i}"))
     raw_messages = top.array("messages", required=True) or []
+    turns = kept if kept is not None else []
     for i, raw in enumerate(raw_messages):
         message = _message(raw, f"messages.{i}")
         if _empty_answer(message, f"messages.{i}"):
             continue
-        request.messages.append(message)
-        if kept is not None:
-            kept.append(i)
+        _join(request, turns, message, i)
     if raw_messages and not request.messages:  # each one dropped, the first named
         only = "the only message" if len(raw_messages) == 1 else "each message"
         raise invalid(
@@ -119,8 +120,36 @@ def parse_request(
         )
     automatic = cache_control(top)
     if automatic is not None:
-        _mark_last_block(request, automatic)
+        _mark_last_block(request, automatic, turns)
     return request, bool(top.flag("stream"))
+
+
+@dataclass
+class Turn:
+    """Where one of the Gateway request's messages came from: the caller's messages it holds
+    (their indices), and each of its blocks' caller's message and block index."""
+
+    messages: list[int]
+    blocks: list[tuple[int, int]] = field(default_factory=list)
+
+
+def _join(request: pb.CompleteRequest, turns: list[Turn], message: pb.Message, i: int) -> None:
+    """The caller's message ``i`` into ``request``: a turn of its own, or, after a turn of
+    the same role, that turn's blocks, as the Messages API combines consecutive user or
+    assistant turns into one ("Consecutive user or assistant turns in your request will be
+    combined into a single turn"). Two user messages in a row (as an empty answer dropped
+    between them leaves them) were two Gateway turns: the model of an OpenAI or self-hosted
+    row saw two user turns where Anthropic's sees one, and the cache's prefix differed from
+    the same conversation's through the OpenAI front (its ``_turn`` joins them too)."""
+    if request.messages and request.messages[-1].role == message.role:
+        joined = request.messages[-1]
+        turns[-1].messages.append(i)
+    else:
+        joined = request.messages.add()
+        joined.role = message.role
+        turns.append(Turn([i]))
+    turns[-1].blocks += [(i, j) for j in range(len(message.content))]
+    joined.content.extend(message.content)
 
 
 def _empty_answer(message: pb.Message, path: str) -> bool:
@@ -133,8 +162,9 @@ def _empty_answer(message: pb.Message, path: str) -> bool:
     ("all messages must have non-empty content except for the optional final assistant
     message", anthropics/claude-code#6774; "text content blocks must be non-empty"): the front
     is looser, as its OpenAI side (``openai_api._assistant``), since it returns them. The user
-    messages around one stay two Gateway messages, as the API combines consecutive turns of a
-    role. A breakpoint on such a block is a 400 naming it (it marks nothing kept), not dropped."""
+    messages around one are one Gateway turn, as the API combines consecutive turns of a
+    role, and so does the front (``_join``). A breakpoint on such a block is a 400 naming it
+    (it marks nothing kept), not dropped."""
     if message.role != pb.ROLE_ASSISTANT:
         return False
     if any(b.WhichOneof("kind") != "text" or b.text.strip() for b in message.content):
@@ -150,13 +180,15 @@ def _empty_answer(message: pb.Message, path: str) -> bool:
     return True
 
 
-def _mark_last_block(request: pb.CompleteRequest, control: pb.CacheControl) -> None:
+def _mark_last_block(
+    request: pb.CompleteRequest, control: pb.CacheControl, turns: Sequence[Turn]
+) -> None:
     """Automatic caching (a top-level ``cache_control``): the breakpoint goes on the request's
     last cacheable block (tools, system, messages in that order), as the API places it. A block
     marked already with the same TTL keeps its one breakpoint (a no-op); with another TTL the
     request is refused, as the API refuses it (prompt caching docs, automatic caching, edge
     cases: "the API returns a 400 error")."""
-    last, where = _last_block(request)
+    last, where = _last_block(request, turns)
     if last is None:
         return
     if last.HasField("cache_control"):
@@ -180,12 +212,16 @@ def _mark_last_block(request: pb.CompleteRequest, control: pb.CacheControl) -> N
     last.cache_control.CopyFrom(control)
 
 
-def _last_block(request: pb.CompleteRequest) -> tuple[pb.ContentBlock | pb.Tool | None, str]:
-    """The request's last cacheable block and its field (tools, system, messages order)."""
+def _last_block(
+    request: pb.CompleteRequest, turns: Sequence[Turn]
+) -> tuple[pb.ContentBlock | pb.Tool | None, str]:
+    """The request's last cacheable block and its field, as the caller named it (``turns``):
+    tools, system, messages order."""
     for m in range(len(request.messages) - 1, -1, -1):
         content = request.messages[m].content
         if content:
-            return content[-1], f"messages.{m}.content.{len(content) - 1}"
+            i, j = turns[m].blocks[-1]
+            return content[-1], f"messages.{i}.content.{j}"
     if request.system:
         return request.system[-1], f"system.{len(request.system) - 1}"
     if request.tools:
@@ -416,33 +452,41 @@ def _renamed(rest: str, fields: Mapping[str, str]) -> str:
     return rest
 
 
-def _dotted(found: re.Match[str], kept: Sequence[int]) -> str:
+def _dotted(found: re.Match[str], kept: Sequence[Turn]) -> str:
     """A Gateway path (``fields.GATEWAY_PATH``) as the Messages API writes one, its message
-    index the caller's (``kept``)."""
+    and block indices the caller's (``kept``)."""
     turn, block, system, tool, rest = found.groups()
-    if turn is not None and int(turn) < len(kept):
-        turn = str(kept[int(turn)])
     if tool is not None:
         return f"tools.{tool}{_renamed(rest, _TOOL_FIELDS)}"
     if system is not None:
         return f"system.{system}{rest}"
-    where = f"messages.{turn}" if block is None else f"messages.{turn}.content.{block}"
-    return f"{where}{_renamed(rest, _BLOCK_FIELDS)}"
+    i = int(turn)
+    held = kept[i] if i < len(kept) else Turn([i])  # no message of the request: as said
+    if block is not None:
+        j = int(block)
+        at, part = held.blocks[j] if j < len(held.blocks) else (held.messages[0], j)
+        return f"messages.{at}.content.{part}{_renamed(rest, _BLOCK_FIELDS)}"
+    if rest or len(held.messages) == 1:
+        return f"messages.{held.messages[0]}{rest}"
+    return f"messages.{held.messages[0]} to messages.{held.messages[-1]}"  # the turn's
 
 
-def at_caller(message: str, kept: Sequence[int] = ()) -> str:
+def at_caller(message: str, kept: Sequence[Turn] = ()) -> str:
     """A Gateway refusal's ``message`` naming fields as the Messages API does: its paths
     ``messages.1.content.0.tool_use.id``, ``tools.0.input_schema`` (Anthropic's own 400s,
     and this front's), not the Gateway's ``messages[1].content[0]`` (Chat Completions' form,
-    which an Anthropic SDK user never meets). The request maps one to one (``parse_request``:
-    a message, a block, a system block and a tool each keep their index; the empty last
-    assistant message it drops has none after it; a string is its field's one block, ``.0``),
-    but for the empty assistant answers ``_empty_answer`` dropped: ``kept`` is the caller's
-    index of each Gateway message, so a Gateway index past a dropped one is named as the
-    caller's. The rest of the message, every value it quotes (the caller's own: a tool named
-    'messages[0]') and a provider's words it passes on (``unquoted``) are kept as the Gateway
-    said them."""
-    return unquoted(message, lambda part: GATEWAY_PATH.sub(lambda m: _dotted(m, kept), part))
+    which an Anthropic SDK user never meets), and its roles ``"role": "user"``, not the
+    Gateway's enum's ``ROLE_USER``. A system block and a tool keep their index (a string is
+    its field's one block, ``.0``); a message and a block are named by the caller's indices
+    (``kept``, from ``parse_request``: the empty assistant answers ``_empty_answer`` dropped
+    are no Gateway message, and consecutive turns of a role are one). The rest of the
+    message, every value it quotes (the caller's own: a tool named 'messages[0]') and a
+    provider's words it passes on (``unquoted``) are kept as the Gateway said them."""
+
+    def caller_words(part: str) -> str:
+        return role_names(GATEWAY_PATH.sub(lambda m: _dotted(m, kept), part), "anthropic")
+
+    return unquoted(message, caller_words)
 
 
 # --- answers ---------------------------------------------------------------------------------

@@ -90,6 +90,25 @@ _QUOTED = re.compile(r"""(?<!\w)(?:'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")""")
 _PROVIDER_SAID = re.compile(r"\brefused the request(?: \([^)]*\))?: ")
 
 
+# The Gateway's enum names of the roles (its refusals say "the first message must be the
+# user's (ROLE_USER)"), which no HTTP caller sends: each API's caller sends ``"role": "user"``.
+_ROLES = {"ROLE_USER": "user", "ROLE_ASSISTANT": "assistant"}
+_ROLE_ASIDE = re.compile(r" \((ROLE_USER|ROLE_ASSISTANT)\)")
+_ROLE = re.compile(r"\b(ROLE_USER|ROLE_ASSISTANT)\b")
+
+
+def role_names(part: str, api: Api) -> str:
+    """``part`` of a Gateway refusal with its roles in ``api``'s words: a role named aside
+    ("the user's (ROLE_USER)") is the Messages API's field (``("role": "user")``), or dropped
+    for Chat Completions (its words said it already); one named alone is the role's value
+    (``'user'``; ``user``)."""
+    if api == "anthropic":
+        part = _ROLE_ASIDE.sub(lambda m: f' ("role": "{_ROLES[m[1]]}")', part)
+        return _ROLE.sub(lambda m: f"'{_ROLES[m[1]]}'", part)
+    part = _ROLE_ASIDE.sub("", part)
+    return _ROLE.sub(lambda m: _ROLES[m[1]], part)
+
+
 def unquoted(message: str, change: Callable[[str], str]) -> str:
     """``message`` with ``change`` made to the Gateway's own words: its text outside the
     values it quotes (the caller's own, as ``shown`` quotes them: a tool_call_id of

@@ -423,7 +423,7 @@ class Front:
         self._take_model_request()
         with self._in_flight.slot(tenant):  # before the body: one still coming holds its slot
             body = await self._bodies.read("anthropic", request, tenant)
-            kept: list[int] = []  # the caller's index of each Gateway message
+            kept: list[anthropic_api.Turn] = []  # where each Gateway message came from
             gw, stream = await self._bodies.translated(
                 request,
                 tenant,
@@ -451,7 +451,7 @@ class Front:
         stream: bool,
         key: str,
         traceparent: str,
-        kept: Sequence[int],
+        kept: Sequence[anthropic_api.Turn],
     ) -> web.StreamResponse:
         request[CALLED] = True
         if not stream:
@@ -493,15 +493,11 @@ class Front:
             origins = openai_api.Origins()
             gw, stream, include_usage = await self._chat_request(request, tenant, origins)
             try:
-                return await self._openai(request, gw, stream, include_usage, key, traceparent)
+                return await self._openai(
+                    request, gw, stream, include_usage, key, traceparent, origins
+                )
             except ApiError as error:
-                if error.kind != "invalid_request":
-                    raise
-                # the Gateway's paths name its request's messages and fields, not the
-                # caller's; the caller's field it names first is OpenAI's ``param``
-                said = openai_api.at_caller(error.message, origins)
-                param = error.param or openai_api.param_of(said, origins)
-                raise dataclasses.replace(error, message=said, param=param) from None
+                raise _openai_paths(error, origins) from None
 
     async def _chat_request(
         self, request: web.Request, tenant: str, origins: openai_api.Origins
@@ -535,6 +531,7 @@ class Front:
         include_usage: bool,
         key: str,
         traceparent: str,
+        origins: openai_api.Origins,
     ) -> web.StreamResponse:
         created = int(self._clock())
         request[CALLED] = True
@@ -563,10 +560,15 @@ class Front:
                     for item in _openai_chunks(chunker, chunk):
                         await self._sent(request, response.write(sse.data(item)))
             except ApiError as error:
+                # the error's chunk ends the stream, as OpenAI's does (a ``data:`` line of
+                # ``{"error": ...}``, then no ``[DONE]``, which says the answer is whole) and
+                # as this front's ``_failed`` ends one: before, a ``[DONE]`` followed it here
+                error = _openai_paths(error, origins)
                 _ended_by(request, "openai", error)
                 body = error.body_for("openai", start.start.request_id)
                 await self._sent(request, response.write(sse.data(body)))
-        await self._sent(request, response.write(sse.DONE))
+            else:
+                await self._sent(request, response.write(sse.DONE))
         await self._sent(request, response.write_eof())
         return response
 
@@ -689,14 +691,31 @@ def _ended_by(request: web.Request, api: Api, error: ApiError) -> None:
     trace.get_current_span().set_attribute("error.type", error.kind)
 
 
-def _anthropic_paths(error: ApiError, kept: Sequence[int]) -> ApiError:
+def _anthropic_paths(error: ApiError, kept: Sequence[anthropic_api.Turn]) -> ApiError:
     """A refusal of the Gateway call as the Messages API names fields: the Gateway's paths
     are Chat Completions' form (``messages[1].content[0]``), Anthropic's are dotted
-    (``anthropic_api.at_caller``), and a message's index is the caller's (``kept``: the
-    empty answers the front dropped are no Gateway message); the front's own refusals
-    before the call are already so."""
+    (``anthropic_api.at_caller``), a message's and a block's index are the caller's
+    (``kept``: the empty answers the front dropped are no Gateway message, consecutive turns
+    of a role are one), and a role is the caller's ``"role": "user"``; the front's own
+    refusals before the call are already so."""
     said = anthropic_api.at_caller(error.message, kept)
     return error if said == error.message else dataclasses.replace(error, message=said)
+
+
+def _openai_paths(error: ApiError, origins: openai_api.Origins) -> ApiError:
+    """A refusal of the Gateway call as the caller named its request: the Gateway's paths
+    name its request's messages and fields, not the caller's (``openai_api.at_caller``), in
+    every error, an error response or a stream's error event after its start, as the
+    Anthropic side's (``_anthropic_paths``); before, only a 400 that came before the stream's
+    start was rewritten. The caller's field a 400 names first is OpenAI's ``param`` (none for
+    the server's errors, as OpenAI's)."""
+    said = openai_api.at_caller(error.message, origins)
+    param = error.param
+    if error.kind == "invalid_request":
+        param = param or openai_api.param_of(said, origins)
+    if said == error.message and param == error.param:
+        return error
+    return dataclasses.replace(error, message=said, param=param)
 
 
 def _anthropic_events(

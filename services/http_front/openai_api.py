@@ -39,6 +39,7 @@ from services.http_front.fields import (
     answered_input,
     default_only,
     json_text,
+    role_names,
     shown,
     unquoted,
     unsupported,
@@ -484,8 +485,6 @@ class Origins:
     max_tokens: str | None = None  # the field the caller set it by, if it did
 
 
-# the Gateway's names of the roles, as the API names them
-_ROLE_NAMES = (("ROLE_USER", "user"), ("ROLE_ASSISTANT", "assistant"))
 # the Gateway request's fields an HTTP caller does not send in the body: its request_id is
 # the Idempotency-Key header, its cache options the x-cachemesh-* headers
 _NOT_IN_BODY = re.compile(r"^(?:request_id|cache|routing)\b")
@@ -551,17 +550,11 @@ def at_caller(message: str, origins: Origins) -> str:
         said = re.sub(r"^max_tokens\b", "max_completion_tokens", said)
     if said == message:
         return message
-    said = unquoted(said, _role_names)
+    said = unquoted(said, lambda part: role_names(part, "openai"))
     first = _FIELD.match(message)
     if first is None or said.startswith(first[0]):  # the path it begins with is the caller's
         return said
     return f"{said} (the Gateway's {first[1]})"
-
-
-def _role_names(part: str) -> str:
-    for grpc_name, name in _ROLE_NAMES:
-        part = part.replace(f" ({grpc_name})", "").replace(grpc_name, name)
-    return part
 
 
 def _answer_only_fields(obj: Obj) -> str | None:
@@ -600,9 +593,10 @@ def _assistant(obj: Obj) -> tuple[list[pb.ContentBlock], list[Origin]] | None:
     as Anthropic's API combines consecutive turns of a role. Before, it was a 400 ("an assistant
     message needs content or tool_calls") to an SDK replaying the front's own answer.
 
-    An answer OpenAI's model refused comes back as ``content: null`` and the refusal's words in
-    ``refusal``: with no text in the content, a non-empty refusal is the assistant's text (the
-    model sees it refused, as OpenAI's model does), not an empty answer dropped."""
+    An answer OpenAI's model refused has its words in ``refusal``: sent back with no text in
+    the content (``""``, no parts; with content null only beside tool calls, as OpenAI takes
+    it: ``_answer_shape``), a non-empty refusal is the assistant's text (the model sees it
+    refused, as OpenAI's model does), not an empty answer dropped."""
     refusal = _answer_only_fields(obj)
     _answer_shape(obj, refusal)
     parts = _blocks_of(obj, required=False, refusals=True)
@@ -667,10 +661,15 @@ def _answer_shape(obj: Obj, refusal: str | None) -> None:
     replaying its own history must not be refused for what the front returned. The Gateway
     never carries the null on (an empty answer is no turn), so no provider sees it.
 
-    An answer OpenAI's model refused (``content: null`` with its words in ``refusal``) is taken
-    as its text (``_assistant``). The loopback (tests/providers/openai_wire.py) refuses it as
-    any content null: knowingly open, as nothing citable says whether OpenAI takes its own
-    refused answer sent back; the front keeps taking it."""
+    An answer OpenAI's model refused comes back as ``content: null`` with its words in
+    ``refusal``. Sent back so, without tool calls, OpenAI refuses it as it refuses any
+    content null: its reference makes ``content`` "Required unless ``tool_calls`` or
+    ``function_call`` is specified" (a ``refusal`` is no exception), and takes a refused
+    answer as a ``refusal`` content part ("exactly one of type ``refusal``") or as content
+    beside its ``refusal``. The front took it (its refusal as the text, ``_assistant``), so a
+    history it took was one OpenAI refuses, and the loopback (tests/providers/openai_wire.py)
+    refused it: now it is a 400 that says how to send it. The front never returns a refusal
+    (its answers' ``refusal`` is null), so no client replays one of its own answers so."""
     calls = obj.raw("tool_calls")
     if isinstance(calls, list) and not calls:
         where = obj.at("tool_calls")
@@ -680,7 +679,19 @@ def _answer_shape(obj: Obj, refusal: str | None) -> None:
             where,
             "empty_array",
         )
-    if "content" not in obj.value and not calls and not (refusal and refusal.strip()):
+    if calls:
+        return
+    if refusal and refusal.strip() and obj.value.get("content") is None:
+        where = obj.at("content")
+        said = "null" if "content" in obj.value else "missing"
+        raise invalid(
+            f"{where}: {said} in an assistant message without tool_calls, its words in "
+            "refusal (OpenAI refuses it too: content is required unless tool_calls are sent); "
+            'send the refusal as content: [{"type": "refusal", "refusal": <its words>}], '
+            "OpenAI's form of a refused answer sent back",
+            where,
+        )
+    if "content" not in obj.value:
         where = obj.at("content")
         raise invalid(
             f"{where}: missing in an assistant message without tool_calls (OpenAI refuses it "

@@ -669,9 +669,12 @@ def test_openai_empty_answer_with_tool_calls_keeps_its_calls(base: str, key: str
 def test_openai_history_with_a_refused_answer_shows_the_model_its_refusal(
     base: str, key: str
 ) -> None:
-    """An answer OpenAI's model refused is ``content: null`` with its words in ``refusal``;
-    sent back, it was dropped as an empty answer (the same prompt as with no answer at all):
-    the refusal is the assistant's text, so the prompt holds it."""
+    """An answer OpenAI's model refused has its words in ``refusal``; sent back, it was
+    dropped as an empty answer (the same prompt as with no answer at all): the refusal is the
+    assistant's text, so the prompt holds it. Sent back as OpenAI takes it (a refusal part,
+    or content beside the refusal); with content null and no tool calls OpenAI refuses it
+    (its reference: content "Required unless `tool_calls` or `function_call` is
+    specified"), and so does the front, saying how to send it."""
     client = openai.OpenAI(base_url=f"{base}/v1", api_key=key)
     question = _unique("Help me with this.")
 
@@ -686,8 +689,13 @@ def test_openai_history_with_a_refused_answer_shows_the_model_its_refusal(
         return reply.usage.prompt_tokens
 
     empty = prompt_tokens({"content": ""})  # (null without a refusal: the same empty answer)
-    refused = prompt_tokens({"content": None, "refusal": "I can't help with that request."})
+    words = "I can't help with that request."
+    refused = prompt_tokens({"content": [{"type": "refusal", "refusal": words}]})
     assert refused > empty
+    assert prompt_tokens({"content": "", "refusal": words}) == refused
+    with pytest.raises(openai.BadRequestError) as null:
+        prompt_tokens({"content": None, "refusal": words})
+    assert null.value.param == "messages[1].content"
 
 
 @pytest.mark.parametrize(
@@ -717,7 +725,8 @@ def test_anthropic_empty_answer_is_taken_last_and_before_the_last(
         model="sim-small", max_tokens=50, messages=[question, empty, more]
     )
     assert reply.content and reply.stop_reason in ("end_turn", "max_tokens")
-    # the Gateway's messages[3] (its 4th: the empty answer is none) is the caller's 5th
+    # the Gateway's messages[2] (its 3rd: the empty answer is none, and the user messages
+    # around it one turn, as the API combines them) is the caller's 5th
     bad: Any = {
         "role": "user",
         "content": [{"type": "text", "text": "x"}, {"type": "text", "text": ""}],
@@ -730,6 +739,28 @@ def test_anthropic_empty_answer_is_taken_last_and_before_the_last(
     said = str(refused.value.body)
     assert re.search(r"messages\.4\.content\.1\b", said), said  # the caller's 5th, dotted
     assert "text blocks must not be empty" in said
+    # the user messages around the empty answer are one turn, as the API combines them: the
+    # prompt is the one turn's (before: two user turns, a prompt of its own)
+    bypass = {"x-cachemesh-semantic": "bypass"}
+    apart = client.messages.create(
+        model="sim-small", max_tokens=50, messages=[question, empty, more], extra_headers=bypass
+    )
+    parts: Any = [{"type": "text", "text": m["content"]} for m in (question, more)]
+    joined = client.messages.create(
+        model="sim-small",
+        max_tokens=50,
+        messages=[{"role": "user", "content": parts}],
+        extra_headers=bypass,
+    )
+
+    def prompt(usage: Any) -> int:  # the whole prompt's, read from a cache or not
+        return int(
+            usage.input_tokens
+            + (usage.cache_read_input_tokens or 0)
+            + (usage.cache_creation_input_tokens or 0)
+        )
+
+    assert prompt(apart.usage) == prompt(joined.usage)
 
 
 # a field path as Chat Completions writes one (``messages[1]``, ``content[0]``)
@@ -768,3 +799,16 @@ def test_anthropic_gateway_refusals_name_fields_as_the_messages_api_does(
         "messages.1.content.0.tool_use.name: 'messages[0]' is not a declared tool;"
     ), said
     assert not re.search(_BRACKET_PATH, said.replace("'messages[0]'", "")), said
+    # the Gateway's role (its enum's ROLE_USER) in the API's words
+    first: Any = [{"role": "assistant", "content": "Hello."}, messages[0]]
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        if stream:
+            with client.messages.stream(model="sim-small", max_tokens=50, messages=first) as ev:
+                ev.get_final_message()
+        else:
+            client.messages.create(model="sim-small", max_tokens=50, messages=first)
+    body = refused.value.body
+    assert isinstance(body, dict)
+    assert body["error"]["message"] == (
+        'messages.0.role: the first message must be the user\'s ("role": "user")'
+    )

@@ -463,11 +463,12 @@ def _conversation(messages: Any, most_id_chars: int | None) -> Reply | None:
                 f"messages[{i}].tool_calls",
                 "empty_array",
             )
-        # content null with a refusal (OpenAI's own refused answer, sent back) is refused here
-        # as any content null: knowingly open, as nothing citable says whether OpenAI takes it
-        # (the front takes it as the refusal's text: openai_api._assistant). Content null
-        # without one is OpenAI's 400 (langchain-ai/langchainjs#4153), which the front takes
-        # as an empty answer (the Node SDK builds it from a streamed empty answer).
+        # content null (or none) without tool calls is OpenAI's 400 (langchain-ai/langchainjs
+        # #4153), with a refusal beside it too: its reference makes content "Required unless
+        # `tool_calls` or `function_call` is specified" (a refused answer goes back as a
+        # refusal content part, or content beside its refusal), and so does the front
+        # (openai_api._answer_shape). Without a refusal the front takes it as an empty answer
+        # (the Node SDK builds it from a streamed empty answer), knowingly looser.
         if message.get("content") is None and not tool_calls:
             return _invalid(
                 "Invalid value for 'content': expected a string, got null.",

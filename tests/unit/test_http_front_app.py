@@ -1108,6 +1108,37 @@ async def test_a_gateway_refusal_names_its_paths_as_the_messages_api_does(front:
     assert cut.value.body["error"]["message"] == f"the replica went away; {dotted}"
 
 
+async def test_an_openai_streams_error_after_its_start_names_the_callers_fields(
+    front: Front,
+) -> None:
+    """An error after an OpenAI stream's start named the Gateway's request ("messages[0]":
+    the caller's [1], after its system message), where the same refusal before the start, and
+    the Anthropic side's error event after it, name the caller's; and a ``[DONE]`` followed
+    it, which says the answer is whole (OpenAI's stream ends at its error chunk, as this
+    front's own error before the start ends one)."""
+    said = "messages[0].content[0].text: too long"
+    front.gateway.cut = f"the replica went away; {said}"
+    messages = [{"role": "system", "content": "s"}, *ASK]
+    stream = await _gpt(front).chat.completions.create(
+        model="sim-large", messages=messages, stream=True
+    )
+    with pytest.raises(openai.APIError) as cut:
+        _ = [c async for c in stream]
+    theirs = "messages[1].content: too long"
+    assert cut.value.message == f"the replica went away; {theirs}"
+    body = json.dumps({"model": "sim-large", "stream": True, "messages": messages}).encode()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{front.base}/v1/chat/completions", data=body, headers=GPT_HEADERS) as reply,
+    ):
+        rest = (await reply.read()).decode()
+    events = [line for line in rest.splitlines() if line.startswith("data:")]
+    assert json.loads(events[-1].removeprefix("data: "))["error"]["message"] == (
+        f"the replica went away; {theirs}"
+    )
+    assert "data: [DONE]" not in events
+
+
 async def test_a_refusal_of_a_request_with_an_idempotency_key_carries_that_id(
     front: Front,
 ) -> None:

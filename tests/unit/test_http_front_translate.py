@@ -1376,23 +1376,80 @@ def test_an_anthropic_empty_answer_before_the_last_is_no_gateway_turn(content: A
     a whitespace-only runaway) sent back before the last message: the API refuses them (the
     loopback's 400), and so did the front (the Gateway's "a message needs at least one block"
     / "text blocks must not be empty"), with no next step for a client replaying the history
-    it got. Now no Gateway turn, as the OpenAI front's; ``kept`` maps the Gateway's messages
-    to the caller's for its refusals' paths."""
+    it got. Now no Gateway turn, as the OpenAI front's, and the user messages around it one
+    turn, as the API combines consecutive turns of a role (they were two Gateway turns: the
+    assertion here said so, the API's behaviour says otherwise); ``kept`` maps the Gateway's
+    messages and blocks to the caller's for its refusals' paths."""
     body: dict[str, Any] = {"model": "claude-haiku-4-5", "max_tokens": 10}
     answer = {"role": "assistant", "content": content}
     body["messages"] = [_Q, answer, _MORE, {"role": "assistant", "content": "a"}, _MORE]
     assert anthropic_wire.refusal(_ANTHROPIC_HEADERS, body) is not None  # the API's 400
-    kept: list[int] = []
+    kept: list[anthropic_api.Turn] = []
     request, _ = anthropic_api.parse_request(body, kept=kept)
-    assert [m.role for m in request.messages] == [pb.ROLE_USER] * 2 + [
-        pb.ROLE_ASSISTANT,
-        pb.ROLE_USER,
-    ]
-    assert kept == [0, 2, 3, 4]
+    assert [m.role for m in request.messages] == [pb.ROLE_USER, pb.ROLE_ASSISTANT, pb.ROLE_USER]
+    assert [b.text for b in request.messages[0].content] == ["q", "more"]
+    assert [t.messages for t in kept] == [[0, 2], [3], [4]]
     validate_request(request, _TABLE, set(_TABLE.models))
-    said = "messages[3].content[0].text: too long; messages[1] and messages[9] too"
+    said = "messages[0].content[1].text: too long; messages[2], messages[0] and messages[9] too"
     assert anthropic_api.at_caller(said, kept) == (
-        "messages.4.content.0.text: too long; messages.2 and messages.9 too"
+        "messages.2.content.0.text: too long; messages.4, messages.0 to messages.2 and "
+        "messages.9 too"
+    )
+
+
+def test_consecutive_anthropic_turns_of_a_role_are_one_gateway_turn() -> None:
+    """The Messages API combines consecutive user or assistant turns into one; the front sent
+    them as two Gateway turns (the Gateway takes them: no check of alternation), so a model of
+    an OpenAI or self-hosted row saw two user turns where Anthropic's model saw one, and the
+    conversation's cached prefix was not the one the OpenAI front (which joins them) made of
+    it. Their blocks are one turn's, each named by the caller's message and block."""
+    use = {"type": "tool_use", "id": "t1", "name": "f", "input": {}}
+    result = {"type": "tool_result", "tool_use_id": "t1", "content": "r"}
+    messages: list[Any] = [
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "user", "content": "c"},
+        {"role": "assistant", "content": [use]},
+        {"role": "user", "content": [result]},
+        {"role": "user", "content": "more"},
+    ]
+    body = {"model": "claude-haiku-4-5", "max_tokens": 10, "messages": messages}
+    body["tools"] = [{"name": "f", "input_schema": {"type": "object"}}]
+    kept: list[anthropic_api.Turn] = []
+    request, _ = anthropic_api.parse_request(body, kept=kept)
+    assert [m.role for m in request.messages] == [pb.ROLE_USER, pb.ROLE_ASSISTANT, pb.ROLE_USER]
+    assert [b.WhichOneof("kind") for b in request.messages[2].content] == ["tool_result", "text"]
+    assert [t.blocks for t in kept] == [[(0, 0), (0, 1), (1, 0)], [(2, 0)], [(3, 0), (4, 0)]]
+    validate_request(request, _TABLE, set(_TABLE.models))
+    said = "messages[0].content[2].text: too long"
+    assert anthropic_api.at_caller(said, kept) == "messages.1.content.0.text: too long"
+    # automatic caching names the block it marks as the caller does
+    body["cache_control"] = {"type": "ephemeral", "ttl": "1h"}
+    messages[4] = {
+        "role": "user",
+        "content": [{"type": "text", "text": "x", "cache_control": {"type": "ephemeral"}}],
+    }
+    with pytest.raises(ApiError) as refused:
+        anthropic_api.parse_request(body)
+    assert "(messages.4.content.0.cache_control: '5m')" in refused.value.message
+
+
+def test_a_gateway_role_reaches_an_anthropic_caller_in_the_apis_words() -> None:
+    """The Gateway's refusal names its enum's role ("the first message must be the user's
+    (ROLE_USER)"), which an Anthropic caller never sends: it says ``"role": "user"``."""
+    body = {
+        "model": "claude-haiku-4-5",
+        "max_tokens": 10,
+        "messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}],
+    }
+    kept: list[anthropic_api.Turn] = []
+    request, _ = anthropic_api.parse_request(body, kept=kept)
+    with pytest.raises(RequestError) as refused:
+        validate_request(request, _TABLE, set(_TABLE.models))
+    assert "ROLE_USER" in refused.value.message
+    said = anthropic_api.at_caller(refused.value.message, kept)
+    assert said == 'messages.0.role: the first message must be the user\'s ("role": "user")'
+    assert anthropic_api.at_caller("messages[1].role: must be ROLE_USER or ROLE_ASSISTANT") == (
+        "messages.1.role: must be 'user' or 'assistant'"
     )
 
 
@@ -1498,12 +1555,14 @@ def test_a_breakpoint_on_an_empty_answer_part_is_refused_not_dropped() -> None:
     assert refused.value.message.startswith("messages[1].content[1].cache_control: ")
 
 
-@pytest.mark.parametrize("content", [None, "", []])
+@pytest.mark.parametrize("content", ["", []])
 def test_an_openai_answer_its_model_refused_keeps_the_refusal_as_its_text(content: Any) -> None:
-    """OpenAI's answer its model refused is ``content: null`` and the words in ``refusal``:
-    sent back, it was taken as an empty answer and dropped unsaid (the model never saw it had
-    refused). Its refusal is the assistant's text; a Gateway refusal of it names the field."""
+    """OpenAI's answer its model refused has its words in ``refusal``: sent back, it was taken
+    as an empty answer and dropped unsaid (the model never saw it had refused). Its refusal is
+    the assistant's text; a Gateway refusal of it names the field. (With ``content: null``
+    OpenAI refuses it, and the front too: the next test.)"""
     refused = {"role": "assistant", "content": content, "refusal": "I can't help with that."}
+    assert openai_wire.refusal({}, {"model": "gpt-4o", "messages": [_Q, refused, _MORE]}) is None
     origins = openai_api.Origins()
     request, _, _ = openai_api.parse_request(
         {"model": "sim-small", "messages": [_Q, refused, _MORE]}, 10, origins
@@ -1524,6 +1583,35 @@ def test_an_openai_answer_its_model_refused_keeps_the_refusal_as_its_text(conten
         )
         texts = [b.text for m in request.messages for b in m.content]
         assert texts == (["q", "ok", "more"] if message["content"] else ["q", "more"])
+
+
+@pytest.mark.parametrize("content", [{"content": None}, {}])
+def test_an_openai_refused_answer_of_content_null_is_refused_as_openai_refuses_it(
+    content: dict[str, Any],
+) -> None:
+    """OpenAI's reference makes an assistant message's content "Required unless `tool_calls`
+    or `function_call` is specified": a ``refusal`` beside a null (or no) content is no
+    exception, and OpenAI's 400 (the loopback's). The front took it as the refusal's text, so
+    a history it took was one OpenAI refuses: now its 400 says how OpenAI takes a refused
+    answer sent back (a refusal part, which the front keeps as the text). Beside tool calls,
+    content null is OpenAI's form, and the refusal the text."""
+    refused = {"role": "assistant", "refusal": "I can't help with that."} | content
+    body = {"model": "gpt-4o", "messages": [_Q, refused, _MORE]}
+    assert openai_wire.refusal({}, body) is not None  # OpenAI's 400
+    with pytest.raises(ApiError) as said:
+        openai_api.parse_request(body, 10)
+    assert said.value.param == "messages[1].content"
+    assert '[{"type": "refusal", "refusal": <its words>}]' in said.value.message
+    part = {"role": "assistant", "content": [{"type": "refusal", "refusal": refused["refusal"]}]}
+    for taken in (part, refused | {"content": "", "refusal": refused["refusal"]}):
+        body = {"model": "gpt-4o", "messages": [_Q, taken, _MORE]}
+        assert openai_wire.refusal({}, body) is None  # as OpenAI takes it
+        request, _, _ = openai_api.parse_request(body | {"model": "sim-small"}, 10)
+        assert [b.text for b in request.messages[1].content] == ["I can't help with that."]
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    with_call = refused | {"content": None, "tool_calls": [call]}
+    request, _, _ = openai_api.parse_request({"model": "m", "messages": [_Q, with_call]}, 10)
+    assert [b.text for b in request.messages[1].content][:1] == ["I can't help with that."]
 
 
 @pytest.mark.parametrize(
