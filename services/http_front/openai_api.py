@@ -536,11 +536,12 @@ def _caller_path(found: re.Match[str], origins: Origins) -> str | None:
 def at_caller(message: str, origins: Origins) -> str:
     """A Gateway refusal's ``message`` naming the caller's fields wherever it names the
     Gateway request's (``origins``, from ``parse_request``): every path into its messages,
-    system blocks and tools, with the field that follows in the caller's names, and its
-    ``max_tokens`` as the caller set it. The Gateway's path it begins with is kept in
-    parentheses. A provider's words it passes on name the provider's request by its own
-    indices, and are kept as said (``unquoted``): its "messages[2]" (OpenAI's, the system
-    message counted) was rewritten as if it were the Gateway's, to "messages[3]"."""
+    system blocks and tools, with the field that follows in the caller's names, its
+    ``max_tokens`` as the caller set it, and its roles as the caller names them (``user``, not
+    the Gateway's ``ROLE_USER``). The Gateway's path it begins with is kept in parentheses. A
+    provider's words it passes on name the provider's request by its own indices, and are
+    kept as said (``unquoted``): its "messages[2]" (OpenAI's, the system message counted) was
+    rewritten as if it were the Gateway's, to "messages[3]"."""
 
     def paths(part: str) -> str:
         return GATEWAY_PATH.sub(lambda found: _caller_path(found, origins) or found[0], part)
@@ -548,9 +549,11 @@ def at_caller(message: str, origins: Origins) -> str:
     said = unquoted(message, paths)
     if origins.max_tokens == "max_completion_tokens":
         said = re.sub(r"^max_tokens\b", "max_completion_tokens", said)
+    # its roles in the caller's words, whether or not a path changed (a caller whose first
+    # message is the assistant's, with no system message, was told "(ROLE_USER)")
+    said = unquoted(said, lambda part: role_names(part, "openai"))
     if said == message:
         return message
-    said = unquoted(said, lambda part: role_names(part, "openai"))
     first = _FIELD.match(message)
     if first is None or said.startswith(first[0]):  # the path it begins with is the caller's
         return said

@@ -1451,6 +1451,13 @@ def test_a_gateway_role_reaches_an_anthropic_caller_in_the_apis_words() -> None:
     assert anthropic_api.at_caller("messages[1].role: must be ROLE_USER or ROLE_ASSISTANT") == (
         "messages.1.role: must be 'user' or 'assistant'"
     )
+    # the OpenAI front said it so too, whenever no path of the refusal changed (no system
+    # message before the assistant's)
+    origins = openai_api.Origins()
+    openai_api.parse_request({"model": "m", "messages": body["messages"]}, 10, origins)
+    assert openai_api.at_caller(refused.value.message, origins) == (
+        "messages[0].role: the first message must be the user's"
+    )
 
 
 def test_an_anthropic_request_of_empty_answers_only_says_so() -> None:
