@@ -466,9 +466,9 @@ def _conversation(messages: Any, most_id_chars: int | None) -> Reply | None:
         # content null (or none) without tool calls is OpenAI's 400 (langchain-ai/langchainjs
         # #4153), with a refusal beside it too: its reference makes content "Required unless
         # `tool_calls` or `function_call` is specified" (a refused answer goes back as a
-        # refusal content part, or content beside its refusal), and so does the front
-        # (openai_api._answer_shape). Without a refusal the front takes it as an empty answer
-        # (the Node SDK builds it from a streamed empty answer), knowingly looser.
+        # refusal content part, or content beside its refusal). The front is knowingly looser
+        # (openai_api._answer_shape): it takes null without a refusal as an empty answer (the
+        # Node SDK builds it from a streamed empty answer) and with one as the refusal's text.
         if message.get("content") is None and not tool_calls:
             return _invalid(
                 "Invalid value for 'content': expected a string, got null.",

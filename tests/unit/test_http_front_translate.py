@@ -1566,8 +1566,8 @@ def test_a_breakpoint_on_an_empty_answer_part_is_refused_not_dropped() -> None:
 def test_an_openai_answer_its_model_refused_keeps_the_refusal_as_its_text(content: Any) -> None:
     """OpenAI's answer its model refused has its words in ``refusal``: sent back, it was taken
     as an empty answer and dropped unsaid (the model never saw it had refused). Its refusal is
-    the assistant's text; a Gateway refusal of it names the field. (With ``content: null``
-    OpenAI refuses it, and the front too: the next test.)"""
+    the assistant's text; a Gateway refusal of it names the field. (``content: null``: the
+    next test.)"""
     refused = {"role": "assistant", "content": content, "refusal": "I can't help with that."}
     assert openai_wire.refusal({}, {"model": "gpt-4o", "messages": [_Q, refused, _MORE]}) is None
     origins = openai_api.Origins()
@@ -1593,32 +1593,34 @@ def test_an_openai_answer_its_model_refused_keeps_the_refusal_as_its_text(conten
 
 
 @pytest.mark.parametrize("content", [{"content": None}, {}])
-def test_an_openai_refused_answer_of_content_null_is_refused_as_openai_refuses_it(
+def test_an_openai_refused_answer_of_content_null_is_taken_as_its_refusal(
     content: dict[str, Any],
 ) -> None:
-    """OpenAI's reference makes an assistant message's content "Required unless `tool_calls`
-    or `function_call` is specified": a ``refusal`` beside a null (or no) content is no
-    exception, and OpenAI's 400 (the loopback's). The front took it as the refusal's text, so
-    a history it took was one OpenAI refuses: now its 400 says how OpenAI takes a refused
-    answer sent back (a refusal part, which the front keeps as the text). Beside tool calls,
+    """OpenAI's refused answer as an SDK returns it (``content: null``, the words in
+    ``refusal``), appended to a history and sent back: the loopback refuses it (OpenAI's
+    reference makes content "Required unless `tool_calls` or `function_call` is specified"),
+    the front takes it as the refusal's text, knowingly looser (``_answer_shape``), as it
+    takes OpenAI's own forms (a refusal part; content beside the refusal). Beside tool calls,
     content null is OpenAI's form, and the refusal the text."""
     refused = {"role": "assistant", "refusal": "I can't help with that."} | content
     body = {"model": "gpt-4o", "messages": [_Q, refused, _MORE]}
-    assert openai_wire.refusal({}, body) is not None  # OpenAI's 400
-    with pytest.raises(ApiError) as said:
-        openai_api.parse_request(body, 10)
-    assert said.value.param == "messages[1].content"
-    assert '[{"type": "refusal", "refusal": <its words>}]' in said.value.message
+    assert openai_wire.refusal({}, body) is not None  # OpenAI's 400 (by its reference)
     part = {"role": "assistant", "content": [{"type": "refusal", "refusal": refused["refusal"]}]}
+    for taken in (refused, part, refused | {"content": "", "refusal": refused["refusal"]}):
+        body = {"model": "gpt-4o", "messages": [_Q, taken, _MORE]}
+        request, _, _ = openai_api.parse_request(body | {"model": "sim-small"}, 10)
+        assert [b.text for b in request.messages[1].content] == ["I can't help with that."]
     for taken in (part, refused | {"content": "", "refusal": refused["refusal"]}):
         body = {"model": "gpt-4o", "messages": [_Q, taken, _MORE]}
         assert openai_wire.refusal({}, body) is None  # as OpenAI takes it
-        request, _, _ = openai_api.parse_request(body | {"model": "sim-small"}, 10)
-        assert [b.text for b in request.messages[1].content] == ["I can't help with that."]
     call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     with_call = refused | {"content": None, "tool_calls": [call]}
     request, _, _ = openai_api.parse_request({"model": "m", "messages": [_Q, with_call]}, 10)
     assert [b.text for b in request.messages[1].content][:1] == ["I can't help with that."]
+    bare = {"role": "assistant", "refusal": "  "}  # no words, no content: OpenAI's 400 and ours
+    with pytest.raises(ApiError) as said:
+        openai_api.parse_request({"model": "m", "messages": [_Q, bare, _MORE]}, 10)
+    assert said.value.param == "messages[1].content"
 
 
 @pytest.mark.parametrize(
