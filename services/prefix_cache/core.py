@@ -23,7 +23,7 @@ from services.common.models import AUTO, ModelSpec, ModelTable
 from services.common.prompt import canonical_blocks, prompt_digest, prompt_token_ids
 from services.common.tokens import Tokenizer, Tokenizers
 from services.prefix_cache.auto_rules import plan_for, scope_for
-from services.prefix_cache.commit_records import Final, Stood
+from services.prefix_cache.commit_records import CommitRecord, Final, Stood
 from services.prefix_cache.keyed_lock import KeyedLock
 from services.prefix_cache.ledger import CommitLedger
 from services.prefix_cache.metrics import PrefixCacheMetrics
@@ -432,11 +432,13 @@ class PrefixCacheCore:
         _count(output_tokens, "output_tokens")
         _count(kv_cached_tokens, "kv_cached_tokens")
         baseline_spec = self._spec(baseline_model, "baseline_model") if baseline_model else None
-        async with self._commit_locks.hold((tenant, request_id)):
-            now = self._clock.now_ms()
-            record = await self._ledger.get(tenant, request_id, now)
-            if record is None:
-                raise _no_warm(request_id)
+        # the engine's reuse of the bill that stands, in its own tokens with its count of the
+        # prompt (for the view and the metric), set by the last pricing
+        engine: list[int] = [0, 0]
+
+        def bill(record: CommitRecord) -> Final | Stood:
+            """The FINAL priced from ``record`` (the ledger's live WARM record), or the one it
+            carries already; refused (BadRequest) before anything is written."""
             if model and model != record.model:
                 raise BadRequest(
                     f"model {shown(model)} differs from {record.model!r} of the WARM commit for "
@@ -491,12 +493,24 @@ class PrefixCacheCore:
                     charge(record.split, reported.output_tokens, spec, base),
                     reconciled=True,
                 )
+            engine[:] = [engine_reuse, engine_prompt]
+            return final
+
+        async with self._commit_locks.hold((tenant, request_id)):
+            now = self._clock.now_ms()
             # one atomic step: the first FINAL for the request id (of any replica) is billed
-            # and totalled; a racing one gets that FINAL back
-            placed = await self._ledger.put_final(tenant, request_id, final, now)
-            if placed is None:  # the record was collected between the two steps
+            # and totalled, priced from the WARM record that stands; a racing one gets that
+            # FINAL back, as does a repeated one (which is not priced)
+            placed = await self._ledger.put_final(tenant, request_id, now, bill)
+            if placed is None:
                 raise _no_warm(request_id)
-            stood = placed.final
+            record, stood, final = placed.record, placed.stood.final, placed.offered
+            if final is None:  # the record carried a FINAL when priced: a repeated FINAL
+                return placed.stood
+            spec = self._table.get(record.model)
+            assert spec is not None  # checked at WARM against the same table
+            own = spec.rules == "self_hosted"
+            engine_reuse, engine_prompt = engine
             if record.replica and own:
                 # the engine's reported reuse (not the billed one), in its own tokens with its
                 # count of the prompt, scores the view's prediction at the WARM, and corrects
@@ -506,12 +520,12 @@ class PrefixCacheCore:
                 before = self._view_corrections()
                 self._views.report((tenant, request_id), reuse)
                 self._count_corrections(record.model, "report", before)
-            if self._metrics is not None and not placed.repeated:  # this call billed it
+            if self._metrics is not None and not placed.stood.repeated:  # this call billed it
                 self._metrics.billed(record.model, stood)
                 if own:  # the engine's reuse the tenant's own traffic does not account for
                     unbilled = max(engine_reuse - stood.split.read_tokens, 0)
                     self._metrics.unattributed_kv(record.model, unbilled)
-            return placed
+            return placed.stood
 
     def _engine(self, model: str, replica: str, instance: str, called_at_ms: int) -> bool | None:
         """``ReplicaViews.engine``, its wipe counted (``cause="restart"``) and named on the

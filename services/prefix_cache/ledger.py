@@ -11,16 +11,39 @@ bill the totals lack (or the reverse).
   method runs without an ``await`` inside, so it is atomic on the event loop.
 - ``RedisCommitLedger`` (``redis_ledger.py``): shared by every replica using the same Redis;
   each write is one Lua script.
+
+FINAL is priced from the WARM record that stands (its model, split), so the ledger hands that
+record to the caller's ``bill`` and records what it returns in the same step
+(``put_final``): a ledger that knows the record already (the Redis one keeps the WARMs it
+wrote until their FINAL) bills in one round trip, checking the record it priced is the one
+that stands.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from services.prefix_cache.commit_records import CommitRecord, CommitRecords, Final, Stood
 from services.prefix_cache.rules import Split
 from services.prefix_cache.totals import TenantTotals, TotalsLedger
+
+# The caller's pricing of a FINAL from the live WARM record: the ``Final`` to attach, or the
+# ``Stood`` (repeated) when the record carries a FINAL already; it raises to refuse the FINAL
+# (nothing is written). It may be called more than once (a record replaced meanwhile): pure.
+Bill = Callable[[CommitRecord], Final | Stood]
+
+
+@dataclass(frozen=True)
+class Placed:
+    """A FINAL's outcome: ``record``, the WARM record it was priced from; ``stood``, the FINAL
+    that stands; ``offered``, this call's bill when it was offered to be recorded (None: the
+    record carried a FINAL when it was priced, so nothing was offered)."""
+
+    record: CommitRecord
+    stood: Stood
+    offered: Final | None
 
 
 class CommitLedger(Protocol):
@@ -36,12 +59,15 @@ class CommitLedger(Protocol):
         ...
 
     async def put_final(
-        self, tenant: str, request_id: str, final: Final, now_ms: int
-    ) -> Stood | None:
-        """Atomically: unless the record already carries a FINAL, attach ``final``, refresh
-        the record's expiry and add ``final`` to the tenant's totals. Returns the FINAL that
-        stands (the first writer's), ``repeated`` when it was there before (decided in the
-        same step); None when there is no unexpired record."""
+        self, tenant: str, request_id: str, now_ms: int, bill: Bill
+    ) -> Placed | None:
+        """Atomically: ``bill`` the unexpired record and, unless it (or the record as it stands
+        when written) carries a FINAL, attach the bill, refresh the record's expiry and add
+        the bill to the tenant's totals; the bill attached is always one priced from the
+        record that stands. Returns the FINAL that stands (the first writer's), ``repeated``
+        when it was there before (decided in the same step); None when there is no unexpired
+        record. ``bill``'s exception refuses the FINAL, unless the record as it stands carries
+        a FINAL ``bill`` returns."""
         ...
 
     async def totals(self, tenant: str) -> TenantTotals:
@@ -71,16 +97,17 @@ class InMemoryLedger:
         return self._records.put_warm(tenant, request_id, model, replica, split, now_ms)
 
     async def put_final(
-        self, tenant: str, request_id: str, final: Final, now_ms: int
-    ) -> Stood | None:
+        self, tenant: str, request_id: str, now_ms: int, bill: Bill
+    ) -> Placed | None:
         record = self._records.get(tenant, request_id, now_ms)
         if record is None:
             return None
-        if record.final is not None:
-            return Stood(record.final, repeated=True)
-        self._totals.add(tenant, final)
-        self._records.put_final(tenant, request_id, record, final, now_ms)
-        return Stood(final, repeated=False)
+        outcome = bill(record)
+        if isinstance(outcome, Stood):
+            return Placed(record, outcome, None)
+        self._totals.add(tenant, outcome)
+        self._records.put_final(tenant, request_id, record, outcome, now_ms)
+        return Placed(record, Stood(outcome, repeated=False), outcome)
 
     async def totals(self, tenant: str) -> TenantTotals:
         return self._totals.get(tenant)

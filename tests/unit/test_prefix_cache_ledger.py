@@ -5,18 +5,20 @@ runs on both backends; time is the injected ManualClock, never a sleep."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import pytest
 from redis.asyncio import Redis
 
 from cachemesh.v1 import gateway_pb2 as pb
+from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.clock import ManualClock
 from services.common.models import load_model_table
 from services.common.tokens import Tokenizer, load_cl100k
 from services.prefix_cache.commit_records import MIN_RECORD_TTL_MS
-from services.prefix_cache.core import NoWarmCommit, PrefixCacheCore, TokenizerSlot
+from services.prefix_cache.core import BadRequest, NoWarmCommit, PrefixCacheCore, TokenizerSlot
 from services.prefix_cache.ledger import CommitLedger
 from services.prefix_cache.redis_ledger import RedisCommitLedger
 from services.prefix_cache.redis_store import RedisWarmStore
@@ -212,3 +214,77 @@ async def test_the_totals_of_many_tenants_are_read_at_once_as_each_alone(pair: P
     assert [tenant for tenant, _ in got] == ["a", "b", *many]
     assert got[0][1] == await pair.one.totals("a") and got[0][1].requests == 1
     assert all(totals == TenantTotals() for _, totals in got[1:])
+
+
+def _sent(client: Redis, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The commands ``client`` sends from now on (each a round trip), by name, as sent."""
+    sent: list[str] = []
+    execute = cast(Callable[..., Awaitable[Any]], client.execute_command)  # untyped in redis-py
+
+    async def counted(*args: Any, **options: Any) -> Any:
+        sent.append(str(args[0]).upper())
+        return await execute(*args, **options)
+
+    monkeypatch.setattr(client, "execute_command", counted)
+    return sent
+
+
+async def test_a_final_on_the_replica_of_its_warm_is_one_redis_round_trip(
+    pair: Pair, redis_client: Redis | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The FINAL read its WARM record (HMGET) before its script: two round trips (~0.4-0.5 ms
+    of a miss). The replica keeps the WARM it wrote: one script, which checks it stands."""
+    if redis_client is None:
+        pytest.skip("round trips to Redis")
+    await pair.one.warm("a", "r0", "sim-large", ask("Refund?"), "")  # the scripts loaded
+    await pair.one.final("a", "r0", "sim-large", 30, 0, "")
+    warm = await pair.one.warm("a", "r1", "sim-large", ask("Refund?"), "")
+    sent = _sent(redis_client, monkeypatch)
+    final = await pair.one.final("a", "r1", "sim-large", 30, 0, "")
+    assert sent == ["EVALSHA"]
+    assert final.split == warm
+    sent.clear()  # a repeat reads (the copy went with the FINAL)
+    assert await pair.one.final("a", "r1", "sim-large", 30, 0, "") == final
+    assert sent == ["HMGET"]
+    assert (await pair.other.totals("a")).requests == 2  # r0 and r1, once each
+
+
+async def test_a_final_is_priced_from_the_warm_that_stands_not_an_older_copy(
+    pair: Pair,
+) -> None:
+    """The replica's copy of a WARM record can be stale: the record expired and another
+    replica recorded a new WARM (here of another model) for the request id. The FINAL is
+    priced from the record that stands, as when it read the record first."""
+    await pair.one.warm("a", "r1", "sim-large", ask("Refund?"), "")
+    pair.clock.advance(ms=TTL_MS)  # the record expires
+    again = await pair.other.warm("a", "r1", "sim-small", ask("Refund?"), "")
+    final = await pair.one.final("a", "r1", "", 30, 0, "")
+    assert final.split == again
+    expected = await pair.other.final("a", "r1", "sim-small", 30, 0, "")  # the repeat
+    assert final == expected
+    small = TABLE.get("sim-small")
+    assert small is not None
+    rates = small.rates(again.prompt_tokens)
+    assert final.charge.cost_nanos == (
+        again.input_tokens * rates.input_nanos
+        + again.write_5m_tokens * rates.cache_write_5m_nanos
+        + 30 * rates.output_nanos
+    )
+    with pytest.raises(BadRequest, match="differs from 'sim-small'"):
+        await pair.one.final("a", "r1", "sim-large", 30, 0, "")
+    assert (await pair.one.totals("a")).requests == 1
+
+
+async def test_a_repeated_final_refused_on_its_own_terms_gets_the_standing_bill(
+    pair: Pair,
+) -> None:
+    """A repeated FINAL returns the bill that stands without pricing its own (as before):
+    one whose usage disagrees with its output count is not refused when a FINAL stands,
+    even on the replica that holds the WARM's copy; without one standing it is refused."""
+    await pair.one.warm("a", "r1", "sim-large", ask("Refund?"), "")
+    usage = pc.ProviderUsage(anthropic=pc.AnthropicUsage(input_tokens=10, output_tokens=7))
+    with pytest.raises(BadRequest, match="differs from the provider's reported"):
+        await pair.one.final("a", "r1", "sim-large", 30, 0, "", usage)
+    first = await pair.other.final("a", "r1", "sim-large", 30, 0, "")
+    assert await pair.one.final("a", "r1", "sim-large", 30, 0, "", usage) == first
+    assert (await pair.one.totals("a")).requests == 1
