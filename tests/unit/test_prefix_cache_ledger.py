@@ -288,3 +288,28 @@ async def test_a_repeated_final_refused_on_its_own_terms_gets_the_standing_bill(
     first = await pair.other.final("a", "r1", "sim-large", 30, 0, "")
     assert await pair.one.final("a", "r1", "sim-large", 30, 0, "", usage) == first
     assert (await pair.one.totals("a")).requests == 1
+
+
+async def test_the_warms_kept_for_their_final_are_bounded_and_an_evicted_one_is_read(
+    tokenizer: Tokenizer, redis_client: Redis | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the bound the oldest WARM's copy goes: its FINAL reads the record first, and is
+    billed the same."""
+    if redis_client is None:
+        pytest.skip("round trips to Redis")
+    clock = ManualClock()
+    ledger = RedisCommitLedger(redis_client, TTL_MS, final_hints=1)
+    core = _core(tokenizer, RedisWarmStore(redis_client), ledger, clock)
+    await core.warm("a", "r0", "sim-large", ask("Refund?"), "")  # the scripts loaded
+    await core.final("a", "r0", "sim-large", 30, 0, "")
+    first = await core.warm("a", "r1", "sim-large", ask("Refund 1?"), "")
+    await core.warm("a", "r2", "sim-large", ask("Refund 2?"), "")
+    sent = _sent(redis_client, monkeypatch)
+    assert (await core.final("a", "r1", "sim-large", 30, 0, "")).split == first
+    assert sent == ["HMGET", "EVALSHA"]
+    sent.clear()
+    await core.final("a", "r2", "sim-large", 30, 0, "")
+    assert sent == ["EVALSHA"]
+    assert (await core.totals("a")).requests == 3
+    with pytest.raises(ValueError, match="final_hints must be >= 0"):
+        RedisCommitLedger(redis_client, TTL_MS, final_hints=-1)
