@@ -7,6 +7,7 @@ missed it (a loaded machine) on its shape alone: a point of the mix's sweep read
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -19,9 +20,11 @@ from services.common.tokens import load_cl100k
 from services.router.routing.model import load_router_model
 from services.semantic_cache.cross_encoder import load_cross_encoder
 from services.semantic_cache.embedder import load_minilm_embedder
+from services.tools.bench.router import __main__ as bench_router
 from services.tools.bench.router.frontier import Served
 from services.tools.bench.router.replay import Shared, run
 from services.tools.stack.lifecycle import Stack
+from tests.public_data import data_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 QUESTIONS = (
@@ -66,3 +69,23 @@ def test_each_request_is_scored_on_its_embedding_however_short_the_lookup_bound(
     assert scores != pytest.approx(shape_only, abs=1e-6)  # the two tell apart here
     # and the same tiers, scores and bills as under the router's default bound
     assert served == _replay(shared)
+
+
+def test_the_report_says_what_expected_loss_is_once_at_its_top(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    argv = ["--workloads", "tools", "mix", "--requests", "2", "--sweep", "none"]
+    assert bench_router.main([*argv, "--data", str(data_dir()), "--out", str(out)]) == 0
+    text = out.read_text(encoding="utf-8")
+    report = json.loads(text)
+    assert report["expected_loss"] == bench_router.LOSS_MEANS
+    assert text.count(json.dumps(bench_router.LOSS_MEANS)) == 1  # not once a workload
+    workloads = report["workloads"]
+    assert list(workloads) == ["tools", "mix"]
+    for body in workloads.values():  # each workload's rows, under the keys they had
+        assert set(body) == {
+            "policies",
+            "against_plain_frontier",
+            "plain_frontier",
+            "cost_aware_sweep",
+        }
+        assert set(body["policies"]) == set(bench_router.POLICIES)

@@ -8,7 +8,9 @@ when the requests sent small are ones the small model is predicted to answer bet
 says that part, ``expected_gain``). The plain router is also swept over
 thresholds, tracing its cost for each expected loss, so each policy's dollars can be read
 against what the plain router pays for the same expected loss. Writes
-bench-results/router-replay.json.
+bench-results/router-replay.json: ``expected_loss``, what a row's expected loss is (said once),
+and ``workloads``, each workload's rows by name (``policies``, ``against_plain_frontier``,
+``plain_frontier``, ``cost_aware_sweep``).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ POLICIES: dict[str, tuple[str, dict[str, str]]] = {
     "always_large": ("sim-large", {}),
 }
 SWEEP_SHARES = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85)
-# what a row's expected_loss is, in the report beside the rows
+# what a row's expected_loss is: said once, at the top of the report (not in each workload)
 LOSS_MEANS = (
     "net expected correctness given up against always-large: the sum of the learned scores "
     "(P(large right) - P(small right)) of the requests sent to the small tier; below 0 when "
@@ -105,7 +107,6 @@ class Bench:
             for name, p in points.items()
         }
         return {
-            "expected_loss": LOSS_MEANS,
             "policies": {name: p.row() for name, p in points.items()},
             "against_plain_frontier": against,
             "plain_frontier": [p.row() for p in sorted(plain, key=lambda p: p.expected_loss)],
@@ -113,13 +114,13 @@ class Bench:
         }
 
 
-def _table(report: dict[str, dict[str, object]]) -> str:
+def _table(workloads: dict[str, dict[str, object]]) -> str:
     lines = [
         "| workload | policy | cost (USD) | large share | net expected loss vs always-large "
         "(per request) | plain router's cost at that loss |",
         "|---|---|---|---|---|---|",
     ]
-    for workload, body in report.items():
+    for workload, body in workloads.items():
         policies = body["policies"]
         against = body["against_plain_frontier"]
         assert isinstance(policies, dict) and isinstance(against, dict)
@@ -158,10 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     at_least(parser, 0, interval_ms=args.interval_ms)
     shared = Shared(load_minilm_embedder(threads=1), load_cl100k(), load_cross_encoder(threads=1))
     bench = Bench(args, shared)
-    report = {workload: bench.workload(workload) for workload in args.workloads}
+    workloads = {workload: bench.workload(workload) for workload in args.workloads}
+    report = {"expected_loss": LOSS_MEANS, "workloads": workloads}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    print(_table(report))
+    print(_table(workloads))
     print(f"written to {args.out}")
     return 0
 
