@@ -415,7 +415,9 @@ class Dispatcher:
                         handover_s = None
                     hand_over = functools.partial(later_takes_over, at)
                 else:
-                    hand_over = functools.partial(self._one_not_overdue, wanted, candidates[n:])
+                    hand_over = functools.partial(
+                        self._one_not_overdue, wanted, candidates[n:], replica, opened_at, needs_s
+                    )
                 probe = health.sending(replica, opened_at)
                 # why this replica, on its span whatever the call's end (a stall, a refusal)
                 sent_route = replace(
@@ -773,19 +775,40 @@ class Dispatcher:
         stall_s = stalled_after_s(needs_s)
         return stall_s if known and stall_s < timeout_s else None
 
-    async def _one_not_overdue(self, wanted: Request, replicas: Sequence[str]) -> bool:
-        """Whether one of ``replicas`` (those a stalled call would be handed over to) is not
-        slow the same way (``ReplicaStates.overdue``). When each is, the stall is no one
-        engine's (a loaded machine, a prior rate too fast for the engines): handed over, the
-        request would wait as long there and its engine prefill the prompt twice (two calls
-        sent at once to two slow replicas were swapped), so it is watched for another stall
-        window where it is."""
+    async def _one_not_overdue(
+        self,
+        wanted: Request,
+        replicas: Sequence[str],
+        stalled: str,
+        opened_at: float,
+        needs_s: float,
+    ) -> bool:
+        """Whether one of ``replicas`` (those a call to ``stalled``, opened at ``opened_at``
+        and predicted ``needs_s``, would be handed over to) is not slow the same way: neither
+        overdue itself (``ReplicaStates.overdue``) nor shown by its measured rate to be slower
+        than the call was predicted at, so much that at that rate the call is no stall yet
+        (``stalled_after_s`` of ``needs_s`` scaled by the two rates). When each is, the stall
+        is no one engine's (a loaded machine, a prior rate too fast for the engines): handed
+        over, the request would wait as long there and its engine prefill the prompt twice
+        (two calls sent at once to two slow replicas were swapped; when one of them gave its
+        first report just before the other's window ended, not overdue then but as slow, the
+        other's call went to it too: both conversations on one replica), so it is watched for
+        another stall window where it is. A hung engine's call still leaves it once it has
+        waited past what the others' rate predicts."""
         now = self._clock()
         prior = self._chooser.prior(wanted)
-        return any(
-            not self.loads.overdue(r, self.loads.rate(r, prior).prefill_tokens_per_s, now)
-            for r in replicas
-        )
+        predicted_tps = self.loads.rate(stalled, prior).prefill_tokens_per_s
+
+        def as_slow(replica: str) -> bool:
+            rate = self.loads.rate(replica, prior)
+            tps = rate.prefill_tokens_per_s
+            if self.loads.overdue(replica, tps, now):
+                return True
+            if rate.samples == 0 or tps <= 0 or tps >= predicted_tps:
+                return False  # no measure, or no slower than the call's prediction
+            return now - opened_at <= stalled_after_s(needs_s * predicted_tps / tps)
+
+        return any(not as_slow(r) for r in replicas)
 
     def _left(self, spec: ModelSpec, wanted: Request, replica: str, ticket: int) -> None:
         """The call was left before its first report (its caller, or its deadline): a

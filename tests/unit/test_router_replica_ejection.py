@@ -823,6 +823,34 @@ def test_a_call_is_not_handed_over_to_a_replica_stalled_the_same_way(fast_stall:
     assert clock() - began < 0.07  # each its 60 ms; was 30 ms each, then 60 ms again
 
 
+def test_a_call_is_not_handed_over_to_a_replica_whose_first_report_showed_it_as_slow(
+    fast_stall: None,
+) -> None:
+    """As above, but local-1 answers a little sooner than local-2 (25 and 35 ms against the
+    prior's 10 ms and the stall window's 30 ms): at local-2's stall window local-1 has just
+    given its first report, so it is not overdue, yet that report measured its engine 2.5x
+    slower than the prior. Predicted at that rate, local-2's call (35 ms) is no stall (its
+    window would be 60 ms): it waits on where it is. Handing it over put both conversations
+    on local-1 (its engine prefilling the second prompt again, from scratch): the live flake
+    of ``test_llama_kv_routing.py`` on a loaded machine, ``{'A': ':11634', 'B': ':11634'}``."""
+    clock = Clock()
+    table = with_prior_prefill(TABLE, "local-small=200000")
+
+    async def scenario() -> tuple[Models, list[pb.CompleteResponse]]:
+        models = Models(clock, {}, slow={"local-1": 0.025, "local-2": 0.035})
+        pipeline = _pipeline(models, table=table)
+        answers = await asyncio.gather(
+            *(_ask(pipeline, i, remaining_s=30.0, model="local-small") for i in (0, 1))
+        )
+        await pipeline.drain()
+        return models, list(answers)
+
+    models, answers = run_on_clock(clock, scenario)
+    assert all(answer.content for answer in answers)
+    assert models.cancelled == [], models.cancelled  # was ['local-2']: handed over
+    assert sorted(models.calls) == ["local-1", "local-2"], models.calls  # one call each
+
+
 def test_a_hung_replicas_call_is_handed_over_once_the_other_has_shown_life(
     fast_stall: None,
 ) -> None:
