@@ -785,8 +785,9 @@ class Dispatcher:
     ) -> bool:
         """Whether one of ``replicas`` (those a call to ``stalled``, opened at ``opened_at``
         and predicted ``needs_s``, would be handed over to) is not slow the same way: neither
-        overdue itself (``ReplicaStates.overdue``) nor shown by its measured rate to be slower
-        than the call was predicted at, so much that at that rate the call is no stall yet
+        overdue itself (``ReplicaStates.overdue``) nor, while ``stalled``'s prediction is its
+        row's prior (no rate measured there yet), shown by its own measured rate to be slower
+        than that prior, so much that at its rate the call is no stall yet
         (``stalled_after_s`` of ``needs_s`` scaled by the two rates). When each is, the stall
         is no one engine's (a loaded machine, a prior rate too fast for the engines): handed
         over, the request would wait as long there and its engine prefill the prompt twice
@@ -797,16 +798,23 @@ class Dispatcher:
         waited past what the others' rate predicts."""
         now = self._clock()
         prior = self._chooser.prior(wanted)
-        predicted_tps = self.loads.rate(stalled, prior).prefill_tokens_per_s
+        predicted = self.loads.rate(stalled, prior)
 
         def as_slow(replica: str) -> bool:
             rate = self.loads.rate(replica, prior)
             tps = rate.prefill_tokens_per_s
             if self.loads.overdue(replica, tps, now):
                 return True
-            if rate.samples == 0 or tps <= 0 or tps >= predicted_tps:
-                return False  # no measure, or no slower than the call's prediction
-            return now - opened_at <= stalled_after_s(needs_s * predicted_tps / tps)
+            # only against a prior: a replica measured faster than another keeps its window
+            # (a hung fast engine's call is not held to a slower one's pace)
+            if (
+                predicted.samples > 0
+                or rate.samples == 0
+                or not 0 < tps < predicted.prefill_tokens_per_s
+            ):
+                return False
+            scaled_s = needs_s * predicted.prefill_tokens_per_s / tps
+            return now - opened_at <= stalled_after_s(scaled_s)
 
         return any(not as_slow(r) for r in replicas)
 
