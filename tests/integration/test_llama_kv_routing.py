@@ -60,7 +60,9 @@ def test_two_interleaved_conversations_stay_on_their_replicas_and_the_engine_agr
     with ThreadPoolExecutor(2) as pool:  # the first turns at once: cold, one on each replica
         firsts = dict(zip(systems, pool.map(ask, systems, ["First question?"] * 2), strict=True))
     homes = {name: chat["cachemesh.replica"] for name, (_, chat) in firsts.items()}
-    assert homes["A"] != homes["B"], {name: chat for name, (_, chat) in firsts.items()}
+    why = ["cachemesh.replica", "cachemesh.route_reason", "cachemesh.ttft_ms"]
+    why += ["cachemesh.predicted_ttft_ms", "cachemesh.replica_queued_ms"]
+    assert homes["A"] != homes["B"], {n: {k: c.get(k) for k in why} for n, (_, c) in firsts.items()}
     # answered where each was sent: not handed over as a stall to the other replica, as slow
     # (the row's prior is 150 tokens a second; a loaded machine's engine does ~50: both calls
     # stalled and were swapped, each engine prefilling both prompts, their TTFT 15.7 s)
