@@ -228,6 +228,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         _drive(driven)
         misses = sum(1 for a in driven.answers if a.response.served_by != pb.LAYER_SEMANTIC_CACHE)
         _settle(stack, misses)
+        _await_access_lines(driven, before)
         after = _lines_written(stack)
         driven.log_marks = {name: (before[name], after[name]) for name in before}
         yield driven
@@ -239,16 +240,64 @@ def _lines_written(stack: Stack) -> dict[str, int]:
 
 
 def _settle(stack: Stack, stores: int) -> None:
-    """The answers' Stores run after the answers (the router does not wait for them)."""
+    """The answers' Stores run after the answers (the router does not wait for them). Waited
+    for as the router counts them, once their replies came: semantic-cache counts a Store
+    before it replies, so its count alone left the router's (asserted below) a reply behind on
+    a loaded machine."""
     deadline = time.monotonic() + 30
+    calls = "cachemesh_router_dependency_duration_seconds_count"
     while (
-        _scrape(stack.metrics_addresses["semantic-cache"]).value(
-            "cachemesh_semantic_cache_stores_total"
-        )
-        < stores
+        _scrape(stack.metrics_addresses["router"]).value(calls, method="Store", code="OK") < stores
     ):
         assert time.monotonic() < deadline, "the Stores did not all arrive"
         time.sleep(0.1)
+
+
+def _lines_since(stack: Stack, service: str, since: int) -> list[dict[str, Any]]:
+    """``service``'s log from its line ``since``: complete lines only."""
+    spec = next(s for s in SERVICES if s.name == service)
+    whole = stack.log_path(spec).read_bytes().split(b"\n")[since:-1]
+    return [json.loads(line) for line in whole if line]
+
+
+def _await_access_lines(run: Run, before: dict[str, int]) -> None:
+    """Waits until every call's lines are in the logs: the router's access line of each answer
+    (by its trace id) and of its two refusals; the front's of its own refusal (by the request
+    id its 401 carried), with the front's metric of it, and the front's line of the answer it
+    passed on (by its trace id). A call's line is written when the call ends, which is not
+    when its caller has its reply: the front writes its lines after the send (a caller that
+    did not take the reply is a 499 there), and the router an answer's access line that went
+    at its estimate once its bill comes (``billing.LateBill``). Taken right after the calls,
+    the stretch of the logs the calls wrote could miss the front's lines (planted: a second's
+    delay after the front's send: the calls' trace ids 11 of 12, the answer's trace not in the
+    front's log). A line that never comes fails here, named."""
+    deadline = time.monotonic() + 30
+    answered = {a.response.trace_id for a in run.answers}
+    while True:
+        router = [
+            line
+            for line in _lines_since(run.stack, "router", before["router"])
+            if line["logger"] == "cachemesh.access"
+        ]
+        missing = answered - {line.get("trace_id") for line in router}
+        refusals = sum(1 for line in router if line["status"] != "OK")
+        front = _lines_since(run.stack, "http-front", before["http-front"])
+        front_refusal = any(
+            line["logger"] == "cachemesh.access" and line["request_id"] == run.http_refused_id
+            for line in front
+        )
+        front_answer = any(line.get("trace_id") == run.http_trace_id for line in front)
+        counted = _scrape(run.stack.metrics_addresses["http-front"]).value(
+            "cachemesh_http_front_requests_total", status="401"
+        )
+        if not missing and refusals >= 2 and front_refusal and front_answer and counted >= 1:
+            return
+        assert time.monotonic() < deadline, (
+            f"lines missing: the router's access lines of answers {sorted(missing)}, of "
+            f"refusals {refusals} of 2; the front's of its refusal {front_refusal} (its metric "
+            f"{counted}), of its answer {front_answer}"
+        )
+        time.sleep(0.05)
 
 
 def _misses(run: Run) -> list[Answered]:
