@@ -500,7 +500,10 @@ class PrefixCacheCore:
             now = self._clock.now_ms()
             # one atomic step: the first FINAL for the request id (of any replica) is billed
             # and totalled, priced from the WARM record that stands; a racing one gets that
-            # FINAL back, as does a repeated one (which is not priced)
+            # FINAL back, as does a repeated one, not priced when the record is read first
+            # but priced and its price thrown away when it meets this replica's copy of the
+            # WARM (the FINAL standing another replica's), its engine report then scoring this
+            # replica's view note below (before the copy, that note waited for its bound)
             placed = await self._ledger.put_final(tenant, request_id, now, bill)
             if placed is None:
                 raise _no_warm(request_id)
