@@ -167,7 +167,18 @@ class RedisCommitLedger:
     async def put_final(
         self, tenant: str, request_id: str, now_ms: int, bill: Bill
     ) -> Placed | None:
+        """``CommitLedger.put_final``, priced from this replica's copy of the WARM when it has
+        one. Every end of the call drops the copy (billed, repeated, no record, refused, a
+        Redis error); copies of WARMs never FINALed here (the record expired, the FINAL sent
+        to another replica, a router killed) stay until ``FINAL_HINTS`` pushes them out."""
         key = (tenant, request_id)
+        try:
+            return await self._place_final(key, now_ms, bill)
+        finally:
+            self._hints.drop(key)
+
+    async def _place_final(self, key: tuple[str, str], now_ms: int, bill: Bill) -> Placed | None:
+        tenant, request_id = key
         warm = self._hints.get(key)
         outcome: Final | Stood | None = None
         if warm is not None:
@@ -178,7 +189,6 @@ class RedisCommitLedger:
         if outcome is None:
             warm = await self._read(tenant, request_id, now_ms)
             if warm is None:
-                self._hints.drop(key)
                 return None
             outcome = bill(warm.record)
         assert warm is not None
@@ -188,12 +198,10 @@ class RedisCommitLedger:
                 warm = _Warm(_record(int(found[1]), found[2], found[3]), found[2])
                 outcome = bill(warm.record)
                 continue
-            self._hints.drop(key)
             if found[0] == b"missing":
                 return None
             stood = Stood(_final(found[1]), repeated=found[0] == b"done")
             return Placed(warm.record, stood, outcome)
-        self._hints.drop(key)
         return Placed(warm.record, outcome, None)
 
     async def _put_final_script(

@@ -285,6 +285,8 @@ async def test_a_repeated_final_refused_on_its_own_terms_gets_the_standing_bill(
     usage = pc.ProviderUsage(anthropic=pc.AnthropicUsage(input_tokens=10, output_tokens=7))
     with pytest.raises(BadRequest, match="differs from the provider's reported"):
         await pair.one.final("a", "r1", "sim-large", 30, 0, "", usage)
+    await pair.one.warm("a", "r1", "sim-large", ask("Refund?"), "")  # the copy again (the
+    # refused FINAL dropped it), for the repeat below to meet
     first = await pair.other.final("a", "r1", "sim-large", 30, 0, "")
     assert await pair.one.final("a", "r1", "sim-large", 30, 0, "", usage) == first
     assert (await pair.one.totals("a")).requests == 1
@@ -313,3 +315,22 @@ async def test_the_warms_kept_for_their_final_are_bounded_and_an_evicted_one_is_
     assert (await core.totals("a")).requests == 3
     with pytest.raises(ValueError, match="final_hints must be >= 0"):
         RedisCommitLedger(redis_client, TTL_MS, final_hints=-1)
+
+
+async def test_a_refused_final_leaves_no_copy_of_its_warm(
+    pair: Pair, redis_client: Redis | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refused FINAL (another model than its WARM's) drops the replica's copy of the WARM
+    as a billed one does: before, the copy stayed until the bound pushed it out, and the
+    FINAL sent again with the right model was priced from it (one round trip)."""
+    if redis_client is None:
+        pytest.skip("round trips to Redis")
+    await pair.one.warm("a", "r0", "sim-large", ask("Refund?"), "")  # the scripts loaded
+    await pair.one.final("a", "r0", "sim-large", 30, 0, "")
+    warm = await pair.one.warm("a", "r1", "sim-large", ask("Refund?"), "")
+    with pytest.raises(BadRequest, match="differs from 'sim-large'"):
+        await pair.one.final("a", "r1", "sim-small", 30, 0, "")
+    sent = _sent(redis_client, monkeypatch)
+    assert (await pair.one.final("a", "r1", "sim-large", 30, 0, "")).split == warm
+    assert sent == ["HMGET", "EVALSHA"]  # no copy: the record read first
+    assert (await pair.other.totals("a")).requests == 2
