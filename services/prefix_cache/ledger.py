@@ -30,8 +30,9 @@ from services.prefix_cache.rules import Split
 from services.prefix_cache.totals import TenantTotals, TotalsLedger
 
 # The caller's pricing of a FINAL from the live WARM record: the ``Final`` to attach, or the
-# ``Stood`` (repeated) when the record carries a FINAL already; it raises to refuse the FINAL
-# (nothing is written). It may be called more than once (a record replaced meanwhile): pure.
+# ``Stood`` (repeated) when the record carries a FINAL already; it raises a ``ValueError`` to
+# refuse the FINAL (nothing is written; any other exception is a fault, raised as it is). It
+# may be called more than once (a record replaced meanwhile): pure.
 Bill = Callable[[CommitRecord], Final | Stood]
 
 
@@ -66,8 +67,8 @@ class CommitLedger(Protocol):
         the bill to the tenant's totals; the bill attached is always one priced from the
         record that stands. Returns the FINAL that stands (the first writer's), ``repeated``
         when it was there before (decided in the same step); None when there is no unexpired
-        record. ``bill``'s exception refuses the FINAL, unless the record as it stands carries
-        a FINAL ``bill`` returns."""
+        record. ``bill``'s ``ValueError`` refuses the FINAL, unless the record as it stands
+        carries a FINAL ``bill`` returns."""
         ...
 
     async def totals(self, tenant: str) -> TenantTotals:

@@ -184,8 +184,9 @@ class RedisCommitLedger:
         if warm is not None:
             try:
                 outcome = bill(warm.record)
-            except Exception:  # refused on the copy: priced again from the record that stands,
-                outcome = None  # which decides (a FINAL standing there is returned, as before)
+            except ValueError:  # refused on the copy (BadRequest, BadUsage): priced again
+                outcome = None  # from the record that stands, which decides (a FINAL
+                # standing there is returned, as before); any other exception is a fault
         if outcome is None:
             warm = await self._read(tenant, request_id, now_ms)
             if warm is None:

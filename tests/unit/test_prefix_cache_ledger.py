@@ -17,12 +17,13 @@ from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.clock import ManualClock
 from services.common.models import load_model_table
 from services.common.tokens import Tokenizer, load_cl100k
-from services.prefix_cache.commit_records import MIN_RECORD_TTL_MS
+from services.prefix_cache.commit_records import MIN_RECORD_TTL_MS, CommitRecord, Final, Stood
 from services.prefix_cache.core import BadRequest, NoWarmCommit, PrefixCacheCore, TokenizerSlot
 from services.prefix_cache.ledger import CommitLedger
 from services.prefix_cache.redis_ledger import RedisCommitLedger
 from services.prefix_cache.redis_store import RedisWarmStore
 from services.prefix_cache.replica_view import ReplicaViews
+from services.prefix_cache.rules import Split
 from services.prefix_cache.totals import TenantTotals
 from services.prefix_cache.warm import WarmStore
 from tests.redis_server import client_of
@@ -334,3 +335,25 @@ async def test_a_refused_final_leaves_no_copy_of_its_warm(
     assert (await pair.one.final("a", "r1", "sim-large", 30, 0, "")).split == warm
     assert sent == ["HMGET", "EVALSHA"]  # no copy: the record read first
     assert (await pair.other.totals("a")).requests == 2
+
+
+async def test_a_bill_failing_otherwise_than_refusing_on_the_copy_is_raised_at_once(
+    redis_client: Redis | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pricing from the copy catches only a refusal (``ValueError``: BadRequest, BadUsage),
+    priced again from the record that stands; any other exception is a fault, raised at once
+    without a round trip (before, swallowed and the record read and priced again)."""
+    if redis_client is None:
+        pytest.skip("the copy is the Redis ledger's")
+    ledger = RedisCommitLedger(redis_client, TTL_MS)
+    await ledger.put_warm("a", "r1", "sim-large", "", Split(10, 0, 0, 0), 0)
+    calls: list[CommitRecord] = []
+
+    def bill(record: CommitRecord) -> Final | Stood:
+        calls.append(record)
+        raise KeyError("a fault in pricing")
+
+    sent = _sent(redis_client, monkeypatch)
+    with pytest.raises(KeyError, match="a fault in pricing"):
+        await ledger.put_final("a", "r1", 1, bill)
+    assert (sent, len(calls)) == ([], 1)
