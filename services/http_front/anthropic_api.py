@@ -109,6 +109,13 @@ def parse_request(
         message = _message(raw, f"messages.{i}")
         if _empty_answer(message, f"messages.{i}"):
             continue
+        if not message.content:  # a user's: refused before ``_join`` could merge it away
+            raise invalid(
+                f"messages.{i}.content: a message needs at least one block (the API's \"all "
+                "messages must have non-empty content except for the optional final assistant "
+                'message")',
+                f"messages.{i}.content",
+            )
         _join(request, turns, message, i)
     if raw_messages and not request.messages:  # each one dropped, the first named
         only = "the only message" if len(raw_messages) == 1 else "each message"

@@ -337,6 +337,9 @@ def _messages(raw_messages: list[Any], request: pb.CompleteRequest, kept: Origin
             request.system.extend(blocks)
             kept.system += _text_origins(obj, range(len(blocks)))
         elif role == "user":
+            # ``content: []`` is taken, joined into a user turn beside it, as OpenAI takes an
+            # empty content array (openai/openai-python#1812: a 200, not its reference's 400);
+            # alone it is the Gateway's "a message needs at least one block"
             obj.only(("role", "content", "name"))
             _name(obj)
             turn = _turn(request, pb.ROLE_USER, kept, path)

@@ -1433,6 +1433,31 @@ def test_consecutive_anthropic_turns_of_a_role_are_one_gateway_turn() -> None:
     assert "(messages.4.content.0.cache_control: '5m')" in refused.value.message
 
 
+@pytest.mark.parametrize(
+    ("messages", "empty"),
+    [
+        pytest.param([{"role": "user", "content": []}, _MORE], 0, id="empty first"),
+        pytest.param([_Q, {"role": "user", "content": []}], 1, id="empty second"),
+        pytest.param([{"role": "user", "content": []}], 0, id="empty only"),
+    ],
+)
+def test_an_anthropic_user_message_with_no_block_is_refused_not_merged_away(
+    messages: list[dict[str, Any]], empty: int
+) -> None:
+    """The API refuses a user message with no block ("all messages must have non-empty
+    content except for the optional final assistant message", the loopback's 400); beside
+    another user message, ``_join`` merged it away and the front took it (alone it reached
+    the Gateway's "a message needs at least one block"). Refused, naming the caller's field."""
+    body = {"model": "claude-haiku-4-5", "max_tokens": 10, "messages": messages}
+    assert anthropic_wire.refusal(_ANTHROPIC_HEADERS, body) is not None  # the API's 400
+    with pytest.raises(ApiError) as refused:
+        anthropic_api.parse_request(body)
+    assert refused.value.message.startswith(
+        f"messages.{empty}.content: a message needs at least one block"
+    ), refused.value.message
+    assert refused.value.param == f"messages.{empty}.content"
+
+
 def test_a_gateway_role_reaches_an_anthropic_caller_in_the_apis_words() -> None:
     """The Gateway's refusal names its enum's role ("the first message must be the user's
     (ROLE_USER)"), which an Anthropic caller never sends: it says ``"role": "user"``."""
