@@ -19,7 +19,14 @@ from cachemesh.v1.prompt_pb2 import PromptFacts
 from services.common.errors import Code, RequestError
 from services.common.redis_pool import pool_exhausted
 from services.prefix_cache.commit_records import Final
-from services.prefix_cache.core import BadRequest, NotReady, NoWarmCommit, PlanGone, PrefixCacheCore
+from services.prefix_cache.core import (
+    BadRequest,
+    NotReady,
+    NoWarmCommit,
+    PlanGone,
+    PrefixCacheCore,
+    WarmModelUnknown,
+)
 from services.prefix_cache.reconcile import BadUsage
 from services.prefix_cache.rules import RuleViolation, Split
 from services.prefix_cache.totals import TenantTotals
@@ -33,6 +40,7 @@ _CODES: tuple[tuple[type[Exception], Code], ...] = (
     (BadUsage, Code.INVALID_ARGUMENT),
     (NoWarmCommit, Code.FAILED_PRECONDITION),
     (PlanGone, Code.FAILED_PRECONDITION),
+    (WarmModelUnknown, Code.FAILED_PRECONDITION),
     (NotReady, Code.UNAVAILABLE),
 )
 

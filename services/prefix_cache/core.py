@@ -1,8 +1,9 @@
 """Plan, Commit and Totals without gRPC: validation, the stores and the pure rules wired up.
 
 Errors are exceptions the servicer maps to status codes: ``BadRequest`` and ``RuleViolation``
-→ INVALID_ARGUMENT, ``NoWarmCommit`` and ``PlanGone`` → FAILED_PRECONDITION, ``NotReady`` →
-UNAVAILABLE. Every check runs before any state changes, so bad input changes nothing.
+→ INVALID_ARGUMENT, ``NoWarmCommit``, ``PlanGone`` and ``WarmModelUnknown`` →
+FAILED_PRECONDITION, ``NotReady`` → UNAVAILABLE. Every check runs before any state changes, so
+bad input changes nothing.
 """
 
 from __future__ import annotations
@@ -71,6 +72,13 @@ class NoWarmCommit(LookupError):
 class PlanGone(LookupError):
     """FAILED_PRECONDITION: a WARM commit named a plan this process no longer holds and sent
     no request; send the request with it."""
+
+
+class WarmModelUnknown(ValueError):
+    """FAILED_PRECONDITION: a FINAL whose WARM record (written by another prefix-cache replica
+    on the same Redis, or by this one before its model table changed) names a model this
+    replica's model table lacks: it cannot be priced here. A ``ValueError``, as the ledger's
+    ``Bill`` refuses (nothing written); not a ``BadRequest``: the request is not at fault."""
 
 
 class NotReady(RuntimeError):
@@ -435,6 +443,7 @@ class PrefixCacheCore:
         # the engine's reuse of the bill that stands, in its own tokens with its count of the
         # prompt (for the view and the metric), set by the last pricing
         engine: list[int] = [0, 0]
+        priced: list[ModelSpec] = []  # the WARM's model, set by the last pricing
 
         def bill(record: CommitRecord) -> Final | Stood:
             """The FINAL priced from ``record`` (the ledger's live WARM record), or the one it
@@ -446,8 +455,10 @@ class PrefixCacheCore:
                 )
             if record.final is not None:
                 return Stood(record.final, repeated=True)
-            spec = self._table.get(record.model)
-            assert spec is not None  # checked at WARM against the same table
+            # the WARM's model, checked at the WARM against the table of the replica that took
+            # it: another replica's (a rolling deploy of another table) may lack it
+            spec = self._warm_spec(record, request_id)
+            priced[:] = [spec]
             base = baseline_spec or spec
             estimate = charge(record.split, output_tokens, spec, base)
             own = spec.rules == "self_hosted"  # a self-hosted read is the tenant's own reuse
@@ -510,8 +521,7 @@ class PrefixCacheCore:
             record, stood, final = placed.record, placed.stood.final, placed.offered
             if final is None:  # the record carried a FINAL when priced: a repeated FINAL
                 return placed.stood
-            spec = self._table.get(record.model)
-            assert spec is not None  # checked at WARM against the same table
+            (spec,) = priced  # ``final`` was priced (so ``priced`` set) from ``record``
             own = spec.rules == "self_hosted"
             engine_reuse, engine_prompt = engine
             if record.replica and own:
@@ -585,6 +595,21 @@ class PrefixCacheCore:
             hint = " (resolve 'auto' to a tier's model first)" if model_id == AUTO else ""
             raise BadRequest(
                 f"{field} {shown(model_id)} is not a known model{hint}; use one of: {known}"
+            )
+        return spec
+
+    def _warm_spec(self, record: CommitRecord, request_id: str) -> ModelSpec:
+        """The model the WARM ``record`` names, from this replica's table; ``WarmModelUnknown``
+        when the table lacks it (the record came from Redis, written by a replica of another
+        table): refused, nothing written, never an assertion (an UNKNOWN to the router)."""
+        spec = self._table.get(record.model)
+        if spec is None:
+            raise WarmModelUnknown(
+                f"the WARM commit for request_id {shown(request_id)} names model "
+                f"{shown(record.model)}, which this prefix-cache replica's model table lacks "
+                "(replicas of different model tables share its Redis: a rolling deploy, or "
+                "CACHEMESH_MODELS_FILE differing); it cannot price the FINAL: send it to a "
+                "replica whose table has the model"
             )
         return spec
 

@@ -15,10 +15,16 @@ from redis.asyncio import Redis
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.clock import ManualClock
-from services.common.models import load_model_table
+from services.common.models import ModelTable, load_model_table
 from services.common.tokens import Tokenizer, load_cl100k
 from services.prefix_cache.commit_records import MIN_RECORD_TTL_MS, CommitRecord, Final, Stood
-from services.prefix_cache.core import BadRequest, NoWarmCommit, PrefixCacheCore, TokenizerSlot
+from services.prefix_cache.core import (
+    BadRequest,
+    NoWarmCommit,
+    PrefixCacheCore,
+    TokenizerSlot,
+    WarmModelUnknown,
+)
 from services.prefix_cache.ledger import CommitLedger
 from services.prefix_cache.redis_ledger import RedisCommitLedger
 from services.prefix_cache.redis_store import RedisWarmStore
@@ -48,10 +54,14 @@ class Pair:
 
 
 def _core(
-    tokenizer: Tokenizer, cache: WarmStore, ledger: CommitLedger, clock: ManualClock
+    tokenizer: Tokenizer,
+    cache: WarmStore,
+    ledger: CommitLedger,
+    clock: ManualClock,
+    table: ModelTable = TABLE,
 ) -> PrefixCacheCore:
     return PrefixCacheCore(
-        table=TABLE,
+        table=table,
         tokenizer=TokenizerSlot(tokenizer),
         cache=cache,
         views=ReplicaViews(65536),
@@ -357,3 +367,30 @@ async def test_a_bill_failing_otherwise_than_refusing_on_the_copy_is_raised_at_o
     with pytest.raises(KeyError, match="a fault in pricing"):
         await ledger.put_final("a", "r1", 1, bill)
     assert (sent, len(calls)) == ([], 1)
+
+
+async def test_a_final_whose_warm_names_a_model_this_replicas_table_lacks_is_failed_precondition(
+    pair: Pair, tokenizer: Tokenizer, warm_store: WarmStore
+) -> None:
+    """Two replicas of different model tables on one ledger (a rolling deploy): a WARM taken
+    by the replica whose table has the model, its FINAL sent to the one whose table lacks it,
+    is refused ``WarmModelUnknown`` (FAILED_PRECONDITION) naming the model, and bills nothing;
+    the FINAL on a replica with the model bills it once, and a FINAL sent again to the other
+    then gets that bill back. Before, an AssertionError (UNKNOWN to the router)."""
+    lacking = ModelTable(
+        models={k: v for k, v in TABLE.models.items() if k != "claude-sonnet-4"}, auto=TABLE.auto
+    )
+    other = _core(tokenizer, warm_store, pair.ledger, pair.clock, lacking)
+    request = ask("Refund?")
+    request.model = "claude-sonnet-4"
+    warm = await pair.one.warm("a", "r1", "claude-sonnet-4", request, "")
+    for model in ("claude-sonnet-4", ""):  # named by the FINAL, or left to the WARM's
+        with pytest.raises(WarmModelUnknown, match="model 'claude-sonnet-4', which this") as e:
+            await other.final("a", "r1", model, 30, 0, "")
+        assert not isinstance(e.value, BadRequest)  # not the request's fault
+    assert await pair.one.totals("a") == TenantTotals()  # nothing billed, nothing written
+    billed = await pair.one.final_commit("a", "r1", "claude-sonnet-4", 30, 0, "")
+    assert (billed.final.split, billed.repeated) == (warm, False)
+    again = await other.final_commit("a", "r1", "", 30, 0, "")
+    assert (again.final, again.repeated) == (billed.final, True)
+    assert (await pair.one.totals("a")).requests == 1

@@ -22,6 +22,7 @@ from services.prefix_cache.api import PrefixCacheApi
 from services.prefix_cache.app import serve
 from services.prefix_cache.core import PrefixCacheCore, TokenizerSlot
 from services.prefix_cache.replica_view import ReplicaViews
+from services.prefix_cache.rules import Split
 from services.prefix_cache.servicer import PrefixCacheServicer
 from services.prefix_cache.settings import PrefixCacheSettings
 from services.prefix_cache.warm import WarmStore
@@ -296,3 +297,40 @@ def test_a_url_redis_cannot_read_is_refused_without_its_value() -> None:
     with pytest.raises(ConfigError, match="PREFIX_CACHE_REDIS_URL: not a Redis URL") as caught:
         asyncio.run(asyncio.wait_for(serve(environ, asyncio.Event()), timeout=30))
     assert "S3cret" not in str(caught.value)
+
+
+async def test_a_final_whose_warm_model_the_table_lacks_is_failed_precondition(
+    tokenizer: Tokenizer, warm_store: WarmStore, make_ledger: LedgerFactory
+) -> None:
+    """A WARM record naming a model this replica's table lacks (written by a replica of
+    another table on the same Redis): its FINAL is FAILED_PRECONDITION naming the model and
+    the table, the status the router's outbox drops a bill on (never retried); before, the
+    core's assertion reached the router as UNKNOWN ("Unexpected <class 'AssertionError'>")."""
+    ledger, clock = make_ledger(86_400_000), ManualClock()
+    warm_record = ("model-of-another-table", "", Split(10, 0, 0, 0), clock.now_ms())
+    await ledger.put_warm("acme", "r1", *warm_record)
+    core = PrefixCacheCore(
+        table=load_model_table(),
+        tokenizer=TokenizerSlot(tokenizer),
+        cache=warm_store,
+        views=ReplicaViews(65536),
+        ledger=ledger,
+        clock=clock,
+        lookback=20,
+    )
+    server = grpc.aio.server(interceptors=[InternalAuthInterceptor(TOKEN)])
+    prefix_cache_pb2_grpc.add_PrefixCacheServicer_to_server(
+        PrefixCacheServicer(PrefixCacheApi(core)), server
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = prefix_cache_pb2_grpc.PrefixCacheStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Commit(final("r1"), metadata=AUTH)
+    finally:
+        await server.stop(None)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    details = err.value.details() or ""
+    assert "'model-of-another-table'" in details and "model table lacks" in details
