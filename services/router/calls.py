@@ -712,7 +712,7 @@ class Calls:
     ) -> prefix_cache_pb2.CommitResponse | None:
         """FINAL; a real provider's ``provider_usage`` is the bill (it reconciles the
         estimate). None when prefix-cache did not take it: a degradation, except a refusal for
-        want of its WARM (``_warm_lost``)."""
+        want of its WARM, or of its WARM's model in the replica's table (``_warm_lost``)."""
         commit = prefix_cache_pb2.CommitRequest(
             tenant=tenant,
             request_id=commit_id,
@@ -747,10 +747,14 @@ class Calls:
             return None
 
     def _warm_lost(self, final: prefix_cache_pb2.CommitRequest, exc: CallFailed) -> None:
-        """A FINAL prefix-cache refused FAILED_PRECONDITION ("no WARM commit"): it answered,
-        but no longer holds the WARM it took (restarted with its state in memory, its Redis
+        """A FINAL prefix-cache refused FAILED_PRECONDITION: it answered, but no longer holds
+        the WARM it took ("no WARM commit": restarted with its state in memory, its Redis
         restarted without persistence or flushed; a FINAL whose WARM it never took is not
-        sent: ``billing._unwarmed``). No degradation of prefix-cache (counted as one, it made
+        sent: ``billing._unwarmed``), or the replica that got the FINAL has a model table
+        lacking the WARM's model (replicas of two tables on one Redis: a rolling deploy; the
+        replay's WARM or FINAL refused there drops the bill, at ERROR and counted in
+        ``cachemesh_router_outbox_dropped_total``, while one reaching a replica with the model
+        bills it). No degradation of prefix-cache (counted as one, it made
         ``CachemeshDependencyDegraded`` page for a dependency that answers): not in
         ``cachemesh_router_degraded_total``; the call is counted as every call is, in
         ``cachemesh_router_dependency_duration_seconds{method="Commit",
@@ -760,8 +764,9 @@ class Calls:
         due = self._unavailable.due("prefix-cache FINAL", exc.code.name)
         if due:
             log.warning(
-                "prefix-cache no longer holds the WARM commit of %s (%s: %s); its bill goes to "
-                "the billing outbox, which sends the WARM again with the request%s",
+                "prefix-cache refused the FINAL of %s (%s: %s): it no longer holds the WARM "
+                "commit, or its model table lacks the WARM's model; its bill goes to the billing "
+                "outbox, which sends the WARM again with the request%s",
                 final.request_id,
                 exc.code.name,
                 exc.details,

@@ -29,8 +29,14 @@ from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.clock import ManualClock
 from services.common.errors import Code, RequestError
 from services.common.metrics import TenantLabels, new_registry
+from services.common.models import ModelTable
 from services.prefix_cache.api import PrefixCacheApi
-from services.prefix_cache.core import PrefixCacheCore
+from services.prefix_cache.commit_records import CommitRecords
+from services.prefix_cache.core import PrefixCacheCore, TokenizerSlot
+from services.prefix_cache.ledger import InMemoryLedger
+from services.prefix_cache.replica_view import ReplicaViews
+from services.prefix_cache.totals import TotalsLedger
+from services.prefix_cache.warm import InMemoryWarmStore
 from services.router.dependencies import CallFailed, Dependencies
 from services.router.metrics import RouterMetrics
 from services.router.outbox import BillingOutbox
@@ -219,3 +225,87 @@ async def test_a_final_refused_for_a_warm_prefix_cache_lost_is_no_degradation(
     assert not [w for w in warnings if "unavailable" in w], warnings
     billed = result["billed"]
     assert isinstance(billed, dict) and billed["requests"] == 1
+
+
+_NO_DRAFT = {"draft_model": None, "draft_tokens": 0, "draft_acceptance_rate": None}
+
+
+class TwoTablesPort(FlakyPort):
+    """Two prefix-cache replicas on one ledger (a rolling deploy): every WARM reaches the one
+    whose table has the request's model, every FINAL the one whose table lacks it. An error
+    of the core that is no ``RequestError`` reaches the router as gRPC's servicer sends it:
+    UNKNOWN, "Unexpected <class ...>"."""
+
+    def __init__(self, clock: ManualClock, lacks: str) -> None:
+        ledger = InMemoryLedger(CommitRecords(3_600_000), TotalsLedger())  # the shared Redis
+        models = {
+            k: v.model_copy(update=_NO_DRAFT) if v.draft_model == lacks else v
+            for k, v in TABLE.models.items()
+            if k != lacks
+        }
+        auto = {tier: m if m != lacks else next(k for k, v in models.items() if v.tier == tier)
+                for tier, m in TABLE.auto.items()}  # fmt: skip
+        lacking = ModelTable(models=models, auto=auto)
+        has, other = (
+            PrefixCacheCore(
+                table=table,
+                tokenizer=TokenizerSlot(TOKENIZER),
+                cache=InMemoryWarmStore(),
+                views=ReplicaViews(65536),
+                ledger=ledger,
+                clock=clock,
+                lookback=20,
+            )
+            for table in (TABLE, lacking)
+        )
+        super().__init__(has, clock)
+        self.lacking = PrefixCacheApi(other)
+
+    async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
+        self.sent.append(pc.CommitPhase.Name(request.phase).removeprefix("COMMIT_PHASE_"))
+        api = self.lacking if request.phase == pc.COMMIT_PHASE_FINAL else self.api
+        try:
+            return await api.commit(request)
+        except RequestError as exc:
+            raise CallFailed(exc.code, exc.message) from exc
+        except Exception as exc:  # as grpc.aio's servicer answers an unhandled exception
+            raise CallFailed(Code.UNKNOWN, f"Unexpected {type(exc)}: {exc}") from exc
+
+
+async def test_a_final_on_a_replica_whose_table_lacks_the_model_is_dropped_said_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The FINAL reaches a prefix-cache replica whose model table lacks the WARM's model:
+    refused FAILED_PRECONDITION naming the model, no degradation of prefix-cache (it answers),
+    a WARNING; the outbox's replay, refused so again, drops the bill at once with an ERROR
+    line naming the model, counted in ``cachemesh_router_outbox_dropped_total``. Before, the
+    core's assertion was UNKNOWN: a degradation (``{"UNKNOWN": 1}``), and each replay kept the
+    entry for the next round, for ever (3 rounds: 3 FINALs refused, the entry still pending)."""
+    caplog.set_level(logging.INFO)
+    stack = Stack(tmp_path / "unused")  # its outbox on the port replaced
+    port = TwoTablesPort(stack.clock, lacks="sim-small")
+    stack.port = port
+    await stack.warm_earlier()
+    port.sent.clear()
+    dropped: list[int] = []
+    stack.outbox = BillingOutbox(
+        port, Journal(tmp_path / "router"), 1.0, 0.01, dropped=dropped.append
+    )
+    pipeline = stack.pipeline()
+    request = _ask("And rule 2?", "r-next")
+    request.model = "auto"  # routed to the small tier: its FINAL's baseline is the large model
+    request.routing.threshold = 1.0  # no score reaches the large tier
+    run = pipeline.run(TENANT, request, streamed=False)
+    end = [chunk async for chunk in run][-1].end
+    await pipeline.drain()
+    assert (end.model, end.cost.estimated) == ("sim-small", True)
+    assert port.sent == ["WARM", "FINAL"], port.sent
+    assert _degraded(stack.registry) == {}, _degraded(stack.registry)
+    assert any("r-next" in w and "'sim-small'" in w for w in _warnings(caplog)), caplog.text
+    for _ in range(3):
+        await stack.outbox.flush()
+    assert port.sent[2:] == ["WARM", "FINAL"], port.sent  # replayed once, then dropped
+    assert (dropped, stack.outbox.pending) == ([1], 0)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("dropped" in e and "'sim-small'" in e and "lacks" in e for e in errors), errors
+    assert (await stack.totals())["requests"] == 1  # the earlier turn's only: never billed
