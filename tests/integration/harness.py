@@ -138,3 +138,65 @@ def router_spans(sink: OtlpSink, trace_id: str) -> tuple[Span, Span]:
             return roots[0], chats[0]
         assert time.monotonic() < deadline, f"router spans not exported: {spans}"
         time.sleep(0.2)
+
+
+_SERVER, _CLIENT = 2, 3  # OTLP's span kinds
+
+
+def _gateway_roots(spans: list[Span]) -> list[Span]:
+    """The router's span of each tenant's Complete / StreamComplete call: the root of the
+    request's trace (its parent, if any, is the caller's, outside the stack)."""
+    return [
+        s
+        for s in spans
+        if s.service == "router" and s.kind == _SERVER
+        and s.attributes.get("rpc.service") == "cachemesh.v1.Gateway"
+        and s.attributes.get("rpc.method") in ("Complete", "StreamComplete")
+    ]  # fmt: skip
+
+
+def _unfinished(spans: list[Span], root: Span) -> list[str]:
+    """What ``root``'s trace still lacks in the sink: a span whose parent (in the stack) has
+    not arrived, or a gRPC call (its CLIENT span) whose callee's SERVER span has not."""
+    trace = [s for s in spans if s.trace_id == root.trace_id]
+    ids = {s.span_id for s in trace}
+    missing = [
+        f"{s.service} {s.name}'s parent" for s in trace if s is not root and s.parent_span_id
+        and s.parent_span_id not in ids
+    ]  # fmt: skip
+    served = {s.parent_span_id for s in trace if s.kind == _SERVER}
+    missing += [f"the callee's span of {s.service} {s.name}" for s in trace
+                if s.kind == _CLIENT and s.attributes.get("rpc.system") == "grpc"
+                and s.span_id not in served]  # fmt: skip
+    return missing
+
+
+def settled_spans(
+    sink: OtlpSink,
+    before: set[str],
+    requests: int,
+    direct: Mapping[str, str] | None = None,
+) -> list[Span]:
+    """Every span, once the ``requests`` Gateway calls made since the spans ``before`` have
+    each reached the sink whole: the router's root span (which ends only after the bills that
+    come after its reply, ``rpc_tracing.end_after``) and, for each gRPC call a span of the
+    trace made, the callee's span, from every service the request crossed; and the span of
+    each call made straight to a service (``direct``: its trace id -> the service). Taken
+    right after the last reply (or after a sleep), a span still in a service's batch
+    exporter, or one ending after the reply, goes unchecked: what a test that looks for what
+    must not be in any span (a secret, a prompt) reads."""
+    deadline = time.monotonic() + 60
+    while True:
+        spans = sink.all_spans()
+        roots = [s for s in _gateway_roots(spans) if s.span_id not in before]
+        lacking = {root.trace_id: _unfinished(spans, root) for root in roots}
+        lacking = {trace: what for trace, what in lacking.items() if what}
+        arrived = {(s.trace_id, s.service) for s in spans if s.kind == _SERVER}
+        lacking |= {t: [f"{service}'s span"] for t, service in (direct or {}).items()
+                    if (t, service) not in arrived}  # fmt: skip
+        if len(roots) >= requests and not lacking:
+            return spans
+        assert time.monotonic() < deadline, (
+            f"{len(roots)} of {requests} requests' root spans exported, traces lacking: {lacking}"
+        )
+        time.sleep(0.1)

@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 
@@ -32,8 +31,7 @@ from cachemesh.v1 import semantic_cache_pb2, semantic_cache_pb2_grpc
 from services.router.answer_ledger import is_ledger_key, stored_answer
 from services.tools.bench.gateway import output
 from services.tools.bench.gateway.redact import own_settings, setting_names
-from services.tools.stack.otlp_sink import OtlpSink, Span
-from tests.integration.harness import ROOT, RunningStack
+from tests.integration.harness import ROOT, RunningStack, settled_spans
 from tests.redis_server import sync_client_of
 
 pytestmark = pytest.mark.integration
@@ -88,64 +86,6 @@ def _at_rest(stack: RunningStack) -> dict[str, str]:
     texts["redis keys and values"] = "\n".join(dump)
     assert any("semantic-cache" in where for where in texts) and dump  # L1 and Redis kept data
     return texts
-
-
-_SERVER, _CLIENT = 2, 3  # OTLP's span kinds
-
-
-def _gateway_roots(spans: list[Span]) -> list[Span]:
-    """The router's span of each tenant's Complete / StreamComplete call: the root of the
-    request's trace (its parent, if any, is the caller's, outside the stack)."""
-    return [
-        s
-        for s in spans
-        if s.service == "router" and s.kind == _SERVER
-        and s.attributes.get("rpc.service") == "cachemesh.v1.Gateway"
-        and s.attributes.get("rpc.method") in ("Complete", "StreamComplete")
-    ]  # fmt: skip
-
-
-def _unfinished(spans: list[Span], root: Span) -> list[str]:
-    """What ``root``'s trace still lacks in the sink: a span whose parent (in the stack) has
-    not arrived, or a gRPC call (its CLIENT span) whose callee's SERVER span has not."""
-    trace = [s for s in spans if s.trace_id == root.trace_id]
-    ids = {s.span_id for s in trace}
-    missing = [
-        f"{s.service} {s.name}'s parent" for s in trace if s is not root and s.parent_span_id
-        and s.parent_span_id not in ids
-    ]  # fmt: skip
-    served = {s.parent_span_id for s in trace if s.kind == _SERVER}
-    missing += [f"the callee's span of {s.service} {s.name}" for s in trace
-                if s.kind == _CLIENT and s.attributes.get("rpc.system") == "grpc"
-                and s.span_id not in served]  # fmt: skip
-    return missing
-
-
-def _all_spans_settled(
-    sink: OtlpSink, before: set[str], requests: int, direct: dict[str, str]
-) -> list[Span]:
-    """Every span, once the ``requests`` Gateway calls made since the spans ``before`` have
-    each reached the sink whole: the router's root span (which ends only after the bills that
-    come after its reply, ``rpc_tracing.end_after``) and, for each gRPC call a span of the
-    trace made, the callee's span, from every service the request crossed; and the span of
-    each call made straight to a service (``direct``: its trace id -> the service). Taken
-    right after the last reply, a span still in a service's batch exporter, or one ending
-    after the reply, went unchecked."""
-    deadline = time.monotonic() + 60
-    while True:
-        spans = sink.all_spans()
-        roots = [s for s in _gateway_roots(spans) if s.span_id not in before]
-        lacking = {root.trace_id: _unfinished(spans, root) for root in roots}
-        lacking = {trace: what for trace, what in lacking.items() if what}
-        arrived = {(s.trace_id, s.service) for s in spans if s.kind == _SERVER}
-        lacking |= {t: [f"{service}'s span"] for t, service in direct.items()
-                    if (t, service) not in arrived}  # fmt: skip
-        if len(roots) >= requests and not lacking:
-            return spans
-        assert time.monotonic() < deadline, (
-            f"{len(roots)} of {requests} requests' root spans exported, traces lacking: {lacking}"
-        )
-        time.sleep(0.1)
 
 
 def _refusals(stack: RunningStack, direct: dict[str, str]) -> list[str]:
@@ -213,7 +153,7 @@ def test_no_secret_in_logs_errors_spans_or_reports(stack: RunningStack) -> None:
     texts["spans"] = json.dumps(
         [
             (s.service, s.name, s.attributes, s.events, s.status_message)
-            for s in _all_spans_settled(stack.sink, before, 2 + 1 + 6, direct)
+            for s in settled_spans(stack.sink, before, 2 + 1 + 6, direct)
         ],
         default=str,
     )

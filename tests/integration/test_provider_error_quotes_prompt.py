@@ -19,6 +19,7 @@ import uuid
 import pytest
 
 from cachemesh import CachemeshError, Client
+from tests.integration.harness import settled_spans
 from tests.integration.provider_stack import ProviderStack, ask
 from tests.providers import openai_wire
 
@@ -50,24 +51,24 @@ def _debug_lines(providers: ProviderStack, marker: str) -> list[str]:
     ]
 
 
-def _spans_holding(providers: ProviderStack, marker: str) -> list[str]:
+def _spans_holding(providers: ProviderStack, marker: str, before: set[str]) -> list[str]:
+    """The spans holding ``marker``, once every span of the one request asked since the spans
+    ``before`` has reached the sink (not after a sleep: a span exported late went unread)."""
     return [
         f"{s.service} {s.name}"
-        for s in providers.stack.sink.all_spans()
+        for s in settled_spans(providers.stack.sink, before, 1)
         if marker in json.dumps([s.attributes, s.events, s.status_message], default=str)
     ]
 
 
 def _wait_for_lines(providers: ProviderStack, marker: str) -> None:
-    """A replica's line with the provider's message: its lines are written; then the spans'
-    export (the test stack's batch delay is shorter than the wait)."""
+    """A replica's line with the provider's message: its lines are written."""
     deadline = time.monotonic() + 10
     while not any(
         marker in path.read_text(errors="replace") for path in providers.log_dir.glob("*.log")
     ):
         assert time.monotonic() < deadline, "no line with the provider's message"
         time.sleep(0.1)
-    time.sleep(1.5)
 
 
 def _asked(providers: ProviderStack, marker: str) -> str:
@@ -96,11 +97,12 @@ def test_a_400_quoting_the_prompt_is_in_no_line_above_debug_nor_any_span(
     )
     refusal.key = providers.keys["openai-1"]
     providers.server.script("openai", refusal)
+    before = {s.span_id for s in providers.stack.sink.all_spans()}
     told = _asked(providers, marker)
     print(f"\ntold: {told}")
     assert "INVALID_ARGUMENT" in told and marker in told  # the caller's own prompt: kept
     _wait_for_lines(providers, marker)
-    lines, spans = _lines_above_debug(providers, marker), _spans_holding(providers, marker)
+    lines, spans = _lines_above_debug(providers, marker), _spans_holding(providers, marker, before)
     print(f"lines above DEBUG: {len(lines)}, spans: {len(spans)} {spans}")
     assert lines == [] and spans == []
     assert _debug_lines(providers, marker)
@@ -128,11 +130,12 @@ def test_a_500_quoting_the_prompt_is_in_no_line_above_debug_nor_any_span(
         )
         failure.key = key
         providers.server.script("openai", failure)
+    before = {s.span_id for s in providers.stack.sink.all_spans()}
     told = _asked(providers, marker)
     print(f"\ntold: {told}")
     assert "UNAVAILABLE" in told and marker not in told
     _wait_for_lines(providers, marker)
-    lines, spans = _lines_above_debug(providers, marker), _spans_holding(providers, marker)
+    lines, spans = _lines_above_debug(providers, marker), _spans_holding(providers, marker, before)
     print(f"lines above DEBUG: {len(lines)}, spans: {len(spans)} {spans}")
     assert lines == [] and spans == []
     assert _debug_lines(providers, marker)

@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 from cachemesh import CachemeshError, Client
-from tests.integration.harness import ROOT
+from tests.integration.harness import ROOT, settled_spans
 from tests.integration.provider_stack import ProviderStack, ask
 from tests.providers import anthropic_wire, openai_wire
 
@@ -27,6 +27,7 @@ def _fragments(key: str) -> list[str]:
 
 
 def test_no_key_in_logs_errors_spans_or_reports(providers: ProviderStack) -> None:
+    before = {s.span_id for s in providers.stack.sink.all_spans()}
     with Client(providers.stack.target, api_key=providers.stack.keys["tenant-a"]) as client:
         for model in ("claude-haiku-4-5", "claude-sonnet-4-5", "gpt-4-1", "gpt-4o-mini"):
             client.complete(ask(model, f"Key check {model} {uuid.uuid4().hex[:6]}"))
@@ -82,7 +83,12 @@ def test_no_key_in_logs_errors_spans_or_reports(providers: ProviderStack) -> Non
     }
     texts["errors"] = "\n".join(providers.errors)
     texts["spans"] = json.dumps(
-        [(s.name, s.attributes) for s in providers.stack.sink.all_spans()], default=str
+        [
+            (s.service, s.name, s.attributes, s.events, s.status_message)
+            # every span of this test's 10 requests (6 calls here, 4 by the load tester)
+            for s in settled_spans(providers.stack.sink, before, 6 + 4)
+        ],
+        default=str,
     )
     texts["loadtest.json"] = report.read_text()
     assert json.loads(texts["loadtest.json"])["results"]["ttft_ms"]  # TTFT in the report
