@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 from cachemesh.v1 import gateway_pb2 as pb
+from services.common import tool_choice
 from services.common.tokens import Tokenizer
 
 Section = Literal["tools", "system", "messages"]
@@ -93,9 +94,19 @@ def _parts(request: pb.CompleteRequest) -> list[_Part]:
 
 
 def canonical_blocks(request: pb.CompleteRequest, tokenizer: Tokenizer) -> list[Block]:
+    """The request's blocks. A tool choice but auto enters the chain where the messages begin:
+    Anthropic's prompt cache keeps the tools' and the system's entries across a change of
+    ``tool_choice`` and loses the messages' ("what invalidates the cache": tool choice changes
+    invalidate message blocks), so a prefix of messages written under one choice is no hit
+    under another, and a prefix of tools and system is. Auto (and no choice) leaves every
+    digest as it was before the field."""
     blocks: list[Block] = []
     chain = hashlib.sha256(b"cachemesh.prompt.v1").hexdigest()
+    choice = tool_choice.canonical(request)
     for index, (section, text, ttl, kind) in enumerate(_parts(request)):
+        if choice and section == "messages":
+            chain = hashlib.sha256(f"{chain}\x00tool_choice\x00{choice}".encode()).hexdigest()
+            choice = ""  # once, before the first message block
         chain = hashlib.sha256(f"{chain}\x00{section}\x00{text}".encode()).hexdigest()
         blocks.append(
             Block(

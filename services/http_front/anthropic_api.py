@@ -2,8 +2,8 @@
 
 The Gateway's contract follows the Messages API one to one, so a request maps field by field:
 content blocks (text, tool_use, tool_result) with their ``cache_control`` breakpoints, system
-blocks, tools; a top-level ``cache_control`` (automatic caching) marks the last block. Fields
-the Gateway cannot honour (images, stop sequences, a forced tool choice or one call at a time,
+blocks, tools, ``tool_choice``; a top-level ``cache_control`` (automatic caching) marks the
+last block. Fields the Gateway cannot honour (images, stop sequences, one tool call at a time,
 extended thinking, thinking turned off for a model that thinks by default, top_k, a top_p but
 1) are refused with a 400 that says so, never dropped silently.
 """
@@ -103,6 +103,7 @@ def parse_request(
             request.system.append(block)
     for i, raw in enumerate(top.array("tools") or []):
         request.tools.append(_tool(raw, f"tools.{i}"))
+    _tool_choice(top, request)
     raw_messages = top.array("messages", required=True) or []
     turns = kept if kept is not None else []
     for i, raw in enumerate(raw_messages):
@@ -246,6 +247,54 @@ def _int32(value: int, where: str) -> int:
     return value
 
 
+_CHOICES = {
+    "auto": pb.ToolChoice.MODE_AUTO,
+    "any": pb.ToolChoice.MODE_ANY,
+    "tool": pb.ToolChoice.MODE_TOOL,
+    "none": pb.ToolChoice.MODE_NONE,
+}
+
+
+def _tool_choice(top: Obj, request: pb.CompleteRequest) -> None:
+    """The Messages API's ``tool_choice`` (``{"type": "auto" | "any" | "tool" | "none"}``, a
+    ``name`` with ``tool``) as the Gateway's; each type's fields as the API takes them.
+    ``disable_parallel_tool_use: true`` stays refused (cachemesh cannot hold a model to one
+    call)."""
+    choice = top.obj("tool_choice")
+    if choice is None:
+        return
+    kind = choice.text("type", required=True)
+    if kind not in _CHOICES:
+        raise invalid(
+            f"tool_choice.type: {shown(choice.raw('type'))} is not a tool choice; send 'auto', "
+            "'any', 'tool' or 'none'",
+            "tool_choice.type",
+        )
+    fields = {"none": ("type",), "tool": ("type", "name", "disable_parallel_tool_use")}
+    choice.only(fields.get(kind, ("type", "disable_parallel_tool_use")))
+    if choice.flag("disable_parallel_tool_use"):
+        raise unsupported(
+            choice.at("disable_parallel_tool_use"),
+            "a model may answer with several tool calls; cachemesh cannot hold it to one",
+            "omit it or send false",
+        )
+    request.tool_choice.mode = _CHOICES[kind]
+    if kind == "tool":
+        name = choice.text("name", required=True) or ""
+        if name not in {tool.name for tool in request.tools}:
+            raise invalid(
+                f"tool_choice.name: {shown(name)} is not the name of one of the request's "
+                "tools; name one of them",
+                "tool_choice.name",
+            )
+        request.tool_choice.name = name
+    elif kind == "any" and not request.tools:
+        raise invalid(
+            "tool_choice.type: 'any' needs tools: send tools, or omit tool_choice",
+            "tool_choice.type",
+        )
+
+
 def _unsupported(top: Obj) -> None:
     stops = top.array("stop_sequences")
     if stops:
@@ -258,20 +307,6 @@ def _unsupported(top: Obj) -> None:
     if top.has("top_k"):
         top.integer("top_k")
         raise unsupported("top_k", SAMPLING)
-    choice = top.obj("tool_choice")
-    if choice is not None:
-        choice.only(("type", "disable_parallel_tool_use"))
-        if choice.text("type") not in ("auto", None):
-            raise invalid(
-                f"tool_choice.type: {shown(choice.raw('type'))} is not supported by cachemesh; "
-                "only 'auto'"
-            )
-        if choice.flag("disable_parallel_tool_use"):
-            raise unsupported(
-                choice.at("disable_parallel_tool_use"),
-                "a model may answer with several tool calls; cachemesh cannot hold it to one",
-                "omit it or send false",
-            )
     metadata = top.obj("metadata")
     if metadata is not None:
         metadata.only(("user_id",))

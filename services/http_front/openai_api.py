@@ -10,13 +10,13 @@ OpenAI caches prompt prefixes by itself, so a plain request carries no breakpoin
 the Gateway bills follows the requested model's rules; for models billed under Anthropic's
 rules (the simulated ones) a text part may carry ``cache_control`` (as the LiteLLM and
 OpenRouter proxies accept it), which marks a breakpoint there, and the cache read shows in
-``prompt_tokens_details.cached_tokens``. Fields the Gateway cannot honour (n > 1, stop,
-logprobs, a forced tool choice, parallel_tool_calls false, structured output, images, a
-sampling setting but temperature, a seed, logit_bias, reasoning_effort, a service tier but
-the standard one, verbosity, audio, a predicted output, moderation, web search, a prompt cache
-retention, the deprecated functions) are refused with a 400 saying so, never dropped
-silently; at the value that changes nothing (top_p 1, no penalty, no bias, modalities
-["text"]) they are accepted.
+``prompt_tokens_details.cached_tokens``. ``tool_choice`` maps to the Gateway's (``required`` is
+its ANY). Fields the Gateway cannot honour (n > 1, stop, logprobs, parallel_tool_calls false,
+structured output, images, a sampling setting but temperature, a seed, logit_bias,
+reasoning_effort, a service tier but the standard one, verbosity, audio, a predicted output,
+moderation, web search, a prompt cache retention, the deprecated functions) are refused with a
+400 saying so, never dropped silently; at the value that changes nothing (top_p 1, no penalty,
+no bias, modalities ["text"]) they are accepted.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from services.http_front.late_system import late_system_refusal
 _NOT_CARRIED: tuple[tuple[str, tuple[str, str]], ...] = (
     ("audio", ("cachemesh answers with text only", "omit it")),
     ("functions", ("the deprecated functions", "declare them in tools")),
-    ("function_call", ("the deprecated function_call", "use tools; tool_choice may be 'auto'")),
+    ("function_call", ("the deprecated function_call", "use tools and tool_choice")),
     ("moderation", ("the Gateway runs no moderation of the request or the answer", "omit it")),
     ("prediction", ("the Gateway passes on no predicted output", "omit it")),
     ("prompt_cache_options", _CACHE_SET_UP := (
@@ -120,6 +120,7 @@ def parse_request(
         request.cache.prompt_cache_key = key
     for i, raw in enumerate(top.array("tools") or []):
         request.tools.append(_tool(raw, f"tools[{i}]"))
+    _tool_choice(top, request)
     raw_messages = top.array("messages", required=True) or []
     dropped = _messages(raw_messages, request, kept)
     if not request.messages and dropped:
@@ -178,6 +179,59 @@ def _legacy_limit(model: str) -> ApiError:
     )
 
 
+_MODES = {
+    "auto": pb.ToolChoice.MODE_AUTO,
+    "none": pb.ToolChoice.MODE_NONE,
+    "required": pb.ToolChoice.MODE_ANY,
+}
+
+
+def _tool_choice(top: Obj, request: pb.CompleteRequest) -> None:
+    """Chat Completions' ``tool_choice`` (``"none" | "auto" | "required"`` or
+    ``{"type": "function", "function": {"name": ...}}``) as the Gateway's. A forced choice
+    needs tools, as OpenAI says ("'tool_choice' is only allowed when 'tools' are specified");
+    ``none`` and ``auto`` without tools are taken (nothing is sent: no tool is called)."""
+    raw = top.raw("tool_choice")
+    if raw is None:
+        return
+    if isinstance(raw, str):
+        if raw not in _MODES:
+            raise invalid(
+                f"tool_choice: {shown(raw)} is not a tool choice; send 'none', 'auto', "
+                '\'required\' or {"type": "function", "function": {"name": ...}}',
+                "tool_choice",
+            )
+        request.tool_choice.mode = _MODES[raw]
+        if raw == "required" and not request.tools:
+            raise invalid(
+                "tool_choice: 'required' is only allowed when 'tools' are specified",
+                "tool_choice",
+            )
+        return
+    choice = top.obj("tool_choice")
+    assert choice is not None  # not None, not a string: an object or a 400 naming it
+    kind = choice.text("type", required=True)
+    if kind != "function":
+        raise invalid(
+            f"tool_choice.type: {shown(choice.raw('type'))} is not supported by cachemesh; "
+            'name a function tool: {"type": "function", "function": {"name": ...}}',
+            "tool_choice.type",
+        )
+    choice.only(("type", "function"))
+    function = choice.obj("function", required=True)
+    assert function is not None
+    function.only(("name",))
+    name = function.text("name", required=True) or ""
+    if name not in {tool.name for tool in request.tools}:
+        raise invalid(
+            f"tool_choice.function.name: {shown(name)} is not the name of one of the "
+            "request's tools; name one of them",
+            "tool_choice.function.name",
+        )
+    request.tool_choice.mode = pb.ToolChoice.MODE_TOOL
+    request.tool_choice.name = name
+
+
 def _unsupported(top: Obj) -> None:
     n = top.integer("n")
     if n not in (None, 1):
@@ -195,12 +249,6 @@ def _unsupported(top: Obj) -> None:
         )
     if top.flag("logprobs"):
         raise unsupported("logprobs", "cachemesh answers without logprobs", "omit it or send false")
-    choice = top.raw("tool_choice")
-    if choice not in (None, "auto"):
-        raise invalid(
-            f"tool_choice: {shown(choice)} is not supported by cachemesh; only 'auto'",
-            "tool_choice",
-        )
     fmt = top.obj("response_format")
     if fmt is not None and fmt.text("type") != "text":
         raise unsupported(

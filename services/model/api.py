@@ -12,8 +12,9 @@ from collections.abc import AsyncGenerator
 
 from opentelemetry import trace
 
+from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
-from services.model.engine import Delta, Event, Finished, SimEngine, Started
+from services.model.engine import Call, Delta, Event, Finished, SimEngine, Started
 from services.model.fair_queue import QUEUE_WAIT_ATTRIBUTE
 
 log = logging.getLogger("cachemesh.model")
@@ -77,6 +78,8 @@ def _chunk(event: Event) -> model_pb2.GenerateChunk:
         )
     if isinstance(event, Delta):
         return model_pb2.GenerateChunk(text=event.text)
+    if isinstance(event, Call):
+        return model_pb2.GenerateChunk(block=pb.ContentBlock(tool_use=event.call))
     return model_pb2.GenerateChunk(
         end=model_pb2.GenerateEnd(
             output_tokens=event.output_tokens,

@@ -31,7 +31,7 @@ from services.common.tokens import Tokenizer, Tokenizers
 from services.model.fair_queue import FairQueue, QueueWatcher
 from services.model.kv_cache import BLOCK_SIZE, KvBlockCache, block_hashes
 from services.model.speculative import Drafting, plan_steps, step_seconds
-from services.model.text import Answer, compose_answer, seed_of
+from services.model.text import Answer, compose_answer, compose_tool_call, seed_of
 
 Sleep = Callable[[float], Awaitable[None]]
 # how long a call waited for its turn, by model: a histogram (``ModelMetrics``)
@@ -54,13 +54,20 @@ class Delta:
 
 
 @dataclass(frozen=True)
+class Call:
+    """A forced tool choice's answer: one whole tool_use block."""
+
+    call: pb.ToolUse
+
+
+@dataclass(frozen=True)
 class Finished:
     output_tokens: int
     stop_reason: str
     draft_accepted_tokens: int = 0  # speculative decoding: draft tokens the model kept
 
 
-Event = Started | Delta | Finished
+Event = Started | Delta | Call | Finished
 
 
 @dataclass(frozen=True)
@@ -191,7 +198,8 @@ class SimEngine:
             spec=spec,
             prompt_tokens=prompt_tokens,
             block_hashes=hashes,
-            answer=compose_answer(model, seed, request.max_tokens, tokenizer),
+            answer=compose_tool_call(request, seed, request.max_tokens, tokenizer)
+            or compose_answer(model, seed, request.max_tokens, tokenizer),
             seed=seed,
         )
 
@@ -214,6 +222,14 @@ class SimEngine:
                 cached = await self._prefill(prepared)
         yield Started(self.replica_id, prepared.prompt_tokens, cached, waited, self._instance)
         ids = prepared.answer.token_ids
+        if prepared.answer.call is not None or not prepared.answer.text:
+            # a forced tool call (or one cut before it was whole): decoded at the model's rate,
+            # sent as one block once whole, as the providers' adapters send one
+            await self._sleep(decode_seconds(spec, len(ids), self._time_scale))
+            if prepared.answer.call is not None:
+                yield Call(prepared.answer.call)
+            yield Finished(prepared.answer.tokens, prepared.answer.stop_reason)
+            return
         drafting = self._drafting.get(spec.id)
         steps = plan_steps(prepared.seed, len(ids), drafting) if drafting is not None else None
         if self._time_scale == 0:

@@ -13,6 +13,9 @@ import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from cachemesh.v1 import gateway_pb2 as pb
+from services.common import tool_choice
+from services.common.prompt import block_text
 from services.common.tokens import Tokenizer
 
 MIN_ANSWER_TOKENS = 20
@@ -56,7 +59,10 @@ _TAILS: dict[int, tuple[tuple[str, ...], ...]] = {
 class Answer:
     text: str
     token_ids: tuple[int, ...]
-    stop_reason: str  # "end_turn" | "max_tokens"
+    stop_reason: str  # "end_turn" | "max_tokens" | "tool_use"
+    # a forced tool choice's call (``compose_tool_call``): the answer is this one block, its
+    # tokens ``token_ids`` (the call as the canonical prompt writes a tool_use), no text
+    call: pb.ToolUse | None = None
 
     @property
     def tokens(self) -> int:
@@ -92,6 +98,28 @@ def compose_answer(model: str, seed: bytes, max_tokens: int, tokenizer: Tokenize
         text, stop_reason = tokenizer.decode(list(natural[:max_tokens])), "max_tokens"
     # The ids of the text actually sent (every word is one token, so a cut keeps its count).
     return Answer(text, tokenizer.encode(text), stop_reason)
+
+
+def compose_tool_call(
+    request: pb.CompleteRequest, seed: bytes, max_tokens: int, tokenizer: Tokenizer
+) -> Answer | None:
+    """A forced tool choice's answer (ANY: a tool picked from the seed; TOOL: the named one),
+    its input ``{}``, stop_reason tool_use; None when the choice forces none (auto, none, no
+    tools). A call longer than ``max_tokens`` is cut before it is whole: no block, the
+    ``max_tokens`` tokens billed, stop_reason max_tokens (a provider's half-written call goes
+    nowhere either)."""
+    mode = tool_choice.sent_mode(request)
+    if mode not in ("any", "tool"):
+        return None
+    if mode == "tool":
+        name = request.tool_choice.name
+    else:
+        name = request.tools[int.from_bytes(seed[8:16], "big") % len(request.tools)].name
+    call = pb.ToolUse(id=f"toolu_sim_{seed[:12].hex()}", name=name, input_json="{}")
+    ids = tokenizer.encode(block_text(pb.ContentBlock(tool_use=call)))
+    if len(ids) > max_tokens:
+        return Answer("", tuple(ids[:max_tokens]), "max_tokens")
+    return Answer("", tuple(ids), "tool_use", call)
 
 
 def _draws(seed: bytes) -> Iterator[int]:

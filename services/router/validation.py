@@ -14,7 +14,7 @@ from collections.abc import Container
 
 from cachemesh import json_schema
 from cachemesh.v1 import gateway_pb2 as pb
-from services.common import strict_json
+from services.common import strict_json, tool_choice
 from services.common.errors import Code, RequestError, shown
 from services.common.models import AUTO, ModelSpec, ModelTable
 
@@ -48,6 +48,7 @@ def validate_request(request: pb.CompleteRequest, table: ModelTable, deployed: s
     _validate_sampling(request, table)
     _validate_prefill(request, table)
     _validate_tool_support(request, table)
+    _validate_tool_choice(request)
     _validate_tool_names(request, table)
     _validate_tool_descriptions(request, table)
     _validate_tool_schemas(request, schema_strict, schemas)
@@ -602,6 +603,14 @@ def _validate_tool_schemas(
             f"tools[{i}].input_schema_json: tool {shown(tool.name)}: {problem}; {which} a "
             "tool's schema as JSON Schema only"
         )
+
+
+def _validate_tool_choice(request: pb.CompleteRequest) -> None:
+    """A forced choice must be one the providers take: a named tool among the request's
+    tools, ANY with tools, a name only with TOOL (``tool_choice.problem``)."""
+    problem = tool_choice.problem(request)
+    if problem is not None:
+        raise _invalid(problem)
 
 
 def _validate_tool_support(request: pb.CompleteRequest, table: ModelTable) -> None:

@@ -27,6 +27,7 @@ from typing import Literal
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import semantic_cache_pb2 as sc
+from services.common import tool_choice
 from services.common.fair_walks import FairWalks
 from services.common.prompt import last_user_text
 from services.semantic_cache.recent import TenantRecent
@@ -295,6 +296,9 @@ def scope_of(tenant: str, request: pb.CompleteRequest, facts: sc.ModelFacts | No
         "history": _HOLE,
         "last_turn": last,
     }
+    choice = tool_choice.canonical(request)
+    if choice:  # only a choice but auto: every scope made before the field is the one it was
+        fields["tool_choice"] = choice
     if facts is not None:
         fields.update(_model_fields(request, facts))
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

@@ -217,9 +217,29 @@ def error(status: int, kind: str, message: str, headers: dict[str, str] | None =
     return Reply(status=status, body=error_body(kind, message), headers=headers or {})
 
 
+def forced_tool(body: dict[str, Any]) -> str | None:
+    """The tool a request's ``tool_choice`` forces (``tool``: its name; ``any``: the first
+    tool), else None (``auto``, ``none``, no choice)."""
+    choice = body.get("tool_choice")
+    if not isinstance(choice, dict) or choice.get("type") not in ("any", "tool"):
+        return None
+    if choice["type"] == "tool":
+        return str(choice.get("name"))
+    return str((body.get("tools") or [{}])[0].get("name"))
+
+
 def default(body: dict[str, Any]) -> Reply:
-    """A short answer, its usage counted roughly from the request (4 characters a token)."""
+    """A short answer, its usage counted roughly from the request (4 characters a token); a
+    forced tool choice is answered with a call of that tool (the API forces it: no text before
+    it, ``stop_reason`` tool_use)."""
     size = len(dumps(body.get("messages", []))) + len(dumps(body.get("system", [])))
+    forced = forced_tool(body)
+    if forced is not None:
+        call = ToolCall("toolu_01LoopbackForced", forced, ["{}"])
+        usage = Usage(input_tokens=max(1, size // 4), output_tokens=7)
+        return Reply(
+            events=stream(str(body.get("model")), [], usage, stop_reason="tool_use", tool=call)
+        )
     return Reply(
         events=stream(
             str(body.get("model")),
@@ -292,6 +312,40 @@ def _blocks(content: Any) -> list[dict[str, Any]]:
     return [block for block in content or [] if isinstance(block, dict)]
 
 
+_TOOL_CHOICE_FIELDS = {
+    "auto": {"type", "disable_parallel_tool_use"},
+    "any": {"type", "disable_parallel_tool_use"},
+    "tool": {"type", "name", "disable_parallel_tool_use"},
+    "none": {"type"},
+}
+
+
+def _tool_choice_refusal(body: dict[str, Any]) -> str | None:
+    """The API's 400 to a ``tool_choice`` it refuses (the Messages API reference: a type of
+    auto, any, tool or none, ``name`` with tool alone, ``none`` without
+    disable_parallel_tool_use); a forced choice (any, tool) without tools, and a tool name
+    none of the tools has. The field paths are the API's; the words of the last two are this
+    server's (the API's own were not on record here)."""
+    choice = body.get("tool_choice")
+    if choice is None:
+        return None
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind not in _TOOL_CHOICE_FIELDS:
+        return "tool_choice.type: Input should be 'auto', 'any', 'tool' or 'none'"
+    for name in choice:
+        if name not in _TOOL_CHOICE_FIELDS[kind]:
+            return f"tool_choice.{kind}.{name}: Extra inputs are not permitted"
+    names = [t.get("name") for t in body.get("tools") or [] if isinstance(t, dict)]
+    if kind == "tool":
+        if not isinstance(choice.get("name"), str):
+            return "tool_choice.tool.name: Field required"
+        if choice["name"] not in names:
+            return f"tool_choice.tool.name: tool {dumps(choice['name'])} is not in tools"
+    if kind in ("any", "tool") and not names:
+        return "tool_choice: a forced tool choice needs tools"
+    return None
+
+
 def _structure_refusal(body: dict[str, Any]) -> str | None:
     """The message of the real API's 400 to a body whose shape it refuses, else None: a
     max_tokens below 1, a temperature outside [0, 1], a message with no content block but a
@@ -307,6 +361,8 @@ def _structure_refusal(body: dict[str, Any]) -> str | None:
     temperature = body.get("temperature")
     if isinstance(temperature, int | float) and not 0 <= temperature <= 1:
         return "temperature: Input should be less than or equal to 1"
+    if (choice := _tool_choice_refusal(body)) is not None:
+        return choice
     marks: list[str] = []  # each breakpoint's ttl, in the API's order
     for t, tool in enumerate(body.get("tools") or []):
         if isinstance(tool, dict) and not TOOL_NAME.match(str(tool.get("name"))):

@@ -377,6 +377,8 @@ def _structure(model: str, body: dict[str, Any]) -> Reply | None:
                 f"Invalid value for '{name}': '{name}' is only allowed when 'tools' are specified.",
                 name,
             )
+    if (choice := _tool_choice_refusal(body.get("tool_choice"), tools)) is not None:
+        return choice
     retention = body.get("prompt_cache_retention")
     if retention is not None and retention not in RETENTIONS:
         return _invalid(
@@ -391,6 +393,42 @@ def _structure(model: str, body: dict[str, Any]) -> Reply | None:
             "unsupported_parameter",
         )
     return _conversation(body.get("messages"), TOOL_CALL_ID_CHARS if own else None)
+
+
+def _tool_choice_refusal(choice: Any, tools: Any) -> Reply | None:
+    """OpenAI's 400 to a ``tool_choice`` it refuses: a string but none, auto or required; an
+    object but ``{"type": "function", "function": {"name": ...}}`` (allowed_tools and custom
+    are not served here); a named function none of the tools is. The words of the last are
+    this server's (OpenAI's own were not on record here); the param is OpenAI's."""
+    if choice is None:
+        return None
+    if isinstance(choice, str):
+        if choice in ("none", "auto", "required"):
+            return None
+        return _invalid(
+            f"Invalid value: {dumps(choice)}. Supported values are: 'none', 'auto', and "
+            "'required'.",
+            "tool_choice",
+            "invalid_value",
+        )
+    function = choice.get("function") if isinstance(choice, dict) else None
+    if (
+        not isinstance(choice, dict)
+        or choice.get("type") != "function"
+        or not isinstance(function, dict)
+        or not isinstance(function.get("name"), str)
+    ):
+        return _invalid("Invalid value for 'tool_choice'.", "tool_choice")
+    names = [
+        (tool.get("function") or {}).get("name") for tool in tools or [] if isinstance(tool, dict)
+    ]
+    if function["name"] not in names:
+        return _invalid(
+            f"Invalid value for 'tool_choice': function {dumps(function['name'])} is not "
+            "among the tools.",
+            "tool_choice.function.name",
+        )
+    return None
 
 
 def _conversation(messages: Any, most_id_chars: int | None) -> Reply | None:
@@ -485,9 +523,27 @@ def _conversation(messages: Any, most_id_chars: int | None) -> Reply | None:
     return None
 
 
+def forced_tool(body: dict[str, Any]) -> str | None:
+    """The function a request's ``tool_choice`` forces (a named one; ``required``: the first
+    tool), else None (``auto``, ``none``, no choice)."""
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        return str((choice.get("function") or {}).get("name"))
+    if choice == "required":
+        return str(((body.get("tools") or [{}])[0].get("function") or {}).get("name"))
+    return None
+
+
 def default(body: dict[str, Any]) -> Reply:
+    """A short answer; a forced tool choice is answered with a call of that function, no text,
+    finish_reason tool_calls (as OpenAI answers one)."""
     size = len(dumps(body.get("messages", [])))
     prompt = max(1, size // 4)
+    forced = forced_tool(body)
+    if forced is not None:
+        call = ("call_LoopbackForced", forced, ["{}"])
+        model = str(body.get("model"))
+        return Reply(events=stream(model, [], usage(prompt, 0, 7), finish="tool_calls", tool=call))
     return Reply(
         events=stream(
             str(body.get("model")), ["Paris is ", "the capital ", "of France."], usage(prompt, 0, 7)

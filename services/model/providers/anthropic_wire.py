@@ -26,6 +26,7 @@ import anthropic
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
+from services.common import tool_choice
 from services.common.models import ModelSpec
 from services.model.providers.failures import (
     StreamCut,
@@ -136,6 +137,16 @@ def _results_first(message: pb.Message) -> list[pb.ContentBlock]:
     return sorted(message.content, key=lambda block: block.WhichOneof("kind") != "tool_result")
 
 
+def _tool_choice(request: pb.CompleteRequest) -> dict[str, Any] | None:
+    """The Messages API's ``tool_choice`` (``auto``: none sent, the API's default with tools)."""
+    mode = tool_choice.sent_mode(request)
+    if mode == "auto":
+        return None
+    if mode == "tool":
+        return {"type": "tool", "name": request.tool_choice.name}
+    return {"type": mode}
+
+
 def messages_params(spec: ModelSpec, request: pb.CompleteRequest) -> dict[str, Any]:
     """The Messages API body (less ``stream``, which the adapter adds)."""
     params: dict[str, Any] = {"model": spec.upstream, "max_tokens": request.max_tokens}
@@ -152,6 +163,9 @@ def messages_params(spec: ModelSpec, request: pb.CompleteRequest) -> dict[str, A
                 entry["cache_control"] = control
             tools.append(entry)
         params["tools"] = tools
+    choice = _tool_choice(request)
+    if choice is not None:
+        params["tool_choice"] = choice
     ids = tool_ids(request)
     params["messages"] = [
         {

@@ -36,6 +36,7 @@ import openai
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
+from services.common import tool_choice
 from services.common.models import ModelSpec
 from services.model.providers.config import provider_name
 from services.model.providers.engine_run import EngineRun, NoProps
@@ -167,6 +168,17 @@ def _messages(request: pb.CompleteRequest, tool_id: Callable[[str], str]) -> lis
     return messages
 
 
+def _tool_choice(request: pb.CompleteRequest) -> str | dict[str, Any] | None:
+    """Chat Completions' ``tool_choice`` (``auto``: none sent, the default with tools; ANY is
+    ``required``); an OpenAI-compatible engine (llama-server, vLLM) takes the same form."""
+    mode = tool_choice.sent_mode(request)
+    if mode == "auto":
+        return None
+    if mode == "tool":
+        return {"type": "function", "function": {"name": request.tool_choice.name}}
+    return "required" if mode == "any" else "none"
+
+
 def chat_params(spec: ModelSpec, request: pb.CompleteRequest) -> dict[str, Any]:
     """The Chat Completions body (less ``stream`` and ``stream_options``)."""
     # OpenAI's own API bounds a tool call id; an OpenAI-compatible engine gets its ids as they
@@ -189,6 +201,9 @@ def chat_params(spec: ModelSpec, request: pb.CompleteRequest) -> dict[str, Any]:
             }
             for tool in request.tools
         ]
+    choice = _tool_choice(request)
+    if choice is not None:
+        params["tool_choice"] = choice
     params[spec.max_tokens_param] = request.max_tokens
     if request.HasField("temperature"):
         params["temperature"] = request.temperature

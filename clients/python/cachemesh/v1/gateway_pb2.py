@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63\x61\x63hemesh/v1/gateway.proto\x12\x0c\x63\x61\x63hemesh.v1\"3\n\x0c\x43\x61\x63heControl\x12#\n\x03ttl\x18\x01 \x01(\x0e\x32\x16.cachemesh.v1.CacheTtl\"7\n\x07ToolUse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\ninput_json\x18\x03 \x01(\t\"D\n\nToolResult\x12\x13\n\x0btool_use_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x10\n\x08is_error\x18\x03 \x01(\x08\"\xb5\x01\n\x0c\x43ontentBlock\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\x08tool_use\x18\x02 \x01(\x0b\x32\x15.cachemesh.v1.ToolUseH\x00\x12/\n\x0btool_result\x18\x03 \x01(\x0b\x32\x18.cachemesh.v1.ToolResultH\x00\x12\x31\n\rcache_control\x18\n \x01(\x0b\x32\x1a.cachemesh.v1.CacheControlB\x06\n\x04kind\"X\n\x07Message\x12 \n\x04role\x18\x01 \x01(\x0e\x32\x12.cachemesh.v1.Role\x12+\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x1a.cachemesh.v1.ContentBlock\"w\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x19\n\x11input_schema_json\x18\x03 \x01(\t\x12\x31\n\rcache_control\x18\x04 \x01(\x0b\x32\x1a.cachemesh.v1.CacheControl\"\x8f\x01\n\x0c\x43\x61\x63heOptions\x12,\n\x08semantic\x18\x01 \x01(\x0e\x32\x1a.cachemesh.v1.SemanticMode\x12\x16\n\tthreshold\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x18\n\x10prompt_cache_key\x18\x04 \x01(\tB\x0c\n\n_threshold\"\xc4\x02\n\x0f\x43ompleteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12!\n\x05tools\x18\x02 \x03(\x0b\x32\x12.cachemesh.v1.Tool\x12*\n\x06system\x18\x03 \x03(\x0b\x32\x1a.cachemesh.v1.ContentBlock\x12\'\n\x08messages\x18\x04 \x03(\x0b\x32\x15.cachemesh.v1.Message\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x18\n\x0btemperature\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12)\n\x05\x63\x61\x63he\x18\x07 \x01(\x0b\x32\x1a.cachemesh.v1.CacheOptions\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12-\n\x07routing\x18\t \x01(\x0b\x32\x1c.cachemesh.v1.RoutingOptionsB\x0e\n\x0c_temperature\"6\n\x0eRoutingOptions\x12\x16\n\tthreshold\x18\x01 \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_threshold\"m\n\x07Routing\x12\r\n\x05score\x18\x01 \x01(\x01\x12\x11\n\tthreshold\x18\x02 \x01(\x01\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x18\n\x10\x65mbedding_source\x18\x04 \x01(\t\x12\x16\n\x0e\x62\x61se_threshold\x18\x05 \x01(\x01\"\x82\x02\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12#\n\x1b\x63\x61\x63he_creation_input_tokens\x18\x02 \x01(\x03\x12\x1f\n\x17\x63\x61\x63he_read_input_tokens\x18\x03 \x01(\x03\x12\x15\n\routput_tokens\x18\x04 \x01(\x03\x12\x18\n\x10kv_cached_tokens\x18\x05 \x01(\x03\x12\x1d\n\x15\x64raft_accepted_tokens\x18\x10 \x01(\x03\x12\x33\n\x0e\x63\x61\x63he_creation\x18\x11 \x01(\x0b\x32\x1b.cachemesh.v1.CacheCreation\x12\x18\n\x10reasoning_tokens\x18\x12 \x01(\x03\"U\n\rCacheCreation\x12!\n\x19\x65phemeral_5m_input_tokens\x18\x01 \x01(\x03\x12!\n\x19\x65phemeral_1h_input_tokens\x18\x02 \x01(\x03\"Z\n\x04\x43ost\x12\x12\n\ncost_nanos\x18\x01 \x01(\x03\x12\x16\n\x0e\x62\x61seline_nanos\x18\x02 \x01(\x03\x12\x13\n\x0bsaved_nanos\x18\x03 \x01(\x03\x12\x11\n\testimated\x18\x04 \x01(\x08\"D\n\rSemanticMatch\x12\x12\n\nsimilarity\x18\x01 \x01(\x01\x12\x10\n\x08\x65ntry_id\x18\x02 \x01(\t\x12\r\n\x05\x65xact\x18\x03 \x01(\x08\"\xff\x02\n\x10\x43ompleteResponse\x12+\n\x07\x63ontent\x18\x01 \x03(\x0b\x32\x1a.cachemesh.v1.ContentBlock\x12&\n\tserved_by\x18\x02 \x01(\x0e\x32\x13.cachemesh.v1.Layer\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0c\n\x04tier\x18\x04 \x01(\t\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.cachemesh.v1.Usage\x12 \n\x04\x63ost\x18\x07 \x01(\x0b\x32\x12.cachemesh.v1.Cost\x12-\n\x08semantic\x18\x08 \x01(\x0b\x32\x1b.cachemesh.v1.SemanticMatch\x12\x10\n\x08trace_id\x18\t \x01(\t\x12\x12\n\nrequest_id\x18\n \x01(\t\x12&\n\x07routing\x18\x0b \x01(\x0b\x32\x15.cachemesh.v1.Routing\x12\x10\n\x08replayed\x18\x0c \x01(\x08\x12\x0f\n\x07span_id\x18\r \x01(\t\"\xa4\x01\n\rCompleteChunk\x12/\n\x05start\x18\x01 \x01(\x0b\x32\x1e.cachemesh.v1.CompleteResponseH\x00\x12+\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x1a.cachemesh.v1.ContentBlockH\x00\x12-\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x1e.cachemesh.v1.CompleteResponseH\x00\x42\x06\n\x04part*?\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\r\n\tROLE_USER\x10\x01\x12\x12\n\x0eROLE_ASSISTANT\x10\x02*a\n\x05Layer\x12\x15\n\x11LAYER_UNSPECIFIED\x10\x00\x12\x18\n\x14LAYER_SEMANTIC_CACHE\x10\x01\x12\x16\n\x12LAYER_PREFIX_CACHE\x10\x02\x12\x0f\n\x0bLAYER_MODEL\x10\x03*I\n\x08\x43\x61\x63heTtl\x12\x19\n\x15\x43\x41\x43HE_TTL_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x43\x41\x43HE_TTL_5M\x10\x01\x12\x10\n\x0c\x43\x41\x43HE_TTL_1H\x10\x02*\x95\x01\n\x0cSemanticMode\x12\x1d\n\x19SEMANTIC_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11SEMANTIC_MODE_USE\x10\x01\x12\x19\n\x15SEMANTIC_MODE_REFRESH\x10\x02\x12\x1a\n\x16SEMANTIC_MODE_NO_STORE\x10\x03\x12\x18\n\x14SEMANTIC_MODE_BYPASS\x10\x04\x32\xa4\x01\n\x07Gateway\x12I\n\x08\x43omplete\x12\x1d.cachemesh.v1.CompleteRequest\x1a\x1e.cachemesh.v1.CompleteResponse\x12N\n\x0eStreamComplete\x12\x1d.cachemesh.v1.CompleteRequest\x1a\x1b.cachemesh.v1.CompleteChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63\x61\x63hemesh/v1/gateway.proto\x12\x0c\x63\x61\x63hemesh.v1\"3\n\x0c\x43\x61\x63heControl\x12#\n\x03ttl\x18\x01 \x01(\x0e\x32\x16.cachemesh.v1.CacheTtl\"7\n\x07ToolUse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\ninput_json\x18\x03 \x01(\t\"D\n\nToolResult\x12\x13\n\x0btool_use_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x10\n\x08is_error\x18\x03 \x01(\x08\"\xb5\x01\n\x0c\x43ontentBlock\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\x08tool_use\x18\x02 \x01(\x0b\x32\x15.cachemesh.v1.ToolUseH\x00\x12/\n\x0btool_result\x18\x03 \x01(\x0b\x32\x18.cachemesh.v1.ToolResultH\x00\x12\x31\n\rcache_control\x18\n \x01(\x0b\x32\x1a.cachemesh.v1.CacheControlB\x06\n\x04kind\"X\n\x07Message\x12 \n\x04role\x18\x01 \x01(\x0e\x32\x12.cachemesh.v1.Role\x12+\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x1a.cachemesh.v1.ContentBlock\"w\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x19\n\x11input_schema_json\x18\x03 \x01(\t\x12\x31\n\rcache_control\x18\x04 \x01(\x0b\x32\x1a.cachemesh.v1.CacheControl\"\xa0\x01\n\nToolChoice\x12+\n\x04mode\x18\x01 \x01(\x0e\x32\x1d.cachemesh.v1.ToolChoice.Mode\x12\x0c\n\x04name\x18\x02 \x01(\t\"W\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\r\n\tMODE_AUTO\x10\x01\x12\r\n\tMODE_NONE\x10\x02\x12\x0c\n\x08MODE_ANY\x10\x03\x12\r\n\tMODE_TOOL\x10\x04\"\x8f\x01\n\x0c\x43\x61\x63heOptions\x12,\n\x08semantic\x18\x01 \x01(\x0e\x32\x1a.cachemesh.v1.SemanticMode\x12\x16\n\tthreshold\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x18\n\x10prompt_cache_key\x18\x04 \x01(\tB\x0c\n\n_threshold\"\xf3\x02\n\x0f\x43ompleteRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12!\n\x05tools\x18\x02 \x03(\x0b\x32\x12.cachemesh.v1.Tool\x12*\n\x06system\x18\x03 \x03(\x0b\x32\x1a.cachemesh.v1.ContentBlock\x12\'\n\x08messages\x18\x04 \x03(\x0b\x32\x15.cachemesh.v1.Message\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x18\n\x0btemperature\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12)\n\x05\x63\x61\x63he\x18\x07 \x01(\x0b\x32\x1a.cachemesh.v1.CacheOptions\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12-\n\x07routing\x18\t \x01(\x0b\x32\x1c.cachemesh.v1.RoutingOptions\x12-\n\x0btool_choice\x18\n \x01(\x0b\x32\x18.cachemesh.v1.ToolChoiceB\x0e\n\x0c_temperature\"6\n\x0eRoutingOptions\x12\x16\n\tthreshold\x18\x01 \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_threshold\"m\n\x07Routing\x12\r\n\x05score\x18\x01 \x01(\x01\x12\x11\n\tthreshold\x18\x02 \x01(\x01\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x18\n\x10\x65mbedding_source\x18\x04 \x01(\t\x12\x16\n\x0e\x62\x61se_threshold\x18\x05 \x01(\x01\"\x82\x02\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12#\n\x1b\x63\x61\x63he_creation_input_tokens\x18\x02 \x01(\x03\x12\x1f\n\x17\x63\x61\x63he_read_input_tokens\x18\x03 \x01(\x03\x12\x15\n\routput_tokens\x18\x04 \x01(\x03\x12\x18\n\x10kv_cached_tokens\x18\x05 \x01(\x03\x12\x1d\n\x15\x64raft_accepted_tokens\x18\x10 \x01(\x03\x12\x33\n\x0e\x63\x61\x63he_creation\x18\x11 \x01(\x0b\x32\x1b.cachemesh.v1.CacheCreation\x12\x18\n\x10reasoning_tokens\x18\x12 \x01(\x03\"U\n\rCacheCreation\x12!\n\x19\x65phemeral_5m_input_tokens\x18\x01 \x01(\x03\x12!\n\x19\x65phemeral_1h_input_tokens\x18\x02 \x01(\x03\"Z\n\x04\x43ost\x12\x12\n\ncost_nanos\x18\x01 \x01(\x03\x12\x16\n\x0e\x62\x61seline_nanos\x18\x02 \x01(\x03\x12\x13\n\x0bsaved_nanos\x18\x03 \x01(\x03\x12\x11\n\testimated\x18\x04 \x01(\x08\"D\n\rSemanticMatch\x12\x12\n\nsimilarity\x18\x01 \x01(\x01\x12\x10\n\x08\x65ntry_id\x18\x02 \x01(\t\x12\r\n\x05\x65xact\x18\x03 \x01(\x08\"\xff\x02\n\x10\x43ompleteResponse\x12+\n\x07\x63ontent\x18\x01 \x03(\x0b\x32\x1a.cachemesh.v1.ContentBlock\x12&\n\tserved_by\x18\x02 \x01(\x0e\x32\x13.cachemesh.v1.Layer\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0c\n\x04tier\x18\x04 \x01(\t\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.cachemesh.v1.Usage\x12 \n\x04\x63ost\x18\x07 \x01(\x0b\x32\x12.cachemesh.v1.Cost\x12-\n\x08semantic\x18\x08 \x01(\x0b\x32\x1b.cachemesh.v1.SemanticMatch\x12\x10\n\x08trace_id\x18\t \x01(\t\x12\x12\n\nrequest_id\x18\n \x01(\t\x12&\n\x07routing\x18\x0b \x01(\x0b\x32\x15.cachemesh.v1.Routing\x12\x10\n\x08replayed\x18\x0c \x01(\x08\x12\x0f\n\x07span_id\x18\r \x01(\t\"\xa4\x01\n\rCompleteChunk\x12/\n\x05start\x18\x01 \x01(\x0b\x32\x1e.cachemesh.v1.CompleteResponseH\x00\x12+\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x1a.cachemesh.v1.ContentBlockH\x00\x12-\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x1e.cachemesh.v1.CompleteResponseH\x00\x42\x06\n\x04part*?\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\r\n\tROLE_USER\x10\x01\x12\x12\n\x0eROLE_ASSISTANT\x10\x02*a\n\x05Layer\x12\x15\n\x11LAYER_UNSPECIFIED\x10\x00\x12\x18\n\x14LAYER_SEMANTIC_CACHE\x10\x01\x12\x16\n\x12LAYER_PREFIX_CACHE\x10\x02\x12\x0f\n\x0bLAYER_MODEL\x10\x03*I\n\x08\x43\x61\x63heTtl\x12\x19\n\x15\x43\x41\x43HE_TTL_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x43\x41\x43HE_TTL_5M\x10\x01\x12\x10\n\x0c\x43\x41\x43HE_TTL_1H\x10\x02*\x95\x01\n\x0cSemanticMode\x12\x1d\n\x19SEMANTIC_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11SEMANTIC_MODE_USE\x10\x01\x12\x19\n\x15SEMANTIC_MODE_REFRESH\x10\x02\x12\x1a\n\x16SEMANTIC_MODE_NO_STORE\x10\x03\x12\x18\n\x14SEMANTIC_MODE_BYPASS\x10\x04\x32\xa4\x01\n\x07Gateway\x12I\n\x08\x43omplete\x12\x1d.cachemesh.v1.CompleteRequest\x1a\x1e.cachemesh.v1.CompleteResponse\x12N\n\x0eStreamComplete\x12\x1d.cachemesh.v1.CompleteRequest\x1a\x1b.cachemesh.v1.CompleteChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cachemesh.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=2322
-  _globals['_ROLE']._serialized_end=2385
-  _globals['_LAYER']._serialized_start=2387
-  _globals['_LAYER']._serialized_end=2484
-  _globals['_CACHETTL']._serialized_start=2486
-  _globals['_CACHETTL']._serialized_end=2559
-  _globals['_SEMANTICMODE']._serialized_start=2562
-  _globals['_SEMANTICMODE']._serialized_end=2711
+  _globals['_ROLE']._serialized_start=2532
+  _globals['_ROLE']._serialized_end=2595
+  _globals['_LAYER']._serialized_start=2597
+  _globals['_LAYER']._serialized_end=2694
+  _globals['_CACHETTL']._serialized_start=2696
+  _globals['_CACHETTL']._serialized_end=2769
+  _globals['_SEMANTICMODE']._serialized_start=2772
+  _globals['_SEMANTICMODE']._serialized_end=2921
   _globals['_CACHECONTROL']._serialized_start=44
   _globals['_CACHECONTROL']._serialized_end=95
   _globals['_TOOLUSE']._serialized_start=97
@@ -51,26 +51,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MESSAGE']._serialized_end=496
   _globals['_TOOL']._serialized_start=498
   _globals['_TOOL']._serialized_end=617
-  _globals['_CACHEOPTIONS']._serialized_start=620
-  _globals['_CACHEOPTIONS']._serialized_end=763
-  _globals['_COMPLETEREQUEST']._serialized_start=766
-  _globals['_COMPLETEREQUEST']._serialized_end=1090
-  _globals['_ROUTINGOPTIONS']._serialized_start=1092
-  _globals['_ROUTINGOPTIONS']._serialized_end=1146
-  _globals['_ROUTING']._serialized_start=1148
-  _globals['_ROUTING']._serialized_end=1257
-  _globals['_USAGE']._serialized_start=1260
-  _globals['_USAGE']._serialized_end=1518
-  _globals['_CACHECREATION']._serialized_start=1520
-  _globals['_CACHECREATION']._serialized_end=1605
-  _globals['_COST']._serialized_start=1607
-  _globals['_COST']._serialized_end=1697
-  _globals['_SEMANTICMATCH']._serialized_start=1699
-  _globals['_SEMANTICMATCH']._serialized_end=1767
-  _globals['_COMPLETERESPONSE']._serialized_start=1770
-  _globals['_COMPLETERESPONSE']._serialized_end=2153
-  _globals['_COMPLETECHUNK']._serialized_start=2156
-  _globals['_COMPLETECHUNK']._serialized_end=2320
-  _globals['_GATEWAY']._serialized_start=2714
-  _globals['_GATEWAY']._serialized_end=2878
+  _globals['_TOOLCHOICE']._serialized_start=620
+  _globals['_TOOLCHOICE']._serialized_end=780
+  _globals['_TOOLCHOICE_MODE']._serialized_start=693
+  _globals['_TOOLCHOICE_MODE']._serialized_end=780
+  _globals['_CACHEOPTIONS']._serialized_start=783
+  _globals['_CACHEOPTIONS']._serialized_end=926
+  _globals['_COMPLETEREQUEST']._serialized_start=929
+  _globals['_COMPLETEREQUEST']._serialized_end=1300
+  _globals['_ROUTINGOPTIONS']._serialized_start=1302
+  _globals['_ROUTINGOPTIONS']._serialized_end=1356
+  _globals['_ROUTING']._serialized_start=1358
+  _globals['_ROUTING']._serialized_end=1467
+  _globals['_USAGE']._serialized_start=1470
+  _globals['_USAGE']._serialized_end=1728
+  _globals['_CACHECREATION']._serialized_start=1730
+  _globals['_CACHECREATION']._serialized_end=1815
+  _globals['_COST']._serialized_start=1817
+  _globals['_COST']._serialized_end=1907
+  _globals['_SEMANTICMATCH']._serialized_start=1909
+  _globals['_SEMANTICMATCH']._serialized_end=1977
+  _globals['_COMPLETERESPONSE']._serialized_start=1980
+  _globals['_COMPLETERESPONSE']._serialized_end=2363
+  _globals['_COMPLETECHUNK']._serialized_start=2366
+  _globals['_COMPLETECHUNK']._serialized_end=2530
+  _globals['_GATEWAY']._serialized_start=2924
+  _globals['_GATEWAY']._serialized_end=3088
 # @@protoc_insertion_point(module_scope)

@@ -276,6 +276,64 @@ class Tool(_message.Message):
 Global___Tool: _TypeAlias = Tool  # noqa: Y015
 
 @_typing.final
+class ToolChoice(_message.Message):
+    """Whether and which tool the model must call (Anthropic's tool_choice; OpenAI's: auto, none,
+    required, a named function). Unset, or mode unspecified = AUTO, as before the field.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Mode:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _ModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[ToolChoice._Mode.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        MODE_UNSPECIFIED: ToolChoice._Mode.ValueType  # 0
+        """= AUTO"""
+        MODE_AUTO: ToolChoice._Mode.ValueType  # 1
+        """the model decides whether to call a tool"""
+        MODE_NONE: ToolChoice._Mode.ValueType  # 2
+        """no tool call: the model answers in text (tools stay in the prompt)"""
+        MODE_ANY: ToolChoice._Mode.ValueType  # 3
+        """the model must call a tool, any of `tools` (OpenAI's "required")"""
+        MODE_TOOL: ToolChoice._Mode.ValueType  # 4
+        """the model must call the tool `name`"""
+
+    class Mode(_Mode, metaclass=_ModeEnumTypeWrapper): ...
+    MODE_UNSPECIFIED: ToolChoice.Mode.ValueType  # 0
+    """= AUTO"""
+    MODE_AUTO: ToolChoice.Mode.ValueType  # 1
+    """the model decides whether to call a tool"""
+    MODE_NONE: ToolChoice.Mode.ValueType  # 2
+    """no tool call: the model answers in text (tools stay in the prompt)"""
+    MODE_ANY: ToolChoice.Mode.ValueType  # 3
+    """the model must call a tool, any of `tools` (OpenAI's "required")"""
+    MODE_TOOL: ToolChoice.Mode.ValueType  # 4
+    """the model must call the tool `name`"""
+
+    MODE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    mode: Global___ToolChoice.Mode.ValueType
+    name: _builtins.str
+    """MODE_TOOL only: the name of one of the request's `tools` (else INVALID_ARGUMENT); empty
+    with every other mode (else INVALID_ARGUMENT)
+    """
+    def __init__(
+        self,
+        *,
+        mode: Global___ToolChoice.Mode.ValueType = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mode", b"mode", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolChoice: _TypeAlias = ToolChoice  # noqa: Y015
+
+@_typing.final
 class CacheOptions(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -319,6 +377,7 @@ class CompleteRequest(_message.Message):
     CACHE_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     ROUTING_FIELD_NUMBER: _builtins.int
+    TOOL_CHOICE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """a model id of the price table, or "auto" (the router picks the tier); an id the router
     does not serve is NOT_FOUND
@@ -347,6 +406,12 @@ class CompleteRequest(_message.Message):
     def cache(self) -> Global___CacheOptions: ...
     @_builtins.property
     def routing(self) -> Global___RoutingOptions: ...
+    @_builtins.property
+    def tool_choice(self) -> Global___ToolChoice:
+        """unset = auto, as before the field. ANY and TOOL need `tools` (INVALID_ARGUMENT without).
+        An L1 answer made under one choice is never served under another.
+        """
+
     def __init__(
         self,
         *,
@@ -359,10 +424,11 @@ class CompleteRequest(_message.Message):
         cache: Global___CacheOptions | None = ...,
         request_id: _builtins.str = ...,
         routing: Global___RoutingOptions | None = ...,
+        tool_choice: Global___ToolChoice | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "cache", b"cache", "routing", b"routing", "temperature", b"temperature"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "cache", b"cache", "routing", b"routing", "temperature", b"temperature", "tool_choice", b"tool_choice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "cache", b"cache", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "request_id", b"request_id", "routing", b"routing", "system", b"system", "temperature", b"temperature", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "cache", b"cache", "max_tokens", b"max_tokens", "messages", b"messages", "model", b"model", "request_id", b"request_id", "routing", b"routing", "system", b"system", "temperature", b"temperature", "tool_choice", b"tool_choice", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
     _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
