@@ -104,7 +104,13 @@ def provider_stack(run_dir: Path) -> Iterator[ProviderStack]:
     sink = OtlpSink()
     stack_keys = ensure_keys(run_dir)
     common = {
-        **{k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")},
+        # PYTHONPATH: a worktree's run imports its own generated stubs (the venv's editable
+        # install points at one checkout's), as the rest of the stack, started with os.environ
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if k in ("PATH", "HOME", "LANG", "TMPDIR", "PYTHONPATH")
+        },
         **test_settings(sink),
         "CACHEMESH_INTERNAL_TOKEN": stack_keys.internal_token,
         "CACHEMESH_LOG_LEVEL": "DEBUG",  # the key must stay out of the most verbose log too

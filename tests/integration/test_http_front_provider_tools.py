@@ -338,3 +338,145 @@ def test_a_providers_words_in_a_refusal_reach_either_front_as_it_said_them(
         True,
         True,
     ], said
+
+
+_OPENAI_TOOLS: list[Any] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather at a place.",
+            "parameters": {"type": "object", "properties": {"location": {"type": "string"}}},
+        },
+    },
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}},
+]
+
+
+def _sent_with(providers: ProviderStack, api: str, text: str) -> list[dict[str, Any]]:
+    return [s.body for s in providers.server.seen_by(api) if text in str(s.body)]
+
+
+def test_a_forced_tool_choice_reaches_anthropic_and_its_call_the_sdk(
+    providers: ProviderStack,
+) -> None:
+    """The Anthropic SDK's ``tool_choice`` {"type": "tool"} through the front reaches Claude in
+    its form; the loopback (which checks it as the API does, and answers a forced choice with a
+    call of that tool) answers with a get_weather call, which the SDK reads as its own. Before,
+    the front refused every choice but auto (400 "only 'auto'")."""
+    front = f"http://{providers.stack.addresses['http-front']}"
+    client = anthropic.Anthropic(
+        base_url=front, api_key=providers.stack.keys["tenant-a"], max_retries=0
+    )
+    ask = f"Coat or not? {uuid.uuid4().hex[:8]}"
+    answer = client.messages.create(
+        model="claude-sonnet-4-5",
+        max_tokens=128,
+        tools=_TOOLS,
+        tool_choice={"type": "tool", "name": "get_weather"},
+        messages=[{"role": "user", "content": ask}],
+    )
+    assert answer.stop_reason == "tool_use"
+    assert [b.name for b in answer.content if b.type == "tool_use"] == ["get_weather"]
+    (sent,) = _sent_with(providers, "anthropic", ask)
+    assert sent["tool_choice"] == {"type": "tool", "name": "get_weather"}
+    for choice in ({"type": "none"}, {"type": "auto"}):
+        ask = f"Coat or not? {uuid.uuid4().hex[:8]}"
+        answer = client.messages.create(
+            model="claude-sonnet-4-5",
+            max_tokens=128,
+            tools=_TOOLS,
+            tool_choice=choice,  # type: ignore[arg-type]
+            messages=[{"role": "user", "content": ask}],
+        )
+        assert answer.stop_reason == "end_turn"
+        (sent,) = _sent_with(providers, "anthropic", ask)
+        assert sent.get("tool_choice") == (choice if choice["type"] == "none" else None)
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        client.messages.create(
+            model="claude-sonnet-4-5",
+            max_tokens=128,
+            tools=_TOOLS,
+            tool_choice={"type": "tool", "name": "get_news"},
+            messages=[{"role": "user", "content": ask}],
+        )
+    assert "tool_choice.name: 'get_news' is not the name of one of the request's tools" in str(
+        refused.value
+    )
+    client.close()
+
+
+@pytest.mark.parametrize(
+    ("choice", "sent_as", "called"),
+    [
+        ("required", "required", "get_weather"),
+        (
+            {"type": "function", "function": {"name": "get_time"}},
+            {"type": "function", "function": {"name": "get_time"}},
+            "get_time",
+        ),
+    ],
+)
+def test_a_forced_tool_choice_reaches_openai_and_its_call_the_sdk(
+    providers: ProviderStack, choice: Any, sent_as: Any, called: str
+) -> None:
+    """The OpenAI SDK's ``tool_choice`` ("required", a named function) through the front
+    reaches OpenAI in its own form and the call comes back as the SDK's tool_calls."""
+    front = f"http://{providers.stack.addresses['http-front']}/v1"
+    client = openai.OpenAI(base_url=front, api_key=providers.stack.keys["tenant-a"], max_retries=0)
+    ask = f"What now? {uuid.uuid4().hex[:8]}"
+    reply = client.chat.completions.create(
+        model="gpt-4o-mini",
+        max_tokens=64,
+        tools=_OPENAI_TOOLS,
+        tool_choice=choice,
+        messages=[{"role": "user", "content": ask}],
+    )
+    assert reply.choices[0].finish_reason == "tool_calls"
+    calls = reply.choices[0].message.tool_calls or []
+    assert [call.function.name for call in calls] == [called]  # type: ignore[union-attr]
+    (sent,) = _sent_with(providers, "openai", ask)
+    assert sent["tool_choice"] == sent_as
+    client.close()
+
+
+def test_the_simulator_answers_a_forced_choice_with_a_call_through_both_fronts(
+    providers: ProviderStack,
+) -> None:
+    """sim-small, forced to call get_time (OpenAI SDK) or any tool (Anthropic SDK), answers
+    with the call; tool_choice none is answered in text."""
+    front = f"http://{providers.stack.addresses['http-front']}"
+    key = providers.stack.keys["tenant-a"]
+    gpt = openai.OpenAI(base_url=front + "/v1", api_key=key, max_retries=0)
+    ask: Any = [{"role": "user", "content": f"Time? {uuid.uuid4().hex[:8]}"}]
+    reply = gpt.chat.completions.create(
+        model="sim-small",
+        max_tokens=64,
+        tools=_OPENAI_TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+        messages=ask,
+    )
+    calls = reply.choices[0].message.tool_calls or []
+    assert [call.function.name for call in calls] == ["get_time"]  # type: ignore[union-attr]
+    assert reply.choices[0].finish_reason == "tool_calls"
+    claude = anthropic.Anthropic(base_url=front, api_key=key, max_retries=0)
+    answer = claude.messages.create(
+        model="sim-small",
+        max_tokens=64,
+        tools=_TOOLS,
+        tool_choice={"type": "any"},
+        messages=[{"role": "user", "content": f"Weather? {uuid.uuid4().hex[:8]}"}],
+    )
+    assert answer.stop_reason == "tool_use"
+    assert [b.name for b in answer.content if b.type == "tool_use"] == ["get_weather"]
+    answer = claude.messages.create(
+        model="sim-small",
+        max_tokens=64,
+        tools=_TOOLS,
+        tool_choice={"type": "none"},
+        messages=[{"role": "user", "content": f"Weather? {uuid.uuid4().hex[:8]}"}],
+    )
+    assert answer.stop_reason in ("end_turn", "max_tokens")
+    assert not [b for b in answer.content if b.type == "tool_use"]
+    gpt.close()
+    claude.close()
