@@ -377,16 +377,18 @@ def test_a_forced_tool_choice_reaches_anthropic_and_its_call_the_sdk(
         messages=[{"role": "user", "content": ask}],
     )
     assert answer.stop_reason == "tool_use"
+    assert [b.type for b in answer.content] == ["tool_use"]  # the call alone, as Claude's
     assert [b.name for b in answer.content if b.type == "tool_use"] == ["get_weather"]
     (sent,) = _sent_with(providers, "anthropic", ask)
     assert sent["tool_choice"] == {"type": "tool", "name": "get_weather"}
-    for choice in ({"type": "none"}, {"type": "auto"}):
+    choices: list[Any] = [{"type": "none"}, {"type": "auto"}]
+    for choice in choices:
         ask = f"Coat or not? {uuid.uuid4().hex[:8]}"
         answer = client.messages.create(
             model="claude-sonnet-4-5",
             max_tokens=128,
             tools=_TOOLS,
-            tool_choice=choice,  # type: ignore[arg-type]
+            tool_choice=choice,
             messages=[{"role": "user", "content": ask}],
         )
         assert answer.stop_reason == "end_turn"

@@ -6,6 +6,7 @@ and the request checks of https://platform.claude.com/docs/en/api/versioning (``
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -217,6 +218,22 @@ def error(status: int, kind: str, message: str, headers: dict[str, str] | None =
     return Reply(status=status, body=error_body(kind, message), headers=headers or {})
 
 
+def _call_alone(events: list[Event]) -> list[Event]:
+    """``stream``'s events of an answer of no text and one tool call, without the empty text
+    block ``stream`` opens at index 0: the call alone, at index 0 (the API's answer to a
+    forced choice)."""
+    kept: list[Event] = []
+    for name, data in events:
+        event = json.loads(data) if name and name.startswith("content_block") else None
+        if event is not None and event["index"] == 0:
+            continue  # the empty text block's start and stop
+        if event is not None:
+            event["index"] -= 1
+            data = dumps(event)
+        kept.append((name, data))
+    return kept
+
+
 def forced_tool(body: dict[str, Any]) -> str | None:
     """The tool a request's ``tool_choice`` forces (``tool``: its name; ``any``: the first
     tool), else None (``auto``, ``none``, no choice)."""
@@ -237,9 +254,8 @@ def default(body: dict[str, Any]) -> Reply:
     if forced is not None:
         call = ToolCall("toolu_01LoopbackForced", forced, ["{}"])
         usage = Usage(input_tokens=max(1, size // 4), output_tokens=7)
-        return Reply(
-            events=stream(str(body.get("model")), [], usage, stop_reason="tool_use", tool=call)
-        )
+        events = stream(str(body.get("model")), [], usage, stop_reason="tool_use", tool=call)
+        return Reply(events=_call_alone(events))
     return Reply(
         events=stream(
             str(body.get("model")),

@@ -536,14 +536,16 @@ def forced_tool(body: dict[str, Any]) -> str | None:
 
 def default(body: dict[str, Any]) -> Reply:
     """A short answer; a forced tool choice is answered with a call of that function, no text,
-    finish_reason tool_calls (as OpenAI answers one)."""
+    finish_reason tool_calls for ``required`` and ``stop`` for a named function (OpenAI's own
+    finish of a named choice's call, which the adapter reads as tool_use all the same)."""
     size = len(dumps(body.get("messages", [])))
     prompt = max(1, size // 4)
     forced = forced_tool(body)
     if forced is not None:
         call = ("call_LoopbackForced", forced, ["{}"])
         model = str(body.get("model"))
-        return Reply(events=stream(model, [], usage(prompt, 0, 7), finish="tool_calls", tool=call))
+        finish = "tool_calls" if body.get("tool_choice") == "required" else "stop"
+        return Reply(events=stream(model, [], usage(prompt, 0, 7), finish=finish, tool=call))
     return Reply(
         events=stream(
             str(body.get("model")), ["Paris is ", "the capital ", "of France."], usage(prompt, 0, 7)

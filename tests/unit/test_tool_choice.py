@@ -246,7 +246,7 @@ def test_the_loopbacks_refuse_a_choice_the_apis_refuse() -> None:
 
 
 def test_the_loopbacks_answer_a_forced_choice_with_a_call_of_that_tool() -> None:
-    body = {"model": "m", "messages": [], "tools": OPENAI_TOOLS, "tool_choice": "required"}
+    body: dict[str, Any] = {"model": "m", "tools": OPENAI_TOOLS, "tool_choice": "required"}
     assert openai_loopback.forced_tool(body) == "get_weather"
     body["tool_choice"] = {"type": "function", "function": {"name": "get_time"}}
     assert openai_loopback.forced_tool(body) == "get_time"
