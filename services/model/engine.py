@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1.prompt_pb2 import PromptFacts
+from services.common import tool_choice
 from services.common.errors import Code, RequestError, shown
 from services.common.models import ModelSpec
 from services.common.prompt import canonical_blocks, prompt_digest, prompt_token_ids
@@ -169,6 +170,9 @@ class SimEngine:
                 f"got {request.max_tokens}",
                 f"max_tokens out of the range of {spec.id}",
             )
+        choice = tool_choice.problem(request)  # the router's rule: a caller other than it
+        if choice is not None:
+            raise RequestError(Code.INVALID_ARGUMENT, choice, "a tool_choice it cannot answer")
         tokenizer = self._tokenizers.for_spec(spec)
         if facts is not None:
             prompt_tokens, hashes, digest = _from_facts(facts)

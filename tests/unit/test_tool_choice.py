@@ -393,3 +393,12 @@ def test_a_choice_but_auto_changes_the_messages_digests_not_the_tools_or_systems
         named[-1].digest
         != canonical_blocks(_request(MODE.MODE_TOOL, "get_time"), tokenizer)[-1].digest
     )
+
+
+def test_the_simulator_refuses_a_choice_the_router_would(tokenizer: Tokenizer) -> None:
+    """Called by another than the router (the estimator, a test), it does not call a tool the
+    request does not declare."""
+    with pytest.raises(RequestError) as refused:
+        _engine(tokenizer).prepare("t", "sim-small", _request(MODE.MODE_TOOL, "get_news"))
+    assert refused.value.code == Code.INVALID_ARGUMENT
+    assert "tool_choice.name: 'get_news' is not among" in refused.value.message
