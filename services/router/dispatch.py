@@ -60,6 +60,12 @@ _UNBILLED_BEFORE_START = ("simulated", "self_hosted")
 # The replicas whose engine prefills a prompt to its end after its call was left before the
 # first token (llama-server runs a batch to its end): their queue keeps that prefill.
 _PREFILLS_WHEN_LEFT = ("self_hosted",)
+# A stalled call on a replica still at its row's prior is held where it is while a sibling,
+# measured since the call opened, is slower still (``Dispatcher._one_not_overdue``) only at
+# an ask before this many of its stall windows: its first, not the one at two windows (a half
+# window's margin against the clock's rounding), so a hung engine's call leaves by twice its
+# time without the hold, however slow the sibling.
+HOLD_WINDOWS = 1.5
 # The replicas whose call silent mid-answer is cut (``SilenceWatch``): the router's own
 # engines, whose pace it sees. A provider's stream pauses for its own reasons (a server tool
 # running, thinking it does not stream), and its deadline bounds it.
@@ -786,19 +792,28 @@ class Dispatcher:
         """Whether one of ``replicas`` (those a call to ``stalled``, opened at ``opened_at``
         and predicted ``needs_s``, would be handed over to) is not slow the same way: neither
         overdue itself (``ReplicaStates.overdue``) nor, while ``stalled``'s prediction is its
-        row's prior (no rate measured there yet), shown by its own measured rate to be slower
-        than that prior, so much that at its rate the call is no stall yet
-        (``stalled_after_s`` of ``needs_s`` scaled by the two rates). When each is, the stall
-        is no one engine's (a loaded machine, a prior rate too fast for the engines): handed
-        over, the request would wait as long there and its engine prefill the prompt twice
-        (two calls sent at once to two slow replicas were swapped; when one of them gave its
-        first report just before the other's window ended, not overdue then but as slow, the
-        other's call went to it too: both conversations on one replica), so it is watched for
-        another stall window where it is. A hung engine's call still leaves it once it has
-        waited past what the others' rate predicts."""
+        row's prior (no rate measured there yet), shown by its own rate, measured since the
+        call opened, to be slower than that prior, so much that at its rate the call is no
+        stall yet (``stalled_after_s`` of ``needs_s`` scaled by the two rates). When each is,
+        the stall is no one engine's (a loaded machine, a prior rate too fast for the engines):
+        handed over, the request would wait as long there and its engine prefill the prompt
+        twice (two calls sent at once to two slow replicas were swapped; when one of them gave
+        its first report just before the other's window ended, not overdue then but as slow,
+        the other's call went to it too: both conversations on one replica), so it is watched
+        for another stall window where it is. The slower-sibling hold lasts one window more
+        at most: it is granted only before one and a half of the call's stall windows
+        (asked at its first, not at its second: a hung engine's call leaves by twice its old
+        time, however slow the sibling), and only on a rate measured since the call opened
+        (a sibling measured slow by an earlier, finished call holds nothing: the call leaves
+        at its first window, as before)."""
         now = self._clock()
         prior = self._chooser.prior(wanted)
         predicted = self.loads.rate(stalled, prior)
+        # the hold's bound: asks come a window apart (``_stalled_after``), so before 1.5
+        # windows is the first ask (or a later one only if the replica's own life restarted
+        # the watch), never the one at two windows, whatever the clock's rounding
+        window_s = stalled_after_s(needs_s)
+        may_hold = predicted.samples == 0 and now - opened_at < HOLD_WINDOWS * window_s
 
         def as_slow(replica: str) -> bool:
             rate = self.loads.rate(replica, prior)
@@ -808,8 +823,9 @@ class Dispatcher:
             # only against a prior: a replica measured faster than another keeps its window
             # (a hung fast engine's call is not held to a slower one's pace)
             if (
-                predicted.samples > 0
+                not may_hold
                 or rate.samples == 0
+                or rate.sampled_at <= opened_at
                 or not 0 < tps < predicted.prefill_tokens_per_s
             ):
                 return False

@@ -168,6 +168,7 @@ class _Replica:
     tokens_avg: float = 0.0  # weighted sums of prefilled tokens and their seconds
     seconds_avg: float = 0.0
     samples: int = 0
+    sampled_at: float = float("-inf")  # when the rate above was last written (a sample, a stall)
     # with a KV capacity: each block prefilled there that it may still hold, with
     # prefilled_tokens after the last prefill that used it, least recently used first (an LRU
     # of at most a capacity's blocks, whatever the traffic)
@@ -203,6 +204,9 @@ class _Replica:
 class ReplicaRate:
     prefill_tokens_per_s: float
     samples: int  # 0: the prior
+    # when the rate was last measured (a first report's sample, a stall's correction; -inf:
+    # the prior), on the router's clock
+    sampled_at: float = float("-inf")
 
 
 class ReplicaStates:
@@ -313,6 +317,7 @@ class ReplicaStates:
                 state.tokens_avg += RATE_WEIGHT * (prefilled - state.tokens_avg)
                 state.seconds_avg += RATE_WEIGHT * (seconds - state.seconds_avg)
             state.samples += 1
+            state.sampled_at = now
 
     def progressed(self, replica: str, now: float) -> None:
         """A sign of life from ``replica`` on one of its calls after its first report (a
@@ -402,8 +407,10 @@ class ReplicaStates:
             return
         if state.samples == 0 or state.seconds_avg <= 0:
             state.tokens_avg, state.seconds_avg, state.samples = float(tokens), seconds, 1
+            state.sampled_at = now
         elif state.tokens_avg / state.seconds_avg > tokens / seconds:
             state.seconds_avg = state.tokens_avg * seconds / tokens
+            state.sampled_at = now
 
     def abandoned(self, replica: str, ticket: int, tokens_per_s: float, now: float) -> None:
         """The caller left before the call's first report, but the engine prefills its prompt
@@ -508,7 +515,7 @@ class ReplicaStates:
         state = self._replicas.get(replica)
         if state is None or state.samples == 0 or state.seconds_avg <= 0:
             return ReplicaRate(prior_tokens_per_s, 0)
-        return ReplicaRate(state.tokens_avg / state.seconds_avg, state.samples)
+        return ReplicaRate(state.tokens_avg / state.seconds_avg, state.samples, state.sampled_at)
 
     def queued_s(
         self,

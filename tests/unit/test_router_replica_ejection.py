@@ -111,6 +111,7 @@ class Models:
     hung: set[str] = field(default_factory=set)  # no report: DEADLINE_EXCEEDED after HANG_S
     slow: dict[str, float] = field(default_factory=dict)  # first report after so many s
     cancelled: list[str] = field(default_factory=list)  # the hung calls the router cancelled
+    cancelled_at: list[float] = field(default_factory=list)  # ... and when (``Hung``'s)
     prefill_s: float = 0.0  # how long an answering call's prefill takes (its rate's sample)
     # one-slot replicas (llama-server --parallel 1): the first call there streams a long
     # answer until its slot is done, a call sent meanwhile waits for its end
@@ -190,6 +191,7 @@ class Hung(Stream):
 
     def cancel(self) -> None:
         self._models.cancelled.append(self._replica)
+        self._models.cancelled_at.append(self._models.clock())
 
 
 TICK_S = 0.002  # a long answer's token every 2 ms (on the loop's clock): far within the stall
@@ -855,9 +857,12 @@ def test_a_hung_replicas_call_is_handed_over_once_the_other_has_shown_life(
     fast_stall: None,
 ) -> None:
     """local-1 hangs while local-2, slow but live, has a call of its own overdue: at local-1's
-    stall window the hand-over waits (local-2 looks as slow), and at the next window, local-2
-    having answered meanwhile, the call goes there: a hung engine's request still leaves it
-    within about a window more, not at its deadline."""
+    stall window (30 ms) the hand-over waits (local-2 looks as slow), and at the next window,
+    local-2 having answered meanwhile, the call goes there: a hung engine's request still
+    leaves it within about a window more, not at its deadline. local-2's first report (40 ms)
+    measured it 4x slower than the prior, at which local-1's call would be no stall until
+    90 ms, but the slower-sibling hold lasts to one window more at most (before, it held the
+    call to 120 ms)."""
     clock = Clock()
     table = with_prior_prefill(TABLE, "local-small=200000")
 
@@ -876,6 +881,112 @@ def test_a_hung_replicas_call_is_handed_over_once_the_other_has_shown_life(
     answers = run_on_clock(clock, scenario)
     assert all(answer.content for answer in answers)
     assert clock() - began < 0.2  # two windows of 30 ms and local-2's 40 ms, not 30 s
+
+
+async def _another_call(
+    loads: replica_state.ReplicaStates, replica: str, sent_s: float, reported_s: float
+) -> None:
+    """Another request's call on ``replica``, as the router's loads see it: sent ``sent_s``
+    from now (2,000 tokens to prefill), its first report ``reported_s`` from now (on the
+    loop's clock), then its end. (Through the pipeline, a call that slow on an unmeasured
+    replica would itself be handed over at its stall window.)"""
+    loop = asyncio.get_running_loop()
+    ticket = loads.sent(replica, 2000, 2000, (), loop.time() + sent_s)
+    await asyncio.sleep(reported_s)
+    loads.started(replica, ticket, 2000, 0, loop.time())
+    loads.ended(replica, ticket, loop.time(), 1)
+
+
+def test_a_hung_replicas_call_is_held_for_a_slower_sibling_one_window_more_at_most(
+    fast_stall: None,
+) -> None:
+    """local-2 has another call, sent 500 ms ago, whose prefill the prior predicts done; the
+    request goes to local-1 (the two predicted alike), which hangs. 20 ms later local-2's
+    first report measures its engine, since the call opened, 52x slower than the prior: at
+    that rate local-1's call is no stall until 1.05 s. It is held at its first window (30 ms)
+    only: at its second (60 ms) it is handed over to local-2, as a hung engine's call should
+    be. Before, the hold had no bound: it left at 1.08 s (a sibling 40x slower than that:
+    never before its deadline)."""
+    clock = Clock()
+    table = with_prior_prefill(TABLE, "local-small=200000")
+
+    async def scenario() -> tuple[Models, pb.CompleteResponse, float]:
+        models = Models(clock, {}, hung={"local-1"})
+        pipeline = _pipeline(models, table=table)
+        other = asyncio.ensure_future(
+            _another_call(pipeline._dispatch.loads, "local-2", -0.5, 0.02)
+        )
+        sent = clock()
+        answer = await _ask(pipeline, 1, remaining_s=30.0, model="local-small")
+        await other
+        await pipeline.drain()
+        return models, answer, sent
+
+    models, answer, sent = run_on_clock(clock, scenario)
+    assert answer.content
+    assert models.calls == ["local-1", "local-2"], models.calls
+    assert models.cancelled == ["local-1"], models.cancelled
+    # at its second window, two of 30 ms: was 1.08 s
+    assert [round(at - sent, 3) for at in models.cancelled_at] == [0.06]
+
+
+def test_a_sibling_measured_slow_before_the_call_opened_does_not_hold_it(
+    fast_stall: None,
+) -> None:
+    """local-1's last call had its first report 20 s after it was sent (2,000x slower than
+    the prior); it has nothing queued now. local-2, never measured, hangs on the next
+    request. No rate measured since that call opened says its stall is the machine's: it is
+    handed over at its first window (30 ms), as before the slower-sibling hold. The hold
+    against that old measure kept it to its deadline (a RequestError at 30 s, where handed
+    over it is answered at once)."""
+    clock = Clock()
+    table = with_prior_prefill(TABLE, "local-small=200000")
+
+    async def scenario() -> tuple[Models, pb.CompleteResponse, float]:
+        models = Models(clock, {}, hung={"local-2"})
+        pipeline = _pipeline(models, table=table)
+        await _another_call(pipeline._dispatch.loads, "local-1", 0.0, 20.0)
+        await asyncio.sleep(1.0)
+        sent = clock()
+        answer = await _ask(pipeline, 1, remaining_s=30.0, model="local-small")
+        await pipeline.drain()
+        return models, answer, sent
+
+    models, answer, sent = run_on_clock(clock, scenario)
+    assert answer.content
+    assert models.calls == ["local-2", "local-1"], models.calls
+    assert models.cancelled == ["local-2"], models.cancelled
+    assert [round(at - sent, 3) for at in models.cancelled_at] == [0.03]  # its first window
+
+
+def test_a_measured_stalled_replica_is_handed_over_as_before(fast_stall: None) -> None:
+    """Both replicas measured first (local-1 at the prior, local-2 4x slower); then local-1
+    hangs: its call, predicted at its measured rate, is handed over at its first window
+    (30 ms), as before the slower-sibling hold: local-2's slower measure does not hold it
+    (the hold is only against a row's prior)."""
+    clock = Clock()
+    table = with_prior_prefill(TABLE, "local-small=200000")
+
+    async def scenario() -> tuple[Models, pb.CompleteResponse, float]:
+        models = Models(clock, {}, slow={"local-1": 0.01, "local-2": 0.04})
+        pipeline = _pipeline(models, table=table)
+        await asyncio.gather(
+            *(_ask(pipeline, i, remaining_s=30.0, model="local-small") for i in (0, 1))
+        )
+        loads = pipeline._dispatch.loads
+        assert all(loads.rate(r, 200000.0).samples > 0 for r in ("local-1", "local-2"))
+        del models.slow["local-1"]
+        models.hung.add("local-1")
+        models.calls.clear()
+        sent = clock()
+        answer = await _ask(pipeline, 2, remaining_s=30.0, model="local-small")
+        await pipeline.drain()
+        return models, answer, sent
+
+    models, answer, sent = run_on_clock(clock, scenario)
+    assert answer.content
+    assert models.calls == ["local-1", "local-2"], models.calls
+    assert [round(at - sent, 3) for at in models.cancelled_at] == [0.03]  # not a window more
 
 
 def test_a_call_that_failed_before_its_start_names_why_its_replica_was_chosen(
