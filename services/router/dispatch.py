@@ -60,12 +60,6 @@ _UNBILLED_BEFORE_START = ("simulated", "self_hosted")
 # The replicas whose engine prefills a prompt to its end after its call was left before the
 # first token (llama-server runs a batch to its end): their queue keeps that prefill.
 _PREFILLS_WHEN_LEFT = ("self_hosted",)
-# A stalled call on a replica still at its row's prior is held where it is while a sibling,
-# measured since the call opened, is slower still (``Dispatcher._one_not_overdue``) only at
-# an ask before this many of its stall windows: its first, not the one at two windows (a half
-# window's margin against the clock's rounding), so a hung engine's call leaves by twice its
-# time without the hold, however slow the sibling.
-HOLD_WINDOWS = 1.5
 # The replicas whose call silent mid-answer is cut (``SilenceWatch``): the router's own
 # engines, whose pace it sees. A provider's stream pauses for its own reasons (a server tool
 # running, thinking it does not stream), and its deadline bounds it.
@@ -800,20 +794,19 @@ class Dispatcher:
         twice (two calls sent at once to two slow replicas were swapped; when one of them gave
         its first report just before the other's window ended, not overdue then but as slow,
         the other's call went to it too: both conversations on one replica), so it is watched
-        for another stall window where it is. The slower-sibling hold lasts one window more
-        at most: it is granted only before one and a half of the call's stall windows
-        (asked at its first, not at its second: a hung engine's call leaves by twice its old
-        time, however slow the sibling), and only on a rate measured since the call opened
-        (a sibling measured slow by an earlier, finished call holds nothing: the call leaves
-        at its first window, as before)."""
+        for another stall window where it is. That slower-sibling hold is granted once per
+        measure: only within one stall window of the call after the sibling's rate was
+        measured, and only if that was after the call opened. A hung engine's call so leaves
+        one window after it left before the hold (at the first ask after the sibling stopped
+        being overdue), however slow the sibling (before, it waited till twice the call's
+        prediction at the sibling's rate: a sibling measured 52x slower kept it 1.08 s, not
+        0.06 s; one measured 2,000x slower by an earlier, finished call, to its deadline)."""
         now = self._clock()
         prior = self._chooser.prior(wanted)
         predicted = self.loads.rate(stalled, prior)
-        # the hold's bound: asks come a window apart (``_stalled_after``), so before 1.5
-        # windows is the first ask (or a later one only if the replica's own life restarted
-        # the watch), never the one at two windows, whatever the clock's rounding
+        # asks come a window apart (``_stalled_after``): one at most falls within a window
+        # of a measure
         window_s = stalled_after_s(needs_s)
-        may_hold = predicted.samples == 0 and now - opened_at < HOLD_WINDOWS * window_s
 
         def as_slow(replica: str) -> bool:
             rate = self.loads.rate(replica, prior)
@@ -823,9 +816,10 @@ class Dispatcher:
             # only against a prior: a replica measured faster than another keeps its window
             # (a hung fast engine's call is not held to a slower one's pace)
             if (
-                not may_hold
+                predicted.samples > 0
                 or rate.samples == 0
                 or rate.sampled_at <= opened_at
+                or now - rate.sampled_at >= window_s
                 or not 0 < tps < predicted.prefill_tokens_per_s
             ):
                 return False

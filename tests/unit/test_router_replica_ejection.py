@@ -857,12 +857,12 @@ def test_a_hung_replicas_call_is_handed_over_once_the_other_has_shown_life(
     fast_stall: None,
 ) -> None:
     """local-1 hangs while local-2, slow but live, has a call of its own overdue: at local-1's
-    stall window (30 ms) the hand-over waits (local-2 looks as slow), and at the next window,
-    local-2 having answered meanwhile, the call goes there: a hung engine's request still
-    leaves it within about a window more, not at its deadline. local-2's first report (40 ms)
-    measured it 4x slower than the prior, at which local-1's call would be no stall until
-    90 ms, but the slower-sibling hold lasts to one window more at most (before, it held the
-    call to 120 ms)."""
+    stall window (30 ms) the hand-over waits (local-2 looks as slow). local-2 answers at
+    40 ms, its first report measuring it 4x slower than the prior: at the next window (60 ms)
+    the call is held once more (at that rate it is no stall yet), and at the third (90 ms)
+    it goes there, the slower-sibling hold granted within one window of that measure only
+    (before, it held the call to 120 ms; before the hold, it left at 60 ms): a hung engine's
+    request still leaves it within a few windows, not at its deadline."""
     clock = Clock()
     table = with_prior_prefill(TABLE, "local-small=200000")
 
@@ -903,10 +903,10 @@ def test_a_hung_replicas_call_is_held_for_a_slower_sibling_one_window_more_at_mo
     """local-2 has another call, sent 500 ms ago, whose prefill the prior predicts done; the
     request goes to local-1 (the two predicted alike), which hangs. 20 ms later local-2's
     first report measures its engine, since the call opened, 52x slower than the prior: at
-    that rate local-1's call is no stall until 1.05 s. It is held at its first window (30 ms)
-    only: at its second (60 ms) it is handed over to local-2, as a hung engine's call should
-    be. Before, the hold had no bound: it left at 1.08 s (a sibling 40x slower than that:
-    never before its deadline)."""
+    that rate local-1's call is no stall until 1.05 s. It is held at its first window (30 ms),
+    the first after that measure, only: at its second (60 ms) it is handed over to local-2,
+    as a hung engine's call should be. Before, the hold lasted as long as that rate said: it
+    left at 1.08 s (a sibling 40x slower than that: never before its deadline)."""
     clock = Clock()
     table = with_prior_prefill(TABLE, "local-small=200000")
 
