@@ -25,7 +25,7 @@ from services.prefix_cache.core import (
     NoWarmCommit,
     PlanGone,
     PrefixCacheCore,
-    WarmModelUnknown,
+    TableLacksModel,
 )
 from services.prefix_cache.reconcile import BadUsage
 from services.prefix_cache.rules import RuleViolation, Split
@@ -40,7 +40,7 @@ _CODES: tuple[tuple[type[Exception], Code], ...] = (
     (BadUsage, Code.INVALID_ARGUMENT),
     (NoWarmCommit, Code.FAILED_PRECONDITION),
     (PlanGone, Code.FAILED_PRECONDITION),
-    (WarmModelUnknown, Code.FAILED_PRECONDITION),
+    (TableLacksModel, Code.FAILED_PRECONDITION),  # its WarmModelUnknown too
     (NotReady, Code.UNAVAILABLE),
 )
 

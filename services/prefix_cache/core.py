@@ -1,14 +1,15 @@
 """Plan, Commit and Totals without gRPC: validation, the stores and the pure rules wired up.
 
 Errors are exceptions the servicer maps to status codes: ``BadRequest`` and ``RuleViolation``
-→ INVALID_ARGUMENT, ``NoWarmCommit``, ``PlanGone`` and ``WarmModelUnknown`` →
-FAILED_PRECONDITION, ``NotReady`` → UNAVAILABLE. Every check runs before any state changes, so
-bad input changes nothing.
+→ INVALID_ARGUMENT, ``NoWarmCommit``, ``PlanGone`` and ``TableLacksModel`` (with its
+``WarmModelUnknown``) → FAILED_PRECONDITION, ``NotReady`` → UNAVAILABLE. Every check runs
+before any state changes, so bad input changes nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -16,7 +17,7 @@ from opentelemetry import trace
 
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
-from services.common.clock import Clock
+from services.common.clock import Clock, Throttles, suppressed
 from services.common.errors import shown
 from services.common.keyfile import tenant_error
 from services.common.kv_blocks import KvHashMemo, own_reuse
@@ -59,6 +60,11 @@ PLAN_OVERHEAD_BLOCKS = 11
 PROBE_BLOCKS = 3
 # TotalsBatch: the most tenants one call may ask for (a reply of ~100 bytes a tenant)
 TOTALS_BATCH_MAX = 1000
+# a refusal for a model this replica's table lacks logged at most once this often (the first
+# at once): one a request otherwise, for as long as a rolling deploy lasts
+TABLE_LACKS_LOG_EVERY_MS = 10_000
+
+log = logging.getLogger("cachemesh.prefix_cache")
 
 
 class BadRequest(ValueError):
@@ -74,7 +80,15 @@ class PlanGone(LookupError):
     no request; send the request with it."""
 
 
-class WarmModelUnknown(ValueError):
+class TableLacksModel(ValueError):
+    """FAILED_PRECONDITION: a call names a model (not ``auto``) this replica's model table
+    lacks. The router sends only models of its own table, so this is no bad request of the
+    caller's: prefix-cache replicas (or the router) run different model tables (a rolling
+    deploy, or CACHEMESH_MODELS_FILE differing). Not a ``BadRequest`` (INVALID_ARGUMENT, which
+    the router passes on to its caller as the caller's fault)."""
+
+
+class WarmModelUnknown(TableLacksModel):
     """FAILED_PRECONDITION: a FINAL whose WARM record (written by another prefix-cache replica
     on the same Redis, or by this one before its model table changed) names a model this
     replica's model table lacks: it cannot be priced here. A ``ValueError``, as the ledger's
@@ -172,6 +186,7 @@ class PrefixCacheCore:
         self._plans = plans if plans is not None else PlanMemo(clock, ttl_ms=0, max_blocks=0)
         self._commit_locks = KeyedLock()  # per (tenant, request id)
         self._kv_memo = kv_memo if kv_memo is not None else KvHashMemo(0)
+        self._lacking = Throttles(clock, TABLE_LACKS_LOG_EVERY_MS)
 
     async def plan(
         self, tenant: str, model: str, request: pb.CompleteRequest | None, replicas: Sequence[str]
@@ -589,14 +604,27 @@ class PrefixCacheCore:
         return list(zip(distinct, await self._ledger.totals_of(distinct), strict=True))
 
     def _spec(self, model_id: str, field: str) -> ModelSpec:
+        """``model_id``'s row in this replica's table: a dict lookup when it has it. Empty or
+        ``auto`` is the caller's bad request (``BadRequest``); any other name the table lacks
+        is ``TableLacksModel`` (FAILED_PRECONDITION), logged."""
         spec = self._table.get(model_id)
-        if spec is None:
-            known = ", ".join(sorted(self._table.models))
+        if spec is not None:
+            return spec
+        known = ", ".join(sorted(self._table.models))
+        if not model_id or model_id == AUTO:
             hint = " (resolve 'auto' to a tier's model first)" if model_id == AUTO else ""
             raise BadRequest(
                 f"{field} {shown(model_id)} is not a known model{hint}; use one of: {known}"
             )
-        return spec
+        raise self._lacks(
+            TableLacksModel(
+                f"{field} {shown(model_id)} is not in this prefix-cache replica's model table "
+                f"(it has: {known}): a rolling deploy, or CACHEMESH_MODELS_FILE differing "
+                "between the router and prefix-cache replicas; give every replica the "
+                "router's table"
+            ),
+            model_id,
+        )
 
     def _warm_spec(self, record: CommitRecord, request_id: str) -> ModelSpec:
         """The model the WARM ``record`` names, from this replica's table; ``WarmModelUnknown``
@@ -604,14 +632,33 @@ class PrefixCacheCore:
         table): refused, nothing written, never an assertion (an UNKNOWN to the router)."""
         spec = self._table.get(record.model)
         if spec is None:
-            raise WarmModelUnknown(
-                f"the WARM commit for request_id {shown(request_id)} names model "
-                f"{shown(record.model)}, which this prefix-cache replica's model table lacks "
-                "(replicas of different model tables share its Redis: a rolling deploy, or "
-                "CACHEMESH_MODELS_FILE differing); it cannot price the FINAL: send it to a "
-                "replica whose table has the model"
+            raise self._lacks(
+                WarmModelUnknown(
+                    f"the WARM commit for request_id {shown(request_id)} names model "
+                    f"{shown(record.model)}, which this prefix-cache replica's model table lacks "
+                    "(replicas of different model tables share its Redis: a rolling deploy, or "
+                    "CACHEMESH_MODELS_FILE differing); it cannot price the FINAL: send it to a "
+                    "replica whose table has the model"
+                ),
+                record.model,
             )
         return spec
+
+    def _lacks(self, exc: TableLacksModel, model_id: str) -> TableLacksModel:
+        """``exc``, said in a WARNING naming the model (at most one a
+        ``TABLE_LACKS_LOG_EVERY_MS``, counting those not logged): the refusing replica is
+        the one whose table an operator must fix. One throttle for all models (the names come
+        from the wire)."""
+        due = self._lacking.due("model table lacks")
+        if due:
+            log.warning(
+                "refused a call naming model %s, which this prefix-cache replica's model table "
+                "lacks (FAILED_PRECONDITION): replicas of different tables (a rolling deploy, or "
+                "CACHEMESH_MODELS_FILE differing); give every replica the router's table%s",
+                shown(model_id),
+                suppressed(due, TABLE_LACKS_LOG_EVERY_MS),
+            )
+        return exc
 
     async def _prompt(
         self, tenant: str, request: pb.CompleteRequest | None, spec: ModelSpec

@@ -14,7 +14,13 @@ from services.common.models import load_model_table
 from services.common.prompt import canonical_blocks, prompt_token_ids
 from services.common.tokens import Tokenizer, load_cl100k
 from services.prefix_cache.commit_records import MIN_RECORD_TTL_MS, CommitRecords
-from services.prefix_cache.core import BadRequest, NoWarmCommit, PrefixCacheCore, TokenizerSlot
+from services.prefix_cache.core import (
+    BadRequest,
+    NoWarmCommit,
+    PrefixCacheCore,
+    TableLacksModel,
+    TokenizerSlot,
+)
 from services.prefix_cache.plan_memo import PlanMemo
 from services.prefix_cache.replica_view import ReplicaViews
 from services.prefix_cache.rules import RuleViolation, Split
@@ -245,7 +251,9 @@ def test_commit_records_are_bounded() -> None:
             input_tokens=10**15, output_tokens=5))}, "prompt tokens"),
         ({"provider_usage": pc.ProviderUsage(anthropic=pc.AnthropicUsage(
             input_tokens=10, output_tokens=10**15)), "output_tokens": 0}, "output tokens"),
+        # a model this replica's table lacks: TableLacksModel (FAILED_PRECONDITION), below
         ({"baseline_model": "gpt-9"}, "baseline_model"),
+        ({"baseline_model": "auto"}, "baseline_model 'auto'"),
         ({"model": "sim-small"}, "model"),
         ({"request_id": ""}, "request_id"),
         ({"tenant": ""}, "tenant"),
@@ -261,7 +269,8 @@ async def test_bad_final_changes_nothing(rig: Rig, kwargs: dict[str, object], fi
         "kv_cached_tokens": 0,
         "baseline_model": "",
     }
-    with pytest.raises(BadRequest, match=field):
+    kind = TableLacksModel if kwargs.get("baseline_model") == "gpt-9" else BadRequest
+    with pytest.raises(kind, match=field):
         await rig.core.final(**{**args, **kwargs})  # type: ignore[arg-type]
     assert await rig.core.totals("a") == TenantTotals()
     assert (await rig.core.final("a", "r1", "sim-large", 5, 0, "")).output_tokens == 5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -15,7 +16,7 @@ from cachemesh.v1 import prefix_cache_pb2_grpc
 from services.common.auth import InternalAuthInterceptor, internal_metadata
 from services.common.clock import ManualClock
 from services.common.env import ConfigError, Env, redacted_url
-from services.common.models import load_model_table
+from services.common.models import ModelTable, load_model_table
 from services.common.prompt import canonical_blocks
 from services.common.tokens import Tokenizer, load_cl100k
 from services.prefix_cache.api import PrefixCacheApi
@@ -184,9 +185,15 @@ def _with(commit: pc.CommitRequest, **fields: int) -> pc.CommitRequest:
     [
         (
             pc.PlanRequest(tenant="acme", model="nope", request=request()),
-            "INVALID_ARGUMENT",
-            "model",
+            "FAILED_PRECONDITION",  # no bad request: the router sends its own table's models
+            "model 'nope' is not in this prefix-cache replica's model table",
         ),
+        (
+            pc.PlanRequest(tenant="acme", model="auto", request=request()),
+            "INVALID_ARGUMENT",
+            "resolve 'auto'",
+        ),
+        (pc.PlanRequest(tenant="acme", model="", request=request()), "INVALID_ARGUMENT", "model"),
         (pc.PlanRequest(model="sim-small", request=request()), "INVALID_ARGUMENT", "tenant"),
         (pc.CommitRequest(tenant="acme", request_id="r"), "INVALID_ARGUMENT", "phase"),
         (final("never"), "FAILED_PRECONDITION", "WARM"),
@@ -334,3 +341,84 @@ async def test_a_final_whose_warm_model_the_table_lacks_is_failed_precondition(
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     details = err.value.details() or ""
     assert "'model-of-another-table'" in details and "model table lacks" in details
+
+
+def _lacking(model: str) -> ModelTable:
+    """The suite's table without ``model`` (a replica of another table: a rolling deploy)."""
+    table = load_model_table()
+    no_draft = {"draft_model": None, "draft_tokens": 0, "draft_acceptance_rate": None}
+    models = {
+        k: v.model_copy(update=no_draft) if v.draft_model == model else v
+        for k, v in table.models.items()
+        if k != model
+    }
+    auto = {tier: m if m != model else next(k for k, v in models.items() if v.tier == tier)
+            for tier, m in table.auto.items()}  # fmt: skip
+    return ModelTable(models=models, auto=auto)
+
+
+async def test_each_call_naming_a_model_the_table_lacks_is_one_failed_precondition_logged(
+    tokenizer: Tokenizer,
+    warm_store: WarmStore,
+    make_ledger: LedgerFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A replica whose model table lacks ``sim-small`` (which the router's has): its Plan,
+    its WARM and a FINAL whose ``baseline_model`` is it (a request naming its model) are each
+    FAILED_PRECONDITION naming the model and the table, not the caller's INVALID_ARGUMENT
+    (which the router passed on to its caller: the caller's request failed); the replica says
+    so in one WARNING naming the model, the next refusals within 10 s counted in the next
+    line. Before: INVALID_ARGUMENT "is not a known model", 3 of 3, and no log line."""
+    caplog.set_level(logging.INFO, logger="cachemesh.prefix_cache")
+    ledger, clock = make_ledger(86_400_000), ManualClock()
+    # a WARM taken by a replica with both models, for a request routed to sim-large
+    await ledger.put_warm("acme", "r1", "sim-large", "", Split(10, 0, 0, 0), clock.now_ms())
+    core = PrefixCacheCore(
+        table=_lacking("sim-small"),
+        tokenizer=TokenizerSlot(tokenizer),
+        cache=warm_store,
+        views=ReplicaViews(65536),
+        ledger=ledger,
+        clock=clock,
+        lookback=20,
+    )
+    server = grpc.aio.server(interceptors=[InternalAuthInterceptor(TOKEN)])
+    prefix_cache_pb2_grpc.add_PrefixCacheServicer_to_server(
+        PrefixCacheServicer(PrefixCacheApi(core)), server
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    fin = final("r1")
+    fin.baseline_model = "sim-small"
+    calls: list[pc.PlanRequest | pc.CommitRequest] = [
+        pc.PlanRequest(tenant="acme", model="sim-small", request=request(), replicas=["x"]),
+        warm("r2"),
+        fin,
+    ]
+    errors: list[grpc.aio.AioRpcError] = []
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = prefix_cache_pb2_grpc.PrefixCacheStub(channel)
+            for call in calls:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    if isinstance(call, pc.PlanRequest):
+                        await stub.Plan(call, metadata=AUTH)
+                    else:
+                        await stub.Commit(call, metadata=AUTH)
+                errors.append(err.value)
+            clock.advance(ms=10_000)
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stub.Commit(warm("r3"), metadata=AUTH)
+    finally:
+        await server.stop(None)
+    for error in errors:
+        details = error.details() or ""
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, (error.code(), details)
+        assert "'sim-small'" in details and "prefix-cache replica's model table" in details
+    assert "baseline_model 'sim-small'" in (errors[2].details() or "")
+    lines = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(lines) == 2, [r.getMessage() for r in lines]
+    assert all("'sim-small'" in r.getMessage() and "lacks" in r.getMessage() for r in lines)
+    assert "2 more since the last such line" in lines[1].getMessage()
+    assert await ledger.get("acme", "r1", clock.now_ms()) is not None  # the WARM untouched
+    assert await ledger.get("acme", "r2", clock.now_ms()) is None  # nothing written
