@@ -751,10 +751,10 @@ class Calls:
         the WARM it took ("no WARM commit": restarted with its state in memory, its Redis
         restarted without persistence or flushed; a FINAL whose WARM it never took is not
         sent: ``billing._unwarmed``), or the replica that got the FINAL has a model table
-        lacking the WARM's model (replicas of two tables on one Redis: a rolling deploy; the
-        replay's WARM or FINAL refused there drops the bill, at ERROR and counted in
-        ``cachemesh_router_outbox_dropped_total``, while one reaching a replica with the model
-        bills it). No degradation of prefix-cache (counted as one, it made
+        lacking the WARM's model or ``baseline_model`` (replicas of two tables on one Redis: a
+        rolling deploy; the replay's WARM or FINAL refused there drops the bill, at ERROR and
+        counted in ``cachemesh_router_outbox_dropped_total``, while one reaching a replica with
+        the model bills it). No degradation of prefix-cache (counted as one, it made
         ``CachemeshDependencyDegraded`` page for a dependency that answers): not in
         ``cachemesh_router_degraded_total``; the call is counted as every call is, in
         ``cachemesh_router_dependency_duration_seconds{method="Commit",
@@ -765,8 +765,9 @@ class Calls:
         if due:
             log.warning(
                 "prefix-cache refused the FINAL of %s (%s: %s): it no longer holds the WARM "
-                "commit, or its model table lacks the WARM's model; its bill goes to the billing "
-                "outbox, which sends the WARM again with the request%s",
+                "commit, or its model table lacks a model the FINAL names (the WARM's, or "
+                "baseline_model); its bill goes to the billing outbox, which sends the WARM "
+                "again with the request%s",
                 final.request_id,
                 exc.code.name,
                 exc.details,

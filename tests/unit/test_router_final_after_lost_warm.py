@@ -309,3 +309,60 @@ async def test_a_final_on_a_replica_whose_table_lacks_the_model_is_dropped_said_
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any("dropped" in e and "'sim-small'" in e and "lacks" in e for e in errors), errors
     assert (await stack.totals())["requests"] == 1  # the earlier turn's only: never billed
+
+
+class LackingPort(TwoTablesPort):
+    """Every prefix-cache call (Plan, WARM, FINAL) reaches the replica whose table lacks the
+    model the request names (the router's table has it: a rolling deploy)."""
+
+    async def plan(self, request: pc.PlanRequest, deadline_s: float) -> pc.PlanResponse:
+        try:
+            return await self.lacking.plan(request)
+        except RequestError as exc:
+            raise CallFailed(exc.code, exc.message) from exc
+
+    async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
+        self.sent.append(pc.CommitPhase.Name(request.phase).removeprefix("COMMIT_PHASE_"))
+        try:
+            return await self.lacking.commit(request)
+        except RequestError as exc:
+            raise CallFailed(exc.code, exc.message) from exc
+
+
+async def test_a_request_naming_a_model_the_prefix_cache_replica_lacks_is_still_answered(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request naming ``sim-small`` (the router's table has it) whose Plan and WARM reach a
+    prefix-cache replica whose table lacks it: refused FAILED_PRECONDITION (the replica's
+    table, not the caller's request), so the answer is served, at the router's estimate,
+    prefix-cache counted as degraded for it (``reason="FAILED_PRECONDITION"``: it could not
+    serve the request), the WARM not taken so no FINAL sent, the bill in the outbox, whose
+    replay, refused so again, drops it at once with an ERROR naming the model. Before: the
+    Plan's INVALID_ARGUMENT "model 'sim-small' is not a known model" was taken as the
+    caller's fault and failed the caller's request (1 of 1)."""
+    caplog.set_level(logging.INFO)
+    stack = Stack(tmp_path / "unused")
+    port = LackingPort(stack.clock, lacks="sim-small")
+    stack.port = port
+    await stack.warm_earlier()
+    port.sent.clear()
+    dropped: list[int] = []
+    stack.outbox = BillingOutbox(
+        port, Journal(tmp_path / "router"), 1.0, 0.01, dropped=dropped.append
+    )
+    pipeline = stack.pipeline()
+    request = _ask("And rule 2?", "r-next")
+    request.model = "sim-small"
+    run = pipeline.run(TENANT, request, streamed=False)
+    end = [chunk async for chunk in run][-1].end
+    await pipeline.drain()
+    assert (end.model, end.cost.estimated) == ("sim-small", True)
+    assert port.sent == ["WARM"], port.sent  # the FINAL waits behind its WARM in the outbox
+    assert _degraded(stack.registry) == {"FAILED_PRECONDITION": 2}, _degraded(stack.registry)
+    assert any("'sim-small'" in w and "model table" in w for w in _warnings(caplog))
+    for _ in range(3):
+        await stack.outbox.flush()
+    assert port.sent[1:] == ["WARM"], port.sent  # replayed once, then dropped
+    assert (dropped, stack.outbox.pending) == ([1], 0)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("dropped" in e and "'sim-small'" in e for e in errors), errors
