@@ -247,8 +247,8 @@ def _int32(value: int, where: str) -> int:
     return value
 
 
-_CHOICES = {
-    "auto": pb.ToolChoice.MODE_AUTO,
+_CHOICES = {  # "auto" is left unset: see _tool_choice
+    "auto": pb.ToolChoice.MODE_UNSPECIFIED,
     "any": pb.ToolChoice.MODE_ANY,
     "tool": pb.ToolChoice.MODE_TOOL,
     "none": pb.ToolChoice.MODE_NONE,
@@ -259,7 +259,10 @@ def _tool_choice(top: Obj, request: pb.CompleteRequest) -> None:
     """The Messages API's ``tool_choice`` (``{"type": "auto" | "any" | "tool" | "none"}``, a
     ``name`` with ``tool``) as the Gateway's; each type's fields as the API takes them.
     ``disable_parallel_tool_use: true`` stays refused (cachemesh cannot hold a model to one
-    call)."""
+    call). ``auto`` (with ``disable_parallel_tool_use: false`` or without it) leaves the
+    Gateway's field unset, as an omitted choice does: the two are one request, byte for byte
+    (the router's idempotency fingerprint, the answer ledger's, L1's recent-query key), so a
+    retry sending one where the first attempt sent the other is the same request."""
     choice = top.obj("tool_choice")
     if choice is None:
         return
@@ -278,6 +281,8 @@ def _tool_choice(top: Obj, request: pb.CompleteRequest) -> None:
             "a model may answer with several tool calls; cachemesh cannot hold it to one",
             "omit it or send false",
         )
+    if kind == "auto":
+        return
     request.tool_choice.mode = _CHOICES[kind]
     if kind == "tool":
         name = choice.text("name", required=True) or ""

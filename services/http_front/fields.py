@@ -185,6 +185,10 @@ class Obj:
             f"{self.at(name)}: expected {expected}, got {_type_name(value)}", self.at(name)
         )
 
+    def wrong_type(self, name: str, expected: str) -> ApiError:
+        """A 400 naming the field, what it takes (``expected``) and the type it got."""
+        return self._wrong(name, expected, self.value.get(name))
+
     def _typed(self, name: str, required: bool, kind: type, expected: str) -> Any:
         """The field's value when it has ``kind`` (a bool is no number here), None when it is
         absent and not required; else a 400 naming the field and the type it needs."""

@@ -179,8 +179,7 @@ def _legacy_limit(model: str) -> ApiError:
     )
 
 
-_MODES = {
-    "auto": pb.ToolChoice.MODE_AUTO,
+_MODES = {  # "auto" is left unset: see _tool_choice
     "none": pb.ToolChoice.MODE_NONE,
     "required": pb.ToolChoice.MODE_ANY,
 }
@@ -190,10 +189,16 @@ def _tool_choice(top: Obj, request: pb.CompleteRequest) -> None:
     """Chat Completions' ``tool_choice`` (``"none" | "auto" | "required"`` or
     ``{"type": "function", "function": {"name": ...}}``) as the Gateway's. A forced choice
     needs tools, as OpenAI says ("'tool_choice' is only allowed when 'tools' are specified");
-    ``none`` and ``auto`` without tools are taken (nothing is sent: no tool is called)."""
+    ``none`` and ``auto`` without tools are taken (nothing is sent: no tool is called).
+    ``auto`` leaves the Gateway's field unset, as an omitted choice does: the two are one
+    request, byte for byte (the router's idempotency fingerprint, the answer ledger's, L1's
+    recent-query key), so a retry sending one where the first attempt sent the other is the
+    same request, not "already used for a different request"."""
     raw = top.raw("tool_choice")
-    if raw is None:
+    if raw is None or raw == "auto":
         return
+    if not isinstance(raw, str | dict):
+        raise top.wrong_type("tool_choice", "a string or an object")
     if isinstance(raw, str):
         if raw not in _MODES:
             raise invalid(

@@ -22,6 +22,7 @@ from services.model.engine import Call, Delta, Event, Finished, SimEngine
 from services.model.kv_cache import KvBlockCache
 from services.model.providers.anthropic_wire import messages_params
 from services.model.providers.openai_wire import chat_params
+from services.router.idempotency import fingerprint
 from services.router.validation import validate_request
 from tests.providers import anthropic_wire as anthropic_loopback
 from tests.providers import openai_wire as openai_loopback
@@ -108,7 +109,7 @@ OPENAI_TOOLS = [
 ]
 
 
-def _anthropic(choice: Any, tools: list[Any] = ANTHROPIC_TOOLS) -> pb.ToolChoice:
+def _anthropic(choice: Any, tools: list[Any] = ANTHROPIC_TOOLS) -> pb.CompleteRequest:
     body = {
         "model": "sim-small",
         "max_tokens": 50,
@@ -116,31 +117,40 @@ def _anthropic(choice: Any, tools: list[Any] = ANTHROPIC_TOOLS) -> pb.ToolChoice
         "tools": tools,
         "tool_choice": choice,
     }
-    return anthropic_api.parse_request(body)[0].tool_choice
+    if choice is None:
+        del body["tool_choice"]
+    return anthropic_api.parse_request(body)[0]
 
 
-def _openai(choice: Any, tools: list[Any] = OPENAI_TOOLS) -> pb.ToolChoice:
+def _openai(choice: Any, tools: list[Any] = OPENAI_TOOLS) -> pb.CompleteRequest:
     body = {
         "model": "sim-small",
         "messages": [{"role": "user", "content": "hi"}],
         "tools": tools,
         "tool_choice": choice,
     }
-    return openai_api.parse_request(body, 50)[0].tool_choice
+    if choice is None:
+        del body["tool_choice"]
+    return openai_api.parse_request(body, 50)[0]
 
 
 @pytest.mark.parametrize(
     ("choice", "mode", "name"),
     [
-        ({"type": "auto"}, MODE.MODE_AUTO, ""),
-        ({"type": "auto", "disable_parallel_tool_use": False}, MODE.MODE_AUTO, ""),
+        ({"type": "auto"}, None, ""),
+        ({"type": "auto", "disable_parallel_tool_use": False}, None, ""),
         ({"type": "any"}, MODE.MODE_ANY, ""),
         ({"type": "tool", "name": "get_time"}, MODE.MODE_TOOL, "get_time"),
         ({"type": "none"}, MODE.MODE_NONE, ""),
     ],
 )
-def test_the_anthropic_front_maps_each_type(choice: Any, mode: int, name: str) -> None:
-    assert _anthropic(choice) == pb.ToolChoice(mode=mode, name=name)  # type: ignore[arg-type]
+def test_the_anthropic_front_maps_each_type(choice: Any, mode: int | None, name: str) -> None:
+    """``auto`` leaves the field unset (``mode`` None), as an omitted choice does."""
+    request = _anthropic(choice)
+    if mode is None:
+        assert not request.HasField("tool_choice")
+    else:
+        assert request.tool_choice == pb.ToolChoice(mode=mode, name=name)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -167,14 +177,34 @@ def test_the_anthropic_front_refuses_what_it_cannot_carry(
 @pytest.mark.parametrize(
     ("choice", "mode", "name"),
     [
-        ("auto", MODE.MODE_AUTO, ""),
+        ("auto", None, ""),
         ("none", MODE.MODE_NONE, ""),
         ("required", MODE.MODE_ANY, ""),
         ({"type": "function", "function": {"name": "get_time"}}, MODE.MODE_TOOL, "get_time"),
     ],
 )
-def test_the_openai_front_maps_each_form(choice: Any, mode: int, name: str) -> None:
-    assert _openai(choice) == pb.ToolChoice(mode=mode, name=name)  # type: ignore[arg-type]
+def test_the_openai_front_maps_each_form(choice: Any, mode: int | None, name: str) -> None:
+    """``auto`` leaves the field unset (``mode`` None), as an omitted choice does."""
+    request = _openai(choice)
+    if mode is None:
+        assert not request.HasField("tool_choice")
+    else:
+        assert request.tool_choice == pb.ToolChoice(mode=mode, name=name)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("parse", "auto"),
+    [
+        (_anthropic, {"type": "auto"}),
+        (_anthropic, {"type": "auto", "disable_parallel_tool_use": False}),
+        (_openai, "auto"),
+    ],
+)
+def test_an_explicit_auto_is_the_same_request_as_an_omitted_choice(parse: Any, auto: Any) -> None:
+    """The router's idempotency fingerprint (and the answer ledger's, which keys on it) is of
+    the request's bytes: an explicit auto that set ``MODE_AUTO`` made a retry sending auto
+    where the first attempt omitted it "already used for a different request"."""
+    assert fingerprint(parse(auto)) == fingerprint(parse(None))
 
 
 @pytest.mark.parametrize(
@@ -188,6 +218,8 @@ def test_the_openai_front_maps_each_form(choice: Any, mode: int, name: str) -> N
          "tool_choice.type: 'allowed_tools' is not supported"),
         ("any", OPENAI_TOOLS, "tool_choice: 'any' is not a tool choice"),
         ("required", [], "tool_choice: 'required' is only allowed when 'tools'"),
+        (1, OPENAI_TOOLS, "tool_choice: expected a string or an object, got integer"),
+        ([], OPENAI_TOOLS, "tool_choice: expected a string or an object, got array"),
     ],
 )  # fmt: skip
 def test_the_openai_front_refuses_what_it_cannot_carry(
