@@ -153,6 +153,13 @@ class ModelSpec(BaseModel):
     # ``takes_tools = false`` (or to ``auto`` when it may pick one) is refused (the router's
     # validation): before, it was answered as if it had none.
     takes_tools: bool = True
+    # The engine honours a named tool choice (the Gateway's ``tool_choice`` MODE_TOOL). Every
+    # hosted API and the simulator do; llama-server reads ``tool_choice`` as a string only
+    # ("auto", "none", "required": common_chat_tool_choice_parse_oaicompat) and takes an object,
+    # the named form, as its default, auto, without a word. A request naming a tool to a row
+    # that says ``takes_named_tool_choice = false`` (or to ``auto`` when it may pick one) is
+    # refused (the router's validation); a self-hosted row only.
+    takes_named_tool_choice: bool = True
     input_nanos: int = Field(ge=0, le=MAX_PRICE_NANOS)
     output_nanos: int = Field(ge=0, le=MAX_PRICE_NANOS)
     cache_write_5m_nanos: int = Field(default=0, ge=0, le=MAX_PRICE_NANOS)
@@ -244,6 +251,11 @@ class ModelSpec(BaseModel):
             raise ValueError(
                 f"models.{self.id}: a simulated model's prior prefill rate is its "
                 "prefill_tokens_per_s; remove prior_prefill_tokens_per_s"
+            )
+        if not self.takes_named_tool_choice and self.provider != "self_hosted":
+            raise ValueError(
+                f"models.{self.id}: takes_named_tool_choice = false is for a self-hosted "
+                f"engine's row ({self.provider}'s API takes a named tool choice); remove it"
             )
         if self.echoes_prefill and not (self.provider == "self_hosted" and self.continues_prefill):
             raise ValueError(

@@ -605,6 +605,8 @@ def at_caller(message: str, origins: Origins) -> str:
     said = unquoted(message, paths)
     if origins.max_tokens == "max_completion_tokens":
         said = re.sub(r"^max_tokens\b", "max_completion_tokens", said)
+    # a named tool is Chat Completions' {"type": "function", "function": {"name": ...}}
+    said = re.sub(r"^tool_choice\.name\b", "tool_choice.function.name", said)
     # its roles in the caller's words, whether or not a path changed (a caller whose first
     # message is the assistant's, with no system message, was told "(ROLE_USER)")
     said = unquoted(said, lambda part: role_names(part, "openai"))

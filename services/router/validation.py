@@ -48,7 +48,7 @@ def validate_request(request: pb.CompleteRequest, table: ModelTable, deployed: s
     _validate_sampling(request, table)
     _validate_prefill(request, table)
     _validate_tool_support(request, table)
-    _validate_tool_choice(request)
+    _validate_tool_choice(request, table)
     _validate_tool_names(request, table)
     _validate_tool_descriptions(request, table)
     _validate_tool_schemas(request, schema_strict, schemas)
@@ -605,12 +605,28 @@ def _validate_tool_schemas(
         )
 
 
-def _validate_tool_choice(request: pb.CompleteRequest) -> None:
+def _validate_tool_choice(request: pb.CompleteRequest, table: ModelTable) -> None:
     """A forced choice must be one the providers take: a named tool among the request's
-    tools, ANY with tools, a name only with TOOL (``tool_choice.problem``)."""
+    tools, ANY with tools, a name only with TOOL (``tool_choice.problem``); and a named tool
+    one the answering rows' engines honour (``takes_named_tool_choice``: llama-server takes
+    ``tool_choice`` as a string only and answered a named one as auto without a word), or
+    ``auto`` when it may pick such a row."""
     problem = tool_choice.problem(request)
     if problem is not None:
         raise _invalid(problem)
+    if tool_choice.sent_mode(request) != "tool":
+        return
+    without = [spec for spec in table.answering(request.model) if not spec.takes_named_tool_choice]
+    if not without:
+        return
+    first = without[0]
+    which = f"auto, which may pick {first.id}" if request.model == AUTO else first.id
+    raise _invalid(
+        f"tool_choice.name: a named tool is not supported by {which} (its row of the model "
+        "table says `takes_named_tool_choice = false`: its engine takes tool_choice only as "
+        "none, required or auto, and would answer a named one as auto); send mode ANY "
+        "(required) with only that tool in tools, or pick a model that takes a named tool"
+    )
 
 
 def _validate_tool_support(request: pb.CompleteRequest, table: ModelTable) -> None:

@@ -97,6 +97,51 @@ def test_the_router_refuses_a_choice_no_provider_takes_naming_the_field(
     assert says in refused.value.message
 
 
+def _llama_server_row_taking_tools() -> Any:
+    """``local-small`` (llama-server) as an operator's row of a model whose chat template takes
+    tools: the engine still reads ``tool_choice`` as a string only."""
+    table = load_model_table()
+    table.models["local-small"] = table.models["local-small"].model_copy(
+        update={"takes_tools": True}
+    )
+    return table
+
+
+@pytest.mark.parametrize("model", ["local-small", "auto"])
+def test_a_named_tool_to_an_engine_that_reads_only_a_string_is_refused(model: str) -> None:
+    """llama-server reads tool_choice as "auto" / "none" / "required" only and answered a
+    named tool as auto without a word: a row saying ``takes_named_tool_choice = false`` (or
+    ``auto`` when it may pick one) refuses MODE_TOOL, naming the field; its other modes pass."""
+    table = _llama_server_row_taking_tools()
+    deployed = DEPLOYED | {"local-small"}
+    if model == "auto":
+        table.auto["small"] = "local-small"
+    with pytest.raises(RequestError) as refused:
+        validate_request(_request(MODE.MODE_TOOL, "get_time", model=model), table, deployed)
+    assert refused.value.code == Code.INVALID_ARGUMENT
+    message = refused.value.message
+    assert message.startswith("tool_choice.name: a named tool is not supported by ")
+    assert "local-small" in message and "`takes_named_tool_choice = false`" in message
+    assert "only as none, required or auto" in message
+    for mode in (MODE.MODE_UNSPECIFIED, MODE.MODE_AUTO, MODE.MODE_NONE, MODE.MODE_ANY):
+        validate_request(_request(mode, model=model), table, deployed)
+
+
+def test_the_packaged_llama_server_rows_say_they_take_no_named_tool() -> None:
+    for row in ("local-small", "local-large"):
+        assert not TABLE.models[row].takes_named_tool_choice
+    for row in ("sim-small", "sim-large", "llama-3-1-8b-vllm", "gpt-4o", "claude-sonnet-5"):
+        assert TABLE.models[row].takes_named_tool_choice
+
+
+@pytest.mark.parametrize("row", ["gpt-4o", "claude-sonnet-5", "sim-small"])
+def test_only_a_self_hosted_row_may_say_it_takes_no_named_tool(row: str) -> None:
+    """A hosted API and the simulator take a named tool: the table is refused at start-up."""
+    fields = TABLE.models[row].model_dump(exclude_unset=True)
+    with pytest.raises(ValueError, match="takes_named_tool_choice = false is for a self-hosted"):
+        type(TABLE.models[row]).model_validate({**fields, "takes_named_tool_choice": False})
+
+
 # -- the fronts ----------------------------------------------------------------------------
 
 ANTHROPIC_TOOLS = [
@@ -228,6 +273,19 @@ def test_the_openai_front_refuses_what_it_cannot_carry(
     with pytest.raises(ApiError) as refused:
         _openai(choice, tools)
     assert says in refused.value.message
+
+
+def test_the_openai_front_names_a_refused_named_tool_by_the_callers_path() -> None:
+    """The router's refusal of a named tool to a row that takes none names the Gateway's
+    ``tool_choice.name``; a Chat Completions caller sent ``tool_choice.function.name``."""
+    said = (
+        "tool_choice.name: a named tool is not supported by local-small (its row of the model "
+        "table says `takes_named_tool_choice = false`: ...)"
+    )
+    caller = openai_api.at_caller(said, openai_api.Origins())
+    assert caller.startswith("tool_choice.function.name: a named tool is not supported by")
+    assert caller.endswith("(the Gateway's tool_choice.name)")
+    assert openai_api.param_of(caller, openai_api.Origins()) == "tool_choice.function.name"
 
 
 # -- the providers' wire forms ---------------------------------------------------------------
