@@ -13,7 +13,13 @@ from services.common.clock import ManualClock
 from services.common.errors import SHOWN_CHARS, Code, RequestError, shown
 from services.common.tokens import Tokenizer, load_cl100k
 from services.prefix_cache.commit_records import CommitRecords
-from services.prefix_cache.core import BadRequest, NoWarmCommit, PrefixCacheCore, TokenizerSlot
+from services.prefix_cache.core import (
+    BadRequest,
+    NoWarmCommit,
+    PrefixCacheCore,
+    TableLacksModel,
+    TokenizerSlot,
+)
 from services.prefix_cache.ledger import InMemoryLedger
 from services.prefix_cache.replica_view import ReplicaViews
 from services.prefix_cache.totals import TotalsLedger
@@ -47,14 +53,16 @@ async def test_prefix_cache_cuts_a_callers_model_and_request_id(tokenizer: Token
         clock=ManualClock(),
         lookback=20,
     )
-    with pytest.raises(BadRequest) as unknown:
+    # a model this replica's table lacks is FAILED_PRECONDITION (a table mismatch between
+    # replicas), no longer the caller's BadRequest: the message is cut the same
+    with pytest.raises(TableLacksModel) as unknown:
         await core.plan("a", HUGE, ask("Q?"), [])
     with pytest.raises(NoWarmCommit) as unwarmed:
         await core.final("a", HUGE, "sim-large", 1, 0, "")
     await core.warm("a", "r1", "sim-large", ask("Q?"), "")
     with pytest.raises(BadRequest) as differs:
         await core.final("a", "r1", HUGE, 1, 0, "")
-    with pytest.raises(BadRequest) as baseline:
+    with pytest.raises(TableLacksModel) as baseline:
         await core.final("a", "r1", "sim-large", 1, 0, HUGE)
     for caught in (unknown, unwarmed, differs, baseline):
         message = str(caught.value)
