@@ -655,9 +655,9 @@ def _assistant(obj: Obj) -> tuple[list[pb.ContentBlock], list[Origin]] | None:
     message needs content or tool_calls") to an SDK replaying the front's own answer.
 
     An answer OpenAI's model refused has its words in ``refusal``: sent back with no text in
-    the content (``""``, no parts; with content null only beside tool calls, as OpenAI takes
-    it: ``_answer_shape``), a non-empty refusal is the assistant's text (the model sees it
-    refused, as OpenAI's model does), not an empty answer dropped."""
+    the content (``""``, no parts, or content null or absent, which the front takes though
+    OpenAI likely refuses it: ``_answer_shape``), a non-empty refusal is the assistant's text
+    (the model sees it refused, as OpenAI's model does), not an empty answer dropped."""
     refusal = _answer_only_fields(obj)
     _answer_shape(obj, refusal)
     parts = _blocks_of(obj, required=False, refusals=True)

@@ -625,7 +625,8 @@ def _validate_tool_choice(request: pb.CompleteRequest, table: ModelTable) -> Non
         f"tool_choice.name: a named tool is not supported by {which} (its row of the model "
         "table says `takes_named_tool_choice = false`: its engine takes tool_choice only as "
         "none, required or auto, and would answer a named one as auto); send mode ANY "
-        "(required) with only that tool in tools, or pick a model that takes a named tool"
+        "(the Messages API's any, Chat Completions' required) with only that tool in tools, "
+        "or pick a model that takes a named tool"
     )
 
 
