@@ -11,6 +11,13 @@ import enum
 from typing import TypedDict
 
 SHOWN_CHARS = 64  # the most of a caller's value an error message repeats
+# the trailer a refusal's machine-readable ``mark`` travels in (``RequestError.mark``: sent by
+# ``services.common.status.answered``, read by the router's ``grpc_adapters.failed``)
+MARK_KEY = "cachemesh-mark"
+# a mark: prefix-cache refused the call because its replica's model table lacks a model the
+# call names (``TableLacksModel``, FAILED_PRECONDITION): no fault of the request, and a replica
+# whose table has the model takes it (a rolling deploy passes); not told apart by message text
+TABLE_LACKS_MODEL = "table-lacks-model"
 
 
 def shown(value: str) -> str:
@@ -84,7 +91,10 @@ class RequestError(RetryAdvised, Exception):
     replica's next backoff would have been (``backoff_wait``).
 
     ``backoff_wait``: ``retry_after_s`` is the replica's own backoff, not a wait its provider
-    asked for, so that no caller says "as the provider asked" of it."""
+    asked for, so that no caller says "as the provider asked" of it.
+
+    ``mark``: a fixed, machine-readable kind of the refusal its callers act on (e.g.
+    ``TABLE_LACKS_MODEL``; "" = none), sent in the ``MARK_KEY`` trailer."""
 
     def __init__(
         self,
@@ -95,6 +105,7 @@ class RequestError(RetryAdvised, Exception):
         retry_after_s: int | None = None,
         retried: bool = False,
         backoff_wait: bool = False,
+        mark: str = "",
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -103,3 +114,4 @@ class RequestError(RetryAdvised, Exception):
         self.retry_after_s = retry_after_s
         self.retried = retried
         self.backoff_wait = backoff_wait
+        self.mark = mark

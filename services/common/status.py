@@ -8,7 +8,7 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
-from services.common.errors import Code, RequestError
+from services.common.errors import MARK_KEY, Code, RequestError
 
 T = TypeVar("T")
 
@@ -22,15 +22,23 @@ def code_of(status: grpc.StatusCode) -> Code:
 
 
 async def abort(
-    context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, message: str
+    context: grpc.aio.ServicerContext[Any, Any],
+    code: grpc.StatusCode,
+    message: str,
+    mark: str = "",
 ) -> NoReturn:
+    """Aborts with ``code`` and ``message``; a ``mark`` (``RequestError.mark``) in the
+    ``MARK_KEY`` trailer."""
+    if mark:
+        await context.abort(code, message, trailing_metadata=((MARK_KEY, mark),))
     await context.abort(code, message)
     raise AssertionError("context.abort returned")  # pragma: no cover
 
 
 async def answered(context: grpc.aio.ServicerContext[Any, Any], call: Awaitable[T]) -> T:
-    """The API call's reply; a ``RequestError`` it raises becomes the call's gRPC status."""
+    """The API call's reply; a ``RequestError`` it raises becomes the call's gRPC status (its
+    ``mark`` a trailer)."""
     try:
         return await call
     except RequestError as exc:
-        await abort(context, grpc_code(exc.code), exc.message)
+        await abort(context, grpc_code(exc.code), exc.message, exc.mark)

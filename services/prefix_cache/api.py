@@ -16,7 +16,7 @@ from redis.exceptions import OutOfMemoryError, RedisError
 from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1.prompt_pb2 import PromptFacts
-from services.common.errors import Code, RequestError
+from services.common.errors import TABLE_LACKS_MODEL, Code, RequestError
 from services.common.redis_pool import pool_exhausted
 from services.prefix_cache.commit_records import Final
 from services.prefix_cache.core import (
@@ -212,7 +212,9 @@ class PrefixCacheApi:
         except Exception as exc:
             for kind, code in _CODES:
                 if isinstance(exc, kind):
-                    raise RequestError(code, str(exc)) from exc
+                    # the router tells this refusal apart by its mark (kept, not dropped)
+                    mark = TABLE_LACKS_MODEL if isinstance(exc, TableLacksModel) else ""
+                    raise RequestError(code, str(exc), mark=mark) from exc
             raise
 
 

@@ -685,7 +685,11 @@ class Calls:
                     lambda deadline_s: self._d.prefix.commit(warm, deadline_s), window
                 )
             except CallFailed as exc:
-                if exc.code != Code.FAILED_PRECONDITION:
+                # FAILED_PRECONDITION is the plan gone, unless marked as the replica's model
+                # table lacking the model (``table_lacks_model``): the request sent again
+                # would be refused so too (a prefix-cache from before the mark sends none:
+                # sent again, as before)
+                if exc.code != Code.FAILED_PRECONDITION or exc.table_lacks_model:
                     self._degraded("prefix-cache", exc)
                     return None
                 # the plan is gone (expired, or another prefix-cache process made it): a copy,
@@ -752,11 +756,11 @@ class Calls:
         restarted without persistence or flushed; a FINAL whose WARM it never took is not
         sent: ``billing._unwarmed``), or the replica that got the FINAL has a model table
         lacking the WARM's model or ``baseline_model`` (replicas of two tables on one Redis: a
-        rolling deploy; the replay's WARM or FINAL refused there drops the bill, at ERROR and
-        counted in ``cachemesh_router_outbox_dropped_total``, while one reaching a replica with
-        the model bills it). No degradation of prefix-cache (counted as one, it made
-        ``CachemeshDependencyDegraded`` page for a dependency that answers): not in
-        ``cachemesh_router_degraded_total``; the call is counted as every call is, in
+        rolling deploy; the replay's WARM or FINAL refused there, marked ``table_lacks_model``,
+        keeps the bill for a later round, a throttled WARNING naming the model, until one
+        reaching a replica with the model bills it). No degradation of prefix-cache (counted
+        as one, it made ``CachemeshDependencyDegraded`` page for a dependency that answers):
+        not in ``cachemesh_router_degraded_total``; the call is counted as every call is, in
         ``cachemesh_router_dependency_duration_seconds{method="Commit",
         code="FAILED_PRECONDITION"}``, a WARNING (at most one a ``DEGRADED_LOG_EVERY_MS``)
         and its span's ``cachemesh.warm_lost`` event say so, and its bill goes to the billing

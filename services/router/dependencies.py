@@ -17,7 +17,7 @@ from typing import Protocol
 from cachemesh.v1 import model_pb2
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1 import semantic_cache_pb2 as sc
-from services.common.errors import Code, RequestError, RetryAdvised
+from services.common.errors import TABLE_LACKS_MODEL, Code, RequestError, RetryAdvised
 
 log = logging.getLogger("cachemesh.router")
 
@@ -30,7 +30,9 @@ class CallFailed(RetryAdvised, Exception):
     ``retried``: the callee had retried its upstream already (a replica's ``cachemesh-retried``
     trailer: its provider retries spent), ``RequestError.retried``. ``backoff_wait``: that
     ``retry_after_s`` is the replica's own backoff, not its provider's ask
-    (``RequestError.backoff_wait``)."""
+    (``RequestError.backoff_wait``). ``mark``: the callee's machine-readable kind of the
+    refusal (``RequestError.mark``, its ``cachemesh-mark`` trailer; "" = none): what the router
+    acts on, never the message text."""
 
     def __init__(
         self,
@@ -41,6 +43,7 @@ class CallFailed(RetryAdvised, Exception):
         retry_after_s: int | None = None,
         retried: bool = False,
         backoff_wait: bool = False,
+        mark: str = "",
     ) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
@@ -49,6 +52,13 @@ class CallFailed(RetryAdvised, Exception):
         self.retry_after_s = retry_after_s
         self.retried = retried
         self.backoff_wait = backoff_wait
+        self.mark = mark
+
+    @property
+    def table_lacks_model(self) -> bool:
+        """prefix-cache refused the call for want of a model in its replica's model table
+        (``TABLE_LACKS_MODEL``): no fault of the request; a replica with the model takes it."""
+        return self.code == Code.FAILED_PRECONDITION and self.mark == TABLE_LACKS_MODEL
 
     @classmethod
     def of_replica(cls, exc: RequestError) -> CallFailed:

@@ -22,6 +22,7 @@ from cachemesh.v1 import prefix_cache_pb2 as pc
 from cachemesh.v1 import semantic_cache_pb2 as sc
 from services.common.auth import internal_metadata
 from services.common.channels import channel_options
+from services.common.errors import MARK_KEY
 from services.common.rpc_tracing import ClientSpans, end_call_span, end_cancelled_call_span
 from services.common.status import code_of
 from services.router.dependencies import CallFailed, Dependencies
@@ -82,6 +83,7 @@ def failed(exc: grpc.aio.AioRpcError) -> CallFailed:
         retry_after_s=_retry_after(exc),
         retried=retried,
         backoff_wait=source == "backoff" or (source is None and retried),
+        mark=next((v for k, v in trailers if k == MARK_KEY and isinstance(v, str)), ""),
     )
 
 

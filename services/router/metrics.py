@@ -48,7 +48,9 @@ table, tiers, layers, gRPC status names, and reasons from closed sets):
   prefix-cache call or a Lookup the request's own deadline cut short, given under half of
   the router's limit for it, or left no time for, no fault of the dependency and left out
   of its alert; not a FINAL prefix-cache refused ``FAILED_PRECONDITION`` for want of its WARM,
-  which it lost: ``calls.Calls._warm_lost``, in ``dependency_duration_seconds`` alone);
+  which it lost, or of a model its replica's table lacks (the WARM's, or ``baseline_model``):
+  ``calls.Calls._warm_lost``, in ``dependency_duration_seconds`` alone, its bill kept by the
+  billing outbox until a replica with the model takes it);
   ``cachemesh_router_decisions_total{tier,reason}``: the
   tier each model call went to and why (``requested``, ``threshold``, ``cost_aware``: the
   prefix cache's costs moved the threshold or band edges, ``fallback``);

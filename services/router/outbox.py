@@ -22,7 +22,10 @@ refused for its provider's usage report is sent again without it, billed at pref
 estimate (``without_refused_report``). Any other
 refusal (prefix-cache down or overloaded, an internal token rejected during a rotation, an
 internal error) keeps the entry for the next round, logged at WARNING with its status: billing
-is never dropped for a fault that may pass.
+is never dropped for a fault that may pass. So does a FAILED_PRECONDITION marked as the
+prefix-cache replica's model table lacking the bill's model (``CallFailed.table_lacks_model``:
+replicas of two tables on one Redis, a rolling deploy), the WARNING naming the model: a
+replica whose table has it bills the entry.
 
 Open calls: with a journal, each model call is journalled as an "open call" as it starts,
 before its WARM commit is sent (``open``; the WARM waits until the line is in the file, not for

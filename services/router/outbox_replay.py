@@ -41,7 +41,10 @@ from services.router.spans import replay_billed
 
 log = logging.getLogger("cachemesh.router.outbox")
 
-# The request's own fault: retrying cannot succeed. Any other refusal is worth another try.
+# The request's own fault: retrying cannot succeed. Any other refusal is worth another try,
+# and so is a FAILED_PRECONDITION marked ``TABLE_LACKS_MODEL`` (``CallFailed.table_lacks_model``:
+# the replica's model table lacks the bill's model, a rolling deploy: a replica with the model
+# bills it)
 _FINAL = (Code.INVALID_ARGUMENT, Code.FAILED_PRECONDITION)
 # prefix-cache down or not answering: the round stops (no point sending the rest now)
 _UNREACHABLE_CODES = (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED, Code.CANCELLED)
@@ -208,6 +211,20 @@ class Replayer:
             except CallFailed as exc:
                 if exc.code in _UNREACHABLE_CODES:
                     return Sent.UNREACHABLE, None
+                if exc.table_lacks_model:
+                    if due := self._kept_log.due("kept", exc.mark):
+                        log.warning(
+                            "billing outbox: prefix-cache did not take the %s commit %s (%s: "
+                            "%s); %d answers kept for the next try, billed once a replica "
+                            "whose model table has the model takes them%s",
+                            pc.CommitPhase.Name(commit.phase),
+                            commit.request_id,
+                            exc.code.name,
+                            exc.details,
+                            self._pending(),
+                            suppressed(due, KEPT_LOG_EVERY_MS),
+                        )
+                    return Sent.KEPT, None
                 if exc.code not in _FINAL:
                     if due := self._kept_log.due("kept", exc.code.name):
                         log.warning(

@@ -27,6 +27,7 @@ from services.prefix_cache.rules import Split
 from services.prefix_cache.servicer import PrefixCacheServicer
 from services.prefix_cache.settings import PrefixCacheSettings
 from services.prefix_cache.warm import WarmStore
+from services.router.grpc_adapters import failed
 from tests.unit.conftest import LedgerFactory
 
 TOKEN = "test-internal-token-0123456789"
@@ -221,6 +222,8 @@ async def test_errors_map_to_status_codes_naming_the_field(
         await method(call, metadata=AUTH)  # type: ignore[operator]
     assert err.value.code() == getattr(grpc.StatusCode, code)
     assert words in (err.value.details() or "")
+    # the router keeps a bill only on the table's mark: no other refusal carries it
+    assert failed(err.value).table_lacks_model == ("model table" in words)
 
 
 async def test_unavailable_until_the_tokenizer_is_loaded(served: Served) -> None:
@@ -311,8 +314,9 @@ async def test_a_final_whose_warm_model_the_table_lacks_is_failed_precondition(
 ) -> None:
     """A WARM record naming a model this replica's table lacks (written by a replica of
     another table on the same Redis): its FINAL is FAILED_PRECONDITION naming the model and
-    the table, the status the router's outbox drops a bill on (never retried); before, the
-    core's assertion reached the router as UNKNOWN ("Unexpected <class 'AssertionError'>")."""
+    the table, marked ``table-lacks-model`` (the router's outbox keeps the bill for a replica
+    with the model, as it reads the mark: ``failed``); before, the core's assertion reached
+    the router as UNKNOWN ("Unexpected <class 'AssertionError'>")."""
     ledger, clock = make_ledger(86_400_000), ManualClock()
     warm_record = ("model-of-another-table", "", Split(10, 0, 0, 0), clock.now_ms())
     await ledger.put_warm("acme", "r1", *warm_record)
@@ -341,6 +345,7 @@ async def test_a_final_whose_warm_model_the_table_lacks_is_failed_precondition(
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     details = err.value.details() or ""
     assert "'model-of-another-table'" in details and "model table lacks" in details
+    assert failed(err.value).table_lacks_model
 
 
 def _lacking(model: str) -> ModelTable:
@@ -415,6 +420,7 @@ async def test_each_call_naming_a_model_the_table_lacks_is_one_failed_preconditi
         details = error.details() or ""
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, (error.code(), details)
         assert "'sim-small'" in details and "prefix-cache replica's model table" in details
+        assert failed(error).table_lacks_model, error.trailing_metadata()  # the router's read
     assert "baseline_model 'sim-small'" in (errors[2].details() or "")
     lines = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(lines) == 2, [r.getMessage() for r in lines]

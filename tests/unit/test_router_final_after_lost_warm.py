@@ -34,6 +34,7 @@ from services.prefix_cache.api import PrefixCacheApi
 from services.prefix_cache.commit_records import CommitRecords
 from services.prefix_cache.core import PrefixCacheCore, TokenizerSlot
 from services.prefix_cache.ledger import InMemoryLedger
+from services.prefix_cache.plan_memo import PlanMemo
 from services.prefix_cache.replica_view import ReplicaViews
 from services.prefix_cache.totals import TotalsLedger
 from services.prefix_cache.warm import InMemoryWarmStore
@@ -236,7 +237,8 @@ class TwoTablesPort(FlakyPort):
     of the core that is no ``RequestError`` reaches the router as gRPC's servicer sends it:
     UNKNOWN, "Unexpected <class ...>"."""
 
-    def __init__(self, clock: ManualClock, lacks: str) -> None:
+    def __init__(self, clock: ManualClock, lacks: str, *, plans: bool = False) -> None:
+        """``plans``: the replica with the model keeps its Plans' prompts (a ``plan_id``)."""
         ledger = InMemoryLedger(CommitRecords(3_600_000), TotalsLedger())  # the shared Redis
         models = {
             k: v.model_copy(update=_NO_DRAFT) if v.draft_model == lacks else v
@@ -255,32 +257,39 @@ class TwoTablesPort(FlakyPort):
                 ledger=ledger,
                 clock=clock,
                 lookback=20,
+                plans=PlanMemo(clock, ttl_ms=60_000, max_blocks=1 << 20)
+                if plans and table is TABLE
+                else None,
             )
             for table in (TABLE, lacking)
         )
         super().__init__(has, clock)
         self.lacking = PrefixCacheApi(other)
+        self.deployed = False  # True: the deploy is done, every call reaches ``has``
 
     async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
         self.sent.append(pc.CommitPhase.Name(request.phase).removeprefix("COMMIT_PHASE_"))
-        api = self.lacking if request.phase == pc.COMMIT_PHASE_FINAL else self.api
+        final = request.phase == pc.COMMIT_PHASE_FINAL
+        api = self.lacking if final and not self.deployed else self.api
         try:
             return await api.commit(request)
-        except RequestError as exc:
-            raise CallFailed(exc.code, exc.message) from exc
+        except RequestError as exc:  # its mark as the gRPC adapter reads it from the trailer
+            raise CallFailed(exc.code, exc.message, mark=exc.mark) from exc
         except Exception as exc:  # as grpc.aio's servicer answers an unhandled exception
             raise CallFailed(Code.UNKNOWN, f"Unexpected {type(exc)}: {exc}") from exc
 
 
-async def test_a_final_on_a_replica_whose_table_lacks_the_model_is_dropped_said_and_counted(
+async def test_a_final_on_a_replica_whose_table_lacks_the_model_is_kept_until_one_has_it(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The FINAL reaches a prefix-cache replica whose model table lacks the WARM's model:
-    refused FAILED_PRECONDITION naming the model, no degradation of prefix-cache (it answers),
-    a WARNING; the outbox's replay, refused so again, drops the bill at once with an ERROR
-    line naming the model, counted in ``cachemesh_router_outbox_dropped_total``. Before, the
-    core's assertion was UNKNOWN: a degradation (``{"UNKNOWN": 1}``), and each replay kept the
-    entry for the next round, for ever (3 rounds: 3 FINALs refused, the entry still pending)."""
+    refused FAILED_PRECONDITION naming the model (marked ``table-lacks-model``), no
+    degradation of prefix-cache (it answers), a WARNING; the outbox's replay, refused so
+    again, keeps the entry (a throttled WARNING naming the model), and once the deploy is done
+    (the FINAL reaches a replica with the model) bills it once, as a taken turn is billed.
+    Before, the replay dropped the bill at its first round (``(dropped, pending) == ([1],
+    0)``, the turn never billed: an answer served, its provider paid, unbilled); before that,
+    the core's assertion was UNKNOWN, a degradation."""
     caplog.set_level(logging.INFO)
     stack = Stack(tmp_path / "unused")  # its outbox on the port replaced
     port = TwoTablesPort(stack.clock, lacks="sim-small")
@@ -302,13 +311,25 @@ async def test_a_final_on_a_replica_whose_table_lacks_the_model_is_dropped_said_
     assert port.sent == ["WARM", "FINAL"], port.sent
     assert _degraded(stack.registry) == {}, _degraded(stack.registry)
     assert any("r-next" in w and "'sim-small'" in w for w in _warnings(caplog)), caplog.text
+    before = await stack.totals()
+    caplog.clear()
     for _ in range(3):
-        await stack.outbox.flush()
-    assert port.sent[2:] == ["WARM", "FINAL"], port.sent  # replayed once, then dropped
-    assert (dropped, stack.outbox.pending) == ([1], 0)
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert any("dropped" in e and "'sim-small'" in e and "lacks" in e for e in errors), errors
-    assert (await stack.totals())["requests"] == 1  # the earlier turn's only: never billed
+        assert await stack.outbox.flush() == 0
+    assert port.sent[2:] == ["WARM", "FINAL"] * 3, port.sent  # kept each round
+    assert (dropped, stack.outbox.pending) == ([], 1)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    kept = [w for w in _warnings(caplog) if "kept for the next try" in w]
+    assert len(kept) == 1, kept  # throttled: one line for the three rounds
+    assert "'sim-small'" in kept[0] and "model table" in kept[0], kept
+    assert await stack.totals() == before  # nothing billed yet
+    port.deployed = True
+    assert await stack.outbox.flush() == 1
+    assert (dropped, stack.outbox.pending) == ([], 0)
+    billed = await stack.totals()
+    assert billed["requests"] - before["requests"] == 1  # billed once
+    assert billed["cost_nanos"] > before["cost_nanos"]
+    assert await stack.outbox.flush() == 0  # nothing left: no second bill
+    assert await stack.totals() == billed
 
 
 class LackingPort(TwoTablesPort):
@@ -317,16 +338,16 @@ class LackingPort(TwoTablesPort):
 
     async def plan(self, request: pc.PlanRequest, deadline_s: float) -> pc.PlanResponse:
         try:
-            return await self.lacking.plan(request)
+            return await (self.api if self.deployed else self.lacking).plan(request)
         except RequestError as exc:
-            raise CallFailed(exc.code, exc.message) from exc
+            raise CallFailed(exc.code, exc.message, mark=exc.mark) from exc
 
     async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
         self.sent.append(pc.CommitPhase.Name(request.phase).removeprefix("COMMIT_PHASE_"))
         try:
-            return await self.lacking.commit(request)
+            return await (self.api if self.deployed else self.lacking).commit(request)
         except RequestError as exc:
-            raise CallFailed(exc.code, exc.message) from exc
+            raise CallFailed(exc.code, exc.message, mark=exc.mark) from exc
 
 
 async def test_a_request_naming_a_model_the_prefix_cache_replica_lacks_is_still_answered(
@@ -337,9 +358,10 @@ async def test_a_request_naming_a_model_the_prefix_cache_replica_lacks_is_still_
     table, not the caller's request), so the answer is served, at the router's estimate,
     prefix-cache counted as degraded for it (``reason="FAILED_PRECONDITION"``: it could not
     serve the request), the WARM not taken so no FINAL sent, the bill in the outbox, whose
-    replay, refused so again, drops it at once with an ERROR naming the model. Before: the
-    Plan's INVALID_ARGUMENT "model 'sim-small' is not a known model" was taken as the
-    caller's fault and failed the caller's request (1 of 1)."""
+    replay, refused so again, keeps it until a replica with the model takes it: billed once.
+    Before: the Plan's INVALID_ARGUMENT "model 'sim-small' is not a known model" was taken as
+    the caller's fault and failed the caller's request (1 of 1); then the replay dropped the
+    bill at its first round (never billed)."""
     caplog.set_level(logging.INFO)
     stack = Stack(tmp_path / "unused")
     port = LackingPort(stack.clock, lacks="sim-small")
@@ -360,9 +382,62 @@ async def test_a_request_naming_a_model_the_prefix_cache_replica_lacks_is_still_
     assert port.sent == ["WARM"], port.sent  # the FINAL waits behind its WARM in the outbox
     assert _degraded(stack.registry) == {"FAILED_PRECONDITION": 2}, _degraded(stack.registry)
     assert any("'sim-small'" in w and "model table" in w for w in _warnings(caplog))
+    before = await stack.totals()
     for _ in range(3):
-        await stack.outbox.flush()
-    assert port.sent[1:] == ["WARM"], port.sent  # replayed once, then dropped
-    assert (dropped, stack.outbox.pending) == ([1], 0)
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert any("dropped" in e and "'sim-small'" in e for e in errors), errors
+        assert await stack.outbox.flush() == 0
+    assert port.sent[1:] == ["WARM"] * 3, port.sent  # kept each round
+    assert (dropped, stack.outbox.pending) == ([], 1)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    port.deployed = True
+    assert await stack.outbox.flush() == 1
+    assert port.sent[4:] == ["WARM", "FINAL"], port.sent
+    assert (dropped, stack.outbox.pending) == ([], 0)
+    billed = await stack.totals()
+    assert billed["requests"] - before["requests"] == 1  # billed once
+
+
+class WarmLackingPort(TwoTablesPort):
+    """The Plan reaches the replica with the model (a ``plan_id``), every commit the one whose
+    table lacks it."""
+
+    def __init__(self, clock: ManualClock, lacks: str) -> None:
+        super().__init__(clock, lacks, plans=True)
+        self.plan_ids: list[str] = []  # each commit's, as sent
+
+    async def commit(self, request: pc.CommitRequest, deadline_s: float) -> pc.CommitResponse:
+        self.sent.append(pc.CommitPhase.Name(request.phase).removeprefix("COMMIT_PHASE_"))
+        self.plan_ids.append(request.plan_id)
+        try:
+            return await (self.api if self.deployed else self.lacking).commit(request)
+        except RequestError as exc:
+            raise CallFailed(exc.code, exc.message, mark=exc.mark) from exc
+
+
+async def test_a_warm_with_its_plan_refused_for_the_table_is_not_sent_again_with_the_request(
+    tmp_path: Path,
+) -> None:
+    """A WARM carrying its Plan's ``plan_id`` refused FAILED_PRECONDITION marked
+    ``table-lacks-model``: not the plan gone, so not sent again with the whole request (it
+    would be refused alike): one WARM, one degradation, the bill in the outbox, billed once a
+    replica with the model takes it. Before, any FAILED_PRECONDITION was read as the plan
+    gone: a second WARM carrying the request, refused again (2 WARMs sent)."""
+    stack = Stack(tmp_path / "unused")
+    port = WarmLackingPort(stack.clock, lacks="sim-small")
+    stack.port = port
+    await stack.warm_earlier()
+    port.sent.clear()
+    stack.outbox = BillingOutbox(port, Journal(tmp_path / "router"), 1.0, 0.01)
+    pipeline = stack.pipeline()
+    request = _ask("And rule 2?", "r-next")
+    request.model = "sim-small"
+    run = pipeline.run(TENANT, request, streamed=False)
+    end = [chunk async for chunk in run][-1].end
+    await pipeline.drain()
+    assert (end.model, end.cost.estimated) == ("sim-small", True)
+    assert port.plan_ids[0], port.plan_ids  # the WARM named its Plan
+    assert port.sent == ["WARM"], port.sent
+    assert _degraded(stack.registry) == {"FAILED_PRECONDITION": 1}, _degraded(stack.registry)
+    before = await stack.totals()
+    port.deployed = True
+    assert await stack.outbox.flush() == 1
+    assert (await stack.totals())["requests"] - before["requests"] == 1

@@ -35,7 +35,7 @@ async def _local(call: Awaitable[T]) -> T:
     try:
         return await call
     except RequestError as exc:
-        raise CallFailed(exc.code, exc.message) from exc
+        raise CallFailed(exc.code, exc.message, mark=exc.mark) from exc
 
 
 class LocalSemantic:
