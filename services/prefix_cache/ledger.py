@@ -32,7 +32,9 @@ from services.prefix_cache.totals import TenantTotals, TotalsLedger
 # The caller's pricing of a FINAL from the live WARM record: the ``Final`` to attach, or the
 # ``Stood`` (repeated) when the record carries a FINAL already; it raises a ``ValueError`` to
 # refuse the FINAL (nothing is written; any other exception is a fault, raised as it is). It
-# may be called more than once (a record replaced meanwhile): pure.
+# may be called more than once (a record replaced meanwhile): idempotent, each call pricing
+# the record it is given; the values it sets aside for its caller (the core's closure) are its
+# last call's, which stand.
 Bill = Callable[[CommitRecord], Final | Stood]
 
 

@@ -796,11 +796,14 @@ class Dispatcher:
         the other's call went to it too: both conversations on one replica), so it is watched
         for another stall window where it is. That slower-sibling hold is granted once per
         measure: only within one stall window of the call after the sibling's rate was
-        measured, and only if that was after the call opened. A hung engine's call so leaves
-        one window after it left before the hold (at the first ask after the sibling stopped
-        being overdue), however slow the sibling (before, it waited till twice the call's
-        prediction at the sibling's rate: a sibling measured 52x slower kept it 1.08 s, not
-        0.06 s; one measured 2,000x slower by an earlier, finished call, to its deadline)."""
+        measured, and only if that was after the call opened. With no other traffic on the
+        sibling, a hung engine's call so leaves one window after it left before the hold (at
+        the first ask after the sibling stopped being overdue), however slow the sibling
+        (before, it waited till twice the call's prediction at the sibling's rate: a sibling
+        measured 52x slower kept it 1.08 s, not 0.06 s; one measured 2,000x slower by an
+        earlier, finished call, to its deadline). Under traffic each fresh measure of the
+        sibling grants one more window, up to ``stalled_after_s`` of ``needs_s`` scaled by the
+        two rates, never past the call's deadline."""
         now = self._clock()
         prior = self._chooser.prior(wanted)
         predicted = self.loads.rate(stalled, prior)
