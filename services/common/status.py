@@ -29,9 +29,7 @@ async def abort(
 ) -> NoReturn:
     """Aborts with ``code`` and ``message``; a ``mark`` (``RequestError.mark``) in the
     ``MARK_KEY`` trailer."""
-    if mark:
-        await context.abort(code, message, trailing_metadata=((MARK_KEY, mark),))
-    await context.abort(code, message)
+    await context.abort(code, message, trailing_metadata=((MARK_KEY, mark),) if mark else ())
     raise AssertionError("context.abort returned")  # pragma: no cover
 
 
