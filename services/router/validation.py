@@ -10,7 +10,7 @@ import functools
 import json
 import math
 import re
-from collections.abc import Container
+from collections.abc import Callable, Container
 
 from cachemesh import json_schema
 from cachemesh.v1 import gateway_pb2 as pb
@@ -605,6 +605,18 @@ def _validate_tool_schemas(
         )
 
 
+def _first_row_without(
+    request: pb.CompleteRequest, table: ModelTable, takes: Callable[[ModelSpec], bool]
+) -> str | None:
+    """The first row that may answer ``request`` and does not ``takes`` what it asks, as a
+    refusal names it (``auto, which may pick ROW`` for ``auto``), or None when every row does."""
+    without = [spec for spec in table.answering(request.model) if not takes(spec)]
+    if not without:
+        return None
+    first = without[0].id
+    return f"auto, which may pick {first}" if request.model == AUTO else first
+
+
 def _validate_tool_choice(request: pb.CompleteRequest, table: ModelTable) -> None:
     """A forced choice must be one the providers take: a named tool among the request's
     tools, ANY with tools, a name only with TOOL (``tool_choice.problem``); and a named tool
@@ -616,11 +628,9 @@ def _validate_tool_choice(request: pb.CompleteRequest, table: ModelTable) -> Non
         raise _invalid(problem)
     if tool_choice.sent_mode(request) != "tool":
         return
-    without = [spec for spec in table.answering(request.model) if not spec.takes_named_tool_choice]
-    if not without:
+    which = _first_row_without(request, table, lambda spec: spec.takes_named_tool_choice)
+    if which is None:
         return
-    first = without[0]
-    which = f"auto, which may pick {first.id}" if request.model == AUTO else first.id
     raise _invalid(
         f"tool_choice.name: a named tool is not supported by {which} (its row of the model "
         "table says `takes_named_tool_choice = false`: its engine takes tool_choice only as "
@@ -639,11 +649,9 @@ def _validate_tool_support(request: pb.CompleteRequest, table: ModelTable) -> No
     their tools declared (``_validate_messages``): ``tools`` covers them."""
     if not request.tools:
         return
-    without = [spec for spec in table.answering(request.model) if not spec.takes_tools]
-    if not without:
+    which = _first_row_without(request, table, lambda spec: spec.takes_tools)
+    if which is None:
         return
-    first = without[0]
-    which = f"auto, which may pick {first.id}" if request.model == AUTO else first.id
     raise _invalid(
         f"tools: tools and tool calls are not supported by {which} (its row of the model "
         "table says `takes_tools = false`: its engine's model is not given them, and would "
