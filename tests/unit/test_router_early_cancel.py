@@ -60,6 +60,8 @@ MAX_TOKENS = 512
 RESERVED = PROMPT_TOKENS + MAX_TOKENS
 TOKENS_PER_MIN = 60_000
 PLANNED_PROMPT = 40  # the fake Plan's, and so the model call's bill
+# the limits store's wait: the service's 0.5 s fails open (admits unreserved) under load
+PATIENT_S = 10.0
 
 
 def _settings() -> RouterSettings:
@@ -243,6 +245,7 @@ def _router(
         ManualClock(),  # frozen: no refill
         lambda request: PROMPT_TOKENS,
         cost_bound=cost_bound,
+        timeout_s=PATIENT_S,  # a loaded machine's late admit is admitted unreserved (fail-open)
     )
     table = WatchedTable()
     servicer = gateway_servicer(pipeline, {KEY: TENANT}, answers=table, limiter=limiter)

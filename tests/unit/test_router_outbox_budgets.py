@@ -49,6 +49,8 @@ BEFORE_MIDNIGHT_MS = 1_700_006_340_000
 # 2023-11-30 23:59:59.900 UTC: a tenth of a second before the day and the month end
 BEFORE_MONTH_END_MS = 1_701_388_799_900
 POLICY = LimitPolicy(day_budget_nanos=10**15, month_budget_nanos=10**15)
+# the limits store's wait: the service's 0.5 s fails open (admits unreserved) under load
+PATIENT_S = 10.0
 T = TypeVar("T")
 
 
@@ -151,7 +153,7 @@ async def _outage(
         await core.final(TENANT, "earlier", "sim-large", 3, 0, "")
     before = (await core.totals(TENANT)).cost_nanos
     port = DownPort(PrefixCacheApi(core))
-    limiter = Limiter(store, UniformPolicies(POLICY), clock, lambda request: 0)
+    limiter = Limiter(store, UniformPolicies(POLICY), clock, lambda request: 0, timeout_s=PATIENT_S)
     outbox = _outbox(port, journal, limiter, clock)
     prompt = (await core.plan(TENANT, "sim-large", _ask("And rule 2?", ""), [])).split
     rig = Rig(prefix=port, outbox=outbox, models=Engine(prompt.prompt_tokens), wall=clock)  # type: ignore[arg-type]
@@ -220,7 +222,9 @@ async def test_a_replay_after_restarts_corrects_the_budgets_once(
     for start in range(2):  # the restart, then the start after the host crash
         clock.advance(s=600)
         journal = Journal(tmp_path / "data")
-        limiter = Limiter(store, UniformPolicies(POLICY), clock, lambda request: 0)
+        limiter = Limiter(
+            store, UniformPolicies(POLICY), clock, lambda request: 0, timeout_s=PATIENT_S
+        )
         assert await _outbox(port, journal, limiter, clock).flush() == 1
         await limiter.drain()
         journal.close()
@@ -333,7 +337,7 @@ async def test_an_answer_whose_done_line_a_crash_lost_counts_once(
     shutil.copy(crashed.image, tmp_path / "data" / JOURNAL_NAME)  # the host crashed
     clock.advance(s=5)
     journal = Journal(tmp_path / "data")
-    limiter = Limiter(store, UniformPolicies(POLICY), clock, lambda request: 0)
+    limiter = Limiter(store, UniformPolicies(POLICY), clock, lambda request: 0, timeout_s=PATIENT_S)
     # prefix-cache slow as the router restarts: the replay's first reply is lost, the next
     # is repeated, and was counted by the process before (review last12: counted twice)
     lost = LostReplyPort(port.api)
@@ -377,7 +381,9 @@ async def test_a_killed_routers_call_billed_at_each_start_of_a_crash_loop_counts
         clock.advance(s=600)
         shutil.copy(kept, tmp_path / "data" / JOURNAL_NAME)  # the last "done" line lost
         journal = Journal(tmp_path / "data")
-        limiter = Limiter(store, UniformPolicies(POLICY), clock, lambda request: 0)
+        limiter = Limiter(
+            store, UniformPolicies(POLICY), clock, lambda request: 0, timeout_s=PATIENT_S
+        )
         assert await _outbox(port, journal, limiter, clock).flush() == 1
         await limiter.drain()
         journal.close()
@@ -411,7 +417,7 @@ async def test_a_replay_after_a_restart_on_the_in_memory_store_leaves_no_negativ
     clock.advance(s=60)  # the restart: a fresh store, prefix-cache back
     port.down = False
     store = MemoryLimitStore()
-    limiter = Limiter(store, UniformPolicies(POLICY), clock, lambda request: 0)
+    limiter = Limiter(store, UniformPolicies(POLICY), clock, lambda request: 0, timeout_s=PATIENT_S)
     journal = Journal(tmp_path)
     assert await _outbox(port, journal, limiter, clock).flush() == 3
     await limiter.drain()
@@ -967,7 +973,9 @@ async def test_a_bill_whose_keep_a_forced_shutdown_cancelled_corrects_a_counted_
     outage.clock.advance(s=60)  # the next start, prefix-cache back
     outage.port.down = False
     restarted = Journal(tmp_path / "data")
-    limiter = Limiter(store, UniformPolicies(POLICY), outage.clock, lambda request: 0)
+    limiter = Limiter(
+        store, UniformPolicies(POLICY), outage.clock, lambda request: 0, timeout_s=PATIENT_S
+    )
     assert await _outbox(outage.port, restarted, limiter, outage.clock).flush() == 1
     await limiter.drain()
     restarted.close()
@@ -999,7 +1007,9 @@ async def test_an_answer_kept_by_a_router_killed_before_its_caller_read_it_is_co
     outage.clock.advance(s=60)
     outage.port.down = False
     journal = Journal(tmp_path / "data")
-    limiter = Limiter(store, UniformPolicies(POLICY), outage.clock, lambda request: 0)
+    limiter = Limiter(
+        store, UniformPolicies(POLICY), outage.clock, lambda request: 0, timeout_s=PATIENT_S
+    )
     assert await _outbox(outage.port, journal, limiter, outage.clock).flush() == 1
     await limiter.drain()
     journal.close()

@@ -36,6 +36,8 @@ from tests.redis_server import client_of
 START_MS = 1_700_000_000_000  # 2023-11-14 22:13:20 UTC: 6,400,000 ms before the day ends
 TO_MIDNIGHT_MS = 6_400_000
 TOKENIZER = load_cl100k()
+# the limits store's wait: the service's 0.5 s fails open (admits unreserved) under load
+PATIENT_S = 10.0
 # about a megabyte of prompt, ~250,000 tokens: what a flood past the rate would send
 BIG = "Summarise: " + "the quick brown fox jumps over the lazy dog " * 23_000
 
@@ -68,7 +70,7 @@ def _request(text: str = BIG, max_tokens: int = 100) -> pb.CompleteRequest:
 
 def _limiter(store: LimitStore, policy: LimitPolicy, clock: ManualClock) -> tuple[Limiter, Counted]:
     count = Counted()
-    return Limiter(store, UniformPolicies(policy), clock, count), count
+    return Limiter(store, UniformPolicies(policy), clock, count, timeout_s=PATIENT_S), count
 
 
 async def test_a_request_over_its_request_rate_is_refused_before_its_prompt_is_counted(
@@ -183,7 +185,9 @@ async def test_a_rate_taken_by_another_router_while_counting_is_still_refused(
         taken.append(asyncio.run_coroutine_threadsafe(other.admit("t", request), loop).result())
         return prompt_tokens(request, TOKENIZER)
 
-    limiter = Limiter(store, UniformPolicies(policy), clock, count_while_another_admits)
+    limiter = Limiter(
+        store, UniformPolicies(policy), clock, count_while_another_admits, timeout_s=PATIENT_S
+    )
     denial = await limiter.admit("t", _request())  # its rate read first: one request left
     assert len(taken) == 1 and isinstance(taken[0], Ticket)  # the other's (counted by it)
     assert isinstance(denial, Denial) and denial.limit == REQUESTS, denial
