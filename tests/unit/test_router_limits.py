@@ -815,6 +815,7 @@ async def test_a_settle_redis_never_received_is_replayed_past_the_markers_life(
         clock,
         _count,
         lost=lost.append,
+        timeout_s=PATIENT_STORE_S,  # a late replay is ambiguous, kept pending (fail-open)
     )
     limiter.settle(Ticket("t", policy, 0), _answer(10, 10, cost_nanos=1_000))
     await limiter.drain()

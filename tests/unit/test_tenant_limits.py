@@ -41,6 +41,7 @@ from services.router.tenant_limits import (
     parse,
     render,
 )
+from tests.unit.gateway_support import PATIENT_STORE_S
 from tests.unit.test_router_limits import START_MS, _answer, _count, _request
 from tests.unit.test_router_limits import store as store
 
@@ -231,7 +232,9 @@ async def test_each_tenant_is_held_to_its_own_limits_counted_as_ever(
     admin, other_router = _stores(tmp_path / "limits", ticks)
     defaults = LimitPolicy(requests_per_min=3)
     clock = ManualClock(START_MS)
-    limiter = Limiter(store, PerTenantPolicies(defaults, other_router), clock, _count)
+    limiter = Limiter(
+        store, PerTenantPolicies(defaults, other_router), clock, _count, timeout_s=PATIENT_STORE_S
+    )
     admin.change("free", {"requests_per_min": 2, "day_budget_nanos": 100 * NANOS_PER_DOLLAR})
     admin.change("gold", {"requests_per_min": "unlimited"})
     ticks.now += 1
