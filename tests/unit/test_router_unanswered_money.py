@@ -26,6 +26,7 @@ from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.errors import Code
 from services.common.logs import JsonLines
 from services.common.metrics import TenantLabels, new_registry
+from services.router import servicer as servicer_module
 from services.router.access_log import RequestLog
 from services.router.dependencies import CallFailed, Dependencies
 from services.router.metrics import RouterMetrics
@@ -49,6 +50,15 @@ from tests.unit.test_service_metrics import logs, value  # noqa: F401 (a fixture
 from tests.waits import reached
 
 UNANSWERED = {"tenant": "tenant-a", "served_by": "unanswered"}
+
+# the answer ledger's wait: the service's 0.5 s fails open under load (the call goes on unclaimed)
+PATIENT_S = 10.0
+
+
+@pytest.fixture(autouse=True)
+def _patient_ledger(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loaded test machine may take longer than the service's 0.5 s to answer."""
+    monkeypatch.setattr(servicer_module, "LEDGER_TIMEOUT_S", PATIENT_S)
 
 
 def _pipeline(rig: Rig, metrics: RouterMetrics) -> Pipeline:
