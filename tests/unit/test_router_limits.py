@@ -944,11 +944,11 @@ async def test_a_limits_redis_that_refuses_to_keep_the_stores_id_stops_the_route
         admin = client_of(url)
         try:
             await admin.replicaof("127.0.0.1", free_port())
-            env = Env({"ROUTER_BUDGET_USD_PER_DAY": "1", "ROUTER_LIMITS_REDIS_URL": url})
+            settings = patient_limit_settings(
+                {"ROUTER_BUDGET_USD_PER_DAY": "1", "ROUTER_LIMITS_REDIS_URL": url}
+            )
             with pytest.raises(ConfigError) as refused:
-                await build_limiter(
-                    LimitSettings.from_env(env), ManualClock(START_MS), TABLE, TOKENIZERS
-                )
+                await build_limiter(settings, ManualClock(START_MS), TABLE, TOKENIZERS)
         finally:
             await admin.aclose()
     message = str(refused.value)
@@ -1039,11 +1039,11 @@ async def test_a_wrong_password_for_the_limits_redis_still_stops_the_router(
     wait out, so the router stops naming the variable and that Redis (no password)."""
     with redis_server(tmp_path) as server:
         url = (await _with_password(server)).replace(PASSWORD, "Not-The-Password")
-        env = Env({"ROUTER_LIMIT_REQUESTS_PER_MIN": "2", "ROUTER_LIMITS_REDIS_URL": url})
+        settings = patient_limit_settings(
+            {"ROUTER_LIMIT_REQUESTS_PER_MIN": "2", "ROUTER_LIMITS_REDIS_URL": url}
+        )
         with pytest.raises(ConfigError) as refused:
-            await build_limiter(
-                LimitSettings.from_env(env), ManualClock(START_MS), TABLE, TOKENIZERS
-            )
+            await build_limiter(settings, ManualClock(START_MS), TABLE, TOKENIZERS)
     message = str(refused.value)
     assert message.startswith("ROUTER_LIMITS_REDIS_URL: ") and "redis://:***@127.0.0.1" in message
     assert "Not-The-Password" not in message
@@ -1246,11 +1246,11 @@ async def test_a_limits_redis_out_of_memory_at_start_up_does_not_stop_the_router
             await redis.set("ballast", "x" * 100_000)
             await redis.config_set("maxmemory-policy", "noeviction")
             await redis.config_set("maxmemory", "1")  # every write now answers OOM
-            env = Env({"ROUTER_LIMIT_REQUESTS_PER_MIN": "2", "ROUTER_LIMITS_REDIS_URL": url})
+            settings = patient_limit_settings(
+                {"ROUTER_LIMIT_REQUESTS_PER_MIN": "2", "ROUTER_LIMITS_REDIS_URL": url}
+            )
             with caplog.at_level(logging.WARNING, "services.router.limit_wiring"):
-                limiter = await build_limiter(
-                    LimitSettings.from_env(env), ManualClock(START_MS), TABLE, TOKENIZERS
-                )
+                limiter = await build_limiter(settings, ManualClock(START_MS), TABLE, TOKENIZERS)
             assert limiter is not None
             assert any("OutOfMemoryError" in r.getMessage() for r in caplog.records)
         finally:
