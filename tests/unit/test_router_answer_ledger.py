@@ -1245,6 +1245,8 @@ def test_each_failed_renewal_try_counts_once() -> None:
 
 
 LEDGER_PASSWORD = "Ledger-S3cret"
+# the built ledger's wait: a late answer is taken for a Redis that does not answer (fail-open)
+PATIENT_S = 10.0
 
 
 async def test_a_router_started_while_its_ledger_redis_is_down_records_once_it_answers(
@@ -1303,7 +1305,7 @@ async def test_a_wrong_password_for_the_ledger_redis_still_stops_the_router(
         await require_password(server, LEDGER_PASSWORD)
         url = server.replace("redis://", "redis://:Not-The-Password@")
         with pytest.raises(ConfigError) as refused:
-            await build_answer_ledger(url, 60, 4, 0.5, lambda operation: None)
+            await build_answer_ledger(url, 60, 4, PATIENT_S, lambda operation: None)
     message = str(refused.value)
     assert message.startswith("ROUTER_ANSWERS_REDIS_URL: ") and "redis://:***@127.0.0.1" in message
     assert "Not-The-Password" not in message
