@@ -48,6 +48,9 @@ from tests.redis_server import redis_server, sync_client_of
 
 pytestmark = pytest.mark.integration
 
+# the limits store's wait: past the router's 0.5 s a loaded machine's admit is admitted unreserved
+# (fail-open), and a refusal these tests assert would not come
+LIMITS_TIMEOUT_S = "10"
 TENANTS = ("limits-rate", "limits-other", "limits-tokens", "limits-budget", "limits-redis-down")
 
 
@@ -86,7 +89,11 @@ def _routers_cm(
     addresses = [loopback() for _ in names]
     specs: list[Started] = []
     for name, address in zip(names, addresses, strict=True):
-        extra = {"ROUTER_LISTEN": address, "CACHEMESH_API_KEYS_FILE": str(tenants.keys_file)}
+        extra = {
+            "ROUTER_LISTEN": address,
+            "CACHEMESH_API_KEYS_FILE": str(tenants.keys_file),
+            "ROUTER_LIMITS_TIMEOUT_S": LIMITS_TIMEOUT_S,
+        }
         env = service_env(stack, "router", {**extra, **limits})
         specs.append(("services.router", env, work / f"{name}.log", _serving(address)))
     with processes(specs):
