@@ -167,6 +167,7 @@ async def serve(environ: Mapping[str, str], stop: asyncio.Event | None = None) -
         # the replay's bill corrects them, so they sum to what was billed
         cost_corrected=metrics.cost_corrected,
     )
+    metrics.outbox_backlog(outbox.backlog)  # its pending bills and their oldest's age
     pipeline = Pipeline(
         connected.dependencies,
         table,

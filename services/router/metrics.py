@@ -60,6 +60,13 @@ table, tiers, layers, gRPC status names, and reasons from closed sets):
   ``cachemesh_router_outbox_refused_total``: requests refused before their model call because
   the billing outbox in memory was over ``ROUTER_OUTBOX_MAX_BYTES`` (prefix-cache down long),
   or its journal could not write (a full disk) while prefix-cache took no bill;
+  ``cachemesh_router_outbox_pending``: the bills the billing outbox keeps now (prefix-cache
+  down or failing, or no replica's model table has their model: ``TableLacksModel``, kept for
+  ever until one has), read at each scrape, and
+  ``cachemesh_router_outbox_oldest_age_seconds``: how long ago the oldest of them was first
+  kept (the wall clock's; 0 when none; one an earlier process journalled counts from this
+  process's start): alert on it over a bound (prefix-cache back, replays should empty it
+  within ``ROUTER_OUTBOX_RETRY_S``s; one that keeps growing is a bill no replica takes);
   ``cachemesh_router_open_calls_settled_total``: model calls whose FINAL the router never
   made (it was killed mid-call, or their bill failed) billed from its journal's open calls at
   prefix-cache's estimate (a call whose FINAL had landed before the kill is counted, and
@@ -116,10 +123,12 @@ table, tiers, layers, gRPC status names, and reasons from closed sets):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from cachemesh.v1 import gateway_pb2 as pb
 from services.common.metrics import NONE, LoopCounter, LoopHistogram, LoopMetrics, TenantLabels
@@ -129,6 +138,7 @@ from services.router.admin_auth import Reason as AdminAuthReason
 from services.router.answer_ledger import LEDGER_OPERATIONS, LedgerOperation
 from services.router.breaker import DEPENDENCIES, REDIS_CLIENTS, Dependency, RedisClient
 from services.router.dependencies import CLIENT_DEADLINE as CUT_BY_CLIENT
+from services.router.outbox import Backlog
 from services.router.routing.decision import Decision
 
 LAYERS = {
@@ -188,9 +198,30 @@ class _Answered:
     duration: LoopHistogram
 
 
+class OutboxGauges(Collector):
+    """The billing outbox's backlog, read at each scrape (on the loop: ``MetricsEndpoint``)."""
+
+    def __init__(self, backlog: Callable[[], Backlog]) -> None:
+        self._backlog = backlog
+
+    def collect(self) -> Iterator[Metric]:
+        backlog = self._backlog()
+        yield GaugeMetricFamily(
+            "cachemesh_router_outbox_pending",
+            "Bills the billing outbox keeps now, not yet taken by prefix-cache",
+            value=backlog.pending,
+        )
+        yield GaugeMetricFamily(
+            "cachemesh_router_outbox_oldest_age_seconds",
+            "Seconds since the oldest bill the billing outbox keeps was first kept (0: none)",
+            value=backlog.oldest_age_s,
+        )
+
+
 class RouterMetrics:
     def __init__(self, registry: CollectorRegistry, tenants: TenantLabels) -> None:
         self._tenants = tenants
+        self._registry = registry
         m = LoopMetrics(registry)
         tenant_layer = ("tenant", "served_by")
         self._requests = m.counter(
@@ -480,6 +511,10 @@ class RouterMetrics:
 
     def outbox_refused(self) -> None:
         self._outbox_refused.inc()
+
+    def outbox_backlog(self, backlog: Callable[[], Backlog]) -> None:
+        """The billing outbox's gauges, read from ``backlog`` at each scrape (once)."""
+        self._registry.register(OutboxGauges(backlog))
 
     def open_calls_settled(self, count: int) -> None:
         self._open_calls_settled.inc(count)

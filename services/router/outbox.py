@@ -66,6 +66,7 @@ import logging
 import secrets
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import NamedTuple
 
 from opentelemetry import trace
 
@@ -91,6 +92,13 @@ from services.router.outbox_replay import (
 )
 
 log = logging.getLogger("cachemesh.router.outbox")
+
+
+class Backlog(NamedTuple):
+    """The entries the billing outbox keeps, and the age of the oldest in seconds."""
+
+    pending: int
+    oldest_age_s: float
 
 
 class BillingOutbox:
@@ -184,6 +192,7 @@ class BillingOutbox:
         # prefix-cache did not take a bill (kept since), and no replay reached it since
         self._prefix_down = False
         self._entries: MemoryEntries | DiskEntries
+        self._started_ms = self._wall.now_ms()  # the inherited entries' age counts from it
         inherited = journal.load() if journal is not None else ()
         # the entries' estimates and corrections, told to the budgets and the cost counters
         self._counts = BillCounts(
@@ -219,6 +228,21 @@ class BillingOutbox:
     def pending(self) -> int:
         """The entries a replay round sends (not the open calls of model calls running)."""
         return max(self._entries.count - len(self._live), 0)
+
+    def backlog(self) -> Backlog:
+        """What the outbox keeps now, for the gauges (read on the loop, at each scrape): the
+        ``pending`` entries and how long ago (the ``wall`` clock's seconds) the oldest was
+        first kept, 0 with none. An entry an earlier process journalled counts from this
+        process's start (its keep time is on disk, not read): a lower bound after a restart."""
+        pending = self.pending
+        if not pending:
+            return Backlog(0, 0.0)
+        now = self._wall.now_ms()
+        oldest = self._counts.oldest_kept_ms()
+        if self._counts.inherited_pending:
+            oldest = self._started_ms if oldest is None else min(oldest, self._started_ms)
+        age_ms = max(now - oldest, 0) if oldest is not None else 0
+        return Backlog(pending, age_ms / 1000)
 
     def open(
         self,

@@ -123,6 +123,16 @@ class BillCounts:
         entry's first keep (now, for a new one)."""
         return Counted(estimate_nanos, self._kept_at.setdefault(entry_id, self._wall.now_ms()))
 
+    def oldest_kept_ms(self) -> int | None:
+        """When the oldest entry this process kept and still holds was first kept (wall ms;
+        the first of ``_kept_at``, which keeps the order of first keeps), None for none."""
+        return next(iter(self._kept_at.values()), None)
+
+    @property
+    def inherited_pending(self) -> bool:
+        """Entries journalled by an earlier process are not all done yet."""
+        return bool(self._inherited)
+
     def written(self, entry_id: str, tenant: str, counted: Counted) -> None:
         """A kept entry's line is in the journal: its estimate counts now, in place of what an
         earlier line of the entry counted."""
