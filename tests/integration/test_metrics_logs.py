@@ -363,6 +363,12 @@ def test_router_counts_and_money_are_the_responses(run: Run) -> None:
     assert router.value("cachemesh_router_errors_total") == 2
     assert router.value("cachemesh_router_degraded_total") == 0
     assert router.value("cachemesh_router_requests_in_flight") == 0
+    # prefix-cache took every bill: the billing outbox's gauges are served, at 0
+    assert {"cachemesh_router_outbox_pending", "cachemesh_router_outbox_oldest_age_seconds"} <= (
+        router.names()
+    )
+    assert router.value("cachemesh_router_outbox_pending") == 0
+    assert router.value("cachemesh_router_outbox_oldest_age_seconds") == 0
 
 
 def test_decisions_and_genai_metrics_are_the_model_calls(run: Run) -> None:
