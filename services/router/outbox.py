@@ -226,8 +226,14 @@ class BillingOutbox:
 
     @property
     def pending(self) -> int:
-        """The entries a replay round sends (not the open calls of model calls running)."""
-        return max(self._entries.count - len(self._live), 0)
+        """The entries a replay round sends (not the open calls of model calls running). A
+        running call's id is subtracted only if the entries hold it: its line may not be
+        written yet (the journal's thread), or never (its write failed), and then it is not in
+        ``count`` (subtracting it hid a kept bill from the gauges, the replay rounds' gate and
+        ``cannot_keep``)."""
+        entries = self._entries
+        running = sum(1 for entry_id in self._live if entries.holds(entry_id))
+        return max(entries.count - running, 0)
 
     def backlog(self) -> Backlog:
         """What the outbox keeps now, for the gauges (read on the loop, at each scrape): the

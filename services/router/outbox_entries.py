@@ -123,6 +123,11 @@ class DiskEntries:
         held = sum(1 for entry_id in self.held.ids_now() if not self._journal.holds(entry_id))
         return self._journal.pending_count + held
 
+    def holds(self, entry_id: str) -> bool:
+        """The entry is in the journal or held in memory (safe on the loop: ``Journal.holds``
+        is a read of the pending ids)."""
+        return self._journal.holds(entry_id) or self.held.holds(entry_id)
+
     @property
     def failing(self) -> bool:
         """The journal's writes or syncs fail (a full or failing disk), not yet back."""

@@ -4,17 +4,22 @@ kept, on the outbox's wall clock; 0 when none), read at each scrape through the 
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.clock import ManualClock
 from services.common.metrics import TenantLabels, new_registry
 from services.router.metrics import RouterMetrics
 from services.router.outbox import BillingOutbox
-from services.router.outbox_journal import Journal
+from services.router.outbox_journal import Counted, Journal, JournalError
 from tests.unit.test_router_outbox import FakePrefix, _commits
+from tests.unit.test_router_outbox_disk import FullDisk
 
 
 def _gauges(registry: CollectorRegistry) -> tuple[float | None, float | None]:
@@ -75,3 +80,77 @@ async def test_entries_an_earlier_process_journalled_age_from_this_processs_star
     assert await second.flush() == 2
     assert _gauges(registry) == (0, 0)
     await second.close()
+
+
+async def test_running_calls_whose_open_failed_do_not_hide_a_kept_bill(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk and prefix-cache down: one bill held in memory, then 3 model calls whose
+    open-call lines could not be written (in ``_live``, never in the journal). The held bill is
+    still pending: the gauges, the replay rounds' gate and the refusal of new calls
+    (``cannot_keep``) count it. Before: count 1 minus 3 live ids read 0 pending, age 0."""
+    wall = ManualClock()
+    prefix = FakePrefix()
+    outbox = BillingOutbox(prefix, Journal(tmp_path), 1.0, 0.01, wall=wall)
+    registry = _watched(outbox)
+    FullDisk(monkeypatch)
+    with pytest.raises(JournalError, match="held in memory"):
+        await outbox.keep(_commits("a#1"), estimate_nanos=10)
+    opened = [outbox.open(_commits(f"o#{n}")) for n in range(3)]
+    for one in opened:
+        assert one is not None
+        with pytest.raises(JournalError):
+            await one[1]
+    wall.advance(s=5)
+    assert _gauges(registry) == (1, 5)
+    assert outbox.pending == 1 and outbox.cannot_keep
+
+
+class GatedJournal(Journal):
+    """Its lines are written once ``gate`` is set (the journal's thread waits for it)."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def add(
+        self,
+        entry_id: str,
+        commits: Sequence[pc.CommitRequest],
+        carrier: Mapping[str, str] | None = None,
+        *,
+        open_call: bool = False,
+        started_ms: int | None = None,
+        counted: Counted | None = None,
+    ) -> None:
+        self.gate.wait(10)
+        super().add(
+            entry_id, commits, carrier, open_call=open_call, started_ms=started_ms, counted=counted
+        )
+
+
+async def test_a_running_call_not_yet_journalled_does_not_hide_a_kept_bill(
+    tmp_path: Path,
+) -> None:
+    """An open call's id is live as soon as ``open`` returns, its line written later by the
+    journal's thread: in between, the kept bill is still the one pending."""
+    prefix = FakePrefix()
+    journal = GatedJournal(tmp_path)
+    outbox = BillingOutbox(prefix, journal, 1.0, 0.01)
+    await outbox.keep(_commits("a#1"), estimate_nanos=10)
+    journal.gate.clear()
+    opened = outbox.open(_commits("o#1"))
+    assert opened is not None
+    await asyncio.sleep(0.05)
+    assert not opened[1].done()
+    assert outbox.pending == 1  # its line not written yet
+    journal.gate.set()
+    await opened[1]
+    assert outbox.pending == 1  # written: the running call is not pending
+    outbox.release(opened[0])
+    assert outbox.pending == 2  # no longer this process's to settle: a round bills it
+    prefix.down = False
+    assert await outbox.flush() == 2
+    assert outbox.pending == 0
+    await outbox.close()
