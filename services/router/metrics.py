@@ -201,21 +201,28 @@ class _Answered:
 class OutboxGauges(Collector):
     """The billing outbox's backlog, read at each scrape (on the loop: ``MetricsEndpoint``)."""
 
+    PENDING = (
+        "cachemesh_router_outbox_pending",
+        "Bills the billing outbox keeps now, not yet taken by prefix-cache",
+    )
+    OLDEST_AGE = (
+        "cachemesh_router_outbox_oldest_age_seconds",
+        "Seconds since the oldest bill the billing outbox keeps was first kept (0: none)",
+    )
+
     def __init__(self, backlog: Callable[[], Backlog]) -> None:
         self._backlog = backlog
 
+    def describe(self) -> Iterator[Metric]:
+        """The two families, without reading the outbox: the registry knows their names at
+        registration, so a second registration raises there (start-up), not at a scrape."""
+        yield GaugeMetricFamily(*self.PENDING)
+        yield GaugeMetricFamily(*self.OLDEST_AGE)
+
     def collect(self) -> Iterator[Metric]:
         backlog = self._backlog()
-        yield GaugeMetricFamily(
-            "cachemesh_router_outbox_pending",
-            "Bills the billing outbox keeps now, not yet taken by prefix-cache",
-            value=backlog.pending,
-        )
-        yield GaugeMetricFamily(
-            "cachemesh_router_outbox_oldest_age_seconds",
-            "Seconds since the oldest bill the billing outbox keeps was first kept (0: none)",
-            value=backlog.oldest_age_s,
-        )
+        yield GaugeMetricFamily(*self.PENDING, value=backlog.pending)
+        yield GaugeMetricFamily(*self.OLDEST_AGE, value=backlog.oldest_age_s)
 
 
 class RouterMetrics:

@@ -16,7 +16,7 @@ from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.clock import ManualClock
 from services.common.metrics import TenantLabels, new_registry
 from services.router.metrics import RouterMetrics
-from services.router.outbox import BillingOutbox
+from services.router.outbox import Backlog, BillingOutbox
 from services.router.outbox_journal import Counted, Journal, JournalError
 from tests.unit.test_router_outbox import FakePrefix, _commits
 from tests.unit.test_router_outbox_disk import FullDisk
@@ -154,3 +154,21 @@ async def test_a_running_call_not_yet_journalled_does_not_hide_a_kept_bill(
     assert await outbox.flush() == 2
     assert outbox.pending == 0
     await outbox.close()
+
+
+def test_the_gauges_are_described_so_a_second_registration_fails_at_start() -> None:
+    """``OutboxGauges.describe`` names its two families without reading the outbox: the
+    registry knows them, and registering them twice raises at start-up, not a scrape serving
+    each name twice."""
+    registry = new_registry()
+    metrics = RouterMetrics(registry, TenantLabels(4))
+    read: list[int] = []
+
+    def backlog() -> Backlog:
+        read.append(1)
+        return Backlog(0, 0.0)
+
+    metrics.outbox_backlog(backlog)
+    assert read == []  # described, not collected, at registration
+    with pytest.raises(ValueError, match="Duplicated timeseries"):
+        metrics.outbox_backlog(backlog)
