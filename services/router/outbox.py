@@ -239,7 +239,10 @@ class BillingOutbox:
         """What the outbox keeps now, for the gauges (read on the loop, at each scrape): the
         ``pending`` entries and how long ago (the ``wall`` clock's seconds) the oldest was
         first kept, 0 with none. An entry an earlier process journalled counts from this
-        process's start (its keep time is on disk, not read): a lower bound after a restart."""
+        process's start (its keep time is on disk, not read): a lower bound after a restart.
+        The age follows the wall clock (a step back reads low, or 0). An entry whose "done"
+        failed (``_undone``) is pending until a round writes it again, but its keep time was
+        dropped with its first "done": it adds no age (alone: age 0)."""
         pending = self.pending
         if not pending:
             return Backlog(0, 0.0)
