@@ -188,7 +188,8 @@ class BillingOutbox:
         # whose "done" failed, maybe not run (no thread for its batch): if still pending, a
         # round does them again rather than send them (a repeat would be told as a first
         # reply lost)
-        self._undone: set[str] = set()
+        # (each with when it was first kept, for the age gauge: None when not known)
+        self._undone: dict[str, int | None] = {}
         # prefix-cache did not take a bill (kept since), and no replay reached it since
         self._prefix_down = False
         self._entries: MemoryEntries | DiskEntries
@@ -241,15 +242,16 @@ class BillingOutbox:
         first kept, 0 with none. An entry an earlier process journalled counts from this
         process's start (its keep time is on disk, not read): a lower bound after a restart.
         The age follows the wall clock (a step back reads low, or 0). An entry whose "done"
-        failed (``_undone``) is pending until a round writes it again, but its keep time was
-        dropped with its first "done": it adds no age (alone: age 0)."""
+        failed (``_undone``) is pending until a round writes it again, with the keep time it
+        had (an open call never kept: its start)."""
         pending = self.pending
         if not pending:
             return Backlog(0, 0.0)
         now = self._wall.now_ms()
-        oldest = self._counts.oldest_kept_ms()
+        kept = [self._counts.oldest_kept_ms(), *self._undone.values()]
         if self._counts.inherited_pending:
-            oldest = self._started_ms if oldest is None else min(oldest, self._started_ms)
+            kept.append(self._started_ms)
+        oldest = min((at for at in kept if at is not None), default=None)
         age_ms = max(now - oldest, 0) if oldest is not None else 0
         return Backlog(pending, age_ms / 1000)
 
@@ -303,9 +305,13 @@ class BillingOutbox:
         would only find its FINAL made). If a bill kept in its place was written all the same
         (its keep cancelled, or failed, after its line went in), its estimate, counted then,
         is taken back: the FINAL's bill is counted instead."""
-        if self._live.pop(entry_id, None) is not None:
+        if (started_ms := self._live.pop(entry_id, None)) is not None:
+            kept_ms = self._counts.kept_at_ms(entry_id)
             self._counts.settled(entry_id)
-            self._entries.done(entry_id).add_done_callback(partial(self._done_failed, entry_id))
+            failed = partial(
+                self._done_failed, entry_id, started_ms if kept_ms is None else kept_ms
+            )
+            self._entries.done(entry_id).add_done_callback(failed)
 
     def release(self, entry_id: str) -> None:
         """The open call is no longer this process's to settle: a replay round bills what its
@@ -424,19 +430,21 @@ class BillingOutbox:
         settled = 0
         open_calls = 0  # of those, open calls billed at their estimate
         dropped = 0  # entries refused for good: done, never billed
-        done_lines: list[tuple[str, asyncio.Future[None]]] = []
+        # each "done" written, with its entry's keep time (``_undone``'s, if it fails)
+        done_lines: list[tuple[str, int | None, asyncio.Future[None]]] = []
         async with self._lock:
             if isinstance(self._entries, DiskEntries):
                 await self._entries.retry_held()  # held bills into the journal, if it is back
             ids = await self._entries.ids()
-            self._undone.intersection_update(ids)  # the others' "done" ran (not its write)
+            known = set(ids)  # the others' "done" ran (not its write)
+            self._undone = {i: at for i, at in self._undone.items() if i in known}
             self._replayer.forget_all_but(ids)
             for entry_id in ids:
                 if entry_id in self._live:
                     continue  # a model call of this process, still running
                 if entry_id in self._undone:  # settled: its "done" again, not its commits
-                    self._undone.discard(entry_id)
-                    done_lines.append((entry_id, self._entries.done(entry_id)))
+                    kept_ms = self._undone.pop(entry_id)
+                    done_lines.append((entry_id, kept_ms, self._entries.done(entry_id)))
                     continue
                 try:
                     (commits, carrier, started_ms, counted), open_call = await self._entries.read(
@@ -462,11 +470,12 @@ class BillingOutbox:
                     open_calls += open_call
                     final = commits[-1] if commits else None
                     self._counts.replayed(entry_id, final, reply, open_call, started_ms, counted)
+                kept_ms = self._kept_since(entry_id)
                 self._counts.done(entry_id)
-                done_lines.append((entry_id, self._entries.done(entry_id)))
-            await asyncio.gather(*(line for _, line in done_lines), return_exceptions=True)
-            for entry_id, line in done_lines:
-                self._done_failed(entry_id, line)
+                done_lines.append((entry_id, kept_ms, self._entries.done(entry_id)))
+            await asyncio.gather(*(line for *_, line in done_lines), return_exceptions=True)
+            for entry_id, kept_ms, line in done_lines:
+                self._done_failed(entry_id, kept_ms, line)
         if open_calls:
             log.warning(
                 "billing outbox: billed %d open calls at prefix-cache's estimate (model calls "
@@ -482,11 +491,20 @@ class BillingOutbox:
             self._say_if_full()
         return settled
 
-    def _done_failed(self, entry_id: str, written: asyncio.Future[None]) -> None:
+    def _kept_since(self, entry_id: str) -> int | None:
+        """When the entry was first kept (an earlier process's: this process's start)."""
+        kept_ms = self._counts.kept_at_ms(entry_id)
+        if kept_ms is None and self._counts.inherited(entry_id):
+            return self._started_ms
+        return kept_ms
+
+    def _done_failed(
+        self, entry_id: str, kept_ms: int | None, written: asyncio.Future[None]
+    ) -> None:
         """A settled entry's "done", once it ran: one that failed is remembered, not replayed."""
         if not written.cancelled() and (exc := written.exception()) is not None:
             log.warning("billing outbox: journal write failed: %s", exc)
-            self._undone.add(entry_id)
+            self._undone[entry_id] = kept_ms
 
     async def run(self) -> None:
         """Replays every ``retry_s`` (cancelled at shutdown, after a last ``flush``). A round

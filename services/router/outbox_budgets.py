@@ -128,6 +128,14 @@ class BillCounts:
         the first of ``_kept_at``, which keeps the order of first keeps), None for none."""
         return next(iter(self._kept_at.values()), None)
 
+    def kept_at_ms(self, entry_id: str) -> int | None:
+        """When this process first kept the entry (wall ms), None if it did not."""
+        return self._kept_at.get(entry_id)
+
+    def inherited(self, entry_id: str) -> bool:
+        """An earlier process journalled the entry, not done yet."""
+        return entry_id in self._inherited
+
     @property
     def inherited_pending(self) -> bool:
         """Entries journalled by an earlier process are not all done yet."""

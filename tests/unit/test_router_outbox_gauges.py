@@ -172,3 +172,38 @@ def test_the_gauges_are_described_so_a_second_registration_fails_at_start() -> N
     assert read == []  # described, not collected, at registration
     with pytest.raises(ValueError, match="Duplicated timeseries"):
         metrics.outbox_backlog(backlog)
+
+
+class DoneFailsOnce(Journal):
+    """Its first "done" fails before it settles the entry (as a batch that cannot start)."""
+
+    fail = True
+
+    def done(self, entry_id: str) -> None:
+        if self.fail:
+            self.fail = False
+            raise OSError("can't start new thread")
+        super().done(entry_id)
+
+
+async def test_an_entry_whose_done_failed_keeps_its_age_until_really_gone(
+    tmp_path: Path,
+) -> None:
+    """prefix-cache takes a kept bill but its "done" does not run: the entry stays pending
+    until a round does its "done" again, and keeps the age of its first keep (before: its keep
+    time was dropped with the first "done": alone, age 0)."""
+    wall = ManualClock()
+    prefix = FakePrefix()
+    outbox = BillingOutbox(prefix, DoneFailsOnce(tmp_path), 1.0, 0.01, wall=wall)
+    registry = _watched(outbox)
+    await outbox.keep(_commits("a#1"), estimate_nanos=10)
+    wall.advance(s=10)
+    prefix.down = False
+    assert await outbox.flush() == 1  # billed; its "done" failed
+    wall.advance(s=5)
+    assert _gauges(registry) == (1, 15)
+    sent = len(prefix.sent)
+    assert await outbox.flush() == 0  # its "done" again, not its commits
+    assert len(prefix.sent) == sent
+    assert _gauges(registry) == (0, 0)
+    await outbox.close()
