@@ -63,12 +63,13 @@ table, tiers, layers, gRPC status names, and reasons from closed sets):
   ``cachemesh_router_outbox_pending``: the bills the billing outbox keeps now (prefix-cache
   down or failing, or no replica's model table has their model: ``TableLacksModel``, kept for
   ever until one has), read at each scrape, and
-  ``cachemesh_router_outbox_oldest_age_seconds``: how long ago the oldest of them was first
-  kept (the wall clock's: a step back of it reads low, or 0, until it catches up; 0 when none;
-  one an earlier process journalled counts from this process's start; an entry whose "done"
-  did not run is pending, with its keep time, until a round does it again; the lines of a newer router's journal version, kept in the file
-  unread, are in neither): alert on it over a bound (prefix-cache back, replays should empty it
-  within ``ROUTER_OUTBOX_RETRY_S``s; one that keeps growing is a bill no replica takes);
+  ``cachemesh_router_outbox_oldest_age_seconds``: how long ago the oldest of them was first kept
+  (the wall clock's: a step back of it reads low, or 0, until it catches up; 0 when none; one an
+  earlier process journalled counts from this process's start; an entry whose "done" did not run is
+  pending, with its keep time, until a round does it again; the lines of a newer router's journal
+  version, kept in the file unread, are in neither): alert on it over a bound (prefix-cache back,
+  replays should empty it within ``ROUTER_OUTBOX_RETRY_S``s; one that keeps growing is a bill no
+  replica takes);
   ``cachemesh_router_open_calls_settled_total``: model calls whose FINAL the router never
   made (it was killed mid-call, or their bill failed) billed from its journal's open calls at
   prefix-cache's estimate (a call whose FINAL had landed before the kill is counted, and
