@@ -25,6 +25,7 @@ import pytest
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry
 
+from cachemesh.v1 import gateway_pb2 as pb
 from cachemesh.v1 import prefix_cache_pb2 as pc
 from services.common.clock import ManualClock
 from services.common.errors import Code, RequestError
@@ -129,6 +130,15 @@ class Stack:
             wall=self.clock,
         )  # fmt: skip
 
+    async def answer(self, request: pb.CompleteRequest) -> pb.CompleteResponse:
+        """One whole answer (``Complete``) through a new pipeline, drained (its bills sent or
+        kept): its end."""
+        pipeline = self.pipeline()
+        run = pipeline.run(TENANT, request, streamed=False)
+        end = [chunk async for chunk in run][-1].end
+        await pipeline.drain()
+        return end
+
     async def totals(self) -> dict[str, int]:
         totals = await self.port.core.totals(TENANT)
         return {f: getattr(totals, f) for f in _TOTALS}
@@ -143,10 +153,7 @@ async def _answered(tmp: Path, *, warm_down: bool, restart: bool = False) -> dic
     before = await stack.totals()
     stack.port.warm_down = warm_down
     stack.port.restart_before_final = restart
-    pipeline = stack.pipeline()
-    run = pipeline.run(TENANT, _ask("And rule 2?", "r-next"), streamed=False)
-    end = [chunk async for chunk in run][-1].end
-    await pipeline.drain()
+    end = await stack.answer(_ask("And rule 2?", "r-next"))
     sent, degraded = list(stack.port.sent), _degraded(stack.registry)
     stack.port.warm_down = False
     if restart:
@@ -300,13 +307,10 @@ async def test_a_final_on_a_replica_whose_table_lacks_the_model_is_kept_until_on
     stack.outbox = BillingOutbox(
         port, Journal(tmp_path / "router"), 1.0, 0.01, dropped=dropped.append
     )
-    pipeline = stack.pipeline()
     request = _ask("And rule 2?", "r-next")
     request.model = "auto"  # routed to the small tier: its FINAL's baseline is the large model
     request.routing.threshold = 1.0  # no score reaches the large tier
-    run = pipeline.run(TENANT, request, streamed=False)
-    end = [chunk async for chunk in run][-1].end
-    await pipeline.drain()
+    end = await stack.answer(request)
     assert (end.model, end.cost.estimated) == ("sim-small", True)
     assert port.sent == ["WARM", "FINAL"], port.sent
     assert _degraded(stack.registry) == {}, _degraded(stack.registry)
@@ -372,12 +376,9 @@ async def test_a_request_naming_a_model_the_prefix_cache_replica_lacks_is_still_
     stack.outbox = BillingOutbox(
         port, Journal(tmp_path / "router"), 1.0, 0.01, dropped=dropped.append
     )
-    pipeline = stack.pipeline()
     request = _ask("And rule 2?", "r-next")
     request.model = "sim-small"
-    run = pipeline.run(TENANT, request, streamed=False)
-    end = [chunk async for chunk in run][-1].end
-    await pipeline.drain()
+    end = await stack.answer(request)
     assert (end.model, end.cost.estimated) == ("sim-small", True)
     assert port.sent == ["WARM"], port.sent  # the FINAL waits behind its WARM in the outbox
     assert _degraded(stack.registry) == {"FAILED_PRECONDITION": 2}, _degraded(stack.registry)
@@ -427,12 +428,9 @@ async def test_a_warm_with_its_plan_refused_for_the_table_is_not_sent_again_with
     await stack.warm_earlier()
     port.sent.clear()
     stack.outbox = BillingOutbox(port, Journal(tmp_path / "router"), 1.0, 0.01)
-    pipeline = stack.pipeline()
     request = _ask("And rule 2?", "r-next")
     request.model = "sim-small"
-    run = pipeline.run(TENANT, request, streamed=False)
-    end = [chunk async for chunk in run][-1].end
-    await pipeline.drain()
+    end = await stack.answer(request)
     assert (end.model, end.cost.estimated) == ("sim-small", True)
     assert port.plan_ids[0], port.plan_ids  # the WARM named its Plan
     assert port.sent == ["WARM"], port.sent
